@@ -2,4 +2,16 @@ module github.com/lvnbd/lvnbd
 
 go 1.26
 
-require github.com/google/go-cmp v0.7.0
+require (
+	github.com/google/go-cmp v0.7.0
+	github.com/spf13/cobra v1.9.1
+	go.uber.org/zap v1.27.0
+	golang.org/x/sync v0.18.0
+	golang.org/x/sys v0.38.0
+)
+
+require (
+	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/spf13/pflag v1.0.6 // indirect
+	go.uber.org/multierr v1.10.0 // indirect
+)

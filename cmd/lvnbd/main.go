@@ -1,0 +1,24 @@
+// Command lvnbd is a network block storage server and client for Linux
+// clusters: it exports LVM volumes and files over NBD and attaches them as
+// kernel block devices. See `lvnbd --help`.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	// SIGINT and SIGTERM cancel the context: every command treats that as
+	// a normal, orderly exit.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cmd := newRootCmd(os.Stdout, os.Stderr)
+	if err := cmd.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "lvnbd:", err)
+		os.Exit(1)
+	}
+}

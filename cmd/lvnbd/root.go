@@ -1,0 +1,29 @@
+package main
+
+import (
+	"io"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "lvnbd",
+		Short: "Network block storage over NBD for Linux and Xen clusters",
+		Long: `lvnbd exports block devices, files and LVM volumes over the NBD protocol,
+and attaches them on hypervisor hosts as kernel block devices.
+
+Storage box:   lvnbd serve --export vm1=/dev/vg0/vm1 --listen tcp://0.0.0.0:10809
+Anywhere:      lvnbd info nbd://storage-a/vm1`,
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(newServeCmd())
+	return root
+}

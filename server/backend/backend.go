@@ -1,0 +1,312 @@
+// Package backend does the I/O behind an export: positional reads and writes,
+// durable writes, flush, discard, zeroing and allocation maps, on a regular
+// file or a block device, with the Linux system calls that make each cheap.
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotFast is returned by Zero when asked to be fast and it cannot zero the
+// range any faster than writing zeroes would (NBD_CMD_FLAG_FAST_ZERO).
+var ErrNotFast = errors.New("zeroing this range is not faster than writing")
+
+// Extent is a run of the export with one allocation state.
+type Extent struct {
+	Length int64
+	Hole   bool // not allocated: reads as zeroes and holds no space
+	Zero   bool // reads as zeroes
+}
+
+// File is an export's storage: a regular file or a block device, opened once
+// and shared by every connection to the export. Sharing one descriptor is what
+// makes a flush on any connection cover writes made on all of them.
+type File struct {
+	f        *os.File
+	fd       int
+	path     string
+	device   bool
+	readOnly bool
+	size     atomic.Int64
+	noDSync  atomic.Bool // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+}
+
+// Open opens path, a regular file or a block device, for an export.
+func Open(path string, readOnly bool) (*File, error) {
+	flags := os.O_RDWR
+	if readOnly {
+		flags = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flags|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening export backing %s: %w", path, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat %s: %w", path, err)
+	}
+	b := &File{f: f, fd: int(f.Fd()), path: path, readOnly: readOnly}
+	switch {
+	case st.Mode().IsRegular():
+	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
+		b.device = true
+	default:
+		f.Close()
+		return nil, fmt.Errorf("%s is neither a regular file nor a block device (mode %v)", path, st.Mode())
+	}
+	if _, err := b.Refresh(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// Path is the file or device this backend was opened from.
+func (b *File) Path() string { return b.path }
+
+// IsDevice reports whether the backend is a block device.
+func (b *File) IsDevice() bool { return b.device }
+
+// ReadOnly reports whether the backend was opened read-only.
+func (b *File) ReadOnly() bool { return b.readOnly }
+
+// Size is the export size as of the last Refresh.
+func (b *File) Size() int64 { return b.size.Load() }
+
+// Refresh re-reads the size of the file or device (after an LV or file grew)
+// and returns it.
+func (b *File) Refresh() (int64, error) {
+	var size int64
+	if b.device {
+		var s uint64
+		if err := ioctlPtr(b.fd, unix.BLKGETSIZE64, unsafe.Pointer(&s)); err != nil {
+			return 0, fmt.Errorf("BLKGETSIZE64 on %s: %w", b.path, err)
+		}
+		size = int64(s)
+	} else {
+		var st unix.Stat_t
+		if err := unix.Fstat(b.fd, &st); err != nil {
+			return 0, fmt.Errorf("fstat %s: %w", b.path, err)
+		}
+		size = st.Size
+	}
+	b.size.Store(size)
+	return size, nil
+}
+
+// ReadAt fills p from offset off.
+func (b *File) ReadAt(p []byte, off int64) error {
+	for len(p) > 0 {
+		n, err := unix.Pread(b.fd, p, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("pread %s at %d: %w", b.path, off, err)
+		}
+		if n == 0 {
+			// Past the end of a file that shrank under us: the spec wants
+			// an error, not zeroes the client would take for data.
+			return fmt.Errorf("pread %s at %d: %w", b.path, off, unix.EIO)
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// WriteAt writes p at offset off; with fua the data is on stable storage when
+// it returns.
+func (b *File) WriteAt(p []byte, off int64, fua bool) error {
+	if fua && !b.noDSync.Load() {
+		err := b.pwritev2(p, off, unix.RWF_DSYNC)
+		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+			return err
+		}
+		b.noDSync.Store(true)
+	}
+	if err := b.pwritev2(p, off, 0); err != nil {
+		return err
+	}
+	if fua {
+		return b.Flush()
+	}
+	return nil
+}
+
+func (b *File) pwritev2(p []byte, off int64, flags int) error {
+	for len(p) > 0 {
+		var n int
+		var err error
+		if flags == 0 {
+			n, err = unix.Pwrite(b.fd, p, off)
+		} else {
+			n, err = unix.Pwritev2(b.fd, [][]byte{p}, off, flags)
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("pwrite %s at %d: %w", b.path, off, err)
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// Flush makes every write completed so far, through any connection, durable.
+func (b *File) Flush() error {
+	if err := unix.Fdatasync(b.fd); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", b.path, err)
+	}
+	return nil
+}
+
+// Trim discards a range: a hole in a file, BLKDISCARD on a device. Discard is
+// advisory, so a backend that cannot discard reports success.
+func (b *File) Trim(off, length int64) error {
+	var err error
+	if b.device {
+		r := [2]uint64{uint64(off), uint64(length)}
+		err = ioctlRange(b.fd, unix.BLKDISCARD, &r)
+	} else {
+		err = unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("discarding %s [%d, +%d): %w", b.path, off, length, err)
+	}
+	return nil
+}
+
+// Zero makes a range read as zeroes. mayTrim allows deallocating it;
+// fast refuses with ErrNotFast instead of falling back to writing zeroes.
+func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
+	// On files both modes are metadata operations. On block devices
+	// PUNCH_HOLE is the kernel's zero-out without fallback (fast, may
+	// unmap) and ZERO_RANGE the one that writes zeroes when it must.
+	if mayTrim || b.device {
+		err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if err == nil {
+			return nil
+		}
+		if !notSupported(err) {
+			return fmt.Errorf("punching %s [%d, +%d): %w", b.path, off, length, err)
+		}
+		if fast && (b.device || !mayTrim) {
+			return ErrNotFast
+		}
+	}
+	if !b.device || !fast {
+		err := unix.Fallocate(b.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if err == nil {
+			return nil
+		}
+		if !notSupported(err) {
+			return fmt.Errorf("zeroing %s [%d, +%d): %w", b.path, off, length, err)
+		}
+	}
+	if fast {
+		return ErrNotFast
+	}
+	if b.device {
+		r := [2]uint64{uint64(off), uint64(length)}
+		if err := ioctlRange(b.fd, unix.BLKZEROOUT, &r); err == nil {
+			return nil
+		}
+	}
+	return b.writeZeroes(off, length)
+}
+
+func notSupported(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.ENODEV)
+}
+
+// zeroChunk is shared read-only by every fallback zero write.
+var zeroChunk = make([]byte, 1<<20)
+
+func (b *File) writeZeroes(off, length int64) error {
+	for length > 0 {
+		n := min(length, int64(len(zeroChunk)))
+		if err := b.pwritev2(zeroChunk[:n], off, 0); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+	}
+	return nil
+}
+
+// Cache asks the kernel to read a range ahead of use (NBD_CMD_CACHE).
+func (b *File) Cache(off, length int64) error {
+	if err := unix.Fadvise(b.fd, off, length, unix.FADV_WILLNEED); err != nil {
+		return fmt.Errorf("fadvise %s: %w", b.path, err)
+	}
+	return nil
+}
+
+// Sparse reports whether Extents can tell holes from data.
+func (b *File) Sparse() bool { return !b.device }
+
+// Extents describes the allocation of [off, off+length), at most max runs;
+// the last run may end before off+length when max is reached.
+func (b *File) Extents(off, length int64, max int) ([]Extent, error) {
+	end := off + length
+	if b.device {
+		return []Extent{{Length: length}}, nil
+	}
+	var out []Extent
+	for off < end && len(out) < max {
+		data, err := unix.Seek(b.fd, off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			data = end // no data after off
+		} else if err != nil {
+			return nil, fmt.Errorf("SEEK_DATA in %s at %d: %w", b.path, off, err)
+		}
+		if data > off {
+			n := min(data, end) - off
+			out = append(out, Extent{Length: n, Hole: true, Zero: true})
+			off += n
+			continue
+		}
+		hole, err := unix.Seek(b.fd, off, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, fmt.Errorf("SEEK_HOLE in %s at %d: %w", b.path, off, err)
+		}
+		n := min(hole, end) - off
+		if n <= 0 {
+			// The file shrank under us: report the rest as data rather
+			// than loop; reads there will fail with an error.
+			n = end - off
+		}
+		out = append(out, Extent{Length: n})
+		off += n
+	}
+	return out, nil
+}
+
+// Close closes the file or device.
+func (b *File) Close() error { return b.f.Close() }
+
+// ioctlRange issues BLKDISCARD or BLKZEROOUT, which take a pointer to an
+// {offset, length} pair.
+func ioctlRange(fd int, req uint, r *[2]uint64) error {
+	return ioctlPtr(fd, req, unsafe.Pointer(r))
+}
+
+// ioctlPtr issues a block-device ioctl that takes a pointer; x/sys/unix has no
+// typed wrappers for BLKGETSIZE64, BLKDISCARD or BLKZEROOUT.
+func ioctlPtr(fd int, req uint, arg unsafe.Pointer) error {
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(arg))
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}

@@ -1,0 +1,229 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/semaphore"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// readBufferSize batches request headers and small writes into few reads.
+const readBufferSize = 256 << 10
+
+// handle runs one connection from greeting to close.
+func (s *Server) handle(ctx context.Context, nc net.Conn) {
+	defer nc.Close()
+	log := s.log.With(zap.Uint64("conn", s.nextID.Add(1)), zap.String("peer", peerName(nc)))
+	// Cancellation interrupts whatever read is blocked; the transmission
+	// loop then drains instead of reading more.
+	stop := context.AfterFunc(ctx, func() { nc.SetReadDeadline(time.Now()) })
+	defer stop()
+
+	r := bufio.NewReaderSize(nc, readBufferSize)
+	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	sess, err := s.negotiate(nc, r, log)
+	if err != nil {
+		if errors.Is(err, errAbort) || ctx.Err() != nil {
+			log.Debug("handshake ended", zap.Error(err))
+		} else {
+			log.Warn("handshake failed", zap.Error(err))
+		}
+		return
+	}
+	nc.SetDeadline(time.Time{})
+	if ctx.Err() != nil {
+		return // cancelled during the handshake; the deadline may be cleared
+	}
+	log = log.With(zap.String("export", sess.export.Name))
+	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
+
+	c := &conn{
+		s: s, nc: nc, r: r, log: log, sess: sess,
+		slots:   semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
+		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
+		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
+	}
+	reason := c.serve(ctx)
+	log.Info("client disconnected", zap.String("reason", reason))
+}
+
+func peerName(nc net.Conn) string {
+	if a := nc.RemoteAddr(); a != nil && a.String() != "" && a.String() != "@" {
+		return a.String()
+	}
+	return "unix"
+}
+
+// conn is one connection in the transmission phase. One reader (serve) decodes
+// requests, a goroutine per request does its I/O (bounded by slots and bytes),
+// and one writer sends replies in completion order.
+type conn struct {
+	s       *Server
+	nc      net.Conn
+	r       *bufio.Reader
+	log     *zap.Logger
+	sess    *session
+	slots   *semaphore.Weighted
+	bytes   *semaphore.Weighted
+	replies chan *reply
+	work    sync.WaitGroup
+}
+
+// serve reads requests until the client disconnects, errs, or ctx is done,
+// then waits for in-flight requests to be answered. It returns why it ended.
+func (c *conn) serve(ctx context.Context) string {
+	writerDone := make(chan error, 1)
+	go func() { writerDone <- c.writeLoop() }()
+
+	reason := c.readLoop(ctx)
+
+	// Drain: every request already read gets its reply, unless the client
+	// is gone or the drain outlasts its bound.
+	drained := make(chan struct{})
+	go func() { c.work.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(c.s.cfg.DrainTimeout):
+		c.log.Warn("in-flight requests outlasted the drain timeout; closing", zap.Duration("timeout", c.s.cfg.DrainTimeout))
+		c.nc.Close()
+		<-drained
+	}
+	close(c.replies)
+	if err := <-writerDone; err != nil && reason == "" {
+		reason = "sending replies: " + err.Error()
+	}
+	return reason
+}
+
+func (c *conn) readLoop(ctx context.Context) string {
+	var hb [nbd.RequestHeaderSize]byte
+	for {
+		if _, err := io.ReadFull(c.r, hb[:]); err != nil {
+			switch {
+			case ctx.Err() != nil:
+				return "server shutting down"
+			case errors.Is(err, io.EOF):
+				return "client closed the connection without NBD_CMD_DISC"
+			case errors.Is(err, net.ErrClosed), errors.Is(err, os.ErrDeadlineExceeded):
+				return "connection closed"
+			}
+			return "reading request: " + err.Error()
+		}
+		var req nbd.RequestHeader
+		if err := req.UnmarshalBinary(hb[:]); err != nil {
+			c.log.Warn("malformed request; closing connection", zap.Error(err))
+			return "malformed request: " + err.Error()
+		}
+		if req.Command == nbd.CmdDisc {
+			return "client sent NBD_CMD_DISC"
+		}
+		var cost int64
+		switch req.Command {
+		case nbd.CmdWrite:
+			if req.Length > maxPayload || req.Flags&nbd.CmdFlagPayloadLen != 0 {
+				// The payload cannot be trusted or skipped safely.
+				c.log.Warn("write payload over the advertised maximum; closing connection",
+					zap.Uint32("length", req.Length), zap.Uint32("max", maxPayload))
+				return fmt.Sprintf("write of %d bytes over the %d-byte maximum payload", req.Length, maxPayload)
+			}
+			cost = int64(req.Length)
+		case nbd.CmdRead:
+			cost = int64(min(req.Length, maxPayload))
+		}
+		// Acquiring blocks the reader when the connection has too much
+		// outstanding: TCP back-pressure does the rest.
+		if err := c.slots.Acquire(ctx, 1); err != nil {
+			return "server shutting down"
+		}
+		if err := c.bytes.Acquire(ctx, cost); err != nil {
+			c.slots.Release(1)
+			return "server shutting down"
+		}
+		var payload []byte
+		if req.Command == nbd.CmdWrite && req.Length > 0 {
+			payload = getBuf(int(req.Length))
+			if _, err := io.ReadFull(c.r, payload); err != nil {
+				putBuf(payload)
+				c.release(cost)
+				if ctx.Err() != nil {
+					return "server shutting down"
+				}
+				return "reading write payload: " + err.Error()
+			}
+		}
+		c.work.Add(1)
+		go c.do(req, payload, cost)
+	}
+}
+
+func (c *conn) release(cost int64) {
+	c.bytes.Release(cost)
+	c.slots.Release(1)
+}
+
+// writeLoop sends replies as they complete. Small replies are batched into
+// one buffer and sent when no more are waiting; large payloads go out with
+// writev, never copied. After a write error it keeps draining so every
+// request's buffers and slots are released.
+func (c *conn) writeLoop() error {
+	const batchLimit = 256 << 10
+	pending := make([]byte, 0, batchLimit)
+	var failed error
+	flush := func() {
+		if len(pending) > 0 && failed == nil {
+			if _, err := c.nc.Write(pending); err != nil {
+				failed = err
+				c.nc.Close() // unblocks the reader
+			}
+		}
+		pending = pending[:0]
+	}
+	for r := range c.replies {
+		if failed == nil {
+			if len(pending)+r.size <= batchLimit {
+				for _, p := range r.parts {
+					pending = append(pending, p...)
+				}
+			} else {
+				bufs := make(net.Buffers, 0, len(r.parts)+1)
+				if len(pending) > 0 {
+					bufs = append(bufs, pending)
+				}
+				bufs = append(bufs, r.parts...)
+				if _, err := bufs.WriteTo(c.nc); err != nil {
+					failed = err
+					c.nc.Close()
+				}
+				pending = pending[:0]
+			}
+		}
+		r.done()
+		if len(c.replies) == 0 {
+			flush()
+		}
+	}
+	flush()
+	return failed
+}
+
+// reply is the encoded answer to one request: parts are written in order.
+type reply struct {
+	parts [][]byte
+	size  int
+	done  func() // returns buffers and the request's slot
+}
+
+func (r *reply) add(p []byte) {
+	r.parts = append(r.parts, p)
+	r.size += len(p)
+}

@@ -1,0 +1,252 @@
+package server
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// baseAllocationID is the metadata context id of base:allocation, the only
+// context lvnbd serves.
+const baseAllocationID = 1
+
+// session is what the handshake agreed on for the transmission phase.
+type session struct {
+	export     *Export
+	structured bool
+	metaAlloc  bool // base:allocation selected for this export
+	flags      nbd.TransmissionFlags
+}
+
+// errAbort ends a handshake the client chose to end.
+var errAbort = errors.New("client aborted the handshake")
+
+// negotiator runs the fixed-newstyle handshake on one connection.
+type negotiator struct {
+	s          *Server
+	nc         net.Conn
+	r          *bufio.Reader
+	log        *zap.Logger
+	fixed      bool
+	noZeroes   bool
+	structured bool
+	metaExport string // export the last SET_META_CONTEXT selected base:allocation for
+	metaAlloc  bool
+	out        []byte
+}
+
+// negotiate runs the handshake and returns the agreed session.
+func (s *Server) negotiate(nc net.Conn, r *bufio.Reader, log *zap.Logger) (*session, error) {
+	n := &negotiator{s: s, nc: nc, r: r, log: log}
+	hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
+	if _, err := nc.Write(hello); err != nil {
+		return nil, fmt.Errorf("sending greeting: %w", err)
+	}
+	var cf [nbd.ClientFlagsSize]byte
+	if _, err := io.ReadFull(r, cf[:]); err != nil {
+		return nil, fmt.Errorf("reading client flags: %w", err)
+	}
+	flags := nbd.ClientFlags(binary.BigEndian.Uint32(cf[:]))
+	if unknown := flags &^ (nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes); unknown != 0 {
+		return nil, fmt.Errorf("client set unknown handshake flags %v", unknown)
+	}
+	n.fixed = flags&nbd.ClientFlagFixedNewstyle != 0
+	n.noZeroes = flags&nbd.ClientFlagNoZeroes != 0
+	for {
+		sess, err := n.option()
+		if err != nil || sess != nil {
+			return sess, err
+		}
+	}
+}
+
+// option reads and answers one option; it returns a session once the client
+// enters transmission.
+func (n *negotiator) option() (*session, error) {
+	var hb [nbd.OptionHeaderSize]byte
+	if _, err := io.ReadFull(n.r, hb[:]); err != nil {
+		return nil, fmt.Errorf("reading option: %w", err)
+	}
+	var h nbd.OptionHeader
+	if err := h.UnmarshalBinary(hb[:]); err != nil {
+		return nil, err
+	}
+	if h.Length > nbd.MaxOptionLength {
+		return nil, fmt.Errorf("%v with %d bytes of data, over the %d-byte limit", h.Option, h.Length, nbd.MaxOptionLength)
+	}
+	data := make([]byte, h.Length)
+	if _, err := io.ReadFull(n.r, data); err != nil {
+		return nil, fmt.Errorf("reading %v data: %w", h.Option, err)
+	}
+	if !n.fixed && h.Option != nbd.OptExportName {
+		// Without fixed newstyle there is no way to say "unsupported".
+		return nil, fmt.Errorf("non-fixed-newstyle client sent %v", h.Option)
+	}
+	switch h.Option {
+	case nbd.OptExportName:
+		return n.exportName(string(data))
+	case nbd.OptAbort:
+		_ = n.reply(h.Option, nbd.RepAck, nil)
+		return nil, errAbort
+	case nbd.OptList:
+		return nil, n.list(data)
+	case nbd.OptInfo, nbd.OptGo:
+		return n.infoGo(h.Option, data)
+	case nbd.OptStructuredReply:
+		if len(data) != 0 {
+			return nil, n.replyErr(h.Option, nbd.RepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data")
+		}
+		n.structured = true
+		return nil, n.reply(h.Option, nbd.RepAck, nil)
+	case nbd.OptListMetaContext, nbd.OptSetMetaContext:
+		return nil, n.metaContext(h.Option, data)
+	case nbd.OptStartTLS:
+		return nil, n.replyErr(h.Option, nbd.RepErrPolicy, "TLS is not configured on this server")
+	default:
+		return nil, n.replyErr(h.Option, nbd.RepErrUnsup, fmt.Sprintf("%v is not supported", h.Option))
+	}
+}
+
+func (n *negotiator) exportName(name string) (*session, error) {
+	e, ok := n.s.cfg.Exports.Lookup(name)
+	if !ok {
+		// The option has no error reply: the spec says to hang up.
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: no export %q (have %s)", name, n.s.cfg.Exports.names())
+	}
+	sess := n.session(e)
+	b, _ := nbd.ExportNameReply{Size: uint64(e.Backend.Size()), Flags: sess.flags}.AppendBinary(nil)
+	if !n.noZeroes {
+		b = append(b, make([]byte, nbd.ExportNameZeroPadding)...)
+	}
+	if _, err := n.nc.Write(b); err != nil {
+		return nil, fmt.Errorf("sending export info: %w", err)
+	}
+	return sess, nil
+}
+
+func (n *negotiator) session(e *Export) *session {
+	return &session{
+		export:     e,
+		structured: n.structured,
+		metaAlloc:  n.structured && n.metaAlloc && n.metaExport == e.Name,
+		flags:      e.transmissionFlags(n.structured),
+	}
+}
+
+func (n *negotiator) list(data []byte) error {
+	if len(data) != 0 {
+		return n.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST takes no data")
+	}
+	for _, e := range n.s.cfg.Exports.List() {
+		b, err := nbd.ServerEntry{Name: e.Name, Description: e.Description}.AppendBinary(nil)
+		if err != nil {
+			return err
+		}
+		n.queue(nbd.OptList, nbd.RepServer, b)
+	}
+	return n.reply(nbd.OptList, nbd.RepAck, nil)
+}
+
+func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
+	var req nbd.InfoRequest
+	if err := req.UnmarshalBinary(data); err != nil {
+		return nil, n.replyErr(opt, nbd.RepErrInvalid, err.Error())
+	}
+	e, ok := n.s.cfg.Exports.Lookup(req.Name)
+	if !ok {
+		return nil, n.replyErr(opt, nbd.RepErrUnknown,
+			fmt.Sprintf("no export %q on this server (exports: %s)", req.Name, n.s.cfg.Exports.names()))
+	}
+	sess := n.session(e)
+	infos := []nbd.Info{
+		{Type: nbd.InfoExport, Size: uint64(e.Backend.Size()), Flags: sess.flags},
+		// Sent even unasked: clients that did not ask ignore it.
+		{Type: nbd.InfoBlockSize, MinBlockSize: minBlockSize, PrefBlockSize: prefBlockSize, MaxPayloadSize: maxPayload},
+	}
+	if req.Has(nbd.InfoName) {
+		infos = append(infos, nbd.Info{Type: nbd.InfoName, Text: e.Name})
+	}
+	if req.Has(nbd.InfoDescription) && e.Description != "" {
+		infos = append(infos, nbd.Info{Type: nbd.InfoDescription, Text: e.Description})
+	}
+	for _, info := range infos {
+		b, err := info.AppendBinary(nil)
+		if err != nil {
+			return nil, err
+		}
+		n.queue(opt, nbd.RepInfo, b)
+	}
+	if err := n.reply(opt, nbd.RepAck, nil); err != nil {
+		return nil, err
+	}
+	if opt == nbd.OptInfo {
+		return nil, nil
+	}
+	return sess, nil
+}
+
+func (n *negotiator) metaContext(opt nbd.Option, data []byte) error {
+	if opt == nbd.OptSetMetaContext {
+		n.metaAlloc = false // a set replaces earlier ones, even when it fails
+	}
+	if !n.structured {
+		return n.replyErr(opt, nbd.RepErrInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY before meta contexts")
+	}
+	var req nbd.MetaContextRequest
+	if err := req.UnmarshalBinary(data); err != nil {
+		return n.replyErr(opt, nbd.RepErrInvalid, err.Error())
+	}
+	e, ok := n.s.cfg.Exports.Lookup(req.Export)
+	if !ok {
+		return n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("no export %q on this server", req.Export))
+	}
+	match := opt == nbd.OptListMetaContext && len(req.Queries) == 0
+	for _, q := range req.Queries {
+		if q == nbd.MetaContextBaseAllocation || (opt == nbd.OptListMetaContext && q == "base:") {
+			match = true
+		}
+	}
+	if match {
+		b, _ := nbd.MetaContext{ID: baseAllocationID, Name: nbd.MetaContextBaseAllocation}.AppendBinary(nil)
+		n.queue(opt, nbd.RepMetaContext, b)
+		if opt == nbd.OptSetMetaContext {
+			n.metaAlloc, n.metaExport = true, e.Name
+		}
+	}
+	return n.reply(opt, nbd.RepAck, nil)
+}
+
+// queue appends an option reply to the pending output.
+func (n *negotiator) queue(opt nbd.Option, t nbd.OptionReplyType, data []byte) {
+	n.out, _ = nbd.OptionReplyHeader{Option: opt, Type: t, Length: uint32(len(data))}.AppendBinary(n.out)
+	n.out = append(n.out, data...)
+}
+
+// reply queues a final reply and sends everything queued.
+func (n *negotiator) reply(opt nbd.Option, t nbd.OptionReplyType, data []byte) error {
+	n.queue(opt, t, data)
+	_, err := n.nc.Write(n.out)
+	n.out = n.out[:0]
+	if err != nil {
+		return fmt.Errorf("sending %v reply: %w", opt, err)
+	}
+	return nil
+}
+
+// replyErr answers opt with an error reply carrying a message for the user;
+// the handshake goes on.
+func (n *negotiator) replyErr(opt nbd.Option, t nbd.OptionReplyType, msg string) error {
+	n.log.Debug("option refused", zap.Stringer("option", opt), zap.Stringer("reply", t), zap.String("why", msg))
+	if len(msg) > nbd.MaxStringLength {
+		msg = msg[:nbd.MaxStringLength]
+	}
+	n.out = n.out[:0] // drop informational replies queued before the error
+	return n.reply(opt, t, []byte(msg))
+}

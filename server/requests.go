@@ -1,0 +1,303 @@
+package server
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/server/backend"
+)
+
+// Structured reads at least this long look for holes and send them as
+// OFFSET_HOLE chunks; shorter ones are not worth the lseek calls.
+const holeReadMin = 64 << 10
+
+// maxExtents bounds one block-status reply (the spec's limit is 2^20).
+const maxExtents = 1 << 16
+
+// allowedFlags lists the command flags each command accepts.
+var allowedFlags = map[nbd.Command]nbd.CommandFlags{
+	nbd.CmdRead:        nbd.CmdFlagFUA | nbd.CmdFlagDF,
+	nbd.CmdWrite:       nbd.CmdFlagFUA,
+	nbd.CmdFlush:       nbd.CmdFlagFUA,
+	nbd.CmdTrim:        nbd.CmdFlagFUA,
+	nbd.CmdCache:       nbd.CmdFlagFUA,
+	nbd.CmdWriteZeroes: nbd.CmdFlagFUA | nbd.CmdFlagNoHole | nbd.CmdFlagFastZero,
+	nbd.CmdBlockStatus: nbd.CmdFlagFUA | nbd.CmdFlagReqOne,
+}
+
+// requestError is a request refused before any I/O, with the reason.
+type requestError struct {
+	errno nbd.Errno
+	msg   string
+}
+
+func (e *requestError) Error() string { return e.msg }
+
+func refuse(errno nbd.Errno, format string, args ...any) error {
+	return &requestError{errno: errno, msg: fmt.Sprintf(format, args...)}
+}
+
+// check validates a request against the export and the negotiated session.
+func (s *session) check(req nbd.RequestHeader) error {
+	allowed, known := allowedFlags[req.Command]
+	if !known {
+		return refuse(nbd.EINVAL, "unknown command %v", req.Command)
+	}
+	if !s.structured {
+		allowed &^= nbd.CmdFlagDF
+	}
+	if bad := req.Flags &^ allowed; bad != 0 {
+		return refuse(nbd.EINVAL, "flags %v not valid for %v", bad, req.Command)
+	}
+	writes := req.Command == nbd.CmdWrite || req.Command == nbd.CmdWriteZeroes || req.Command == nbd.CmdTrim
+	if writes && s.export.ReadOnly {
+		return refuse(nbd.EPERM, "export %q is read-only", s.export.Name)
+	}
+	if req.Command == nbd.CmdFlush {
+		return nil
+	}
+	if req.Command == nbd.CmdRead && !s.structured && req.Length > maxPayload {
+		return refuse(nbd.EINVAL, "read of %d bytes over the %d-byte maximum payload", req.Length, maxPayload)
+	}
+	if req.Command == nbd.CmdBlockStatus {
+		if !s.metaAlloc {
+			return refuse(nbd.EINVAL, "no metadata context negotiated")
+		}
+		if req.Length == 0 {
+			return refuse(nbd.EINVAL, "block status of length 0")
+		}
+	}
+	size := uint64(s.export.Backend.Size())
+	if req.Offset > size || uint64(req.Length) > size-req.Offset {
+		errno := nbd.EINVAL
+		if req.Command == nbd.CmdWrite || req.Command == nbd.CmdWriteZeroes {
+			errno = nbd.ENOSPC
+		}
+		return refuse(errno, "%v [%d, +%d) beyond the export's %d bytes", req.Command, req.Offset, req.Length, size)
+	}
+	return nil
+}
+
+// do performs one request and queues its reply. It owns payload and the
+// request's slot and bytes until the reply is written.
+func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
+	defer c.work.Done()
+	r := &reply{}
+	var bufs [][]byte
+	if payload != nil {
+		bufs = append(bufs, payload)
+	}
+	r.done = func() {
+		for _, b := range bufs {
+			putBuf(b)
+		}
+		c.release(cost)
+	}
+	err := c.sess.check(req)
+	if err == nil {
+		switch req.Command {
+		case nbd.CmdRead:
+			var data []byte
+			data, err = c.read(r, req)
+			if data != nil {
+				bufs = append(bufs, data)
+			}
+			if err == nil {
+				c.replies <- r
+				return
+			}
+		case nbd.CmdBlockStatus:
+			if err = c.blockStatus(r, req); err == nil {
+				c.replies <- r
+				return
+			}
+		default:
+			err = c.modify(req, payload)
+		}
+	}
+	if err != nil {
+		errno := errnoOf(err)
+		var re *requestError
+		if errors.As(err, &re) {
+			errno = re.errno
+			c.log.Debug("request refused", zap.Stringer("cmd", req.Command), zap.String("why", re.msg))
+		} else if !errors.Is(err, backend.ErrNotFast) {
+			c.log.Warn("request failed", zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset),
+				zap.Uint32("length", req.Length), zap.Stringer("errno", errno), zap.Error(err))
+		}
+		*r = reply{done: r.done}
+		c.errorReply(r, req, errno, err.Error())
+	} else {
+		c.okReply(r, req)
+	}
+	c.replies <- r
+}
+
+// modify performs the commands whose reply carries no data.
+func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
+	b := c.sess.export.Backend
+	off, length := int64(req.Offset), int64(req.Length)
+	fua := req.Flags&nbd.CmdFlagFUA != 0
+	var err error
+	switch req.Command {
+	case nbd.CmdWrite:
+		return b.WriteAt(payload, off, fua)
+	case nbd.CmdFlush:
+		return b.Flush()
+	case nbd.CmdTrim:
+		err = b.Trim(off, length)
+	case nbd.CmdWriteZeroes:
+		err = b.Zero(off, length, req.Flags&nbd.CmdFlagNoHole == 0, req.Flags&nbd.CmdFlagFastZero != 0)
+	case nbd.CmdCache:
+		return b.Cache(off, length)
+	}
+	if err == nil && fua && length > 0 {
+		err = b.Flush()
+	}
+	return err
+}
+
+// read fills r with the reply to a READ and returns the data buffer it used.
+func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
+	b := c.sess.export.Backend
+	off := int64(req.Offset)
+	if !c.sess.structured {
+		data := getBuf(int(req.Length))
+		if err := b.ReadAt(data, off); err != nil {
+			return data, err
+		}
+		hdr, _ := nbd.SimpleReply{Handle: req.Handle}.AppendBinary(make([]byte, 0, nbd.SimpleReplySize))
+		r.add(hdr)
+		r.add(data)
+		return data, nil
+	}
+	if req.Length == 0 {
+		c.okReply(r, req)
+		return nil, nil
+	}
+	extents := []backend.Extent{{Length: int64(req.Length)}}
+	if req.Flags&nbd.CmdFlagDF == 0 && req.Length >= holeReadMin && b.Sparse() {
+		e, err := b.Extents(off, int64(req.Length), maxExtents)
+		if err != nil {
+			return nil, err
+		}
+		// Extents may stop short at the bound: the remainder is read as data.
+		var covered int64
+		for _, x := range e {
+			covered += x.Length
+		}
+		if covered < int64(req.Length) {
+			e = append(e, backend.Extent{Length: int64(req.Length) - covered})
+		}
+		extents = e
+	}
+	var data []byte
+	var dataLen int64
+	for _, x := range extents {
+		if !x.Hole {
+			dataLen += x.Length
+		}
+	}
+	if dataLen > 0 {
+		data = getBuf(int(dataLen))
+	}
+	// Read everything before encoding anything, so an I/O error becomes a
+	// lone error chunk rather than one after content chunks.
+	pos, used := off, 0
+	for _, x := range extents {
+		if !x.Hole {
+			if err := b.ReadAt(data[used:used+int(x.Length)], pos); err != nil {
+				return data, err
+			}
+			used += int(x.Length)
+		}
+		pos += x.Length
+	}
+	hdrs := make([]byte, 0, len(extents)*(nbd.StructuredHeaderSize+nbd.OffsetHoleSize))
+	pos, used = off, 0
+	for i, x := range extents {
+		var flags nbd.ReplyFlags
+		if i == len(extents)-1 {
+			flags = nbd.ReplyFlagDone
+		}
+		start := len(hdrs)
+		if x.Hole {
+			hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetHole, Handle: req.Handle, Length: nbd.OffsetHoleSize}.AppendBinary(hdrs)
+			hdrs, _ = nbd.OffsetHole{Offset: uint64(pos), Length: uint32(x.Length)}.AppendBinary(hdrs)
+			r.add(hdrs[start:len(hdrs):len(hdrs)])
+		} else {
+			hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetData, Handle: req.Handle,
+				Length: uint32(nbd.OffsetDataPrefixSize + x.Length)}.AppendBinary(hdrs)
+			hdrs = binary.BigEndian.AppendUint64(hdrs, uint64(pos))
+			r.add(hdrs[start:len(hdrs):len(hdrs)])
+			r.add(data[used : used+int(x.Length)])
+			used += int(x.Length)
+		}
+		pos += x.Length
+	}
+	return data, nil
+}
+
+func (c *conn) blockStatus(r *reply, req nbd.RequestHeader) error {
+	limit := maxExtents
+	if req.Flags&nbd.CmdFlagReqOne != 0 {
+		limit = 1
+	}
+	extents, err := c.sess.export.Backend.Extents(int64(req.Offset), int64(req.Length), limit)
+	if err != nil {
+		return err
+	}
+	bs := nbd.BlockStatus{ContextID: baseAllocationID, Extents: make([]nbd.Extent, 0, len(extents))}
+	for _, x := range extents {
+		var flags uint32
+		if x.Hole {
+			flags |= nbd.StateHole
+		}
+		if x.Zero {
+			flags |= nbd.StateZero
+		}
+		bs.Extents = append(bs.Extents, nbd.Extent{Length: uint32(x.Length), Flags: flags})
+	}
+	payload, err := bs.AppendBinary(nil)
+	if err != nil {
+		return err
+	}
+	hdr, _ := nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: nbd.ReplyBlockStatus,
+		Handle: req.Handle, Length: uint32(len(payload))}.AppendBinary(nil)
+	r.add(hdr)
+	r.add(payload)
+	return nil
+}
+
+// okReply answers a request that succeeded with no data.
+func (c *conn) okReply(r *reply, req nbd.RequestHeader) {
+	var b []byte
+	if c.sess.structured && (req.Command == nbd.CmdRead || req.Command == nbd.CmdBlockStatus) {
+		b, _ = nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: nbd.ReplyNone, Handle: req.Handle}.AppendBinary(nil)
+	} else {
+		b, _ = nbd.SimpleReply{Handle: req.Handle}.AppendBinary(nil)
+	}
+	r.add(b)
+}
+
+// errorReply answers a failed request: a structured error chunk with a
+// message where structured replies are in use, else a simple reply.
+func (c *conn) errorReply(r *reply, req nbd.RequestHeader, errno nbd.Errno, msg string) {
+	if !c.sess.structured {
+		b, _ := nbd.SimpleReply{Errno: errno, Handle: req.Handle}.AppendBinary(nil)
+		r.add(b)
+		return
+	}
+	if len(msg) > nbd.MaxStringLength {
+		msg = msg[:nbd.MaxStringLength]
+	}
+	chunk := nbd.ErrorChunk{Errno: errno, Message: msg}
+	payload, _ := chunk.AppendBinary(nil)
+	b, _ := nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: chunk.Type(), Handle: req.Handle,
+		Length: uint32(len(payload))}.AppendBinary(nil)
+	r.add(append(b, payload...))
+}

@@ -1,0 +1,151 @@
+// Package server is lvnbd's NBD server: listeners, the fixed-newstyle
+// handshake, and a concurrent transmission loop per connection that answers
+// requests out of order.
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// Config is a server's configuration; the zero value of each field means its
+// default.
+type Config struct {
+	// Exports is what the server offers. Required.
+	Exports *Registry
+	// Logger receives structured logs; nil discards them.
+	Logger *zap.Logger
+	// HandshakeTimeout bounds the whole negotiation, so a slow or silent
+	// client cannot hold a connection slot. Default 30s.
+	HandshakeTimeout time.Duration
+	// MaxInFlight bounds the requests one connection may have outstanding.
+	// Default 256 (the Linux client keeps up to 128 per socket).
+	MaxInFlight int
+	// MaxInFlightBytes bounds the payload bytes one connection may hold in
+	// memory at once. Default 128 MiB.
+	MaxInFlightBytes int64
+	// DrainTimeout bounds how long shutdown waits for in-flight requests
+	// before closing connections anyway. Default 30s.
+	DrainTimeout time.Duration
+}
+
+// Defaults for Config fields left zero.
+const (
+	DefaultHandshakeTimeout = 30 * time.Second
+	DefaultMaxInFlight      = 256
+	DefaultMaxInFlightBytes = 128 << 20
+	DefaultDrainTimeout     = 30 * time.Second
+)
+
+// Advertised size constraints: any alignment, 4 KiB preferred, 32 MiB payloads.
+const (
+	minBlockSize  = 1
+	prefBlockSize = 4096
+	maxPayload    = nbd.DefaultMaxPayload
+)
+
+// Server serves NBD exports. Create one with New.
+type Server struct {
+	cfg    Config
+	log    *zap.Logger
+	nextID atomic.Uint64
+	conns  sync.WaitGroup
+}
+
+// New returns a server for cfg.
+func New(cfg *Config) *Server {
+	c := *cfg
+	if c.Exports == nil {
+		c.Exports = NewRegistry()
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = DefaultMaxInFlight
+	}
+	if c.MaxInFlightBytes < maxPayload {
+		c.MaxInFlightBytes = DefaultMaxInFlightBytes
+	}
+	if c.DrainTimeout <= 0 {
+		c.DrainTimeout = DefaultDrainTimeout
+	}
+	return &Server{cfg: c, log: c.Logger}
+}
+
+// Serve accepts connections on every listener until ctx is done, then drains:
+// it stops accepting, lets every connection finish and answer the requests it
+// has already read, flushes every export, and returns. Cancellation is a
+// normal exit and returns nil. Serve closes the listeners.
+func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, len(listeners))
+	for _, ln := range listeners {
+		go func() { errc <- s.accept(ctx, ln) }()
+	}
+	var first error
+	for range listeners {
+		if err := <-errc; err != nil && first == nil {
+			first = err
+			cancel() // one listener failing stops the server
+		}
+	}
+	s.conns.Wait()
+	for _, e := range s.cfg.Exports.List() {
+		if e.ReadOnly {
+			continue
+		}
+		if err := e.Backend.Flush(); err != nil {
+			s.log.Error("flushing export at shutdown", zap.String("export", e.Name), zap.Error(err))
+			first = errors.Join(first, err)
+		}
+	}
+	s.log.Info("server stopped")
+	return first
+}
+
+func (s *Server) accept(ctx context.Context, ln net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	s.log.Info("listening", zap.String("addr", ln.Addr().Network()+"://"+ln.Addr().String()))
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				// Out of descriptors or similar: back off rather than spin.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed, retrying", zap.Error(err), zap.Duration("in", delay))
+				select {
+				case <-time.After(delay):
+					continue
+				case <-ctx.Done():
+					return nil
+				}
+			}
+			return err
+		}
+		delay = 0
+		s.conns.Add(1)
+		go func() {
+			defer s.conns.Done()
+			s.handle(ctx, nc)
+		}()
+	}
+}

@@ -1,0 +1,69 @@
+# shellcheck shell=bash
+# Helpers for VM scenarios. Source it, do not run it:
+#   . "$(dirname "$0")/lib.sh"
+# Scenarios run under bash with set -e -o pipefail -x, in a fresh empty working directory.
+# The guest is reset after each scenario (processes killed, md/dm/loop stopped, ramdisks and
+# nbd devices reloaded), but a scenario should still clean up what it can.
+
+# fail MSG: stop the scenario with a message.
+fail() {
+	echo "FAIL: $*" >&2
+	exit 1
+}
+
+# skip REASON: mark the scenario skipped (exit 77), e.g. when lvnbd is not in the initramfs.
+skip() {
+	echo "SKIP: $*"
+	exit 77
+}
+
+# need_lvnbd: skip unless run.sh put an lvnbd binary in the guest.
+need_lvnbd() {
+	command -v lvnbd >/dev/null || skip "no lvnbd binary (build bin/lvnbd or pass --lvnbd)"
+}
+
+# assert_eq WANT GOT MSG
+assert_eq() {
+	[[ "$1" == "$2" ]] || fail "${3:-values differ}: want '$1', got '$2'"
+}
+
+# wait_for COND TIMEOUT: poll the shell command COND (a string, eval'd) every 0.1 s until it
+# succeeds; fail after TIMEOUT seconds (default 10).
+wait_for() {
+	local cond=$1 limit=${2:-10} i
+	{ set +x; } 2>/dev/null
+	for ((i = 0; i < limit * 10; i++)); do
+		if eval "$cond" >/dev/null 2>&1; then
+			set -x
+			return 0
+		fi
+		sleep 0.1
+	done
+	set -x
+	fail "timed out after ${limit}s waiting for: $cond"
+}
+
+# sha FILE: the SHA-256 of FILE (or a block device), hex only.
+sha() {
+	local sum
+	sum=$(sha256sum "$1")
+	echo "${sum%% *}"
+}
+
+# capture NAME CMD...: run CMD and print its stdout on the console between
+#   VM-CAPTURE-BEGIN NAME / VM-CAPTURE-END NAME
+# lines, which run.sh --capture DIR saves as DIR/NAME. Fails if CMD fails.
+capture() {
+	local name=$1 out
+	shift
+	out=$("$@")
+	{
+		echo "VM-CAPTURE-BEGIN $name"
+		printf '%s\n' "$out"
+		echo "VM-CAPTURE-END $name"
+	} >/dev/console
+}
+
+# Traces show seconds since the scenario started; set here as well as by /init so a scenario run
+# by hand (bash -x scenario.sh in --keep's shell) gets them too.
+PS4='+ [${SECONDS}s] '
