@@ -1,0 +1,53 @@
+# lvnbd — `make run` serves a sparse file and benchmarks it; `make test` runs
+# every test. Both install what they need (scripts/deps.sh).
+SHELL := /bin/bash
+export PATH := $(PATH):/usr/local/go/bin:/usr/sbin:/sbin
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+BIN := bin/lvnbd
+FUZZTIME ?= 5s
+
+.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm fuzz bench vet clean
+
+all: build
+
+deps:
+	scripts/deps.sh all
+
+deps-run:
+	scripts/deps.sh run
+
+# A static binary (CGO off) runs in the VM's initramfs and on any storage box.
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN) ./cmd/lvnbd
+
+run: deps-run build
+	scripts/run.sh
+
+vet:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# Unit, table and fuzz-seed tests, with the race detector.
+test-unit:
+	CGO_ENABLED=1 $(GO) test -race -count=1 ./...
+
+# Real clients and servers from Debian against ours.
+test-interop: build
+	LVNBD_REQUIRE_INTEROP=1 $(GO) test -count=1 -v ./test/interop/ 2>&1 | tee /tmp/lvnbd-interop.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; test $${PIPESTATUS[0]} -eq 0
+
+# The kernel path, on Debian's kernel under qemu (no KVM needed).
+test-vm: build
+	test/vm/run.sh --lvnbd $(BIN)
+
+# Every fuzz target for FUZZTIME each, on top of the seeds `go test` runs.
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$f"; $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/dev/null; \
+	  done; done
+
+test: deps vet build test-unit fuzz test-interop test-vm
+
+clean:
+	rm -rf bin

@@ -1,0 +1,244 @@
+package server
+
+import (
+	"bytes"
+		"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+func TestHandshakeOptions(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ro, _ := fileExport(t, "golden", 1<<20, true)
+	ts := startServer(t, nil, disk, ro)
+
+	type appender = interface{ AppendBinary([]byte) ([]byte, error) }
+	tests := []struct {
+		name       string
+		structured bool // negotiate structured replies first
+		opt        nbd.Option
+		msg        appender
+		raw        []byte // sent instead of msg when set
+		want       []nbd.OptionReplyType
+	}{
+		{"list", false, nbd.OptList, nil, nil, []nbd.OptionReplyType{nbd.RepServer, nbd.RepServer, nbd.RepAck}},
+		{"list with data", false, nbd.OptList, nil, []byte("x"), []nbd.OptionReplyType{nbd.RepErrInvalid}},
+		{"info", false, nbd.OptInfo, nbd.InfoRequest{Name: "disk"}, nil, []nbd.OptionReplyType{nbd.RepInfo, nbd.RepInfo, nbd.RepAck}},
+		{"info with name and description", false, nbd.OptInfo,
+			nbd.InfoRequest{Name: "disk", Requests: []nbd.InfoType{nbd.InfoName, nbd.InfoDescription}}, nil,
+			[]nbd.OptionReplyType{nbd.RepInfo, nbd.RepInfo, nbd.RepInfo, nbd.RepInfo, nbd.RepAck}},
+		{"info unknown export", false, nbd.OptInfo, nbd.InfoRequest{Name: "nope"}, nil, []nbd.OptionReplyType{nbd.RepErrUnknown}},
+		{"info malformed", false, nbd.OptInfo, nil, []byte{0, 0, 0, 9}, []nbd.OptionReplyType{nbd.RepErrInvalid}},
+		{"structured reply", false, nbd.OptStructuredReply, nil, nil, []nbd.OptionReplyType{nbd.RepAck}},
+		{"structured reply with data", false, nbd.OptStructuredReply, nil, []byte("x"), []nbd.OptionReplyType{nbd.RepErrInvalid}},
+		{"meta context before structured", false, nbd.OptSetMetaContext,
+			nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}, nil, []nbd.OptionReplyType{nbd.RepErrInvalid}},
+		{"set meta context", true, nbd.OptSetMetaContext,
+			nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:allocation"}}, nil,
+			[]nbd.OptionReplyType{nbd.RepMetaContext, nbd.RepAck}},
+		{"set unknown meta context", true, nbd.OptSetMetaContext,
+			nbd.MetaContextRequest{Export: "disk", Queries: []string{"qemu:dirty-bitmap:x"}}, nil, []nbd.OptionReplyType{nbd.RepAck}},
+		{"list all meta contexts", true, nbd.OptListMetaContext, nbd.MetaContextRequest{Export: "disk"}, nil,
+			[]nbd.OptionReplyType{nbd.RepMetaContext, nbd.RepAck}},
+		{"list base: namespace", true, nbd.OptListMetaContext,
+			nbd.MetaContextRequest{Export: "disk", Queries: []string{"base:"}}, nil, []nbd.OptionReplyType{nbd.RepMetaContext, nbd.RepAck}},
+		{"meta context unknown export", true, nbd.OptListMetaContext, nbd.MetaContextRequest{Export: "nope"}, nil,
+			[]nbd.OptionReplyType{nbd.RepErrUnknown}},
+		{"starttls unconfigured", false, nbd.OptStartTLS, nil, nil, []nbd.OptionReplyType{nbd.RepErrPolicy}},
+		{"unknown option", false, nbd.Option(0xdead), nil, []byte("abc"), []nbd.OptionReplyType{nbd.RepErrUnsup}},
+		{"extended headers unsupported", false, nbd.OptExtendedHeaders, nil, nil, []nbd.OptionReplyType{nbd.RepErrUnsup}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+			if tt.structured {
+				c.option(nbd.OptStructuredReply, nil)
+			}
+			data := tt.raw
+			if data == nil && tt.msg != nil {
+				data, _ = tt.msg.AppendBinary(nil)
+			}
+			c.sendOption(tt.opt, data)
+			var got []nbd.OptionReplyType
+			for _, r := range c.optionReplies(tt.opt) {
+				got = append(got, r.typ)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("replies (-want +got):\n%s", diff)
+			}
+			// The handshake goes on after every one of these: LIST still works.
+			if r := c.option(nbd.OptList, nil); r[len(r)-1].typ != nbd.RepAck {
+				t.Errorf("LIST after %s: %v", tt.name, r[len(r)-1].typ)
+			}
+		})
+	}
+}
+
+func TestHandshakeInfoContents(t *testing.T) {
+	disk, path := fileExport(t, "disk", 3<<20, false)
+	ro, _ := fileExport(t, "golden", 1<<20, true)
+	ts := startServer(t, nil, disk, ro)
+
+	tests := []struct {
+		name       string
+		export     string
+		structured bool
+		want       []nbd.Info
+	}{
+		{"read-write simple", "disk", false, []nbd.Info{
+			{Type: nbd.InfoExport, Size: 3 << 20, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendFUA |
+				nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendCache | nbd.FlagCanMultiConn},
+			{Type: nbd.InfoBlockSize, MinBlockSize: 1, PrefBlockSize: 4096, MaxPayloadSize: 32 << 20},
+			{Type: nbd.InfoName, Text: "disk"},
+			{Type: nbd.InfoDescription, Text: path},
+		}},
+		{"read-write structured adds DF", "disk", true, []nbd.Info{
+			{Type: nbd.InfoExport, Size: 3 << 20, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush | nbd.FlagSendFUA |
+				nbd.FlagSendTrim | nbd.FlagSendWriteZeroes | nbd.FlagSendFastZero | nbd.FlagSendCache |
+				nbd.FlagCanMultiConn | nbd.FlagSendDF},
+			{Type: nbd.InfoBlockSize, MinBlockSize: 1, PrefBlockSize: 4096, MaxPayloadSize: 32 << 20},
+			{Type: nbd.InfoName, Text: "disk"},
+			{Type: nbd.InfoDescription, Text: path},
+		}},
+		{"read-only advertises no writes", "golden", false, []nbd.Info{
+			{Type: nbd.InfoExport, Size: 1 << 20, Flags: nbd.FlagHasFlags | nbd.FlagReadOnly | nbd.FlagSendFlush |
+				nbd.FlagSendCache | nbd.FlagCanMultiConn},
+			{Type: nbd.InfoBlockSize, MinBlockSize: 1, PrefBlockSize: 4096, MaxPayloadSize: 32 << 20},
+			{Type: nbd.InfoName, Text: "golden"},
+			{Type: nbd.InfoDescription, Text: ro.Description},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle)
+			if tt.structured {
+				c.option(nbd.OptStructuredReply, nil)
+			}
+			var got []nbd.Info
+			for _, r := range c.option(nbd.OptInfo, nbd.InfoRequest{Name: tt.export, Requests: []nbd.InfoType{nbd.InfoName, nbd.InfoDescription}}) {
+				if r.typ != nbd.RepInfo {
+					continue
+				}
+				var info nbd.Info
+				if err := info.UnmarshalBinary(r.data); err != nil {
+					t.Fatal(err)
+				}
+				got = append(got, info)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("info (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestExportName(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	for _, noZeroes := range []bool{false, true} {
+		c := dialRaw(t, ts.addr)
+		flags := nbd.ClientFlagFixedNewstyle
+		if noZeroes {
+			flags |= nbd.ClientFlagNoZeroes
+		}
+		c.greet(flags)
+		c.sendOption(nbd.OptExportName, []byte("disk"))
+		var r nbd.ExportNameReply
+		if err := r.UnmarshalBinary(c.read(nbd.ExportNameReplySize)); err != nil {
+			t.Fatal(err)
+		}
+		if r.Size != 1<<20 || r.Flags&nbd.FlagSendFlush == 0 || r.Flags&nbd.FlagSendDF != 0 {
+			t.Errorf("export name reply %+v", r)
+		}
+		if !noZeroes && !bytes.Equal(c.read(nbd.ExportNameZeroPadding), make([]byte, nbd.ExportNameZeroPadding)) {
+			t.Error("padding is not zeroes")
+		}
+		// Transmission works right after: a flush.
+		c.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 5}, nil)
+		if res := c.simpleReply(0); res.errno != 0 || res.handle != 5 {
+			t.Errorf("flush after EXPORT_NAME: %+v", res)
+		}
+	}
+
+	t.Run("default export is the only one", func(t *testing.T) {
+		c := dialRaw(t, ts.addr)
+		if info := c.open("", false); info.Size != 1<<20 {
+			t.Errorf("default export size %d", info.Size)
+		}
+	})
+	t.Run("unknown export hangs up", func(t *testing.T) {
+		c := dialRaw(t, ts.addr)
+		c.greet(nbd.ClientFlagFixedNewstyle)
+		c.sendOption(nbd.OptExportName, []byte("nope"))
+		c.expectClosed()
+	})
+	t.Run("abort is acknowledged", func(t *testing.T) {
+		c := dialRaw(t, ts.addr)
+		c.greet(nbd.ClientFlagFixedNewstyle)
+		if r := c.option(nbd.OptAbort, nil); r[0].typ != nbd.RepAck {
+			t.Errorf("abort: %v", r[0].typ)
+		}
+		c.expectClosed()
+	})
+}
+
+func TestHandshakeViolationsCloseTheConnection(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	tests := []struct {
+		name string
+		send func(c *rawClient)
+	}{
+		{"unknown client flags", func(c *rawClient) {
+			c.read(nbd.ServerHelloSize)
+			c.write([]byte{0, 0, 0, 0x80})
+		}},
+		{"bad option magic", func(c *rawClient) {
+			c.greet(nbd.ClientFlagFixedNewstyle)
+			c.write(bytes.Repeat([]byte{0x41}, nbd.OptionHeaderSize))
+		}},
+		{"option longer than the limit", func(c *rawClient) {
+			c.greet(nbd.ClientFlagFixedNewstyle)
+			b, _ := nbd.OptionHeader{Option: nbd.OptList, Length: 0xffffffff}.AppendBinary(nil)
+			c.write(b)
+		}},
+		{"non-fixed client sends LIST", func(c *rawClient) {
+			c.greet(0)
+			c.sendOption(nbd.OptList, nil)
+		}},
+		{"truncated option", func(c *rawClient) {
+			c.greet(nbd.ClientFlagFixedNewstyle)
+			b, _ := nbd.OptionHeader{Option: nbd.OptGo, Length: 100}.AppendBinary(nil)
+			c.write(b[:10])
+			c.nc.(interface{ CloseWrite() error }).CloseWrite()
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			tt.send(c)
+			c.expectClosed()
+		})
+	}
+	// And the server still serves a well-behaved client.
+	c := dialRaw(t, ts.addr)
+	c.open("disk", true)
+	c.request(nbd.RequestHeader{Command: nbd.CmdRead, Handle: 1, Length: 512}, nil)
+	if res := c.reply(512); res.errno != 0 {
+		t.Fatalf("read after violations: %+v", res)
+	}
+}
+
+func TestHandshakeTimeout(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, &Config{HandshakeTimeout: 200 * time.Millisecond}, disk)
+	c := dialRaw(t, ts.addr)
+	c.read(nbd.ServerHelloSize)
+	// Say nothing: the server must hang up on its own.
+	c.expectClosed()
+}
