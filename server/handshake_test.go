@@ -2,7 +2,7 @@ package server
 
 import (
 	"bytes"
-		"testing"
+	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"

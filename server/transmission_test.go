@@ -431,4 +431,3 @@ func TestDrainAnswersInFlightRequests(t *testing.T) {
 	}
 	c.expectClosed()
 }
-

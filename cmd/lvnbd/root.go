@@ -25,5 +25,6 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(newServeCmd())
+	root.AddCommand(newBenchCmd())
 	return root
 }
