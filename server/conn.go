@@ -23,7 +23,8 @@ const readBufferSize = 256 << 10
 // handle runs one connection from greeting to close.
 func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	defer nc.Close()
-	log := s.log.With(zap.Uint64("conn", s.nextID.Add(1)), zap.String("peer", peerName(nc)))
+	id, peer := s.nextID.Add(1), peerName(nc)
+	log := s.log.With(zap.Uint64("conn", id), zap.String("peer", peer))
 	// Cancellation interrupts whatever read is blocked; the transmission
 	// loop then drains instead of reading more.
 	stop := context.AfterFunc(ctx, func() { nc.SetReadDeadline(time.Now()) })
@@ -45,10 +46,16 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		return // cancelled during the handshake; the deadline may be cleared
 	}
 	log = log.With(zap.String("export", sess.export.Name))
+	client, ok := sess.export.attach(id, peer, func() { nc.Close() })
+	if !ok {
+		log.Info("export was removed during the handshake; closing")
+		return
+	}
+	defer sess.export.detach(id)
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
 
 	c := &conn{
-		s: s, nc: nc, r: r, log: log, sess: sess,
+		s: s, nc: nc, r: r, log: log, sess: sess, client: client,
 		slots:   semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
 		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
@@ -73,6 +80,7 @@ type conn struct {
 	r       *bufio.Reader
 	log     *zap.Logger
 	sess    *session
+	client  *clientConn // this connection's counters on the export
 	slots   *semaphore.Weighted
 	bytes   *semaphore.Weighted
 	replies chan *reply

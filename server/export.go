@@ -1,11 +1,14 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
@@ -23,6 +26,8 @@ type Backend interface {
 	Cache(off, length int64) error
 	Sparse() bool
 	Extents(off, length int64, max int) ([]backend.Extent, error)
+	// Refresh re-reads the size after the file or device grew or shrank.
+	Refresh() (int64, error)
 	Close() error
 }
 
@@ -32,6 +37,145 @@ type Export struct {
 	Description string
 	ReadOnly    bool
 	Backend     Backend
+
+	// writeGate lets Quiesce pause writes: every request that modifies
+	// data holds it shared for the duration of its I/O.
+	writeGate sync.RWMutex
+
+	mu      sync.Mutex
+	clients map[uint64]*clientConn
+	retired bool          // removed from the registry: close when unused
+	closed  chan struct{} // closed once the backend is closed after retiring
+}
+
+// clientConn is what an export knows of a connection using it.
+type clientConn struct {
+	id            uint64
+	peer          string
+	since         time.Time
+	kick          func() // closes the connection
+	read, written atomic.Int64
+}
+
+// ClientInfo describes one connection to an export.
+type ClientInfo struct {
+	ID        uint64    `json:"id"`
+	Peer      string    `json:"peer"`
+	Since     time.Time `json:"since"`
+	ReadBytes int64     `json:"read_bytes"`
+	// WrittenBytes counts WRITE payloads.
+	WrittenBytes int64 `json:"written_bytes"`
+}
+
+// ErrInUse is returned when an operation needs an export that clients are
+// still connected to.
+var ErrInUse = errors.New("export in use")
+
+// attach records a connection; false if the export was retired meanwhile.
+func (e *Export) attach(id uint64, peer string, kick func()) (*clientConn, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.retired {
+		return nil, false
+	}
+	if e.clients == nil {
+		e.clients = map[uint64]*clientConn{}
+	}
+	c := &clientConn{id: id, peer: peer, since: time.Now(), kick: kick}
+	e.clients[id] = c
+	return c, true
+}
+
+// detach forgets a connection, closing the backend if the export was retired
+// and this was its last client.
+func (e *Export) detach(id uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.clients, id)
+	e.closeIfUnusedLocked()
+}
+
+func (e *Export) closeIfUnusedLocked() {
+	if e.retired && len(e.clients) == 0 && e.closed != nil {
+		select {
+		case <-e.closed:
+		default:
+			e.Backend.Close()
+			close(e.closed)
+		}
+	}
+}
+
+// retire marks the export removed: its backend is closed once the last
+// client is gone. The returned channel is closed then.
+func (e *Export) retire() <-chan struct{} {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.retired {
+		e.retired = true
+		e.closed = make(chan struct{})
+	}
+	e.closeIfUnusedLocked()
+	return e.closed
+}
+
+// Clients lists the connections using the export, oldest first.
+func (e *Export) Clients() []ClientInfo {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]ClientInfo, 0, len(e.clients))
+	for _, c := range e.clients {
+		out = append(out, ClientInfo{ID: c.id, Peer: c.peer, Since: c.since,
+			ReadBytes: c.read.Load(), WrittenBytes: c.written.Load()})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// kickClients closes every connection to the export.
+func (e *Export) kickClients() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, c := range e.clients {
+		c.kick()
+	}
+}
+
+// inUseError names the clients of e for an operation that needs it unused.
+func (e *Export) inUseError(what string) error {
+	clients := e.Clients()
+	if len(clients) == 0 {
+		return nil
+	}
+	var names []string
+	for _, c := range clients {
+		names = append(names, fmt.Sprintf("connection %d from %s", c.ID, c.Peer))
+	}
+	return fmt.Errorf("cannot %s %q: %w by %d client(s): %s (detach them first, or use --force to disconnect them)",
+		what, e.Name, ErrInUse, len(clients), strings.Join(names, ", "))
+}
+
+// Quiesce pauses writes to the export: it waits for writes in flight to
+// finish, blocks new ones, and flushes, so the storage holds every write
+// acknowledged before the call. resume lets writes continue; call it once.
+func (e *Export) Quiesce(ctx context.Context) (resume func(), err error) {
+	locked := make(chan struct{})
+	go func() {
+		e.writeGate.Lock()
+		close(locked)
+	}()
+	select {
+	case <-locked:
+	case <-ctx.Done():
+		go func() { <-locked; e.writeGate.Unlock() }()
+		return nil, fmt.Errorf("quiescing export %q: %w", e.Name, ctx.Err())
+	}
+	if err := e.Backend.Flush(); err != nil {
+		e.writeGate.Unlock()
+		return nil, fmt.Errorf("quiescing export %q: %w", e.Name, err)
+	}
+	var once sync.Once
+	return func() { once.Do(e.writeGate.Unlock) }, nil
 }
 
 // transmissionFlags are the flags advertised for e: exactly what works.
@@ -79,16 +223,36 @@ func (r *Registry) Add(e *Export) error {
 }
 
 // Remove stops offering the export called name and returns it. Connections
-// already using it keep it until they end.
-func (r *Registry) Remove(name string) (*Export, error) {
+// already using it keep it until they end; then its backend is closed, and
+// the returned channel with it.
+func (r *Registry) Remove(name string) (*Export, <-chan struct{}, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.exports[name]
 	if !ok {
-		return nil, fmt.Errorf("export %q: %w", name, ErrNoExport)
+		return nil, nil, fmt.Errorf("export %q: %w", name, ErrNoExport)
 	}
 	delete(r.exports, name)
-	return e, nil
+	return e, e.retire(), nil
+}
+
+// ExportStatus is an export as `lvnbd status` shows it.
+type ExportStatus struct {
+	Name     string       `json:"name"`
+	Size     int64        `json:"size"`
+	ReadOnly bool         `json:"read_only"`
+	Path     string       `json:"description"`
+	Clients  []ClientInfo `json:"clients"`
+}
+
+// Status describes every export and its clients.
+func (r *Registry) Status() []ExportStatus {
+	var out []ExportStatus
+	for _, e := range r.List() {
+		out = append(out, ExportStatus{Name: e.Name, Size: e.Backend.Size(), ReadOnly: e.ReadOnly,
+			Path: e.Description, Clients: e.Clients()})
+	}
+	return out
 }
 
 // Lookup finds an export by name. The empty name is the default export: the

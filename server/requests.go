@@ -101,6 +101,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 	if err == nil {
 		switch req.Command {
 		case nbd.CmdRead:
+			c.client.read.Add(int64(req.Length))
 			var data []byte
 			data, err = c.read(r, req)
 			if data != nil {
@@ -139,12 +140,20 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 
 // modify performs the commands whose reply carries no data.
 func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
-	b := c.sess.export.Backend
+	e := c.sess.export
+	b := e.Backend
 	off, length := int64(req.Offset), int64(req.Length)
 	fua := req.Flags&nbd.CmdFlagFUA != 0
+	if req.Command == nbd.CmdWrite || req.Command == nbd.CmdTrim || req.Command == nbd.CmdWriteZeroes {
+		// Held for the I/O only: a quiesce (a snapshot) waits for it and
+		// holds back the next.
+		e.writeGate.RLock()
+		defer e.writeGate.RUnlock()
+	}
 	var err error
 	switch req.Command {
 	case nbd.CmdWrite:
+		c.client.written.Add(length)
 		return b.WriteAt(payload, off, fua)
 	case nbd.CmdFlush:
 		return b.Flush()

@@ -1,0 +1,190 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"syscall"
+
+	"github.com/lvnbd/lvnbd/volume"
+)
+
+// ErrNoServer means nothing listens on the control socket: no lvnbd serve
+// runs on this box (or it was started with another --control path).
+var ErrNoServer = errors.New("no lvnbd server is listening on the control socket")
+
+// Client talks to a running server's control socket.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the socket at path; it connects per request.
+func NewClient(path string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{path: path, hc: &http.Client{Transport: tr}}
+}
+
+// Path is the socket's path.
+func (c *Client) Path() string { return c.path }
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://lvnbd"+path, rd)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w (%s)", ErrNoServer, c.path)
+		}
+		return fmt.Errorf("control socket %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var eb errorBody
+		if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&eb); err != nil || eb.Error == "" {
+			return fmt.Errorf("control socket %s: %s %s: HTTP %d", c.path, method, path, resp.StatusCode)
+		}
+		return &RemoteError{Msg: eb.Error, sentinel: kinds[eb.Kind]}
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
+		return fmt.Errorf("control socket %s: decoding the answer to %s %s: %w", c.path, method, path, err)
+	}
+	return nil
+}
+
+// Status returns the server's exports and clients.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
+	return st, err
+}
+
+// Sync makes the server re-read its volumes now.
+func (c *Client) Sync(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/v1/sync", nil, nil)
+}
+
+// Driver returns a volume.Driver whose changes the server makes. With force,
+// removals and merges disconnect the clients of the affected exports instead
+// of failing with server.ErrInUse.
+func (c *Client) Driver(url string, force bool) volume.Driver {
+	return &remoteDriver{c: c, url: url, force: force}
+}
+
+// remoteDriver is a volume.Driver that asks the server.
+type remoteDriver struct {
+	c     *Client
+	url   string
+	force bool
+}
+
+func (d *remoteDriver) String() string { return d.url }
+
+func (d *remoteDriver) query() string {
+	if d.force {
+		return "?force=1"
+	}
+	return ""
+}
+
+func (d *remoteDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	var vols []volume.Volume
+	err := d.c.do(ctx, http.MethodGet, "/v1/volumes", nil, &vols)
+	return vols, err
+}
+
+func (d *remoteDriver) Get(ctx context.Context, name string) (volume.Volume, error) {
+	var vol volume.Volume
+	err := d.c.do(ctx, http.MethodGet, "/v1/volumes/"+url.PathEscape(name), nil, &vol)
+	return vol, err
+}
+
+func (d *remoteDriver) Create(ctx context.Context, opts volume.CreateOptions) (volume.Volume, error) {
+	var vol volume.Volume
+	err := d.c.do(ctx, http.MethodPost, "/v1/volumes", opts, &vol)
+	return vol, err
+}
+
+func (d *remoteDriver) Resize(ctx context.Context, name string, size int64, allowShrink bool) (volume.Volume, error) {
+	var vol volume.Volume
+	err := d.c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/resize",
+		ResizeRequest{Size: size, AllowShrink: allowShrink}, &vol)
+	return vol, err
+}
+
+func (d *remoteDriver) Remove(ctx context.Context, name string) error {
+	return d.c.do(ctx, http.MethodDelete, "/v1/volumes/"+url.PathEscape(name)+d.query(), nil, nil)
+}
+
+// Path is not known remotely without a round trip; the CLI does not need it.
+func (d *remoteDriver) Path(exportName string) string { return "" }
+
+func (d *remoteDriver) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (volume.Snapshot, error) {
+	var snap volume.Snapshot
+	err := d.c.do(ctx, http.MethodPost, "/v1/snapshots", opts, &snap)
+	return snap, err
+}
+
+func (d *remoteDriver) Snapshots(ctx context.Context) ([]volume.Snapshot, error) {
+	var snaps []volume.Snapshot
+	err := d.c.do(ctx, http.MethodGet, "/v1/snapshots", nil, &snaps)
+	return snaps, err
+}
+
+func (d *remoteDriver) RemoveSnapshot(ctx context.Context, vol, snap string) error {
+	return d.c.do(ctx, http.MethodDelete, "/v1/snapshots/"+url.PathEscape(volume.SnapshotRef(vol, snap))+d.query(), nil, nil)
+}
+
+func (d *remoteDriver) MergeSnapshot(ctx context.Context, vol, snap string) error {
+	return d.c.do(ctx, http.MethodPost, "/v1/snapshots/"+url.PathEscape(volume.SnapshotRef(vol, snap))+"/merge"+d.query(), nil, nil)
+}
+
+// OpenDriver returns the driver the volume commands should use: the running
+// server's, through its control socket, when it serves the same volumes
+// (so changes reach its exports at once and snapshots are quiesced), else
+// the driver for volumesURL directly. note receives one line saying which.
+func OpenDriver(ctx context.Context, controlPath, volumesURL string, force bool, note io.Writer) (volume.Driver, error) {
+	local, err := volume.Open(volumesURL)
+	if err != nil {
+		return nil, err
+	}
+	if controlPath == "" {
+		return local, nil
+	}
+	c := NewClient(controlPath)
+	st, err := c.Status(ctx)
+	switch {
+	case errors.Is(err, ErrNoServer):
+		return local, nil
+	case err != nil:
+		return nil, err
+	case st.Driver != local.String():
+		fmt.Fprintf(note, "note: the server on %s serves %q, not %q: changing the volumes directly\n",
+			controlPath, st.Driver, local.String())
+		return local, nil
+	}
+	return c.Driver(st.Driver, force), nil
+}

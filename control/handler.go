@@ -1,0 +1,284 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/server"
+	"github.com/lvnbd/lvnbd/volume"
+)
+
+// Handler serves the control API for a server's registry and, when not nil,
+// its volumes.
+func Handler(reg *server.Registry, vols *server.Volumes, log *zap.Logger) http.Handler {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	h := &handler{reg: reg, vols: vols, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", h.status)
+	mux.HandleFunc("GET /v1/volumes", h.withVolumes(h.listVolumes))
+	mux.HandleFunc("GET /v1/volumes/{name}", h.withVolumes(h.getVolume))
+	mux.HandleFunc("POST /v1/volumes", h.withVolumes(h.createVolume))
+	mux.HandleFunc("POST /v1/volumes/{name}/resize", h.withVolumes(h.resizeVolume))
+	mux.HandleFunc("DELETE /v1/volumes/{name}", h.withVolumes(h.removeVolume))
+	mux.HandleFunc("GET /v1/snapshots", h.withVolumes(h.listSnapshots))
+	mux.HandleFunc("POST /v1/snapshots", h.withVolumes(h.createSnapshot))
+	mux.HandleFunc("DELETE /v1/snapshots/{ref}", h.withVolumes(h.removeSnapshot))
+	mux.HandleFunc("POST /v1/snapshots/{ref}/merge", h.withVolumes(h.mergeSnapshot))
+	mux.HandleFunc("POST /v1/sync", h.withVolumes(h.sync))
+	return mux
+}
+
+type handler struct {
+	reg  *server.Registry
+	vols *server.Volumes
+	log  *zap.Logger
+}
+
+func (h *handler) withVolumes(f http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if h.vols == nil {
+			writeError(w, ErrNoVolumes)
+			return
+		}
+		h.log.Info("control request", zap.String("method", r.Method), zap.String("path", r.URL.Path))
+		f(w, r)
+	}
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	code := http.StatusInternalServerError
+	switch kindOf(err) {
+	case "not_found":
+		code = http.StatusNotFound
+	case "exists", "in_use", "has_snapshots", "merge_pending":
+		code = http.StatusConflict
+	case "invalid_name", "invalid_size", "shrink", "no_volumes", "unsupported":
+		code = http.StatusBadRequest
+	case "no_space":
+		code = http.StatusInsufficientStorage
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(errorBody{Error: err.Error(), Kind: kindOf(err)})
+}
+
+// decode reads a JSON body strictly: unknown fields are a client bug.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("bad request body: %w", err)
+	}
+	return nil
+}
+
+func force(r *http.Request) bool { return r.URL.Query().Get("force") == "1" }
+
+func (h *handler) status(w http.ResponseWriter, r *http.Request) {
+	st := Status{Exports: h.reg.Status()}
+	if h.vols != nil {
+		st.Driver = h.vols.Driver().String()
+	}
+	writeJSON(w, st)
+}
+
+func (h *handler) listVolumes(w http.ResponseWriter, r *http.Request) {
+	vols, err := h.vols.Driver().List(r.Context())
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, vols)
+}
+
+func (h *handler) getVolume(w http.ResponseWriter, r *http.Request) {
+	vol, err := h.vols.Driver().Get(r.Context(), r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, vol)
+}
+
+func (h *handler) createVolume(w http.ResponseWriter, r *http.Request) {
+	var opts volume.CreateOptions
+	if err := decode(r, &opts); err != nil {
+		writeError(w, err)
+		return
+	}
+	vol, err := h.vols.Create(r.Context(), opts)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, vol)
+}
+
+// ResizeRequest is the body of POST /v1/volumes/{name}/resize.
+type ResizeRequest struct {
+	Size        int64 `json:"size"`
+	AllowShrink bool  `json:"allow_shrink"`
+}
+
+func (h *handler) resizeVolume(w http.ResponseWriter, r *http.Request) {
+	var req ResizeRequest
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	vol, err := h.vols.Resize(r.Context(), r.PathValue("name"), req.Size, req.AllowShrink)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, vol)
+}
+
+func (h *handler) removeVolume(w http.ResponseWriter, r *http.Request) {
+	if err := h.vols.Remove(r.Context(), r.PathValue("name"), force(r)); err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, struct{}{})
+}
+
+func (h *handler) listSnapshots(w http.ResponseWriter, r *http.Request) {
+	snaps, err := h.vols.Driver().Snapshots(r.Context())
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, snaps)
+}
+
+func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
+	var opts volume.SnapshotOptions
+	if err := decode(r, &opts); err != nil {
+		writeError(w, err)
+		return
+	}
+	snap, err := h.vols.Snapshot(r.Context(), opts)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, snap)
+}
+
+func (h *handler) removeSnapshot(w http.ResponseWriter, r *http.Request) {
+	vol, snap, err := volume.ParseSnapshotRef(r.PathValue("ref"))
+	if err == nil {
+		err = h.vols.RemoveSnapshot(r.Context(), vol, snap, force(r))
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, struct{}{})
+}
+
+func (h *handler) mergeSnapshot(w http.ResponseWriter, r *http.Request) {
+	vol, snap, err := volume.ParseSnapshotRef(r.PathValue("ref"))
+	if err == nil {
+		err = h.vols.MergeSnapshot(r.Context(), vol, snap, force(r))
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, struct{}{})
+}
+
+func (h *handler) sync(w http.ResponseWriter, r *http.Request) {
+	if err := h.vols.Sync(r.Context()); err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, struct{}{})
+}
+
+// Listen opens the control socket at path: its directory is created 0700
+// and the socket made 0600, and connections from users other than root and
+// the server's own are refused, since the socket can remove volumes.
+func Listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	addr, err := server.ParseListenURL("unix://" + path)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := server.Listen(addr)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return &peerCheckListener{Listener: ln}, nil
+}
+
+// peerCheckListener admits only root and the server's own user.
+type peerCheckListener struct{ net.Listener }
+
+func (l *peerCheckListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if allowedPeer(c) {
+			return c, nil
+		}
+		c.Close()
+	}
+}
+
+func allowedPeer(c net.Conn) bool {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	return err == nil && cred != nil && (cred.Uid == 0 || int(cred.Uid) == os.Getuid())
+}
+
+// Serve answers control requests on ln until ctx is done.
+func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	stop := context.AfterFunc(ctx, func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(shutdownCtx)
+	})
+	defer stop()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	return nil
+}
