@@ -2,7 +2,7 @@
 # timeout: 120
 # Proves the guest environment the other scenarios rely on: kernel modules, nbd devices, LVM
 # striping on ramdisks, md RAID1 with an internal bitmap, ext4.
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 for m in nbd dm_mod dm_snapshot dm_thin_pool raid1 md_mod brd loop ext4; do
