@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -21,7 +22,7 @@ import (
 const readBufferSize = 256 << 10
 
 // handle runs one connection from greeting to close.
-func (s *Server) handle(ctx context.Context, nc net.Conn) {
+func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	defer nc.Close()
 	id, peer := s.nextID.Add(1), peerName(nc)
 	log := s.log.With(zap.Uint64("conn", id), zap.String("peer", peer))
@@ -32,7 +33,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 
 	r := bufio.NewReaderSize(nc, readBufferSize)
 	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	sess, err := s.negotiate(nc, r, log)
+	sess, err := s.negotiate(ctx, nc, r, p, log)
 	if err != nil {
 		if errors.Is(err, errAbort) || ctx.Err() != nil {
 			log.Debug("handshake ended", zap.Error(err))
@@ -46,20 +47,19 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		return // cancelled during the handshake; the deadline may be cleared
 	}
 	log = log.With(zap.String("export", sess.export.Name))
-	client, ok := sess.export.attach(id, peer, func() { nc.Close() })
-	if !ok {
+	c := &conn{
+		s: s, nc: sess.nc, r: sess.r, log: log, sess: sess,
+		slots:   semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
+		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
+		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
+	}
+	c.client = &clientConn{id: id, peer: peer, who: sess.peer, kick: func() { nc.Close() }, fence: c.fence}
+	if !sess.export.attach(c.client) {
 		log.Info("export was removed during the handshake; closing")
 		return
 	}
 	defer sess.export.detach(id)
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
-
-	c := &conn{
-		s: s, nc: nc, r: r, log: log, sess: sess, client: client,
-		slots:   semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
-		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
-		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
-	}
 	reason := c.serve(ctx)
 	log.Info("client disconnected", zap.String("reason", reason))
 }
@@ -85,6 +85,31 @@ type conn struct {
 	bytes   *semaphore.Weighted
 	replies chan *reply
 	work    sync.WaitGroup
+
+	// fenceGate and fenced make fencing final: a write checks fenced and
+	// does its I/O under the shared gate, and fence sets fenced then takes
+	// the gate exclusively, so no write starts after fence returns.
+	fenceGate sync.RWMutex
+	fenced    atomic.Bool
+}
+
+// fence stops this connection's writes for good and closes it.
+func (c *conn) fence(ctx context.Context) error {
+	c.fenced.Store(true)
+	locked := make(chan struct{})
+	go func() {
+		c.fenceGate.Lock()
+		close(locked)
+	}()
+	select {
+	case <-locked:
+		c.fenceGate.Unlock()
+	case <-ctx.Done():
+		return fmt.Errorf("fencing connection %d: writes in flight did not finish: %w", c.client.id, ctx.Err())
+	}
+	c.nc.Close()
+	c.log.Warn("connection fenced")
+	return nil
 }
 
 // serve reads requests until the client disconnects, errs, or ctx is done,

@@ -37,6 +37,7 @@ type Export struct {
 	Description string
 	ReadOnly    bool
 	Backend     Backend
+	Access      Access
 
 	// writeGate lets Quiesce pause writes: every request that modifies
 	// data holds it shared for the duration of its I/O.
@@ -52,8 +53,10 @@ type Export struct {
 type clientConn struct {
 	id            uint64
 	peer          string
+	who           peer
 	since         time.Time
-	kick          func() // closes the connection
+	kick          func()                      // closes the connection
+	fence         func(context.Context) error // stops its writes, then closes it
 	read, written atomic.Int64
 }
 
@@ -72,18 +75,18 @@ type ClientInfo struct {
 var ErrInUse = errors.New("export in use")
 
 // attach records a connection; false if the export was retired meanwhile.
-func (e *Export) attach(id uint64, peer string, kick func()) (*clientConn, bool) {
+func (e *Export) attach(c *clientConn) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.retired {
-		return nil, false
+		return false
 	}
 	if e.clients == nil {
 		e.clients = map[uint64]*clientConn{}
 	}
-	c := &clientConn{id: id, peer: peer, since: time.Now(), kick: kick}
-	e.clients[id] = c
-	return c, true
+	c.since = time.Now()
+	e.clients[c.id] = c
+	return true
 }
 
 // detach forgets a connection, closing the backend if the export was retired

@@ -2,6 +2,8 @@ package server
 
 import (
 	"bufio"
+	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -23,6 +25,9 @@ type session struct {
 	structured bool
 	metaAlloc  bool // base:allocation selected for this export
 	flags      nbd.TransmissionFlags
+	nc         net.Conn      // the TLS connection after STARTTLS
+	r          *bufio.Reader // reads nc
+	peer       peer
 }
 
 // errAbort ends a handshake the client chose to end.
@@ -40,11 +45,12 @@ type negotiator struct {
 	metaExport string // export the last SET_META_CONTEXT selected base:allocation for
 	metaAlloc  bool
 	out        []byte
+	peer       peer
 }
 
 // negotiate runs the handshake and returns the agreed session.
-func (s *Server) negotiate(nc net.Conn, r *bufio.Reader, log *zap.Logger) (*session, error) {
-	n := &negotiator{s: s, nc: nc, r: r, log: log}
+func (s *Server) negotiate(ctx context.Context, nc net.Conn, r *bufio.Reader, p peer, log *zap.Logger) (*session, error) {
+	n := &negotiator{s: s, nc: nc, r: r, log: log, peer: p}
 	hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
 	if _, err := nc.Write(hello); err != nil {
 		return nil, fmt.Errorf("sending greeting: %w", err)
@@ -60,7 +66,7 @@ func (s *Server) negotiate(nc net.Conn, r *bufio.Reader, log *zap.Logger) (*sess
 	n.fixed = flags&nbd.ClientFlagFixedNewstyle != 0
 	n.noZeroes = flags&nbd.ClientFlagNoZeroes != 0
 	for {
-		sess, err := n.option()
+		sess, err := n.option(ctx)
 		if err != nil || sess != nil {
 			return sess, err
 		}
@@ -69,7 +75,7 @@ func (s *Server) negotiate(nc net.Conn, r *bufio.Reader, log *zap.Logger) (*sess
 
 // option reads and answers one option; it returns a session once the client
 // enters transmission.
-func (n *negotiator) option() (*session, error) {
+func (n *negotiator) option(ctx context.Context) (*session, error) {
 	var hb [nbd.OptionHeaderSize]byte
 	if _, err := io.ReadFull(n.r, hb[:]); err != nil {
 		return nil, fmt.Errorf("reading option: %w", err)
@@ -108,7 +114,7 @@ func (n *negotiator) option() (*session, error) {
 	case nbd.OptListMetaContext, nbd.OptSetMetaContext:
 		return nil, n.metaContext(h.Option, data)
 	case nbd.OptStartTLS:
-		return nil, n.replyErr(h.Option, nbd.RepErrPolicy, "TLS is not configured on this server")
+		return nil, n.startTLS(ctx, data)
 	default:
 		return nil, n.replyErr(h.Option, nbd.RepErrUnsup, fmt.Sprintf("%v is not supported", h.Option))
 	}
@@ -119,6 +125,9 @@ func (n *negotiator) exportName(name string) (*session, error) {
 	if !ok {
 		// The option has no error reply: the spec says to hang up.
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: no export %q (have %s)", name, n.s.cfg.Exports.names())
+	}
+	if why, _ := n.access(e); why != "" {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	sess := n.session(e)
 	b, _ := nbd.ExportNameReply{Size: uint64(e.Backend.Size()), Flags: sess.flags}.AppendBinary(nil)
@@ -137,7 +146,54 @@ func (n *negotiator) session(e *Export) *session {
 		structured: n.structured,
 		metaAlloc:  n.structured && n.metaAlloc && n.metaExport == e.Name,
 		flags:      e.transmissionFlags(n.structured),
+		nc:         n.nc,
+		r:          n.r,
+		peer:       n.peer,
 	}
+}
+
+// access returns why this client may not use e, or "".
+func (n *negotiator) access(e *Export) (why string, tlsReqd bool) {
+	why, tlsReqd = e.Access.check(n.peer)
+	if why == "" && n.s.fenced(n.peer, e.Name) {
+		why = fmt.Sprintf("%s is fenced off export %q (lvnbd unfence)", n.peer, e.Name)
+	}
+	if why != "" {
+		n.log.Warn("access refused", zap.String("export", e.Name), zap.String("why", why))
+	}
+	return why, tlsReqd
+}
+
+// startTLS upgrades the connection (NBD_OPT_STARTTLS). Negotiation state
+// from before is forgotten, as the spec requires.
+func (n *negotiator) startTLS(ctx context.Context, data []byte) error {
+	switch {
+	case n.s.cfg.TLS == nil:
+		return n.replyErr(nbd.OptStartTLS, nbd.RepErrPolicy, "TLS is not configured on this server")
+	case n.peer.tls:
+		return n.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "TLS is already in use")
+	case len(data) != 0:
+		return n.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "NBD_OPT_STARTTLS takes no data")
+	case n.r.Buffered() != 0:
+		// Bytes sent before our ACK would be plaintext injected into the
+		// TLS session.
+		return fmt.Errorf("client sent %d bytes after NBD_OPT_STARTTLS before the TLS handshake", n.r.Buffered())
+	}
+	if err := n.reply(nbd.OptStartTLS, nbd.RepAck, nil); err != nil {
+		return err
+	}
+	tc := tls.Server(n.nc, n.s.cfg.TLS)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	n.nc, n.r = tc, bufio.NewReaderSize(tc, readBufferSize)
+	n.peer.tls = true
+	if chains := tc.ConnectionState().VerifiedChains; len(chains) > 0 && len(chains[0]) > 0 {
+		n.peer.names = certNames(chains[0][0])
+	}
+	n.structured, n.metaAlloc, n.metaExport = false, false, ""
+	n.log.Debug("TLS started", zap.Strings("client_names", n.peer.names))
+	return nil
 }
 
 func (n *negotiator) list(data []byte) error {
@@ -145,6 +201,9 @@ func (n *negotiator) list(data []byte) error {
 		return n.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, e := range n.s.cfg.Exports.List() {
+		if why, _ := e.Access.check(n.peer); why != "" {
+			continue // the spec lets a server hide what a client cannot use
+		}
 		b, err := nbd.ServerEntry{Name: e.Name, Description: e.Description}.AppendBinary(nil)
 		if err != nil {
 			return err
@@ -163,6 +222,13 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 	if !ok {
 		return nil, n.replyErr(opt, nbd.RepErrUnknown,
 			fmt.Sprintf("no export %q on this server (exports: %s)", req.Name, n.s.cfg.Exports.names()))
+	}
+	if why, tlsReqd := n.access(e); why != "" {
+		t := nbd.RepErrPolicy
+		if tlsReqd {
+			t = nbd.RepErrTLSReqd
+		}
+		return nil, n.replyErr(opt, t, why)
 	}
 	sess := n.session(e)
 	infos := []nbd.Info{

@@ -299,6 +299,15 @@ func (c *rawClient) expectClosed() {
 	}
 }
 
+// drainUntilClosed reads and discards until the server closes the connection.
+func (c *rawClient) drainUntilClosed() {
+	c.t.Helper()
+	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, c.r); err != nil {
+		c.t.Fatalf("server did not close the connection: %v", err)
+	}
+}
+
 // hookBackend wraps a Backend with test hooks that run before each call.
 type hookBackend struct {
 	Backend

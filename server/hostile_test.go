@@ -111,7 +111,7 @@ func FuzzConnection(f *testing.F) {
 		client, server := net.Pipe()
 		done := make(chan struct{})
 		go func() {
-			s.handle(context.Background(), server)
+			s.handle(context.Background(), server, peer{})
 			close(done)
 		}()
 		go io.Copy(io.Discard, client)

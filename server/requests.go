@@ -145,6 +145,11 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
 	off, length := int64(req.Offset), int64(req.Length)
 	fua := req.Flags&nbd.CmdFlagFUA != 0
 	if req.Command == nbd.CmdWrite || req.Command == nbd.CmdTrim || req.Command == nbd.CmdWriteZeroes {
+		c.fenceGate.RLock()
+		defer c.fenceGate.RUnlock()
+		if c.fenced.Load() {
+			return refuse(nbd.EPERM, "client is fenced")
+		}
 		// Held for the I/O only: a quiesce (a snapshot) waits for it and
 		// holds back the next.
 		e.writeGate.RLock()

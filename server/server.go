@@ -5,8 +5,11 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +38,16 @@ type Config struct {
 	// DrainTimeout bounds how long shutdown waits for in-flight requests
 	// before closing connections anyway. Default 30s.
 	DrainTimeout time.Duration
+	// TLS, when set, lets clients start TLS (NBD_OPT_STARTTLS). Set
+	// ClientAuth and ClientCAs to verify client certificates.
+	TLS *tls.Config
+	// MaxConnections bounds the connections served at once. Default 1024.
+	MaxConnections int
+	// MaxConnectionsPerClient bounds the connections from one address.
+	// Default 64.
+	MaxConnectionsPerClient int
+	// Fences is the fence list; nil means fencing is not available.
+	Fences *Fences
 }
 
 // Defaults for Config fields left zero.
@@ -43,6 +56,8 @@ const (
 	DefaultMaxInFlight      = 256
 	DefaultMaxInFlightBytes = 128 << 20
 	DefaultDrainTimeout     = 30 * time.Second
+	DefaultMaxConnections   = 1024
+	DefaultMaxPerClient     = 64
 )
 
 // Advertised size constraints: any alignment, 4 KiB preferred, 32 MiB payloads.
@@ -58,6 +73,10 @@ type Server struct {
 	log    *zap.Logger
 	nextID atomic.Uint64
 	conns  sync.WaitGroup
+
+	limitsMu  sync.Mutex
+	active    int
+	perClient map[netip.Addr]int
 }
 
 // New returns a server for cfg.
@@ -81,7 +100,42 @@ func New(cfg *Config) *Server {
 	if c.DrainTimeout <= 0 {
 		c.DrainTimeout = DefaultDrainTimeout
 	}
-	return &Server{cfg: c, log: c.Logger}
+	if c.MaxConnections <= 0 {
+		c.MaxConnections = DefaultMaxConnections
+	}
+	if c.MaxConnectionsPerClient <= 0 {
+		c.MaxConnectionsPerClient = DefaultMaxPerClient
+	}
+	return &Server{cfg: c, log: c.Logger, perClient: map[netip.Addr]int{}}
+}
+
+// Exports is the registry the server serves.
+func (s *Server) Exports() *Registry { return s.cfg.Exports }
+
+// admit counts a new connection against the limits; false means refuse it.
+func (s *Server) admit(p peer) (release func(), why string) {
+	s.limitsMu.Lock()
+	defer s.limitsMu.Unlock()
+	if s.active >= s.cfg.MaxConnections {
+		return nil, fmt.Sprintf("the server has its maximum of %d connections", s.cfg.MaxConnections)
+	}
+	if p.addr.IsValid() && s.perClient[p.addr] >= s.cfg.MaxConnectionsPerClient {
+		return nil, fmt.Sprintf("%s has its maximum of %d connections", p.addr, s.cfg.MaxConnectionsPerClient)
+	}
+	s.active++
+	if p.addr.IsValid() {
+		s.perClient[p.addr]++
+	}
+	return func() {
+		s.limitsMu.Lock()
+		defer s.limitsMu.Unlock()
+		s.active--
+		if p.addr.IsValid() {
+			if s.perClient[p.addr]--; s.perClient[p.addr] == 0 {
+				delete(s.perClient, p.addr)
+			}
+		}
+	}, ""
 }
 
 // Serve accepts connections on every listener until ctx is done, then drains:
@@ -142,10 +196,18 @@ func (s *Server) accept(ctx context.Context, ln net.Listener) error {
 			return err
 		}
 		delay = 0
+		p := peerOf(nc)
+		release, why := s.admit(p)
+		if release == nil {
+			s.log.Warn("connection refused", zap.String("peer", nc.RemoteAddr().String()), zap.String("why", why))
+			nc.Close()
+			continue
+		}
 		s.conns.Add(1)
 		go func() {
 			defer s.conns.Done()
-			s.handle(ctx, nc)
+			defer release()
+			s.handle(ctx, nc, p)
 		}()
 	}
 }
