@@ -34,7 +34,7 @@ test-unit:
 
 # Real clients and servers from Debian against ours.
 test-interop: build
-	LVNBD_REQUIRE_INTEROP=1 $(GO) test -count=1 -v ./test/interop/ 2>&1 | tee /tmp/lvnbd-interop.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; test $${PIPESTATUS[0]} -eq 0
+	LVNBD_INTEROP=1 LVNBD_REQUIRE_INTEROP=1 $(GO) test -count=1 -v ./test/interop/ 2>&1 | tee /tmp/lvnbd-interop.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; test $${PIPESTATUS[0]} -eq 0
 
 # The kernel path, on Debian's kernel under qemu (no KVM needed).
 test-vm: build
