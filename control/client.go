@@ -13,6 +13,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -85,6 +86,31 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 // Sync makes the server re-read its volumes now.
 func (c *Client) Sync(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/v1/sync", nil, nil)
+}
+
+// Fences lists the server's fences.
+func (c *Client) Fences(ctx context.Context) ([]server.Fence, error) {
+	var list []server.Fence
+	err := c.do(ctx, http.MethodGet, "/v1/fences", nil, &list)
+	return list, err
+}
+
+// Fence fences a client off one export, or all with export "", and returns
+// how many connections it cut; when it returns, none of their writes will
+// reach the storage any more.
+func (c *Client) Fence(ctx context.Context, client, export string) (int, error) {
+	var res FenceResult
+	err := c.do(ctx, http.MethodPost, "/v1/fences", server.Fence{Client: client, Export: export}, &res)
+	return res.ConnectionsCut, err
+}
+
+// Unfence lifts a fence.
+func (c *Client) Unfence(ctx context.Context, client, export string) error {
+	q := url.Values{"client": {client}}
+	if export != "" {
+		q.Set("export", export)
+	}
+	return c.do(ctx, http.MethodDelete, "/v1/fences?"+q.Encode(), nil, nil)
 }
 
 // Driver returns a volume.Driver whose changes the server makes. With force,

@@ -40,8 +40,13 @@ func startControl(t *testing.T) (sock, nbdAddr, dataDir string, vols *server.Vol
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{}, 2)
-	go func() { Serve(ctx, cln, Handler(reg, vols, log)); done <- struct{}{} }()
-	go func() { server.New(&server.Config{Exports: reg, Logger: log}).Serve(ctx, nln); done <- struct{}{} }()
+	fences, err := server.LoadFences(filepath.Join(t.TempDir(), "fences.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := server.New(&server.Config{Exports: reg, Logger: log, Fences: fences})
+	go func() { Serve(ctx, cln, Handler(srv, vols, log)); done <- struct{}{} }()
+	go func() { srv.Serve(ctx, nln); done <- struct{}{} }()
 	t.Cleanup(func() { cancel(); <-done; <-done })
 	return sock, nln.Addr().String(), dataDir, vols
 }
@@ -154,5 +159,51 @@ func goExport(nc net.Conn, name string) error {
 		if h.Type.IsError() {
 			return errors.New(h.Type.String())
 		}
+	}
+}
+
+func TestFenceOverTheSocket(t *testing.T) {
+	ctx := context.Background()
+	sock, nbdAddr, dataDir, _ := startControl(t)
+	drv, err := OpenDriver(ctx, sock, "file://"+dataDir, false, t.Output())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := net.Dial("tcp", nbdAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	if err := goExport(nc, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	c := NewClient(sock)
+	cut, err := c.Fence(ctx, "127.0.0.1", "")
+	if err != nil || cut != 1 {
+		t.Fatalf("fence: cut %d, %v", cut, err)
+	}
+	list, err := c.Fences(ctx)
+	if err != nil || len(list) != 1 || list[0].Client != "127.0.0.1" {
+		t.Fatalf("fences: %+v %v", list, err)
+	}
+	again, err := net.Dial("tcp", nbdAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	if err := goExport(again, "vm1"); err == nil || !strings.Contains(err.Error(), "POLICY") {
+		t.Fatalf("a fenced client got in: %v", err)
+	}
+	if err := c.Unfence(ctx, "127.0.0.1", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Unfence(ctx, "127.0.0.1", ""); !errors.Is(err, volume.ErrNotFound) {
+		t.Fatalf("second unfence: %v, want ErrNotFound", err)
+	}
+	if _, err := c.Fence(ctx, "not a client", ""); err == nil {
+		t.Fatal("an invalid fence client was accepted")
 	}
 }

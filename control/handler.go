@@ -18,13 +18,13 @@ import (
 	"github.com/lvnbd/lvnbd/volume"
 )
 
-// Handler serves the control API for a server's registry and, when not nil,
-// its volumes.
-func Handler(reg *server.Registry, vols *server.Volumes, log *zap.Logger) http.Handler {
+// Handler serves the control API for a server and, when not nil, its
+// volumes.
+func Handler(srv *server.Server, vols *server.Volumes, log *zap.Logger) http.Handler {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	h := &handler{reg: reg, vols: vols, log: log}
+	h := &handler{srv: srv, reg: srv.Exports(), vols: vols, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", h.status)
 	mux.HandleFunc("GET /v1/volumes", h.withVolumes(h.listVolumes))
@@ -37,10 +37,14 @@ func Handler(reg *server.Registry, vols *server.Volumes, log *zap.Logger) http.H
 	mux.HandleFunc("DELETE /v1/snapshots/{ref}", h.withVolumes(h.removeSnapshot))
 	mux.HandleFunc("POST /v1/snapshots/{ref}/merge", h.withVolumes(h.mergeSnapshot))
 	mux.HandleFunc("POST /v1/sync", h.withVolumes(h.sync))
+	mux.HandleFunc("GET /v1/fences", h.listFences)
+	mux.HandleFunc("POST /v1/fences", h.fence)
+	mux.HandleFunc("DELETE /v1/fences", h.unfence)
 	return mux
 }
 
 type handler struct {
+	srv  *server.Server
 	reg  *server.Registry
 	vols *server.Volumes
 	log  *zap.Logger
@@ -212,6 +216,56 @@ func (h *handler) sync(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, struct{}{})
+}
+
+func (h *handler) listFences(w http.ResponseWriter, r *http.Request) {
+	if h.srv.Fences() == nil {
+		writeError(w, errNoFences)
+		return
+	}
+	writeJSON(w, h.srv.Fences().List())
+}
+
+var errNoFences = errors.New("this server has no fence list (--fence-file)")
+
+// FenceResult is the answer to POST /v1/fences.
+type FenceResult struct {
+	ConnectionsCut int `json:"connections_cut"`
+}
+
+func (h *handler) fence(w http.ResponseWriter, r *http.Request) {
+	var f server.Fence
+	if err := decode(r, &f); err != nil {
+		writeError(w, err)
+		return
+	}
+	h.log.Warn("fence requested", zap.String("client", f.Client), zap.String("export", f.Export))
+	cut, err := h.srv.FenceClient(r.Context(), f)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, FenceResult{ConnectionsCut: cut})
+}
+
+func (h *handler) unfence(w http.ResponseWriter, r *http.Request) {
+	client, export := r.URL.Query().Get("client"), r.URL.Query().Get("export")
+	ok, err := h.srv.UnfenceClient(client, export)
+	if err == nil && !ok {
+		err = fmt.Errorf("no fence for client %q on %s: %w", client, exportOrAll(export), volume.ErrNotFound)
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, struct{}{})
+}
+
+func exportOrAll(export string) string {
+	if export == "" {
+		return "all exports"
+	}
+	return fmt.Sprintf("export %q", export)
 }
 
 // Listen opens the control socket at path: its directory is created 0700

@@ -18,6 +18,10 @@ import (
 // are made while the server runs, so that they can quiesce writes around a
 // snapshot and refuse to pull a volume from under its clients.
 type Volumes struct {
+	// Access applies to every export made from a volume or snapshot. Set
+	// it before the first Sync.
+	Access Access
+
 	drv     volume.Driver
 	reg     *Registry
 	log     *zap.Logger
@@ -89,7 +93,7 @@ func (v *Volumes) syncLocked(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("exporting %s: %w", name, err))
 			continue
 		}
-		if err := v.reg.Add(&Export{Name: name, Description: w.desc, ReadOnly: w.readOnly, Backend: b}); err != nil {
+		if err := v.reg.Add(&Export{Name: name, Description: w.desc, ReadOnly: w.readOnly, Backend: b, Access: v.Access}); err != nil {
 			b.Close()
 			errs = append(errs, err)
 			continue

@@ -175,9 +175,9 @@ var errPortTaken = errors.New("address already in use")
 
 func launch(t testing.TB, o serverOpts, port int, socket string) (*server, error) {
 	t.Helper()
-	// No control socket: the default is one machine-wide path under /run,
-	// which would tie every test server to the host and to each other.
-	args := []string{"serve", "--control="}
+	// No control socket and no fence file: the defaults are machine-wide
+	// paths, which would tie every test server to the host and each other.
+	args := []string{"serve", "--control=", "--fence-file="}
 	if port != 0 {
 		args = append(args, "--listen", fmt.Sprintf("tcp://127.0.0.1:%d", port))
 	}
@@ -344,6 +344,20 @@ func (s *server) stop() (int, error) { return s.signal(syscall.SIGTERM) }
 // countLog counts the log lines containing substr.
 func (s *server) countLog(substr string) int {
 	return strings.Count(s.log.String(), substr)
+}
+
+// waitLog waits (bounded) for a log line containing substr: the server's
+// output reaches us through a pipe, after the client may already have its
+// answer.
+func (s *server) waitLog(substr string, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for s.countLog(substr) == 0 {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
 
 // freePort finds a TCP port on 127.0.0.1 that is free right now.
