@@ -5,8 +5,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/lvnbd/lvnbd/internal/testpki"
 )
