@@ -121,6 +121,13 @@ type server struct {
 	done   chan struct{} // closed when the process has exited
 	mu     sync.Mutex
 	code   int
+	killed bool // by kill: no clean exit to check
+}
+
+// kill ends the server with SIGKILL, as a crash would, and waits for it.
+func (s *server) kill() {
+	s.killed = true
+	s.signal(syscall.SIGKILL)
 }
 
 // serverOpts chooses a server's listeners and exports.
@@ -215,6 +222,9 @@ func launch(t testing.TB, o serverOpts, port int, socket string) (*server, error
 		return nil, fmt.Errorf("%w\nserver output:\n%s", err, s.log)
 	}
 	t.Cleanup(func() {
+		if s.killed {
+			return // a test killed it on purpose
+		}
 		code, stopErr := s.stop()
 		if stopErr != nil {
 			t.Errorf("stopping the server: %v", stopErr)
