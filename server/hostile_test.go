@@ -38,12 +38,16 @@ func req(r nbd.RequestHeader) []byte {
 }
 
 func TestHostileClients(t *testing.T) {
-	disk, _ := fileExport(t, "disk", 1<<20, false)
+	disk, _ := fileExport(t, "disk", 64<<20, false)
 	ts := startServer(t, nil, disk)
 	tests := []struct {
 		name string
 		send []byte
 	}{
+		// Found by the client's interop tests: a structured read over the
+		// maximum payload used to index past the buffer pools and panic.
+		{"structured read of 40 MiB", append(handshakeBytes(true), req(nbd.RequestHeader{Command: nbd.CmdRead, Length: 40 << 20})...)},
+		{"simple read of 40 MiB", append(handshakeBytes(false), req(nbd.RequestHeader{Command: nbd.CmdRead, Length: 40 << 20})...)},
 		{"garbage instead of flags", bytes.Repeat([]byte{0xff}, 1000)},
 		{"truncated client flags", []byte{0, 0}},
 		{"truncated option header", append(binary.BigEndian.AppendUint32(nil, 1), "IHAVEOPT\x00\x00"...)},

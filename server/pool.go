@@ -24,6 +24,11 @@ func classOf(n int) int {
 // getBuf returns a buffer of length n (n ≤ 32 MiB) to give back with putBuf.
 func getBuf(n int) []byte {
 	c := classOf(n)
+	if c >= len(bufPools) {
+		// Callers bound n by the maximum payload; this only keeps a
+		// future mistake from panicking the whole server.
+		return make([]byte, n)
+	}
 	if p, ok := bufPools[c].Get().(*[]byte); ok {
 		return (*p)[:n]
 	}
@@ -33,7 +38,7 @@ func getBuf(n int) []byte {
 // putBuf returns b, which came from getBuf, to its pool.
 func putBuf(b []byte) {
 	c := classOf(cap(b))
-	if cap(b) != 1<<(c+minClassShift) {
+	if c >= len(bufPools) || cap(b) != 1<<(c+minClassShift) {
 		return // not ours
 	}
 	b = b[:cap(b)]

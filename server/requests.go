@@ -60,7 +60,10 @@ func (s *session) check(req nbd.RequestHeader) error {
 	if req.Command == nbd.CmdFlush {
 		return nil
 	}
-	if req.Command == nbd.CmdRead && !s.structured && req.Length > maxPayload {
+	if req.Command == nbd.CmdRead && req.Length > maxPayload {
+		// Structured replies could split a larger read into chunks, but
+		// the spec lets a server refuse it, and one bound for every read
+		// keeps the memory accounting (and the buffer pools) exact.
 		return refuse(nbd.EINVAL, "read of %d bytes over the %d-byte maximum payload", req.Length, maxPayload)
 	}
 	if req.Command == nbd.CmdBlockStatus {
