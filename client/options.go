@@ -1,0 +1,78 @@
+package client
+
+import (
+	"time"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// Options tune a connection; nil means all defaults.
+type Options struct {
+	// NoStructuredReplies skips NBD_OPT_STRUCTURED_REPLY (and with it the
+	// base:allocation context). The kernel's nbd driver cannot parse
+	// structured replies, so sockets handed to it must not negotiate them.
+	NoStructuredReplies bool
+	// NoMetaContext skips NBD_OPT_SET_META_CONTEXT base:allocation, which
+	// BlockStatus needs.
+	NoMetaContext bool
+	// DrainTimeout bounds how long Close waits for in-flight requests before
+	// closing the socket under them. Default DefaultDrainTimeout.
+	DrainTimeout time.Duration
+}
+
+// DefaultDrainTimeout is how long Close waits for in-flight requests.
+const DefaultDrainTimeout = 30 * time.Second
+
+func (o *Options) drainTimeout() time.Duration {
+	if o == nil || o.DrainTimeout <= 0 {
+		return DefaultDrainTimeout
+	}
+	return o.DrainTimeout
+}
+
+// BlockSizes are an export's size constraints (NBD_INFO_BLOCK_SIZE).
+type BlockSizes struct {
+	Minimum    uint32 // smallest addressable length and alignment
+	Preferred  uint32 // smallest efficient length and alignment
+	MaxPayload uint32 // largest READ or WRITE payload the server accepts
+}
+
+// DefaultBlockSizes are what the spec says a server supports when it
+// advertises nothing.
+var DefaultBlockSizes = BlockSizes{Minimum: 1, Preferred: 4096, MaxPayload: nbd.DefaultMaxPayload}
+
+// ExportInfo is what the handshake learned about an export.
+type ExportInfo struct {
+	// Name is the server's canonical name (NBD_INFO_NAME), else the name
+	// asked for.
+	Name        string
+	Description string
+	Size        uint64
+	Flags       nbd.TransmissionFlags
+	// BlockSizes are the server's constraints, or DefaultBlockSizes when
+	// BlockSizesAdvertised is false.
+	BlockSizes           BlockSizes
+	BlockSizesAdvertised bool
+	// StructuredReplies reports whether NBD_OPT_STRUCTURED_REPLY was agreed.
+	StructuredReplies bool
+	// MetaContexts are the contexts selected for transmission (Dial,
+	// Negotiate), or those the export offers (Info).
+	MetaContexts []nbd.MetaContext
+}
+
+// ReadOnly reports whether the export refuses writes.
+func (e ExportInfo) ReadOnly() bool { return e.Flags&nbd.FlagReadOnly != 0 }
+
+// MultiConn reports whether the server allows several connections to the
+// export with consistent flushes (NBD_FLAG_CAN_MULTI_CONN).
+func (e ExportInfo) MultiConn() bool { return e.Flags&nbd.FlagCanMultiConn != 0 }
+
+// metaContextID returns the id of the named selected context.
+func (e ExportInfo) metaContextID(name string) (uint32, bool) {
+	for _, m := range e.MetaContexts {
+		if m.Name == name {
+			return m.ID, true
+		}
+	}
+	return 0, false
+}

@@ -1,0 +1,198 @@
+package client
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// URI schemes of NetworkBlockDevice/nbd doc/uri.md.
+const (
+	SchemeNBD      = "nbd"
+	SchemeNBDS     = "nbds"
+	SchemeNBDUnix  = "nbd+unix"
+	SchemeNBDSUnix = "nbds+unix"
+)
+
+// URI is a parsed NBD URI: nbd://host[:port]/export or
+// nbd+unix:///export?socket=/path, and their TLS forms nbds:// and nbds+unix://.
+type URI struct {
+	Scheme string // one of the Scheme constants
+	User   string // userinfo, used only for TLS authentication
+	Host   string // host name or IP address, without IPv6 brackets; TCP only
+	Port   int    // TCP only; nbd.DefaultPort when the URI has none
+	Socket string // Unix socket path; a leading NUL names an abstract socket
+	Export string // the export name: the decoded path without its leading "/"
+
+	// TLS parameters (tls-type, tls-hostname, tls-verify-peer), kept so a URI
+	// survives a round trip; lvnbd does not speak TLS yet.
+	TLSType       string
+	TLSHostname   string
+	TLSVerifyPeer string
+}
+
+// ErrBadURI is wrapped by every error ParseURI returns.
+var ErrBadURI = errors.New("invalid NBD URI")
+
+// ParseURI parses an NBD URI as specified by doc/uri.md: the path (minus its
+// leading "/") is the percent-decoded export name, the port defaults to 10809,
+// IPv6 literals are bracketed, and the Unix schemes take the socket from the
+// socket query parameter. Query parameters it does not know are refused.
+func ParseURI(s string) (URI, error) {
+	bad := func(format string, args ...any) (URI, error) {
+		return URI{}, fmt.Errorf("%w %q: %s", ErrBadURI, s, fmt.Sprintf(format, args...))
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return bad("%v", err)
+	}
+	var out URI
+	switch u.Scheme {
+	case SchemeNBD, SchemeNBDS, SchemeNBDUnix, SchemeNBDSUnix:
+		out.Scheme = u.Scheme
+	case "":
+		return bad("no scheme: want nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")
+	default:
+		return bad("unknown scheme %q: want nbd, nbds, nbd+unix or nbds+unix", u.Scheme)
+	}
+	if u.Opaque != "" {
+		return bad("want %s://…, not %s:…", u.Scheme, u.Scheme)
+	}
+	if u.Fragment != "" || strings.HasSuffix(s, "#") {
+		return bad("an NBD URI has no #fragment")
+	}
+	if u.User != nil {
+		out.User = u.User.Username()
+		if _, set := u.User.Password(); set {
+			return bad("passwords do not belong in NBD URIs")
+		}
+	}
+
+	// Export name: the decoded path after its leading slash.
+	if u.Path != "" && !strings.HasPrefix(u.Path, "/") {
+		return bad("the export must follow a slash")
+	}
+	out.Export = strings.TrimPrefix(u.Path, "/")
+	if strings.IndexByte(out.Export, 0) >= 0 {
+		return bad("export names cannot contain NUL")
+	}
+	if len(out.Export) > nbd.MaxStringLength {
+		return bad("export name of %d bytes is over the protocol's %d", len(out.Export), nbd.MaxStringLength)
+	}
+
+	q, err := url.ParseQuery(u.RawQuery)
+	if err != nil {
+		return bad("query: %v", err)
+	}
+	for key, vals := range q {
+		if len(vals) != 1 {
+			return bad("query parameter %q given %d times", key, len(vals))
+		}
+		v := vals[0]
+		switch key {
+		case "socket":
+			out.Socket = v
+		case "tls-type":
+			out.TLSType = v
+		case "tls-hostname":
+			out.TLSHostname = v
+		case "tls-verify-peer":
+			if v != "0" && v != "1" {
+				return bad("tls-verify-peer must be 0 or 1")
+			}
+			out.TLSVerifyPeer = v
+		default:
+			return bad("unknown query parameter %q", key)
+		}
+	}
+
+	if out.IsUnix() {
+		if u.Host != "" || u.User != nil {
+			return bad("a Unix-socket URI has no host: write %s:///EXPORT?socket=PATH", u.Scheme)
+		}
+		if out.Socket == "" {
+			return bad("%s needs ?socket=PATH", u.Scheme)
+		}
+		return out, nil
+	}
+	if _, ok := q["socket"]; ok {
+		return bad("socket= is only for nbd+unix and nbds+unix")
+	}
+	out.Host = u.Hostname()
+	if out.Host == "" {
+		return bad("no host: want %s://HOST[:PORT]/EXPORT", u.Scheme)
+	}
+	if strings.HasPrefix(u.Host, "[") != strings.Contains(out.Host, ":") {
+		return bad("IPv6 addresses go in brackets, e.g. nbd://[::1]/export")
+	}
+	out.Port = nbd.DefaultPort
+	if p := u.Port(); p != "" {
+		n, err := strconv.ParseUint(p, 10, 16)
+		if err != nil || n == 0 {
+			return bad("port %q is not a number from 1 to 65535", p)
+		}
+		out.Port = int(n)
+	}
+	return out, nil
+}
+
+// IsTLS reports whether the URI requires TLS (nbds, nbds+unix).
+func (u URI) IsTLS() bool { return u.Scheme == SchemeNBDS || u.Scheme == SchemeNBDSUnix }
+
+// IsUnix reports whether the URI names a Unix socket.
+func (u URI) IsUnix() bool { return u.Scheme == SchemeNBDUnix || u.Scheme == SchemeNBDSUnix }
+
+// Network is the net.Dial network: "tcp" or "unix".
+func (u URI) Network() string {
+	if u.IsUnix() {
+		return "unix"
+	}
+	return "tcp"
+}
+
+// Address is the net.Dial address: host:port, or the socket path (an abstract
+// socket's leading NUL becomes Go's "@").
+func (u URI) Address() string {
+	if u.IsUnix() {
+		if rest, ok := strings.CutPrefix(u.Socket, "\x00"); ok {
+			return "@" + rest
+		}
+		return u.Socket
+	}
+	return net.JoinHostPort(u.Host, strconv.Itoa(u.Port))
+}
+
+// String formats the URI so that ParseURI gives it back.
+func (u URI) String() string {
+	out := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}
+	if !u.IsUnix() {
+		out.Host = net.JoinHostPort(u.Host, strconv.Itoa(u.Port))
+		if u.User != "" {
+			out.User = url.User(u.User)
+		}
+	}
+	// Parameters in a fixed order, so equal URIs print alike.
+	var q []string
+	add := func(k, v string) {
+		if v != "" || (k == "socket" && u.IsUnix()) {
+			// Slashes may stay literal in a query (RFC 3986 3.4), which keeps
+			// socket paths readable.
+			q = append(q, k+"="+strings.ReplaceAll(url.QueryEscape(v), "%2F", "/"))
+		}
+	}
+	add("socket", u.Socket)
+	add("tls-type", u.TLSType)
+	add("tls-hostname", u.TLSHostname)
+	add("tls-verify-peer", u.TLSVerifyPeer)
+	out.RawQuery = strings.Join(q, "&")
+	return out.String()
+}

@@ -1,0 +1,132 @@
+package client
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+var uriTests = []struct {
+	in      string
+	want    URI
+	wantErr string // substring; empty means success
+}{
+	// The examples of doc/uri.md.
+	{in: "nbd://example.com/disk", want: URI{Scheme: "nbd", Host: "example.com", Port: 10809, Export: "disk"}},
+	{in: "nbd+unix:///disk?socket=sock", want: URI{Scheme: "nbd+unix", Socket: "sock", Export: "disk"}},
+	{in: "nbd://example.com/", want: URI{Scheme: "nbd", Host: "example.com", Port: 10809}},
+	{in: "nbd://example.com", want: URI{Scheme: "nbd", Host: "example.com", Port: 10809}},
+	{in: "nbd://example.com//disk", want: URI{Scheme: "nbd", Host: "example.com", Port: 10809, Export: "/disk"}},
+	{in: "nbd://example.com/hello%20world", want: URI{Scheme: "nbd", Host: "example.com", Port: 10809, Export: "hello world"}},
+	{in: "nbd+unix:///?socket=%00/abstract", want: URI{Scheme: "nbd+unix", Socket: "\x00/abstract"}},
+	// Ports, addresses, escapes.
+	{in: "nbd://10.0.0.1:10810/vm1", want: URI{Scheme: "nbd", Host: "10.0.0.1", Port: 10810, Export: "vm1"}},
+	{in: "nbd://[::1]/vm1", want: URI{Scheme: "nbd", Host: "::1", Port: 10809, Export: "vm1"}},
+	{in: "nbd://[2001:db8::7]:9000/a/b", want: URI{Scheme: "nbd", Host: "2001:db8::7", Port: 9000, Export: "a/b"}},
+	{in: "nbd://[fe80::1%25eth0]:10809/x", want: URI{Scheme: "nbd", Host: "fe80::1%eth0", Port: 10809, Export: "x"}},
+	{in: "nbd://host:/x", want: URI{Scheme: "nbd", Host: "host", Port: 10809, Export: "x"}},
+	{in: "NBD://Host/x", want: URI{Scheme: "nbd", Host: "Host", Port: 10809, Export: "x"}},
+	{in: "nbd://h/%E2%82%AC%2F%3F", want: URI{Scheme: "nbd", Host: "h", Port: 10809, Export: "€/?"}},
+	{in: "nbd+unix:///vm1?socket=/run/lvnbd%20x.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/lvnbd x.sock", Export: "vm1"}},
+	{in: "nbd+unix://?socket=/s", want: URI{Scheme: "nbd+unix", Socket: "/s"}},
+	// TLS forms parse (Dial refuses them).
+	{in: "nbds://alice@storage-a/vm1?tls-type=x509&tls-verify-peer=0",
+		want: URI{Scheme: "nbds", User: "alice", Host: "storage-a", Port: 10809, Export: "vm1", TLSType: "x509", TLSVerifyPeer: "0"}},
+	{in: "nbds+unix:///vm1?socket=/s&tls-hostname=a.example",
+		want: URI{Scheme: "nbds+unix", Socket: "/s", Export: "vm1", TLSHostname: "a.example"}},
+	// Errors.
+	{in: "", wantErr: "no scheme"},
+	{in: "storage-a/vm1", wantErr: "no scheme"},
+	{in: "http://h/x", wantErr: "unknown scheme"},
+	{in: "nbd:h/x", wantErr: "want nbd://"},
+	{in: "nbd:///x", wantErr: "no host"},
+	{in: "nbd://h:0/x", wantErr: "port"},
+	{in: "nbd://h:70000/x", wantErr: "port"},
+	{in: "nbd://h:x/x", wantErr: "port"},
+	{in: "nbd://::1/x", wantErr: "brackets"},
+	{in: "nbd://h/a%00b", wantErr: "NUL"},
+	{in: "nbd://h/%zz", wantErr: "invalid URL escape"},
+	{in: "nbd://h/x?socket=/s", wantErr: "only for nbd+unix"},
+	{in: "nbd://h/x?foo=1", wantErr: "unknown query parameter"},
+	{in: "nbd://h/x?tls-type=a&tls-type=b", wantErr: "given 2 times"},
+	{in: "nbd://h/x?tls-verify-peer=yes", wantErr: "tls-verify-peer"},
+	{in: "nbd://h/x#frag", wantErr: "fragment"},
+	{in: "nbd://u:pw@h/x", wantErr: "password"},
+	{in: "nbd+unix:///x", wantErr: "needs ?socket"},
+	{in: "nbd+unix:///x?socket=", wantErr: "needs ?socket"},
+	{in: "nbd+unix://h/x?socket=/s", wantErr: "no host"},
+	{in: "nbd://h/" + strings.Repeat("a", 4097), wantErr: "over the protocol"},
+}
+
+func TestParseURI(t *testing.T) {
+	for _, tt := range uriTests {
+		t.Run(tt.in, func(t *testing.T) {
+			got, err := ParseURI(tt.in)
+			if tt.wantErr != "" {
+				if err == nil {
+					t.Fatalf("ParseURI(%q) = %+v, want an error containing %q", tt.in, got, tt.wantErr)
+				}
+				if !strings.Contains(err.Error(), tt.wantErr) || !errors.Is(err, ErrBadURI) {
+					t.Fatalf("ParseURI(%q) error %q, want one wrapping ErrBadURI containing %q", tt.in, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("ParseURI(%q): %v", tt.in, err)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("ParseURI(%q) (-want +got):\n%s", tt.in, diff)
+			}
+			again, err := ParseURI(got.String())
+			if err != nil {
+				t.Fatalf("ParseURI(%q) of String(): %v", got.String(), err)
+			}
+			if diff := cmp.Diff(got, again); diff != "" {
+				t.Errorf("round trip through %q (-want +got):\n%s", got.String(), diff)
+			}
+		})
+	}
+}
+
+func TestURIAddress(t *testing.T) {
+	tests := []struct {
+		in, network, address string
+	}{
+		{"nbd://example.com/disk", "tcp", "example.com:10809"},
+		{"nbd://[::1]:9/disk", "tcp", "[::1]:9"},
+		{"nbd+unix:///disk?socket=/run/x.sock", "unix", "/run/x.sock"},
+		{"nbd+unix:///?socket=%00/abstract", "unix", "@/abstract"},
+	}
+	for _, tt := range tests {
+		u, err := ParseURI(tt.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.Network() != tt.network || u.Address() != tt.address {
+			t.Errorf("%s: got %s %s, want %s %s", tt.in, u.Network(), u.Address(), tt.network, tt.address)
+		}
+	}
+}
+
+// FuzzParseURI checks that ParseURI never panics and that whatever it
+// accepts prints to a URI that parses back to the same thing.
+func FuzzParseURI(f *testing.F) {
+	for _, tt := range uriTests {
+		f.Add(tt.in)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		u, err := ParseURI(s)
+		if err != nil {
+			return
+		}
+		again, err := ParseURI(u.String())
+		if err != nil {
+			t.Fatalf("ParseURI(%q) = %+v, but its String() %q does not parse: %v", s, u, u.String(), err)
+		}
+		if diff := cmp.Diff(u, again); diff != "" {
+			t.Fatalf("round trip of %q through %q (-want +got):\n%s", s, u.String(), diff)
+		}
+	})
+}

@@ -1,0 +1,246 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/server"
+)
+
+const infoTestSize = 8 << 20
+
+// infoTestServer serves two exports on a loopback port until the test ends:
+// vm1, a sparse file with 64 KiB of data at 1 MiB, and golden, read-only. It
+// returns the base URI (nbd://127.0.0.1:PORT) and vm1's backing path.
+func infoTestServer(t *testing.T) (string, string) {
+	t.Helper()
+	dir := t.TempDir()
+	vm1 := filepath.Join(dir, "vm1.img")
+	f, err := os.Create(vm1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(infoTestSize); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xab}, 64<<10), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	golden := filepath.Join(dir, "golden.img")
+	if err := os.WriteFile(golden, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	reg := server.NewRegistry()
+	for _, spec := range []server.ExportSpec{{Name: "vm1", Path: vm1}, {Name: "golden", Path: golden, ReadOnly: true}} {
+		e, err := server.OpenExport(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Backend.Close() })
+		if err := reg.Add(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	srv := server.New(&server.Config{Exports: reg})
+	go func() { served <- srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("server: %v", err)
+		}
+	})
+	return "nbd://" + ln.Addr().String(), vm1
+}
+
+// runLvnbd runs the command line args and returns what it printed.
+func runInfoCmd(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	root := newRootCmd(&out, &errOut)
+	root.SetArgs(args)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := root.ExecuteContext(ctx)
+	return out.String(), err
+}
+
+func TestInfoText(t *testing.T) {
+	base, vm1 := infoTestServer(t)
+	got, err := runInfoCmd(t, "info", base+"/vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := strings.TrimPrefix(base, "nbd://")
+	want := fmt.Sprintf(`export:              vm1
+uri:                 nbd://%s/vm1
+description:         %s
+size:                8388608 (8.0 MiB)
+flags:               HAS_FLAGS SEND_FLUSH SEND_FUA SEND_TRIM SEND_WRITE_ZEROES SEND_DF CAN_MULTI_CONN SEND_CACHE SEND_FAST_ZERO
+read-only:           no
+block sizes:         minimum 1, preferred 4096, maximum payload 33554432 (32 MiB)
+meta contexts:       base:allocation
+structured replies:  yes
+`, host, vm1)
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lvnbd info (-want +got):\n%s", diff)
+	}
+}
+
+func TestInfoJSON(t *testing.T) {
+	base, _ := infoTestServer(t)
+	out, err := runInfoCmd(t, "info", "--json", base+"/golden")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("output is not one JSON object: %v\n%s", err, out)
+	}
+	delete(got, "description") // the temporary path
+	want := map[string]any{
+		"uri":                    base + "/golden",
+		"export_name":            "golden",
+		"size":                   float64(1 << 20),
+		"transmission_flags":     []any{"HAS_FLAGS", "READ_ONLY", "SEND_FLUSH", "SEND_DF", "CAN_MULTI_CONN", "SEND_CACHE"},
+		"transmission_flags_raw": float64(1 | 2 | 4 | 128 | 256 | 1024),
+		"read_only":              true,
+		"can_multi_conn":         true,
+		"block_size":             map[string]any{"minimum": float64(1), "preferred": float64(4096), "maximum_payload": float64(32 << 20), "advertised": true},
+		"meta_contexts":          []any{"base:allocation"},
+		"structured_replies":     true,
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lvnbd info --json (-want +got):\n%s", diff)
+	}
+}
+
+func TestInfoList(t *testing.T) {
+	base, vm1 := infoTestServer(t)
+	golden := filepath.Join(filepath.Dir(vm1), "golden.img")
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"info", "--list", base}, fmt.Sprintf("NAME    DESCRIPTION\ngolden  %s\nvm1     %s\n", golden, vm1)},
+		{[]string{"info", "--list", "--json", base + "/ignored"}, fmt.Sprintf(`[
+  {
+    "name": "golden",
+    "description": %q
+  },
+  {
+    "name": "vm1",
+    "description": %q
+  }
+]
+`, golden, vm1)},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args[1:len(tt.args)-1], " "), func(t *testing.T) {
+			got, err := runInfoCmd(t, tt.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("lvnbd %s (-want +got):\n%s", strings.Join(tt.args, " "), diff)
+			}
+		})
+	}
+}
+
+func TestInfoMap(t *testing.T) {
+	base, _ := infoTestServer(t)
+	got, err := runInfoCmd(t, "info", "--map", base+"/vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := ` OFFSET   LENGTH  FLAGS  DESCRIPTION
+      0  1048576      3  hole,zero
+1048576    65536      0  data
+1114112  7274496      3  hole,zero
+`
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lvnbd info --map (-want +got):\n%s", diff)
+	}
+
+	out, err := runInfoCmd(t, "info", "--map", "--json", base+"/vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m mapJSON
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("--map --json output: %v\n%s", err, out)
+	}
+	wantMap := mapJSON{URI: base + "/vm1", ExportName: "vm1", Size: infoTestSize, Map: []extentJSON{
+		{Offset: 0, Length: 1 << 20, Flags: 3, Description: "hole,zero"},
+		{Offset: 1 << 20, Length: 64 << 10, Flags: 0, Description: "data"},
+		{Offset: 1<<20 + 64<<10, Length: infoTestSize - (1<<20 + 64<<10), Flags: 3, Description: "hole,zero"},
+	}}
+	if diff := cmp.Diff(wantMap, m); diff != "" {
+		t.Errorf("lvnbd info --map --json (-want +got):\n%s", diff)
+	}
+}
+
+func TestInfoErrors(t *testing.T) {
+	base, _ := infoTestServer(t)
+	host := strings.TrimPrefix(base, "nbd://")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := ln.Addr().String()
+	ln.Close()
+	tests := []struct {
+		name string
+		args []string
+		want string // the whole message, or its start if it ends in "…"
+	}{
+		{"unreachable", []string{"info", "nbd://" + refused + "/vm1"},
+			"cannot connect to " + refused + ": connection refused — is lvnbd serve running?"},
+		{"unreachable list", []string{"info", "--list", "nbd://" + refused},
+			"cannot connect to " + refused + ": connection refused — is lvnbd serve running?"},
+		{"no socket", []string{"info", "nbd+unix:///vm1?socket=/nonexistent/lvnbd.sock"},
+			"cannot connect to /nonexistent/lvnbd.sock: no such file or directory — is lvnbd serve running?"},
+		{"unknown export", []string{"info", base + "/nope"},
+			`export "nope" not found on ` + host + `: no export "nope" on this server…`},
+		{"unknown export map", []string{"info", "--map", base + "/nope"},
+			`export "nope" not found on ` + host + `: no export "nope" on this server…`},
+		{"tls", []string{"info", "nbds://" + host + "/vm1"}, "nbds://" + host + "/vm1: TLS is not supported yet (use nbd:// or nbd+unix://)"},
+		{"bad uri", []string{"info", "storage-a/vm1"}, `invalid NBD URI "storage-a/vm1": no scheme…`},
+		{"list and map", []string{"info", "--list", "--map", base}, "--list and --map cannot be combined"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := runInfoCmd(t, tt.args...)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if prefix, ok := strings.CutSuffix(tt.want, "…"); ok {
+				if !strings.HasPrefix(err.Error(), prefix) {
+					t.Errorf("error %q, want it to start with %q", err, prefix)
+				}
+			} else if err.Error() != tt.want {
+				t.Errorf("error %q, want %q", err, tt.want)
+			}
+		})
+	}
+}
