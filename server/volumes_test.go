@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/zap/zaptest"
 
@@ -145,6 +146,7 @@ func TestSnapshotsAreCrashConsistent(t *testing.T) {
 	// volume, writing blocks stamped with a generation number, round
 	// after round. acked[i] is the generation last acknowledged for block i.
 	var acked [blocks]atomic.Uint64
+	var writes atomic.Int64 // acknowledged writes, to know the writers are going
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range 2 {
@@ -169,11 +171,21 @@ func TestSnapshotsAreCrashConsistent(t *testing.T) {
 						return
 					}
 					acked[i].Store(gen)
+					writes.Add(1)
 				}
 			}
 		}()
 	}
 	for round := range 5 {
+		// Snapshot while the writers are busy: wait (bounded) for fresh
+		// acknowledgements since the last round.
+		from, deadline := writes.Load(), time.Now().Add(10*time.Second)
+		for writes.Load() < from+200 {
+			if time.Now().After(deadline) {
+				t.Fatal("the writers stopped making progress")
+			}
+			time.Sleep(time.Millisecond)
+		}
 		var before [blocks]uint64
 		for i := range before {
 			before[i] = acked[i].Load()
