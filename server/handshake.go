@@ -130,7 +130,7 @@ func (n *negotiator) exportName(name string) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	sess := n.session(e)
-	b, _ := nbd.ExportNameReply{Size: uint64(e.Backend.Size()), Flags: sess.flags}.AppendBinary(nil)
+	b, _ := nbd.ExportNameReply{Size: uint64(n.currentSize(e)), Flags: sess.flags}.AppendBinary(nil)
 	if !n.noZeroes {
 		b = append(b, make([]byte, nbd.ExportNameZeroPadding)...)
 	}
@@ -150,6 +150,18 @@ func (n *negotiator) session(e *Export) *session {
 		r:          n.r,
 		peer:       n.peer,
 	}
+}
+
+// currentSize re-reads the export's size, so a file or LV grown outside
+// lvnbd (truncate, lvextend) shows at the next handshake and a client polling
+// NBD_OPT_INFO sees it; on failure the last known size is used.
+func (n *negotiator) currentSize(e *Export) int64 {
+	size, err := e.Backend.Refresh()
+	if err != nil {
+		n.log.Warn("re-reading the export size", zap.String("export", e.Name), zap.Error(err))
+		return e.Backend.Size()
+	}
+	return size
 }
 
 // access returns why this client may not use e, or "".
@@ -232,7 +244,7 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 	}
 	sess := n.session(e)
 	infos := []nbd.Info{
-		{Type: nbd.InfoExport, Size: uint64(e.Backend.Size()), Flags: sess.flags},
+		{Type: nbd.InfoExport, Size: uint64(n.currentSize(e)), Flags: sess.flags},
 		// Sent even unasked: clients that did not ask ignore it.
 		{Type: nbd.InfoBlockSize, MinBlockSize: minBlockSize, PrefBlockSize: prefBlockSize, MaxPayloadSize: maxPayload},
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"os"
 	"testing"
 	"time"
 
@@ -241,4 +242,26 @@ func TestHandshakeTimeout(t *testing.T) {
 	c.read(nbd.ServerHelloSize)
 	// Say nothing: the server must hang up on its own.
 	c.expectClosed()
+}
+
+func TestSizeIsReReadAtEachHandshake(t *testing.T) {
+	disk, path := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	c := dialRaw(t, ts.addr)
+	if info := c.open("disk", false); info.Size != 1<<20 {
+		t.Fatalf("size %d", info.Size)
+	}
+	if err := os.Truncate(path, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	// The connected client may now use the grown part (the kernel learns
+	// the new size by RECONFIGURE, not by reconnecting) ...
+	d := dialRaw(t, ts.addr)
+	if info := d.open("disk", false); info.Size != 3<<20 {
+		t.Fatalf("after truncate, a new handshake reports %d bytes, want %d", info.Size, 3<<20)
+	}
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 3<<20 - 1, Length: 1}, []byte{7})
+	if res := c.simpleReply(0); res.errno != 0 {
+		t.Fatalf("write into the grown part on the old connection: %v", res.errno)
+	}
 }
