@@ -1,0 +1,507 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/mdlayher/genetlink"
+	"github.com/mdlayher/netlink"
+	"github.com/mdlayher/netlink/nltest"
+	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+const testFamilyID = 0x21
+
+// fakeKernel answers generic-netlink requests like the nbd driver would,
+// through handle, which gets each nbd command and returns the reply's
+// attributes (nil: acknowledgement only) or an errno.
+type fakeKernel struct {
+	t       testing.TB
+	noNBD   bool // GETFAMILY answers ENOENT
+	handle  func(cmd command, attrs []byte) ([]byte, unix.Errno)
+	flags   []netlink.HeaderFlags
+	version []uint8
+}
+
+func (k *fakeKernel) fn(reqs []netlink.Message) ([]netlink.Message, error) {
+	if len(reqs) == 0 {
+		k.t.Error("Receive without a pending reply")
+		return nil, errors.New("fake kernel: nothing to receive")
+	}
+	req := reqs[0]
+	var gm genetlink.Message
+	if err := gm.UnmarshalBinary(req.Data); err != nil {
+		k.t.Errorf("request is not a genetlink message: %v", err)
+		return nltest.Error(int(unix.EINVAL), reqs)
+	}
+	k.flags = append(k.flags, req.Header.Flags)
+	k.version = append(k.version, gm.Header.Version)
+	reply := func(typ netlink.HeaderType, cmd uint8, attrs []byte) ([]netlink.Message, error) {
+		body, _ := (&genetlink.Message{Header: genetlink.Header{Command: cmd, Version: 1}, Data: attrs}).MarshalBinary()
+		msgs := []netlink.Message{{Header: netlink.Header{Type: typ, Sequence: req.Header.Sequence, PID: nltest.PID}, Data: body}}
+		ack, _ := nltest.Error(0, reqs)
+		return append(msgs, ack...), nil
+	}
+	switch req.Header.Type {
+	case unix.GENL_ID_CTRL:
+		if k.noNBD {
+			return nltest.Error(int(unix.ENOENT), reqs)
+		}
+		return reply(unix.GENL_ID_CTRL, unix.CTRL_CMD_NEWFAMILY, familyAttrs(testFamilyID, map[string]uint32{multicastGroup: 7}))
+	case testFamilyID:
+		attrs, errno := k.handle(command(gm.Header.Command), gm.Data)
+		if errno != 0 {
+			return nltest.Error(int(errno), reqs)
+		}
+		if attrs == nil {
+			return nltest.Error(0, reqs)
+		}
+		return reply(testFamilyID, gm.Header.Command, attrs)
+	}
+	k.t.Errorf("request to netlink family %#x", req.Header.Type)
+	return nltest.Error(int(unix.ENOENT), reqs)
+}
+
+// fakeSysfs writes /sys/block/nbdN attributes under a temporary root.
+type fakeSysfs string
+
+func (s fakeSysfs) set(t testing.TB, index int, attrs map[string]string) {
+	t.Helper()
+	dir := filepath.Join(string(s), "block", "nbd"+strconv.Itoa(index))
+	for name, v := range attrs {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(v+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (s fakeSysfs) remove(t testing.TB, index int, attr string) {
+	t.Helper()
+	if err := os.Remove(filepath.Join(string(s), "block", "nbd"+strconv.Itoa(index), attr)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s fakeSysfs) get(t testing.TB, index int, attr string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(string(s), "block", "nbd"+strconv.Itoa(index), attr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func newTestConn(t testing.TB, k *fakeKernel) (*Conn, fakeSysfs) {
+	t.Helper()
+	k.t = t
+	sys := fakeSysfs(t.TempDir())
+	c, err := newConn(context.Background(), nltest.Dial(k.fn), string(sys))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, sys
+}
+
+func testSockets(t testing.TB, n int) []*os.File {
+	t.Helper()
+	var out []*os.File
+	for range n {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, b := os.NewFile(uintptr(fds[0]), "a"), os.NewFile(uintptr(fds[1]), "b")
+		t.Cleanup(func() { a.Close(); b.Close() })
+		out = append(out, a)
+	}
+	return out
+}
+
+// sockFDs decodes the descriptors of NBD_ATTR_SOCKETS.
+func sockFDs(t testing.TB, attrs []byte) []uint32 {
+	t.Helper()
+	ad, err := netlink.NewAttributeDecoder(attrs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fds []uint32
+	for ad.Next() {
+		if ad.Type() != attrSockets {
+			continue
+		}
+		ad.Nested(func(socks *netlink.AttributeDecoder) error {
+			for socks.Next() {
+				socks.Nested(func(item *netlink.AttributeDecoder) error {
+					for item.Next() {
+						if item.Type() == sockFD {
+							fds = append(fds, item.Uint32())
+						}
+					}
+					return nil
+				})
+			}
+			return nil
+		})
+	}
+	if err := ad.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return fds
+}
+
+func attrsOf(t testing.TB, b []byte) map[uint16][]byte {
+	t.Helper()
+	attrs, err := netlink.UnmarshalAttributes(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[uint16][]byte{}
+	for _, a := range attrs {
+		out[a.Type&^nested] = a.Data
+	}
+	return out
+}
+
+func TestDialWithoutModule(t *testing.T) {
+	k := &fakeKernel{t: t, noNBD: true}
+	_, err := newConn(context.Background(), nltest.Dial(k.fn), t.TempDir())
+	if !errors.Is(err, ErrModuleNotLoaded) {
+		t.Fatalf("newConn error = %v, want ErrModuleNotLoaded", err)
+	}
+	if got := err.Error(); got != "the nbd kernel module is not loaded: modprobe nbd" {
+		t.Errorf("error text %q", got)
+	}
+}
+
+func TestConnect(t *testing.T) {
+	socks := testSockets(t, 2)
+	var gotFDs []uint32
+	var gotAttrs map[uint16][]byte
+	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+		if cmd != cmdConnect {
+			t.Errorf("command %v, want CONNECT", cmd)
+		}
+		gotFDs, gotAttrs = sockFDs(t, attrs), attrsOf(t, attrs)
+		return concat(nla(attrIndex, u32(5))), 0
+	}}
+	c, _ := newTestConn(t, k)
+	index, err := c.Connect(context.Background(), Config{
+		Sockets: socks, Size: 64 << 20, BlockSize: 4096, Index: AnyDevice, Backend: "nbd://127.0.0.1:10809/disk",
+		ServerFlags: nbd.FlagHasFlags | nbd.FlagCanMultiConn, Timeout: 5 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if index != 5 {
+		t.Errorf("index = %d, want 5", index)
+	}
+	wantFDs := []uint32{uint32(socks[0].Fd()), uint32(socks[1].Fd())}
+	if diff := cmp.Diff(wantFDs, gotFDs); diff != "" {
+		t.Errorf("socket descriptors (-want +got):\n%s", diff)
+	}
+	if _, ok := gotAttrs[attrIndex]; ok {
+		t.Error("NBD_ATTR_INDEX sent for AnyDevice")
+	}
+	if got := string(gotAttrs[attrBackendIdentifier]); got != "nbd://127.0.0.1:10809/disk\x00" {
+		t.Errorf("backend %q", got)
+	}
+	// The family lookup and the CONNECT both ask for an acknowledgement,
+	// with the family's version.
+	for i, f := range k.flags {
+		if f != netlink.Request|netlink.Acknowledge || k.version[i] != 1 {
+			t.Errorf("request %d: flags %v version %d", i, f, k.version[i])
+		}
+	}
+}
+
+func TestConnectErrors(t *testing.T) {
+	tests := []struct {
+		name     string
+		errno    unix.Errno
+		index    int
+		wantIs   []error
+		wantText []string
+	}{
+		{name: "busy", errno: unix.EBUSY, index: 2, wantIs: []error{ErrBusy, unix.EBUSY},
+			wantText: []string{"NBD_CMD_CONNECT of /dev/nbd2", "in use"}},
+		{name: "invalid", errno: unix.EINVAL, index: AnyDevice, wantIs: []error{unix.EINVAL},
+			wantText: []string{"dmesg"}},
+		{name: "not root", errno: unix.EPERM, index: 0, wantIs: []error{os.ErrPermission},
+			wantText: []string{"CAP_SYS_ADMIN"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) { return nil, tt.errno }}
+			c, _ := newTestConn(t, k)
+			_, err := c.Connect(context.Background(), Config{Sockets: testSockets(t, 1), Size: 4096, Index: tt.index})
+			var oe *OpError
+			if !errors.As(err, &oe) {
+				t.Fatalf("error %v (%T), want an *OpError", err, err)
+			}
+			for _, target := range tt.wantIs {
+				if !errors.Is(err, target) {
+					t.Errorf("error %q is not %v", err, target)
+				}
+			}
+			for _, s := range tt.wantText {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q lacks %q", err, s)
+				}
+			}
+		})
+	}
+}
+
+func TestConnectRefusesBeforeAsking(t *testing.T) {
+	k := &fakeKernel{handle: func(cmd command, _ []byte) ([]byte, unix.Errno) {
+		t.Errorf("%v sent for an invalid configuration", cmd)
+		return nil, 0
+	}}
+	c, _ := newTestConn(t, k)
+	_, err := c.Connect(context.Background(), Config{Sockets: testSockets(t, 2), Size: 4096, Index: AnyDevice,
+		ServerFlags: nbd.FlagHasFlags})
+	if !errors.Is(err, ErrNoMultiConn) {
+		t.Fatalf("error %v, want ErrNoMultiConn", err)
+	}
+}
+
+func TestConnectMaxRequestBytes(t *testing.T) {
+	var cmds []command
+	k := &fakeKernel{handle: func(cmd command, _ []byte) ([]byte, unix.Errno) {
+		cmds = append(cmds, cmd)
+		if cmd == cmdConnect {
+			return nla(attrIndex, u32(1)), 0
+		}
+		return nil, 0
+	}}
+	c, sys := newTestConn(t, k)
+	sys.set(t, 1, map[string]string{"queue/max_sectors_kb": "1280"})
+	cfg := Config{Sockets: testSockets(t, 1), Size: 4096, Index: AnyDevice, MaxRequestBytes: 64 << 10}
+	if _, err := c.Connect(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := sys.get(t, 1, "queue/max_sectors_kb"); got != "64" {
+		t.Errorf("max_sectors_kb = %s, want 64", got)
+	}
+	// A larger limit than the queue's leaves it alone.
+	cfg.MaxRequestBytes = 32 << 20
+	if _, err := c.Connect(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := sys.get(t, 1, "queue/max_sectors_kb"); got != "64" {
+		t.Errorf("max_sectors_kb = %s, want 64 still", got)
+	}
+	// When the limit cannot be set, the device is disconnected again.
+	cmds = nil
+	sys.remove(t, 1, "queue/max_sectors_kb")
+	sys.set(t, 1, map[string]string{"queue/max_sectors_kb/x": ""}) // a directory: unwritable
+	cfg.MaxRequestBytes = 4096
+	if _, err := c.Connect(context.Background(), cfg); err == nil {
+		t.Fatal("Connect succeeded with an unwritable max_sectors_kb")
+	}
+	if diff := cmp.Diff([]command{cmdConnect, cmdDisconnect}, cmds); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+}
+
+func TestStatus(t *testing.T) {
+	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+		if cmd != cmdStatus {
+			t.Errorf("command %v", cmd)
+		}
+		list := []deviceStatus{{Index: 1}, {Index: 0, Connected: true}}
+		if len(attrs) > 0 { // one device asked for
+			i, err := parseIndex(attrs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			list = nil
+			if i <= 1 {
+				list = []deviceStatus{{Index: i, Connected: i == 0}}
+			}
+		}
+		b, _ := encodeDeviceList(list)
+		return b, 0
+	}}
+	c, sys := newTestConn(t, k)
+	sys.set(t, 0, map[string]string{"pid": "123", "backend": "nbd://h:10809/e", "size": "2048", "ro": "1",
+		"queue/logical_block_size": "4096"})
+	sys.set(t, 1, map[string]string{"size": "0", "ro": "0"})
+
+	got, err := c.Status(context.Background(), AnyDevice)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Device{
+		{Index: 0, Connected: true, PID: 123, Backend: "nbd://h:10809/e", Size: 1 << 20, ReadOnly: true, BlockSize: 4096},
+		{Index: 1},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Status(all) (-want +got):\n%s", diff)
+	}
+	if !got[0].Running() || got[1].Running() {
+		t.Errorf("Running() = %v, %v; want true, false", got[0].Running(), got[1].Running())
+	}
+
+	got, err = c.Status(context.Background(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want[1:], got); diff != "" {
+		t.Errorf("Status(1) (-want +got):\n%s", diff)
+	}
+	if _, err := c.Status(context.Background(), 9); !errors.Is(err, ErrNoDevice) {
+		t.Errorf("Status(9) error = %v, want ErrNoDevice", err)
+	}
+}
+
+func TestDisconnect(t *testing.T) {
+	var got []int
+	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+		i, err := parseIndex(attrs)
+		if cmd != cmdDisconnect || err != nil {
+			t.Errorf("command %v, index error %v", cmd, err)
+		}
+		got = append(got, i)
+		return nil, 0
+	}}
+	c, sys := newTestConn(t, k)
+	sys.set(t, 3, map[string]string{"size": "0"})
+	if err := c.Disconnect(context.Background(), 3); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Disconnect(context.Background(), 4); !errors.Is(err, ErrNoDevice) {
+		t.Errorf("Disconnect(4) = %v, want ErrNoDevice", err)
+	}
+	if diff := cmp.Diff([]int{3}, got); diff != "" {
+		t.Errorf("disconnected (-want +got):\n%s", diff)
+	}
+}
+
+func TestReconfigure(t *testing.T) {
+	var sys fakeSysfs
+	var gotAttrs map[uint16][]byte
+	var gotFDs []uint32
+	resize := true // whether the fake kernel applies SIZE_BYTES
+	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+		if cmd != cmdReconfigure {
+			t.Errorf("command %v", cmd)
+		}
+		gotAttrs, gotFDs = attrsOf(t, attrs), sockFDs(t, attrs)
+		if size, ok := gotAttrs[attrSizeBytes]; ok && resize {
+			n := uint64(size[0]) | uint64(size[1])<<8 | uint64(size[2])<<16 | uint64(size[3])<<24
+			sys.set(t, 2, map[string]string{"size": strconv.FormatUint(n/512, 10)})
+		}
+		return nil, 0
+	}}
+	c, s := newTestConn(t, k)
+	sys = s
+	sys.set(t, 2, map[string]string{"pid": "77", "backend": "nbd://h:10809/e", "size": "2048", "ro": "0"})
+
+	socks := testSockets(t, 2)
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks, Size: 2 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	// The backend comes from sysfs: the kernel insists on it.
+	if got := string(gotAttrs[attrBackendIdentifier]); got != "nbd://h:10809/e\x00" {
+		t.Errorf("backend %q", got)
+	}
+	if diff := cmp.Diff([]uint32{uint32(socks[0].Fd()), uint32(socks[1].Fd())}, gotFDs); diff != "" {
+		t.Errorf("descriptors (-want +got):\n%s", diff)
+	}
+
+	resize = false
+	err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 4 << 20})
+	if !errors.Is(err, ErrResizeUnsupported) {
+		t.Errorf("resize ignored by the kernel: error %v, want ErrResizeUnsupported", err)
+	}
+
+	sys.remove(t, 2, "pid")
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks}); !errors.Is(err, ErrNotConnected) {
+		t.Errorf("Reconfigure of a stopped device: %v, want ErrNotConnected", err)
+	}
+	if err := c.Reconfigure(context.Background(), 6, Reconfig{Sockets: socks}); !errors.Is(err, ErrNoDevice) {
+		t.Errorf("Reconfigure of a missing device: %v, want ErrNoDevice", err)
+	}
+}
+
+func TestWatchLoop(t *testing.T) {
+	linkDead := func(index uint32) netlink.Message {
+		body, _ := (&genetlink.Message{Header: genetlink.Header{Command: uint8(cmdLinkDead), Version: 1},
+			Data: nla(attrIndex, u32(index))}).MarshalBinary()
+		return netlink.Message{Header: netlink.Header{Type: testFamilyID}, Data: body}
+	}
+	other := linkDead(9)
+	other.Header.Type = testFamilyID + 1 // another family's notification
+	status, _ := (&genetlink.Message{Header: genetlink.Header{Command: uint8(cmdStatus)}}).MarshalBinary()
+	garbled := linkDead(0)
+	garbled.Data = garbled.Data[:6]
+
+	steps := []struct {
+		msgs []netlink.Message
+		err  error
+	}{
+		{msgs: []netlink.Message{linkDead(3), other}},
+		{err: &netlink.OpError{Op: "receive", Err: os.NewSyscallError("recvmsg", unix.ENOBUFS)}},
+		{msgs: []netlink.Message{{Header: netlink.Header{Type: testFamilyID}, Data: status}, garbled, linkDead(4)}},
+		{err: errors.New("use of closed file")},
+	}
+	receive := func() ([]netlink.Message, error) {
+		if len(steps) == 0 {
+			t.Fatal("receive after the socket failed")
+		}
+		s := steps[0]
+		steps = steps[1:]
+		return s.msgs, s.err
+	}
+	out := make(chan int)
+	go func() {
+		defer close(out)
+		watchLoop(context.Background(), testFamilyID, receive, out)
+	}()
+	var got []int
+	for i := range out {
+		got = append(got, i)
+	}
+	// ENOBUFS and a LINK_DEAD without a readable index both mean "some
+	// device": EventsLost.
+	if diff := cmp.Diff([]int{3, EventsLost, EventsLost, 4}, got); diff != "" {
+		t.Errorf("events (-want +got):\n%s", diff)
+	}
+}
+
+func TestWatchLoopStopsWithContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	receive := func() ([]netlink.Message, error) {
+		body, _ := (&genetlink.Message{Header: genetlink.Header{Command: uint8(cmdLinkDead)},
+			Data: nla(attrIndex, u32(1))}).MarshalBinary()
+		return []netlink.Message{{Header: netlink.Header{Type: testFamilyID}, Data: body}}, nil
+	}
+	done := make(chan struct{})
+	out := make(chan int)
+	go func() {
+		defer close(done)
+		watchLoop(ctx, testFamilyID, receive, out)
+	}()
+	<-out
+	cancel() // nobody reads any more: the loop must not block on sending
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("watchLoop did not return after cancel")
+	}
+}

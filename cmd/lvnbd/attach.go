@@ -1,0 +1,705 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/lvnbd/lvnbd/bench"
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// nbdKernel is what the attach commands use of the kernel's nbd driver;
+// *kernel.Conn is the real one.
+type nbdKernel interface {
+	Connect(ctx context.Context, cfg kernel.Config) (int, error)
+	Disconnect(ctx context.Context, index int) error
+	Reconfigure(ctx context.Context, index int, r kernel.Reconfig) error
+	Status(ctx context.Context, index int) ([]kernel.Device, error)
+	WatchLinkDead(ctx context.Context) (<-chan int, error)
+	Close() error
+}
+
+// hostDeps are the attach commands' ties to the host, replaced in tests.
+type hostDeps struct {
+	openKernel func(ctx context.Context) (nbdKernel, error)
+	// users says what keeps device index busy: mounts, device-mapper or md
+	// holders.
+	users func(index int) ([]string, error)
+	// nodeTimeout bounds the wait for /dev/nbdN to appear after attach.
+	nodeTimeout time.Duration
+}
+
+func realHost() *hostDeps {
+	return &hostDeps{
+		openKernel: func(ctx context.Context) (nbdKernel, error) {
+			c, err := kernel.Dial(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		users:       func(index int) ([]string, error) { return deviceUsers("/sys", "/proc/self/mountinfo", index) },
+		nodeTimeout: 2 * time.Second,
+	}
+}
+
+// Limits of the attach flags.
+const (
+	maxConnections     = 64
+	defaultTimeout     = 30 * time.Second
+	defaultDeadTimeout = 60 * time.Second
+)
+
+func newAttachCmd(host *hostDeps) *cobra.Command {
+	if host == nil {
+		host = realHost()
+	}
+	var (
+		conns       int
+		timeout     time.Duration
+		deadTimeout time.Duration
+		device      string
+		blockSize   string
+		readOnly    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "attach URI",
+		Short: "Attach an NBD export as a kernel block device /dev/nbdN",
+		Long: `Connect to an NBD export, negotiate in userspace and hand the connections to
+the kernel's nbd driver, which serves /dev/nbdN from then on without any
+lvnbd process. Prints the device path.
+
+With --connections N, N sockets are opened (the server must advertise
+multi-conn) and the kernel spreads requests over them. A request unanswered
+for --timeout is retried on another connection, or fails once all are dead.
+When every connection is dead, I/O waits --dead-timeout for 'lvnbd reconnect'
+and then fails with EIO instead of hanging.
+
+The URI is the device's backend identifier: 'lvnbd list' shows it and
+'lvnbd detach URI' and 'lvnbd reconnect' find the device by it. An export can
+be attached only once per host.`,
+		Example: `  lvnbd attach nbd://storage-a/vm1
+  lvnbd attach --connections 4 --timeout 10s --dead-timeout 2m nbd://10.0.0.1:10809/vm1
+  lvnbd attach --device /dev/nbd3 --read-only nbd+unix:///golden?socket=/run/lvnbd.sock`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			u, err := client.ParseURI(args[0])
+			if err != nil {
+				return err
+			}
+			if conns < 1 || conns > maxConnections {
+				return fmt.Errorf("--connections %d: want 1 to %d", conns, maxConnections)
+			}
+			if timeout < 0 || deadTimeout < 0 {
+				return errors.New("--timeout and --dead-timeout cannot be negative")
+			}
+			index := kernel.AnyDevice
+			if device != "" {
+				if index, err = kernel.ParseDevice(device); err != nil {
+					return fmt.Errorf("--device: %w", err)
+				}
+			}
+			var bs uint32
+			if blockSize != "" {
+				// Sizes as bench takes them: 4k is 4096, like dd.
+				n, err := bench.ParseSize(blockSize)
+				if err != nil || n < 0 || n > math.MaxUint32 {
+					return fmt.Errorf("--block-size %q: want a size such as 512 or 4k", blockSize)
+				}
+				if bs = uint32(n); kernel.ValidBlockSize(bs) != nil {
+					return fmt.Errorf("--block-size: %w", kernel.ValidBlockSize(bs))
+				}
+			}
+
+			k, err := host.openKernel(ctx)
+			if err != nil {
+				return err
+			}
+			defer k.Close()
+			backend := u.String()
+			devs, err := k.Status(ctx, kernel.AnyDevice)
+			if err != nil {
+				return err
+			}
+			for _, d := range devs {
+				if d.Running() && d.Backend == backend {
+					return fmt.Errorf("%s is already attached as %s (lvnbd detach %s)", backend, d.Path(), d.Path())
+				}
+				if d.Index == index && d.Connected {
+					return fmt.Errorf("%s: %w (attached to %q)", d.Path(), kernel.ErrBusy, d.Backend)
+				}
+			}
+
+			socks, info, err := dialForKernel(ctx, u, conns)
+			if err != nil {
+				return err
+			}
+			// The kernel holds its own references once Connect returns.
+			defer closeFiles(socks)
+			if bs, err = chooseBlockSize(bs, info); err != nil {
+				return err
+			}
+			size := info.Size - info.Size%uint64(bs)
+			if size == 0 {
+				return fmt.Errorf("export %q is %d bytes, smaller than one %d-byte block", u.Export, info.Size, bs)
+			}
+			if size != info.Size {
+				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: the export's last %d bytes are not a whole %d-byte block and stay out of the device\n",
+					info.Size-size, bs)
+			}
+			cfg := kernel.Config{
+				Sockets:         socks,
+				Size:            size,
+				BlockSize:       bs,
+				ServerFlags:     info.Flags,
+				ReadOnly:        readOnly,
+				Timeout:         timeout,
+				DeadConnTimeout: deadTimeout,
+				Backend:         backend,
+				Index:           index,
+			}
+			if info.BlockSizesAdvertised {
+				cfg.MaxRequestBytes = info.BlockSizes.MaxPayload
+			}
+			index, err = k.Connect(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			waitForNode(ctx, kernel.DevicePath(index), host.nodeTimeout)
+			fmt.Fprintln(cmd.OutOrStdout(), kernel.DevicePath(index))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&conns, "connections", 1, "connections to open; more than 1 needs a multi-conn export")
+	f.DurationVar(&timeout, "timeout", defaultTimeout, "retry or fail a request unanswered this long (0: the kernel's default)")
+	f.DurationVar(&deadTimeout, "dead-timeout", defaultDeadTimeout, "with every connection dead, fail I/O after this long (0: at once)")
+	f.StringVar(&device, "device", "", "the device to use, /dev/nbdN (default: a free one)")
+	f.StringVar(&blockSize, "block-size", "", "logical block size, 512 to 4k (default: the export's minimum, at least 512)")
+	f.BoolVar(&readOnly, "read-only", false, "attach read-only even if the export is writable")
+	return cmd
+}
+
+func newDetachCmd(host *hostDeps) *cobra.Command {
+	if host == nil {
+		host = realHost()
+	}
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "detach DEVICE|URI",
+		Short: "Disconnect an attached NBD device",
+		Long: `Disconnect /dev/nbdN, or the device attached to URI: the kernel sends the
+server NBD_CMD_DISC on every connection and removes the device's size.
+
+A device that is mounted or used by device-mapper or md is refused unless
+--force; with --force the device keeps its last state until its users let go,
+and their I/O fails.`,
+		Example: `  lvnbd detach /dev/nbd3
+  lvnbd detach nbd://storage-a/vm1`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			k, err := host.openKernel(ctx)
+			if err != nil {
+				return err
+			}
+			defer k.Close()
+			d, err := findDevice(ctx, k, args[0])
+			if err != nil {
+				return err
+			}
+			if !d.Connected {
+				return fmt.Errorf("%s is not attached", d.Path())
+			}
+			if !force {
+				users, err := host.users(d.Index)
+				if err != nil {
+					return fmt.Errorf("checking whether %s is in use: %w", d.Path(), err)
+				}
+				if len(users) > 0 {
+					return fmt.Errorf("%s is in use (%s): stop using it first, or --force", d.Path(), strings.Join(users, ", "))
+				}
+			}
+			if err := k.Disconnect(ctx, d.Index); err != nil {
+				return err
+			}
+			if force {
+				return nil
+			}
+			// Without users the kernel tears the device down before
+			// DISCONNECT returns; check, so a silent opener is reported.
+			after, err := k.Status(ctx, d.Index)
+			if err != nil {
+				return err
+			}
+			if len(after) == 1 && after[0].Running() {
+				return fmt.Errorf("disconnected %s, but something still holds it open: it goes away at the last close", d.Path())
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&force, "force", false, "disconnect even if the device is mounted or held by dm or md")
+	return cmd
+}
+
+// listEntry is one device in 'lvnbd list --json'.
+type listEntry struct {
+	Path  string `json:"device"`
+	State string `json:"state"`
+	kernel.Device
+}
+
+// deviceState names what a device is doing, for list.
+func deviceState(d kernel.Device) string {
+	switch {
+	case d.Running():
+		return "connected"
+	case d.Connected:
+		// A configuration without a running device: disconnected but
+		// still open, or opened while unconfigured.
+		return "open"
+	}
+	return "free"
+}
+
+func newListCmd(host *hostDeps) *cobra.Command {
+	if host == nil {
+		host = realHost()
+	}
+	var asJSON, all, watch bool
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List attached NBD devices",
+		Long: `List the nbd devices in use: device, size, read-only or read-write, state and
+the export (backend) they are attached to. The kernel does not tell how many
+connections a device has, nor whether they are alive; --watch shows the
+deaths it reports.
+--all also lists free devices. --watch then prints a line each time the kernel
+reports a dead connection, until interrupted.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			k, err := host.openKernel(ctx)
+			if err != nil {
+				return err
+			}
+			defer k.Close()
+			var events <-chan int
+			if watch {
+				// Subscribe first, so nothing between the listing and the
+				// watch is missed.
+				if events, err = k.WatchLinkDead(ctx); err != nil {
+					return err
+				}
+			}
+			devs, err := k.Status(ctx, kernel.AnyDevice)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			entries := []listEntry{}
+			for _, d := range devs {
+				if all || d.Connected {
+					entries = append(entries, listEntry{Path: d.Path(), State: deviceState(d), Device: d})
+				}
+			}
+			if asJSON {
+				if err := json.NewEncoder(out).Encode(entries); err != nil {
+					return err
+				}
+			} else {
+				writeDeviceTable(out, entries)
+			}
+			if events == nil {
+				return nil
+			}
+			for index := range events {
+				if err := printLinkDead(out, index, asJSON); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&asJSON, "json", false, "print JSON for scripts (with --watch, one object per event)")
+	f.BoolVar(&all, "all", false, "list free devices too")
+	f.BoolVar(&watch, "watch", false, "after listing, report dead connections as the kernel finds them")
+	return cmd
+}
+
+func writeDeviceTable(w io.Writer, entries []listEntry) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tSIZE\tMODE\tSTATE\tBACKEND")
+	for _, e := range entries {
+		mode := "rw"
+		if e.ReadOnly {
+			mode = "ro"
+		}
+		backend := e.Backend
+		if backend == "" {
+			backend = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Path, humanize.IBytes(e.Size), mode, e.State, backend)
+	}
+	tw.Flush()
+}
+
+func printLinkDead(w io.Writer, index int, asJSON bool) error {
+	if asJSON {
+		ev := map[string]any{"event": "link-dead", "time": time.Now().UTC().Format(time.RFC3339Nano)}
+		if index == kernel.EventsLost {
+			ev["event"] = "events-lost"
+		} else {
+			ev["device"] = kernel.DevicePath(index)
+		}
+		return json.NewEncoder(w).Encode(ev)
+	}
+	var err error
+	if index == kernel.EventsLost {
+		_, err = fmt.Fprintln(w, "events lost: check every device")
+	} else {
+		_, err = fmt.Fprintf(w, "%s: dead connection\n", kernel.DevicePath(index))
+	}
+	return err
+}
+
+func newReconnectCmd(host *hostDeps) *cobra.Command {
+	if host == nil {
+		host = realHost()
+	}
+	var (
+		conns       int
+		timeout     time.Duration
+		deadTimeout time.Duration
+		sizeOnly    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "reconnect DEVICE [URI]",
+		Short: "Give an attached device fresh connections, or its export's new size",
+		Long: `Dial the export again and hand the new connections to the kernel in place of
+dead ones, without detaching: I/O waiting for --dead-timeout resumes, and
+the device works again after it failed. The URI defaults to the device's
+backend (the one it was attached with); give another to reach the same export
+elsewhere. The kernel takes one new connection per dead one and drops the
+rest, so give --connections as many as the device was attached with.
+
+If the export grew, the device grows with it. With --size, only that is done:
+the export's size is read again and pushed to the device (after lvextend on
+the server, say). A device never shrinks: detach it first.`,
+		Example: `  lvnbd reconnect /dev/nbd3
+  lvnbd reconnect --connections 4 /dev/nbd3 nbd://storage-b/vm1
+  lvnbd reconnect --size /dev/nbd3`,
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			index, err := kernel.ParseDevice(args[0])
+			if err != nil {
+				return err
+			}
+			if conns < 1 || conns > maxConnections {
+				return fmt.Errorf("--connections %d: want 1 to %d", conns, maxConnections)
+			}
+			if timeout < 0 || deadTimeout < 0 {
+				return errors.New("--timeout and --dead-timeout cannot be negative")
+			}
+			k, err := host.openKernel(ctx)
+			if err != nil {
+				return err
+			}
+			defer k.Close()
+			devs, err := k.Status(ctx, index)
+			if err != nil {
+				return err
+			}
+			d := devs[0]
+			if !d.Running() {
+				return fmt.Errorf("%s is not attached (use lvnbd attach)", d.Path())
+			}
+			uri := d.Backend
+			if len(args) == 2 {
+				uri = args[1]
+			}
+			if uri == "" {
+				return fmt.Errorf("%s has no backend identifier: give the export's URI", d.Path())
+			}
+			u, err := client.ParseURI(uri)
+			if err != nil {
+				return err
+			}
+			r := kernel.Reconfig{Timeout: timeout, DeadConnTimeout: deadTimeout, Backend: d.Backend}
+			var info client.ExportInfo
+			if sizeOnly {
+				if info, err = client.Info(ctx, u.String()); err != nil {
+					return err
+				}
+			} else {
+				socks, i, err := dialForKernel(ctx, u, conns)
+				if err != nil {
+					return err
+				}
+				defer closeFiles(socks)
+				info, r.Sockets = i, socks
+				if info.ReadOnly() && !d.ReadOnly {
+					return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
+				}
+			}
+			size, err := grownSize(d, info.Size)
+			if err != nil {
+				return err
+			}
+			if size != d.Size {
+				r.Size = size
+			}
+			if err := k.Reconfigure(ctx, index, r); err != nil {
+				return err
+			}
+			if r.Size != 0 {
+				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s grew from %s to %s\n", d.Path(), humanize.IBytes(d.Size), humanize.IBytes(size))
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), d.Path())
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&conns, "connections", 1, "fresh connections to offer (as many as the device was attached with)")
+	f.DurationVar(&timeout, "timeout", 0, "also change the request timeout (0: leave it)")
+	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it)")
+	f.BoolVar(&sizeOnly, "size", false, "only push the export's current size to the device")
+	return cmd
+}
+
+// grownSize is the device size for an export of exportSize bytes: whole
+// blocks, never smaller than now.
+func grownSize(d kernel.Device, exportSize uint64) (uint64, error) {
+	bs := uint64(max(d.BlockSize, 512))
+	size := exportSize - exportSize%bs
+	if size < d.Size {
+		return 0, fmt.Errorf("the export shrank from %s to %s: %s cannot shrink in place; detach it first",
+			humanize.IBytes(d.Size), humanize.IBytes(exportSize), d.Path())
+	}
+	return size, nil
+}
+
+// findDevice resolves a DEVICE|URI argument to a device.
+func findDevice(ctx context.Context, k nbdKernel, arg string) (kernel.Device, error) {
+	if strings.HasPrefix(arg, "/dev/") || strings.HasPrefix(arg, "nbd") && !strings.Contains(arg, ":") {
+		index, err := kernel.ParseDevice(arg)
+		if err != nil {
+			return kernel.Device{}, err
+		}
+		devs, err := k.Status(ctx, index)
+		if err != nil {
+			return kernel.Device{}, err
+		}
+		return devs[0], nil
+	}
+	u, err := client.ParseURI(arg)
+	if err != nil {
+		return kernel.Device{}, fmt.Errorf("want a device /dev/nbdN or an NBD URI: %w", err)
+	}
+	devs, err := k.Status(ctx, kernel.AnyDevice)
+	if err != nil {
+		return kernel.Device{}, err
+	}
+	var found []kernel.Device
+	for _, d := range devs {
+		if d.Connected && d.Backend == u.String() {
+			found = append(found, d)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return kernel.Device{}, fmt.Errorf("no device is attached to %s (see lvnbd list)", u)
+	case 1:
+		return found[0], nil
+	}
+	var paths []string
+	for _, d := range found {
+		paths = append(paths, d.Path())
+	}
+	return kernel.Device{}, fmt.Errorf("%s is attached as %s: name the device", u, strings.Join(paths, " and "))
+}
+
+// dialForKernel opens n connections to u and negotiates each without
+// structured replies, which the kernel cannot parse. The first connection
+// tells whether the export allows several; all must see the same export.
+func dialForKernel(ctx context.Context, u client.URI, n int) ([]*os.File, client.ExportInfo, error) {
+	if u.IsTLS() {
+		return nil, client.ExportInfo{}, fmt.Errorf("%s: %w (the kernel cannot speak TLS; use nbd:// or nbd+unix://)", u, client.ErrTLSNotSupported)
+	}
+	files := make([]*os.File, n)
+	infos := make([]client.ExportInfo, n)
+	dialOne := func(ctx context.Context, i int) error {
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, u.Network(), u.Address())
+		if err != nil {
+			return &client.DialError{Addr: u.Address(), Err: err}
+		}
+		defer nc.Close()
+		info, err := client.Negotiate(ctx, nc, u.Export, &client.Options{NoStructuredReplies: true})
+		if err != nil {
+			return err
+		}
+		fc, ok := nc.(interface{ File() (*os.File, error) })
+		if !ok {
+			return fmt.Errorf("cannot hand a %T to the kernel", nc)
+		}
+		// A duplicate descriptor of the same socket: closing nc, the
+		// original, does not end the connection.
+		f, err := fc.File()
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i+1, err)
+		}
+		files[i], infos[i] = f, info
+		return nil
+	}
+	fail := func(err error) ([]*os.File, client.ExportInfo, error) {
+		closeFiles(files)
+		return nil, client.ExportInfo{}, err
+	}
+	if err := dialOne(ctx, 0); err != nil {
+		return fail(err)
+	}
+	if n > 1 && !infos[0].MultiConn() {
+		return fail(fmt.Errorf("%s: %w: use --connections 1", u, kernel.ErrNoMultiConn))
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	for i := 1; i < n; i++ {
+		g.Go(func() error { return dialOne(gctx, i) })
+	}
+	if err := g.Wait(); err != nil {
+		return fail(err)
+	}
+	for i := 1; i < n; i++ {
+		a, b := infos[0], infos[i]
+		if a.Size != b.Size || a.Flags != b.Flags || a.BlockSizes != b.BlockSizes {
+			return fail(fmt.Errorf("%s changed between connections: connection 1 saw %d bytes, flags %v; connection %d saw %d bytes, flags %v",
+				u, a.Size, a.Flags, i+1, b.Size, b.Flags))
+		}
+	}
+	return files, infos[0], nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		if f != nil {
+			f.Close()
+		}
+	}
+}
+
+// chooseBlockSize returns the device's logical block size: the one asked
+// for, or the export's minimum block size but at least 512 (the smallest,
+// and most compatible, the kernel allows).
+func chooseBlockSize(asked uint32, info client.ExportInfo) (uint32, error) {
+	minimum := uint32(1)
+	if info.BlockSizesAdvertised {
+		minimum = info.BlockSizes.Minimum
+	}
+	if asked != 0 {
+		if asked < minimum {
+			return 0, fmt.Errorf("--block-size %d is below the export's minimum block size %d", asked, minimum)
+		}
+		return asked, nil
+	}
+	bs := max(kernel.DefaultBlockSize, minimum)
+	if err := kernel.ValidBlockSize(bs); err != nil {
+		return 0, fmt.Errorf("the export's minimum block size %d is more than the kernel supports: %w", minimum, err)
+	}
+	return bs, nil
+}
+
+// waitForNode waits up to limit for devtmpfs or udev to create path: a
+// device the kernel had to create for this attach appears a moment later.
+func waitForNode(ctx context.Context, path string, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// deviceUsers lists what keeps nbd device index busy: mounts of it or its
+// partitions, and the device-mapper or md devices stacked on them.
+func deviceUsers(sysRoot, mountinfo string, index int) ([]string, error) {
+	disk := filepath.Join(sysRoot, "block", "nbd"+strconv.Itoa(index))
+	dirs := []string{disk}
+	parts, err := filepath.Glob(filepath.Join(disk, "nbd"+strconv.Itoa(index)+"p*"))
+	if err != nil {
+		return nil, err
+	}
+	dirs = append(dirs, parts...)
+	var users []string
+	devnums := map[string]string{} // "43:0" -> nbd0
+	for _, dir := range dirs {
+		name := filepath.Base(dir)
+		if b, err := os.ReadFile(filepath.Join(dir, "dev")); err == nil {
+			devnums[strings.TrimSpace(string(b))] = name
+		}
+		holders, err := os.ReadDir(filepath.Join(dir, "holders"))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+		for _, h := range holders {
+			users = append(users, fmt.Sprintf("%s held by %s", name, h.Name()))
+		}
+	}
+	f, err := os.Open(mountinfo)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		// 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		if name, ok := devnums[fields[2]]; ok {
+			users = append(users, fmt.Sprintf("%s mounted on %s", name, unescapeMount(fields[4])))
+		}
+	}
+	return users, sc.Err()
+}
+
+// unescapeMount undoes the octal escapes (\040 for a space) of mountinfo.
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}

@@ -1,0 +1,621 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/server"
+)
+
+// fakeNBD stands in for the kernel's nbd driver. Connect checks every socket
+// it is given with a READ, as the kernel would send it.
+type fakeNBD struct {
+	t            testing.TB
+	mu           sync.Mutex
+	devs         []kernel.Device
+	nextIndex    int
+	connectErr   error
+	connected    []kernel.Config
+	reconfigured []kernel.Reconfig
+	disconnected []int
+	closed       bool
+}
+
+func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := cfg.Validate(); err != nil {
+		return 0, err
+	}
+	if k.connectErr != nil {
+		return 0, k.connectErr
+	}
+	for i, f := range cfg.Sockets {
+		checkKernelSocket(k.t, fmt.Sprintf("socket %d", i), f)
+	}
+	k.connected = append(k.connected, cfg)
+	index := k.nextIndex
+	if cfg.Index != kernel.AnyDevice {
+		index = cfg.Index
+	}
+	k.devs = append(k.devs, kernel.Device{Index: index, Connected: true, PID: 1, Backend: cfg.Backend,
+		Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: cfg.ReadOnly})
+	return index, nil
+}
+
+func (k *fakeNBD) Disconnect(_ context.Context, index int) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.disconnected = append(k.disconnected, index)
+	k.devs = slices.DeleteFunc(k.devs, func(d kernel.Device) bool { return d.Index == index })
+	return nil
+}
+
+func (k *fakeNBD) Reconfigure(_ context.Context, index int, r kernel.Reconfig) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i, f := range r.Sockets {
+		checkKernelSocket(k.t, fmt.Sprintf("reconnect socket %d", i), f)
+	}
+	k.reconfigured = append(k.reconfigured, r)
+	for i := range k.devs {
+		if k.devs[i].Index == index && r.Size != 0 {
+			k.devs[i].Size = r.Size
+		}
+	}
+	return nil
+}
+
+func (k *fakeNBD) Status(_ context.Context, index int) ([]kernel.Device, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if index == kernel.AnyDevice {
+		return slices.Clone(k.devs), nil
+	}
+	for _, d := range k.devs {
+		if d.Index == index {
+			return []kernel.Device{d}, nil
+		}
+	}
+	// Free devices exist but are not connected.
+	if index < 16 {
+		return []kernel.Device{{Index: index}}, nil
+	}
+	return nil, &kernel.OpError{Op: "NBD_CMD_STATUS", Index: index, Err: kernel.ErrNoDevice}
+}
+
+func (k *fakeNBD) WatchLinkDead(ctx context.Context) (<-chan int, error) {
+	ch := make(chan int)
+	go func() {
+		defer close(ch)
+		for _, i := range []int{2, kernel.EventsLost} {
+			select {
+			case ch <- i:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+func (k *fakeNBD) Close() error {
+	k.closed = true
+	return nil
+}
+
+// checkKernelSocket reads 512 bytes through f as the kernel would: the
+// socket must be in the transmission phase, and the reply a simple one.
+func checkKernelSocket(t testing.TB, what string, f *os.File) {
+	t.Helper()
+	nc, err := net.FileConn(f) // a duplicate: f stays the caller's
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+		return
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	req, _ := nbd.RequestHeader{Command: nbd.CmdRead, Handle: 0x1234, Length: 512}.AppendBinary(nil)
+	if _, err := nc.Write(req); err != nil {
+		t.Errorf("%s: sending a read: %v", what, err)
+		return
+	}
+	b := make([]byte, nbd.SimpleReplySize+512)
+	if _, err := io.ReadFull(nc, b); err != nil {
+		t.Errorf("%s: reading the reply: %v", what, err)
+		return
+	}
+	var rep nbd.SimpleReply
+	if err := rep.UnmarshalBinary(b[:nbd.SimpleReplySize]); err != nil || rep.Handle != 0x1234 || rep.Errno != 0 {
+		t.Errorf("%s: reply %+v, %v; want a simple reply without error to handle 0x1234", what, rep, err)
+	}
+}
+
+func testHost(k *fakeNBD, users map[int][]string) *hostDeps {
+	return &hostDeps{
+		openKernel: func(context.Context) (nbdKernel, error) { return k, nil },
+		users:      func(index int) ([]string, error) { return users[index], nil },
+	}
+}
+
+// runCmd runs cmd with args and returns its stdout and stderr.
+func runCmd(t testing.TB, cmd interface {
+	SetArgs([]string)
+	SetOut(io.Writer)
+	SetErr(io.Writer)
+	ExecuteContext(context.Context) error
+}, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	cmd.SetArgs(args)
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err := cmd.ExecuteContext(ctx)
+	return out.String(), errOut.String(), err
+}
+
+// serveExport serves a size-byte file as export name (read-only if ro) with
+// lvnbd's server and returns the server's address.
+func serveExport(t testing.TB, name string, size int64, ro bool) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name+".img")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	e, err := server.OpenExport(server.ExportSpec{Name: name, Path: path, ReadOnly: ro})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Backend.Close() })
+	reg := server.NewRegistry()
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- server.New(&server.Config{Exports: reg, Logger: zap.NewNop()}).Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("server: %v", err)
+		}
+	})
+	return ln.Addr().String()
+}
+
+// serveNoMultiConn runs a minimal NBD server whose export does not allow
+// several connections, and returns its address.
+func serveNoMultiConn(t testing.TB, size uint64) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer nc.Close()
+				hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
+				nc.Write(hello)
+				var b [4 + nbd.OptionHeaderSize]byte
+				if _, err := io.ReadFull(nc, b[:]); err != nil {
+					return
+				}
+				var h nbd.OptionHeader
+				if h.UnmarshalBinary(b[4:]) != nil || h.Length > 4096 {
+					return
+				}
+				if _, err := io.CopyN(io.Discard, nc, int64(h.Length)); err != nil {
+					return
+				}
+				info, _ := nbd.Info{Type: nbd.InfoExport, Size: size, Flags: nbd.FlagHasFlags | nbd.FlagSendFlush}.AppendBinary(nil)
+				rep, _ := nbd.OptionReplyHeader{Option: h.Option, Type: nbd.RepInfo, Length: uint32(len(info))}.AppendBinary(nil)
+				ack, _ := nbd.OptionReplyHeader{Option: h.Option, Type: nbd.RepAck}.AppendBinary(nil)
+				nc.Write(slices.Concat(rep, info, ack))
+				io.Copy(io.Discard, nc)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestAttach(t *testing.T) {
+	addr := serveExport(t, "disk", 64<<20+100, false)
+	k := &fakeNBD{t: t, nextIndex: 5}
+	out, errOut, err := runCmd(t, newAttachCmd(testHost(k, nil)),
+		"--connections", "4", "--timeout", "5s", "--dead-timeout", "10s", "nbd://"+addr+"/disk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != "/dev/nbd5\n" {
+		t.Errorf("stdout %q, want /dev/nbd5", out)
+	}
+	// The export's odd tail cannot be a whole block: said on stderr.
+	if !strings.Contains(errOut, "last 100 bytes") {
+		t.Errorf("stderr %q lacks a note about the tail", errOut)
+	}
+	if len(k.connected) != 1 {
+		t.Fatalf("%d connects, want 1", len(k.connected))
+	}
+	cfg := k.connected[0]
+	if len(cfg.Sockets) != 4 {
+		t.Errorf("%d sockets, want 4", len(cfg.Sockets))
+	}
+	// The command closes its descriptors after Connect.
+	for i, f := range cfg.Sockets {
+		if err := f.Close(); !errors.Is(err, os.ErrClosed) {
+			t.Errorf("socket %d still open after attach (Close: %v)", i, err)
+		}
+	}
+	got := cfg
+	got.Sockets = nil
+	want := kernel.Config{
+		Size:            64 << 20,
+		BlockSize:       512,
+		ServerFlags:     got.ServerFlags,
+		Timeout:         5 * time.Second,
+		DeadConnTimeout: 10 * time.Second,
+		Backend:         "nbd://" + addr + "/disk",
+		Index:           kernel.AnyDevice,
+		MaxRequestBytes: nbd.DefaultMaxPayload,
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Config (-want +got):\n%s", diff)
+	}
+	if f := got.ServerFlags; f&nbd.FlagCanMultiConn == 0 || f&nbd.FlagSendTrim == 0 || f&nbd.FlagReadOnly != 0 {
+		t.Errorf("server flags %v", f)
+	}
+	if !k.closed {
+		t.Error("kernel connection not closed")
+	}
+}
+
+func TestAttachOptions(t *testing.T) {
+	addr := serveExport(t, "ro", 1<<20, true)
+	uri := "nbd://" + addr + "/ro"
+	k := &fakeNBD{t: t}
+	out, _, err := runCmd(t, newAttachCmd(testHost(k, nil)), "--device", "/dev/nbd7", "--block-size", "4k", "--read-only", uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != "/dev/nbd7\n" {
+		t.Errorf("stdout %q", out)
+	}
+	cfg := k.connected[0]
+	if cfg.Index != 7 || cfg.BlockSize != 4096 || !cfg.ReadOnly || cfg.ServerFlags&nbd.FlagReadOnly == 0 {
+		t.Errorf("Config: index %d, block size %d, read-only %v, flags %v", cfg.Index, cfg.BlockSize, cfg.ReadOnly, cfg.ServerFlags)
+	}
+	// The default URI port is spelled out in the backend, so that
+	// nbd://host/x and nbd://host:10809/x are the same export.
+	u, _ := client.ParseURI(uri)
+	if cfg.Backend != u.String() {
+		t.Errorf("backend %q, want %q", cfg.Backend, u.String())
+	}
+}
+
+func TestAttachErrors(t *testing.T) {
+	addr := serveExport(t, "disk", 1<<20, false)
+	single := serveNoMultiConn(t, 1<<20)
+	closed := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().String()
+	}()
+	attached := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://" + addr + "/disk"}}
+	tests := []struct {
+		name      string
+		args      []string
+		devs      []kernel.Device
+		kernelErr error // from openKernel
+		wantErr   string
+	}{
+		{name: "no nbd module", args: []string{"nbd://" + addr + "/disk"}, kernelErr: kernel.ErrModuleNotLoaded,
+			wantErr: "the nbd kernel module is not loaded: modprobe nbd"},
+		{name: "unknown export", args: []string{"nbd://" + addr + "/nope"}, wantErr: `export "nope" not found`},
+		{name: "unreachable", args: []string{"nbd://" + closed + "/disk"}, wantErr: "cannot connect to " + closed},
+		{name: "no multi-conn", args: []string{"--connections", "2", "nbd://" + single + "/x"},
+			wantErr: "does not allow several connections"},
+		{name: "already attached", args: []string{"nbd://" + addr + "/disk"}, devs: attached,
+			wantErr: "already attached as /dev/nbd2"},
+		{name: "device busy", args: []string{"--device", "/dev/nbd2", "nbd://" + addr + "/other"}, devs: attached,
+			wantErr: "/dev/nbd2: device is in use"},
+		{name: "bad device", args: []string{"--device", "/dev/sda", "nbd://" + addr + "/disk"}, wantErr: "not an nbd device"},
+		{name: "bad block size", args: []string{"--block-size", "1000", "nbd://" + addr + "/disk"}, wantErr: "block size 1000"},
+		{name: "zero connections", args: []string{"--connections", "0", "nbd://" + addr + "/disk"}, wantErr: "--connections 0"},
+		{name: "bad URI", args: []string{"http://x/y"}, wantErr: "invalid NBD URI"},
+		{name: "TLS", args: []string{"nbds://" + addr + "/disk"}, wantErr: "TLS"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := &fakeNBD{t: t, devs: tt.devs}
+			host := testHost(k, nil)
+			if tt.kernelErr != nil {
+				host.openKernel = func(context.Context) (nbdKernel, error) { return nil, tt.kernelErr }
+			}
+			_, _, err := runCmd(t, newAttachCmd(host), tt.args...)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+			}
+			if len(k.connected) != 0 {
+				t.Error("Connect was called")
+			}
+		})
+	}
+}
+
+func TestDetach(t *testing.T) {
+	devs := func() []kernel.Device {
+		return []kernel.Device{
+			{Index: 0, Connected: true, PID: 1, Backend: "nbd://a:10809/x"},
+			{Index: 1, Connected: true, PID: 1, Backend: "nbd://a:10809/y"},
+			{Index: 3, Connected: true, PID: 1, Backend: "nbd://a:10809/y"},
+			{Index: 4, Connected: true, PID: 1, Backend: "nbd://a:10809/busy"},
+		}
+	}
+	users := map[int][]string{4: {"nbd4 mounted on /mnt"}}
+	tests := []struct {
+		name    string
+		args    []string
+		want    []int // disconnected
+		wantErr string
+	}{
+		{name: "by device", args: []string{"/dev/nbd1"}, want: []int{1}},
+		{name: "by name", args: []string{"nbd3"}, want: []int{3}},
+		{name: "by URI, default port", args: []string{"nbd://a/x"}, want: []int{0}},
+		{name: "URI attached twice", args: []string{"nbd://a:10809/y"}, wantErr: "attached as /dev/nbd1 and /dev/nbd3"},
+		{name: "URI not attached", args: []string{"nbd://a/z"}, wantErr: "no device is attached to nbd://a:10809/z"},
+		{name: "free device", args: []string{"/dev/nbd9"}, wantErr: "/dev/nbd9 is not attached"},
+		{name: "missing device", args: []string{"/dev/nbd99"}, wantErr: "no such nbd device"},
+		{name: "mounted", args: []string{"/dev/nbd4"}, wantErr: "in use (nbd4 mounted on /mnt)"},
+		{name: "mounted, forced", args: []string{"--force", "/dev/nbd4"}, want: []int{4}},
+		{name: "neither", args: []string{"disk"}, wantErr: "want a device /dev/nbdN or an NBD URI"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := &fakeNBD{t: t, devs: devs()}
+			_, _, err := runCmd(t, newDetachCmd(testHost(k, users)), tt.args...)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, k.disconnected); diff != "" {
+				t.Errorf("disconnected (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestList(t *testing.T) {
+	k := &fakeNBD{t: t, devs: []kernel.Device{
+		{Index: 0, Connected: true, PID: 10, Backend: "nbd://a:10809/x", Size: 64 << 20, BlockSize: 512},
+		{Index: 1},
+		{Index: 2, Connected: true, Size: 0},
+		{Index: 12, Connected: true, PID: 10, Backend: "nbd+unix:///golden?socket=%2Frun%2Fs", Size: 1 << 30, ReadOnly: true},
+	}}
+	out, _, err := runCmd(t, newListCmd(testHost(k, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `DEVICE      SIZE     MODE  STATE      BACKEND
+/dev/nbd0   64 MiB   rw    connected  nbd://a:10809/x
+/dev/nbd2   0 B      rw    open       -
+/dev/nbd12  1.0 GiB  ro    connected  nbd+unix:///golden?socket=%2Frun%2Fs
+`
+	if diff := cmp.Diff(want, out); diff != "" {
+		t.Errorf("list (-want +got):\n%s", diff)
+	}
+
+	out, _, err = runCmd(t, newListCmd(testHost(k, nil)), "--json", "--all")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []map[string]any
+	if err := json.Unmarshal([]byte(out), &entries); err != nil {
+		t.Fatalf("list --json: %v\n%s", err, out)
+	}
+	if len(entries) != 4 {
+		t.Fatalf("%d entries, want 4", len(entries))
+	}
+	wantFirst := map[string]any{"device": "/dev/nbd0", "state": "connected", "index": 0.0, "connected": true, "pid": 10.0,
+		"backend": "nbd://a:10809/x", "size": float64(64 << 20), "read_only": false, "block_size": 512.0}
+	if diff := cmp.Diff(wantFirst, entries[0]); diff != "" {
+		t.Errorf("first entry (-want +got):\n%s", diff)
+	}
+	if entries[1]["state"] != "free" {
+		t.Errorf("nbd1 state %v, want free", entries[1]["state"])
+	}
+}
+
+func TestListWatch(t *testing.T) {
+	k := &fakeNBD{t: t}
+	out, _, err := runCmd(t, newListCmd(testHost(k, nil)), "--watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "DEVICE  SIZE  MODE  STATE  BACKEND\n/dev/nbd2: dead connection\nevents lost: check every device\n"
+	if diff := cmp.Diff(want, out); diff != "" {
+		t.Errorf("list --watch (-want +got):\n%s", diff)
+	}
+	out, _, err = runCmd(t, newListCmd(testHost(k, nil)), "--watch", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || lines[0] != "[]" || !strings.Contains(lines[1], `"device":"/dev/nbd2","event":"link-dead"`) ||
+		!strings.Contains(lines[2], `"event":"events-lost"`) {
+		t.Errorf("list --watch --json:\n%s", out)
+	}
+}
+
+func TestReconnect(t *testing.T) {
+	addr := serveExport(t, "disk", 8<<20, false)
+	uri := "nbd://" + addr + "/disk"
+	newKernel := func(size uint64) *fakeNBD {
+		return &fakeNBD{t: t, devs: []kernel.Device{
+			{Index: 3, Connected: true, PID: 1, Backend: uri, Size: size, BlockSize: 4096},
+			{Index: 4, Connected: true, Backend: uri}, // disconnected, still open
+		}}
+	}
+
+	// Fresh sockets; the export grew from 4 to 8 MiB, so the device grows.
+	k := newKernel(4 << 20)
+	out, errOut, err := runCmd(t, newReconnectCmd(testHost(k, nil)), "--connections", "3", "--dead-timeout", "1m", "/dev/nbd3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != "/dev/nbd3\n" || !strings.Contains(errOut, "grew from 4.0 MiB to 8.0 MiB") {
+		t.Errorf("stdout %q, stderr %q", out, errOut)
+	}
+	if len(k.reconfigured) != 1 {
+		t.Fatalf("%d reconfigures", len(k.reconfigured))
+	}
+	r := k.reconfigured[0]
+	if len(r.Sockets) != 3 || r.Size != 8<<20 || r.DeadConnTimeout != time.Minute || r.Timeout != 0 || r.Backend != uri {
+		t.Errorf("Reconfig: %d sockets, size %d, timeouts %v/%v, backend %q", len(r.Sockets), r.Size, r.Timeout, r.DeadConnTimeout, r.Backend)
+	}
+
+	// --size only: no sockets.
+	k = newKernel(4 << 20)
+	if _, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3", uri); err != nil {
+		t.Fatal(err)
+	}
+	if r := k.reconfigured[0]; len(r.Sockets) != 0 || r.Size != 8<<20 {
+		t.Errorf("--size: %d sockets, size %d", len(r.Sockets), r.Size)
+	}
+
+	// Same size: nothing to push.
+	k = newKernel(8 << 20)
+	if _, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3"); err != nil {
+		t.Fatal(err)
+	}
+	if r := k.reconfigured[0]; r.Size != 0 {
+		t.Errorf("same size: pushed %d", r.Size)
+	}
+
+	for name, tc := range map[string]struct {
+		args    []string
+		size    uint64
+		wantErr string
+	}{
+		"shrink":         {args: []string{"/dev/nbd3"}, size: 16 << 20, wantErr: "shrank from 16 MiB to 8.0 MiB"},
+		"not running":    {args: []string{"/dev/nbd4"}, wantErr: "/dev/nbd4 is not attached"},
+		"free":           {args: []string{"/dev/nbd5"}, wantErr: "/dev/nbd5 is not attached"},
+		"bad device":     {args: []string{"nbd://x/y"}, wantErr: "not an nbd device"},
+		"unknown export": {args: []string{"/dev/nbd3", "nbd://" + addr + "/nope"}, wantErr: `export "nope" not found`},
+	} {
+		t.Run(name, func(t *testing.T) {
+			k := newKernel(tc.size)
+			_, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), tc.args...)
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
+			}
+			if len(k.reconfigured) != 0 {
+				t.Error("Reconfigure was called")
+			}
+		})
+	}
+}
+
+func TestChooseBlockSize(t *testing.T) {
+	info := func(minimum uint32) client.ExportInfo {
+		return client.ExportInfo{BlockSizes: client.BlockSizes{Minimum: minimum, Preferred: 4096, MaxPayload: 1 << 20},
+			BlockSizesAdvertised: true}
+	}
+	tests := []struct {
+		name    string
+		asked   uint32
+		info    client.ExportInfo
+		want    uint32
+		wantErr bool
+	}{
+		{name: "nothing advertised", info: client.ExportInfo{BlockSizes: client.DefaultBlockSizes}, want: 512},
+		{name: "minimum 1", info: info(1), want: 512},
+		{name: "minimum 4096", info: info(4096), want: 4096},
+		{name: "asked 4096", asked: 4096, info: info(1), want: 4096},
+		{name: "asked below the minimum", asked: 512, info: info(4096), wantErr: true},
+		{name: "minimum over a page", info: info(64 << 10), wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := chooseBlockSize(tt.asked, tt.info)
+			if (err != nil) != tt.wantErr || got != tt.want {
+				t.Errorf("chooseBlockSize = %d, %v; want %d, error %v", got, err, tt.want, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestDeviceUsers(t *testing.T) {
+	sys := t.TempDir()
+	write := func(rel, content string) {
+		p := filepath.Join(sys, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("block/nbd2/dev", "43:64\n")
+	write("block/nbd2/holders/dm-0", "")
+	write("block/nbd2/nbd2p1/dev", "43:65\n")
+	write("block/nbd2/nbd2p1/holders/md0", "")
+	write("block/nbd3/dev", "43:96\n")
+	mountinfo := filepath.Join(t.TempDir(), "mountinfo")
+	if err := os.WriteFile(mountinfo, []byte(`22 1 0:21 / / rw - tmpfs tmpfs rw
+40 22 43:65 / /mnt/with\040space rw,relatime - ext4 /dev/nbd2p1 rw
+41 22 43:64 / /srv rw - ext4 /dev/nbd2 rw
+42 22 43:96 / /other rw - ext4 /dev/nbd3 rw
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	got, err := deviceUsers(sys, mountinfo, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"nbd2 held by dm-0", "nbd2p1 held by md0", "nbd2p1 mounted on /mnt/with space", "nbd2 mounted on /srv"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+	if got, err := deviceUsers(sys, mountinfo, 5); err != nil || len(got) != 0 {
+		t.Errorf("unused device: %v, %v", got, err)
+	}
+}
