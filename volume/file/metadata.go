@@ -1,0 +1,187 @@
+package file
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	metadataName    = "lvnbd.json"
+	metadataVersion = 1
+	lockName        = "lvnbd.lock"
+)
+
+// metadata is lvnbd.json: which volumes and snapshots exist, and what their
+// files cannot record. It, not the directory listing, says what exists.
+type metadata struct {
+	Version int                    `json:"version"`
+	Volumes map[string]*volumeMeta `json:"volumes"`
+}
+
+type volumeMeta struct {
+	Created time.Time `json:"created"`
+	// Stripes and StripeSize are as asked for at creation, 0 if linear.
+	Stripes    int                      `json:"stripes,omitempty"`
+	StripeSize int64                    `json:"stripe_size,omitempty"`
+	Snapshots  map[string]*snapshotMeta `json:"snapshots,omitempty"`
+}
+
+type snapshotMeta struct {
+	Created time.Time `json:"created"`
+	// Reflink records whether the snapshot shares extents with the volume
+	// or is a copy.
+	Reflink bool `json:"reflink"`
+	// Merging is set, and committed, before a merge renames the snapshot
+	// over the volume, so that a merge a crash interrupts is finished.
+	Merging bool `json:"merging,omitempty"`
+}
+
+type namedSnapshot struct {
+	name string
+	meta *snapshotMeta
+}
+
+// sortedSnapshots returns the snapshots oldest first.
+func (vm *volumeMeta) sortedSnapshots() []namedSnapshot {
+	out := make([]namedSnapshot, 0, len(vm.Snapshots))
+	for name, sm := range vm.Snapshots {
+		out = append(out, namedSnapshot{name, sm})
+	}
+	slices.SortFunc(out, func(a, b namedSnapshot) int {
+		if c := a.meta.Created.Compare(b.meta.Created); c != 0 {
+			return c
+		}
+		return strings.Compare(a.name, b.name)
+	})
+	return out
+}
+
+// loadMetadata reads lvnbd.json; a directory without one has no volumes.
+func (d *Driver) loadMetadata() (*metadata, error) {
+	path := filepath.Join(d.dir, metadataName)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return &metadata{Version: metadataVersion, Volumes: map[string]*volumeMeta{}}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m metadata
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if m.Version != metadataVersion {
+		return nil, fmt.Errorf("%s: version %d, this lvnbd reads version %d (written by a newer lvnbd?)", path, m.Version, metadataVersion)
+	}
+	if m.Volumes == nil {
+		m.Volumes = map[string]*volumeMeta{}
+	}
+	return &m, nil
+}
+
+// commit replaces lvnbd.json atomically: a crash leaves the old or the new
+// one, never a mix.
+func (d *Driver) commit(m *metadata) error {
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	path := filepath.Join(d.dir, metadataName)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return syncDir(d.dir)
+}
+
+// read runs fn on the metadata under a shared lock. A directory that does
+// not exist yet has no volumes, and is not made.
+func (d *Driver) read(ctx context.Context, fn func(*metadata) error) error {
+	if _, err := os.Stat(d.dir); errors.Is(err, fs.ErrNotExist) {
+		return fn(&metadata{Version: metadataVersion, Volumes: map[string]*volumeMeta{}})
+	}
+	unlock, err := d.lock(ctx, unix.LOCK_SH)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	m, err := d.loadMetadata()
+	if err != nil {
+		return err
+	}
+	return fn(m)
+}
+
+// change runs fn on the metadata under an exclusive lock, after finishing
+// any merge a crash interrupted. fn commits what it changes.
+func (d *Driver) change(ctx context.Context, fn func(*metadata) error) error {
+	if err := os.MkdirAll(d.dir, dirMode); err != nil {
+		return fmt.Errorf("volume directory: %w", err)
+	}
+	unlock, err := d.lock(ctx, unix.LOCK_EX)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	m, err := d.loadMetadata()
+	if err != nil {
+		return err
+	}
+	if err := d.finishMerges(m); err != nil {
+		return err
+	}
+	return fn(m)
+}
+
+// lock takes a flock on the directory's lock file, waiting for other
+// processes (or goroutines: each call opens the file anew) until ctx is done.
+func (d *Driver) lock(ctx context.Context, how int) (unlock func(), err error) {
+	path := filepath.Join(d.dir, lockName)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("locking %s: %w", d.dir, err)
+	}
+	const poll = 20 * time.Millisecond
+	for {
+		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("locking %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("waiting for another lvnbd to finish with %s: %w", d.dir, ctx.Err())
+		case <-time.After(poll):
+		}
+	}
+}

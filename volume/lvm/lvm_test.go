@@ -1,0 +1,256 @@
+package lvm
+
+import (
+	"context"
+	"errors"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/volume"
+)
+
+const mib = int64(1) << 20
+
+func newTestDriver(t *testing.T, calls ...call) *Driver {
+	return &Driver{vg: "vg0", run: newFakeRunner(t, calls...)}
+}
+
+func TestOpenURL(t *testing.T) {
+	tests := []struct {
+		url, vg string // vg "" for an error
+	}{
+		{"lvm://vg0", "vg0"},
+		{"lvm://vg0/", "vg0"},
+		{"lvm://storage_vg.1", "storage_vg.1"},
+		{"lvm://", ""},
+		{"lvm://vg0/vm1", ""},
+		{"lvm://vg0:1", ""},
+		{"lvm://vg0?x=1", ""},
+		{"lvm:vg0", ""},
+		{"lvm://-vg", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.url, func(t *testing.T) {
+			u, err := url.Parse(tt.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d, err := openURL(u)
+			if tt.vg == "" {
+				if err == nil {
+					t.Fatalf("openURL(%q) = %v, want an error", tt.url, d)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.String(); got != "lvm://"+tt.vg {
+				t.Errorf("openURL(%q) = %s", tt.url, got)
+			}
+		})
+	}
+	if d, err := volume.Open("lvm://vg0"); err != nil || d.String() != "lvm://vg0" {
+		t.Errorf("volume.Open(lvm://vg0) = %v, %v", d, err)
+	}
+}
+
+func TestPath(t *testing.T) {
+	d := newTestDriver(t)
+	for name, want := range map[string]string{"vm1": "/dev/vg0/vm1", "vm1@s1": "/dev/vg0/vm1+s1", "../x": "", "vm1@s@t": ""} {
+		if got := d.Path(name); got != want {
+			t.Errorf("Path(%q) = %q, want %q", name, got, want)
+		}
+	}
+}
+
+// TestList reads a VG where merges wait for their origins to close: the
+// merging snapshots are hidden but listed, and the snapshot an admin made
+// (untagged) and the LVs that are not lvnbd's are not.
+func TestList(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs-merging.json"))
+	vols, err := d.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(s int) time.Time { return time.Date(2026, 11, 22, 3, 40, s, 0, time.UTC) }
+	want := []volume.Volume{
+		{Name: "lin", Size: 32 * mib, Stripes: 1, Path: "/dev/vg0/lin", Snapshots: []volume.Snapshot{
+			{Volume: "lin", Name: "full", Size: 32 * mib, COWSize: 4 * mib, UsagePercent: 100, Invalid: true,
+				Created: time.Date(2026, 11, 22, 3, 41, 0, 0, time.UTC), Path: "/dev/vg0/lin+full"},
+		}},
+		{Name: "thin1", Size: 64 * mib, Stripes: 1, Thin: true, Path: "/dev/vg0/thin1", Snapshots: []volume.Snapshot{
+			{Volume: "thin1", Name: "t1", Size: 64 * mib, Thin: true, Merging: true, Created: at(57), Path: "/dev/vg0/thin1+t1"},
+		}},
+		{Name: "vm1", Size: 128 * mib, Stripes: 2, StripeSize: 64 << 10, Path: "/dev/vg0/vm1", Snapshots: []volume.Snapshot{
+			{Volume: "vm1", Name: "s1", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Merging: true, Created: at(58), Path: "/dev/vg0/vm1+s1"},
+			{Volume: "vm1", Name: "s2", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Created: at(59), Path: "/dev/vg0/vm1+s2"},
+		}},
+	}
+	if diff := cmp.Diff(want, vols); diff != "" {
+		t.Errorf("List (-want +got):\n%s", diff)
+	}
+}
+
+func TestSnapshots(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs.json"))
+	snaps, err := d.Snapshots(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, s := range snaps {
+		got = append(got, s.Ref())
+	}
+	if diff := cmp.Diff([]string{"lin@full", "thin1@t1", "vm1@s1", "vm1@s2"}, got); diff != "" {
+		t.Errorf("Snapshots (-want +got):\n%s", diff)
+	}
+}
+
+func TestErrorsBeforeAnyCommand(t *testing.T) {
+	ctx := context.Background()
+	long := &Driver{vg: strings.Repeat("v-", 20), run: newFakeRunner(t)}
+	d := newTestDriver(t) // runs nothing: any call fails the test
+	tests := []struct {
+		name string
+		err  error
+		want error
+	}{
+		{"create bad name", func() error {
+			_, err := d.Create(ctx, volume.CreateOptions{Name: "vm@1", Size: mib})
+			return err
+		}(), volume.ErrInvalidName},
+		{"create dm name too long", func() error {
+			_, err := long.Create(ctx, volume.CreateOptions{Name: strings.Repeat("a-", 30), Size: mib})
+			return err
+		}(), volume.ErrInvalidName},
+		{"create no size", func() error {
+			_, err := d.Create(ctx, volume.CreateOptions{Name: "vm1"})
+			return err
+		}(), volume.ErrInvalidSize},
+		{"snapshot bad name", func() error {
+			_, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "a b"})
+			return err
+		}(), volume.ErrInvalidName},
+		{"snapshot negative COW", func() error {
+			_, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s", COWSize: -1})
+			return err
+		}(), volume.ErrInvalidSize},
+		{"resize to 0", func() error {
+			_, err := d.Resize(ctx, "vm1", 0, true)
+			return err
+		}(), volume.ErrInvalidSize},
+		{"remove bad name", d.Remove(ctx, "../x"), volume.ErrInvalidName},
+		{"merge bad name", d.MergeSnapshot(ctx, "vm1", "-s"), volume.ErrInvalidName},
+		{"remove snapshot bad name", d.RemoveSnapshot(ctx, "vm1", ""), volume.ErrInvalidName},
+	}
+	for _, tt := range tests {
+		if !errors.Is(tt.err, tt.want) {
+			t.Errorf("%s: %v, want %v", tt.name, tt.err, tt.want)
+		}
+	}
+}
+
+func TestCreateNoSpace(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs-empty.json"), vgsCall(t, "vgs-full.json"))
+	_, err := d.Create(context.Background(), volume.CreateOptions{Name: "vm1", Size: 5 * mib})
+	if !errors.Is(err, volume.ErrNoSpace) || !strings.Contains(err.Error(), "vg0 has 0 B free, 8 MiB needed for vm1") {
+		t.Errorf("Create in a full VG: %v", err)
+	}
+}
+
+// TestCreatePassesLVMReason checks that lvm2's reason reaches the user when
+// it refuses what the checks here let through.
+func TestCreatePassesLVMReason(t *testing.T) {
+	args := []string{"lvcreate", "--yes", "-W", "y", "-Z", "y", "-n", "vm9", "-L", "268435456b",
+		"-i", "2", "-I", "128k", "--addtag", "lvnbd", "vg0"}
+	reason := "  Insufficient suitable allocatable extents for logical volume vm9: 32 more required"
+	d := newTestDriver(t, lvsCall(t, "lvs.json"), vgsCall(t, "vgs.json"), call{Args: args, Err: lvmError(args, reason)})
+	_, err := d.Create(context.Background(), volume.CreateOptions{Name: "vm9", Size: 256 * mib, Stripes: 2, StripeSize: 128 << 10})
+	if err == nil || !strings.HasPrefix(err.Error(), "creating volume vm9: running") || !strings.Contains(err.Error(), strings.TrimSpace(reason)) {
+		t.Errorf("Create: %v, want lvm2's reason", err)
+	}
+}
+
+func TestResizeGrowNoSpace(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs-volumes.json"), vgsCall(t, "vgs-full.json"))
+	_, err := d.Resize(context.Background(), "vm2", 40*mib, false)
+	if !errors.Is(err, volume.ErrNoSpace) || !strings.Contains(err.Error(), "vg0 has 0 B free, 8 MiB needed to grow vm2 to 40 MiB") {
+		t.Errorf("Resize: %v", err)
+	}
+}
+
+func TestResizeThinNeedsNoFreeExtents(t *testing.T) {
+	args := []string{"lvextend", "-L", "134217728b", "vg0/thin1"}
+	d := newTestDriver(t, lvsCall(t, "lvs-end.json"), vgsCall(t, "vgs-full.json"),
+		call{Args: args}, lvsCall(t, "lvs-end.json"))
+	if _, err := d.Resize(context.Background(), "thin1", 128*mib, false); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestResizeOriginRefused(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs.json"), vgsCall(t, "vgs.json"))
+	_, err := d.Resize(context.Background(), "lin", 40*mib, false)
+	if err == nil || !strings.Contains(err.Error(), "merge or remove its snapshots first (lin@full, vg0/manual (not lvnbd's))") {
+		t.Errorf("Resize of an origin: %v", err)
+	}
+}
+
+func TestRemoveCountsSnapshotsNotLvnbds(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs.json"))
+	err := d.Remove(context.Background(), "lin")
+	if !errors.Is(err, volume.ErrHasSnapshots) || !strings.Contains(err.Error(), "vg0/manual (not lvnbd's)") {
+		t.Errorf("Remove(lin): %v, want ErrHasSnapshots naming vg0/manual", err)
+	}
+}
+
+func TestMergeAlreadyPending(t *testing.T) {
+	for _, ref := range [][2]string{{"vm1", "s1"}, {"thin1", "t1"}} {
+		d := newTestDriver(t, lvsCall(t, "lvs-merging.json"))
+		err := d.MergeSnapshot(context.Background(), ref[0], ref[1])
+		if !errors.Is(err, volume.ErrMergePending) {
+			t.Errorf("MergeSnapshot(%s@%s): %v, want ErrMergePending", ref[0], ref[1], err)
+		}
+	}
+}
+
+func TestMergeInvalidRefused(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs.json"))
+	err := d.MergeSnapshot(context.Background(), "lin", "full")
+	if err == nil || !strings.Contains(err.Error(), "snapshot lin@full is invalid") {
+		t.Errorf("MergeSnapshot(lin@full): %v", err)
+	}
+}
+
+func TestNotVolumes(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name, want string
+	}{
+		{"root", "adopt it with lvchange --addtag lvnbd vg0/root"},
+		{"pool", "internal, pool or snapshot LV"},
+		{"manual", "internal, pool or snapshot LV"},
+		{"vm1+s2", ""}, // not a valid volume name at all
+		{"nope", "not found in volume group vg0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.want == "" {
+				_, err := newTestDriver(t).Get(ctx, tt.name)
+				if !errors.Is(err, volume.ErrInvalidName) {
+					t.Errorf("Get(%s): %v, want ErrInvalidName", tt.name, err)
+				}
+				return
+			}
+			_, err := newTestDriver(t, lvsCall(t, "lvs.json")).Get(ctx, tt.name)
+			if !errors.Is(err, volume.ErrNotFound) || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Get(%s): %v, want ErrNotFound saying %q", tt.name, err, tt.want)
+			}
+		})
+	}
+}

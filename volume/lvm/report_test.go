@@ -1,0 +1,204 @@
+package lvm
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// lvSummary is what the driver reads from one LV.
+type lvSummary struct {
+	Name                             string
+	Hidden                           bool
+	Size, OriginSize                 int64
+	Type, State                      string
+	Snapshot, Thin, Merging, Invalid bool
+	Origin                           string
+	Tags                             []string
+	Stripes                          int
+	StripeSize                       int64
+	SnapPct, DataPct                 float64
+}
+
+func summarize(lvs []*logicalVolume) []lvSummary {
+	var out []lvSummary
+	for _, lv := range lvs {
+		out = append(out, lvSummary{
+			Name: lv.name, Hidden: lv.hidden, Size: lv.size, OriginSize: lv.originSize,
+			Type: string(lv.volumeType()), State: string(lv.state()),
+			Snapshot: lv.snapshot(), Thin: lv.thin(), Merging: lv.merging(), Invalid: lv.invalid(),
+			Origin: lv.origin, Tags: lv.tags, Stripes: lv.stripes, StripeSize: lv.stripeSize,
+			SnapPct: lv.snapPct, DataPct: lv.dataPct,
+		})
+	}
+	return out
+}
+
+// TestParseLVs reads a VG with a striped LV of two segments (a row each), a
+// thin pool, thin and classic snapshots, one that overflowed (invalid), and
+// LVs that are not lvnbd's.
+func TestParseLVs(t *testing.T) {
+	lvs, err := parseLVs([]byte(testdata(t, "lvs.json")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lvnbd := []string{"lvnbd"}
+	want := []lvSummary{
+		{Name: "lin", Size: 32 << 20, OriginSize: 32 << 20, Type: "o", State: "a", Tags: lvnbd, Stripes: 1},
+		{Name: "lin+full", Size: 4 << 20, OriginSize: 32 << 20, Type: "s", State: "I", Snapshot: true, Invalid: true,
+			Origin: "lin", Tags: lvnbd, Stripes: 1, SnapPct: 100, DataPct: 100},
+		{Name: "lvol0_pmspare", Hidden: true, Size: 4 << 20, Type: "e", State: "-", Stripes: 1},
+		{Name: "manual", Size: 8 << 20, OriginSize: 32 << 20, Type: "s", State: "I", Snapshot: true, Invalid: true,
+			Origin: "lin", Stripes: 1, SnapPct: 100, DataPct: 100},
+		{Name: "pool", Size: 16 << 20, Type: "t", State: "a", Stripes: 1},
+		{Name: "pool_tdata", Hidden: true, Size: 16 << 20, Type: "T", State: "a", Stripes: 1},
+		{Name: "pool_tmeta", Hidden: true, Size: 4 << 20, Type: "e", State: "a", Stripes: 1},
+		{Name: "root", Size: 8 << 20, Type: "-", State: "a", Stripes: 1},
+		{Name: "thin1", Size: 64 << 20, Type: "V", State: "a", Thin: true, Tags: lvnbd},
+		{Name: "thin1+t1", Size: 64 << 20, Type: "V", State: "a", Snapshot: true, Thin: true, Origin: "thin1", Tags: lvnbd},
+		{Name: "vm1", Size: 128 << 20, OriginSize: 128 << 20, Type: "o", State: "a", Tags: lvnbd, Stripes: 2, StripeSize: 64 << 10},
+		{Name: "vm1+s1", Size: 8 << 20, OriginSize: 128 << 20, Type: "s", State: "a", Snapshot: true, Origin: "vm1", Tags: lvnbd,
+			Stripes: 1, SnapPct: 12.65, DataPct: 12.65},
+		{Name: "vm1+s2", Size: 8 << 20, OriginSize: 128 << 20, Type: "s", State: "a", Snapshot: true, Origin: "vm1", Tags: lvnbd,
+			Stripes: 1, SnapPct: 12.65, DataPct: 12.65},
+	}
+	if diff := cmp.Diff(want, summarize(lvs)); diff != "" {
+		t.Errorf("parseLVs (-want +got):\n%s", diff)
+	}
+	if got, want := lvs[10].created, time.Date(2026, 11, 22, 3, 40, 52, 0, time.UTC); !got.Equal(want) {
+		t.Errorf("vm1 created %v, want %v", got, want)
+	}
+}
+
+// TestParseLVsMerging reads merges waiting for their open origins: the
+// snapshots are hidden, of type S, and lv_merging is set on them and their
+// origins.
+func TestParseLVsMerging(t *testing.T) {
+	lvs, err := parseLVs([]byte(testdata(t, "lvs-merging.json")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]lvSummary{}
+	for _, s := range summarize(lvs) {
+		byName[s.Name] = s
+	}
+	for name, want := range map[string]struct{ hidden, snapshot, thin, merging bool }{
+		"vm1+s1":   {true, true, false, true},
+		"thin1+t1": {true, true, true, true},
+		"vm1+s2":   {false, true, false, false},
+		"vm1":      {false, false, false, false},
+		"thin1":    {false, false, true, false},
+	} {
+		s := byName[name]
+		if got := (struct{ hidden, snapshot, thin, merging bool }{s.Hidden, s.Snapshot, s.Thin, s.Merging}); got != want {
+			t.Errorf("%s: hidden, snapshot, thin, merging = %+v, want %+v", name, got, want)
+		}
+	}
+}
+
+func TestParseLVsEmpty(t *testing.T) {
+	lvs, err := parseLVs([]byte(testdata(t, "lvs-empty.json")))
+	if err != nil || len(lvs) != 0 {
+		t.Errorf("parseLVs(empty VG) = %v, %v", lvs, err)
+	}
+}
+
+func TestParseLVsErrors(t *testing.T) {
+	row := func(field, value string) string {
+		r := map[string]string{"lv_name": "a", "lv_uuid": "u", "lv_size": "4194304", "lv_attr": "-wi-a-----",
+			"lv_time": "2026-11-22 03:24:54 +0000", "stripes": "1", "stripe_size": "0"}
+		r[field] = value
+		var b strings.Builder
+		b.WriteString(`{"report":[{"lv":[{`)
+		first := true
+		for k, v := range r {
+			if !first {
+				b.WriteString(",")
+			}
+			first = false
+			b.WriteString(`"` + k + `":"` + v + `"`)
+		}
+		b.WriteString(`}]}]}`)
+		return b.String()
+	}
+	tests := []struct {
+		name, in, want string
+	}{
+		{"not JSON", "  Volume group vg0 not found", "parsing lvs report"},
+		{"size with suffix", row("lv_size", "4.00m"), `lv_size "4.00m"`},
+		{"negative size", row("lv_size", "-1"), `lv_size "-1"`},
+		{"short attr", row("lv_attr", "-wi-a"), "lv_attr"},
+		{"bad percent", row("snap_percent", "lots"), "snap_percent"},
+		{"percent over 100", row("data_percent", "101"), "data_percent"},
+		{"bad time", row("lv_time", "yesterday"), "lv_time"},
+		{"no uuid", row("lv_uuid", ""), "lv_uuid"},
+		{"bracket", row("lv_name", "[a"), "brackets"},
+		{"numbers not strings", `{"report":[{"lv":[{"lv_name":"a","lv_size":4194304}]}]}`, "parsing lvs report"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseLVs([]byte(tt.in))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("parseLVs(%s) = %v, want an error about %s", tt.in, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseVG(t *testing.T) {
+	tests := []struct {
+		file string
+		want volumeGroup
+	}{
+		{"vgs.json", volumeGroup{name: "vg0", size: 792723456, free: 562036736, extentSize: 4 << 20, pvCount: 3}},
+		{"vgs-full.json", volumeGroup{name: "vg0", size: 792723456, free: 0, extentSize: 4 << 20, pvCount: 3}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			vg, err := parseVG([]byte(testdata(t, tt.file)), "vg0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, *vg, cmp.AllowUnexported(volumeGroup{})); diff != "" {
+				t.Errorf("parseVG (-want +got):\n%s", diff)
+			}
+		})
+	}
+	if _, err := parseVG([]byte(testdata(t, "vgs.json")), "vg1"); err == nil {
+		t.Error("parseVG found vg1 in a report of vg0")
+	}
+	if _, err := parseVG([]byte(`{"report":[{"vg":[{"vg_name":"vg0","vg_extent_size":"0"}]}]}`), "vg0"); err == nil {
+		t.Error("parseVG accepted an extent size of 0")
+	}
+}
+
+func FuzzParseLVs(f *testing.F) {
+	files, err := filepath.Glob("testdata/lvs*.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, file := range files {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte(`{"report":[{"lv":[{"lv_name":"[x]","lv_uuid":"u","lv_attr":"Sri-I-s---","snap_percent":"100.00"}]}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		lvs, err := parseLVs(b)
+		if err != nil {
+			return
+		}
+		for _, lv := range lvs {
+			if len(lv.attr) != 10 || lv.name == "" || lv.size < 0 {
+				t.Fatalf("parseLVs accepted %+v", lv)
+			}
+			_ = lv.invalid() || lv.merging() || lv.snapshot()
+		}
+	})
+}

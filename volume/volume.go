@@ -1,0 +1,133 @@
+// Package volume is lvnbd's storage model: volumes (the block devices a
+// storage box exports) and their point-in-time snapshots, behind one Driver
+// interface with two implementations, volume/lvm for production (striped LVM
+// logical volumes) and volume/file (sparse files in a directory, the default).
+//
+// Drivers are for the control path (create, grow, snapshot, list); the server
+// opens Path() once per export and never calls a driver per request.
+package volume
+
+import (
+	"context"
+	"time"
+)
+
+// Volume is one exportable block device.
+type Volume struct {
+	Name string `json:"name"`
+	// Size is what a client of the export sees, in bytes.
+	Size int64 `json:"size"`
+	// Stripes is the number of physical volumes data is striped over; 1 for
+	// a linear volume.
+	Stripes int `json:"stripes"`
+	// StripeSize is the bytes written to one stripe before the next; 0 for a
+	// linear volume.
+	StripeSize int64 `json:"stripe_size"`
+	// Thin is set for thinly provisioned LVM volumes.
+	Thin bool `json:"thin,omitempty"`
+	// Path is the file or block device the server opens.
+	Path string `json:"path"`
+	// Snapshots are the volume's snapshots, oldest first.
+	Snapshots []Snapshot `json:"snapshots"`
+}
+
+// Snapshot is a read-only, point-in-time copy of a volume, exported as
+// VOLUME@NAME.
+type Snapshot struct {
+	Volume string `json:"volume"`
+	Name   string `json:"name"`
+	// Size is the size of the volume as the snapshot preserves it: what a
+	// client of the snapshot's export sees.
+	Size int64 `json:"size"`
+	// COWSize is the space reserved for blocks the volume changes after the
+	// snapshot (a classic LVM snapshot); 0 when the snapshot needs none (a
+	// reflinked or copied file, a thin snapshot).
+	COWSize int64 `json:"cow_size"`
+	// UsagePercent is how full the COW space is (classic LVM snapshots) or,
+	// for thin snapshots, how much of Size is mapped; 0 otherwise.
+	UsagePercent float64 `json:"usage_percent"`
+	// Invalid is set when the COW space filled up: the snapshot lost data
+	// and can only be removed.
+	Invalid bool `json:"invalid"`
+	// Thin is set for a thin LVM snapshot (no COW space, shares the pool).
+	Thin bool `json:"thin"`
+	// Merging is set while the snapshot is being merged back into its
+	// volume, or waits to be (LVM merges once the volume is closed).
+	Merging bool `json:"merging"`
+	// Created is when the snapshot was taken, if known.
+	Created time.Time `json:"created,omitzero"`
+	// Path is the file or block device the server opens, read-only.
+	Path string `json:"path"`
+}
+
+// Ref is the snapshot's export name, VOLUME@NAME.
+func (s Snapshot) Ref() string { return SnapshotRef(s.Volume, s.Name) }
+
+// CreateOptions describe a new volume.
+type CreateOptions struct {
+	Name string
+	// Size in bytes; drivers round it up to their allocation unit (4 KiB
+	// for files, the extent size for LVM).
+	Size int64
+	// Stripes is the number of physical volumes to stripe over; 0 or 1 is
+	// linear.
+	Stripes int
+	// StripeSize in bytes, a power of two of at least 4 KiB; 0 means
+	// DefaultStripeSize when Stripes > 1.
+	StripeSize int64
+}
+
+// SnapshotOptions describe a new snapshot.
+type SnapshotOptions struct {
+	Volume string
+	Name   string
+	// COWSize is the space for the volume's changes while the snapshot
+	// exists, for classic LVM snapshots; 0 picks a default (a fifth of the
+	// volume) for them, or a thin snapshot for a thin volume. Drivers that
+	// need no COW space ignore it.
+	COWSize int64
+}
+
+// DefaultStripeSize is the stripe size when striping is asked for without
+// one, LVM's own default.
+const DefaultStripeSize = 64 << 10
+
+// Driver manages the volumes and snapshots of one storage pool: a volume
+// group or a directory. Implementations are safe for concurrent use, also by
+// several processes (lvnbd serve and the lvnbd volume commands) at once.
+//
+// Errors wrap the sentinel errors of this package where one applies, so
+// callers can test them with errors.Is.
+type Driver interface {
+	// String is the driver's URL, such as lvm://vg0 or file:///var/lib/lvnbd.
+	String() string
+
+	// List returns every volume, sorted by name, with its snapshots.
+	List(ctx context.Context) ([]Volume, error)
+	// Get returns one volume with its snapshots, or ErrNotFound.
+	Get(ctx context.Context, name string) (Volume, error)
+	// Create makes a volume and returns it as created (with its rounded
+	// size); ErrExists if the name is taken, ErrNoSpace if it does not fit.
+	Create(ctx context.Context, opts CreateOptions) (Volume, error)
+	// Resize grows a volume to size bytes, or shrinks it if allowShrink is
+	// set (ErrShrink otherwise), and returns it as resized.
+	Resize(ctx context.Context, name string, size int64, allowShrink bool) (Volume, error)
+	// Remove deletes a volume and its data; ErrHasSnapshots while it has
+	// snapshots.
+	Remove(ctx context.Context, name string) error
+	// Path is the file or block device a server opens for an export name,
+	// VOLUME or VOLUME@SNAPSHOT. It does not check that the volume exists.
+	Path(exportName string) string
+
+	// Snapshot takes a snapshot of a volume.
+	Snapshot(ctx context.Context, opts SnapshotOptions) (Snapshot, error)
+	// Snapshots returns every snapshot of every volume, sorted by volume,
+	// then oldest first.
+	Snapshots(ctx context.Context) ([]Snapshot, error)
+	// RemoveSnapshot deletes a snapshot; the volume is untouched.
+	RemoveSnapshot(ctx context.Context, volume, snapshot string) error
+	// MergeSnapshot reverts the volume to the snapshot's content and then
+	// removes the snapshot. Nothing may have the volume open. ErrMergePending
+	// means the merge is scheduled but waits for the volume to be closed.
+	MergeSnapshot(ctx context.Context, volume, snapshot string) error
+}
