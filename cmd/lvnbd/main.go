@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -18,7 +19,17 @@ func main() {
 	defer stop()
 	cmd := newRootCmd(os.Stdout, os.Stderr)
 	if err := cmd.ExecuteContext(ctx); err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			os.Exit(int(code)) // the command already said why
+		}
 		fmt.Fprintln(os.Stderr, "lvnbd:", err)
 		os.Exit(1)
 	}
 }
+
+// exitCode is returned by commands whose exit status carries meaning beyond
+// failure (the fence agent's "fenced" is 2) and who printed their own message.
+type exitCode int
+
+func (c exitCode) Error() string { return fmt.Sprintf("exit status %d", int(c)) }

@@ -25,6 +25,14 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(newServeCmd())
+	root.AddCommand(newVolumeCmd())
+	root.AddCommand(newSnapshotCmd())
+	root.AddCommand(newInfoCmd())
+	root.AddCommand(newStatusCmd())
+	root.AddCommand(newFenceCmd())
+	root.AddCommand(newUnfenceCmd())
+	root.AddCommand(newFenceAgentCmd())
 	root.AddCommand(newBenchCmd())
+	root.AddCommand(newAttachCmd(nil), newDetachCmd(nil), newListCmd(nil), newReconnectCmd(nil))
 	return root
 }

@@ -1,0 +1,149 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/nbd"
+)
+
+// NBD is an NBD export target: one or more URIs of the same export (one per
+// link), each with a pool of connections; requests go round-robin over the
+// URIs and, within each, over its connections.
+type NBD struct {
+	uris  []string
+	pools []*client.Pool
+	next  atomic.Uint64
+	size  int64
+	align int
+	fua   bool // the server takes FUA; else durable writes are followed by a flush
+	conns int
+}
+
+// OpenNBD connects to the export at each URI with o.Conns connections in all,
+// spread evenly over the URIs (at least one each). A server that does not
+// advertise multi-conn gets one connection per URI.
+func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
+	conns := max(o.Conns, 1)
+	if conns < len(uris) {
+		conns = len(uris)
+	}
+	t := &NBD{uris: uris}
+	opts := &client.Options{NoMetaContext: true}
+	var first client.ExportInfo
+	for i, uri := range uris {
+		n := conns / len(uris)
+		if i < conns%len(uris) {
+			n++
+		}
+		p, err := client.DialPool(ctx, uri, n, opts)
+		if err != nil {
+			t.Close()
+			return nil, err
+		}
+		t.pools = append(t.pools, p)
+		t.conns += p.Connections()
+		info := p.Export()
+		if i == 0 {
+			first = info
+			continue
+		}
+		if info.Size != first.Size {
+			t.Close()
+			return nil, fmt.Errorf("%s has %d bytes but %s has %d: not the same export", uri, info.Size, uris[0], first.Size)
+		}
+	}
+	t.fua = first.Flags&nbd.FlagSendFUA != 0
+	t.align = int(max(first.BlockSizes.Minimum, 1))
+	size := int64(first.Size)
+	name := strings.Join(uris, " ")
+	switch {
+	case o.Write && first.ReadOnly():
+		t.Close()
+		return nil, fmt.Errorf("%s is a read-only export", name)
+	case o.Write && !o.Force && size > 0:
+		t.Close()
+		return nil, &OverwriteError{Path: name, Kind: "NBD export", Size: size, Range: min(o.Size, size)}
+	case o.Size > size:
+		t.Close()
+		return nil, fmt.Errorf("--size %s is larger than export %s (%s)", formatIBytes(o.Size), name, formatIBytes(size))
+	case o.Size > 0:
+		t.size = o.Size
+	default:
+		t.size = size
+	}
+	if t.size == 0 {
+		t.Close()
+		return nil, fmt.Errorf("export %s is empty", name)
+	}
+	return t, nil
+}
+
+func (t *NBD) pool() *client.Pool {
+	if len(t.pools) == 1 {
+		return t.pools[0]
+	}
+	return t.pools[t.next.Add(1)%uint64(len(t.pools))]
+}
+
+// Size is the region of the export in use.
+func (t *NBD) Size() int64 { return t.size }
+
+// Alignment is the export's minimum block size.
+func (t *NBD) Alignment() int { return t.align }
+
+// Connections is the number of connections open, over every URI.
+func (t *NBD) Connections() int { return t.conns }
+
+// Describe says what the target is.
+func (t *NBD) Describe() string {
+	if len(t.uris) > 1 {
+		return fmt.Sprintf("NBD export over %d links", len(t.uris))
+	}
+	return "NBD export"
+}
+
+// ReadAt fills p from offset off.
+func (t *NBD) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return t.pool().ReadAt(ctx, p, off)
+}
+
+// WriteAt writes p at offset off; durable writes carry FUA, or are followed
+// by a flush on a server that does not take FUA.
+func (t *NBD) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	var flags nbd.CommandFlags
+	if durable && t.fua {
+		flags = nbd.CmdFlagFUA
+	}
+	pool := t.pool()
+	if err := pool.WriteAt(ctx, p, off, flags); err != nil {
+		return err
+	}
+	if durable && !t.fua {
+		return pool.Flush(ctx)
+	}
+	return nil
+}
+
+// Flush flushes the export through every URI: with multi-conn one flush per
+// server covers all its connections, and the URIs may reach different ones.
+func (t *NBD) Flush(ctx context.Context) error {
+	var errs []error
+	for _, p := range t.pools {
+		errs = append(errs, p.Flush(ctx))
+	}
+	return errors.Join(errs...)
+}
+
+// Close closes every connection after its in-flight requests.
+func (t *NBD) Close() error {
+	var errs []error
+	for _, p := range t.pools {
+		errs = append(errs, p.Close())
+	}
+	return errors.Join(errs...)
+}

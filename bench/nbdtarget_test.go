@@ -1,0 +1,98 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/lvnbd/lvnbd/server"
+)
+
+// serveFile runs lvnbd's server on loopback with path exported as "bench"
+// and returns its URI.
+func serveFile(tb testing.TB, path string, size int64) string {
+	tb.Helper()
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		tb.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		tb.Fatal(err)
+	}
+	e, err := server.OpenExport(server.ExportSpec{Name: "bench", Path: path})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	reg := server.NewRegistry()
+	if err := reg.Add(e); err != nil {
+		tb.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- server.New(&server.Config{Exports: reg}).Serve(ctx, ln) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("server: %v", err)
+		}
+		e.Backend.Close()
+	})
+	return "nbd://" + ln.Addr().String() + "/bench"
+}
+
+func TestNBDTarget(t *testing.T) {
+	const size = 8 << 20
+	path := filepath.Join(t.TempDir(), "export.img")
+	uri := serveFile(t, path, size)
+	ctx := context.Background()
+
+	// Writing to an export needs --force, and says what it would destroy.
+	_, err := Open(ctx, []string{uri}, OpenOptions{Write: true, Conns: 2})
+	var ow *OverwriteError
+	if !errors.As(err, &ow) || ow.Kind != "NBD export" || ow.Size != size || !strings.Contains(err.Error(), uri) {
+		t.Fatalf("write without force: %v, want an *OverwriteError naming %s", err, uri)
+	}
+
+	// Two URIs of one export (two links), 3 connections spread over them.
+	tg, err := Open(ctx, []string{uri, uri}, OpenOptions{Write: true, Force: true, Conns: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	if tg.Size() != size || tg.(*NBD).Connections() != 3 {
+		t.Fatalf("size %d, %d connections; want %d and 3", tg.Size(), tg.(*NBD).Connections(), size)
+	}
+	rep := mustRun(t, tg, Config{Mode: ModeWrite, BlockSize: 1 << 20, QueueDepth: 4, Verify: true, Seed: 11})
+	if rep.Write.Bytes != size || !rep.Flushed || !rep.Verify.OK || rep.Verify.CheckedBytes != size || rep.Connections != 3 {
+		t.Errorf("write over NBD: %+v verify %+v", rep, rep.Verify)
+	}
+	rep = mustRun(t, tg, Config{Mode: ModeRandRW, BlockSize: 4096, QueueDepth: 16, IOLimit: 1 << 20, ReadPercent: 50, Verify: true, Seed: 11, FUA: true})
+	if rep.Bytes != 1<<20 || !rep.Verify.OK {
+		t.Errorf("randrw over NBD: %d bytes, verify %+v", rep.Bytes, rep.Verify)
+	}
+
+	// Corruption in the export is found at its offset, through the server.
+	const bad = 5<<20 + 3
+	flipByte(t, path, bad)
+	r, err := Open(ctx, []string{uri}, OpenOptions{Conns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	_, err = Run(ctx, r, Config{Mode: ModeRead, BlockSize: 256 << 10, QueueDepth: 8, Verify: true, Seed: 11})
+	var m *MismatchError
+	if !errors.As(err, &m) || m.Offset != bad {
+		t.Errorf("read verify after corruption: %v, want a mismatch at %d", err, bad)
+	}
+
+	if _, err := Open(ctx, []string{uri}, OpenOptions{Size: size + 4096}); err == nil || !strings.Contains(err.Error(), "larger than export") {
+		t.Errorf("--size over the export: %v", err)
+	}
+}

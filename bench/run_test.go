@@ -1,0 +1,290 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+// openTestFile opens path with O_DIRECT where the temp file system allows it,
+// as the command does by default.
+func openTestFile(tb testing.TB, path string, o OpenOptions) *File {
+	tb.Helper()
+	o.Direct = true
+	f, err := OpenFile(path, o)
+	if err != nil && strings.Contains(err.Error(), "O_DIRECT") {
+		tb.Logf("temp file system has no O_DIRECT; testing through the page cache: %v", err)
+		o.Direct = false
+		f, err = OpenFile(path, o)
+	}
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { f.Close() })
+	return f
+}
+
+// flipByte inverts the byte at off in the file at path, behind the
+// benchmark's back.
+func flipByte(tb testing.TB, path string, off int64) {
+	tb.Helper()
+	fd, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer fd.Close()
+	b := make([]byte, 1)
+	if _, err := fd.ReadAt(b, off); err != nil {
+		tb.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if _, err := fd.WriteAt(b, off); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func mustRun(tb testing.TB, target Target, cfg Config) *Report {
+	tb.Helper()
+	rep, err := Run(context.Background(), target, cfg)
+	if err != nil {
+		tb.Fatalf("Run(%v): %v", cfg.Mode, err)
+	}
+	return rep
+}
+
+func TestSequentialWriteReadVerify(t *testing.T) {
+	const size = 3<<20 + 512 // not a multiple of the block size: the last request is short
+	path := filepath.Join(t.TempDir(), "disk.img")
+
+	w := openTestFile(t, path, OpenOptions{Write: true, Size: size})
+	rep := mustRun(t, w, Config{Name: path, Mode: ModeWrite, BlockSize: 1 << 20, QueueDepth: 2, Verify: true, Seed: 99})
+	if rep.Write.Bytes != size || rep.Bytes != size || rep.Write.Ops != 4 || rep.Read.Ops != 0 {
+		t.Errorf("write: %d bytes in %d ops (reads %d), want %d in 4", rep.Write.Bytes, rep.Write.Ops, rep.Read.Ops, size)
+	}
+	if !rep.Flushed || rep.Verify == nil || !rep.Verify.OK || rep.Verify.CheckedBytes != size {
+		t.Errorf("write: flushed %v, verify %+v, want flushed and %d bytes verified", rep.Flushed, rep.Verify, size)
+	}
+	if st, err := os.Stat(path); err != nil || st.Size() != size {
+		t.Fatalf("file after the write run: %v, %v; want %d bytes", st, err, size)
+	}
+
+	r := openTestFile(t, path, OpenOptions{})
+	rep = mustRun(t, r, Config{Name: path, Mode: ModeRead, BlockSize: 64 << 10, QueueDepth: 4, Verify: true, Seed: 99})
+	if rep.Read.Bytes != size || rep.Read.Ops != (size+64<<10-1)/(64<<10) || rep.Write.Ops != 0 {
+		t.Errorf("read: %d bytes in %d ops, want %d", rep.Read.Bytes, rep.Read.Ops, size)
+	}
+	if !rep.Verify.OK || rep.Verify.CheckedBytes != size {
+		t.Errorf("read verify: %+v", rep.Verify)
+	}
+	if rep.Read.Latency.P50 <= 0 || rep.Read.Latency.P999 < rep.Read.Latency.P50 || rep.MBPerSec <= 0 || rep.IOPS <= 0 {
+		t.Errorf("read figures: %+v", rep.Read)
+	}
+
+	// A byte changed behind the benchmark's back is found, at its offset.
+	const corrupt = 2<<20 + 12345
+	flipByte(t, path, corrupt)
+	rep, err := Run(context.Background(), r, Config{Name: path, Mode: ModeRead, BlockSize: 64 << 10, QueueDepth: 4, Verify: true, Seed: 99})
+	var m *MismatchError
+	if !errors.As(err, &m) || m.Offset != corrupt {
+		t.Fatalf("read after corruption: err %v, want a mismatch at %d", err, corrupt)
+	}
+	if rep.Verify.OK || rep.Verify.FirstMismatchOffset == nil || *rep.Verify.FirstMismatchOffset != corrupt || rep.Verify.MismatchedBlocks != 1 {
+		t.Errorf("report after corruption: %+v", rep.Verify)
+	}
+
+	// Another seed's data is stale.
+	_, err = Run(context.Background(), r, Config{Name: path, Mode: ModeRead, BlockSize: 64 << 10, QueueDepth: 1, Verify: true, Seed: 100})
+	if !errors.As(err, &m) || m.Offset >= 8 {
+		t.Errorf("read with another seed: %v, want a mismatch in the first word", err)
+	}
+}
+
+// corrupting flips one byte of a write that covers offset at.
+type corrupting struct {
+	Target
+	at int64
+}
+
+func (c *corrupting) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	if c.at >= off && c.at < off+int64(len(p)) {
+		q := append([]byte(nil), p...)
+		q[c.at-off] ^= 1
+		p = q
+	}
+	return c.Target.WriteAt(ctx, p, off, durable)
+}
+
+func TestRandomReadWriteVerify(t *testing.T) {
+	const size = 4 << 20
+	path := filepath.Join(t.TempDir(), "disk.img")
+	f := openTestFile(t, path, OpenOptions{Write: true, Size: size})
+
+	cfg := Config{Name: path, Mode: ModeRandRW, BlockSize: 4096, QueueDepth: 8, IOLimit: 2 << 20, ReadPercent: 30, Verify: true, Seed: 5}
+	rep := mustRun(t, f, cfg)
+	if rep.Bytes != cfg.IOLimit || rep.Ops != cfg.IOLimit/4096 {
+		t.Errorf("%d bytes in %d ops, want exactly the I/O limit %d", rep.Bytes, rep.Ops, cfg.IOLimit)
+	}
+	if rep.Read.Ops == 0 || rep.Write.Ops == 0 || rep.Read.Ops > rep.Write.Ops {
+		t.Errorf("%d reads and %d writes, want about 30%% reads", rep.Read.Ops, rep.Write.Ops)
+	}
+	// Verify re-reads each distinct block written, at most all writes.
+	if !rep.Verify.OK || rep.Verify.CheckedBytes == 0 || rep.Verify.CheckedBytes > rep.Write.Bytes || rep.Verify.CheckedBytes%4096 != 0 {
+		t.Errorf("verify %+v after %d bytes written", rep.Verify, rep.Write.Bytes)
+	}
+
+	// A write corrupted on its way to the target is caught by the
+	// verify pass. Write every block so the corrupted one is covered.
+	const bad = 1<<20 + 77
+	cfg = Config{Name: path, Mode: ModeWrite, BlockSize: 4096, QueueDepth: 8, Verify: true, Seed: 6}
+	rep, err := Run(context.Background(), &corrupting{Target: f, at: bad}, cfg)
+	var m *MismatchError
+	if !errors.As(err, &m) || m.Offset != bad || rep.Verify.OK || *rep.Verify.FirstMismatchOffset != bad {
+		t.Errorf("corrupted write: err %v, verify %+v; want a mismatch at %d", err, rep.Verify, bad)
+	}
+}
+
+func TestRuntimeBoundsRandomRun(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	f := openTestFile(t, path, OpenOptions{Write: true, Size: 8 << 20})
+	start := time.Now()
+	rep := mustRun(t, f, Config{Mode: ModeRandWrite, BlockSize: 4096, QueueDepth: 4, Runtime: 300 * time.Millisecond})
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("a 300 ms run took %v", took)
+	}
+	if rep.Write.Ops == 0 || rep.Write.Bytes != rep.Write.Ops*4096 || rep.Read.Ops != 0 || !rep.Flushed {
+		t.Errorf("report %+v", rep)
+	}
+	if rep.Seconds < 0.3 {
+		t.Errorf("ran %.3f s, want at least the 0.3 s runtime", rep.Seconds)
+	}
+}
+
+func TestCancelGivesPartialReport(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	f := openTestFile(t, path, OpenOptions{Write: true, Size: 8 << 20})
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	rep, err := Run(ctx, f, Config{Mode: ModeRandRW, BlockSize: 4096, QueueDepth: 4, Runtime: time.Minute, ReadPercent: 50})
+	if err != nil {
+		t.Fatalf("a cancelled run is not a failure: %v", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("cancellation took %v", took)
+	}
+	if !rep.Interrupted || rep.Ops == 0 || rep.Flushed {
+		t.Errorf("interrupted %v, %d ops, flushed %v; want a partial, unflushed report", rep.Interrupted, rep.Ops, rep.Flushed)
+	}
+}
+
+func TestWritesNeedForce(t *testing.T) {
+	dir := t.TempDir()
+	full := filepath.Join(dir, "full.img")
+	if err := os.WriteFile(full, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(dir, "empty.img")
+	if err := os.WriteFile(empty, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.img")
+
+	tests := []struct {
+		name    string
+		path    string
+		o       OpenOptions
+		wantErr string // "" = opens
+	}{
+		{name: "non-empty file", path: full, o: OpenOptions{Write: true},
+			wantErr: "refusing to write to non-empty file " + full + " (1.0 MiB, 1048576 bytes): all of it would be overwritten"},
+		{name: "part of a non-empty file", path: full, o: OpenOptions{Write: true, Size: 4096},
+			wantErr: "its first 4.0 KiB would be overwritten"},
+		{name: "non-empty file with force", path: full, o: OpenOptions{Write: true, Force: true}},
+		{name: "reading needs no force", path: full, o: OpenOptions{}},
+		{name: "empty file", path: empty, o: OpenOptions{Write: true, Size: 1 << 20}},
+		{name: "missing file is created for writes", path: missing, o: OpenOptions{Write: true, Size: 1 << 20}},
+		{name: "reads never create", path: filepath.Join(dir, "other.img"), o: OpenOptions{Size: 1 << 20}, wantErr: "does not exist"},
+		{name: "created files need a size", path: filepath.Join(dir, "other.img"), o: OpenOptions{Write: true}, wantErr: "give --size"},
+		{name: "reads never extend", path: full, o: OpenOptions{Size: 2 << 20}, wantErr: "larger than file"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, err := OpenFile(tt.path, tt.o)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				f.Close()
+				return
+			}
+			if err == nil {
+				f.Close()
+				t.Fatalf("OpenFile succeeded, want an error containing %q", tt.wantErr)
+			}
+			if !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("error %q, want it to contain %q", err, tt.wantErr)
+			}
+		})
+	}
+	if _, err := OpenFile(full, OpenOptions{Write: true}); !errors.Is(err, ErrOverwrite) {
+		t.Errorf("errors.Is(%v, ErrOverwrite) = false", err)
+	}
+	if st, err := os.Stat(filepath.Join(dir, "other.img")); err == nil {
+		t.Errorf("a refused open left a file behind: %v", st)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	ok := Config{Mode: ModeRandRead, BlockSize: 4096, QueueDepth: 32, Runtime: time.Second}
+	tests := []struct {
+		name    string
+		edit    func(*Config)
+		size    int64
+		align   int
+		wantErr string
+	}{
+		{name: "ok", edit: func(*Config) {}, size: 1 << 20, align: 512},
+		{name: "zero block size", edit: func(c *Config) { c.BlockSize = 0 }, size: 1 << 20, wantErr: "must be positive"},
+		{name: "block over 32 MiB", edit: func(c *Config) { c.BlockSize = 64 << 20 }, size: 1 << 30, wantErr: "32 MiB"},
+		{name: "zero queue depth", edit: func(c *Config) { c.QueueDepth = 0 }, size: 1 << 20, wantErr: "queue depth"},
+		{name: "random run without a bound", edit: func(c *Config) { c.Runtime = 0 }, size: 1 << 20, wantErr: "runtime or an I/O limit"},
+		{name: "sequential run needs no bound", edit: func(c *Config) { c.Mode, c.Runtime = ModeRead, 0 }, size: 1 << 20},
+		{name: "unaligned direct block", edit: func(c *Config) { c.BlockSize = 1000 }, size: 1 << 20, align: 512, wantErr: "not a multiple of 512"},
+		{name: "unaligned block without direct", edit: func(c *Config) { c.BlockSize = 1000 }, size: 1 << 20, align: 1},
+		{name: "unaligned direct size", edit: func(c *Config) { c.Mode = ModeRead }, size: 1<<20 + 1, align: 512, wantErr: "size 1048577"},
+		{name: "region under a block", edit: func(*Config) {}, size: 2048, wantErr: "smaller than one"},
+		{name: "bad mix", edit: func(c *Config) { c.Mode, c.ReadPercent = ModeRandRW, 101 }, size: 1 << 20, wantErr: "read percentage"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := ok
+			tt.edit(&c)
+			err := c.Validate(tt.size, max(tt.align, 1))
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("Validate: %v", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Errorf("Validate = %v, want an error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+
+func TestAlignedBuffer(t *testing.T) {
+	for _, n := range []int{512, 4096, 1 << 20, 4097} {
+		b := AlignedBuffer(n)
+		if len(b) != n || cap(b) != n {
+			t.Errorf("AlignedBuffer(%d): len %d cap %d", n, len(b), cap(b))
+		}
+		if addr := uintptrOf(b); addr%4096 != 0 {
+			t.Errorf("AlignedBuffer(%d) at %#x, not 4096-aligned", n, addr)
+		}
+	}
+}

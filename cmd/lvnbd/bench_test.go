@@ -1,0 +1,141 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// benchJSON is the part of the --json report scripts rely on.
+type benchJSON struct {
+	Target     string  `json:"target"`
+	Mode       string  `json:"mode"`
+	BlockSize  int     `json:"block_size"`
+	QueueDepth int     `json:"queue_depth"`
+	Size       int64   `json:"size"`
+	Seed       uint64  `json:"seed"`
+	Seconds    float64 `json:"seconds"`
+	Bytes      int64   `json:"bytes"`
+	MBPerSec   float64 `json:"mb_per_s"`
+	IOPS       float64 `json:"iops"`
+	Flushed    bool    `json:"flushed"`
+	Read       struct {
+		Ops     int64 `json:"ops"`
+		Bytes   int64 `json:"bytes"`
+		Latency struct {
+			P50  float64 `json:"p50"`
+			P99  float64 `json:"p99"`
+			P999 float64 `json:"p99_9"`
+		} `json:"latency_us"`
+	} `json:"read"`
+	Write struct {
+		Ops   int64 `json:"ops"`
+		Bytes int64 `json:"bytes"`
+	} `json:"write"`
+	Verify *struct {
+		OK                  bool   `json:"ok"`
+		CheckedBytes        int64  `json:"checked_bytes"`
+		FirstMismatchOffset *int64 `json:"first_mismatch_offset"`
+	} `json:"verify"`
+	Interrupted bool `json:"interrupted"`
+}
+
+func runLvnbd(tb testing.TB, args ...string) (stdout string, err error) {
+	tb.Helper()
+	var out, errOut bytes.Buffer
+	cmd := newRootCmd(&out, &errOut)
+	cmd.SetArgs(args)
+	err = cmd.ExecuteContext(context.Background())
+	return out.String(), err
+}
+
+func benchRun(tb testing.TB, args ...string) benchJSON {
+	tb.Helper()
+	out, err := runLvnbd(tb, append([]string{"bench", "--json", "--direct=false"}, args...)...)
+	if err != nil {
+		tb.Fatalf("lvnbd bench %v: %v\n%s", args, err, out)
+	}
+	var rep benchJSON
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		tb.Fatalf("lvnbd bench %v printed no JSON report: %v\n%s", args, err, out)
+	}
+	return rep
+}
+
+func TestBenchCommandWriteReadVerify(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	const size = 4 << 20
+
+	w := benchRun(t, "--mode", "write", "--size", "4M", "--bs", "256k", "--verify", path)
+	if w.Mode != "write" || w.Target != path || w.BlockSize != 256<<10 || w.QueueDepth != 1 || w.Size != size {
+		t.Errorf("write report header: %+v", w)
+	}
+	if w.Bytes != size || w.Write.Bytes != size || w.Write.Ops != 16 || w.Read.Ops != 0 || !w.Flushed {
+		t.Errorf("write: %d bytes in %d ops, flushed %v; want %d in 16, flushed", w.Write.Bytes, w.Write.Ops, w.Flushed, size)
+	}
+	if w.Verify == nil || !w.Verify.OK || w.Verify.CheckedBytes != size || w.Seed == 0 {
+		t.Errorf("write verify %+v, seed %d", w.Verify, w.Seed)
+	}
+
+	// A read run checks the earlier run's pattern by its seed.
+	r := benchRun(t, "--mode", "read", "--verify", "--seed", fmt.Sprint(w.Seed), path)
+	if r.Read.Bytes != size || r.BlockSize != 1<<20 || r.Read.Ops != 4 || r.Verify == nil || !r.Verify.OK || r.MBPerSec <= 0 {
+		t.Errorf("read: %+v verify %+v", r, r.Verify)
+	}
+	if !(r.Read.Latency.P50 > 0 && r.Read.Latency.P50 <= r.Read.Latency.P99 && r.Read.Latency.P99 <= r.Read.Latency.P999) {
+		t.Errorf("read latency percentiles out of order: %+v", r.Read.Latency)
+	}
+
+	// Random defaults: 4 KiB at QD 32; --io bounds the run exactly.
+	rr := benchRun(t, "--mode", "randread", "--io", "1M", path)
+	if rr.BlockSize != 4096 || rr.QueueDepth != 32 || rr.Read.Bytes != 1<<20 || rr.Read.Ops != 256 || rr.Verify != nil {
+		t.Errorf("randread defaults: %+v", rr)
+	}
+
+	// A wrong seed is stale data: the command fails and says where.
+	out, err := runLvnbd(t, "bench", "--direct=false", "--mode", "read", "--verify", "--seed", fmt.Sprint(w.Seed+1), path)
+	if err == nil || !strings.Contains(err.Error(), "mismatch at offset 0") || !strings.Contains(out, "verify FAILED") {
+		t.Errorf("read with the wrong seed: err %v\n%s", err, out)
+	}
+}
+
+func TestBenchCommandRefusals(t *testing.T) {
+	dir := t.TempDir()
+	full := filepath.Join(dir, "full.img")
+	data := bytes.Repeat([]byte{0x5a}, 1<<20)
+	if err := os.WriteFile(full, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		args    []string
+		wantErr string
+	}{
+		{args: []string{"--mode", "write", full}, wantErr: "refusing to write to non-empty file " + full + " (1.0 MiB, 1048576 bytes)"},
+		{args: []string{"--mode", "randrw", "--runtime", "1s", full}, wantErr: "add --force"},
+		{args: []string{"--mode", "read", "--verify", full}, wantErr: "give its --seed"},
+		{args: []string{"--mode", "scan", full}, wantErr: "want one of read, write"},
+		{args: []string{"--bs", "4X", full}, wantErr: "--bs"},
+		{args: []string{"--mode", "read", filepath.Join(dir, "missing.img")}, wantErr: "does not exist"},
+		{args: []string{"--mode", "read", full, full}, wantErr: "only NBD URIs"},
+		{args: []string{}, wantErr: "requires at least 1 arg"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			out, err := runLvnbd(t, append([]string{"bench", "--direct=false"}, tt.args...)...)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("err %v, want one containing %q\n%s", err, tt.wantErr, out)
+			}
+		})
+	}
+	if got, _ := os.ReadFile(full); !bytes.Equal(got, data) {
+		t.Error("a refused run changed the file")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "missing.img")); err == nil {
+		t.Error("a read run created a file")
+	}
+}

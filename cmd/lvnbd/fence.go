@@ -1,0 +1,101 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lvnbd/lvnbd/control"
+)
+
+func newFenceCmd() *cobra.Command {
+	var (
+		ctlPath string
+		export  string
+		list    bool
+		asJSON  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "fence CLIENT",
+		Short: "Cut a client off this storage box's exports until unfenced",
+		Long: `Fence a client (an address, a CIDR or a client certificate name) off one
+export (--export) or all of them: its connections are cut at once, new ones
+are refused, and when the command returns none of its writes will reach the
+storage any more. Fences are saved and survive a server restart; lift one
+with lvnbd unfence. --list shows the fences.
+
+For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
+		Example: `  lvnbd fence 10.0.0.21
+  lvnbd fence 10.0.0.21 --export vm1
+  lvnbd fence --list`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if list {
+				return cobra.NoArgs(cmd, args)
+			}
+			return cobra.ExactArgs(1)(cmd, args)
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c := control.NewClient(ctlPath)
+			out := cmd.OutOrStdout()
+			if list {
+				fences, err := c.Fences(cmd.Context())
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return json.NewEncoder(out).Encode(fences)
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "CLIENT\tEXPORT\tSINCE")
+				for _, f := range fences {
+					e := f.Export
+					if e == "" {
+						e = "(all)"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Client, e, f.Since.Format(time.RFC3339))
+				}
+				return tw.Flush()
+			}
+			cut, err := c.Fence(cmd.Context(), args[0], export)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "fenced %s off %s; %d connection(s) cut\n", args[0], exportOrAll(export), cut)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&ctlPath, "control", control.DefaultPath, "the server's control socket")
+	cmd.Flags().StringVar(&export, "export", "", "fence off this export only")
+	cmd.Flags().BoolVar(&list, "list", false, "list the fences")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "with --list, print JSON")
+	return cmd
+}
+
+func newUnfenceCmd() *cobra.Command {
+	var ctlPath, export string
+	cmd := &cobra.Command{
+		Use:   "unfence CLIENT",
+		Short: "Lift a fence set with lvnbd fence",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := control.NewClient(ctlPath).Unfence(cmd.Context(), args[0], export); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "unfenced %s on %s\n", args[0], exportOrAll(export))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&ctlPath, "control", control.DefaultPath, "the server's control socket")
+	cmd.Flags().StringVar(&export, "export", "", "the export the fence was for (as given to lvnbd fence)")
+	return cmd
+}
+
+func exportOrAll(export string) string {
+	if export == "" {
+		return "all exports"
+	}
+	return fmt.Sprintf("export %q", export)
+}

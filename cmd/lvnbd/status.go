@@ -1,0 +1,63 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
+
+	"github.com/lvnbd/lvnbd/control"
+)
+
+func newStatusCmd() *cobra.Command {
+	var (
+		ctlPath string
+		asJSON  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show a running server's exports and connected clients",
+		Long: `Show what the lvnbd server on this box exports and who is connected, with
+byte counts per connection. It asks the server through its control socket
+(root only).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := control.NewClient(ctlPath).Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			if st.Driver != "" {
+				fmt.Fprintf(out, "volumes: %s\n\n", st.Driver)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "EXPORT\tSIZE\tMODE\tCLIENTS")
+			for _, e := range st.Exports {
+				mode := "rw"
+				if e.ReadOnly {
+					mode = "ro"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", e.Name, humanize.IBytes(uint64(e.Size)), mode, len(e.Clients))
+			}
+			tw.Flush()
+			for _, e := range st.Exports {
+				for _, c := range e.Clients {
+					fmt.Fprintf(out, "  %s: connection %d from %s since %s, read %s, written %s\n", e.Name, c.ID, c.Peer,
+						c.Since.Format(time.RFC3339), humanize.IBytes(uint64(c.ReadBytes)), humanize.IBytes(uint64(c.WrittenBytes)))
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&ctlPath, "control", control.DefaultPath, "the server's control socket")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	return cmd
+}
