@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# `make run`: serve a sparse 1 GiB file on the default address, show what a
-# client sees, benchmark it, then keep serving (on a terminal) or stop.
+# `make run`: serve the file driver's volumes (./lvnbd-data) on the default
+# address, with a 1 GiB volume disk0, show what a client sees, benchmark it,
+# then keep serving (on a terminal) or stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=bin/lvnbd
 DATA=lvnbd-data
 URI=nbd://127.0.0.1:10809/disk0
-mkdir -p "$DATA"
-[ -e "$DATA/disk0.img" ] || truncate -s 1G "$DATA/disk0.img"
+CTL=$(mktemp -u /tmp/lvnbd-run.XXXXXX.sock)
+VOLS=(--volumes "file://./$DATA" --control "$CTL")
+"$BIN" volume list "${VOLS[@]}" | grep -q '^disk0 ' || "$BIN" volume create disk0 --size 1G "${VOLS[@]}"
 
-"$BIN" serve --export "disk0=$DATA/disk0.img" &
+# No flags needed: file://./lvnbd-data and 127.0.0.1:10809 are the defaults.
+# A private control socket keeps this demo apart from a system server.
+"$BIN" serve --control "$CTL" 2>"$DATA/server.log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
 
@@ -18,6 +22,7 @@ trap 'kill -TERM $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
 	if ! kill -0 $pid 2>/dev/null; then
 		echo "run: lvnbd serve exited; is port 10809 already in use? (ss -ltnp 'sport = :10809')" >&2
+		cat "$DATA/server.log" >&2
 		exit 1
 	fi
 	nbdinfo --size "$URI" >/dev/null 2>&1 && break
@@ -46,9 +51,12 @@ else
 fi
 
 echo
-echo "Serving $URI (backed by $DATA/disk0.img). Connect with:"
+echo "Serving $URI (the file driver's volume disk0 in $DATA/; log in $DATA/server.log). Try:"
 echo "  nbdinfo $URI"
-echo "  lvnbd attach $URI        # on a host with the nbd module"
+echo "  $BIN info --map $URI"
+echo "  $BIN status --control $CTL"
+echo "  $BIN snapshot create disk0@demo ${VOLS[*]}   # appears as export disk0@demo"
+echo "  $BIN attach $URI        # on a host with the nbd module"
 if [ -t 0 ]; then
 	echo "Press Ctrl-C to stop."
 	wait $pid
