@@ -26,17 +26,17 @@
 #
 # Environment: LVNBD (binary, default bin/lvnbd), BENCH_MIB (image size,
 # default 2048), BENCH_LINK_MIB (data moved per shaped-link run, default
-# 1024), BENCH_RUNTIME (seconds per fio run, default 10), BENCH_TIMEOUT
-# (seconds before a copy is cut short and reported as an upper bound,
-# default 45).
+# 512), BENCH_RUNTIME (seconds per fio or lvnbd bench run, default 10),
+# BENCH_TIMEOUT (seconds before a copy is cut short and reported as an upper
+# bound, default 25). The whole run takes about 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LVNBD=${LVNBD:-bin/lvnbd}
 MIB=${BENCH_MIB:-2048}
-LINK_MIB=${BENCH_LINK_MIB:-1024}
+LINK_MIB=${BENCH_LINK_MIB:-512}
 RUNTIME=${BENCH_RUNTIME:-10}
-TIMEOUT=${BENCH_TIMEOUT:-45}
+TIMEOUT=${BENCH_TIMEOUT:-25}
 GBE_PAYLOAD=117.6 # MB/s of TCP payload on one GbE link (1448 of every 1538 bytes on the wire)
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -55,9 +55,12 @@ done
 WORK=$(mktemp -d /dev/shm/lvnbd-bench.XXXXXX)
 NS_SRV=lvb-srv-$$
 NS_CLI=lvb-cli-$$
-pids=()
+pids=()     # servers
+children=() # clients running now
 cleanup() {
 	local rc=$?
+	trap - INT TERM
+	for p in "${children[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 	for p in "${pids[@]}"; do
 		pkill -TERM -P "$p" 2>/dev/null || true # nbd-server's per-client children
 		kill -TERM "$p" 2>/dev/null || true
@@ -111,29 +114,102 @@ wait_ready() {
 
 alive() { kill -0 "$1" 2>/dev/null || die "$2 died during the run (log: $3)"; }
 
-# timed BYTES LOG CMD...: runs CMD under the timeout and prints its MB/s, or
-# "<N" (an upper bound) when it was cut short. Any other failure is fatal.
-timed() {
-	local bytes=$1 log=$2 start end rc=0
+# stop_server PID: SIGTERM, then SIGKILL after 5 s (a server draining a
+# backlog for a client that is gone is not worth waiting for).
+stop_server() {
+	pkill -TERM -P "$1" 2>/dev/null || true # nbd-server's per-client children
+	kill -TERM "$1" 2>/dev/null || true
+	for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+	pkill -KILL -P "$1" 2>/dev/null || true
+	kill -KILL "$1" 2>/dev/null || true
+}
+
+# Clients run in the background and are waited for: bash runs a trap only
+# between commands and `wait` is one it interrupts, so Ctrl-C cleans up at
+# once, not after the step. (timeout(1) also moves its child out of the
+# terminal's process group, where Ctrl-C would not reach it; cleanup does.)
+#
+# start_bounded SECONDS LOG CMD...: starts CMD, killed after SECONDS.
+start_bounded() {
+	local secs=$1 log=$2
 	shift 2
-	start=$(date +%s.%N)
-	timeout "$TIMEOUT" "$@" >>"$log" 2>&1 || rc=$?
-	end=$(date +%s.%N)
+	timeout "$secs" "$@" >>"$log" 2>&1 &
+	children+=($!)
+}
+
+# wait_children: waits for every started client; sets rc to the first
+# non-zero exit (124: cut short by the timeout) and took to the seconds since
+# started.
+wait_children() {
+	local c r
+	rc=0
+	for c in "${children[@]}"; do
+		r=0
+		wait "$c" || r=$?
+		case $r in # a crash outranks a timeout, which outranks success
+		0) ;;
+		124) [ "$rc" != 0 ] || rc=124 ;;
+		*) rc=$r ;;
+		esac
+	done
+	children=()
+	took=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
+}
+
+# bounded SECONDS LOG CMD...: runs CMD to its end or the timeout.
+bounded() {
+	started=$(date +%s.%N)
+	start_bounded "$@"
+	wait_children
+}
+
+# mbps BYTES: MB/s of the last run, or "<N" (an upper bound) if cut short.
+mbps() {
 	case $rc in
-	0) awk -v b="$bytes" -v s="$start" -v e="$end" 'BEGIN {printf "%.1f", b / (e - s) / 1e6}' ;;
-	124) awk -v b="$bytes" -v t="$TIMEOUT" 'BEGIN {printf "<%.1f", b / t / 1e6}' ;;
-	*) tail -20 "$log" >&2; die "$1 failed (exit $rc): $*" ;;
+	124) awk -v b="$1" -v t="$TIMEOUT" 'BEGIN {printf "<%.1f", b / t / 1e6}' ;;
+	*) awk -v b="$1" -v s="$took" 'BEGIN {printf "%.1f", b / s / 1e6}' ;;
 	esac
 }
 
-# fio_run URI RW LOG: prints "IOPS MB/s" of a 4 KiB QD32 run.
+# check LOG WHAT: a failure other than the timeout is fatal; a crashed tool
+# is the one way `make bench` fails.
+check() {
+	case $rc in
+	0 | 124) ;;
+	*) tail -20 "$1" >&2; die "$2 failed (exit $rc)" ;;
+	esac
+}
+
+# copy VAR BYTES LOG NBDCOPY-ARGS...: sets VAR to nbdcopy's MB/s.
+copy() {
+	local var=$1 bytes=$2 log=$3
+	shift 3
+	bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents "$@"
+	check "$log" "nbdcopy $*"
+	printf -v "$var" '%s' "$(mbps "$bytes")"
+}
+ns_exec=() # set to (ip netns exec NS) to run clients in a namespace
+
+# fio_run IOPSVAR MBVAR URI RW LOG: a 4 KiB QD32 run of RUNTIME seconds.
 fio_run() {
-	local uri=$1 rw=$2 log=$3 out=$WORK/fio-$2.json dir="read"
-	[ "$rw" = randwrite ] && dir="write"
-	fio --name="$rw" --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth=32 \
-		--runtime="$RUNTIME" --time_based --output-format=json --output="$out" >>"$log" 2>&1 ||
-		{ tail -20 "$log" >&2; die "fio $rw against $uri failed"; }
-	jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes / 1e6)"' "$out" | awk '{printf "%.0f %.1f\n", $1, $2}'
+	local out=$WORK/fio-$4.json dir="read" line
+	[ "$4" = randwrite ] && dir="write"
+	bounded $((RUNTIME + 30)) "$5" fio --name="$4" --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
+		--runtime="$RUNTIME" --time_based --output-format=json --output="$out"
+	[ "$rc" = 0 ] || { tail -20 "$5" >&2; die "fio $4 against $3 failed (exit $rc)"; }
+	line=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes / 1e6)"' "$out")
+	printf -v "$1" '%.0f' "${line% *}"
+	printf -v "$2" '%.1f' "${line#* }"
+}
+
+# lvnbd_bench JSON LOG ARGS...: runs lvnbd bench --json, the report to JSON.
+lvnbd_bench() {
+	local json=$1 log=$2
+	shift 2
+	: >"$json"
+	# shellcheck disable=SC2016 # $0 and $@ belong to the inner sh
+	bounded $((TIMEOUT + 30)) "$log" sh -c 'exec "$@" >"$0"' "$json" "${ns_exec[@]}" "$LVNBD" bench --json "$@"
+	check "$log" "lvnbd bench $*"
 }
 
 # Random data for nbdcopy to write: 64 MiB from /dev/urandom repeated (the
@@ -166,19 +242,21 @@ make_source "$SRC" "$MIB"
 # --- 1. four servers on loopback ----------------------------------------------
 declare -A W R RRI RRM RWI RWM
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
-for srv in "${servers[@]}"; do
-	fresh_image "$IMG" "$MIB"
+# start_server NAME: starts it on a free loopback port serving IMG as
+# "bench"; sets pid, uri and log.
+start_server() {
+	local srv=$1 port
 	port=$(free_port)
 	log=$WORK/$srv.log
 	uri=nbd://127.0.0.1:$port/bench
 	case $srv in
-	lvnbd) "$LVNBD" serve --listen "tcp://127.0.0.1:$port" --export "bench=$IMG" --log-level warn >"$log" 2>&1 & ;;
-	nbdkit) nbdkit -f -t 16 -p "$port" -i 127.0.0.1 file "file=$IMG" >"$log" 2>&1 & ;;
-	qemu-nbd) qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p "$port" -x bench --cache=writeback --aio=threads "$IMG" >"$log" 2>&1 & ;;
+	lvnbd) "$LVNBD" serve --listen "tcp://127.0.0.1:$port" --export "bench=$IMG" --log-level warn >>"$log" 2>&1 & ;;
+	nbdkit) nbdkit -f -t 16 -p "$port" -i 127.0.0.1 file "file=$IMG" >>"$log" 2>&1 & ;;
+	qemu-nbd) qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p "$port" -x bench --cache=writeback --aio=threads "$IMG" >>"$log" 2>&1 & ;;
 	nbd-server)
-		# It drops to user nbd unless told otherwise, and could not open
-		# the image read-write; -d would serve a single connection, so
-		# it daemonizes and we track it by its pid file.
+		# It drops to user nbd unless told otherwise, and then cannot
+		# open the image read-write; -d would serve one connection only,
+		# so it daemonizes and is tracked by its pid file.
 		cat >"$WORK/nbd-server.conf" <<-EOF
 			[generic]
 			    user = root
@@ -191,59 +269,64 @@ for srv in "${servers[@]}"; do
 			    flush = true
 			    fua = true
 		EOF
-		nbd-server -C "$WORK/nbd-server.conf" -p "$WORK/nbd-server.pid" >"$log" 2>&1 || die "nbd-server failed to start"
+		nbd-server -C "$WORK/nbd-server.conf" -p "$WORK/nbd-server.pid" >>"$log" 2>&1 || die "nbd-server failed to start"
 		sleep 0.2
 		;;
 	esac
 	if [ "$srv" = nbd-server ]; then pid=$(cat "$WORK/nbd-server.pid"); else pid=$!; fi
 	pids+=("$pid")
 	wait_ready "$uri" "$pid"
+}
+
+# after_step NAME: checks the server survived; if the step was cut short,
+# restarts it, so the backlog a killed client left does not slow the next
+# step.
+after_step() {
+	alive "$pid" "$1" "$log"
+	if [ "$rc" = 124 ]; then
+		stop_server "$pid"
+		start_server "$1"
+	fi
+}
+
+for srv in "${servers[@]}"; do
+	fresh_image "$IMG" "$MIB"
+	start_server "$srv"
 	mc=$(nbdinfo --can multi-conn "$uri" && echo yes || echo no)
 	echo "-- $srv on $uri (multi-conn: $mc)"
-	W[$srv]=$(timed "$BYTES" "$log" nbdcopy --flush --no-extents -C 4 "$SRC" "$uri")
-	alive "$pid" "$srv" "$log"
+	copy "W[$srv]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
+	after_step "$srv"
 	echo "   nbdcopy write ${W[$srv]} MB/s"
-	R[$srv]=$(timed "$BYTES" "$log" nbdcopy --no-extents -C 4 "$uri" null:)
-	alive "$pid" "$srv" "$log"
+	copy "R[$srv]" "$BYTES" "$log" -C 4 "$uri" null:
+	after_step "$srv"
 	echo "   nbdcopy read  ${R[$srv]} MB/s"
-	out=$(fio_run "$uri" randread "$log")
-	read -r "RRI[$srv]" "RRM[$srv]" <<<"$out"
-	alive "$pid" "$srv" "$log"
+	fio_run "RRI[$srv]" "RRM[$srv]" "$uri" randread "$log"
+	after_step "$srv"
 	echo "   fio randread  ${RRI[$srv]} IOPS"
-	out=$(fio_run "$uri" randwrite "$log")
-	read -r "RWI[$srv]" "RWM[$srv]" <<<"$out"
-	alive "$pid" "$srv" "$log"
+	fio_run "RWI[$srv]" "RWM[$srv]" "$uri" randwrite "$log"
+	after_step "$srv"
 	echo "   fio randwrite ${RWI[$srv]} IOPS"
-	if [ "$srv" = lvnbd ]; then LVNBD_URI=$uri; LVNBD_PID=$pid; continue; fi
-	pkill -TERM -P "$pid" 2>/dev/null || true
-	kill -TERM "$pid"
-	for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+	if [ "$srv" = lvnbd ]; then LVNBD_URI=$uri LVNBD_PID=$pid; else stop_server "$pid"; fi
 done
 
-# --- 2. lvnbd bench against lvnbd (the server is still up, image written) ------
+# --- 2. lvnbd bench against lvnbd (still up, its image written) ----------------
 echo
 echo "== lvnbd bench against lvnbd serve on loopback =="
 lb() {
 	local name=$1
 	shift
-	timeout $((TIMEOUT + 30)) "$LVNBD" bench --json "$@" >"$WORK/lb-$name.json" 2>>"$WORK/lvnbd.log" || {
-		local rc=$?
-		[ $rc = 124 ] && { echo "   $name: cut short after $((TIMEOUT + 30)) s"; return; }
-		tail -5 "$WORK/lvnbd.log" >&2
-		die "lvnbd bench $name failed (exit $rc)"
-	}
+	lvnbd_bench "$WORK/lb.json" "$WORK/lvnbd.log" "$@"
 	jq -r '[.mb_per_s, .iops, .read.latency_us.p50 + .write.latency_us.p50,
-		.read.latency_us.p99 + .write.latency_us.p99, .connections, .queue_depth, .block_size] | @tsv' "$WORK/lb-$name.json" |
-		awk -v n="$name" -F'\t' '{printf "   %-12s %8.1f MB/s %8.0f IOPS   p50 %7.0f µs   p99 %7.0f µs   (%d conns, QD %d, bs %d)\n", n, $1, $2, $3, $4, $5, $6, $7}'
+		.read.latency_us.p99 + .write.latency_us.p99, .connections, .queue_depth, .block_size,
+		(if .interrupted or .error != "" then " (cut short)" else "" end)] | @tsv' "$WORK/lb.json" |
+		awk -v n="$name" -F'\t' '{printf "   %-12s %8.1f MB/s %8.0f IOPS   p50 %7.0f µs   p99 %7.0f µs   (%d conns, QD %d, bs %d)%s\n", n, $1, $2, $3, $4, $5, $6, $7, $8}'
 }
 LB_SIZE=$((MIB < 1024 ? MIB : 1024))M
-lb seq-write --mode write --force --bs 1M --qd 8 --conns 4 --size "$LB_SIZE" --runtime "${TIMEOUT}s" "$LVNBD_URI"
-lb seq-read --mode read --bs 1M --qd 8 --conns 4 --size "$LB_SIZE" --runtime "${TIMEOUT}s" "$LVNBD_URI"
-lb randread --mode randread --bs 4k --qd 32 --conns 1 --runtime "${RUNTIME}s" "$LVNBD_URI"
-lb randread-4c --mode randread --bs 4k --qd 32 --conns 4 --runtime "${RUNTIME}s" "$LVNBD_URI"
+lb seq-write --mode write --force --bs 1M --qd 8 --conns 4 --size "$LB_SIZE" --runtime "${RUNTIME}s" "$LVNBD_URI"
+lb seq-read --mode read --bs 1M --qd 8 --conns 4 --size "$LB_SIZE" --runtime "${RUNTIME}s" "$LVNBD_URI"
+lb randread --mode randread --bs 4k --qd 32 --conns 4 --runtime "${RUNTIME}s" "$LVNBD_URI"
 alive "$LVNBD_PID" lvnbd "$WORK/lvnbd.log"
-kill -TERM "$LVNBD_PID"
-for _ in $(seq 50); do kill -0 "$LVNBD_PID" 2>/dev/null || break; sleep 0.1; done
+stop_server "$LVNBD_PID"
 
 # --- 3. shaped GbE links in network namespaces ---------------------------------
 # Two namespaces joined by two veth pairs, each shaped to 1 Gbit/s in both
@@ -269,86 +352,92 @@ for l in 1 2; do
 done
 LINK_BYTES=$((LINK_MIB * 1048576))
 HALF=$((LINK_MIB / 2))
+rm -f "$IMG" "$SRC" # room in tmpfs
 fresh_image "$WORK/link.img" "$LINK_MIB"
 fresh_image "$WORK/half0.img" "$HALF"
 fresh_image "$WORK/half1.img" "$HALF"
-rm -f "$IMG" # room in tmpfs
 make_source "$WORK/link-src.img" "$LINK_MIB"
 make_source "$WORK/half-src.img" "$HALF"
 log=$WORK/lvnbd-link.log
-ip netns exec "$NS_SRV" "$LVNBD" serve --listen tcp://192.0.2.1:10809 --listen tcp://192.0.2.5:10809 \
-	--export "link=$WORK/link.img" --export "half0=$WORK/half0.img" --export "half1=$WORK/half1.img" \
-	--log-level warn >"$log" 2>&1 &
-pid=$!
-pids+=("$pid")
-wait_ready nbd://192.0.2.1/link "$pid" "$NS_CLI"
-wait_ready nbd://192.0.2.5/link "$pid" "$NS_CLI"
-inc() { ip netns exec "$NS_CLI" "$@"; }
-
-L1W=$(timed "$LINK_BYTES" "$log" ip netns exec "$NS_CLI" nbdcopy --flush --no-extents -C 4 "$WORK/link-src.img" nbd://192.0.2.1/link)
-L1R=$(timed "$LINK_BYTES" "$log" ip netns exec "$NS_CLI" nbdcopy --no-extents -C 4 nbd://192.0.2.1/link null:)
-alive "$pid" "lvnbd (links)" "$log"
-
-# Two links: nbdcopy cannot spread one copy over two URIs, so two nbdcopy
-# processes run at once, each over its own link, each moving half the data
-# (one export per half); the rate is all bytes over the slower one's time.
-two_links() {
-	local dir=$1 start end rc0=0 rc1=0 p0 p1
-	start=$(date +%s.%N)
-	if [ "$dir" = write ]; then
-		timeout "$TIMEOUT" ip netns exec "$NS_CLI" nbdcopy --flush --no-extents -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0 >>"$log" 2>&1 & p0=$!
-		timeout "$TIMEOUT" ip netns exec "$NS_CLI" nbdcopy --flush --no-extents -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1 >>"$log" 2>&1 & p1=$!
-	else
-		timeout "$TIMEOUT" ip netns exec "$NS_CLI" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null: >>"$log" 2>&1 & p0=$!
-		timeout "$TIMEOUT" ip netns exec "$NS_CLI" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null: >>"$log" 2>&1 & p1=$!
-	fi
-	wait "$p0" || rc0=$?
-	wait "$p1" || rc1=$?
-	end=$(date +%s.%N)
-	if [ $rc0 = 124 ] || [ $rc1 = 124 ]; then
-		awk -v b="$((HALF * 2 * 1048576))" -v t="$TIMEOUT" 'BEGIN {printf "<%.1f", b / t / 1e6}'
-	elif [ $rc0 != 0 ] || [ $rc1 != 0 ]; then
-		tail -20 "$log" >&2
-		die "two-link nbdcopy $dir failed (exit $rc0, $rc1)"
-	else
-		awk -v b="$((HALF * 2 * 1048576))" -v s="$start" -v e="$end" 'BEGIN {printf "%.1f", b / (e - s) / 1e6}'
+start_link_server() {
+	ip netns exec "$NS_SRV" "$LVNBD" serve --listen tcp://192.0.2.1:10809 --listen tcp://192.0.2.5:10809 \
+		--export "link=$WORK/link.img" --export "half0=$WORK/half0.img" --export "half1=$WORK/half1.img" \
+		--log-level warn >>"$log" 2>&1 &
+	pid=$!
+	pids+=("$pid")
+	wait_ready nbd://192.0.2.1/link "$pid" "$NS_CLI"
+	wait_ready nbd://192.0.2.5/link "$pid" "$NS_CLI"
+}
+after_link_step() {
+	alive "$pid" "lvnbd (links)" "$log"
+	if [ "$rc" = 124 ]; then
+		stop_server "$pid"
+		start_link_server
 	fi
 }
-L2W=$(two_links write)
-L2R=$(two_links read)
-alive "$pid" "lvnbd (links)" "$log"
+start_link_server
+ns_exec=(ip netns exec "$NS_CLI")
 
-# The same over lvnbd bench, which spreads its connections over both URIs
+# (a) one link: nbdcopy with 4 connections, as a leg with 4 sockets.
+copy L1W "$LINK_BYTES" "$log" --flush -C 4 "$WORK/link-src.img" nbd://192.0.2.1/link
+after_link_step
+copy L1R "$LINK_BYTES" "$log" -C 4 nbd://192.0.2.1/link null:
+after_link_step
+
+# (b) two links: nbdcopy cannot spread one copy over two URIs, so two
+# nbdcopy processes run at once, each over its own link moving half the data
+# (an export per half); the rate is all the bytes over the time both took.
+two_links() { # two_links VAR write|read
+	started=$(date +%s.%N)
+	if [ "$2" = write ]; then
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1
+	else
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null:
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null:
+	fi
+	wait_children
+	check "$log" "two-link nbdcopy $2"
+	printf -v "$1" '%s' "$(mbps $((HALF * 2 * 1048576)))"
+}
+two_links L2W write
+after_link_step
+two_links L2R read
+after_link_step
+
+# The same through lvnbd bench, which spreads its connections over both URIs
 # of one export, as a dom0 with two links per leg would.
-lbl() {
-	inc timeout $((TIMEOUT + 30)) "$LVNBD" bench --json --bs 1M --qd 8 --conns 4 --size "${LINK_MIB}M" \
-		--runtime "${TIMEOUT}s" "$@" 2>>"$log" | jq -r '.mb_per_s * 10 | round / 10' ||
-		die "lvnbd bench over the links failed: $*"
+lbl() { # lbl VAR ARGS...
+	local var=$1
+	shift
+	lvnbd_bench "$WORK/lb.json" "$log" --bs 1M --qd 8 --conns 4 --size "${LINK_MIB}M" --runtime "${TIMEOUT}s" "$@"
+	printf -v "$var" '%.1f' "$(jq -r .mb_per_s "$WORK/lb.json")"
 }
-LB1W=$(lbl --mode write --force nbd://192.0.2.1/link)
-LB1R=$(lbl --mode read nbd://192.0.2.1/link)
-LB2W=$(lbl --mode write --force nbd://192.0.2.1/link nbd://192.0.2.5/link)
-LB2R=$(lbl --mode read nbd://192.0.2.1/link nbd://192.0.2.5/link)
+lbl LB1W --mode write --force nbd://192.0.2.1/link
+lbl LB1R --mode read nbd://192.0.2.1/link
+lbl LB2W --mode write --force nbd://192.0.2.1/link nbd://192.0.2.5/link
+lbl LB2R --mode read nbd://192.0.2.1/link nbd://192.0.2.5/link
 alive "$pid" "lvnbd (links)" "$log"
 
 # --- report --------------------------------------------------------------------
 echo
 echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s =="
-printf '%-18s %11s %11s %14s %14s %15s %15s\n' server "write MB/s" "read MB/s" "randread IOPS" "randread MB/s" "randwrite IOPS" "randwrite MB/s"
+row() { printf '%-18s %11s %11s %14s %14s %15s %15s\n' "$@"; }
+row server "write MB/s" "read MB/s" "randread IOPS" "randread MB/s" "randwrite IOPS" "randwrite MB/s"
 for s in "${servers[@]}"; do
-	printf '%-18s %11s %11s %14s %14s %15s %15s\n' "$s" "${W[$s]}" "${R[$s]}" "${RRI[$s]}" "${RRM[$s]}" "${RWI[$s]}" "${RWM[$s]}"
+	row "$s" "${W[$s]}" "${R[$s]}" "${RRI[$s]}" "${RRM[$s]}" "${RWI[$s]}" "${RWM[$s]}"
 done
 for s in "${servers[@]:1}"; do
-	printf '%-18s %11s %11s %14s %14s %15s %15s\n' "lvnbd/$s" "$(ratio "${W[lvnbd]}" "${W[$s]}")" "$(ratio "${R[lvnbd]}" "${R[$s]}")" \
+	row "lvnbd/$s" "$(ratio "${W[lvnbd]}" "${W[$s]}")" "$(ratio "${R[lvnbd]}" "${R[$s]}")" \
 		"$(ratio "${RRI[lvnbd]}" "${RRI[$s]}")" "" "$(ratio "${RWI[lvnbd]}" "${RWI[$s]}")" ""
 done
 echo "('<N': cut short at ${TIMEOUT} s, so at most N; ratios with it are bounds)"
 echo
 echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
-share() { ratio "$1" "$2"; }
-printf '%-44s %10s %7s %10s %7s\n' "" write share read share
-printf '%-44s %10s %7s %10s %7s\n' "1 link, nbdcopy -C 4" "$L1W" "$(share "$L1W" $GBE_PAYLOAD)" "$L1R" "$(share "$L1R" $GBE_PAYLOAD)"
-printf '%-44s %10s %7s %10s %7s\n' "1 link, lvnbd bench 4 conns QD8 1M" "$LB1W" "$(share "$LB1W" $GBE_PAYLOAD)" "$LB1R" "$(share "$LB1R" $GBE_PAYLOAD)"
-printf '%-44s %10s %7s %10s %7s\n' "2 links, 2 x nbdcopy -C 2, one half each" "$L2W" "$(share "$L2W" 235.2)" "$L2R" "$(share "$L2R" 235.2)"
-printf '%-44s %10s %7s %10s %7s\n' "2 links, lvnbd bench 4 conns over both URIs" "$LB2W" "$(share "$LB2W" 235.2)" "$LB2R" "$(share "$LB2R" 235.2)"
+lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
+printf '%-46s %9s %6s %9s %6s\n' "" write share read share
+lrow "1 link, nbdcopy -C 4" "$L1W" "$L1R" $GBE_PAYLOAD
+lrow "1 link, lvnbd bench 4 conns QD8 1M" "$LB1W" "$LB1R" $GBE_PAYLOAD
+lrow "2 links, 2 x nbdcopy -C 2, one half each" "$L2W" "$L2R" 235.2
+lrow "2 links, lvnbd bench 4 conns over both URIs" "$LB2W" "$LB2R" 235.2
 echo "(line rate: $GBE_PAYLOAD MB/s of TCP payload per GbE link, 235.2 for two)"

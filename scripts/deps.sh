@@ -9,9 +9,10 @@ set -euo pipefail
 #   the VM suite:              qemu-system-x86 linux-image-amd64 busybox-static
 #                              lvm2 mdadm e2fsprogs cpio kmod
 #   network-namespace tests:   iproute2
+#   make bench:                jq (reads fio's JSON)
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
-	iproute2 util-linux gcc make)
+	iproute2 util-linux gcc make jq)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
 all) ;;
