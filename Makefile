@@ -1,4 +1,4 @@
-# lvnbd — `make run` serves a sparse file and benchmarks it; `make test` runs
+# lvnbd — `make run` serves the volumes in ./lvnbd-data and benchmarks them; `make test` runs
 # every test. Both install what they need (scripts/deps.sh).
 SHELL := /bin/bash
 export PATH := $(PATH):/usr/local/go/bin:/usr/sbin:/sbin
@@ -48,6 +48,10 @@ fuzz:
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
 	    echo "fuzz $$pkg $$f"; $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/dev/null; \
 	  done; done
+
+# A benchmark, not a test: it reports and never fails on a number.
+bench: deps build
+	scripts/bench.sh
 
 test: deps vet build test-unit fuzz test-interop test-vm
 
