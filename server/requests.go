@@ -11,8 +11,8 @@ import (
 	"github.com/lvnbd/lvnbd/server/backend"
 )
 
-// Structured reads at least this long look for holes and send them as
-// OFFSET_HOLE chunks; shorter ones are not worth the lseek calls.
+// Structured reads at least this long look for runs of zeroes and send them
+// as OFFSET_HOLE chunks; shorter ones are sent as they are.
 const holeReadMin = 64 << 10
 
 // maxExtents bounds one block-status reply (the spec's limit is 2^20).
@@ -100,6 +100,12 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 		}
 		c.release(cost)
 	}
+	if c.gone.Load() {
+		// Nobody will read the reply; an unacknowledged write may be
+		// dropped as if the connection had died a moment earlier.
+		r.done()
+		return
+	}
 	err := c.sess.check(req)
 	if err == nil {
 		switch req.Command {
@@ -182,81 +188,111 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
 func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 	b := c.sess.export.Backend
 	off := int64(req.Offset)
+	if req.Length == 0 && c.sess.structured {
+		c.okReply(r, req)
+		return nil, nil
+	}
+	data := getBuf(int(req.Length))
+	// Read everything before encoding anything, so an I/O error becomes a
+	// lone error reply rather than one after content chunks.
+	if err := b.ReadAt(data, off); err != nil {
+		return data, err
+	}
 	if !c.sess.structured {
-		data := getBuf(int(req.Length))
-		if err := b.ReadAt(data, off); err != nil {
-			return data, err
-		}
 		hdr, _ := nbd.SimpleReply{Handle: req.Handle}.AppendBinary(make([]byte, 0, nbd.SimpleReplySize))
 		r.add(hdr)
 		r.add(data)
 		return data, nil
 	}
-	if req.Length == 0 {
-		c.okReply(r, req)
-		return nil, nil
+	var runs []zeroRun
+	if req.Flags&nbd.CmdFlagDF == 0 && req.Length >= holeReadMin {
+		runs = zeroRuns(data, off)
 	}
-	extents := []backend.Extent{{Length: int64(req.Length)}}
-	if req.Flags&nbd.CmdFlagDF == 0 && req.Length >= holeReadMin && b.Sparse() {
-		e, err := b.Extents(off, int64(req.Length), maxExtents)
-		if err != nil {
-			return nil, err
-		}
-		// Extents may stop short at the bound: the remainder is read as data.
-		var covered int64
-		for _, x := range e {
-			covered += x.Length
-		}
-		if covered < int64(req.Length) {
-			e = append(e, backend.Extent{Length: int64(req.Length) - covered})
-		}
-		extents = e
-	}
-	var data []byte
-	var dataLen int64
-	for _, x := range extents {
-		if !x.Hole {
-			dataLen += x.Length
-		}
-	}
-	if dataLen > 0 {
-		data = getBuf(int(dataLen))
-	}
-	// Read everything before encoding anything, so an I/O error becomes a
-	// lone error chunk rather than one after content chunks.
-	pos, used := off, 0
-	for _, x := range extents {
-		if !x.Hole {
-			if err := b.ReadAt(data[used:used+int(x.Length)], pos); err != nil {
-				return data, err
-			}
-			used += int(x.Length)
-		}
-		pos += x.Length
-	}
-	hdrs := make([]byte, 0, len(extents)*(nbd.StructuredHeaderSize+nbd.OffsetHoleSize))
-	pos, used = off, 0
-	for i, x := range extents {
+	hdrs := make([]byte, 0, (2*len(runs)+1)*(nbd.StructuredHeaderSize+nbd.OffsetHoleSize))
+	chunk := func(start, end int, hole, last bool) {
 		var flags nbd.ReplyFlags
-		if i == len(extents)-1 {
+		if last {
 			flags = nbd.ReplyFlagDone
 		}
-		start := len(hdrs)
-		if x.Hole {
+		from := len(hdrs)
+		pos := uint64(off) + uint64(start)
+		if hole {
 			hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetHole, Handle: req.Handle, Length: nbd.OffsetHoleSize}.AppendBinary(hdrs)
-			hdrs, _ = nbd.OffsetHole{Offset: uint64(pos), Length: uint32(x.Length)}.AppendBinary(hdrs)
-			r.add(hdrs[start:len(hdrs):len(hdrs)])
-		} else {
-			hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetData, Handle: req.Handle,
-				Length: uint32(nbd.OffsetDataPrefixSize + x.Length)}.AppendBinary(hdrs)
-			hdrs = binary.BigEndian.AppendUint64(hdrs, uint64(pos))
-			r.add(hdrs[start:len(hdrs):len(hdrs)])
-			r.add(data[used : used+int(x.Length)])
-			used += int(x.Length)
+			hdrs, _ = nbd.OffsetHole{Offset: pos, Length: uint32(end - start)}.AppendBinary(hdrs)
+			r.add(hdrs[from:len(hdrs):len(hdrs)])
+			return
 		}
-		pos += x.Length
+		hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetData, Handle: req.Handle,
+			Length: uint32(nbd.OffsetDataPrefixSize + end - start)}.AppendBinary(hdrs)
+		hdrs = binary.BigEndian.AppendUint64(hdrs, pos)
+		r.add(hdrs[from:len(hdrs):len(hdrs)])
+		r.add(data[start:end])
+	}
+	pos := 0
+	for _, z := range runs {
+		if z.start > pos {
+			chunk(pos, z.start, false, false)
+		}
+		chunk(z.start, z.end, true, z.end == len(data))
+		pos = z.end
+	}
+	if pos < len(data) {
+		chunk(pos, len(data), false, true)
 	}
 	return data, nil
+}
+
+// zeroRun is [start, end) of a read buffer that is all zeroes.
+type zeroRun struct{ start, end int }
+
+// zeroRuns finds the runs of zeroes in data (read at export offset off) worth
+// sending as OFFSET_HOLE chunks instead of bytes: whole 4 KiB blocks, aligned
+// on the export, at least holeRunMin long. Looking at the data just read is
+// cheap — a block of data is given up at its first non-zero word — where
+// asking the file system (SEEK_HOLE) can cost a walk of the whole file per
+// read (tmpfs), and it finds zeroes that were written as well as holes.
+func zeroRuns(data []byte, off int64) []zeroRun {
+	const block = 4096
+	var runs []zeroRun
+	first := int((block - off%block) % block)
+	runStart := -1
+	flush := func(end int) {
+		if runStart >= 0 && end-runStart >= holeRunMin {
+			runs = append(runs, zeroRun{runStart, end})
+		}
+		runStart = -1
+	}
+	for i := first; i+block <= len(data); i += block {
+		if allZero(data[i : i+block]) {
+			if runStart < 0 {
+				runStart = i
+			}
+			continue
+		}
+		flush(i)
+	}
+	end := first + (len(data)-first)/block*block
+	flush(end)
+	return runs
+}
+
+// holeRunMin is the shortest zero run sent as a hole: shorter ones are not
+// worth a chunk of their own.
+const holeRunMin = 64 << 10
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func (c *conn) blockStatus(r *reply, req nbd.RequestHeader) error {

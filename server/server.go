@@ -35,6 +35,9 @@ type Config struct {
 	// MaxInFlightBytes bounds the payload bytes one connection may hold in
 	// memory at once. Default 128 MiB.
 	MaxInFlightBytes int64
+	// Workers is how many requests of one connection do I/O at once.
+	// Default 16.
+	Workers int
 	// DrainTimeout bounds how long shutdown waits for in-flight requests
 	// before closing connections anyway. Default 30s.
 	DrainTimeout time.Duration
@@ -55,6 +58,7 @@ const (
 	DefaultHandshakeTimeout = 30 * time.Second
 	DefaultMaxInFlight      = 256
 	DefaultMaxInFlightBytes = 128 << 20
+	DefaultWorkers          = 16
 	DefaultDrainTimeout     = 30 * time.Second
 	DefaultMaxConnections   = 1024
 	DefaultMaxPerClient     = 64
@@ -99,6 +103,9 @@ func New(cfg *Config) *Server {
 	}
 	if c.DrainTimeout <= 0 {
 		c.DrainTimeout = DefaultDrainTimeout
+	}
+	if c.Workers <= 0 {
+		c.Workers = DefaultWorkers
 	}
 	if c.MaxConnections <= 0 {
 		c.MaxConnections = DefaultMaxConnections
