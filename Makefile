@@ -7,7 +7,11 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 BIN := bin/lvnbd
 FUZZTIME ?= 5s
 
-.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm fuzz bench vet clean
+PREFIX ?= /usr
+DESTDIR ?=
+DEBDIR ?= dist
+
+.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm test-packaging fuzz bench vet clean install deb
 
 all: build
 
@@ -49,11 +53,26 @@ fuzz:
 	    echo "fuzz $$pkg $$f"; $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/dev/null; \
 	  done; done
 
+# The binary, systemd units, /etc/default/lvnbd, example configurations in
+# /etc/lvnbd (existing ones are kept), completions, man pages and README.
+# `make install DESTDIR=/tmp/stage PREFIX=/usr/local` stages elsewhere.
+install: build
+	packaging/install.sh "$(DESTDIR)" "$(PREFIX)" $(BIN)
+
+# dist/lvnbd_VERSION_ARCH.deb, its version from git describe.
+deb: build
+	packaging/deb.sh $(BIN) $(DEBDIR) $(VERSION)
+
+# The units (systemd-analyze verify, offline), install.sh, the .deb's
+# contents (dpkg-deb; lintian when installed) and the maintainer scripts.
+test-packaging: build
+	LVNBD_REQUIRE_PACKAGING=1 LVNBD_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 ./test/packaging/
+
 # A benchmark, not a test: it reports and never fails on a number.
 bench: deps build
 	scripts/bench.sh
 
-test: deps vet build test-unit fuzz test-interop test-vm
+test: deps vet build test-unit fuzz test-interop test-packaging test-vm
 
 clean:
-	rm -rf bin
+	rm -rf bin dist

@@ -10,9 +10,11 @@ set -euo pipefail
 #                              lvm2 mdadm e2fsprogs cpio kmod
 #   network-namespace tests:   iproute2
 #   make bench:                jq (reads fio's JSON)
+#   packaging tests:           systemd (systemd-analyze, systemd-socket-activate),
+#                              man-db, shellcheck
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
-	iproute2 util-linux gcc make jq)
+	iproute2 util-linux gcc make jq systemd man-db shellcheck)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
 all) ;;

@@ -54,7 +54,8 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
 		jobs:    make(chan job, s.cfg.MaxInFlight),    // never blocks: one per slot
 	}
-	c.client = &clientConn{id: id, peer: peer, who: sess.peer, kick: func() { nc.Close() }, fence: c.fence}
+	c.client = &clientConn{id: id, peer: peer, who: sess.peer, kick: func() { nc.Close() }, fence: c.fence,
+		drain: func() { nc.SetReadDeadline(time.Now()) }}
 	if !sess.export.attach(c.client) {
 		log.Info("export was removed during the handshake; closing")
 		return

@@ -37,7 +37,10 @@ type Export struct {
 	Description string
 	ReadOnly    bool
 	Backend     Backend
-	Access      Access
+	// Access is who may use the export; SetAccess changes it later.
+	Access Access
+	// access, once set by SetAccess, replaces Access.
+	access atomic.Pointer[Access]
 
 	// writeGate lets Quiesce pause writes: every request that modifies
 	// data holds it shared for the duration of its I/O.
@@ -56,6 +59,7 @@ type clientConn struct {
 	who           peer
 	since         time.Time
 	kick          func()                      // closes the connection
+	drain         func()                      // stops reading; answers what it has, then closes
 	fence         func(context.Context) error // stops its writes, then closes it
 	read, written atomic.Int64
 }
@@ -133,6 +137,27 @@ func (e *Export) Clients() []ClientInfo {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
+}
+
+// currentAccess is who may use the export now.
+func (e *Export) currentAccess() *Access {
+	if a := e.access.Load(); a != nil {
+		return a
+	}
+	return &e.Access
+}
+
+// SetAccess changes who may use the export, for connections from now on.
+func (e *Export) SetAccess(a Access) { e.access.Store(&a) }
+
+// DrainClients ends every connection to the export gracefully: each stops
+// reading requests, answers those it has, and closes.
+func (e *Export) DrainClients() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, c := range e.clients {
+		c.drain()
+	}
 }
 
 // kickClients closes every connection to the export.

@@ -166,7 +166,7 @@ func (n *negotiator) currentSize(e *Export) int64 {
 
 // access returns why this client may not use e, or "".
 func (n *negotiator) access(e *Export) (why string, tlsReqd bool) {
-	why, tlsReqd = e.Access.check(n.peer)
+	why, tlsReqd = e.currentAccess().check(n.peer)
 	if why == "" && n.s.fenced(n.peer, e.Name) {
 		why = fmt.Sprintf("%s is fenced off export %q (lvnbd unfence)", n.peer, e.Name)
 	}
@@ -179,8 +179,9 @@ func (n *negotiator) access(e *Export) (why string, tlsReqd bool) {
 // startTLS upgrades the connection (NBD_OPT_STARTTLS). Negotiation state
 // from before is forgotten, as the spec requires.
 func (n *negotiator) startTLS(ctx context.Context, data []byte) error {
+	tlsConfig := n.s.tlsConfig.Load()
 	switch {
-	case n.s.cfg.TLS == nil:
+	case tlsConfig == nil:
 		return n.replyErr(nbd.OptStartTLS, nbd.RepErrPolicy, "TLS is not configured on this server")
 	case n.peer.tls:
 		return n.replyErr(nbd.OptStartTLS, nbd.RepErrInvalid, "TLS is already in use")
@@ -194,7 +195,7 @@ func (n *negotiator) startTLS(ctx context.Context, data []byte) error {
 	if err := n.reply(nbd.OptStartTLS, nbd.RepAck, nil); err != nil {
 		return err
 	}
-	tc := tls.Server(n.nc, n.s.cfg.TLS)
+	tc := tls.Server(n.nc, tlsConfig)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
@@ -213,7 +214,7 @@ func (n *negotiator) list(data []byte) error {
 		return n.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
 	for _, e := range n.s.cfg.Exports.List() {
-		if why, _ := e.Access.check(n.peer); why != "" {
+		if why, _ := e.currentAccess().check(n.peer); why != "" {
 			continue // the spec lets a server hide what a client cannot use
 		}
 		b, err := nbd.ServerEntry{Name: e.Name, Description: e.Description}.AppendBinary(nil)

@@ -81,7 +81,13 @@ type Server struct {
 	limitsMu  sync.Mutex
 	active    int
 	perClient map[netip.Addr]int
+
+	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
 }
+
+// SetTLS replaces the TLS configuration (new certificates, say) for the
+// handshakes from now on; nil stops offering TLS.
+func (s *Server) SetTLS(c *tls.Config) { s.tlsConfig.Store(c) }
 
 // New returns a server for cfg.
 func New(cfg *Config) *Server {
@@ -113,7 +119,9 @@ func New(cfg *Config) *Server {
 	if c.MaxConnectionsPerClient <= 0 {
 		c.MaxConnectionsPerClient = DefaultMaxPerClient
 	}
-	return &Server{cfg: c, log: c.Logger, perClient: map[netip.Addr]int{}}
+	s := &Server{cfg: c, log: c.Logger, perClient: map[netip.Addr]int{}}
+	s.tlsConfig.Store(c.TLS)
+	return s
 }
 
 // Exports is the registry the server serves.

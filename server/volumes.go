@@ -37,6 +37,19 @@ func NewVolumes(drv volume.Driver, reg *Registry, log *zap.Logger) *Volumes {
 	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}}
 }
 
+// SetAccess changes who may use the exports made from volumes, those that
+// exist and those to come.
+func (v *Volumes) SetAccess(a Access) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.Access = a
+	for name := range v.managed {
+		if e, ok := v.reg.Lookup(name); ok {
+			e.SetAccess(a)
+		}
+	}
+}
+
 // Driver is the volume driver behind the exports.
 func (v *Volumes) Driver() volume.Driver { return v.drv }
 

@@ -34,5 +34,6 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.AddCommand(newFenceAgentCmd())
 	root.AddCommand(newBenchCmd())
 	root.AddCommand(newAttachCmd(nil), newDetachCmd(nil), newListCmd(nil), newReconnectCmd(nil))
+	root.AddCommand(newCompletionCmd(), newManCmd())
 	return root
 }

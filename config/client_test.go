@@ -1,0 +1,116 @@
+package config
+
+import (
+	"bytes"
+	"testing"
+	"time"
+)
+
+var validClient = []struct {
+	name string
+	doc  string
+	want []Pair
+}{
+	{"empty", "", nil},
+	{"defaults", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n",
+		[]Pair{{Name: "vm1", A: "nbd://10.0.1.1/vm1", B: "nbd://10.0.2.1/vm1", Connections: 1, Timeout: 30 * time.Second, DeadTimeout: time.Minute}}},
+	{"everything", `
+[[pair]]
+name = "vm1"
+a = "nbd://10.0.1.1/vm1"
+b = "nbd://10.0.2.1:10810/vm1"
+connections = 2
+timeout = "10s"
+dead_timeout = "0s"
+xen_domain = "vm1"
+vdevs = ["xvdb", "xvdc"]
+
+[[pair]]
+name = "vm2"
+a = "nbd+unix:///vm2?socket=/run/a.sock"
+b = "nbd://[fd00::2]/vm2"
+xen_domain = "vm1"
+vdevs = ["xvdd", "xvde"]
+`, []Pair{
+		{Name: "vm1", A: "nbd://10.0.1.1/vm1", B: "nbd://10.0.2.1:10810/vm1", Connections: 2, Timeout: 10 * time.Second,
+			XenDomain: "vm1", Vdevs: []string{"xvdb", "xvdc"}},
+		{Name: "vm2", A: "nbd+unix:///vm2?socket=/run/a.sock", B: "nbd://[fd00::2]/vm2", Connections: 1, Timeout: 30 * time.Second,
+			DeadTimeout: time.Minute, XenDomain: "vm1", Vdevs: []string{"xvdd", "xvde"}},
+	}},
+}
+
+func TestParseClientValid(t *testing.T) {
+	for _, tt := range validClient {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ParseClient([]byte(tt.doc), "client.toml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := diff(&ClientConfig{Pairs: tt.want}, got); d != "" {
+				t.Errorf("(-want +got)\n%s", d)
+			}
+		})
+	}
+}
+
+const pairHead = "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n"
+
+var invalidClient = []struct {
+	name, doc, key, msg string
+	line                int
+}{
+	{"unknown top-level key", "[client]\n", "client", "unknown key", 1},
+	{"pair as a table", "[pair]\nname = \"vm1\"\n", "pair", "[[pair]]", 1},
+	{"unknown pair key", pairHead + "conections = 2\n", "pair[0].conections", "did you mean connections?", 5},
+	{"no name", "[[pair]]\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n", "pair[0].name", "needs a name", 1},
+	{"bad name", "[[pair]]\nname = \"vm/1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n", "pair[0].name", "pair name", 2},
+	{"names twice", pairHead + pairHead, "pair[1].name", "unique", 6},
+	{"no leg b", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "NBD URI", 1},
+	{"bad leg a", "[[pair]]\nname = \"vm1\"\na = \"http://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n", "pair[0].a", "want nbd", 3},
+	{"same legs", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "other storage box", 4},
+	{"zero connections", pairHead + "connections = 0\n", "pair[0].connections", "want 1 to 64", 5},
+	{"too many connections", pairHead + "connections = 65\n", "pair[0].connections", "want 1 to 64", 5},
+	{"timeout as number", pairHead + "timeout = 30\n", "pair[0].timeout", `such as "30s"`, 5},
+	{"negative dead timeout", pairHead + "dead_timeout = \"-1s\"\n", "pair[0].dead_timeout", "negative", 5},
+	{"domain with space", pairHead + "xen_domain = \"vm 1\"\n", "pair[0].xen_domain", "no spaces", 5},
+	{"vdevs without domain", pairHead + "vdevs = [\"xvdb\", \"xvdc\"]\n", "pair[0].vdevs", "set xen_domain", 5},
+	{"one vdev", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\"]\n", "pair[0].vdevs", "want two", 6},
+	{"bad vdev", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\", \"/dev/sdc\"]\n", "pair[0].vdevs[1]", "such as \"xvdb\"", 6},
+	{"vdev used twice", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\", \"xvdc\"]\n" +
+		"[[pair]]\nname = \"vm2\"\na = \"nbd://10.0.1.1/vm2\"\nb = \"nbd://10.0.2.1/vm2\"\nxen_domain = \"vm1\"\nvdevs = [\"xvdc\", \"xvdd\"]\n",
+		"pair[1].vdevs[0]", "already used by pair[0].vdevs[1]", 12},
+}
+
+func TestParseClientInvalid(t *testing.T) {
+	for _, tt := range invalidClient {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ParseClient([]byte(tt.doc), "client.toml")
+			if err == nil {
+				t.Fatalf("parsed: %+v", c)
+			}
+			wantProblem(t, err, tt.key, tt.msg, tt.line)
+		})
+	}
+}
+
+func TestClientWriteTOMLRoundTrip(t *testing.T) {
+	for _, tt := range validClient {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ParseClient([]byte(tt.doc), "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var buf bytes.Buffer
+			if err := c.WriteTOML(&buf); err != nil {
+				t.Fatal(err)
+			}
+			back, err := ParseClient(buf.Bytes(), "printed")
+			if err != nil {
+				t.Fatalf("printed configuration does not parse: %v\n%s", err, buf.String())
+			}
+			if d := diff(c, back); d != "" {
+				t.Errorf("round trip (-printed +parsed)\n%s\n%s", d, buf.String())
+			}
+		})
+	}
+}

@@ -1,0 +1,345 @@
+// Package daemon runs lvnbd serve from a configuration: listeners (or the
+// sockets systemd passed), exports, volumes, fences, TLS, the control
+// socket, periodic volume rescans, systemd notifications, and reloads on
+// SIGHUP that change exports and access rules without dropping the
+// connections of exports that did not change.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/config"
+	"github.com/lvnbd/lvnbd/control"
+	"github.com/lvnbd/lvnbd/internal/systemd"
+	"github.com/lvnbd/lvnbd/server"
+	"github.com/lvnbd/lvnbd/volume"
+)
+
+// Options are what the daemon needs besides its configuration.
+type Options struct {
+	// Load returns the effective configuration; it is called at start and
+	// again on every reload.
+	Load func() (*config.Config, error)
+	// Log is the logger; Level, when set, is its level, changed by reloads.
+	Log   *zap.Logger
+	Level *zap.AtomicLevel
+	// Reload delivers reload requests (SIGHUP).
+	Reload <-chan struct{}
+	// Reloaded, when set, is told the outcome of every reload (for tests
+	// and for callers that report it).
+	Reloaded func(error)
+}
+
+// Daemon is a running storage-box server.
+type Daemon struct {
+	opts    Options
+	log     *zap.Logger
+	cfg     *config.Config
+	srv     *server.Server
+	reg     *server.Registry
+	vols    *server.Volumes
+	statics map[string]*server.Export // --export / [[export]] ones, by name
+}
+
+// Run serves until ctx is done, then drains and returns; cancellation is a
+// normal exit and returns nil.
+func Run(ctx context.Context, opts Options) error {
+	cfg, err := opts.Load()
+	if err != nil {
+		return err
+	}
+	d := &Daemon{opts: opts, log: opts.Log, cfg: cfg, reg: server.NewRegistry(), statics: map[string]*server.Export{}}
+	defer d.closeStatics()
+	if err := d.setLevel(cfg); err != nil {
+		return err
+	}
+	if cfg.Metrics.Listen != "" {
+		d.log.Warn("metrics.listen is set, but the Prometheus endpoint is not implemented yet; ignoring it")
+	}
+	fences, err := server.LoadFences(cfg.Server.FenceFile)
+	if err != nil {
+		return err
+	}
+	tlsConfig, err := cfg.TLSConfig()
+	if err != nil {
+		return err
+	}
+	if err := d.applyExports(cfg); err != nil {
+		return err
+	}
+	if cfg.Server.Volumes != "" {
+		drv, err := volume.Open(cfg.Server.Volumes)
+		if err != nil {
+			return err
+		}
+		d.vols = server.NewVolumes(drv, d.reg, d.log)
+		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
+			return err
+		}
+		if err := d.vols.Sync(ctx); err != nil {
+			return err
+		}
+		d.log.Info("exporting volumes", zap.String("driver", drv.String()), zap.Int("exports", len(d.reg.List())))
+	}
+	lns, err := d.listen(cfg)
+	if err != nil {
+		return err
+	}
+	sc := cfg.ServerConfig()
+	sc.Exports, sc.Logger, sc.TLS, sc.Fences = d.reg, d.log, tlsConfig, fences
+	d.srv = server.New(&sc)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var background sync.WaitGroup
+	defer background.Wait()
+	run := func(f func()) {
+		background.Add(1)
+		go func() { defer background.Done(); f() }()
+	}
+	if path := cfg.Server.Control; path != "" {
+		ln, err := control.Listen(path)
+		if err != nil {
+			d.log.Warn("no control socket: lvnbd volume, snapshot, status and fence will not reach this server",
+				zap.String("path", path), zap.Error(err))
+		} else {
+			d.log.Info("control socket", zap.String("path", path))
+			run(func() {
+				if err := control.Serve(ctx, ln, control.Handler(d.srv, d.vols, d.log)); err != nil {
+					d.log.Error("control socket failed", zap.Error(err))
+				}
+			})
+		}
+	}
+	if d.vols != nil && cfg.Server.Rescan > 0 {
+		run(func() { d.rescan(ctx, cfg.Server.Rescan) })
+	}
+	run(func() { d.reloads(ctx) })
+
+	served := make(chan error, 1)
+	go func() { served <- d.srv.Serve(ctx, lns...) }()
+	notify("READY=1", d.log)
+	select {
+	case err = <-served:
+	case <-ctx.Done():
+		notify("STOPPING=1", d.log)
+		err = <-served
+	}
+	cancel()
+	if err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	return nil
+}
+
+func notify(state string, log *zap.Logger) {
+	if err := systemd.Notify(state); err != nil {
+		log.Warn("telling systemd", zap.String("state", state), zap.Error(err))
+	}
+}
+
+// listen returns the sockets systemd passed, else listeners on cfg's URLs.
+func (d *Daemon) listen(cfg *config.Config) ([]net.Listener, error) {
+	lns, err := systemd.Listeners()
+	if err != nil {
+		return nil, err
+	}
+	if len(lns) > 0 {
+		d.log.Info("using the sockets systemd passed", zap.Int("count", len(lns)))
+		return lns, nil
+	}
+	addrs, err := cfg.ListenAddrs()
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range addrs {
+		ln, err := server.Listen(a)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, err
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}
+
+func (d *Daemon) setLevel(cfg *config.Config) error {
+	if d.opts.Level == nil {
+		return nil
+	}
+	lvl, err := zap.ParseAtomicLevel(cfg.Log.Level)
+	if err != nil {
+		return fmt.Errorf("log.level %q: %w", cfg.Log.Level, err)
+	}
+	d.opts.Level.SetLevel(lvl.Level())
+	return nil
+}
+
+func (d *Daemon) rescan(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := d.vols.Sync(ctx); err != nil && ctx.Err() == nil {
+				d.log.Warn("re-reading volumes", zap.Error(err))
+			}
+		}
+	}
+}
+
+func (d *Daemon) reloads(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.opts.Reload:
+			notify("RELOADING=1", d.log)
+			err := d.reload()
+			if err != nil {
+				d.log.Error("configuration rejected; the running one stays", zap.Error(err))
+			} else {
+				d.log.Info("configuration reloaded")
+			}
+			notify("READY=1", d.log)
+			if d.opts.Reloaded != nil {
+				d.opts.Reloaded(err)
+			}
+		}
+	}
+}
+
+// reload applies a new configuration: exports added, removed (their
+// clients drained: what they sent is answered) and changed; access rules,
+// TLS certificates and the log level. What needs a restart is logged.
+func (d *Daemon) reload() error {
+	cfg, err := d.opts.Load()
+	if err != nil {
+		return err
+	}
+	tlsConfig, err := cfg.TLSConfig()
+	if err != nil {
+		return err
+	}
+	var volAccess server.Access
+	if d.vols != nil {
+		if volAccess, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
+			return err
+		}
+	}
+	old := d.cfg
+	restart := []struct {
+		what     string
+		old, new any
+	}{
+		{"server.listen", old.Server.Listen, cfg.Server.Listen},
+		{"server.volumes", old.Server.Volumes, cfg.Server.Volumes},
+		{"server.control", old.Server.Control, cfg.Server.Control},
+		{"server.fence_file", old.Server.FenceFile, cfg.Server.FenceFile},
+		{"server.rescan", old.Server.Rescan, cfg.Server.Rescan},
+		{"log.format", old.Log.Format, cfg.Log.Format},
+		{"limits and timeouts", old.ServerConfig(), cfg.ServerConfig()},
+		{"metrics.listen", old.Metrics.Listen, cfg.Metrics.Listen},
+	}
+	for _, r := range restart {
+		if !reflect.DeepEqual(r.old, r.new) {
+			d.log.Warn("this change takes effect at the next restart", zap.String("setting", r.what))
+		}
+	}
+	if err := d.setLevel(cfg); err != nil {
+		return err
+	}
+	if err := d.applyExports(cfg); err != nil {
+		return err
+	}
+	d.srv.SetTLS(tlsConfig)
+	if d.vols != nil {
+		d.vols.SetAccess(volAccess)
+	}
+	d.cfg = cfg
+	return nil
+}
+
+// applyExports makes the static exports match cfg. Everything is opened
+// before anything changes, so a bad path leaves the old exports as they were.
+func (d *Daemon) applyExports(cfg *config.Config) error {
+	type change struct {
+		e    *server.Export
+		spec server.ExportSpec
+	}
+	var added []change
+	keep := map[string]bool{}
+	var errs []error
+	for _, ce := range cfg.Exports {
+		access, err := cfg.ServerAccess(ce.Access)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		spec := ce.Spec()
+		if cur, ok := d.statics[spec.Name]; ok && sameSpec(cur, spec) {
+			keep[spec.Name] = true
+			cur.SetAccess(access)
+			continue
+		}
+		e, err := server.OpenExport(spec)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		e.Access = access
+		added = append(added, change{e, spec})
+	}
+	if err := errors.Join(errs...); err != nil {
+		for _, a := range added {
+			a.e.Backend.Close()
+		}
+		return err
+	}
+	for name, e := range d.statics {
+		if keep[name] {
+			continue
+		}
+		if _, closed, err := d.reg.Remove(name); err == nil {
+			e.DrainClients()
+			d.log.Info("export withdrawn; its clients are drained", zap.String("export", name))
+			_ = closed // the backend closes with the last client
+		}
+		delete(d.statics, name)
+	}
+	for _, a := range added {
+		if err := d.reg.Add(a.e); err != nil {
+			a.e.Backend.Close()
+			errs = append(errs, err)
+			continue
+		}
+		d.statics[a.spec.Name] = a.e
+		d.log.Info("export", zap.String("name", a.spec.Name), zap.String("path", a.spec.Path),
+			zap.Int64("size", a.e.Backend.Size()), zap.Bool("readonly", a.spec.ReadOnly))
+	}
+	return errors.Join(errs...)
+}
+
+func sameSpec(e *server.Export, spec server.ExportSpec) bool {
+	return e.Description == spec.Path && e.ReadOnly == spec.ReadOnly
+}
+
+func (d *Daemon) closeStatics() {
+	for name := range d.statics {
+		if _, closed, err := d.reg.Remove(name); err == nil {
+			<-closed
+		}
+	}
+}

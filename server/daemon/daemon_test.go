@@ -1,0 +1,141 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/config"
+)
+
+func sparse(t *testing.T, name string, size int64) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, size); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// configs hands Run the configuration of the moment; a nil one fails.
+type configs struct {
+	mu  sync.Mutex
+	cur *config.Config
+}
+
+func (c *configs) set(cfg *config.Config) { c.mu.Lock(); c.cur = cfg; c.mu.Unlock() }
+func (c *configs) load() (*config.Config, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cur == nil {
+		return nil, errors.New("bad configuration (test)")
+	}
+	return c.cur.Effective(), nil
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestReload(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "nbd.sock")
+	base := func(exports ...config.Export) *config.Config {
+		c := config.Default()
+		c.Server.Listen = []string{"unix://" + sock}
+		c.Server.Control = ""
+		c.Server.FenceFile = ""
+		c.Server.Rescan = 0
+		c.Exports = exports
+		return c
+	}
+	a := config.Export{Name: "a", Path: sparse(t, "a.img", 1<<20)}
+	b := config.Export{Name: "b", Path: sparse(t, "b.img", 1<<20)}
+	c := config.Export{Name: "c", Path: sparse(t, "c.img", 2<<20)}
+	cfgs := &configs{}
+	cfgs.set(base(a, b))
+	reload := make(chan struct{}, 1)
+	reloaded := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, Options{Load: cfgs.load, Log: zaptest.NewLogger(t), Reload: reload,
+			Reloaded: func(err error) { reloaded <- err }})
+	}()
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	available := func(name string) bool {
+		_, err := client.Info(ctx, uri(name))
+		return err == nil
+	}
+	waitFor(t, "the server", func() bool { return available("a") })
+
+	conn, err := client.Dial(ctx, uri("a"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := conn.WriteAt(ctx, []byte("before"), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	// b goes, c comes, a stays: a's client keeps its connection.
+	cfgs.set(base(a, c))
+	reload <- struct{}{}
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	if !available("c") || available("b") {
+		t.Fatal("after the reload: want c and not b")
+	}
+	if err := conn.WriteAt(ctx, []byte("after"), 4096, 0); err != nil {
+		t.Fatalf("a's connection did not survive the reload: %v", err)
+	}
+
+	// A bad configuration is rejected; the running one stays.
+	cfgs.set(nil)
+	reload <- struct{}{}
+	if err := <-reloaded; err == nil {
+		t.Fatal("a bad configuration was accepted")
+	}
+	if !available("a") || !available("c") {
+		t.Fatal("a rejected reload changed the exports")
+	}
+
+	// An export whose file changed is replaced: new connections see the
+	// new file; the old connection is drained.
+	c2 := c
+	c2.Path = sparse(t, "c2.img", 3<<20)
+	cfgs.set(base(a, c2))
+	reload <- struct{}{}
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	if info, err := client.Info(ctx, uri("c")); err != nil || info.Size != 3<<20 {
+		t.Fatalf("c after replacing its file: %+v %v", info, err)
+	}
+	if err := conn.WriteAt(ctx, []byte("still"), 8192, 0); err != nil {
+		t.Fatalf("a's connection did not survive c's replacement: %v", err)
+	}
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run returned %v, want nil on cancellation", err)
+	}
+}
