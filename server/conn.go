@@ -54,6 +54,9 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
 		jobs:    make(chan job, s.cfg.MaxInFlight),    // never blocks: one per slot
 	}
+	if s.cfg.Observer != nil {
+		c.observe = s.cfg.Observer.ForExport(sess.export.Name)
+	}
 	c.client = &clientConn{id: id, peer: peer, who: sess.peer, kick: func() { nc.Close() }, fence: c.fence,
 		drain: func() { nc.SetReadDeadline(time.Now()) }}
 	if !sess.export.attach(c.client) {
@@ -83,6 +86,7 @@ type conn struct {
 	log     *zap.Logger
 	sess    *session
 	client  *clientConn // this connection's counters on the export
+	observe ExportObserver
 	slots   *semaphore.Weighted
 	bytes   *semaphore.Weighted
 	replies chan *reply
@@ -135,7 +139,10 @@ func (c *conn) serve(ctx context.Context) string {
 		go func() {
 			defer workers.Done()
 			for j := range c.jobs {
-				c.do(j.req, j.payload, j.cost)
+				errno := c.do(j.req, j.payload, j.cost)
+				if c.observe != nil {
+					c.observe.Request(j.req.Command, int(j.req.Length), time.Since(j.read), errno)
+				}
 			}
 		}()
 	}
@@ -221,7 +228,7 @@ func (c *conn) readLoop(ctx context.Context) string {
 			}
 		}
 		c.work.Add(1)
-		c.jobs <- job{req, payload, cost}
+		c.jobs <- job{req, payload, cost, time.Now()}
 	}
 }
 
@@ -230,6 +237,7 @@ type job struct {
 	req     nbd.RequestHeader
 	payload []byte
 	cost    int64
+	read    time.Time // when it came off the wire
 }
 
 func (c *conn) release(cost int64) {

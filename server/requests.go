@@ -85,9 +85,10 @@ func (s *session) check(req nbd.RequestHeader) error {
 	return nil
 }
 
-// do performs one request and queues its reply. It owns payload and the
-// request's slot and bytes until the reply is written.
-func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
+// do performs one request and queues its reply, and returns the error value
+// it answered with. It owns payload and the request's slot and bytes until
+// the reply is written.
+func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) (errno nbd.Errno) {
 	defer c.work.Done()
 	r := &reply{}
 	var bufs [][]byte
@@ -104,7 +105,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 		// Nobody will read the reply; an unacknowledged write may be
 		// dropped as if the connection had died a moment earlier.
 		r.done()
-		return
+		return nbd.ESHUTDOWN
 	}
 	err := c.sess.check(req)
 	if err == nil {
@@ -118,19 +119,19 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 			}
 			if err == nil {
 				c.replies <- r
-				return
+				return 0
 			}
 		case nbd.CmdBlockStatus:
 			if err = c.blockStatus(r, req); err == nil {
 				c.replies <- r
-				return
+				return 0
 			}
 		default:
 			err = c.modify(req, payload)
 		}
 	}
 	if err != nil {
-		errno := errnoOf(err)
+		errno = errnoOf(err)
 		var re *requestError
 		if errors.As(err, &re) {
 			errno = re.errno
@@ -145,6 +146,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) {
 		c.okReply(r, req)
 	}
 	c.replies <- r
+	return errno
 }
 
 // modify performs the commands whose reply carries no data.

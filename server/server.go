@@ -51,6 +51,22 @@ type Config struct {
 	MaxConnectionsPerClient int
 	// Fences is the fence list; nil means fencing is not available.
 	Fences *Fences
+	// Observer, when set, is told about every request (metrics).
+	Observer Observer
+}
+
+// Observer receives what the server does, for metrics. ForExport is called
+// once per connection, so implementations can look up their per-export
+// handles there rather than on every request.
+type Observer interface {
+	ForExport(name string) ExportObserver
+}
+
+// ExportObserver is told about each request on one connection to an export:
+// its command, payload bytes, how long it took from being read to its reply
+// being queued, and its error value (0 for success).
+type ExportObserver interface {
+	Request(cmd nbd.Command, bytes int, took time.Duration, errno nbd.Errno)
 }
 
 // Defaults for Config fields left zero.

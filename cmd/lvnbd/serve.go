@@ -122,7 +122,7 @@ addresses or CIDRs, --allow-name to client certificate names.`,
 	f.String("tls", def.TLS.Default, "TLS for the exports: off, optional or required")
 	f.StringArray("allow", nil, "client address or CIDR allowed to use the exports (repeatable; default everyone)")
 	f.StringArray("allow-name", nil, "client certificate name (CN or DNS SAN) allowed to use the exports (repeatable; needs --tls-ca)")
-	f.String("metrics-listen", "", "HOST:PORT for a Prometheus endpoint (not implemented yet)")
+	f.String("metrics-listen", "", "HOST:PORT of a Prometheus endpoint, /metrics (empty: off)")
 	f.String("log-level", def.Log.Level, "log level: debug, info, warn, error")
 	f.String("log-format", def.Log.Format, "log format: console or json")
 	return cmd

@@ -20,6 +20,7 @@ import (
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/internal/systemd"
 	"github.com/lvnbd/lvnbd/server"
+	"github.com/lvnbd/lvnbd/server/metrics"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -61,9 +62,6 @@ func Run(ctx context.Context, opts Options) error {
 	if err := d.setLevel(cfg); err != nil {
 		return err
 	}
-	if cfg.Metrics.Listen != "" {
-		d.log.Warn("metrics.listen is set, but the Prometheus endpoint is not implemented yet; ignoring it")
-	}
 	fences, err := server.LoadFences(cfg.Server.FenceFile)
 	if err != nil {
 		return err
@@ -95,6 +93,18 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	sc := cfg.ServerConfig()
 	sc.Exports, sc.Logger, sc.TLS, sc.Fences = d.reg, d.log, tlsConfig, fences
+	var m *metrics.Metrics
+	var metricsLn net.Listener
+	if addr := cfg.Metrics.Listen; addr != "" {
+		if metricsLn, err = net.Listen("tcp", addr); err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return fmt.Errorf("metrics.listen %s: %w", addr, err)
+		}
+		m = metrics.New(d.reg, fences)
+		sc.Observer = m
+	}
 	d.srv = server.New(&sc)
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -118,6 +128,14 @@ func Run(ctx context.Context, opts Options) error {
 				}
 			})
 		}
+	}
+	if m != nil {
+		d.log.Info("metrics", zap.String("url", "http://"+metricsLn.Addr().String()+"/metrics"))
+		run(func() {
+			if err := m.Serve(ctx, metricsLn); err != nil {
+				d.log.Error("metrics endpoint failed", zap.Error(err))
+			}
+		})
 	}
 	if d.vols != nil && cfg.Server.Rescan > 0 {
 		run(func() { d.rescan(ctx, cfg.Server.Rescan) })

@@ -3,13 +3,19 @@ package daemon
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/config"
@@ -137,5 +143,51 @@ func TestReload(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("Run returned %v, want nil on cancellation", err)
+	}
+}
+
+func TestMetricsEndpoint(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "nbd.sock")
+	cfg := config.Default()
+	cfg.Server.Listen = []string{"unix://" + sock}
+	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.Rescan = "", "", 0
+	cfg.Exports = []config.Export{{Name: "m", Path: sparse(t, "m.img", 1<<20)}}
+	cfg.Metrics.Listen = "127.0.0.1:0"
+	cfgs := &configs{}
+	cfgs.set(cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := zaptest.NewLogger(t)
+	obs, logs := observer.New(zap.InfoLevel)
+	go func() { done <- Run(ctx, Options{Load: cfgs.load, Log: zap.New(zapcore.NewTee(log.Core(), obs))}) }()
+	defer func() { cancel(); <-done }()
+	var url string
+	waitFor(t, "the metrics endpoint", func() bool {
+		for _, e := range logs.FilterMessage("metrics").All() {
+			url = e.ContextMap()["url"].(string)
+		}
+		return url != ""
+	})
+	uri := "nbd+unix:///m?socket=" + sock
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri); return err == nil })
+	conn, err := client.Dial(ctx, uri, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.WriteAt(ctx, make([]byte, 4096), 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	conn.Close()
+	for _, want := range []string{`lvnbd_request_bytes_total{command="write",export="m"} 4096`, `lvnbd_connections{export="m"} 1`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s\n%s", want, body)
+		}
 	}
 }
