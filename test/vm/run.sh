@@ -145,7 +145,8 @@ scenario_names() {
 	local f n
 	for f in "$here"/scenarios/*.sh; do
 		n=$(basename "$f" .sh)
-		[[ $n == lib ]] || echo "$n"
+		# lib.sh and *-lib.sh are sourced by scenarios, not run as one.
+		[[ $n == lib || $n == *-lib ]] || echo "$n"
 	done
 }
 
@@ -331,7 +332,7 @@ main() {
 	fi
 	((${#selected[@]})) || die "no scenarios in $here/scenarios"
 	for s in "${selected[@]}"; do
-		[[ -f $here/scenarios/$s.sh && $s != lib ]] || die "no such scenario: $s (have: ${all[*]})"
+		[[ -f $here/scenarios/$s.sh && $s != lib && $s != *-lib ]] || die "no such scenario: $s (have: ${all[*]})"
 	done
 	if [[ ! -f $lvnbd ]]; then
 		((lvnbd_explicit)) && die "--lvnbd $lvnbd: no such file"
