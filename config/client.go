@@ -22,9 +22,10 @@ const (
 	DefaultConnections = 1
 	DefaultTimeout     = 30 * time.Second
 	DefaultDeadTimeout = 60 * time.Second
-	// MaxConnections bounds a pair's connections per leg: the server's
-	// default per-client limit.
-	MaxConnections = server.DefaultMaxPerClient
+	// MaxConnections bounds a pair's connections per leg: more do not
+	// help one GbE link, and each is a slot in the server's per-client
+	// limit.
+	MaxConnections = 16
 )
 
 // ClientConfig is the configuration of the dom0 pair daemon: client.toml.
@@ -150,9 +151,9 @@ func (c *ClientConfig) validate(p *problems) {
 		if len(pr.Vdevs) == 0 {
 			continue
 		}
-		if pr.XenDomain == "" {
-			p.add(key+".vdevs", `guest device names need the guest: set xen_domain too`)
-		}
+		// vdevs without xen_domain is how disks go into a domain's own
+		// configuration file (lvnbd pair xen-config) without pair up
+		// attaching them a second time.
 		if len(pr.Vdevs) != 2 {
 			p.add(key+".vdevs", "%d names: want two, for legs a and b, such as [\"xvdb\", \"xvdc\"]", len(pr.Vdevs))
 		}

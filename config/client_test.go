@@ -68,12 +68,11 @@ var invalidClient = []struct {
 	{"no leg b", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "NBD URI", 1},
 	{"bad leg a", "[[pair]]\nname = \"vm1\"\na = \"http://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n", "pair[0].a", "want nbd", 3},
 	{"same legs", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "other storage box", 4},
-	{"zero connections", pairHead + "connections = 0\n", "pair[0].connections", "want 1 to 64", 5},
-	{"too many connections", pairHead + "connections = 65\n", "pair[0].connections", "want 1 to 64", 5},
+	{"zero connections", pairHead + "connections = 0\n", "pair[0].connections", "want 1 to 16", 5},
+	{"too many connections", pairHead + "connections = 17\n", "pair[0].connections", "want 1 to 16", 5},
 	{"timeout as number", pairHead + "timeout = 30\n", "pair[0].timeout", `such as "30s"`, 5},
 	{"negative dead timeout", pairHead + "dead_timeout = \"-1s\"\n", "pair[0].dead_timeout", "negative", 5},
 	{"domain with space", pairHead + "xen_domain = \"vm 1\"\n", "pair[0].xen_domain", "no spaces", 5},
-	{"vdevs without domain", pairHead + "vdevs = [\"xvdb\", \"xvdc\"]\n", "pair[0].vdevs", "set xen_domain", 5},
 	{"one vdev", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\"]\n", "pair[0].vdevs", "want two", 6},
 	{"bad vdev", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\", \"/dev/sdc\"]\n", "pair[0].vdevs[1]", "such as \"xvdb\"", 6},
 	{"vdev used twice", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\", \"xvdc\"]\n" +
@@ -112,5 +111,17 @@ func TestClientWriteTOMLRoundTrip(t *testing.T) {
 				t.Errorf("round trip (-printed +parsed)\n%s\n%s", d, buf.String())
 			}
 		})
+	}
+}
+
+// vdevs without xen_domain is how disks are written into a domain's own
+// configuration file (lvnbd pair xen-config) without pair up attaching them.
+func TestParseClientVdevsWithoutDomain(t *testing.T) {
+	c, err := ParseClient([]byte(pairHead+"vdevs = [\"xvdb\", \"xvdc\"]\n"), "client.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Pairs[0].Vdevs; len(got) != 2 || got[0] != "xvdb" {
+		t.Fatalf("vdevs %v", got)
 	}
 }

@@ -47,7 +47,8 @@ type Config struct {
 	// MaxConnections bounds the connections served at once. Default 1024.
 	MaxConnections int
 	// MaxConnectionsPerClient bounds the connections from one address.
-	// Default 64.
+	// Default 256: a dom0 holds one to a few connections per volume it
+	// attaches from this box, plus its size polls.
 	MaxConnectionsPerClient int
 	// Fences is the fence list; nil means fencing is not available.
 	Fences *Fences
@@ -76,8 +77,8 @@ const (
 	DefaultMaxInFlightBytes = 128 << 20
 	DefaultWorkers          = 16
 	DefaultDrainTimeout     = 30 * time.Second
-	DefaultMaxConnections   = 1024
-	DefaultMaxPerClient     = 64
+	DefaultMaxConnections   = 4096
+	DefaultMaxPerClient     = 256
 )
 
 // Advertised size constraints: any alignment, 4 KiB preferred, 32 MiB payloads.

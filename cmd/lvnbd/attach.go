@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -18,7 +17,6 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/lvnbd/lvnbd/bench"
 	"github.com/lvnbd/lvnbd/client"
@@ -60,9 +58,8 @@ func realHost() *hostDeps {
 	}
 }
 
-// Limits of the attach flags.
+// Defaults of the attach flags.
 const (
-	maxConnections     = 64
 	defaultTimeout     = 30 * time.Second
 	defaultDeadTimeout = 60 * time.Second
 )
@@ -105,8 +102,8 @@ be attached only once per host.`,
 			if err != nil {
 				return err
 			}
-			if conns < 1 || conns > maxConnections {
-				return fmt.Errorf("--connections %d: want 1 to %d", conns, maxConnections)
+			if conns < 1 || conns > kernel.MaxConnections {
+				return fmt.Errorf("--connections %d: want 1 to %d", conns, kernel.MaxConnections)
 			}
 			if timeout < 0 || deadTimeout < 0 {
 				return errors.New("--timeout and --dead-timeout cannot be negative")
@@ -153,32 +150,21 @@ be attached only once per host.`,
 				return err
 			}
 			// The kernel holds its own references once Connect returns.
-			defer closeFiles(socks)
-			if bs, err = chooseBlockSize(bs, info); err != nil {
+			defer kernel.CloseSockets(socks)
+			cfg, err := kernel.ExportConfig(info, bs)
+			if err != nil {
 				return err
 			}
-			size := info.Size - info.Size%uint64(bs)
-			if size == 0 {
-				return fmt.Errorf("export %q is %d bytes, smaller than one %d-byte block", u.Export, info.Size, bs)
-			}
-			if size != info.Size {
+			if cfg.Size != info.Size {
 				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: the export's last %d bytes are not a whole %d-byte block and stay out of the device\n",
-					info.Size-size, bs)
+					info.Size-cfg.Size, cfg.BlockSize)
 			}
-			cfg := kernel.Config{
-				Sockets:         socks,
-				Size:            size,
-				BlockSize:       bs,
-				ServerFlags:     info.Flags,
-				ReadOnly:        readOnly,
-				Timeout:         timeout,
-				DeadConnTimeout: deadTimeout,
-				Backend:         backend,
-				Index:           index,
-			}
-			if info.BlockSizesAdvertised {
-				cfg.MaxRequestBytes = info.BlockSizes.MaxPayload
-			}
+			cfg.Sockets = socks
+			cfg.ReadOnly = readOnly
+			cfg.Timeout = timeout
+			cfg.DeadConnTimeout = deadTimeout
+			cfg.Backend = backend
+			cfg.Index = index
 			index, err = k.Connect(ctx, cfg)
 			if err != nil {
 				return err
@@ -415,8 +401,8 @@ the server, say). A device never shrinks: detach it first.`,
 			if err != nil {
 				return err
 			}
-			if conns < 1 || conns > maxConnections {
-				return fmt.Errorf("--connections %d: want 1 to %d", conns, maxConnections)
+			if conns < 1 || conns > kernel.MaxConnections {
+				return fmt.Errorf("--connections %d: want 1 to %d", conns, kernel.MaxConnections)
 			}
 			if timeout < 0 || deadTimeout < 0 {
 				return errors.New("--timeout and --dead-timeout cannot be negative")
@@ -456,13 +442,13 @@ the server, say). A device never shrinks: detach it first.`,
 				if err != nil {
 					return err
 				}
-				defer closeFiles(socks)
+				defer kernel.CloseSockets(socks)
 				info, r.Sockets = i, socks
 				if info.ReadOnly() && !d.ReadOnly {
 					return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
 				}
 			}
-			size, err := grownSize(d, info.Size)
+			size, err := kernel.GrownSize(d, info.Size)
 			if err != nil {
 				return err
 			}
@@ -485,18 +471,6 @@ the server, say). A device never shrinks: detach it first.`,
 	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it)")
 	f.BoolVar(&sizeOnly, "size", false, "only push the export's current size to the device")
 	return cmd
-}
-
-// grownSize is the device size for an export of exportSize bytes: whole
-// blocks, never smaller than now.
-func grownSize(d kernel.Device, exportSize uint64) (uint64, error) {
-	bs := uint64(max(d.BlockSize, 512))
-	size := exportSize - exportSize%bs
-	if size < d.Size {
-		return 0, fmt.Errorf("the export shrank from %s to %s: %s cannot shrink in place; detach it first",
-			humanize.IBytes(d.Size), humanize.IBytes(exportSize), d.Path())
-	}
-	return size, nil
 }
 
 // findDevice resolves a DEVICE|URI argument to a device.
@@ -539,93 +513,14 @@ func findDevice(ctx context.Context, k nbdKernel, arg string) (kernel.Device, er
 	return kernel.Device{}, fmt.Errorf("%s is attached as %s: name the device", u, strings.Join(paths, " and "))
 }
 
-// dialForKernel opens n connections to u and negotiates each without
-// structured replies, which the kernel cannot parse. The first connection
-// tells whether the export allows several; all must see the same export.
+// dialForKernel opens n connections to u for the kernel, with the flag to
+// change in the error when the export allows only one.
 func dialForKernel(ctx context.Context, u client.URI, n int) ([]*os.File, client.ExportInfo, error) {
-	if u.IsTLS() {
-		return nil, client.ExportInfo{}, fmt.Errorf("%s: %w (the kernel cannot speak TLS; use nbd:// or nbd+unix://)", u, client.ErrTLSNotSupported)
+	socks, info, err := kernel.DialSockets(ctx, nil, u, n)
+	if errors.Is(err, kernel.ErrNoMultiConn) {
+		err = fmt.Errorf("%w: use --connections 1", err)
 	}
-	files := make([]*os.File, n)
-	infos := make([]client.ExportInfo, n)
-	dialOne := func(ctx context.Context, i int) error {
-		var d net.Dialer
-		nc, err := d.DialContext(ctx, u.Network(), u.Address())
-		if err != nil {
-			return &client.DialError{Addr: u.Address(), Err: err}
-		}
-		defer nc.Close()
-		info, err := client.Negotiate(ctx, nc, u.Export, &client.Options{NoStructuredReplies: true})
-		if err != nil {
-			return err
-		}
-		fc, ok := nc.(interface{ File() (*os.File, error) })
-		if !ok {
-			return fmt.Errorf("cannot hand a %T to the kernel", nc)
-		}
-		// A duplicate descriptor of the same socket: closing nc, the
-		// original, does not end the connection.
-		f, err := fc.File()
-		if err != nil {
-			return fmt.Errorf("connection %d: %w", i+1, err)
-		}
-		files[i], infos[i] = f, info
-		return nil
-	}
-	fail := func(err error) ([]*os.File, client.ExportInfo, error) {
-		closeFiles(files)
-		return nil, client.ExportInfo{}, err
-	}
-	if err := dialOne(ctx, 0); err != nil {
-		return fail(err)
-	}
-	if n > 1 && !infos[0].MultiConn() {
-		return fail(fmt.Errorf("%s: %w: use --connections 1", u, kernel.ErrNoMultiConn))
-	}
-	g, gctx := errgroup.WithContext(ctx)
-	for i := 1; i < n; i++ {
-		g.Go(func() error { return dialOne(gctx, i) })
-	}
-	if err := g.Wait(); err != nil {
-		return fail(err)
-	}
-	for i := 1; i < n; i++ {
-		a, b := infos[0], infos[i]
-		if a.Size != b.Size || a.Flags != b.Flags || a.BlockSizes != b.BlockSizes {
-			return fail(fmt.Errorf("%s changed between connections: connection 1 saw %d bytes, flags %v; connection %d saw %d bytes, flags %v",
-				u, a.Size, a.Flags, i+1, b.Size, b.Flags))
-		}
-	}
-	return files, infos[0], nil
-}
-
-func closeFiles(files []*os.File) {
-	for _, f := range files {
-		if f != nil {
-			f.Close()
-		}
-	}
-}
-
-// chooseBlockSize returns the device's logical block size: the one asked
-// for, or the export's minimum block size but at least 512 (the smallest,
-// and most compatible, the kernel allows).
-func chooseBlockSize(asked uint32, info client.ExportInfo) (uint32, error) {
-	minimum := uint32(1)
-	if info.BlockSizesAdvertised {
-		minimum = info.BlockSizes.Minimum
-	}
-	if asked != 0 {
-		if asked < minimum {
-			return 0, fmt.Errorf("--block-size %d is below the export's minimum block size %d", asked, minimum)
-		}
-		return asked, nil
-	}
-	bs := max(kernel.DefaultBlockSize, minimum)
-	if err := kernel.ValidBlockSize(bs); err != nil {
-		return 0, fmt.Errorf("the export's minimum block size %d is more than the kernel supports: %w", minimum, err)
-	}
-	return bs, nil
+	return socks, info, err
 }
 
 // waitForNode waits up to limit for devtmpfs or udev to create path: a

@@ -55,6 +55,8 @@ func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
 	index := k.nextIndex
 	if cfg.Index != kernel.AnyDevice {
 		index = cfg.Index
+	} else {
+		k.nextIndex++
 	}
 	k.devs = append(k.devs, kernel.Device{Index: index, Connected: true, PID: 1, Backend: cfg.Backend,
 		Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: cfg.ReadOnly})
@@ -549,35 +551,6 @@ func TestReconnect(t *testing.T) {
 			}
 			if len(k.reconfigured) != 0 {
 				t.Error("Reconfigure was called")
-			}
-		})
-	}
-}
-
-func TestChooseBlockSize(t *testing.T) {
-	info := func(minimum uint32) client.ExportInfo {
-		return client.ExportInfo{BlockSizes: client.BlockSizes{Minimum: minimum, Preferred: 4096, MaxPayload: 1 << 20},
-			BlockSizesAdvertised: true}
-	}
-	tests := []struct {
-		name    string
-		asked   uint32
-		info    client.ExportInfo
-		want    uint32
-		wantErr bool
-	}{
-		{name: "nothing advertised", info: client.ExportInfo{BlockSizes: client.DefaultBlockSizes}, want: 512},
-		{name: "minimum 1", info: info(1), want: 512},
-		{name: "minimum 4096", info: info(4096), want: 4096},
-		{name: "asked 4096", asked: 4096, info: info(1), want: 4096},
-		{name: "asked below the minimum", asked: 512, info: info(4096), wantErr: true},
-		{name: "minimum over a page", info: info(64 << 10), wantErr: true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := chooseBlockSize(tt.asked, tt.info)
-			if (err != nil) != tt.wantErr || got != tt.want {
-				t.Errorf("chooseBlockSize = %d, %v; want %d, error %v", got, err, tt.want, tt.wantErr)
 			}
 		})
 	}

@@ -34,6 +34,7 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.AddCommand(newFenceAgentCmd())
 	root.AddCommand(newBenchCmd())
 	root.AddCommand(newAttachCmd(nil), newDetachCmd(nil), newListCmd(nil), newReconnectCmd(nil))
+	root.AddCommand(newClientCmd(nil), newPairCmd())
 	root.AddCommand(newCompletionCmd(), newManCmd())
 	return root
 }

@@ -23,7 +23,9 @@ size_of() { blockdev --getsize64 "$1"; }
 
 truncate -s 64M disk.img
 serve $PORT
-dev=$(lvnbd attach --connections 2 --timeout 5s --dead-timeout 10s "$URI")
+# A request timeout well above what an emulated (TCG) guest under load can take for a
+# healthy request; the dead-connection timeout is what this scenario is about.
+dev=$(lvnbd attach --connections 2 --timeout 30s --dead-timeout 10s "$URI")
 n=${dev#/dev/nbd}
 
 dd if=/dev/urandom of=src bs=1M count=16 status=none

@@ -28,11 +28,12 @@ assert_eq() {
 }
 
 # wait_for COND TIMEOUT: poll the shell command COND (a string, eval'd) every 0.1 s until it
-# succeeds; fail after TIMEOUT seconds (default 10).
+# succeeds; fail after TIMEOUT seconds (default 10) of real time, however slow COND is.
 wait_for() {
-	local cond=$1 limit=${2:-10} i
+	local cond=$1 limit=${2:-10} end
 	{ set +x; } 2>/dev/null
-	for ((i = 0; i < limit * 10; i++)); do
+	end=$((SECONDS + limit))
+	while ((SECONDS < end)); do
 		if eval "$cond" >/dev/null 2>&1; then
 			set -x
 			return 0

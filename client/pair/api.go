@@ -1,0 +1,261 @@
+package pair
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultSocket is where lvnbd client listens for lvnbd pair commands.
+const DefaultSocket = "/run/lvnbd/client.sock"
+
+// DefaultUpWait is how long Up waits for the legs when the request does not
+// say.
+const DefaultUpWait = time.Minute
+
+// ErrNoDaemon means nothing listens on the socket: lvnbd client is not
+// running (or was started with another --control path).
+var ErrNoDaemon = errors.New("lvnbd client is not running")
+
+// The API, HTTP with JSON bodies on the Unix socket:
+//
+//	GET  /v1/pairs                            []PairStatus
+//	POST /v1/pairs/{name}/up?wait=DURATION    PairStatus
+//	POST /v1/pairs/{name}/down[?force=1]      PairStatus
+//
+// A failure is a non-200 status with an apiError body; up and down return
+// the pair's status with it when they got that far.
+type apiError struct {
+	Error string      `json:"error"`
+	Kind  string      `json:"kind,omitempty"` // "unknown_pair"
+	Pair  *PairStatus `json:"pair,omitempty"`
+}
+
+// Handler serves the supervisor's API.
+func Handler(s *Supervisor, log *zap.Logger) http.Handler {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/pairs", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Status())
+	})
+	mux.HandleFunc("POST /v1/pairs/{name}/up", func(w http.ResponseWriter, r *http.Request) {
+		wait := DefaultUpWait
+		if v := r.URL.Query().Get("wait"); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil || d < 0 {
+				writeJSON(w, http.StatusBadRequest, apiError{Error: fmt.Sprintf("wait=%q: want a duration such as 60s", v)})
+				return
+			}
+			wait = d
+		}
+		st, err := s.Up(r.Context(), r.PathValue("name"), wait)
+		log.Info("pair up", zap.String("pair", r.PathValue("name")), zap.Error(err))
+		writeResult(w, st, err)
+	})
+	mux.HandleFunc("POST /v1/pairs/{name}/down", func(w http.ResponseWriter, r *http.Request) {
+		st, err := s.Down(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
+		log.Info("pair down", zap.String("pair", r.PathValue("name")), zap.Error(err))
+		writeResult(w, st, err)
+	})
+	return mux
+}
+
+func writeResult(w http.ResponseWriter, st PairStatus, err error) {
+	switch {
+	case err == nil:
+		writeJSON(w, http.StatusOK, st)
+	case errors.Is(err, ErrUnknownPair):
+		writeJSON(w, http.StatusNotFound, apiError{Error: err.Error(), Kind: "unknown_pair"})
+	default:
+		writeJSON(w, http.StatusInternalServerError, apiError{Error: err.Error(), Pair: &st})
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// Listen opens the daemon's socket at path: its directory is created 0700,
+// the socket made 0600, a stale socket of a dead daemon replaced, and
+// connections from users other than root and the daemon's own refused.
+func Listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s is in use: is lvnbd client already running?", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing the stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return &peerCheckListener{Listener: ln}, nil
+}
+
+// peerCheckListener admits only root and the daemon's own user: the socket
+// can detach devices from under guests.
+type peerCheckListener struct{ net.Listener }
+
+func (l *peerCheckListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if allowedPeer(c) {
+			return c, nil
+		}
+		c.Close()
+	}
+}
+
+func allowedPeer(c net.Conn) bool {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return false
+	}
+	return credErr == nil && cred != nil && (cred.Uid == 0 || int(cred.Uid) == os.Getuid())
+}
+
+// Serve answers API requests on ln until ctx is done, then closes ln.
+func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	stop := context.AfterFunc(ctx, func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	})
+	defer stop()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	return nil
+}
+
+// Client talks to a running lvnbd client daemon.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the daemon's socket at path; it connects
+// per request.
+func NewClient(path string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{path: path, hc: &http.Client{Transport: tr}}
+}
+
+// RemoteError is a failure the daemon reported. Pair is the pair's state
+// after a failed Up or Down, when known.
+type RemoteError struct {
+	Msg  string
+	Pair *PairStatus
+	kind string
+}
+
+func (e *RemoteError) Error() string { return e.Msg }
+
+// Unwrap returns ErrUnknownPair for an unknown pair.
+func (e *RemoteError) Unwrap() error {
+	if e.kind == "unknown_pair" {
+		return ErrUnknownPair
+	}
+	return nil
+}
+
+func (c *Client) do(ctx context.Context, method, path string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://lvnbd"+path, bytes.NewReader(nil))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w (no daemon on %s)", ErrNoDaemon, c.path)
+		}
+		return fmt.Errorf("%s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	body := io.LimitReader(resp.Body, 16<<20)
+	if resp.StatusCode != http.StatusOK {
+		var ae apiError
+		if err := json.NewDecoder(body).Decode(&ae); err != nil || ae.Error == "" {
+			return fmt.Errorf("%s: %s %s: HTTP %d", c.path, method, path, resp.StatusCode)
+		}
+		return &RemoteError{Msg: ae.Error, Pair: ae.Pair, kind: ae.Kind}
+	}
+	if err := json.NewDecoder(body).Decode(out); err != nil {
+		return fmt.Errorf("%s: decoding the answer to %s %s: %w", c.path, method, path, err)
+	}
+	return nil
+}
+
+// Status returns the state of every pair.
+func (c *Client) Status(ctx context.Context) ([]PairStatus, error) {
+	var out []PairStatus
+	err := c.do(ctx, http.MethodGet, "/v1/pairs", &out)
+	return out, err
+}
+
+// Up brings a pair up (Supervisor.Up), waiting up to wait for its legs.
+func (c *Client) Up(ctx context.Context, name string, wait time.Duration) (PairStatus, error) {
+	var out PairStatus
+	q := url.Values{"wait": {wait.String()}}
+	err := c.do(ctx, http.MethodPost, "/v1/pairs/"+url.PathEscape(name)+"/up?"+q.Encode(), &out)
+	return out, err
+}
+
+// Down takes a pair down (Supervisor.Down).
+func (c *Client) Down(ctx context.Context, name string, force bool) (PairStatus, error) {
+	var out PairStatus
+	path := "/v1/pairs/" + url.PathEscape(name) + "/down"
+	if force {
+		path += "?force=1"
+	}
+	err := c.do(ctx, http.MethodPost, path, &out)
+	return out, err
+}

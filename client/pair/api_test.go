@@ -1,0 +1,122 @@
+package pair
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+)
+
+// serveAPI runs s and its API on a socket in a temporary directory.
+func serveAPI(t *testing.T, s *Supervisor) *Client {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "run", "client.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v (%v), want 0600", st.Mode(), err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	go func() { s.Run(ctx); done <- struct{}{} }()
+	go func() {
+		if err := Serve(ctx, ln, Handler(s, zaptest.NewLogger(t))); err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		done <- struct{}{}
+	}()
+	t.Cleanup(func() { cancel(); <-done; <-done })
+	return NewClient(path)
+}
+
+func TestAPI(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+	c := serveAPI(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	// Up waits for both legs to be attached.
+	ps, err := c.Up(ctx, "vm1", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ps.Up || len(ps.Legs) != 2 || ps.Legs[0].Device == "" || ps.Legs[1].Device == "" {
+		t.Fatalf("up: %+v", ps)
+	}
+	list, err := c.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].Name != "vm1" || list[0].Legs[0].State != StateConnected ||
+		list[0].Legs[1].URI != backendB || list[0].Legs[0].Link != LinkPath(s.cfg.LinkDir, "vm1", "a") ||
+		list[0].Legs[0].Connections != 2 || list[0].Legs[0].Size != 64*mib {
+		t.Errorf("status: %+v", list)
+	}
+
+	ps, err = c.Down(ctx, "vm1", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ps.Up || ps.Legs[0].State != StateDown || ps.Legs[0].Device != "" {
+		t.Errorf("down: %+v", ps)
+	}
+
+	_, err = c.Down(ctx, "nope", false)
+	if !errors.Is(err, ErrUnknownPair) || !strings.Contains(err.Error(), `no such pair "nope"`) {
+		t.Errorf("down nope: %v", err)
+	}
+	// A failure returns the pair's state with the error.
+	st.set(uriA, func(e *fakeExport) { e.down = true })
+	ps, err = c.Up(ctx, "vm1", time.Minute)
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Pair == nil || re.Pair.Legs[0].State != StateFailed ||
+		!strings.Contains(err.Error(), "leg a ("+backendA+") has no device") {
+		t.Errorf("up with a dead leg: %v (%+v)", err, re)
+	}
+	if ps.Legs != nil {
+		t.Errorf("up with a dead leg returned %+v with the error", ps)
+	}
+}
+
+func TestClientWithoutDaemon(t *testing.T) {
+	c := NewClient(filepath.Join(t.TempDir(), "none.sock"))
+	if _, err := c.Status(context.Background()); !errors.Is(err, ErrNoDaemon) {
+		t.Errorf("status: %v, want ErrNoDaemon", err)
+	}
+}
+
+func TestListen(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "client.sock")
+	ln, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Errorf("second listener: %v", err)
+	}
+	// A dead daemon's socket is replaced.
+	ln.(*peerCheckListener).Listener.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	ln, err = Listen(path)
+	if err != nil {
+		t.Fatalf("over a stale socket: %v", err)
+	}
+	ln.Close()
+
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o644)
+	if _, err := Listen(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("over a file: %v", err)
+	}
+}

@@ -1,0 +1,464 @@
+package pair
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// idle is what step returns when nothing is due until a request or an event
+// comes.
+const idle time.Duration = -1
+
+// errDeviceLost means a leg's device is gone or attached to something else.
+var errDeviceLost = errors.New("device lost")
+
+// leg is one export of a pair and its kernel device. Its state is owned by
+// the goroutine of run; other goroutines read the published LegStatus, send
+// requests through do and signal dead connections through suspect.
+type leg struct {
+	s       *Supervisor
+	spec    *Spec
+	name    string // "a" or "b"
+	uri     client.URI
+	backend string // the canonical URI: the device's backend identifier
+	link    string
+	log     *zap.Logger
+
+	kick    chan struct{} // capacity 1: connections may be dead
+	reqs    chan legRequest
+	stopped chan struct{} // closed when run returns
+
+	// Owned by run's goroutine.
+	dev        int // -1: no device
+	size       uint64
+	blockSize  uint32
+	readOnly   bool
+	down       bool
+	stale      bool // connections may be dead: give the device fresh ones
+	unseen     bool // stale only because nobody watched: not counted as a reconnect
+	failures   int  // failed attempts in a row
+	retryAt    time.Time
+	pollAt     time.Time
+	healthAt   time.Time
+	reconnects int
+	adopted    bool
+
+	mu        sync.Mutex
+	st        LegStatus
+	suspected bool // set by suspect, for events that come between steps
+	all       bool // the last suspicion was for every leg
+}
+
+type legRequest struct {
+	fn   func(ctx context.Context, now time.Time) error
+	ctx  context.Context
+	done chan error
+}
+
+func newLeg(s *Supervisor, p *pairState, i int, u client.URI) *leg {
+	l := &leg{
+		s:       s,
+		spec:    &p.spec,
+		name:    Legs[i],
+		uri:     u,
+		backend: u.String(),
+		link:    LinkPath(s.cfg.LinkDir, p.spec.Name, Legs[i]),
+		kick:    make(chan struct{}, 1),
+		reqs:    make(chan legRequest),
+		stopped: make(chan struct{}),
+		dev:     -1,
+	}
+	l.log = s.log.With(zap.String("pair", p.spec.Name), zap.String("leg", l.name), zap.String("uri", l.backend))
+	l.st = LegStatus{Leg: l.name, URI: l.backend, Link: l.link, State: StateAttaching, Since: time.Now(),
+		Connections: p.spec.Connections}
+	if len(p.spec.Vdevs) == 2 {
+		l.st.Vdev = p.spec.Vdevs[i]
+	}
+	return l
+}
+
+// run steps the leg whenever something is due, an event comes or a request
+// arrives, until ctx is done.
+func (l *leg) run(ctx context.Context) {
+	defer close(l.stopped)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-l.kick:
+		case req := <-l.reqs:
+			req.done <- req.fn(req.ctx, time.Now())
+		}
+		l.takeSuspicion(time.Now())
+		if wait := l.step(ctx, time.Now()); wait >= 0 {
+			timer.Reset(wait)
+		} else {
+			timer.Stop()
+		}
+	}
+}
+
+// do runs fn in the leg's goroutine, between steps.
+func (l *leg) do(ctx context.Context, fn func(ctx context.Context, now time.Time) error) error {
+	req := legRequest{fn: fn, ctx: ctx, done: make(chan error, 1)}
+	select {
+	case l.reqs <- req:
+	case <-l.stopped:
+		return errors.New("the supervisor has stopped")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return <-req.done
+}
+
+// suspect tells the leg its connections may be dead: the kernel said so, or
+// (all) nobody was listening when it might have.
+func (l *leg) suspect(all bool) {
+	l.mu.Lock()
+	// A death reported by the kernel outweighs a mere doubt.
+	l.all = all && (l.all || !l.suspected)
+	l.suspected = true
+	l.mu.Unlock()
+	select {
+	case l.kick <- struct{}{}:
+	default: // a kick is already pending
+	}
+}
+
+// takeSuspicion turns a pending suspicion into a reconnect.
+func (l *leg) takeSuspicion(now time.Time) {
+	l.mu.Lock()
+	suspected, all := l.suspected, l.all
+	l.suspected = false
+	l.mu.Unlock()
+	if !suspected || l.dev < 0 || l.down {
+		return
+	}
+	wasStale := l.stale
+	l.stale = true
+	if all {
+		// Only a check: counted as a reconnect if a death is reported too.
+		l.unseen = l.unseen || !wasStale
+		return
+	}
+	if !wasStale || l.unseen {
+		l.log.Warn("the kernel reports a dead connection", zap.String("device", kernel.DevicePath(l.dev)))
+	}
+	l.unseen = false
+	l.publish(now, StateReconnecting, nil)
+}
+
+// step does what is due at now: attach, reconnect, health check, size poll.
+// It returns how long until something is due again, or idle.
+func (l *leg) step(ctx context.Context, now time.Time) time.Duration {
+	if l.down || ctx.Err() != nil {
+		return idle
+	}
+	if l.dev < 0 || l.stale {
+		if now.Before(l.retryAt) {
+			return l.retryAt.Sub(now)
+		}
+		var err error
+		if l.dev < 0 {
+			err = l.attach(ctx, now)
+		} else {
+			err = l.reconnect(ctx, now)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return idle
+			}
+			if errors.Is(err, errDeviceLost) {
+				l.lost(now, err)
+				return 0
+			}
+			l.failures++
+			wait := backoff(l.failures, l.s.cfg.MinBackoff, l.s.cfg.MaxBackoff, l.s.jitter())
+			l.retryAt = now.Add(wait)
+			state := StateReconnecting
+			if l.dev < 0 {
+				state = StateFailed
+			}
+			l.log.Warn("leg failed", zap.Error(err), zap.Int("failures", l.failures), zap.Duration("retry_in", wait))
+			l.publish(now, state, err)
+			return wait
+		}
+		l.failures, l.retryAt = 0, time.Time{}
+		l.healthAt = now.Add(l.s.cfg.HealthInterval)
+		l.pollAt = now.Add(l.s.cfg.PollInterval)
+		l.publish(now, StateConnected, nil)
+	}
+	if !now.Before(l.healthAt) {
+		l.healthAt = now.Add(l.s.cfg.HealthInterval)
+		if err := l.checkHealth(ctx); errors.Is(err, errDeviceLost) {
+			l.lost(now, err)
+			return 0
+		} else if err != nil && ctx.Err() == nil {
+			l.noteError(now, fmt.Errorf("health check: %w", err))
+		} else {
+			l.publish(now, "", nil)
+		}
+	}
+	if !now.Before(l.pollAt) {
+		l.pollAt = now.Add(l.s.cfg.PollInterval)
+		if err := l.pollSize(ctx, now); err != nil && ctx.Err() == nil {
+			l.noteError(now, fmt.Errorf("size poll: %w", err))
+		}
+	}
+	next := l.healthAt
+	if l.pollAt.Before(next) {
+		next = l.pollAt
+	}
+	return next.Sub(now)
+}
+
+// attach adopts the device a previous run attached to the leg's export, or
+// attaches a new one.
+func (l *leg) attach(ctx context.Context, now time.Time) error {
+	devs, err := l.s.cfg.Kernel.Status(ctx, kernel.AnyDevice)
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if !d.Running() || d.Backend != l.backend {
+			continue
+		}
+		l.useDevice(d)
+		l.adopted = true
+		l.log.Info("adopted", zap.String("device", d.Path()), zap.Uint64("size", d.Size))
+		l.setLink(now)
+		// Its connections may have died while nobody listened.
+		l.stale, l.unseen = true, true
+		l.publish(now, StateReconnecting, nil)
+		return l.reconnect(ctx, now)
+	}
+
+	dctx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
+	defer cancel()
+	socks, info, err := l.s.cfg.Dial(dctx, l.uri, l.spec.Connections)
+	if err != nil {
+		return err
+	}
+	// The kernel holds its own references once Connect returns.
+	defer kernel.CloseSockets(socks)
+	cfg, err := kernel.ExportConfig(info, 0)
+	if err != nil {
+		return err
+	}
+	cfg.Sockets = socks
+	cfg.Timeout = l.spec.Timeout
+	cfg.DeadConnTimeout = l.spec.DeadTimeout
+	cfg.Backend = l.backend
+	cfg.Index = kernel.AnyDevice
+	index, err := l.s.cfg.Kernel.Connect(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	l.useDevice(kernel.Device{Index: index, Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: info.ReadOnly()})
+	l.log.Info("attached", zap.String("device", kernel.DevicePath(index)), zap.Uint64("size", cfg.Size),
+		zap.Int("connections", len(socks)))
+	l.setLink(now)
+	return nil
+}
+
+// reconnect gives the device fresh connections, and the export's size if it
+// grew.
+func (l *leg) reconnect(ctx context.Context, now time.Time) error {
+	d, err := l.current(ctx)
+	if err != nil {
+		return err
+	}
+	dctx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
+	defer cancel()
+	socks, info, err := l.s.cfg.Dial(dctx, l.uri, l.spec.Connections)
+	if err != nil {
+		return err
+	}
+	defer kernel.CloseSockets(socks)
+	if info.ReadOnly() && !d.ReadOnly {
+		return fmt.Errorf("%s is writable but the export is now read-only: not reconnecting it", d.Path())
+	}
+	size, err := kernel.GrownSize(d, info.Size)
+	if err != nil {
+		return err
+	}
+	// The kernel takes one socket per dead connection and drops the rest:
+	// with none dead, this changes nothing.
+	r := kernel.Reconfig{Sockets: socks, Timeout: l.spec.Timeout, DeadConnTimeout: l.spec.DeadTimeout, Backend: l.backend}
+	if size != d.Size {
+		r.Size = size
+	}
+	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, r); err != nil {
+		return err
+	}
+	l.size = size
+	if r.Size != 0 {
+		l.log.Info("grew", zap.String("device", d.Path()), zap.Uint64("from", d.Size), zap.Uint64("to", size))
+	}
+	if !l.unseen {
+		l.reconnects++
+		l.log.Info("reconnected", zap.String("device", d.Path()), zap.Int("connections", len(socks)))
+	}
+	l.stale, l.unseen = false, false
+	return nil
+}
+
+// current returns the leg's device as the kernel has it now; errDeviceLost
+// if it is no longer attached to the leg's export.
+func (l *leg) current(ctx context.Context) (kernel.Device, error) {
+	path := kernel.DevicePath(l.dev)
+	devs, err := l.s.cfg.Kernel.Status(ctx, l.dev)
+	if errors.Is(err, kernel.ErrNoDevice) {
+		return kernel.Device{}, fmt.Errorf("%w: %s no longer exists", errDeviceLost, path)
+	}
+	if err != nil {
+		return kernel.Device{}, err
+	}
+	d := devs[0]
+	switch {
+	case !d.Running():
+		return kernel.Device{}, fmt.Errorf("%w: %s is no longer attached", errDeviceLost, path)
+	case d.Backend != l.backend:
+		return kernel.Device{}, fmt.Errorf("%w: %s is attached to %q now", errDeviceLost, path, d.Backend)
+	}
+	return d, nil
+}
+
+// checkHealth checks that the device is still attached to the leg's export,
+// learns its size (someone may have grown it) and restores the link.
+func (l *leg) checkHealth(ctx context.Context) error {
+	d, err := l.current(ctx)
+	if err != nil {
+		return err
+	}
+	l.useDevice(d)
+	return l.setLink(time.Time{})
+}
+
+// pollSize grows the device if the export grew.
+func (l *leg) pollSize(ctx context.Context, now time.Time) error {
+	ictx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
+	defer cancel()
+	info, err := l.s.cfg.Info(ictx, l.backend)
+	if err != nil {
+		return err
+	}
+	d := kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize}
+	size, err := kernel.GrownSize(d, info.Size)
+	if err != nil || size == l.size {
+		return err
+	}
+	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, kernel.Reconfig{Size: size, Backend: l.backend}); err != nil {
+		return err
+	}
+	l.log.Info("grew", zap.String("device", d.Path()), zap.Uint64("from", l.size), zap.Uint64("to", size))
+	l.size = size
+	l.publish(now, StateConnected, nil)
+	return nil
+}
+
+// useDevice takes d as the leg's device.
+func (l *leg) useDevice(d kernel.Device) {
+	l.dev, l.size, l.blockSize, l.readOnly = d.Index, d.Size, d.BlockSize, d.ReadOnly
+}
+
+// lost forgets a device that went away; the next step attaches a new one.
+func (l *leg) lost(now time.Time, err error) {
+	l.log.Warn("device lost: attaching again", zap.Error(err))
+	l.dev, l.size, l.stale, l.unseen = -1, 0, false, false
+	l.publish(now, StateFailed, err)
+}
+
+// setLink points the leg's link at its device. A failure is recorded (at
+// now, unless zero) and returned.
+func (l *leg) setLink(now time.Time) error {
+	err := setLink(l.link, kernel.DevicePath(l.dev))
+	if err != nil && !now.IsZero() {
+		l.noteError(now, err)
+	}
+	return err
+}
+
+// up is the request of Supervisor.Up: attach if down, retry now if waiting.
+func (l *leg) up(_ context.Context, now time.Time) error {
+	l.retryAt = time.Time{}
+	if l.down {
+		l.down, l.failures, l.adopted = false, 0, false
+		l.publish(now, StateAttaching, nil)
+	}
+	return nil
+}
+
+// detach is the request of Supervisor.Down: detach the device, remove the
+// link and stay down.
+func (l *leg) detach(ctx context.Context, now time.Time) error {
+	if l.dev >= 0 {
+		// Not cancelled with the request: an interrupted netlink exchange
+		// would leave the supervisor's connection to the kernel unusable.
+		err := l.s.cfg.Kernel.Disconnect(context.WithoutCancel(ctx), l.dev)
+		if err != nil && !errors.Is(err, kernel.ErrNoDevice) {
+			return err
+		}
+		l.log.Info("detached", zap.String("device", kernel.DevicePath(l.dev)))
+	}
+	if err := removeLink(l.link); err != nil {
+		return err
+	}
+	l.dev, l.size, l.stale, l.unseen, l.failures, l.retryAt = -1, 0, false, false, 0, time.Time{}
+	l.down = true
+	l.publish(now, StateDown, nil)
+	return nil
+}
+
+// noteError records err without changing the state.
+func (l *leg) noteError(now time.Time, err error) {
+	l.mu.Lock()
+	repeated := l.st.LastError == err.Error()
+	l.mu.Unlock()
+	if !repeated {
+		l.log.Warn("leg", zap.Error(err))
+	}
+	l.publish(now, "", err)
+}
+
+// publish makes the leg's state visible to status readers: state (unchanged
+// if empty), since now when it changed, and err as the last error if not nil.
+func (l *leg) publish(now time.Time, state State, err error) {
+	l.mu.Lock()
+	if state != "" && state != l.st.State {
+		l.st.State, l.st.Since = state, now
+	}
+	old := -1
+	if l.st.Device != "" {
+		old, _ = kernel.ParseDevice(l.st.Device)
+	}
+	l.st.Device = ""
+	if l.dev >= 0 {
+		l.st.Device = kernel.DevicePath(l.dev)
+	}
+	l.st.Size = l.size
+	l.st.Reconnects = l.reconnects
+	l.st.Adopted = l.adopted
+	if err != nil {
+		l.st.LastError, l.st.LastErrorAt = err.Error(), now
+	}
+	l.mu.Unlock()
+	l.s.changedLeg(l, old, l.dev)
+}
+
+func (l *leg) status() LegStatus {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.st
+}

@@ -1,0 +1,291 @@
+package pair
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// legStep is one step of a leg at a moment, and what it should do.
+type legStep struct {
+	at     time.Duration                                // since the start
+	before func(k *fakeKernel, st *fakeStorage, l *leg) // what happens first
+	// What the step should do and leave.
+	calls      []string // kernel changes
+	wait       time.Duration
+	state      State
+	device     string // also where the link must point
+	size       uint64
+	reconnects int
+	adopted    bool
+	errHas     string // in LastError, "" for none so far
+	noLink     bool
+}
+
+const mib = 1 << 20
+
+func TestLegStep(t *testing.T) {
+	down := func(uri string) func(*fakeKernel, *fakeStorage, *leg) {
+		return func(_ *fakeKernel, st *fakeStorage, _ *leg) { st.set(uri, func(e *fakeExport) { e.down = true }) }
+	}
+	up := func(uri string) func(*fakeKernel, *fakeStorage, *leg) {
+		return func(_ *fakeKernel, st *fakeStorage, _ *leg) { st.set(uri, func(e *fakeExport) { e.down = false }) }
+	}
+	resize := func(size uint64) func(*fakeKernel, *fakeStorage, *leg) {
+		return func(_ *fakeKernel, st *fakeStorage, _ *leg) { st.set(uriA, func(e *fakeExport) { e.size = size }) }
+	}
+	dies := func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.suspect(false) }
+	then := func(fs ...func(*fakeKernel, *fakeStorage, *leg)) func(*fakeKernel, *fakeStorage, *leg) {
+		return func(k *fakeKernel, st *fakeStorage, l *leg) {
+			for _, f := range fs {
+				f(k, st, l)
+			}
+		}
+	}
+	attached := legStep{calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
+		state: StateConnected, device: "/dev/nbd0", size: 64 * mib}
+	running := func(index int, backend string, size uint64) kernel.Device {
+		return kernel.Device{Index: index, Connected: true, PID: 7, Backend: backend, Size: size, BlockSize: 512}
+	}
+
+	tests := []struct {
+		name  string
+		devs  []kernel.Device // attached before the supervisor starts
+		setup func(k *fakeKernel, st *fakeStorage)
+		steps []legStep
+	}{
+		{name: "attach", steps: []legStep{attached,
+			// Health check at 5 s, then size poll at 10 s: nothing to do.
+			{at: 5 * time.Second, wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+			{at: 10 * time.Second, wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+		}},
+		{name: "adopt on restart",
+			devs: []kernel.Device{
+				{Index: 0, Connected: true, Backend: backendA, Size: 64 * mib}, // disconnected, still open
+				running(1, backendB, 64*mib),
+				running(3, backendA, 64*mib),
+			},
+			steps: []legStep{
+				// Fresh sockets for connections that may have died unseen;
+				// not a reconnect.
+				{calls: []string{"reconfigure nbd3 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
+					device: "/dev/nbd3", size: 64 * mib, adopted: true},
+			}},
+		{name: "adopt a device whose export grew meanwhile",
+			devs: []kernel.Device{running(3, backendA, 32*mib)},
+			steps: []legStep{
+				{calls: []string{"reconfigure nbd3 2 sockets size 67108864"}, wait: 5 * time.Second, state: StateConnected,
+					device: "/dev/nbd3", size: 64 * mib, adopted: true},
+			}},
+		{name: "adopt with the storage box unreachable",
+			devs:  []kernel.Device{running(3, backendA, 64*mib)},
+			setup: func(_ *fakeKernel, st *fakeStorage) { down(uriA)(nil, st, nil) },
+			steps: []legStep{
+				{wait: time.Second, state: StateReconnecting, device: "/dev/nbd3", size: 64 * mib, adopted: true,
+					errHas: "connection refused"},
+				{at: time.Second, before: up(uriA), calls: []string{"reconfigure nbd3 2 sockets"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd3", size: 64 * mib, adopted: true, errHas: "connection refused"},
+			}},
+		{name: "leg dies, backoff, reconnect",
+			steps: []legStep{attached,
+				{at: time.Second, before: then(down(uriA), dies), wait: time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: "connection refused"},
+				{at: 2 * time.Second, wait: 2 * time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
+				// More deaths reported meanwhile do not hurry the backoff.
+				{at: 3 * time.Second, before: dies, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
+				{at: 4 * time.Second, wait: 4 * time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
+				{at: 8 * time.Second, before: up(uriA), calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "refused"},
+				// Backoff starts over after a success.
+				{at: 9 * time.Second, before: then(down(uriA), dies), wait: time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "refused"},
+			}},
+		{name: "reconnect to a grown export grows the device",
+			steps: []legStep{attached,
+				{at: time.Second, before: then(resize(128*mib), dies), calls: []string{"reconfigure nbd0 2 sockets size 134217728"},
+					wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1},
+			}},
+		{name: "events lost: fresh sockets, not a reconnect",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.suspect(true) },
+					calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
+					device: "/dev/nbd0", size: 64 * mib},
+			}},
+		{name: "export grows: the size poll grows the device in place",
+			steps: []legStep{attached,
+				{at: 5 * time.Second, before: resize(128 * mib), wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+				{at: 10 * time.Second, calls: []string{"reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 128 * mib},
+			}},
+		{name: "export shrinks: the device does not",
+			steps: []legStep{attached,
+				{at: 10 * time.Second, before: resize(32 * mib), wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0",
+					size: 64 * mib, errHas: "size poll: the export shrank from 64 MiB to 32 MiB"},
+			}},
+		{name: "export turned read-only: not reconnected",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(k *fakeKernel, st *fakeStorage, l *leg) {
+					st.set(uriA, func(e *fakeExport) { e.readOnly = true })
+					l.suspect(false)
+				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "now read-only"},
+			}},
+		{name: "kernel refuses the reconnect",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
+					k.reconfigureErr = errors.New("EINVAL")
+					l.suspect(false)
+				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "EINVAL"},
+				{at: 2 * time.Second, calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "EINVAL"},
+			}},
+		{name: "device lost: attached again, link follows",
+			steps: []legStep{attached,
+				{at: 5 * time.Second, before: func(k *fakeKernel, _ *fakeStorage, _ *leg) {
+					k.setDevice(kernel.Device{Index: 0, Connected: true}) // someone detached it
+				}, wait: 0, state: StateFailed, errHas: "/dev/nbd0 is no longer attached"},
+				{at: 5 * time.Second, calls: []string{"connect " + backendA + " 2 sockets -> nbd2"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd2", size: 64 * mib, errHas: "no longer attached"},
+			}},
+		{name: "device taken over by another export",
+			steps: []legStep{attached,
+				{at: 5 * time.Second, before: func(k *fakeKernel, _ *fakeStorage, _ *leg) {
+					k.setDevice(kernel.Device{Index: 0, Connected: true, PID: 9, Backend: "nbd://elsewhere:10809/x"})
+				}, wait: 0, state: StateFailed, errHas: `attached to "nbd://elsewhere:10809/x" now`},
+			}},
+		{name: "attach fails: backoff doubles up to 30 s",
+			setup: func(_ *fakeKernel, st *fakeStorage) { down(uriA)(nil, st, nil) },
+			steps: []legStep{
+				{wait: time.Second, state: StateFailed, errHas: "connection refused", noLink: true},
+				{at: 1 * time.Second, wait: 2 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 3 * time.Second, wait: 4 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 7 * time.Second, wait: 8 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 15 * time.Second, wait: 16 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 31 * time.Second, wait: 30 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 61 * time.Second, wait: 30 * time.Second, state: StateFailed, errHas: "refused", noLink: true},
+				{at: 91 * time.Second, before: up(uriA), calls: attached.calls, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
+			}},
+		{name: "kernel refuses the attach",
+			setup: func(k *fakeKernel, _ *fakeStorage) { k.connectErr = kernel.ErrBusy },
+			steps: []legStep{
+				{wait: time.Second, state: StateFailed, errHas: "device is in use", noLink: true},
+				{at: time.Second, calls: attached.calls, wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0",
+					size: 64 * mib, errHas: "in use"},
+			}},
+		{name: "down and up",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {
+					if err := l.detach(context.Background(), time.Time{}); err != nil {
+						panic(err)
+					}
+				}, calls: []string{"disconnect nbd0"}, wait: idle, state: StateDown, noLink: true},
+				// Deaths and time change nothing while down.
+				{at: time.Minute, before: dies, wait: idle, state: StateDown, noLink: true},
+				{at: 2 * time.Minute, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.up(context.Background(), time.Time{}) },
+					calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := newFakeKernel(t, tt.devs...)
+			st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+			if tt.setup != nil {
+				tt.setup(k, st)
+			}
+			s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+			l := s.pairs[0].legs[0]
+			ctx := context.Background()
+			t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+			for i, want := range tt.steps {
+				if want.before != nil {
+					want.before(k, st, l)
+				}
+				now := t0.Add(want.at)
+				l.takeSuspicion(now)
+				wait := l.step(ctx, now)
+				got := l.status()
+				if diff := cmp.Diff(want.calls, k.takeCalls()); diff != "" {
+					t.Errorf("step %d at %v: kernel calls (-want +got):\n%s", i, want.at, diff)
+				}
+				if wait != want.wait {
+					t.Errorf("step %d at %v: wait %v, want %v", i, want.at, wait, want.wait)
+				}
+				type summary struct {
+					State      State
+					Device     string
+					Size       uint64
+					Reconnects int
+					Adopted    bool
+				}
+				if diff := cmp.Diff(summary{want.state, want.device, want.size, want.reconnects, want.adopted},
+					summary{got.State, got.Device, got.Size, got.Reconnects, got.Adopted}); diff != "" {
+					t.Errorf("step %d at %v: status (-want +got):\n%s", i, want.at, diff)
+				}
+				if !strings.Contains(got.LastError, want.errHas) || (want.errHas == "") != (got.LastError == "") {
+					t.Errorf("step %d at %v: last error %q, want one with %q", i, want.at, got.LastError, want.errHas)
+				}
+				link := linkTarget(t, s, "vm1", "a")
+				switch {
+				case want.noLink && link != "":
+					t.Errorf("step %d at %v: link to %s, want none", i, want.at, link)
+				case want.device != "" && link != want.device:
+					t.Errorf("step %d at %v: link to %q, want %s", i, want.at, link, want.device)
+				}
+			}
+		})
+	}
+}
+
+// TestAttachConfig checks what a leg asks the kernel for.
+func TestAttachConfig(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64*mib + 100, uriB: 64 * mib})
+	s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+	s.pairs[0].legs[0].step(context.Background(), time.Now())
+	if len(k.connected) != 1 {
+		t.Fatalf("%d connects", len(k.connected))
+	}
+	got := k.connected[0]
+	got.ServerFlags = 0
+	want := kernel.Config{
+		Size:            64 * mib, // whole blocks only
+		BlockSize:       512,
+		Timeout:         5 * time.Second,
+		DeadConnTimeout: 10 * time.Second,
+		Backend:         backendA,
+		Index:           kernel.AnyDevice,
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Config (-want +got):\n%s", diff)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	tests := []struct {
+		failures int
+		jitter   float64
+		want     time.Duration
+	}{
+		{1, 0.5, time.Second},
+		{2, 0.5, 2 * time.Second},
+		{3, 0.5, 4 * time.Second},
+		{5, 0.5, 16 * time.Second},
+		{6, 0.5, 30 * time.Second},
+		{1000, 0.5, 30 * time.Second},
+		{1, 0, 800 * time.Millisecond},
+		{6, 0.999, 35988 * time.Millisecond}, // just under +20%
+	}
+	for _, tt := range tests {
+		got := backoff(tt.failures, time.Second, 30*time.Second, tt.jitter)
+		if diff := got - tt.want; diff < -time.Millisecond || diff > time.Millisecond {
+			t.Errorf("backoff(%d, jitter %v) = %v, want %v", tt.failures, tt.jitter, got, tt.want)
+		}
+	}
+}

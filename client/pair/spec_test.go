@@ -1,0 +1,97 @@
+package pair
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestValidateSpecs(t *testing.T) {
+	with := func(f func(s *Spec)) []Spec {
+		s := testSpec()
+		f(&s)
+		return []Spec{s}
+	}
+	other := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1}
+	tests := []struct {
+		name  string
+		specs []Spec
+		want  []string // "key: message part", one per error
+	}{
+		{name: "valid", specs: []Spec{testSpec(), other}},
+		{name: "valid with xen", specs: []Spec{xenSpec()}},
+		{name: "no name", specs: with(func(s *Spec) { s.Name = "" }), want: []string{"pair 1: name: missing"}},
+		{name: "name with a slash", specs: with(func(s *Spec) { s.Name = "a/b" }), want: []string{`name: "a/b": use letters`}},
+		{name: "name ..", specs: with(func(s *Spec) { s.Name = ".." }), want: []string{"name: \"..\" cannot name a directory"}},
+		{name: "same name twice", specs: []Spec{testSpec(), func() Spec { o := other; o.Name = "vm1"; return o }()},
+			want: []string{`pair "vm1": name: pair 1 has the same name`}},
+		{name: "no a", specs: with(func(s *Spec) { s.URIs[0] = "" }), want: []string{`pair "vm1": a: missing`}},
+		{name: "bad b", specs: with(func(s *Spec) { s.URIs[1] = "http://x/y" }), want: []string{"b: invalid NBD URI"}},
+		{name: "TLS", specs: with(func(s *Spec) { s.URIs[1] = "nbds://x/y" }), want: []string{"b: nbds://x/y: the kernel cannot speak TLS"}},
+		{name: "both legs one export", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2:10809/vm1" }),
+			want: []string{"b: nbd://192.0.2.2:10809/vm1 is also vm1.a"}},
+		{name: "export in two pairs", specs: []Spec{testSpec(), func() Spec { o := other; o.URIs[0] = uriB; return o }()},
+			want: []string{`pair "vm2": a: ` + backendB + " is also vm1.b"}},
+		{name: "no connections", specs: with(func(s *Spec) { s.Connections = 0 }), want: []string{"connections: 0: want 1 to 64"}},
+		{name: "too many connections", specs: with(func(s *Spec) { s.Connections = 65 }), want: []string{"connections: 65"}},
+		{name: "negative timeouts", specs: with(func(s *Spec) { s.Timeout, s.DeadTimeout = -1, -time.Second }),
+			want: []string{"timeout: negative", "dead_timeout: negative"}},
+		{name: "domain without vdevs", specs: with(func(s *Spec) { s.XenDomain = "guest1" }), want: []string{"vdevs: missing"}},
+		{name: "domain with a quote", specs: with(func(s *Spec) { s.XenDomain = "g'1"; s.Vdevs = []string{"xvdb", "xvdc"} }),
+			want: []string{"xen_domain: "}},
+		{name: "one vdev", specs: with(func(s *Spec) { s.Vdevs = []string{"xvdb"} }), want: []string{"vdevs: 1 names: want two"}},
+		{name: "same vdev twice", specs: with(func(s *Spec) { s.Vdevs = []string{"xvdb", "xvdb"} }), want: []string{`vdevs: both legs are "xvdb"`}},
+		{name: "vdev with a comma", specs: with(func(s *Spec) { s.Vdevs = []string{"xvdb,", "xvdc"} }), want: []string{`vdevs: "xvdb," is not`}},
+		{name: "vdev of another pair", specs: []Spec{xenSpec(), func() Spec {
+			o := other
+			o.XenDomain, o.Vdevs = "guest1", []string{"xvdd", "xvdc"}
+			return o
+		}()}, want: []string{`pair "vm2": vdevs: xvdc is also pair "vm1"'s device in domain guest1`}},
+		{name: "every problem at once", specs: with(func(s *Spec) { s.Name, s.URIs[0], s.Connections = "", "", 0 }),
+			want: []string{"name: missing", "a: missing", "connections: 0"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := ValidateSpecs(tt.specs)
+			var got []string
+			if err != nil {
+				for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
+					var se *SpecError
+					if !errors.As(e, &se) {
+						t.Errorf("%v is not a *SpecError", e)
+					}
+					got = append(got, e.Error())
+				}
+			}
+			if len(got) != len(tt.want) {
+				t.Fatalf("errors %q, want %d: %q", got, len(tt.want), tt.want)
+			}
+			for i := range got {
+				if !strings.Contains(got[i], tt.want[i]) {
+					t.Errorf("error %d: %q, want one with %q", i, got[i], tt.want[i])
+				}
+			}
+		})
+	}
+}
+
+func TestXenDisks(t *testing.T) {
+	got, err := xenSpec().XenDisks("/dev/lvnbd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"format=raw, vdev=xvdb, access=rw, target=/dev/lvnbd/vm1/a",
+		"format=raw, vdev=xvdc, access=rw, target=/dev/lvnbd/vm1/b",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+	var se *SpecError
+	if _, err := testSpec().XenDisks("/dev/lvnbd"); !errors.As(err, &se) || se.Key != "vdevs" {
+		t.Errorf("without vdevs: %v, want a SpecError for vdevs", err)
+	}
+}

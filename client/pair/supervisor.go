@@ -1,0 +1,429 @@
+package pair
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// Defaults of Config.
+const (
+	DefaultLinkDir        = "/dev/lvnbd"
+	DefaultPollInterval   = 10 * time.Second
+	DefaultHealthInterval = 5 * time.Second
+	DefaultDialTimeout    = 15 * time.Second
+)
+
+// TCP keepalive of the connections handed to the kernel. The kernel notices a
+// dead connection on its own only when a request times out; these probes
+// make it notice a storage box that went silent (a cut link, a crashed
+// host) within about 25 s even when the guest does no I/O.
+const (
+	keepAliveIdle     = 10 * time.Second
+	keepAliveInterval = 5 * time.Second
+	keepAliveCount    = 3
+)
+
+// ErrUnknownPair is returned for a pair name that is not in the
+// configuration.
+var ErrUnknownPair = errors.New("no such pair")
+
+// Kernel is what the supervisor uses of the kernel's nbd driver;
+// *kernel.Conn is the real one.
+type Kernel interface {
+	Connect(ctx context.Context, cfg kernel.Config) (int, error)
+	Disconnect(ctx context.Context, index int) error
+	Reconfigure(ctx context.Context, index int, r kernel.Reconfig) error
+	Status(ctx context.Context, index int) ([]kernel.Device, error)
+	WatchLinkDead(ctx context.Context) (<-chan int, error)
+}
+
+// DialFunc opens n connections to an export, each past a handshake without
+// structured replies, as kernel.DialSockets does.
+type DialFunc func(ctx context.Context, u client.URI, n int) ([]*os.File, client.ExportInfo, error)
+
+// InfoFunc asks a server about an export without attaching it, as
+// client.Info does.
+type InfoFunc func(ctx context.Context, uri string) (client.ExportInfo, error)
+
+// Config configures a Supervisor. Zero fields take the defaults.
+type Config struct {
+	// Pairs are the pairs to keep attached.
+	Pairs []Spec
+	// Kernel is the nbd driver; required.
+	Kernel Kernel
+	// Logger receives what the supervisor does; nil logs nothing.
+	Logger *zap.Logger
+	// LinkDir holds the stable names LinkDir/PAIR/LEG (DefaultLinkDir).
+	LinkDir string
+	// PollInterval is how often each export's size is read, to grow its
+	// device when the volume grew (DefaultPollInterval).
+	PollInterval time.Duration
+	// HealthInterval is how often each device is checked to still be
+	// attached to its export (DefaultHealthInterval).
+	HealthInterval time.Duration
+	// MinBackoff and MaxBackoff bound the wait between failed attempts to
+	// attach or reconnect a leg (DefaultMinBackoff, DefaultMaxBackoff).
+	MinBackoff, MaxBackoff time.Duration
+	// DialTimeout bounds one attempt to connect and negotiate
+	// (DefaultDialTimeout).
+	DialTimeout time.Duration
+	// Dial opens connections for the kernel; nil uses kernel.DialSockets
+	// with TCP keepalive probes.
+	Dial DialFunc
+	// Info reads an export's size; nil uses client.Info.
+	Info InfoFunc
+	// Down names pairs that start down, as if taken down with Down: a
+	// daemon reloading its configuration keeps down what was down.
+	Down []string
+}
+
+// Supervisor attaches both legs of every pair as kernel block devices and
+// keeps them attached: it reconnects dead legs, grows devices whose export
+// grew, adopts the devices of a previous run and maintains the stable links.
+// Its methods may be called from several goroutines.
+type Supervisor struct {
+	cfg    Config
+	log    *zap.Logger
+	runner runner
+	// jitter returns a number in [0, 1) that spreads backoffs.
+	jitter func() float64
+	pairs  []*pairState
+
+	mu      sync.Mutex
+	byIndex map[int]*leg  // device index -> the leg that has it
+	changed chan struct{} // closed and replaced whenever a leg's status changes
+}
+
+// pairState is one pair under supervision.
+type pairState struct {
+	spec Spec
+	legs [2]*leg
+	// op serialises Up and Down of the pair.
+	op sync.Mutex
+}
+
+// New validates cfg and returns a supervisor; Run starts it.
+func New(cfg *Config) (*Supervisor, error) {
+	return newSupervisor(cfg, execRunner{})
+}
+
+func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
+	if cfg == nil || cfg.Kernel == nil {
+		return nil, errors.New("pair: Config.Kernel is required")
+	}
+	if err := ValidateSpecs(cfg.Pairs); err != nil {
+		return nil, err
+	}
+	c := *cfg
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.LinkDir == "" {
+		c.LinkDir = DefaultLinkDir
+	}
+	if c.PollInterval <= 0 {
+		c.PollInterval = DefaultPollInterval
+	}
+	if c.HealthInterval <= 0 {
+		c.HealthInterval = DefaultHealthInterval
+	}
+	if c.MinBackoff <= 0 {
+		c.MinBackoff = DefaultMinBackoff
+	}
+	if c.MaxBackoff < c.MinBackoff {
+		c.MaxBackoff = max(DefaultMaxBackoff, c.MinBackoff)
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.Dial == nil {
+		d := &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{
+			Enable: true, Idle: keepAliveIdle, Interval: keepAliveInterval, Count: keepAliveCount}}
+		c.Dial = func(ctx context.Context, u client.URI, n int) ([]*os.File, client.ExportInfo, error) {
+			return kernel.DialSockets(ctx, d, u, n)
+		}
+	}
+	if c.Info == nil {
+		c.Info = client.Info
+	}
+	s := &Supervisor{
+		cfg:     c,
+		log:     c.Logger,
+		runner:  r,
+		jitter:  rand.Float64,
+		byIndex: map[int]*leg{},
+		changed: make(chan struct{}),
+	}
+	for _, spec := range c.Pairs {
+		p := &pairState{spec: spec}
+		for i := range Legs {
+			// ValidateSpecs parsed them.
+			u, _ := client.ParseURI(spec.URIs[i])
+			p.legs[i] = newLeg(s, p, i, u)
+			if slices.Contains(c.Down, spec.Name) {
+				p.legs[i].down = true
+				p.legs[i].st.State = StateDown
+			}
+		}
+		s.pairs = append(s.pairs, p)
+	}
+	return s, nil
+}
+
+// Run attaches (or adopts) every leg and keeps them attached until ctx is
+// done. It leaves the devices attached when it returns: the guests keep
+// their disks, and the next Run adopts them.
+func (s *Supervisor) Run(ctx context.Context) error {
+	// Subscribe before attaching, so no death goes unseen.
+	events, err := s.cfg.Kernel.WatchLinkDead(ctx)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	for _, p := range s.pairs {
+		for _, l := range p.legs {
+			wg.Go(func() { l.run(ctx) })
+		}
+	}
+	s.watch(ctx, events)
+	wg.Wait()
+	return nil
+}
+
+// watch passes the kernel's LINK_DEAD events to the legs until ctx is done,
+// subscribing again if the subscription fails.
+func (s *Supervisor) watch(ctx context.Context, events <-chan int) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case index, ok := <-events:
+			switch {
+			case !ok:
+				if events = s.resubscribe(ctx); events == nil {
+					return
+				}
+				// Deaths may have gone unseen meanwhile.
+				s.suspectAll()
+			case index == kernel.EventsLost:
+				s.log.Warn("dead-connection notifications were lost: checking every leg")
+				s.suspectAll()
+			default:
+				s.mu.Lock()
+				l := s.byIndex[index]
+				s.mu.Unlock()
+				if l != nil {
+					l.suspect(false)
+				}
+			}
+		}
+	}
+}
+
+// resubscribe subscribes to LINK_DEAD again, with backoff, until it works
+// or ctx is done (nil).
+func (s *Supervisor) resubscribe(ctx context.Context) <-chan int {
+	for failures := 1; ; failures++ {
+		wait := backoff(failures, s.cfg.MinBackoff, s.cfg.MaxBackoff, s.jitter())
+		s.log.Warn("dead-connection notifications stopped: subscribing again", zap.Duration("in", wait))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		events, err := s.cfg.Kernel.WatchLinkDead(ctx)
+		if err == nil {
+			return events
+		}
+		s.log.Warn("subscribing to dead-connection notifications", zap.Error(err))
+	}
+}
+
+// suspectAll makes every leg with a device give it fresh connections.
+func (s *Supervisor) suspectAll() {
+	for _, p := range s.pairs {
+		for _, l := range p.legs {
+			l.suspect(true)
+		}
+	}
+}
+
+// Ready waits until every leg has made its first attempt: attached,
+// adopted, or failed and left to retry.
+func (s *Supervisor) Ready(ctx context.Context) error {
+	return s.waitFor(ctx, func() bool {
+		for _, p := range s.pairs {
+			for _, l := range p.legs {
+				if l.status().State == StateAttaching {
+					return false
+				}
+			}
+		}
+		return true
+	})
+}
+
+// Status returns the state of every pair, in configuration order.
+func (s *Supervisor) Status() []PairStatus {
+	out := make([]PairStatus, len(s.pairs))
+	for i, p := range s.pairs {
+		out[i] = p.status()
+	}
+	return out
+}
+
+func (p *pairState) status() PairStatus {
+	st := PairStatus{Name: p.spec.Name, XenDomain: p.spec.XenDomain, Up: true}
+	for _, l := range p.legs {
+		ls := l.status()
+		if ls.State == StateDown {
+			st.Up = false
+		}
+		st.Legs = append(st.Legs, ls)
+	}
+	return st
+}
+
+func (s *Supervisor) lookup(name string) (*pairState, error) {
+	for _, p := range s.pairs {
+		if p.spec.Name == name {
+			return p, nil
+		}
+	}
+	return nil, fmt.Errorf("%w %q", ErrUnknownPair, name)
+}
+
+// Up brings pair name up: legs that were down are attached, legs waiting to
+// retry are retried now. It waits up to wait for each leg to have a device
+// (or to fail once), then, with a Xen domain configured, gives each leg that
+// has one to the domain with xl block-attach. Legs without a device are
+// reported in the error.
+func (s *Supervisor) Up(ctx context.Context, name string, wait time.Duration) (PairStatus, error) {
+	p, err := s.lookup(name)
+	if err != nil {
+		return PairStatus{}, err
+	}
+	p.op.Lock()
+	defer p.op.Unlock()
+	start := time.Now()
+	for _, l := range p.legs {
+		if err := l.do(ctx, l.up); err != nil {
+			return p.status(), err
+		}
+	}
+	settled := func() bool {
+		for _, l := range p.legs {
+			st := l.status()
+			failedSince := st.State == StateFailed && !st.LastErrorAt.Before(start)
+			if st.Device == "" && !failedSince {
+				return false
+			}
+		}
+		return true
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	err = s.waitFor(wctx, settled)
+	cancel()
+	if ctx.Err() != nil {
+		return p.status(), ctx.Err()
+	}
+	var errs []error
+	var disks []string
+	if p.spec.XenDomain != "" {
+		if disks, err = p.spec.XenDisks(s.cfg.LinkDir); err != nil {
+			return p.status(), err
+		}
+	}
+	for i, l := range p.legs {
+		st := l.status()
+		if st.Device == "" {
+			why := st.LastError
+			if why == "" {
+				why = "still " + string(st.State)
+			}
+			errs = append(errs, fmt.Errorf("leg %s (%s) has no device: %s", st.Leg, st.URI, why))
+			continue
+		}
+		if disks != nil {
+			if _, err := s.runner.run(ctx, "xl", "block-attach", p.spec.XenDomain, disks[i]); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return p.status(), errors.Join(errs...)
+}
+
+// Down takes pair name down: with a Xen domain configured, xl block-detach
+// takes the legs from the domain first; then both devices are detached and
+// their links removed, and the legs stay down until Up. If xl fails the
+// devices stay attached, unless force.
+func (s *Supervisor) Down(ctx context.Context, name string, force bool) (PairStatus, error) {
+	p, err := s.lookup(name)
+	if err != nil {
+		return PairStatus{}, err
+	}
+	p.op.Lock()
+	defer p.op.Unlock()
+	var xlErrs []error
+	if p.spec.XenDomain != "" {
+		for _, vdev := range p.spec.Vdevs {
+			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, vdev); err != nil {
+				xlErrs = append(xlErrs, err)
+			}
+		}
+		if len(xlErrs) > 0 && !force {
+			return p.status(), fmt.Errorf("%w\nthe devices stay attached: make the guest let go of them, or take the pair down with force",
+				errors.Join(xlErrs...))
+		}
+	}
+	errs := xlErrs
+	for _, l := range p.legs {
+		if err := l.do(ctx, l.detach); err != nil {
+			errs = append(errs, fmt.Errorf("leg %s: %w", l.name, err))
+		}
+	}
+	return p.status(), errors.Join(errs...)
+}
+
+// changedLeg records a leg's device index and wakes waitFor.
+func (s *Supervisor) changedLeg(l *leg, oldIndex, newIndex int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if oldIndex != newIndex && s.byIndex[oldIndex] == l {
+		delete(s.byIndex, oldIndex)
+	}
+	if newIndex >= 0 {
+		s.byIndex[newIndex] = l
+	}
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// waitFor waits until cond is true, checking after every status change.
+func (s *Supervisor) waitFor(ctx context.Context, cond func() bool) error {
+	for {
+		s.mu.Lock()
+		changed := s.changed
+		s.mu.Unlock()
+		if cond() {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

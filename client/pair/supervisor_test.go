@@ -1,0 +1,362 @@
+package pair
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// start runs s until the test ends, inside a synctest bubble.
+func start(t *testing.T, s *Supervisor) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- s.Run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}
+	t.Cleanup(stop)
+	synctest.Wait()
+	return stop
+}
+
+// legStates summarises a status as "vm1.a connected /dev/nbd0 r0".
+func legStates(st []PairStatus) []string {
+	var out []string
+	for _, p := range st {
+		for _, l := range p.Legs {
+			out = append(out, p.Name+"."+l.Leg+" "+string(l.State)+" "+l.Device+" r"+string(rune('0'+l.Reconnects)))
+		}
+	}
+	return out
+}
+
+func checkStates(t *testing.T, s *Supervisor, want ...string) {
+	t.Helper()
+	if diff := cmp.Diff(want, legStates(s.Status())); diff != "" {
+		t.Errorf("legs (-want +got):\n%s", diff)
+	}
+}
+
+func TestRunReconnectsDeadLeg(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		if a, b := linkTarget(t, s, "vm1", "a"), linkTarget(t, s, "vm1", "b"); a != "/dev/nbd0" || b != "/dev/nbd1" {
+			t.Errorf("links to %q and %q", a, b)
+		}
+		k.takeCalls()
+
+		// Storage box A dies: both of its connections are reported dead.
+		st.set(uriA, func(e *fakeExport) { e.down = true })
+		k.linkDead(0)
+		k.linkDead(0)
+		synctest.Wait()
+		checkStates(t, s, "vm1.a reconnecting /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		// It comes back 10 s later; the backoff (1, 2, 4, 8 s) finds it
+		// at 15 s.
+		time.Sleep(10 * time.Second)
+		st.set(uriA, func(e *fakeExport) { e.down = false })
+		time.Sleep(4*time.Second + 900*time.Millisecond)
+		synctest.Wait()
+		checkStates(t, s, "vm1.a reconnecting /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		time.Sleep(200 * time.Millisecond)
+		synctest.Wait()
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r1", "vm1.b connected /dev/nbd1 r0")
+		if diff := cmp.Diff([]string{"reconfigure nbd0 2 sockets"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+
+		// An event for a device no leg has is ignored.
+		k.linkDead(9)
+		synctest.Wait()
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("calls after an event for nbd9: %q", calls)
+		}
+	})
+}
+
+func TestRunGrowsDevices(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		k.takeCalls()
+		st.set(uriA, func(e *fakeExport) { e.size = 192 * mib })
+		st.set(uriB, func(e *fakeExport) { e.size = 192 * mib })
+		time.Sleep(DefaultPollInterval)
+		synctest.Wait()
+		calls := k.takeCalls()
+		want := []string{"reconfigure nbd0 0 sockets size 201326592", "reconfigure nbd1 0 sockets size 201326592"}
+		if diff := cmp.Diff(want, calls, cmpSorted); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+		for _, l := range s.Status()[0].Legs {
+			if l.Size != 192*mib {
+				t.Errorf("leg %s size %d", l.Leg, l.Size)
+			}
+		}
+	})
+}
+
+var cmpSorted = cmp.Transformer("sorted", func(in []string) []string {
+	out := append([]string(nil), in...)
+	for i := range out {
+		for j := i + 1; j < len(out); j++ {
+			if out[j] < out[i] {
+				out[i], out[j] = out[j], out[i]
+			}
+		}
+	}
+	return out
+})
+
+func TestRunAdoptsOnRestart(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		stop := start(t, s)
+		stop()
+		// Stopping detaches nothing.
+		want := []string{"connect " + backendA + " 2 sockets -> nbd0", "connect " + backendB + " 2 sockets -> nbd1"}
+		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("first run (-want +got):\n%s", diff)
+		}
+
+		s2, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, LinkDir: s.cfg.LinkDir,
+			Dial: st.dial, Info: st.info}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start(t, s2)
+		want = []string{"reconfigure nbd0 2 sockets", "reconfigure nbd1 2 sockets"}
+		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("second run (-want +got):\n%s", diff)
+		}
+		checkStates(t, s2, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		for _, l := range s2.Status()[0].Legs {
+			if !l.Adopted {
+				t.Errorf("leg %s not adopted", l.Leg)
+			}
+		}
+	})
+}
+
+func TestRunEventsLostAndResubscribe(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		k.takeCalls()
+
+		k.linkDead(kernel.EventsLost)
+		synctest.Wait()
+		want := []string{"reconfigure nbd0 2 sockets", "reconfigure nbd1 2 sockets"}
+		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("after lost events (-want +got):\n%s", diff)
+		}
+
+		k.dropSubscription()
+		time.Sleep(DefaultMinBackoff)
+		synctest.Wait()
+		if k.subscriptions != 2 {
+			t.Errorf("%d subscriptions, want 2", k.subscriptions)
+		}
+		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("after subscribing again (-want +got):\n%s", diff)
+		}
+		// The new subscription works.
+		st.set(uriB, func(e *fakeExport) { e.size = 128 * mib })
+		k.linkDead(1)
+		synctest.Wait()
+		if diff := cmp.Diff([]string{"reconfigure nbd1 2 sockets size 134217728"}, k.takeCalls()); diff != "" {
+			t.Errorf("after an event (-want +got):\n%s", diff)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r1")
+	})
+}
+
+func xenSpec() Spec {
+	s := testSpec()
+	s.XenDomain = "guest1"
+	s.Vdevs = []string{"xvdb", "xvdc"}
+	return s
+}
+
+func TestUpDownXen(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		linkA, linkB := LinkPath(s.cfg.LinkDir, "vm1", "a"), LinkPath(s.cfg.LinkDir, "vm1", "b")
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		r.want = [][]string{
+			{"xl", "block-attach", "guest1", "format=raw, vdev=xvdb, access=rw, target=" + linkA},
+			{"xl", "block-attach", "guest1", "format=raw, vdev=xvdc, access=rw, target=" + linkB},
+		}
+		if _, err := s.Up(ctx, "vm1", time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		r.done()
+
+		r.want = append(r.want,
+			[]string{"xl", "block-detach", "guest1", "xvdb"},
+			[]string{"xl", "block-detach", "guest1", "xvdc"})
+		ps, err := s.Down(ctx, "vm1", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.done()
+		if ps.Up || ps.Legs[0].State != StateDown || ps.Legs[1].State != StateDown {
+			t.Errorf("after down: %+v", ps)
+		}
+		if diff := cmp.Diff([]string{"disconnect nbd0", "disconnect nbd1"}, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+		if a := linkTarget(t, s, "vm1", "a"); a != "" {
+			t.Errorf("link a still to %s", a)
+		}
+		// Down stays down.
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("calls while down: %q", calls)
+		}
+
+		// Up again: attached, then given to the domain.
+		r.want = append(r.want, r.want[0], r.want[1])
+		ps, err = s.Up(ctx, "vm1", time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.done()
+		if !ps.Up || ps.Legs[0].Device == "" || ps.Legs[1].Device == "" {
+			t.Errorf("after up: %+v", ps)
+		}
+		if _, err := s.Up(ctx, "vm2", time.Minute); !errors.Is(err, ErrUnknownPair) {
+			t.Errorf("up vm2: %v, want ErrUnknownPair", err)
+		}
+	})
+}
+
+func TestDownXenFails(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t, want: [][]string{
+			{"xl", "block-detach", "guest1", "xvdb"},
+			{"xl", "block-detach", "guest1", "xvdc"},
+		}}
+		xlFailed := errors.New(`running ["xl" "block-detach"]: exit status 1`)
+		r.fail = map[int]error{0: xlFailed, 2: xlFailed}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		// The guest may still use leg a: nothing is detached.
+		_, err := s.Down(ctx, "vm1", false)
+		if err == nil || !strings.Contains(err.Error(), "the devices stay attached") {
+			t.Fatalf("down: %v", err)
+		}
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("kernel calls: %q", calls)
+		}
+		// With force they are, and the xl error is still reported.
+		r.want = append(r.want, r.want[0], r.want[1])
+		ps, err := s.Down(ctx, "vm1", true)
+		if err == nil || !strings.Contains(err.Error(), "exit status 1") {
+			t.Errorf("forced down: %v", err)
+		}
+		if ps.Up {
+			t.Error("forced down: still up")
+		}
+		r.done()
+		if diff := cmp.Diff([]string{"disconnect nbd0", "disconnect nbd1"}, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+	})
+}
+
+func TestUpReportsLegWithoutDevice(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		st.set(uriB, func(e *fakeExport) { e.down = true })
+		// Only the leg that has a device is given to the domain.
+		r := &fakeRunner{t: t, want: [][]string{
+			{"xl", "block-attach", "guest1", "format=raw, vdev=xvdb, access=rw, target=" + LinkPath("", "vm1", "a")},
+		}}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		r.want[0][3] = "format=raw, vdev=xvdb, access=rw, target=" + LinkPath(s.cfg.LinkDir, "vm1", "a")
+		start(t, s)
+		ps, err := s.Up(context.Background(), "vm1", time.Minute)
+		if err == nil || !strings.Contains(err.Error(), "leg b ("+backendB+") has no device: cannot connect") {
+			t.Errorf("up: %v", err)
+		}
+		r.done()
+		if ps.Legs[1].State != StateFailed {
+			t.Errorf("leg b: %+v", ps.Legs[1])
+		}
+	})
+}
+
+func TestReadyAndStartDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib,
+			"nbd://192.0.2.2/vm2": 64 * mib, "nbd://198.51.100.2/vm2": 64 * mib})
+		st.set(uriA, func(e *fakeExport) { e.down = true })
+		vm2 := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1}
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec(), vm2}, Kernel: k, LinkDir: t.TempDir(),
+			Dial: st.dial, Info: st.info, Down: []string{"vm2"}}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.jitter = func() float64 { return 0.5 }
+		// Before Run, nothing has been tried: not ready.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		if err := s.Ready(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Ready before Run: %v", err)
+		}
+		cancel()
+		start(t, s)
+		// Leg vm1.a failed once, vm1.b is attached, vm2 stays down: ready.
+		if err := s.Ready(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		checkStates(t, s, "vm1.a failed  r0", "vm1.b connected /dev/nbd1 r0", "vm2.a down  r0", "vm2.b down  r0")
+		if s.Status()[1].Up {
+			t.Error("vm2 is up")
+		}
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		if diff := cmp.Diff([]string{"connect " + backendB + " 2 sockets -> nbd1"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+	})
+}

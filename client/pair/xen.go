@@ -1,0 +1,27 @@
+package pair
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+)
+
+// runner runs a system command (xl) and returns its combined output.
+type runner interface {
+	run(ctx context.Context, args ...string) ([]byte, error)
+}
+
+// execRunner runs commands for real, in the C locale so their messages do
+// not depend on the host's language.
+type execRunner struct{}
+
+func (execRunner) run(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("running %q: %w\n%s", args, err, out)
+	}
+	return out, nil
+}

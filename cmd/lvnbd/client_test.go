@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lvnbd/lvnbd/client/kernel"
+)
+
+// quietNBD is a fakeNBD whose kernel reports no dead connections: its
+// subscription stays open, and silent, until the context ends.
+type quietNBD struct{ *fakeNBD }
+
+func (k quietNBD) WatchLinkDead(ctx context.Context) (<-chan int, error) {
+	ch := make(chan int)
+	context.AfterFunc(ctx, func() { close(ch) })
+	return ch, nil
+}
+
+// notifySocket listens where systemd.Notify sends, as systemd does, for the
+// test's duration.
+func notifySocket(t *testing.T) *net.UnixConn {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	t.Setenv("NOTIFY_SOCKET", path)
+	return c
+}
+
+// expectNotify reads the next notification and checks it is want.
+func expectNotify(t *testing.T, c *net.UnixConn, want string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	b := make([]byte, 256)
+	n, err := c.Read(b)
+	if err != nil || string(b[:n]) != want {
+		t.Fatalf("notification %q (%v), want %q", b[:n], err, want)
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func pairTOML(name, a, b string) string {
+	return "[[pair]]\nname = \"" + name + "\"\na = \"" + a + "\"\nb = \"" + b + "\"\nconnections = 2\n"
+}
+
+func TestClientDaemon(t *testing.T) {
+	dir := t.TempDir()
+	uriA := "nbd://" + serveExport(t, "a", 8<<20, false) + "/a"
+	uriB := "nbd://" + serveExport(t, "b", 8<<20, false) + "/b"
+	uriC := "nbd://" + serveExport(t, "c", 4<<20, false) + "/c"
+	uriD := "nbd://" + serveExport(t, "d", 4<<20, false) + "/d"
+	conf := filepath.Join(dir, "client.toml")
+	sock := filepath.Join(dir, "run", "client.sock")
+	links := filepath.Join(dir, "links")
+	writeFile(t, conf, pairTOML("vm1", uriA, uriB))
+	notify := notifySocket(t)
+
+	k := &fakeNBD{t: t}
+	host := testHost(k, nil)
+	host.openKernel = func(context.Context) (nbdKernel, error) { return quietNBD{k}, nil }
+	cmd := newClientCmd(host)
+	cmd.SetArgs([]string{"--config", conf, "--control", sock, "--link-dir", links, "--log-level", "error"})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- cmd.ExecuteContext(ctx) }()
+	expectNotify(t, notify, "READY=1")
+
+	// The legs attach at once: either may get either device.
+	devA, _ := os.Readlink(filepath.Join(links, "vm1", "a"))
+	devB, _ := os.Readlink(filepath.Join(links, "vm1", "b"))
+	if devA+devB != "/dev/nbd0/dev/nbd1" && devA+devB != "/dev/nbd1/dev/nbd0" {
+		t.Errorf("links to %q and %q, want /dev/nbd0 and /dev/nbd1", devA, devB)
+	}
+	out, _, err := runCmd(t, newPairCmd(), "status", "--control", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"vm1   a    connected", devA + "  8.0 MiB  2      0           " + uriA} {
+		if !strings.Contains(out, want) {
+			t.Errorf("pair status lacks %q:\n%s", want, out)
+		}
+	}
+
+	// Reload: pair vm1, taken down, stays down; the new pair vm2 comes up.
+	if _, _, err := runCmd(t, newPairCmd(), "down", "--control", sock, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, conf, pairTOML("vm1", uriA, uriB)+pairTOML("vm2", uriC, uriD))
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	expectNotify(t, notify, "RELOADING=1")
+	expectNotify(t, notify, "READY=1")
+	out, _, err = runCmd(t, newPairCmd(), "status", "--json", "--control", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"name":"vm1","up":false`, `"name":"vm2","up":true`, `"leg":"a","uri":"` + uriC} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status after reload lacks %s:\n%s", want, out)
+		}
+	}
+
+	// A broken file is not loaded: the running configuration stays.
+	writeFile(t, conf, "[[pair]]\nname = 1\n")
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	expectNotify(t, notify, "RELOADING=1")
+	expectNotify(t, notify, "READY=1")
+	if out, _, err := runCmd(t, newPairCmd(), "status", "--control", sock, "vm2"); err != nil || !strings.Contains(out, "connected") {
+		t.Errorf("status after a failed reload: %v\n%s", err, out)
+	}
+
+	// Stopping detaches nothing more than pair down did.
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("lvnbd client: %v", err)
+	}
+	expectNotify(t, notify, "STOPPING=1")
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.disconnected) != 2 {
+		t.Errorf("disconnected %v, want vm1's two devices", k.disconnected)
+	}
+	running := 0
+	for _, d := range k.devs {
+		if d.Running() {
+			running++
+		}
+	}
+	if running != 2 {
+		t.Errorf("%d devices attached after the stop, want vm2's 2", running)
+	}
+}
+
+func TestClientErrors(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.toml")
+	writeFile(t, bad, "[[pair]]\nname = \"vm1\"\na = \"nbd://x/y\"\nb = \"nbd://x/y\"\n")
+	k := &fakeNBD{t: t}
+	tests := []struct {
+		name    string
+		args    []string
+		kernel  error
+		wantErr string
+	}{
+		{name: "missing file", args: []string{"--config", filepath.Join(dir, "none.toml")}, wantErr: "none.toml"},
+		{name: "invalid pair", args: []string{"--config", bad}, wantErr: "pair[0].b"},
+		{name: "no nbd module", args: []string{"--config", writeEmpty(t, dir)}, kernel: kernel.ErrModuleNotLoaded, wantErr: "modprobe nbd"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			host := testHost(k, nil)
+			if tt.kernel != nil {
+				host.openKernel = func(context.Context) (nbdKernel, error) { return nil, tt.kernel }
+			}
+			args := append(tt.args, "--control", filepath.Join(t.TempDir(), "c.sock"), "--link-dir", t.TempDir())
+			_, _, err := runCmd(t, newClientCmd(host), args...)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("error %v, want one with %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func writeEmpty(t *testing.T, dir string) string {
+	p := filepath.Join(dir, "empty.toml")
+	writeFile(t, p, "")
+	return p
+}

@@ -1,0 +1,224 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
+
+	"github.com/lvnbd/lvnbd/client/pair"
+	"github.com/lvnbd/lvnbd/config"
+)
+
+func newPairCmd() *cobra.Command {
+	var ctlPath string
+	cmd := &cobra.Command{
+		Use:   "pair",
+		Short: "Show, bring up and take down the pairs of the dom0 daemon",
+		Long: `A pair is one volume exported by two storage boxes (leg a and leg b), attached
+on this dom0 as two kernel devices that the guest mirrors with md RAID1.
+'lvnbd client' keeps the pairs of client.toml attached; these commands ask it
+(over --control) what the legs are doing, or take a pair down and up again.
+'lvnbd pair xen-config' only reads client.toml.`,
+		Example: `  lvnbd pair status
+  lvnbd pair down vm1
+  lvnbd pair up vm1
+  lvnbd pair xen-config vm1`,
+	}
+	cmd.PersistentFlags().StringVar(&ctlPath, "control", pair.DefaultSocket, "the control socket of lvnbd client")
+	cmd.AddCommand(newPairStatusCmd(&ctlPath), newPairUpCmd(&ctlPath), newPairDownCmd(&ctlPath), newPairXenConfigCmd())
+	return cmd
+}
+
+func newPairStatusCmd(ctlPath *string) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status [NAME...]",
+		Short: "Show the state of every leg",
+		Long: `Show each leg: its state, device, size, connections, reconnects since the
+daemon started and, below the table, its last error and when it happened.
+
+States: connected; reconnecting (the device is there, its connections died,
+the daemon is redialing: I/O waits up to dead_timeout, then fails); failed
+(no device: the export could not be attached, retried with backoff);
+attaching (first attempt under way); down (lvnbd pair down).`,
+		Example: `  lvnbd pair status
+  lvnbd pair status --json vm1`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			list, err := pair.NewClient(*ctlPath).Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if len(args) > 0 {
+				var picked []pair.PairStatus
+				for _, name := range args {
+					i := indexOfPair(list, name)
+					if i < 0 {
+						return fmt.Errorf("%w %q", pair.ErrUnknownPair, name)
+					}
+					picked = append(picked, list[i])
+				}
+				list = picked
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(list)
+			}
+			writePairTable(cmd.OutOrStdout(), list, time.Now())
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	return cmd
+}
+
+func indexOfPair(list []pair.PairStatus, name string) int {
+	for i, p := range list {
+		if p.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+func writePairTable(w io.Writer, list []pair.PairStatus, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PAIR\tLEG\tSTATE\tSINCE\tDEVICE\tSIZE\tCONNS\tRECONNECTS\tURI")
+	var errs []string
+	for _, p := range list {
+		for _, l := range p.Legs {
+			dev, size := "-", "-"
+			if l.Device != "" {
+				dev, size = l.Device, humanize.IBytes(l.Size)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", p.Name, l.Leg, l.State, ago(now, l.Since),
+				dev, size, l.Connections, l.Reconnects, l.URI)
+			if l.LastError != "" {
+				errs = append(errs, fmt.Sprintf("%s.%s, %s: %s", p.Name, l.Leg, ago(now, l.LastErrorAt),
+					strings.ReplaceAll(l.LastError, "\n", " ")))
+			}
+		}
+	}
+	tw.Flush()
+	if len(errs) > 0 {
+		fmt.Fprintln(w, "\nLast errors:")
+		for _, e := range errs {
+			fmt.Fprintln(w, "  "+e)
+		}
+	}
+}
+
+// ago says how long before now t was, to the second.
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return now.Sub(t).Round(time.Second).String() + " ago"
+}
+
+func newPairUpCmd(ctlPath *string) *cobra.Command {
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "up NAME",
+		Short: "Attach a pair taken down, and give it to its Xen domain",
+		Long: `Bring a pair up: legs taken down are attached again, legs waiting to retry
+are retried at once. Waits up to --wait for each leg to have a device (or
+to fail once). With xen_domain set in client.toml, each leg that has a
+device is then given to the domain:
+
+  xl block-attach DOMAIN 'format=raw, vdev=VDEV, access=rw, target=/dev/lvnbd/PAIR/LEG'
+
+Fails, naming them, if a leg has no device; the daemon keeps trying.`,
+		Example: `  lvnbd pair up vm1`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := pair.NewClient(*ctlPath).Up(cmd.Context(), args[0], wait)
+			return printPairResult(cmd.OutOrStdout(), st, err)
+		},
+	}
+	cmd.Flags().DurationVar(&wait, "wait", pair.DefaultUpWait, "how long to wait for the legs' devices")
+	return cmd
+}
+
+func newPairDownCmd(ctlPath *string) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "down NAME",
+		Short: "Take a pair from its Xen domain and detach both legs",
+		Long: `Take a pair down: with xen_domain set, each leg is first taken from the domain
+(xl block-detach DOMAIN VDEV); then both devices are detached and their
+links removed. The pair stays down, across reloads too, until lvnbd pair up
+or a restart of lvnbd client.
+
+If xl fails the devices stay attached, since the guest may still use them;
+--force detaches them anyway (when the domain is gone, say).`,
+		Example: `  lvnbd pair down vm1
+  lvnbd pair down --force vm1`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := pair.NewClient(*ctlPath).Down(cmd.Context(), args[0], force)
+			return printPairResult(cmd.OutOrStdout(), st, err)
+		},
+	}
+	cmd.Flags().BoolVar(&force, "force", false, "detach the devices even if xl block-detach fails")
+	return cmd
+}
+
+// printPairResult shows the state of the pair up or down left, also when it
+// failed.
+func printPairResult(w io.Writer, st pair.PairStatus, err error) error {
+	var re *pair.RemoteError
+	if errors.As(err, &re) && re.Pair != nil {
+		st = *re.Pair
+	}
+	if st.Name != "" {
+		writePairTable(w, []pair.PairStatus{st}, time.Now())
+	}
+	return err
+}
+
+func newPairXenConfigCmd() *cobra.Command {
+	var configPath, linkDir string
+	cmd := &cobra.Command{
+		Use:   "xen-config NAME",
+		Short: "Print the xl disk lines of a pair's two legs",
+		Long: `Print the disk specifications of a pair's legs for the guest's xl
+configuration, one per line, from client.toml (vdevs) and the stable names
+lvnbd client maintains:
+
+  format=raw, vdev=xvdb, access=rw, target=/dev/lvnbd/vm1/a
+  format=raw, vdev=xvdc, access=rw, target=/dev/lvnbd/vm1/b
+
+In the domain's configuration file each goes, quoted, in its disk = [...]
+list. Leave xen_domain out of client.toml for a pair whose disks are in the
+domain's configuration file, or lvnbd pair up would attach them twice.`,
+		Example: `  lvnbd pair xen-config vm1`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := config.LoadClient(configPath)
+			if err != nil {
+				return err
+			}
+			for _, spec := range pairSpecs(cfg) {
+				if spec.Name != args[0] {
+					continue
+				}
+				disks, err := spec.XenDisks(linkDir)
+				if err != nil {
+					return fmt.Errorf("%s: %w", configPath, err)
+				}
+				_, err = fmt.Fprintln(cmd.OutOrStdout(), strings.Join(disks, "\n"))
+				return err
+			}
+			return fmt.Errorf("%w %q in %s", pair.ErrUnknownPair, args[0], configPath)
+		},
+	}
+	cmd.Flags().StringVar(&configPath, "config", config.DefaultClientPath, "client.toml")
+	cmd.Flags().StringVar(&linkDir, "link-dir", pair.DefaultLinkDir, "where lvnbd client puts the stable names (its --link-dir)")
+	return cmd
+}

@@ -1,0 +1,143 @@
+#!/bin/bash
+# timeout: 10
+# Helpers for the pair scenarios (20-24), which source this file; run on its own it only skips.
+#
+# Two storage boxes, each an lvnbd serve in its own network namespace joined to the guest's root
+# namespace (the "dom0") by a veth pair, exporting the volumes of a VG on two brd ramdisks:
+#   box a: netns boxa, 192.0.2.2 (dom0 side: vetha, 192.0.2.1/30),      vga on ram0+ram1
+#   box b: netns boxb, 198.51.100.2 (dom0 side: vethb, 198.51.100.1/30), vgb on ram2+ram3
+# and the dom0 daemon, lvnbd client, for pair vm1 of one volume on each box.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+[[ ${BASH_SOURCE[0]} != "$0" ]] || skip "helpers for the pair scenarios, not a scenario"
+need_lvnbd
+
+CLIENT_SOCK=/run/lvnbd/client.sock
+export CLIENT_SOCK
+
+# At exit: on failure the logs of the servers and the daemon; always, detach what is still
+# attached and delete the namespaces, which /init's reset does not.
+on_exit() {
+	local rc=$? f p
+	{ set +x; } 2>/dev/null
+	set +e
+	if ((rc != 0)); then
+		for f in server-a.log server-b.log client.log; do
+			[[ -s $f ]] && { echo "--- $f"; tail -n 60 "$f"; }
+		done
+	fi
+	[[ -n ${client:-} ]] && kill "$client" 2>/dev/null
+	for p in /sys/block/nbd*/pid; do
+		[[ -e $p ]] && lvnbd detach --force "/dev/$(basename "$(dirname "$p")")"
+	done
+	[[ -e /run/netns/boxa ]] && ip netns del boxa
+	[[ -e /run/netns/boxb ]] && ip netns del boxb
+	return 0
+}
+trap on_exit EXIT
+
+# wait_secs COND SECS: like wait_for, but SECS is wall-clock time: under emulation COND itself
+# can take a good part of a second, which wait_for's count of 0.1 s polls does not include.
+wait_secs() {
+	local cond=$1 end=$((SECONDS + $2))
+	{ set +x; } 2>/dev/null
+	while ((SECONDS < end)); do
+		if eval "$cond" >/dev/null 2>&1; then
+			set -x
+			return 0
+		fi
+		sleep 0.2
+	done
+	set -x
+	fail "timed out after ${2}s waiting for: $cond"
+}
+
+box_ip() { case $1 in a) echo 192.0.2.2 ;; b) echo 198.51.100.2 ;; esac; }
+# box_tcp BOX STATE: TCP sockets on port 10809 (0x2A39) in BOX's namespace in STATE (0A listen, 01 established).
+box_tcp() {
+	# shellcheck disable=SC2016 # awk's fields
+	ip netns exec "box$1" awk -v st="$2" 'substr($2, length($2) - 4) == ":2A39" && $4 == st' /proc/net/tcp | wc -l
+}
+
+# start_box BOX: run BOX's server (again); sets server_BOX to its pid.
+start_box() {
+	local box=$1
+	ip netns exec "box$box" lvnbd serve --volumes "lvm://vg$box" --listen "tcp://$(box_ip "$box"):10809" \
+		--control "/run/lvnbd/$box.sock" --fence-file= --rescan 1s 2>>"server-$box.log" &
+	printf -v "server_$box" %s $!
+	wait_secs "[[ \$(box_tcp $box 0A) == 1 ]]" 30
+}
+
+# setup_box BOX RAM1 RAM2 DOM0_IP: namespace, link, VG and server of BOX.
+setup_box() {
+	local box=$1
+	ip netns add "box$box"
+	ip link add "veth$box" type veth peer name eth0 netns "box$box"
+	ip addr add "$4/30" dev "veth$box"
+	ip link set "veth$box" up
+	ip -n "box$box" link set lo up
+	ip -n "box$box" addr add "$(box_ip "$box")/30" dev eth0
+	ip -n "box$box" link set eth0 up
+	pvcreate -q "/dev/$2" "/dev/$3"
+	vgcreate -q "vg$box" "/dev/$2" "/dev/$3"
+	start_box "$box"
+}
+
+setup_boxes() {
+	setup_box a ram0 ram1 192.0.2.1
+	setup_box b ram2 ram3 198.51.100.1
+	ping -c1 -W5 192.0.2.2 >/dev/null
+	ping -c1 -W5 198.51.100.2 >/dev/null
+}
+
+# box_volume BOX ARGS...: lvnbd volume ARGS on BOX, through its server.
+box_volume() {
+	local box=$1
+	shift
+	lvnbd volume "$@" --volumes "lvm://vg$box" --control "/run/lvnbd/$box.sock"
+}
+
+# write_config [EXTRA...]: client.toml with pair vm1 (2 connections per leg, 30 s request timeout:
+# emulation is slow; 10 s dead timeout), plus the EXTRA lines in its table.
+# shellcheck disable=SC2120 # the EXTRA lines are optional
+write_config() {
+	{
+		echo '[[pair]]'
+		echo 'name = "vm1"'
+		echo 'a = "nbd://192.0.2.2/vm1"'
+		echo 'b = "nbd://198.51.100.2/vm1"'
+		echo 'connections = 2'
+		echo 'timeout = "30s"'
+		echo 'dead_timeout = "10s"'
+		printf '%s\n' "$@"
+	} >client.toml
+}
+
+# start_client: run the daemon (again) and wait until both legs are connected; sets $client.
+start_client() {
+	lvnbd client --config client.toml --control "$CLIENT_SOCK" --poll-interval 2s --health-interval 1s \
+		--log-level debug 2>>client.log &
+	client=$!
+	wait_secs "[[ \$(leg a state) == connected && \$(leg b state) == connected ]]" 60
+}
+
+# stop_client: SIGTERM the daemon and wait for it; it must exit 0.
+stop_client() {
+	kill "$client"
+	wait "$client" || fail "lvnbd client exited with $?: $(tail -20 client.log)"
+}
+
+# leg LEG FIELD: a field of leg LEG of pair vm1 in lvnbd pair status --json (strings unquoted).
+leg() {
+	lvnbd pair status --json --control "$CLIENT_SOCK" vm1 | grep -o "\"leg\":\"$1\"[^}]*" |
+		grep -o "\"$2\":\"\\?[^,\"]*" | sed 's/^[^:]*:"\{0,1\}//'
+}
+
+# nbd_running: how many nbd devices are attached.
+nbd_running() {
+	local p n=0
+	for p in /sys/block/nbd*/pid; do
+		[[ -e $p ]] && n=$((n + 1))
+	done
+	echo "$n"
+}

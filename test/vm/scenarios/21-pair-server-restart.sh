@@ -1,0 +1,57 @@
+#!/bin/bash
+# timeout: 600
+# Storage box A's server dies (SIGKILL) and comes back: lvnbd pair status shows leg a
+# reconnecting with the error, then connected again by itself, on the same device, with one
+# more reconnect; leg b is untouched; data written through the device after the reconnect lands
+# on box A's LV, and data written before it is still there.
+# shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
+. "$(dirname "$0")/20-pair-lib.sh"
+
+setup_boxes
+box_volume a create vm1 --size 128M
+box_volume b create vm1 --size 128M
+write_config
+start_client
+dev_a=$(leg a device)
+dev_b=$(leg b device)
+
+dd if=/dev/urandom of=before bs=1M count=8 status=none
+dd if=before of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
+reconnects=$(leg a reconnects)
+
+# shellcheck disable=SC2154 # set by start_box
+kill -9 "$server_a"
+wait "$server_a" || true
+wait_secs "[[ \$(leg a state) == reconnecting ]]" 30
+lvnbd pair status --control "$CLIENT_SOCK"
+[[ -n $(leg a last_error) ]] || fail "no last error for leg a while its server is dead"
+[[ -n $(leg a last_error_at) ]] || fail "no time for leg a's last error"
+assert_eq connected "$(leg b state)" "leg b while box a is down"
+assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device while reconnecting"
+[[ -e /sys/block/${dev_a#/dev/}/pid ]] || fail "$dev_a was detached"
+# Still down a while later: the daemon keeps trying (with backoff), without new devices.
+sleep 5
+assert_eq reconnecting "$(leg a state)" "leg a with its server still dead"
+assert_eq 2 "$(nbd_running)" "attached nbd devices while box a is down"
+
+start_box a
+# The backoff is at most 30 s (plus jitter) between attempts.
+wait_secs "[[ \$(leg a state) == connected ]]" 90
+lvnbd pair status --control "$CLIENT_SOCK"
+assert_eq "$dev_a" "$(leg a device)" "leg a's device after the reconnect"
+assert_eq "$dev_a" "$(readlink /dev/lvnbd/vm1/a)" "link a after the reconnect"
+assert_eq $((reconnects + 1)) "$(leg a reconnects)" "reconnects of leg a"
+assert_eq "$dev_b" "$(leg b device)" "leg b's device"
+assert_eq 2 "$(nbd_running)" "attached nbd devices after the reconnect"
+wait_secs "[[ \$(box_tcp a 01) == 2 ]]" 20
+
+echo 3 >/proc/sys/vm/drop_caches
+assert_eq "$(sha before)" "$(dd if=/dev/lvnbd/vm1/a bs=1M count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
+	"data written before the kill"
+dd if=/dev/urandom of=after bs=1M count=8 status=none
+dd if=after of=/dev/lvnbd/vm1/a bs=1M seek=16 oflag=direct conv=fsync status=none
+assert_eq "$(sha after)" "$(dd if=/dev/vga/vm1 bs=1M skip=16 count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
+	"data written after the reconnect, on box a's LV"
+
+lvnbd pair down --control "$CLIENT_SOCK" vm1
+stop_client
