@@ -84,11 +84,7 @@ func TestRemoteDriver(t *testing.T) {
 	if err := goExport(nc, "vm1"); err != nil {
 		t.Fatal(err)
 	}
-	st, err := NewClient(sock).Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(st.Exports) != 1 || st.Exports[0].Name != "vm1" || len(st.Exports[0].Clients) != 1 {
+	if st := waitClients(t, sock, 1); st.Exports[0].Name != "vm1" {
 		t.Fatalf("status: %+v", st)
 	}
 	if err := drv.Remove(ctx, "vm1"); !errors.Is(err, server.ErrInUse) || !strings.Contains(err.Error(), "127.0.0.1") {
@@ -125,6 +121,26 @@ func TestOpenDriverOtherVolumes(t *testing.T) {
 	}
 	if _, remote := drv.(*remoteDriver); remote || !strings.Contains(note.String(), "directly") {
 		t.Fatalf("server serves other volumes: got %T, note %q", drv, note.String())
+	}
+}
+
+// waitClients waits (bounded) until the one export has n clients: the server
+// records a client just after its NBD_OPT_GO reply, so the client may see
+// that reply first.
+func waitClients(t *testing.T, sock string, n int) Status {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		st, err := NewClient(sock).Status(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Exports) == 1 && len(st.Exports[0].Clients) == n {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waiting for %d clients: status %+v", n, st)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -180,6 +196,7 @@ func TestFenceOverTheSocket(t *testing.T) {
 	if err := goExport(nc, "vm1"); err != nil {
 		t.Fatal(err)
 	}
+	waitClients(t, sock, 1)
 	c := NewClient(sock)
 	cut, err := c.Fence(ctx, "127.0.0.1", "")
 	if err != nil || cut != 1 {

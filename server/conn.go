@@ -33,7 +33,34 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 
 	r := bufio.NewReaderSize(nc, readBufferSize)
 	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	sess, err := s.negotiate(ctx, nc, r, p, log)
+	// The client is recorded on its export before the handshake's last
+	// reply (see negotiator.attach). Until its transmission loop exists a
+	// fence just closes the socket: nothing can have been written yet.
+	var attached *Export
+	var loop atomic.Pointer[conn]
+	client := &clientConn{id: id, peer: peer, kick: func() { nc.Close() },
+		drain: func() { nc.SetReadDeadline(time.Now()) },
+		fence: func(ctx context.Context) error {
+			if c := loop.Load(); c != nil {
+				return c.fence(ctx)
+			}
+			nc.Close()
+			return nil
+		}}
+	attach := func(sess *session) bool {
+		client.who = sess.peer
+		if !sess.export.attach(client) {
+			return false
+		}
+		attached = sess.export
+		return true
+	}
+	defer func() {
+		if attached != nil {
+			attached.detach(id)
+		}
+	}()
+	sess, err := s.negotiate(ctx, nc, r, p, log, attach)
 	if err != nil {
 		if errors.Is(err, errAbort) || ctx.Err() != nil {
 			log.Debug("handshake ended", zap.Error(err))
@@ -57,13 +84,8 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	if s.cfg.Observer != nil {
 		c.observe = s.cfg.Observer.ForExport(sess.export.Name)
 	}
-	c.client = &clientConn{id: id, peer: peer, who: sess.peer, kick: func() { nc.Close() }, fence: c.fence,
-		drain: func() { nc.SetReadDeadline(time.Now()) }}
-	if !sess.export.attach(c.client) {
-		log.Info("export was removed during the handshake; closing")
-		return
-	}
-	defer sess.export.detach(id)
+	c.client = client
+	loop.Store(c)
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
 	reason := c.serve(ctx)
 	log.Info("client disconnected", zap.String("reason", reason))

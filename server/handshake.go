@@ -46,11 +46,15 @@ type negotiator struct {
 	metaAlloc  bool
 	out        []byte
 	peer       peer
+	// attach records the client on the export it is about to enter, just
+	// before the reply that lets it in; false if the export was retired.
+	attach func(*session) bool
 }
 
 // negotiate runs the handshake and returns the agreed session.
-func (s *Server) negotiate(ctx context.Context, nc net.Conn, r *bufio.Reader, p peer, log *zap.Logger) (*session, error) {
-	n := &negotiator{s: s, nc: nc, r: r, log: log, peer: p}
+func (s *Server) negotiate(ctx context.Context, nc net.Conn, r *bufio.Reader, p peer, log *zap.Logger,
+	attach func(*session) bool) (*session, error) {
+	n := &negotiator{s: s, nc: nc, r: r, log: log, peer: p, attach: attach}
 	hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
 	if _, err := nc.Write(hello); err != nil {
 		return nil, fmt.Errorf("sending greeting: %w", err)
@@ -130,6 +134,9 @@ func (n *negotiator) exportName(name string) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	sess := n.session(e)
+	if !n.attach(sess) {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: the export was removed meanwhile", name)
+	}
 	b, _ := nbd.ExportNameReply{Size: uint64(n.currentSize(e)), Flags: sess.flags}.AppendBinary(nil)
 	if !n.noZeroes {
 		b = append(b, make([]byte, nbd.ExportNameZeroPadding)...)
@@ -261,6 +268,11 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 			return nil, err
 		}
 		n.queue(opt, nbd.RepInfo, b)
+	}
+	// The client counts as connected (lvnbd status, in-use checks) from
+	// before it hears so, never after.
+	if opt == nbd.OptGo && !n.attach(sess) {
+		return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q was removed meanwhile", e.Name))
 	}
 	if err := n.reply(opt, nbd.RepAck, nil); err != nil {
 		return nil, err
