@@ -25,6 +25,19 @@ func TestSocketActivation(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	// systemd-socket-activate binds after it starts: wait (bounded) until
+	// the port takes connections. The probe is the first client lvnbd
+	// sees, one that hangs up during the handshake.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		err := probe("tcp", fmt.Sprintf("127.0.0.1:%d", port), deadline)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the activation socket never served: %v\n%s", err, log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	uri := fmt.Sprintf("nbd://127.0.0.1:%d/sa", port)
 	// The first connection starts lvnbd; nbdinfo waits for it.
 	out, err := run(t, "nbdinfo", "--size", uri)
