@@ -35,6 +35,7 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.AddCommand(newBenchCmd())
 	root.AddCommand(newAttachCmd(nil), newDetachCmd(nil), newListCmd(nil), newReconnectCmd(nil))
 	root.AddCommand(newClientCmd(nil), newPairCmd())
+	root.AddCommand(newGuestCmd(nil))
 	root.AddCommand(newCompletionCmd(), newManCmd())
 	return root
 }

@@ -1,0 +1,201 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"strings"
+)
+
+// CreateOptions says which mirror Create builds.
+type CreateOptions struct {
+	// Name makes the array /dev/md/NAME; it is also the name in the md
+	// superblock, by which the guest's mdadm assembles it at boot.
+	Name string
+	// Devices are the two legs, one from each storage box.
+	Devices [2]string
+	// Filesystem, if not empty, is made on the new array: ext4 or xfs.
+	Filesystem string
+	// Force creates the array over devices that carry data (an md
+	// superblock, a filesystem, a partition table), destroying it.
+	Force bool
+	// BitmapChunk is the write-intent bitmap's chunk in bytes, a power of
+	// two of at least 4 KiB, or 0 for mdadm's default (64 MiB in mdadm 4.2):
+	// the unit md resyncs after a leg returns.
+	BitmapChunk uint64
+}
+
+// Created is what Create made.
+type Created struct {
+	Path string // /dev/md/NAME
+	// Overwritten lists what --force destroyed, one line per finding.
+	Overwritten []string
+}
+
+// Create builds a RAID1 mirror over two legs for a guest: metadata 1.2, an
+// internal write-intent bitmap so a returning leg resyncs only what changed,
+// and both legs failfast so md fails a dead leg as soon as its I/O fails
+// instead of retrying it. It refuses legs that are in use, and, unless
+// opts.Force, legs that carry data, naming what it found.
+func Create(ctx context.Context, opts CreateOptions) (Created, error) {
+	return realHost().create(ctx, opts)
+}
+
+// Filesystems Create can make and the watcher can grow.
+var filesystems = map[string][]string{
+	"ext4": {"mkfs.ext4", "-q", "-F"},
+	"xfs":  {"mkfs.xfs", "-q", "-f"},
+}
+
+func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) {
+	if err := validArrayName(opts.Name); err != nil {
+		return Created{}, err
+	}
+	mkfs, ok := filesystems[opts.Filesystem]
+	if opts.Filesystem != "" && !ok {
+		return Created{}, fmt.Errorf("filesystem %q: want ext4 or xfs", opts.Filesystem)
+	}
+	if c := opts.BitmapChunk; c != 0 && (c < 4<<10 || c&(c-1) != 0) {
+		return Created{}, fmt.Errorf("bitmap chunk %d: want a power of two of at least 4 KiB", c)
+	}
+	path := "/dev/md/" + opts.Name
+	if h.exists(path) {
+		// mdadm leaves the link behind when it stops an array without udev;
+		// only a running array makes the name taken.
+		if name, err := h.kernelName(path); err == nil {
+			if _, err := fs.Stat(h.sys, "sys/block/"+name+"/md/array_state"); err == nil {
+				if st, _ := readSysString(h.sys, "sys/block/"+name+"/md/array_state"); st != "clear" && st != "inactive" {
+					return Created{}, fmt.Errorf("%s: %w (%s)", path, ErrExists, devPath(name))
+				}
+			}
+		}
+	}
+	var names [2]string
+	for i, dev := range opts.Devices {
+		name, err := h.kernelName(dev)
+		if err != nil {
+			return Created{}, err
+		}
+		names[i] = name
+	}
+	if names[0] == names[1] {
+		return Created{}, fmt.Errorf("%s and %s are the same device %s: a mirror needs one leg from each storage box",
+			opts.Devices[0], opts.Devices[1], names[0])
+	}
+	var found []string
+	for i, dev := range opts.Devices {
+		f, err := h.inspect(ctx, dev, names[i])
+		if err != nil {
+			return Created{}, err
+		}
+		found = append(found, f...)
+	}
+	if len(found) > 0 && !opts.Force {
+		return Created{}, fmt.Errorf("%w: %s (--force destroys it)", ErrHasData, strings.Join(found, "; "))
+	}
+	args := []string{"mdadm", "--create", path, "--run", "--level=1", "--raid-devices=2",
+		"--metadata=1.2", "--bitmap=internal"}
+	if opts.BitmapChunk != 0 {
+		args = append(args, fmt.Sprintf("--bitmap-chunk=%dK", opts.BitmapChunk>>10))
+	}
+	// --failfast flags the devices listed after it.
+	args = append(args, "--failfast", opts.Devices[0], opts.Devices[1])
+	if _, err := h.run.run(ctx, args...); err != nil {
+		return Created{}, err
+	}
+	if mkfs != nil {
+		if _, err := h.run.run(ctx, append(mkfs, path)...); err != nil {
+			return Created{Path: path, Overwritten: found}, fmt.Errorf("the array %s was created, but not its filesystem: %w", path, err)
+		}
+	}
+	return Created{Path: path, Overwritten: found}, nil
+}
+
+// inspect describes what a device carries, or fails if it is in use or
+// cannot be read.
+func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) {
+	if holders := h.holders(name); len(holders) > 0 {
+		return nil, fmt.Errorf("%s: %w by %s", dev, ErrInUse, strings.Join(holders, ", "))
+	}
+	majmin, err := readSysString(h.sys, "sys/class/block/"+name+"/dev")
+	if err != nil {
+		return nil, err
+	}
+	if mp, _, err := h.mountOf(majmin); err != nil {
+		return nil, err
+	} else if mp != "" {
+		return nil, fmt.Errorf("%s: %w: mounted on %s", dev, ErrInUse, mp)
+	}
+	size, err := blockDevSize(h.sys, name)
+	if err != nil {
+		return nil, err
+	}
+	if size == 0 {
+		return nil, fmt.Errorf("%s has no size: is it attached?", dev)
+	}
+	head, tail, err := h.readEnds(dev, size)
+	if err != nil {
+		return nil, err
+	}
+	var found []string
+	mdFound := false
+	// mdadm names the array whose superblock it is. It cannot tell an
+	// unreadable device from a blank one, but this one was just read.
+	if out, err := h.run.run(ctx, "mdadm", "--examine", "--export", dev); err == nil {
+		if e, err := ParseExamine(out); err == nil {
+			found = append(found, fmt.Sprintf("%s: md superblock of array %q (UUID %s, %s)", dev, e.Name, e.UUID, e.Level))
+			mdFound = true
+		}
+	}
+	if h.have("blkid") {
+		// blkid knows more formats than detectSignature, by name.
+		typ, err := h.blkid(ctx, dev)
+		if err != nil {
+			return nil, err
+		}
+		if typ != "" && !(typ == "linux_raid_member" && mdFound) {
+			found = append(found, fmt.Sprintf("%s: %s signature (blkid)", dev, typ))
+		}
+	} else if sig := detectSignature(head, tail, size); sig != "" && !(strings.HasPrefix(sig, "md ") && mdFound) {
+		found = append(found, fmt.Sprintf("%s: %s", dev, sig))
+	}
+	return found, nil
+}
+
+// blkid returns the TYPE (or PTTYPE) blkid finds on dev, "" for none.
+func (h *host) blkid(ctx context.Context, dev string) (string, error) {
+	out, err := h.run.run(ctx, "blkid", "-p", "-o", "export", dev)
+	var ee interface{ ExitCode() int }
+	if errors.As(err, &ee) && ee.ExitCode() == 2 {
+		return "", nil // blkid(8): 2 means nothing was found
+	}
+	if err != nil {
+		return "", err
+	}
+	pairs, err := ParseExport(out)
+	if err != nil {
+		return "", fmt.Errorf("blkid %s: %w", dev, err)
+	}
+	for _, k := range []string{"TYPE", "PTTYPE"} {
+		if v := lookup(pairs, k); v != "" {
+			if k == "PTTYPE" {
+				v += " partition table"
+			}
+			return v, nil
+		}
+	}
+	return "", nil
+}
+
+func validArrayName(s string) error {
+	if s == "" || len(s) > 32 || s[0] == '.' || s[0] == '-' {
+		return fmt.Errorf("%q: %w", s, ErrInvalidName)
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("%q: %w", s, ErrInvalidName)
+		}
+	}
+	return nil
+}

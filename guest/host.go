@@ -1,0 +1,237 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// host is what the package uses of the machine; tests replace each part.
+type host struct {
+	run runner
+	// sys is the root file system, for sys/ and proc/.
+	sys fs.FS
+	// resolve follows symlinks such as /dev/md/NAME -> /dev/md127.
+	resolve func(path string) (string, error)
+	// exists reports whether a path exists (for /dev/md/NAME).
+	exists func(path string) bool
+	// readEnds reads up to headSize bytes at the start of a device and up
+	// to tailSize at its end.
+	readEnds func(dev string, size uint64) (head, tail []byte, err error)
+	// have reports whether a command is installed.
+	have func(name string) bool
+	// probe says whether a device answers reads.
+	probe prober
+	clock clock
+}
+
+func realHost() *host {
+	return &host{
+		run:     execRunner{},
+		sys:     os.DirFS("/"),
+		resolve: filepath.EvalSymlinks,
+		exists: func(p string) bool {
+			_, err := os.Lstat(p)
+			return err == nil
+		},
+		readEnds: readDeviceEnds,
+		have:     haveCommand,
+		probe:    newReadProber(5 * time.Second),
+		clock:    realClock{},
+	}
+}
+
+// kernelName resolves a device path to its name under /sys/class/block:
+// /dev/md/md0 -> md127, /dev/nbd0 -> nbd0.
+func (h *host) kernelName(dev string) (string, error) {
+	p, err := h.resolve(dev)
+	if err != nil {
+		return "", err
+	}
+	name := filepath.Base(p)
+	if !validKernelName(name) {
+		return "", fmt.Errorf("%s: %w", dev, ErrNotBlockDevice)
+	}
+	if _, err := fs.Stat(h.sys, "sys/class/block/"+name); err != nil {
+		return "", fmt.Errorf("%s: %w", dev, ErrNotBlockDevice)
+	}
+	return name, nil
+}
+
+// holders lists what holds a block device open in the kernel: md arrays,
+// device-mapper tables.
+func (h *host) holders(name string) []string {
+	entries, err := fs.ReadDir(h.sys, "sys/class/block/"+name+"/holders")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// readDeviceEnds reads the start and the end of a device with ordinary
+// (cached) reads.
+func readDeviceEnds(dev string, size uint64) (head, tail []byte, err error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	head = make([]byte, min(uint64(headSize), size))
+	if _, err := io.ReadFull(f, head); err != nil {
+		return nil, nil, fmt.Errorf("reading %s: %w", dev, err)
+	}
+	tail = make([]byte, min(uint64(tailSize), size))
+	if _, err := f.ReadAt(tail, int64(size)-int64(len(tail))); err != nil && !errors.Is(err, io.EOF) {
+		return nil, nil, fmt.Errorf("reading %s: %w", dev, err)
+	}
+	return head, tail, nil
+}
+
+// probeResult is what a readability probe found.
+type probeResult int
+
+const (
+	probePending    probeResult = iota // no answer yet: ask again later
+	probeReadable                      // a direct read succeeded
+	probeUnreadable                    // the read failed or the device is gone
+)
+
+func (r probeResult) String() string {
+	switch r {
+	case probeReadable:
+		return "readable"
+	case probeUnreadable:
+		return "unreadable"
+	}
+	return "pending"
+}
+
+// prober checks whether a device answers reads.
+type prober interface {
+	probe(dev string) probeResult
+}
+
+// readProber reads one block of a device with O_DIRECT, so the page cache
+// cannot answer for a dead device. A read of a dead NBD leg can block for
+// the kernel's dead-connection timeout, and a thread in such a read cannot
+// be interrupted, so each device has at most one read in flight: probe
+// waits up to timeout for it and otherwise answers pending, and the next
+// call collects the result.
+type readProber struct {
+	timeout time.Duration
+	read    func(dev string) probeResult // readOneBlock; tests replace it
+	mu      sync.Mutex
+	flying  map[string]chan probeResult
+}
+
+func newReadProber(timeout time.Duration) *readProber {
+	return &readProber{timeout: timeout, read: readOneBlock, flying: make(map[string]chan probeResult)}
+}
+
+func (p *readProber) probe(dev string) probeResult {
+	p.mu.Lock()
+	ch, ok := p.flying[dev]
+	if !ok {
+		ch = make(chan probeResult, 1) // the reader never blocks on a gone caller
+		p.flying[dev] = ch
+		go func() { ch <- p.read(dev) }()
+	}
+	p.mu.Unlock()
+	t := time.NewTimer(p.timeout)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		p.mu.Lock()
+		delete(p.flying, dev)
+		p.mu.Unlock()
+		return r
+	case <-t.C:
+		return probePending
+	}
+}
+
+func readOneBlock(dev string) probeResult {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return probeUnreadable
+	}
+	defer unix.Close(fd)
+	// O_DIRECT wants an aligned buffer: an anonymous mapping is page-aligned.
+	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return probeUnreadable
+	}
+	defer unix.Munmap(buf)
+	n, err := unix.Pread(fd, buf, 0)
+	if err != nil || n != 4096 {
+		return probeUnreadable
+	}
+	return probeReadable
+}
+
+// clock is the watcher's time source; tests drive their own.
+type clock interface {
+	Now() time.Time
+	// After delivers the time once d has passed.
+	After(d time.Duration) <-chan time.Time
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time                         { return time.Now() }
+func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+// mountOf finds where the block device with number majmin (such as 9:127)
+// is mounted, from /proc/self/mountinfo.
+func (h *host) mountOf(majmin string) (mountpoint, fstype string, err error) {
+	b, err := fs.ReadFile(h.sys, "proc/self/mountinfo")
+	if err != nil {
+		return "", "", err
+	}
+	mounts, err := ParseMountinfo(b)
+	if err != nil {
+		return "", "", err
+	}
+	for _, m := range mounts {
+		if m.DevNumber == majmin && m.Root == "/" {
+			return m.Mountpoint, m.FSType, nil
+		}
+	}
+	return "", "", nil
+}
+
+// contextWithTimeout bounds one command of the watcher: a command stuck on
+// a dead device must not hold up the others forever.
+func contextWithTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, 2*time.Minute)
+}
+
+// devPath is the /dev path of a kernel block device name.
+func devPath(name string) string {
+	if strings.HasPrefix(name, "/") {
+		return name
+	}
+	return "/dev/" + name
+}
+
+// readSysString reads one sysfs attribute, trimmed.
+func readSysString(sys fs.FS, name string) (string, error) {
+	b, err := fs.ReadFile(sys, name)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
+}

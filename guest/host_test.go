@@ -1,0 +1,93 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeCommand puts an executable script named name first on PATH.
+func fakeCommand(t *testing.T, name, script string) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\n"+script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+}
+
+func TestExecRunner(t *testing.T) {
+	t.Setenv("LC_ALL", "de_DE.UTF-8")
+	fakeCommand(t, "mdadm", `echo "$1 $LC_ALL"; echo "mdadm: noise" >&2`)
+	out, err := execRunner{}.run(context.Background(), "mdadm", "--detail")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := string(out), "--detail C\n"; got != want {
+		t.Errorf("stdout = %q, want %q (the arguments, LC_ALL=C, no stderr)", got, want)
+	}
+}
+
+func TestExecRunnerError(t *testing.T) {
+	fakeCommand(t, "mdadm", `echo "mdadm: No md superblock detected on $3." >&2; exit 1`)
+	args := []string{"mdadm", "--examine", "--export", "/dev/nbd0"}
+	_, err := execRunner{}.run(context.Background(), args...)
+	want := `running ["mdadm" "--examine" "--export" "/dev/nbd0"]: exit status 1` + "\nmdadm: No md superblock detected on /dev/nbd0."
+	if err == nil || err.Error() != want {
+		t.Errorf("error = %v, want %q", err, want)
+	}
+	var ee interface{ ExitCode() int }
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Errorf("error %v does not carry the exit status", err)
+	}
+	if _, err := (execRunner{}).run(context.Background(), "lvnbd-no-such-command"); err == nil ||
+		!strings.Contains(err.Error(), "not installed") {
+		t.Errorf("missing command: %v", err)
+	}
+}
+
+func TestReadProber(t *testing.T) {
+	release := make(chan struct{})
+	calls := 0
+	p := newReadProber(10 * time.Millisecond)
+	p.read = func(dev string) probeResult {
+		calls++
+		<-release
+		return probeReadable
+	}
+	// A read that hangs (a dead NBD leg inside its dead-connection
+	// timeout) leaves the answer pending, and is not started twice.
+	if r := p.probe("/dev/nbd0"); r != probePending {
+		t.Fatalf("hanging read: %v", r)
+	}
+	if r := p.probe("/dev/nbd0"); r != probePending {
+		t.Fatalf("still hanging: %v", r)
+	}
+	close(release)
+	if r := p.probe("/dev/nbd0"); r != probeReadable {
+		t.Fatalf("after the read returned: %v", r)
+	}
+	if calls != 1 {
+		t.Errorf("%d reads, want 1 in flight at a time", calls)
+	}
+	if r := p.probe("/dev/nbd0"); r != probeReadable || calls != 2 {
+		t.Errorf("next probe: %v after %d reads", r, calls)
+	}
+}
+
+func TestReadOneBlock(t *testing.T) {
+	if r := readOneBlock(filepath.Join(t.TempDir(), "missing")); r != probeUnreadable {
+		t.Errorf("missing device: %v", r)
+	}
+	short := filepath.Join(t.TempDir(), "short")
+	if err := os.WriteFile(short, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := readOneBlock(short); r != probeUnreadable {
+		t.Errorf("a 1-byte file: %v (no full block)", r)
+	}
+}

@@ -1,0 +1,397 @@
+package guest
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// watchEnv is a watcher over fakes, its sysfs loaded from a capture, both
+// legs (nbd0, nbd1) 64 MiB block devices that answer reads.
+type watchEnv struct {
+	t     *testing.T
+	w     *Watcher
+	fsys  fstest.MapFS
+	run   *fakeRunner
+	probe *fakeProber
+	clock *fakeClock
+	logs  *observer.ObservedLogs
+	md    string // kernel name of the captured array
+}
+
+func newWatchEnv(t *testing.T, capture string, cfg WatchConfig) *watchEnv {
+	h, fsys, r, p, c := testHost(t)
+	e := &watchEnv{t: t, fsys: fsys, run: r, probe: p, clock: c}
+	e.load(capture)
+	blockDev(fsys, "nbd0", 64<<20, "43:0")
+	blockDev(fsys, "nbd1", 64<<20, "43:32")
+	p.set("/dev/nbd0", probeReadable)
+	p.set("/dev/nbd1", probeReadable)
+	core, logs := observer.New(zap.DebugLevel)
+	e.logs = logs
+	cfg.Log = zap.New(core)
+	if cfg.Arrays == nil {
+		cfg.Arrays = []string{"/dev/" + e.md}
+	}
+	e.w = newWatcher(h, &cfg)
+	return e
+}
+
+// load replaces the array's sysfs with another capture of it.
+func (e *watchEnv) load(capture string) {
+	e.t.Helper()
+	for k := range e.fsys {
+		if strings.HasPrefix(k, "sys/block/") || strings.HasPrefix(k, "sys/class/block/md") {
+			delete(e.fsys, k)
+		}
+	}
+	e.md = sysfsDump(e.t, e.fsys, capture)
+}
+
+func (e *watchEnv) step() {
+	e.t.Helper()
+	e.w.Step(context.Background())
+	e.run.done()
+}
+
+// logged counts the log entries with msg.
+func (e *watchEnv) logged(msg string) int { return e.logs.FilterMessage(msg).Len() }
+
+func (e *watchEnv) wantLogged(msg string, n int) {
+	e.t.Helper()
+	if got := e.logged(msg); got != n {
+		e.t.Errorf("%q logged %d times, want %d; log:\n%s", msg, got, n, e.dump())
+	}
+}
+
+func (e *watchEnv) dump() string {
+	var s string
+	for _, l := range e.logs.All() {
+		s += l.Level.String() + " " + l.Message + "\n"
+	}
+	return s
+}
+
+func mdadm(args ...string) []string { return append([]string{"mdadm"}, args...) }
+
+// Legs of the captured failover (scenario 26): its stale leg A, and leg A
+// of scenario 25's array, which is another array.
+func staleLeg(t *testing.T) call {
+	return call{args: mdadm("--examine", "--export", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-export-stale.txt"))}
+}
+
+func otherArraysLeg(t *testing.T) call {
+	return call{args: mdadm("--examine", "--export", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-export-member.txt"))}
+}
+
+func TestWatchHealthy(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+	e.step()
+	e.step()
+	e.wantLogged("watching", 1)
+	e.wantLogged("all legs in sync", 1)
+	if len(e.probe.probed) != 0 {
+		t.Errorf("probed %v on a healthy array", e.probe.probed)
+	}
+}
+
+func TestWatchWaitsForDeadLeg(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	for range 3 {
+		e.step() // no command while the leg does not answer
+	}
+	e.wantLogged("degraded", 1)
+	e.wantLogged("leg does not answer reads; waiting for it", 1)
+	if len(e.probe.probed) != 3 {
+		t.Errorf("probed %v, want the dead leg once per look", e.probe.probed)
+	}
+	e.probe.set("/dev/nbd0", probePending) // a probe still in flight
+	e.step()
+}
+
+func TestWatchReaddsFaultyLeg(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.run.expect(staleLeg(t),
+		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("removed the failed leg", 1)
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+}
+
+// md no longer lists leg A (removed while away): the watcher remembers it.
+func TestWatchReaddsRemovedLeg(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	e.step()
+	e.load("sysfs-removed.txt")
+	e.step() // still dead
+	e.probe.set("/dev/nbd0", probeReadable)
+	e.run.expect(staleLeg(t), call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+}
+
+// A watcher started after the leg was removed does not know it.
+func TestWatchDoesNotGuessLegs(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-removed.txt", WatchConfig{})
+	e.step()
+	e.wantLogged("degraded", 1)
+	if len(e.probe.probed) != 0 {
+		t.Errorf("probed %v", e.probe.probed)
+	}
+}
+
+func TestWatchReaddRefused(t *testing.T) {
+	readd := mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")
+	add := mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")
+	t.Run("add", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.probe.set("/dev/nbd0", probeUnreadable)
+		e.step() // remembers nbd0
+		e.load("sysfs-removed.txt")
+		e.probe.set("/dev/nbd0", probeReadable)
+		e.run.expect(staleLeg(t),
+			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
+			call{args: add})
+		e.step()
+		e.wantLogged("re-add refused; adding the leg as a new member: a full resync follows", 1)
+		e.wantLogged("added the leg: full resync started", 1)
+	})
+	t.Run("zero superblock", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.run.expect(staleLeg(t),
+			call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
+			call{args: add, err: cmdError(add, 1, "mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.")},
+			call{args: mdadm("--zero-superblock", "/dev/nbd0")},
+			call{args: add})
+		e.step()
+		e.wantLogged("add refused; clearing the stale leg's md superblock and adding it again", 1)
+		e.wantLogged("added the leg: full resync started", 1)
+	})
+}
+
+// A failed attempt is retried after a delay that doubles, not every look.
+func TestWatchBacksOff(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Interval: 2 * time.Second})
+	remove := mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")
+	busy := cmdError(remove, 1, "mdadm: hot remove failed for /dev/nbd0: Device or resource busy")
+	e.run.expect(staleLeg(t), call{args: remove, err: busy})
+	e.step()
+	e.wantLogged("cannot remove the failed leg", 1)
+	e.step() // within the 4 s delay: nothing
+	e.clock.Advance(4 * time.Second)
+	e.run.expect(staleLeg(t), call{args: remove, err: busy})
+	e.step()
+	e.clock.Advance(7 * time.Second) // the next delay is 8 s
+	e.step()
+	e.clock.Advance(time.Second)
+	e.run.expect(staleLeg(t), call{args: remove},
+		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+	if leg := e.w.arrays["md127"].legs["nbd0"]; leg.failures != 0 || !leg.retryAt.IsZero() {
+		t.Errorf("after success: %+v", leg)
+	}
+}
+
+func TestWatchLeavesOtherDevicesAlone(t *testing.T) {
+	t.Run("another array", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.run.expect(otherArraysLeg(t))
+		e.step()
+		e.wantLogged(`the leg belongs to another array ("vm1", UUID a1eb0886:605cc9af:beadbfc9:43ae6784): not adding it`, 1)
+	})
+	t.Run("a filesystem", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.w.h.readEnds = func(string, uint64) ([]byte, []byte, error) {
+			head := make([]byte, headSize)
+			copy(head[0:], "XFSB")
+			return head, nil, nil
+		}
+		e.run.expect(examineBlank("/dev/nbd0"))
+		e.step()
+		e.wantLogged("the leg has no md superblock but a xfs filesystem: not adding it", 1)
+	})
+	t.Run("gone", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		delete(e.fsys, "sys/class/block/nbd0/size")
+		delete(e.fsys, "sys/class/block/nbd0/dev")
+		e.step()
+		e.wantLogged("leg device is gone", 1)
+	})
+}
+
+// A blank device in a known leg's place (the storage box replaced the
+// volume) is added, with a full resync.
+func TestWatchAddsBlankLeg(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.run.expect(examineBlank("/dev/nbd0"),
+		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+		call{args: mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("the leg is blank; adding it as a new member: a full resync follows", 1)
+}
+
+func TestWatchWaitsForRecovery(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-recovery.txt", WatchConfig{GrowFS: true})
+	e.step()
+	e.wantLogged("degraded, recover running", 1)
+}
+
+func TestWatchGrows(t *testing.T) {
+	grow := call{args: mdadm("--grow", "/dev/md126", "--size=max")}
+	t.Run("both legs", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+		e.run.expect(grow)
+		e.step()
+		e.wantLogged("grew the array to use its grown legs", 1)
+		e.step() // md has not grown (a fake): not tried again at the same sizes
+		blockDev(e.fsys, "nbd1", 192<<20, "43:32")
+		e.step() // the smallest leg did not change
+		blockDev(e.fsys, "nbd0", 192<<20, "43:0")
+		e.run.expect(grow)
+		e.step()
+	})
+	t.Run("one leg", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+		e.step()
+	})
+	t.Run("less than the slack", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+		blockDev(e.fsys, "nbd0", 64<<20+512<<10, "43:0")
+		blockDev(e.fsys, "nbd1", 64<<20+512<<10, "43:32")
+		e.step()
+	})
+	t.Run("resyncing", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-resync.txt", WatchConfig{})
+		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+		e.step()
+	})
+	t.Run("degraded", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.probe.set("/dev/nbd0", probeUnreadable)
+		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+		e.step()
+	})
+	t.Run("refused", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+		e.run.expect(call{args: grow.args, err: cmdError(grow.args, 1, "mdadm: Cannot set device size for /dev/md126: No space left on device")})
+		e.step()
+		e.wantLogged("cannot grow the array", 1)
+		e.step()
+	})
+}
+
+// After the array grew (scenario 28's capture, 127 MiB, its ext4 still
+// 63 MiB), the mounted filesystem is grown once.
+func TestWatchGrowsFilesystem(t *testing.T) {
+	const mountinfo = "29 28 9:127 / /mnt rw,relatime - %s /dev/md/vm1 rw\n"
+	dumpe2fs := call{args: []string{"dumpe2fs", "-h", "/dev/md127"}, stdout: ""}
+	t.Run("ext4", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{GrowFS: true})
+		e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, "ext4"))}
+		dumpe2fs.stdout = string(readTestdata(t, "dumpe2fs-h.txt"))
+		e.run.expect(dumpe2fs, call{args: []string{"resize2fs", "/dev/md127"}})
+		e.step()
+		e.wantLogged("grew the filesystem", 1)
+		e.step() // once per array size
+	})
+	t.Run("ext4 already grown", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{GrowFS: true})
+		e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, "ext4"))}
+		dumpe2fs.stdout = "Block count:              130048\nBlock size:               1024\n"
+		e.run.expect(dumpe2fs)
+		e.step()
+		e.step()
+	})
+	t.Run("xfs", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{GrowFS: true})
+		e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, "xfs"))}
+		e.run.expect(call{args: []string{"xfs_growfs", "/mnt"}})
+		e.step()
+		e.step()
+	})
+	t.Run("not mounted", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{GrowFS: true})
+		e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: readTestdata(t, "mountinfo.txt")}
+		e.step()
+	})
+	t.Run("without --grow-fs", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{})
+		e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, "ext4"))}
+		e.step()
+	})
+}
+
+// With no --md, the watcher follows every RAID1 array in /proc/mdstat.
+func TestWatchAllArrays(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Arrays: []string{}})
+	e.w.cfg.Arrays = nil
+	e.fsys["proc/mdstat"] = &fstest.MapFile{Data: readTestdata(t, "mdstat-faulty.txt")}
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	e.step()
+	e.wantLogged("leg does not answer reads; waiting for it", 1)
+}
+
+func TestWatchMissingArray(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{Arrays: []string{"/dev/md/nosuch"}})
+	e.step()
+	e.step()
+	e.wantLogged("array not found (not assembled yet?)", 1)
+}
+
+// Run looks once per interval of its clock, and returns nil when
+// cancelled.
+func TestWatchRun(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Interval: 5 * time.Second})
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.w.Run(ctx) }()
+	probes := func() int {
+		e.probe.mu.Lock()
+		defer e.probe.mu.Unlock()
+		return len(e.probe.probed)
+	}
+	<-e.clock.waiting // first look done, waiting for the interval
+	if n := probes(); n != 1 {
+		t.Fatalf("%d probes after the first look", n)
+	}
+	e.clock.Advance(4 * time.Second)
+	e.clock.Advance(time.Second)
+	<-e.clock.waiting
+	if n := probes(); n != 2 {
+		t.Fatalf("%d probes after one interval", n)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run returned %v on cancel", err)
+	}
+}
+
+// Without md/uuid in sysfs (older kernels), mdadm --detail names the array.
+func TestWatchUUIDFromMdadm(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	delete(e.fsys, "sys/block/md127/md/uuid")
+	detail := call{args: mdadm("--detail", "--export", "/dev/md127"), stdout: string(readTestdata(t, "detail-export-faulty.txt"))}
+	e.run.expect(detail, staleLeg(t),
+		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+}
