@@ -7,12 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"syscall"
 
+	"github.com/lvnbd/lvnbd/internal/localapi"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -29,11 +29,7 @@ type Client struct {
 
 // NewClient returns a client for the socket at path; it connects per request.
 func NewClient(path string) *Client {
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", path)
-	}}
-	return &Client{path: path, hc: &http.Client{Transport: tr}}
+	return &Client{path: path, hc: localapi.Client(path)}
 }
 
 // Path is the socket's path.

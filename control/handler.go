@@ -7,13 +7,10 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
-	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/localapi"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -271,68 +268,9 @@ func exportOrAll(export string) string {
 // Listen opens the control socket at path: its directory is created 0700
 // and the socket made 0600, and connections from users other than root and
 // the server's own are refused, since the socket can remove volumes.
-func Listen(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("control socket directory: %w", err)
-	}
-	addr, err := server.ParseListenURL("unix://" + path)
-	if err != nil {
-		return nil, err
-	}
-	ln, err := server.Listen(addr)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	return &peerCheckListener{Listener: ln}, nil
-}
-
-// peerCheckListener admits only root and the server's own user.
-type peerCheckListener struct{ net.Listener }
-
-func (l *peerCheckListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		if allowedPeer(c) {
-			return c, nil
-		}
-		c.Close()
-	}
-}
-
-func allowedPeer(c net.Conn) bool {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return false
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var cred *unix.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	return err == nil && cred != nil && (cred.Uid == 0 || int(cred.Uid) == os.Getuid())
-}
+func Listen(path string) (net.Listener, error) { return localapi.Listen(path, "control socket") }
 
 // Serve answers control requests on ln until ctx is done.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	stop := context.AfterFunc(ctx, func() {
-		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(shutdownCtx)
-	})
-	defer stop()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("control socket: %w", err)
-	}
-	return nil
+	return localapi.Serve(ctx, ln, h, "control socket")
 }

@@ -11,12 +11,12 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/localapi"
 )
 
 // DefaultSocket is where lvnbd client listens for lvnbd pair commands.
@@ -95,82 +95,11 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // Listen opens the daemon's socket at path: its directory is created 0700,
 // the socket made 0600, a stale socket of a dead daemon replaced, and
 // connections from users other than root and the daemon's own refused.
-func Listen(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("control socket directory: %w", err)
-	}
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s is in use: is lvnbd client already running?", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("removing the stale socket %s: %w", path, err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	return &peerCheckListener{Listener: ln}, nil
-}
-
-// peerCheckListener admits only root and the daemon's own user: the socket
-// can detach devices from under guests.
-type peerCheckListener struct{ net.Listener }
-
-func (l *peerCheckListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		if allowedPeer(c) {
-			return c, nil
-		}
-		c.Close()
-	}
-}
-
-func allowedPeer(c net.Conn) bool {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return false
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var cred *unix.Ucred
-	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return false
-	}
-	return credErr == nil && cred != nil && (cred.Uid == 0 || int(cred.Uid) == os.Getuid())
-}
+func Listen(path string) (net.Listener, error) { return localapi.Listen(path, "lvnbd client socket") }
 
 // Serve answers API requests on ln until ctx is done, then closes ln.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	stop := context.AfterFunc(ctx, func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	})
-	defer stop()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("control socket: %w", err)
-	}
-	return nil
+	return localapi.Serve(ctx, ln, h, "lvnbd client socket")
 }
 
 // Client talks to a running lvnbd client daemon.
@@ -182,11 +111,7 @@ type Client struct {
 // NewClient returns a client for the daemon's socket at path; it connects
 // per request.
 func NewClient(path string) *Client {
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", path)
-	}}
-	return &Client{path: path, hc: &http.Client{Transport: tr}}
+	return &Client{path: path, hc: localapi.Client(path)}
 }
 
 // RemoteError is a failure the daemon reported. Pair is the pair's state

@@ -3,7 +3,6 @@ package pair
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -92,31 +91,5 @@ func TestClientWithoutDaemon(t *testing.T) {
 	c := NewClient(filepath.Join(t.TempDir(), "none.sock"))
 	if _, err := c.Status(context.Background()); !errors.Is(err, ErrNoDaemon) {
 		t.Errorf("status: %v, want ErrNoDaemon", err)
-	}
-}
-
-func TestListen(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "client.sock")
-	ln, err := Listen(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "already running") {
-		t.Errorf("second listener: %v", err)
-	}
-	// A dead daemon's socket is replaced.
-	ln.(*peerCheckListener).Listener.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close()
-	ln, err = Listen(path)
-	if err != nil {
-		t.Fatalf("over a stale socket: %v", err)
-	}
-	ln.Close()
-
-	file := filepath.Join(dir, "file")
-	os.WriteFile(file, nil, 0o644)
-	if _, err := Listen(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
-		t.Errorf("over a file: %v", err)
 	}
 }
