@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -15,6 +16,20 @@ import (
 
 	"github.com/lvnbd/lvnbd/nbd"
 )
+
+// peakRSS is the process's peak resident set (VmHWM), clients included.
+func peakRSS(t testing.TB) string {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown"
+}
 
 func openFDs(t testing.TB) int {
 	entries, err := os.ReadDir("/proc/self/fd")
@@ -83,8 +98,8 @@ func TestLoadManyConnectionsDeepQueues(t *testing.T) {
 	wg.Wait()
 	close(stopSampling)
 	<-sampled
-	t.Logf("%d requests over %d connections at QD%d in %v; peak heap in use %d MiB",
-		total.Load(), conns, depth, duration, peakHeap.Load()>>20)
+	t.Logf("%d requests over %d connections at QD%d in %v; peak heap in use %d MiB; peak RSS of the test process %s",
+		total.Load(), conns, depth, duration, peakHeap.Load()>>20, peakRSS(t))
 	if total.Load() < conns*depth {
 		t.Errorf("only %d requests completed", total.Load())
 	}

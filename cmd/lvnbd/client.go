@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -10,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
@@ -40,6 +44,7 @@ func newClientCmd(host *hostDeps) *cobra.Command {
 		healthInterval time.Duration
 		logLevel       string
 		logFormat      string
+		metricsListen  string
 	)
 	cmd := &cobra.Command{
 		Use:   "client",
@@ -108,6 +113,21 @@ every leg has been attached or found unreachable.`,
 				}
 			}()
 
+			// Metrics read whichever supervisor runs now (reloads replace it).
+			var running atomic.Pointer[pair.Supervisor]
+			if metricsListen != "" {
+				stopMetrics, err := serveClientMetrics(ctx, metricsListen, func() []pair.PairStatus {
+					if sup := running.Load(); sup != nil {
+						return sup.Status()
+					}
+					return nil
+				}, log)
+				if err != nil {
+					return err
+				}
+				defer stopMetrics()
+			}
+
 			var down []string
 			for {
 				sup, failed, stop, err := startSupervisor(ctx, host, &pair.Config{Pairs: pairSpecs(cfg), Logger: log,
@@ -117,6 +137,7 @@ every leg has been attached or found unreachable.`,
 				}
 				h := pair.Handler(sup, log)
 				current.Store(&h)
+				running.Store(sup)
 				log.Info("supervising", zap.Int("pairs", len(cfg.Pairs)), zap.String("config", configPath),
 					zap.String("control", ctlPath))
 				go func() {
@@ -161,6 +182,7 @@ every leg has been attached or found unreachable.`,
 	f.StringVar(&linkDir, "link-dir", pair.DefaultLinkDir, "where the stable names PAIR/a and PAIR/b go")
 	f.DurationVar(&pollInterval, "poll-interval", pair.DefaultPollInterval, "how often to check the exports' sizes, to grow devices")
 	f.DurationVar(&healthInterval, "health-interval", pair.DefaultHealthInterval, "how often to check that every device is still attached")
+	f.StringVar(&metricsListen, "metrics-listen", "", "HOST:PORT of a Prometheus endpoint, /metrics: each leg's state, size and reconnects (empty: off)")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&logFormat, "log-format", "console", "log format: console or json")
 	return cmd
@@ -213,4 +235,29 @@ func downPairs(now []pair.PairStatus, next *config.ClientConfig) []string {
 		}
 	}
 	return out
+}
+
+// serveClientMetrics answers /metrics on addr with the legs' states until
+// stop is called or ctx is done.
+func serveClientMetrics(ctx context.Context, addr string, status func() []pair.PairStatus, log *zap.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen %s: %w", addr, err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(pair.NewCollector(status), prometheus.NewGoCollector(),
+		prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics endpoint", zap.Error(err))
+		}
+	}()
+	log.Info("metrics", zap.String("url", "http://"+ln.Addr().String()+"/metrics"))
+	after := context.AfterFunc(ctx, func() { srv.Close() })
+	return func() { after(); srv.Close(); <-done }, nil
 }

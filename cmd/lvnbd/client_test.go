@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,7 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/pair"
 )
 
 // quietNBD is a fakeNBD whose kernel reports no dead connections: its
@@ -181,4 +187,28 @@ func writeEmpty(t *testing.T, dir string) string {
 	p := filepath.Join(dir, "empty.toml")
 	writeFile(t, p, "")
 	return p
+}
+
+func TestClientMetricsEndpoint(t *testing.T) {
+	status := func() []pair.PairStatus {
+		return []pair.PairStatus{{Name: "vm1", Up: true, Legs: []pair.LegStatus{{Leg: "a", State: pair.StateConnected, Reconnects: 3}}}}
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	stop, err := serveClientMetrics(context.Background(), "127.0.0.1:0", status, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	url, _ := logs.FilterMessage("metrics").All()[0].ContextMap()["url"].(string)
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`lvnbd_pair_leg_reconnects_total{leg="a",pair="vm1"} 3`, `lvnbd_pair_leg_state{leg="a",pair="vm1",state="connected"} 1`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
 }
