@@ -102,11 +102,8 @@ be attached only once per host.`,
 			if err != nil {
 				return err
 			}
-			if conns < 1 || conns > kernel.MaxConnections {
-				return fmt.Errorf("--connections %d: want 1 to %d", conns, kernel.MaxConnections)
-			}
-			if timeout < 0 || deadTimeout < 0 {
-				return errors.New("--timeout and --dead-timeout cannot be negative")
+			if err := checkConnectionFlags(conns, timeout, deadTimeout); err != nil {
+				return err
 			}
 			index := kernel.AnyDevice
 			if device != "" {
@@ -401,11 +398,8 @@ the server, say). A device never shrinks: detach it first.`,
 			if err != nil {
 				return err
 			}
-			if conns < 1 || conns > kernel.MaxConnections {
-				return fmt.Errorf("--connections %d: want 1 to %d", conns, kernel.MaxConnections)
-			}
-			if timeout < 0 || deadTimeout < 0 {
-				return errors.New("--timeout and --dead-timeout cannot be negative")
+			if err := checkConnectionFlags(conns, timeout, deadTimeout); err != nil {
+				return err
 			}
 			k, err := host.openKernel(ctx)
 			if err != nil {
@@ -597,4 +591,15 @@ func unescapeMount(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
+}
+
+// checkConnectionFlags validates the flags attach and reconnect share.
+func checkConnectionFlags(conns int, timeout, deadTimeout time.Duration) error {
+	if conns < 1 || conns > kernel.MaxConnections {
+		return fmt.Errorf("--connections %d: want 1 to %d", conns, kernel.MaxConnections)
+	}
+	if timeout < 0 || deadTimeout < 0 {
+		return errors.New("--timeout and --dead-timeout cannot be negative")
+	}
+	return nil
 }
