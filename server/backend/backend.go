@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -35,6 +36,16 @@ type File struct {
 	readOnly bool
 	size     atomic.Int64
 	noDSync  atomic.Bool // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+
+	// writeMu serializes buffered writes to a regular file. The kernel
+	// does already (ext4, xfs and tmpfs hold the inode lock exclusively
+	// for a buffered write), but there the waiters spin on the lock's
+	// owner: measured, 20% of the server's CPU in rwsem_spin_on_owner in
+	// a sequential write with 4 connections, CPU the client needed. Here
+	// a waiting worker parks instead. Durable (FUA) writes stay
+	// concurrent, as their sync runs after the kernel drops its lock, and
+	// block devices take no such lock.
+	writeMu sync.Mutex
 }
 
 // Open opens path, a regular file or a block device, for an export.
@@ -130,6 +141,10 @@ func (b *File) WriteAt(p []byte, off int64, fua bool) error {
 			return err
 		}
 		b.noDSync.Store(true)
+	}
+	if !fua && !b.device {
+		b.writeMu.Lock()
+		defer b.writeMu.Unlock()
 	}
 	if err := b.pwritev2(p, off, 0); err != nil {
 		return err
