@@ -75,7 +75,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	}
 	log = log.With(zap.String("export", sess.export.Name))
 	c := &conn{
-		s: s, nc: sess.nc, r: sess.r, log: log, sess: sess,
+		s: s, nc: sess.nc, r: newRequestReader(sess.r, sess.nc), log: log, sess: sess,
 		slots:   semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
 		bytes:   semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 		replies: make(chan *reply, s.cfg.MaxInFlight), // never blocks: one per slot
@@ -104,7 +104,7 @@ func peerName(nc net.Conn) string {
 type conn struct {
 	s       *Server
 	nc      net.Conn
-	r       *bufio.Reader
+	r       *requestReader
 	log     *zap.Logger
 	sess    *session
 	client  *clientConn // this connection's counters on the export
@@ -194,7 +194,7 @@ func (c *conn) serve(ctx context.Context) string {
 func (c *conn) readLoop(ctx context.Context) string {
 	var hb [nbd.RequestHeaderSize]byte
 	for {
-		if _, err := io.ReadFull(c.r, hb[:]); err != nil {
+		if err := c.r.readHeader(hb[:]); err != nil {
 			switch {
 			case ctx.Err() != nil:
 				return "server shutting down"
@@ -240,7 +240,7 @@ func (c *conn) readLoop(ctx context.Context) string {
 		var payload []byte
 		if req.Command == nbd.CmdWrite && req.Length > 0 {
 			payload = getBuf(int(req.Length))
-			if _, err := io.ReadFull(c.r, payload); err != nil {
+			if err := c.r.readPayload(payload); err != nil {
 				putBuf(payload)
 				c.release(cost)
 				if ctx.Err() != nil {
@@ -248,6 +248,8 @@ func (c *conn) readLoop(ctx context.Context) string {
 				}
 				return "reading write payload: " + err.Error()
 			}
+		} else {
+			c.r.noPayload()
 		}
 		c.work.Add(1)
 		c.jobs <- job{req, payload, cost, time.Now()}
