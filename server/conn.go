@@ -84,6 +84,9 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	if s.cfg.Observer != nil {
 		c.observe = s.cfg.Observer.ForExport(sess.export.Name)
 	}
+	if !s.cfg.NoSplice {
+		c.splice = newSplicer(sess.nc, sess.export.Backend)
+	}
 	c.client = client
 	loop.Store(c)
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
@@ -109,6 +112,7 @@ type conn struct {
 	sess    *session
 	client  *clientConn // this connection's counters on the export
 	observe ExportObserver
+	splice  *splicer // nil: reads are copied
 	slots   *semaphore.Weighted
 	bytes   *semaphore.Weighted
 	replies chan *reply
@@ -125,6 +129,11 @@ type conn struct {
 	// the gate exclusively, so no write starts after fence returns.
 	fenceGate sync.RWMutex
 	fenced    atomic.Bool
+
+	// holesSeen: the last structured read searched for zeroes found some;
+	// largeReads counts reads that could be spliced (see splicePipe).
+	holesSeen  atomic.Bool
+	largeReads atomic.Uint32
 }
 
 // fence stops this connection's writes for good and closes it.
@@ -187,6 +196,9 @@ func (c *conn) serve(ctx context.Context) string {
 	close(c.replies)
 	if err := <-writerDone; err != nil && reason == "" {
 		reason = "sending replies: " + err.Error()
+	}
+	if c.splice != nil {
+		c.splice.close()
 	}
 	return reason
 }
@@ -288,7 +300,27 @@ func (c *conn) writeLoop() error {
 		pending = pending[:0]
 	}
 	for r := range c.replies {
-		if failed == nil {
+		if r.pipe != nil {
+			// The header joins what is pending; the data follows from
+			// the pipe.
+			if failed == nil {
+				for _, p := range r.parts {
+					pending = append(pending, p...)
+				}
+				if err := c.splice.send(pending, r.pipe, r.pipeLen); err != nil {
+					failed = err
+					c.gone.Store(true)
+					c.nc.Close()
+				}
+				pending = pending[:0]
+			}
+			if failed == nil {
+				c.splice.put(r.pipe)
+				c.s.splicedReads.Add(1)
+			} else {
+				c.splice.discard(r.pipe)
+			}
+		} else if failed == nil {
 			if len(pending)+r.size <= batchLimit {
 				for _, p := range r.parts {
 					pending = append(pending, p...)
@@ -316,11 +348,14 @@ func (c *conn) writeLoop() error {
 	return failed
 }
 
-// reply is the encoded answer to one request: parts are written in order.
+// reply is the encoded answer to one request: parts are written in order,
+// then pipeLen bytes from pipe if there is one.
 type reply struct {
-	parts [][]byte
-	size  int
-	done  func() // returns buffers and the request's slot
+	parts   [][]byte
+	size    int
+	pipe    *splicePipe
+	pipeLen int
+	done    func() // returns buffers and the request's slot
 }
 
 func (r *reply) add(p []byte) {

@@ -23,6 +23,7 @@ import (
 
 // testServer runs a server on a loopback port until the test ends.
 type testServer struct {
+	srv     *Server
 	addr    string
 	reg     *Registry
 	cancel  context.CancelFunc
@@ -50,6 +51,7 @@ func startServer(t testing.TB, cfg *Config, exports ...*Export) *testServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	ts := &testServer{addr: ln.Addr().String(), reg: reg, cancel: cancel, done: make(chan error, 1)}
 	srv := New(cfg)
+	ts.srv = srv
 	go func() { ts.done <- srv.Serve(ctx, ln) }()
 	t.Cleanup(func() { ts.stop(t) })
 	return ts
@@ -285,6 +287,24 @@ func (c *rawClient) reply(dataLen int) result {
 			return res
 		}
 	}
+}
+
+// replyFor reads one reply when replies may come in any order: a simple
+// reply's data length is lenOf its handle.
+func (c *rawClient) replyFor(lenOf func(handle uint64) int) result {
+	c.t.Helper()
+	hdr, err := c.r.Peek(nbd.SimpleReplySize)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if binary.BigEndian.Uint32(hdr) != nbd.SimpleReplyMagic {
+		return c.reply(0)
+	}
+	var r nbd.SimpleReply
+	if err := r.UnmarshalBinary(hdr); err != nil {
+		c.t.Fatal(err)
+	}
+	return c.simpleReply(lenOf(r.Handle))
 }
 
 // expectClosed asserts the server hangs up without sending anything more.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
@@ -194,6 +195,19 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 		c.okReply(r, req)
 		return nil, nil
 	}
+	if p := c.splicePipe(req); p != nil {
+		err := c.sess.export.Backend.(fileSplicer).SpliceRead(p.w, off, int(req.Length))
+		if err == nil {
+			c.dataHeader(r, req)
+			r.pipe, r.pipeLen = p, int(req.Length)
+			return nil, nil
+		}
+		c.splice.discard(p)
+		if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EPERM) {
+			return nil, err
+		}
+		c.splice.fail(err) // this backend cannot splice: copy instead
+	}
 	data := getBuf(int(req.Length))
 	// Read everything before encoding anything, so an I/O error becomes a
 	// lone error reply rather than one after content chunks.
@@ -209,6 +223,7 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 	var runs []zeroRun
 	if req.Flags&nbd.CmdFlagDF == 0 && req.Length >= holeReadMin {
 		runs = zeroRuns(data, off)
+		c.holesSeen.Store(len(runs) > 0)
 	}
 	hdrs := make([]byte, 0, (2*len(runs)+1)*(nbd.StructuredHeaderSize+nbd.OffsetHoleSize))
 	chunk := func(start, end int, hole, last bool) {
@@ -242,6 +257,44 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 		chunk(pos, len(data), false, true)
 	}
 	return data, nil
+}
+
+// holeProbeEvery is how often a structured read that could be spliced is
+// copied instead, to look for zeroes (see splicePipe).
+const holeProbeEvery = 16
+
+// splicePipe returns a pipe to splice req's data through, or nil when the
+// read is to be copied: too short, no splice path, no free pipe, or a read
+// whose zeroes should be found.
+//
+// Zeroes can only be found in data the server sees, so splicing gives up
+// sending runs of zeroes as holes (which saves a link's bandwidth when a
+// structured client such as a backup reads an unwritten part of an LV). The
+// two are reconciled by probing: one structured read in holeProbeEvery is
+// copied and searched, and while the probes find zeroes every read is, until
+// one finds none. Simple replies (the kernel's client) have no holes to send.
+func (c *conn) splicePipe(req nbd.RequestHeader) *splicePipe {
+	if c.splice == nil || req.Length < spliceMin {
+		return nil
+	}
+	if c.sess.structured && req.Flags&nbd.CmdFlagDF == 0 &&
+		(c.holesSeen.Load() || (c.largeReads.Add(1)-1)%holeProbeEvery == 0) {
+		return nil
+	}
+	return c.splice.get(int(req.Length))
+}
+
+// dataHeader adds the header of a read's reply whose data follows it: a
+// simple reply, or one OFFSET_DATA chunk that is the last.
+func (c *conn) dataHeader(r *reply, req nbd.RequestHeader) {
+	if !c.sess.structured {
+		hdr, _ := nbd.SimpleReply{Handle: req.Handle}.AppendBinary(make([]byte, 0, nbd.SimpleReplySize))
+		r.add(hdr)
+		return
+	}
+	hdr, _ := nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: nbd.ReplyOffsetData, Handle: req.Handle,
+		Length: uint32(nbd.OffsetDataPrefixSize) + req.Length}.AppendBinary(make([]byte, 0, nbd.StructuredHeaderSize+nbd.OffsetDataPrefixSize))
+	r.add(binary.BigEndian.AppendUint64(hdr, req.Offset))
 }
 
 // zeroRun is [start, end) of a read buffer that is all zeroes.

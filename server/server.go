@@ -38,6 +38,9 @@ type Config struct {
 	// Workers is how many requests of one connection do I/O at once.
 	// Default 16.
 	Workers int
+	// NoSplice sends every read by copying it, as over TLS, instead of
+	// splicing it from the backend to the socket (tests compare the two).
+	NoSplice bool
 	// DrainTimeout bounds how long shutdown waits for in-flight requests
 	// before closing connections anyway. Default 30s.
 	DrainTimeout time.Duration
@@ -100,6 +103,8 @@ type Server struct {
 	perClient map[netip.Addr]int
 
 	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
+
+	splicedReads atomic.Int64 // replies sent from a pipe (tests look)
 }
 
 // SetTLS replaces the TLS configuration (new certificates, say) for the

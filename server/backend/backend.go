@@ -132,6 +132,27 @@ func (b *File) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
+// SpliceRead moves [off, off+n) into the pipe whose write end is w, by
+// reference to page-cache pages where the kernel can, so a reply can be sent
+// without copying its data. The pipe must have room for n bytes.
+func (b *File) SpliceRead(w int, off int64, n int) error {
+	for n > 0 {
+		k, err := unix.Splice(b.fd, &off, w, nil, n, unix.SPLICE_F_MOVE)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("splice from %s at %d: %w", b.path, off, err)
+		}
+		if k == 0 {
+			// Past the end of a file that shrank: an error, as in ReadAt.
+			return fmt.Errorf("splice from %s at %d: %w", b.path, off, unix.EIO)
+		}
+		n -= int(k) // the kernel advanced off
+	}
+	return nil
+}
+
 // WriteAt writes p at offset off; with fua the data is on stable storage when
 // it returns.
 func (b *File) WriteAt(p []byte, off int64, fua bool) error {
