@@ -170,7 +170,7 @@ func (c *conn) serve(ctx context.Context) string {
 		go func() {
 			defer workers.Done()
 			for j := range c.jobs {
-				errno := c.do(j.req, j.payload, j.cost)
+				errno := c.do(j.req, j.payload, j.pipe, j.cost)
 				if c.observe != nil {
 					c.observe.Request(j.req.Command, int(j.req.Length), time.Since(j.read), errno)
 				}
@@ -250,10 +250,10 @@ func (c *conn) readLoop(ctx context.Context) string {
 			return "server shutting down"
 		}
 		var payload []byte
+		var pipe *splicePipe
 		if req.Command == nbd.CmdWrite && req.Length > 0 {
-			payload = getBuf(int(req.Length))
-			if err := c.r.readPayload(payload); err != nil {
-				putBuf(payload)
+			var err error
+			if payload, pipe, err = c.readWritePayload(req); err != nil {
 				c.release(cost)
 				if ctx.Err() != nil {
 					return "server shutting down"
@@ -264,14 +264,53 @@ func (c *conn) readLoop(ctx context.Context) string {
 			c.r.noPayload()
 		}
 		c.work.Add(1)
-		c.jobs <- job{req, payload, cost, time.Now()}
+		c.jobs <- job{req, payload, pipe, cost, time.Now()}
 	}
+}
+
+// readWritePayload reads a write's payload into a buffer or, where splicing
+// works, into a pipe (see splice.go).
+func (c *conn) readWritePayload(req nbd.RequestHeader) ([]byte, *splicePipe, error) {
+	n := int(req.Length)
+	if c.splice != nil && n >= spliceMin && req.Flags&nbd.CmdFlagFUA == 0 {
+		if p := c.splice.get(n); p != nil {
+			moved, err := c.splice.receive(c.r, p, n)
+			if err == nil {
+				return nil, p, nil
+			}
+			if !errors.Is(err, errPipeFull) {
+				c.splice.discard(p)
+				return nil, nil, err
+			}
+			// The rest is read as usual, after what the pipe took.
+			c.s.pipeFallbacks.Add(1)
+			payload := getBuf(n)
+			if err := p.drain(payload[:moved]); err != nil {
+				c.splice.discard(p)
+				putBuf(payload)
+				return nil, nil, err
+			}
+			c.splice.put(p)
+			if _, err := io.ReadFull(c.nc, payload[moved:]); err != nil {
+				putBuf(payload)
+				return nil, nil, err
+			}
+			return payload, nil, nil
+		}
+	}
+	payload := getBuf(n)
+	if err := c.r.readPayload(payload); err != nil {
+		putBuf(payload)
+		return nil, nil, err
+	}
+	return payload, nil, nil
 }
 
 // job is a request read off the wire, waiting for a worker.
 type job struct {
 	req     nbd.RequestHeader
 	payload []byte
+	pipe    *splicePipe // instead of payload: a write spliced off the socket
 	cost    int64
 	read    time.Time // when it came off the wire
 }

@@ -109,3 +109,14 @@ func (rr *requestReader) copyOut(p []byte) error {
 	}
 	return nil
 }
+
+// takeBuffered returns up to n bytes of a payload that the reader holds (valid
+// until the next read), for a payload whose rest is read from the connection
+// by the caller.
+func (rr *requestReader) takeBuffered(n int) []byte {
+	k := min(n, rr.buffered())
+	b := rr.buf[rr.r : rr.r+k]
+	rr.r += k
+	rr.window = smallWindow
+	return b
+}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
@@ -89,8 +88,13 @@ func (s *session) check(req nbd.RequestHeader) error {
 // do performs one request and queues its reply, and returns the error value
 // it answered with. It owns payload and the request's slot and bytes until
 // the reply is written.
-func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) (errno nbd.Errno) {
+func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost int64) (errno nbd.Errno) {
 	defer c.work.Done()
+	defer func() {
+		if pipe != nil { // the payload was not written: the pipe may hold some
+			c.splice.discard(pipe)
+		}
+	}()
 	r := &reply{}
 	var bufs [][]byte
 	if payload != nil {
@@ -128,7 +132,12 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) (errno nbd.
 				return 0
 			}
 		default:
-			err = c.modify(req, payload)
+			err = c.modify(req, payload, pipe)
+			if err == nil && pipe != nil {
+				c.splice.put(pipe) // emptied into the backend
+				pipe = nil
+				c.s.splicedWrites.Add(1)
+			}
 		}
 	}
 	if err != nil {
@@ -150,8 +159,9 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, cost int64) (errno nbd.
 	return errno
 }
 
-// modify performs the commands whose reply carries no data.
-func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
+// modify performs the commands whose reply carries no data. A write's
+// payload is in payload or, spliced off the socket, in pipe.
+func (c *conn) modify(req nbd.RequestHeader, payload []byte, pipe *splicePipe) error {
 	e := c.sess.export
 	b := e.Backend
 	off, length := int64(req.Offset), int64(req.Length)
@@ -171,6 +181,9 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
 	switch req.Command {
 	case nbd.CmdWrite:
 		c.client.written.Add(length)
+		if pipe != nil {
+			return c.writeFromPipe(pipe, off, int(length))
+		}
 		return b.WriteAt(payload, off, fua)
 	case nbd.CmdFlush:
 		return b.Flush()
@@ -185,6 +198,24 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte) error {
 		err = b.Flush()
 	}
 	return err
+}
+
+// writeFromPipe writes a payload spliced off the socket (never FUA: those
+// are read into a buffer, for RWF_DSYNC). A backend that turns out not to
+// take splices gets the payload copied out of the pipe.
+func (c *conn) writeFromPipe(p *splicePipe, off int64, n int) error {
+	b := c.sess.export.Backend
+	done, err := b.(fileSplicer).SpliceWrite(p.r, off, n)
+	if err == nil || done > 0 || !unsupported(err) {
+		return err
+	}
+	c.splice.fail(err)
+	buf := getBuf(n)
+	defer putBuf(buf)
+	if err := p.drain(buf); err != nil {
+		return err
+	}
+	return b.WriteAt(buf, off, false)
 }
 
 // read fills r with the reply to a READ and returns the data buffer it used.
@@ -203,7 +234,7 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 			return nil, nil
 		}
 		c.splice.discard(p)
-		if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EPERM) {
+		if !unsupported(err) {
 			return nil, err
 		}
 		c.splice.fail(err) // this backend cannot splice: copy instead

@@ -104,7 +104,8 @@ type Server struct {
 
 	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
 
-	splicedReads atomic.Int64 // replies sent from a pipe (tests look)
+	// How often each splice path was taken (tests look).
+	splicedReads, splicedWrites, pipeFallbacks atomic.Int64
 }
 
 // SetTLS replaces the TLS configuration (new certificates, say) for the

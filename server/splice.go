@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// Writes come the other way: the reader splices a write's payload from the
+// socket into a pipe (references to the received packets' pages; only bytes
+// the reader had already buffered are copied in), and the worker splices the
+// pipe into the file, which copies each byte once, into the page cache. A
+// recv into a buffer and a pwrite from it copy it twice.
+//
 // Reads are sent without copying where the connection and the backend allow:
 // a worker splices the data from the file or device into a pipe (the pipe then
 // holds references to page-cache pages, and a read from a disk happens here,
@@ -35,12 +42,21 @@ const pipeSize = 4 << 20
 
 // maxPipesPerConn bounds the pipes (two descriptors each) one connection
 // keeps; a read that finds none free is sent by copying.
-const maxPipesPerConn = 32
+const maxPipesPerConn = 64
 
-// fileSplicer is a Backend that can move its data into a pipe by reference.
+// pipeFullAfter, when positive, makes receive report errPipeFull once it has
+// moved that many bytes of a payload: tests reach the fallback with it, which
+// real traffic reaches only when packets are small and many.
+var pipeFullAfter int
+
+// fileSplicer is a Backend that can move its data into a pipe by reference,
+// and write from a pipe.
 type fileSplicer interface {
 	// SpliceRead moves [off, off+n) into the pipe w, which has room for it.
 	SpliceRead(w int, off int64, n int) error
+	// SpliceWrite writes n bytes from the pipe r at off and returns how
+	// many it wrote.
+	SpliceWrite(r int, off int64, n int) (int, error)
 }
 
 // splicePipe is a pipe that carries one read's data from the backend to the
@@ -179,8 +195,7 @@ func (s *splicer) discard(p *splicePipe) {
 // fail records an error that means splicing cannot work here at all (the
 // kernel or a seccomp filter refuses it); reads are copied from then on.
 func (s *splicer) fail(err error) {
-	if errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.EINVAL) ||
-		errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
+	if unsupported(err) || errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) {
 		s.broken.Store(true)
 	}
 	s.mu.Lock()
@@ -239,4 +254,85 @@ func (s *splicer) send(hdr []byte, p *splicePipe, n int) error {
 		return err
 	}
 	return opErr
+}
+
+// errPipeFull: the socket had data the pipe could not take (each received
+// packet's piece of a page takes a pipe slot of its own).
+var errPipeFull = errors.New("pipe full")
+
+// receive moves a write's n-byte payload into p: first what rr holds, then the
+// rest from the socket. On errPipeFull the payload is partly in p and partly
+// still on the socket, and moved says how much is in p.
+func (s *splicer) receive(rr *requestReader, p *splicePipe, n int) (moved int, err error) {
+	for held := rr.takeBuffered(n); len(held) > 0; {
+		k, err := unix.Write(p.w, held)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return moved, fmt.Errorf("write to pipe: %w", err)
+		}
+		held, moved = held[k:], moved+k
+	}
+	var opErr error
+	err = s.raw.Read(func(fd uintptr) bool {
+		for moved < n {
+			want := n - moved
+			if pipeFullAfter > 0 {
+				if moved >= pipeFullAfter {
+					opErr = errPipeFull
+					return true
+				}
+				want = min(want, pipeFullAfter-moved)
+			}
+			k, err := unix.Splice(int(fd), nil, p.w, nil, want, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				// Either the socket is empty (wait for it) or the
+				// pipe is full (give up on splicing this one).
+				if avail, ierr := unix.IoctlGetInt(int(fd), unix.SIOCINQ); ierr == nil && avail > 0 {
+					opErr = errPipeFull
+					return true
+				}
+				return false
+			case err != nil:
+				opErr = fmt.Errorf("splice from socket: %w", err)
+				return true
+			case k == 0:
+				opErr = io.ErrUnexpectedEOF
+				return true
+			}
+			moved += int(k)
+		}
+		return true
+	})
+	if err != nil {
+		return moved, err
+	}
+	return moved, opErr
+}
+
+// drain reads what p holds into b.
+func (p *splicePipe) drain(b []byte) error {
+	for len(b) > 0 {
+		k, err := unix.Read(p.r, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read from pipe: %w", err)
+		}
+		if k == 0 {
+			return io.ErrUnexpectedEOF
+		}
+		b = b[k:]
+	}
+	return nil
+}
+
+// unsupported reports an error that says splicing cannot work here at all.
+func unsupported(err error) bool {
+	return errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM)
 }

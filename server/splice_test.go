@@ -155,3 +155,99 @@ func TestSplicedReadsStillFindHoles(t *testing.T) {
 		t.Fatalf("zeroes after data: first hole at read %d, want within %d reads", found, holeProbeEvery)
 	}
 }
+
+// Every write, spliced off the socket or read into a buffer, lands where it
+// should: many in flight at once (more than a connection has pipes), at
+// offsets off page boundaries, FUA or not, with refused writes in between
+// whose payloads must still be consumed, and through the fallback for a pipe
+// that fills up.
+func TestSplicedWritesLand(t *testing.T) {
+	const size = 48 << 20
+	type write struct {
+		off, n uint64
+		fua    bool
+	}
+	writes := []write{
+		{0, spliceMin, false}, {spliceMin + 1, spliceMin - 1, false}, {200 << 10, spliceMin + 3, true},
+		{1<<20 + 5, 1 << 20, false}, {3 << 20, 4<<20 - 4096, false}, {8<<20 + 1, 4<<20 - 4096, false},
+		{13 << 20, 8 << 20, false}, {28 << 20, 20<<20 - 4096, false}, {size - 100, 100, false},
+	}
+	// More writes than pipes, all in flight together. None overlaps
+	// another: the order of overlapping writes in flight is the server's.
+	for i := range 80 {
+		writes = append(writes, write{21<<20 + 1 + uint64(i)*(16<<10+spliceMin), 16<<10 + spliceMin, i%7 == 0})
+	}
+	for _, mode := range []string{"splice", "copy", "pipe full"} {
+		t.Run(mode, func(t *testing.T) {
+			if mode == "pipe full" {
+				pipeFullAfter = 5000
+				t.Cleanup(func() { pipeFullAfter = 0 })
+			}
+			fdsBefore := openFDs(t)
+			disk, path := fileExport(t, "disk", size, false)
+			ts := startServer(t, &Config{NoSplice: mode == "copy"}, disk)
+			c := dialRaw(t, ts.addr)
+			c.open("disk", true)
+			want := make([]byte, size)
+			handle := uint64(0)
+			// A write beyond the end, in the middle of the stream: its
+			// payload is consumed, the stream stays in step.
+			refused := map[uint64]bool{}
+			for i, w := range writes {
+				data := pattern(int(w.n), uint64(i))
+				copy(want[w.off:], data)
+				var flags nbd.CommandFlags
+				if w.fua {
+					flags = nbd.CmdFlagFUA
+				}
+				handle++
+				c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: flags, Handle: handle, Offset: w.off, Length: uint32(w.n)}, data)
+				if i == 4 {
+					handle++
+					refused[handle] = true
+					c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: handle, Offset: size - spliceMin, Length: 2 * spliceMin}, pattern(2*spliceMin, 99))
+				}
+			}
+			for range handle {
+				res := c.reply(0)
+				if refused[res.handle] {
+					if res.errno != nbd.ENOSPC {
+						t.Errorf("write beyond the end: %v, want ENOSPC", res.errno)
+					}
+					continue
+				}
+				if res.errno != 0 {
+					t.Fatalf("write %d: %v %s", res.handle, res.errno, res.msg)
+				}
+			}
+			got, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				for i := range got {
+					if got[i] != want[i] {
+						t.Fatalf("the file differs from what was written, first at byte %d", i)
+					}
+				}
+			}
+			spliced, fallbacks := ts.srv.splicedWrites.Load(), ts.srv.pipeFallbacks.Load()
+			switch {
+			case mode == "splice" && spliced < int64(len(writes))/2:
+				t.Errorf("%d of %d writes were spliced", spliced, len(writes))
+			case mode == "copy" && spliced+fallbacks != 0:
+				t.Errorf("splicing off, yet %d writes spliced and %d fell back", spliced, fallbacks)
+			case mode == "pipe full" && fallbacks < int64(len(writes))/2:
+				// Only a payload the reader already held whole is
+				// spliced without reading the socket.
+				t.Errorf("pipes always full, yet only %d writes fell back (%d spliced)", fallbacks, spliced)
+			}
+			c.nc.Close()
+			ts.stop(t)
+			disk.Backend.Close()
+			if n := openFDs(t); n > fdsBefore {
+				t.Errorf("%d descriptors open after the server stopped, %d before", n, fdsBefore)
+			}
+		})
+	}
+}

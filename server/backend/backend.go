@@ -153,6 +153,30 @@ func (b *File) SpliceRead(w int, off int64, n int) error {
 	return nil
 }
 
+// SpliceWrite writes n bytes from the pipe whose read end is r at off, and
+// returns how many it wrote. Not durable: a FUA write goes through WriteAt.
+func (b *File) SpliceWrite(r int, off int64, n int) (int, error) {
+	if !b.device {
+		b.writeMu.Lock() // see writeMu
+		defer b.writeMu.Unlock()
+	}
+	done := 0
+	for done < n {
+		k, err := unix.Splice(r, nil, b.fd, &off, n-done, unix.SPLICE_F_MOVE)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, fmt.Errorf("splice to %s at %d: %w", b.path, off, err)
+		}
+		if k == 0 {
+			return done, fmt.Errorf("splice to %s at %d: pipe empty with %d bytes to go: %w", b.path, off, n-done, unix.EIO)
+		}
+		done += int(k) // the kernel advanced off
+	}
+	return done, nil
+}
+
 // WriteAt writes p at offset off; with fua the data is on stable storage when
 // it returns.
 func (b *File) WriteAt(p []byte, off int64, fua bool) error {
