@@ -11,7 +11,7 @@ PREFIX ?= /usr
 DESTDIR ?=
 DEBDIR ?= dist
 
-.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm test-packaging fuzz bench vet clean install deb
+.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm test-packaging test-systemd fuzz bench vet clean install deb
 
 all: build
 
@@ -68,11 +68,17 @@ deb: build
 test-packaging: build
 	LVNBD_REQUIRE_PACKAGING=1 LVNBD_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 ./test/packaging/
 
+# The .deb on a clean Debian booted with systemd as PID 1 (qemu, TCG): dpkg -i,
+# lvnbd-server on the file driver through systemctl start, reload and stop,
+# socket activation, dpkg --purge. It builds the package with make deb.
+test-systemd:
+	test/systemd/run.sh
+
 # A benchmark, not a test: it reports and never fails on a number.
 bench: deps build
 	scripts/bench.sh
 
-test: deps vet build test-unit fuzz test-interop test-packaging test-vm
+test: deps vet build test-unit fuzz test-interop test-packaging test-systemd test-vm
 
 clean:
 	rm -rf bin dist

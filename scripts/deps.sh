@@ -12,9 +12,10 @@ set -euo pipefail
 #   make bench:                jq (reads fio's JSON)
 #   packaging tests:           systemd (systemd-analyze, systemd-socket-activate),
 #                              man-db, shellcheck
+#   the systemd test:          mmdebstrap (and the VM suite's qemu, kernel, cpio)
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
-	iproute2 util-linux gcc make jq systemd man-db shellcheck)
+	iproute2 util-linux gcc make jq systemd man-db shellcheck mmdebstrap)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
 all) ;;
