@@ -590,5 +590,7 @@ func TestShellScripts(t *testing.T) {
 	for i, s := range scripts {
 		scripts[i] = filepath.Join(repo, "packaging", s)
 	}
+	// make test-systemd's, which install and purge the package.
+	scripts = append(scripts, filepath.Join(repo, "test/systemd/run.sh"), filepath.Join(repo, "test/systemd/guest/lvnbd-systemd-test.sh"))
 	run(t, nil, "shellcheck", scripts...)
 }
