@@ -251,3 +251,48 @@ func TestSplicedWritesLand(t *testing.T) {
 		})
 	}
 }
+
+// Small reads of cached data are answered by the reader itself (readInline);
+// they return the same bytes as those a worker answers, and a refused one
+// still gets its error.
+func TestInlineReads(t *testing.T) {
+	const size = 4 << 20
+	disk, path := fileExport(t, "disk", size, false)
+	data := pattern(size, 11)
+	writeFileAt(t, path, data, 0)
+	for _, structured := range []bool{false, true} {
+		ts := startServer(t, nil, disk)
+		c := dialRaw(t, ts.addr)
+		c.open("disk", structured)
+		type read struct{ off, n uint64 }
+		var reads []read
+		for i := range uint64(300) {
+			reads = append(reads, read{(i * 40961) % (size - spliceMin), 1 + (i*997)%(spliceMin-1)})
+		}
+		reads = append(reads, read{size - 10, 20}) // beyond the end: refused
+		for i, r := range reads {
+			c.request(nbd.RequestHeader{Command: nbd.CmdRead, Handle: uint64(i), Offset: r.off, Length: uint32(r.n)}, nil)
+		}
+		for range reads {
+			res := c.replyFor(func(h uint64) int { return int(reads[h].n) })
+			r := reads[res.handle]
+			if int(res.handle) == len(reads)-1 {
+				if res.errno != nbd.EINVAL {
+					t.Errorf("read beyond the end: %v, want EINVAL", res.errno)
+				}
+				continue
+			}
+			if res.errno != 0 {
+				t.Fatalf("read [%d, +%d): %v", r.off, r.n, res.errno)
+			}
+			if !bytes.Equal(assemble(t, res, r.off, int(r.n)), data[r.off:r.off+r.n]) {
+				t.Fatalf("read [%d, +%d) differs from the file", r.off, r.n)
+			}
+		}
+		if n := ts.srv.inlineReads.Load(); n < int64(len(reads))/2 {
+			t.Errorf("structured=%v: %d of %d cached small reads answered inline", structured, n, len(reads))
+		}
+		c.nc.Close()
+		ts.stop(t)
+	}
+}
