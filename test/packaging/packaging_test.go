@@ -571,8 +571,7 @@ func TestMaintainerScripts(t *testing.T) {
 		t.Fatal(err)
 	}
 	got = script("postrm", "purge")
-	if want := []string{"deb-systemd-helper purge lvnbd-server.service", "deb-systemd-helper purge lvnbd-server.socket",
-		"deb-systemd-helper purge lvnbd-client.service"}; !slices.Equal(got, want) {
+	if want := []string{"deb-systemd-helper purge lvnbd-server.service lvnbd-server.socket lvnbd-client.service"}; !slices.Equal(got, want) {
 		t.Errorf("postrm purge ran %q, want %q", got, want)
 	}
 	if _, err := os.Stat(filepath.Join(root, "etc/lvnbd")); !os.IsNotExist(err) {
