@@ -313,9 +313,7 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 			r.add(hdrs[from:len(hdrs):len(hdrs)])
 			return
 		}
-		hdrs, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetData, Handle: req.Handle,
-			Length: uint32(nbd.OffsetDataPrefixSize + end - start)}.AppendBinary(hdrs)
-		hdrs = binary.BigEndian.AppendUint64(hdrs, pos)
+		hdrs = appendDataChunkHeader(hdrs, flags, req.Handle, pos, end-start)
 		r.add(hdrs[from:len(hdrs):len(hdrs)])
 		r.add(data[start:end])
 	}
@@ -366,9 +364,16 @@ func (c *conn) dataHeader(r *reply, req nbd.RequestHeader) {
 		r.add(hdr)
 		return
 	}
-	hdr, _ := nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: nbd.ReplyOffsetData, Handle: req.Handle,
-		Length: uint32(nbd.OffsetDataPrefixSize) + req.Length}.AppendBinary(make([]byte, 0, nbd.StructuredHeaderSize+nbd.OffsetDataPrefixSize))
-	r.add(binary.BigEndian.AppendUint64(hdr, req.Offset))
+	r.add(appendDataChunkHeader(make([]byte, 0, nbd.StructuredHeaderSize+nbd.OffsetDataPrefixSize),
+		nbd.ReplyFlagDone, req.Handle, req.Offset, int(req.Length)))
+}
+
+// appendDataChunkHeader appends what precedes n bytes of data at offset in an
+// OFFSET_DATA chunk: the chunk header and the offset.
+func appendDataChunkHeader(b []byte, flags nbd.ReplyFlags, handle, offset uint64, n int) []byte {
+	b, _ = nbd.StructuredReplyHeader{Flags: flags, Type: nbd.ReplyOffsetData, Handle: handle,
+		Length: uint32(nbd.OffsetDataPrefixSize + n)}.AppendBinary(b)
+	return binary.BigEndian.AppendUint64(b, offset)
 }
 
 // zeroRun is [start, end) of a read buffer that is all zeroes.

@@ -22,6 +22,17 @@ func writeFileAt(t testing.TB, path string, data []byte, off int64) {
 	}
 }
 
+// stopAndCountFDs stops the server, closes the export, and checks that no
+// descriptor (a pipe, say) outlived them: fdsBefore were open before either.
+func stopAndCountFDs(t *testing.T, ts *testServer, disk *Export, fdsBefore int) {
+	t.Helper()
+	ts.stop(t)
+	disk.Backend.Close()
+	if n := openFDs(t); n > fdsBefore {
+		t.Errorf("%d descriptors open after the server stopped, %d before", n, fdsBefore)
+	}
+}
+
 // Every read, spliced or copied, simple or structured, returns the file's
 // bytes, with many in flight at once (more than a connection has pipes), at
 // offsets off page boundaries and with lengths around the pipe's capacity; and
@@ -71,11 +82,7 @@ func TestSplicedReadsReturnTheData(t *testing.T) {
 					t.Errorf("only %d of %d reads were spliced", spliced, len(reads))
 				}
 				c.nc.Close()
-				ts.stop(t)
-				disk.Backend.Close()
-				if n := openFDs(t); n > fdsBefore {
-					t.Errorf("%d descriptors open after the server stopped, %d before", n, fdsBefore)
-				}
+				stopAndCountFDs(t, ts, disk, fdsBefore)
 			})
 		}
 	}
@@ -97,11 +104,7 @@ func TestSplicePipesClosedWhenClientVanishes(t *testing.T) {
 		c.read(nbd.SimpleReplySize) // at least one reply is on its way
 		c.nc.Close()
 	}
-	ts.stop(t)
-	disk.Backend.Close()
-	if n := openFDs(t); n > fdsBefore {
-		t.Errorf("%d descriptors open after the server stopped, %d before", n, fdsBefore)
-	}
+	stopAndCountFDs(t, ts, disk, fdsBefore)
 }
 
 // Spliced data cannot be searched for zeroes, so structured reads probe: the
@@ -243,11 +246,7 @@ func TestSplicedWritesLand(t *testing.T) {
 				t.Errorf("pipes always full, yet only %d writes fell back (%d spliced)", fallbacks, spliced)
 			}
 			c.nc.Close()
-			ts.stop(t)
-			disk.Backend.Close()
-			if n := openFDs(t); n > fdsBefore {
-				t.Errorf("%d descriptors open after the server stopped, %d before", n, fdsBefore)
-			}
+			stopAndCountFDs(t, ts, disk, fdsBefore)
 		})
 	}
 }
