@@ -59,10 +59,13 @@ box_tcp() {
 	ip netns exec "box$1" awk -v st="$2" 'substr($2, length($2) - 4) == ":2A39" && $4 == st' /proc/net/tcp | wc -l
 }
 
-# start_box BOX: run BOX's server (again); sets server_BOX to its pid.
+# start_box BOX: run BOX's server (again); sets server_BOX to its pid. nsenter enters only the
+# network namespace: ip netns exec would also give the server a copy of the mount table, in which
+# a filesystem mounted before (the guest's, scenario 30) stays mounted, and its md array busy,
+# after the scenario unmounts it.
 start_box() {
 	local box=$1
-	ip netns exec "box$box" lvnbd serve --volumes "lvm://vg$box" --listen "tcp://$(box_ip "$box"):10809" \
+	nsenter --net="/run/netns/box$box" lvnbd serve --volumes "lvm://vg$box" --listen "tcp://$(box_ip "$box"):10809" \
 		--control "/run/lvnbd/$box.sock" --fence-file= --rescan 1s 2>>"server-$box.log" &
 	printf -v "server_$box" %s $!
 	wait_secs "[[ \$(box_tcp $box 0A) == 1 ]]" 30
