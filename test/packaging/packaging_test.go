@@ -590,6 +590,7 @@ func TestShellScripts(t *testing.T) {
 		scripts[i] = filepath.Join(repo, "packaging", s)
 	}
 	// make test-systemd's, which install and purge the package.
-	scripts = append(scripts, filepath.Join(repo, "test/systemd/run.sh"), filepath.Join(repo, "test/systemd/guest/lvnbd-systemd-test.sh"))
+	scripts = append(scripts, filepath.Join(repo, "test/systemd/run.sh"), filepath.Join(repo, "test/systemd/guest/lvnbd-systemd-test.sh"),
+		filepath.Join(repo, "test/lib/kernel.sh"))
 	run(t, nil, "shellcheck", scripts...)
 }
