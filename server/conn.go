@@ -263,9 +263,6 @@ func (c *conn) readLoop(ctx context.Context) string {
 		} else {
 			c.r.noPayload()
 		}
-		if c.readInline(req, cost) {
-			continue
-		}
 		c.work.Add(1)
 		c.jobs <- job{req, payload, pipe, cost, time.Now()}
 	}

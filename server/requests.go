@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"time"
 
 	"go.uber.org/zap"
 
@@ -199,48 +198,6 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte, pipe *splicePipe) e
 		err = b.Flush()
 	}
 	return err
-}
-
-// noWaitReader is a Backend that can read without waiting for a disk.
-type noWaitReader interface {
-	// ReadAtNoWait fills p from off if the data is in memory, and fails
-	// with any error otherwise.
-	ReadAtNoWait(p []byte, off int64) error
-}
-
-// readInline answers a small read on the reader goroutine, when its data is
-// in the page cache, and reports whether it did. Handing a request to a worker
-// and its reply back costs two goroutine wake-ups, often two thread wake-ups;
-// measured, a quarter of the server's CPU in 4 KiB random reads at QD32 went
-// to switching threads. A read that would wait for a disk, or that fails, or
-// is refused, goes to a worker as before, so the reader never blocks on I/O.
-func (c *conn) readInline(req nbd.RequestHeader, cost int64) bool {
-	if req.Command != nbd.CmdRead || req.Length == 0 || req.Length >= spliceMin || c.gone.Load() {
-		return false
-	}
-	nw, ok := c.sess.export.Backend.(noWaitReader)
-	if !ok || c.sess.check(req) != nil {
-		return false
-	}
-	start := time.Now()
-	data := getBuf(int(req.Length))
-	if err := nw.ReadAtNoWait(data, int64(req.Offset)); err != nil {
-		putBuf(data)
-		return false
-	}
-	c.client.read.Add(int64(req.Length))
-	r := &reply{done: func() {
-		putBuf(data)
-		c.release(cost)
-	}}
-	c.dataHeader(r, req)
-	r.add(data)
-	c.replies <- r
-	c.s.inlineReads.Add(1)
-	if c.observe != nil {
-		c.observe.Request(req.Command, int(req.Length), time.Since(start), 0)
-	}
-	return true
 }
 
 // writeFromPipe writes a payload spliced off the socket (never FUA: those

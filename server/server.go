@@ -105,7 +105,7 @@ type Server struct {
 	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
 
 	// How often each splice path was taken (tests look).
-	splicedReads, splicedWrites, pipeFallbacks, inlineReads atomic.Int64
+	splicedReads, splicedWrites, pipeFallbacks atomic.Int64
 }
 
 // SetTLS replaces the TLS configuration (new certificates, say) for the

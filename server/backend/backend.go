@@ -36,7 +36,6 @@ type File struct {
 	readOnly bool
 	size     atomic.Int64
 	noDSync  atomic.Bool // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
-	noNoWait atomic.Bool // the kernel refused RWF_NOWAIT: every read may wait
 
 	// writeMu serializes buffered writes to a regular file. The kernel
 	// does already (ext4, xfs and tmpfs hold the inode lock exclusively
@@ -129,26 +128,6 @@ func (b *File) ReadAt(p []byte, off int64) error {
 			return fmt.Errorf("pread %s at %d: %w", b.path, off, unix.EIO)
 		}
 		p, off = p[n:], off+int64(n)
-	}
-	return nil
-}
-
-// ReadAtNoWait fills p from off only if that needs no disk I/O (RWF_NOWAIT):
-// the data is in the page cache. Otherwise, or on a short read, it fails, and
-// the caller reads with ReadAt.
-func (b *File) ReadAtNoWait(p []byte, off int64) error {
-	if b.noNoWait.Load() {
-		return unix.EOPNOTSUPP
-	}
-	n, err := unix.Preadv2(b.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-		b.noNoWait.Store(true) // a kernel or file system without it
-	}
-	if err != nil {
-		return err
-	}
-	if n != len(p) {
-		return unix.EAGAIN
 	}
 	return nil
 }
