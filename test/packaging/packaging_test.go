@@ -591,6 +591,6 @@ func TestShellScripts(t *testing.T) {
 	}
 	// make test-systemd's, which install and purge the package.
 	scripts = append(scripts, filepath.Join(repo, "test/systemd/run.sh"), filepath.Join(repo, "test/systemd/guest/lvnbd-systemd-test.sh"),
-		filepath.Join(repo, "test/lib/kernel.sh"))
+		filepath.Join(repo, "test/lib/kernel.sh"), filepath.Join(repo, "test/lib/packages.sh"))
 	run(t, nil, "shellcheck", scripts...)
 }

@@ -60,18 +60,9 @@ done
 log_step() { echo "systemd: $*" >&2; }
 die() { echo "systemd: $*" >&2; exit 1; }
 
-install_packages() {
-	local missing=() p
-	for p in "${PACKAGES[@]}"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	((${#missing[@]})) || return 0
-	((EUID == 0)) || die "missing Debian packages: ${missing[*]}; run as root or install them"
-	log_step "installing ${missing[*]}"
-	local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-	"${apt[@]}" update -qq </dev/null
-	"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" </dev/null >/dev/null
-}
+# install_packages, shared with test/vm/run.sh.
+# shellcheck source=SCRIPTDIR/../lib/packages.sh
+source "$repo/test/lib/packages.sh"
 
 # The first Debian archive in this machine's apt sources (not security or a third party's).
 host_mirror() {

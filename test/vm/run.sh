@@ -105,24 +105,9 @@ die() { echo "vm: $*" >&2; exit 1; }
 
 # --- host packages ---------------------------------------------------------------------------
 
-install_packages() {
-	local missing=() p
-	for p in "${PACKAGES[@]}"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-	done
-	((${#missing[@]})) || return 0
-	log_step "installing ${missing[*]}"
-	local sudo=()
-	if ((EUID != 0)); then
-		command -v sudo >/dev/null || die "need root (or sudo) to install: ${missing[*]}"
-		sudo=(sudo -n)
-	fi
-	# Lock timeout: wait for another apt/dpkg run (unattended-upgrades, a parallel job) instead of
-	# failing on the lock.
-	local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600)
-	"${apt[@]}" update -qq </dev/null
-	"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" </dev/null
-}
+# install_packages, shared with test/systemd/run.sh.
+# shellcheck source=SCRIPTDIR/../lib/packages.sh
+source "$repo/test/lib/packages.sh"
 
 # --- inputs ------------------------------------------------------------------------------------
 
