@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -244,9 +245,7 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return l.reconnect(ctx, now)
 	}
 
-	dctx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
-	defer cancel()
-	socks, info, err := l.s.cfg.Dial(dctx, l.uri, l.spec.Connections)
+	socks, info, err := l.dial(ctx)
 	if err != nil {
 		return err
 	}
@@ -272,6 +271,14 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	return nil
 }
 
+// dial opens the leg's connections, bounded by the dial timeout (the
+// sockets outlive it: the handshake is over when they are returned).
+func (l *leg) dial(ctx context.Context) ([]*os.File, client.ExportInfo, error) {
+	dctx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
+	defer cancel()
+	return l.s.cfg.Dial(dctx, l.uri, l.spec.Connections)
+}
+
 // reconnect gives the device fresh connections, and the export's size if it
 // grew.
 func (l *leg) reconnect(ctx context.Context, now time.Time) error {
@@ -279,9 +286,7 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	dctx, cancel := context.WithTimeout(ctx, l.s.cfg.DialTimeout)
-	defer cancel()
-	socks, info, err := l.s.cfg.Dial(dctx, l.uri, l.spec.Connections)
+	socks, info, err := l.dial(ctx)
 	if err != nil {
 		return err
 	}
