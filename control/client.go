@@ -1,7 +1,6 @@
 package control
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,8 +8,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"os"
-	"syscall"
 
 	"github.com/lvnbd/lvnbd/internal/localapi"
 	"github.com/lvnbd/lvnbd/server"
@@ -36,40 +33,21 @@ func NewClient(path string) *Client {
 func (c *Client) Path() string { return c.path }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://lvnbd"+path, rd)
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("%w (%s)", ErrNoServer, c.path)
-		}
-		return fmt.Errorf("control socket %s: %w", c.path, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	err := localapi.Do(ctx, c.hc, method, path, body, out, 64<<20)
+	var se *localapi.StatusError
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, localapi.ErrNotListening):
+		return fmt.Errorf("%w (%s)", ErrNoServer, c.path)
+	case errors.As(err, &se):
 		var eb errorBody
-		if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&eb); err != nil || eb.Error == "" {
-			return fmt.Errorf("control socket %s: %s %s: HTTP %d", c.path, method, path, resp.StatusCode)
+		if err := json.Unmarshal(se.Body, &eb); err != nil || eb.Error == "" {
+			return fmt.Errorf("control socket %s: %s %s: HTTP %d", c.path, method, path, se.Code)
 		}
 		return &RemoteError{Msg: eb.Error, sentinel: kinds[eb.Kind]}
 	}
-	if out == nil {
-		return nil
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
-		return fmt.Errorf("control socket %s: decoding the answer to %s %s: %w", c.path, method, path, err)
-	}
-	return nil
+	return fmt.Errorf("control socket %s: %w", c.path, err)
 }
 
 // Status returns the server's exports and clients.

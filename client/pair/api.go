@@ -1,17 +1,13 @@
 package pair
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
-	"os"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -133,30 +129,21 @@ func (e *RemoteError) Unwrap() error {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, method, "http://lvnbd"+path, bytes.NewReader(nil))
-	if err != nil {
-		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("%w (no daemon on %s)", ErrNoDaemon, c.path)
-		}
-		return fmt.Errorf("%s: %w", c.path, err)
-	}
-	defer resp.Body.Close()
-	body := io.LimitReader(resp.Body, 16<<20)
-	if resp.StatusCode != http.StatusOK {
+	err := localapi.Do(ctx, c.hc, method, path, nil, out, 16<<20)
+	var se *localapi.StatusError
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, localapi.ErrNotListening):
+		return fmt.Errorf("%w (no daemon on %s)", ErrNoDaemon, c.path)
+	case errors.As(err, &se):
 		var ae apiError
-		if err := json.NewDecoder(body).Decode(&ae); err != nil || ae.Error == "" {
-			return fmt.Errorf("%s: %s %s: HTTP %d", c.path, method, path, resp.StatusCode)
+		if err := json.Unmarshal(se.Body, &ae); err != nil || ae.Error == "" {
+			return fmt.Errorf("%s: %s %s: HTTP %d", c.path, method, path, se.Code)
 		}
 		return &RemoteError{Msg: ae.Error, Pair: ae.Pair, kind: ae.Kind}
 	}
-	if err := json.NewDecoder(body).Decode(out); err != nil {
-		return fmt.Errorf("%s: decoding the answer to %s %s: %w", c.path, method, path, err)
-	}
-	return nil
+	return fmt.Errorf("%s: %w", c.path, err)
 }
 
 // Status returns the state of every pair.

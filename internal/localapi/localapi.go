@@ -7,13 +7,17 @@
 package localapi
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -107,4 +111,54 @@ func Client(path string) *http.Client {
 		return d.DialContext(ctx, "unix", path)
 	}}
 	return &http.Client{Transport: tr}
+}
+
+// ErrNotListening means nothing listens on the socket: the daemon is not
+// running, or runs with another socket path.
+var ErrNotListening = errors.New("nothing listens on the socket")
+
+// StatusError is an answer other than 200 OK, with up to 1 MiB of its body
+// for the caller to decode its own error shape from.
+type StatusError struct {
+	Code int
+	Body []byte
+}
+
+func (e *StatusError) Error() string { return fmt.Sprintf("HTTP %d", e.Code) }
+
+// Do sends method path to hc's socket, with body as JSON unless it is nil,
+// and decodes a 200 answer of at most maxAnswer bytes into out unless out is
+// nil. The errors callers tell apart are ErrNotListening and *StatusError.
+func Do(ctx context.Context, hc *http.Client, method, path string, body, out any, maxAnswer int64) error {
+	var rd io.Reader = bytes.NewReader(nil)
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://lvnbd"+path, rd)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w: %w", ErrNotListening, err)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		return &StatusError{Code: resp.StatusCode, Body: b}
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxAnswer)).Decode(out); err != nil {
+		return fmt.Errorf("decoding the answer to %s %s: %w", method, path, err)
+	}
+	return nil
 }
