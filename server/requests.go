@@ -85,11 +85,10 @@ func (s *session) check(req nbd.RequestHeader) error {
 	return nil
 }
 
-// do performs one request and queues its reply, and returns the error value
-// it answered with. It owns payload and the request's slot and bytes until
-// the reply is written.
-func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost int64) (errno nbd.Errno) {
-	defer c.work.Done()
+// do performs one request and returns its reply, to be sent, and the error
+// value it answers with; no reply when the client is gone. The reply's done
+// returns payload and the request's slot and bytes once it is written.
+func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost int64) (_ *reply, errno nbd.Errno) {
 	defer func() {
 		if pipe != nil { // the payload was not written: the pipe may hold some
 			c.splice.discard(pipe)
@@ -110,7 +109,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 		// Nobody will read the reply; an unacknowledged write may be
 		// dropped as if the connection had died a moment earlier.
 		r.done()
-		return nbd.ESHUTDOWN
+		return nil, nbd.ESHUTDOWN
 	}
 	err := c.sess.check(req)
 	if err == nil {
@@ -123,13 +122,11 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 				bufs = append(bufs, data)
 			}
 			if err == nil {
-				c.replies <- r
-				return 0
+				return r, 0
 			}
 		case nbd.CmdBlockStatus:
 			if err = c.blockStatus(r, req); err == nil {
-				c.replies <- r
-				return 0
+				return r, 0
 			}
 		default:
 			err = c.modify(req, payload, pipe)
@@ -155,8 +152,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 	} else {
 		c.okReply(r, req)
 	}
-	c.replies <- r
-	return errno
+	return r, errno
 }
 
 // modify performs the commands whose reply carries no data. A write's

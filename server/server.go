@@ -41,6 +41,10 @@ type Config struct {
 	// NoSplice sends every read by copying it, as over TLS, instead of
 	// splicing it from the backend to the socket (tests compare the two).
 	NoSplice bool
+	// NoInline hands every request to a worker, instead of answering
+	// small ones whose data is in memory on the connection's reader (tests
+	// compare the two).
+	NoInline bool
 	// DrainTimeout bounds how long shutdown waits for in-flight requests
 	// before closing connections anyway. Default 30s.
 	DrainTimeout time.Duration
@@ -104,8 +108,9 @@ type Server struct {
 
 	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
 
-	// How often each splice path was taken (tests look).
-	splicedReads, splicedWrites, pipeFallbacks atomic.Int64
+	// How often each splice path, and the reader's own answers, were
+	// taken (tests look).
+	splicedReads, splicedWrites, pipeFallbacks, inlined atomic.Int64
 }
 
 // SetTLS replaces the TLS configuration (new certificates, say) for the

@@ -18,6 +18,12 @@ import (
 // range any faster than writing zeroes would (NBD_CMD_FLAG_FAST_ZERO).
 var ErrNotFast = errors.New("zeroing this range is not faster than writing")
 
+// ErrWouldBlock is returned by ReadAtNoWait and WriteAtNoWait when the I/O
+// would have waited: for a disk, for dirty pages to be written back, or for
+// another write to the same file. Nothing was read or written; ReadAt or
+// WriteAt will do it.
+var ErrWouldBlock = errors.New("the I/O would wait")
+
 // Extent is a run of the export with one allocation state.
 type Extent struct {
 	Length int64
@@ -36,6 +42,13 @@ type File struct {
 	readOnly bool
 	size     atomic.Int64
 	noDSync  atomic.Bool // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+
+	// inMemory: the file is on tmpfs or ramfs, whose reads and writes
+	// never wait for a disk (but for swap, which the server cannot tell).
+	// Elsewhere RWF_NOWAIT tells, where the kernel offers it; noWaitRead
+	// and noWaitWrite record that it refused.
+	inMemory                bool
+	noWaitRead, noWaitWrite atomic.Bool
 
 	// writeMu serializes buffered writes to a regular file. The kernel
 	// does already (ext4, xfs and tmpfs hold the inode lock exclusively
@@ -75,6 +88,10 @@ func Open(path string, readOnly bool) (*File, error) {
 	if _, err := b.Refresh(); err != nil {
 		f.Close()
 		return nil, err
+	}
+	var fs unix.Statfs_t
+	if !b.device && unix.Fstatfs(b.fd, &fs) == nil {
+		b.inMemory = fs.Type == unix.TMPFS_MAGIC || fs.Type == unix.RAMFS_MAGIC
 	}
 	return b, nil
 }
@@ -130,6 +147,57 @@ func (b *File) ReadAt(p []byte, off int64) error {
 		p, off = p[n:], off+int64(n)
 	}
 	return nil
+}
+
+// ReadAtNoWait fills p from off if it can without waiting for a disk: the data
+// is in the page cache (RWF_NOWAIT), or the file is in memory. Otherwise it
+// fails with ErrWouldBlock, as it does where the kernel cannot tell (or, in
+// memory, with ReadAt's error), and the caller reads with ReadAt, which
+// reports real errors.
+func (b *File) ReadAtNoWait(p []byte, off int64) error {
+	if b.inMemory {
+		return b.ReadAt(p, off)
+	}
+	if b.noWaitRead.Load() {
+		return ErrWouldBlock
+	}
+	n, err := unix.Preadv2(b.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		b.noWaitRead.Store(true)
+	}
+	if err != nil || n != len(p) {
+		return ErrWouldBlock // partly cached, or past the end: ReadAt tells which
+	}
+	return nil
+}
+
+// WriteAtNoWait writes p at off (not durably) if it can without waiting: no
+// other buffered write to the file holds writeMu, and the kernel takes the
+// write without waiting for a disk or for writeback (RWF_NOWAIT), or the file
+// is in memory. Otherwise it fails with ErrWouldBlock having written nothing,
+// and the caller writes with WriteAt. A write the kernel takes only in part
+// is finished by waiting: the rest must land before the write is answered.
+func (b *File) WriteAtNoWait(p []byte, off int64) error {
+	if !b.device {
+		if !b.writeMu.TryLock() {
+			return ErrWouldBlock
+		}
+		defer b.writeMu.Unlock()
+	}
+	if b.inMemory {
+		return b.pwritev2(p, off, 0)
+	}
+	if b.noWaitWrite.Load() {
+		return ErrWouldBlock
+	}
+	n, err := unix.Pwritev2(b.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+		b.noWaitWrite.Store(true)
+	}
+	if err != nil || n <= 0 {
+		return ErrWouldBlock
+	}
+	return b.pwritev2(p[n:], off+int64(n), 0)
 }
 
 // SpliceRead moves [off, off+n) into the pipe whose write end is w, by

@@ -121,3 +121,72 @@ func TestReadOnly(t *testing.T) {
 		t.Errorf("write to read-only backend: %v, want EBADF", err)
 	}
 }
+
+// ReadAtNoWait and WriteAtNoWait do the I/O where it needs no waiting, and
+// otherwise fail with ErrWouldBlock having done nothing: on tmpfs always
+// (memory), on a disk file for cached reads where the kernel supports
+// RWF_NOWAIT; never while another buffered write to the file is under way.
+func TestNoWait(t *testing.T) {
+	var fs unix.Statfs_t
+	if err := unix.Statfs("/dev/shm", &fs); err != nil || fs.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("/dev/shm is not a tmpfs (statfs: %v): this test needs one", err)
+	}
+	for _, dir := range []string{"/dev/shm", t.TempDir()} {
+		t.Run(dir, func(t *testing.T) {
+			d, err := os.MkdirTemp(dir, "lvnbd-test-")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.RemoveAll(d) })
+			path := filepath.Join(d, "disk.img")
+			if err := os.WriteFile(path, bytes.Repeat([]byte{1}, 1<<20), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			b, err := Open(path, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			memory := dir == "/dev/shm"
+			if b.inMemory != memory {
+				t.Fatalf("inMemory %v for a file in %s", b.inMemory, dir)
+			}
+
+			// Just written: in the page cache.
+			p := make([]byte, 4096)
+			if err := b.ReadAtNoWait(p, 8192); err != nil && (memory || !errors.Is(err, ErrWouldBlock)) {
+				t.Fatalf("ReadAtNoWait: %v", err)
+			} else if err == nil && !bytes.Equal(p, bytes.Repeat([]byte{1}, 4096)) {
+				t.Fatal("ReadAtNoWait returned other bytes")
+			}
+			if err := b.ReadAtNoWait(p, 1<<20-100); err == nil || (!memory && !errors.Is(err, ErrWouldBlock)) {
+				t.Fatalf("ReadAtNoWait across the end: %v, want an error (ErrWouldBlock where ReadAt would tell)", err)
+			}
+
+			two := bytes.Repeat([]byte{2}, 4096)
+			err = b.WriteAtNoWait(two, 4096)
+			if memory && err != nil {
+				t.Fatalf("WriteAtNoWait on tmpfs: %v", err)
+			}
+			if err != nil && !errors.Is(err, ErrWouldBlock) {
+				t.Fatalf("WriteAtNoWait: %v", err)
+			}
+			if err == nil {
+				if err := b.ReadAt(p, 4096); err != nil || !bytes.Equal(p, two) {
+					t.Fatalf("after WriteAtNoWait: %v, bytes equal %v", err, bytes.Equal(p, two))
+				}
+			}
+
+			// Another buffered write holds the file: nothing is written.
+			b.writeMu.Lock()
+			err = b.WriteAtNoWait(bytes.Repeat([]byte{3}, 4096), 0)
+			b.writeMu.Unlock()
+			if !errors.Is(err, ErrWouldBlock) {
+				t.Fatalf("WriteAtNoWait during another write: %v, want ErrWouldBlock", err)
+			}
+			if err := b.ReadAt(p, 0); err != nil || p[0] != 1 {
+				t.Fatalf("WriteAtNoWait wrote during another write (%v, first byte %d)", err, p[0])
+			}
+		})
+	}
+}
