@@ -28,7 +28,8 @@
 # default 2048), BENCH_LINK_MIB (data moved per shaped-link run, default
 # 512), BENCH_RUNTIME (seconds per fio or lvnbd bench run, default 10),
 # BENCH_TIMEOUT (seconds before a copy is cut short and reported as an upper
-# bound, default 25). The whole run takes about 5 minutes.
+# bound, default 25), BENCH_ROUNDS (rounds of the four servers, default 3).
+# The whole run takes about 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -239,8 +240,14 @@ BYTES=$((MIB * 1048576))
 echo "preparing a ${MIB} MiB random source in $WORK ..."
 make_source "$SRC" "$MIB"
 
-# --- 1. four servers on loopback ----------------------------------------------
-declare -A W R RRI RRM RWI RWM
+# --- 1. four servers on loopback, in alternating rounds ---------------------
+# One run of one server says little on a shared or noisy machine: its speed
+# drifts by more than the differences measured. So every server is measured
+# once per round, in an order that rotates, and each figure is the median
+# over the rounds; a ratio is the median of the rounds' ratios, each taken
+# between runs minutes apart at most.
+# shellcheck disable=SC2034 # RRM and RWM are read through namerefs (med)
+declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
 # start_server NAME: starts it on a free loopback port serving IMG as
 # "bench"; sets pid, uri and log.
@@ -289,29 +296,88 @@ after_step() {
 	fi
 }
 
-for srv in "${servers[@]}"; do
-	fresh_image "$IMG" "$MIB"
-	start_server "$srv"
-	mc=$(nbdinfo --can multi-conn "$uri" && echo yes || echo no)
-	echo "-- $srv on $uri (multi-conn: $mc)"
-	copy "W[$srv]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
-	after_step "$srv"
-	echo "   nbdcopy write ${W[$srv]} MB/s"
-	copy "R[$srv]" "$BYTES" "$log" -C 4 "$uri" null:
-	after_step "$srv"
-	echo "   nbdcopy read  ${R[$srv]} MB/s"
-	fio_run "RRI[$srv]" "RRM[$srv]" "$uri" randread "$log"
-	after_step "$srv"
-	echo "   fio randread  ${RRI[$srv]} IOPS"
-	fio_run "RWI[$srv]" "RWM[$srv]" "$uri" randwrite "$log"
-	after_step "$srv"
-	echo "   fio randwrite ${RWI[$srv]} IOPS"
-	if [ "$srv" = lvnbd ]; then LVNBD_URI=$uri LVNBD_PID=$pid; else stop_server "$pid"; fi
+# cpu_ticks PID: CPU time (clock ticks) used by PID and its children, live
+# (nbd-server's per-client processes) and reaped.
+cpu_ticks() {
+	local p t=0
+	for p in "$1" $(pgrep -P "$1" || true); do
+		# Fields after the command name, which may hold spaces: utime
+		# stime cutime cstime are its 12th to 15th.
+		t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}' || echo 0)))
+	done
+	echo "$t"
+}
+TICKS=$(getconf CLK_TCK)
+
+# fio_cpu USVAR CLIENTVAR IOPS RW: the server's CPU per request (µs) in the
+# last fio run, from cpu_ticks before (t0) and after; and fio's own CPU (%).
+fio_cpu() {
+	local t1
+	t1=$(cpu_ticks "$pid")
+	printf -v "$1" '%.1f' "$(awk -v d=$((t1 - t0)) -v hz="$TICKS" -v i="$3" -v s="$RUNTIME" 'BEGIN {print d / hz / (i * s) * 1e6}')"
+	printf -v "$2" '%.0f' "$(jq -r '.jobs[0] | .usr_cpu + .sys_cpu' "$WORK/fio-$4.json")"
+}
+
+ROUNDS=${BENCH_ROUNDS:-3}
+for round in $(seq "$ROUNDS"); do
+	echo "== round $round of $ROUNDS =="
+	order=("${servers[@]:$(((round - 1) % ${#servers[@]}))}" "${servers[@]:0:$(((round - 1) % ${#servers[@]}))}")
+	for srv in "${order[@]}"; do
+		k=$srv/$round
+		fresh_image "$IMG" "$MIB"
+		start_server "$srv"
+		mc=$(nbdinfo --can multi-conn "$uri" && echo yes || echo no)
+		echo "-- $srv on $uri (multi-conn: $mc)"
+		copy "W[$k]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
+		after_step "$srv"
+		copy "R[$k]" "$BYTES" "$log" -C 4 "$uri" null:
+		after_step "$srv"
+		t0=$(cpu_ticks "$pid")
+		fio_run "RRI[$k]" "RRM[$k]" "$uri" randread "$log"
+		fio_cpu "RRC[$k]" "RRF[$k]" "${RRI[$k]}" randread
+		after_step "$srv"
+		t0=$(cpu_ticks "$pid")
+		fio_run "RWI[$k]" "RWM[$k]" "$uri" randwrite "$log"
+		fio_cpu "RWC[$k]" "RWF[$k]" "${RWI[$k]}" randwrite
+		after_step "$srv"
+		printf '   nbdcopy write %s MB/s, read %s MB/s; fio randread %s IOPS (server %s µs/request, fio %s%% CPU), randwrite %s IOPS (%s µs, %s%%)\n' \
+			"${W[$k]}" "${R[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWF[$k]}"
+		stop_server "$pid"
+	done
 done
+
+# median VALUES...: the middle value (the lower middle of an even count);
+# a bound ("<N", ">N") keeps its mark.
+median() {
+	printf '%s\n' "$@" | awk '{v = $0; sub(/^[<>]/, "", v); print v "\t" $0}' | sort -g | awk -F'\t' '{a[NR] = $2} END {print a[int((NR + 1) / 2)]}'
+}
+# med ARRAY SERVER: the median of one figure over the rounds.
+med() {
+	local -n a=$1
+	local vals=() r
+	for r in $(seq "$ROUNDS"); do vals+=("${a[$2/$r]}"); done
+	median "${vals[@]}"
+}
+# medratio ARRAY A B: the median over the rounds of A's figure over B's.
+medratio() {
+	local -n a=$1
+	local vals=() r
+	for r in $(seq "$ROUNDS"); do vals+=("$(ratio "${a[$2/$r]}" "${a[$3/$r]}")"); done
+	median "${vals[@]}"
+}
+# spread ARRAY A B: the lowest and highest of the rounds' ratios.
+spread() {
+	local -n a=$1
+	local r
+	for r in $(seq "$ROUNDS"); do ratio "${a[$2/$r]}" "${a[$3/$r]}"; echo; done | awk '{v = $0; sub(/^[<>]/, "", v); print v}' | sort -g | awk 'NR == 1 {lo = $0} {hi = $0} END {print lo "-" hi}'
+}
 
 # --- 2. lvnbd bench against lvnbd (still up, its image written) ----------------
 echo
 echo "== lvnbd bench against lvnbd serve on loopback =="
+fresh_image "$IMG" "$MIB"
+start_server lvnbd
+LVNBD_URI=$uri LVNBD_PID=$pid
 lb() {
 	local name=$1
 	shift
@@ -421,17 +487,28 @@ alive "$pid" "lvnbd (links)" "$log"
 
 # --- report --------------------------------------------------------------------
 echo
-echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s =="
+echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s; medians of $ROUNDS rounds =="
 row() { printf '%-18s %11s %11s %14s %14s %15s %15s\n' "$@"; }
 row server "write MB/s" "read MB/s" "randread IOPS" "randread MB/s" "randwrite IOPS" "randwrite MB/s"
 for s in "${servers[@]}"; do
-	row "$s" "${W[$s]}" "${R[$s]}" "${RRI[$s]}" "${RRM[$s]}" "${RWI[$s]}" "${RWM[$s]}"
+	row "$s" "$(med W "$s")" "$(med R "$s")" "$(med RRI "$s")" "$(med RRM "$s")" "$(med RWI "$s")" "$(med RWM "$s")"
 done
 for s in "${servers[@]:1}"; do
-	row "lvnbd/$s" "$(ratio "${W[lvnbd]}" "${W[$s]}")" "$(ratio "${R[lvnbd]}" "${R[$s]}")" \
-		"$(ratio "${RRI[lvnbd]}" "${RRI[$s]}")" "" "$(ratio "${RWI[lvnbd]}" "${RWI[$s]}")" ""
+	row "lvnbd/$s" "$(medratio W lvnbd "$s")" "$(medratio R lvnbd "$s")" "$(medratio RRI lvnbd "$s")" "" "$(medratio RWI lvnbd "$s")" ""
 done
-echo "('<N': cut short at ${TIMEOUT} s, so at most N; ratios with it are bounds)"
+row "  rounds' range" "$(spread W lvnbd nbdkit)" "$(spread R lvnbd nbdkit)" "$(spread RRI lvnbd nbdkit)" "" "$(spread RWI lvnbd nbdkit)" ""
+echo "(ratios: the median of each round's ratio; range: lvnbd/nbdkit's lowest and highest round;"
+echo " '<N': cut short at ${TIMEOUT} s, so at most N; ratios with it are bounds)"
+echo
+echo "== the random runs' CPU: the server's per request, and the client's (fio, one thread) =="
+crow() { printf '%-18s %22s %16s %22s %16s\n' "$@"; }
+crow server "randread µs/request" "fio CPU %" "randwrite µs/request" "fio CPU %"
+for s in "${servers[@]}"; do
+	crow "$s" "$(med RRC "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWF "$s")"
+done
+crow "nbdkit/lvnbd" "$(medratio RRC nbdkit lvnbd)" "" "$(medratio RWC nbdkit lvnbd)" ""
+echo "(fio near 100% of one core: the client, not the server, sets the IOPS; the server's CPU per"
+echo " request then tells the servers apart. nbdkit/lvnbd above 1: lvnbd does the same work with less.)"
 echo
 echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
 lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
