@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 
@@ -268,4 +269,43 @@ func TestInlineWritesLeaveGatedWritesToWorkers(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A client that sends requests and never reads the replies cannot hold a
+// shutdown past the drain timeout, even with the reader itself blocked
+// sending the replies it answered.
+func TestShutdownWithAClientThatDoesNotRead(t *testing.T) {
+	disk, _ := exportIn(t, memoryDir(t), "disk", pattern(1<<20, 3))
+	ts := startServer(t, &Config{DrainTimeout: time.Second}, disk)
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+	var batch []byte
+	for i := range 256 {
+		b, _ := nbd.RequestHeader{Command: nbd.CmdRead, Handle: uint64(i), Offset: uint64(i%16) * 60 << 10, Length: 60 << 10}.AppendBinary(nil)
+		batch = append(batch, b...)
+	}
+	// Far more reply bytes than the two sockets buffer (15 MiB per batch),
+	// until the server stops reading: its sends block.
+	stalled := make(chan struct{})
+	go func() {
+		defer close(stalled)
+		for {
+			n, err := c.nc.Write(batch)
+			if err != nil || n < len(batch) {
+				return
+			}
+		}
+	}()
+	// Once the reader has answered a batch, it is sending it, or will
+	// when it stops: either way into a connection nobody reads.
+	for ts.srv.inlined.Load() < maxHeld {
+		runtime.Gosched()
+	}
+	start := time.Now()
+	ts.stop(t)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("shutdown took %v with a 1s drain timeout", took)
+	}
+	c.nc.Close()
+	<-stalled
 }
