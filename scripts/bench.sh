@@ -247,7 +247,7 @@ make_source "$SRC" "$MIB"
 # over the rounds; a ratio is the median of the rounds' ratios, each taken
 # between runs minutes apart at most.
 # shellcheck disable=SC2034 # RRM and RWM are read through namerefs (med)
-declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF
+declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF WC RC
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
 # start_server NAME: starts it on a free loopback port serving IMG as
 # "bench"; sets pid, uri and log.
@@ -309,6 +309,13 @@ cpu_ticks() {
 }
 TICKS=$(getconf CLK_TCK)
 
+# copy_cpu VAR: the server's CPU seconds per GiB in the last copy (from t0).
+copy_cpu() {
+	local t1
+	t1=$(cpu_ticks "$pid")
+	printf -v "$1" '%.2f' "$(awk -v d=$((t1 - t0)) -v hz="$TICKS" -v b="$BYTES" 'BEGIN {print d / hz / (b / 1073741824)}')"
+}
+
 # fio_cpu USVAR CLIENTVAR IOPS RW: the server's CPU per request (µs) in the
 # last fio run, from cpu_ticks before (t0) and after; and fio's own CPU (%).
 fio_cpu() {
@@ -328,9 +335,13 @@ for round in $(seq "$ROUNDS"); do
 		start_server "$srv"
 		mc=$(nbdinfo --can multi-conn "$uri" && echo yes || echo no)
 		echo "-- $srv on $uri (multi-conn: $mc)"
+		t0=$(cpu_ticks "$pid")
 		copy "W[$k]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
+		copy_cpu "WC[$k]"
 		after_step "$srv"
+		t0=$(cpu_ticks "$pid")
 		copy "R[$k]" "$BYTES" "$log" -C 4 "$uri" null:
+		copy_cpu "RC[$k]"
 		after_step "$srv"
 		t0=$(cpu_ticks "$pid")
 		fio_run "RRI[$k]" "RRM[$k]" "$uri" randread "$log"
@@ -340,8 +351,8 @@ for round in $(seq "$ROUNDS"); do
 		fio_run "RWI[$k]" "RWM[$k]" "$uri" randwrite "$log"
 		fio_cpu "RWC[$k]" "RWF[$k]" "${RWI[$k]}" randwrite
 		after_step "$srv"
-		printf '   nbdcopy write %s MB/s, read %s MB/s; fio randread %s IOPS (server %s µs/request, fio %s%% CPU), randwrite %s IOPS (%s µs, %s%%)\n' \
-			"${W[$k]}" "${R[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWF[$k]}"
+		printf '   nbdcopy write %s MB/s (server %s s/GiB), read %s MB/s (%s s/GiB); fio randread %s IOPS (server %s µs/request, fio %s%% CPU), randwrite %s IOPS (%s µs, %s%%)\n' \
+			"${W[$k]}" "${WC[$k]}" "${R[$k]}" "${RC[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWF[$k]}"
 		stop_server "$pid"
 	done
 done
@@ -500,15 +511,16 @@ row "  rounds' range" "$(spread W lvnbd nbdkit)" "$(spread R lvnbd nbdkit)" "$(s
 echo "(ratios: the median of each round's ratio; range: lvnbd/nbdkit's lowest and highest round;"
 echo " '<N': cut short at ${TIMEOUT} s, so at most N; ratios with it are bounds)"
 echo
-echo "== the random runs' CPU: the server's per request, and the client's (fio, one thread) =="
-crow() { printf '%-18s %22s %16s %22s %16s\n' "$@"; }
-crow server "randread µs/request" "fio CPU %" "randwrite µs/request" "fio CPU %"
+echo "== the server's CPU for the same work; the random runs' client (fio, one thread) =="
+crow() { printf '%-18s %14s %14s %16s %10s %16s %10s\n' "$@"; }
+crow server "write s/GiB" "read s/GiB" "randread µs/req" "fio CPU %" "randwrite µs/req" "fio CPU %"
 for s in "${servers[@]}"; do
-	crow "$s" "$(med RRC "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWF "$s")"
+	crow "$s" "$(med WC "$s")" "$(med RC "$s")" "$(med RRC "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWF "$s")"
 done
-crow "nbdkit/lvnbd" "$(medratio RRC nbdkit lvnbd)" "" "$(medratio RWC nbdkit lvnbd)" ""
-echo "(fio near 100% of one core: the client, not the server, sets the IOPS; the server's CPU per"
-echo " request then tells the servers apart. nbdkit/lvnbd above 1: lvnbd does the same work with less.)"
+crow "nbdkit/lvnbd" "$(medratio WC nbdkit lvnbd)" "$(medratio RC nbdkit lvnbd)" "$(medratio RRC nbdkit lvnbd)" "" "$(medratio RWC nbdkit lvnbd)" ""
+echo "(CPU time of the server process and its children. On two cores the clients' own CPU bounds"
+echo " the figures above: fio near 100% of a core sets the IOPS whatever the server. The server's"
+echo " CPU for the same work tells the servers apart; nbdkit/lvnbd above 1: lvnbd needs less.)"
 echo
 echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
 lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
