@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 )
 
 // Fence cuts a client off one export, or off all of them: GNBD's fencing,
@@ -131,44 +133,15 @@ func (f *Fences) saveLocked(list []Fence) error {
 		if err != nil {
 			return err
 		}
-		if err := writeFileAtomic(f.path, append(b, '\n')); err != nil {
+		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
+			return fmt.Errorf("saving fences: %w", err)
+		}
+		if err := atomicfile.Write(f.path, append(b, '\n'), 0o600); err != nil {
 			return fmt.Errorf("saving fences: %w", err)
 		}
 	}
 	f.list = list
 	return nil
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func (s *Server) fenced(p peer, export string) bool {

@@ -24,6 +24,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -269,7 +270,7 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 		if err := os.Remove(d.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("removing volume %s: %w", name, err)
 		}
-		return syncDir(d.dir)
+		return atomicfile.SyncDir(d.dir)
 	})
 }
 
@@ -311,7 +312,7 @@ func (d *Driver) makeFile(path string, mode os.FileMode, fill func(*os.File) err
 		os.Remove(tmp)
 		return err
 	}
-	return syncDir(d.dir)
+	return atomicfile.SyncDir(d.dir)
 }
 
 // renameNoReplace renames old to new unless new exists.
@@ -327,19 +328,6 @@ func renameNoReplace(oldpath, newpath string) error {
 	}
 	if err != nil {
 		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
-	}
-	return nil
-}
-
-// syncDir makes the directory's entries (renames, removals) durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("syncing directory %s: %w", dir, err)
 	}
 	return nil
 }

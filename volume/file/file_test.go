@@ -613,7 +613,7 @@ func assertNoTempFiles(t testing.TB, d *Driver) {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
-		if strings.HasSuffix(e.Name(), ".tmp") {
+		if strings.HasSuffix(e.Name(), ".tmp") || strings.HasPrefix(e.Name(), "."+metadataName+".") {
 			t.Errorf("temporary file left behind: %s", e.Name())
 		}
 	}

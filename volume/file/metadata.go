@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 )
 
 const (
@@ -97,27 +99,7 @@ func (d *Driver) commit(m *metadata) error {
 		return err
 	}
 	b = append(b, '\n')
-	path := filepath.Join(d.dir, metadataName)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	return syncDir(d.dir)
+	return atomicfile.Write(filepath.Join(d.dir, metadataName), b, 0o600)
 }
 
 // read runs fn on the metadata under a shared lock. A directory that does

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -166,7 +167,7 @@ func (d *Driver) RemoveSnapshot(ctx context.Context, vol, snap string) error {
 		if err := os.Remove(d.snapshotPath(vol, snap)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("removing snapshot %s: %w", volume.SnapshotRef(vol, snap), err)
 		}
-		return syncDir(d.dir)
+		return atomicfile.SyncDir(d.dir)
 	})
 }
 
@@ -213,7 +214,7 @@ func (d *Driver) finishMerges(m *metadata) error {
 				if err := os.Rename(path, d.path(name)); err != nil {
 					return fmt.Errorf("merging %s: %w", ref, err)
 				}
-				if err := syncDir(d.dir); err != nil {
+				if err := atomicfile.SyncDir(d.dir); err != nil {
 					return fmt.Errorf("merging %s: %w", ref, err)
 				}
 			}
