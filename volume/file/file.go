@@ -37,9 +37,11 @@ func init() {
 const blockSize = 4096
 
 const (
-	volumeMode   = 0o644
-	snapshotMode = 0o444 // snapshots are exported read-only and never change
-	dirMode      = 0o700 // volume files hold guests' data
+	// Volume files hold guests' data: only the server's user may read
+	// them, whatever the directory's mode becomes later.
+	volumeMode   = 0o600
+	snapshotMode = 0o400 // snapshots are exported read-only and never change
+	dirMode      = 0o700
 )
 
 // Driver keeps volumes as sparse files in one directory.

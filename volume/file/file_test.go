@@ -175,8 +175,8 @@ func TestCreate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Size() != want.Size || st.Mode().Perm() != volumeMode {
-		t.Errorf("%s: size %d mode %v, want %d %v", v.Path, st.Size(), st.Mode().Perm(), want.Size, os.FileMode(volumeMode))
+	if st.Size() != want.Size || st.Mode().Perm() != 0o600 {
+		t.Errorf("%s: size %d mode %v, want %d %v", v.Path, st.Size(), st.Mode().Perm(), want.Size, os.FileMode(0o600))
 	}
 	if a := allocated(t, v.Path); a != 0 {
 		t.Errorf("a new volume allocates %d bytes, want a sparse file", a)
@@ -344,8 +344,8 @@ func TestSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Mode().Perm() != 0o444 {
-		t.Errorf("snapshot mode %v, want read-only 0444", st.Mode().Perm())
+	if st.Mode().Perm() != 0o400 {
+		t.Errorf("snapshot mode %v, want read-only 0400", st.Mode().Perm())
 	}
 	if a := allocated(t, s.Path); a > 4*mib {
 		t.Errorf("snapshot of 12 written bytes allocates %d bytes: not sparse", a)
