@@ -77,7 +77,14 @@ func (ts *testServer) stop(t testing.TB) error {
 // fileExport makes an export over a sparse temp file of size bytes.
 func fileExport(t testing.TB, name string, size int64, readOnly bool) (*Export, string) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), name+".img")
+	return fileExportIn(t, t.TempDir(), name, size, readOnly)
+}
+
+// fileExportIn is fileExport in dir, a new directory of the test's (on tmpfs,
+// say, where the reader answers small writes too: see tryInline).
+func fileExportIn(t testing.TB, dir, name string, size int64, readOnly bool) (*Export, string) {
+	t.Helper()
+	path := filepath.Join(dir, name+".img")
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}

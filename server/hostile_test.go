@@ -96,7 +96,8 @@ func TestHostileClients(t *testing.T) {
 // handshake or from the first byte, and requires the server to end it
 // without panicking or hanging.
 func FuzzConnection(f *testing.F) {
-	disk, _ := fileExport(f, "disk", 1<<20, false)
+	// On tmpfs, so that small writes reach the reader's own path too.
+	disk, _ := fileExportIn(f, memoryDir(f), "disk", 1<<20, false)
 	reg := NewRegistry()
 	reg.Add(disk)
 	s := New(&Config{Exports: reg, HandshakeTimeout: time.Second, DrainTimeout: time.Second})

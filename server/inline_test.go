@@ -38,15 +38,20 @@ func exportIn(t testing.TB, dir, name string, data []byte) (*Export, string) {
 	return e, path
 }
 
-// memoryDir is a tmpfs directory, where every small request can be answered
-// by the reader.
+// memoryDir is a new directory on tmpfs, where every small request can be
+// answered by the reader; it is removed after the test.
 func memoryDir(t testing.TB) string {
 	t.Helper()
 	var fs unix.Statfs_t
 	if err := unix.Statfs("/dev/shm", &fs); err != nil || fs.Type != unix.TMPFS_MAGIC {
 		t.Fatalf("/dev/shm is not a tmpfs (statfs: %v): these tests need one", err)
 	}
-	return "/dev/shm"
+	dir, err := os.MkdirTemp("/dev/shm", "lvnbd-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
 
 // Small reads and writes answered on the reader (tryInline) and by workers

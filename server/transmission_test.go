@@ -25,120 +25,126 @@ func pattern(n int, seed uint64) []byte {
 
 func TestRequests(t *testing.T) {
 	const size = 4 << 20
-	for _, structured := range []bool{false, true} {
-		name := "simple"
-		if structured {
-			name = "structured"
+	for _, place := range []string{"disk", "tmpfs"} {
+		for _, structured := range []bool{false, true} {
+			name := place + "/simple"
+			if structured {
+				name = place + "/structured"
+			}
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				if place == "tmpfs" {
+					dir = memoryDir(t)
+				}
+				disk, path := fileExportIn(t, dir, "disk", size, false)
+				ro, _ := fileExportIn(t, dir, "ro", size, true)
+				ts := startServer(t, nil, disk, ro)
+				c := dialRaw(t, ts.addr)
+				c.open("disk", structured)
+
+				tests := []struct {
+					name    string
+					req     nbd.RequestHeader
+					payload []byte
+					want    nbd.Errno
+				}{
+					{"write", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 4096, Length: 8192}, pattern(8192, 1), 0},
+					{"write FUA unaligned", nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Offset: 100001, Length: 777}, pattern(777, 2), 0},
+					{"write to the last byte", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: size - 10, Length: 10}, pattern(10, 3), 0},
+					{"write past the end", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: size - 10, Length: 11}, pattern(11, 4), nbd.ENOSPC},
+					{"write at an overflowing offset", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 1<<64 - 1, Length: 2}, []byte{1, 2}, nbd.ENOSPC},
+					{"read past the end", nbd.RequestHeader{Command: nbd.CmdRead, Offset: size, Length: 1}, nil, nbd.EINVAL},
+					{"read at an overflowing offset", nbd.RequestHeader{Command: nbd.CmdRead, Offset: 1<<64 - 512, Length: 1024}, nil, nbd.EINVAL},
+					{"flush", nbd.RequestHeader{Command: nbd.CmdFlush}, nil, 0},
+					{"trim", nbd.RequestHeader{Command: nbd.CmdTrim, Offset: 1 << 20, Length: 1 << 20}, nil, 0},
+					{"trim past the end", nbd.RequestHeader{Command: nbd.CmdTrim, Offset: size - 1, Length: 2}, nil, nbd.EINVAL},
+					{"write zeroes", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Offset: 4096, Length: 4096}, nil, 0},
+					{"write zeroes no hole", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Flags: nbd.CmdFlagNoHole, Offset: 0, Length: 4096}, nil, 0},
+					{"write zeroes fast", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Flags: nbd.CmdFlagFastZero, Offset: 8192, Length: 4096}, nil, 0},
+					{"write zeroes past the end", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Offset: size, Length: 1}, nil, nbd.ENOSPC},
+					{"cache", nbd.RequestHeader{Command: nbd.CmdCache, Offset: 0, Length: 65536}, nil, 0},
+					{"unknown command", nbd.RequestHeader{Command: 77, Offset: 0, Length: 0}, nil, nbd.EINVAL},
+					{"resize is not offered", nbd.RequestHeader{Command: nbd.CmdResize, Offset: size * 2}, nil, nbd.EINVAL},
+					{"unknown flag", nbd.RequestHeader{Command: nbd.CmdFlush, Flags: 1 << 12}, nil, nbd.EINVAL},
+					{"flag of another command", nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagNoHole, Offset: 0, Length: 1}, []byte{1}, nbd.EINVAL},
+					{"read of length 0", nbd.RequestHeader{Command: nbd.CmdRead, Offset: 0, Length: 0}, nil, 0},
+					{"write of length 0", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 0, Length: 0}, nil, 0},
+				}
+				if !structured {
+					tests = append(tests,
+						struct {
+							name    string
+							req     nbd.RequestHeader
+							payload []byte
+							want    nbd.Errno
+						}{"DF without structured replies", nbd.RequestHeader{Command: nbd.CmdRead, Flags: nbd.CmdFlagDF, Length: 512}, nil, nbd.EINVAL},
+						struct {
+							name    string
+							req     nbd.RequestHeader
+							payload []byte
+							want    nbd.Errno
+						}{"block status without a meta context", nbd.RequestHeader{Command: nbd.CmdBlockStatus, Length: 512}, nil, nbd.EINVAL},
+					)
+				}
+				for i, tt := range tests {
+					t.Run(tt.name, func(t *testing.T) {
+						tt.req.Handle = uint64(1000 + i)
+						c.request(tt.req, tt.payload)
+						res := c.reply(0)
+						if res.handle != tt.req.Handle || res.errno != tt.want {
+							t.Errorf("got handle %d errno %v (%s), want handle %d errno %v", res.handle, res.errno, res.msg, tt.req.Handle, tt.want)
+						}
+						if structured && tt.want != 0 && res.msg == "" {
+							t.Error("structured error reply has no message")
+						}
+					})
+				}
+
+				// What the file holds must match what was acknowledged.
+				got, err := os.ReadFile(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := make([]byte, size)
+				copy(want[4096:], pattern(8192, 1))
+				copy(want[100001:], pattern(777, 2))
+				copy(want[size-10:], pattern(10, 3))
+				clear(want[0:4096])
+				clear(want[4096:8192])
+				clear(want[8192:12288])
+				if !bytes.Equal(got, want) {
+					t.Error("file contents differ from the acknowledged writes")
+				}
+
+				// Reads return what was written, unaligned too.
+				c.request(nbd.RequestHeader{Command: nbd.CmdRead, Handle: 7, Offset: 100001 - 3, Length: 777 + 6}, nil)
+				res := c.reply(777 + 6)
+				if res.errno != 0 {
+					t.Fatalf("read: %v %s", res.errno, res.msg)
+				}
+				if diff := cmp.Diff(want[100001-3:100001+777+3], assemble(t, res, 100001-3, 777+6)); diff != "" {
+					t.Errorf("read back (-want +got):\n%s", diff)
+				}
+
+				// The read-only export refuses writes, trims and zeroes.
+				r := dialRaw(t, ts.addr)
+				r.open("ro", structured)
+				for _, req := range []nbd.RequestHeader{
+					{Command: nbd.CmdWrite, Handle: 1, Length: 3},
+					{Command: nbd.CmdTrim, Handle: 2, Length: 512},
+					{Command: nbd.CmdWriteZeroes, Handle: 3, Length: 512},
+				} {
+					var payload []byte
+					if req.Command == nbd.CmdWrite {
+						payload = []byte{1, 2, 3}
+					}
+					r.request(req, payload)
+					if res := r.reply(0); res.errno != nbd.EPERM {
+						t.Errorf("%v on read-only export: %v, want EPERM", req.Command, res.errno)
+					}
+				}
+			})
 		}
-		t.Run(name, func(t *testing.T) {
-			disk, path := fileExport(t, "disk", size, false)
-			ro, _ := fileExport(t, "ro", size, true)
-			ts := startServer(t, nil, disk, ro)
-			c := dialRaw(t, ts.addr)
-			c.open("disk", structured)
-
-			tests := []struct {
-				name    string
-				req     nbd.RequestHeader
-				payload []byte
-				want    nbd.Errno
-			}{
-				{"write", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 4096, Length: 8192}, pattern(8192, 1), 0},
-				{"write FUA unaligned", nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Offset: 100001, Length: 777}, pattern(777, 2), 0},
-				{"write to the last byte", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: size - 10, Length: 10}, pattern(10, 3), 0},
-				{"write past the end", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: size - 10, Length: 11}, pattern(11, 4), nbd.ENOSPC},
-				{"write at an overflowing offset", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 1<<64 - 1, Length: 2}, []byte{1, 2}, nbd.ENOSPC},
-				{"read past the end", nbd.RequestHeader{Command: nbd.CmdRead, Offset: size, Length: 1}, nil, nbd.EINVAL},
-				{"read at an overflowing offset", nbd.RequestHeader{Command: nbd.CmdRead, Offset: 1<<64 - 512, Length: 1024}, nil, nbd.EINVAL},
-				{"flush", nbd.RequestHeader{Command: nbd.CmdFlush}, nil, 0},
-				{"trim", nbd.RequestHeader{Command: nbd.CmdTrim, Offset: 1 << 20, Length: 1 << 20}, nil, 0},
-				{"trim past the end", nbd.RequestHeader{Command: nbd.CmdTrim, Offset: size - 1, Length: 2}, nil, nbd.EINVAL},
-				{"write zeroes", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Offset: 4096, Length: 4096}, nil, 0},
-				{"write zeroes no hole", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Flags: nbd.CmdFlagNoHole, Offset: 0, Length: 4096}, nil, 0},
-				{"write zeroes fast", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Flags: nbd.CmdFlagFastZero, Offset: 8192, Length: 4096}, nil, 0},
-				{"write zeroes past the end", nbd.RequestHeader{Command: nbd.CmdWriteZeroes, Offset: size, Length: 1}, nil, nbd.ENOSPC},
-				{"cache", nbd.RequestHeader{Command: nbd.CmdCache, Offset: 0, Length: 65536}, nil, 0},
-				{"unknown command", nbd.RequestHeader{Command: 77, Offset: 0, Length: 0}, nil, nbd.EINVAL},
-				{"resize is not offered", nbd.RequestHeader{Command: nbd.CmdResize, Offset: size * 2}, nil, nbd.EINVAL},
-				{"unknown flag", nbd.RequestHeader{Command: nbd.CmdFlush, Flags: 1 << 12}, nil, nbd.EINVAL},
-				{"flag of another command", nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagNoHole, Offset: 0, Length: 1}, []byte{1}, nbd.EINVAL},
-				{"read of length 0", nbd.RequestHeader{Command: nbd.CmdRead, Offset: 0, Length: 0}, nil, 0},
-				{"write of length 0", nbd.RequestHeader{Command: nbd.CmdWrite, Offset: 0, Length: 0}, nil, 0},
-			}
-			if !structured {
-				tests = append(tests,
-					struct {
-						name    string
-						req     nbd.RequestHeader
-						payload []byte
-						want    nbd.Errno
-					}{"DF without structured replies", nbd.RequestHeader{Command: nbd.CmdRead, Flags: nbd.CmdFlagDF, Length: 512}, nil, nbd.EINVAL},
-					struct {
-						name    string
-						req     nbd.RequestHeader
-						payload []byte
-						want    nbd.Errno
-					}{"block status without a meta context", nbd.RequestHeader{Command: nbd.CmdBlockStatus, Length: 512}, nil, nbd.EINVAL},
-				)
-			}
-			for i, tt := range tests {
-				t.Run(tt.name, func(t *testing.T) {
-					tt.req.Handle = uint64(1000 + i)
-					c.request(tt.req, tt.payload)
-					res := c.reply(0)
-					if res.handle != tt.req.Handle || res.errno != tt.want {
-						t.Errorf("got handle %d errno %v (%s), want handle %d errno %v", res.handle, res.errno, res.msg, tt.req.Handle, tt.want)
-					}
-					if structured && tt.want != 0 && res.msg == "" {
-						t.Error("structured error reply has no message")
-					}
-				})
-			}
-
-			// What the file holds must match what was acknowledged.
-			got, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := make([]byte, size)
-			copy(want[4096:], pattern(8192, 1))
-			copy(want[100001:], pattern(777, 2))
-			copy(want[size-10:], pattern(10, 3))
-			clear(want[0:4096])
-			clear(want[4096:8192])
-			clear(want[8192:12288])
-			if !bytes.Equal(got, want) {
-				t.Error("file contents differ from the acknowledged writes")
-			}
-
-			// Reads return what was written, unaligned too.
-			c.request(nbd.RequestHeader{Command: nbd.CmdRead, Handle: 7, Offset: 100001 - 3, Length: 777 + 6}, nil)
-			res := c.reply(777 + 6)
-			if res.errno != 0 {
-				t.Fatalf("read: %v %s", res.errno, res.msg)
-			}
-			if diff := cmp.Diff(want[100001-3:100001+777+3], assemble(t, res, 100001-3, 777+6)); diff != "" {
-				t.Errorf("read back (-want +got):\n%s", diff)
-			}
-
-			// The read-only export refuses writes, trims and zeroes.
-			r := dialRaw(t, ts.addr)
-			r.open("ro", structured)
-			for _, req := range []nbd.RequestHeader{
-				{Command: nbd.CmdWrite, Handle: 1, Length: 3},
-				{Command: nbd.CmdTrim, Handle: 2, Length: 512},
-				{Command: nbd.CmdWriteZeroes, Handle: 3, Length: 512},
-			} {
-				var payload []byte
-				if req.Command == nbd.CmdWrite {
-					payload = []byte{1, 2, 3}
-				}
-				r.request(req, payload)
-				if res := r.reply(0); res.errno != nbd.EPERM {
-					t.Errorf("%v on read-only export: %v, want EPERM", req.Command, res.errno)
-				}
-			}
-		})
 	}
 }
 
