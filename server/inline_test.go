@@ -17,27 +17,6 @@ import (
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
-// exportIn makes an export of size bytes, filled with data, in a new file in
-// dir.
-func exportIn(t testing.TB, dir, name string, data []byte) (*Export, string) {
-	t.Helper()
-	d, err := os.MkdirTemp(dir, "lvnbd-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	path := filepath.Join(d, name+".img")
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	e, err := OpenExport(ExportSpec{Name: name, Path: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.Backend.Close() })
-	return e, path
-}
-
 // memoryDir is a new directory on tmpfs, where every small request can be
 // answered by the reader; it is removed after the test.
 func memoryDir(t testing.TB) string {
@@ -79,7 +58,8 @@ func TestInlineAnswersMatchWorkers(t *testing.T) {
 						dir = memoryDir(t)
 					}
 					want := pattern(size, 5)
-					disk, path := exportIn(t, dir, "disk", want)
+					disk, path := fileExportIn(t, dir, "disk", size, false)
+					writeFileAt(t, path, want, 0)
 					ts := startServer(t, &Config{NoInline: !inline}, disk)
 					c := dialRaw(t, ts.addr)
 					c.open("disk", structured)
@@ -160,7 +140,8 @@ func TestInlineAnswersMatchWorkers(t *testing.T) {
 // slots run out, the reader sends what it holds before it waits for one, or
 // it would wait for itself.
 func TestHeldRepliesAreSentBeforeTheReaderWaits(t *testing.T) {
-	disk, _ := exportIn(t, memoryDir(t), "disk", pattern(1<<20, 9))
+	disk, path := fileExportIn(t, memoryDir(t), "disk", 1<<20, false)
+	writeFileAt(t, path, pattern(1<<20, 9), 0)
 	ts := startServer(t, &Config{MaxInFlight: 2}, disk)
 	c := dialRaw(t, ts.addr)
 	c.open("disk", false)
@@ -187,7 +168,7 @@ func TestHeldRepliesAreSentBeforeTheReaderWaits(t *testing.T) {
 // reader may hold many writes it has not yet done.
 func TestFenceStopsInlineWrites(t *testing.T) {
 	const size = 4 << 20
-	disk, path := exportIn(t, memoryDir(t), "disk", make([]byte, size))
+	disk, path := fileExportIn(t, memoryDir(t), "disk", size, false)
 	fences, err := LoadFences(filepath.Join(t.TempDir(), "fences.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -247,7 +228,7 @@ func TestFenceStopsInlineWrites(t *testing.T) {
 // those to a worker, which waits or refuses. (Another write to the same file
 // is the backend's to see: backend.TestNoWait.)
 func TestInlineWritesLeaveGatedWritesToWorkers(t *testing.T) {
-	disk, path := exportIn(t, memoryDir(t), "disk", make([]byte, 1<<20))
+	disk, path := fileExportIn(t, memoryDir(t), "disk", 1<<20, false)
 	req := nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 4096, Length: 4096}
 	for _, tc := range []struct {
 		name string
@@ -280,7 +261,8 @@ func TestInlineWritesLeaveGatedWritesToWorkers(t *testing.T) {
 // shutdown past the drain timeout, even with the reader itself blocked
 // sending the replies it answered.
 func TestShutdownWithAClientThatDoesNotRead(t *testing.T) {
-	disk, _ := exportIn(t, memoryDir(t), "disk", pattern(1<<20, 3))
+	disk, path := fileExportIn(t, memoryDir(t), "disk", 1<<20, false)
+	writeFileAt(t, path, pattern(1<<20, 3), 0)
 	ts := startServer(t, &Config{DrainTimeout: time.Second}, disk)
 	c := dialRaw(t, ts.addr)
 	c.open("disk", false)
