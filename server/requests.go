@@ -242,8 +242,7 @@ func (c *conn) read(r *reply, req nbd.RequestHeader) ([]byte, error) {
 		return data, err
 	}
 	if !c.sess.structured {
-		hdr, _ := nbd.SimpleReply{Handle: req.Handle}.AppendBinary(make([]byte, 0, nbd.SimpleReplySize))
-		r.add(hdr)
+		c.dataHeader(r, req)
 		r.add(data)
 		return data, nil
 	}
