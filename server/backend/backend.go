@@ -162,7 +162,7 @@ func (b *File) ReadAtNoWait(p []byte, off int64) error {
 		return ErrWouldBlock
 	}
 	n, err := unix.Preadv2(b.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+	if noWaitRefused(err) {
 		b.noWaitRead.Store(true)
 	}
 	if err != nil || n != len(p) {
@@ -191,13 +191,20 @@ func (b *File) WriteAtNoWait(p []byte, off int64) error {
 		return ErrWouldBlock
 	}
 	n, err := unix.Pwritev2(b.fd, [][]byte{p}, off, unix.RWF_NOWAIT)
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+	if noWaitRefused(err) {
 		b.noWaitWrite.Store(true)
 	}
 	if err != nil || n <= 0 {
 		return ErrWouldBlock
 	}
 	return b.pwritev2(p[n:], off+int64(n), 0)
+}
+
+// noWaitRefused reports whether the kernel refused RWF_NOWAIT itself, not
+// the one I/O: a file system without it answers EOPNOTSUPP, buffered writes
+// where it is not supported EINVAL, an old kernel ENOSYS.
+func noWaitRefused(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS)
 }
 
 // SpliceRead moves [off, off+n) into the pipe whose write end is w, by
