@@ -357,33 +357,25 @@ for round in $(seq "$ROUNDS"); do
 	done
 done
 
-# median VALUES...: the middle value (the lower middle of an even count);
-# a bound ("<N", ">N") keeps its mark.
-median() {
-	printf '%s\n' "$@" | awk '{v = $0; sub(/^[<>]/, "", v); print v "\t" $0}' | sort -g | awk -F'\t' '{a[NR] = $2} END {print a[int((NR + 1) / 2)]}'
+# rounds ARRAY A [B]: A's figure in each round, a line each; or A's over B's.
+rounds() {
+	local -n a=$1
+	local r
+	for r in $(seq "$ROUNDS"); do
+		if (($# == 3)); then ratio "${a[$2/$r]}" "${a[$3/$r]}" && echo; else echo "${a[$2/$r]}"; fi
+	done
 }
-# med ARRAY SERVER: the median of one figure over the rounds.
+# med ARRAY A [B]: the median over the rounds (the lower middle of an even
+# count) of A's figure, or of A's over B's; a bound ("<N", ">N") keeps its mark.
 med() {
-	local -n a=$1
-	local vals=() r
-	for r in $(seq "$ROUNDS"); do vals+=("${a[$2/$r]}"); done
-	median "${vals[@]}"
-}
-# medratio ARRAY A B: the median over the rounds of A's figure over B's.
-medratio() {
-	local -n a=$1
-	local vals=() r
-	for r in $(seq "$ROUNDS"); do vals+=("$(ratio "${a[$2/$r]}" "${a[$3/$r]}")"); done
-	median "${vals[@]}"
+	rounds "$@" | awk '{v = $0; sub(/^[<>]/, "", v); print v "\t" $0}' | sort -g | awk -F'\t' '{a[NR] = $2} END {print a[int((NR + 1) / 2)]}'
 }
 # spread ARRAY A B: the lowest and highest of the rounds' ratios.
 spread() {
-	local -n a=$1
-	local r
-	for r in $(seq "$ROUNDS"); do ratio "${a[$2/$r]}" "${a[$3/$r]}"; echo; done | awk '{v = $0; sub(/^[<>]/, "", v); print v}' | sort -g | awk 'NR == 1 {lo = $0} {hi = $0} END {print lo "-" hi}'
+	rounds "$@" | awk '{sub(/^[<>]/, ""); print}' | sort -g | awk 'NR == 1 {lo = $0} {hi = $0} END {print lo "-" hi}'
 }
 
-# --- 2. lvnbd bench against lvnbd (still up, its image written) ----------------
+# --- 2. lvnbd bench against lvnbd, on a fresh image ----------------------------
 echo
 echo "== lvnbd bench against lvnbd serve on loopback =="
 fresh_image "$IMG" "$MIB"
@@ -505,7 +497,7 @@ for s in "${servers[@]}"; do
 	row "$s" "$(med W "$s")" "$(med R "$s")" "$(med RRI "$s")" "$(med RRM "$s")" "$(med RWI "$s")" "$(med RWM "$s")"
 done
 for s in "${servers[@]:1}"; do
-	row "lvnbd/$s" "$(medratio W lvnbd "$s")" "$(medratio R lvnbd "$s")" "$(medratio RRI lvnbd "$s")" "" "$(medratio RWI lvnbd "$s")" ""
+	row "lvnbd/$s" "$(med W lvnbd "$s")" "$(med R lvnbd "$s")" "$(med RRI lvnbd "$s")" "" "$(med RWI lvnbd "$s")" ""
 done
 row "  rounds' range" "$(spread W lvnbd nbdkit)" "$(spread R lvnbd nbdkit)" "$(spread RRI lvnbd nbdkit)" "" "$(spread RWI lvnbd nbdkit)" ""
 echo "(ratios: the median of each round's ratio; range: lvnbd/nbdkit's lowest and highest round;"
@@ -517,7 +509,7 @@ crow server "write s/GiB" "read s/GiB" "randread µs/req" "fio CPU %" "randwrite
 for s in "${servers[@]}"; do
 	crow "$s" "$(med WC "$s")" "$(med RC "$s")" "$(med RRC "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWF "$s")"
 done
-crow "nbdkit/lvnbd" "$(medratio WC nbdkit lvnbd)" "$(medratio RC nbdkit lvnbd)" "$(medratio RRC nbdkit lvnbd)" "" "$(medratio RWC nbdkit lvnbd)" ""
+crow "nbdkit/lvnbd" "$(med WC nbdkit lvnbd)" "$(med RC nbdkit lvnbd)" "$(med RRC nbdkit lvnbd)" "" "$(med RWC nbdkit lvnbd)" ""
 echo "(CPU time of the server process and its children. On two cores the clients' own CPU bounds"
 echo " the figures above: fio near 100% of a core sets the IOPS whatever the server. The server's"
 echo " CPU for the same work tells the servers apart; nbdkit/lvnbd above 1: lvnbd needs less.)"
