@@ -50,7 +50,8 @@ test-vm: build
 fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
-	    echo "fuzz $$pkg $$f"; $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/dev/null; \
+	    echo "fuzz $$pkg $$f"; \
+	    $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/tmp/lvnbd-fuzz.log 2>&1 || { cat /tmp/lvnbd-fuzz.log; exit 1; }; \
 	  done; done
 
 # The binary, systemd units, /etc/default/lvnbd, example configurations in

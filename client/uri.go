@@ -134,6 +134,16 @@ func ParseURI(s string) (URI, error) {
 	if strings.HasPrefix(u.Host, "[") != strings.Contains(out.Host, ":") {
 		return bad("IPv6 addresses go in brackets, e.g. nbd://[::1]/export")
 	}
+	// A zone names a network interface (fe80::1%eth0). Go's url.Parse takes
+	// raw non-ASCII bytes there but refuses them percent-encoded, which is
+	// how String must print them, so such a URI could not be printed back.
+	if _, zone, ok := strings.Cut(out.Host, "%"); ok {
+		for i := 0; i < len(zone); i++ {
+			if zone[i] < 0x21 || zone[i] > 0x7e {
+				return bad("IPv6 zone %q is not an interface name or number", zone)
+			}
+		}
+	}
 	out.Port = nbd.DefaultPort
 	if p := u.Port(); p != "" {
 		n, err := strconv.ParseUint(p, 10, 16)
