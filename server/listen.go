@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -20,18 +21,28 @@ type ListenAddr struct {
 	Address string // host:port or socket path
 }
 
+// String is the listen URL, escaped so that ParseListenURL gives a back: a
+// socket path may hold '?', '#' or '%'.
 func (a ListenAddr) String() string {
 	if a.Network == "unix" {
-		return "unix://" + a.Address
+		return (&url.URL{Scheme: "unix", Path: a.Address}).String()
 	}
 	return "tcp://" + a.Address
 }
+
+// maxSocketPath is the longest Unix socket path bind(2) takes: sun_path's
+// 108 bytes less the terminating NUL.
+const maxSocketPath = 107
 
 // ParseListenURL parses tcp://HOST:PORT or unix:///PATH.
 func ParseListenURL(s string) (ListenAddr, error) {
 	u, err := url.Parse(s)
 	if err != nil || u.Scheme == "" {
 		return ListenAddr{}, fmt.Errorf("listen address %q: want tcp://HOST:PORT or unix:///PATH", s)
+	}
+	// Nothing is dropped silently: a listen URL has no user, query or fragment.
+	if u.User != nil || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || u.Opaque != "" {
+		return ListenAddr{}, fmt.Errorf("listen address %q: want tcp://HOST:PORT or unix:///PATH, without user@, ?query or #fragment", s)
 	}
 	switch u.Scheme {
 	case "tcp":
@@ -49,6 +60,12 @@ func ParseListenURL(s string) (ListenAddr, error) {
 	case "unix":
 		if u.Host != "" || u.Path == "" {
 			return ListenAddr{}, fmt.Errorf("listen address %q: want unix:///ABSOLUTE/PATH (three slashes)", s)
+		}
+		if strings.IndexByte(u.Path, 0) >= 0 {
+			return ListenAddr{}, fmt.Errorf("listen address %q: a socket path cannot contain NUL (abstract sockets are not supported)", s)
+		}
+		if len(u.Path) > maxSocketPath {
+			return ListenAddr{}, fmt.Errorf("listen address %q: the socket path is %d bytes, Unix sockets take at most %d: choose a shorter one", s, len(u.Path), maxSocketPath)
 		}
 		return ListenAddr{Network: "unix", Address: u.Path}, nil
 	default:

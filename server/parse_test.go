@@ -1,6 +1,7 @@
 package server
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -24,6 +25,14 @@ func TestParseListenURL(t *testing.T) {
 		{"tcp://h:1/path", ListenAddr{}, true},
 		{"unix://run/lvnbd.sock", ListenAddr{}, true},
 		{"unix://", ListenAddr{}, true},
+		{"unix:///run/a%3Fb%20c.sock", ListenAddr{"unix", "/run/a?b c.sock"}, false},
+		{"uniX:/%00", ListenAddr{}, true},
+		{"unix:///" + strings.Repeat("s", 107), ListenAddr{}, true},
+		{"unix:///run/x.sock?mode=600", ListenAddr{}, true},
+		{"unix:///run/x.sock#x", ListenAddr{}, true},
+		{"tcp://h:1?x", ListenAddr{}, true},
+		{"tcp://h:1?", ListenAddr{}, true},
+		{"tcp://user@h:1", ListenAddr{}, true},
 		{"127.0.0.1:10809", ListenAddr{}, true},
 		{"udp://127.0.0.1:1", ListenAddr{}, true},
 		{"", ListenAddr{}, true},
