@@ -48,11 +48,7 @@ test-vm: build
 
 # Every fuzz target for FUZZTIME each, on top of the seeds `go test` runs.
 fuzz:
-	@set -e; for pkg in $$($(GO) list ./...); do \
-	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
-	    echo "fuzz $$pkg $$f"; \
-	    $(GO) test $$pkg -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) >/tmp/lvnbd-fuzz.log 2>&1 || { cat /tmp/lvnbd-fuzz.log; exit 1; }; \
-	  done; done
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME)
 
 # The binary, systemd units, /etc/default/lvnbd, example configurations in
 # /etc/lvnbd (existing ones are kept), completions, man pages and README.
