@@ -247,7 +247,7 @@ make_source "$SRC" "$MIB"
 # over the rounds; a ratio is the median of the rounds' ratios, each taken
 # between runs minutes apart at most.
 # shellcheck disable=SC2034 # RRM and RWM are read through namerefs (med)
-declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF WC RC
+declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF WC RC WB RB RRB RWB WX RX RRX RWX
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
 # start_server NAME: starts it on a free loopback port serving IMG as
 # "bench"; sets pid, uri and log.
@@ -308,6 +308,39 @@ cpu_ticks() {
 	echo "$t"
 }
 TICKS=$(getconf CLK_TCK)
+NCPU=$(nproc)
+
+# busy_ticks: the whole machine's CPU time at work (user, nice, system, irq,
+# softirq; not idle, iowait or steal), in clock ticks over all CPUs.
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
+# step_start: notes the server's and the machine's CPU, and the time, before
+# a step.
+step_start() {
+	t0=$(cpu_ticks "$pid")
+	b0=$(busy_ticks)
+	w0=$(date +%s.%N)
+}
+
+# How far could any server go on this machine? The server's share of the
+# CPU the machine spent on a step bounds what a cheaper server could gain
+# while the clients and the kernel's own work stay as they are: one that used
+# no CPU at all would finish the same work in (1 - share) of the CPU, so at
+# most 1 / (1 - share) times as fast, as long as the CPU is what limits it
+# (the machine near 100% busy). A client bound to one thread (fio) caps it
+# at 100 / its CPU % as well.
+#
+# step_load BUSYVAR CEILVAR [FIO%]: after a step, the machine's busy % (of
+# all its CPUs, over the step's time) and that ceiling for the server run.
+step_load() {
+	local t1 b1 w1
+	t1=$(cpu_ticks "$pid")
+	b1=$(busy_ticks)
+	w1=$(date +%s.%N)
+	printf -v "$1" '%.0f' "$(awk -v b=$((b1 - b0)) -v hz="$TICKS" -v t="$w0" -v u="$w1" -v n="$NCPU" 'BEGIN {print b / hz / (u - t) / n * 100}')"
+	printf -v "$2" '%.2f' "$(awk -v s=$((t1 - t0)) -v b=$((b1 - b0)) -v f="${3:-0}" 'BEGIN {
+		c = (b > s) ? b / (b - s) : 99; if (f > 0 && 100 / f < c) c = 100 / f; print c }')"
+}
 
 # copy_cpu VAR: the server's CPU seconds per GiB in the last copy (from t0).
 copy_cpu() {
@@ -335,21 +368,25 @@ for round in $(seq "$ROUNDS"); do
 		start_server "$srv"
 		mc=$(nbdinfo --can multi-conn "$uri" && echo yes || echo no)
 		echo "-- $srv on $uri (multi-conn: $mc)"
-		t0=$(cpu_ticks "$pid")
+		step_start
 		copy "W[$k]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
 		copy_cpu "WC[$k]"
+		step_load "WB[$k]" "WX[$k]"
 		after_step "$srv"
-		t0=$(cpu_ticks "$pid")
+		step_start
 		copy "R[$k]" "$BYTES" "$log" -C 4 "$uri" null:
 		copy_cpu "RC[$k]"
+		step_load "RB[$k]" "RX[$k]"
 		after_step "$srv"
-		t0=$(cpu_ticks "$pid")
+		step_start
 		fio_run "RRI[$k]" "RRM[$k]" "$uri" randread "$log"
 		fio_cpu "RRC[$k]" "RRF[$k]" "${RRI[$k]}" randread
+		step_load "RRB[$k]" "RRX[$k]" "${RRF[$k]}"
 		after_step "$srv"
-		t0=$(cpu_ticks "$pid")
+		step_start
 		fio_run "RWI[$k]" "RWM[$k]" "$uri" randwrite "$log"
 		fio_cpu "RWC[$k]" "RWF[$k]" "${RWI[$k]}" randwrite
+		step_load "RWB[$k]" "RWX[$k]" "${RWF[$k]}"
 		after_step "$srv"
 		printf '   nbdcopy write %s MB/s (server %s s/GiB), read %s MB/s (%s s/GiB); fio randread %s IOPS (server %s µs/request, fio %s%% CPU), randwrite %s IOPS (%s µs, %s%%)\n' \
 			"${W[$k]}" "${WC[$k]}" "${R[$k]}" "${RC[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWF[$k]}"
@@ -513,6 +550,19 @@ crow "nbdkit/lvnbd" "$(med WC nbdkit lvnbd)" "$(med RC nbdkit lvnbd)" "$(med RRC
 echo "(CPU time of the server process and its children. On two cores the clients' own CPU bounds"
 echo " the figures above: fio near 100% of a core sets the IOPS whatever the server. The server's"
 echo " CPU for the same work tells the servers apart; nbdkit/lvnbd above 1: lvnbd needs less.)"
+echo
+echo "== the most any server could gain here: a server using no CPU at all, against each server's runs =="
+xrow() { printf '%-18s %9s %7s %9s %7s %9s %7s %9s %7s\n' "$@"; }
+xrow "" write busy read busy randread busy randwrite busy
+for s in "${servers[@]}"; do
+	xrow "$s" "$(med WX "$s")" "$(med WB "$s")%" "$(med RX "$s")" "$(med RB "$s")%" "$(med RRX "$s")" "$(med RRB "$s")%" "$(med RWX "$s")" "$(med RWB "$s")%"
+done
+echo "(1 / (1 - the server's share of the machine's busy CPU), and at most 100 / fio's CPU % for the"
+echo " random runs: the factor by which a free server could beat that server while the clients and the"
+echo " kernel do what they did. 'busy': of all ${NCPU} CPUs during the step; well under 100% the limit is"
+echo " latency, not CPU, and the factor does not bound it. It is generous: the server's CPU includes"
+echo " kernel TCP work that any server causes. lvnbd/nbdkit above nbdkit's factor would need the"
+echo " clients or the kernel to do less, not only the server.)"
 echo
 echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
 lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
