@@ -21,8 +21,8 @@ type ListenAddr struct {
 	Address string // host:port or socket path
 }
 
-// String is the listen URL, escaped so that ParseListenURL gives a back: a
-// socket path may hold '?', '#' or '%'.
+// String is the listen URL, escaped so that ParseListenURL parses it back to
+// a: a socket path may hold '?', '#' or '%'.
 func (a ListenAddr) String() string {
 	if a.Network == "unix" {
 		return (&url.URL{Scheme: "unix", Path: a.Address}).String()

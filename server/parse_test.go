@@ -27,6 +27,7 @@ func TestParseListenURL(t *testing.T) {
 		{"unix://", ListenAddr{}, true},
 		{"unix:///run/a%3Fb%20c.sock", ListenAddr{"unix", "/run/a?b c.sock"}, false},
 		{"uniX:/%00", ListenAddr{}, true},
+		{"unix:///" + strings.Repeat("s", 106), ListenAddr{"unix", "/" + strings.Repeat("s", 106)}, false},
 		{"unix:///" + strings.Repeat("s", 107), ListenAddr{}, true},
 		{"unix:///run/x.sock?mode=600", ListenAddr{}, true},
 		{"unix:///run/x.sock#x", ListenAddr{}, true},
