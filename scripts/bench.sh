@@ -219,7 +219,9 @@ make_source() {
 	local out=$1 mib=$2
 	[ -f "$WORK/random64" ] || head -c 64M /dev/urandom >"$WORK/random64"
 	: >"$out"
-	for _ in $(seq $((mib / 64))); do cat "$WORK/random64" >>"$out"; done
+	# Rounded up, then cut: a source of zeroes would be sent as zeroes (nbdcopy
+	# finds them) and read back as holes, measuring neither.
+	for _ in $(seq $(((mib + 63) / 64))); do cat "$WORK/random64" >>"$out"; done
 	truncate -s "${mib}M" "$out"
 }
 
@@ -247,7 +249,8 @@ make_source "$SRC" "$MIB"
 # over the rounds; a ratio is the median of the rounds' ratios, each taken
 # between runs minutes apart at most.
 # shellcheck disable=SC2034 # RRM and RWM are read through namerefs (med)
-declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF WC RC WB RB RRB RWB WX RX RRX RWX
+declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF WC RC WB RB RRB RWB WX RX RRX RWX WU RU RRU RWU WF FLOOR
+FLOOR_SPG=()
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
 # start_server NAME: starts it on a free loopback port serving IMG as
 # "bench"; sets pid, uri and log.
@@ -307,6 +310,15 @@ cpu_ticks() {
 	done
 	echo "$t"
 }
+# user_ticks PID: the part of cpu_ticks spent in user space, the server's
+# own code (utime and cutime); the rest is the kernel's work for it.
+user_ticks() {
+	local p t=0
+	for p in "$1" $(pgrep -P "$1" || true); do
+		t=$((t + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $14}' || echo 0)))
+	done
+	echo "$t"
+}
 TICKS=$(getconf CLK_TCK)
 NCPU=$(nproc)
 
@@ -318,6 +330,7 @@ busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 # a step.
 step_start() {
 	t0=$(cpu_ticks "$pid")
+	v0=$(user_ticks "$pid")
 	b0=$(busy_ticks)
 	w0=$(date +%s.%N)
 }
@@ -330,17 +343,54 @@ step_start() {
 # (the machine near 100% busy). A client bound to one thread (fio) caps it
 # at 100 / its CPU % as well.
 #
-# step_load BUSYVAR CEILVAR [FIO%]: after a step, the machine's busy % (of
-# all its CPUs, over the step's time) and that ceiling for the server run.
+# The same reasoning with less taken away gives closer bounds. What the
+# server's own code could still gain is 1 / (1 - its user-space share of the
+# machine's busy CPU): the kernel's work for the server (TCP, page cache,
+# copies into and out of it) stays. And a write must at least put the bytes
+# into the image, which costs the kernel floor_ticks of CPU however the
+# server does it (see write_floor); only the rest of the server's CPU could go.
+#
+# step_load BUSYVAR CEILVAR CODEVAR [FIO%]: after a step, the machine's busy
+# % (of all its CPUs, over the step's time), that ceiling, and the one for the
+# server's own code. Leaves step_server and step_busy (ticks) for write_bound.
 step_load() {
-	local t1 b1 w1
+	local t1 v1 b1 w1 f=${4:-0}
 	t1=$(cpu_ticks "$pid")
+	v1=$(user_ticks "$pid")
 	b1=$(busy_ticks)
 	w1=$(date +%s.%N)
-	printf -v "$1" '%.0f' "$(awk -v b=$((b1 - b0)) -v hz="$TICKS" -v t="$w0" -v u="$w1" -v n="$NCPU" 'BEGIN {print b / hz / (u - t) / n * 100}')"
-	printf -v "$2" '%.2f' "$(awk -v s=$((t1 - t0)) -v b=$((b1 - b0)) -v f="${3:-0}" 'BEGIN {
-		c = (b > s) ? b / (b - s) : 99; if (f > 0 && 100 / f < c) c = 100 / f; print c }')"
+	step_server=$((t1 - t0)) step_busy=$((b1 - b0))
+	printf -v "$1" '%.0f' "$(awk -v b="$step_busy" -v hz="$TICKS" -v t="$w0" -v u="$w1" -v n="$NCPU" 'BEGIN {print b / hz / (u - t) / n * 100}')"
+	printf -v "$2" '%.2f' "$(gain "$step_server" "$step_busy" "$f")"
+	printf -v "$3" '%.2f' "$(gain $((v1 - v0)) "$step_busy" "$f")"
 }
+
+# gain TICKS BUSY [FIO%]: 1 / (1 - TICKS/BUSY), at most 100 / FIO%.
+gain() {
+	awk -v s="$1" -v b="$2" -v f="${3:-0}" 'BEGIN {
+		if (s < 0) s = 0
+		c = (b > s) ? b / (b - s) : 99; if (f > 0 && 100 / f < c) c = 100 / f; print c }'
+}
+
+# write_floor: the kernel's CPU (clock ticks) to write MIB MiB into a fresh
+# image, 1 MiB per write(2) from one buffer (perl is in every Debian): the
+# least any server's writes cost, however they get the bytes there. On tmpfs
+# it is mostly allocating the pages and copying into them.
+write_floor() {
+	local f=$IMG secs
+	rm -f "$f"
+	secs=$({ TIMEFORMAT=%3S; time perl -e '
+		my $b = "\x55" x 1048576;
+		open(my $f, ">", $ARGV[0]) or die "$ARGV[0]: $!\n";
+		for (1 .. $ARGV[1]) { defined(syswrite($f, $b)) or die "$ARGV[0]: $!\n" }
+		close($f) or die "$ARGV[0]: $!\n"' "$f" "$MIB"; } 2>&1) || die "timing writes to $f failed: $secs"
+	rm -f "$f"
+	awk -v s="$secs" -v hz="$TICKS" 'BEGIN {printf "%.0f", s * hz}'
+}
+
+# write_bound VAR FLOOR: after a write step, what a server doing nothing but
+# the image's own work (FLOOR ticks) could gain over this one.
+write_bound() { printf -v "$1" '%.2f' "$(gain $((step_server - $2)) "$step_busy")"; }
 
 # copy_cpu VAR: the server's CPU seconds per GiB in the last copy (from t0).
 copy_cpu() {
@@ -361,6 +411,9 @@ fio_cpu() {
 ROUNDS=${BENCH_ROUNDS:-3}
 for round in $(seq "$ROUNDS"); do
 	echo "== round $round of $ROUNDS =="
+	FLOOR[$round]=$(write_floor)
+	FLOOR_SPG+=("$(awk -v d="${FLOOR[$round]}" -v hz="$TICKS" -v b="$BYTES" 'BEGIN {printf "%.2f", d / hz / (b / 1073741824)}')")
+	echo "-- the image's own work for a write: ${FLOOR_SPG[-1]} s/GiB (kernel CPU, ${MIB} MiB written into a fresh image)"
 	order=("${servers[@]:$(((round - 1) % ${#servers[@]}))}" "${servers[@]:0:$(((round - 1) % ${#servers[@]}))}")
 	for srv in "${order[@]}"; do
 		k=$srv/$round
@@ -371,22 +424,23 @@ for round in $(seq "$ROUNDS"); do
 		step_start
 		copy "W[$k]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
 		copy_cpu "WC[$k]"
-		step_load "WB[$k]" "WX[$k]"
+		step_load "WB[$k]" "WX[$k]" "WU[$k]"
+		write_bound "WF[$k]" "${FLOOR[$round]}"
 		after_step "$srv"
 		step_start
 		copy "R[$k]" "$BYTES" "$log" -C 4 "$uri" null:
 		copy_cpu "RC[$k]"
-		step_load "RB[$k]" "RX[$k]"
+		step_load "RB[$k]" "RX[$k]" "RU[$k]"
 		after_step "$srv"
 		step_start
 		fio_run "RRI[$k]" "RRM[$k]" "$uri" randread "$log"
 		fio_cpu "RRC[$k]" "RRF[$k]" "${RRI[$k]}" randread
-		step_load "RRB[$k]" "RRX[$k]" "${RRF[$k]}"
+		step_load "RRB[$k]" "RRX[$k]" "RRU[$k]" "${RRF[$k]}"
 		after_step "$srv"
 		step_start
 		fio_run "RWI[$k]" "RWM[$k]" "$uri" randwrite "$log"
 		fio_cpu "RWC[$k]" "RWF[$k]" "${RWI[$k]}" randwrite
-		step_load "RWB[$k]" "RWX[$k]" "${RWF[$k]}"
+		step_load "RWB[$k]" "RWX[$k]" "RWU[$k]" "${RWF[$k]}"
 		after_step "$srv"
 		printf '   nbdcopy write %s MB/s (server %s s/GiB), read %s MB/s (%s s/GiB); fio randread %s IOPS (server %s µs/request, fio %s%% CPU), randwrite %s IOPS (%s µs, %s%%)\n' \
 			"${W[$k]}" "${WC[$k]}" "${R[$k]}" "${RC[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWF[$k]}"
@@ -563,6 +617,19 @@ echo " kernel do what they did. 'busy': of all ${NCPU} CPUs during the step; wel
 echo " latency, not CPU, and the factor does not bound it. It is generous: the server's CPU includes"
 echo " kernel TCP work that any server causes. lvnbd/nbdkit above nbdkit's factor would need the"
 echo " clients or the kernel to do less, not only the server.)"
+echo
+echo "== closer bounds: the kernel's work for the server stays, or for writes the image's own work =="
+frow() { printf '%-18s %9s %9s %9s %9s %14s\n' "$@"; }
+frow "" write read randread randwrite "write, image"
+for s in "${servers[@]}"; do
+	frow "$s" "$(med WU "$s")" "$(med RU "$s")" "$(med RRU "$s")" "$(med RWU "$s")" "$(med WF "$s")"
+done
+echo "(The first four: what the server's own code could still gain if it cost nothing, 1 / (1 - its"
+echo " user-space share of the machine's busy CPU), at most 100 / fio's CPU %; the kernel's TCP,"
+echo " page-cache and copying work for it stays. 'write, image': what a server that did nothing but"
+echo " put the bytes into the image could gain over this one; that work alone, measured each round"
+echo " by writing ${MIB} MiB into a fresh image, took ${FLOOR_SPG[*]} s/GiB. lvnbd/nbdkit above nbdkit's"
+echo " 'write, image' is beyond any server that has to write the image through the kernel.)"
 echo
 echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
 lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
