@@ -16,13 +16,20 @@ type Mount struct {
 }
 
 // ParseMountinfo reads /proc/self/mountinfo (see proc(5)).
+//
+// The kernel separates fields with one space and escapes only space, tab,
+// newline and backslash in paths (\040, \011, \012, \134): any other
+// byte, a form feed or a UTF-8 no-break space, is written as it is. So a
+// line is split at single spaces, not at every white space as
+// strings.Fields would, which would cut such a path in two and shift the
+// fields after it.
 func ParseMountinfo(b []byte) ([]Mount, error) {
 	var mounts []Mount
 	for i, line := range strings.Split(string(b), "\n") {
 		if strings.TrimSpace(line) == "" {
 			continue
 		}
-		f := strings.Fields(line)
+		f := strings.Split(line, " ")
 		sep := -1
 		for j := 6; j < len(f); j++ {
 			if f[j] == "-" {

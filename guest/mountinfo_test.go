@@ -38,6 +38,16 @@ func TestParseMountinfo(t *testing.T) {
 	if diff := cmp.Diff(wantAll, got); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
 	}
+	// Only space, tab, newline and backslash are escaped: other white
+	// space is part of the path (found by FuzzParseMountinfo).
+	odd, err := ParseMountinfo([]byte("41 22 9:127 / /mnt/a\fb\u00a0c rw - ext4 /dev/md127 rw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantOdd := []Mount{{DevNumber: "9:127", Root: "/", Mountpoint: "/mnt/a\fb\u00a0c", FSType: "ext4", Source: "/dev/md127"}}
+	if diff := cmp.Diff(wantOdd, odd); diff != "" {
+		t.Errorf("a path with a form feed and a no-break space (-want +got):\n%s", diff)
+	}
 	for _, bad := range []string{"1 2 3", "1 1 0:2 / / rw rootfs rootfs rw", `1 1 0:2 / /a\04 rw - x y z`, "1 1 02 / / rw - rootfs rootfs rw"} {
 		if _, err := ParseMountinfo([]byte(bad)); !errors.Is(err, errSyntax) {
 			t.Errorf("ParseMountinfo(%q) = %v, want a syntax error", bad, err)
