@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -21,6 +20,7 @@ import (
 	"github.com/lvnbd/lvnbd/bench"
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/guest"
 )
 
 // nbdKernel is what the attach commands use of the kernel's nbd driver;
@@ -554,43 +554,22 @@ func deviceUsers(sysRoot, mountinfo string, index int) ([]string, error) {
 			users = append(users, fmt.Sprintf("%s held by %s", name, h.Name()))
 		}
 	}
-	f, err := os.Open(mountinfo)
+	// A mountinfo that cannot be read or parsed is an error, not "unused":
+	// this check guards a detach.
+	b, err := os.ReadFile(mountinfo)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		// 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		if name, ok := devnums[fields[2]]; ok {
-			users = append(users, fmt.Sprintf("%s mounted on %s", name, unescapeMount(fields[4])))
+	mounts, err := guest.ParseMountinfo(b)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range mounts {
+		if name, ok := devnums[m.DevNumber]; ok {
+			users = append(users, fmt.Sprintf("%s mounted on %s", name, m.Mountpoint))
 		}
 	}
-	return users, sc.Err()
-}
-
-// unescapeMount undoes the octal escapes (\040 for a space) of mountinfo.
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return users, nil
 }
 
 // checkConnectionFlags validates the flags attach and reconnect share.

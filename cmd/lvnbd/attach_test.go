@@ -591,4 +591,14 @@ func TestDeviceUsers(t *testing.T) {
 	if got, err := deviceUsers(sys, mountinfo, 5); err != nil || len(got) != 0 {
 		t.Errorf("unused device: %v, %v", got, err)
 	}
+	// Unreadable is not unused: the check guards a detach.
+	if err := os.WriteFile(mountinfo, []byte("40 22 43:65 / /mnt rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := deviceUsers(sys, mountinfo, 2); err == nil {
+		t.Errorf("malformed mountinfo: %v, want an error", got)
+	}
+	if got, err := deviceUsers(sys, filepath.Join(sys, "no-mountinfo"), 2); err == nil {
+		t.Errorf("missing mountinfo: %v, want an error", got)
+	}
 }
