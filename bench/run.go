@@ -148,12 +148,15 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	}
 	rep := newReport(t, cfg, size)
 
+	// The clock starts before the runtime timer, so a timed run reports
+	// at least its runtime: the timer fires no sooner than Runtime after
+	// it is set, and the run ends only after it fires.
+	start := time.Now()
 	var stopTimer func() bool
 	if cfg.Runtime > 0 {
 		stopTimer = time.AfterFunc(cfg.Runtime, func() { r.stop.Store(true) }).Stop
 	}
 	stopProgress := r.startProgress()
-	start := time.Now()
 	stats := make([]*workerStats, cfg.QueueDepth)
 	var wg sync.WaitGroup
 	for i := range stats {
