@@ -11,6 +11,18 @@ GUEST_LIB_ONLY=1 . "$(dirname "$0")/25-guest-mirror.sh"
 
 guest_setup 64M
 wait_in_sync 180
+
+# dirty_chunks: "DIRTY TOTAL" chunks of leg B's write-intent bitmap.
+dirty_chunks() {
+	mdadm --examine-bitmap "$LEG_B" | sed -n 's/.* Bitmap : \([0-9]*\) bits (chunks), \([0-9]*\) dirty.*/\2 \1/p'
+}
+
+# md clears a chunk's bit lazily, a few bitmap daemon periods (5 s each) after the chunk's last
+# write: right after the initial resync every chunk is still dirty, and a leg that failed then
+# would find all of them dirty, so the partial-resync check below would fail for the wrong
+# reason (it did, in CI, with the leg killed a second after the resync). Wait until md has
+# cleared them.
+wait_for "[[ \$(dirty_chunks) == '0 '* ]]" 90
 lvnbd guest watch --md "$ARRAY" --interval 1s >watch.log 2>&1 &
 watcher=$!
 wait_for "grep -q 'all legs in sync' watch.log" 30
@@ -27,11 +39,6 @@ fail_leg_a() {
 	# More changes while degraded.
 	writer "$1-degraded" 10
 	sync
-}
-
-# dirty_chunks: "DIRTY TOTAL" chunks of leg B's write-intent bitmap.
-dirty_chunks() {
-	mdadm --examine-bitmap "$LEG_B" | sed -n 's/.* Bitmap : \([0-9]*\) bits (chunks), \([0-9]*\) dirty.*/\2 \1/p'
 }
 
 # --- 1: the leg comes back while md still lists it as faulty --------------------------------
