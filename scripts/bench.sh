@@ -32,6 +32,9 @@
 # bound, default 25), BENCH_ROUNDS (rounds of the four servers, default 3).
 # The whole run takes 6 to 8 minutes.
 set -euo pipefail
+# Numbers are read and printed with a decimal point: under a locale with a
+# decimal comma bash's printf would refuse awk's "1.23".
+export LC_ALL=C
 cd "$(dirname "$0")/.."
 
 LVNBD=${LVNBD:-bin/lvnbd}
@@ -182,13 +185,23 @@ check() {
 	esac
 }
 
-# copy VAR BYTES LOG NBDCOPY-ARGS...: sets VAR to nbdcopy's MB/s.
+# copy VAR BYTES LOG NBDCOPY-ARGS...: sets VAR to nbdcopy's MB/s, and
+# copy_client to nbdcopy's CPU seconds (user and system): what `times`, run in
+# this shell (in a subshell it would see the subshell's children), counts for
+# reaped children grew by across the copy; the server, still running, is not
+# among them.
 copy() {
 	local var=$1 bytes=$2 log=$3
 	shift 3
+	times >"$WORK/times.0"
 	bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents "$@"
+	times >"$WORK/times.1"
 	check "$log" "nbdcopy $*"
 	printf -v "$var" '%s' "$(mbps "$bytes")"
+	# times prints the shell's user and system time, then its children's,
+	# as 0m1.234s 0m0.567s.
+	copy_client=$(awk 'FNR == 1 { f++ } FNR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); c[f] += t[1] * 60 + t[2] } }
+		END { print c[2] - c[1] }' "$WORK/times.0" "$WORK/times.1")
 }
 ns_exec=() # set to (ip netns exec NS) to run clients in a namespace
 
@@ -262,7 +275,7 @@ make_source "$SRC" "$MIB"
 # over the rounds; a ratio is the median of the rounds' ratios, each taken
 # between runs minutes apart at most.
 # shellcheck disable=SC2034 # RRM and RWM are read through namerefs (med)
-declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF RRFU RWFU WC RC WB RB RRB RWB WX RX RRX RWX WU RU RRU RWU WF FLOOR
+declare -A W R RRI RRM RWI RWM RRC RWC RRF RWF RRFU RWFU WC RC WN RN WB RB RRB RWB WX RX RRX RWX WU RU RRU RWU WF FLOOR
 FLOOR_SPG=()
 servers=(lvnbd nbdkit qemu-nbd nbd-server)
 # start_server NAME: starts it on a free loopback port serving IMG as
@@ -417,11 +430,13 @@ write_floor() {
 # the image's own work (FLOOR ticks) could gain over this one.
 write_bound() { printf -v "$1" '%.2f' "$(gain $((step_server - $2)) "$step_busy")"; }
 
-# copy_cpu VAR: the server's CPU seconds per GiB in the last copy (from t0).
+# copy_cpu VAR CLIENTVAR: the server's CPU seconds per GiB in the last copy
+# (from t0), and nbdcopy's.
 copy_cpu() {
 	local t1
 	t1=$(cpu_ticks "$pid")
 	printf -v "$1" '%.2f' "$(awk -v d=$((t1 - t0)) -v hz="$TICKS" -v b="$BYTES" 'BEGIN {print d / hz / (b / 1073741824)}')"
+	printf -v "$2" '%.2f' "$(awk -v c="$copy_client" -v b="$BYTES" 'BEGIN {print c / (b / 1073741824)}')"
 }
 
 # fio_cpu USVAR CLIENTVAR CLIENTUSVAR IOPS RW: the server's CPU per request
@@ -451,13 +466,13 @@ for round in $(seq "$ROUNDS"); do
 		echo "-- $srv on $uri (multi-conn: $mc)"
 		step_start
 		copy "W[$k]" "$BYTES" "$log" --flush -C 4 "$SRC" "$uri"
-		copy_cpu "WC[$k]"
+		copy_cpu "WC[$k]" "WN[$k]"
 		step_load "WB[$k]" "WX[$k]" "WU[$k]"
 		write_bound "WF[$k]" "${FLOOR[$round]}"
 		after_step "$srv"
 		step_start
 		copy "R[$k]" "$BYTES" "$log" -C 4 "$uri" null:
-		copy_cpu "RC[$k]"
+		copy_cpu "RC[$k]" "RN[$k]"
 		step_load "RB[$k]" "RX[$k]" "RU[$k]"
 		after_step "$srv"
 		step_start
@@ -470,8 +485,8 @@ for round in $(seq "$ROUNDS"); do
 		fio_cpu "RWC[$k]" "RWF[$k]" "RWFU[$k]" "${RWI[$k]}" randwrite
 		step_load "RWB[$k]" "RWX[$k]" "RWU[$k]"
 		after_step "$srv"
-		printf '   nbdcopy write %s MB/s (server %s s/GiB), read %s MB/s (%s s/GiB); fio randread %s IOPS (server %s µs/request; fio %s µs, %s%% CPU), randwrite %s IOPS (%s µs; %s µs, %s%%)\n' \
-			"${W[$k]}" "${WC[$k]}" "${R[$k]}" "${RC[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRFU[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWFU[$k]}" "${RWF[$k]}"
+		printf '   nbdcopy write %s MB/s (server %s s/GiB, nbdcopy %s), read %s MB/s (%s s/GiB, %s); fio randread %s IOPS (server %s µs/request; fio %s µs, %s%% CPU), randwrite %s IOPS (%s µs; %s µs, %s%%)\n' \
+			"${W[$k]}" "${WC[$k]}" "${WN[$k]}" "${R[$k]}" "${RC[$k]}" "${RN[$k]}" "${RRI[$k]}" "${RRC[$k]}" "${RRFU[$k]}" "${RRF[$k]}" "${RWI[$k]}" "${RWC[$k]}" "${RWFU[$k]}" "${RWF[$k]}"
 		stop_server "$pid"
 	done
 done
@@ -622,19 +637,19 @@ row "  rounds' range" "$(spread W lvnbd nbdkit)" "$(spread R lvnbd nbdkit)" "$(s
 echo "(ratios: the median of each round's ratio; range: lvnbd/nbdkit's lowest and highest round;"
 echo " '<N': cut short at ${TIMEOUT} s, so at most N; ratios with it are bounds)"
 echo
-echo "== the server's CPU for the same work; the random runs' client (fio, one thread) =="
-crow() { printf '%-18s %11s %11s %9s %9s %6s %9s %9s %6s\n' "$@"; }
-crow "" write read randread "" "" randwrite "" ""
-crow server "s/GiB" "s/GiB" "µs/req" "fio µs" "fio %" "µs/req" "fio µs" "fio %"
+echo "== the server's CPU for the same work, and its clients' (nbdcopy; fio, one thread) =="
+crow() { printf '%-14s %6s %8s %6s %8s %8s %7s %5s %8s %7s %5s\n' "$@"; }
+crow "" write "" read "" randread "" "" randwrite "" ""
+crow server "s/GiB" nbdcopy "s/GiB" nbdcopy "µs/req" "fio µs" "fio %" "µs/req" "fio µs" "fio %"
 for s in "${servers[@]}"; do
-	crow "$s" "$(med WC "$s")" "$(med RC "$s")" "$(med RRC "$s")" "$(med RRFU "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWFU "$s")" "$(med RWF "$s")"
+	crow "$s" "$(med WC "$s")" "$(med WN "$s")" "$(med RC "$s")" "$(med RN "$s")" "$(med RRC "$s")" "$(med RRFU "$s")" "$(med RRF "$s")" "$(med RWC "$s")" "$(med RWFU "$s")" "$(med RWF "$s")"
 done
-crow "nbdkit/lvnbd" "$(med WC nbdkit lvnbd)" "$(med RC nbdkit lvnbd)" "$(med RRC nbdkit lvnbd)" "$(med RRFU nbdkit lvnbd)" "" "$(med RWC nbdkit lvnbd)" "$(med RWFU nbdkit lvnbd)" ""
-echo "(CPU time of the server process and its children; for the random runs also fio's, per request"
-echo " and as % of a core. On two cores the clients' CPU bounds the figures above: fio is one thread"
-echo " near 100% of a core, so its IOPS follow its CPU per request, which the server changes too:"
-echo " replies ready when it polls spare it a sleep and a wake-up. nbdkit/lvnbd above 1: lvnbd, or"
-echo " fio with it, needs less.)"
+crow "nbdkit/lvnbd" "$(med WC nbdkit lvnbd)" "$(med WN nbdkit lvnbd)" "$(med RC nbdkit lvnbd)" "$(med RN nbdkit lvnbd)" "$(med RRC nbdkit lvnbd)" "$(med RRFU nbdkit lvnbd)" "" "$(med RWC nbdkit lvnbd)" "$(med RWFU nbdkit lvnbd)" ""
+echo "(CPU time of the server process and its children; nbdcopy's per GiB; fio's per request and as %"
+echo " of a core. On two cores the clients' CPU bounds the figures above, and what a client spends"
+echo " per byte or request depends on the server too: fio is one thread near 100% of a core, so its"
+echo " IOPS follow its CPU per request, and replies ready when it polls spare it a sleep and a"
+echo " wake-up. nbdkit/lvnbd above 1: lvnbd, or its client, needs less.)"
 echo
 echo "== the most any server could gain here: a server using no CPU at all, against each server's runs =="
 xrow() { printf '%-18s %9s %7s %9s %7s %9s %7s %9s %7s\n' "$@"; }
