@@ -244,10 +244,10 @@ make_source() {
 # copies into pages that are there, as it would into an LV's page cache. A
 # sparse image made each write allocate its pages too, and what that costs
 # here is the host's, not the server's: a write into fresh tmpfs pages ran at
-# 0.25 to 2.8 GB/s from one minute to the next on this project's machine (guest
-# memory the host had taken back, presumably, faulted in again), while overwriting the
-# same pages ran at 7 to 11 GB/s; sequential write figures swung 4 times with
-# it, for every server alike.
+# 0.25 to 2.8 GB/s from one minute to the next on this project's machine
+# (presumably guest memory the host had taken back, faulted in again), while
+# overwriting the same pages ran at 7 to 11 GB/s; sequential write figures
+# swung 4 times with it, for every server alike.
 fresh_image() {
 	rm -f "$1"
 	dd if=/dev/zero of="$1" bs=1M count="$2" status=none || die "writing the image $1 failed"
