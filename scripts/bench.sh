@@ -430,13 +430,17 @@ write_floor() {
 # the image's own work (FLOOR ticks) could gain over this one.
 write_bound() { printf -v "$1" '%.2f' "$(gain $((step_server - $2)) "$step_busy")"; }
 
+# per_gib AMOUNT UNITS: AMOUNT (UNITS to the second: TICKS for clock ticks,
+# 1 for seconds) as seconds per GiB of a BYTES copy, to two places.
+per_gib() { awk -v a="$1" -v u="$2" -v b="$BYTES" 'BEGIN {printf "%.2f", a / u / (b / 1073741824)}'; }
+
 # copy_cpu VAR CLIENTVAR: the server's CPU seconds per GiB in the last copy
 # (from t0), and nbdcopy's.
 copy_cpu() {
 	local t1
 	t1=$(cpu_ticks "$pid")
-	printf -v "$1" '%.2f' "$(awk -v d=$((t1 - t0)) -v hz="$TICKS" -v b="$BYTES" 'BEGIN {print d / hz / (b / 1073741824)}')"
-	printf -v "$2" '%.2f' "$(awk -v c="$copy_client" -v b="$BYTES" 'BEGIN {print c / (b / 1073741824)}')"
+	printf -v "$1" '%s' "$(per_gib $((t1 - t0)) "$TICKS")"
+	printf -v "$2" '%s' "$(per_gib "$copy_client" 1)"
 }
 
 # fio_cpu USVAR CLIENTVAR CLIENTUSVAR IOPS RW: the server's CPU per request
@@ -455,7 +459,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 for round in $(seq "$ROUNDS"); do
 	echo "== round $round of $ROUNDS =="
 	FLOOR[$round]=$(write_floor)
-	FLOOR_SPG+=("$(awk -v d="${FLOOR[$round]}" -v hz="$TICKS" -v b="$BYTES" 'BEGIN {printf "%.2f", d / hz / (b / 1073741824)}')")
+	FLOOR_SPG+=("$(per_gib "${FLOOR[$round]}" "$TICKS")")
 	echo "-- the image's own work for a write: ${FLOOR_SPG[-1]} s/GiB (kernel CPU, ${MIB} MiB written over the image)"
 	order=("${servers[@]:$(((round - 1) % ${#servers[@]}))}" "${servers[@]:0:$(((round - 1) % ${#servers[@]}))}")
 	for srv in "${order[@]}"; do
