@@ -35,20 +35,9 @@ nbdinfo "$URI"
 
 echo
 echo "== benchmark"
-if "$BIN" bench --help >/dev/null 2>&1; then
-	"$BIN" bench "$URI" --mode write --bs 1M --size 512M --force
-	"$BIN" bench "$URI" --mode read --bs 1M --size 512M
-	"$BIN" bench "$URI" --mode randread --bs 4k --qd 32 --runtime 5s
-else
-	# Until lvnbd bench exists: time nbdcopy, libnbd's copy tool.
-	src=$(mktemp -p /dev/shm lvnbd-run.XXXXXX)
-	head -c 512M /dev/urandom >"$src"
-	start=$(date +%s.%N); nbdcopy --connections=4 "$src" "$URI"; end=$(date +%s.%N)
-	echo "sequential write 512 MiB: $(echo "512 * 1.048576 / ($end - $start)" | bc -l | xargs printf '%.0f') MB/s"
-	start=$(date +%s.%N); nbdcopy --connections=4 "$URI" null:; end=$(date +%s.%N)
-	echo "sequential read 1 GiB:    $(echo "1024 * 1.048576 / ($end - $start)" | bc -l | xargs printf '%.0f') MB/s"
-	rm -f "$src"
-fi
+"$BIN" bench "$URI" --mode write --bs 1M --size 512M --force
+"$BIN" bench "$URI" --mode read --bs 1M --size 512M
+"$BIN" bench "$URI" --mode randread --bs 4k --qd 32 --runtime 5s
 
 echo
 echo "Serving $URI (the file driver's volume disk0 in $DATA/; log in $DATA/server.log). Try:"
