@@ -29,8 +29,11 @@
 # default 2048), BENCH_LINK_MIB (data moved per shaped-link run, default
 # 512), BENCH_RUNTIME (seconds per fio or lvnbd bench run, default 10),
 # BENCH_TIMEOUT (seconds before a copy is cut short and reported as an upper
-# bound, default 25), BENCH_ROUNDS (rounds of the four servers, default 3).
-# The whole run takes 6 to 8 minutes.
+# bound, default 25), BENCH_ROUNDS (rounds of the four servers, default 3),
+# BENCH_PIN (1: every server runs on CPU 1 and every client on CPU 0, with
+# taskset, so a server has a core of its own, as it does when its clients are
+# other machines; on loopback the kernel's TCP work for a connection still
+# lands on either side). The whole run takes 6 to 8 minutes.
 set -euo pipefail
 # Numbers are read and printed with a decimal point: under a locale with a
 # decimal comma bash's printf would refuse awk's "1.23".
@@ -42,6 +45,7 @@ MIB=${BENCH_MIB:-2048}
 LINK_MIB=${BENCH_LINK_MIB:-512}
 RUNTIME=${BENCH_RUNTIME:-10}
 TIMEOUT=${BENCH_TIMEOUT:-25}
+PIN=${BENCH_PIN:-0}
 GBE_PAYLOAD=117.6 # MB/s of TCP payload on one GbE link (1448 of every 1538 bytes on the wire)
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -49,6 +53,14 @@ die() { echo "bench: $*" >&2; exit 1; }
 # --- tools --------------------------------------------------------------------
 [ "$(id -u)" = 0 ] || die "run as root: the link runs create network namespaces"
 [ -x "$LVNBD" ] || die "$LVNBD not found: run make build (make bench does)"
+case $PIN in
+0) pin_server=() pin_client=() ;;
+1)
+	(($(nproc) >= 2)) || die "BENCH_PIN=1 puts servers on CPU 1 and clients on CPU 0, and this machine has $(nproc) CPU"
+	pin_server=(taskset -c 1) pin_client=(taskset -c 0)
+	;;
+*) die "BENCH_PIN is 0 or 1, not '$PIN'" ;;
+esac
 missing=()
 for t in nbdkit qemu-nbd nbd-server nbdcopy nbdinfo fio jq ip tc ss timeout; do
 	command -v "$t" >/dev/null || missing+=("$t")
@@ -94,6 +106,10 @@ echo "qemu-nbd:   $(qemu-nbd --version | head -1)"
 echo "nbd-server: $(nbd-server -V 2>&1 | awk '/version/ {print $NF; exit}')"
 echo "nbdcopy:    $(nbdcopy --version | head -1)"
 echo "fio:        $(fio --version)"
+case $PIN in
+0) echo "CPUs:       servers and clients share them (BENCH_PIN=1 gives each a core)" ;;
+1) echo "CPUs:       every server on CPU 1, every client on CPU 0 (BENCH_PIN=1)" ;;
+esac
 echo
 
 # --- helpers ------------------------------------------------------------------
@@ -194,7 +210,7 @@ copy() {
 	local var=$1 bytes=$2 log=$3
 	shift 3
 	times >"$WORK/times.0"
-	bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents "$@"
+	bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents "$@"
 	times >"$WORK/times.1"
 	check "$log" "nbdcopy $*"
 	printf -v "$var" '%s' "$(mbps "$bytes")"
@@ -209,7 +225,7 @@ ns_exec=() # set to (ip netns exec NS) to run clients in a namespace
 fio_run() {
 	local out=$WORK/fio-$4.json dir="read" line
 	[ "$4" = randwrite ] && dir="write"
-	bounded $((RUNTIME + 30)) "$5" fio --name="$4" --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
+	bounded $((RUNTIME + 30)) "$5" "${pin_client[@]}" fio --name="$4" --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
 		--runtime="$RUNTIME" --time_based --output-format=json --output="$out"
 	[ "$rc" = 0 ] || { tail -20 "$5" >&2; die "fio $4 against $3 failed (exit $rc)"; }
 	line=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes / 1e6)"' "$out")
@@ -223,7 +239,7 @@ lvnbd_bench() {
 	shift 2
 	: >"$json"
 	# shellcheck disable=SC2016 # $0 and $@ belong to the inner sh
-	bounded $((TIMEOUT + 30)) "$log" sh -c 'exec "$@" >"$0"' "$json" "${ns_exec[@]}" "$LVNBD" bench --json "$@"
+	bounded $((TIMEOUT + 30)) "$log" sh -c 'exec "$@" >"$0"' "$json" "${ns_exec[@]}" "${pin_client[@]}" "$LVNBD" bench --json "$@"
 	check "$log" "lvnbd bench $*"
 }
 
@@ -286,9 +302,9 @@ start_server() {
 	log=$WORK/$srv.log
 	uri=nbd://127.0.0.1:$port/bench
 	case $srv in
-	lvnbd) "$LVNBD" serve --listen "tcp://127.0.0.1:$port" --export "bench=$IMG" --log-level warn >>"$log" 2>&1 & ;;
-	nbdkit) nbdkit -f -t 16 -p "$port" -i 127.0.0.1 file "file=$IMG" >>"$log" 2>&1 & ;;
-	qemu-nbd) qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p "$port" -x bench --cache=writeback --aio=threads "$IMG" >>"$log" 2>&1 & ;;
+	lvnbd) "${pin_server[@]}" "$LVNBD" serve --listen "tcp://127.0.0.1:$port" --export "bench=$IMG" --log-level warn >>"$log" 2>&1 & ;;
+	nbdkit) "${pin_server[@]}" nbdkit -f -t 16 -p "$port" -i 127.0.0.1 file "file=$IMG" >>"$log" 2>&1 & ;;
+	qemu-nbd) "${pin_server[@]}" qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p "$port" -x bench --cache=writeback --aio=threads "$IMG" >>"$log" 2>&1 & ;;
 	nbd-server)
 		# It drops to user nbd unless told otherwise, and then cannot
 		# open the image read-write; -d would serve one connection only,
@@ -306,7 +322,7 @@ start_server() {
 			    fua = true
 		EOF
 		rm -f "$WORK/nbd-server.pid"
-		nbd-server -C "$WORK/nbd-server.conf" -p "$WORK/nbd-server.pid" >>"$log" 2>&1 || die "nbd-server failed to start"
+		"${pin_server[@]}" nbd-server -C "$WORK/nbd-server.conf" -p "$WORK/nbd-server.pid" >>"$log" 2>&1 || die "nbd-server failed to start"
 		# Its daemon writes the pid file after the parent has returned.
 		for _ in $(seq 50); do [ -s "$WORK/nbd-server.pid" ] && break; sleep 0.1; done
 		[ -s "$WORK/nbd-server.pid" ] || die "nbd-server wrote no pid file in 5 s; see $log"
@@ -567,7 +583,7 @@ make_source "$WORK/link-src.img" "$LINK_MIB"
 make_source "$WORK/half-src.img" "$HALF"
 log=$WORK/lvnbd-link.log
 start_link_server() {
-	ip netns exec "$NS_SRV" "$LVNBD" serve --listen tcp://192.0.2.1:10809 --listen tcp://192.0.2.5:10809 \
+	ip netns exec "$NS_SRV" "${pin_server[@]}" "$LVNBD" serve --listen tcp://192.0.2.1:10809 --listen tcp://192.0.2.5:10809 \
 		--export "link=$WORK/link.img" --export "half0=$WORK/half0.img" --export "half1=$WORK/half1.img" \
 		--log-level warn >>"$log" 2>&1 &
 	pid=$!
@@ -597,11 +613,11 @@ after_link_step
 two_links() { # two_links VAR write|read
 	started=$(date +%s.%N)
 	if [ "$2" = write ]; then
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1
 	else
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null:
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null:
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null:
+		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null:
 	fi
 	wait_children
 	check "$log" "two-link nbdcopy $2"
@@ -628,7 +644,9 @@ alive "$pid" "lvnbd (links)" "$log"
 
 # --- report --------------------------------------------------------------------
 echo
-echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s; medians of $ROUNDS rounds =="
+pinned=""
+[ "$PIN" = 0 ] || pinned="; servers on CPU 1, clients on CPU 0"
+echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s; medians of $ROUNDS rounds$pinned =="
 row() { printf '%-18s %11s %11s %14s %14s %15s %15s\n' "$@"; }
 row server "write MB/s" "read MB/s" "randread IOPS" "randread MB/s" "randwrite IOPS" "randwrite MB/s"
 for s in "${servers[@]}"; do
@@ -681,7 +699,7 @@ echo " put the bytes into the image could gain over this one; that work alone, m
 echo " by writing ${MIB} MiB over the image, took ${FLOOR_SPG[*]} s/GiB. lvnbd/nbdkit above nbdkit's"
 echo " 'write, image' is beyond any server that has to write the image through the kernel.)"
 echo
-echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate) =="
+echo "== results: lvnbd over shaped GbE links, ${LINK_MIB} MiB per run (MB/s; share of payload line rate)$pinned =="
 lrow() { printf '%-46s %9s %6s %9s %6s\n' "$1" "$2" "$(ratio "$2" "$4")" "$3" "$(ratio "$3" "$4")"; }
 printf '%-46s %9s %6s %9s %6s\n' "" write share read share
 lrow "1 link, nbdcopy -C 4" "$L1W" "$L1R" $GBE_PAYLOAD
