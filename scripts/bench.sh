@@ -100,6 +100,8 @@ echo "nproc (coreutils nproc):        $(nproc)"
 echo "kernel (uname -r):              $(uname -r)"
 echo "CPU (/proc/cpuinfo model name): $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 echo "memory (/proc/meminfo):         $(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+# The senders' congestion control paces even loopback connections (bbr).
+echo "TCP congestion control:         $(sysctl -n net.ipv4.tcp_congestion_control)"
 echo "lvnbd:      $("$LVNBD" --version)"
 echo "nbdkit:     $(nbdkit --version)"
 echo "qemu-nbd:   $(qemu-nbd --version | head -1)"

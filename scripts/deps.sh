@@ -9,13 +9,14 @@ set -euo pipefail
 #   the VM suite:              qemu-system-x86 linux-image-amd64 busybox-static
 #                              lvm2 mdadm e2fsprogs cpio kmod
 #   network-namespace tests:   iproute2
-#   make bench:                jq (reads fio's JSON)
+#   make bench:                jq (reads fio's JSON), procps (pgrep, pkill, sysctl),
+#                              util-linux (taskset)
 #   packaging tests:           systemd (systemd-analyze, systemd-socket-activate),
 #                              man-db, shellcheck
 #   the systemd test:          mmdebstrap (and the VM suite's qemu, kernel, cpio)
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
-	iproute2 util-linux gcc make jq systemd man-db shellcheck mmdebstrap)
+	iproute2 util-linux procps gcc make jq systemd man-db shellcheck mmdebstrap)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
 all) ;;
