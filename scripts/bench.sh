@@ -263,7 +263,8 @@ make_source() {
 # sparse image made each write allocate its pages too, and what that costs
 # here is the host's, not the server's: a write into fresh tmpfs pages ran at
 # 0.25 to 2.8 GB/s from one minute to the next on this project's machine
-# (presumably guest memory the host had taken back, faulted in again), while
+# (likely memory the host had taken back: the VM's virtio balloon reports
+# free pages to it, and touching them again faults them back in), while
 # overwriting the same pages ran at 7 to 11 GB/s; sequential write figures
 # swung 4 times with it, for every server alike.
 fresh_image() {
