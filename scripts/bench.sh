@@ -100,7 +100,7 @@ echo "nproc (coreutils nproc):        $(nproc)"
 echo "kernel (uname -r):              $(uname -r)"
 echo "CPU (/proc/cpuinfo model name): $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 echo "memory (/proc/meminfo):         $(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
-# The senders' congestion control paces even loopback connections (bbr).
+# The senders' congestion control counts even on loopback: bbr, for one, paces.
 echo "TCP congestion control:         $(sysctl -n net.ipv4.tcp_congestion_control)"
 echo "lvnbd:      $("$LVNBD" --version)"
 echo "nbdkit:     $(nbdkit --version)"
