@@ -318,10 +318,11 @@ func (c *conn) readLoop(ctx context.Context) string {
 }
 
 // readWritePayload reads a write's payload into a buffer or, where splicing
-// works, into a pipe (see splice.go).
+// works and the server splices writes (Config.SpliceWrites), into a pipe (see
+// splice.go).
 func (c *conn) readWritePayload(req nbd.RequestHeader) ([]byte, *splicePipe, error) {
 	n := int(req.Length)
-	if c.splice != nil && n >= spliceMin && req.Flags&nbd.CmdFlagFUA == 0 {
+	if c.splice != nil && c.s.cfg.SpliceWrites && n >= spliceMin && req.Flags&nbd.CmdFlagFUA == 0 {
 		if p := c.splice.get(n); p != nil {
 			moved, err := c.splice.receive(c.r, p, n)
 			if err == nil {

@@ -12,11 +12,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Writes come the other way: the reader splices a write's payload from the
-// socket into a pipe (references to the received packets' pages; only bytes
-// the reader had already buffered are copied in), and the worker splices the
-// pipe into the file, which copies each byte once, into the page cache. A
-// recv into a buffer and a pwrite from it copy it twice.
+// Writes can come the other way (Config.SpliceWrites, off by default): the
+// reader splices a write's payload from the socket into a pipe (references to
+// the received packets' pages; only bytes the reader had already buffered are
+// copied in), and the worker splices the pipe into the file, which copies each
+// byte once, into the page cache. A recv into a buffer and a pwrite from it
+// copy it twice, but free the packets at once; see Config.SpliceWrites for why
+// that is the default.
 //
 // Reads are sent without copying where the connection and the backend allow:
 // a worker splices the data from the file or device into a pipe (the pipe then
