@@ -47,9 +47,10 @@ type Config struct {
 	// received packets' pages until the backend has taken them, and copies
 	// from a client pinned to a core of its own then fell, in streaks, to
 	// a third of their speed, with both client and server spending more CPU
-	// per byte; copying them in did not (README, Performance). Where it
-	// does not collapse it saves about a tenth of the server's CPU per
-	// GiB written. Tests keep the path working; NoSplice turns it off too.
+	// per byte; copying them in did not (README, Performance). In
+	// side-by-side copies that did not collapse it saved about a tenth of
+	// the server's CPU per GiB written. Tests keep the path working;
+	// NoSplice turns it off too.
 	SpliceWrites bool
 	// NoInline hands every request to a worker, instead of answering
 	// small ones whose data is in memory on the connection's reader (tests
