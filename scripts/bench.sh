@@ -53,11 +53,17 @@ die() { echo "bench: $*" >&2; exit 1; }
 # --- tools --------------------------------------------------------------------
 [ "$(id -u)" = 0 ] || die "run as root: the link runs create network namespaces"
 [ -x "$LVNBD" ] || die "$LVNBD not found: run make build (make bench does)"
+# pin_server and pin_client prefix every server's and client's command;
+# cpus and pinned say in the report which way the CPUs were shared.
 case $PIN in
-0) pin_server=() pin_client=() ;;
+0)
+	pin_server=() pin_client=() pinned=""
+	cpus="servers and clients share them (BENCH_PIN=1 gives each a core)"
+	;;
 1)
 	(($(nproc) >= 2)) || die "BENCH_PIN=1 puts servers on CPU 1 and clients on CPU 0, and this machine has $(nproc) CPU"
-	pin_server=(taskset -c 1) pin_client=(taskset -c 0)
+	pin_server=(taskset -c 1) pin_client=(taskset -c 0) pinned="; servers on CPU 1, clients on CPU 0"
+	cpus="every server on CPU 1, every client on CPU 0 (BENCH_PIN=1)"
 	;;
 *) die "BENCH_PIN is 0 or 1, not '$PIN'" ;;
 esac
@@ -108,10 +114,7 @@ echo "qemu-nbd:   $(qemu-nbd --version | head -1)"
 echo "nbd-server: $(nbd-server -V 2>&1 | awk '/version/ {print $NF; exit}')"
 echo "nbdcopy:    $(nbdcopy --version | head -1)"
 echo "fio:        $(fio --version)"
-case $PIN in
-0) echo "CPUs:       servers and clients share them (BENCH_PIN=1 gives each a core)" ;;
-1) echo "CPUs:       every server on CPU 1, every client on CPU 0 (BENCH_PIN=1)" ;;
-esac
+echo "CPUs:       $cpus"
 echo
 
 # --- helpers ------------------------------------------------------------------
@@ -212,7 +215,7 @@ copy() {
 	local var=$1 bytes=$2 log=$3
 	shift 3
 	times >"$WORK/times.0"
-	bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents "$@"
+	bounded "$TIMEOUT" "$log" "${client_exec[@]}" nbdcopy --no-extents "$@"
 	times >"$WORK/times.1"
 	check "$log" "nbdcopy $*"
 	printf -v "$var" '%s' "$(mbps "$bytes")"
@@ -221,13 +224,15 @@ copy() {
 	copy_client=$(awk 'FNR == 1 { f++ } FNR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); c[f] += t[1] * 60 + t[2] } }
 		END { print c[2] - c[1] }' "$WORK/times.0" "$WORK/times.1")
 }
-ns_exec=() # set to (ip netns exec NS) to run clients in a namespace
+# client_exec prefixes every client's command: pinned (BENCH_PIN), and for
+# the link runs in the clients' network namespace.
+client_exec=("${pin_client[@]}")
 
 # fio_run IOPSVAR MBVAR URI RW LOG: a 4 KiB QD32 run of RUNTIME seconds.
 fio_run() {
 	local out=$WORK/fio-$4.json dir="read" line
 	[ "$4" = randwrite ] && dir="write"
-	bounded $((RUNTIME + 30)) "$5" "${pin_client[@]}" fio --name="$4" --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
+	bounded $((RUNTIME + 30)) "$5" "${client_exec[@]}" fio --name="$4" --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
 		--runtime="$RUNTIME" --time_based --output-format=json --output="$out"
 	[ "$rc" = 0 ] || { tail -20 "$5" >&2; die "fio $4 against $3 failed (exit $rc)"; }
 	line=$(jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw_bytes / 1e6)"' "$out")
@@ -241,7 +246,7 @@ lvnbd_bench() {
 	shift 2
 	: >"$json"
 	# shellcheck disable=SC2016 # $0 and $@ belong to the inner sh
-	bounded $((TIMEOUT + 30)) "$log" sh -c 'exec "$@" >"$0"' "$json" "${ns_exec[@]}" "${pin_client[@]}" "$LVNBD" bench --json "$@"
+	bounded $((TIMEOUT + 30)) "$log" sh -c 'exec "$@" >"$0"' "$json" "${client_exec[@]}" "$LVNBD" bench --json "$@"
 	check "$log" "lvnbd bench $*"
 }
 
@@ -602,7 +607,7 @@ after_link_step() {
 	fi
 }
 start_link_server
-ns_exec=(ip netns exec "$NS_CLI")
+client_exec=(ip netns exec "$NS_CLI" "${pin_client[@]}")
 
 # (a) one link: nbdcopy with 4 connections, as a leg with 4 sockets.
 copy L1W "$LINK_BYTES" "$log" --flush -C 4 "$WORK/link-src.img" nbd://192.0.2.1/link
@@ -616,11 +621,11 @@ after_link_step
 two_links() { # two_links VAR write|read
 	started=$(date +%s.%N)
 	if [ "$2" = write ]; then
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1
+		start_bounded "$TIMEOUT" "$log" "${client_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.1/half0
+		start_bounded "$TIMEOUT" "$log" "${client_exec[@]}" nbdcopy --no-extents --flush -C 2 "$WORK/half-src.img" nbd://192.0.2.5/half1
 	else
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null:
-		start_bounded "$TIMEOUT" "$log" "${ns_exec[@]}" "${pin_client[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null:
+		start_bounded "$TIMEOUT" "$log" "${client_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.1/half0 null:
+		start_bounded "$TIMEOUT" "$log" "${client_exec[@]}" nbdcopy --no-extents -C 2 nbd://192.0.2.5/half1 null:
 	fi
 	wait_children
 	check "$log" "two-link nbdcopy $2"
@@ -647,8 +652,6 @@ alive "$pid" "lvnbd (links)" "$log"
 
 # --- report --------------------------------------------------------------------
 echo
-pinned=""
-[ "$PIN" = 0 ] || pinned="; servers on CPU 1, clients on CPU 0"
 echo "== results: loopback TCP, ${MIB} MiB tmpfs image; nbdcopy -C 4 (MB/s), fio nbd 4 KiB QD32 ${RUNTIME} s; medians of $ROUNDS rounds$pinned =="
 row() { printf '%-18s %11s %11s %14s %14s %15s %15s\n' "$@"; }
 row server "write MB/s" "read MB/s" "randread IOPS" "randread MB/s" "randwrite IOPS" "randwrite MB/s"
