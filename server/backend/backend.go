@@ -41,7 +41,8 @@ type File struct {
 	device   bool
 	readOnly bool
 	size     atomic.Int64
-	noDSync  atomic.Bool // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+	noDSync  atomic.Bool  // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+	syncs    *syncTracker // every fdatasync and RWF_DSYNC write, and their first failure
 
 	// inMemory: the file is on tmpfs or ramfs, whose reads and writes
 	// never wait for a disk (but for swap, which the server cannot tell).
@@ -76,7 +77,7 @@ func Open(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, fmt.Errorf("stat %s: %w", path, err)
 	}
-	b := &File{f: f, fd: int(f.Fd()), path: path, readOnly: readOnly}
+	b := &File{f: f, fd: int(f.Fd()), path: path, readOnly: readOnly, syncs: newSyncTracker(path)}
 	switch {
 	case st.Mode().IsRegular():
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
@@ -131,6 +132,9 @@ func (b *File) Refresh() (int64, error) {
 
 // ReadAt fills p from offset off.
 func (b *File) ReadAt(p []byte, off int64) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	for len(p) > 0 {
 		n, err := unix.Pread(b.fd, p, off)
 		if err == unix.EINTR {
@@ -155,6 +159,9 @@ func (b *File) ReadAt(p []byte, off int64) error {
 // memory, with ReadAt's error), and the caller reads with ReadAt, which
 // reports real errors.
 func (b *File) ReadAtNoWait(p []byte, off int64) error {
+	if b.syncs.failed.Load() {
+		return ErrWouldBlock // ReadAt fails it
+	}
 	if b.inMemory {
 		return b.ReadAt(p, off)
 	}
@@ -178,6 +185,9 @@ func (b *File) ReadAtNoWait(p []byte, off int64) error {
 // and the caller writes with WriteAt. A write the kernel takes only in part
 // is finished by waiting: the rest must land before the write is answered.
 func (b *File) WriteAtNoWait(p []byte, off int64) error {
+	if b.syncs.failed.Load() {
+		return ErrWouldBlock // WriteAt fails it
+	}
 	if !b.device {
 		if !b.writeMu.TryLock() {
 			return ErrWouldBlock
@@ -211,6 +221,9 @@ func noWaitRefused(err error) bool {
 // reference to page-cache pages where the kernel can, so a reply can be sent
 // without copying its data. The pipe must have room for n bytes.
 func (b *File) SpliceRead(w int, off int64, n int) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	for n > 0 {
 		k, err := unix.Splice(b.fd, &off, w, nil, n, unix.SPLICE_F_MOVE)
 		if err == unix.EINTR {
@@ -231,6 +244,9 @@ func (b *File) SpliceRead(w int, off int64, n int) error {
 // SpliceWrite writes n bytes from the pipe whose read end is r at off, and
 // returns how many it wrote. Not durable: a FUA write goes through WriteAt.
 func (b *File) SpliceWrite(r int, off int64, n int) (int, error) {
+	if err := b.syncs.check(); err != nil {
+		return 0, err
+	}
 	if !b.device {
 		b.writeMu.Lock() // see writeMu
 		defer b.writeMu.Unlock()
@@ -255,9 +271,14 @@ func (b *File) SpliceWrite(r int, off int64, n int) (int, error) {
 // WriteAt writes p at offset off; with fua the data is on stable storage when
 // it returns.
 func (b *File) WriteAt(p []byte, off int64, fua bool) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	if fua && !b.noDSync.Load() {
-		err := b.pwritev2(p, off, unix.RWF_DSYNC)
-		if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		// The kernel syncs the range before returning, and a failed
+		// write-back of any page of the file fails it: it is a sync.
+		err := b.syncs.run(func() error { return b.pwritev2(p, off, unix.RWF_DSYNC) }, dsyncRefused)
+		if !dsyncRefused(err) {
 			return err
 		}
 		b.noDSync.Store(true)
@@ -295,17 +316,32 @@ func (b *File) pwritev2(p []byte, off int64, flags int) error {
 	return nil
 }
 
+// dsyncRefused reports whether a write with RWF_DSYNC failed because the
+// kernel does not take the flag, having written nothing.
+func dsyncRefused(err error) bool {
+	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)
+}
+
 // Flush makes every write completed so far, through any connection, durable.
+//
+// Once a flush or durable write failed, every later one fails too, and so
+// does every read, write, trim and zeroing (see WriteBackError and
+// syncTracker).
 func (b *File) Flush() error {
-	if err := unix.Fdatasync(b.fd); err != nil {
-		return fmt.Errorf("fdatasync %s: %w", b.path, err)
-	}
-	return nil
+	return b.syncs.run(func() error {
+		if err := unix.Fdatasync(b.fd); err != nil {
+			return fmt.Errorf("fdatasync %s: %w", b.path, err)
+		}
+		return nil
+	}, nil)
 }
 
 // Trim discards a range: a hole in a file, BLKDISCARD on a device. Discard is
 // advisory, so a backend that cannot discard reports success.
 func (b *File) Trim(off, length int64) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	var err error
 	if b.device {
 		r := [2]uint64{uint64(off), uint64(length)}
@@ -325,6 +361,9 @@ func (b *File) Trim(off, length int64) error {
 // Zero makes a range read as zeroes. mayTrim allows deallocating it;
 // fast refuses with ErrNotFast instead of falling back to writing zeroes.
 func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	// On files both modes are metadata operations. On block devices
 	// PUNCH_HOLE is the kernel's zero-out without fallback (fast, may
 	// unmap) and ZERO_RANGE the one that writes zeroes when it must.

@@ -1,0 +1,115 @@
+package backend
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// WriteBackError is what every I/O of an export returns once a flush or
+// durable write of it failed: Linux tells of a failed write-back only once per
+// open file, so the server keeps the failure instead (see syncTracker).
+// Reads fail too: a page whose write-back failed may be read back from the
+// page cache now and from the disk, older, later, and a guest's mirror must
+// not take this half back before it is resynced in full.
+type WriteBackError struct {
+	Path string
+	Err  error // the first failure: fdatasync's or an RWF_DSYNC write's
+}
+
+func (e *WriteBackError) Error() string {
+	return fmt.Sprintf("%v; data written to %s before then may not be on stable storage, so every read, write "+
+		"and flush of it fails from now on: check the disk and the kernel log, then restart lvnbd to open it "+
+		"again (a guest's mirror must then resync this half in full, not from its bitmap)", e.Err, e.Path)
+}
+
+func (e *WriteBackError) Unwrap() error { return e.Err }
+
+// syncTracker runs the operations that make an export's data durable
+// (fdatasync, writes with RWF_DSYNC) and keeps the first failure for ever.
+//
+// Linux reports a write-back error to each open file once (errseq_t): the
+// first fdatasync after a page failed to reach the disk fails, the next one
+// succeeds. Every connection, FUA write, snapshot pause and shutdown flush of
+// an export shares one open file, so without this a FLUSH on one connection
+// could be told of a failed write-back and the next FLUSH, on any connection,
+// be answered with success although data it covers was lost.
+//
+// Concurrent syncs need one more step. The kernel tells whichever sync gets
+// there first; another running alongside succeeds. So a sync that succeeded
+// waits, before it believes it, until every sync that started before it
+// returned has finished and kept its failure, if it had one.
+type syncTracker struct {
+	mu      sync.Mutex
+	done    sync.Cond           // broadcast when a sync finishes
+	next    uint64              // the ticket of the next sync to start
+	running map[uint64]struct{} // tickets of the syncs under way
+	err     error               // the first failure
+	failed  atomic.Bool         // err is set: read without the lock on every I/O
+	path    string              // for WriteBackError
+}
+
+func newSyncTracker(path string) *syncTracker {
+	t := &syncTracker{running: make(map[uint64]struct{}), path: path}
+	t.done.L = &t.mu
+	return t
+}
+
+// run runs op unless an earlier sync failed. A failure of op for which
+// refused is true is op's own — the kernel refusing RWF_DSYNC, having done
+// nothing — and is returned as it is; any other becomes the export's.
+func (t *syncTracker) run(op func() error, refused func(error) bool) error {
+	t.mu.Lock()
+	if t.err != nil {
+		t.mu.Unlock()
+		return &WriteBackError{Path: t.path, Err: t.err}
+	}
+	ticket := t.next
+	t.next++
+	t.running[ticket] = struct{}{}
+	t.mu.Unlock()
+
+	err := op()
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.running, ticket)
+	t.done.Broadcast()
+	if err != nil && refused != nil && refused(err) {
+		return err
+	}
+	if err != nil && t.err == nil {
+		t.err = err
+		t.failed.Store(true)
+	}
+	if err == nil {
+		for horizon := t.next; t.runningBefore(horizon); {
+			t.done.Wait()
+		}
+	}
+	if t.err != nil {
+		return &WriteBackError{Path: t.path, Err: t.err}
+	}
+	return nil
+}
+
+// check returns the kept failure, if there is one.
+func (t *syncTracker) check() error {
+	if !t.failed.Load() {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return &WriteBackError{Path: t.path, Err: t.err}
+}
+
+// runningBefore reports whether a sync with a ticket below horizon is under
+// way. Few run at once, so a scan is cheap.
+func (t *syncTracker) runningBefore(horizon uint64) bool {
+	for k := range t.running {
+		if k < horizon {
+			return true
+		}
+	}
+	return false
+}
