@@ -43,25 +43,36 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	nc.SetDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	// The client is recorded on its export before the handshake's last
 	// reply (see negotiator.attach). Until its transmission loop exists a
-	// fence just closes the socket: nothing can have been written yet.
+	// fence marks it and closes the socket; the loop, once stored, looks
+	// at the mark, so requests the client pipelined behind its last option
+	// cannot slip past a fence that found no loop yet.
 	var attached *Export
 	var loop atomic.Pointer[conn]
+	var fencedEarly atomic.Bool
 	client := &clientConn{id: id, peer: peer, kick: func() { nc.Close() },
 		drain: drain,
 		fence: func(ctx context.Context) error {
+			fencedEarly.Store(true) // before looking for the loop: see below
 			if c := loop.Load(); c != nil {
 				return c.fence(ctx)
 			}
 			nc.Close()
 			return nil
 		}}
-	attach := func(sess *session) bool {
+	attach := func(sess *session) string {
 		client.who = sess.peer
 		if !sess.export.attach(client) {
-			return false
+			return whyRetired
 		}
 		attached = sess.export
-		return true
+		// FenceClient saves a fence, then looks for its victims among
+		// the export's clients. The handshake checked the fences before
+		// this client was among them: looking again now, one of the two
+		// sees the other.
+		if s.fenced(sess.peer, sess.export.Name) {
+			return fmt.Sprintf("%s is fenced off export %q (lvnbd unfence)", sess.peer, sess.export.Name)
+		}
+		return ""
 	}
 	defer func() {
 		if attached != nil {
@@ -99,6 +110,11 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	}
 	c.client = client
 	loop.Store(c)
+	if fencedEarly.Load() {
+		// A fence came while the loop did not exist: it closed the
+		// socket, but requests may be buffered already. Refuse them.
+		c.fenced.Store(true)
+	}
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
 	reason := c.serve(ctx)
 	log.Info("client disconnected", zap.String("reason", reason))

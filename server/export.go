@@ -231,10 +231,15 @@ var (
 type Registry struct {
 	mu      sync.RWMutex
 	exports map[string]*Export
+	// retired are exports removed while clients used them, until the
+	// last of those is gone: a fence must still reach them.
+	retired map[*Export]struct{}
 }
 
 // NewRegistry returns an empty registry.
-func NewRegistry() *Registry { return &Registry{exports: map[string]*Export{}} }
+func NewRegistry() *Registry {
+	return &Registry{exports: map[string]*Export{}, retired: map[*Export]struct{}{}}
+}
 
 // Add offers e under e.Name.
 func (r *Registry) Add(e *Export) error {
@@ -261,7 +266,30 @@ func (r *Registry) Remove(name string) (*Export, <-chan struct{}, error) {
 		return nil, nil, fmt.Errorf("export %q: %w", name, ErrNoExport)
 	}
 	delete(r.exports, name)
-	return e, e.retire(), nil
+	closed := e.retire()
+	select {
+	case <-closed:
+	default:
+		r.retired[e] = struct{}{}
+	}
+	return e, closed, nil
+}
+
+// inUse returns every export a client may still be using: those offered,
+// and those removed whose clients have not all gone yet.
+func (r *Registry) inUse() []*Export {
+	out := r.List()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for e := range r.retired {
+		select {
+		case <-e.closed: // retire made it before Remove put e here
+			delete(r.retired, e)
+		default:
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // ExportStatus is an export as `lvnbd status` shows it.

@@ -169,7 +169,8 @@ func (s *Server) FenceClient(ctx context.Context, f Fence) (cut int, err error) 
 		return 0, err
 	}
 	var victims []*clientConn
-	for _, e := range s.cfg.Exports.List() {
+	// Removed exports too: their clients keep them until they hang up.
+	for _, e := range s.cfg.Exports.inUse() {
 		if f.Export != "" && f.Export != e.Name {
 			continue
 		}

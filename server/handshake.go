@@ -47,13 +47,19 @@ type negotiator struct {
 	out        []byte
 	peer       peer
 	// attach records the client on the export it is about to enter, just
-	// before the reply that lets it in; false if the export was retired.
-	attach func(*session) bool
+	// before the reply that lets it in; it returns why it may not enter
+	// after all (the export was retired, or the client fenced meanwhile),
+	// or "".
+	attach func(*session) string
 }
+
+// whyRetired is attach's answer when the export was removed during the
+// handshake.
+const whyRetired = "the export was removed meanwhile"
 
 // negotiate runs the handshake and returns the agreed session.
 func (s *Server) negotiate(ctx context.Context, nc net.Conn, r *bufio.Reader, p peer, log *zap.Logger,
-	attach func(*session) bool) (*session, error) {
+	attach func(*session) string) (*session, error) {
 	n := &negotiator{s: s, nc: nc, r: r, log: log, peer: p, attach: attach}
 	hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
 	if _, err := nc.Write(hello); err != nil {
@@ -134,8 +140,8 @@ func (n *negotiator) exportName(name string) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	sess := n.session(e)
-	if !n.attach(sess) {
-		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: the export was removed meanwhile", name)
+	if why := n.attach(sess); why != "" {
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	b, _ := nbd.ExportNameReply{Size: uint64(n.currentSize(e)), Flags: sess.flags}.AppendBinary(nil)
 	if !n.noZeroes {
@@ -271,8 +277,12 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 	}
 	// The client counts as connected (lvnbd status, in-use checks) from
 	// before it hears so, never after.
-	if opt == nbd.OptGo && !n.attach(sess) {
-		return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q was removed meanwhile", e.Name))
+	if opt == nbd.OptGo {
+		if why := n.attach(sess); why == whyRetired {
+			return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q: %s", e.Name, why))
+		} else if why != "" {
+			return nil, n.replyErr(opt, nbd.RepErrPolicy, why)
+		}
 	}
 	if err := n.reply(opt, nbd.RepAck, nil); err != nil {
 		return nil, err

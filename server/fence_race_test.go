@@ -1,0 +1,209 @@
+package server
+
+import (
+	"context"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lvnbd/lvnbd/nbd"
+	"go.uber.org/zap/zaptest"
+)
+
+// fenceServer serves e with an empty fence list, through the listener wrap
+// returns if wrap is not nil.
+func fenceServer(t *testing.T, e *Export, wrap func(net.Listener) net.Listener, obs Observer) *testServer {
+	t.Helper()
+	fences, err := LoadFences("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := NewRegistry()
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := &testServer{addr: ln.Addr().String(), reg: reg, done: make(chan error, 1)}
+	if wrap != nil {
+		ln = wrap(ln)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ts.cancel = cancel
+	ts.srv = New(&Config{Exports: reg, Fences: fences, Observer: obs, Logger: zaptest.NewLogger(t)})
+	go func() { ts.done <- ts.srv.Serve(ctx, ln) }()
+	t.Cleanup(func() { ts.stop(t) })
+	return ts
+}
+
+// writesDone returns the backend's events once the server has stopped, so
+// every connection has ended and nothing more can reach the backend.
+func writesDone(t *testing.T, ts *testServer, hb *hookBackend) []string {
+	t.Helper()
+	if err := ts.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	var writes []string
+	for _, ev := range hb.events {
+		if ev != "flush" { // the shutdown flush
+			writes = append(writes, ev)
+		}
+	}
+	return writes
+}
+
+// pausingRefresh pauses the first Refresh: the handshake's NBD_OPT_GO
+// re-reads the size after checking the fences and before recording the
+// client on the export.
+type pausingRefresh struct {
+	*hookBackend
+	once             sync.Once
+	entered, release chan struct{}
+}
+
+func (p *pausingRefresh) Refresh() (int64, error) {
+	p.once.Do(func() { close(p.entered); <-p.release })
+	return p.hookBackend.Refresh()
+}
+
+// A fence that comes after the handshake checked the fences, and before the
+// client was recorded on the export, finds no connection to cut: the
+// handshake must see the fence and refuse the client.
+func TestFenceDuringTheHandshake(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	hb := &hookBackend{Backend: disk.Backend}
+	pr := &pausingRefresh{hookBackend: hb, entered: make(chan struct{}), release: make(chan struct{})}
+	disk.Backend = pr
+	ts := fenceServer(t, disk, nil, nil)
+
+	c := dialRaw(t, ts.addr)
+	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	fenced := make(chan int, 1)
+	go func() {
+		<-pr.entered
+		cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1", Export: "disk"})
+		if err != nil {
+			t.Error(err)
+		}
+		fenced <- cut
+		close(pr.release)
+	}()
+	replies := c.option(nbd.OptGo, nbd.InfoRequest{Name: "disk"})
+	t.Logf("the fence cut %d connections", <-fenced)
+	if last := replies[len(replies)-1]; last.typ != nbd.RepErrPolicy {
+		t.Fatalf("NBD_OPT_GO after the fence was answered %v %q, want NBD_REP_ERR_POLICY", last.typ, last.data)
+	}
+	if writes := writesDone(t, ts, hb); len(writes) > 0 {
+		t.Errorf("writes reached the storage: %v", writes)
+	}
+}
+
+// pausingConn pauses the server when it clears the handshake's deadline: the
+// handshake is over and the transmission loop not yet built.
+type pausingConn struct {
+	net.Conn
+	once             *sync.Once
+	entered, release chan struct{}
+}
+
+func (p *pausingConn) SetDeadline(tm time.Time) error {
+	if tm.IsZero() {
+		p.once.Do(func() { close(p.entered); <-p.release })
+	}
+	return p.Conn.SetDeadline(tm)
+}
+
+type pausingListener struct {
+	net.Listener
+	once             sync.Once
+	entered, release chan struct{}
+}
+
+func (l *pausingListener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &pausingConn{Conn: nc, once: &l.once, entered: l.entered, release: l.release}, nil
+}
+
+// answers is an Observer that passes on each request's error value.
+type answers chan nbd.Errno
+
+func (a answers) ForExport(string) ExportObserver { return a }
+
+func (a answers) Request(_ nbd.Command, _ int, _ time.Duration, errno nbd.Errno) { a <- errno }
+
+// A fence between the handshake and the transmission loop closes the socket,
+// but a write the client sent right behind NBD_OPT_GO is already in the
+// server's buffer: it must be refused, not written.
+func TestFenceBeforeTheTransmissionLoop(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	hb := &hookBackend{Backend: disk.Backend}
+	disk.Backend = hb
+	pl := &pausingListener{entered: make(chan struct{}), release: make(chan struct{})}
+	answered := make(answers, 1)
+	ts := fenceServer(t, disk, func(ln net.Listener) net.Listener { pl.Listener = ln; return pl }, answered)
+
+	c := dialRaw(t, ts.addr)
+	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	// NBD_OPT_GO and a WRITE in one segment, as a pipelining client sends
+	// them.
+	data, _ := nbd.InfoRequest{Name: "disk"}.AppendBinary(nil)
+	b, _ := nbd.OptionHeader{Option: nbd.OptGo, Length: uint32(len(data))}.AppendBinary(nil)
+	b = append(b, data...)
+	b, _ = nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 0, Length: 4}.AppendBinary(b)
+	c.write(append(b, "late"...))
+	<-pl.entered
+	cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1", Export: "disk"})
+	if err != nil || cut != 1 {
+		t.Fatalf("FenceClient = %d, %v; want the one connection cut", cut, err)
+	}
+	close(pl.release)
+	// Refused or not, the write is answered (to a closed socket): then
+	// the server may stop.
+	select {
+	case errno := <-answered:
+		if errno != nbd.EPERM {
+			t.Errorf("the write behind NBD_OPT_GO was answered %v, want EPERM", errno)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the write behind NBD_OPT_GO was never answered")
+	}
+	if writes := writesDone(t, ts, hb); len(writes) > 0 {
+		t.Errorf("a write reached the storage after FenceClient returned: %v", writes)
+	}
+}
+
+// Clients of an export removed from the registry keep it until they hang up;
+// a fence must cut them too.
+func TestFenceReachesRemovedExports(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	hb := &hookBackend{Backend: disk.Backend}
+	disk.Backend = hb
+	ts := fenceServer(t, disk, nil, nil)
+
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+	if _, _, err := ts.reg.Remove("disk"); err != nil {
+		t.Fatal(err)
+	}
+	cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1"})
+	if err != nil || cut != 1 {
+		t.Fatalf("FenceClient = %d, %v; want the one connection cut", cut, err)
+	}
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 0, Length: 4}, []byte("late"))
+	c.drainUntilClosed()
+	if writes := writesDone(t, ts, hb); len(writes) > 0 {
+		t.Errorf("a write reached the storage after FenceClient returned: %v", writes)
+	}
+	// Once its clients are gone, a removed export is forgotten.
+	if n := len(ts.reg.inUse()); n != 0 {
+		t.Errorf("%d exports in use after the last client left", n)
+	}
+}
