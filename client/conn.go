@@ -214,6 +214,9 @@ type call struct {
 	// abandoning the call, so dst is never written once its owner returned.
 	mu        sync.Mutex
 	abandoned bool
+	// dropped: the reader threw away read data (or left a hole uncleared)
+	// because the call was abandoned, so dst is not the reply.
+	dropped bool
 
 	// Reader-only state of a structured reply.
 	spans     spans
@@ -235,6 +238,10 @@ func (cl *call) abandon() {
 	cl.mu.Unlock()
 }
 
+// waitHook, nil outside tests, runs between abandon and wait's last look at
+// done; it exists for TestLateReplyAfterAbandonIsNotSuccess.
+var waitHook func(*call)
+
 // wait returns the call's result, or ctx's error once the call is abandoned.
 func (cl *call) wait(ctx context.Context) error {
 	select {
@@ -243,12 +250,24 @@ func (cl *call) wait(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	cl.abandon()
+	if waitHook != nil {
+		waitHook(cl)
+	}
 	select {
 	case <-cl.done:
-		return cl.err // finished while we took the lock: dst is complete
 	default:
 		return ctx.Err()
 	}
+	// Finished around the abandon. If the reader got to the data only after
+	// it, it discarded it, and success would hand back an unfilled buffer.
+	// Under mu: after a fail() the reader may still be discarding chunks.
+	cl.mu.Lock()
+	dropped := cl.dropped
+	cl.mu.Unlock()
+	if dropped {
+		return ctx.Err()
+	}
+	return cl.err
 }
 
 func (cl *call) rangeOf() requestRange {
@@ -499,6 +518,7 @@ func (c *Conn) readData(cl *call, rel, n uint64) error {
 	cl.mu.Lock()
 	defer cl.mu.Unlock()
 	if cl.abandoned {
+		cl.dropped = true
 		_, err := io.CopyN(io.Discard, c.r, int64(n))
 		return readError(err)
 	}
@@ -563,7 +583,9 @@ func (c *Conn) chunk(h nbd.StructuredReplyHeader) error {
 			return err
 		}
 		cl.mu.Lock()
-		if !cl.abandoned {
+		if cl.abandoned {
+			cl.dropped = true
+		} else {
 			clear(cl.dst[rel : rel+uint64(hole.Length)])
 		}
 		cl.mu.Unlock()

@@ -287,22 +287,51 @@ func TestLocalRefusals(t *testing.T) {
 	s := &fakeServer{blockSizes: &BlockSizes{Minimum: 512, Preferred: 4096, MaxPayload: 1 << 20},
 		exports: map[string]*fakeExport{"ro": ro}}
 	c := dialT(t, s.start(t, "ro"), &Options{NoMetaContext: true})
+	// A writable export advertising every command, so that past-the-end
+	// requests reach the size check rather than stop at an earlier one.
+	const size = 1 << 20
+	rws := &fakeServer{exports: map[string]*fakeExport{"rw": newFakeExport(size, "")}}
+	rwURI := rws.start(t, "rw")
+	w := dialT(t, rwURI, nil)
+	p, err := DialPool(testContext(t), rwURI, 2, nil)
+	if err != nil {
+		t.Fatalf("DialPool: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
 	ctx := testContext(t)
+	// pastEnd is what every refusal of a request past the end says: the
+	// export's size (RequestError.Error adds the offset and length).
+	pastEnd := fmt.Sprintf("beyond the export's %d bytes", size)
 	tests := []struct {
 		name  string
 		do    func() error
 		errno nbd.Errno
 		is    error
+		text  string // the error names this, when set
 	}{
-		{"write to read-only", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, 0) }, nbd.EPERM, nil},
-		{"unaligned read", func() error { return c.ReadAt(ctx, make([]byte, 100), 0) }, nbd.EINVAL, nil},
-		{"negative offset", func() error { return c.ReadAt(ctx, make([]byte, 512), -512) }, nbd.EINVAL, nil},
-		{"bad flag", func() error { return c.Cache(ctx, 0, 512) }, 0, ErrUnsupported},
-		{"trim unadvertised", func() error { return c.Trim(ctx, 0, 512, 0) }, 0, ErrUnsupported},
-		{"zeroes unadvertised", func() error { return c.WriteZeroes(ctx, 0, 512, 0) }, 0, ErrUnsupported},
-		{"fua unadvertised", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, nbd.CmdFlagFUA) }, 0, ErrUnsupported},
-		{"status without context", func() error { _, err := c.BlockStatus(ctx, 0, 512, 0); return err }, 0, ErrUnsupported},
-		{"flag not valid for the command", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, nbd.CmdFlagNoHole) }, nbd.EINVAL, nil},
+		{"write to read-only", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, 0) }, nbd.EPERM, nil, ""},
+		{"unaligned read", func() error { return c.ReadAt(ctx, make([]byte, 100), 0) }, nbd.EINVAL, nil, ""},
+		{"negative offset", func() error { return c.ReadAt(ctx, make([]byte, 512), -512) }, nbd.EINVAL, nil, ""},
+		{"bad flag", func() error { return c.Cache(ctx, 0, 512) }, 0, ErrUnsupported, ""},
+		{"trim unadvertised", func() error { return c.Trim(ctx, 0, 512, 0) }, 0, ErrUnsupported, ""},
+		{"zeroes unadvertised", func() error { return c.WriteZeroes(ctx, 0, 512, 0) }, 0, ErrUnsupported, ""},
+		{"fua unadvertised", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, nbd.CmdFlagFUA) }, 0, ErrUnsupported, ""},
+		{"status without context", func() error { _, err := c.BlockStatus(ctx, 0, 512, 0); return err }, 0, ErrUnsupported, ""},
+		{"flag not valid for the command", func() error { return c.WriteAt(ctx, make([]byte, 512), 0, nbd.CmdFlagNoHole) }, nbd.EINVAL, nil, ""},
+		{"read wholly past the end", func() error { return c.ReadAt(ctx, make([]byte, 4096), size) }, nbd.EINVAL, nil,
+			"NBD_CMD_READ of 4096 bytes at offset 1048576: EINVAL: " + pastEnd},
+		{"read across the end", func() error { return c.ReadAt(ctx, make([]byte, 1024), size-512) }, nbd.EINVAL, nil,
+			"NBD_CMD_READ of 1024 bytes at offset 1048064: EINVAL: " + pastEnd},
+		{"read longer than the export", func() error { return c.ReadAt(ctx, make([]byte, 2*size), 0) }, nbd.EINVAL, nil, pastEnd},
+		{"offset far past the end", func() error { return c.ReadAt(ctx, make([]byte, 512), 1<<62) }, nbd.EINVAL, nil, pastEnd},
+		{"empty read past the end", func() error { return c.ReadAt(ctx, nil, size+512) }, nbd.EINVAL, nil, pastEnd},
+		{"write across the end", func() error { return w.WriteAt(ctx, make([]byte, 8192), size-4096, 0) }, nbd.ENOSPC, nil, pastEnd},
+		{"zeroes across the end", func() error { return w.WriteZeroes(ctx, size-4096, 8192, 0) }, nbd.ENOSPC, nil, pastEnd},
+		{"trim across the end", func() error { return w.Trim(ctx, size-4096, 8192, 0) }, nbd.EINVAL, nil, pastEnd},
+		{"cache across the end", func() error { return w.Cache(ctx, size-4096, 8192) }, nbd.EINVAL, nil, pastEnd},
+		{"status across the end", func() error { _, err := w.BlockStatus(ctx, size-4096, 8192, 0); return err }, nbd.EINVAL, nil, pastEnd},
+		{"pool read across the end", func() error { return p.ReadAt(ctx, make([]byte, 8192), size-4096) }, nbd.EINVAL, nil, pastEnd},
+		{"pool write across the end", func() error { return p.WriteAt(ctx, make([]byte, 8192), size-4096, 0) }, nbd.ENOSPC, nil, pastEnd},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -316,14 +345,111 @@ func TestLocalRefusals(t *testing.T) {
 			if !errors.Is(err, tt.errno) {
 				t.Fatalf("got %v, want %v", err, tt.errno)
 			}
+			if !strings.Contains(fmt.Sprint(err), tt.text) {
+				t.Errorf("error %q does not say %q", err, tt.text)
+			}
 		})
 	}
 	// Flush on an export without a cache to flush sends nothing.
 	if err := c.Flush(ctx); err != nil {
 		t.Errorf("Flush: %v", err)
 	}
-	if got := s.seenRequests(); len(got) != 0 {
+	if got := append(s.seenRequests(), rws.seenRequests()...); len(got) != 0 {
 		t.Errorf("requests reached the server: %v", got)
+	}
+}
+
+// TestRequestsEndingAtExportEnd checks the size check is not off by one:
+// requests that end exactly at the end of the export are sent and succeed.
+func TestRequestsEndingAtExportEnd(t *testing.T) {
+	const size = 1 << 20
+	s := &fakeServer{exports: map[string]*fakeExport{"d": newFakeExport(size, "")}}
+	copy(s.exports["d"].data[size-4096:], pattern(4096, 3))
+	c := dialT(t, s.start(t, "d"), nil)
+	ctx := testContext(t)
+	tail := make([]byte, 4096)
+	tests := []struct {
+		name string
+		do   func() error
+		sent int // requests that reach the server
+	}{
+		{"read the last block", func() error { return c.ReadAt(ctx, tail, size-4096) }, 1},
+		{"read the whole export", func() error { return c.ReadAt(ctx, make([]byte, size), 0) }, 1},
+		{"empty read at the end", func() error { return c.ReadAt(ctx, nil, size) }, 0},
+		{"write the last block", func() error { return c.WriteAt(ctx, make([]byte, 4096), size-4096, 0) }, 1},
+		{"zero the last block", func() error { return c.WriteZeroes(ctx, size-4096, 4096, 0) }, 1},
+		{"trim the last block", func() error { return c.Trim(ctx, size-4096, 4096, 0) }, 1},
+		{"cache the last block", func() error { return c.Cache(ctx, size-4096, 4096) }, 1},
+		{"status of the last block", func() error { _, err := c.BlockStatus(ctx, size-4096, 4096, 0); return err }, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := len(s.seenRequests())
+			if err := tt.do(); err != nil {
+				t.Fatalf("got %v, want success", err)
+			}
+			if got := len(s.seenRequests()) - before; got != tt.sent {
+				t.Errorf("%d requests reached the server, want %d", got, tt.sent)
+			}
+		})
+	}
+	mustEqual(t, "last block", pattern(4096, 3), tail)
+}
+
+// TestLateReplyAfterAbandonIsNotSuccess holds wait (through waitHook) just
+// after it abandoned a read, and lets the reader complete the call then: the
+// reader threw the data away, or left a hole uncleared, so the read must fail
+// with ctx's error instead of reporting a buffer it never filled.
+func TestLateReplyAfterAbandonIsNotSuccess(t *testing.T) {
+	tests := []struct {
+		name      string
+		opts      *Options
+		holeReads bool
+		data      []byte // the first 4 KiB of the export, which the read asks for
+	}{
+		{name: "simple reply", opts: &Options{NoStructuredReplies: true}, data: pattern(4096, 1)},
+		{name: "data chunk", data: pattern(4096, 1)},
+		{name: "hole chunk", holeReads: true, data: make([]byte, 4096)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &fakeServer{holeReads: tt.holeReads, exports: map[string]*fakeExport{"d": newFakeExport(1<<20, "")}}
+			copy(s.exports["d"].data, tt.data)
+			held := make(chan struct{})
+			release := make(chan struct{})
+			var releaseOnce sync.Once
+			releaseReply := func() { releaseOnce.Do(func() { close(release) }) }
+			t.Cleanup(releaseReply)
+			s.reply = func(fc *fakeConn, req nbd.RequestHeader, _ []byte) bool {
+				if req.Command != nbd.CmdRead {
+					return false
+				}
+				b := fc.answer(req, nil)
+				go func() { <-release; fc.send(b) }()
+				close(held)
+				return true
+			}
+			c := dialT(t, s.start(t, "d"), tt.opts)
+			waitHook = func(cl *call) {
+				releaseReply() // the reply arrives only after the abandon
+				<-cl.done      // and the reader completes the call before wait looks
+			}
+			t.Cleanup(func() { waitHook = nil })
+
+			ctx, cancel := context.WithCancel(testContext(t))
+			buf := make([]byte, 4096)
+			for i := range buf {
+				buf[i] = 0xee // not what the export holds, so an unfilled buffer shows
+			}
+			done := make(chan error)
+			go func() { done <- c.ReadAt(ctx, buf, 0) }()
+			<-held // the server has the request and sits on the reply
+			cancel()
+			if err := <-done; !errors.Is(err, context.Canceled) {
+				t.Fatalf("ReadAt cancelled before its reply was read: %v, want context.Canceled (buffer holds the data: %v)",
+					err, string(buf) == string(tt.data))
+			}
+		})
 	}
 }
 

@@ -98,6 +98,18 @@ func validate(info ExportInfo, lim limits, o op, hasMeta bool) error {
 	if lim.align > 1 && o.cmd != nbd.CmdFlush && (uint64(o.off)%lim.align != 0 || uint64(o.length)%lim.align != 0) {
 		return refuse(nbd.EINVAL, "not aligned to the export's minimum block size of %d bytes", lim.align)
 	}
+	// The spec forbids a request past the end, and a server may answer one
+	// by disconnecting, failing every request in flight. info.Size is the
+	// handshake's: nothing in the protocol tells a connection of a resize.
+	// Written as a subtraction so that no sum can wrap; off and length are
+	// non-negative here. ENOSPC for writes, as the spec has a server answer.
+	if uint64(o.length) > info.Size || uint64(o.off) > info.Size-uint64(o.length) {
+		errno := nbd.EINVAL
+		if o.cmd == nbd.CmdWrite || o.cmd == nbd.CmdWriteZeroes {
+			errno = nbd.ENOSPC
+		}
+		return refuse(errno, "beyond the export's %d bytes", info.Size)
+	}
 	return nil
 }
 
