@@ -33,10 +33,11 @@ vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
 # Unit, table and fuzz-seed tests, with the race detector; the packages'
-# own interop tests (the client against nbdkit, qemu-nbd, nbd-server) must
-# run, not skip. The end-to-end suites under test/ have targets of their own.
+# own interop tests (the client against nbdkit, qemu-nbd, nbd-server) and
+# the backend's tests on a loop device must run, not skip. The end-to-end
+# suites under test/ have targets of their own.
 test-unit:
-	LVNBD_REQUIRE_INTEROP=1 CGO_ENABLED=1 $(GO) test -race -count=1 $$($(GO) list ./... | grep -v '/test/')
+	LVNBD_REQUIRE_INTEROP=1 LVNBD_REQUIRE_LOOP=1 CGO_ENABLED=1 $(GO) test -race -count=1 $$($(GO) list ./... | grep -v '/test/')
 
 # Real clients and servers from Debian against ours.
 test-interop: build

@@ -35,14 +35,15 @@ type Extent struct {
 // and shared by every connection to the export. Sharing one descriptor is what
 // makes a flush on any connection cover writes made on all of them.
 type File struct {
-	f        *os.File
-	fd       int
-	path     string
-	device   bool
-	readOnly bool
-	size     atomic.Int64
-	noDSync  atomic.Bool  // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
-	syncs    *syncTracker // every fdatasync and RWF_DSYNC write, and their first failure
+	f         *os.File
+	fd        int
+	path      string
+	device    bool
+	readOnly  bool
+	size      atomic.Int64
+	noDSync   atomic.Bool  // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
+	syncs     *syncTracker // every fdatasync and RWF_DSYNC write, and their first failure
+	blockSize int64        // a device's logical block size: fallocate's unit
 
 	// inMemory: the file is on tmpfs or ramfs, whose reads and writes
 	// never wait for a disk (but for swap, which the server cannot tell).
@@ -82,6 +83,12 @@ func Open(path string, readOnly bool) (*File, error) {
 	case st.Mode().IsRegular():
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
 		b.device = true
+		bs, err := unix.IoctlGetInt(b.fd, unix.BLKSSZGET)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("BLKSSZGET on %s: %w", path, err)
+		}
+		b.blockSize = int64(bs)
 	default:
 		f.Close()
 		return nil, fmt.Errorf("%s is neither a regular file nor a block device (mode %v)", path, st.Mode())
@@ -364,10 +371,39 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 	if err := b.syncs.check(); err != nil {
 		return err
 	}
+	if length == 0 {
+		return nil // fallocate would answer EINVAL
+	}
+	if !b.device {
+		return b.zero(off, length, mayTrim, fast)
+	}
+	// A block device takes fallocate and BLKZEROOUT in whole logical
+	// blocks only, and the server advertises a minimum block size of 1:
+	// the ragged ends are written, after the middle, so that a refusal
+	// (ErrNotFast) leaves the range untouched.
+	bs := b.blockSize
+	start, end := (off+bs-1)/bs*bs, (off+length)/bs*bs
+	if start >= end {
+		return b.writeZeroes(off, length) // less than one whole block
+	}
+	if err := b.zero(start, end-start, mayTrim, fast); err != nil {
+		return err
+	}
+	if err := b.writeZeroes(off, start-off); err != nil {
+		return err
+	}
+	return b.writeZeroes(end, off+length-end)
+}
+
+// zero is Zero of a range a block device takes whole.
+func (b *File) zero(off, length int64, mayTrim, fast bool) error {
 	// On files both modes are metadata operations. On block devices
-	// PUNCH_HOLE is the kernel's zero-out without fallback (fast, may
-	// unmap) and ZERO_RANGE the one that writes zeroes when it must.
-	if mayTrim || b.device {
+	// PUNCH_HOLE is the kernel's zero-out without fallback (fast, but it
+	// may unmap: thin LVs and SSDs give the space back), and ZERO_RANGE
+	// the one that keeps the blocks mapped (NOUNMAP) and writes zeroes
+	// when it must. So with NO_HOLE a device is never punched, and a fast
+	// zeroing cannot be promised.
+	if mayTrim {
 		err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 		if err == nil {
 			return nil
@@ -375,18 +411,16 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 		if !notSupported(err) {
 			return fmt.Errorf("punching %s [%d, +%d): %w", b.path, off, length, err)
 		}
-		if fast && (b.device || !mayTrim) {
-			return ErrNotFast
-		}
 	}
-	if !b.device || !fast {
-		err := unix.Fallocate(b.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-		if err == nil {
-			return nil
-		}
-		if !notSupported(err) {
-			return fmt.Errorf("zeroing %s [%d, +%d): %w", b.path, off, length, err)
-		}
+	if fast && b.device {
+		return ErrNotFast
+	}
+	err := unix.Fallocate(b.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err == nil {
+		return nil
+	}
+	if !notSupported(err) {
+		return fmt.Errorf("zeroing %s [%d, +%d): %w", b.path, off, length, err)
 	}
 	if fast {
 		return ErrNotFast

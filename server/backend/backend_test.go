@@ -3,8 +3,11 @@ package backend
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -189,4 +192,142 @@ func TestNoWait(t *testing.T) {
 			}
 		})
 	}
+}
+
+// loopDevice attaches a loop device over a sparse file of size bytes and
+// opens it; it returns the backend and the file. It needs root and the loop
+// driver: without them it skips, or fails under LVNBD_REQUIRE_LOOP=1 (make
+// test sets it).
+func loopDevice(t *testing.T, size int64) (*File, string) {
+	t.Helper()
+	_, err := exec.LookPath("losetup")
+	if err == nil && os.Geteuid() != 0 {
+		err = errors.New("not root")
+	}
+	if err == nil {
+		_, err = os.Stat("/dev/loop-control")
+	}
+	if err != nil {
+		msg := fmt.Sprintf("needs root, losetup and the loop driver: %v", err)
+		if os.Getenv("LVNBD_REQUIRE_LOOP") == "1" {
+			t.Fatal(msg + " [LVNBD_REQUIRE_LOOP=1 makes this a failure]")
+		}
+		t.Skip(msg)
+	}
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup --find --show %s: %v: %s", path, err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
+		}
+	})
+	b, err := Open(dev, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if !b.IsDevice() || b.blockSize != 512 {
+		t.Fatalf("%s: device %v, logical block size %d; want a device of 512-byte blocks", dev, b.IsDevice(), b.blockSize)
+	}
+	return b, path
+}
+
+// allocatedBytes is how much of path's file system space holds data.
+func allocatedBytes(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// WRITE_ZEROES on a block device: any range, aligned or not, reads back as
+// zeroes with the bytes around it untouched; with NO_HOLE (mayTrim false)
+// nothing is deallocated; a zero length does nothing.
+func TestZeroOnADevice(t *testing.T) {
+	const size = 4 << 20
+	for _, tc := range []struct {
+		name        string
+		off, length int64
+		mayTrim     bool
+	}{
+		{"inside one block", 1000, 20, false},
+		{"across two blocks", 1000, 100, false},
+		{"ragged both ends", 1000, 300 << 10, false},
+		{"ragged both ends, may trim", 1000, 300 << 10, true},
+		{"aligned, no hole", 64 << 10, 1 << 20, false},
+		{"aligned, may trim", 64 << 10, 1 << 20, true},
+		{"empty", 4096, 0, false},
+		{"to the end", size - 1000, 1000, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, backing := loopDevice(t, size)
+			full := bytes.Repeat([]byte{0xff}, size)
+			if err := b.WriteAt(full, 0, true); err != nil {
+				t.Fatal(err)
+			}
+			before := allocatedBytes(t, backing)
+			if err := b.Zero(tc.off, tc.length, tc.mayTrim, false); err != nil {
+				t.Fatalf("Zero(%d, %d, mayTrim %v): %v", tc.off, tc.length, tc.mayTrim, err)
+			}
+			if err := b.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, size)
+			if err := b.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			want := bytes.Clone(full)
+			clear(want[tc.off : tc.off+tc.length])
+			if i := firstDiff(got, want); i >= 0 {
+				t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
+			}
+			if after := allocatedBytes(t, backing); !tc.mayTrim && after < before {
+				t.Errorf("with NO_HOLE the device deallocated %d bytes", before-after)
+			}
+		})
+	}
+}
+
+// FAST_ZERO with NO_HOLE on a device cannot be promised (only unmapping is
+// sure to be fast): refused, with the range untouched.
+func TestFastZeroNoHoleOnADevice(t *testing.T) {
+	b, _ := loopDevice(t, 1<<20)
+	full := bytes.Repeat([]byte{0xff}, 1<<20)
+	if err := b.WriteAt(full, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Zero(1000, 300<<10, false, true); !errors.Is(err, ErrNotFast) {
+		t.Fatalf("fast Zero with NO_HOLE = %v, want ErrNotFast", err)
+	}
+	got := make([]byte, 1<<20)
+	if err := b.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(got, full); i >= 0 {
+		t.Fatalf("the refused zeroing changed byte %d", i)
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
 }
