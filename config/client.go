@@ -42,7 +42,8 @@ type Pair struct {
 	A, B string
 	// Connections is the number of connections per leg.
 	Connections int
-	// Timeout bounds each request (0: the kernel's default).
+	// Timeout bounds each request. It cannot be 0, which on current
+	// kernels means requests never time out: no failover to the other leg.
 	Timeout time.Duration
 	// DeadTimeout is how long I/O waits for a dead leg to reconnect before
 	// failing, so that md drops the leg (0: at once).
@@ -141,6 +142,12 @@ func (c *ClientConfig) validate(p *problems) {
 		}
 		if pr.A != "" && pr.A == pr.B {
 			p.add(key+".b", "the same URI as a: give the URI of the same volume on the other storage box")
+		}
+		if pr.Timeout == 0 {
+			// The kernel then never fails a request to a box gone silent,
+			// so md never drops the leg and the guest hangs.
+			p.add(key+".timeout", "0 means no request ever times out, so a storage box that goes silent hangs the guest "+
+				"instead of failing the leg: want a timeout such as %q (the default), or shorter for faster failover", formatDuration(DefaultTimeout))
 		}
 		if pr.Connections < 1 || pr.Connections > MaxConnections {
 			p.add(key+".connections", "%d: want 1 to %d connections per leg", pr.Connections, MaxConnections)

@@ -71,6 +71,7 @@ var invalidClient = []struct {
 	{"zero connections", pairHead + "connections = 0\n", "pair[0].connections", "want 1 to 16", 5},
 	{"too many connections", pairHead + "connections = 17\n", "pair[0].connections", "want 1 to 16", 5},
 	{"timeout as number", pairHead + "timeout = 30\n", "pair[0].timeout", `such as "30s"`, 5},
+	{"no timeout", pairHead + "timeout = \"0s\"\n", "pair[0].timeout", `no request ever times out, so a storage box that goes silent hangs the guest instead of failing the leg: want a timeout such as "30s"`, 5},
 	{"negative dead timeout", pairHead + "dead_timeout = \"-1s\"\n", "pair[0].dead_timeout", "negative", 5},
 	{"domain with space", pairHead + "xen_domain = \"vm 1\"\n", "pair[0].xen_domain", "no spaces", 5},
 	{"one vdev", pairHead + "xen_domain = \"vm1\"\nvdevs = [\"xvdb\"]\n", "pair[0].vdevs", "want two", 6},

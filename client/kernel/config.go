@@ -68,6 +68,14 @@ type Config struct {
 }
 
 // Reconfig changes a connected device. Zero fields are left unchanged.
+//
+// Sockets and Size cannot be given together: give the sockets, then the
+// size in a second Reconfig. nbd_genl_reconfigure (drivers/block/nbd.c)
+// applies a size before it takes sockets, and resizing freezes the request
+// queue (nbd_set_size, since Linux 6.9), which waits for every request in
+// flight, including those nbd_handle_cmd holds waiting for a live
+// connection: the sockets in the same message would be attached only after
+// the dead-connection timeout had failed those requests with EIO.
 type Reconfig struct {
 	// Sockets replace dead connections, one each; the kernel closes those
 	// left over when fewer connections are dead. The caller closes them
@@ -79,8 +87,10 @@ type Reconfig struct {
 	// Timeout and DeadConnTimeout as in Config.
 	Timeout         time.Duration
 	DeadConnTimeout time.Duration
-	// Backend must be the identifier the device was connected with. Empty
-	// means the one in /sys/block/nbdN/backend.
+	// Backend is the identifier the device was connected with, as in
+	// /sys/block/nbdN/backend; empty for a device connected without one.
+	// Reconfigure refuses a device with another identifier: its number may
+	// have been given to another export since the caller looked.
 	Backend string
 }
 
@@ -149,6 +159,10 @@ func (r *Reconfig) Validate() error {
 	}
 	if r.Size > math.MaxInt64 {
 		return fmt.Errorf("%w: size %d is over the kernel's limit", errBadConfig, r.Size)
+	}
+	if len(r.Sockets) > 0 && r.Size > 0 {
+		return fmt.Errorf("%w: sockets and a new size in one reconfiguration: give the sockets first, then the size "+
+			"(the kernel resizes first, and a resize waits for the I/O that waits for the sockets)", errBadConfig)
 	}
 	if err := validTimeouts(r.Timeout, r.DeadConnTimeout); err != nil {
 		return err

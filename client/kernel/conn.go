@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -150,8 +151,9 @@ func (c *Conn) Disconnect(ctx context.Context, index int) error {
 
 // Reconfigure changes a running device: fresh sockets take the place of dead
 // connections (the kernel silently drops those it has no dead slot for), a
-// new size grows it without detaching, timeouts change. With r.Size, it
-// fails with ErrResizeUnsupported if the kernel ignored the size.
+// new size grows it without detaching, timeouts change. It fails with
+// ErrWrongBackend if the device's backend is not r.Backend, and with
+// r.Size, with ErrResizeUnsupported if the kernel ignored the size.
 func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 	if err := r.Validate(); err != nil {
 		return err
@@ -168,12 +170,20 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 	if d.PID == 0 {
 		return &OpError{Op: op, Index: index, Err: ErrNotConnected}
 	}
-	backend := r.Backend
-	if backend == "" {
-		backend = d.Backend
+	// The kernel compares the backend itself, but only if the device has
+	// one: a device number freed and reused by an attach without one would
+	// take another export's sockets. Only the moment between this read and
+	// the kernel's own check is left open.
+	if d.Backend != r.Backend {
+		has := "none"
+		if d.Backend != "" {
+			has = strconv.Quote(d.Backend)
+		}
+		return &OpError{Op: op, Index: index,
+			Err: fmt.Errorf("%w: its backend is %s, not %q (detached, and the number reused?): see lvnbd list", ErrWrongBackend, has, r.Backend)}
 	}
 	fds := socketFDs(r.Sockets)
-	attrs, err := reconfigureAttrs(index, &r, backend, fds)
+	attrs, err := reconfigureAttrs(index, &r, r.Backend, fds)
 	if err != nil {
 		return err
 	}

@@ -410,32 +410,110 @@ func TestReconfigure(t *testing.T) {
 	}}
 	c, s := newTestConn(t, k)
 	sys = s
-	sys.set(t, 2, map[string]string{"pid": "77", "backend": "nbd://h:10809/e", "size": "2048", "ro": "0"})
+	const backend = "nbd://h:10809/e"
+	sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "2048", "ro": "0"})
 
 	socks := testSockets(t, 2)
-	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks, Size: 2 << 20}); err != nil {
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks, Backend: backend}); err != nil {
 		t.Fatal(err)
 	}
-	// The backend comes from sysfs: the kernel insists on it.
-	if got := string(gotAttrs[attrBackendIdentifier]); got != "nbd://h:10809/e\x00" {
+	// The kernel insists on the backend.
+	if got := string(gotAttrs[attrBackendIdentifier]); got != backend+"\x00" {
 		t.Errorf("backend %q", got)
+	}
+	if _, ok := gotAttrs[attrSizeBytes]; ok {
+		t.Error("NBD_ATTR_SIZE_BYTES sent without a size")
 	}
 	if diff := cmp.Diff([]uint32{uint32(socks[0].Fd()), uint32(socks[1].Fd())}, gotFDs); diff != "" {
 		t.Errorf("descriptors (-want +got):\n%s", diff)
 	}
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 2 << 20, Backend: backend}); err != nil {
+		t.Fatal(err)
+	}
 
 	resize = false
-	err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 4 << 20})
+	err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 4 << 20, Backend: backend})
 	if !errors.Is(err, ErrResizeUnsupported) {
 		t.Errorf("resize ignored by the kernel: error %v, want ErrResizeUnsupported", err)
 	}
 
 	sys.remove(t, 2, "pid")
-	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks}); !errors.Is(err, ErrNotConnected) {
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: socks, Backend: backend}); !errors.Is(err, ErrNotConnected) {
 		t.Errorf("Reconfigure of a stopped device: %v, want ErrNotConnected", err)
 	}
-	if err := c.Reconfigure(context.Background(), 6, Reconfig{Sockets: socks}); !errors.Is(err, ErrNoDevice) {
+	if err := c.Reconfigure(context.Background(), 6, Reconfig{Sockets: socks, Backend: backend}); !errors.Is(err, ErrNoDevice) {
 		t.Errorf("Reconfigure of a missing device: %v, want ErrNoDevice", err)
+	}
+}
+
+// TestReconfigureChecksBackend checks that a device is reconfigured only if
+// it is still attached to the export asked for: the kernel itself does not
+// check a device that has no backend identifier.
+func TestReconfigureChecksBackend(t *testing.T) {
+	const backend = "nbd://storage-a:10809/vm1"
+	tests := []struct {
+		name    string
+		has     string // the device's backend in sysfs, "" for none
+		asked   string // Reconfig.Backend
+		wantErr []string
+	}{
+		{name: "its own", has: backend, asked: backend},
+		{name: "none asked, none had", has: "", asked: ""},
+		{name: "reused by an attach without a backend", has: "", asked: backend,
+			wantErr: []string{"NBD_CMD_RECONFIGURE of /dev/nbd2: device is attached to another export: its backend is none, not \"" + backend + "\""}},
+		{name: "reused by another export", has: "nbd://storage-b:10809/vm9", asked: backend,
+			wantErr: []string{`its backend is "nbd://storage-b:10809/vm9", not "` + backend + `"`, "lvnbd list"}},
+		{name: "none asked, one had", has: backend, asked: "",
+			wantErr: []string{`its backend is "` + backend + `", not ""`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sent := 0
+			k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
+				sent++
+				return nil, 0
+			}}
+			c, sys := newTestConn(t, k)
+			attrs := map[string]string{"pid": "77", "size": "2048", "ro": "0"}
+			if tt.has != "" {
+				attrs["backend"] = tt.has
+			}
+			sys.set(t, 2, attrs)
+			err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: testSockets(t, 1), Backend: tt.asked})
+			if len(tt.wantErr) == 0 {
+				if err != nil || sent != 1 {
+					t.Fatalf("Reconfigure: %v, %d commands sent; want success, 1", err, sent)
+				}
+				return
+			}
+			if !errors.Is(err, ErrWrongBackend) {
+				t.Fatalf("Reconfigure: %v, want ErrWrongBackend", err)
+			}
+			for _, s := range tt.wantErr {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q lacks %q", err, s)
+				}
+			}
+			if sent != 0 {
+				t.Errorf("%d commands sent to the kernel", sent)
+			}
+		})
+	}
+}
+
+// TestReconfigureSocketsApartFromSize checks that sockets and a size never
+// go in one RECONFIGURE: the kernel would resize first, and the resize
+// waits for the I/O that waits for the sockets.
+func TestReconfigureSocketsApartFromSize(t *testing.T) {
+	k := &fakeKernel{handle: func(cmd command, _ []byte) ([]byte, unix.Errno) {
+		t.Errorf("%v sent", cmd)
+		return nil, 0
+	}}
+	c, sys := newTestConn(t, k)
+	sys.set(t, 2, map[string]string{"pid": "77", "backend": "nbd://h:10809/e", "size": "2048", "ro": "0"})
+	err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: testSockets(t, 1), Size: 2 << 20, Backend: "nbd://h:10809/e"})
+	if !errors.Is(err, errBadConfig) || !strings.Contains(err.Error(), "give the sockets first, then the size") {
+		t.Errorf("Reconfigure with sockets and a size: %v, want an invalid configuration", err)
 	}
 }
 

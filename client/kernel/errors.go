@@ -19,6 +19,10 @@ var (
 	ErrNoDevice = errors.New("no such nbd device")
 	// ErrNotConnected means the device has no connection to reconfigure.
 	ErrNotConnected = errors.New("device is not connected")
+	// ErrWrongBackend means the device is attached to another export than
+	// the one asked for (or to one without a backend identifier): its
+	// number was reused, or the caller named the wrong export.
+	ErrWrongBackend = errors.New("device is attached to another export")
 	// ErrResizeUnsupported means the kernel ignored a new size given with
 	// RECONFIGURE (older kernels only take a size with CONNECT).
 	ErrResizeUnsupported = errors.New("this kernel cannot resize an nbd device in place")

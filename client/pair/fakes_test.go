@@ -26,12 +26,14 @@ type fakeKernel struct {
 	// events is the latest subscription's channel.
 	events        chan int
 	subscriptions int
-	// calls lists every change, as "connect nbd://... 2 sockets -> nbd0",
-	// "reconfigure nbd0 2 sockets size 1024", "disconnect nbd0".
+	// calls lists every change in order, as "connect nbd://... 2 sockets ->
+	// nbd0", "reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size
+	// 1024", "disconnect nbd0".
 	calls     []string
 	connected []kernel.Config // without their sockets
-	// connectErr and reconfigureErr fail the next such call.
-	connectErr, reconfigureErr error
+	// connectErr and reconfigureErr fail the next such call, resizeErr the
+	// next reconfigure with a size.
+	connectErr, reconfigureErr, resizeErr error
 }
 
 func newFakeKernel(t testing.TB, devs ...kernel.Device) *fakeKernel {
@@ -112,11 +114,18 @@ func (k *fakeKernel) Reconfigure(_ context.Context, index int, r kernel.Reconfig
 	if !ok || !d.Running() {
 		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index, Err: kernel.ErrNotConnected}
 	}
+	// As kernel.Conn does: the kernel itself checks only a device that has
+	// a backend.
 	if r.Backend != d.Backend {
-		k.t.Errorf("reconfigure nbd%d with backend %q, the device has %q", index, r.Backend, d.Backend)
+		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index,
+			Err: fmt.Errorf("%w: its backend is %q, not %q", kernel.ErrWrongBackend, d.Backend, r.Backend)}
 	}
 	if err := k.reconfigureErr; err != nil {
 		k.reconfigureErr = nil
+		return err
+	}
+	if err := k.resizeErr; err != nil && r.Size != 0 {
+		k.resizeErr = nil
 		return err
 	}
 	call := fmt.Sprintf("reconfigure nbd%d %d sockets", index, len(r.Sockets))
@@ -196,6 +205,8 @@ type fakeStorage struct {
 	exports map[string]*fakeExport
 	opened  []*os.File
 	dials   int
+	// onDial, if set, runs at the next dial, which then proceeds.
+	onDial func()
 }
 
 type fakeExport struct {
@@ -241,6 +252,10 @@ func (s *fakeStorage) dial(_ context.Context, u client.URI, n int) ([]*os.File, 
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.dials++
+	if f := s.onDial; f != nil {
+		s.onDial = nil
+		f()
+	}
 	info, err := s.lookup(u)
 	if err != nil {
 		return nil, info, err

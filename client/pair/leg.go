@@ -185,7 +185,7 @@ func (l *leg) step(ctx context.Context, now time.Time) time.Duration {
 				return 0
 			}
 			l.failures++
-			wait := backoff(l.failures, l.s.cfg.MinBackoff, l.s.cfg.MaxBackoff, l.s.jitter())
+			wait := backoff(l.failures, l.s.cfg.MinBackoff, l.maxBackoff(), l.s.jitter())
 			l.retryAt = now.Add(wait)
 			state := StateReconnecting
 			if l.dev < 0 {
@@ -222,6 +222,19 @@ func (l *leg) step(ctx context.Context, now time.Time) time.Duration {
 		next = l.pollAt
 	}
 	return next.Sub(now)
+}
+
+// maxBackoff is the longest wait between attempts. While the device is
+// there, I/O waits for it for the dead-connection timeout and then fails
+// (and md drops the leg): at most a quarter of that between redials, so a
+// storage box that comes back in time is redialed in time too. Never under
+// the shortest backoff, so a tiny dead timeout does not become a busy loop.
+func (l *leg) maxBackoff() time.Duration {
+	longest := l.s.cfg.MaxBackoff
+	if l.dev < 0 || l.spec.DeadTimeout <= 0 {
+		return longest
+	}
+	return min(longest, max(l.spec.DeadTimeout/4, l.s.cfg.MinBackoff))
 }
 
 // attach adopts the device a previous run attached to the leg's export, or
@@ -299,23 +312,39 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return err
 	}
 	// The kernel takes one socket per dead connection and drops the rest:
-	// with none dead, this changes nothing.
+	// with none dead, this changes nothing. A grown size goes after the
+	// sockets, on its own: see kernel.Reconfig.
 	r := kernel.Reconfig{Sockets: socks, Timeout: l.spec.Timeout, DeadConnTimeout: l.spec.DeadTimeout, Backend: l.backend}
-	if size != d.Size {
-		r.Size = size
-	}
 	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, r); err != nil {
+		if errors.Is(err, kernel.ErrWrongBackend) {
+			// Detached and its number reused while we dialed.
+			return fmt.Errorf("%w: %w", errDeviceLost, err)
+		}
 		return err
 	}
-	l.size = size
-	if r.Size != 0 {
-		l.log.Info("grew", zap.String("device", d.Path()), zap.Uint64("from", d.Size), zap.Uint64("to", size))
-	}
+	l.size = d.Size
 	if !l.unseen {
 		l.reconnects++
 		l.log.Info("reconnected", zap.String("device", d.Path()), zap.Int("connections", len(socks)))
 	}
 	l.stale, l.unseen = false, false
+	if size != d.Size {
+		// The connections are back whatever happens here; a failed grow
+		// is retried by the size poll.
+		if err := l.grow(ctx, size); err != nil && ctx.Err() == nil {
+			l.noteError(now, fmt.Errorf("growing %s after the reconnect: %w", d.Path(), err))
+		}
+	}
+	return nil
+}
+
+// grow gives the device the export's grown size.
+func (l *leg) grow(ctx context.Context, size uint64) error {
+	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, kernel.Reconfig{Size: size, Backend: l.backend}); err != nil {
+		return err
+	}
+	l.log.Info("grew", zap.String("device", kernel.DevicePath(l.dev)), zap.Uint64("from", l.size), zap.Uint64("to", size))
+	l.size = size
 	return nil
 }
 
@@ -364,11 +393,9 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 	if err != nil || size == l.size {
 		return err
 	}
-	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, kernel.Reconfig{Size: size, Backend: l.backend}); err != nil {
+	if err := l.grow(ctx, size); err != nil {
 		return err
 	}
-	l.log.Info("grew", zap.String("device", d.Path()), zap.Uint64("from", l.size), zap.Uint64("to", size))
-	l.size = size
 	l.publish(now, StateConnected, nil)
 	return nil
 }
@@ -411,11 +438,23 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	if l.dev >= 0 {
 		// Not cancelled with the request: an interrupted netlink exchange
 		// would leave the supervisor's connection to the kernel unusable.
-		err := l.s.cfg.Kernel.Disconnect(context.WithoutCancel(ctx), l.dev)
-		if err != nil && !errors.Is(err, kernel.ErrNoDevice) {
-			return err
+		ctx := context.WithoutCancel(ctx)
+		// The device may have been detached by hand since the last health
+		// check and its number given to another export: that one is not
+		// ours to take down.
+		_, err := l.current(ctx)
+		switch {
+		case errors.Is(err, errDeviceLost):
+			l.log.Warn("not detaching: the device is no longer the leg's", zap.Error(err))
+		case err != nil:
+			return fmt.Errorf("checking %s before detaching it: %w", kernel.DevicePath(l.dev), err)
+		default:
+			err := l.s.cfg.Kernel.Disconnect(ctx, l.dev)
+			if err != nil && !errors.Is(err, kernel.ErrNoDevice) {
+				return err
+			}
+			l.log.Info("detached", zap.String("device", kernel.DevicePath(l.dev)))
 		}
-		l.log.Info("detached", zap.String("device", kernel.DevicePath(l.dev)))
 	}
 	if err := removeLink(l.link); err != nil {
 		return err

@@ -80,8 +80,11 @@ func TestLegStep(t *testing.T) {
 		{name: "adopt a device whose export grew meanwhile",
 			devs: []kernel.Device{running(3, backendA, 32*mib)},
 			steps: []legStep{
-				{calls: []string{"reconfigure nbd3 2 sockets size 67108864"}, wait: 5 * time.Second, state: StateConnected,
-					device: "/dev/nbd3", size: 64 * mib, adopted: true},
+				// The sockets first, alone: the kernel resizes before it
+				// takes sockets, and a resize waits for the I/O that waits
+				// for them.
+				{calls: []string{"reconfigure nbd3 2 sockets", "reconfigure nbd3 0 sockets size 67108864"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd3", size: 64 * mib, adopted: true},
 			}},
 		{name: "adopt with the storage box unreachable",
 			devs:  []kernel.Device{running(3, backendA, 64*mib)},
@@ -99,7 +102,8 @@ func TestLegStep(t *testing.T) {
 				{at: 2 * time.Second, wait: 2 * time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
 				// More deaths reported meanwhile do not hurry the backoff.
 				{at: 3 * time.Second, before: dies, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
-				{at: 4 * time.Second, wait: 4 * time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
+				// At most a quarter of the 10 s dead timeout.
+				{at: 4 * time.Second, wait: 2500 * time.Millisecond, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "refused"},
 				{at: 8 * time.Second, before: up(uriA), calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second,
 					state: StateConnected, device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "refused"},
 				// Backoff starts over after a success.
@@ -108,8 +112,30 @@ func TestLegStep(t *testing.T) {
 			}},
 		{name: "reconnect to a grown export grows the device",
 			steps: []legStep{attached,
-				{at: time.Second, before: then(resize(128*mib), dies), calls: []string{"reconfigure nbd0 2 sockets size 134217728"},
-					wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1},
+				{at: time.Second, before: then(resize(128*mib), dies),
+					calls: []string{"reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size 134217728"},
+					wait:  5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1},
+			}},
+		{name: "reconnected but the grow fails: the size poll grows it",
+			steps: []legStep{attached,
+				{at: time.Second, before: then(resize(128*mib), dies, func(k *fakeKernel, _ *fakeStorage, _ *leg) {
+					k.resizeErr = errors.New("EIO")
+				}), calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
+					device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "growing /dev/nbd0 after the reconnect: EIO"},
+				// The size poll, 10 s after the reconnect.
+				{at: 11 * time.Second, calls: []string{"reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1, errHas: "EIO"},
+			}},
+		{name: "device replaced while dialing a reconnect: not reconfigured, attached again",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(k *fakeKernel, st *fakeStorage, l *leg) {
+					// Detached by hand and the number reused by an attach
+					// without a backend, which the kernel does not check.
+					st.onDial = func() { k.setDevice(kernel.Device{Index: 0, Connected: true, PID: 9, Size: 128 * mib, BlockSize: 512}) }
+					l.suspect(false)
+				}, wait: 0, state: StateFailed, errHas: "device is attached to another export"},
+				{at: time.Second, calls: []string{"connect " + backendA + " 2 sockets -> nbd2"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd2", size: 64 * mib, errHas: "another export"},
 			}},
 		{name: "events lost: fresh sockets, not a reconnect",
 			steps: []legStep{attached,
@@ -190,6 +216,24 @@ func TestLegStep(t *testing.T) {
 				{at: 2 * time.Minute, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.up(context.Background(), time.Time{}) },
 					calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
 					state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+			}},
+		{name: "down after the device was detached and its number reused: the other device stays",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
+					k.setDevice(running(0, "nbd://other:10809/x", mib))
+					if err := l.detach(context.Background(), time.Time{}); err != nil {
+						panic(err)
+					}
+				}, wait: idle, state: StateDown, noLink: true},
+			}},
+		{name: "down after the device was detached and reused without a backend",
+			steps: []legStep{attached,
+				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
+					k.setDevice(running(0, "", mib))
+					if err := l.detach(context.Background(), time.Time{}); err != nil {
+						panic(err)
+					}
+				}, wait: idle, state: StateDown, noLink: true},
 			}},
 	}
 	for _, tt := range tests {
@@ -287,5 +331,54 @@ func TestBackoff(t *testing.T) {
 		if diff := got - tt.want; diff < -time.Millisecond || diff > time.Millisecond {
 			t.Errorf("backoff(%d, jitter %v) = %v, want %v", tt.failures, tt.jitter, got, tt.want)
 		}
+	}
+}
+
+// TestReconnectBackoffGaps checks the waits between redials of a leg whose
+// device is waiting for a reconnect: I/O fails after the dead timeout, so a
+// box back within it must be redialed within it, a quarter of it at most.
+func TestReconnectBackoffGaps(t *testing.T) {
+	const s = time.Second
+	tests := []struct {
+		name        string
+		deadTimeout time.Duration
+		want        []time.Duration // after the 1st, 2nd... failed attempt
+	}{
+		// Before: 16, 30, 30 s after 8 s; the box back at 32 s was found at
+		// 61 s, after the guest's I/O had failed.
+		{name: "the default 60 s", deadTimeout: 60 * s, want: []time.Duration{1 * s, 2 * s, 4 * s, 8 * s, 15 * s, 15 * s, 15 * s}},
+		{name: "the VM suite's 5 s", deadTimeout: 5 * s, want: []time.Duration{1 * s, 1250 * time.Millisecond, 1250 * time.Millisecond}},
+		{name: "under 4 s: the shortest backoff", deadTimeout: 2 * s, want: []time.Duration{1 * s, 1 * s, 1 * s}},
+		{name: "over 2 min: the longest backoff", deadTimeout: 10 * time.Minute, want: []time.Duration{1 * s, 2 * s, 4 * s, 8 * s, 16 * s, 30 * s, 30 * s}},
+		// I/O has failed already: no hurry.
+		{name: "none: fails at once", deadTimeout: 0, want: []time.Duration{1 * s, 2 * s, 4 * s, 8 * s, 16 * s, 30 * s, 30 * s}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := newFakeKernel(t)
+			st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+			spec := testSpec()
+			spec.DeadTimeout = tt.deadTimeout
+			sv := newTestSupervisor(t, []Spec{spec}, k, st, nil)
+			l := sv.pairs[0].legs[0]
+			ctx := context.Background()
+			now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+			l.step(ctx, now)
+			st.set(uriA, func(e *fakeExport) { e.down = true })
+			l.suspect(false)
+			l.takeSuspicion(now)
+			var got []time.Duration
+			for range tt.want {
+				wait := l.step(ctx, now)
+				got = append(got, wait)
+				now = now.Add(wait)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("waits between redials (-want +got):\n%s", diff)
+			}
+			if state := l.status().State; state != StateReconnecting {
+				t.Errorf("state %s, want %s", state, StateReconnecting)
+			}
+		})
 	}
 }

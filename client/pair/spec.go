@@ -28,8 +28,9 @@ type Spec struct {
 	// kernel.MaxConnections; more than one needs a multi-conn export.
 	Connections int
 	// Timeout (timeout) bounds each request; a request unanswered this long
-	// is retried on another connection and its connection counted dead. 0
-	// leaves the kernel's default.
+	// is retried on another connection and its connection counted dead.
+	// It must be set: with 0, current kernels never time a request out, so
+	// a leg whose box went silent would hang the guest instead of failing.
 	Timeout time.Duration
 	// DeadTimeout (dead_timeout) is how long I/O waits for a reconnect once
 	// every connection of a leg is dead, before it fails (and the guest's
@@ -110,8 +111,15 @@ func ValidateSpecs(specs []Spec) error {
 		if s.Connections < 1 || s.Connections > kernel.MaxConnections {
 			bad("connections", "%d: want 1 to %d", s.Connections, kernel.MaxConnections)
 		}
-		if s.Timeout < 0 {
+		switch {
+		case s.Timeout < 0:
 			bad("timeout", "negative")
+		case s.Timeout == 0:
+			// Not "the kernel's default": with a zero timeout,
+			// nbd_xmit_timeout (drivers/block/nbd.c) only logs "Possible
+			// stuck request" and resets the timer, for ever.
+			bad("timeout", "0 means no request ever times out, so a storage box that goes silent hangs the guest "+
+				"instead of failing the leg: give one, such as %q (the default), or shorter for faster failover", "30s")
 		}
 		if s.DeadTimeout < 0 {
 			bad("dead_timeout", "negative")

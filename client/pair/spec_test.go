@@ -15,7 +15,7 @@ func TestValidateSpecs(t *testing.T) {
 		f(&s)
 		return []Spec{s}
 	}
-	other := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1}
+	other := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1, Timeout: 30 * time.Second}
 	tests := []struct {
 		name  string
 		specs []Spec
@@ -39,6 +39,10 @@ func TestValidateSpecs(t *testing.T) {
 		{name: "too many connections", specs: with(func(s *Spec) { s.Connections = 65 }), want: []string{"connections: 65"}},
 		{name: "negative timeouts", specs: with(func(s *Spec) { s.Timeout, s.DeadTimeout = -1, -time.Second }),
 			want: []string{"timeout: negative", "dead_timeout: negative"}},
+		// The kernel never times a request out then: no failover.
+		{name: "no timeout", specs: with(func(s *Spec) { s.Timeout = 0 }),
+			want: []string{`pair "vm1": timeout: 0 means no request ever times out`}},
+		{name: "no dead timeout: I/O fails at once", specs: with(func(s *Spec) { s.DeadTimeout = 0 })},
 		{name: "domain without vdevs", specs: with(func(s *Spec) { s.XenDomain = "guest1" }), want: []string{"vdevs: missing"}},
 		{name: "domain with a quote", specs: with(func(s *Spec) { s.XenDomain = "g'1"; s.Vdevs = []string{"xvdb", "xvdc"} }),
 			want: []string{"xen_domain: "}},

@@ -70,11 +70,11 @@ func TestRunReconnectsDeadLeg(t *testing.T) {
 		k.linkDead(0)
 		synctest.Wait()
 		checkStates(t, s, "vm1.a reconnecting /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
-		// It comes back 10 s later; the backoff (1, 2, 4, 8 s) finds it
-		// at 15 s.
+		// It comes back 10 s later; the backoff (1, 2, then 2.5 s: a
+		// quarter of the 10 s dead timeout) finds it at 10.5 s.
 		time.Sleep(10 * time.Second)
 		st.set(uriA, func(e *fakeExport) { e.down = false })
-		time.Sleep(4*time.Second + 900*time.Millisecond)
+		time.Sleep(400 * time.Millisecond)
 		synctest.Wait()
 		checkStates(t, s, "vm1.a reconnecting /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
 		time.Sleep(200 * time.Millisecond)
@@ -189,7 +189,7 @@ func TestRunEventsLostAndResubscribe(t *testing.T) {
 		st.set(uriB, func(e *fakeExport) { e.size = 128 * mib })
 		k.linkDead(1)
 		synctest.Wait()
-		if diff := cmp.Diff([]string{"reconfigure nbd1 2 sockets size 134217728"}, k.takeCalls()); diff != "" {
+		if diff := cmp.Diff([]string{"reconfigure nbd1 2 sockets", "reconfigure nbd1 0 sockets size 134217728"}, k.takeCalls()); diff != "" {
 			t.Errorf("after an event (-want +got):\n%s", diff)
 		}
 		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r1")
@@ -331,7 +331,7 @@ func TestReadyAndStartDown(t *testing.T) {
 		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib,
 			"nbd://192.0.2.2/vm2": 64 * mib, "nbd://198.51.100.2/vm2": 64 * mib})
 		st.set(uriA, func(e *fakeExport) { e.down = true })
-		vm2 := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1}
+		vm2 := Spec{Name: "vm2", URIs: [2]string{"nbd://192.0.2.2/vm2", "nbd://198.51.100.2/vm2"}, Connections: 1, Timeout: 30 * time.Second}
 		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec(), vm2}, Kernel: k, LinkDir: t.TempDir(),
 			Dial: st.dial, Info: st.info, Down: []string{"vm2"}}, &fakeRunner{t: t})
 		if err != nil {

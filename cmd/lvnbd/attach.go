@@ -380,16 +380,24 @@ func newReconnectCmd(host *hostDeps) *cobra.Command {
 		Short: "Give an attached device fresh connections, or its export's new size",
 		Long: `Dial the export again and hand the new connections to the kernel in place of
 dead ones, without detaching: I/O waiting for --dead-timeout resumes, and
-the device works again after it failed. The URI defaults to the device's
-backend (the one it was attached with); give another to reach the same export
-elsewhere. The kernel takes one new connection per dead one and drops the
-rest, so give --connections as many as the device was attached with.
+the device works again after it failed. The kernel takes one new connection
+per dead one and drops the rest, so give --connections as many as the device
+was attached with.
 
-If the export grew, the device grows with it. With --size, only that is done:
-the export's size is read again and pushed to the device (after lvextend on
-the server, say). A device never shrinks: detach it first.`,
+The device is reconnected to the export it was attached with, its backend
+('lvnbd list' shows it). A URI is needed only for a device attached without
+one (by another tool); a URI naming another export is refused, because the
+device's data would silently change under its users (an md mirror would
+keep both halves on one storage box and believe them in sync). To move a
+device to another export, detach it and attach the other: md then resyncs the
+new member.
+
+If the export grew, the device grows with it, once the fresh connections are
+in. With --size, only that is done: the export's size is read again and
+pushed to the device (after lvextend on the server, say). A device never
+shrinks: detach it first.`,
 		Example: `  lvnbd reconnect /dev/nbd3
-  lvnbd reconnect --connections 4 /dev/nbd3 nbd://storage-b/vm1
+  lvnbd reconnect --connections 4 /dev/nbd3
   lvnbd reconnect --size /dev/nbd3`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -414,30 +422,27 @@ the server, say). A device never shrinks: detach it first.`,
 			if !d.Running() {
 				return fmt.Errorf("%s is not attached (use lvnbd attach)", d.Path())
 			}
-			uri := d.Backend
+			var given string
 			if len(args) == 2 {
-				uri = args[1]
+				given = args[1]
 			}
-			if uri == "" {
-				return fmt.Errorf("%s has no backend identifier: give the export's URI", d.Path())
-			}
-			u, err := client.ParseURI(uri)
+			u, err := reconnectURI(d, given)
 			if err != nil {
 				return err
 			}
-			r := kernel.Reconfig{Timeout: timeout, DeadConnTimeout: deadTimeout, Backend: d.Backend}
-			var info client.ExportInfo
+			var (
+				info  client.ExportInfo
+				socks []*os.File
+			)
 			if sizeOnly {
 				if info, err = client.Info(ctx, u.String()); err != nil {
 					return err
 				}
 			} else {
-				socks, i, err := dialForKernel(ctx, u, conns)
-				if err != nil {
+				if socks, info, err = dialForKernel(ctx, u, conns); err != nil {
 					return err
 				}
 				defer kernel.CloseSockets(socks)
-				info, r.Sockets = i, socks
 				if info.ReadOnly() && !d.ReadOnly {
 					return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
 				}
@@ -446,13 +451,27 @@ the server, say). A device never shrinks: detach it first.`,
 			if err != nil {
 				return err
 			}
-			if size != d.Size {
-				r.Size = size
+			r := kernel.Reconfig{Timeout: timeout, DeadConnTimeout: deadTimeout, Backend: d.Backend}
+			if sizeOnly {
+				if size != d.Size {
+					r.Size = size
+				}
+			} else {
+				// The sockets go alone, and a new size after them: see
+				// kernel.Reconfig.
+				r.Sockets = socks
 			}
 			if err := k.Reconfigure(ctx, index, r); err != nil {
 				return err
 			}
-			if r.Size != 0 {
+			if !sizeOnly && size != d.Size {
+				r = kernel.Reconfig{Size: size, Backend: d.Backend}
+				if err := k.Reconfigure(ctx, index, r); err != nil {
+					return fmt.Errorf("%s has fresh connections, but growing it to %s failed (lvnbd reconnect --size %s retries): %w",
+						d.Path(), humanize.IBytes(size), d.Path(), err)
+				}
+			}
+			if size != d.Size {
 				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s grew from %s to %s\n", d.Path(), humanize.IBytes(d.Size), humanize.IBytes(size))
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), d.Path())
@@ -465,6 +484,30 @@ the server, say). A device never shrinks: detach it first.`,
 	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it)")
 	f.BoolVar(&sizeOnly, "size", false, "only push the export's current size to the device")
 	return cmd
+}
+
+// reconnectURI returns the export to reconnect device d to: its backend, or
+// given (which may be empty) for a device attached without one. A given URI
+// naming another export than d's backend is refused: the kernel would take
+// the other export's sockets under d's old name, and d's users (an md
+// mirror, say) would read another volume's data as theirs.
+func reconnectURI(d kernel.Device, given string) (client.URI, error) {
+	if given == "" {
+		if d.Backend == "" {
+			return client.URI{}, fmt.Errorf("%s was attached without a backend identifier (not by lvnbd attach): give the export's URI", d.Path())
+		}
+		given = d.Backend
+	}
+	u, err := client.ParseURI(given)
+	if err != nil {
+		return client.URI{}, err
+	}
+	if d.Backend != "" && u.String() != d.Backend {
+		return client.URI{}, fmt.Errorf("%s is attached to %s, not %s: reconnect only gives a device fresh connections to its own export. "+
+			"To move it to another export, detach it and attach that one (lvnbd detach %s; lvnbd attach %s); "+
+			"an md mirror then resyncs the new member", d.Path(), d.Backend, given, d.Path(), given)
+	}
+	return u, nil
 }
 
 // findDevice resolves a DEVICE|URI argument to a device.

@@ -74,6 +74,10 @@ func (k *fakeNBD) Disconnect(_ context.Context, index int) error {
 func (k *fakeNBD) Reconfigure(_ context.Context, index int, r kernel.Reconfig) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	// As kernel.Conn, it refuses sockets and a size together.
+	if err := r.Validate(); err != nil {
+		return err
+	}
 	for i, f := range r.Sockets {
 		checkKernelSocket(k.t, fmt.Sprintf("reconnect socket %d", i), f)
 	}
@@ -506,12 +510,25 @@ func TestReconnect(t *testing.T) {
 	if out != "/dev/nbd3\n" || !strings.Contains(errOut, "grew from 4.0 MiB to 8.0 MiB") {
 		t.Errorf("stdout %q, stderr %q", out, errOut)
 	}
-	if len(k.reconfigured) != 1 {
-		t.Fatalf("%d reconfigures", len(k.reconfigured))
+	// The sockets first and alone: a size in the same RECONFIGURE would
+	// be applied first, and its queue freeze would wait for the I/O parked
+	// until the dead timeout fails it.
+	type reconfig struct {
+		Sockets                  int
+		Size                     uint64
+		Timeout, DeadConnTimeout time.Duration
+		Backend                  string
 	}
-	r := k.reconfigured[0]
-	if len(r.Sockets) != 3 || r.Size != 8<<20 || r.DeadConnTimeout != time.Minute || r.Timeout != 0 || r.Backend != uri {
-		t.Errorf("Reconfig: %d sockets, size %d, timeouts %v/%v, backend %q", len(r.Sockets), r.Size, r.Timeout, r.DeadConnTimeout, r.Backend)
+	var got []reconfig
+	for _, r := range k.reconfigured {
+		got = append(got, reconfig{len(r.Sockets), r.Size, r.Timeout, r.DeadConnTimeout, r.Backend})
+	}
+	want := []reconfig{
+		{Sockets: 3, DeadConnTimeout: time.Minute, Backend: uri},
+		{Size: 8 << 20, Backend: uri},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("Reconfigure calls (-want +got):\n%s", diff)
 	}
 
 	// --size only: no sockets.
@@ -541,7 +558,7 @@ func TestReconnect(t *testing.T) {
 		"not running":    {args: []string{"/dev/nbd4"}, wantErr: "/dev/nbd4 is not attached"},
 		"free":           {args: []string{"/dev/nbd5"}, wantErr: "/dev/nbd5 is not attached"},
 		"bad device":     {args: []string{"nbd://x/y"}, wantErr: "not an nbd device"},
-		"unknown export": {args: []string{"/dev/nbd3", "nbd://" + addr + "/nope"}, wantErr: `export "nope" not found`},
+		"unknown export": {args: []string{"/dev/nbd3", "nbd://" + addr + "/nope"}, wantErr: "/dev/nbd3 is attached to " + uri},
 	} {
 		t.Run(name, func(t *testing.T) {
 			k := newKernel(tc.size)
@@ -551,6 +568,86 @@ func TestReconnect(t *testing.T) {
 			}
 			if len(k.reconfigured) != 0 {
 				t.Error("Reconfigure was called")
+			}
+		})
+	}
+}
+
+// TestReconnectRefusesAnotherExport checks that reconnect never points a
+// device at another export than its own: with a mirror leg, that would put
+// both halves on one storage box while md believes them in sync.
+func TestReconnectRefusesAnotherExport(t *testing.T) {
+	// Both boxes serve vm1 and answer: only the check stops the reconnect.
+	boxA, boxB := "nbd://"+serveExport(t, "vm1", 8<<20, false)+"/vm1", "nbd://"+serveExport(t, "vm1", 8<<20, false)+"/vm1"
+	const backendA = "nbd://storage-a:10809/vm1"
+	tests := []struct {
+		name    string
+		backend string // the device's
+		args    []string
+		wantErr []string // all in the error
+	}{
+		{name: "the other storage box", backend: boxA, args: []string{"--connections", "2", "/dev/nbd3", boxB},
+			wantErr: []string{"/dev/nbd3 is attached to " + boxA + ", not " + boxB,
+				"lvnbd detach /dev/nbd3; lvnbd attach " + boxB, "resync"}},
+		{name: "the other storage box, --size", backend: boxA, args: []string{"--size", "/dev/nbd3", boxB},
+			wantErr: []string{"/dev/nbd3 is attached to " + boxA + ", not " + boxB}},
+		{name: "another export on the same box", backend: backendA, args: []string{"/dev/nbd3", "nbd://storage-a/vm2"},
+			wantErr: []string{"attached to " + backendA + ", not nbd://storage-a/vm2"}},
+		{name: "another port", backend: backendA, args: []string{"/dev/nbd3", "nbd://storage-a:10810/vm1"},
+			wantErr: []string{"not nbd://storage-a:10810/vm1"}},
+		{name: "a unix socket", backend: backendA, args: []string{"/dev/nbd3", "nbd+unix:///vm1?socket=/run/nbd.sock"},
+			wantErr: []string{"not nbd+unix:///vm1?socket=/run/nbd.sock"}},
+		{name: "no backend and no URI", args: []string{"/dev/nbd3"},
+			wantErr: []string{"/dev/nbd3 was attached without a backend identifier", "give the export's URI"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := &fakeNBD{t: t, devs: []kernel.Device{{Index: 3, Connected: true, PID: 1, Backend: tt.backend, Size: 8 << 20, BlockSize: 512}}}
+			_, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), tt.args...)
+			if err == nil {
+				t.Fatal("reconnect succeeded")
+			}
+			for _, s := range tt.wantErr {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q lacks %q", err, s)
+				}
+			}
+			if len(k.reconfigured) != 0 {
+				t.Errorf("Reconfigure was called: %+v", k.reconfigured)
+			}
+		})
+	}
+}
+
+func TestReconnectURI(t *testing.T) {
+	dev := func(backend string) kernel.Device {
+		return kernel.Device{Index: 3, Connected: true, PID: 1, Backend: backend}
+	}
+	tests := []struct {
+		name  string
+		dev   kernel.Device
+		given string
+		want  string // the URI to dial, "" for an error
+	}{
+		{name: "the device's backend", dev: dev("nbd://storage-a:10809/vm1"), want: "nbd://storage-a:10809/vm1"},
+		{name: "its own export spelt short", dev: dev("nbd://storage-a:10809/vm1"), given: "nbd://storage-a/vm1",
+			want: "nbd://storage-a:10809/vm1"},
+		{name: "another export", dev: dev("nbd://storage-a:10809/vm1"), given: "nbd://storage-b/vm1"},
+		{name: "a device attached without a backend: the URI given", dev: dev(""), given: "nbd://storage-a/vm1",
+			want: "nbd://storage-a:10809/vm1"},
+		{name: "without a backend or a URI", dev: dev("")},
+		{name: "a bad URI", dev: dev("nbd://storage-a:10809/vm1"), given: "http://storage-a/vm1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			u, err := reconnectURI(tt.dev, tt.given)
+			switch {
+			case tt.want == "" && err == nil:
+				t.Errorf("reconnectURI = %s, want an error", u)
+			case tt.want != "" && err != nil:
+				t.Errorf("reconnectURI: %v, want %s", err, tt.want)
+			case err == nil && u.String() != tt.want:
+				t.Errorf("reconnectURI = %s, want %s", u, tt.want)
 			}
 		})
 	}

@@ -4,7 +4,8 @@
 # I/O on the device fails after the dead-connection timeout instead of hanging. The server comes
 # back with a grown file; lvnbd reconnect gives the device fresh connections and the new size
 # without detaching, and the data flushed before the kill is intact. Also: lvnbd reconnect
-# --size pushes a grown export's size to a live device.
+# --size pushes a grown export's size to a live device, never shrinks it, and reconnect refuses
+# another export's URI.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 need_lvnbd
@@ -32,19 +33,14 @@ dd if=/dev/urandom of=src bs=1M count=16 status=none
 want=$(sha src)
 dd if=src of="$dev" bs=1M oflag=direct conv=fsync status=none
 
-# The export grows (lvextend, say): reconnect --size asks for the new size, here through a second
-# server on the same file, and the live device grows. Server 1 keeps serving the old size.
+# The export grows (lvextend, say): reconnect --size asks the device's server for the new size,
+# and the live device grows.
 truncate -s 96M disk.img
-first=$server
-serve 10810
-lvnbd reconnect --size "$dev" nbd://127.0.0.1:10810/disk
+lvnbd reconnect --size "$dev"
 assert_eq $((96 << 20)) "$(size_of "$dev")" "size after reconnect --size"
 # Nothing to do when the size is unchanged.
-assert_eq "$dev" "$(lvnbd reconnect --size "$dev" nbd://127.0.0.1:10810/disk)" "reconnect --size, same size"
+assert_eq "$dev" "$(lvnbd reconnect --size "$dev")" "reconnect --size, same size"
 assert_eq $((96 << 20)) "$(size_of "$dev")" "size after a second reconnect --size"
-kill "$server"
-wait "$server" || true
-server=$first
 
 # Watch for LINK_DEAD, then kill the server.
 lvnbd list --watch --json >events 2>watch.err &
@@ -103,13 +99,21 @@ echo "read across the reconnect took $((SECONDS - start))s"
 assert_eq "$want" "$(sha during)" "data read across the reconnect"
 
 # A device never shrinks in place.
-truncate -s 64M disk2.img
-lvnbd serve --listen tcp://127.0.0.1:10811 --export "disk=$PWD/disk2.img" 2>>server-10811.log &
-small=$!
-wait_for "[[ \$(tcp_sockets 10811 0A) == 1 ]]" 10
-if lvnbd reconnect --size "$dev" nbd://127.0.0.1:10811/disk 2>err; then fail "reconnect shrank $dev"; fi
+truncate -s 64M disk.img
+if lvnbd reconnect --size "$dev" 2>err; then fail "reconnect shrank $dev"; fi
 grep -q "shrank" err || fail "reconnect to a smaller export: $(cat err)"
-kill "$small"
+truncate -s 96M disk.img
+
+# A device is never reconnected to another export: its data would change under its users.
+truncate -s 96M disk2.img
+lvnbd serve --listen tcp://127.0.0.1:10811 --export "disk=$PWD/disk2.img" 2>>server-10811.log &
+other=$!
+wait_for "[[ \$(tcp_sockets 10811 0A) == 1 ]]" 10
+for opt in "" --size; do
+	if lvnbd reconnect ${opt:+"$opt"} "$dev" nbd://127.0.0.1:10811/disk 2>err; then fail "reconnect $opt moved $dev to another export"; fi
+	grep -q "fresh connections to its own export" err || fail "reconnect $opt to another export: $(cat err)"
+done
+kill "$other"
 
 kill "$watcher"
 lvnbd detach "$dev"
