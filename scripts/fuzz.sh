@@ -48,8 +48,11 @@ for pkg in "${pkgs[@]}"; do
 		if $grow && [ -d "$src" ]; then
 			mkdir -p "$dir/testdata/fuzz/$f"
 			# The newest 64 entries are plenty to replay; keep the corpus small.
-			find "$src" -type f -printf '%T@ %f\n' | sort -rn | head -64 | while read -r _ e; do
-				cp -n "$src/$e" "$dir/testdata/fuzz/$f/"
+			# (Not `| head -64` in the pipeline: with pipefail, sort's SIGPIPE
+			# when there are more would stop the script.)
+			mapfile -t newest < <(find "$src" -type f -printf '%T@ %f\n' | sort -rn)
+			for entry in "${newest[@]:0:64}"; do
+				cp -n "$src/${entry#* }" "$dir/testdata/fuzz/$f/"
 			done
 		fi
 	done
