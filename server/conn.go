@@ -313,6 +313,11 @@ func (c *conn) readLoop(ctx context.Context) string {
 		var payload []byte
 		var pipe *splicePipe
 		if req.Command == nbd.CmdWrite && req.Length > 0 {
+			if c.r.buffered() < int(req.Length) {
+				// The payload is still coming, maybe slowly (32 MiB
+				// over a GbE link): what is held goes out first.
+				flush()
+			}
 			var err error
 			if payload, pipe, err = c.readWritePayload(req); err != nil {
 				c.release(cost)

@@ -296,3 +296,27 @@ func TestShutdownWithAClientThatDoesNotRead(t *testing.T) {
 	c.nc.Close()
 	<-stalled
 }
+
+// A reply the reader holds goes out before the reader waits for a write's
+// payload: the payload may take long to arrive, and the reply must not wait
+// for it.
+func TestHeldRepliesDoNotWaitForAPayload(t *testing.T) {
+	disk, _ := fileExportIn(t, memoryDir(t), "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+	// A small read (answered on the reader, its reply held), then a write
+	// whose payload comes only in part.
+	b, _ := nbd.RequestHeader{Command: nbd.CmdRead, Handle: 1, Offset: 0, Length: 512}.AppendBinary(nil)
+	b, _ = nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 2, Offset: 4096, Length: 128 << 10}.AppendBinary(b)
+	c.write(append(b, make([]byte, 4096)...))
+	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if res := c.simpleReply(512); res.handle != 1 || res.errno != 0 {
+		t.Fatalf("got reply %d (errno %v), want the read's", res.handle, res.errno)
+	}
+	c.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+	c.write(make([]byte, 124<<10))
+	if res := c.simpleReply(0); res.handle != 2 || res.errno != 0 {
+		t.Fatalf("got reply %d (errno %v), want the write's", res.handle, res.errno)
+	}
+}
