@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
@@ -133,7 +135,7 @@ func infoExport(ctx context.Context, w io.Writer, uri string, asJSON bool) error
 		return writeJSON(w, j)
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "export:\t%s\n", quoteEmpty(j.ExportName))
+	fmt.Fprintf(tw, "export:\t%s\n", showName(j.ExportName))
 	fmt.Fprintf(tw, "uri:\t%s\n", j.URI)
 	fmt.Fprintf(tw, "description:\t%s\n", orNone(j.Description))
 	fmt.Fprintf(tw, "size:\t%d (%s)\n", j.Size, humanize.IBytes(j.Size))
@@ -182,7 +184,7 @@ func infoList(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tDESCRIPTION")
 	for _, e := range out {
-		fmt.Fprintf(tw, "%s\t%s\n", quoteEmpty(e.Name), e.Description)
+		fmt.Fprintf(tw, "%s\t%s\n", showName(e.Name), e.Description)
 	}
 	return tw.Flush()
 }
@@ -281,9 +283,13 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
-func quoteEmpty(s string) string {
-	if s == "" {
-		return `""`
+// showName is an export name as text output shows it: quoted when it is
+// empty, or when it holds what a terminal would act on or could not show
+// (control characters, invalid UTF-8). The names come from the server, which
+// must not be able to write escape sequences to an admin's terminal.
+func showName(s string) string {
+	if s == "" || !utf8.ValidString(s) || strings.IndexFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0 {
+		return strconv.Quote(s)
 	}
 	return s
 }

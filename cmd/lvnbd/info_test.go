@@ -244,3 +244,22 @@ func TestInfoErrors(t *testing.T) {
 		})
 	}
 }
+
+// Export names come from the server: text output quotes any that a terminal
+// would act on, so a server cannot write escape sequences to it.
+func TestShowName(t *testing.T) {
+	for _, tc := range []struct{ name, want string }{
+		{"", `""`},
+		{"vm1", "vm1"},
+		{"vm1-snap 2026", "vm1-snap 2026"},
+		{"été", "été"},
+		{"\x1b[2J\x1b[Hvm1", `"\x1b[2J\x1b[Hvm1"`},
+		{"vm1\n", `"vm1\n"`},
+		{"bad\xffutf8", `"bad\xffutf8"`},
+		{"\u202evm1", `"\u202evm1"`}, // right-to-left override: not printable
+	} {
+		if got := showName(tc.name); got != tc.want {
+			t.Errorf("showName(%q) = %s, want %s", tc.name, got, tc.want)
+		}
+	}
+}
