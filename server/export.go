@@ -299,14 +299,26 @@ type ExportStatus struct {
 	ReadOnly bool         `json:"read_only"`
 	Path     string       `json:"description"`
 	Clients  []ClientInfo `json:"clients"`
+	// Failed says why every request to the export fails, if it does: a
+	// write-back failed (see backend.WriteBackError).
+	Failed string `json:"failed,omitempty"`
 }
+
+// failer is a backend that can have failed for good (backend.File).
+type failer interface{ Failed() error }
 
 // Status describes every export and its clients.
 func (r *Registry) Status() []ExportStatus {
 	var out []ExportStatus
 	for _, e := range r.List() {
-		out = append(out, ExportStatus{Name: e.Name, Size: e.Backend.Size(), ReadOnly: e.ReadOnly,
-			Path: e.Description, Clients: e.Clients()})
+		st := ExportStatus{Name: e.Name, Size: e.Backend.Size(), ReadOnly: e.ReadOnly,
+			Path: e.Description, Clients: e.Clients()}
+		if f, ok := e.Backend.(failer); ok {
+			if err := f.Failed(); err != nil {
+				st.Failed = err.Error()
+			}
+		}
+		out = append(out, st)
 	}
 	return out
 }

@@ -7,8 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lvnbd/lvnbd/nbd"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/lvnbd/lvnbd/nbd"
 )
 
 // fenceServer serves e with an empty fence list, through the listener wrap

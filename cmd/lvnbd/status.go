@@ -21,8 +21,10 @@ func newStatusCmd() *cobra.Command {
 		Use:   "status",
 		Short: "Show a running server's exports and connected clients",
 		Long: `Show what the lvnbd server on this box exports and who is connected, with
-byte counts per connection. It asks the server through its control socket
-(root only).`,
+byte counts per connection. An export whose storage failed to write back data
+shows as FAILED, with why and what to do: every request to it fails until
+lvnbd is restarted. It asks the server through its control socket (root
+only).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := control.NewClient(ctlPath).Status(cmd.Context())
@@ -45,9 +47,17 @@ byte counts per connection. It asks the server through its control socket
 				if e.ReadOnly {
 					mode = "ro"
 				}
+				if e.Failed != "" {
+					mode = "FAILED"
+				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", e.Name, humanize.IBytes(uint64(e.Size)), mode, len(e.Clients))
 			}
 			tw.Flush()
+			for _, e := range st.Exports {
+				if e.Failed != "" {
+					fmt.Fprintf(out, "  %s: FAILED: %s\n", e.Name, e.Failed)
+				}
+			}
 			for _, e := range st.Exports {
 				for _, c := range e.Clients {
 					fmt.Fprintf(out, "  %s: connection %d from %s since %s, read %s, written %s\n", e.Name, c.ID, c.Peer,

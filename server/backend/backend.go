@@ -323,6 +323,10 @@ func (b *File) pwritev2(p []byte, off int64, flags int) error {
 	return nil
 }
 
+// Failed returns the WriteBackError every request to this backend fails
+// with, or nil while it works.
+func (b *File) Failed() error { return b.syncs.check() }
+
 // dsyncRefused reports whether a write with RWF_DSYNC failed because the
 // kernel does not take the flag, having written nothing.
 func dsyncRefused(err error) bool {

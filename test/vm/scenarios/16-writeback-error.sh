@@ -60,6 +60,9 @@ if dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none; then
 fi
 grep -q 'every read, write and flush of it fails' server.log || fail "the server did not log why flushes fail"
 grep -q 'restart lvnbd' server.log || fail "the server's log does not say what to do"
+lvnbd status >status
+grep -q 'FAILED' status || fail "lvnbd status does not show the export failed: $(cat status)"
+lvnbd status --json | grep -q '"failed": ".*restart lvnbd' || fail "lvnbd status --json has no reason"
 
 lvnbd detach "$dev"
 kill "$server"
