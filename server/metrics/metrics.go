@@ -131,18 +131,27 @@ var (
 	sizeDesc  = prometheus.NewDesc("lvnbd_export_size_bytes", "Size of each export.", []string{"export", "read_only"}, nil)
 	connDesc  = prometheus.NewDesc("lvnbd_connections", "Client connections open to each export.", []string{"export"}, nil)
 	fenceDesc = prometheus.NewDesc("lvnbd_fenced_clients", "Clients fenced off this server's exports.", nil, nil)
+	failDesc  = prometheus.NewDesc("lvnbd_export_failed",
+		"1 when a write-back to the export's storage failed and every request to it fails until lvnbd is restarted (lvnbd status says why).",
+		[]string{"export"}, nil)
 )
 
 func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- sizeDesc
 	ch <- connDesc
 	ch <- fenceDesc
+	ch <- failDesc
 }
 
 func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, e := range s.exports.Status() {
 		ch <- prometheus.MustNewConstMetric(sizeDesc, prometheus.GaugeValue, float64(e.Size), e.Name, fmt.Sprint(e.ReadOnly))
 		ch <- prometheus.MustNewConstMetric(connDesc, prometheus.GaugeValue, float64(len(e.Clients)), e.Name)
+		failed := 0.0
+		if e.Failed != "" {
+			failed = 1
+		}
+		ch <- prometheus.MustNewConstMetric(failDesc, prometheus.GaugeValue, failed, e.Name)
 	}
 	if s.fences != nil {
 		ch <- prometheus.MustNewConstMetric(fenceDesc, prometheus.GaugeValue, float64(len(s.fences.List())))

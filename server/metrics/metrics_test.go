@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"errors"
 	"io"
 	"net/http/httptest"
 	"strings"
@@ -11,13 +12,21 @@ import (
 	"github.com/lvnbd/lvnbd/server"
 )
 
-type fakeBackend struct{ server.Backend }
+type fakeBackend struct {
+	server.Backend
+	failed error
+}
 
 func (fakeBackend) Size() int64 { return 1 << 20 }
+
+func (f fakeBackend) Failed() error { return f.failed }
 
 func TestMetrics(t *testing.T) {
 	reg := server.NewRegistry()
 	if err := reg.Add(&server.Export{Name: "vm1", Backend: fakeBackend{}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Add(&server.Export{Name: "vm2", Backend: fakeBackend{failed: errors.New("fdatasync: EIO")}}); err != nil {
 		t.Fatal(err)
 	}
 	fences, _ := server.LoadFences("")
@@ -41,6 +50,8 @@ func TestMetrics(t *testing.T) {
 		`lvnbd_export_size_bytes{export="vm1",read_only="false"} 1.048576e+06`,
 		`lvnbd_connections{export="vm1"} 0`,
 		`lvnbd_fenced_clients 0`,
+		`lvnbd_export_failed{export="vm1"} 0`,
+		`lvnbd_export_failed{export="vm2"} 1`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
