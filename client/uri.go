@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -182,6 +184,25 @@ func (u URI) Address() string {
 }
 
 // String formats the URI so that ParseURI gives it back.
+// Server names the server u dials, so that two URIs on one server compare
+// equal (a pair's legs must not): for TCP the host, lower-cased and without a
+// trailing dot (an IP address in its canonical form), and the port; for a
+// Unix socket its cleaned path. Host names are not resolved, so two names of
+// one machine still differ.
+func (u URI) Server() string {
+	if u.IsUnix() {
+		if strings.HasPrefix(u.Socket, "\x00") {
+			return "unix:" + u.Socket // abstract: no file system path to clean
+		}
+		return "unix:" + filepath.Clean(u.Socket)
+	}
+	host := strings.TrimSuffix(strings.ToLower(u.Host), ".")
+	if ip, err := netip.ParseAddr(host); err == nil {
+		host = ip.Unmap().String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(u.Port))
+}
+
 func (u URI) String() string {
 	out := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}
 	if !u.IsUnix() {

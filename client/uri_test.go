@@ -133,3 +133,24 @@ func FuzzParseURI(f *testing.F) {
 		}
 	})
 }
+
+// Server puts two URIs of one server on the same name, without DNS.
+func TestURIServer(t *testing.T) {
+	for _, tc := range []struct{ uri, want string }{
+		{"nbd://storage-a/vm1", "storage-a:10809"},
+		{"nbd://Storage-A.example./vm2", "storage-a.example:10809"},
+		{"nbd://10.0.1.1:10809/vm1", "10.0.1.1:10809"},
+		{"nbd://10.0.1.1:10900/vm1", "10.0.1.1:10900"},
+		{"nbd://[::ffff:10.0.1.1]/vm1", "10.0.1.1:10809"},
+		{"nbd://[2001:db8::1]/vm1", "[2001:db8::1]:10809"},
+		{"nbd+unix:///vm1?socket=/run/lvnbd//a.sock", "unix:/run/lvnbd/a.sock"},
+	} {
+		u, err := ParseURI(tc.uri)
+		if err != nil {
+			t.Fatalf("ParseURI(%q): %v", tc.uri, err)
+		}
+		if got := u.Server(); got != tc.want {
+			t.Errorf("%s: Server() = %q, want %q", tc.uri, got, tc.want)
+		}
+	}
+}

@@ -133,15 +133,25 @@ func (c *ClientConfig) validate(p *problems) {
 				names[pr.Name] = i
 			}
 		}
-		for _, leg := range []struct{ key, uri string }{{"a", pr.A}, {"b", pr.B}} {
+		var legs [2]*client.URI
+		for i, leg := range []struct{ key, uri string }{{"a", pr.A}, {"b", pr.B}} {
 			if leg.uri == "" {
 				p.add(key+"."+leg.key, "missing: give the NBD URI of this leg, such as \"nbd://10.0.1.1/vm1\"")
-			} else if _, err := client.ParseURI(leg.uri); err != nil {
+			} else if u, err := client.ParseURI(leg.uri); err != nil {
 				p.add(key+"."+leg.key, "%s", withFix(err, "write nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH"))
+			} else {
+				legs[i] = &u
 			}
 		}
-		if pr.A != "" && pr.A == pr.B {
+		switch a, b := legs[0], legs[1]; {
+		case a == nil || b == nil:
+		case a.String() == b.String():
 			p.add(key+".b", "the same URI as a: give the URI of the same volume on the other storage box")
+		case a.Server() == b.Server():
+			// Names are compared as written, not resolved: a
+			// configuration load must not wait on DNS.
+			p.add(key+".b", "%s is on the same server as a (%s): the mirror would have both halves on one storage box; "+
+				"give b the URI of the volume on the other box", pr.B, a.Address())
 		}
 		if pr.Timeout == 0 {
 			// The kernel then never fails a request to a box gone silent,

@@ -14,6 +14,10 @@ var validClient = []struct {
 	{"empty", "", nil},
 	{"defaults", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n",
 		[]Pair{{Name: "vm1", A: "nbd://10.0.1.1/vm1", B: "nbd://10.0.2.1/vm1", Connections: 1, Timeout: 30 * time.Second, DeadTimeout: time.Minute}}},
+	// Two servers told apart by their ports: lvnbd cannot know they share a
+	// box, as with two names of one machine.
+	{"one host, two ports", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1:10810/vm1\"\n",
+		[]Pair{{Name: "vm1", A: "nbd://10.0.1.1/vm1", B: "nbd://10.0.1.1:10810/vm1", Connections: 1, Timeout: 30 * time.Second, DeadTimeout: time.Minute}}},
 	{"everything", `
 [[pair]]
 name = "vm1"
@@ -68,6 +72,18 @@ var invalidClient = []struct {
 	{"no leg b", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "NBD URI", 1},
 	{"bad leg a", "[[pair]]\nname = \"vm1\"\na = \"http://10.0.1.1/vm1\"\nb = \"nbd://10.0.2.1/vm1\"\n", "pair[0].a", "want nbd", 3},
 	{"same legs", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1/vm1\"\n", "pair[0].b", "other storage box", 4},
+	{"same legs, default port written out", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1:10809/vm1\"\n",
+		"pair[0].b", "the same URI as a", 4},
+	// Two exports on one storage box: the mirror would die with it.
+	{"legs on one server", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://10.0.1.1:10809/vm1-b\"\n",
+		"pair[0].b", "nbd://10.0.1.1:10809/vm1-b is on the same server as a (10.0.1.1:10809): " +
+			"the mirror would have both halves on one storage box; give b the URI of the volume on the other box", 4},
+	{"legs on one server, names differing in case", "[[pair]]\nname = \"vm1\"\na = \"nbd://Storage-A/vm1\"\nb = \"nbd://storage-a./vm1-b\"\n",
+		"pair[0].b", "on the same server as a (Storage-A:10809)", 4},
+	{"legs on one server, IPv4-mapped IPv6", "[[pair]]\nname = \"vm1\"\na = \"nbd://10.0.1.1/vm1\"\nb = \"nbd://[::ffff:10.0.1.1]/vm1-b\"\n",
+		"pair[0].b", "on the same server as a", 4},
+	{"legs on one Unix socket", "[[pair]]\nname = \"vm1\"\na = \"nbd+unix:///vm1?socket=/run/lvnbd.sock\"\nb = \"nbd+unix:///vm1-b?socket=/run//lvnbd.sock\"\n",
+		"pair[0].b", "on the same server as a (/run/lvnbd.sock)", 4},
 	{"zero connections", pairHead + "connections = 0\n", "pair[0].connections", "want 1 to 16", 5},
 	{"too many connections", pairHead + "connections = 17\n", "pair[0].connections", "want 1 to 16", 5},
 	{"timeout as number", pairHead + "timeout = 30\n", "pair[0].timeout", `such as "30s"`, 5},

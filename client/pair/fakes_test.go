@@ -34,6 +34,10 @@ type fakeKernel struct {
 	// connectErr and reconfigureErr fail the next such call, resizeErr the
 	// next reconfigure with a size.
 	connectErr, reconfigureErr, resizeErr error
+	// onConnect, if set, runs once a Connect of its backend has made the
+	// device and before Connect returns (without k.mu held, so that it may
+	// call linkDead).
+	onConnect map[string]func(index int)
 }
 
 func newFakeKernel(t testing.TB, devs ...kernel.Device) *fakeKernel {
@@ -56,6 +60,18 @@ func checkOpen(t testing.TB, what string, files []*os.File) {
 }
 
 func (k *fakeKernel) Connect(_ context.Context, cfg kernel.Config) (int, error) {
+	index, err := k.connect(cfg)
+	k.mu.Lock()
+	hook := k.onConnect[cfg.Backend]
+	delete(k.onConnect, cfg.Backend)
+	k.mu.Unlock()
+	if err == nil && hook != nil {
+		hook(index)
+	}
+	return index, err
+}
+
+func (k *fakeKernel) connect(cfg kernel.Config) (int, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if err := cfg.Validate(); err != nil {

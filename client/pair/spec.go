@@ -68,7 +68,8 @@ func (e *SpecError) Error() string {
 var uriKeys = [2]string{"a", "b"}
 
 // ValidateSpecs checks every pair and their relations: unique names, no
-// export in two places, no guest device used twice in a domain. Every
+// export in two places, a pair's legs on two servers, no guest device used
+// twice in a domain. Every
 // problem is reported, each a *SpecError, joined.
 func ValidateSpecs(specs []Spec) error {
 	var errs []error
@@ -86,6 +87,7 @@ func ValidateSpecs(specs []Spec) error {
 		} else {
 			names[s.Name] = i
 		}
+		var parsed [2]*client.URI
 		for leg, raw := range s.URIs {
 			key := uriKeys[leg]
 			if raw == "" {
@@ -101,12 +103,21 @@ func ValidateSpecs(specs []Spec) error {
 				bad(key, "%s: the kernel cannot speak TLS: use nbd:// or nbd+unix://", raw)
 				continue
 			}
+			parsed[leg] = &u
 			where := s.Name + "." + key
 			if other, dup := backends[u.String()]; dup {
 				bad(key, "%s is also %s: each leg needs its own export", u, other)
 				continue
 			}
 			backends[u.String()] = where
+		}
+		// Two exports on one server are two volumes on one storage box:
+		// the guest's mirror would lose both halves with that box. Names
+		// are compared as written, not resolved: this runs at every
+		// configuration load, which must not wait on DNS.
+		if a, b := parsed[0], parsed[1]; a != nil && b != nil && a.String() != b.String() && a.Server() == b.Server() {
+			bad("b", "%s is on the same server as a (%s): the mirror would have both halves on one storage box; "+
+				"give b the URI of the volume on the other box", b, a.Address())
 		}
 		if s.Connections < 1 || s.Connections > kernel.MaxConnections {
 			bad("connections", "%d: want 1 to %d", s.Connections, kernel.MaxConnections)

@@ -33,8 +33,28 @@ func TestValidateSpecs(t *testing.T) {
 		{name: "TLS", specs: with(func(s *Spec) { s.URIs[1] = "nbds://x/y" }), want: []string{"b: nbds://x/y: the kernel cannot speak TLS"}},
 		{name: "both legs one export", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2:10809/vm1" }),
 			want: []string{"b: nbd://192.0.2.2:10809/vm1 is also vm1.a"}},
-		{name: "export in two pairs", specs: []Spec{testSpec(), func() Spec { o := other; o.URIs[0] = uriB; return o }()},
-			want: []string{`pair "vm2": a: ` + backendB + " is also vm1.b"}},
+		// Two exports, one storage box: the mirror would die with it.
+		{name: "both legs one server", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2/vm1-b" }),
+			want: []string{`pair "vm1": b: nbd://192.0.2.2:10809/vm1-b is on the same server as a (192.0.2.2:10809): ` +
+				"the mirror would have both halves on one storage box; give b the URI of the volume on the other box"}},
+		{name: "one server, default port written out", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2:10809/vm1-b" }),
+			want: []string{"b: nbd://192.0.2.2:10809/vm1-b is on the same server as a"}},
+		{name: "one server, IPv4-mapped IPv6", specs: with(func(s *Spec) { s.URIs[1] = "nbd://[::ffff:192.0.2.2]/vm1-b" }),
+			want: []string{"is on the same server as a"}},
+		{name: "one server, names differing in case", specs: with(func(s *Spec) {
+			s.URIs = [2]string{"nbd://Storage-A.example/vm1", "nbd://storage-a.example./vm1-b"}
+		}), want: []string{"b: nbd://storage-a.example.:10809/vm1-b is on the same server as a (Storage-A.example:10809)"}},
+		{name: "one Unix socket", specs: with(func(s *Spec) {
+			s.URIs = [2]string{"nbd+unix:///vm1?socket=/run/lvnbd.sock", "nbd+unix:///vm1-b?socket=/run//lvnbd.sock"}
+		}), want: []string{"b: nbd+unix:///vm1-b?socket=/run//lvnbd.sock is on the same server as a (/run/lvnbd.sock)"}},
+		{name: "two Unix sockets", specs: with(func(s *Spec) {
+			s.URIs = [2]string{"nbd+unix:///vm1?socket=/run/a.sock", "nbd+unix:///vm1?socket=/run/b.sock"}
+		})},
+		// Two servers on one host, told apart by their ports: lvnbd cannot
+		// know they share a box, as with two names of one machine.
+		{name: "one host, two ports", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2:10810/vm1" })},
+		{name: "export in two pairs", specs: []Spec{testSpec(), func() Spec { o := other; o.URIs[1] = uriB; return o }()},
+			want: []string{`pair "vm2": b: ` + backendB + " is also vm1.b"}},
 		{name: "no connections", specs: with(func(s *Spec) { s.Connections = 0 }), want: []string{"connections: 0: want 1 to 64"}},
 		{name: "too many connections", specs: with(func(s *Spec) { s.Connections = 65 }), want: []string{"connections: 65"}},
 		{name: "negative timeouts", specs: with(func(s *Spec) { s.Timeout, s.DeadTimeout = -1, -time.Second }),

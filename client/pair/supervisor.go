@@ -226,7 +226,17 @@ func (s *Supervisor) watch(ctx context.Context, events <-chan int) {
 				s.mu.Unlock()
 				if l != nil {
 					l.suspect(false)
+					break
 				}
+				// The device may be a leg's whose Connect the kernel has
+				// accepted but which has not recorded it yet: the kernel
+				// sends one notice per dead connection, so dropping this
+				// one would leave that leg "connected" on a dead
+				// connection. As after lost notices, every leg checks;
+				// those without a device yet ignore it.
+				s.log.Info("dead connection on a device no leg has (yet): checking every leg",
+					zap.String("device", kernel.DevicePath(index)))
+				s.suspectAll()
 			}
 		}
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/lvnbd/lvnbd/bench"
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/pair"
 	"github.com/lvnbd/lvnbd/guest"
 )
 
@@ -38,8 +39,8 @@ type nbdKernel interface {
 type hostDeps struct {
 	openKernel func(ctx context.Context) (nbdKernel, error)
 	// users says what keeps device index busy: mounts, device-mapper or md
-	// holders.
-	users func(index int) ([]string, error)
+	// holders, a pair's stable link under linkDir, Xen's block backend.
+	users func(index int, linkDir string) ([]string, error)
 	// nodeTimeout bounds the wait for /dev/nbdN to appear after attach.
 	nodeTimeout time.Duration
 }
@@ -53,7 +54,9 @@ func realHost() *hostDeps {
 			}
 			return c, nil
 		},
-		users:       func(index int) ([]string, error) { return deviceUsers("/sys", "/proc/self/mountinfo", index) },
+		users: func(index int, linkDir string) ([]string, error) {
+			return deviceUsers("/sys", "/proc/self/mountinfo", linkDir, index)
+		},
 		nodeTimeout: 2 * time.Second,
 	}
 }
@@ -104,6 +107,14 @@ be attached only once per host.`,
 			}
 			if err := checkConnectionFlags(conns, timeout, deadTimeout); err != nil {
 				return err
+			}
+			if timeout == 0 {
+				// Not "the kernel's default": with a zero timeout,
+				// nbd_xmit_timeout (drivers/block/nbd.c) only logs
+				// "Possible stuck request" and re-arms the timer, for
+				// ever, so a server gone silent hangs the device's I/O.
+				return fmt.Errorf("--timeout 0 means no request ever times out, so I/O to a server that goes silent hangs for ever: "+
+					"give a timeout, such as %s (the default), or a longer one such as 5m for a slow link", defaultTimeout)
 			}
 			index := kernel.AnyDevice
 			if device != "" {
@@ -173,7 +184,7 @@ be attached only once per host.`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&conns, "connections", 1, "connections to open; more than 1 needs a multi-conn export")
-	f.DurationVar(&timeout, "timeout", defaultTimeout, "retry or fail a request unanswered this long (0: the kernel's default)")
+	f.DurationVar(&timeout, "timeout", defaultTimeout, "retry or fail a request unanswered this long (not 0: the kernel would never time a request out)")
 	f.DurationVar(&deadTimeout, "dead-timeout", defaultDeadTimeout, "with every connection dead, fail I/O after this long (0: at once)")
 	f.StringVar(&device, "device", "", "the device to use, /dev/nbdN (default: a free one)")
 	f.StringVar(&blockSize, "block-size", "", "logical block size, 512 to 4k (default: the export's minimum, at least 512)")
@@ -185,14 +196,19 @@ func newDetachCmd(host *hostDeps) *cobra.Command {
 	if host == nil {
 		host = realHost()
 	}
-	var force bool
+	var (
+		force   bool
+		linkDir string
+	)
 	cmd := &cobra.Command{
 		Use:   "detach DEVICE|URI",
 		Short: "Disconnect an attached NBD device",
 		Long: `Disconnect /dev/nbdN, or the device attached to URI: the kernel sends the
 server NBD_CMD_DISC on every connection and removes the device's size.
 
-A device that is mounted or used by device-mapper or md is refused unless
+A device that is mounted, used by device-mapper or md, a leg of a pair (a
+link under --link-dir points at it: use 'lvnbd pair down') or given to a Xen
+guest (blkback opens it without showing as a holder) is refused unless
 --force; with --force the device keeps its last state until its users let go,
 and their I/O fails.`,
 		Example: `  lvnbd detach /dev/nbd3
@@ -213,7 +229,7 @@ and their I/O fails.`,
 				return fmt.Errorf("%s is not attached", d.Path())
 			}
 			if !force {
-				users, err := host.users(d.Index)
+				users, err := host.users(d.Index, linkDir)
 				if err != nil {
 					return fmt.Errorf("checking whether %s is in use: %w", d.Path(), err)
 				}
@@ -239,7 +255,8 @@ and their I/O fails.`,
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&force, "force", false, "disconnect even if the device is mounted or held by dm or md")
+	cmd.Flags().BoolVar(&force, "force", false, "disconnect even if the device is mounted, held by dm or md, a pair's leg or a Xen guest's disk")
+	cmd.Flags().StringVar(&linkDir, "link-dir", pair.DefaultLinkDir, "where lvnbd client puts the pairs' stable names (its --link-dir)")
 	return cmd
 }
 
@@ -480,8 +497,8 @@ shrinks: detach it first.`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&conns, "connections", 1, "fresh connections to offer (as many as the device was attached with)")
-	f.DurationVar(&timeout, "timeout", 0, "also change the request timeout (0: leave it)")
-	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it)")
+	f.DurationVar(&timeout, "timeout", 0, "also change the request timeout (0: leave it as it is)")
+	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it as it is, not \"fail at once\" as with attach)")
 	f.BoolVar(&sizeOnly, "size", false, "only push the export's current size to the device")
 	return cmd
 }
@@ -573,8 +590,10 @@ func waitForNode(ctx context.Context, path string, limit time.Duration) {
 }
 
 // deviceUsers lists what keeps nbd device index busy: mounts of it or its
-// partitions, and the device-mapper or md devices stacked on them.
-func deviceUsers(sysRoot, mountinfo string, index int) ([]string, error) {
+// partitions, the device-mapper or md devices stacked on them, the pair
+// whose stable link under linkDir points at it, and Xen block backends
+// serving it to a guest.
+func deviceUsers(sysRoot, mountinfo, linkDir string, index int) ([]string, error) {
 	disk := filepath.Join(sysRoot, "block", "nbd"+strconv.Itoa(index))
 	dirs := []string{disk}
 	parts, err := filepath.Glob(filepath.Join(disk, "nbd"+strconv.Itoa(index)+"p*"))
@@ -610,6 +629,83 @@ func deviceUsers(sysRoot, mountinfo string, index int) ([]string, error) {
 	for _, m := range mounts {
 		if name, ok := devnums[m.DevNumber]; ok {
 			users = append(users, fmt.Sprintf("%s mounted on %s", name, m.Mountpoint))
+		}
+	}
+	legs, err := pairLegs(linkDir, index)
+	if err != nil {
+		return nil, err
+	}
+	users = append(users, legs...)
+	guests, err := xenBackends(sysRoot, devnums)
+	if err != nil {
+		return nil, err
+	}
+	return append(users, guests...), nil
+}
+
+// pairLegs names the pair legs whose stable link, linkDir/PAIR/LEG as lvnbd
+// client keeps it, points at nbd device index. A guest may use the device
+// through the link, and the daemon would attach the leg again anyway.
+func pairLegs(linkDir string, index int) ([]string, error) {
+	links, err := filepath.Glob(filepath.Join(linkDir, "*", "*"))
+	if err != nil {
+		return nil, err
+	}
+	dev := kernel.DevicePath(index)
+	var legs []string
+	for _, link := range links {
+		target, err := os.Readlink(link)
+		if err != nil {
+			continue // not a link: not one of the daemon's
+		}
+		if !filepath.IsAbs(target) {
+			target = filepath.Join(filepath.Dir(link), target)
+		}
+		if filepath.Clean(target) != dev {
+			continue
+		}
+		p, leg := filepath.Base(filepath.Dir(link)), filepath.Base(link)
+		legs = append(legs, fmt.Sprintf("leg %s of pair %s via %s, taken down with 'lvnbd pair down %s'", leg, p, link, p))
+	}
+	return legs, nil
+}
+
+// xenBackends names the Xen block backends (blkback) serving a device of
+// devnums ("43:64" -> "nbd2") to a guest. blkback opens its disk without
+// becoming a holder, so only its own records tell: in
+// drivers/block/xen-blkback/xenbus.c, each backend device (named vbd-DOMID-
+// DEVID on the xen-backend bus) gets a physical_device file once it has
+// opened its disk, VBD_SHOW(physical_device, "%x:%x\n", be->major,
+// be->minor): the numbers in hex. Without Xen the directory is absent.
+func xenBackends(sysRoot string, devnums map[string]string) ([]string, error) {
+	vbds, err := filepath.Glob(filepath.Join(sysRoot, "bus", "xen-backend", "devices", "vbd-*"))
+	if err != nil {
+		return nil, err
+	}
+	var users []string
+	for _, vbd := range vbds {
+		b, err := os.ReadFile(filepath.Join(vbd, "physical_device"))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // not connected to a disk yet
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading xen-backend %s: %w", filepath.Base(vbd), err)
+		}
+		var major, minor uint32
+		if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%x:%x", &major, &minor); err != nil {
+			return nil, fmt.Errorf("xen-backend %s: physical_device %q is not MAJOR:MINOR in hex: %w",
+				filepath.Base(vbd), strings.TrimSpace(string(b)), err)
+		}
+		name, ok := devnums[fmt.Sprintf("%d:%d", major, minor)]
+		if !ok {
+			continue
+		}
+		backend := filepath.Base(vbd)
+		if f := strings.Split(backend, "-"); len(f) == 3 {
+			users = append(users, fmt.Sprintf("%s given to Xen domain %s by %s, taken back with 'xl block-detach %s %s'",
+				name, f[1], backend, f[1], f[2]))
+		} else {
+			users = append(users, fmt.Sprintf("%s given to a Xen guest by %s", name, backend))
 		}
 	}
 	return users, nil

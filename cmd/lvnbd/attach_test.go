@@ -158,7 +158,7 @@ func checkKernelSocket(t testing.TB, what string, f *os.File) {
 func testHost(k *fakeNBD, users map[int][]string) *hostDeps {
 	return &hostDeps{
 		openKernel: func(context.Context) (nbdKernel, error) { return k, nil },
-		users:      func(index int) ([]string, error) { return users[index], nil },
+		users:      func(index int, _ string) ([]string, error) { return users[index], nil },
 	}
 }
 
@@ -362,6 +362,8 @@ func TestAttachErrors(t *testing.T) {
 			wantErr: "/dev/nbd2: device is in use"},
 		{name: "bad device", args: []string{"--device", "/dev/sda", "nbd://" + addr + "/disk"}, wantErr: "not an nbd device"},
 		{name: "bad block size", args: []string{"--block-size", "1000", "nbd://" + addr + "/disk"}, wantErr: "block size 1000"},
+		{name: "zero timeout", args: []string{"--timeout", "0", "nbd://" + addr + "/disk"},
+			wantErr: "--timeout 0 means no request ever times out"},
 		{name: "zero connections", args: []string{"--connections", "0", "nbd://" + addr + "/disk"}, wantErr: "--connections 0"},
 		{name: "bad URI", args: []string{"http://x/y"}, wantErr: "invalid NBD URI"},
 		{name: "TLS", args: []string{"nbds://" + addr + "/disk"}, wantErr: "TLS"},
@@ -677,7 +679,7 @@ func TestDeviceUsers(t *testing.T) {
 `), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	got, err := deviceUsers(sys, mountinfo, 2)
+	got, err := deviceUsers(sys, mountinfo, "", 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -685,17 +687,149 @@ func TestDeviceUsers(t *testing.T) {
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
 	}
-	if got, err := deviceUsers(sys, mountinfo, 5); err != nil || len(got) != 0 {
+	if got, err := deviceUsers(sys, mountinfo, "", 5); err != nil || len(got) != 0 {
 		t.Errorf("unused device: %v, %v", got, err)
 	}
 	// Unreadable is not unused: the check guards a detach.
 	if err := os.WriteFile(mountinfo, []byte("40 22 43:65 / /mnt rw\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := deviceUsers(sys, mountinfo, 2); err == nil {
+	if got, err := deviceUsers(sys, mountinfo, "", 2); err == nil {
 		t.Errorf("malformed mountinfo: %v, want an error", got)
 	}
-	if got, err := deviceUsers(sys, filepath.Join(sys, "no-mountinfo"), 2); err == nil {
+	if got, err := deviceUsers(sys, filepath.Join(sys, "no-mountinfo"), "", 2); err == nil {
 		t.Errorf("missing mountinfo: %v, want an error", got)
+	}
+}
+
+// A guest's disk shows neither as a holder nor as a mount: blkback opens the
+// device directly, through a pair's stable link or not.
+func TestDeviceUsersPairsAndXen(t *testing.T) {
+	type link struct{ path, target string }
+	tests := []struct {
+		name    string
+		links   []link            // under the link directory
+		files   map[string]string // under the sysfs root
+		index   int
+		want    []string
+		wantErr string
+	}{
+		{name: "unused", links: []link{{"vm1/a", "/dev/nbd0"}, {"vm1/b", "/dev/nbd1"}}, index: 2},
+		{name: "pair leg", links: []link{{"vm1/a", "/dev/nbd0"}, {"vm1/b", "/dev/nbd2"}}, index: 2,
+			want: []string{"leg b of pair vm1 via LINKS/vm1/b, taken down with 'lvnbd pair down vm1'"}},
+		{name: "relative link", links: []link{{"vm1/a", "../../../dev/nbd2"}}, index: 2,
+			want: []string{"leg a of pair vm1 via LINKS/vm1/a, taken down with 'lvnbd pair down vm1'"}},
+		{name: "nbd20 is not nbd2", links: []link{{"vm1/a", "/dev/nbd20"}}, index: 2},
+		// 43:64 is 2b:40 in hex, as blkback prints it.
+		{name: "xen guest's disk", files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/physical_device": "2b:40\n"}, index: 2,
+			want: []string{"nbd2 given to Xen domain 5 by vbd-5-51728, taken back with 'xl block-detach 5 51728'"}},
+		{name: "xen guest's partition", files: map[string]string{"bus/xen-backend/devices/vbd-7-51712/physical_device": "2b:41\n"}, index: 2,
+			want: []string{"nbd2p1 given to Xen domain 7 by vbd-7-51712, taken back with 'xl block-detach 7 51712'"}},
+		{name: "decimal is not hex", files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/physical_device": "43:64\n"}, index: 2},
+		{name: "xen, another disk", files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/physical_device": "fd:3\n"}, index: 2},
+		{name: "xen backend not connected yet", files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/mode": "w\n"}, index: 2},
+		{name: "xen backend garbled", files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/physical_device": "nbd2\n"}, index: 2,
+			wantErr: `xen-backend vbd-5-51728: physical_device "nbd2" is not MAJOR:MINOR in hex`},
+		{name: "both", links: []link{{"vm1/a", "/dev/nbd2"}},
+			files: map[string]string{"bus/xen-backend/devices/vbd-5-51728/physical_device": "2b:40\n"}, index: 2,
+			want: []string{"leg a of pair vm1 via LINKS/vm1/a, taken down with 'lvnbd pair down vm1'",
+				"nbd2 given to Xen domain 5 by vbd-5-51728, taken back with 'xl block-detach 5 51728'"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sys, links := t.TempDir(), filepath.Join(t.TempDir(), "lvnbd")
+			files := map[string]string{"block/nbd2/dev": "43:64\n", "block/nbd2/nbd2p1/dev": "43:65\n"}
+			for rel, content := range tt.files {
+				files[rel] = content
+			}
+			for rel, content := range files {
+				p := filepath.Join(sys, rel)
+				if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, l := range tt.links {
+				p := filepath.Join(links, l.path)
+				if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				target := l.target
+				if !filepath.IsAbs(target) {
+					// Relative to the link's directory, down to the root.
+					target = strings.Repeat("../", strings.Count(filepath.Dir(p), "/")) + strings.TrimLeft(target, "./")
+				}
+				if err := os.Symlink(target, p); err != nil {
+					t.Fatal(err)
+				}
+			}
+			mountinfo := filepath.Join(t.TempDir(), "mountinfo")
+			if err := os.WriteFile(mountinfo, []byte("22 1 0:21 / / rw - tmpfs tmpfs rw\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			got, err := deviceUsers(sys, mountinfo, links, tt.index)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []string
+			for _, w := range tt.want {
+				want = append(want, strings.ReplaceAll(w, "LINKS", links))
+			}
+			if diff := cmp.Diff(want, got); diff != "" {
+				t.Errorf("(-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// detach checks the link directory it is given.
+func TestDetachPairLeg(t *testing.T) {
+	links := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(links, "vm1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/dev/nbd0", filepath.Join(links, "vm1", "a")); err != nil {
+		t.Fatal(err)
+	}
+	mountinfo := filepath.Join(t.TempDir(), "mountinfo")
+	if err := os.WriteFile(mountinfo, []byte("22 1 0:21 / / rw - tmpfs tmpfs rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sys := t.TempDir()
+	for _, tt := range []struct {
+		name    string
+		args    []string
+		want    []int // disconnected
+		wantErr string
+	}{
+		{name: "refused", args: []string{"--link-dir", links, "/dev/nbd0"},
+			wantErr: "/dev/nbd0 is in use (leg a of pair vm1 via " + filepath.Join(links, "vm1", "a") + ", taken down with 'lvnbd pair down vm1')"},
+		{name: "other link directory", args: []string{"--link-dir", t.TempDir(), "/dev/nbd0"}, want: []int{0}},
+		{name: "forced", args: []string{"--link-dir", links, "--force", "/dev/nbd0"}, want: []int{0}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			k := &fakeNBD{t: t, devs: []kernel.Device{{Index: 0, Connected: true, PID: 1, Backend: "nbd://a:10809/x"}}}
+			host := testHost(k, nil)
+			host.users = func(index int, linkDir string) ([]string, error) { return deviceUsers(sys, mountinfo, linkDir, index) }
+			_, _, err := runCmd(t, newDetachCmd(host), tt.args...)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, k.disconnected); diff != "" {
+				t.Errorf("disconnected (-want +got):\n%s", diff)
+			}
+		})
 	}
 }
