@@ -88,8 +88,8 @@ func (c *Client) Unfence(ctx context.Context, client, export string) error {
 }
 
 // Driver returns a volume.Driver whose changes the server makes. With force,
-// removals and merges disconnect the clients of the affected exports instead
-// of failing with server.ErrInUse.
+// removals, merges and shrinks disconnect the clients of the affected exports
+// instead of failing with server.ErrInUse.
 func (c *Client) Driver(url string, force bool) volume.Driver {
 	return &remoteDriver{c: c, url: url, force: force}
 }
@@ -130,7 +130,7 @@ func (d *remoteDriver) Create(ctx context.Context, opts volume.CreateOptions) (v
 
 func (d *remoteDriver) Resize(ctx context.Context, name string, size int64, allowShrink bool) (volume.Volume, error) {
 	var vol volume.Volume
-	err := d.c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/resize",
+	err := d.c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(name)+"/resize"+d.query(),
 		ResizeRequest{Size: size, AllowShrink: allowShrink}, &vol)
 	return vol, err
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -90,7 +91,17 @@ func TestRemoteDriver(t *testing.T) {
 	if err := drv.Remove(ctx, "vm1"); !errors.Is(err, server.ErrInUse) || !strings.Contains(err.Error(), "127.0.0.1") {
 		t.Fatalf("remove in use: %v, want ErrInUse naming the client", err)
 	}
+	// So does a shrink, until force (which the socket carries) disconnects it.
+	if _, err := drv.Resize(ctx, "vm1", 4096, true); !errors.Is(err, server.ErrInUse) {
+		t.Fatalf("shrink in use: %v, want ErrInUse", err)
+	}
 	forced, _ := OpenDriver(ctx, sock, "file://"+dataDir, true, t.Output())
+	if vol, err := forced.Resize(ctx, "vm1", 512<<10, true); err != nil || vol.Size != 512<<10 {
+		t.Fatalf("forced shrink: %+v, %v", vol, err)
+	}
+	if _, err := nc.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the client is still connected after a forced shrink (%v)", err)
+	}
 	if err := forced.Remove(ctx, "vm1"); err != nil {
 		t.Fatalf("forced remove: %v", err)
 	}

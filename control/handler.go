@@ -144,7 +144,7 @@ func (h *handler) resizeVolume(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	vol, err := h.vols.Resize(r.Context(), r.PathValue("name"), req.Size, req.AllowShrink)
+	vol, err := h.vols.Resize(r.Context(), r.PathValue("name"), req.Size, req.AllowShrink, force(r))
 	if err != nil {
 		writeError(w, err)
 		return

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"sync"
 
 	"go.uber.org/zap"
@@ -27,6 +30,10 @@ type Volumes struct {
 	log     *zap.Logger
 	mu      sync.Mutex      // serialises changes and syncs
 	managed map[string]bool // export names this owns (not --export ones)
+	// mergeNoted holds the volumes with a pending merge whose not being
+	// exported was logged, so a rescan every few seconds does not log it
+	// again.
+	mergeNoted map[string]bool
 }
 
 // NewVolumes exports drv's volumes through reg. Call Sync to load them.
@@ -34,7 +41,7 @@ func NewVolumes(drv volume.Driver, reg *Registry, log *zap.Logger) *Volumes {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}}
+	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}, mergeNoted: map[string]bool{}}
 }
 
 // SetAccess changes who may use the exports made from volumes, those that
@@ -56,24 +63,65 @@ func (v *Volumes) Driver() volume.Driver { return v.drv }
 // Sync makes the exports match the driver's volumes and snapshots: new ones
 // appear, removed ones disappear (their clients keep them until they
 // disconnect), and sizes are re-read so new connections see a grown volume.
+// An export whose file or device was replaced is exported anew, its clients
+// disconnected from the old one; a volume with a pending merge is not
+// exported.
 func (v *Volumes) Sync(ctx context.Context) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	return v.syncLocked(ctx)
+	return v.syncLocked(ctx).all()
 }
 
-func (v *Volumes) syncLocked(ctx context.Context) error {
+// syncResult is what went wrong in a sync: listing the volumes, which
+// concerns every export, or exporting some of them.
+type syncResult struct {
+	list    error
+	exports map[string]error
+}
+
+func (r syncResult) all() error {
+	errs := []error{r.list}
+	for _, name := range slices.Sorted(maps.Keys(r.exports)) {
+		errs = append(errs, r.exports[name])
+	}
+	return errors.Join(errs...)
+}
+
+// syncAfter syncs after change (such as "create volume vm1") and returns
+// what went wrong with the exports named, those change is about. What went
+// wrong with other exports is logged instead: change did not cause it and
+// succeeded, and Sync and the periodic rescan report it too.
+func (v *Volumes) syncAfter(ctx context.Context, change string, names ...string) error {
+	r := v.syncLocked(ctx)
+	errs := []error{r.list}
+	for _, name := range slices.Sorted(maps.Keys(r.exports)) {
+		if slices.Contains(names, name) {
+			errs = append(errs, r.exports[name])
+			continue
+		}
+		v.log.Warn("another export is out of step with its volume", zap.String("export", name),
+			zap.String("after", change), zap.Error(r.exports[name]))
+	}
+	return errors.Join(errs...)
+}
+
+func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	vols, err := v.drv.List(ctx)
 	if err != nil {
-		return fmt.Errorf("listing volumes of %s: %w", v.drv, err)
+		return syncResult{list: fmt.Errorf("listing volumes of %s: %w", v.drv, err)}
 	}
 	type want struct {
 		path, desc string
 		readOnly   bool
 	}
 	wanted := map[string]want{}
+	pending := map[string]volume.Volume{}
 	for _, vol := range vols {
-		wanted[vol.Name] = want{vol.Path, "volume " + vol.Name + " on " + v.drv.String(), false}
+		if vol.MergePending {
+			pending[vol.Name] = vol
+		} else {
+			wanted[vol.Name] = want{vol.Path, "volume " + vol.Name + " on " + v.drv.String(), false}
+		}
 		for _, s := range vol.Snapshots {
 			if s.Invalid || s.Merging {
 				continue // nothing consistent to read
@@ -81,41 +129,97 @@ func (v *Volumes) syncLocked(ctx context.Context) error {
 			wanted[s.Ref()] = want{s.Path, "snapshot " + s.Ref() + " on " + v.drv.String(), true}
 		}
 	}
-	var errs []error
+	v.noteMerges(pending)
+	errs := map[string]error{}
 	for name := range v.managed {
-		if _, ok := wanted[name]; !ok {
-			v.removeLocked(name)
-		}
-	}
-	for name, w := range wanted {
-		if e, ok := v.reg.Lookup(name); ok && v.managed[name] {
-			before := e.Backend.Size()
-			if size, err := e.Backend.Refresh(); err != nil {
-				errs = append(errs, err)
-			} else if size != before {
-				v.log.Info("export resized", zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size))
-			}
+		if _, ok := wanted[name]; ok {
 			continue
 		}
-		if _, taken := v.reg.Lookup(name); taken && !v.managed[name] {
+		if _, ok := pending[name]; ok {
+			// Someone merged outside lvnbd while clients write: the
+			// merge undoes every write, so stop them now.
+			v.retireLocked(name)
+			continue
+		}
+		v.removeLocked(name)
+	}
+	for name, w := range wanted {
+		if e, ok := v.export(name); ok {
+			same, err := sameFile(e.Backend, w.path)
+			if err != nil {
+				errs[name] = fmt.Errorf("checking that export %s is still %s: %w", name, w.path, err)
+				continue
+			}
+			if same {
+				before := e.Backend.Size()
+				if size, err := e.Backend.Refresh(); err != nil {
+					errs[name] = err
+				} else if size != before {
+					v.log.Info("export resized", zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size))
+				}
+				continue
+			}
+			// Removed and made again, or merged, behind the server: its
+			// clients write to a file no longer in the directory, or a
+			// device no longer the volume. Disconnect them, so they
+			// reconnect to the new one.
+			v.log.Warn("export replaced: its volume's file or device is not the one open; disconnecting its clients from the old one and exporting the new",
+				zap.String("export", name), zap.String("path", w.path), zap.String("old", e.Description),
+				zap.Int64("old_size", e.Backend.Size()), zap.Int("clients", len(e.Clients())))
+			v.retireLocked(name)
+		}
+		if _, taken := v.reg.Lookup(name); taken {
 			v.log.Warn("volume not exported: an --export has its name", zap.String("export", name))
 			continue
 		}
 		b, err := backend.Open(w.path, w.readOnly)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("exporting %s: %w", name, err))
+			errs[name] = fmt.Errorf("exporting %s: %w", name, err)
 			continue
 		}
 		if err := v.reg.Add(&Export{Name: name, Description: w.desc, ReadOnly: w.readOnly, Backend: b, Access: v.Access}); err != nil {
 			b.Close()
-			errs = append(errs, err)
+			errs[name] = err
 			continue
 		}
 		v.managed[name] = true
 		v.log.Info("export added", zap.String("export", name), zap.String("path", w.path),
 			zap.Int64("size", b.Size()), zap.Bool("readonly", w.readOnly))
 	}
-	return errors.Join(errs...)
+	return syncResult{exports: errs}
+}
+
+// sameFile reports whether b still has open what path names; a backend that
+// cannot tell is taken to have (Sync opens every export it manages with
+// backend.Open, which can).
+func sameFile(b Backend, path string) (bool, error) {
+	f, ok := b.(interface {
+		SameFile(path string) (bool, error)
+	})
+	if !ok {
+		return true, nil
+	}
+	return f.SameFile(path)
+}
+
+// noteMerges logs, once per merge, that a volume with a pending merge is not
+// exported and what finishes the merge.
+func (v *Volumes) noteMerges(pending map[string]volume.Volume) {
+	for name := range v.mergeNoted {
+		if _, ok := pending[name]; !ok {
+			delete(v.mergeNoted, name)
+			v.log.Info("volume no longer waits for a merge", zap.String("volume", name))
+		}
+	}
+	for name, vol := range pending {
+		if v.mergeNoted[name] {
+			continue
+		}
+		v.mergeNoted[name] = true
+		v.log.Warn("volume not exported: a snapshot merge into it is pending, and undoes whatever is written to it until the merge starts; "+
+			"close every other user of its device and reactivate it (LVM: lvchange --refresh), and it is exported again once the merge is done",
+			zap.String("volume", name), zap.String("path", vol.Path))
+	}
 }
 
 // removeLocked stops exporting name; it returns when the backend is closed
@@ -129,6 +233,17 @@ func (v *Volumes) removeLocked(name string) <-chan struct{} {
 		return c
 	}
 	v.log.Info("export removed", zap.String("export", name))
+	return closed
+}
+
+// retireLocked stops exporting name and disconnects its clients, without
+// waiting for them to go.
+func (v *Volumes) retireLocked(name string) <-chan struct{} {
+	e, ok := v.export(name)
+	closed := v.removeLocked(name)
+	if ok {
+		e.kickClients()
+	}
 	return closed
 }
 
@@ -148,20 +263,32 @@ func (v *Volumes) Create(ctx context.Context, opts volume.CreateOptions) (volume
 	if err != nil {
 		return vol, err
 	}
-	return vol, v.syncLocked(ctx)
+	return vol, v.syncAfter(ctx, "create volume "+opts.Name, opts.Name)
 }
 
 // Resize grows (or with allowShrink shrinks) a volume; the export's new size
 // is what the next connection and NBD_OPT_INFO see, and what a client
-// re-reading the size (the dom0 daemon) pushes into its kernel device.
-func (v *Volumes) Resize(ctx context.Context, name string, size int64, allowShrink bool) (volume.Volume, error) {
+// re-reading the size (the dom0 daemon) pushes into its kernel device. A
+// shrink, which takes the end of the volume from under its clients, is
+// refused while clients are connected, unless force disconnects them.
+func (v *Volumes) Resize(ctx context.Context, name string, size int64, allowShrink, force bool) (volume.Volume, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	vol, err := v.drv.Resize(ctx, name, size, allowShrink)
-	if err != nil {
-		return vol, err
+	what := "resize volume " + name
+	// The driver tells whether size is a shrink, after rounding it up to
+	// its unit: refused without allowShrink, and nothing done.
+	vol, err := v.drv.Resize(ctx, name, size, false)
+	if !allowShrink || !errors.Is(err, volume.ErrShrink) {
+		if err != nil {
+			return vol, err
+		}
+		return vol, v.syncAfter(ctx, what, name)
 	}
-	return vol, v.syncLocked(ctx)
+	if err := v.closeExport(ctx, name, "shrink volume", force); err != nil {
+		return volume.Volume{}, err
+	}
+	vol, err = v.drv.Resize(ctx, name, size, true)
+	return vol, errors.Join(err, v.syncAfter(ctx, what, name))
 }
 
 // closeExport stops exporting name so the driver can change it underneath:
@@ -177,8 +304,7 @@ func (v *Volumes) closeExport(ctx context.Context, name, what string, force bool
 			return err
 		}
 	}
-	closed := v.removeLocked(name)
-	e.kickClients()
+	closed := v.retireLocked(name)
 	select {
 	case <-closed:
 		return nil
@@ -188,15 +314,45 @@ func (v *Volumes) closeExport(ctx context.Context, name, what string, force bool
 }
 
 // Remove deletes a volume. With clients connected it refuses, naming them,
-// unless force disconnects them.
+// unless force disconnects them; a removal the driver would refuse anyway
+// (no such volume, or one with snapshots) is refused before that.
 func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	vol, err := v.drv.Get(ctx, name)
+	if err != nil {
+		return err
+	}
+	if len(vol.Snapshots) > 0 {
+		refs := make([]string, len(vol.Snapshots))
+		for i, s := range vol.Snapshots {
+			refs[i] = s.Ref()
+		}
+		return fmt.Errorf("volume %s %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
+	}
 	if err := v.closeExport(ctx, name, "remove volume", force); err != nil {
 		return err
 	}
-	err := v.drv.Remove(ctx, name)
-	return errors.Join(err, v.syncLocked(ctx))
+	err = v.drv.Remove(ctx, name)
+	return errors.Join(err, v.syncAfter(ctx, "remove volume "+name, name))
+}
+
+// snapshot returns the snapshot vol@snap, or ErrNotFound.
+func (v *Volumes) snapshot(ctx context.Context, vol, snap string) (volume.Snapshot, error) {
+	ref := volume.SnapshotRef(vol, snap)
+	if _, _, err := volume.ParseSnapshotRef(ref); err != nil {
+		return volume.Snapshot{}, err
+	}
+	got, err := v.drv.Get(ctx, vol)
+	if err != nil {
+		return volume.Snapshot{}, err
+	}
+	for _, s := range got.Snapshots {
+		if s.Name == snap {
+			return s, nil
+		}
+	}
+	return volume.Snapshot{}, fmt.Errorf("snapshot %s %w in %s", ref, volume.ErrNotFound, v.drv)
 }
 
 // Snapshot takes a crash-consistent snapshot: writes to the volume are
@@ -217,7 +373,7 @@ func (v *Volumes) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (vo
 	if err != nil {
 		return snap, err
 	}
-	return snap, v.syncLocked(ctx)
+	return snap, v.syncAfter(ctx, "snapshot "+snap.Ref(), snap.Ref())
 }
 
 // RemoveSnapshot deletes a snapshot, refusing while clients read it unless
@@ -225,20 +381,33 @@ func (v *Volumes) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (vo
 func (v *Volumes) RemoveSnapshot(ctx context.Context, vol, snap string, force bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if err := v.closeExport(ctx, volume.SnapshotRef(vol, snap), "remove snapshot", force); err != nil {
+	ref := volume.SnapshotRef(vol, snap)
+	if _, err := v.snapshot(ctx, vol, snap); err != nil {
+		return err
+	}
+	if err := v.closeExport(ctx, ref, "remove snapshot", force); err != nil {
 		return err
 	}
 	err := v.drv.RemoveSnapshot(ctx, vol, snap)
-	return errors.Join(err, v.syncLocked(ctx))
+	return errors.Join(err, v.syncAfter(ctx, "remove snapshot "+ref, ref))
 }
 
 // MergeSnapshot reverts a volume to a snapshot. Both exports are closed
 // first (clients refused, or with force disconnected), since the volume's
-// content changes under them; the volume is exported again afterwards.
+// content changes under them; the volume is exported again afterwards, or,
+// if the merge waits for the volume to be closed elsewhere (LVM), once it
+// is done.
 func (v *Volumes) MergeSnapshot(ctx context.Context, vol, snap string, force bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	ref := volume.SnapshotRef(vol, snap)
+	s, err := v.snapshot(ctx, vol, snap)
+	if err != nil {
+		return err
+	}
+	if s.Invalid {
+		return fmt.Errorf("snapshot %s is invalid (its COW space filled up and it lost data): it cannot be merged, only removed", ref)
+	}
 	for _, name := range []string{vol, ref} {
 		if e, ok := v.export(name); ok && !force {
 			if err := e.inUseError("merge snapshot " + ref + " into"); err != nil {
@@ -251,6 +420,6 @@ func (v *Volumes) MergeSnapshot(ctx context.Context, vol, snap string, force boo
 			return err
 		}
 	}
-	err := v.drv.MergeSnapshot(ctx, vol, snap)
-	return errors.Join(err, v.syncLocked(ctx))
+	err = v.drv.MergeSnapshot(ctx, vol, snap)
+	return errors.Join(err, v.syncAfter(ctx, "merge snapshot "+ref, vol, ref))
 }

@@ -61,7 +61,7 @@ func TestVolumesBecomeExports(t *testing.T) {
 	// and the connected client can write past the old end.
 	c := dialRaw(t, ts.addr)
 	c.open("vm1", false)
-	if _, err := vols.Resize(ctx, "vm1", 2<<20, false); err != nil {
+	if _, err := vols.Resize(ctx, "vm1", 2<<20, false, false); err != nil {
 		t.Fatal(err)
 	}
 	if got := exportSize(t, ts, "vm1"); got != 2<<20 {

@@ -31,7 +31,8 @@ var ErrNoSpace = errors.New("not enough free space")
 var ErrHasSnapshots = errors.New("volume has snapshots")
 
 // ErrMergePending is returned when a snapshot merge could not start because
-// the volume is open; it starts when the volume is next activated.
+// the volume is open; it starts when the volume is next activated, and
+// undoes whatever is written to the volume until then (Volume.MergePending).
 var ErrMergePending = errors.New("merge pending until the volume is closed")
 
 // ErrUnsupported is returned for an operation or option the driver does not

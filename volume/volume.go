@@ -27,6 +27,11 @@ type Volume struct {
 	Thin bool `json:"thin,omitempty"`
 	// Path is the file or block device the server opens.
 	Path string `json:"path"`
+	// MergePending is set while a snapshot is being merged into the volume
+	// or waits to be (LVM merges once the volume is closed and activated
+	// again). The merge undoes whatever is written to the volume until it
+	// starts, so the server does not export it meanwhile.
+	MergePending bool `json:"merge_pending"`
 	// Snapshots are the volume's snapshots, oldest first.
 	Snapshots []Snapshot `json:"snapshots"`
 }

@@ -164,7 +164,8 @@ func newSnapshotMergeCmd(vf *volumeFlags) *cobra.Command {
 (like lvconvert --merge). Everything written to the volume since is lost. The
 volume must not be in use: refused while clients are connected to the volume
 or the snapshot, unless --force disconnects them. LVM merges a volume that
-something else holds open when it is next activated.`,
+something else holds open when it is next activated, and undoes what is
+written to it until then: a server does not export the volume meanwhile.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			drv, err := vf.open(cmd, force)

@@ -110,8 +110,10 @@ func newVolumeListCmd(vf *volumeFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "list",
 		Short: "List volumes",
-		Long: `List the volumes with their size, stripes and snapshots. --json prints
-{"volumes": [...]} with sizes in bytes, for scripts.`,
+		Long: `List the volumes with their size, stripes and snapshots. A volume whose
+snapshot merge waits for it to be closed (LVM) is marked "merge pending": a
+server does not export it until the merge is done. --json prints
+{"volumes": [...]} with sizes in bytes (and "merge_pending"), for scripts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			drv, err := vf.open(cmd, false)
@@ -137,10 +139,23 @@ func newVolumeListCmd(vf *volumeFlags) *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tBYTES\tSTRIPES\tSNAPSHOTS\tPATH")
+			var pending []string
 			for _, v := range vols {
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\n", v.Name, volume.FormatSize(v.Size), v.Size, stripesColumn(v), len(v.Snapshots), v.Path)
+				name := v.Name
+				if v.MergePending {
+					name += " (merge pending)"
+					pending = append(pending, v.Name)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\n", name, volume.FormatSize(v.Size), v.Size, stripesColumn(v), len(v.Snapshots), v.Path)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, name := range pending {
+				fmt.Fprintf(out, "volume %s: a snapshot merge into it is pending; lvnbd serve does not export it until the merge is done "+
+					"(close every other user of it, then lvchange --refresh it)\n", name)
+			}
+			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
@@ -149,20 +164,21 @@ func newVolumeListCmd(vf *volumeFlags) *cobra.Command {
 
 func newVolumeResizeCmd(vf *volumeFlags) *cobra.Command {
 	var size string
-	var allowShrink bool
+	var allowShrink, force bool
 	cmd := &cobra.Command{
 		Use:   "resize NAME --size [+|-]SIZE",
 		Short: "Grow (or shrink) a volume",
 		Long: `Resize a volume to --size, or by it with + or -. Growing is online: the
 server exports the new size at once, and attached hosts pick it up. Shrinking
 discards the end of the volume and needs --allow-shrink: shrink the guest's
-filesystem first.`,
+filesystem first. A running server refuses to shrink a volume with clients
+connected to its export, unless --force disconnects them.`,
 		Example: `  lvnbd volume resize vm1 --size +5G
   lvnbd volume resize vm1 --size 20G
   lvnbd volume resize vm1 --size 10G --allow-shrink`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			drv, err := vf.open(cmd, false)
+			drv, err := vf.open(cmd, force)
 			if err != nil {
 				return err
 			}
@@ -197,6 +213,7 @@ filesystem first.`,
 	}
 	cmd.Flags().StringVar(&size, "size", "", "new size (20G), or a change (+5G, -1G) (required)")
 	cmd.Flags().BoolVar(&allowShrink, "allow-shrink", false, "allow making the volume smaller, discarding its end")
+	cmd.Flags().BoolVar(&force, "force", false, "when shrinking, disconnect the clients of the volume's export instead of refusing")
 	cmd.MarkFlagRequired("size")
 	return cmd
 }

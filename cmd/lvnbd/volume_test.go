@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
@@ -271,5 +273,65 @@ func TestVolumeCommandsThroughServer(t *testing.T) {
 	run("volume", "remove", "vm1")
 	if _, ok := reg.Lookup("vm1"); ok {
 		t.Errorf("vm1 still exported after its removal")
+	}
+}
+
+// TestVolumeShrinkInUseThroughServer: a running server refuses to shrink a
+// volume a client is connected to, and --force disconnects the client.
+func TestVolumeShrinkInUseThroughServer(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "volumes")
+	drv, err := file.New(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := server.NewRegistry()
+	vols := server.NewVolumes(drv, reg, nil)
+	srv := server.New(&server.Config{Exports: reg})
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	cln, err := control.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 2)
+	go func() { done <- control.Serve(ctx, cln, control.Handler(srv, vols, nil)) }()
+	go func() { done <- srv.Serve(ctx, nln) }()
+	t.Cleanup(func() {
+		cancel()
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	run := func(args ...string) (string, error) {
+		t.Helper()
+		return runVolumeCommand(t, append([]string{args[0], "--volumes", "file://" + dir, "--control", sock}, args[1:]...)...)
+	}
+	if _, err := run("volume", "create", "vm1", "--size", "2M"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.Dial(ctx, "nbd://"+nln.Addr().String()+"/vm1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	_, err = run("volume", "resize", "vm1", "--size", "1M", "--allow-shrink")
+	if !errors.Is(err, server.ErrInUse) || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("shrink with a client: %v, want ErrInUse suggesting --force", err)
+	}
+	if _, err := run("volume", "resize", "vm1", "--size", "1M", "--allow-shrink", "--force"); err != nil {
+		t.Fatalf("forced shrink: %v", err)
+	}
+	if e, ok := reg.Lookup("vm1"); !ok || e.Backend.Size() != 1<<20 {
+		t.Fatalf("vm1 after the forced shrink: exported %v, want 1 MiB", ok)
+	}
+	if err := c.Flush(ctx); err == nil {
+		t.Error("the client still works after the forced shrink disconnected it")
 	}
 }

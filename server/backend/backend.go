@@ -110,6 +110,25 @@ func (b *File) Path() string { return b.path }
 // IsDevice reports whether the backend is a block device.
 func (b *File) IsDevice() bool { return b.device }
 
+// SameFile reports whether path still names the file or device this backend
+// has open: the same inode of the same filesystem for a file, the same
+// device number for a block device (whose node may be made anew, as udev
+// does for an LV). False means the file was replaced or the name now leads
+// elsewhere, and writes here no longer reach what path names.
+func (b *File) SameFile(path string) (bool, error) {
+	var open, named unix.Stat_t
+	if err := unix.Fstat(b.fd, &open); err != nil {
+		return false, fmt.Errorf("fstat %s: %w", b.path, err)
+	}
+	if err := unix.Stat(path, &named); err != nil {
+		return false, fmt.Errorf("stat %s: %w", path, err)
+	}
+	if b.device {
+		return named.Mode&unix.S_IFMT == unix.S_IFBLK && named.Rdev == open.Rdev, nil
+	}
+	return named.Mode&unix.S_IFMT == unix.S_IFREG && named.Dev == open.Dev && named.Ino == open.Ino, nil
+}
+
 // ReadOnly reports whether the backend was opened read-only.
 func (b *File) ReadOnly() bool { return b.readOnly }
 

@@ -5,7 +5,7 @@
 //
 // Every change is crash-safe: data files are made under a temporary name and
 // renamed into place, lvnbd.json is replaced atomically, and a merge
-// interrupted by a crash is finished by the next change. Changes take an
+// interrupted by a crash is finished by the next change or listing. Changes take an
 // exclusive flock on the directory, so lvnbd serve and the lvnbd commands can
 // share it.
 package file

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -468,54 +469,70 @@ func TestMergeSnapshot(t *testing.T) {
 
 // TestMergeAfterCrash starts from the states a crash can leave a merge in:
 // recorded but not renamed, and renamed but not forgotten.
+// TestMergeAfterCrash: a merge recorded, then a crash before or after the
+// rename. Whatever reads the volumes next, as a restarted server does
+// before exporting them, finishes the merge, so that what it sees (and
+// exports) is the merged volume, not a file the merge would rename away.
 func TestMergeAfterCrash(t *testing.T) {
+	reads := map[string]func(ctx context.Context, d *Driver) error{
+		"List": func(ctx context.Context, d *Driver) error { _, err := d.List(ctx); return err },
+		"Get":  func(ctx context.Context, d *Driver) error { _, err := d.Get(ctx, "vm1"); return err },
+		"Snapshots": func(ctx context.Context, d *Driver) error {
+			snaps, err := d.Snapshots(ctx)
+			if err == nil && len(snaps) != 0 {
+				err = fmt.Errorf("snapshots %+v, want none", snaps)
+			}
+			return err
+		},
+		"a change": func(ctx context.Context, d *Driver) error {
+			_, err := d.Create(ctx, volume.CreateOptions{Name: "other", Size: mib})
+			return err
+		},
+	}
 	for _, renamed := range []bool{false, true} {
-		t.Run(fmt.Sprintf("renamed=%v", renamed), func(t *testing.T) {
-			ctx := context.Background()
-			d := newDriver(t)
-			v := mustCreate(t, d, "vm1", mib)
-			writeAt(t, v.Path, 0, []byte("snap"))
-			s, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s1"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			writeAt(t, v.Path, 0, []byte("live"))
-			m, err := d.loadMetadata()
-			if err != nil {
-				t.Fatal(err)
-			}
-			m.Volumes["vm1"].Snapshots["s1"].Merging = true
-			if err := d.commit(m); err != nil {
-				t.Fatal(err)
-			}
-			if renamed {
-				if err := os.Rename(s.Path, v.Path); err != nil {
+		for readName, read := range reads {
+			t.Run(fmt.Sprintf("renamed=%v/%s", renamed, readName), func(t *testing.T) {
+				ctx := context.Background()
+				d := newDriver(t)
+				v := mustCreate(t, d, "vm1", mib)
+				writeAt(t, v.Path, 0, []byte("snap"))
+				s, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s1"})
+				if err != nil {
 					t.Fatal(err)
 				}
-			}
+				writeAt(t, v.Path, 0, []byte("live"))
+				m, err := d.loadMetadata()
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.Volumes["vm1"].Snapshots["s1"].Merging = true
+				if err := d.commit(m); err != nil {
+					t.Fatal(err)
+				}
+				if renamed {
+					if err := os.Rename(s.Path, v.Path); err != nil {
+						t.Fatal(err)
+					}
+				}
 
-			// Reading shows the merge as under way, and changes nothing.
-			snaps, err := d.Snapshots(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if renamed && len(snaps) != 0 || !renamed && (len(snaps) != 1 || !snaps[0].Merging) {
-				t.Errorf("Snapshots during the merge: %+v", snaps)
-			}
-
-			// The next change finishes it.
-			mustCreate(t, d, "other", mib)
-			got, err := d.Get(ctx, "vm1")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(got.Snapshots) != 0 {
-				t.Errorf("snapshots after recovery: %+v", got.Snapshots)
-			}
-			if b := readFile(t, got.Path); string(b[:4]) != "snap" {
-				t.Errorf("volume after recovery starts %q, want the snapshot's %q", b[:4], "snap")
-			}
-		})
+				if err := read(ctx, d); err != nil {
+					t.Fatal(err)
+				}
+				if b := readFile(t, v.Path); string(b[:4]) != "snap" {
+					t.Errorf("volume after %s starts %q, want the snapshot's %q", readName, b[:4], "snap")
+				}
+				if _, err := os.Stat(s.Path); !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("the snapshot's file after %s: %v, want it renamed over the volume", readName, err)
+				}
+				m, err = d.loadMetadata()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if snaps := m.Volumes["vm1"].Snapshots; len(snaps) != 0 {
+					t.Errorf("lvnbd.json after %s still has snapshots %v", readName, snaps)
+				}
+			})
+		}
 	}
 }
 

@@ -104,6 +104,12 @@ func (d *Driver) commit(m *metadata) error {
 
 // read runs fn on the metadata under a shared lock. A directory that does
 // not exist yet has no volumes, and is not made.
+//
+// A merge a crash interrupted is finished first, as change does: a merge
+// holds the lock exclusively from start to end, so one seen here is not
+// running. Otherwise a server would export the volume's pre-merge file,
+// which the next change renames the snapshot over, taking every write
+// made through the export since with it.
 func (d *Driver) read(ctx context.Context, fn func(*metadata) error) error {
 	if _, err := os.Stat(d.dir); errors.Is(err, fs.ErrNotExist) {
 		return fn(&metadata{Version: metadataVersion, Volumes: map[string]*volumeMeta{}})
@@ -112,12 +118,28 @@ func (d *Driver) read(ctx context.Context, fn func(*metadata) error) error {
 	if err != nil {
 		return err
 	}
-	defer unlock()
 	m, err := d.loadMetadata()
+	if err == nil && m.mergeInterrupted() {
+		unlock()
+		return d.change(ctx, fn)
+	}
+	defer unlock()
 	if err != nil {
 		return err
 	}
 	return fn(m)
+}
+
+// mergeInterrupted reports whether a merge is recorded as under way.
+func (m *metadata) mergeInterrupted() bool {
+	for _, vm := range m.Volumes {
+		for _, sm := range vm.Snapshots {
+			if sm.Merging {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // change runs fn on the metadata under an exclusive lock, after finishing

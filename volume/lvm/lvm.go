@@ -198,18 +198,24 @@ func (p *pool) snapshot(vol, snap string) (*logicalVolume, error) {
 
 func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
 	v := volume.Volume{
-		Name:      lv.name,
-		Size:      lv.size,
-		Stripes:   max(lv.stripes, 1),
-		Thin:      lv.thin(),
-		Path:      d.Path(lv.name),
-		Snapshots: []volume.Snapshot{},
+		Name:         lv.name,
+		Size:         lv.size,
+		Stripes:      max(lv.stripes, 1),
+		Thin:         lv.thin(),
+		Path:         d.Path(lv.name),
+		MergePending: lv.mergeTarget(),
+		Snapshots:    []volume.Snapshot{},
 	}
 	if v.Stripes > 1 {
 		v.StripeSize = lv.stripeSize
 	}
 	for _, s := range p.snapshotsOf(lv.name, false) {
 		v.Snapshots = append(v.Snapshots, d.describeSnapshot(s))
+	}
+	// A snapshot an admin made (untagged) merges into the volume all the
+	// same.
+	for _, s := range p.snapshotsOf(lv.name, true) {
+		v.MergePending = v.MergePending || s.merging()
 	}
 	return v
 }
@@ -542,8 +548,9 @@ func (d *Driver) MergeSnapshot(ctx context.Context, vol, snap string) error {
 }
 
 func (d *Driver) mergePending(ref, vol string) error {
-	return fmt.Errorf("snapshot %s: %w: LVM merges it when %s/%s is next activated; close every user of %s (stop exporting it), then run lvchange --refresh %s/%s",
-		ref, volume.ErrMergePending, d.vg, vol, d.Path(vol), d.vg, vol)
+	return fmt.Errorf("snapshot %s: %w: LVM merges it when %s/%s is next activated, and undoes whatever is written to %s until then, "+
+		"so lvnbd serve does not export %s until the merge is done; close every other user of %s, then run lvchange --refresh %s/%s",
+		ref, volume.ErrMergePending, d.vg, vol, vol, vol, d.Path(vol), d.vg, vol)
 }
 
 // noSpace is ErrNoSpace saying how much there is and how much is needed.

@@ -3,6 +3,7 @@ package lvm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/url"
 	"strings"
 	"testing"
@@ -69,8 +70,10 @@ func TestPath(t *testing.T) {
 }
 
 // TestList reads a VG where merges wait for their origins to close: the
-// merging snapshots are hidden but listed, and the snapshot an admin made
-// (untagged) and the LVs that are not lvnbd's are not.
+// merging snapshots are hidden but listed, their origins are MergePending
+// (classic vm1 by lv_merging and its O attribute, thin1 by the attribute
+// alone), and the snapshot an admin made (untagged) and the LVs that are not
+// lvnbd's are not listed.
 func TestList(t *testing.T) {
 	d := newTestDriver(t, lvsCall(t, "lvs-merging.json"))
 	vols, err := d.List(context.Background())
@@ -83,10 +86,10 @@ func TestList(t *testing.T) {
 			{Volume: "lin", Name: "full", Size: 32 * mib, COWSize: 4 * mib, UsagePercent: 100, Invalid: true,
 				Created: time.Date(2026, 11, 22, 3, 41, 0, 0, time.UTC), Path: "/dev/vg0/lin+full"},
 		}},
-		{Name: "thin1", Size: 64 * mib, Stripes: 1, Thin: true, Path: "/dev/vg0/thin1", Snapshots: []volume.Snapshot{
+		{Name: "thin1", Size: 64 * mib, Stripes: 1, Thin: true, Path: "/dev/vg0/thin1", MergePending: true, Snapshots: []volume.Snapshot{
 			{Volume: "thin1", Name: "t1", Size: 64 * mib, Thin: true, Merging: true, Created: at(57), Path: "/dev/vg0/thin1+t1"},
 		}},
-		{Name: "vm1", Size: 128 * mib, Stripes: 2, StripeSize: 64 << 10, Path: "/dev/vg0/vm1", Snapshots: []volume.Snapshot{
+		{Name: "vm1", Size: 128 * mib, Stripes: 2, StripeSize: 64 << 10, Path: "/dev/vg0/vm1", MergePending: true, Snapshots: []volume.Snapshot{
 			{Volume: "vm1", Name: "s1", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Merging: true, Created: at(58), Path: "/dev/vg0/vm1+s1"},
 			{Volume: "vm1", Name: "s2", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Created: at(59), Path: "/dev/vg0/vm1+s2"},
 		}},
@@ -213,8 +216,12 @@ func TestMergeAlreadyPending(t *testing.T) {
 	for _, ref := range [][2]string{{"vm1", "s1"}, {"thin1", "t1"}} {
 		d := newTestDriver(t, lvsCall(t, "lvs-merging.json"))
 		err := d.MergeSnapshot(context.Background(), ref[0], ref[1])
-		if !errors.Is(err, volume.ErrMergePending) {
-			t.Errorf("MergeSnapshot(%s@%s): %v, want ErrMergePending", ref[0], ref[1], err)
+		// The server stops exporting the volume: the message must not ask
+		// the admin to.
+		want := fmt.Sprintf("lvnbd serve does not export %s until the merge is done; close every other user of /dev/vg0/%s, then run lvchange --refresh vg0/%s",
+			ref[0], ref[0], ref[0])
+		if !errors.Is(err, volume.ErrMergePending) || !strings.Contains(err.Error(), want) {
+			t.Errorf("MergeSnapshot(%s@%s): %v, want ErrMergePending saying %q", ref[0], ref[1], err, want)
 		}
 	}
 }

@@ -105,6 +105,13 @@ func (lv *logicalVolume) merging() bool {
 	return lv.snapshot() && (lv.volumeType() == 'S' || lv.mergingSet)
 }
 
+// mergeTarget is set for an origin a snapshot is being merged into, or
+// waits to be: lv_attr type O, and lv_merging (set on a classic snapshot's
+// origin, not on a thin one's).
+func (lv *logicalVolume) mergeTarget() bool {
+	return !lv.snapshot() && (lv.volumeType() == 'O' || lv.mergingSet)
+}
+
 // invalid is set for a classic snapshot whose COW space filled up.
 func (lv *logicalVolume) invalid() bool {
 	return lv.classicSnapshot() && (lv.state() == 'I' || lv.state() == 'S' || lv.snapPct >= 100)

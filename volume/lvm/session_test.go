@@ -188,8 +188,8 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	closeVM1 := env.open("/dev/vg0/vm1")
 	err = d.MergeSnapshot(ctx, "vm1", "s2")
 	expectErr("merge with the origin open", err, volume.ErrMergePending, "lvchange --refresh vg0/vm1")
-	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 1 || !v.Snapshots[0].Merging {
-		t.Fatalf("vm1 with a pending merge: %+v, %v", v, err)
+	if v, err := d.Get(ctx, "vm1"); err != nil || !v.MergePending || len(v.Snapshots) != 1 || !v.Snapshots[0].Merging {
+		t.Fatalf("vm1 with a pending merge: %+v, %v, want MergePending and its merging snapshot", v, err)
 	}
 	err = d.MergeSnapshot(ctx, "vm1", "s2")
 	expectErr("merge again", err, volume.ErrMergePending, "")
@@ -197,7 +197,7 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	expectErr("remove with a pending merge", err, volume.ErrHasSnapshots, "vm1@s2")
 	closeVM1()
 	env.refresh("vg0", "vm1")
-	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 0 {
+	if v, err := d.Get(ctx, "vm1"); err != nil || v.MergePending || len(v.Snapshots) != 0 {
 		t.Fatalf("vm1 after the pending merge: %+v, %v", v, err)
 	}
 
@@ -205,12 +205,12 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	closeThin := env.open("/dev/vg0/thin1")
 	err = d.MergeSnapshot(ctx, "thin1", "t1")
 	expectErr("thin merge with the origin open", err, volume.ErrMergePending, "lvchange --refresh vg0/thin1")
-	if v, err := d.Get(ctx, "thin1"); err != nil || len(v.Snapshots) != 1 || !v.Snapshots[0].Merging {
-		t.Fatalf("thin1 with a pending merge: %+v, %v", v, err)
+	if v, err := d.Get(ctx, "thin1"); err != nil || !v.MergePending || len(v.Snapshots) != 1 || !v.Snapshots[0].Merging {
+		t.Fatalf("thin1 with a pending merge: %+v, %v, want MergePending and its merging snapshot", v, err)
 	}
 	closeThin()
 	env.refresh("vg0", "thin1")
-	if v, err := d.Get(ctx, "thin1"); err != nil || len(v.Snapshots) != 0 {
+	if v, err := d.Get(ctx, "thin1"); err != nil || v.MergePending || len(v.Snapshots) != 0 {
 		t.Fatalf("thin1 after the pending merge: %+v, %v", v, err)
 	}
 	if err := d.RemoveSnapshot(ctx, "vm2", "full"); err != nil {

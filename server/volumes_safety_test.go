@@ -1,0 +1,467 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/volume"
+	"github.com/lvnbd/lvnbd/volume/file"
+)
+
+// observedVolumes is startVolumes over drv, with the log kept for checking.
+func observedVolumes(t *testing.T, drv volume.Driver) (*Volumes, *testServer, *observer.ObservedLogs) {
+	t.Helper()
+	ts := startServer(t, nil)
+	core, logs := observer.New(zapcore.InfoLevel)
+	return NewVolumes(drv, ts.reg, zap.New(core)), ts, logs
+}
+
+func newFileDriver(t *testing.T) *file.Driver {
+	t.Helper()
+	drv, err := file.New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return drv
+}
+
+// expectConnected fails unless c's connection still answers a request.
+func expectConnected(t *testing.T, c *rawClient) {
+	t.Helper()
+	c.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 99}, nil)
+	if r := c.simpleReply(0); r.errno != 0 || r.handle != 99 {
+		t.Fatalf("flush after the refused change: %+v", r)
+	}
+}
+
+func readExport(t *testing.T, ts *testServer, name string, n int) string {
+	t.Helper()
+	e, ok := ts.reg.Lookup(name)
+	if !ok {
+		t.Fatalf("%s is not exported", name)
+	}
+	buf := make([]byte, n)
+	if err := e.Backend.ReadAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	return string(buf)
+}
+
+// mergeLaterDriver merges as LVM does with the volume open elsewhere: the
+// merge waits, the listing says so, and finish makes it happen.
+type mergeLaterDriver struct {
+	*file.Driver
+	mu      sync.Mutex
+	pending map[string]string // volume: snapshot
+}
+
+func (d *mergeLaterDriver) MergeSnapshot(ctx context.Context, vol, snap string) error {
+	if _, err := d.Get(ctx, vol); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.pending[vol] = snap
+	return errors.Join(errors.New("merge of "+volume.SnapshotRef(vol, snap)), volume.ErrMergePending)
+}
+
+func (d *mergeLaterDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	vols, err := d.Driver.List(ctx)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i, v := range vols {
+		if snap, ok := d.pending[v.Name]; ok {
+			vols[i].MergePending = true
+			for j, s := range v.Snapshots {
+				vols[i].Snapshots[j].Merging = s.Name == snap
+			}
+		}
+	}
+	return vols, err
+}
+
+// finish completes the merge into vol, as LVM does on activation.
+func (d *mergeLaterDriver) finish(t *testing.T, vol string) {
+	d.mu.Lock()
+	snap := d.pending[vol]
+	delete(d.pending, vol)
+	d.mu.Unlock()
+	if err := d.Driver.MergeSnapshot(context.Background(), vol, snap); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPendingMergeIsNotExported: a merge that waits for the volume to be
+// closed undoes every write made to the volume until it starts, so the
+// volume is not exported again until it is done, and the admin is told once.
+func TestPendingMergeIsNotExported(t *testing.T) {
+	ctx := context.Background()
+	drv := &mergeLaterDriver{Driver: newFileDriver(t), pending: map[string]string{}}
+	vols, ts, logs := observedVolumes(t, drv)
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := vols.MergeSnapshot(ctx, "vm1", "s", false); !errors.Is(err, volume.ErrMergePending) {
+		t.Fatalf("MergeSnapshot: %v, want ErrMergePending", err)
+	}
+	for i := range 3 { // the periodic rescan
+		if _, ok := ts.reg.Lookup("vm1"); ok {
+			t.Fatalf("after sync %d vm1 is exported with a merge pending", i)
+		}
+		if _, ok := ts.reg.Lookup("vm1@s"); ok {
+			t.Fatalf("after sync %d the merging snapshot is exported", i)
+		}
+		if err := vols.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	noted := logs.FilterMessageSnippet("merge into it is pending").FilterField(zap.String("volume", "vm1"))
+	if n := noted.Len(); n != 1 {
+		t.Errorf("logged %d times that vm1 waits for its merge, want once: %v", n, logs.All())
+	}
+
+	drv.finish(t, "vm1")
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if e, ok := ts.reg.Lookup("vm1"); !ok || e.ReadOnly {
+		t.Fatalf("vm1 after its merge: exported %v, want a writable export", ok)
+	}
+}
+
+// TestMergeStartedOutsideStopsClients: an admin merges with lvconvert
+// while lvnbd exports the volume; what its clients write from then on is
+// undone, so they are disconnected rather than left writing.
+func TestMergeStartedOutsideStopsClients(t *testing.T) {
+	ctx := context.Background()
+	drv := &mergeLaterDriver{Driver: newFileDriver(t), pending: map[string]string{}}
+	vols, ts, _ := observedVolumes(t, drv)
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	if err := drv.MergeSnapshot(ctx, "vm1", "s"); !errors.Is(err, volume.ErrMergePending) {
+		t.Fatal(err)
+	}
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 still exported with a merge pending")
+	}
+	c.expectClosed()
+}
+
+// TestReplacedVolumeIsExportedAnew: the file behind an export replaced
+// behind the server's back (by lvnbd volume commands run without it, or by
+// hand). Its clients are disconnected rather than left writing to a file no
+// longer in the directory, and the new file is exported.
+func TestReplacedVolumeIsExportedAnew(t *testing.T) {
+	tests := []struct {
+		name    string
+		replace func(t *testing.T, drv *file.Driver)
+		want    string // what the new export starts with
+	}{
+		{"removed and created again", func(t *testing.T, drv *file.Driver) {
+			ctx := context.Background()
+			if err := drv.RemoveSnapshot(ctx, "vm1", "s"); err != nil {
+				t.Fatal(err)
+			}
+			if err := drv.Remove(ctx, "vm1"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+				t.Fatal(err)
+			}
+		}, "\x00\x00\x00\x00\x00\x00\x00"},
+		{"merged", func(t *testing.T, drv *file.Driver) {
+			if err := drv.MergeSnapshot(context.Background(), "vm1", "s"); err != nil {
+				t.Fatal(err)
+			}
+		}, "SNAPPED"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			drv := newFileDriver(t)
+			vols, ts, logs := observedVolumes(t, drv)
+			if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			c := dialRaw(t, ts.addr)
+			c.open("vm1", false)
+			c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 7}, []byte("SNAPPED"))
+			if r := c.simpleReply(0); r.errno != 0 {
+				t.Fatal(r.errno)
+			}
+			if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+				t.Fatal(err)
+			}
+			c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 2, Length: 7}, []byte("OLDDATA"))
+			if r := c.simpleReply(0); r.errno != 0 {
+				t.Fatal(r.errno)
+			}
+			old, _ := ts.reg.Lookup("vm1")
+
+			tt.replace(t, drv)
+			if err := vols.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			c.expectClosed()
+			if e, _ := ts.reg.Lookup("vm1"); e == old {
+				t.Fatal("vm1 is still the old export")
+			}
+			if got := readExport(t, ts, "vm1", 7); got != tt.want {
+				t.Errorf("vm1 exports %q, want the new file's %q", got, tt.want)
+			}
+			if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("export replaced").Len(); n != 1 {
+				t.Errorf("%d warnings that vm1 was replaced, want 1: %v", n, logs.All())
+			}
+		})
+	}
+}
+
+// TestInterruptedMergeFinishedBeforeExport: lvnbd crashed in a merge after
+// recording it and before renaming the snapshot over the volume. The
+// restarted server exports the merged volume, and what its clients write
+// stays in the volume's file when the volumes change next.
+func TestInterruptedMergeFinishedBeforeExport(t *testing.T) {
+	ctx := context.Background()
+	drv := newFileDriver(t)
+	vol, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFileAt(t, vol.Path, []byte("SNAPPED"), 0)
+	if _, err := drv.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	writeFileAt(t, vol.Path, []byte("LIVEDAT"), 0)
+	markMerging(t, filepath.Join(drv.Dir(), "lvnbd.json"), "vm1", "s") // and crash
+
+	vols, ts, _ := observedVolumes(t, drv) // the restarted server
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := readExport(t, ts, "vm1", 7); got != "SNAPPED" {
+		t.Fatalf("the restarted server exports vm1 starting %q, want the merged %q", got, "SNAPPED")
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 5}, []byte("AFTER"))
+	if r := c.simpleReply(0); r.errno != 0 {
+		t.Fatal(r.errno)
+	}
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm2", Size: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	expectConnected(t, c)
+	disk, err := os.ReadFile(vol.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(disk[:7]) != "AFTERED" {
+		t.Errorf("vm1.img starts %q, want %q: the acknowledged write went to a file the merge renamed away", disk[:7], "AFTERED")
+	}
+}
+
+// markMerging records a merge of vol@snap in the file driver's lvnbd.json,
+// as MergeSnapshot does before it renames.
+func markMerging(t *testing.T, path, vol, snap string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	sm, ok := m["volumes"].(map[string]any)[vol].(map[string]any)["snapshots"].(map[string]any)[snap].(map[string]any)
+	if !ok {
+		t.Fatalf("no snapshot %s@%s in %s", vol, snap, b)
+	}
+	sm["merging"] = true
+	if b, err = json.Marshal(m); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestForcedChangeRefusedBeforeDisconnecting: --force disconnects clients
+// for a change that happens, not for one refused anyway.
+func TestForcedChangeRefusedBeforeDisconnecting(t *testing.T) {
+	tests := []struct {
+		name   string
+		change func(ctx context.Context, v *Volumes) error
+		want   error
+	}{
+		{"remove a volume with snapshots", func(ctx context.Context, v *Volumes) error {
+			return v.Remove(ctx, "vm1", true)
+		}, volume.ErrHasSnapshots},
+		{"merge a snapshot that does not exist", func(ctx context.Context, v *Volumes) error {
+			return v.MergeSnapshot(ctx, "vm1", "nope", true)
+		}, volume.ErrNotFound},
+		{"merge an invalid snapshot name", func(ctx context.Context, v *Volumes) error {
+			return v.MergeSnapshot(ctx, "vm1", "-x", true)
+		}, volume.ErrInvalidName},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			vols, ts := startVolumes(t)
+			if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+				t.Fatal(err)
+			}
+			c := dialRaw(t, ts.addr)
+			c.open("vm1", false)
+			if err := tt.change(ctx, vols); !errors.Is(err, tt.want) {
+				t.Fatalf("got %v, want %v", err, tt.want)
+			}
+			expectConnected(t, c)
+		})
+	}
+}
+
+// TestShrinkInUse: a shrink takes the end of the volume from under its
+// clients, so like a removal it is refused while they are connected,
+// unless force disconnects them.
+func TestShrinkInUse(t *testing.T) {
+	const size = 2 << 20
+	tests := []struct {
+		name             string
+		to               int64
+		allowShrink      bool
+		force            bool
+		wantErr          error
+		wantSize         int64
+		wantDisconnected bool
+	}{
+		{"shrink refused", size / 2, true, false, ErrInUse, size, false},
+		{"shrink forced", size / 2, true, true, nil, size / 2, true},
+		{"shrink not allowed", size / 2, false, true, volume.ErrShrink, size, false},
+		{"grow", size * 2, false, false, nil, size * 2, false},
+		{"a smaller size that rounds to the same", size - 100, true, false, nil, size, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			vols, ts := startVolumes(t)
+			if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: size}); err != nil {
+				t.Fatal(err)
+			}
+			c := dialRaw(t, ts.addr)
+			c.open("vm1", false)
+			_, err := vols.Resize(ctx, "vm1", tt.to, tt.allowShrink, tt.force)
+			if tt.wantErr == nil && err != nil || !errors.Is(err, tt.wantErr) {
+				t.Fatalf("Resize: %v, want %v", err, tt.wantErr)
+			}
+			if tt.wantErr == ErrInUse && !strings.Contains(err.Error(), "127.0.0.1") {
+				t.Errorf("Resize: %v, want the client named", err)
+			}
+			if tt.wantDisconnected {
+				c.expectClosed()
+			} else {
+				expectConnected(t, c)
+			}
+			if got := exportSize(t, ts, "vm1"); got != uint64(tt.wantSize) {
+				t.Errorf("vm1 exported with %d bytes, want %d", got, tt.wantSize)
+			}
+		})
+	}
+}
+
+// brokenDriver lists a volume whose file cannot be opened.
+type brokenDriver struct {
+	*file.Driver
+	broken string
+}
+
+func (d *brokenDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	vols, err := d.Driver.List(ctx)
+	return append(vols, volume.Volume{Name: d.broken, Size: 4096, Path: filepath.Join(d.Dir(), "missing", d.broken+".img")}), err
+}
+
+// TestChangeIgnoresOtherExportsErrors: a change that worked is not reported
+// as failed because another volume cannot be exported; that is logged,
+// naming that volume.
+func TestChangeIgnoresOtherExportsErrors(t *testing.T) {
+	tests := []struct {
+		name   string
+		change func(ctx context.Context, v *Volumes) error
+	}{
+		{"create", func(ctx context.Context, v *Volumes) error {
+			_, err := v.Create(ctx, volume.CreateOptions{Name: "vm2", Size: 4096})
+			return err
+		}},
+		{"resize", func(ctx context.Context, v *Volumes) error {
+			_, err := v.Resize(ctx, "vm1", 2<<20, false, false)
+			return err
+		}},
+		{"snapshot", func(ctx context.Context, v *Volumes) error {
+			_, err := v.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s2"})
+			return err
+		}},
+		{"remove", func(ctx context.Context, v *Volumes) error { return v.Remove(ctx, "vm3", false) }},
+		{"remove snapshot", func(ctx context.Context, v *Volumes) error { return v.RemoveSnapshot(ctx, "vm1", "s", false) }},
+		{"merge", func(ctx context.Context, v *Volumes) error { return v.MergeSnapshot(ctx, "vm1", "s", false) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			drv := &brokenDriver{Driver: newFileDriver(t), broken: "broken"}
+			if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := drv.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm3", Size: 4096}); err != nil {
+				t.Fatal(err)
+			}
+			vols, _, logs := observedVolumes(t, drv)
+			if err := vols.Sync(ctx); err == nil || !strings.Contains(err.Error(), "broken") {
+				t.Fatalf("Sync: %v, want an error about the broken volume", err)
+			}
+			if err := tt.change(ctx, vols); err != nil {
+				t.Errorf("%s: %v, want no error: only another volume failed", tt.name, err)
+			}
+			warned := logs.FilterLevelExact(zapcore.WarnLevel).FilterField(zap.String("export", "broken"))
+			if warned.Len() != 1 {
+				t.Errorf("%d warnings naming the broken volume, want 1: %v", warned.Len(), logs.All())
+			}
+		})
+	}
+	t.Run("own error", func(t *testing.T) {
+		ctx := context.Background()
+		drv := &brokenDriver{Driver: newFileDriver(t), broken: "vm2"}
+		vols, _, _ := observedVolumes(t, drv)
+		_, err := vols.Create(ctx, volume.CreateOptions{Name: "vm2", Size: 4096})
+		if err == nil || !strings.Contains(err.Error(), "exporting vm2") {
+			t.Errorf("Create of a volume that cannot be exported: %v, want the error exporting it", err)
+		}
+	})
+}
