@@ -20,6 +20,9 @@ type call struct {
 	args   []string
 	stdout string
 	err    error // nil for success
+	// then, if set, changes the fakes once the command ran: the world
+	// moving while the watcher works.
+	then func()
 }
 
 // fakeRunner answers an exact sequence of commands and fails the test on
@@ -68,6 +71,9 @@ func (f *fakeRunner) run(_ context.Context, args ...string) ([]byte, error) {
 		f.t.Errorf("command %d (-want +got):\n%s", f.n, diff)
 		return nil, errors.New("unexpected command")
 	}
+	if c.then != nil {
+		c.then()
+	}
 	return []byte(c.stdout), c.err
 }
 
@@ -83,7 +89,7 @@ func (e *exitError) ExitCode() int { return e.code }
 
 // cmdError is what the real runner returns for a failed command.
 func cmdError(args []string, code int, stderr string) error {
-	return fmt.Errorf("running %q: %w\n%s", args, &exitError{code, fmt.Sprintf("exit status %d", code)}, stderr)
+	return &commandError{args: args, err: &exitError{code, fmt.Sprintf("exit status %d", code)}, out: []byte(stderr), stderr: []byte(stderr)}
 }
 
 func readTestdata(t testing.TB, name string) []byte {
@@ -234,6 +240,12 @@ func testHost(t testing.TB) (*host, fstest.MapFS, *fakeRunner, *fakeProber, *fak
 		have:  func(string) bool { return false },
 		probe: p,
 		clock: c,
+	}
+	// The ends are zero when what readEnds returns is: a test that puts
+	// data there need not say it twice.
+	h.zeroEnds = func(dev string, size uint64) (bool, error) {
+		head, tail, err := h.readEnds(dev, size)
+		return err == nil && allZero(head) && allZero(tail), err
 	}
 	return h, fsys, r, p, c
 }

@@ -27,6 +27,9 @@ type host struct {
 	// readEnds reads up to headSize bytes at the start of a device and up
 	// to tailSize at its end.
 	readEnds func(dev string, size uint64) (head, tail []byte, err error)
+	// zeroEnds reports whether the first and last blankSpan bytes of a
+	// device of size bytes read as zeroes.
+	zeroEnds func(dev string, size uint64) (bool, error)
 	// have reports whether a command is installed.
 	have func(name string) bool
 	// probe says whether a device answers reads.
@@ -44,6 +47,7 @@ func realHost() *host {
 			return err == nil
 		},
 		readEnds: readDeviceEnds,
+		zeroEnds: deviceEndsZero,
 		have:     haveCommand,
 		probe:    newReadProber(5 * time.Second),
 		clock:    realClock{},
@@ -98,6 +102,52 @@ func readDeviceEnds(dev string, size uint64) (head, tail []byte, err error) {
 		return nil, nil, fmt.Errorf("reading %s: %w", dev, err)
 	}
 	return head, tail, nil
+}
+
+// blankSpan is how much of each end of a device must read as zeroes for the
+// watcher to call it blank: more than any signature we or blkid look for
+// sits in, and what a disk freshly made for a leg (LVM zeroes the start of a
+// new volume; a sparse file reads as zeroes) holds.
+const blankSpan = 1 << 20
+
+// deviceEndsZero reads the first and last blankSpan bytes of dev with
+// O_DIRECT, so that the page cache cannot answer with what an earlier
+// volume on the same /dev/nbdN held.
+func deviceEndsZero(dev string, size uint64) (bool, error) {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("opening %s: %w", dev, err)
+	}
+	defer unix.Close(fd)
+	n := min(uint64(blankSpan), size)
+	// O_DIRECT wants an aligned buffer: an anonymous mapping is page-aligned.
+	buf, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return false, fmt.Errorf("reading %s: %w", dev, err)
+	}
+	defer unix.Munmap(buf)
+	for _, off := range []uint64{0, size - n} {
+		got, err := unix.Pread(fd, buf, int64(off))
+		if err != nil {
+			return false, fmt.Errorf("reading %s at %d: %w", dev, off, err)
+		}
+		if uint64(got) != n {
+			return false, fmt.Errorf("reading %s at %d: %d of %d bytes", dev, off, got, n)
+		}
+		if !allZero(buf) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // probeResult is what a readability probe found.

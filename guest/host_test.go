@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // fakeCommand puts an executable script named name first on PATH.
@@ -43,6 +45,12 @@ func TestExecRunnerError(t *testing.T) {
 	var ee interface{ ExitCode() int }
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		t.Errorf("error %v does not carry the exit status", err)
+	}
+	if !stderrLine(err, "mdadm: No md superblock detected on /dev/nbd0.") {
+		t.Errorf("error %v does not carry mdadm's stderr line", err)
+	}
+	if stderrLine(err, "mdadm: No md superblock detected") || stderrLine(errors.New(err.Error()), "mdadm: No md superblock detected on /dev/nbd0.") {
+		t.Errorf("stderrLine matched part of a line, or an error that is not the command's")
 	}
 	if _, err := (execRunner{}).run(context.Background(), "lvnbd-no-such-command"); err == nil ||
 		!strings.Contains(err.Error(), "not installed") {
@@ -89,5 +97,46 @@ func TestReadOneBlock(t *testing.T) {
 	}
 	if r := readOneBlock(short); r != probeUnreadable {
 		t.Errorf("a 1-byte file: %v (no full block)", r)
+	}
+}
+
+func TestDeviceEndsZero(t *testing.T) {
+	const size = 3 << 20
+	tests := []struct {
+		name string
+		at   int64 // where a non-zero byte is written; -1 for none
+		want bool
+	}{
+		{"zeroes", -1, true},
+		{"first byte", 0, false},
+		{"end of the first MiB", 1<<20 - 1, false},
+		{"middle", 3 << 19, true}, // only the ends are read
+		{"start of the last MiB", size - 1<<20, false},
+		{"last byte", size - 1, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), "dev")
+			b := make([]byte, size)
+			if tt.at >= 0 {
+				b[tt.at] = 0x5a
+			}
+			if err := os.WriteFile(p, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			got, err := deviceEndsZero(p, size)
+			if errors.Is(err, unix.EINVAL) {
+				t.Skipf("the temporary directory's file system does not do O_DIRECT: %v", err)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tt.want {
+				t.Errorf("deviceEndsZero = %v, want %v", got, tt.want)
+			}
+		})
+	}
+	if _, err := deviceEndsZero(filepath.Join(t.TempDir(), "none"), size); err == nil {
+		t.Error("no error for a missing device")
 	}
 }

@@ -3,6 +3,7 @@ package guest
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,9 +37,40 @@ func (execRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 		if len(out) == 0 {
 			out = bytes.TrimSpace(stdout.Bytes())
 		}
-		return stdout.Bytes(), fmt.Errorf("running %q: %w\n%s", args, err, out)
+		return stdout.Bytes(), &commandError{args: args, err: err, out: out, stderr: stderr.Bytes()}
 	}
 	return stdout.Bytes(), nil
+}
+
+// commandError is a command that ran and failed. It keeps the command's
+// stderr apart from the message, so that a caller which must tell one of
+// mdadm's refusals from another compares mdadm's own line, not our text.
+type commandError struct {
+	args   []string
+	err    error  // *exec.ExitError, or the context's error
+	out    []byte // stderr, or stdout when stderr was empty: for the message
+	stderr []byte
+}
+
+func (e *commandError) Error() string {
+	return fmt.Sprintf("running %q: %v\n%s", e.args, e.err, e.out)
+}
+
+func (e *commandError) Unwrap() error { return e.err }
+
+// stderrLine reports whether a failed command printed line, whole, on its
+// stderr.
+func stderrLine(err error, line string) bool {
+	var ce *commandError
+	if !errors.As(err, &ce) {
+		return false
+	}
+	for _, l := range bytes.Split(ce.stderr, []byte("\n")) {
+		if string(bytes.TrimSpace(l)) == line {
+			return true
+		}
+	}
+	return false
 }
 
 // lookPath finds a command on PATH or in /usr/sbin and /sbin, where mdadm

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -41,10 +42,13 @@ const (
 // --re-add, so md resyncs only the chunks its write-intent bitmap marked —
 // and grows an array, and optionally its filesystem, once every leg grew.
 //
-// It acts only on what it can prove: a leg is re-added only if its md
-// superblock names the same array, and added afresh (a full resync) only if
-// re-adding is refused or the device is blank. A device holding anything
-// else is left alone and logged.
+// It acts only on what it can prove: it changes an array's members only
+// while another leg in sync answers reads and the array is neither broken
+// nor read-only; a leg is re-added only if its md superblock names the same
+// array and does not say it ran without the other leg, and added afresh (a
+// full resync) if it ran alone, if re-adding is refused, or if the device is
+// blank by every test. A device holding anything else is left alone and
+// logged.
 type Watcher struct {
 	cfg    WatchConfig
 	h      *host
@@ -219,6 +223,11 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 		}
 		return
 	}
+	if why := unchangeable(a.State); why != "" {
+		w.noteFor(mem, a.Name, "health", zap.ErrorLevel, "the array is "+a.State+": "+why+"; not touching it",
+			zap.Int("degraded", a.Degraded), zap.Strings("faulty", faulty))
+		return
+	}
 	if inSync == 0 {
 		w.noteFor(mem, a.Name, "health", zap.ErrorLevel, "no leg in sync: nothing to resync from; not touching it")
 		return
@@ -276,20 +285,25 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 			zap.Stringer("probe", r), zap.Bool("faulty_member", isMember))
 		return false
 	}
+	if !w.sourceAnswers(mem, a) {
+		return false
+	}
 	cctx, cancel := contextWithTimeout(ctx)
 	defer cancel()
-	blank := false
+	blank, fullResync := false, ""
 	out, err := w.h.run.run(cctx, "mdadm", "--examine", "--export", path)
 	if err != nil {
 		// No md superblock on a device that answered reads just now:
 		// blank, or something else entirely.
-		sig, err := w.signature(path, dev)
+		found, err := w.contents(cctx, path, dev)
 		if err != nil {
-			w.backoff(mem, a.Name, dev, topic, "cannot read the leg", err)
+			w.backoff(mem, a.Name, dev, topic, "cannot tell whether the leg is blank: not adding it", err)
 			return false
 		}
-		if sig != "" {
-			w.backoff(mem, a.Name, dev, topic, "the leg has no md superblock but a "+sig+": not adding it", nil)
+		if found != "" {
+			w.backoff(mem, a.Name, dev, topic, "the leg has no md superblock but "+found+": not adding it; "+
+				"if it is meant to be this leg, zero it (blkdiscard -z "+path+", or at least its first and last MiB) "+
+				"and the watcher adds it", nil)
 			return false
 		}
 		blank = true
@@ -303,6 +317,7 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 			w.backoff(mem, a.Name, dev, topic, fmt.Sprintf("the leg belongs to another array (%q, UUID %s): not adding it", e.Name, e.UUID), nil)
 			return false
 		}
+		fullResync = w.wroteApart(cctx, path)
 	}
 	if isMember {
 		// md keeps a failed member until it is removed; --re-add wants it
@@ -313,7 +328,19 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		}
 		w.log.Info("removed the failed leg", zap.String("array", md), zap.String("device", path))
 	}
-	if !blank {
+	add := []string{"mdadm", "--manage", md, "--add", "--failfast", path}
+	switch {
+	case blank:
+		w.log.Warn("the leg is blank; adding it as a new member: a full resync follows", zap.String("array", md),
+			zap.String("device", path))
+	case fullResync != "":
+		// --add tries --re-add first (Manage.c, Manage_add: attempt_re_add
+		// unless the disposition is 'S'), which would trust the bitmap;
+		// --add-spare (mdadm 3.3 on) does not.
+		w.log.Warn(fullResync+": adding it as a spare, not re-adding it: a full resync follows", zap.String("array", md),
+			zap.String("device", path))
+		add[3] = "--add-spare"
+	default:
 		_, err := w.h.run.run(cctx, "mdadm", "--manage", md, "--re-add", "--failfast", path)
 		if err == nil {
 			w.log.Info("re-added the leg: md resyncs the chunks its bitmap marked", zap.String("array", md), zap.String("device", path))
@@ -322,19 +349,30 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		}
 		w.log.Warn("re-add refused; adding the leg as a new member: a full resync follows", zap.String("array", md),
 			zap.String("device", path), zap.Error(err))
-	} else {
-		w.log.Warn("the leg is blank; adding it as a new member: a full resync follows", zap.String("array", md),
-			zap.String("device", path))
 	}
-	_, err = w.h.run.run(cctx, "mdadm", "--manage", md, "--add", "--failfast", path)
-	if err != nil && !blank {
-		// mdadm will not turn a device that claims to be an active member
-		// into a spare. It is this array's stale copy (its UUID said so),
-		// and the array has an in-sync leg: its superblock can go.
+	_, err = w.h.run.run(cctx, add...)
+	if err != nil && !blank && stderrLine(err, refusedAsSpare(path)) {
+		// This mdadm will not turn a device that claims to be an active
+		// member into a spare. It is this array's stale copy (its UUID
+		// said so); its superblock can go only while another leg still
+		// holds the data: the commands above took time, and the other box
+		// may have died meanwhile.
+		cur, rerr := readArray(w.h.sys, a.Name)
+		switch {
+		case rerr != nil:
+			w.backoff(mem, a.Name, dev, topic, "cannot read the array again: not clearing the stale leg's md superblock", rerr)
+			return false
+		case unchangeable(cur.State) != "":
+			w.backoff(mem, a.Name, dev, topic, "the array is "+cur.State+": not clearing the stale leg's md superblock", nil)
+			return false
+		case !w.sourceAnswers(mem, cur):
+			w.backoff(mem, a.Name, dev, topic, "no in-sync leg answers reads: not clearing the stale leg's md superblock", nil)
+			return false
+		}
 		w.log.Warn("add refused; clearing the stale leg's md superblock and adding it again", zap.String("array", md),
 			zap.String("device", path), zap.Error(err))
 		if _, err = w.h.run.run(cctx, "mdadm", "--zero-superblock", path); err == nil {
-			_, err = w.h.run.run(cctx, "mdadm", "--manage", md, "--add", "--failfast", path)
+			_, err = w.h.run.run(cctx, add...)
 		}
 	}
 	if err != nil {
@@ -346,8 +384,37 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 	return true
 }
 
-// signature names what detectSignature sees on a device ("" for nothing).
-func (w *Watcher) signature(path, dev string) (string, error) {
+// wroteApart says why a leg of this array (its UUID said so) must not be
+// re-added, or "" if it may be. The running array's bitmap records what
+// the array wrote while the leg was away, not what was written to the leg
+// if it ran without the other leg (assembled alone before this boot, or
+// elsewhere): --re-add would then resync too little, silently. Anything
+// unclear answers "resync it all": slower, never wrong.
+func (w *Watcher) wroteApart(ctx context.Context, path string) string {
+	out, err := w.h.run.run(ctx, "mdadm", "--examine", path)
+	if err != nil {
+		return "cannot read the leg's own view of the array (" + err.Error() + ")"
+	}
+	v, err := ParseSuperView(out)
+	switch {
+	case err != nil:
+		return "cannot read the leg's own view of the array (" + err.Error() + ")"
+	case strings.Contains(v.ArrayState, "?"):
+		return "the leg's superblock is inconsistent (Array State " + v.ArrayState + ")"
+	case v.Role < 0:
+		return "the leg's superblock says it is no active member"
+	case v.RanAlone():
+		return "the leg's superblock says it ran without the other leg (Array State " + v.ArrayState + ")"
+	}
+	return ""
+}
+
+// contents names what a device without an md superblock holds, or "" if
+// it is blank by every test there is: no signature detectSignature knows,
+// none blkid (where installed) knows, and its first and last MiB zero. A
+// --add resyncs over the whole device, so anything that is not plainly
+// empty is somebody's data; an error means it could not be told.
+func (w *Watcher) contents(ctx context.Context, path, dev string) (string, error) {
 	size, err := blockDevSize(w.h.sys, dev)
 	if err != nil {
 		return "", err
@@ -359,7 +426,79 @@ func (w *Watcher) signature(path, dev string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return detectSignature(head, tail, size), nil
+	if sig := detectSignature(head, tail, size); sig != "" {
+		return "a " + sig, nil
+	}
+	if w.h.have("blkid") {
+		// blkid knows many more formats (f2fs, ZFS, bcache, iso9660...).
+		// It exits 8 when it finds several and cannot choose: an error
+		// here, and not blank.
+		typ, err := w.h.blkid(ctx, path)
+		if err != nil {
+			return "", err
+		}
+		if typ != "" {
+			return "a " + typ + " signature (blkid)", nil
+		}
+	}
+	zero, err := w.h.zeroEnds(path, size)
+	if err != nil {
+		return "", err
+	}
+	if !zero {
+		return "data in its first or last MiB (no signature we know)", nil
+	}
+	return "", nil
+}
+
+// refusedAsSpare is the line mdadm 3.1.5 to 3.2.3 print when they refuse
+// to --add a device whose superblock says it is an active member of the
+// array (Manage.c, Manage_subdevs; mdadm-3.2.3:Manage.c line 862:
+// fprintf(stderr, Name ": not performing --add as that would convert %s in
+// to a spare.\n", dv->devname)). mdadm 3.2.4 dropped the refusal (commit
+// 0a999759, "Relax restrictions on when --add is permitted") and adds such
+// a device as a spare itself. path is the device as given to mdadm.
+func refusedAsSpare(path string) string {
+	return "mdadm: not performing --add as that would convert " + path + " in to a spare."
+}
+
+// unchangeable says why the watcher must not change the members of an
+// array in state (md/array_state), or "" if it may.
+func unchangeable(state string) string {
+	switch state {
+	case "broken":
+		return "md lost a member it cannot run without"
+	case "readonly", "read-auto":
+		// md starts no recovery on a read-only array; read-auto turns
+		// read-write on its first write.
+		return "read-only, so md would not recover it"
+	}
+	return ""
+}
+
+// sourceAnswers reports whether one of a's in-sync legs answers a direct
+// read now, and logs why the watcher waits when none does. md never fails
+// the last leg of a RAID1: with both storage boxes dead, the leg that died
+// second still shows in_sync, and a returning leg removed, re-added or
+// zeroed then leaves the array with no copy to resync from. A probe that
+// does not answer in time counts as no.
+func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
+	var tried []string
+	for _, m := range a.Members {
+		if !m.InSync() {
+			continue
+		}
+		r := w.h.probe.probe(devPath(m.Device))
+		if r == probeReadable {
+			mem.notes["source"] = ""
+			return true
+		}
+		tried = append(tried, devPath(m.Device)+" "+r.String())
+	}
+	w.noteFor(mem, a.Name, "source", zap.ErrorLevel,
+		"no in-sync leg answers reads (both storage boxes down?): nothing to resync from; "+
+			"waiting for one before touching the returning leg", zap.Strings("in_sync", tried))
+	return false
 }
 
 // backoff logs why a leg could not be brought back and delays the next try,

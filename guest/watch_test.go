@@ -2,6 +2,7 @@ package guest
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -85,6 +86,12 @@ func staleLeg(t *testing.T) call {
 	return call{args: mdadm("--examine", "--export", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-export-stale.txt"))}
 }
 
+// staleView is the stale leg's own view of the array: both legs active,
+// as it was when md failed it.
+func staleView(t *testing.T) call {
+	return call{args: mdadm("--examine", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-stale.txt"))}
+}
+
 func otherArraysLeg(t *testing.T) call {
 	return call{args: mdadm("--examine", "--export", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-export-member.txt"))}
 }
@@ -117,7 +124,7 @@ func TestWatchWaitsForDeadLeg(t *testing.T) {
 
 func TestWatchReaddsFaultyLeg(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
-	e.run.expect(staleLeg(t),
+	e.run.expect(staleLeg(t), staleView(t),
 		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()
@@ -133,7 +140,7 @@ func TestWatchReaddsRemovedLeg(t *testing.T) {
 	e.load("sysfs-removed.txt")
 	e.step() // still dead
 	e.probe.set("/dev/nbd0", probeReadable)
-	e.run.expect(staleLeg(t), call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.run.expect(staleLeg(t), staleView(t), call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
 }
@@ -157,7 +164,7 @@ func TestWatchReaddRefused(t *testing.T) {
 		e.step() // remembers nbd0
 		e.load("sysfs-removed.txt")
 		e.probe.set("/dev/nbd0", probeReadable)
-		e.run.expect(staleLeg(t),
+		e.run.expect(staleLeg(t), staleView(t),
 			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
 			call{args: add})
 		e.step()
@@ -166,7 +173,7 @@ func TestWatchReaddRefused(t *testing.T) {
 	})
 	t.Run("zero superblock", func(t *testing.T) {
 		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
-		e.run.expect(staleLeg(t),
+		e.run.expect(staleLeg(t), staleView(t),
 			call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
 			call{args: add, err: cmdError(add, 1, "mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.")},
@@ -178,22 +185,234 @@ func TestWatchReaddRefused(t *testing.T) {
 	})
 }
 
+// md never fails the last leg of a RAID1: with both storage boxes dead, leg
+// B (nbd1) still shows in_sync. When leg A returns, nothing is done to it
+// until B answers a direct read, for A may be the only copy left.
+func TestWatchWaitsForAReadableSource(t *testing.T) {
+	tests := []struct {
+		name   string
+		source probeResult
+	}{
+		{"source unreadable", probeUnreadable},
+		{"source probe unanswered", probePending},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			e.probe.set("/dev/nbd1", tt.source)
+			e.step() // the fake runner fails the test on any command
+			e.step()
+			e.wantLogged(noSource, 1)
+			if got := strings.Count(strings.Join(e.probe.probed, " "), "/dev/nbd1"); got != 2 {
+				t.Errorf("probed %v, want the in-sync leg probed once per look", e.probe.probed)
+			}
+			e.probe.set("/dev/nbd1", probeReadable)
+			e.run.expect(staleLeg(t), staleView(t),
+				call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+				call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+			e.step()
+			e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+		})
+	}
+}
+
+const noSource = "no in-sync leg answers reads (both storage boxes down?): nothing to resync from; " +
+	"waiting for one before touching the returning leg"
+
+// An array md calls broken, or a read-only one, is not touched.
+func TestWatchLeavesUnchangeableArraysAlone(t *testing.T) {
+	tests := []struct{ state, why string }{
+		{"broken", "md lost a member it cannot run without"},
+		{"readonly", "read-only, so md would not recover it"},
+		{"read-auto", "read-only, so md would not recover it"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.state, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			e.fsys["sys/block/md127/md/array_state"] = &fstest.MapFile{Data: []byte(tt.state + "\n")}
+			e.step()
+			e.wantLogged("the array is "+tt.state+": "+tt.why+"; not touching it", 1)
+			if len(e.probe.probed) != 0 {
+				t.Errorf("probed %v", e.probe.probed)
+			}
+		})
+	}
+}
+
+// The stale leg's superblock is cleared only when mdadm refused --add for
+// that reason (mdadm 3.1.5 to 3.2.3), and only while another leg still
+// holds the data.
+func TestWatchZeroesOnlyARefusedStaleLeg(t *testing.T) {
+	readd := mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")
+	add := mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")
+	const spare = "mdadm: /dev/nbd0 reports being an active member for /dev/md127, but a --re-add fails.\n" +
+		"mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.\n" +
+		"mdadm: To make this a spare, use \"mdadm --zero-superblock /dev/nbd0\" first."
+	tests := []struct {
+		name   string
+		stderr string
+		// meanwhile changes the fakes while mdadm --add runs.
+		meanwhile func(e *watchEnv)
+		want      string
+	}{
+		{name: "too small", stderr: "mdadm: /dev/nbd0 not large enough to join array", want: "cannot add the leg"},
+		{name: "array failed", // mdadm 4.2's refusal: zeroing would destroy the last copy
+			stderr: "mdadm: /dev/md127 has failed so using --add cannot work and might destroy\n" +
+				"mdadm: data on /dev/nbd0.  You should stop the array and re-assemble it.",
+			want: "cannot add the leg"},
+		{name: "another device refused as spare", stderr: strings.ReplaceAll(spare, "/dev/nbd0", "/dev/nbd01"),
+			want: "cannot add the leg"},
+		{name: "source died meanwhile", stderr: spare,
+			meanwhile: func(e *watchEnv) { e.probe.set("/dev/nbd1", probeUnreadable) },
+			want:      "no in-sync leg answers reads: not clearing the stale leg's md superblock"},
+		{name: "array broken meanwhile", stderr: spare,
+			meanwhile: func(e *watchEnv) {
+				e.fsys["sys/block/md127/md/array_state"] = &fstest.MapFile{Data: []byte("broken\n")}
+			},
+			want: "the array is broken: not clearing the stale leg's md superblock"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			refused := call{args: add, err: cmdError(add, 1, tt.stderr)}
+			if tt.meanwhile != nil {
+				refused.then = func() { tt.meanwhile(e) }
+			}
+			e.run.expect(staleLeg(t), staleView(t),
+				call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+				call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
+				refused) // and no --zero-superblock: the fake fails the test on it
+			e.step()
+			e.wantLogged(tt.want, 1)
+			e.wantLogged("add refused; clearing the stale leg's md superblock and adding it again", 0)
+		})
+	}
+}
+
+// A leg whose own superblock says it ran without the other leg, or whose
+// view cannot be read, is not re-added (the bitmap does not know what was
+// written to it) but added as a spare: a full resync.
+func TestWatchFullyResyncsALegThatRanApart(t *testing.T) {
+	examine := mdadm("--examine", "/dev/nbd0")
+	tests := []struct {
+		name string
+		view call
+		why  string
+	}{
+		{name: "ran alone", view: call{args: examine, stdout: string(readTestdata(t, "examine-alone.txt"))},
+			why: "the leg's superblock says it ran without the other leg (Array State A.)"},
+		{name: "spare", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
+			"Active device 0", "spare", 1)},
+			why: "the leg's superblock says it is no active member"},
+		{name: "inconsistent", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
+			"Array State : AA", "Array State : A?", 1)},
+			why: "the leg's superblock is inconsistent (Array State A?)"},
+		{name: "unparsable", view: call{args: examine, stdout: "/dev/nbd0:\n          Magic : a92b4efc\n        Version : 0.90.00\n"},
+			why: "cannot read the leg's own view of the array (no Device Role and Array State lines (not a version-1 superblock?): unexpected format)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			e.run.expect(staleLeg(t), tt.view,
+				call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+				call{args: mdadm("--manage", "/dev/md127", "--add-spare", "--failfast", "/dev/nbd0")})
+			e.step()
+			e.wantLogged(tt.why+": adding it as a spare, not re-adding it: a full resync follows", 1)
+			e.wantLogged("added the leg: full resync started", 1)
+		})
+	}
+	t.Run("unreadable", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.run.expect(staleLeg(t), call{args: examine, err: cmdError(examine, 1, "mdadm: cannot open /dev/nbd0: Input/output error")},
+			call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+			call{args: mdadm("--manage", "/dev/md127", "--add-spare", "--failfast", "/dev/nbd0")})
+		e.step()
+		e.wantLogged("added the leg: full resync started", 1)
+	})
+}
+
+// notBlank is what the watcher logs when it refuses a device in a leg's
+// place that holds something.
+func notBlank(found string) string {
+	return "the leg has no md superblock but " + found + ": not adding it; if it is meant to be this leg, " +
+		"zero it (blkdiscard -z /dev/nbd0, or at least its first and last MiB) and the watcher adds it"
+}
+
+// A device in a known leg's place without an md superblock is added (a full
+// resync over it) only if it is blank by every test: detectSignature,
+// blkid, and zeroes at both ends.
+func TestWatchAddsOnlyBlankDevices(t *testing.T) {
+	blkid := []string{"blkid", "-p", "-o", "export", "/dev/nbd0"}
+	f2fs := func(string, uint64) ([]byte, []byte, error) {
+		head := make([]byte, headSize)
+		copy(head[1024:], []byte{0x10, 0x20, 0xf5, 0xf2}) // F2FS_SUPER_MAGIC 0xF2F52010, little-endian
+		return head, make([]byte, tailSize), nil
+	}
+	dataAtEnd := func(string, uint64) ([]byte, []byte, error) {
+		tail := make([]byte, tailSize)
+		tail[len(tail)-1] = 1
+		return make([]byte, headSize), tail, nil
+	}
+	tests := []struct {
+		name     string
+		readEnds func(string, uint64) ([]byte, []byte, error)
+		blkid    *call // nil: blkid not installed
+		want     string
+		added    bool
+	}{
+		{name: "f2fs, no blkid", readEnds: f2fs, want: notBlank("data in its first or last MiB (no signature we know)")},
+		{name: "f2fs, blkid", readEnds: f2fs, blkid: &call{args: blkid, stdout: "DEVNAME=/dev/nbd0\nTYPE=f2fs\n"},
+			want: notBlank("a f2fs signature (blkid)")},
+		{name: "data at the end", readEnds: dataAtEnd, blkid: &call{args: blkid, err: cmdError(blkid, 2, "")},
+			want: notBlank("data in its first or last MiB (no signature we know)")},
+		{name: "blkid ambivalent", blkid: &call{args: blkid, err: cmdError(blkid, 8, "")},
+			want: "cannot tell whether the leg is blank: not adding it"},
+		{name: "blkid read error", blkid: &call{args: blkid, err: cmdError(blkid, 4, "blkid: error: /dev/nbd0: Input/output error")},
+			want: "cannot tell whether the leg is blank: not adding it"},
+		{name: "unreadable ends", readEnds: func(string, uint64) ([]byte, []byte, error) {
+			return nil, nil, errors.New("reading /dev/nbd0: input/output error")
+		}, want: "cannot tell whether the leg is blank: not adding it"},
+		{name: "blank, blkid", blkid: &call{args: blkid, err: cmdError(blkid, 2, "")}, added: true,
+			want: "the leg is blank; adding it as a new member: a full resync follows"},
+		{name: "blank, no blkid", added: true, want: "the leg is blank; adding it as a new member: a full resync follows"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			if tt.readEnds != nil {
+				e.w.h.readEnds = tt.readEnds
+			}
+			e.w.h.have = func(name string) bool { return name == "blkid" && tt.blkid != nil }
+			e.run.expect(examineBlank("/dev/nbd0"))
+			if tt.blkid != nil {
+				e.run.expect(*tt.blkid)
+			}
+			if tt.added {
+				e.run.expect(call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+					call{args: mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")})
+			}
+			e.step()
+			e.wantLogged(tt.want, 1)
+		})
+	}
+}
+
 // A failed attempt is retried after a delay that doubles, not every look.
 func TestWatchBacksOff(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Interval: 2 * time.Second})
 	remove := mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")
 	busy := cmdError(remove, 1, "mdadm: hot remove failed for /dev/nbd0: Device or resource busy")
-	e.run.expect(staleLeg(t), call{args: remove, err: busy})
+	e.run.expect(staleLeg(t), staleView(t), call{args: remove, err: busy})
 	e.step()
 	e.wantLogged("cannot remove the failed leg", 1)
 	e.step() // within the 4 s delay: nothing
 	e.clock.Advance(4 * time.Second)
-	e.run.expect(staleLeg(t), call{args: remove, err: busy})
+	e.run.expect(staleLeg(t), staleView(t), call{args: remove, err: busy})
 	e.step()
 	e.clock.Advance(7 * time.Second) // the next delay is 8 s
 	e.step()
 	e.clock.Advance(time.Second)
-	e.run.expect(staleLeg(t), call{args: remove},
+	e.run.expect(staleLeg(t), staleView(t), call{args: remove},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
@@ -218,7 +437,7 @@ func TestWatchLeavesOtherDevicesAlone(t *testing.T) {
 		}
 		e.run.expect(examineBlank("/dev/nbd0"))
 		e.step()
-		e.wantLogged("the leg has no md superblock but a xfs filesystem: not adding it", 1)
+		e.wantLogged(notBlank("a xfs filesystem"), 1)
 	})
 	t.Run("gone", func(t *testing.T) {
 		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
@@ -389,7 +608,7 @@ func TestWatchUUIDFromMdadm(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
 	delete(e.fsys, "sys/block/md127/md/uuid")
 	detail := call{args: mdadm("--detail", "--export", "/dev/md127"), stdout: string(readTestdata(t, "detail-export-faulty.txt"))}
-	e.run.expect(detail, staleLeg(t),
+	e.run.expect(detail, staleLeg(t), staleView(t),
 		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()

@@ -124,13 +124,19 @@ func newGuestWatchCmd(deps *guestDeps) *cobra.Command {
 SIGINT or SIGTERM, every --interval:
 
 A leg md failed (faulty) or no longer lists is brought back once it answers
-reads again and its md superblock names this array: a faulty leg is removed,
-then re-added with 'mdadm --re-add', so md resyncs only the chunks its
+reads again, its md superblock names this array, and an in-sync leg answers
+reads too (md never fails the last leg, so with both storage boxes down the
+watcher waits instead of touching the only copy left); an array that is
+broken, readonly or read-auto is left alone. A faulty leg is removed, then
+re-added with 'mdadm --re-add', so md resyncs only the chunks its
 write-intent bitmap marked. If md refuses the re-add (the bitmap cannot cover
-the gap), the leg is added as a new member and fully resynced, which the log
-says. A leg whose superblock belongs to another array, or that holds
-something other than md, is never touched. Failed attempts are retried with
-a growing delay, up to 5 minutes.
+the gap), or the leg's own superblock says it ran without the other leg, the
+leg is added as a new member and fully resynced, which the log says. A device
+without an md superblock is added (fully resynced) only if it is blank: no
+signature lvnbd or blkid knows, and its first and last MiB all zeroes. A leg
+whose superblock belongs to another array, or that holds anything else, is
+never touched. Failed attempts are retried with a growing delay, up to 5
+minutes.
 
 When every leg of a whole, idle array grew (lvextend on the storage boxes,
 then the dom0 pushed the new size), the array is grown with 'mdadm --grow
