@@ -20,7 +20,10 @@ fi
 fuzztime=${1:-5s}
 shift || true
 pkgs=("$@")
-((${#pkgs[@]})) || mapfile -t pkgs < <("$GO" list ./...)
+# One package per go test -fuzz: patterns (./volume/...) are expanded here.
+((${#pkgs[@]})) || pkgs=(./...)
+list=$("$GO" list "${pkgs[@]}") # fails the script on a bad pattern
+mapfile -t pkgs <<<"$list"
 cache=$("$GO" env GOCACHE)/fuzz
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
