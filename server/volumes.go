@@ -319,6 +319,13 @@ func (v *Volumes) closeExport(ctx context.Context, name, what string, force bool
 func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	// Clients first, as before: naming them is the answer an admin needs
+	// most; nothing is disconnected without force.
+	if e, ok := v.export(name); ok && !force {
+		if err := e.inUseError("remove volume"); err != nil {
+			return err
+		}
+	}
 	vol, err := v.drv.Get(ctx, name)
 	if err != nil {
 		return err
@@ -328,7 +335,7 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 		for i, s := range vol.Snapshots {
 			refs[i] = s.Ref()
 		}
-		return fmt.Errorf("volume %s %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
+		return fmt.Errorf("volume %s: %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
 	}
 	if err := v.closeExport(ctx, name, "remove volume", force); err != nil {
 		return err

@@ -2,7 +2,8 @@
 # timeout: 600
 # Online grow: the volume grows on both storage boxes (lvnbd volume resize +128M); within the
 # daemon's poll interval both kernel devices have the new size, without a detach (same device,
-# same connections, data intact), and lvnbd pair status shows it. A device never shrinks.
+# same connections, data intact), and lvnbd pair status shows it. The server does not shrink a
+# volume in use, and a device never shrinks.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -38,8 +39,12 @@ assert_eq "$(sha data)" "$(dd if=/dev/vga/vm1 bs=1M skip=300 count=8 iflag=direc
 assert_eq "$(sha data)" "$(dd if=/dev/lvnbd/vm1/a bs=1M count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
 	"data from before the grow"
 
-# A shrunk volume does not shrink the device; the status says why.
-box_volume b resize vm1 --size 320M --allow-shrink
+# Through the server, a volume in use is not shrunk.
+if box_volume b resize vm1 --size 320M --allow-shrink 2>err; then fail "the server shrank a volume in use"; fi
+grep -q "in use by 2 client" err || fail "shrink of a volume in use: $(cat err)"
+# Shrunk behind the server (lvm itself), the volume does not shrink the device; the status says
+# why.
+lvm lvreduce -f -y -L 320M vgb/vm1
 wait_secs "[[ \$(leg b last_error) == *shrank* ]]" 30
 assert_eq "$want" "$(blockdev --getsize64 /dev/lvnbd/vm1/b)" "leg b's size after the volume shrank"
 assert_eq connected "$(leg b state)" "leg b after the volume shrank"
