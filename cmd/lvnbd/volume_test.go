@@ -209,37 +209,62 @@ func TestVolumesURL(t *testing.T) {
 	}
 }
 
+// volumeServer serves file volumes in a new directory through a control
+// socket and over NBD on loopback, until the test ends.
+type volumeServer struct {
+	dir, sock, nbd string
+	reg            *server.Registry
+}
+
+func startVolumeServer(t *testing.T) *volumeServer {
+	t.Helper()
+	vs := &volumeServer{dir: filepath.Join(t.TempDir(), "volumes"), sock: filepath.Join(t.TempDir(), "control.sock"),
+		reg: server.NewRegistry()}
+	drv, err := file.New(vs.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vols := server.NewVolumes(drv, vs.reg, nil)
+	srv := server.New(&server.Config{Exports: vs.reg})
+	cln, err := control.Listen(vs.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	vs.nbd = "nbd://" + nln.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 2)
+	go func() { done <- control.Serve(ctx, cln, control.Handler(srv, vols, nil)) }()
+	go func() { done <- srv.Serve(ctx, nln) }()
+	t.Cleanup(func() {
+		cancel()
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	return vs
+}
+
+// run runs an lvnbd volume or snapshot command against the server.
+func (vs *volumeServer) run(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	return runVolumeCommand(t, append([]string{args[0], "--volumes", "file://" + vs.dir, "--control", vs.sock}, args[1:]...)...)
+}
+
 // TestVolumeCommandsThroughServer runs the commands while a server exports
 // the same volumes: they go through its control socket, and its exports
 // follow at once.
 func TestVolumeCommandsThroughServer(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "volumes")
-	drv, err := file.New(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := server.NewRegistry()
-	vols := server.NewVolumes(drv, reg, nil)
-	srv := server.New(&server.Config{Exports: reg})
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	ln, err := control.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- control.Serve(ctx, ln, control.Handler(srv, vols, nil)) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
-
+	vs := startVolumeServer(t)
+	reg := vs.reg
 	run := func(args ...string) string {
 		t.Helper()
-		full := append([]string{args[0], "--volumes", "file://" + dir, "--control", sock}, args[1:]...)
-		out, err := runVolumeCommand(t, full...)
+		out, err := vs.run(t, args...)
 		if err != nil {
 			t.Fatalf("lvnbd %s: %v", strings.Join(args, " "), err)
 		}
@@ -279,43 +304,14 @@ func TestVolumeCommandsThroughServer(t *testing.T) {
 // TestVolumeShrinkInUseThroughServer: a running server refuses to shrink a
 // volume a client is connected to, and --force disconnects the client.
 func TestVolumeShrinkInUseThroughServer(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "volumes")
-	drv, err := file.New(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	reg := server.NewRegistry()
-	vols := server.NewVolumes(drv, reg, nil)
-	srv := server.New(&server.Config{Exports: reg})
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	cln, err := control.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 2)
-	go func() { done <- control.Serve(ctx, cln, control.Handler(srv, vols, nil)) }()
-	go func() { done <- srv.Serve(ctx, nln) }()
-	t.Cleanup(func() {
-		cancel()
-		for range 2 {
-			if err := <-done; err != nil {
-				t.Error(err)
-			}
-		}
-	})
-	run := func(args ...string) (string, error) {
-		t.Helper()
-		return runVolumeCommand(t, append([]string{args[0], "--volumes", "file://" + dir, "--control", sock}, args[1:]...)...)
-	}
+	vs := startVolumeServer(t)
+	reg := vs.reg
+	ctx := context.Background()
+	run := func(args ...string) (string, error) { return vs.run(t, args...) }
 	if _, err := run("volume", "create", "vm1", "--size", "2M"); err != nil {
 		t.Fatal(err)
 	}
-	c, err := client.Dial(ctx, "nbd://"+nln.Addr().String()+"/vm1", nil)
+	c, err := client.Dial(ctx, vs.nbd+"/vm1", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
