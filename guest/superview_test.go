@@ -20,7 +20,7 @@ func TestParseSuperView(t *testing.T) {
 		err   bool
 	}{
 		{name: "stale leg", in: string(readTestdata(t, "examine-stale.txt")), want: SuperView{0, "AA"}},
-		{name: "leg that ran alone", in: string(readTestdata(t, "examine-alone.txt")), want: SuperView{0, "A."}, alone: true},
+		{name: "leg that ran alone", in: string(readTestdata(t, "examine-alone.txt")), want: SuperView{1, ".A"}, alone: true},
 		{name: "second slot alone", in: view("Active device 1", ".A"), want: SuperView{1, ".A"}, alone: true},
 		{name: "itself missing", in: view("Active device 1", "A."), want: SuperView{1, "A."}},
 		{name: "replacing alone", in: view("Replacement device 0", "R."), want: SuperView{0, "R."}, alone: true},

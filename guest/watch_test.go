@@ -300,7 +300,7 @@ func TestWatchFullyResyncsALegThatRanApart(t *testing.T) {
 		why  string
 	}{
 		{name: "ran alone", view: call{args: examine, stdout: string(readTestdata(t, "examine-alone.txt"))},
-			why: "the leg's superblock says it ran without the other leg (Array State A.)"},
+			why: "the leg's superblock says it ran without the other leg (Array State .A)"},
 		{name: "spare", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
 			"Active device 0", "spare", 1)},
 			why: "the leg's superblock says it is no active member"},

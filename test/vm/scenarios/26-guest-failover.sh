@@ -52,6 +52,10 @@ serve_box a
 lvnbd reconnect "$LEG_A"
 capture examine-export-stale.txt mdadm --examine --export "$LEG_A"
 capture examine-export-current.txt mdadm --examine --export "$LEG_B"
+# Each leg's own view of the array (mdadm --examine, not --export): stale leg A last saw both
+# legs active; leg B has run without A.
+capture examine-stale.txt mdadm --examine "$LEG_A"
+capture examine-alone.txt mdadm --examine "$LEG_B"
 stale=$(mdadm --examine --export "$LEG_A" | sed -n 's/^MD_EVENTS=//p')
 current=$(mdadm --examine --export "$LEG_B" | sed -n 's/^MD_EVENTS=//p')
 [[ $stale -lt $current ]] || fail "leg A's events $stale are not older than leg B's $current"
