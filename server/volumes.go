@@ -284,25 +284,39 @@ func (v *Volumes) Resize(ctx context.Context, name string, size int64, allowShri
 		}
 		return vol, v.syncAfter(ctx, what, name)
 	}
-	if err := v.closeExport(ctx, name, "shrink volume", force); err != nil {
+	if err := v.refuseInUse("shrink volume", force, name); err != nil {
+		return volume.Volume{}, err
+	}
+	if err := v.closeExport(ctx, name); err != nil {
 		return volume.Volume{}, err
 	}
 	vol, err = v.drv.Resize(ctx, name, size, true)
 	return vol, errors.Join(err, v.syncAfter(ctx, what, name))
 }
 
-// closeExport stops exporting name so the driver can change it underneath:
-// with force its clients are disconnected, else clients are an ErrInUse
-// error naming them. It waits until the backend is closed.
-func (v *Volumes) closeExport(ctx context.Context, name, what string, force bool) error {
-	e, ok := v.export(name)
-	if !ok {
+// refuseInUse returns, unless force, an ErrInUse error naming the clients of
+// the first of the exports names that has any: what would be done to it
+// needs them gone.
+func (v *Volumes) refuseInUse(what string, force bool, names ...string) error {
+	if force {
 		return nil
 	}
-	if !force {
-		if err := e.inUseError(what); err != nil {
-			return err
+	for _, name := range names {
+		if e, ok := v.export(name); ok {
+			if err := e.inUseError(what); err != nil {
+				return err
+			}
 		}
+	}
+	return nil
+}
+
+// closeExport stops exporting name so the driver can change it underneath,
+// disconnecting its clients (refuseInUse first, where they should be asked
+// to go), and waits until the backend is closed.
+func (v *Volumes) closeExport(ctx context.Context, name string) error {
+	if _, ok := v.export(name); !ok {
+		return nil
 	}
 	closed := v.retireLocked(name)
 	select {
@@ -320,11 +334,9 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	// Clients first, as before: naming them is the answer an admin needs
-	// most; nothing is disconnected without force.
-	if e, ok := v.export(name); ok && !force {
-		if err := e.inUseError("remove volume"); err != nil {
-			return err
-		}
+	// most; nothing is disconnected before every check passed.
+	if err := v.refuseInUse("remove volume", force, name); err != nil {
+		return err
 	}
 	vol, err := v.drv.Get(ctx, name)
 	if err != nil {
@@ -337,7 +349,7 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 		}
 		return fmt.Errorf("volume %s: %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
 	}
-	if err := v.closeExport(ctx, name, "remove volume", force); err != nil {
+	if err := v.closeExport(ctx, name); err != nil {
 		return err
 	}
 	err = v.drv.Remove(ctx, name)
@@ -392,7 +404,10 @@ func (v *Volumes) RemoveSnapshot(ctx context.Context, vol, snap string, force bo
 	if _, err := v.snapshot(ctx, vol, snap); err != nil {
 		return err
 	}
-	if err := v.closeExport(ctx, ref, "remove snapshot", force); err != nil {
+	if err := v.refuseInUse("remove snapshot", force, ref); err != nil {
+		return err
+	}
+	if err := v.closeExport(ctx, ref); err != nil {
 		return err
 	}
 	err := v.drv.RemoveSnapshot(ctx, vol, snap)
@@ -415,15 +430,11 @@ func (v *Volumes) MergeSnapshot(ctx context.Context, vol, snap string, force boo
 	if s.Invalid {
 		return fmt.Errorf("snapshot %s is invalid (its COW space filled up and it lost data): it cannot be merged, only removed", ref)
 	}
-	for _, name := range []string{vol, ref} {
-		if e, ok := v.export(name); ok && !force {
-			if err := e.inUseError("merge snapshot " + ref + " into"); err != nil {
-				return err
-			}
-		}
+	if err := v.refuseInUse("merge snapshot "+ref+" into", force, vol, ref); err != nil {
+		return err
 	}
 	for _, name := range []string{vol, ref} {
-		if err := v.closeExport(ctx, name, "merge", true); err != nil {
+		if err := v.closeExport(ctx, name); err != nil {
 			return err
 		}
 	}
