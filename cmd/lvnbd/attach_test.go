@@ -416,17 +416,7 @@ func TestDetach(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			k := &fakeNBD{t: t, devs: devs()}
-			_, _, err := runCmd(t, newDetachCmd(testHost(k, users)), tt.args...)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
-				}
-			} else if err != nil {
-				t.Fatal(err)
-			}
-			if diff := cmp.Diff(tt.want, k.disconnected); diff != "" {
-				t.Errorf("disconnected (-want +got):\n%s", diff)
-			}
+			checkDetach(t, k, testHost(k, users), tt.args, tt.wantErr, tt.want)
 		})
 	}
 }
@@ -819,17 +809,24 @@ func TestDetachPairLeg(t *testing.T) {
 			k := &fakeNBD{t: t, devs: []kernel.Device{{Index: 0, Connected: true, PID: 1, Backend: "nbd://a:10809/x"}}}
 			host := testHost(k, nil)
 			host.users = func(index int, linkDir string) ([]string, error) { return deviceUsers(sys, mountinfo, linkDir, index) }
-			_, _, err := runCmd(t, newDetachCmd(host), tt.args...)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
-				}
-			} else if err != nil {
-				t.Fatal(err)
-			}
-			if diff := cmp.Diff(tt.want, k.disconnected); diff != "" {
-				t.Errorf("disconnected (-want +got):\n%s", diff)
-			}
+			checkDetach(t, k, host, tt.args, tt.wantErr, tt.want)
 		})
+	}
+}
+
+// checkDetach runs lvnbd detach with args and checks its error (one
+// containing wantErr, or none) and the devices it disconnected.
+func checkDetach(t *testing.T, k *fakeNBD, host *hostDeps, args []string, wantErr string, want []int) {
+	t.Helper()
+	_, _, err := runCmd(t, newDetachCmd(host), args...)
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("error %v, want one containing %q", err, wantErr)
+		}
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, k.disconnected); diff != "" {
+		t.Errorf("disconnected (-want +got):\n%s", diff)
 	}
 }
