@@ -20,6 +20,18 @@ import (
 )
 
 // observedVolumes is startVolumes over drv, with the log kept for checking.
+// createWithSnapshot makes volume vm1 (1 MiB) and its snapshot vm1@s.
+func createWithSnapshot(t *testing.T, vols *Volumes) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func observedVolumes(t *testing.T, drv volume.Driver) (*Volumes, *testServer, *observer.ObservedLogs) {
 	t.Helper()
 	ts := startServer(t, nil)
@@ -109,12 +121,7 @@ func TestPendingMergeIsNotExported(t *testing.T) {
 	ctx := context.Background()
 	drv := &mergeLaterDriver{Driver: newFileDriver(t), pending: map[string]string{}}
 	vols, ts, logs := observedVolumes(t, drv)
-	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	createWithSnapshot(t, vols)
 	if err := vols.MergeSnapshot(ctx, "vm1", "s", false); !errors.Is(err, volume.ErrMergePending) {
 		t.Fatalf("MergeSnapshot: %v, want ErrMergePending", err)
 	}
@@ -150,12 +157,7 @@ func TestMergeStartedOutsideStopsClients(t *testing.T) {
 	ctx := context.Background()
 	drv := &mergeLaterDriver{Driver: newFileDriver(t), pending: map[string]string{}}
 	vols, ts, _ := observedVolumes(t, drv)
-	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
-		t.Fatal(err)
-	}
+	createWithSnapshot(t, vols)
 	c := dialRaw(t, ts.addr)
 	c.open("vm1", false)
 	if err := drv.MergeSnapshot(ctx, "vm1", "s"); !errors.Is(err, volume.ErrMergePending) {
