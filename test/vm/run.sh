@@ -37,6 +37,7 @@ MODULES=(
 # over anything on PATH, and those applets lack features the scenarios need (ip netns, tc qdisc).
 BINARIES=(
 	bash
+	dd # GNU dd: busybox's lacks oflag=dsync, which makes the kernel send FUA writes
 	lvm dmsetup
 	mdadm
 	mke2fs e2fsck resize2fs dumpe2fs tune2fs
