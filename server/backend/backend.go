@@ -346,6 +346,16 @@ func (b *File) pwritev2(p []byte, off int64, flags int) error {
 // with, or nil while it works.
 func (b *File) Failed() error { return b.syncs.check() }
 
+// OnFailure sets a function told of a failed flush or durable write before
+// the request that met it is answered, and before any later flush can
+// succeed; it may be told more than once if syncs fail together. Set it
+// before the first I/O.
+func (b *File) OnFailure(f func(error)) { b.syncs.setOnFail(f) }
+
+// MarkFailed makes the backend fail every request as if a write-back had
+// failed with err: one that failed before the server restarted.
+func (b *File) MarkFailed(err error) { b.syncs.fail(err) }
+
 // dsyncRefused reports whether a write with RWF_DSYNC failed because the
 // kernel does not take the flag, having written nothing.
 func dsyncRefused(err error) bool {

@@ -19,8 +19,9 @@ type WriteBackError struct {
 
 func (e *WriteBackError) Error() string {
 	return fmt.Sprintf("%v; data written to %s before then may not be on stable storage, so every read, write "+
-		"and flush of it fails from now on: check the disk and the kernel log, then restart lvnbd to open it "+
-		"again (a guest's mirror must then resync this half in full, not from its bitmap)", e.Err, e.Path)
+		"and flush of it fails from now on, also after a restart: check the disk and the kernel log, and follow "+
+		"lvnbd recover --help (a guest's mirror must resync this half in full, not from its bitmap)",
+		e.Err, e.Path)
 }
 
 func (e *WriteBackError) Unwrap() error { return e.Err }
@@ -47,6 +48,10 @@ type syncTracker struct {
 	err     error               // the first failure
 	failed  atomic.Bool         // err is set: read without the lock on every I/O
 	path    string              // for WriteBackError
+	// onFail, when set, is told of a failure before the sync that met it
+	// returns, and before any sync that started after it can succeed: the
+	// server records the failure there, so that a restart keeps it.
+	onFail func(error)
 }
 
 func newSyncTracker(path string) *syncTracker {
@@ -67,9 +72,15 @@ func (t *syncTracker) run(op func() error, refused func(error) bool) error {
 	ticket := t.next
 	t.next++
 	t.running[ticket] = struct{}{}
+	onFail := t.onFail
 	t.mu.Unlock()
 
 	err := op()
+	if err != nil && onFail != nil && (refused == nil || !refused(err)) {
+		// Still running: a later sync that succeeds waits for this ticket,
+		// so none is believed before the failure is recorded.
+		onFail(err)
+	}
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -91,6 +102,24 @@ func (t *syncTracker) run(op func() error, refused func(error) bool) error {
 		return &WriteBackError{Path: t.path, Err: t.err}
 	}
 	return nil
+}
+
+// setOnFail sets the function told of a failure (see onFail).
+func (t *syncTracker) setOnFail(f func(error)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.onFail = f
+}
+
+// fail makes err the kept failure, unless there already is one: a failure
+// from before a restart.
+func (t *syncTracker) fail(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.err == nil {
+		t.err = err
+		t.failed.Store(true)
+	}
 }
 
 // check returns the kept failure, if there is one.

@@ -119,3 +119,62 @@ func TestSyncBesideAFailingOneFails(t *testing.T) {
 		}
 	})
 }
+
+// The function given to OnFailure is told of a failure before the failing
+// sync returns, and before a sync beside it can succeed: the server records
+// the failure there, and nothing may be answered as durable before that.
+// A refused RWF_DSYNC is not a failure, and a kept one is not told again.
+func TestOnFailureIsToldFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tr := newSyncTracker("disk.img")
+		var told []error
+		recording := make(chan struct{})
+		release := make(chan struct{})
+		tr.setOnFail(func(err error) {
+			told = append(told, err)
+			close(recording)
+			<-release
+		})
+		if err := tr.run(func() error { return unix.EOPNOTSUPP }, dsyncRefused); !errors.Is(err, unix.EOPNOTSUPP) {
+			t.Fatalf("refused sync returned %v", err)
+		}
+		first := make(chan error, 1)
+		go func() { first <- tr.run(func() error { return unix.EIO }, nil) }()
+		<-recording
+		second := make(chan error, 1)
+		go func() { second <- tr.run(func() error { return nil }, nil) }()
+		synctest.Wait()
+		select {
+		case err := <-first:
+			t.Fatalf("the failing sync returned (%v) before its failure was recorded", err)
+		case err := <-second:
+			t.Fatalf("a sync beside it returned (%v) before the failure was recorded", err)
+		default:
+		}
+		close(release)
+		for _, c := range []chan error{first, second} {
+			if err := <-c; !errors.Is(err, unix.EIO) {
+				t.Errorf("a sync returned %v, want EIO", err)
+			}
+		}
+		if err := tr.run(func() error { return unix.EIO }, nil); !errors.Is(err, unix.EIO) {
+			t.Errorf("a later sync returned %v, want EIO", err)
+		}
+		if len(told) != 1 || !errors.Is(told[0], unix.EIO) {
+			t.Errorf("told %v, want the one EIO", told)
+		}
+	})
+}
+
+// MarkFailed fails every request, as a failure from before a restart.
+func TestMarkFailed(t *testing.T) {
+	b, _ := sparseFile(t, 1<<20)
+	b.MarkFailed(fmt.Errorf("recorded before: %w", unix.ENOSPC))
+	var wb *WriteBackError
+	if err := b.ReadAt(make([]byte, 512), 0); !errors.As(err, &wb) || !errors.Is(err, unix.ENOSPC) {
+		t.Errorf("ReadAt of a backend marked failed returned %v, want a WriteBackError with ENOSPC", err)
+	}
+	if err := b.Failed(); err == nil {
+		t.Error("Failed() is nil after MarkFailed")
+	}
+}
