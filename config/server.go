@@ -28,6 +28,10 @@ const DefaultServerPath = "/etc/lvnbd/server.toml"
 // DefaultFenceFile is where fences are kept across restarts.
 const DefaultFenceFile = "/var/lib/lvnbd/fences.json"
 
+// DefaultFailureFile is where exports whose write-back failed are recorded,
+// so that they stay failed across restarts.
+const DefaultFailureFile = "/var/lib/lvnbd/failures.json"
+
 // DefaultRescan is how often the server re-reads its volumes.
 const DefaultRescan = 10 * time.Second
 
@@ -72,6 +76,9 @@ type Server struct {
 	MaxInflightBytes int64
 	// FenceFile is where fences are kept; empty keeps them in memory only.
 	FenceFile string
+	// FailureFile is where failed write-backs are recorded; empty keeps
+	// them in memory only, and a restart serves such an export again.
+	FailureFile string
 }
 
 // Log is the [log] table.
@@ -131,6 +138,7 @@ func Default() *Config {
 			MaxInflightRequests:     server.DefaultMaxInFlight,
 			MaxInflightBytes:        server.DefaultMaxInFlightBytes,
 			FenceFile:               DefaultFenceFile,
+			FailureFile:             DefaultFailureFile,
 		},
 		Log: Log{Level: "info", Format: "console"},
 		// optional is what --tls defaults to: with no certificate it
@@ -195,6 +203,7 @@ var tableSettings = []struct {
 		{"max_inflight_requests", "max-inflight-requests", func(c *Config) any { return &c.Server.MaxInflightRequests }},
 		{"max_inflight_bytes", "max-inflight-bytes", func(c *Config) any { return (*size)(&c.Server.MaxInflightBytes) }},
 		{"fence_file", "fence-file", func(c *Config) any { return &c.Server.FenceFile }},
+		{"failure_file", "failure-file", func(c *Config) any { return &c.Server.FailureFile }},
 	}},
 	{"log", []setting{
 		{"level", "log-level", func(c *Config) any { return &c.Log.Level }},

@@ -30,6 +30,7 @@ type (
 		MaxInflightRequests     int      `toml:"max_inflight_requests"`
 		MaxInflightBytes        string   `toml:"max_inflight_bytes"`
 		FenceFile               string   `toml:"fence_file"`
+		FailureFile             string   `toml:"failure_file"`
 	}
 	logTable struct {
 		Level  string `toml:"level"`
@@ -77,6 +78,7 @@ func (c *Config) WriteTOML(w io.Writer) error {
 			MaxInflightRequests:     s.MaxInflightRequests,
 			MaxInflightBytes:        formatSize(s.MaxInflightBytes),
 			FenceFile:               s.FenceFile,
+			FailureFile:             s.FailureFile,
 		},
 		Log:           logTable(c.Log),
 		TLS:           tlsTable(c.TLS),

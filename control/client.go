@@ -57,6 +57,13 @@ func (c *Client) Status(ctx context.Context) (Status, error) {
 	return st, err
 }
 
+// Recover serves a failed export again (server.Registry.Recover).
+func (c *Client) Recover(ctx context.Context, export string) (server.RecoverResult, error) {
+	var res server.RecoverResult
+	err := c.do(ctx, http.MethodPost, "/v1/exports/"+url.PathEscape(export)+"/recover", nil, &res)
+	return res, err
+}
+
 // Sync makes the server re-read its volumes now.
 func (c *Client) Sync(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/v1/sync", nil, nil)

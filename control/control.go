@@ -22,6 +22,9 @@ type Status struct {
 	// volumes (only --export files and devices).
 	Driver  string                `json:"driver"`
 	Exports []server.ExportStatus `json:"exports"`
+	// Failures are the recorded write-back failures, also of exports not
+	// served now (a volume missing since); lvnbd recover clears them.
+	Failures []server.Failure `json:"failures,omitempty"`
 }
 
 // errorBody is the JSON body of every failed request.
@@ -43,6 +46,8 @@ var kinds = map[string]error{
 	"merge_pending": volume.ErrMergePending,
 	"unsupported":   volume.ErrUnsupported,
 	"in_use":        server.ErrInUse,
+	"no_export":     server.ErrNoExport,
+	"not_failed":    server.ErrNotFailed,
 	"no_volumes":    ErrNoVolumes,
 }
 

@@ -34,6 +34,7 @@ func Handler(srv *server.Server, vols *server.Volumes, log *zap.Logger) http.Han
 	mux.HandleFunc("DELETE /v1/snapshots/{ref}", h.withVolumes(h.removeSnapshot))
 	mux.HandleFunc("POST /v1/snapshots/{ref}/merge", h.withVolumes(h.mergeSnapshot))
 	mux.HandleFunc("POST /v1/sync", h.withVolumes(h.sync))
+	mux.HandleFunc("POST /v1/exports/{name}/recover", h.recover)
 	mux.HandleFunc("GET /v1/fences", h.listFences)
 	mux.HandleFunc("POST /v1/fences", h.fence)
 	mux.HandleFunc("DELETE /v1/fences", h.unfence)
@@ -66,9 +67,9 @@ func writeJSON(w http.ResponseWriter, v any) {
 func writeError(w http.ResponseWriter, err error) {
 	code := http.StatusInternalServerError
 	switch kindOf(err) {
-	case "not_found":
+	case "not_found", "no_export":
 		code = http.StatusNotFound
-	case "exists", "in_use", "has_snapshots", "merge_pending":
+	case "exists", "in_use", "has_snapshots", "merge_pending", "not_failed":
 		code = http.StatusConflict
 	case "invalid_name", "invalid_size", "shrink", "no_volumes", "unsupported":
 		code = http.StatusBadRequest
@@ -94,6 +95,9 @@ func force(r *http.Request) bool { return r.URL.Query().Get("force") == "1" }
 
 func (h *handler) status(w http.ResponseWriter, r *http.Request) {
 	st := Status{Exports: h.reg.Status()}
+	if f := h.reg.Failures(); f != nil {
+		st.Failures = f.List()
+	}
 	if h.vols != nil {
 		st.Driver = h.vols.Driver().String()
 	}
@@ -213,6 +217,20 @@ func (h *handler) sync(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, struct{}{})
+}
+
+func (h *handler) recover(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	h.log.Warn("recovery of a failed export requested", zap.String("export", name))
+	res, err := h.reg.Recover(name)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	h.log.Warn("failed export recovered: the failure record is cleared; a guest's mirror must copy this half in full",
+		zap.String("export", name), zap.String("failure", res.Failure), zap.Bool("reopened", res.Reopened),
+		zap.Int("clients_cut", res.ClientsCut))
+	writeJSON(w, res)
 }
 
 func (h *handler) listFences(w http.ResponseWriter, r *http.Request) {

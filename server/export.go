@@ -234,6 +234,8 @@ type Registry struct {
 	// retired are exports removed while clients used them, until the
 	// last of those is gone: a fence must still reach them.
 	retired map[*Export]struct{}
+	// failures, when set, records failed write-backs across restarts.
+	failures *Failures
 }
 
 // NewRegistry returns an empty registry.
@@ -251,6 +253,7 @@ func (r *Registry) Add(e *Export) error {
 	if _, ok := r.exports[e.Name]; ok {
 		return fmt.Errorf("export %q: %w", e.Name, ErrExportExists)
 	}
+	r.keepFailuresLocked(e)
 	r.exports[e.Name] = e
 	return nil
 }
@@ -266,13 +269,19 @@ func (r *Registry) Remove(name string) (*Export, <-chan struct{}, error) {
 		return nil, nil, fmt.Errorf("export %q: %w", name, ErrNoExport)
 	}
 	delete(r.exports, name)
+	return e, r.retireLocked(e), nil
+}
+
+// retireLocked retires e, keeping it among the exports in use until its
+// last client is gone.
+func (r *Registry) retireLocked(e *Export) <-chan struct{} {
 	closed := e.retire()
 	select {
 	case <-closed:
 	default:
 		r.retired[e] = struct{}{}
 	}
-	return e, closed, nil
+	return closed
 }
 
 // inUse returns every export a client may still be using: those offered,

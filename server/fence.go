@@ -74,20 +74,46 @@ type Fences struct {
 // An empty path keeps the list in memory only.
 func LoadFences(path string) (*Fences, error) {
 	f := &Fences{path: path}
+	if err := loadJSON(path, &f.list); err != nil {
+		return nil, fmt.Errorf("fence file %s: %w: fix or remove it; until then no client can be trusted", path, err)
+	}
+	return f, nil
+}
+
+// loadJSON reads the JSON file at path into v; a missing file or an empty
+// path leaves v as it is.
+func loadJSON(path string, v any) error {
 	if path == "" {
-		return f, nil
+		return nil
 	}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return f, nil
+		return nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("reading fences: %w", err)
+		return err
 	}
-	if err := json.Unmarshal(b, &f.list); err != nil {
-		return nil, fmt.Errorf("fence file %s is corrupt (%w): fix or remove it; until then no client can be trusted", path, err)
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("corrupt: %w", err)
 	}
-	return f, nil
+	return nil
+}
+
+// saveJSON writes v to path atomically (temp file, fsync, rename, fsync the
+// directory), so a crash leaves the old contents or the new, never half;
+// an empty path saves nothing.
+func saveJSON(path string, v any) error {
+	if path == "" {
+		return nil
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.Write(path, append(b, '\n'), 0o600)
 }
 
 // List returns the fences.
@@ -128,17 +154,8 @@ func (f *Fences) remove(client, export string) (bool, error) {
 // directory) and only then adopts it, so a crash leaves the old list or the
 // new one, never half of one.
 func (f *Fences) saveLocked(list []Fence) error {
-	if f.path != "" {
-		b, err := json.MarshalIndent(list, "", "  ")
-		if err != nil {
-			return err
-		}
-		if err := os.MkdirAll(filepath.Dir(f.path), 0o700); err != nil {
-			return fmt.Errorf("saving fences: %w", err)
-		}
-		if err := atomicfile.Write(f.path, append(b, '\n'), 0o600); err != nil {
-			return fmt.Errorf("saving fences: %w", err)
-		}
+	if err := saveJSON(f.path, list); err != nil {
+		return fmt.Errorf("saving fences: %w", err)
 	}
 	f.list = list
 	return nil

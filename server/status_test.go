@@ -37,7 +37,7 @@ func TestStatusShowsAFailedExport(t *testing.T) {
 	if got["disk"] != "" {
 		t.Errorf("a working export shows as failed: %s", got["disk"])
 	}
-	if !strings.Contains(got["broken"], "/dev/vg0/broken") || !strings.Contains(got["broken"], "restart lvnbd") {
+	if !strings.Contains(got["broken"], "/dev/vg0/broken") || !strings.Contains(got["broken"], "lvnbd recover") {
 		t.Errorf("the failed export's status says %q, want the device and what to do", got["broken"])
 	}
 }

@@ -263,7 +263,20 @@ func (v *Volumes) Create(ctx context.Context, opts volume.CreateOptions) (volume
 	if err != nil {
 		return vol, err
 	}
-	return vol, v.syncAfter(ctx, "create volume "+opts.Name, opts.Name)
+	// A failure recorded under this name was its old volume's, removed
+	// behind the server: the new one holds none of that data.
+	err = v.forgetFailure(opts.Name, "the volume was made anew")
+	return vol, errors.Join(err, v.syncAfter(ctx, "create volume "+opts.Name, opts.Name))
+}
+
+// forgetFailure clears the recorded write-back failure of a volume whose
+// data is gone, logging why.
+func (v *Volumes) forgetFailure(name, why string) error {
+	forgot, err := v.reg.ForgetFailure(name)
+	if forgot && err == nil {
+		v.log.Info("recorded write-back failure cleared", zap.String("export", name), zap.String("because", why))
+	}
+	return err
 }
 
 // Resize grows (or with allowShrink shrinks) a volume; the export's new size
@@ -353,6 +366,9 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 		return err
 	}
 	err = v.drv.Remove(ctx, name)
+	if err == nil {
+		err = v.forgetFailure(name, "the volume was removed")
+	}
 	return errors.Join(err, v.syncAfter(ctx, "remove volume "+name, name))
 }
 

@@ -29,6 +29,7 @@ Anywhere:      lvnbd info nbd://storage-a/vm1`,
 	root.AddCommand(newSnapshotCmd())
 	root.AddCommand(newInfoCmd())
 	root.AddCommand(newStatusCmd())
+	root.AddCommand(newRecoverCmd())
 	root.AddCommand(newFenceCmd())
 	root.AddCommand(newUnfenceCmd())
 	root.AddCommand(newFenceAgentCmd())

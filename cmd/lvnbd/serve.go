@@ -116,6 +116,7 @@ addresses or CIDRs, --allow-name to client certificate names.`,
 	f.Int("max-inflight-requests", def.Server.MaxInflightRequests, "requests outstanding per connection")
 	f.String("max-inflight-bytes", "128MiB", "payload bytes held per connection (at least 32MiB)")
 	f.String("fence-file", def.Server.FenceFile, "where fences are kept across restarts (empty: in memory only)")
+	f.String("failure-file", def.Server.FailureFile, "where exports whose write-back failed are recorded, to stay failed across restarts (empty: in memory only)")
 	f.String("tls-cert", "", "TLS certificate (PEM) for nbds:// clients")
 	f.String("tls-key", "", "TLS private key (PEM)")
 	f.String("tls-ca", "", "CA (PEM) to verify client certificates against")

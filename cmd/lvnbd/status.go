@@ -22,9 +22,10 @@ func newStatusCmd() *cobra.Command {
 		Short: "Show a running server's exports and connected clients",
 		Long: `Show what the lvnbd server on this box exports and who is connected, with
 byte counts per connection. An export whose storage failed to write back data
-shows as FAILED, with why and what to do: every request to it fails until
-lvnbd is restarted. It asks the server through its control socket (root
-only).`,
+shows as FAILED, with why: every request to it fails, also after a restart,
+until lvnbd recover (see its --help for what to do first). Failures recorded
+for exports not served now are listed too. It asks the server through its
+control socket (root only).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := control.NewClient(ctlPath).Status(cmd.Context())
@@ -53,9 +54,17 @@ only).`,
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\n", e.Name, humanize.IBytes(uint64(e.Size)), mode, len(e.Clients))
 			}
 			tw.Flush()
+			served := map[string]bool{}
 			for _, e := range st.Exports {
+				served[e.Name] = true
 				if e.Failed != "" {
 					fmt.Fprintf(out, "  %s: FAILED: %s\n", e.Name, e.Failed)
+				}
+			}
+			for _, f := range st.Failures {
+				if !served[f.Export] {
+					fmt.Fprintf(out, "  %s (not served now): FAILED since %s: %s; lvnbd recover clears this record\n",
+						f.Export, f.Since.Format(time.RFC3339), f.Error)
 				}
 			}
 			for _, e := range st.Exports {

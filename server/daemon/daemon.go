@@ -41,13 +41,15 @@ type Options struct {
 
 // Daemon is a running storage-box server.
 type Daemon struct {
-	opts    Options
-	log     *zap.Logger
-	cfg     *config.Config
-	srv     *server.Server
-	reg     *server.Registry
-	vols    *server.Volumes
-	statics map[string]*server.Export // --export / [[export]] ones, by name
+	opts Options
+	log  *zap.Logger
+	cfg  *config.Config
+	srv  *server.Server
+	reg  *server.Registry
+	vols *server.Volumes
+	// statics names the --export / [[export]] exports; the registry has
+	// them (lvnbd recover replaces an export there).
+	statics map[string]bool
 }
 
 // Run serves until ctx is done, then drains and returns; cancellation is a
@@ -57,7 +59,7 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
-	d := &Daemon{opts: opts, log: opts.Log, cfg: cfg, reg: server.NewRegistry(), statics: map[string]*server.Export{}}
+	d := &Daemon{opts: opts, log: opts.Log, cfg: cfg, reg: server.NewRegistry(), statics: map[string]bool{}}
 	defer d.closeStatics()
 	if err := d.setLevel(cfg); err != nil {
 		return err
@@ -65,6 +67,16 @@ func Run(ctx context.Context, opts Options) error {
 	fences, err := server.LoadFences(cfg.Server.FenceFile)
 	if err != nil {
 		return err
+	}
+	failures, err := server.LoadFailures(cfg.Server.FailureFile, d.log)
+	if err != nil {
+		return err
+	}
+	d.reg.KeepFailures(failures)
+	for _, f := range failures.List() {
+		d.log.Error("this export's write-back failed before, and every request to it fails until lvnbd recover",
+			zap.String("export", f.Export), zap.String("description", f.Description), zap.String("error", f.Error),
+			zap.Time("since", f.Since), zap.String("recorded_in", cfg.Server.FailureFile))
 	}
 	tlsConfig, err := cfg.TLSConfig()
 	if err != nil {
@@ -266,6 +278,7 @@ func (d *Daemon) reload() error {
 		{"server.volumes", old.Server.Volumes, cfg.Server.Volumes},
 		{"server.control", old.Server.Control, cfg.Server.Control},
 		{"server.fence_file", old.Server.FenceFile, cfg.Server.FenceFile},
+		{"server.failure_file", old.Server.FailureFile, cfg.Server.FailureFile},
 		{"server.rescan", old.Server.Rescan, cfg.Server.Rescan},
 		{"log.format", old.Log.Format, cfg.Log.Format},
 		{"limits and timeouts", old.ServerConfig(), cfg.ServerConfig()},
@@ -307,7 +320,7 @@ func (d *Daemon) applyExports(cfg *config.Config) error {
 			continue
 		}
 		spec := ce.Spec()
-		if cur, ok := d.statics[spec.Name]; ok && sameSpec(cur, spec) {
+		if cur, ok := d.static(spec.Name); ok && sameSpec(cur, spec) {
 			keep[spec.Name] = true
 			cur.SetAccess(access)
 			continue
@@ -326,11 +339,11 @@ func (d *Daemon) applyExports(cfg *config.Config) error {
 		}
 		return err
 	}
-	for name, e := range d.statics {
+	for name := range d.statics {
 		if keep[name] {
 			continue
 		}
-		if _, closed, err := d.reg.Remove(name); err == nil {
+		if e, closed, err := d.reg.Remove(name); err == nil {
 			e.DrainClients()
 			d.log.Info("export withdrawn; its clients are drained", zap.String("export", name))
 			_ = closed // the backend closes with the last client
@@ -343,11 +356,19 @@ func (d *Daemon) applyExports(cfg *config.Config) error {
 			errs = append(errs, err)
 			continue
 		}
-		d.statics[a.spec.Name] = a.e
+		d.statics[a.spec.Name] = true
 		d.log.Info("export", zap.String("name", a.spec.Name), zap.String("path", a.spec.Path),
 			zap.Int64("size", a.e.Backend.Size()), zap.Bool("readonly", a.spec.ReadOnly))
 	}
 	return errors.Join(errs...)
+}
+
+// static returns the static export called name.
+func (d *Daemon) static(name string) (*server.Export, bool) {
+	if !d.statics[name] {
+		return nil, false
+	}
+	return d.reg.Lookup(name)
 }
 
 func sameSpec(e *server.Export, spec server.ExportSpec) bool {

@@ -19,6 +19,8 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/config"
+	"github.com/lvnbd/lvnbd/control"
+	"github.com/lvnbd/lvnbd/nbd"
 )
 
 func sparse(t *testing.T, name string, size int64) string {
@@ -49,6 +51,41 @@ func (c *configs) load() (*config.Config, error) {
 	return c.cur.Effective(), nil
 }
 
+// running is a daemon a test started, with the configuration it loads.
+type running struct {
+	cfgs     *configs
+	reloads  chan struct{}
+	reloaded chan error
+	ctx      context.Context
+	cancel   context.CancelFunc
+	done     chan error
+}
+
+// startDaemon runs the daemon on cfg until stop.
+func startDaemon(t *testing.T, cfg *config.Config) *running {
+	r := &running{cfgs: &configs{}, reloads: make(chan struct{}, 1), reloaded: make(chan error, 1), done: make(chan error, 1)}
+	r.cfgs.set(cfg)
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	go func() {
+		r.done <- Run(r.ctx, Options{Load: r.cfgs.load, Log: zaptest.NewLogger(t), Reload: r.reloads,
+			Reloaded: func(err error) { r.reloaded <- err }})
+	}()
+	return r
+}
+
+// reload makes the daemon load cfg (nil fails) and returns the outcome.
+func (r *running) reload(cfg *config.Config) error {
+	r.cfgs.set(cfg)
+	r.reloads <- struct{}{}
+	return <-r.reloaded
+}
+
+// stop cancels the daemon and returns what Run returned.
+func (r *running) stop() error {
+	r.cancel()
+	return <-r.done
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -67,7 +104,7 @@ func TestReload(t *testing.T) {
 		c := config.Default()
 		c.Server.Listen = []string{"unix://" + sock}
 		c.Server.Control = ""
-		c.Server.FenceFile = ""
+		c.Server.FenceFile, c.Server.FailureFile = "", ""
 		c.Server.Rescan = 0
 		c.Exports = exports
 		return c
@@ -75,16 +112,8 @@ func TestReload(t *testing.T) {
 	a := config.Export{Name: "a", Path: sparse(t, "a.img", 1<<20)}
 	b := config.Export{Name: "b", Path: sparse(t, "b.img", 1<<20)}
 	c := config.Export{Name: "c", Path: sparse(t, "c.img", 2<<20)}
-	cfgs := &configs{}
-	cfgs.set(base(a, b))
-	reload := make(chan struct{}, 1)
-	reloaded := make(chan error, 1)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- Run(ctx, Options{Load: cfgs.load, Log: zaptest.NewLogger(t), Reload: reload,
-			Reloaded: func(err error) { reloaded <- err }})
-	}()
+	d := startDaemon(t, base(a, b))
+	ctx := d.ctx
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
 	available := func(name string) bool {
 		_, err := client.Info(ctx, uri(name))
@@ -102,9 +131,7 @@ func TestReload(t *testing.T) {
 	}
 
 	// b goes, c comes, a stays: a's client keeps its connection.
-	cfgs.set(base(a, c))
-	reload <- struct{}{}
-	if err := <-reloaded; err != nil {
+	if err := d.reload(base(a, c)); err != nil {
 		t.Fatal(err)
 	}
 	if !available("c") || available("b") {
@@ -115,9 +142,7 @@ func TestReload(t *testing.T) {
 	}
 
 	// A bad configuration is rejected; the running one stays.
-	cfgs.set(nil)
-	reload <- struct{}{}
-	if err := <-reloaded; err == nil {
+	if err := d.reload(nil); err == nil {
 		t.Fatal("a bad configuration was accepted")
 	}
 	if !available("a") || !available("c") {
@@ -128,9 +153,7 @@ func TestReload(t *testing.T) {
 	// new file; the old connection is drained.
 	c2 := c
 	c2.Path = sparse(t, "c2.img", 3<<20)
-	cfgs.set(base(a, c2))
-	reload <- struct{}{}
-	if err := <-reloaded; err != nil {
+	if err := d.reload(base(a, c2)); err != nil {
 		t.Fatal(err)
 	}
 	if info, err := client.Info(ctx, uri("c")); err != nil || info.Size != 3<<20 {
@@ -140,8 +163,7 @@ func TestReload(t *testing.T) {
 		t.Fatalf("a's connection did not survive c's replacement: %v", err)
 	}
 
-	cancel()
-	if err := <-done; err != nil {
+	if err := d.stop(); err != nil {
 		t.Fatalf("Run returned %v, want nil on cancellation", err)
 	}
 }
@@ -151,7 +173,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	sock := filepath.Join(dir, "nbd.sock")
 	cfg := config.Default()
 	cfg.Server.Listen = []string{"unix://" + sock}
-	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.Rescan = "", "", 0
+	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.FailureFile, cfg.Server.Rescan = "", "", "", 0
 	cfg.Exports = []config.Export{{Name: "m", Path: sparse(t, "m.img", 1<<20)}}
 	cfg.Metrics.Listen = "127.0.0.1:0"
 	cfgs := &configs{}
@@ -190,4 +212,72 @@ func TestMetricsEndpoint(t *testing.T) {
 			t.Errorf("metrics lack %s\n%s", want, body)
 		}
 	}
+}
+
+// An export recorded as failed before a restart stays failed; lvnbd recover
+// serves it again, and the recovered static export is the one later reloads
+// change (the daemon finds it in the registry, not from before).
+func TestFailedExportAcrossRestartAndRecover(t *testing.T) {
+	dir := t.TempDir()
+	sock, ctl := filepath.Join(dir, "nbd.sock"), filepath.Join(dir, "control.sock")
+	failures := filepath.Join(dir, "state", "failures.json")
+	rec := `[{"export":"a","description":"a.img","error":"fdatasync a.img: input/output error","errno":5,"since":"2026-12-01T00:00:00Z"}]`
+	if err := os.MkdirAll(filepath.Dir(failures), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(failures, []byte(rec), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := config.Export{Name: "a", Path: sparse(t, "a.img", 1<<20)}
+	b := config.Export{Name: "b", Path: sparse(t, "b.img", 1<<20)}
+	base := func(exports ...config.Export) *config.Config {
+		c := config.Default()
+		c.Server.Listen = []string{"unix://" + sock}
+		c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.Rescan = ctl, "", failures, 0
+		c.Exports = exports
+		return c
+	}
+	d := startDaemon(t, base(a, b))
+	defer func() {
+		if err := d.stop(); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	ctx := d.ctx
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("b")); return err == nil })
+	dial := func() *client.Conn {
+		t.Helper()
+		conn, err := client.Dial(ctx, uri("a"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	buf := make([]byte, 4096)
+	failed := dial()
+	if err := failed.ReadAt(ctx, buf, 0); err == nil {
+		t.Fatal("a read of an export recorded as failed succeeded after the restart")
+	}
+	waitFor(t, "the control socket", func() bool { _, err := os.Stat(ctl); return err == nil })
+	res, err := control.NewClient(ctl).Recover(ctx, "a")
+	if err != nil || !res.Reopened || res.ClientsCut != 1 {
+		t.Fatalf("Recover: %+v, %v; want a reopened and its one client cut", res, err)
+	}
+	recovered := dial()
+	if err := recovered.WriteAt(ctx, []byte("works"), 0, nbd.CmdFlagFUA); err != nil {
+		t.Fatalf("a write to the recovered export: %v", err)
+	}
+	if got, _ := os.ReadFile(failures); strings.Contains(string(got), `"a"`) {
+		t.Errorf("the failure file still records a: %s", got)
+	}
+
+	// a is withdrawn: the recovered export's client is drained.
+	if err := d.reload(base(b)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the recovered export's client to be drained", func() bool {
+		return recovered.ReadAt(ctx, buf, 0) != nil
+	})
 }

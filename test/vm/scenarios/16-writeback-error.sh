@@ -6,6 +6,8 @@
 # written block is still dirty on the server, the first flush through the kernel's nbd device
 # fails, the device is repaired, and every later flush, write and read must still fail: the
 # export's contents can no longer be trusted, and a guest's mirror must not take it back.
+# The failure is recorded: after a restart the export still fails, until lvnbd recover opens it
+# anew, cuts its clients, and a reconnected device reads and writes again.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 need_lvnbd
@@ -32,10 +34,14 @@ flush() { dd if=/dev/null of="$dev" conv=fsync,notrunc status=none; }
 dmsetup create wb --table "0 $SECTORS linear /dev/ram3 0"
 dmsetup mknodes wb # no udev in the guest
 [[ -b /dev/mapper/wb ]] || fail "dmsetup made no /dev/mapper/wb: $(ls -l /dev/mapper)"
-lvnbd serve --listen "tcp://127.0.0.1:$PORT" --export "disk=/dev/mapper/wb" 2>server.log &
-server=$!
-wait_for "[[ \$(tcp_sockets $PORT 0A) == 1 ]] || ! kill -0 $server" 10
-kill -0 "$server" || fail "the server exited: $(cat server.log)"
+serve() {
+	lvnbd serve --listen "tcp://127.0.0.1:$PORT" --export "disk=/dev/mapper/wb" \
+		--failure-file "$PWD/failures.json" 2>>server.log &
+	server=$!
+	wait_for "[[ \$(tcp_sockets $PORT 0A) == 1 ]] || ! kill -0 $server" 10
+	kill -0 "$server" || fail "the server exited: $(cat server.log)"
+}
+serve
 dev=$(lvnbd attach "$URI")
 flush || fail "a flush on a healthy device failed"
 
@@ -59,10 +65,35 @@ if dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none; then
 	fail "a read after a failed write-back succeeded"
 fi
 grep -q 'every read, write and flush of it fails' server.log || fail "the server did not log why flushes fail"
-grep -q 'restart lvnbd' server.log || fail "the server's log does not say what to do"
-lvnbd status >status
-grep -q 'FAILED' status || fail "lvnbd status does not show the export failed: $(cat status)"
-lvnbd status --json | grep -q '"failed": ".*restart lvnbd' || fail "lvnbd status --json has no reason"
+grep -q 'lvnbd recover --help' server.log || fail "the server's log does not say what to do"
+lvnbd status >status.out
+grep -q 'FAILED' status.out || fail "lvnbd status does not show the export failed: $(cat status.out)"
+lvnbd status --json | grep -q '"failed": ".*lvnbd recover' || fail "lvnbd status --json has no reason"
+grep -q '"export": "disk"' failures.json || fail "the failure was not recorded: $(cat failures.json)"
+
+# A restart does not make the export trustworthy again.
+lvnbd detach "$dev"
+kill "$server"
+wait "$server" || true
+serve
+dev=$(lvnbd attach "$URI")
+if dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none; then
+	fail "a read after a restart succeeded although the write-back had failed before it"
+fi
+lvnbd status >status.out
+grep -q 'disk: FAILED: .*recorded' status.out || fail "lvnbd status after the restart: $(cat status.out)"
+
+# lvnbd recover opens it anew and cuts the failed export's connection; the device reconnects.
+lvnbd recover disk >recover.out || fail "lvnbd recover: $(cat recover.out)"
+grep -q 'export disk recovered.* 1 connection' recover.out || fail "lvnbd recover said: $(cat recover.out)"
+if lvnbd status | grep -q FAILED; then fail "still FAILED after lvnbd recover"; fi
+if grep -q '"export": "disk"' failures.json; then fail "lvnbd recover left the record: $(cat failures.json)"; fi
+lvnbd reconnect "$dev"
+dd if=/dev/urandom of=data bs=64k count=1 status=none
+dd if=data of="$dev" bs=64k count=1 seek=3 oflag=direct,dsync status=none || fail "a FUA write after recovering failed"
+flush || fail "a flush after recovering failed"
+dd if="$dev" of=back bs=64k skip=3 count=1 iflag=direct status=none || fail "a read after recovering failed"
+cmp data back || fail "the data written after recovering does not read back"
 
 lvnbd detach "$dev"
 kill "$server"

@@ -1,0 +1,251 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/lvnbd/lvnbd/server/backend"
+)
+
+// Failure records an export whose write-back failed (backend.WriteBackError).
+type Failure struct {
+	Export string `json:"export"`
+	// Description is the export's (its file, device or volume).
+	Description string `json:"description"`
+	Error       string `json:"error"`
+	// Errno is the failure's error number, which clients keep getting.
+	Errno int       `json:"errno,omitempty"`
+	Since time.Time `json:"since"`
+}
+
+// err is the failure as a backend keeps it after a restart.
+func (f Failure) err() error {
+	errno := syscall.EIO
+	if f.Errno != 0 {
+		errno = syscall.Errno(f.Errno)
+	}
+	return fmt.Errorf("%s (recorded %s): %w", f.Error, f.Since.Format(time.RFC3339), errno)
+}
+
+// ErrNotFailed is returned by Recover for an export that has not failed.
+var ErrNotFailed = errors.New("has not failed")
+
+// Failures are the exports whose write-back failed, persisted: the data
+// acknowledged before the failure may be lost, and a restarted server that
+// served the export as if nothing had happened would let a guest's mirror
+// take this half back from its bitmap, which does not cover what was lost.
+// So a failed export stays failed across restarts until an admin recovers
+// it (Registry.Recover) or removes its volume.
+type Failures struct {
+	path string
+	log  *zap.Logger
+	mu   sync.Mutex
+	list []Failure
+}
+
+// LoadFailures reads the failures recorded at path; a missing file is none.
+// An empty path keeps them in memory only.
+func LoadFailures(path string, log *zap.Logger) (*Failures, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	f := &Failures{path: path, log: log}
+	if err := loadJSON(path, &f.list); err != nil {
+		return nil, fmt.Errorf("failure file %s: %w: fix or remove it, but only once every export it may list "+
+			"was checked (see lvnbd recover --help)", path, err)
+	}
+	return f, nil
+}
+
+// List returns the recorded failures.
+func (f *Failures) List() []Failure {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.list)
+}
+
+func (f *Failures) lookup(export string) (Failure, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	i := slices.IndexFunc(f.list, func(x Failure) bool { return x.Export == export })
+	if i < 0 {
+		return Failure{}, false
+	}
+	return f.list[i], true
+}
+
+// record keeps the first failure of an export. It is kept in memory even
+// when the file cannot be written, and that is logged as the emergency it
+// is: a restart would serve the export again.
+func (f *Failures) record(export, description string, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if slices.ContainsFunc(f.list, func(x Failure) bool { return x.Export == export }) {
+		return
+	}
+	x := Failure{Export: export, Description: description, Error: err.Error(), Since: time.Now().UTC()}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		x.Errno = int(errno)
+	}
+	f.list = append(f.list, x)
+	if serr := saveJSON(f.path, f.list); serr != nil {
+		f.log.Error("the failed write-back could not be recorded: if lvnbd restarts, it will serve this export "+
+			"again as if nothing had happened; do not restart it before the guest's mirror has dropped this half",
+			zap.String("export", export), zap.String("file", f.path), zap.Error(serr))
+		return
+	}
+	f.log.Error("write-back failed: every request to the export fails from now on, also after a restart, "+
+		"until lvnbd recover", zap.String("export", export), zap.String("description", description),
+		zap.String("recorded_in", f.path), zap.Error(err))
+}
+
+// clear forgets export's failure, persisted before it returns; it reports
+// whether there was one.
+func (f *Failures) clear(export string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	next := slices.DeleteFunc(slices.Clone(f.list), func(x Failure) bool { return x.Export == export })
+	if len(next) == len(f.list) {
+		return false, nil
+	}
+	if err := saveJSON(f.path, next); err != nil {
+		return true, fmt.Errorf("clearing the failure of %q: %w", export, err)
+	}
+	f.list = next
+	return true, nil
+}
+
+// failureKeeper is a backend that can be told of its failure from before a
+// restart and reports new ones (backend.File).
+type failureKeeper interface {
+	MarkFailed(error)
+	OnFailure(func(error))
+}
+
+// keepFailuresLocked makes e fail if a failure of its name is recorded, and
+// records its failures from now on. Called before e is offered.
+func (r *Registry) keepFailuresLocked(e *Export) {
+	b, ok := e.Backend.(failureKeeper)
+	if !ok || r.failures == nil {
+		return
+	}
+	if x, ok := r.failures.lookup(e.Name); ok {
+		b.MarkFailed(x.err())
+	}
+	failures, name, desc := r.failures, e.Name, e.Description
+	b.OnFailure(func(err error) { failures.record(name, desc, err) })
+}
+
+// KeepFailures makes the registry record exports' failed write-backs in f,
+// and fail exports added under a recorded name. Call it before adding any.
+func (r *Registry) KeepFailures(f *Failures) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failures = f
+}
+
+// Failures returns the recorded failures, nil if none are kept.
+func (r *Registry) Failures() *Failures {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.failures
+}
+
+// ForgetFailure clears the recorded failure of an export whose storage was
+// removed or made anew on purpose: nothing of the failed data is left.
+func (r *Registry) ForgetFailure(export string) (bool, error) {
+	f := r.Failures()
+	if f == nil {
+		return false, nil
+	}
+	return f.clear(export)
+}
+
+// RecoverResult is what Recover did.
+type RecoverResult struct {
+	Export string `json:"export"`
+	// Failure is the failure that was cleared.
+	Failure string `json:"failure"`
+	// Reopened is true when the export was opened anew and is served
+	// again; false when it is not exported now (its volume is missing),
+	// and only the record was cleared.
+	Reopened bool `json:"reopened"`
+	// ClientsCut counts the connections to the failed export that were
+	// closed; their clients reconnect to the reopened one.
+	ClientsCut int `json:"clients_cut"`
+}
+
+// Recover serves a failed export again: it opens the export's file or
+// device anew, clears the recorded failure, offers the new export under the
+// same name and disconnects the clients of the failed one. The caller must
+// know that the storage works again, and that whatever mirrors this export
+// will copy it in full: the data acknowledged before the failure may be
+// lost.
+func (r *Registry) Recover(name string) (RecoverResult, error) {
+	res := RecoverResult{Export: name}
+	r.mu.RLock()
+	old, exported := r.exports[name]
+	r.mu.RUnlock()
+	if exported {
+		if f, ok := old.Backend.(failer); ok {
+			if err := f.Failed(); err != nil {
+				res.Failure = err.Error()
+			}
+		}
+	}
+	if x, ok := r.lookupFailure(name); ok && res.Failure == "" {
+		res.Failure = x.Error
+	}
+	if res.Failure == "" {
+		if !exported {
+			return res, fmt.Errorf("export %q: %w", name, ErrNoExport)
+		}
+		return res, fmt.Errorf("export %q %w: nothing to recover", name, ErrNotFailed)
+	}
+	if !exported {
+		_, err := r.ForgetFailure(name)
+		return res, err
+	}
+	p, ok := old.Backend.(interface{ Path() string })
+	if !ok {
+		return res, fmt.Errorf("export %q cannot be opened anew (its backend has no path)", name)
+	}
+	b, err := backend.Open(p.Path(), old.ReadOnly)
+	if err != nil {
+		return res, fmt.Errorf("recovering export %q: %w", name, err)
+	}
+	// Cleared first: the new export must not be marked failed.
+	if _, err := r.ForgetFailure(name); err != nil {
+		b.Close()
+		return res, err
+	}
+	e := &Export{Name: name, Description: old.Description, ReadOnly: old.ReadOnly, Backend: b,
+		Access: *old.currentAccess()}
+	r.mu.Lock()
+	if r.exports[name] != old {
+		r.mu.Unlock()
+		b.Close()
+		return res, fmt.Errorf("export %q changed while it was being recovered: look at lvnbd status and try again", name)
+	}
+	r.exports[name] = e
+	r.keepFailuresLocked(e)
+	r.retireLocked(old)
+	r.mu.Unlock()
+	res.Reopened, res.ClientsCut = true, len(old.Clients())
+	old.kickClients()
+	return res, nil
+}
+
+func (r *Registry) lookupFailure(name string) (Failure, bool) {
+	if f := r.Failures(); f != nil {
+		return f.lookup(name)
+	}
+	return Failure{}, false
+}

@@ -1,0 +1,277 @@
+package server
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/server/backend"
+)
+
+// hookedBackend is a real backend whose failures the test makes: fail calls
+// what the registry gave OnFailure, as a failed fdatasync does.
+type hookedBackend struct {
+	*backend.File
+	onFail func(error)
+}
+
+func (h *hookedBackend) OnFailure(f func(error)) { h.onFail = f; h.File.OnFailure(f) }
+
+// fail makes the backend fail as a failed write-back does: recorded first,
+// then kept.
+func (h *hookedBackend) fail(err error) {
+	h.onFail(err)
+	h.File.MarkFailed(err)
+}
+
+// failureRegistry returns a registry keeping failures in a file of the
+// test's, and that file's path.
+func failureRegistry(t *testing.T, path string) *Registry {
+	t.Helper()
+	f, err := LoadFailures(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := NewRegistry()
+	reg.KeepFailures(f)
+	return reg
+}
+
+// addAgain opens img anew as export name and adds it to reg, as a restart
+// or a volume rescan does.
+func addAgain(t *testing.T, reg *Registry, name, img string) *Export {
+	t.Helper()
+	e, err := OpenExport(ExportSpec{Name: name, Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Backend.Close() })
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// readErrno reports the errno a read of e gets.
+func readErrno(e *Export) nbd.Errno {
+	err := e.Backend.ReadAt(make([]byte, 512), 0)
+	if err == nil {
+		return 0
+	}
+	return errnoOf(err)
+}
+
+// A failed write-back is recorded, and an export added under its name after
+// a restart (a new registry reading the same file) fails as the old one
+// did, with the same errno, until recovered.
+func TestFailureSurvivesRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		err   error
+		errno nbd.Errno
+	}{
+		{"EIO", fmt.Errorf("fdatasync /dev/vg0/vm1: %w", syscall.EIO), nbd.EIO},
+		{"ENOSPC", fmt.Errorf("pwrite /srv/vm1.img at 0: %w", syscall.ENOSPC), nbd.ENOSPC},
+		{"no errno", errors.New("something odd"), nbd.EIO},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "state", "failures.json")
+			e, img := fileExport(t, "vm1", 1<<20, false)
+			hb := &hookedBackend{File: e.Backend.(*backend.File)}
+			e.Backend = hb
+			reg := failureRegistry(t, path)
+			if err := reg.Add(e); err != nil {
+				t.Fatal(err)
+			}
+			if got := readErrno(e); got != 0 {
+				t.Fatalf("a read before any failure got errno %d", got)
+			}
+			hb.fail(tc.err)
+			var recorded []Failure
+			b, err := os.ReadFile(path)
+			if err == nil {
+				err = json.Unmarshal(b, &recorded)
+			}
+			if err != nil || len(recorded) != 1 || recorded[0].Export != "vm1" || recorded[0].Error != tc.err.Error() {
+				t.Fatalf("failure file holds %s (%v), want vm1's failure", b, err)
+			}
+
+			// The restart: the same file, a new registry, the export opened anew.
+			reg2 := failureRegistry(t, path)
+			e2 := addAgain(t, reg2, "vm1", img)
+			if got := readErrno(e2); got != tc.errno {
+				t.Errorf("a read after the restart got errno %d, want %d", got, tc.errno)
+			}
+			if err := e2.Backend.Flush(); !strings.Contains(fmt.Sprint(err), "recorded") {
+				t.Errorf("a flush after the restart returned %v, want the recorded failure", err)
+			}
+			st := reg2.Status()
+			if len(st) != 1 || !strings.Contains(st[0].Failed, tc.err.Error()) || !strings.Contains(st[0].Failed, "lvnbd recover") {
+				t.Errorf("status after the restart: %+v, want vm1 failed with the recorded error and what to do", st)
+			}
+			// Another name is not touched.
+			other, _ := fileExport(t, "vm2", 1<<20, false)
+			if err := reg2.Add(other); err != nil {
+				t.Fatal(err)
+			}
+			if got := readErrno(other); got != 0 {
+				t.Errorf("an export with another name got errno %d", got)
+			}
+		})
+	}
+}
+
+// A backend marked failed at Add (the restart) runs no more syncs, so its
+// OnFailure is not told again: the first record stays.
+func TestKeptFailureIsNotToldAgain(t *testing.T) {
+	e, _ := fileExport(t, "vm1", 1<<20, false)
+	b := e.Backend.(*backend.File)
+	b.MarkFailed(syscall.EIO)
+	called := false
+	b.OnFailure(func(error) { called = true })
+	if err := b.Flush(); err == nil {
+		t.Fatal("a flush of a failed backend succeeded")
+	}
+	if called {
+		t.Error("OnFailure was told again of a failure already kept")
+	}
+}
+
+// The failure stays in memory when the file cannot be written, so the
+// export stays failed while this server runs.
+func TestFailureKeptWhenTheFileCannotBeWritten(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state")
+	reg := failureRegistry(t, filepath.Join(state, "failures.json"))
+	// Its directory cannot be made now (root ignores permissions).
+	if err := os.WriteFile(state, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e, img := fileExport(t, "vm1", 1<<20, false)
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	hb.fail(syscall.EIO)
+	if _, ok := reg.Failures().lookup("vm1"); !ok {
+		t.Fatal("the failure was dropped because its file could not be written")
+	}
+	// Removed and added again (a volume rescan), it is still failed.
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	e2 := addAgain(t, reg, "vm1", img)
+	if got := readErrno(e2); got != nbd.EIO {
+		t.Errorf("the export added again got errno %d, want EIO", got)
+	}
+}
+
+func TestLoadFailuresCorrupt(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "failures.json")
+	if err := os.WriteFile(path, []byte("[{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadFailures(path, nil)
+	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "lvnbd recover") {
+		t.Errorf("LoadFailures of a corrupt file returned %v, want an error naming it and what to do", err)
+	}
+	if f, err := LoadFailures(filepath.Join(t.TempDir(), "none.json"), nil); err != nil || len(f.List()) != 0 {
+		t.Errorf("LoadFailures of a missing file: %v, %v; want none", f, err)
+	}
+}
+
+// Recover opens a failed export anew, clears its record and cuts the failed
+// one's clients; it refuses an export that has not failed.
+func TestRecover(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "failures.json")
+	reg := failureRegistry(t, path)
+	e, _ := fileExport(t, "vm1", 1<<20, false)
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	e.SetAccess(Access{Allow: mustAllow(t, "10.0.0.0/24")})
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	kicked := 0
+	e.attach(&clientConn{id: 1, peer: "10.0.0.21:40000", kick: func() { kicked++ }})
+
+	if _, err := reg.Recover("vm1"); !errors.Is(err, ErrNotFailed) {
+		t.Errorf("Recover of a working export returned %v, want ErrNotFailed", err)
+	}
+	if _, err := reg.Recover("nope"); !errors.Is(err, ErrNoExport) {
+		t.Errorf("Recover of an unknown export returned %v, want ErrNoExport", err)
+	}
+
+	hb.fail(fmt.Errorf("fdatasync: %w", syscall.EIO))
+	res, err := reg.Recover("vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Reopened || res.ClientsCut != 1 || kicked != 1 || !strings.Contains(res.Failure, "fdatasync") {
+		t.Errorf("Recover: %+v, %d kicked; want reopened, 1 client cut, the failure named", res, kicked)
+	}
+	now, ok := reg.Lookup("vm1")
+	if !ok || now == e {
+		t.Fatal("the registry does not offer a new vm1")
+	}
+	t.Cleanup(func() { now.Backend.Close() })
+	if got := readErrno(now); got != 0 {
+		t.Errorf("a read of the recovered export got errno %d", got)
+	}
+	if err := now.Backend.WriteAt([]byte("x"), 0, true); err != nil {
+		t.Errorf("a FUA write to the recovered export: %v", err)
+	}
+	if now.currentAccess().Allow == nil || now.ReadOnly != e.ReadOnly || now.Description != e.Description {
+		t.Errorf("the recovered export lost its settings: %+v", now)
+	}
+	if got := reg.Failures().List(); len(got) != 0 {
+		t.Errorf("records after Recover: %+v", got)
+	}
+	if b, _ := os.ReadFile(path); strings.Contains(string(b), "vm1") {
+		t.Errorf("the failure file still names vm1: %s", b)
+	}
+	// The recovered export records its own failures.
+	if err := now.Backend.(*backend.File).Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Recover("vm1"); !errors.Is(err, ErrNotFailed) {
+		t.Errorf("a second Recover returned %v, want ErrNotFailed", err)
+	}
+}
+
+// A record whose export is not served now (its volume is missing) is
+// cleared by Recover, which says it opened nothing.
+func TestRecoverRecordOnly(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "failures.json")
+	rec := []Failure{{Export: "gone", Description: "volume gone on lvm://vg0", Error: "fdatasync: input/output error",
+		Errno: int(syscall.EIO), Since: time.Now().UTC()}}
+	b, _ := json.Marshal(rec)
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	reg := failureRegistry(t, path)
+	res, err := reg.Recover("gone")
+	if err != nil || res.Reopened || res.Failure != rec[0].Error {
+		t.Errorf("Recover of a record only: %+v, %v", res, err)
+	}
+	if got := reg.Failures().List(); len(got) != 0 {
+		t.Errorf("records after Recover: %+v", got)
+	}
+}
+
+func mustAllow(t *testing.T, s ...string) []netip.Prefix {
+	t.Helper()
+	p, err := ParseAllow(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
