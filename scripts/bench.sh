@@ -68,7 +68,7 @@ case $PIN in
 *) die "BENCH_PIN is 0 or 1, not '$PIN'" ;;
 esac
 missing=()
-for t in nbdkit qemu-nbd nbd-server nbdcopy nbdinfo fio jq ip tc ss timeout; do
+for t in nbdkit qemu-nbd nbd-server nbdcopy nbdinfo fio jq ip tc ss timeout ${pin_server[0]:+taskset}; do
 	command -v "$t" >/dev/null || missing+=("$t")
 done
 ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (scripts/deps.sh all installs them; jq: apt-get install jq)"
