@@ -47,6 +47,10 @@ type Failures struct {
 	log  *zap.Logger
 	mu   sync.Mutex
 	list []Failure
+	// unsaved: the file does not hold list, because writing it failed
+	// (the disk of /var/lib is full or failing too). Every later record
+	// and Retry tries again.
+	unsaved error
 }
 
 // LoadFailures reads the failures recorded at path; a missing file is none.
@@ -82,11 +86,15 @@ func (f *Failures) lookup(export string) (Failure, bool) {
 
 // record keeps the first failure of an export. It is kept in memory even
 // when the file cannot be written, and that is logged as the emergency it
-// is: a restart would serve the export again.
+// is: a restart would serve the export again. Writing the file is tried
+// again on every later record and Retry.
 func (f *Failures) record(export, description string, err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if slices.ContainsFunc(f.list, func(x Failure) bool { return x.Export == export }) {
+		if f.unsaved != nil {
+			f.saveLocked()
+		}
 		return
 	}
 	x := Failure{Export: export, Description: description, Error: err.Error(), Since: time.Now().UTC()}
@@ -95,15 +103,40 @@ func (f *Failures) record(export, description string, err error) {
 		x.Errno = int(errno)
 	}
 	f.list = append(f.list, x)
-	if serr := saveJSON(f.path, f.list); serr != nil {
-		f.log.Error("the failed write-back could not be recorded: if lvnbd restarts, it will serve this export "+
-			"again as if nothing had happened; do not restart it before the guest's mirror has dropped this half",
-			zap.String("export", export), zap.String("file", f.path), zap.Error(serr))
-		return
+	if f.saveLocked() == nil {
+		f.log.Error("write-back failed: every request to the export fails from now on, also after a restart, "+
+			"until lvnbd recover", zap.String("export", export), zap.String("description", description),
+			zap.String("recorded_in", f.path), zap.Error(err))
 	}
-	f.log.Error("write-back failed: every request to the export fails from now on, also after a restart, "+
-		"until lvnbd recover", zap.String("export", export), zap.String("description", description),
-		zap.String("recorded_in", f.path), zap.Error(err))
+}
+
+// saveLocked writes the list, logging a failure as the emergency it is.
+func (f *Failures) saveLocked() error {
+	err := saveJSON(f.path, f.list)
+	if err != nil {
+		f.log.Error("a failed write-back could not be recorded: if lvnbd restarts now, it will serve the failed "+
+			"exports again as if nothing had happened; free space or mend the disk holding the file, and do not "+
+			"restart lvnbd until this is written (it is retried) or the guests' mirrors have dropped those halves",
+			zap.String("file", f.path), zap.Error(err))
+	} else if f.unsaved != nil {
+		f.log.Info("the recorded write-back failures are written at last", zap.String("file", f.path))
+	}
+	f.unsaved = err
+	return err
+}
+
+// Retry writes the records again if writing them failed before; it returns
+// the error of the last attempt, nil once they are written.
+func (f *Failures) Retry() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.unsaved == nil {
+		return nil
+	}
+	if err := f.saveLocked(); err != nil {
+		return fmt.Errorf("recording write-back failures in %s: %w", f.path, err)
+	}
+	return nil
 }
 
 // clear forgets export's failure, persisted before it returns; it reports
@@ -118,7 +151,7 @@ func (f *Failures) clear(export string) (bool, error) {
 	if err := saveJSON(f.path, next); err != nil {
 		return true, fmt.Errorf("clearing the failure of %q: %w", export, err)
 	}
-	f.list = next
+	f.list, f.unsaved = next, nil
 	return true, nil
 }
 
@@ -140,7 +173,25 @@ func (r *Registry) keepFailuresLocked(e *Export) {
 		b.MarkFailed(x.err())
 	}
 	failures, name, desc := r.failures, e.Name, e.Description
-	b.OnFailure(func(err error) { failures.record(name, desc, err) })
+	b.OnFailure(func(err error) {
+		failures.record(name, desc, err)
+		r.failCurrent(e, err)
+	})
+}
+
+// failCurrent fails the export offered under failed's name now, if another
+// replaced it (a reload, a rescan) before failed's write-back failed: the
+// record names the export, so it fails now as it would after a restart.
+func (r *Registry) failCurrent(failed *Export, err error) {
+	r.mu.RLock()
+	cur := r.exports[failed.Name]
+	r.mu.RUnlock()
+	if cur == nil || cur == failed {
+		return
+	}
+	if b, ok := cur.Backend.(failureKeeper); ok {
+		b.MarkFailed(err)
+	}
 }
 
 // KeepFailures makes the registry record exports' failed write-backs in f,
@@ -167,6 +218,9 @@ func (r *Registry) ForgetFailure(export string) (bool, error) {
 	}
 	return f.clear(export)
 }
+
+// openBackend opens a recovered export's storage; tests replace it.
+var openBackend = func(path string, readOnly bool) (Backend, error) { return backend.Open(path, readOnly) }
 
 // RecoverResult is what Recover did.
 type RecoverResult struct {
@@ -217,23 +271,28 @@ func (r *Registry) Recover(name string) (RecoverResult, error) {
 	if !ok {
 		return res, fmt.Errorf("export %q cannot be opened anew (its backend has no path)", name)
 	}
-	b, err := backend.Open(p.Path(), old.ReadOnly)
+	b, err := openBackend(p.Path(), old.ReadOnly)
 	if err != nil {
 		return res, fmt.Errorf("recovering export %q: %w", name, err)
 	}
-	// Cleared first: the new export must not be marked failed.
-	if _, err := r.ForgetFailure(name); err != nil {
-		b.Close()
-		return res, err
-	}
-	e := &Export{Name: name, Description: old.Description, ReadOnly: old.ReadOnly, Backend: b,
-		Access: *old.currentAccess()}
+	// Checked, cleared and swapped under the lock: nothing can add or
+	// replace the export in between, and the new one must not be marked
+	// failed by the record.
 	r.mu.Lock()
 	if r.exports[name] != old {
 		r.mu.Unlock()
 		b.Close()
 		return res, fmt.Errorf("export %q changed while it was being recovered: look at lvnbd status and try again", name)
 	}
+	if r.failures != nil {
+		if _, err := r.failures.clear(name); err != nil {
+			r.mu.Unlock()
+			b.Close()
+			return res, err
+		}
+	}
+	e := &Export{Name: name, Description: old.Description, ReadOnly: old.ReadOnly, Backend: b,
+		Access: *old.currentAccess()}
 	r.exports[name] = e
 	r.keepFailuresLocked(e)
 	r.retireLocked(old)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -172,6 +173,39 @@ func TestFailureKeptWhenTheFileCannotBeWritten(t *testing.T) {
 	if got := readErrno(e2); got != nbd.EIO {
 		t.Errorf("the export added again got errno %d, want EIO", got)
 	}
+	// Writing is tried again until it works.
+	if err := reg.Failures().Retry(); err == nil {
+		t.Fatal("Retry succeeded while the directory cannot be made")
+	}
+	if err := os.Remove(state); err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Failures().Retry(); err != nil {
+		t.Fatalf("Retry once the directory can be made: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(state, "failures.json")); err != nil || !strings.Contains(string(b), `"vm1"`) {
+		t.Errorf("after Retry the file holds %q (%v), want vm1's failure", b, err)
+	}
+}
+
+// An export replaced under the same name (a reload, a rescan) before the
+// old one's write-back failed fails too: the record names it.
+func TestFailureOfAReplacedExport(t *testing.T) {
+	reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
+	e, img := fileExport(t, "vm1", 1<<20, false)
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	e2 := addAgain(t, reg, "vm1", img)
+	hb.fail(syscall.EIO) // the old one's drained flush
+	if got := readErrno(e2); got != nbd.EIO {
+		t.Errorf("the export now offered as vm1 got errno %d, want EIO", got)
+	}
 }
 
 func TestLoadFailuresCorrupt(t *testing.T) {
@@ -193,6 +227,17 @@ func TestLoadFailuresCorrupt(t *testing.T) {
 func TestRecover(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
 	reg := failureRegistry(t, path)
+	var reopened *hookedBackend
+	open := openBackend
+	openBackend = func(path string, readOnly bool) (Backend, error) {
+		b, err := backend.Open(path, readOnly)
+		if err != nil {
+			return nil, err
+		}
+		reopened = &hookedBackend{File: b}
+		return reopened, nil
+	}
+	t.Cleanup(func() { openBackend = open })
 	e, _ := fileExport(t, "vm1", 1<<20, false)
 	hb := &hookedBackend{File: e.Backend.(*backend.File)}
 	e.Backend = hb
@@ -238,12 +283,39 @@ func TestRecover(t *testing.T) {
 	if b, _ := os.ReadFile(path); strings.Contains(string(b), "vm1") {
 		t.Errorf("the failure file still names vm1: %s", b)
 	}
-	// The recovered export records its own failures.
-	if err := now.Backend.(*backend.File).Flush(); err != nil {
-		t.Fatal(err)
+	// The cut clients may still be leaving: fences must reach them.
+	inUse := reg.inUse()
+	if !slices.Contains(inUse, e) {
+		t.Error("the failed export, its client not gone yet, is not among the exports fences reach")
 	}
 	if _, err := reg.Recover("vm1"); !errors.Is(err, ErrNotFailed) {
 		t.Errorf("a second Recover returned %v, want ErrNotFailed", err)
+	}
+	// The recovered export records its own failures.
+	reopened.fail(syscall.EIO)
+	if _, ok := reg.Failures().lookup("vm1"); !ok {
+		t.Error("a failure of the recovered export was not recorded")
+	}
+}
+
+// A read-only export (a snapshot) is recovered read-only.
+func TestRecoverReadOnly(t *testing.T) {
+	reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
+	e, _ := fileExport(t, "vm1@snap", 1<<20, true)
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	e.Backend.(*backend.File).MarkFailed(syscall.EIO)
+	if _, err := reg.Recover("vm1@snap"); err != nil {
+		t.Fatal(err)
+	}
+	now, _ := reg.Lookup("vm1@snap")
+	t.Cleanup(func() { now.Backend.Close() })
+	if !now.ReadOnly {
+		t.Error("the recovered snapshot export is writable")
+	}
+	if err := now.Backend.WriteAt([]byte("x"), 0, false); err == nil {
+		t.Error("a write reached the recovered snapshot's storage")
 	}
 }
 

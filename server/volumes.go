@@ -270,8 +270,12 @@ func (v *Volumes) Create(ctx context.Context, opts volume.CreateOptions) (volume
 }
 
 // forgetFailure clears the recorded write-back failure of a volume whose
-// data is gone, logging why.
+// data is gone, logging why; not if an --export has the name, whose record
+// it is.
 func (v *Volumes) forgetFailure(name, why string) error {
+	if _, ok := v.reg.Lookup(name); ok && !v.managed[name] {
+		return nil
+	}
 	forgot, err := v.reg.ForgetFailure(name)
 	if forgot && err == nil {
 		v.log.Info("recorded write-back failure cleared", zap.String("export", name), zap.String("because", why))

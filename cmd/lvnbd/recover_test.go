@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,7 +26,7 @@ func TestRecoverThroughServer(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
 	since := time.Date(2026, 12, 1, 3, 4, 5, 0, time.UTC)
 	var recorded []server.Failure
-	for _, name := range []string{"vm2", "vm3", "vm4", "gone"} {
+	for _, name := range []string{"vm2", "vm3", "vm4", "gone", "disk"} {
 		recorded = append(recorded, server.Failure{Export: name, Description: "volume " + name,
 			Error: "fdatasync " + name + ": input/output error", Errno: int(syscall.EIO), Since: since})
 	}
@@ -45,6 +46,19 @@ func TestRecoverThroughServer(t *testing.T) {
 		}
 	}
 	vs.reg.KeepFailures(failures) // as lvnbd serve does before exporting anything
+	// disk is an --export beside the volumes, failed before the restart.
+	img := filepath.Join(t.TempDir(), "disk.img")
+	err = os.WriteFile(img, make([]byte, 4096), 0o600)
+	var disk *server.Export
+	if err == nil {
+		disk, err = server.OpenExport(server.ExportSpec{Name: "disk", Path: img})
+	}
+	if err == nil {
+		err = vs.reg.Add(disk)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctl := func(args ...string) (string, error) {
 		t.Helper()
 		return runVolumeCommand(t, append(args, "--control", vs.sock)...)
@@ -94,6 +108,14 @@ func TestRecoverThroughServer(t *testing.T) {
 	}
 	// vm1 failed in memory only: recover opens it anew all the same.
 	ok(ctl("recover", "vm1"))
+
+	// A volume made under an --export's name clears nothing of the export's.
+	ok(vs.run(t, "volume", "create", "disk", "--size", "1M"))
+	kept := slices.ContainsFunc(failures.List(), func(f server.Failure) bool { return f.Export == "disk" })
+	if !kept || !strings.Contains(ok(ctl("status")), "disk: FAILED") {
+		t.Error("making a volume named like a failed --export cleared the export's failure")
+	}
+	ok(ctl("recover", "disk"))
 
 	ok(vs.run(t, "volume", "remove", "vm3"))
 	ok(vs.run(t, "volume", "create", "vm4", "--size", "1M"))

@@ -153,6 +153,7 @@ func Run(ctx context.Context, opts Options) error {
 		run(func() { d.rescan(ctx, cfg.Server.Rescan) })
 	}
 	run(func() { d.reloads(ctx) })
+	run(func() { retryFailures(ctx, failures, failureRetry) })
 
 	served := make(chan error, 1)
 	go func() { served <- d.srv.Serve(ctx, lns...) }()
@@ -167,7 +168,31 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
+	// Exiting cleanly would tell systemd all is well, and the next start
+	// would serve those exports again.
+	if err := failures.Retry(); err != nil {
+		return fmt.Errorf("%w: the failed exports would be served again after a restart", err)
+	}
 	return nil
+}
+
+// failureRetry is how often a failure record that could not be written is
+// tried again.
+const failureRetry = 10 * time.Second
+
+// retryFailures writes the failure records again, every so often, while
+// writing them fails (Failures.record tries too, with every new failure).
+func retryFailures(ctx context.Context, f *server.Failures, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			_ = f.Retry() // logged by the attempt
+		}
+	}
 }
 
 func notify(state string, log *zap.Logger) {

@@ -132,7 +132,7 @@ var (
 	connDesc  = prometheus.NewDesc("lvnbd_connections", "Client connections open to each export.", []string{"export"}, nil)
 	fenceDesc = prometheus.NewDesc("lvnbd_fenced_clients", "Clients fenced off this server's exports.", nil, nil)
 	failDesc  = prometheus.NewDesc("lvnbd_export_failed",
-		"1 when a write-back to the export's storage failed and every request to it fails until lvnbd is restarted (lvnbd status says why).",
+		"1 when a write-back to the export's storage failed and every request to it fails, also after a restart, until lvnbd recover (lvnbd status says why).",
 		[]string{"export"}, nil)
 )
 

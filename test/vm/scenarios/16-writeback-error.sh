@@ -80,6 +80,10 @@ dev=$(lvnbd attach "$URI")
 if dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct status=none; then
 	fail "a read after a restart succeeded although the write-back had failed before it"
 fi
+if dd if=/dev/zero of="$dev" bs=4k count=1 seek=300 oflag=direct status=none; then
+	fail "a write after a restart succeeded although the write-back had failed before it"
+fi
+if flush; then fail "a flush after a restart succeeded although the write-back had failed before it"; fi
 lvnbd status >status.out
 grep -q 'disk: FAILED: .*recorded' status.out || fail "lvnbd status after the restart: $(cat status.out)"
 
