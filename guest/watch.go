@@ -104,6 +104,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 		zap.Bool("grow_fs", w.cfg.GrowFS))
 	for {
 		w.Step(ctx)
+		// At debug level, one line per look: what a test or an admin
+		// waits for to know the watcher has seen a change.
+		w.log.Debug("looked at the arrays")
 		select {
 		case <-ctx.Done():
 			return nil

@@ -34,7 +34,7 @@ serve_box() {
 	if [[ $box == a ]]; then port=$PORT_A ctl=$CTL_A; else port=$PORT_B ctl=$CTL_B; fi
 	rm -f "$ctl" # a killed server leaves its socket behind
 	lvnbd serve --volumes "lvm://vg$box" --listen "tcp://127.0.0.1:$port" --control "$ctl" \
-		--fence-file= --rescan 0 >>"server-$box.log" 2>&1 &
+		--fence-file= --failure-file "$PWD/failures-$box.json" --rescan 0 >>"server-$box.log" 2>&1 &
 	printf -v "srv_$box" %s "$!"
 	wait_for "[[ -S $ctl && \$(tcp_listeners $port) == 1 ]]" 30
 }
