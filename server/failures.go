@@ -45,6 +45,11 @@ var ErrNotFailed = errors.New("has not failed")
 type Failures struct {
 	path string
 	log  *zap.Logger
+	// save serialises writing the file. It is taken before mu and held
+	// across the write and its fsyncs, which mu never is: a write hung on
+	// a failing disk must not stop lookups, which every new export makes
+	// with the registry locked.
+	save sync.Mutex
 	mu   sync.Mutex
 	list []Failure
 	// unsaved: the file does not hold list, because writing it failed
@@ -52,6 +57,9 @@ type Failures struct {
 	// and Retry tries again.
 	unsaved error
 }
+
+// writeFailures writes the records to path; tests replace it.
+var writeFailures = func(path string, list []Failure) error { return saveJSON(path, list) }
 
 // LoadFailures reads the failures recorded at path; a missing file is none.
 // An empty path keeps them in memory only.
@@ -84,16 +92,18 @@ func (f *Failures) lookup(export string) (Failure, bool) {
 	return f.list[i], true
 }
 
-// record keeps the first failure of an export. It is kept in memory even
-// when the file cannot be written, and that is logged as the emergency it
-// is: a restart would serve the export again. Writing the file is tried
-// again on every later record and Retry.
+// record keeps the first failure of an export, in memory at once (lookups
+// see it while it is written) and in the file before it returns. It is kept
+// in memory even when the file cannot be written, and that is logged as the
+// emergency it is: a restart would serve the export again. Writing the file
+// is tried again on every later record and Retry.
 func (f *Failures) record(export, description string, err error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	if slices.ContainsFunc(f.list, func(x Failure) bool { return x.Export == export }) {
-		if f.unsaved != nil {
-			f.saveLocked()
+		unsaved := f.unsaved != nil
+		f.mu.Unlock()
+		if unsaved {
+			_ = f.persist() // logged
 		}
 		return
 	}
@@ -103,25 +113,36 @@ func (f *Failures) record(export, description string, err error) {
 		x.Errno = int(errno)
 	}
 	f.list = append(f.list, x)
-	if f.saveLocked() == nil {
+	f.mu.Unlock()
+	if f.persist() == nil {
 		f.log.Error("write-back failed: every request to the export fails from now on, also after a restart, "+
 			"until lvnbd recover", zap.String("export", export), zap.String("description", description),
 			zap.String("recorded_in", f.path), zap.Error(err))
 	}
 }
 
-// saveLocked writes the list, logging a failure as the emergency it is.
-func (f *Failures) saveLocked() error {
-	err := saveJSON(f.path, f.list)
+// persist writes the records as they are now, logging a failure as the
+// emergency it is.
+func (f *Failures) persist() error {
+	f.save.Lock()
+	defer f.save.Unlock()
+	f.mu.Lock()
+	list, was := slices.Clone(f.list), f.unsaved
+	f.mu.Unlock()
+	err := writeFailures(f.path, list)
 	if err != nil {
 		f.log.Error("a failed write-back could not be recorded: if lvnbd restarts now, it will serve the failed "+
 			"exports again as if nothing had happened; free space or mend the disk holding the file, and do not "+
 			"restart lvnbd until this is written (it is retried) or the guests' mirrors have dropped those halves",
 			zap.String("file", f.path), zap.Error(err))
-	} else if f.unsaved != nil {
+	} else if was != nil {
 		f.log.Info("the recorded write-back failures are written at last", zap.String("file", f.path))
 	}
+	// Records added meanwhile are written by their own persist, waiting
+	// on save now.
+	f.mu.Lock()
 	f.unsaved = err
+	f.mu.Unlock()
 	return err
 }
 
@@ -129,29 +150,41 @@ func (f *Failures) saveLocked() error {
 // the error of the last attempt, nil once they are written.
 func (f *Failures) Retry() error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.unsaved == nil {
+	unsaved := f.unsaved != nil
+	f.mu.Unlock()
+	if !unsaved {
 		return nil
 	}
-	if err := f.saveLocked(); err != nil {
+	if err := f.persist(); err != nil {
 		return fmt.Errorf("recording write-back failures in %s: %w", f.path, err)
 	}
 	return nil
 }
 
 // clear forgets export's failure, persisted before it returns; it reports
-// whether there was one.
+// whether there was one. Until the file is written, lookups still find it.
 func (f *Failures) clear(export string) (bool, error) {
+	f.save.Lock()
+	defer f.save.Unlock()
+	isIt := func(x Failure) bool { return x.Export == export }
 	f.mu.Lock()
-	defer f.mu.Unlock()
-	next := slices.DeleteFunc(slices.Clone(f.list), func(x Failure) bool { return x.Export == export })
-	if len(next) == len(f.list) {
+	next := slices.DeleteFunc(slices.Clone(f.list), isIt)
+	found := len(next) < len(f.list)
+	f.mu.Unlock()
+	if !found {
 		return false, nil
 	}
-	if err := saveJSON(f.path, next); err != nil {
+	if err := writeFailures(f.path, next); err != nil {
 		return true, fmt.Errorf("clearing the failure of %q: %w", export, err)
 	}
-	f.list, f.unsaved = next, nil
+	f.mu.Lock()
+	// Only this record goes: one added meanwhile waits on save to be
+	// written, with the list it is in.
+	f.list = slices.DeleteFunc(f.list, isIt)
+	if len(f.list) == len(next) {
+		f.unsaved = nil
+	}
+	f.mu.Unlock()
 	return true, nil
 }
 

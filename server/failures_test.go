@@ -347,3 +347,35 @@ func mustAllow(t *testing.T, s ...string) []netip.Prefix {
 	}
 	return p
 }
+
+// A record's write hung on a failing disk stops no lookup (every new export
+// makes one with the registry locked): the record is in memory at once.
+func TestHungRecordWriteBlocksNoLookup(t *testing.T) {
+	f, err := LoadFailures(filepath.Join(t.TempDir(), "failures.json"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	write := writeFailures
+	writeFailures = func(path string, list []Failure) error {
+		close(entered)
+		<-release
+		return write(path, list)
+	}
+	t.Cleanup(func() { writeFailures = write })
+	recorded := make(chan struct{})
+	go func() { f.record("vm1", "volume vm1", syscall.EIO); close(recorded) }()
+	<-entered
+	looked := make(chan bool)
+	go func() { _, ok := f.lookup("vm1"); looked <- ok }()
+	select {
+	case ok := <-looked:
+		if !ok {
+			t.Error("the record being written is not found")
+		}
+	case <-time.After(10 * time.Second): // a deadlock detector, not a speed target
+		t.Fatal("a lookup waited for the record's write")
+	}
+	close(release)
+	<-recorded
+}
