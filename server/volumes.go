@@ -11,6 +11,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -120,13 +121,15 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 		if vol.MergePending {
 			pending[vol.Name] = vol
 		} else {
-			wanted[vol.Name] = want{vol.Path, "volume " + vol.Name + " on " + v.drv.String(), false}
+			// The ID in the description lets a dom0 refuse to
+			// reconnect a leg to a volume made anew under this name.
+			wanted[vol.Name] = want{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), vol.ID), false}
 		}
 		for _, s := range vol.Snapshots {
 			if s.Invalid || s.Merging {
 				continue // nothing consistent to read
 			}
-			wanted[s.Ref()] = want{s.Path, "snapshot " + s.Ref() + " on " + v.drv.String(), true}
+			wanted[s.Ref()] = want{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
 		}
 	}
 	v.noteMerges(pending)
@@ -150,7 +153,9 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 				errs[name] = fmt.Errorf("checking that export %s is still %s: %w", name, w.path, err)
 				continue
 			}
-			if same {
+			// An LV made anew may get the old one's device number: its
+			// ID tells.
+			if same && e.Description == w.desc {
 				before := e.Backend.Size()
 				if size, err := e.Backend.Refresh(); err != nil {
 					errs[name] = err
@@ -163,8 +168,8 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 			// clients write to a file no longer in the directory, or a
 			// device no longer the volume. Disconnect them, so they
 			// reconnect to the new one.
-			v.log.Warn("export replaced: its volume's file or device is not the one open; disconnecting its clients from the old one and exporting the new",
-				zap.String("export", name), zap.String("path", w.path), zap.String("old", e.Description),
+			v.log.Warn("export replaced: its volume is not the one open (another file or device, or made anew); disconnecting its clients from the old one and exporting the new",
+				zap.String("export", name), zap.String("path", w.path), zap.String("old", e.Description), zap.String("new", w.desc),
 				zap.Int64("old_size", e.Backend.Size()), zap.Int("clients", len(e.Clients())))
 			v.retireLocked(name)
 		}

@@ -241,6 +241,68 @@ func TestReplacedVolumeIsExportedAnew(t *testing.T) {
 	}
 }
 
+// idDriver gives its volumes the IDs a test sets, as LVM gives an LV its
+// UUID.
+type idDriver struct {
+	*file.Driver
+	mu  sync.Mutex
+	ids map[string]string
+}
+
+func (d *idDriver) setID(name, id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ids[name] = id
+}
+
+func (d *idDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	vols, err := d.Driver.List(ctx)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range vols {
+		vols[i].ID = d.ids[vols[i].Name]
+	}
+	return vols, err
+}
+
+// An LV made anew may get its predecessor's device number, so the export
+// looks like the same device: its ID, which the export's description
+// carries for the dom0, tells it is not, and it is exported anew.
+func TestVolumeWithAnotherIDIsExportedAnew(t *testing.T) {
+	ctx := context.Background()
+	drv := &idDriver{Driver: newFileDriver(t), ids: map[string]string{"vm1": "uuid-1"}}
+	vols, ts, logs := observedVolumes(t, drv)
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := ts.reg.Lookup("vm1")
+	if id := nbd.DescriptionID(old.Description); id != "uuid-1" {
+		t.Fatalf("vm1's description %q carries ID %q, want uuid-1", old.Description, id)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+
+	drv.setID("vm1", "uuid-2")
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.expectClosed()
+	now, _ := ts.reg.Lookup("vm1")
+	if now == old || nbd.DescriptionID(now.Description) != "uuid-2" {
+		t.Fatalf("vm1 after its ID changed: %q, want a new export with uuid-2", now.Description)
+	}
+	if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("export replaced").Len(); n != 1 {
+		t.Errorf("%d warnings that vm1 was replaced, want 1: %v", n, logs.All())
+	}
+	// Unchanged, it stays.
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := ts.reg.Lookup("vm1"); again != now {
+		t.Error("a sync with nothing changed exported vm1 anew")
+	}
+}
+
 // TestInterruptedMergeFinishedBeforeExport: lvnbd crashed in a merge after
 // recording it and before renaming the snapshot over the volume. The
 // restarted server exports the merged volume, and what its clients write

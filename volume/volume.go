@@ -27,6 +27,11 @@ type Volume struct {
 	Thin bool `json:"thin,omitempty"`
 	// Path is the file or block device the server opens.
 	Path string `json:"path"`
+	// ID tells this volume from any other made under its name, before or
+	// after (the LV's UUID; for a file, when it was made); empty when the
+	// driver cannot tell. A dom0 refuses to reconnect a leg to an export
+	// whose ID changed: it would hand the guest's mirror other data.
+	ID string `json:"id,omitempty"`
 	// MergePending is set while a snapshot is being merged into the volume
 	// or waits to be (LVM merges once the volume is closed and activated
 	// again). The merge undoes whatever is written to the volume until it
@@ -63,6 +68,9 @@ type Snapshot struct {
 	Created time.Time `json:"created,omitzero"`
 	// Path is the file or block device the server opens, read-only.
 	Path string `json:"path"`
+	// ID tells this snapshot from any other made under its name (see
+	// Volume.ID).
+	ID string `json:"id,omitempty"`
 }
 
 // Ref is the snapshot's export name, VOLUME@NAME.

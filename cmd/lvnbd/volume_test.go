@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/control"
@@ -82,8 +83,12 @@ func TestVolumeCreateAndList(t *testing.T) {
 		{Name: "db", Size: 512 << 20, Stripes: 1, Path: filepath.Join(c.dir, "db.img"), Snapshots: []volume.Snapshot{}},
 		{Name: "vm1", Size: 10 << 30, Stripes: 2, StripeSize: 128 << 10, Path: path, Snapshots: []volume.Snapshot{}},
 	}
-	if diff := cmp.Diff(want, c.listJSON()); diff != "" {
+	got := c.listJSON()
+	if diff := cmp.Diff(want, got, cmpopts.IgnoreFields(volume.Volume{}, "ID")); diff != "" {
 		t.Errorf("volume list --json (-want +got):\n%s", diff)
+	}
+	if len(got) == 2 && (got[0].ID == "" || got[0].ID == got[1].ID) {
+		t.Errorf("volume list --json: IDs %q and %q, want two, and different", got[0].ID, got[1].ID)
 	}
 
 	table := c.ok("volume", "list")

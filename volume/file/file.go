@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -155,6 +156,7 @@ func (d *Driver) describe(name string, vm *volumeMeta) (volume.Volume, error) {
 		Stripes:    max(vm.Stripes, 1),
 		StripeSize: vm.StripeSize,
 		Path:       d.path(name),
+		ID:         createdID(vm.Created),
 		Snapshots:  []volume.Snapshot{},
 	}
 	for _, sn := range vm.sortedSnapshots() {
@@ -167,6 +169,15 @@ func (d *Driver) describe(name string, vm *volumeMeta) (volume.Volume, error) {
 		}
 	}
 	return v, nil
+}
+
+// createdID is the ID of a volume or snapshot made at t: a file made anew
+// under the same name is made later. Empty for one whose time is unknown.
+func createdID(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return strconv.FormatInt(t.UnixNano(), 16)
 }
 
 // Create makes a sparse file of opts.Size rounded up to 4 KiB. Stripes are

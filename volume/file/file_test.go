@@ -167,6 +167,7 @@ func TestCreate(t *testing.T) {
 		Stripes:    2,
 		StripeSize: volume.DefaultStripeSize,
 		Path:       filepath.Join(d.Dir(), "vm1.img"),
+		ID:         createdID(time.Date(2026, 11, 22, 3, 15, 1, 0, time.UTC)), // the test clock's first tick
 		Snapshots:  []volume.Snapshot{},
 	}
 	if diff := cmp.Diff(want, v); diff != "" {
@@ -331,6 +332,7 @@ func TestSnapshot(t *testing.T) {
 		Size:    64 * mib,
 		Created: time.Date(2026, 11, 22, 3, 15, 2, 0, time.UTC),
 		Path:    filepath.Join(d.Dir(), "vm1@s1.img"),
+		ID:      createdID(time.Date(2026, 11, 22, 3, 15, 2, 0, time.UTC)),
 	}
 	if diff := cmp.Diff(want, s); diff != "" {
 		t.Errorf("Snapshot (-want +got):\n%s", diff)
@@ -652,4 +654,18 @@ func reflinks(t testing.TB, dir string) bool {
 	defer os.Remove(b.Name())
 	defer b.Close()
 	return unix.IoctlFileClone(int(b.Fd()), int(a.Fd())) == nil
+}
+
+// A volume made anew under the name of a removed one has another ID, so a
+// dom0 can tell it from the one its leg was attached to.
+func TestIDChangesWhenMadeAnew(t *testing.T) {
+	d := newDriver(t)
+	first := mustCreate(t, d, "vm1", mib)
+	if err := d.Remove(context.Background(), "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	second := mustCreate(t, d, "vm1", mib)
+	if first.ID == "" || first.ID == second.ID {
+		t.Errorf("IDs %q then %q: want two, and different", first.ID, second.ID)
+	}
 }

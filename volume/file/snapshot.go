@@ -134,6 +134,7 @@ func (d *Driver) describeSnapshot(vol, name string, sm *snapshotMeta) (volume.Sn
 		Merging: sm.Merging,
 		Created: sm.Created,
 		Path:    path,
+		ID:      createdID(sm.Created),
 	}, true, nil
 }
 

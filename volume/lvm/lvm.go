@@ -203,6 +203,7 @@ func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
 		Stripes:      max(lv.stripes, 1),
 		Thin:         lv.thin(),
 		Path:         d.Path(lv.name),
+		ID:           lv.uuid,
 		MergePending: lv.mergeTarget(),
 		Snapshots:    []volume.Snapshot{},
 	}
@@ -233,6 +234,7 @@ func (d *Driver) describeSnapshot(lv *logicalVolume) volume.Snapshot {
 		Merging: lv.merging(),
 		Created: lv.created,
 		Path:    "/dev/" + d.vg + "/" + lv.name,
+		ID:      lv.uuid,
 	}
 	if s.Thin {
 		s.Size, s.UsagePercent = lv.size, lv.dataPct

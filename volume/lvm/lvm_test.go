@@ -82,17 +82,24 @@ func TestList(t *testing.T) {
 	}
 	at := func(s int) time.Time { return time.Date(2026, 11, 22, 3, 40, s, 0, time.UTC) }
 	want := []volume.Volume{
-		{Name: "lin", Size: 32 * mib, Stripes: 1, Path: "/dev/vg0/lin", Snapshots: []volume.Snapshot{
-			{Volume: "lin", Name: "full", Size: 32 * mib, COWSize: 4 * mib, UsagePercent: 100, Invalid: true,
-				Created: time.Date(2026, 11, 22, 3, 41, 0, 0, time.UTC), Path: "/dev/vg0/lin+full"},
-		}},
-		{Name: "thin1", Size: 64 * mib, Stripes: 1, Thin: true, Path: "/dev/vg0/thin1", MergePending: true, Snapshots: []volume.Snapshot{
-			{Volume: "thin1", Name: "t1", Size: 64 * mib, Thin: true, Merging: true, Created: at(57), Path: "/dev/vg0/thin1+t1"},
-		}},
-		{Name: "vm1", Size: 128 * mib, Stripes: 2, StripeSize: 64 << 10, Path: "/dev/vg0/vm1", MergePending: true, Snapshots: []volume.Snapshot{
-			{Volume: "vm1", Name: "s1", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Merging: true, Created: at(58), Path: "/dev/vg0/vm1+s1"},
-			{Volume: "vm1", Name: "s2", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Created: at(59), Path: "/dev/vg0/vm1+s2"},
-		}},
+		{Name: "lin", Size: 32 * mib, Stripes: 1, Path: "/dev/vg0/lin", ID: "XlQrvG-wkP9-3gNB-lvVj-c9br-LuZG-dtOQv4",
+			Snapshots: []volume.Snapshot{
+				{Volume: "lin", Name: "full", Size: 32 * mib, COWSize: 4 * mib, UsagePercent: 100, Invalid: true,
+					Created: time.Date(2026, 11, 22, 3, 41, 0, 0, time.UTC), Path: "/dev/vg0/lin+full",
+					ID: "zVHpzu-D5DY-u0aE-jOX4-Vw5K-uf4o-vaFcDw"},
+			}},
+		{Name: "thin1", Size: 64 * mib, Stripes: 1, Thin: true, Path: "/dev/vg0/thin1", MergePending: true,
+			ID: "s7N5k0-DDya-FreY-PwL5-2cwU-RVIM-StxHId", Snapshots: []volume.Snapshot{
+				{Volume: "thin1", Name: "t1", Size: 64 * mib, Thin: true, Merging: true, Created: at(57), Path: "/dev/vg0/thin1+t1",
+					ID: "WD4dAX-yfC7-QRcB-JfvY-rfzX-JaQ6-W2G5Rd"},
+			}},
+		{Name: "vm1", Size: 128 * mib, Stripes: 2, StripeSize: 64 << 10, Path: "/dev/vg0/vm1", MergePending: true,
+			ID: "N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC", Snapshots: []volume.Snapshot{
+				{Volume: "vm1", Name: "s1", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Merging: true, Created: at(58),
+					Path: "/dev/vg0/vm1+s1", ID: "ILs76e-14Bz-nyqP-WMKN-n4jM-Itvp-1MsU52"},
+				{Volume: "vm1", Name: "s2", Size: 128 * mib, COWSize: 8 * mib, UsagePercent: 12.65, Created: at(59),
+					Path: "/dev/vg0/vm1+s2", ID: "wIE21K-Ngv2-t1I3-Kdq2-KvlI-sG05-PUA8gz"},
+			}},
 	}
 	if diff := cmp.Diff(want, vols); diff != "" {
 		t.Errorf("List (-want +got):\n%s", diff)
