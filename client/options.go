@@ -60,6 +60,11 @@ type ExportInfo struct {
 	MetaContexts []nbd.MetaContext
 }
 
+// ID is the ID of the volume behind the export, if its server tells (an
+// lvnbd server does, in the description: see nbd.DescriptionID): it
+// changes when the volume is removed and made anew under the same name.
+func (e ExportInfo) ID() string { return nbd.DescriptionID(e.Description) }
+
 // ReadOnly reports whether the export refuses writes.
 func (e ExportInfo) ReadOnly() bool { return e.Flags&nbd.FlagReadOnly != 0 }
 

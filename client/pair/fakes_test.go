@@ -229,6 +229,7 @@ type fakeExport struct {
 	size     uint64
 	down     bool
 	readOnly bool
+	id       string // the volume's, in the description as an lvnbd server puts it
 }
 
 func newFakeStorage(t testing.TB, exports map[string]uint64) *fakeStorage {
@@ -261,7 +262,8 @@ func (s *fakeStorage) lookup(u client.URI) (client.ExportInfo, error) {
 	if e.readOnly {
 		flags |= nbd.FlagReadOnly
 	}
-	return client.ExportInfo{Name: u.Export, Size: e.size, Flags: flags, BlockSizes: client.DefaultBlockSizes}, nil
+	return client.ExportInfo{Name: u.Export, Description: nbd.WithID("volume "+u.Export, e.id), Size: e.size, Flags: flags,
+		BlockSizes: client.DefaultBlockSizes}, nil
 }
 
 func (s *fakeStorage) dial(_ context.Context, u client.URI, n int) ([]*os.File, client.ExportInfo, error) {

@@ -21,6 +21,12 @@ const idle time.Duration = -1
 // errDeviceLost means a leg's device is gone or attached to something else.
 var errDeviceLost = errors.New("device lost")
 
+// ErrVolumeReplaced means a leg's export now serves another volume than the
+// one its device was attached to: removed and made anew under the same
+// name. Its data is not this leg's, and the guest's mirror must not read it
+// as if it were.
+var ErrVolumeReplaced = errors.New("the export's volume was made anew")
+
 // leg is one export of a pair and its kernel device. Its state is owned by
 // the goroutine of run; other goroutines read the published LegStatus, send
 // requests through do and signal dead connections through suspect.
@@ -51,6 +57,11 @@ type leg struct {
 	healthAt   time.Time
 	reconnects int
 	adopted    bool
+	// id is the ID of the volume the device was attached to
+	// (client.ExportInfo.ID), "" until known: adopted devices learn it at
+	// their first reconnect. Kept when the device is lost, forgotten when
+	// the leg is taken down.
+	id string
 
 	mu        sync.Mutex
 	st        LegStatus
@@ -264,6 +275,10 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	}
 	// The kernel holds its own references once Connect returns.
 	defer kernel.CloseSockets(socks)
+	// A lost device's link led the guest to this leg's data.
+	if err := l.checkID(info, "attach "+l.name); err != nil {
+		return err
+	}
 	cfg, err := kernel.ExportConfig(info, 0)
 	if err != nil {
 		return err
@@ -278,6 +293,7 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.useDevice(kernel.Device{Index: index, Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: info.ReadOnly()})
+	l.id = info.ID()
 	l.log.Info("attached", zap.String("device", kernel.DevicePath(index)), zap.Uint64("size", cfg.Size),
 		zap.Int("connections", len(socks)))
 	l.setLink(now)
@@ -304,6 +320,9 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return err
 	}
 	defer kernel.CloseSockets(socks)
+	if err := l.checkID(info, "reconnect "+d.Path()); err != nil {
+		return err
+	}
 	if info.ReadOnly() && !d.ReadOnly {
 		return fmt.Errorf("%s is writable but the export is now read-only: not reconnecting it", d.Path())
 	}
@@ -323,6 +342,9 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.size = d.Size
+	if l.id == "" {
+		l.id = info.ID()
+	}
 	if !l.unseen {
 		l.reconnects++
 		l.log.Info("reconnected", zap.String("device", d.Path()), zap.Int("connections", len(socks)))
@@ -388,6 +410,10 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return err
 	}
+	// Said now, before the connections die and the reconnect refuses.
+	if err := l.checkID(info, "size poll"); err != nil {
+		return err
+	}
 	d := kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize}
 	size, err := kernel.GrownSize(d, info.Size)
 	if err != nil || size == l.size {
@@ -398,6 +424,22 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 	}
 	l.publish(now, StateConnected, nil)
 	return nil
+}
+
+// checkID refuses an export whose volume is not the one the leg's device was
+// attached to (what names what was refused).
+func (l *leg) checkID(info client.ExportInfo, what string) error {
+	id := info.ID()
+	if l.id == "" || id == l.id {
+		return nil
+	}
+	now := id
+	if now == "" {
+		now = "none"
+	}
+	return fmt.Errorf("%s refused: %w: the volume behind %s is not the one leg %s was attached to (volume id %s, now %s), "+
+		"and its data is not this leg's; bring the leg down (lvnbd pair down) and back up only as a new half of the "+
+		"guest's mirror, resynced in full", what, ErrVolumeReplaced, l.uri, l.name, l.id, now)
 }
 
 // useDevice takes d as the leg's device.
@@ -460,6 +502,9 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.dev, l.size, l.stale, l.unseen, l.failures, l.retryAt = -1, 0, false, false, 0, time.Time{}
+	// Taken down on purpose: the leg may come back up on another volume,
+	// as a new half of the mirror.
+	l.id = ""
 	l.down = true
 	l.publish(now, StateDown, nil)
 	return nil

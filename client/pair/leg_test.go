@@ -161,6 +161,33 @@ func TestLegStep(t *testing.T) {
 					l.suspect(false)
 				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, errHas: "now read-only"},
 			}},
+		{name: "volume made anew under the export's name: not reconnected, nor attached again",
+			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
+			steps: []legStep{attached,
+				{at: time.Second, before: func(_ *fakeKernel, st *fakeStorage, l *leg) {
+					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
+					l.suspect(false)
+				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib,
+					errHas: "reconnect /dev/nbd0 refused: the export's volume was made anew: the volume behind " + backendA +
+						" is not the one leg a was attached to (volume id uuid-1, now uuid-2)"},
+				{at: 5 * time.Second, before: func(k *fakeKernel, _ *fakeStorage, _ *leg) {
+					k.setDevice(kernel.Device{Index: 0, Connected: true}) // someone detached it
+				}, wait: 0, state: StateFailed, errHas: "/dev/nbd0 is no longer attached"},
+				{at: 5 * time.Second, wait: 2 * time.Second, state: StateFailed, // the second failure in a row
+					errHas: "attach a refused: the export's volume was made anew"},
+			}},
+		{name: "volume ID learned at the first reconnect of an adopted device",
+			devs:  []kernel.Device{running(0, backendA, 64*mib)},
+			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
+			steps: []legStep{
+				{calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
+					device: "/dev/nbd0", size: 64 * mib, adopted: true},
+				{at: time.Second, before: func(_ *fakeKernel, st *fakeStorage, l *leg) {
+					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
+					l.suspect(false)
+				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib, adopted: true,
+					errHas: "volume id uuid-1, now uuid-2"},
+			}},
 		{name: "kernel refuses the reconnect",
 			steps: []legStep{attached,
 				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
@@ -214,6 +241,19 @@ func TestLegStep(t *testing.T) {
 				// Deaths and time change nothing while down.
 				{at: time.Minute, before: dies, wait: idle, state: StateDown, noLink: true},
 				{at: 2 * time.Minute, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.up(context.Background(), time.Time{}) },
+					calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
+			}},
+		{name: "down and up on a volume made anew: attached, as a new half",
+			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
+			steps: []legStep{attached,
+				{at: time.Second, before: func(_ *fakeKernel, st *fakeStorage, l *leg) {
+					if err := l.detach(context.Background(), time.Time{}); err != nil {
+						panic(err)
+					}
+					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
+				}, calls: []string{"disconnect nbd0"}, wait: idle, state: StateDown, noLink: true},
+				{at: time.Minute, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.up(context.Background(), time.Time{}) },
 					calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
 					state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
 			}},

@@ -3,7 +3,8 @@
 # Storage box A's server dies (SIGKILL) and comes back: lvnbd pair status shows leg a
 # reconnecting with the error, then connected again by itself, on the same device, with one
 # more reconnect; leg b is untouched; data written through the device after the reconnect lands
-# on box A's LV, and data written before it is still there.
+# on box A's LV, and data written before it is still there. Then box A's volume is made anew
+# under the same name: leg a refuses to reconnect to it.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -52,6 +53,19 @@ dd if=/dev/urandom of=after bs=1M count=8 status=none
 dd if=after of=/dev/lvnbd/vm1/a bs=1M seek=16 oflag=direct conv=fsync status=none
 assert_eq "$(sha after)" "$(dd if=/dev/vga/vm1 bs=1M skip=16 count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
 	"data written after the reconnect, on box a's LV"
+
+# Box A's volume is removed and made anew under the same name while its server is down: the
+# export's volume ID changes, and leg a refuses to reconnect to it. Its data is not this leg's,
+# and the guest's mirror would read it as if it were.
+kill -9 "$server_a"
+wait "$server_a" || true
+box_volume a remove vm1
+box_volume a create vm1 --size 128M
+start_box a
+wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* ]]" 90
+lvnbd pair status --control "$CLIENT_SOCK"
+assert_eq reconnecting "$(leg a state)" "leg a with its volume made anew"
+assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device, without connections"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1
 stop_client
