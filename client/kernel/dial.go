@@ -79,9 +79,11 @@ func DialSockets(ctx context.Context, d *net.Dialer, u client.URI, n int) ([]*os
 	}
 	for i := 1; i < n; i++ {
 		a, b := infos[0], infos[i]
-		if a.Size != b.Size || a.Flags != b.Flags || a.BlockSizes != b.BlockSizes {
-			return fail(fmt.Errorf("%s changed between connections: connection 1 saw %d bytes, flags %v; connection %d saw %d bytes, flags %v",
-				u, a.Size, a.Flags, i+1, b.Size, b.Flags))
+		// The ID too: a volume made anew between two connections would
+		// otherwise get one of them.
+		if a.Size != b.Size || a.Flags != b.Flags || a.BlockSizes != b.BlockSizes || a.ID() != b.ID() {
+			return fail(fmt.Errorf("%s changed between connections: connection 1 saw %d bytes, flags %v, volume id %q; "+
+				"connection %d saw %d bytes, flags %v, volume id %q", u, a.Size, a.Flags, a.ID(), i+1, b.Size, b.Flags, b.ID()))
 		}
 	}
 	return files, infos[0], nil

@@ -12,6 +12,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
 // idle is what step returns when nothing is due until a request or an event
@@ -20,12 +21,6 @@ const idle time.Duration = -1
 
 // errDeviceLost means a leg's device is gone or attached to something else.
 var errDeviceLost = errors.New("device lost")
-
-// ErrVolumeReplaced means a leg's export now serves another volume than the
-// one its device was attached to: removed and made anew under the same
-// name. Its data is not this leg's, and the guest's mirror must not read it
-// as if it were.
-var ErrVolumeReplaced = errors.New("the export's volume was made anew")
 
 // leg is one export of a pair and its kernel device. Its state is owned by
 // the goroutine of run; other goroutines read the published LegStatus, send
@@ -57,11 +52,6 @@ type leg struct {
 	healthAt   time.Time
 	reconnects int
 	adopted    bool
-	// id is the ID of the volume the device was attached to
-	// (client.ExportInfo.ID), "" until known: adopted devices learn it at
-	// their first reconnect. Kept when the device is lost, forgotten when
-	// the leg is taken down.
-	id string
 
 	mu        sync.Mutex
 	st        LegStatus
@@ -276,7 +266,7 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	// The kernel holds its own references once Connect returns.
 	defer kernel.CloseSockets(socks)
 	// A lost device's link led the guest to this leg's data.
-	if err := l.checkID(info, "attach "+l.name); err != nil {
+	if err := l.checkID(info, "attach", l.s.cfg.IDs.Verify); err != nil {
 		return err
 	}
 	cfg, err := kernel.ExportConfig(info, 0)
@@ -293,7 +283,9 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.useDevice(kernel.Device{Index: index, Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: info.ReadOnly()})
-	l.id = info.ID()
+	if err := l.s.cfg.IDs.Set(l.backend, info.ID()); err != nil {
+		l.noteError(now, fmt.Errorf("recording the volume ID of %s: %w", kernel.DevicePath(index), err))
+	}
 	l.log.Info("attached", zap.String("device", kernel.DevicePath(index)), zap.Uint64("size", cfg.Size),
 		zap.Int("connections", len(socks)))
 	l.setLink(now)
@@ -320,7 +312,7 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return err
 	}
 	defer kernel.CloseSockets(socks)
-	if err := l.checkID(info, "reconnect "+d.Path()); err != nil {
+	if err := l.checkID(info, "reconnect "+d.Path(), l.s.cfg.IDs.Check); err != nil {
 		return err
 	}
 	if info.ReadOnly() && !d.ReadOnly {
@@ -342,9 +334,6 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.size = d.Size
-	if l.id == "" {
-		l.id = info.ID()
-	}
 	if !l.unseen {
 		l.reconnects++
 		l.log.Info("reconnected", zap.String("device", d.Path()), zap.Int("connections", len(socks)))
@@ -411,7 +400,7 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 		return err
 	}
 	// Said now, before the connections die and the reconnect refuses.
-	if err := l.checkID(info, "size poll"); err != nil {
+	if err := l.checkID(info, "size poll", l.s.cfg.IDs.Verify); err != nil {
 		return err
 	}
 	d := kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize}
@@ -427,19 +416,19 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 }
 
 // checkID refuses an export whose volume is not the one the leg's device was
-// attached to (what names what was refused).
-func (l *leg) checkID(info client.ExportInfo, what string) error {
-	id := info.ID()
-	if l.id == "" || id == l.id {
-		return nil
+// attached to, as the host's volume IDs record it: check is the store's
+// Check (which records the ID of a device attached before IDs were) or
+// Verify; what names what was refused.
+func (l *leg) checkID(info client.ExportInfo, what string, check func(backend, id string) error) error {
+	if err := check(l.backend, info.ID()); err != nil {
+		if errors.Is(err, volumeid.ErrReplaced) {
+			return fmt.Errorf("%s of leg %s refused: %w; to use the new volume, take the pair down (lvnbd pair down: "+
+				"the guest loses both its disks) and up again, and add this leg to the guest's mirror as a new "+
+				"member, resynced in full", what, l.name, err)
+		}
+		return fmt.Errorf("%s: %w", what, err)
 	}
-	now := id
-	if now == "" {
-		now = "none"
-	}
-	return fmt.Errorf("%s refused: %w: the volume behind %s is not the one leg %s was attached to (volume id %s, now %s), "+
-		"and its data is not this leg's; bring the leg down (lvnbd pair down) and back up only as a new half of the "+
-		"guest's mirror, resynced in full", what, ErrVolumeReplaced, l.uri, l.name, l.id, now)
+	return nil
 }
 
 // useDevice takes d as the leg's device.
@@ -504,7 +493,9 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	l.dev, l.size, l.stale, l.unseen, l.failures, l.retryAt = -1, 0, false, false, 0, time.Time{}
 	// Taken down on purpose: the leg may come back up on another volume,
 	// as a new half of the mirror.
-	l.id = ""
+	if err := l.s.cfg.IDs.Forget(l.backend); err != nil {
+		l.log.Warn("forgetting the detached device's volume ID", zap.Error(err))
+	}
 	l.down = true
 	l.publish(now, StateDown, nil)
 	return nil

@@ -3,13 +3,16 @@ package pair
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
 // legStep is one step of a leg at a moment, and what it should do.
@@ -168,13 +171,13 @@ func TestLegStep(t *testing.T) {
 					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
 					l.suspect(false)
 				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib,
-					errHas: "reconnect /dev/nbd0 refused: the export's volume was made anew: the volume behind " + backendA +
-						" is not the one leg a was attached to (volume id uuid-1, now uuid-2)"},
+					errHas: "reconnect /dev/nbd0 of leg a refused: the export's volume was made anew: the volume behind " +
+						backendA + " is not the one its device was attached to (volume id uuid-1, now uuid-2)"},
 				{at: 5 * time.Second, before: func(k *fakeKernel, _ *fakeStorage, _ *leg) {
 					k.setDevice(kernel.Device{Index: 0, Connected: true}) // someone detached it
 				}, wait: 0, state: StateFailed, errHas: "/dev/nbd0 is no longer attached"},
 				{at: 5 * time.Second, wait: 2 * time.Second, state: StateFailed, // the second failure in a row
-					errHas: "attach a refused: the export's volume was made anew"},
+					errHas: "attach of leg a refused: the export's volume was made anew"},
 			}},
 		{name: "volume ID learned at the first reconnect of an adopted device",
 			devs:  []kernel.Device{running(0, backendA, 64*mib)},
@@ -420,5 +423,41 @@ func TestReconnectBackoffGaps(t *testing.T) {
 				t.Errorf("state %s, want %s", state, StateReconnecting)
 			}
 		})
+	}
+}
+
+// The volume ID recorded at attach outlives the supervisor: after a reload
+// or a restart, the new one adopts the device and still refuses the volume
+// made anew meanwhile.
+func TestVolumeIDSurvivesReload(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	ids := volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))
+	start := func() *leg {
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
+			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info, IDs: ids}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.pairs[0].legs[0]
+	}
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	l := start()
+	l.step(context.Background(), now)
+	if got := l.status(); got.State != StateConnected {
+		t.Fatalf("first supervisor: %+v", got)
+	}
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
+	k.takeCalls()
+
+	l = start() // the reload
+	l.step(context.Background(), now.Add(time.Second))
+	got := l.status()
+	if got.State != StateReconnecting || !got.Adopted || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
+		t.Errorf("after the reload: %+v, want the adopted device refused the new volume", got)
+	}
+	if calls := k.takeCalls(); len(calls) != 0 {
+		t.Errorf("the refused volume reached the kernel: %v", calls)
 	}
 }

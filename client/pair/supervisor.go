@@ -15,6 +15,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
 // Defaults of Config.
@@ -87,6 +88,10 @@ type Config struct {
 	// Down names pairs that start down, as if taken down with Down: a
 	// daemon reloading its configuration keeps down what was down.
 	Down []string
+	// IDs records the volume each leg's device was attached to, across
+	// reloads and restarts (volumeid.DefaultPath); nil keeps them in this
+	// supervisor's memory only.
+	IDs *volumeid.Store
 }
 
 // Supervisor attaches both legs of every pair as kernel block devices and
@@ -157,6 +162,9 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 	}
 	if c.Info == nil {
 		c.Info = client.Info
+	}
+	if c.IDs == nil {
+		c.IDs = volumeid.Open("")
 	}
 	s := &Supervisor{
 		cfg:     c,

@@ -21,6 +21,7 @@ import (
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
 	"github.com/lvnbd/lvnbd/client/pair"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 	"github.com/lvnbd/lvnbd/guest"
 )
 
@@ -43,6 +44,17 @@ type hostDeps struct {
 	users func(index int, linkDir string) ([]string, error)
 	// nodeTimeout bounds the wait for /dev/nbdN to appear after attach.
 	nodeTimeout time.Duration
+	// volumeIDs records the volume each device was attached to
+	// (volumeid.DefaultPath); nil keeps them in memory, for tests.
+	volumeIDs *volumeid.Store
+}
+
+// ids returns the host's volume ID store.
+func (h *hostDeps) ids() *volumeid.Store {
+	if h.volumeIDs == nil {
+		h.volumeIDs = volumeid.Open("")
+	}
+	return h.volumeIDs
 }
 
 func realHost() *hostDeps {
@@ -58,6 +70,7 @@ func realHost() *hostDeps {
 			return deviceUsers("/sys", "/proc/self/mountinfo", linkDir, index)
 		},
 		nodeTimeout: 2 * time.Second,
+		volumeIDs:   volumeid.Open(volumeid.DefaultPath),
 	}
 }
 
@@ -173,9 +186,19 @@ be attached only once per host.`,
 			cfg.DeadConnTimeout = deadTimeout
 			cfg.Backend = backend
 			cfg.Index = index
+			// A device attached earlier to this export and detached
+			// by other means than lvnbd detach left its ID: this one
+			// starts afresh.
+			if err := host.ids().Forget(backend); err != nil {
+				return err
+			}
 			index, err = k.Connect(ctx, cfg)
 			if err != nil {
 				return err
+			}
+			if err := host.ids().Set(backend, info.ID()); err != nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s is attached, but its volume ID was not recorded, so a reconnect "+
+					"cannot check it: %v\n", kernel.DevicePath(index), err)
 			}
 			waitForNode(ctx, kernel.DevicePath(index), host.nodeTimeout)
 			fmt.Fprintln(cmd.OutOrStdout(), kernel.DevicePath(index))
@@ -239,6 +262,11 @@ and their I/O fails.`,
 			}
 			if err := k.Disconnect(ctx, d.Index); err != nil {
 				return err
+			}
+			if d.Backend != "" {
+				if err := host.ids().Forget(d.Backend); err != nil {
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: forgetting %s's volume ID: %v\n", d.Path(), err)
+				}
 			}
 			if force {
 				return nil
@@ -407,7 +435,9 @@ one (by another tool); a URI naming another export is refused, because the
 device's data would silently change under its users (an md mirror would
 keep both halves on one storage box and believe them in sync). To move a
 device to another export, detach it and attach the other: md then resyncs the
-new member.
+new member. For the same reason an export whose volume was removed and made
+anew under the same name (its volume ID, which lvnbd attach recorded in
+/run/lvnbd/volume-ids.json, changed) is refused.
 
 If the export grew, the device grows with it, once the fresh connections are
 in. With --size, only that is done: the export's size is read again and
@@ -463,6 +493,17 @@ shrinks: detach it first.`,
 				if info.ReadOnly() && !d.ReadOnly {
 					return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
 				}
+			}
+			key := d.Backend // as attach recorded it
+			if key == "" {
+				key = u.String()
+			}
+			if err := host.ids().Check(key, info.ID()); err != nil {
+				if errors.Is(err, volumeid.ErrReplaced) {
+					return fmt.Errorf("%s not reconnected: %w; detach it, and attach the new volume only as a new "+
+						"member of whatever mirrors it, resynced in full", d.Path(), err)
+				}
+				return err
 			}
 			size, err := kernel.GrownSize(d, info.Size)
 			if err != nil {

@@ -184,6 +184,12 @@ func runCmd(t testing.TB, cmd interface {
 // lvnbd's server and returns the server's address.
 func serveExport(t testing.TB, name string, size int64, ro bool) string {
 	t.Helper()
+	return serveExportAs(t, name, size, ro, "")
+}
+
+// serveExportAs is serveExport with the export's description.
+func serveExportAs(t testing.TB, name string, size int64, ro bool, description string) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), name+".img")
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -195,6 +201,7 @@ func serveExport(t testing.TB, name string, size int64, ro bool) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.Description = description
 	t.Cleanup(func() { e.Backend.Close() })
 	reg := server.NewRegistry()
 	if err := reg.Add(e); err != nil {
@@ -603,6 +610,47 @@ func TestReconnectRefusesAnotherExport(t *testing.T) {
 				if !strings.Contains(err.Error(), s) {
 					t.Errorf("error %q lacks %q", err, s)
 				}
+			}
+			if len(k.reconfigured) != 0 {
+				t.Errorf("Reconfigure was called: %+v", k.reconfigured)
+			}
+		})
+	}
+}
+
+// TestReconnectRefusesAVolumeMadeAnew: the export's volume ID is not the
+// one recorded when the device was attached, so its volume was removed and
+// made anew under the same name: reconnect refuses it. With the recorded ID
+// it goes ahead.
+func TestReconnectRefusesAVolumeMadeAnew(t *testing.T) {
+	uri := "nbd://" + serveExportAs(t, "vm1", 8<<20, false, nbd.WithID("volume vm1 on lvm://vg0", "uuid-2")) + "/vm1"
+	for _, tc := range []struct {
+		recorded string
+		wantErr  string
+	}{
+		{"uuid-1", "/dev/nbd3 not reconnected: the export's volume was made anew: the volume behind " + uri +
+			" is not the one its device was attached to (volume id uuid-1, now uuid-2)"},
+		{"uuid-2", ""},
+		{"", ""}, // attached before IDs were recorded: learned now
+	} {
+		t.Run("recorded "+tc.recorded, func(t *testing.T) {
+			k := &fakeNBD{t: t, devs: []kernel.Device{{Index: 3, Connected: true, PID: 1, Backend: uri, Size: 8 << 20, BlockSize: 512}}}
+			host := testHost(k, nil)
+			if err := host.ids().Set(uri, tc.recorded); err != nil {
+				t.Fatal(err)
+			}
+			_, _, err := runCmd(t, newReconnectCmd(host), "/dev/nbd3")
+			if tc.wantErr == "" {
+				if err != nil || len(k.reconfigured) == 0 {
+					t.Fatalf("reconnect: %v, %d reconfigures", err, len(k.reconfigured))
+				}
+				if id, _ := host.ids().Get(uri); id != "uuid-2" {
+					t.Errorf("recorded ID after the reconnect: %q, want uuid-2", id)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("reconnect: %v, want %q", err, tc.wantErr)
 			}
 			if len(k.reconfigured) != 0 {
 				t.Errorf("Reconfigure was called: %+v", k.reconfigured)

@@ -131,7 +131,8 @@ every leg has been attached or found unreachable.`,
 			var down []string
 			for {
 				sup, failed, stop, err := startSupervisor(ctx, host, &pair.Config{Pairs: pairSpecs(cfg), Logger: log,
-					LinkDir: linkDir, PollInterval: pollInterval, HealthInterval: healthInterval, Down: down})
+					LinkDir: linkDir, PollInterval: pollInterval, HealthInterval: healthInterval, Down: down,
+					IDs: host.ids()})
 				if err != nil {
 					return err
 				}

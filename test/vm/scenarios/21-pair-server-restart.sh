@@ -4,7 +4,7 @@
 # reconnecting with the error, then connected again by itself, on the same device, with one
 # more reconnect; leg b is untouched; data written through the device after the reconnect lands
 # on box A's LV, and data written before it is still there. Then box A's volume is made anew
-# under the same name: leg a refuses to reconnect to it.
+# under the same name: leg a refuses to reconnect to it, also after a reload of the daemon.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -66,6 +66,13 @@ wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* ]]" 90
 lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq reconnecting "$(leg a state)" "leg a with its volume made anew"
 assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device, without connections"
+# A reload (a new supervisor, which adopts the devices) still refuses it: the ID is kept in /run.
+supervising=$(grep -c 'supervising' client.log)
+kill -HUP "$client"
+wait_secs "(( \$(grep -c supervising client.log) > $supervising ))" 30
+wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* ]]" 60
+assert_eq reconnecting "$(leg a state)" "leg a after a reload"
+[[ -s /run/lvnbd/volume-ids.json ]] || fail "no volume IDs recorded"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1
 stop_client
