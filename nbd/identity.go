@@ -3,16 +3,17 @@ package nbd
 import "strings"
 
 // An lvnbd server ends an export's description (NBD_INFO_DESCRIPTION) with
-// " (id ID)" when it can tell the volume behind the export from any other
+// " (lvnbd-id ID)" when it can tell the volume behind the export from any other
 // made under the same name: an LV's UUID, a file volume's creation time. The
 // protocol has no field for this, and the description is free text shown to
 // people; the suffix is lvnbd's own convention, which other servers do not
-// follow, and a client that finds no ID knows nothing either way.
+// follow, and a client that finds no ID knows nothing either way. The
+// marker names lvnbd so that no other server's "(id …)" is taken for one.
 
 // maxIDLen bounds an ID: an LVM UUID has 38 characters.
 const maxIDLen = 64
 
-const idPrefix, idSuffix = " (id ", ")"
+const idPrefix, idSuffix = " (lvnbd-id ", ")"
 
 // validID reports whether id can be carried in a description: 1 to 64
 // letters, digits and dashes.

@@ -10,16 +10,17 @@ func TestDescriptionID(t *testing.T) {
 	for _, tc := range []struct {
 		desc, want string
 	}{
-		{"volume vm1 on lvm://vg0 (id " + uuid + ")", uuid},
-		{"(id 18ea3f92c137d200)", ""}, // no space before: not lvnbd's suffix
-		{" (id 18ea3f92c137d200)", "18ea3f92c137d200"},
+		{"volume vm1 on lvm://vg0 (lvnbd-id " + uuid + ")", uuid},
+		{"(lvnbd-id 18ea3f92c137d200)", ""}, // no space before: not lvnbd's suffix
+		{" (lvnbd-id 18ea3f92c137d200)", "18ea3f92c137d200"},
 		{"volume vm1 on lvm://vg0", ""},
-		{"volume (id a) (id b)", "b"},
-		{"volume (id )", ""},
-		{"volume (id a b)", ""},
-		{"volume (id a/b)", ""},
-		{"volume (id " + strings.Repeat("a", 65) + ")", ""},
-		{"volume (id " + strings.Repeat("a", 64) + ")", strings.Repeat("a", 64)},
+		{"another server's disk (id 5)", ""},
+		{"volume (lvnbd-id a) (lvnbd-id b)", "b"},
+		{"volume (lvnbd-id )", ""},
+		{"volume (lvnbd-id a b)", ""},
+		{"volume (lvnbd-id a/b)", ""},
+		{"volume (lvnbd-id " + strings.Repeat("a", 65) + ")", ""},
+		{"volume (lvnbd-id " + strings.Repeat("a", 64) + ")", strings.Repeat("a", 64)},
 		{"", ""},
 		{")", ""},
 	} {
@@ -28,7 +29,7 @@ func TestDescriptionID(t *testing.T) {
 		}
 	}
 	for _, tc := range []struct{ desc, id, want string }{
-		{"volume vm1", uuid, "volume vm1 (id " + uuid + ")"},
+		{"volume vm1", uuid, "volume vm1 (lvnbd-id " + uuid + ")"},
 		{"volume vm1", "", "volume vm1"},
 		{"volume vm1", "not an id", "volume vm1"},
 	} {
@@ -42,7 +43,7 @@ func TestDescriptionID(t *testing.T) {
 // the ID WithID appended.
 func FuzzDescriptionID(f *testing.F) {
 	f.Add("volume vm1 on lvm://vg0", "N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC")
-	f.Add("snapshot vm1@s1 on file:///srv (id x)", "18ea3f92c137d200")
+	f.Add("snapshot vm1@s1 on file:///srv (lvnbd-id x)", "18ea3f92c137d200")
 	f.Add("", "")
 	f.Fuzz(func(t *testing.T, desc, id string) {
 		if got := DescriptionID(desc); got != "" && !validID(got) {
