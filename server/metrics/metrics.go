@@ -132,7 +132,7 @@ var (
 	connDesc  = prometheus.NewDesc("lvnbd_connections", "Client connections open to each export.", []string{"export"}, nil)
 	fenceDesc = prometheus.NewDesc("lvnbd_fenced_clients", "Clients fenced off this server's exports.", nil, nil)
 	failDesc  = prometheus.NewDesc("lvnbd_export_failed",
-		"1 when a write-back to the export's storage failed and every request to it fails, also after a restart, until lvnbd recover (lvnbd status says why).",
+		"1 when a write-back to the export's storage failed and every request to it fails, also after a restart, until lvnbd recover (lvnbd status says why); also for a failure recorded for an export not served now.",
 		[]string{"export"}, nil)
 )
 
@@ -144,7 +144,9 @@ func (s *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	served := map[string]bool{}
 	for _, e := range s.exports.Status() {
+		served[e.Name] = true
 		ch <- prometheus.MustNewConstMetric(sizeDesc, prometheus.GaugeValue, float64(e.Size), e.Name, fmt.Sprint(e.ReadOnly))
 		ch <- prometheus.MustNewConstMetric(connDesc, prometheus.GaugeValue, float64(len(e.Clients)), e.Name)
 		failed := 0.0
@@ -152,6 +154,14 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			failed = 1
 		}
 		ch <- prometheus.MustNewConstMetric(failDesc, prometheus.GaugeValue, failed, e.Name)
+	}
+	// A failed volume that went missing must not clear an alert.
+	if f := s.exports.Failures(); f != nil {
+		for _, x := range f.List() {
+			if !served[x.Export] {
+				ch <- prometheus.MustNewConstMetric(failDesc, prometheus.GaugeValue, 1, x.Export)
+			}
+		}
 	}
 	if s.fences != nil {
 		ch <- prometheus.MustNewConstMetric(fenceDesc, prometheus.GaugeValue, float64(len(s.fences.List())))

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"io"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +25,17 @@ func (f fakeBackend) Failed() error { return f.failed }
 
 func TestMetrics(t *testing.T) {
 	reg := server.NewRegistry()
+	// gone's volume is missing, its failure recorded before a restart.
+	path := filepath.Join(t.TempDir(), "failures.json")
+	record := `[{"export":"gone","description":"volume gone","error":"fdatasync: EIO","since":"2026-12-01T00:00:00Z"}]`
+	if err := os.WriteFile(path, []byte(record), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	failures, err := server.LoadFailures(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.KeepFailures(failures)
 	if err := reg.Add(&server.Export{Name: "vm1", Backend: fakeBackend{}}); err != nil {
 		t.Fatal(err)
 	}
@@ -52,6 +65,7 @@ func TestMetrics(t *testing.T) {
 		`lvnbd_fenced_clients 0`,
 		`lvnbd_export_failed{export="vm1"} 0`,
 		`lvnbd_export_failed{export="vm2"} 1`,
+		`lvnbd_export_failed{export="gone"} 1`,
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
