@@ -153,7 +153,8 @@ func Run(ctx context.Context, opts Options) error {
 		run(func() { d.rescan(ctx, cfg.Server.Rescan) })
 	}
 	run(func() { d.reloads(ctx) })
-	run(func() { retryFailures(ctx, failures, failureRetry) })
+	// Failures.record retries too, with every new failure.
+	run(func() { every(ctx, failureRetry, func() { _ = failures.Retry() }) }) // logged by the attempt
 
 	served := make(chan error, 1)
 	go func() { served <- d.srv.Serve(ctx, lns...) }()
@@ -180,17 +181,16 @@ func Run(ctx context.Context, opts Options) error {
 // tried again.
 const failureRetry = 10 * time.Second
 
-// retryFailures writes the failure records again, every so often, while
-// writing them fails (Failures.record tries too, with every new failure).
-func retryFailures(ctx context.Context, f *server.Failures, every time.Duration) {
-	t := time.NewTicker(every)
+// every runs f every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, f func()) {
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			_ = f.Retry() // logged by the attempt
+			f()
 		}
 	}
 }
@@ -240,19 +240,12 @@ func (d *Daemon) setLevel(cfg *config.Config) error {
 	return nil
 }
 
-func (d *Daemon) rescan(ctx context.Context, every time.Duration) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if err := d.vols.Sync(ctx); err != nil && ctx.Err() == nil {
-				d.log.Warn("re-reading volumes", zap.Error(err))
-			}
+func (d *Daemon) rescan(ctx context.Context, interval time.Duration) {
+	every(ctx, interval, func() {
+		if err := d.vols.Sync(ctx); err != nil && ctx.Err() == nil {
+			d.log.Warn("re-reading volumes", zap.Error(err))
 		}
-	}
+	})
 }
 
 func (d *Daemon) reloads(ctx context.Context) {
