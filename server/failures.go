@@ -205,9 +205,9 @@ func (r *Registry) keepFailuresLocked(e *Export) {
 	if x, ok := r.failures.lookup(e.Name); ok {
 		b.MarkFailed(x.err())
 	}
-	failures, name, desc := r.failures, e.Name, e.Description
+	failures := r.failures
 	b.OnFailure(func(err error) {
-		failures.record(name, desc, err)
+		failures.record(e.Name, e.Description, err)
 		r.failCurrent(e, err)
 	})
 }

@@ -80,31 +80,27 @@ func (s *Store) Forget(backend string) error {
 // Check returns an ErrReplaced error if id is not the one recorded for
 // backend, and records id if none is: the device was attached before IDs
 // were recorded.
-func (s *Store) Check(backend, id string) error {
-	known, err := s.Get(backend)
-	if err != nil {
-		return err
-	}
-	if known == "" {
-		return s.Set(backend, id)
-	}
-	return refuse(backend, known, id)
-}
+func (s *Store) Check(backend, id string) error { return s.compare(backend, id, true) }
 
 // Verify is Check without recording anything: for an export about to be
 // attached anew, whose ID is recorded once it is.
-func (s *Store) Verify(backend, id string) error {
-	known, err := s.Get(backend)
-	if err != nil {
-		return err
-	}
-	return refuse(backend, known, id)
-}
+func (s *Store) Verify(backend, id string) error { return s.compare(backend, id, false) }
 
-// refuse returns an ErrReplaced error unless id is known or nothing is.
-func refuse(backend, known, id string) error {
-	if known == "" || id == known {
-		return nil
+// compare returns an ErrReplaced error unless id is the one recorded for
+// backend or none is; with learn, it records id if none is, under the same
+// lock as the look.
+func (s *Store) compare(backend, id string, learn bool) error {
+	var known string
+	err := s.locked(learn, func(ids map[string]string) bool {
+		known = ids[backend]
+		if known == "" && learn && id != "" {
+			ids[backend] = id
+			return true
+		}
+		return false
+	})
+	if err != nil || known == "" || id == known {
+		return err
 	}
 	if id == "" {
 		id = "none"
