@@ -222,7 +222,13 @@ func (h *handler) sync(w http.ResponseWriter, r *http.Request) {
 func (h *handler) recover(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
 	h.log.Warn("recovery of a failed export requested", zap.String("export", name))
-	res, err := h.reg.Recover(name)
+	var res server.RecoverResult
+	var err error
+	if h.vols != nil {
+		res, err = h.vols.Recover(r.Context(), name)
+	} else {
+		res, err = h.reg.Recover(name)
+	}
 	if err != nil {
 		writeError(w, err)
 		return

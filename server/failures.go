@@ -274,8 +274,17 @@ type RecoverResult struct {
 // same name and disconnects the clients of the failed one. The caller must
 // know that the storage works again, and that whatever mirrors this export
 // will copy it in full: the data acknowledged before the failure may be
-// lost.
+// lost. The reopened export keeps the failed one's description; an export
+// made from a volume is recovered through Volumes.Recover, which reads it
+// from the volume.
 func (r *Registry) Recover(name string) (RecoverResult, error) {
+	return r.recover(name, nil)
+}
+
+// recover is Recover. When describe is not nil, it gives the reopened
+// export's description, and is called after the storage is opened anew:
+// what it tells is then never older than what was opened.
+func (r *Registry) recover(name string, describe func() (string, error)) (RecoverResult, error) {
 	res := RecoverResult{Export: name}
 	r.mu.RLock()
 	old, exported := r.exports[name]
@@ -308,6 +317,13 @@ func (r *Registry) Recover(name string) (RecoverResult, error) {
 	if err != nil {
 		return res, fmt.Errorf("recovering export %q: %w", name, err)
 	}
+	desc := old.Description
+	if describe != nil {
+		if desc, err = describe(); err != nil {
+			b.Close()
+			return res, fmt.Errorf("recovering export %q: %w", name, err)
+		}
+	}
 	// Checked, cleared and swapped under the lock: nothing can add or
 	// replace the export in between, and the new one must not be marked
 	// failed by the record.
@@ -324,7 +340,7 @@ func (r *Registry) Recover(name string) (RecoverResult, error) {
 			return res, err
 		}
 	}
-	e := &Export{Name: name, Description: old.Description, ReadOnly: old.ReadOnly, Backend: b,
+	e := &Export{Name: name, Description: desc, ReadOnly: old.ReadOnly, Backend: b,
 		Access: *old.currentAccess()}
 	r.exports[name] = e
 	r.keepFailuresLocked(e)

@@ -111,27 +111,7 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	if err != nil {
 		return syncResult{list: fmt.Errorf("listing volumes of %s: %w", v.drv, err)}
 	}
-	type want struct {
-		path, desc string
-		readOnly   bool
-	}
-	wanted := map[string]want{}
-	pending := map[string]volume.Volume{}
-	for _, vol := range vols {
-		if vol.MergePending {
-			pending[vol.Name] = vol
-		} else {
-			// The ID in the description lets a dom0 refuse to
-			// reconnect a leg to a volume made anew under this name.
-			wanted[vol.Name] = want{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), vol.ID), false}
-		}
-		for _, s := range vol.Snapshots {
-			if s.Invalid || s.Merging {
-				continue // nothing consistent to read
-			}
-			wanted[s.Ref()] = want{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
-		}
-	}
+	wanted, pending := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
 	for name := range v.managed {
@@ -192,6 +172,68 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 			zap.Int64("size", b.Size()), zap.Bool("readonly", w.readOnly))
 	}
 	return syncResult{exports: errs}
+}
+
+// wantedExport is what the export of a volume or snapshot should be.
+type wantedExport struct {
+	path, desc string
+	readOnly   bool
+}
+
+// wanted gives the exports vols should have, by name, and the volumes that
+// have none because a merge into them is pending.
+func (v *Volumes) wanted(vols []volume.Volume) (map[string]wantedExport, map[string]volume.Volume) {
+	wanted := map[string]wantedExport{}
+	pending := map[string]volume.Volume{}
+	for _, vol := range vols {
+		if vol.MergePending {
+			pending[vol.Name] = vol
+		} else {
+			// The ID in the description lets a dom0 refuse to
+			// reconnect a leg to a volume made anew under this name.
+			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), vol.ID), false}
+		}
+		for _, s := range vol.Snapshots {
+			if s.Invalid || s.Merging {
+				continue // nothing consistent to read
+			}
+			wanted[s.Ref()] = wantedExport{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
+		}
+	}
+	return wanted, pending
+}
+
+// Recover serves a failed export again, as Registry.Recover does. For an
+// export made from a volume or snapshot it first rescans: an export whose
+// volume was removed behind the server is removed (and Recover only clears
+// its record), and one whose volume was made anew is exported anew (failed,
+// as its record says) before it is reopened. The reopened export's
+// description, with the volume's ID, is read from the volume after it is
+// opened, so a dom0 that knew the old volume refuses a new one, even one
+// made in between.
+func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if !v.managed[name] {
+		return v.reg.Recover(name)
+	}
+	if err := v.syncAfter(ctx, "recovery of "+name, name); err != nil {
+		return RecoverResult{Export: name}, err
+	}
+	if !v.managed[name] {
+		return v.reg.Recover(name) // its volume is gone: clears the record
+	}
+	return v.reg.recover(name, func() (string, error) {
+		vols, err := v.drv.List(ctx)
+		if err != nil {
+			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
+		}
+		wanted, _ := v.wanted(vols)
+		if w, ok := wanted[name]; ok {
+			return w.desc, nil
+		}
+		return "", fmt.Errorf("%s is no longer a volume or snapshot of %s (removed, or a merge is pending): run lvnbd recover again", name, v.drv)
+	})
 }
 
 // sameFile reports whether b still has open what path names; a backend that

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	"go.uber.org/zap"
@@ -15,11 +17,11 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/server/backend"
 	"github.com/lvnbd/lvnbd/volume"
 	"github.com/lvnbd/lvnbd/volume/file"
 )
 
-// observedVolumes is startVolumes over drv, with the log kept for checking.
 // createWithSnapshot makes volume vm1 (1 MiB) and its snapshot vm1@s.
 func createWithSnapshot(t *testing.T, vols *Volumes) {
 	t.Helper()
@@ -32,6 +34,7 @@ func createWithSnapshot(t *testing.T, vols *Volumes) {
 	}
 }
 
+// observedVolumes is startVolumes over drv, with the log kept for checking.
 func observedVolumes(t *testing.T, drv volume.Driver) (*Volumes, *testServer, *observer.ObservedLogs) {
 	t.Helper()
 	ts := startServer(t, nil)
@@ -300,6 +303,73 @@ func TestVolumeWithAnotherIDIsExportedAnew(t *testing.T) {
 	}
 	if again, _ := ts.reg.Lookup("vm1"); again != now {
 		t.Error("a sync with nothing changed exported vm1 anew")
+	}
+}
+
+// TestRecoverTellsTheVolumesID: a failed volume recovered after it was made
+// anew behind the server, between two rescans or while it is reopened, is
+// served with the new volume's ID, never the failed one's, so a dom0 that
+// knew the old volume refuses it. A failed volume removed behind the server
+// only has its record cleared.
+func TestRecoverTellsTheVolumesID(t *testing.T) {
+	ctx := context.Background()
+	drv := &idDriver{Driver: newFileDriver(t), ids: map[string]string{"vm1": "uuid-1", "vm2": "uuid-2", "vm3": "uuid-3"}}
+	vols, ts, _ := observedVolumes(t, drv)
+	failures, err := LoadFailures(filepath.Join(t.TempDir(), "failures.json"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.reg.KeepFailures(failures)
+	eio := fmt.Errorf("fdatasync: %w", syscall.EIO)
+	for _, name := range []string{"vm1", "vm2", "vm3"} {
+		if _, err := vols.Create(ctx, volume.CreateOptions{Name: name, Size: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		e, _ := ts.reg.Lookup(name)
+		failures.record(name, e.Description, eio)
+		e.Backend.(*backend.File).MarkFailed(eio)
+	}
+	recovered := func(name, wantID string) {
+		t.Helper()
+		res, err := vols.Recover(ctx, name)
+		if err != nil || !res.Reopened {
+			t.Fatalf("Recover(%s) = %+v, %v; want it reopened", name, res, err)
+		}
+		e, _ := ts.reg.Lookup(name)
+		if id := nbd.DescriptionID(e.Description); id != wantID {
+			t.Errorf("recovered %s is described %q (ID %q), want ID %s", name, e.Description, id, wantID)
+		}
+		if got := readErrno(e); got != 0 {
+			t.Errorf("a read of the recovered %s got errno %d", name, got)
+		}
+	}
+
+	// Made anew since the last rescan.
+	drv.setID("vm1", "uuid-1b")
+	recovered("vm1", "uuid-1b")
+
+	// Made anew just as it is opened again.
+	open := openBackend
+	openBackend = func(path string, readOnly bool) (Backend, error) {
+		drv.setID("vm2", "uuid-2b")
+		return open(path, readOnly)
+	}
+	recovered("vm2", "uuid-2b")
+	openBackend = open
+
+	// Removed behind the server.
+	if err := drv.Driver.Remove(ctx, "vm3"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := vols.Recover(ctx, "vm3")
+	if err != nil || res.Reopened || !strings.Contains(res.Failure, "fdatasync") {
+		t.Fatalf("Recover of removed vm3 = %+v, %v; want the record cleared and nothing reopened", res, err)
+	}
+	if _, ok := ts.reg.Lookup("vm3"); ok {
+		t.Error("vm3 is still exported after its volume was removed")
+	}
+	if got := failures.List(); len(got) != 0 {
+		t.Errorf("records after recovering all three: %+v", got)
 	}
 }
 

@@ -38,9 +38,11 @@ as if nothing had happened.
 
 lvnbd recover opens the export anew, clears the record and disconnects the
 failed export's clients. They reconnect to the new one: a pair's lvnbd client
-does at once, a device from lvnbd attach after lvnbd reconnect. It also clears the record of an
-export not served now (its volume is missing). Removing a volume with lvnbd
-volume remove clears its record too.
+does at once, a device from lvnbd attach after lvnbd reconnect. An export of
+a volume is first rescanned, and the reopened export carries the volume's
+current ID: a dom0 refuses it if the volume was made anew meanwhile. It also
+clears the record of an export not served now (its volume is missing).
+Removing a volume with lvnbd volume remove clears its record too.
 
 The order matters:
 ` + recoverSteps,
