@@ -29,14 +29,16 @@ var ErrNoDaemon = errors.New("lvnbd client is not running")
 // The API, HTTP with JSON bodies on the Unix socket:
 //
 //	GET  /v1/pairs                            []PairStatus
-//	POST /v1/pairs/{name}/up?wait=DURATION    PairStatus
-//	POST /v1/pairs/{name}/down[?force=1]      PairStatus
+//	POST /v1/pairs/{name}/up?wait=DURATION[&leg=LEG]    PairStatus
+//	POST /v1/pairs/{name}/down[?force=1][&leg=LEG]      PairStatus
+//
+// With leg (a or b) only that leg is brought up or taken down.
 //
 // A failure is a non-200 status with an apiError body; up and down return
 // the pair's status with it when they got that far.
 type apiError struct {
 	Error string      `json:"error"`
-	Kind  string      `json:"kind,omitempty"` // "unknown_pair"
+	Kind  string      `json:"kind,omitempty"` // "unknown_pair", "unknown_leg"
 	Pair  *PairStatus `json:"pair,omitempty"`
 }
 
@@ -59,13 +61,15 @@ func Handler(s *Supervisor, log *zap.Logger) http.Handler {
 			}
 			wait = d
 		}
-		st, err := s.Up(r.Context(), r.PathValue("name"), wait)
-		log.Info("pair up", zap.String("pair", r.PathValue("name")), zap.Error(err))
+		leg := r.URL.Query().Get("leg")
+		st, err := s.Up(r.Context(), r.PathValue("name"), leg, wait)
+		log.Info("pair up", zap.String("pair", r.PathValue("name")), zap.String("leg", leg), zap.Error(err))
 		writeResult(w, st, err)
 	})
 	mux.HandleFunc("POST /v1/pairs/{name}/down", func(w http.ResponseWriter, r *http.Request) {
-		st, err := s.Down(r.Context(), r.PathValue("name"), r.URL.Query().Get("force") == "1")
-		log.Info("pair down", zap.String("pair", r.PathValue("name")), zap.Error(err))
+		leg := r.URL.Query().Get("leg")
+		st, err := s.Down(r.Context(), r.PathValue("name"), leg, r.URL.Query().Get("force") == "1")
+		log.Info("pair down", zap.String("pair", r.PathValue("name")), zap.String("leg", leg), zap.Error(err))
 		writeResult(w, st, err)
 	})
 	return mux
@@ -77,6 +81,8 @@ func writeResult(w http.ResponseWriter, st PairStatus, err error) {
 		writeJSON(w, http.StatusOK, st)
 	case errors.Is(err, ErrUnknownPair):
 		writeJSON(w, http.StatusNotFound, apiError{Error: err.Error(), Kind: "unknown_pair"})
+	case errors.Is(err, ErrUnknownLeg):
+		writeJSON(w, http.StatusBadRequest, apiError{Error: err.Error(), Kind: "unknown_leg"})
 	default:
 		writeJSON(w, http.StatusInternalServerError, apiError{Error: err.Error(), Pair: &st})
 	}
@@ -120,10 +126,14 @@ type RemoteError struct {
 
 func (e *RemoteError) Error() string { return e.Msg }
 
-// Unwrap returns ErrUnknownPair for an unknown pair.
+// Unwrap returns ErrUnknownPair for an unknown pair, ErrUnknownLeg for an
+// unknown leg.
 func (e *RemoteError) Unwrap() error {
-	if e.kind == "unknown_pair" {
+	switch e.kind {
+	case "unknown_pair":
 		return ErrUnknownPair
+	case "unknown_leg":
+		return ErrUnknownLeg
 	}
 	return nil
 }
@@ -153,20 +163,31 @@ func (c *Client) Status(ctx context.Context) ([]PairStatus, error) {
 	return out, err
 }
 
-// Up brings a pair up (Supervisor.Up), waiting up to wait for its legs.
-func (c *Client) Up(ctx context.Context, name string, wait time.Duration) (PairStatus, error) {
+// Up brings a pair up, or only its leg leg (Supervisor.Up), waiting up to
+// wait for its legs.
+func (c *Client) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
 	var out PairStatus
 	q := url.Values{"wait": {wait.String()}}
+	if leg != "" {
+		q.Set("leg", leg)
+	}
 	err := c.do(ctx, http.MethodPost, "/v1/pairs/"+url.PathEscape(name)+"/up?"+q.Encode(), &out)
 	return out, err
 }
 
-// Down takes a pair down (Supervisor.Down).
-func (c *Client) Down(ctx context.Context, name string, force bool) (PairStatus, error) {
+// Down takes a pair down, or only its leg leg (Supervisor.Down).
+func (c *Client) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
 	var out PairStatus
-	path := "/v1/pairs/" + url.PathEscape(name) + "/down"
+	q := url.Values{}
 	if force {
-		path += "?force=1"
+		q.Set("force", "1")
+	}
+	if leg != "" {
+		q.Set("leg", leg)
+	}
+	path := "/v1/pairs/" + url.PathEscape(name) + "/down"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
 	}
 	err := c.do(ctx, http.MethodPost, path, &out)
 	return out, err

@@ -45,7 +45,7 @@ func TestAPI(t *testing.T) {
 	defer cancel()
 
 	// Up waits for both legs to be attached.
-	ps, err := c.Up(ctx, "vm1", time.Minute)
+	ps, err := c.Up(ctx, "vm1", "", time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +62,16 @@ func TestAPI(t *testing.T) {
 		t.Errorf("status: %+v", list)
 	}
 
-	ps, err = c.Down(ctx, "vm1", false)
+	// One leg only.
+	ps, err = c.Down(ctx, "vm1", "b", false)
+	if err != nil || ps.Up || ps.Legs[0].State != StateConnected || ps.Legs[1].State != StateDown {
+		t.Errorf("down of leg b: %+v, %v", ps, err)
+	}
+	if _, err := c.Up(ctx, "vm1", "c", time.Minute); !errors.Is(err, ErrUnknownLeg) || !strings.Contains(err.Error(), `no such leg "c"`) {
+		t.Errorf("up of leg c: %v", err)
+	}
+
+	ps, err = c.Down(ctx, "vm1", "", false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,13 +79,13 @@ func TestAPI(t *testing.T) {
 		t.Errorf("down: %+v", ps)
 	}
 
-	_, err = c.Down(ctx, "nope", false)
+	_, err = c.Down(ctx, "nope", "", false)
 	if !errors.Is(err, ErrUnknownPair) || !strings.Contains(err.Error(), `no such pair "nope"`) {
 		t.Errorf("down nope: %v", err)
 	}
 	// A failure returns the pair's state with the error.
 	st.set(uriA, func(e *fakeExport) { e.down = true })
-	ps, err = c.Up(ctx, "vm1", time.Minute)
+	ps, err = c.Up(ctx, "vm1", "", time.Minute)
 	var re *RemoteError
 	if !errors.As(err, &re) || re.Pair == nil || re.Pair.Legs[0].State != StateFailed ||
 		!strings.Contains(err.Error(), "leg a ("+backendA+") has no device") {

@@ -422,9 +422,9 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 func (l *leg) checkID(info client.ExportInfo, what string, check func(backend, id string) error) error {
 	if err := check(l.backend, info.ID()); err != nil {
 		if errors.Is(err, volumeid.ErrReplaced) {
-			return fmt.Errorf("%s of leg %s refused: %w; to use the new volume, take the pair down (lvnbd pair down: "+
-				"the guest loses both its disks) and up again, and add this leg to the guest's mirror as a new "+
-				"member, resynced in full", what, l.name, err)
+			return fmt.Errorf("%s of leg %s refused: %w; to use the new volume, remove this leg from the guest's "+
+				"mirror, take it down and up again (lvnbd pair down --leg %s %s, then pair up --leg %s %s) and add it "+
+				"to the mirror as a new member, resynced in full", what, l.name, err, l.name, l.spec.Name, l.name, l.spec.Name)
 		}
 		return fmt.Errorf("%s: %w", what, err)
 	}

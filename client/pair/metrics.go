@@ -12,7 +12,7 @@ var (
 		"Fresh sets of connections given to each leg's device since the daemon started.",
 		[]string{"pair", "leg"}, nil)
 	legSizeDesc = prometheus.NewDesc("lvnbd_pair_leg_size_bytes", "Size of each leg's device.", []string{"pair", "leg"}, nil)
-	pairUpDesc  = prometheus.NewDesc("lvnbd_pair_up", "1 unless the pair was taken down with lvnbd pair down.", []string{"pair"}, nil)
+	pairUpDesc  = prometheus.NewDesc("lvnbd_pair_up", "1 unless the pair, or one of its legs, was taken down with lvnbd pair down.", []string{"pair"}, nil)
 )
 
 var allStates = []State{StateAttaching, StateConnected, StateReconnecting, StateFailed, StateDown}

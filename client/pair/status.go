@@ -21,8 +21,8 @@ const (
 	// or attached, or the device went away); the daemon retries with
 	// backoff.
 	StateFailed State = "failed"
-	// StateDown: the pair was taken down (lvnbd pair down): no device, no
-	// retries until lvnbd pair up.
+	// StateDown: the leg or its pair was taken down (lvnbd pair down): no
+	// device, no retries until lvnbd pair up.
 	StateDown State = "down"
 )
 
@@ -62,7 +62,8 @@ type LegStatus struct {
 // PairStatus is the state of one pair.
 type PairStatus struct {
 	Name string `json:"name"`
-	// Up is false after lvnbd pair down.
+	// Up is false while a leg is down (lvnbd pair down, of the pair or of
+	// the leg).
 	Up        bool        `json:"up"`
 	XenDomain string      `json:"xen_domain,omitempty"`
 	Legs      []LegStatus `json:"legs"`

@@ -40,6 +40,9 @@ const (
 // configuration.
 var ErrUnknownPair = errors.New("no such pair")
 
+// ErrUnknownLeg means a leg name other than a and b.
+var ErrUnknownLeg = errors.New("no such leg")
+
 // Kernel is what the supervisor uses of the kernel's nbd driver;
 // *kernel.Conn is the real one.
 type Kernel interface {
@@ -85,8 +88,9 @@ type Config struct {
 	Dial DialFunc
 	// Info reads an export's size; nil uses client.Info.
 	Info InfoFunc
-	// Down names pairs that start down, as if taken down with Down: a
-	// daemon reloading its configuration keeps down what was down.
+	// Down names pairs, and legs as PAIR/LEG, that start down, as if taken
+	// down with Down: a daemon reloading its configuration keeps down what
+	// was down.
 	Down []string
 	// IDs records the volume each leg's device was attached to, across
 	// reloads and restarts (volumeid.DefaultPath); nil keeps them in this
@@ -180,7 +184,7 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 			// ValidateSpecs parsed them.
 			u, _ := client.ParseURI(spec.URIs[i])
 			p.legs[i] = newLeg(s, p, i, u)
-			if slices.Contains(c.Down, spec.Name) {
+			if slices.Contains(c.Down, spec.Name) || slices.Contains(c.Down, spec.Name+"/"+Legs[i]) {
 				p.legs[i].down = true
 				p.legs[i].st.State = StateDown
 			}
@@ -314,6 +318,23 @@ func (p *pairState) status() PairStatus {
 	return st
 }
 
+// lookupLegs finds pair name and the indexes of the legs leg names: both
+// when it is empty.
+func (s *Supervisor) lookupLegs(name, leg string) (*pairState, []int, error) {
+	p, err := s.lookup(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if leg == "" {
+		return p, []int{0, 1}, nil
+	}
+	i := slices.Index(Legs[:], leg)
+	if i < 0 {
+		return nil, nil, fmt.Errorf("%w %q in pair %s: a pair's legs are a and b", ErrUnknownLeg, leg, name)
+	}
+	return p, []int{i}, nil
+}
+
 func (s *Supervisor) lookup(name string) (*pairState, error) {
 	for _, p := range s.pairs {
 		if p.spec.Name == name {
@@ -323,26 +344,28 @@ func (s *Supervisor) lookup(name string) (*pairState, error) {
 	return nil, fmt.Errorf("%w %q", ErrUnknownPair, name)
 }
 
-// Up brings pair name up: legs that were down are attached, legs waiting to
-// retry are retried now. It waits up to wait for each leg to have a device
-// (or to fail once), then, with a Xen domain configured, gives each leg that
-// has one to the domain with xl block-attach. Legs without a device are
-// reported in the error.
-func (s *Supervisor) Up(ctx context.Context, name string, wait time.Duration) (PairStatus, error) {
-	p, err := s.lookup(name)
+// Up brings pair name up, or only its leg leg ("a" or "b"; "" is both):
+// legs that were down are attached, legs waiting to retry are retried now.
+// It waits up to wait for each leg to have a device (or to fail once), then,
+// with a Xen domain configured, gives each leg that has one to the domain
+// with xl block-attach. Legs without a device are reported in the error.
+func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
+	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
 	}
 	p.op.Lock()
 	defer p.op.Unlock()
 	start := time.Now()
-	for _, l := range p.legs {
+	for _, i := range legs {
+		l := p.legs[i]
 		if err := l.do(ctx, l.up); err != nil {
 			return p.status(), err
 		}
 	}
 	settled := func() bool {
-		for _, l := range p.legs {
+		for _, i := range legs {
+			l := p.legs[i]
 			st := l.status()
 			failedSince := st.State == StateFailed && !st.LastErrorAt.Before(start)
 			if st.Device == "" && !failedSince {
@@ -364,8 +387,8 @@ func (s *Supervisor) Up(ctx context.Context, name string, wait time.Duration) (P
 			return p.status(), err
 		}
 	}
-	for i, l := range p.legs {
-		st := l.status()
+	for _, i := range legs {
+		st := p.legs[i].status()
 		if st.Device == "" {
 			why := st.LastError
 			if why == "" {
@@ -383,12 +406,15 @@ func (s *Supervisor) Up(ctx context.Context, name string, wait time.Duration) (P
 	return p.status(), errors.Join(errs...)
 }
 
-// Down takes pair name down: with a Xen domain configured, xl block-detach
-// takes the legs from the domain first; then both devices are detached and
-// their links removed, and the legs stay down until Up. If xl fails the
-// devices stay attached, unless force.
-func (s *Supervisor) Down(ctx context.Context, name string, force bool) (PairStatus, error) {
-	p, err := s.lookup(name)
+// Down takes pair name down, or only its leg leg ("a" or "b"; "" is both):
+// with a Xen domain configured, xl block-detach takes the legs from the
+// domain first; then their devices are detached, their links removed and
+// their volume IDs forgotten, and the legs stay down until Up. If xl fails
+// the devices stay attached, unless force. One leg taken down and up again
+// is how a mirror half whose volume was made anew is taken into use, while
+// the guest runs on the other.
+func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
+	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
 	}
@@ -396,8 +422,8 @@ func (s *Supervisor) Down(ctx context.Context, name string, force bool) (PairSta
 	defer p.op.Unlock()
 	var xlErrs []error
 	if p.spec.XenDomain != "" {
-		for _, vdev := range p.spec.Vdevs {
-			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, vdev); err != nil {
+		for _, i := range legs {
+			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
 				xlErrs = append(xlErrs, err)
 			}
 		}
@@ -407,7 +433,8 @@ func (s *Supervisor) Down(ctx context.Context, name string, force bool) (PairSta
 		}
 	}
 	errs := xlErrs
-	for _, l := range p.legs {
+	for _, i := range legs {
+		l := p.legs[i]
 		if err := l.do(ctx, l.detach); err != nil {
 			errs = append(errs, fmt.Errorf("leg %s: %w", l.name, err))
 		}

@@ -250,7 +250,7 @@ func TestUpDownXen(t *testing.T) {
 			{"xl", "block-attach", "guest1", "format=raw, vdev=xvdb, access=rw, target=" + linkA},
 			{"xl", "block-attach", "guest1", "format=raw, vdev=xvdc, access=rw, target=" + linkB},
 		}
-		if _, err := s.Up(ctx, "vm1", time.Minute); err != nil {
+		if _, err := s.Up(ctx, "vm1", "", time.Minute); err != nil {
 			t.Fatal(err)
 		}
 		r.done()
@@ -258,7 +258,7 @@ func TestUpDownXen(t *testing.T) {
 		r.want = append(r.want,
 			[]string{"xl", "block-detach", "guest1", "xvdb"},
 			[]string{"xl", "block-detach", "guest1", "xvdc"})
-		ps, err := s.Down(ctx, "vm1", false)
+		ps, err := s.Down(ctx, "vm1", "", false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -281,7 +281,7 @@ func TestUpDownXen(t *testing.T) {
 
 		// Up again: attached, then given to the domain.
 		r.want = append(r.want, r.want[0], r.want[1])
-		ps, err = s.Up(ctx, "vm1", time.Minute)
+		ps, err = s.Up(ctx, "vm1", "", time.Minute)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,7 +289,7 @@ func TestUpDownXen(t *testing.T) {
 		if !ps.Up || ps.Legs[0].Device == "" || ps.Legs[1].Device == "" {
 			t.Errorf("after up: %+v", ps)
 		}
-		if _, err := s.Up(ctx, "vm2", time.Minute); !errors.Is(err, ErrUnknownPair) {
+		if _, err := s.Up(ctx, "vm2", "", time.Minute); !errors.Is(err, ErrUnknownPair) {
 			t.Errorf("up vm2: %v, want ErrUnknownPair", err)
 		}
 	})
@@ -311,7 +311,7 @@ func TestDownXenFails(t *testing.T) {
 		ctx := context.Background()
 
 		// The guest may still use leg a: nothing is detached.
-		_, err := s.Down(ctx, "vm1", false)
+		_, err := s.Down(ctx, "vm1", "", false)
 		if err == nil || !strings.Contains(err.Error(), "the devices stay attached") {
 			t.Fatalf("down: %v", err)
 		}
@@ -320,7 +320,7 @@ func TestDownXenFails(t *testing.T) {
 		}
 		// With force they are, and the xl error is still reported.
 		r.want = append(r.want, r.want[0], r.want[1])
-		ps, err := s.Down(ctx, "vm1", true)
+		ps, err := s.Down(ctx, "vm1", "", true)
 		if err == nil || !strings.Contains(err.Error(), "exit status 1") {
 			t.Errorf("forced down: %v", err)
 		}
@@ -346,7 +346,7 @@ func TestUpReportsLegWithoutDevice(t *testing.T) {
 		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
 		r.want[0][3] = "format=raw, vdev=xvdb, access=rw, target=" + LinkPath(s.cfg.LinkDir, "vm1", "a")
 		start(t, s)
-		ps, err := s.Up(context.Background(), "vm1", time.Minute)
+		ps, err := s.Up(context.Background(), "vm1", "", time.Minute)
 		if err == nil || !strings.Contains(err.Error(), "leg b ("+backendB+") has no device: cannot connect") {
 			t.Errorf("up: %v", err)
 		}
@@ -388,6 +388,88 @@ func TestReadyAndStartDown(t *testing.T) {
 		time.Sleep(time.Hour)
 		synctest.Wait()
 		if diff := cmp.Diff([]string{"connect " + backendB + " 2 sockets -> nbd1"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+	})
+}
+
+// One leg taken down and up again leaves the other alone: the guest keeps
+// running on it while its other half is replaced.
+func TestDownUpOneLeg(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		linkA := LinkPath(s.cfg.LinkDir, "vm1", "a")
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		for _, leg := range []string{"c", "A", "a/b"} {
+			if _, err := s.Down(ctx, "vm1", leg, false); !errors.Is(err, ErrUnknownLeg) {
+				t.Errorf("down of leg %q: %v, want ErrUnknownLeg", leg, err)
+			}
+			if _, err := s.Up(ctx, "vm1", leg, time.Minute); !errors.Is(err, ErrUnknownLeg) {
+				t.Errorf("up of leg %q: %v, want ErrUnknownLeg", leg, err)
+			}
+		}
+
+		r.want = [][]string{{"xl", "block-detach", "guest1", "xvdb"}}
+		ps, err := s.Down(ctx, "vm1", "a", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.done()
+		if ps.Up {
+			t.Error("the pair is up with leg a down")
+		}
+		if diff := cmp.Diff([]string{"disconnect nbd0"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+		if a, b := linkTarget(t, s, "vm1", "a"), linkTarget(t, s, "vm1", "b"); a != "" || b != "/dev/nbd1" {
+			t.Errorf("links after leg a went down: a -> %q, b -> %q", a, b)
+		}
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		checkStates(t, s, "vm1.a down  r0", "vm1.b connected /dev/nbd1 r0")
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("calls while leg a is down: %q", calls)
+		}
+
+		r.want = append(r.want, []string{"xl", "block-attach", "guest1", "format=raw, vdev=xvdb, access=rw, target=" + linkA})
+		ps, err = s.Up(ctx, "vm1", "a", time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.done()
+		if !ps.Up {
+			t.Errorf("after up of leg a: %+v", ps)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		if diff := cmp.Diff([]string{"connect " + backendA + " 2 sockets -> nbd0"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+	})
+}
+
+// A leg named PAIR/LEG in Config.Down starts down, as a reload keeps it; its
+// pair's other leg is attached.
+func TestStartOneLegDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, LinkDir: t.TempDir(),
+			Dial: st.dial, Info: st.info, Down: []string{"vm1/b", "vm2"}}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start(t, s)
+		if err := s.Ready(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b down  r0")
+		if diff := cmp.Diff([]string{"connect " + backendA + " 2 sockets -> nbd0"}, k.takeCalls()); diff != "" {
 			t.Errorf("kernel calls (-want +got):\n%s", diff)
 		}
 	})

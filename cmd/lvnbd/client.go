@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -222,16 +223,17 @@ func startSupervisor(ctx context.Context, host *hostDeps, cfg *pair.Config) (_ *
 	return sup, exited, stop, nil
 }
 
-// downPairs names the pairs that are down now and still in next.
+// downPairs names the legs (PAIR/LEG) that are down now, of pairs still in
+// next.
 func downPairs(now []pair.PairStatus, next *config.ClientConfig) []string {
 	var out []string
 	for _, p := range now {
-		if p.Up {
+		if p.Up || !slices.ContainsFunc(next.Pairs, func(q config.Pair) bool { return q.Name == p.Name }) {
 			continue
 		}
-		for _, q := range next.Pairs {
-			if q.Name == p.Name {
-				out = append(out, p.Name)
+		for _, l := range p.Legs {
+			if l.State == pair.StateDown {
+				out = append(out, p.Name+"/"+l.Leg)
 			}
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client/kernel"
 	"github.com/lvnbd/lvnbd/client/pair"
+	"github.com/lvnbd/lvnbd/config"
 )
 
 // quietNBD is a fakeNBD whose kernel reports no dead connections: its
@@ -210,5 +212,25 @@ func TestClientMetricsEndpoint(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+}
+
+// A reload keeps down what was down, leg by leg, of the pairs it keeps.
+func TestDownPairs(t *testing.T) {
+	legs := func(a, b pair.State) []pair.LegStatus {
+		return []pair.LegStatus{{Leg: "a", State: a}, {Leg: "b", State: b}}
+	}
+	now := []pair.PairStatus{
+		{Name: "vm1", Up: true, Legs: legs(pair.StateConnected, pair.StateReconnecting)},
+		{Name: "vm2", Legs: legs(pair.StateDown, pair.StateDown)},
+		{Name: "vm3", Legs: legs(pair.StateConnected, pair.StateDown)},
+		{Name: "vm4", Legs: legs(pair.StateDown, pair.StateFailed)},
+		{Name: "gone", Legs: legs(pair.StateDown, pair.StateDown)},
+	}
+	next := &config.ClientConfig{Pairs: []config.Pair{{Name: "vm1"}, {Name: "vm2"}, {Name: "vm3"}, {Name: "vm4"}, {Name: "new"}}}
+	got := downPairs(now, next)
+	want := []string{"vm2/a", "vm2/b", "vm3/b", "vm4/a"}
+	if !slices.Equal(got, want) {
+		t.Errorf("downPairs = %q, want %q", got, want)
 	}
 }

@@ -122,10 +122,13 @@ func ago(now, t time.Time) string {
 }
 
 func newPairUpCmd(ctlPath *string) *cobra.Command {
-	var wait time.Duration
+	var (
+		wait time.Duration
+		leg  string
+	)
 	cmd := &cobra.Command{
 		Use:   "up NAME",
-		Short: "Attach a pair taken down, and give it to its Xen domain",
+		Short: "Attach a pair (or one leg) taken down, and give it to its Xen domain",
 		Long: `Bring a pair up: legs taken down are attached again, legs waiting to retry
 are retried at once. Waits up to --wait for each leg to have a device (or
 to fail once). With xen_domain set in client.toml, each leg that has a
@@ -133,39 +136,56 @@ device is then given to the domain:
 
   xl block-attach DOMAIN 'format=raw, vdev=VDEV, access=rw, target=/dev/lvnbd/PAIR/LEG'
 
-Fails, naming them, if a leg has no device; the daemon keeps trying.`,
-		Example: `  lvnbd pair up vm1`,
-		Args:    cobra.ExactArgs(1),
+With --leg, only that leg. Fails, naming them, if a leg has no device; the
+daemon keeps trying.`,
+		Example: `  lvnbd pair up vm1
+  lvnbd pair up --leg a vm1`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, err := pair.NewClient(*ctlPath).Up(cmd.Context(), args[0], wait)
+			st, err := pair.NewClient(*ctlPath).Up(cmd.Context(), args[0], leg, wait)
 			return printPairResult(cmd.OutOrStdout(), st, err)
 		},
 	}
 	cmd.Flags().DurationVar(&wait, "wait", pair.DefaultUpWait, "how long to wait for the legs' devices")
+	cmd.Flags().StringVar(&leg, "leg", "", "bring up only this leg, a or b (default both)")
 	return cmd
 }
 
 func newPairDownCmd(ctlPath *string) *cobra.Command {
-	var force bool
+	var (
+		force bool
+		leg   string
+	)
 	cmd := &cobra.Command{
 		Use:   "down NAME",
-		Short: "Take a pair from its Xen domain and detach both legs",
+		Short: "Take a pair (or one leg) from its Xen domain and detach it",
 		Long: `Take a pair down: with xen_domain set, each leg is first taken from the domain
-(xl block-detach DOMAIN VDEV); then both devices are detached and their
-links removed. The pair stays down, across reloads too, until lvnbd pair up
-or a restart of lvnbd client.
+(xl block-detach DOMAIN VDEV); then both devices are detached, their links
+removed and the volume IDs they were attached to forgotten. The pair stays
+down, across reloads too, until lvnbd pair up or a restart of lvnbd client.
+
+With --leg, only that leg: the guest keeps running on the other. This is how
+one half of a mirror is replaced, for example when its storage box's volume
+was made anew and the leg refuses it ("the export's volume was made anew"):
+
+  guest:  mdadm /dev/md0 --fail /dev/xvdb --remove /dev/xvdb
+  dom0:   lvnbd pair down --leg a vm1
+  dom0:   lvnbd pair up --leg a vm1
+  guest:  mdadm --zero-superblock /dev/xvdb; mdadm /dev/md0 --add /dev/xvdb
 
 If xl fails the devices stay attached, since the guest may still use them;
 --force detaches them anyway (when the domain is gone, say).`,
 		Example: `  lvnbd pair down vm1
+  lvnbd pair down --leg a vm1
   lvnbd pair down --force vm1`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, err := pair.NewClient(*ctlPath).Down(cmd.Context(), args[0], force)
+			st, err := pair.NewClient(*ctlPath).Down(cmd.Context(), args[0], leg, force)
 			return printPairResult(cmd.OutOrStdout(), st, err)
 		},
 	}
 	cmd.Flags().BoolVar(&force, "force", false, "detach the devices even if xl block-detach fails")
+	cmd.Flags().StringVar(&leg, "leg", "", "take down only this leg, a or b (default both)")
 	return cmd
 }
 

@@ -5,6 +5,8 @@
 # more reconnect; leg b is untouched; data written through the device after the reconnect lands
 # on box A's LV, and data written before it is still there. Then box A's volume is made anew
 # under the same name: leg a refuses to reconnect to it, also after a reload of the daemon.
+# Taking leg a alone down and up (pair down/up --leg a) attaches it to the new volume, as a
+# new half of the mirror, while leg b stays attached and connected throughout.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -73,6 +75,25 @@ wait_secs "(( \$(grep -c supervising client.log) > $supervising ))" 30
 wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* ]]" 60
 assert_eq reconnecting "$(leg a state)" "leg a after a reload"
 [[ -s /run/lvnbd/volume-ids.json ]] || fail "no volume IDs recorded"
+
+# The new volume is taken into use as a new half: leg a alone goes down and up.
+reconnects_b=$(leg b reconnects)
+lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1
+assert_eq down "$(leg a state)" "leg a after pair down --leg a"
+assert_eq connected "$(leg b state)" "leg b after pair down --leg a"
+[[ ! -e /dev/lvnbd/vm1/a ]] || fail "link a left after pair down --leg a"
+assert_eq "$dev_b" "$(readlink /dev/lvnbd/vm1/b)" "link b after pair down --leg a"
+assert_eq 1 "$(nbd_running)" "attached nbd devices with leg a down"
+lvnbd pair up --control "$CLIENT_SOCK" --leg a vm1
+assert_eq connected "$(leg a state)" "leg a after pair up --leg a"
+dd if=/dev/urandom of=new bs=1M count=8 status=none
+dd if=new of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
+assert_eq "$(sha new)" "$(dd if=/dev/vga/vm1 bs=1M count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
+	"data written through leg a, on box a's new LV"
+assert_eq "$dev_b" "$(leg b device)" "leg b's device after leg a came back"
+assert_eq connected "$(leg b state)" "leg b after leg a came back"
+assert_eq "$reconnects_b" "$(leg b reconnects)" "reconnects of leg b while leg a was replaced"
+assert_eq 2 "$(nbd_running)" "attached nbd devices after pair up --leg a"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1
 stop_client
