@@ -37,7 +37,9 @@ constraints, metadata contexts and description, asked of the server without
 connecting to the export (NBD_OPT_INFO).
 
 --list lists the server's exports instead; --map prints the export's
-allocation map (BLOCK_STATUS over base:allocation). --json prints one JSON
+allocation map (BLOCK_STATUS over base:allocation). A size that is not a
+multiple of the server's minimum block size leaves a tail no request may ask
+about: the map ends before it and says how long it is. --json prints one JSON
 object (an array with --list) with stable snake_case keys.
 
 URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.`,
@@ -194,6 +196,9 @@ type mapJSON struct {
 	ExportName string       `json:"export_name"`
 	Size       uint64       `json:"size"`
 	Map        []extentJSON `json:"map"`
+	// Unmapped is the length of the export's tail past the last multiple
+	// of the minimum block size, which no request may ask about.
+	Unmapped uint64 `json:"unmapped,omitempty"`
 }
 
 type extentJSON struct {
@@ -210,7 +215,11 @@ func infoMap(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
 	}
 	defer c.Close()
 	info := c.Export()
-	extents, err := allocationMap(ctx, c, info.Size)
+	// The spec bounds every request to multiples of the minimum block
+	// size; a size that is not one leaves a tail out of reach.
+	align := uint64(max(info.BlockSizes.Minimum, 1))
+	unmapped := info.Size % align
+	extents, err := allocationMap(ctx, c, info.Size-unmapped)
 	if err != nil {
 		if errors.Is(err, client.ErrUnsupported) {
 			return fmt.Errorf("export %q cannot be mapped: its server offers no base:allocation block status", info.Name)
@@ -219,7 +228,7 @@ func infoMap(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
 	}
 	if asJSON {
 		u, _ := client.ParseURI(uri)
-		return writeJSON(w, mapJSON{URI: u.String(), ExportName: info.Name, Size: info.Size, Map: extents})
+		return writeJSON(w, mapJSON{URI: u.String(), ExportName: info.Name, Size: info.Size, Map: extents, Unmapped: unmapped})
 	}
 	// Numbers right-aligned, the description left-aligned after them.
 	ow, lw := len("OFFSET"), len("LENGTH")
@@ -231,11 +240,16 @@ func infoMap(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
 	for _, e := range extents {
 		fmt.Fprintf(w, "%*d  %*d  %5d  %s\n", ow, e.Offset, lw, e.Length, e.Flags, e.Description)
 	}
+	if unmapped > 0 {
+		fmt.Fprintf(w, "(not mapped: the last %d bytes, past the last multiple of the server's minimum block size of %d bytes, which no request may ask about)\n",
+			unmapped, align)
+	}
 	return nil
 }
 
-// allocationMap asks for block status over the whole export, a chunk at a
-// time, merging neighbours with equal flags.
+// allocationMap asks for block status over the export's first size bytes, a
+// chunk at a time, merging neighbours with equal flags. size must be a
+// multiple of the minimum block size, as mapChunk is.
 func allocationMap(ctx context.Context, c *client.Conn, size uint64) ([]extentJSON, error) {
 	out := []extentJSON{}
 	for off := uint64(0); off < size; {

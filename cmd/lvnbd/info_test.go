@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -261,5 +263,74 @@ func TestShowName(t *testing.T) {
 		if got := showName(tc.name); got != tc.want {
 			t.Errorf("showName(%q) = %s, want %s", tc.name, got, tc.want)
 		}
+	}
+}
+
+// nbdkitURI runs nbdkit with args on a Unix socket until the test ends and
+// returns its URI. nbdkit starts the --run command once it listens, and
+// exits when that does: the command prints the URI and waits for its
+// standard input, which closes when the test ends.
+func nbdkitURI(t *testing.T, args ...string) string {
+	t.Helper()
+	path, err := exec.LookPath("nbdkit")
+	if err != nil {
+		if os.Getenv("LVNBD_REQUIRE_INTEROP") == "1" {
+			t.Fatalf("nbdkit is not installed (Debian package nbdkit) and LVNBD_REQUIRE_INTEROP=1")
+		}
+		t.Skip("nbdkit is not installed (Debian package nbdkit); set LVNBD_REQUIRE_INTEROP=1 to fail instead")
+	}
+	cmd := exec.Command(path, append([]string{"-U", "-", "--run", `echo "$uri"; cat >/dev/null`}, args...)...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("nbdkit: %v\n%s", err, stderr.String())
+		}
+	})
+	uri, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		t.Fatalf("nbdkit %q printed no URI: %v\n%s", args, err, stderr.String())
+	}
+	return strings.TrimSpace(uri)
+}
+
+// An export whose size is not a multiple of the server's minimum block size:
+// the map covers what requests may ask about, and says how long the rest is.
+func TestInfoMapUnalignedTail(t *testing.T) {
+	uri := nbdkitURI(t, "--filter=blocksize-policy", "memory", "size=5000", "blocksize-minimum=512")
+	got, err := runInfoCmd(t, "info", "--map", uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `OFFSET  LENGTH  FLAGS  DESCRIPTION
+     0    4608      3  hole,zero
+(not mapped: the last 392 bytes, past the last multiple of the server's minimum block size of 512 bytes, which no request may ask about)
+`
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lvnbd info --map (-want +got):\n%s", diff)
+	}
+	out, err := runInfoCmd(t, "info", "--map", "--json", uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m mapJSON
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("--map --json output: %v\n%s", err, out)
+	}
+	wantMap := []extentJSON{{Offset: 0, Length: 4608, Flags: 3, Description: "hole,zero"}}
+	if diff := cmp.Diff(wantMap, m.Map); diff != "" || m.Size != 5000 || m.Unmapped != 392 {
+		t.Errorf("lvnbd info --map --json: size %d, unmapped %d, map (-want +got):\n%s", m.Size, m.Unmapped, diff)
 	}
 }
