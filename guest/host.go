@@ -179,37 +179,53 @@ type prober interface {
 // the kernel's dead-connection timeout, and a thread in such a read cannot
 // be interrupted, so each device has at most one read in flight: probe
 // waits up to timeout for it and otherwise answers pending, and the next
-// call collects the result.
+// call collects the result. A result that came in more than timeout before
+// that call is thrown away and the device read again: the device may have
+// died, or come back, since.
 type readProber struct {
 	timeout time.Duration
 	read    func(dev string) probeResult // readOneBlock; tests replace it
 	mu      sync.Mutex
-	flying  map[string]chan probeResult
+	flying  map[string]chan probeAnswer
+}
+
+// probeAnswer is a read's result and when it came.
+type probeAnswer struct {
+	result probeResult
+	at     time.Time
 }
 
 func newReadProber(timeout time.Duration) *readProber {
-	return &readProber{timeout: timeout, read: readOneBlock, flying: make(map[string]chan probeResult)}
+	return &readProber{timeout: timeout, read: readOneBlock, flying: make(map[string]chan probeAnswer)}
 }
 
 func (p *readProber) probe(dev string) probeResult {
-	p.mu.Lock()
-	ch, ok := p.flying[dev]
-	if !ok {
-		ch = make(chan probeResult, 1) // the reader never blocks on a gone caller
-		p.flying[dev] = ch
-		go func() { ch <- p.read(dev) }()
-	}
-	p.mu.Unlock()
-	t := time.NewTimer(p.timeout)
-	defer t.Stop()
-	select {
-	case r := <-ch:
+	for {
 		p.mu.Lock()
-		delete(p.flying, dev)
+		ch, earlier := p.flying[dev]
+		if !earlier {
+			ch = make(chan probeAnswer, 1) // the reader never blocks on a gone caller
+			p.flying[dev] = ch
+			go func() {
+				r := p.read(dev)
+				ch <- probeAnswer{r, time.Now()}
+			}()
+		}
 		p.mu.Unlock()
-		return r
-	case <-t.C:
-		return probePending
+		t := time.NewTimer(p.timeout)
+		select {
+		case a := <-ch:
+			t.Stop()
+			p.mu.Lock()
+			delete(p.flying, dev)
+			p.mu.Unlock()
+			if earlier && time.Since(a.at) > p.timeout {
+				continue // stale: read it again, once
+			}
+			return a.result
+		case <-t.C:
+			return probePending
+		}
 	}
 }
 

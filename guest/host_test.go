@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,32 +61,66 @@ func TestExecRunnerError(t *testing.T) {
 }
 
 func TestReadProber(t *testing.T) {
-	release := make(chan struct{})
-	calls := 0
-	p := newReadProber(10 * time.Millisecond)
-	p.read = func(dev string) probeResult {
-		calls++
-		<-release
-		return probeReadable
-	}
-	// A read that hangs (a dead NBD leg inside its dead-connection
-	// timeout) leaves the answer pending, and is not started twice.
-	if r := p.probe("/dev/nbd0"); r != probePending {
-		t.Fatalf("hanging read: %v", r)
-	}
-	if r := p.probe("/dev/nbd0"); r != probePending {
-		t.Fatalf("still hanging: %v", r)
-	}
-	close(release)
-	if r := p.probe("/dev/nbd0"); r != probeReadable {
-		t.Fatalf("after the read returned: %v", r)
-	}
-	if calls != 1 {
-		t.Errorf("%d reads, want 1 in flight at a time", calls)
-	}
-	if r := p.probe("/dev/nbd0"); r != probeReadable || calls != 2 {
-		t.Errorf("next probe: %v after %d reads", r, calls)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		calls := 0
+		p := newReadProber(10 * time.Millisecond)
+		p.read = func(dev string) probeResult {
+			calls++
+			<-release
+			return probeReadable
+		}
+		// A read that hangs (a dead NBD leg inside its dead-connection
+		// timeout) leaves the answer pending, and is not started twice.
+		if r := p.probe("/dev/nbd0"); r != probePending {
+			t.Fatalf("hanging read: %v", r)
+		}
+		if r := p.probe("/dev/nbd0"); r != probePending {
+			t.Fatalf("still hanging: %v", r)
+		}
+		close(release)
+		synctest.Wait()
+		if r := p.probe("/dev/nbd0"); r != probeReadable {
+			t.Fatalf("after the read returned: %v", r)
+		}
+		if calls != 1 {
+			t.Errorf("%d reads, want 1 in flight at a time", calls)
+		}
+		if r := p.probe("/dev/nbd0"); r != probeReadable || calls != 2 {
+			t.Errorf("next probe: %v after %d reads", r, calls)
+		}
+	})
+}
+
+// A slow read's answer, collected long after it came, is not taken for the
+// device's state now: the device is read again.
+func TestReadProberDropsStaleAnswers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var alive atomic.Bool
+		alive.Store(true)
+		p := newReadProber(5 * time.Second)
+		p.read = func(dev string) probeResult {
+			time.Sleep(10 * time.Second) // slower than a probe waits
+			if alive.Load() {
+				return probeReadable
+			}
+			return probeUnreadable
+		}
+		if r := p.probe("/dev/nbd1"); r != probePending {
+			t.Fatalf("slow read: %v", r)
+		}
+		// The read answers "readable" at 10 s; an hour later the device
+		// is dead.
+		time.Sleep(time.Hour)
+		alive.Store(false)
+		if r := p.probe("/dev/nbd1"); r != probePending {
+			t.Fatalf("probe an hour after the answer came: %v, want pending (a new read)", r)
+		}
+		time.Sleep(6 * time.Second)
+		if r := p.probe("/dev/nbd1"); r != probeUnreadable {
+			t.Errorf("probe after the new read answered: %v, want unreadable", r)
+		}
+	})
 }
 
 func TestReadOneBlock(t *testing.T) {

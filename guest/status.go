@@ -133,7 +133,9 @@ func health(a Array, ma MdstatArray, inSync int) string {
 	switch {
 	case !ma.Active || a.State == "inactive":
 		return "inactive"
-	case inSync == 0:
+	case inSync == 0, a.State == "broken":
+		// broken: md lost a member it cannot run without, and fails
+		// writes, whatever the members still say.
 		return "failed"
 	case a.Degraded > 0 && a.SyncAction == "recover":
 		return "recovering"

@@ -88,3 +88,15 @@ func TestStatusNoArrays(t *testing.T) {
 		t.Errorf("got %v, %v", got, err)
 	}
 }
+
+// md calls an array broken when it lost a member it cannot run without: its
+// writes fail, whatever the members in sync say.
+func TestHealthBroken(t *testing.T) {
+	active := MdstatArray{Active: true}
+	if got := health(Array{State: "broken"}, active, 1); got != "failed" {
+		t.Errorf("health of a broken array with a member in sync = %q, want failed", got)
+	}
+	if got := health(Array{State: "clean"}, active, 1); got != "healthy" {
+		t.Errorf("health of a clean array = %q, want healthy", got)
+	}
+}

@@ -406,6 +406,8 @@ func (w *Watcher) wroteApart(ctx context.Context, path string) string {
 		return "the leg's superblock is inconsistent (Array State " + v.ArrayState + ")"
 	case v.Role < 0:
 		return "the leg's superblock says it is no active member"
+	case v.Role >= len(v.ArrayState):
+		return fmt.Sprintf("the leg's superblock names slot %d, which its Array State %s does not have", v.Role, v.ArrayState)
 	case v.RanAlone():
 		return "the leg's superblock says it ran without the other leg (Array State " + v.ArrayState + ")"
 	}

@@ -307,6 +307,9 @@ func TestWatchFullyResyncsALegThatRanApart(t *testing.T) {
 		{name: "inconsistent", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
 			"Array State : AA", "Array State : A?", 1)},
 			why: "the leg's superblock is inconsistent (Array State A?)"},
+		{name: "slot out of range", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
+			"Active device 0", "Active device 2", 1)},
+			why: "the leg's superblock names slot 2, which its Array State AA does not have"},
 		{name: "unparsable", view: call{args: examine, stdout: "/dev/nbd0:\n          Magic : a92b4efc\n        Version : 0.90.00\n"},
 			why: "cannot read the leg's own view of the array (no Device Role and Array State lines (not a version-1 superblock?): unexpected format)"},
 	}

@@ -168,10 +168,12 @@ With --leg, only that leg: the guest keeps running on the other. This is how
 one half of a mirror is replaced, for example when its storage box's volume
 was made anew and the leg refuses it ("the export's volume was made anew"):
 
+  guest:  stop lvnbd guest watch (it would add the half back from md's bitmap)
   guest:  mdadm /dev/md0 --fail /dev/xvdb --remove /dev/xvdb
   dom0:   lvnbd pair down --leg a vm1
   dom0:   lvnbd pair up --leg a vm1
   guest:  mdadm --zero-superblock /dev/xvdb; mdadm /dev/md0 --add /dev/xvdb
+  guest:  start lvnbd guest watch again
 
 If xl fails the devices stay attached, since the guest may still use them;
 --force detaches them anyway (when the domain is gone, say).`,
