@@ -114,6 +114,7 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	wanted, pending := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
+	opened := map[string]openedExport{}
 	for name := range v.managed {
 		if _, ok := wanted[name]; ok {
 			continue
@@ -162,16 +163,53 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 			errs[name] = fmt.Errorf("exporting %s: %w", name, err)
 			continue
 		}
-		if err := v.reg.Add(&Export{Name: name, Description: w.desc, ReadOnly: w.readOnly, Backend: b, Access: v.Access}); err != nil {
-			b.Close()
+		opened[name] = openedExport{w, b}
+	}
+	v.addOpened(ctx, opened, errs)
+	return syncResult{exports: errs}
+}
+
+// openedExport is a volume's export opened by a sync, not yet offered.
+type openedExport struct {
+	want    wantedExport
+	backend Backend
+}
+
+// addOpened offers the exports a sync opened, once the volumes are listed
+// again and still carry the IDs their descriptions give: a volume made anew
+// between the sync's listing and the open would otherwise be served under
+// its predecessor's ID, which a dom0 that knew that volume would accept.
+// One that changed is closed, and the next rescan exports it.
+func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport, errs map[string]error) {
+	if len(opened) == 0 {
+		return
+	}
+	var now map[string]wantedExport
+	vols, err := v.drv.List(ctx)
+	if err == nil {
+		now, _ = v.wanted(vols)
+	}
+	for _, name := range slices.Sorted(maps.Keys(opened)) {
+		o := opened[name]
+		switch {
+		case err != nil:
+			o.backend.Close()
+			errs[name] = fmt.Errorf("exporting %s: listing volumes of %s again: %w", name, v.drv, err)
+			continue
+		case now[name] != o.want:
+			o.backend.Close()
+			errs[name] = fmt.Errorf("exporting %s: its volume changed while it was being opened (made anew, removed or merged): the next rescan exports what is there then", name)
+			continue
+		}
+		if err := v.reg.Add(&Export{Name: name, Description: o.want.desc, ReadOnly: o.want.readOnly, Backend: o.backend, Access: v.Access}); err != nil {
+			o.backend.Close()
 			errs[name] = err
 			continue
 		}
 		v.managed[name] = true
-		v.log.Info("export added", zap.String("export", name), zap.String("path", w.path),
-			zap.Int64("size", b.Size()), zap.Bool("readonly", w.readOnly))
+		v.log.Info("export added", zap.String("export", name), zap.String("path", o.want.path),
+			zap.Int64("size", o.backend.Size()), zap.Bool("readonly", o.want.readOnly))
 	}
-	return syncResult{exports: errs}
 }
 
 // wantedExport is what the export of a volume or snapshot should be.

@@ -306,6 +306,46 @@ func TestVolumeWithAnotherIDIsExportedAnew(t *testing.T) {
 	}
 }
 
+// madeAnewAfterList is an idDriver whose volume is made anew (another ID)
+// right after a listing, once: between the sync's listing and its open.
+type madeAnewAfterList struct {
+	*idDriver
+	once sync.Once
+}
+
+func (d *madeAnewAfterList) List(ctx context.Context) ([]volume.Volume, error) {
+	vols, err := d.idDriver.List(ctx)
+	d.once.Do(func() { d.setID("vm1", "uuid-2") })
+	return vols, err
+}
+
+// A volume made anew after a sync listed it and before it opened it is not
+// exported under the ID of the one listed: the sync leaves it to the next,
+// which exports it with its own.
+func TestVolumeMadeAnewWhileOpenedIsNotExportedUnderTheOldID(t *testing.T) {
+	ctx := context.Background()
+	fd := newFileDriver(t)
+	if _, err := fd.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	drv := &madeAnewAfterList{idDriver: &idDriver{Driver: fd, ids: map[string]string{"vm1": "uuid-1"}}}
+	vols, ts, _ := observedVolumes(t, drv)
+	err := vols.Sync(ctx)
+	if err == nil || !strings.Contains(err.Error(), "changed while it was being opened") {
+		t.Errorf("first sync: %v, want vm1 left for the next", err)
+	}
+	if e, ok := ts.reg.Lookup("vm1"); ok {
+		t.Fatalf("vm1 exported as %q by the sync that saw it change", e.Description)
+	}
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e, ok := ts.reg.Lookup("vm1")
+	if !ok || nbd.DescriptionID(e.Description) != "uuid-2" {
+		t.Fatalf("vm1 after the next sync: %v %+v, want it exported with uuid-2", ok, e)
+	}
+}
+
 // TestRecoverTellsTheVolumesID: a failed volume recovered after it was made
 // anew behind the server, between two rescans or while it is reopened, is
 // served with the new volume's ID, never the failed one's, so a dom0 that
