@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sync/semaphore"
+	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/nbd"
 )
@@ -32,7 +34,9 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	// it is doing: a client that does not read its replies would
 	// otherwise hold a send, and the reader behind it, for ever.
 	var drainOnce sync.Once
+	var draining atomic.Bool
 	drain := func() {
+		draining.Store(true) // before the deadline: see after the handshake
 		nc.SetReadDeadline(time.Now())
 		drainOnce.Do(func() { time.AfterFunc(s.cfg.DrainTimeout, func() { nc.Close() }) })
 	}
@@ -88,9 +92,15 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 		}
 		return
 	}
+	handshaken(sess.export)
 	nc.SetDeadline(time.Time{})
 	if ctx.Err() != nil {
 		return // cancelled during the handshake; the deadline may be cleared
+	}
+	if draining.Load() {
+		// Drained during the handshake (its export withdrawn): the line
+		// above cleared the drain's deadline.
+		nc.SetReadDeadline(time.Now())
 	}
 	log = log.With(zap.String("export", sess.export.Name))
 	c := &conn{
@@ -117,7 +127,58 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	}
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
 	reason := c.serve(ctx)
+	served(sess.export)
+	if draining.Load() && c.sendErr == nil {
+		closeAfterReplies(sess.nc, s.cfg.DrainTimeout)
+	}
 	log.Info("client disconnected", zap.String("reason", reason))
+}
+
+// handshaken is called when a connection's handshake is over, and served
+// when it has answered its last request; tests replace them.
+var (
+	handshaken = func(*Export) {}
+	served     = func(*Export) {}
+)
+
+// closeAfterReplies ends a drained connection so that the client gets every
+// reply sent to it. Closing a TCP socket with requests still unread in it
+// makes Linux reset the connection at once and drop the replies not yet
+// delivered, and a drained client is usually still sending. So the server
+// half-closes the connection (a FIN behind the last reply), throws away what
+// the client still sends, and closes once the client's side has
+// acknowledged every byte sent, or after timeout.
+func closeAfterReplies(nc net.Conn, timeout time.Duration) {
+	raw := nc
+	if t, ok := nc.(*tls.Conn); ok {
+		raw = t.NetConn()
+	}
+	tcp, ok := raw.(*net.TCPConn)
+	if !ok {
+		return // a Unix socket's peer reads what was queued to it first
+	}
+	if cw, ok := nc.(interface{ CloseWrite() error }); !ok || cw.CloseWrite() != nil {
+		return
+	}
+	deadline := time.Now().Add(timeout)
+	tcp.SetReadDeadline(deadline)
+	go io.Copy(io.Discard, tcp) // ends when the socket closes
+	rc, err := tcp.SyscallConn()
+	if err != nil {
+		return
+	}
+	// Nothing signals "all acknowledged": the send queue is looked at
+	// every few milliseconds.
+	wait := time.Millisecond
+	for time.Now().Before(deadline) {
+		unacked := -1
+		rc.Control(func(fd uintptr) { unacked, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+		if unacked <= 0 {
+			return
+		}
+		time.Sleep(wait)
+		wait = min(2*wait, 50*time.Millisecond)
+	}
 }
 
 func peerName(nc net.Conn) string {

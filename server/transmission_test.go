@@ -3,11 +3,16 @@ package server
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
@@ -435,5 +440,94 @@ func TestDrainAnswersInFlightRequests(t *testing.T) {
 	if diff := cmp.Diff([]string{"write 0", "flush"}, hb.events); diff != "" {
 		t.Errorf("backend calls (-want +got):\n%s", diff)
 	}
+	c.expectClosed()
+}
+
+// writesObserver counts the writes answered without error, and says when
+// there have been at least n.
+type writesObserver struct {
+	answered atomic.Int64
+	n        int64
+	reached  chan struct{}
+	once     sync.Once
+}
+
+func (o *writesObserver) ForExport(string) ExportObserver { return o }
+
+func (o *writesObserver) Request(cmd nbd.Command, _ int, _ time.Duration, errno nbd.Errno) {
+	if cmd == nbd.CmdWrite && errno == 0 && o.answered.Add(1) >= o.n {
+		o.once.Do(func() { close(o.reached) })
+	}
+}
+
+// A drained client that is still sending gets every reply to what the
+// server did, then an end of file, not a reset: closing a socket with
+// requests unread in it would make Linux drop the replies still queued.
+func TestDrainDeliversEveryReplyToAClientStillSending(t *testing.T) {
+	const writes = 500 // 8000 bytes of replies: more than the client's window
+	obs := &writesObserver{n: writes, reached: make(chan struct{})}
+	e, _ := fileExport(t, "d", 64<<20, false)
+	ts := startServer(t, &Config{Observer: obs}, e)
+	done, sent := make(chan struct{}), make(chan struct{})
+	served = func(x *Export) {
+		if x == e {
+			close(done)
+			<-sent
+		}
+	}
+	t.Cleanup(func() { served = func(*Export) {} })
+	c := dialRaw(t, ts.addr)
+	// A window smaller than the replies to come keeps some of them
+	// queued on the server's side until the client reads.
+	if err := c.nc.(*net.TCPConn).SetReadBuffer(4096); err != nil {
+		t.Fatal(err)
+	}
+	c.open("d", false)
+	payload := make([]byte, 512)
+	var reqs []byte
+	for i := range uint64(writes) {
+		reqs, _ = nbd.RequestHeader{Command: nbd.CmdWrite, Handle: i, Offset: i * 512, Length: 512}.AppendBinary(reqs)
+		reqs = append(reqs, payload...)
+	}
+	c.write(reqs)
+	<-obs.reached
+	e.DrainClients()
+	<-done // every reply is sent, none read
+	// The client sends on: the server has not read this.
+	c.write(reqs[:16+512])
+	close(sent)
+	var received int64
+	var err error
+	for {
+		var reply [16]byte
+		if _, err = io.ReadFull(c.r, reply[:]); err != nil {
+			break
+		}
+		if binary.BigEndian.Uint32(reply[4:8]) == 0 {
+			received++
+		}
+	}
+	if !errors.Is(err, io.EOF) {
+		t.Errorf("the drained connection ended with %v, want an end of file", err)
+	}
+	if received != writes {
+		t.Errorf("received %d replies of the %d writes the server answered", received, writes)
+	}
+}
+
+// A client drained while its handshake ends (its export withdrawn just
+// then) is drained: clearing the handshake's deadline does not undo it.
+func TestDrainAtTheEndOfTheHandshake(t *testing.T) {
+	e, _ := fileExport(t, "d", 1<<20, false)
+	ts := startServer(t, nil, e)
+	handshaken = func(x *Export) {
+		if x == e {
+			e.DrainClients()
+		}
+	}
+	t.Cleanup(func() { handshaken = func(*Export) {} })
+	c := dialRaw(t, ts.addr)
+	c.open("d", false)
+	c.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 1}, nil)
 	c.expectClosed()
 }
