@@ -354,6 +354,8 @@ func (c *conn) readLoop(ctx context.Context) string {
 			cost = int64(req.Length)
 		case nbd.CmdRead:
 			cost = int64(min(req.Length, maxPayload))
+		case nbd.CmdBlockStatus:
+			cost = min(blockStatusCost(req), c.s.cfg.MaxInFlightBytes)
 		}
 		// Acquiring blocks the reader when the connection has too much
 		// outstanding: TCP back-pressure does the rest. Held replies
@@ -436,6 +438,20 @@ func (c *conn) readWritePayload(req nbd.RequestHeader) ([]byte, *splicePipe, err
 		return nil, nil, err
 	}
 	return payload, nil, nil
+}
+
+// blockStatusCost bounds the memory a BLOCK_STATUS reply holds until it is
+// sent: the backend's extents, the reply's and their encoding, about 32
+// bytes for each extent the range can have (none is shorter than a 512-byte
+// sector, and a reply has at most maxExtents). A client asking about a
+// fragmented file without reading the answers is then held to the
+// connection's MaxInFlightBytes, as one reading is.
+func blockStatusCost(req nbd.RequestHeader) int64 {
+	const perExtent = 32
+	if req.Flags&nbd.CmdFlagReqOne != 0 {
+		return perExtent
+	}
+	return min(int64(req.Length)/512+2, maxExtents) * perExtent
 }
 
 // job is a request read off the wire, waiting for a worker.
