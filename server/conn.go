@@ -74,6 +74,11 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 		// this client was among them: looking again now, one of the two
 		// sees the other.
 		if s.fenced(sess.peer, sess.export.Name) {
+			// Refused: the client may go on to open another export, and
+			// must not stay counted (and fenced, drained, cut) as this
+			// one's.
+			sess.export.detach(id)
+			attached = nil
 			return fmt.Sprintf("%s is fenced off export %q (lvnbd unfence)", sess.peer, sess.export.Name)
 		}
 		return ""
@@ -228,6 +233,10 @@ type conn struct {
 	// the gate exclusively, so no write starts after fence returns.
 	fenceGate sync.RWMutex
 	fenced    atomic.Bool
+
+	// failureLogged: a request failed because the export's write-back
+	// did, and that was logged at warning level.
+	failureLogged atomic.Bool
 
 	// holesSeen: the last structured read searched for zeroes found some;
 	// largeReads counts reads that could be spliced (see splicePipe).

@@ -143,6 +143,11 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 		if errors.As(err, &re) {
 			errno = re.errno
 			c.log.Debug("request refused", zap.Stringer("cmd", req.Command), zap.String("why", re.msg))
+		} else if wb := (*backend.WriteBackError)(nil); errors.As(err, &wb) && c.failureLogged.Swap(true) {
+			// Every request of a failed export fails: one warning per
+			// connection, not a flood (the failure itself is logged
+			// where it happened).
+			c.log.Debug("request failed", zap.Stringer("cmd", req.Command), zap.Stringer("errno", errno))
 		} else if !errors.Is(err, backend.ErrNotFast) {
 			c.log.Warn("request failed", zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset),
 				zap.Uint32("length", req.Length), zap.Stringer("errno", errno), zap.Error(err))

@@ -487,6 +487,9 @@ func (b *File) writeZeroes(off, length int64) error {
 
 // Cache asks the kernel to read a range ahead of use (NBD_CMD_CACHE).
 func (b *File) Cache(off, length int64) error {
+	if err := b.syncs.check(); err != nil {
+		return err
+	}
 	if err := unix.Fadvise(b.fd, off, length, unix.FADV_WILLNEED); err != nil {
 		return fmt.Errorf("fadvise %s: %w", b.path, err)
 	}
@@ -499,6 +502,11 @@ func (b *File) Sparse() bool { return !b.device }
 // Extents describes the allocation of [off, off+length), at most max runs;
 // the last run may end before off+length when max is reached.
 func (b *File) Extents(off, length int64, max int) ([]Extent, error) {
+	// After a failed write-back every request fails (see syncTracker):
+	// a map of what may be gone from the disk is no better than a read.
+	if err := b.syncs.check(); err != nil {
+		return nil, err
+	}
 	end := off + length
 	if b.device {
 		return []Extent{{Length: length}}, nil

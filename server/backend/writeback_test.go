@@ -44,6 +44,8 @@ func TestWriteBackFailureIsKept(t *testing.T) {
 		{"ReadAt", func() error { return b.ReadAt(buf, 0) }},
 		{"Trim", func() error { return b.Trim(0, 4096) }},
 		{"Zero", func() error { return b.Zero(0, 4096, false, false) }},
+		{"Cache", func() error { return b.Cache(0, 4096) }},
+		{"Extents", func() error { _, err := b.Extents(0, 4096, 16); return err }},
 	} {
 		err := tc.op()
 		var wb *WriteBackError
