@@ -451,6 +451,11 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 		}
 		return fmt.Errorf("volume %s: %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
 	}
+	if rc, ok := v.drv.(volume.RemoveChecker); ok {
+		if err := rc.CheckRemove(ctx, name); err != nil {
+			return err
+		}
+	}
 	if err := v.closeExport(ctx, name); err != nil {
 		return err
 	}

@@ -306,6 +306,34 @@ func TestVolumeWithAnotherIDIsExportedAnew(t *testing.T) {
 	}
 }
 
+// hiddenSnapshotDriver refuses to remove a volume for a snapshot its Get
+// does not show, as the LVM driver does for one an admin made.
+type hiddenSnapshotDriver struct{ *file.Driver }
+
+func (d hiddenSnapshotDriver) CheckRemove(ctx context.Context, name string) error {
+	return fmt.Errorf("volume %s %w (vg0/backup (not lvnbd's))", name, volume.ErrHasSnapshots)
+}
+
+func (d hiddenSnapshotDriver) Remove(ctx context.Context, name string) error {
+	return d.CheckRemove(ctx, name)
+}
+
+// A forced removal the driver would refuse anyway is refused before the
+// volume's clients are disconnected.
+func TestForcedRemoveRefusedBeforeClientsAreCut(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, _ := observedVolumes(t, hiddenSnapshotDriver{newFileDriver(t)})
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	if err := vols.Remove(ctx, "vm1", true); !errors.Is(err, volume.ErrHasSnapshots) {
+		t.Errorf("forced remove: %v, want ErrHasSnapshots", err)
+	}
+	expectConnected(t, c)
+}
+
 // madeAnewAfterList is an idDriver whose volume is made anew (another ID)
 // right after a listing, once: between the sync's listing and its open.
 type madeAnewAfterList struct {

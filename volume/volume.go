@@ -144,3 +144,11 @@ type Driver interface {
 	// means the merge is scheduled but waits for the volume to be closed.
 	MergeSnapshot(ctx context.Context, volume, snapshot string) error
 }
+
+// RemoveChecker is a Driver that can tell, changing nothing, why Remove
+// would refuse a volume when Get does not show it (LVM: a snapshot an admin
+// made, which Get leaves out). The server asks before it disconnects a
+// volume's clients to remove it.
+type RemoveChecker interface {
+	CheckRemove(ctx context.Context, name string) error
+}

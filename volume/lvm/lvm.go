@@ -187,13 +187,16 @@ func (p *pool) snapshotsOf(origin string, all bool) []*logicalVolume {
 	return out
 }
 
-// snapshot returns the lvnbd snapshot vol@snap, or ErrNotFound.
+// snapshot returns the lvnbd snapshot vol@snap, or ErrNotFound. lvnbd names
+// its snapshots VOLUME+NAME; one an admin tagged keeps its own LV name,
+// which is then its name (see describeSnapshot).
 func (p *pool) snapshot(vol, snap string) (*logicalVolume, error) {
-	lv := p.lv(vol + snapSep + snap)
-	if lv == nil || !lv.snapshot() || lv.origin != vol || !lv.hasTag(Tag) {
-		return nil, fmt.Errorf("snapshot %s %w in volume group %s", volume.SnapshotRef(vol, snap), volume.ErrNotFound, p.vg)
+	for _, name := range []string{vol + snapSep + snap, snap} {
+		if lv := p.lv(name); lv != nil && lv.snapshot() && lv.origin == vol && lv.hasTag(Tag) {
+			return lv, nil
+		}
 	}
-	return lv, nil
+	return nil, fmt.Errorf("snapshot %s %w in volume group %s", volume.SnapshotRef(vol, snap), volume.ErrNotFound, p.vg)
 }
 
 func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
@@ -340,12 +343,12 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 		return volume.Volume{}, err
 	}
 	size = volume.RoundUp(size, vg.extentSize*int64(max(lv.stripes, 1)))
-	switch {
-	case size == lv.size:
+	if size == lv.size {
 		return d.describe(p, lv), nil
-	case size < lv.size && !allowShrink:
-		return volume.Volume{}, &volume.ShrinkError{Volume: name, From: lv.size, To: size}
 	}
+	// Before the shrink check: the server disconnects a volume's clients
+	// after a ShrinkError, to shrink it, and must not for a resize that
+	// fails anyway.
 	var classic []string
 	for _, s := range p.snapshotsOf(name, true) {
 		if s.classicSnapshot() {
@@ -355,6 +358,9 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 	if len(classic) > 0 {
 		return volume.Volume{}, fmt.Errorf("resizing volume %s: LVM resizes the origin of classic snapshots only while it is inactive; merge or remove its snapshots first (%s)",
 			name, strings.Join(classic, ", "))
+	}
+	if size < lv.size && !allowShrink {
+		return volume.Volume{}, &volume.ShrinkError{Volume: name, From: lv.size, To: size}
 	}
 	args := []string{"lvextend", "-L", bytesArg(size), d.vg + "/" + name}
 	verb := "growing"
@@ -373,6 +379,18 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 // Remove runs lvremove on a volume without snapshots. LVM refuses while the
 // volume is open.
 func (d *Driver) Remove(ctx context.Context, name string) error {
+	if err := d.CheckRemove(ctx, name); err != nil {
+		return err
+	}
+	if _, err := d.run.run(ctx, "lvremove", "--yes", d.vg+"/"+name); err != nil {
+		return fmt.Errorf("removing volume %s: %w", name, err)
+	}
+	return nil
+}
+
+// CheckRemove reports why Remove would refuse name, changing nothing
+// (volume.RemoveChecker): not there, or with snapshots, lvnbd's or not.
+func (d *Driver) CheckRemove(ctx context.Context, name string) error {
 	if err := volume.ValidateName(name); err != nil {
 		return err
 	}
@@ -390,9 +408,6 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 			labels[i] = d.snapshotLabel(s)
 		}
 		return fmt.Errorf("volume %s %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(labels, ", "))
-	}
-	if _, err := d.run.run(ctx, "lvremove", "--yes", d.vg+"/"+name); err != nil {
-		return fmt.Errorf("removing volume %s: %w", name, err)
 	}
 	return nil
 }

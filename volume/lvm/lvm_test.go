@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -216,6 +217,48 @@ func TestRemoveCountsSnapshotsNotLvnbds(t *testing.T) {
 	err := d.Remove(context.Background(), "lin")
 	if !errors.Is(err, volume.ErrHasSnapshots) || !strings.Contains(err.Error(), "vg0/manual (not lvnbd's)") {
 		t.Errorf("Remove(lin): %v, want ErrHasSnapshots naming vg0/manual", err)
+	}
+	// The same answer without removing anything, for the server to ask
+	// before it disconnects the volume's clients.
+	var rc volume.RemoveChecker = newTestDriver(t, lvsCall(t, "lvs.json"))
+	if err := rc.CheckRemove(context.Background(), "lin"); !errors.Is(err, volume.ErrHasSnapshots) {
+		t.Errorf("CheckRemove(lin): %v, want ErrHasSnapshots", err)
+	}
+	if err := newTestDriver(t, lvsCall(t, "lvs.json")).CheckRemove(context.Background(), "root"); err == nil {
+		t.Error("CheckRemove(root), an LV not lvnbd's: nil")
+	}
+}
+
+// A snapshot an admin made and tagged keeps its LV name, which is its name:
+// listed as VOLUME@LV, and found by that to be removed.
+func TestSnapshotTaggedByAnAdmin(t *testing.T) {
+	tagged := strings.Replace(testdata(t, "lvs.json"), `"lv_name":"manual", "lv_uuid":"D3O3pI-fR12-0Fmc-aZca-fXTs-df5f-G6rqXE", "lv_size":"8388608", "lv_attr":"swi-I-s---", "lv_path":"/dev/vg0/manual", "lv_tags":""`,
+		`"lv_name":"manual", "lv_uuid":"D3O3pI-fR12-0Fmc-aZca-fXTs-df5f-G6rqXE", "lv_size":"8388608", "lv_attr":"swi-I-s---", "lv_path":"/dev/vg0/manual", "lv_tags":"lvnbd"`, 1)
+	if tagged == testdata(t, "lvs.json") {
+		t.Fatal("the fixture no longer has the untagged snapshot manual")
+	}
+	lvs := call{Args: lvsArgs("vg0"), Stdout: tagged}
+	d := newTestDriver(t, lvs, lvs, call{Args: []string{"lvremove", "--yes", "vg0/manual"}})
+	snaps, err := d.Snapshots(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(snaps, func(s volume.Snapshot) bool { return s.Ref() == "lin@manual" }) {
+		t.Fatalf("snapshots %+v: no lin@manual", snaps)
+	}
+	if err := d.RemoveSnapshot(context.Background(), "lin", "manual"); err != nil {
+		t.Errorf("RemoveSnapshot(lin@manual): %v", err)
+	}
+}
+
+// A resize of a classic snapshot's origin is refused before the shrink
+// check: the server disconnects clients after a ShrinkError, to shrink,
+// and must not for a resize that fails anyway.
+func TestShrinkOfAnOriginRefusedFirst(t *testing.T) {
+	d := newTestDriver(t, lvsCall(t, "lvs.json"), vgsCall(t, "vgs.json"))
+	_, err := d.Resize(context.Background(), "lin", 8*mib, false)
+	if errors.Is(err, volume.ErrShrink) || err == nil || !strings.Contains(err.Error(), "merge or remove its snapshots first") {
+		t.Errorf("shrink of an origin without allowShrink: %v, want the snapshots named, not ErrShrink", err)
 	}
 }
 
