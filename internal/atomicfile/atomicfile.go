@@ -4,10 +4,17 @@
 package atomicfile
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 )
+
+// ErrNotDurable means the file was replaced, but syncing its directory
+// failed: readers see the new contents, and a crash may bring back the old.
+// A caller that undoes what the file describes on failure must not for
+// this one.
+var ErrNotDurable = errors.New("replaced, but the rename may not survive a crash")
 
 // Write replaces path with data, mode perm: it writes a temporary file in the
 // same directory, syncs it, renames it over path and syncs the directory, so
@@ -32,11 +39,11 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	if err == nil {
 		err = os.Rename(tmp.Name(), path)
 	}
-	if err == nil {
-		err = SyncDir(dir)
-	}
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := SyncDir(dir); err != nil {
+		return fmt.Errorf("writing %s: %w: %w", path, ErrNotDurable, err)
 	}
 	return nil
 }

@@ -204,8 +204,11 @@ func (d *Driver) Create(ctx context.Context, opts volume.CreateOptions) (volume.
 		}
 		m.Volumes[opts.Name] = vm
 		if err := d.commit(m); err != nil {
-			// Not recorded, so not a volume: do not leave the file behind.
-			os.Remove(path)
+			// Not recorded, so not a volume: do not leave the file
+			// behind. Recorded but not durable, it is one: keep it.
+			if !errors.Is(err, atomicfile.ErrNotDurable) {
+				os.Remove(path)
+			}
 			return err
 		}
 		v, err = d.describe(opts.Name, vm)
@@ -325,7 +328,12 @@ func (d *Driver) makeFile(path string, mode os.FileMode, fill func(*os.File) err
 		os.Remove(tmp)
 		return err
 	}
-	return atomicfile.SyncDir(d.dir)
+	if err := atomicfile.SyncDir(d.dir); err != nil {
+		// Not listed yet: a file left here would block the name.
+		os.Remove(path)
+		return err
+	}
+	return nil
 }
 
 // renameNoReplace renames old to new unless new exists.

@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -667,5 +668,68 @@ func TestIDChangesWhenMadeAnew(t *testing.T) {
 	second := mustCreate(t, d, "vm1", mib)
 	if first.ID == "" || first.ID == second.ID {
 		t.Errorf("IDs %q then %q: want two, and different", first.ID, second.ID)
+	}
+}
+
+// notDurableOnce makes the next metadata write land but report that its
+// directory sync failed, as a full or failing disk can.
+func notDurableOnce(t *testing.T) {
+	t.Helper()
+	var once sync.Once
+	writeFile = func(path string, b []byte, perm os.FileMode) error {
+		err := atomicfile.Write(path, b, perm)
+		once.Do(func() {
+			if err == nil {
+				err = fmt.Errorf("writing %s: %w: syncing directory: %w", path, atomicfile.ErrNotDurable, unix.EIO)
+			}
+		})
+		return err
+	}
+	t.Cleanup(func() { writeFile = atomicfile.Write })
+}
+
+// A change whose metadata was written but not made durable is kept, as the
+// metadata says: the file it lists is not removed (every List would fail
+// after), and a merge on record is finished.
+func TestMetadataWrittenButNotDurable(t *testing.T) {
+	ctx := context.Background()
+	d := newDriver(t)
+
+	notDurableOnce(t)
+	if _, err := d.Create(ctx, volume.CreateOptions{Name: "vm1", Size: mib}); !errors.Is(err, atomicfile.ErrNotDurable) {
+		t.Fatalf("Create: %v, want ErrNotDurable", err)
+	}
+	if vols, err := d.List(ctx); err != nil || len(vols) != 1 {
+		t.Fatalf("List after a create not made durable: %v, %v; want vm1", vols, err)
+	}
+
+	notDurableOnce(t)
+	if _, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); !errors.Is(err, atomicfile.ErrNotDurable) {
+		t.Fatalf("Snapshot: %v, want ErrNotDurable", err)
+	}
+	if snaps, err := d.Snapshots(ctx); err != nil || len(snaps) != 1 {
+		t.Fatalf("Snapshots after one not made durable: %v, %v; want vm1@s", snaps, err)
+	}
+
+	vol, err := d.Get(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(vol.Path, []byte("after the snapshot"), 0); err != nil {
+		t.Fatal(err)
+	}
+	notDurableOnce(t)
+	if err := d.MergeSnapshot(ctx, "vm1", "s"); err != nil {
+		t.Fatalf("MergeSnapshot whose first record was not made durable: %v, want it finished", err)
+	}
+	got, err := os.ReadFile(vol.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, make([]byte, mib)) {
+		t.Errorf("vm1 after the merge starts %q, want the snapshot's zeroes", got[:min(len(got), 32)])
+	}
+	if snaps, err := d.Snapshots(ctx); err != nil || len(snaps) != 0 {
+		t.Errorf("Snapshots after the merge: %v, %v; want none", snaps, err)
 	}
 }

@@ -99,8 +99,12 @@ func (d *Driver) commit(m *metadata) error {
 		return err
 	}
 	b = append(b, '\n')
-	return atomicfile.Write(filepath.Join(d.dir, metadataName), b, 0o600)
+	return writeFile(filepath.Join(d.dir, metadataName), b, 0o600)
 }
+
+// writeFile replaces the metadata file; tests replace it. An error that is
+// atomicfile.ErrNotDurable means the new metadata is in place all the same.
+var writeFile = atomicfile.Write
 
 // read runs fn on the metadata under a shared lock. A directory that does
 // not exist yet has no volumes, and is not made.

@@ -62,7 +62,9 @@ func (d *Driver) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (vol
 		}
 		vm.Snapshots[opts.Name] = sm
 		if err := d.commit(m); err != nil {
-			os.Remove(path)
+			if !errors.Is(err, atomicfile.ErrNotDurable) {
+				os.Remove(path) // not recorded: not a snapshot
+			}
 			return err
 		}
 		var ok bool
@@ -187,7 +189,10 @@ func (d *Driver) MergeSnapshot(ctx context.Context, vol, snap string) error {
 			return err
 		}
 		sm.Merging = true
-		if err := d.commit(m); err != nil {
+		// Recorded but not durable, the merge is on record all the same,
+		// and the next read would finish it: finish it now, and its
+		// last commit makes the record durable.
+		if err := d.commit(m); err != nil && !errors.Is(err, atomicfile.ErrNotDurable) {
 			return err
 		}
 		return d.finishMerges(m)
