@@ -456,6 +456,11 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 			return err
 		}
 	}
+	// Again, with nothing in between this time: a client may have come
+	// while the driver was asked.
+	if err := v.refuseInUse("remove volume", force, name); err != nil {
+		return err
+	}
 	if err := v.closeExport(ctx, name); err != nil {
 		return err
 	}
@@ -491,14 +496,17 @@ func (v *Volumes) snapshot(ctx context.Context, vol, snap string) (volume.Snapsh
 func (v *Volumes) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (volume.Snapshot, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	resume := func() {}
 	if e, ok := v.export(opts.Volume); ok {
-		resume, err := e.Quiesce(ctx)
-		if err != nil {
+		var err error
+		if resume, err = e.Quiesce(ctx); err != nil {
 			return volume.Snapshot{}, err
 		}
-		defer resume()
 	}
 	snap, err := v.drv.Snapshot(ctx, opts)
+	// Writes wait only for the snapshot itself, not for the sync that
+	// exports it.
+	resume()
 	if err != nil {
 		return snap, err
 	}
