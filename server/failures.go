@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 )
 
@@ -203,7 +204,12 @@ func (r *Registry) keepFailuresLocked(e *Export) {
 		return
 	}
 	if x, ok := r.failures.lookup(e.Name); ok {
-		b.MarkFailed(x.err())
+		if sameVolume(x.Description, e.Description) {
+			b.MarkFailed(x.err())
+		} else {
+			r.failures.log.Warn("a failure recorded under this export's name was of another volume, removed since and made anew: not applied (volume create, volume remove or lvnbd recover clears the record)",
+				zap.String("export", e.Name), zap.String("recorded_for", x.Description), zap.String("now", e.Description))
+		}
 	}
 	failures := r.failures
 	b.OnFailure(func(err error) {
@@ -219,12 +225,20 @@ func (r *Registry) failCurrent(failed *Export, err error) {
 	r.mu.RLock()
 	cur := r.exports[failed.Name]
 	r.mu.RUnlock()
-	if cur == nil || cur == failed {
-		return
+	if cur == nil || cur == failed || !sameVolume(cur.Description, failed.Description) {
+		return // a volume made anew shares only the name
 	}
 	if b, ok := cur.Backend.(failureKeeper); ok {
 		b.MarkFailed(err)
 	}
+}
+
+// sameVolume reports whether two export descriptions may be of the same
+// volume: their volume IDs (nbd.DescriptionID) are equal, or one has none
+// (an --export of a file or device), when only the name tells.
+func sameVolume(a, b string) bool {
+	ia, ib := nbd.DescriptionID(a), nbd.DescriptionID(b)
+	return ia == "" || ib == "" || ia == ib
 }
 
 // KeepFailures makes the registry record exports' failed write-backs in f,

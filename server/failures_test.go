@@ -208,6 +208,59 @@ func TestFailureOfAReplacedExport(t *testing.T) {
 	}
 }
 
+// A volume made anew under a failed one's name shares only the name: the
+// old one's late failure does not fail it, nor does the record after a
+// restart; the same volume added again does fail.
+func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "failures.json")
+	reg := failureRegistry(t, path)
+	e, img := fileExport(t, "vm1", 1<<20, false)
+	e.Description = nbd.WithID("volume vm1", "uuid-1")
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	add := func(reg *Registry, id string) *Export {
+		t.Helper()
+		e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Backend.Close() })
+		e.Description = nbd.WithID("volume vm1", id)
+		if err := reg.Add(e); err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	anew := add(reg, "uuid-2")
+	hb.fail(syscall.EIO) // the old volume's drained flush
+	if got := readErrno(anew); got != 0 {
+		t.Errorf("the volume made anew got errno %d from the old one's failure", got)
+	}
+	if recs := reg.Failures().List(); len(recs) != 1 || nbd.DescriptionID(recs[0].Description) != "uuid-1" {
+		t.Fatalf("records: %+v, want the old volume's", recs)
+	}
+
+	// After a restart the record is the old volume's: not the new one's.
+	for _, tt := range []struct {
+		id   string
+		want nbd.Errno
+	}{{"uuid-2", 0}, {"uuid-1", nbd.EIO}} {
+		if _, _, err := reg.Remove("vm1"); err != nil {
+			t.Fatal(err)
+		}
+		reg = failureRegistry(t, path)
+		if got := readErrno(add(reg, tt.id)); got != tt.want {
+			t.Errorf("after a restart, vm1 with ID %s got errno %d, want %d", tt.id, got, tt.want)
+		}
+	}
+}
+
 func TestLoadFailuresCorrupt(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
 	if err := os.WriteFile(path, []byte("[{"), 0o600); err != nil {
