@@ -160,6 +160,18 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	} else if sig := detectSignature(head, tail, size); sig != "" && !(strings.HasPrefix(sig, "md ") && mdFound) {
 		found = append(found, fmt.Sprintf("%s: %s", dev, sig))
 	}
+	if len(found) == 0 {
+		// No format anyone knows is not no data: raw data, a plain
+		// dm-crypt volume, a damaged header. The watcher's test for a
+		// blank leg decides.
+		blank, err := h.zeroEnds(dev, size)
+		if err != nil {
+			return nil, err
+		}
+		if !blank {
+			found = append(found, fmt.Sprintf("%s: no signature of a known format, but its first or last MiB is not zeroes: it may hold data (a new thick LV can hold old data from its disk)", dev))
+		}
+	}
 	return found, nil
 }
 

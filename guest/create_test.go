@@ -95,6 +95,21 @@ func TestCreateRefusesData(t *testing.T) {
 			t.Errorf("(-want +got):\n%s", diff)
 		}
 	})
+	t.Run("data without a signature", func(t *testing.T) {
+		h, _, r := createHost(t)
+		h.readEnds = func(dev string, size uint64) ([]byte, []byte, error) {
+			tail := make([]byte, tailSize)
+			if dev == legB {
+				copy(tail[len(tail)-4096:], "some guest's data, in no format anyone knows")
+			}
+			return make([]byte, headSize), tail, nil
+		}
+		r.expect(examineBlank(legA), examineBlank(legB))
+		_, err := h.create(context.Background(), CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}})
+		if !errors.Is(err, ErrHasData) || !strings.Contains(err.Error(), "/dev/nbd1: no signature of a known format, but its first or last MiB is not zeroes") {
+			t.Errorf("create over raw data: %v, want ErrHasData naming /dev/nbd1", err)
+		}
+	})
 	t.Run("blkid", func(t *testing.T) {
 		h, _, r := createHost(t)
 		h.have = func(name string) bool { return name == "blkid" }

@@ -71,8 +71,9 @@ is 64M). Failfast legs are failed as soon as an I/O on them fails, instead of
 being retried while the guest waits.
 
 A leg that is mounted or held by an array is refused. So is one that carries
-an md superblock, a filesystem or a partition table, naming what it found;
---force destroys it. With --filesystem the new array gets an ext4 or xfs
+an md superblock, a filesystem or a partition table, or none of them but
+data in its first or last MiB (raw data, plain dm-crypt, or old data a new
+thick LV kept from its disk), naming what it found; --force destroys it. With --filesystem the new array gets an ext4 or xfs
 filesystem. Prints /dev/md/NAME.
 
 For the guest to assemble the array at boot, add it to /etc/mdadm/mdadm.conf
