@@ -202,9 +202,12 @@ func parseLVRow(row lvRow) (*logicalVolume, error) {
 		return nil, err
 	}
 	if row.Time != "" {
-		// lvm2's default time format under LC_ALL=C.
-		if lv.created, err = time.Parse("2006-01-02 15:04:05 -0700", row.Time); err != nil {
-			return nil, fmt.Errorf("lv_time %q: %w", row.Time, err)
+		// lvm2's default time format under LC_ALL=C. Another
+		// (report/time_format in lvm.conf) leaves the time unknown: it
+		// only orders snapshots, and one LV's odd field must not fail
+		// every listing, which would stop the server's rescans.
+		if t, err := time.Parse("2006-01-02 15:04:05 -0700", row.Time); err == nil {
+			lv.created = t
 		}
 	}
 	return lv, nil
