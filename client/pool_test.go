@@ -82,3 +82,33 @@ func TestDialPool(t *testing.T) {
 		})
 	}
 }
+
+// Connections that differ in what a request needs, or in the volume behind
+// the name, are not one export.
+func TestSameExport(t *testing.T) {
+	base := ExportInfo{Size: 1 << 20, Flags: nbd.FlagHasFlags | nbd.FlagCanMultiConn, StructuredReplies: true,
+		MetaContexts: []nbd.MetaContext{{ID: 1, Name: "base:allocation"}}, Description: nbd.WithID("volume vm1", "uuid-1")}
+	tests := []struct {
+		name   string
+		change func(*ExportInfo)
+		same   bool
+	}{
+		{"identical", func(*ExportInfo) {}, true},
+		{"another description, same ID", func(e *ExportInfo) { e.Description = nbd.WithID("volume vm1 on lvm://vg0", "uuid-1") }, true},
+		{"size", func(e *ExportInfo) { e.Size++ }, false},
+		{"flags", func(e *ExportInfo) { e.Flags |= nbd.FlagReadOnly }, false},
+		{"no base:allocation", func(e *ExportInfo) { e.MetaContexts = nil }, false},
+		{"context numbered otherwise", func(e *ExportInfo) { e.MetaContexts = []nbd.MetaContext{{ID: 7, Name: "base:allocation"}} }, true},
+		{"volume made anew", func(e *ExportInfo) { e.Description = nbd.WithID("volume vm1", "uuid-2") }, false},
+		{"ID gone", func(e *ExportInfo) { e.Description = "volume vm1" }, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := base.clone()
+			tt.change(&b)
+			if got := sameExport(base, b); got != tt.same {
+				t.Errorf("sameExport = %v, want %v", got, tt.same)
+			}
+		})
+	}
+}
