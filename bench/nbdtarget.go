@@ -26,7 +26,8 @@ type NBD struct {
 
 // OpenNBD connects to the export at each URI with o.Conns connections in all,
 // spread evenly over the URIs (at least one each). A server that does not
-// advertise multi-conn gets one connection per URI.
+// advertise multi-conn gets one connection, and cannot be given several
+// URIs; several must reach the same export (size and volume ID).
 func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 	conns := max(o.Conns, 1)
 	if conns < len(uris) {
@@ -52,9 +53,23 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 			first = info
 			continue
 		}
-		if info.Size != first.Size {
+		// Without CAN_MULTI_CONN a server need not make one connection's
+		// writes visible to another's reads (nor a flush cover them):
+		// --verify would read what it did not write.
+		noMulti := "%s does not advertise CAN_MULTI_CONN: its connections need not see each other's writes, so several URIs of it cannot be combined; give one"
+		switch {
+		case !first.MultiConn():
+			t.Close()
+			return nil, fmt.Errorf(noMulti, uris[0])
+		case !info.MultiConn():
+			t.Close()
+			return nil, fmt.Errorf(noMulti, uri)
+		case info.Size != first.Size:
 			t.Close()
 			return nil, fmt.Errorf("%s has %d bytes but %s has %d: not the same export", uri, info.Size, uris[0], first.Size)
+		case info.ID() != first.ID():
+			t.Close()
+			return nil, fmt.Errorf("%s serves volume ID %q but %s serves %q: not the same export", uri, info.ID(), uris[0], first.ID())
 		}
 	}
 	t.fua = first.Flags&nbd.FlagSendFUA != 0

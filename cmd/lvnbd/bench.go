@@ -32,7 +32,8 @@ the region (--size, default all of the target) once in --bs requests, QD 1 unles
 --qd says otherwise; a write run ends with a flush that counts in the time.
 Random modes keep --qd requests outstanding for --runtime (or until --io bytes),
 spread over --conns connections for NBD targets. Several URIs of one export (one per
-link) may be given: the connections are spread over them.
+link) may be given: the connections are spread over them (the server must
+advertise CAN_MULTI_CONN, as lvnbd does).
 
 Files and devices are opened with O_DIRECT unless --direct=false. Writes never touch
 existing data unless asked: a write mode on a block device, a non-empty file or an

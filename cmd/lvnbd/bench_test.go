@@ -139,3 +139,22 @@ func TestBenchCommandRefusals(t *testing.T) {
 		t.Error("a read run created a file")
 	}
 }
+
+// Several URIs are one export only where the server lets connections see
+// each other's writes (CAN_MULTI_CONN).
+func TestBenchSeveralURIsNeedMultiConn(t *testing.T) {
+	uri := nbdkitURI(t, "--filter=multi-conn", "memory", "size=1M", "multi-conn-mode=disable")
+	var out, errOut bytes.Buffer
+	root := newRootCmd(&out, &errOut)
+	root.SetArgs([]string{"bench", "--mode", "read", uri, uri})
+	err := root.ExecuteContext(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "does not advertise CAN_MULTI_CONN") {
+		t.Errorf("bench over two URIs of an export without multi-conn: %v", err)
+	}
+	// One URI is fine: one connection.
+	root = newRootCmd(&out, &errOut)
+	root.SetArgs([]string{"bench", "--mode", "read", "--conns", "4", uri})
+	if err := root.ExecuteContext(context.Background()); err != nil {
+		t.Errorf("bench over one URI of it: %v", err)
+	}
+}
