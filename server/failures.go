@@ -93,20 +93,26 @@ func (f *Failures) lookup(export string) (Failure, bool) {
 	return f.list[i], true
 }
 
-// record keeps the first failure of an export, in memory at once (lookups
-// see it while it is written) and in the file before it returns. It is kept
-// in memory even when the file cannot be written, and that is logged as the
-// emergency it is: a restart would serve the export again. Writing the file
-// is tried again on every later record and Retry.
+// record keeps the first failure of an export's volume, in memory at once
+// (lookups see it while it is written) and in the file before it returns. It
+// is kept in memory even when the file cannot be written, and that is logged
+// as the emergency it is: a restart would serve the export again. Writing
+// the file is tried again on every later record and Retry. A record of
+// another volume under the name (removed since and made anew: see
+// sameVolume) is replaced, or the new one's failure would not survive a
+// restart.
 func (f *Failures) record(export, description string, err error) {
 	f.mu.Lock()
-	if slices.ContainsFunc(f.list, func(x Failure) bool { return x.Export == export }) {
-		unsaved := f.unsaved != nil
-		f.mu.Unlock()
-		if unsaved {
-			_ = f.persist() // logged
+	if i := slices.IndexFunc(f.list, func(x Failure) bool { return x.Export == export }); i >= 0 {
+		if sameVolume(f.list[i].Description, description) {
+			unsaved := f.unsaved != nil
+			f.mu.Unlock()
+			if unsaved {
+				_ = f.persist() // logged
+			}
+			return
 		}
-		return
+		f.list = slices.Delete(f.list, i, i+1)
 	}
 	x := Failure{Export: export, Description: description, Error: err.Error(), Since: time.Now().UTC()}
 	var errno syscall.Errno

@@ -247,6 +247,8 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 	}
 
 	// After a restart the record is the old volume's: not the new one's.
+	// (Checked below; then the new one fails too, and its failure
+	// replaces the old record.)
 	for _, tt := range []struct {
 		id   string
 		want nbd.Errno
@@ -258,6 +260,34 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 		if got := readErrno(add(reg, tt.id)); got != tt.want {
 			t.Errorf("after a restart, vm1 with ID %s got errno %d, want %d", tt.id, got, tt.want)
 		}
+	}
+
+	// The volume made anew fails too: its record replaces the old one's,
+	// and it stays failed after a restart.
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	reg = failureRegistry(t, path)
+	e3, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e3.Backend.Close() })
+	e3.Description = nbd.WithID("volume vm1", "uuid-2")
+	hb3 := &hookedBackend{File: e3.Backend.(*backend.File)}
+	e3.Backend = hb3
+	if err := reg.Add(e3); err != nil {
+		t.Fatal(err)
+	}
+	hb3.fail(syscall.EIO)
+	if recs := reg.Failures().List(); len(recs) != 1 || nbd.DescriptionID(recs[0].Description) != "uuid-2" {
+		t.Errorf("records after the new volume failed: %+v, want only its own", recs)
+	}
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := readErrno(add(failureRegistry(t, path), "uuid-2")); got != nbd.EIO {
+		t.Errorf("after a restart, the new volume that failed got errno %d, want EIO", got)
 	}
 }
 
