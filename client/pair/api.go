@@ -29,10 +29,14 @@ var ErrNoDaemon = errors.New("lvnbd client is not running")
 // The API, HTTP with JSON bodies on the Unix socket:
 //
 //	GET  /v1/pairs                            []PairStatus
-//	POST /v1/pairs/{name}/up?wait=DURATION[&leg=LEG]    PairStatus
-//	POST /v1/pairs/{name}/down[?force=1][&leg=LEG]      PairStatus
+//	POST /v1/pairs/{name}/up?wait=DURATION               PairStatus
+//	POST /v1/pairs/{name}/down[?force=1]                 PairStatus
+//	POST /v1/pairs/{name}/legs/{leg}/up?wait=DURATION    PairStatus
+//	POST /v1/pairs/{name}/legs/{leg}/down[?force=1]      PairStatus
 //
-// With leg (a or b) only that leg is brought up or taken down.
+// The legs/{leg} routes act on that leg (a or b) only. They are routes of
+// their own, not a parameter, so that a daemon from before them answers 404
+// instead of taking both legs down.
 //
 // A failure is a non-200 status with an apiError body; up and down return
 // the pair's status with it when they got that far.
@@ -51,7 +55,7 @@ func Handler(s *Supervisor, log *zap.Logger) http.Handler {
 	mux.HandleFunc("GET /v1/pairs", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.Status())
 	})
-	mux.HandleFunc("POST /v1/pairs/{name}/up", func(w http.ResponseWriter, r *http.Request) {
+	up := func(w http.ResponseWriter, r *http.Request) {
 		wait := DefaultUpWait
 		if v := r.URL.Query().Get("wait"); v != "" {
 			d, err := time.ParseDuration(v)
@@ -61,17 +65,21 @@ func Handler(s *Supervisor, log *zap.Logger) http.Handler {
 			}
 			wait = d
 		}
-		leg := r.URL.Query().Get("leg")
+		leg := r.PathValue("leg") // "" on the pair's route: both
 		st, err := s.Up(r.Context(), r.PathValue("name"), leg, wait)
 		log.Info("pair up", zap.String("pair", r.PathValue("name")), zap.String("leg", leg), zap.Error(err))
 		writeResult(w, st, err)
-	})
-	mux.HandleFunc("POST /v1/pairs/{name}/down", func(w http.ResponseWriter, r *http.Request) {
-		leg := r.URL.Query().Get("leg")
+	}
+	down := func(w http.ResponseWriter, r *http.Request) {
+		leg := r.PathValue("leg")
 		st, err := s.Down(r.Context(), r.PathValue("name"), leg, r.URL.Query().Get("force") == "1")
 		log.Info("pair down", zap.String("pair", r.PathValue("name")), zap.String("leg", leg), zap.Error(err))
 		writeResult(w, st, err)
-	})
+	}
+	mux.HandleFunc("POST /v1/pairs/{name}/up", up)
+	mux.HandleFunc("POST /v1/pairs/{name}/down", down)
+	mux.HandleFunc("POST /v1/pairs/{name}/legs/{leg}/up", up)
+	mux.HandleFunc("POST /v1/pairs/{name}/legs/{leg}/down", down)
 	return mux
 }
 
@@ -149,7 +157,7 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	case errors.As(err, &se):
 		var ae apiError
 		if err := json.Unmarshal(se.Body, &ae); err != nil || ae.Error == "" {
-			return fmt.Errorf("%s: %s %s: HTTP %d", c.path, method, path, se.Code)
+			return fmt.Errorf("%s: %s %s: %w", c.path, method, path, se)
 		}
 		return &RemoteError{Msg: ae.Error, Pair: ae.Pair, kind: ae.Kind}
 	}
@@ -168,27 +176,38 @@ func (c *Client) Status(ctx context.Context) ([]PairStatus, error) {
 func (c *Client) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
 	var out PairStatus
 	q := url.Values{"wait": {wait.String()}}
-	if leg != "" {
-		q.Set("leg", leg)
-	}
-	err := c.do(ctx, http.MethodPost, "/v1/pairs/"+url.PathEscape(name)+"/up?"+q.Encode(), &out)
+	err := c.legDo(ctx, pairPath(name, leg, "up")+"?"+q.Encode(), leg, &out)
 	return out, err
 }
 
 // Down takes a pair down, or only its leg leg (Supervisor.Down).
 func (c *Client) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
 	var out PairStatus
-	q := url.Values{}
+	path := pairPath(name, leg, "down")
 	if force {
-		q.Set("force", "1")
+		path += "?force=1"
 	}
-	if leg != "" {
-		q.Set("leg", leg)
-	}
-	path := "/v1/pairs/" + url.PathEscape(name) + "/down"
-	if len(q) > 0 {
-		path += "?" + q.Encode()
-	}
-	err := c.do(ctx, http.MethodPost, path, &out)
+	err := c.legDo(ctx, path, leg, &out)
 	return out, err
+}
+
+// pairPath is the route of verb (up, down) for a pair, or one of its legs.
+func pairPath(name, leg, verb string) string {
+	p := "/v1/pairs/" + url.PathEscape(name)
+	if leg != "" {
+		p += "/legs/" + url.PathEscape(leg)
+	}
+	return p + "/" + verb
+}
+
+// legDo posts to path; a daemon from before the legs' routes answers a
+// leg's with a bare 404, which is told as such.
+func (c *Client) legDo(ctx context.Context, path, leg string, out any) error {
+	err := c.do(ctx, http.MethodPost, path, out)
+	var se *localapi.StatusError
+	if leg != "" && errors.As(err, &se) && se.Code == http.StatusNotFound {
+		return fmt.Errorf("the running lvnbd client does not take one leg at a time (it is older than this command): "+
+			"restart it to run this version (systemctl restart lvnbd-client; the devices stay attached), or act on the whole pair: %w", err)
+	}
+	return err
 }

@@ -3,6 +3,7 @@ package pair
 import (
 	"context"
 	"errors"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -100,5 +101,36 @@ func TestClientWithoutDaemon(t *testing.T) {
 	c := NewClient(filepath.Join(t.TempDir(), "none.sock"))
 	if _, err := c.Status(context.Background()); !errors.Is(err, ErrNoDaemon) {
 		t.Errorf("status: %v, want ErrNoDaemon", err)
+	}
+}
+
+// A daemon from before the legs' routes answers one with a bare 404: the
+// client says so, and nothing is taken down.
+func TestLegRouteOnAnOlderDaemon(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "old.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	downs := 0
+	// The older daemon's pair route, which ignores a leg.
+	mux.HandleFunc("POST /v1/pairs/{name}/down", func(w http.ResponseWriter, r *http.Request) {
+		downs++
+		writeJSON(w, http.StatusOK, PairStatus{Name: r.PathValue("name")})
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- Serve(ctx, ln, mux) }()
+	defer func() {
+		cancel()
+		<-served
+	}()
+	_, err = NewClient(sock).Down(context.Background(), "vm1", "a", false)
+	if err == nil || !strings.Contains(err.Error(), "does not take one leg at a time") {
+		t.Errorf("down --leg a on an older daemon: %v", err)
+	}
+	if downs != 0 {
+		t.Errorf("the older daemon took the pair down %d times", downs)
 	}
 }
