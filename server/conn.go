@@ -151,23 +151,33 @@ var (
 // makes Linux reset the connection at once and drop the replies not yet
 // delivered, and a drained client is usually still sending. So the server
 // half-closes the connection (a FIN behind the last reply), throws away what
-// the client still sends, and closes once the client's side has
-// acknowledged every byte sent, or after timeout.
+// the client still sends, and closes once the client has acknowledged every
+// byte sent, or has closed or reset its side, or after lingerLimit (or
+// timeout, if shorter): a peer that is gone or reads nothing holds the
+// shutdown no longer than that.
 func closeAfterReplies(nc net.Conn, timeout time.Duration) {
 	raw := nc
 	if t, ok := nc.(*tls.Conn); ok {
 		raw = t.NetConn()
+		// close_notify only: the FIN is the TCP socket's.
+		if t.CloseWrite() != nil {
+			return
+		}
 	}
 	tcp, ok := raw.(*net.TCPConn)
 	if !ok {
 		return // a Unix socket's peer reads what was queued to it first
 	}
-	if cw, ok := nc.(interface{ CloseWrite() error }); !ok || cw.CloseWrite() != nil {
+	if tcp.CloseWrite() != nil {
 		return
 	}
-	deadline := time.Now().Add(timeout)
+	deadline := time.Now().Add(min(timeout, lingerLimit))
 	tcp.SetReadDeadline(deadline)
-	go io.Copy(io.Discard, tcp) // ends when the socket closes
+	peerDone := make(chan struct{})
+	go func() {
+		io.Copy(io.Discard, tcp) // until the peer's FIN or reset, or the deadline
+		close(peerDone)
+	}()
 	rc, err := tcp.SyscallConn()
 	if err != nil {
 		return
@@ -175,16 +185,25 @@ func closeAfterReplies(nc net.Conn, timeout time.Duration) {
 	// Nothing signals "all acknowledged": the send queue is looked at
 	// every few milliseconds.
 	wait := time.Millisecond
-	for time.Now().Before(deadline) {
+	for {
 		unacked := -1
 		rc.Control(func(fd uintptr) { unacked, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
 		if unacked <= 0 {
 			return
 		}
-		time.Sleep(wait)
+		select {
+		case <-peerDone:
+			return
+		case <-time.After(wait):
+		}
 		wait = min(2*wait, 50*time.Millisecond)
 	}
 }
+
+// lingerLimit bounds how long a drained connection waits for its client to
+// take the last replies: at GbE a full send queue drains in tens of
+// milliseconds. Tests change it.
+var lingerLimit = 5 * time.Second
 
 func peerName(nc net.Conn) string {
 	if a := nc.RemoteAddr(); a != nil && a.String() != "" && a.String() != "@" {

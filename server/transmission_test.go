@@ -490,9 +490,9 @@ func TestDrainDeliversEveryReplyToAClientStillSending(t *testing.T) {
 		reqs = append(reqs, payload...)
 	}
 	c.write(reqs)
-	<-obs.reached
+	waitOrFail(t, obs.reached, "the server to answer every write")
 	e.DrainClients()
-	<-done // every reply is sent, none read
+	waitOrFail(t, done, "the drained connection to be served") // every reply is sent, none read
 	// The client sends on: the server has not read this.
 	c.write(reqs[:16+512])
 	close(sent)
@@ -530,4 +530,55 @@ func TestDrainAtTheEndOfTheHandshake(t *testing.T) {
 	c.open("d", false)
 	c.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 1}, nil)
 	c.expectClosed()
+}
+
+// waitOrFail waits for ch to close, failing the test if that takes longer
+// than any run of it could.
+func waitOrFail(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("waited 30 s for %s", what)
+	}
+}
+
+// A drained client that resets its connection instead of taking the last
+// replies is let go at once, not waited for until the linger's end.
+func TestDrainLetsGoOfAClientThatResets(t *testing.T) {
+	linger := lingerLimit
+	lingerLimit = time.Hour // longer than any test: only the reset ends the wait
+	t.Cleanup(func() { lingerLimit = linger })
+	const writes = 500
+	obs := &writesObserver{n: writes, reached: make(chan struct{})}
+	e, _ := fileExport(t, "d", 64<<20, false)
+	ts := startServer(t, &Config{Observer: obs, DrainTimeout: time.Hour}, e)
+	done := make(chan struct{})
+	served = func(x *Export) {
+		if x == e {
+			close(done)
+		}
+	}
+	t.Cleanup(func() { served = func(*Export) {} })
+	c := dialRaw(t, ts.addr)
+	tcp := c.nc.(*net.TCPConn)
+	if err := tcp.SetReadBuffer(4096); err != nil { // replies stay queued on the server
+		t.Fatal(err)
+	}
+	c.open("d", false)
+	var reqs []byte
+	for i := range uint64(writes) {
+		reqs, _ = nbd.RequestHeader{Command: nbd.CmdWrite, Handle: i, Offset: i * 512, Length: 512}.AppendBinary(reqs)
+		reqs = append(reqs, make([]byte, 512)...)
+	}
+	c.write(reqs)
+	waitOrFail(t, obs.reached, "the server to answer every write")
+	e.DrainClients()
+	waitOrFail(t, done, "the drained connection to be served")
+	tcp.SetLinger(0)
+	tcp.Close() // a reset, with replies unread
+	// stop fails the test if the server takes 20 s.
+	if err := ts.stop(t); err != nil {
+		t.Errorf("stop: %v", err)
+	}
 }
