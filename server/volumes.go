@@ -244,11 +244,10 @@ func (v *Volumes) wanted(vols []volume.Volume) (map[string]wantedExport, map[str
 // Recover serves a failed export again, as Registry.Recover does. For an
 // export made from a volume or snapshot it first rescans: an export whose
 // volume was removed behind the server is removed (and Recover only clears
-// its record), and one whose volume was made anew is exported anew (failed,
-// as its record says) before it is reopened. The reopened export's
-// description, with the volume's ID, is read from the volume after it is
-// opened, so a dom0 that knew the old volume refuses a new one, even one
-// made in between.
+// its record), and one whose volume was made anew is exported anew (not
+// failed: its record was the old volume's, and Recover clears it). The
+// volumes are listed again once the export is reopened, and the recovery
+// refused if its volume changed in between: what was opened might be either.
 func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -261,16 +260,18 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 	if !v.managed[name] {
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
+	e, _ := v.export(name)
+	before := e.Description // as the rescan just listed it, before the open
 	return v.reg.recover(name, func() (string, error) {
 		vols, err := v.drv.List(ctx)
 		if err != nil {
 			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
 		}
 		wanted, _ := v.wanted(vols)
-		if w, ok := wanted[name]; ok {
+		if w, ok := wanted[name]; ok && w.desc == before {
 			return w.desc, nil
 		}
-		return "", fmt.Errorf("%s is no longer a volume or snapshot of %s (removed, or a merge is pending): run lvnbd recover again", name, v.drv)
+		return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed or merged): nothing was reopened; run lvnbd recover again", name)
 	})
 }
 

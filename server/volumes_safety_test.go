@@ -375,10 +375,10 @@ func TestVolumeMadeAnewWhileOpenedIsNotExportedUnderTheOldID(t *testing.T) {
 }
 
 // TestRecoverTellsTheVolumesID: a failed volume recovered after it was made
-// anew behind the server, between two rescans or while it is reopened, is
-// served with the new volume's ID, never the failed one's, so a dom0 that
-// knew the old volume refuses it. A failed volume removed behind the server
-// only has its record cleared.
+// anew behind the server is served with the new volume's ID, never the
+// failed one's, so a dom0 that knew the old volume refuses it; one made anew
+// while it is reopened is not recovered. A failed volume removed behind the
+// server only has its record cleared.
 func TestRecoverTellsTheVolumesID(t *testing.T) {
 	ctx := context.Background()
 	drv := &idDriver{Driver: newFileDriver(t), ids: map[string]string{"vm1": "uuid-1", "vm2": "uuid-2", "vm3": "uuid-3"}}
@@ -416,14 +416,21 @@ func TestRecoverTellsTheVolumesID(t *testing.T) {
 	drv.setID("vm1", "uuid-1b")
 	recovered("vm1", "uuid-1b")
 
-	// Made anew just as it is opened again.
+	// Made anew just as it is opened again: what was opened may be either
+	// volume, so nothing is; the next recovery finds the new one.
 	open := openBackend
 	openBackend = func(path string, readOnly bool) (Backend, error) {
 		drv.setID("vm2", "uuid-2b")
 		return open(path, readOnly)
 	}
-	recovered("vm2", "uuid-2b")
+	if _, err := vols.Recover(ctx, "vm2"); err == nil || !strings.Contains(err.Error(), "changed while it was being recovered") {
+		t.Errorf("Recover of vm2 made anew as it was opened: %v, want it refused", err)
+	}
 	openBackend = open
+	if e, _ := ts.reg.Lookup("vm2"); nbd.DescriptionID(e.Description) != "uuid-2" {
+		t.Errorf("vm2 after the refused recovery is described %q, want the failed export left as it was", e.Description)
+	}
+	recovered("vm2", "uuid-2b")
 
 	// Removed behind the server.
 	if err := drv.Driver.Remove(ctx, "vm3"); err != nil {
