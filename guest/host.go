@@ -179,12 +179,16 @@ type prober interface {
 // the kernel's dead-connection timeout, and a thread in such a read cannot
 // be interrupted, so each device has at most one read in flight: probe
 // waits up to timeout for it and otherwise answers pending, and the next
-// call collects the result. A result that came in more than timeout before
+// call collects the result. A result that came in more than maxAge before
 // that call is thrown away and the device read again: the device may have
 // died, or come back, since.
 type readProber struct {
 	timeout time.Duration
-	read    func(dev string) probeResult // readOneBlock; tests replace it
+	// maxAge is the oldest answer taken: the watcher makes it a look's
+	// interval and a timeout, what a slow read collected at the next look
+	// can be.
+	maxAge time.Duration
+	read   func(dev string) probeResult // readOneBlock; tests replace it
 	mu      sync.Mutex
 	flying  map[string]chan probeAnswer
 }
@@ -196,7 +200,7 @@ type probeAnswer struct {
 }
 
 func newReadProber(timeout time.Duration) *readProber {
-	return &readProber{timeout: timeout, read: readOneBlock, flying: make(map[string]chan probeAnswer)}
+	return &readProber{timeout: timeout, maxAge: timeout, read: readOneBlock, flying: make(map[string]chan probeAnswer)}
 }
 
 func (p *readProber) probe(dev string) probeResult {
@@ -219,7 +223,7 @@ func (p *readProber) probe(dev string) probeResult {
 			p.mu.Lock()
 			delete(p.flying, dev)
 			p.mu.Unlock()
-			if earlier && time.Since(a.at) > p.timeout {
+			if earlier && time.Since(a.at) > p.maxAge {
 				continue // stale: read it again, once
 			}
 			return a.result

@@ -120,6 +120,19 @@ func TestReadProberDropsStaleAnswers(t *testing.T) {
 		if r := p.probe("/dev/nbd1"); r != probeUnreadable {
 			t.Errorf("probe after the new read answered: %v, want unreadable", r)
 		}
+
+		// A watcher looking every 30 s takes a slow read's answer at its
+		// next look: a device slower than the probe waits is not for ever
+		// pending.
+		newWatcher(&host{probe: p}, &WatchConfig{Interval: 30 * time.Second})
+		alive.Store(true)
+		if r := p.probe("/dev/nbd2"); r != probePending {
+			t.Fatalf("slow read: %v", r)
+		}
+		time.Sleep(30 * time.Second)
+		if r := p.probe("/dev/nbd2"); r != probeReadable {
+			t.Errorf("probe at the next look, 30 s on: %v, want the slow read's readable", r)
+		}
 	})
 }
 

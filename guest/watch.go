@@ -90,6 +90,11 @@ func newWatcher(h *host, cfg *WatchConfig) *Watcher {
 	if w.cfg.Interval <= 0 {
 		w.cfg.Interval = defaultInterval
 	}
+	if p, ok := h.probe.(*readProber); ok {
+		// A read slower than the probe waits is collected at the next
+		// look, an interval later: not stale.
+		p.maxAge = w.cfg.Interval + p.timeout
+	}
 	w.log = w.cfg.Log
 	if w.log == nil {
 		w.log = zap.NewNop()
