@@ -213,18 +213,13 @@ func TestFailureOfAReplacedExport(t *testing.T) {
 // restart; the same volume added again does fail.
 func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
-	reg := failureRegistry(t, path)
-	e, img := fileExport(t, "vm1", 1<<20, false)
-	e.Description = nbd.WithID("volume vm1", "uuid-1")
-	hb := &hookedBackend{File: e.Backend.(*backend.File)}
-	e.Backend = hb
-	if err := reg.Add(e); err != nil {
+	img := filepath.Join(t.TempDir(), "vm1.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
-	add := func(reg *Registry, id string) *Export {
+	// add offers img as vm1 of volume id in reg, with a backend the test
+	// can fail.
+	add := func(reg *Registry, id string) (*Export, *hookedBackend) {
 		t.Helper()
 		e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
 		if err != nil {
@@ -232,13 +227,29 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 		}
 		t.Cleanup(func() { e.Backend.Close() })
 		e.Description = nbd.WithID("volume vm1", id)
+		hb := &hookedBackend{File: e.Backend.(*backend.File)}
+		e.Backend = hb
 		if err := reg.Add(e); err != nil {
 			t.Fatal(err)
 		}
-		return e
+		return e, hb
 	}
-	anew := add(reg, "uuid-2")
-	hb.fail(syscall.EIO) // the old volume's drained flush
+	// restart removes vm1 from reg and returns a registry as a restarted
+	// server has it.
+	restart := func(reg *Registry) *Registry {
+		t.Helper()
+		if _, _, err := reg.Remove("vm1"); err != nil {
+			t.Fatal(err)
+		}
+		return failureRegistry(t, path)
+	}
+	reg := failureRegistry(t, path)
+	_, old := add(reg, "uuid-1")
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	anew, _ := add(reg, "uuid-2")
+	old.fail(syscall.EIO) // the old volume's drained flush
 	if got := readErrno(anew); got != 0 {
 		t.Errorf("the volume made anew got errno %d from the old one's failure", got)
 	}
@@ -246,48 +257,27 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 		t.Fatalf("records: %+v, want the old volume's", recs)
 	}
 
-	// After a restart the record is the old volume's: not the new one's.
-	// (Checked below; then the new one fails too, and its failure
-	// replaces the old record.)
+	// After a restart the record is the old volume's, not the new one's.
 	for _, tt := range []struct {
 		id   string
 		want nbd.Errno
 	}{{"uuid-2", 0}, {"uuid-1", nbd.EIO}} {
-		if _, _, err := reg.Remove("vm1"); err != nil {
-			t.Fatal(err)
-		}
-		reg = failureRegistry(t, path)
-		if got := readErrno(add(reg, tt.id)); got != tt.want {
-			t.Errorf("after a restart, vm1 with ID %s got errno %d, want %d", tt.id, got, tt.want)
+		reg = restart(reg)
+		if e, _ := add(reg, tt.id); readErrno(e) != tt.want {
+			t.Errorf("after a restart, vm1 with ID %s got errno %d, want %d", tt.id, readErrno(e), tt.want)
 		}
 	}
 
 	// The volume made anew fails too: its record replaces the old one's,
 	// and it stays failed after a restart.
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
-	reg = failureRegistry(t, path)
-	e3, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e3.Backend.Close() })
-	e3.Description = nbd.WithID("volume vm1", "uuid-2")
-	hb3 := &hookedBackend{File: e3.Backend.(*backend.File)}
-	e3.Backend = hb3
-	if err := reg.Add(e3); err != nil {
-		t.Fatal(err)
-	}
-	hb3.fail(syscall.EIO)
+	reg = restart(reg)
+	_, hb := add(reg, "uuid-2")
+	hb.fail(syscall.EIO)
 	if recs := reg.Failures().List(); len(recs) != 1 || nbd.DescriptionID(recs[0].Description) != "uuid-2" {
 		t.Errorf("records after the new volume failed: %+v, want only its own", recs)
 	}
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
-	if got := readErrno(add(failureRegistry(t, path), "uuid-2")); got != nbd.EIO {
-		t.Errorf("after a restart, the new volume that failed got errno %d, want EIO", got)
+	if e, _ := add(restart(reg), "uuid-2"); readErrno(e) != nbd.EIO {
+		t.Errorf("after a restart, the new volume that failed got errno %d, want EIO", readErrno(e))
 	}
 }
 
