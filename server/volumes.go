@@ -257,10 +257,10 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 	if err := v.syncAfter(ctx, "recovery of "+name, name); err != nil {
 		return RecoverResult{Export: name}, err
 	}
-	if !v.managed[name] {
+	e, ok := v.export(name)
+	if !v.managed[name] || !ok {
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
-	e, _ := v.export(name)
 	before := e.Description // as the rescan just listed it, before the open
 	return v.reg.recover(name, func() (string, error) {
 		vols, err := v.drv.List(ctx)
