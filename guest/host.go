@@ -189,8 +189,8 @@ type readProber struct {
 	// can be.
 	maxAge time.Duration
 	read   func(dev string) probeResult // readOneBlock; tests replace it
-	mu      sync.Mutex
-	flying  map[string]chan probeAnswer
+	mu     sync.Mutex
+	flying map[string]chan probeAnswer
 }
 
 // probeAnswer is a read's result and when it came.
