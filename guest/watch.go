@@ -122,7 +122,21 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 // Step looks at every watched array once and acts on what it finds.
 func (w *Watcher) Step(ctx context.Context) {
-	for _, name := range w.targets() {
+	names, complete := w.targets()
+	if complete {
+		// An array gone from the kernel (stopped) is forgotten: once
+		// assembled again, perhaps from the other leg by an admin, it
+		// starts from nothing, as after a reboot, and a leg it does not
+		// have is not added back on the strength of the old memory.
+		// (Memories without legs only keep notes, of arrays not found.)
+		for name, mem := range w.arrays {
+			if len(mem.legs) > 0 && !slices.Contains(names, name) {
+				delete(w.arrays, name)
+				w.log.Info("array gone: forgetting its legs", zap.String("array", devPath(name)))
+			}
+		}
+	}
+	for _, name := range names {
 		if ctx.Err() != nil {
 			return
 		}
@@ -155,37 +169,41 @@ func (w *Watcher) Step(ctx context.Context) {
 	}
 }
 
-// targets lists the kernel names of the arrays to look at.
-func (w *Watcher) targets() []string {
+// targets lists the kernel names of the arrays to look at; complete is
+// false when the list could not be read, so arrays missing from it may
+// still be there.
+func (w *Watcher) targets() (names []string, complete bool) {
 	if len(w.cfg.Arrays) == 0 {
 		b, err := fs.ReadFile(w.h.sys, "proc/mdstat")
 		if err != nil {
 			w.note("", "mdstat", zap.ErrorLevel, "cannot read /proc/mdstat (is md loaded?)", zap.Error(err))
-			return nil
+			return nil, false
 		}
 		st, err := ParseMdstat(b)
 		if err != nil {
 			w.note("", "mdstat", zap.ErrorLevel, "cannot parse /proc/mdstat", zap.Error(err))
-			return nil
+			return nil, false
 		}
-		var names []string
 		for _, a := range st.Arrays {
 			if a.Active && a.Level == "raid1" {
 				names = append(names, a.Name)
 			}
 		}
-		return names
+		return names, true
 	}
-	var names []string
+	complete = true
 	for _, p := range w.cfg.Arrays {
 		name, err := w.h.kernelName(p)
 		if err != nil {
 			w.note(p, "array", zap.WarnLevel, "array not found (not assembled yet?)", zap.Error(err))
+			if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, ErrNotBlockDevice) {
+				complete = false // not known to be gone
+			}
 			continue
 		}
 		names = append(names, name)
 	}
-	return names
+	return names, complete
 }
 
 func (w *Watcher) memory(a Array) *arrayMemory {

@@ -145,6 +145,30 @@ func TestWatchReaddsRemovedLeg(t *testing.T) {
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
 }
 
+// An array stopped and assembled again starts from nothing, as after a
+// reboot: perhaps an admin assembled it from the stale leg, and the leg it
+// lacks now holds the newer data. It is not added back.
+func TestWatchForgetsAStoppedArray(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	e.step() // knows nbd0 and nbd1
+	for k := range e.fsys {
+		if strings.HasPrefix(k, "sys/block/md") || strings.HasPrefix(k, "sys/class/block/md") {
+			delete(e.fsys, k) // mdadm --stop
+		}
+	}
+	e.step()
+	e.wantLogged("array gone: forgetting its legs", 1)
+	e.load("sysfs-removed.txt") // assembled again, without nbd0
+	e.probe.set("/dev/nbd0", probeReadable)
+	e.probe.probed = nil
+	e.step()
+	e.step()
+	if len(e.probe.probed) != 0 {
+		t.Errorf("probed %v: the forgotten leg was looked at", e.probe.probed)
+	}
+}
+
 // A watcher started after the leg was removed does not know it.
 func TestWatchDoesNotGuessLegs(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-removed.txt", WatchConfig{})
