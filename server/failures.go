@@ -84,9 +84,17 @@ func (f *Failures) List() []Failure {
 }
 
 func (f *Failures) lookup(export string) (Failure, bool) {
+	return f.lookupVolume(export, "")
+}
+
+// lookupVolume finds the record of export's volume that description names
+// (see sameVolume; "" matches any).
+func (f *Failures) lookupVolume(export, description string) (Failure, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	i := slices.IndexFunc(f.list, func(x Failure) bool { return x.Export == export })
+	i := slices.IndexFunc(f.list, func(x Failure) bool {
+		return x.Export == export && sameVolume(x.Description, description)
+	})
 	if i < 0 {
 		return Failure{}, false
 	}
@@ -97,22 +105,20 @@ func (f *Failures) lookup(export string) (Failure, bool) {
 // (lookups see it while it is written) and in the file before it returns. It
 // is kept in memory even when the file cannot be written, and that is logged
 // as the emergency it is: a restart would serve the export again. Writing
-// the file is tried again on every later record and Retry. A record of
-// another volume under the name (removed since and made anew: see
-// sameVolume) is replaced, or the new one's failure would not survive a
-// restart.
+// the file is tried again on every later record and Retry. Records are one
+// per export name and volume (see sameVolume): a volume removed and made
+// anew under the name keeps its own, whichever of the two fails first.
 func (f *Failures) record(export, description string, err error) {
 	f.mu.Lock()
-	if i := slices.IndexFunc(f.list, func(x Failure) bool { return x.Export == export }); i >= 0 {
-		if sameVolume(f.list[i].Description, description) {
-			unsaved := f.unsaved != nil
-			f.mu.Unlock()
-			if unsaved {
-				_ = f.persist() // logged
-			}
-			return
+	if slices.ContainsFunc(f.list, func(x Failure) bool {
+		return x.Export == export && sameVolume(x.Description, description)
+	}) {
+		unsaved := f.unsaved != nil
+		f.mu.Unlock()
+		if unsaved {
+			_ = f.persist() // logged
 		}
-		f.list = slices.Delete(f.list, i, i+1)
+		return
 	}
 	x := Failure{Export: export, Description: description, Error: err.Error(), Since: time.Now().UTC()}
 	var errno syscall.Errno
@@ -168,15 +174,21 @@ func (f *Failures) Retry() error {
 	return nil
 }
 
-// clear forgets export's failure, persisted before it returns; it reports
-// whether there was one. Until the file is written, lookups still find it.
+// clear forgets export's failures (of every volume under the name),
+// persisted before it returns; it reports whether there was one. Until the file is written, lookups still find it.
 func (f *Failures) clear(export string) (bool, error) {
 	f.save.Lock()
 	defer f.save.Unlock()
-	isIt := func(x Failure) bool { return x.Export == export }
+	var gone []Failure // every volume's under the name
 	f.mu.Lock()
-	next := slices.DeleteFunc(slices.Clone(f.list), isIt)
-	found := len(next) < len(f.list)
+	next := slices.DeleteFunc(slices.Clone(f.list), func(x Failure) bool {
+		if x.Export == export {
+			gone = append(gone, x)
+			return true
+		}
+		return false
+	})
+	found := len(gone) > 0
 	f.mu.Unlock()
 	if !found {
 		return false, nil
@@ -185,9 +197,9 @@ func (f *Failures) clear(export string) (bool, error) {
 		return true, fmt.Errorf("clearing the failure of %q: %w", export, err)
 	}
 	f.mu.Lock()
-	// Only this record goes: one added meanwhile waits on save to be
+	// Only these records go: one added meanwhile waits on save to be
 	// written, with the list it is in.
-	f.list = slices.DeleteFunc(f.list, isIt)
+	f.list = slices.DeleteFunc(f.list, func(x Failure) bool { return slices.Contains(gone, x) })
 	if len(f.list) == len(next) {
 		f.unsaved = nil
 	}
@@ -209,13 +221,11 @@ func (r *Registry) keepFailuresLocked(e *Export) {
 	if !ok || r.failures == nil {
 		return
 	}
-	if x, ok := r.failures.lookup(e.Name); ok {
-		if sameVolume(x.Description, e.Description) {
-			b.MarkFailed(x.err())
-		} else {
-			r.failures.log.Warn("a failure recorded under this export's name was of another volume, removed since and made anew: not applied (volume create, volume remove or lvnbd recover clears the record)",
-				zap.String("export", e.Name), zap.String("recorded_for", x.Description), zap.String("now", e.Description))
-		}
+	if x, ok := r.failures.lookupVolume(e.Name, e.Description); ok {
+		b.MarkFailed(x.err())
+	} else if x, ok := r.failures.lookup(e.Name); ok {
+		r.failures.log.Warn("a failure recorded under this export's name was of another volume, removed since and made anew: not applied (volume create, volume remove or lvnbd recover clears the record)",
+			zap.String("export", e.Name), zap.String("recorded_for", x.Description), zap.String("now", e.Description))
 	}
 	failures := r.failures
 	b.OnFailure(func(err error) {

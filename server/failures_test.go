@@ -268,16 +268,62 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 		}
 	}
 
-	// The volume made anew fails too: its record replaces the old one's,
-	// and it stays failed after a restart.
+	// The volume made anew fails too: it has a record of its own, and
+	// stays failed after a restart.
 	reg = restart(reg)
 	_, hb := add(reg, "uuid-2")
 	hb.fail(syscall.EIO)
-	if recs := reg.Failures().List(); len(recs) != 1 || nbd.DescriptionID(recs[0].Description) != "uuid-2" {
-		t.Errorf("records after the new volume failed: %+v, want only its own", recs)
+	if recs := reg.Failures().List(); len(recs) != 2 {
+		t.Errorf("records after the new volume failed: %+v, want both volumes'", recs)
 	}
 	if e, _ := add(restart(reg), "uuid-2"); readErrno(e) != nbd.EIO {
 		t.Errorf("after a restart, the new volume that failed got errno %d, want EIO", readErrno(e))
+	}
+}
+
+// The new volume fails first, then the old one's last flush: each keeps
+// its own record, and the new one stays failed after a restart.
+func TestFailureOfTheOldVolumeAfterTheNew(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "failures.json")
+	reg := failureRegistry(t, path)
+	oldE, img := fileExport(t, "vm1", 1<<20, false)
+	oldE.Description = nbd.WithID("volume vm1", "uuid-1")
+	old := &hookedBackend{File: oldE.Backend.(*backend.File)}
+	oldE.Backend = old
+	if err := reg.Add(oldE); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	newE, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	newE.Description = nbd.WithID("volume vm1", "uuid-2")
+	hb := &hookedBackend{File: newE.Backend.(*backend.File)}
+	newE.Backend = hb
+	if err := reg.Add(newE); err != nil {
+		t.Fatal(err)
+	}
+	hb.fail(syscall.EIO)
+	old.fail(syscall.EIO)
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	hb.File.Close()
+	reg2 := failureRegistry(t, path) // a restart
+	e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Backend.Close() })
+	e.Description = nbd.WithID("volume vm1", "uuid-2")
+	if err := reg2.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	if got := readErrno(e); got != nbd.EIO {
+		t.Errorf("after a restart, the new volume that failed first got errno %d, want EIO", got)
 	}
 }
 
