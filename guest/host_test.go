@@ -121,18 +121,29 @@ func TestReadProberDropsStaleAnswers(t *testing.T) {
 			t.Errorf("probe after the new read answered: %v, want unreadable", r)
 		}
 
-		// A watcher looking every 30 s takes a slow read's answer at its
-		// next look: a device slower than the probe waits is not for ever
-		// pending.
-		newWatcher(&host{probe: p}, &WatchConfig{Interval: 30 * time.Second})
+		// A watcher looking every 30 s looks again 10 s after a probe
+		// was left pending (see Run), and takes the slow read's answer
+		// then; one older than that is stale.
+		w := newWatcher(&host{probe: p}, &WatchConfig{Interval: 30 * time.Second})
+		if got := w.soonLook(); got != 10*time.Second {
+			t.Errorf("soonLook = %v, want 10s", got)
+		}
 		alive.Store(true)
 		if r := p.probe("/dev/nbd2"); r != probePending {
 			t.Fatalf("slow read: %v", r)
 		}
-		time.Sleep(30 * time.Second)
+		time.Sleep(10 * time.Second)
 		if r := p.probe("/dev/nbd2"); r != probeReadable {
-			t.Errorf("probe at the next look, 30 s on: %v, want the slow read's readable", r)
+			t.Errorf("probe at the next look, 10 s on: %v, want the slow read's readable", r)
 		}
+		if r := p.probe("/dev/nbd3"); r != probePending {
+			t.Fatalf("slow read: %v", r)
+		}
+		time.Sleep(30 * time.Second)
+		if r := p.probe("/dev/nbd3"); r != probePending {
+			t.Errorf("probe 30 s on: %v, want a new read (the answer is older than 15 s)", r)
+		}
+		time.Sleep(10 * time.Second)
 	})
 }
 

@@ -54,6 +54,8 @@ type Watcher struct {
 	h      *host
 	log    *zap.Logger
 	arrays map[string]*arrayMemory // by kernel name
+	// probePending: a probe of the last look left its answer pending.
+	probePending bool
 }
 
 // arrayMemory is what the watcher remembers of an array between looks.
@@ -70,6 +72,19 @@ type arrayMemory struct {
 	// notes holds the last message logged per topic: conditions that last
 	// (a leg still dead) are logged when they change, not every interval.
 	notes map[string]string
+	// inSync are the members in sync at the last look.
+	inSync []string
+}
+
+// inSyncMembers names the members of a that hold a current copy.
+func inSyncMembers(a Array) []string {
+	var out []string
+	for _, m := range a.Members {
+		if m.InSync() {
+			out = append(out, m.Device)
+		}
+	}
+	return out
 }
 
 type legMemory struct {
@@ -92,8 +107,8 @@ func newWatcher(h *host, cfg *WatchConfig) *Watcher {
 	}
 	if p, ok := h.probe.(*readProber); ok {
 		// A read slower than the probe waits is collected at the next
-		// look, an interval later: not stale.
-		p.maxAge = w.cfg.Interval + p.timeout
+		// look, at most soonLook later (see Run): not stale.
+		p.maxAge = p.timeout + w.soonLook()
 	}
 	w.log = w.cfg.Log
 	if w.log == nil {
@@ -112,16 +127,41 @@ func (w *Watcher) Run(ctx context.Context) error {
 		// At debug level, one line per look: what a test or an admin
 		// waits for to know the watcher has seen a change.
 		w.log.Debug("looked at the arrays")
+		next := w.cfg.Interval
+		if w.probePending {
+			// Collect the slow read's answer while it is fresh.
+			next = w.soonLook()
+		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-w.h.clock.After(w.cfg.Interval):
+		case <-w.h.clock.After(next):
 		}
 	}
 }
 
+// probe asks whether dev answers reads, noting an answer still pending.
+func (w *Watcher) probe(dev string) probeResult {
+	r := w.h.probe.probe(dev)
+	if r == probePending {
+		w.probePending = true
+	}
+	return r
+}
+
+// soonLook is how soon the watcher looks again after a probe was left
+// pending: the interval, or twice a probe's wait if that is shorter, so a
+// slow answer is taken before it is too old to trust.
+func (w *Watcher) soonLook() time.Duration {
+	if p, ok := w.h.probe.(*readProber); ok {
+		return min(w.cfg.Interval, 2*p.timeout)
+	}
+	return w.cfg.Interval
+}
+
 // Step looks at every watched array once and acts on what it finds.
 func (w *Watcher) Step(ctx context.Context) {
+	w.probePending = false
 	names, complete := w.targets()
 	if complete {
 		// An array gone from the kernel (stopped) is forgotten: once
@@ -129,11 +169,17 @@ func (w *Watcher) Step(ctx context.Context) {
 		// starts from nothing, as after a reboot, and a leg it does not
 		// have is not added back on the strength of the old memory.
 		// (Memories without legs only keep notes, of arrays not found.)
+		// md's own entry must be gone too: a /dev/md/NAME link that udev
+		// is rebuilding is no stopped array.
 		for name, mem := range w.arrays {
-			if len(mem.legs) > 0 && !slices.Contains(names, name) {
-				delete(w.arrays, name)
-				w.log.Info("array gone: forgetting its legs", zap.String("array", devPath(name)))
+			if len(mem.legs) == 0 || slices.Contains(names, name) {
+				continue
 			}
+			if _, err := fs.Stat(w.h.sys, "sys/block/"+name+"/md/array_state"); err == nil {
+				continue
+			}
+			delete(w.arrays, name)
+			w.log.Info("array gone: forgetting its legs", zap.String("array", devPath(name)))
 		}
 	}
 	for _, name := range names {
@@ -154,6 +200,18 @@ func (w *Watcher) Step(ctx context.Context) {
 			a.UUID = w.detailUUID(ctx, a.Name)
 		}
 		mem := w.memory(a)
+		if inSync := inSyncMembers(a); len(mem.inSync) > 0 && len(inSync) > 0 &&
+			!slices.ContainsFunc(inSync, func(d string) bool { return slices.Contains(mem.inSync, d) }) {
+			// None of the legs in sync at the last look is now, and others
+			// are: stopped and assembled again from the other leg between
+			// two looks. Its legs are not the ones known.
+			w.log.Warn("the array's legs in sync are all others than at the last look: assembled again from "+
+				"another leg? Forgetting its legs; add the one it lacks by hand once you know which holds the newest data",
+				zap.String("array", devPath(name)), zap.Strings("were", mem.inSync), zap.Strings("now", inSync))
+			delete(w.arrays, a.Name)
+			mem = w.memory(a)
+		}
+		mem.inSync = inSyncMembers(a)
 		w.noteFor(mem, name, "array", zap.InfoLevel, "watching", zap.String("uuid", a.UUID),
 			zap.Int("raid_disks", a.RaidDisks), zap.Strings("members", memberNames(a)))
 		for _, m := range a.Members {
@@ -304,7 +362,7 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		w.noteFor(mem, a.Name, topic, zap.WarnLevel, "leg device is gone", zap.String("device", path))
 		return false
 	}
-	switch r := w.h.probe.probe(path); r {
+	switch r := w.probe(path); r {
 	case probeReadable:
 	default:
 		w.noteFor(mem, a.Name, topic, zap.WarnLevel, "leg does not answer reads; waiting for it", zap.String("device", path),
@@ -516,7 +574,7 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 		if !m.InSync() {
 			continue
 		}
-		r := w.h.probe.probe(devPath(m.Device))
+		r := w.probe(devPath(m.Device))
 		if r == probeReadable {
 			mem.notes["source"] = ""
 			return true

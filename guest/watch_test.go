@@ -169,6 +169,50 @@ func TestWatchForgetsAStoppedArray(t *testing.T) {
 	}
 }
 
+// An array stopped and assembled again from the other leg between two
+// looks: none of the legs in sync before is now. It is not the array known,
+// and the leg it lacks (perhaps with the newer data) is not added back.
+func TestWatchForgetsAnArrayAssembledFromTheOtherLeg(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	e.step() // nbd1 in sync, nbd0 faulty
+	// Assembled from nbd0 alone: sysfs-removed.txt with nbd1 as nbd0.
+	e.load("sysfs-removed.txt")
+	for k, f := range e.fsys {
+		if strings.HasPrefix(k, "sys/block/"+e.md+"/") && strings.Contains(k, "nbd1") {
+			delete(e.fsys, k)
+			e.fsys[strings.ReplaceAll(k, "nbd1", "nbd0")] = f
+		}
+	}
+	e.fsys["sys/block/"+e.md+"/md/dev-nbd0/slot"] = &fstest.MapFile{Data: []byte("0\n")}
+	e.probe.set("/dev/nbd0", probeReadable)
+	e.probe.probed = nil
+	e.step()
+	e.wantLogged("the array's legs in sync are all others than at the last look: assembled again from another leg? Forgetting its legs; add the one it lacks by hand once you know which holds the newest data", 1)
+	e.step()
+	if len(e.probe.probed) != 0 {
+		t.Errorf("probed %v: the leg the array lacks was looked at", e.probe.probed)
+	}
+}
+
+// A /dev/md/NAME link that is gone for a moment (udev rebuilding it) while
+// md still runs the array is no stopped array: its legs are kept.
+func TestWatchKeepsAnArrayWhoseLinkIsRebuilt(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Arrays: []string{"/dev/md/data"}})
+	symlink(e.fsys, "/dev/md/data", "/dev/"+e.md)
+	e.probe.set("/dev/nbd0", probeUnreadable)
+	e.step() // knows nbd0 and nbd1
+	delete(e.fsys, "dev/md/data")
+	e.step()
+	e.wantLogged("array gone: forgetting its legs", 0)
+	symlink(e.fsys, "/dev/md/data", "/dev/"+e.md)
+	e.load("sysfs-removed.txt")
+	e.probe.set("/dev/nbd0", probeReadable)
+	e.run.expect(staleLeg(t), staleView(t), call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+}
+
 // A watcher started after the leg was removed does not know it.
 func TestWatchDoesNotGuessLegs(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-removed.txt", WatchConfig{})
