@@ -76,8 +76,19 @@ func Handler(s *Supervisor, log *zap.Logger) http.Handler {
 		log.Info("pair down", zap.String("pair", r.PathValue("name")), zap.String("leg", leg), zap.Error(err))
 		writeResult(w, st, err)
 	}
-	mux.HandleFunc("POST /v1/pairs/{name}/up", up)
-	mux.HandleFunc("POST /v1/pairs/{name}/down", down)
+	// A leg named as a parameter is refused, not ignored: acting on the
+	// whole pair instead would take the other leg from the guest too.
+	pairOnly := func(h http.HandlerFunc) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Query().Has("leg") {
+				writeJSON(w, http.StatusBadRequest, apiError{Error: "leg= is not a parameter: POST /v1/pairs/NAME/legs/LEG/up or down acts on one leg"})
+				return
+			}
+			h(w, r)
+		}
+	}
+	mux.HandleFunc("POST /v1/pairs/{name}/up", pairOnly(up))
+	mux.HandleFunc("POST /v1/pairs/{name}/down", pairOnly(down))
 	mux.HandleFunc("POST /v1/pairs/{name}/legs/{leg}/up", up)
 	mux.HandleFunc("POST /v1/pairs/{name}/legs/{leg}/down", down)
 	return mux
@@ -207,7 +218,7 @@ func (c *Client) legDo(ctx context.Context, path, leg string, out any) error {
 	var se *localapi.StatusError
 	if leg != "" && errors.As(err, &se) && se.Code == http.StatusNotFound {
 		return fmt.Errorf("the running lvnbd client does not take one leg at a time (it is older than this command): "+
-			"restart it to run this version (systemctl restart lvnbd-client; the devices stay attached), or act on the whole pair: %w", err)
+			"restart it to run this version (systemctl restart lvnbd-client: the devices stay attached, and pairs taken down come up again), or act on the whole pair: %w", err)
 	}
 	return err
 }

@@ -71,6 +71,10 @@ func TestAPI(t *testing.T) {
 	if _, err := c.Up(ctx, "vm1", "c", time.Minute); !errors.Is(err, ErrUnknownLeg) || !strings.Contains(err.Error(), `no such leg "c"`) {
 		t.Errorf("up of leg c: %v", err)
 	}
+	// A leg as a parameter of the pair's route is refused, not ignored.
+	if err := c.do(ctx, http.MethodPost, "/v1/pairs/vm1/down?leg=a", nil); err == nil || !strings.Contains(err.Error(), "not a parameter") {
+		t.Errorf("down with leg=a on the pair's route: %v", err)
+	}
 
 	ps, err = c.Down(ctx, "vm1", "", false)
 	if err != nil {
