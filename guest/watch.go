@@ -72,7 +72,7 @@ type arrayMemory struct {
 	// notes holds the last message logged per topic: conditions that last
 	// (a leg still dead) are logged when they change, not every interval.
 	notes map[string]string
-	// inSync are the members in sync at the last look.
+	// inSync are the members in sync at the last look that had any.
 	inSync []string
 }
 
@@ -211,7 +211,11 @@ func (w *Watcher) Step(ctx context.Context) {
 			delete(w.arrays, a.Name)
 			mem = w.memory(a)
 		}
-		mem.inSync = inSyncMembers(a)
+		if inSync := inSyncMembers(a); len(inSync) > 0 {
+			// Kept through a look with none (both legs failed), so an
+			// array brought back from the other leg is still told.
+			mem.inSync = inSync
+		}
 		w.noteFor(mem, name, "array", zap.InfoLevel, "watching", zap.String("uuid", a.UUID),
 			zap.Int("raid_disks", a.RaidDisks), zap.Strings("members", memberNames(a)))
 		for _, m := range a.Members {
