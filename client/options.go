@@ -1,6 +1,7 @@
 package client
 
 import (
+	"slices"
 	"time"
 
 	"github.com/lvnbd/lvnbd/nbd"
@@ -64,6 +65,17 @@ type ExportInfo struct {
 // lvnbd server does, in the description: see nbd.DescriptionID): it
 // changes when the volume is removed and made anew under the same name.
 func (e ExportInfo) ID() string { return nbd.DescriptionID(e.Description) }
+
+// SameExport reports whether two connections see the same export, so that a
+// request may go over either (a pool's, the kernel's connections of one
+// device): a BLOCK_STATUS needs the context on both, and a volume made anew
+// between two dials (another ID) is another export.
+func (e ExportInfo) SameExport(o ExportInfo) bool {
+	return e.Size == o.Size && e.Flags == o.Flags && e.BlockSizes == o.BlockSizes &&
+		e.StructuredReplies == o.StructuredReplies && e.ID() == o.ID() &&
+		// The server numbers contexts per connection: names tell.
+		slices.EqualFunc(e.MetaContexts, o.MetaContexts, func(x, y nbd.MetaContext) bool { return x.Name == y.Name })
+}
 
 // ReadOnly reports whether the export refuses writes.
 func (e ExportInfo) ReadOnly() bool { return e.Flags&nbd.FlagReadOnly != 0 }

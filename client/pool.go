@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -65,7 +64,7 @@ func DialPool(ctx context.Context, uri string, n int, opts *Options) (*Pool, err
 				continue
 			}
 			conns = append(conns, c)
-			if errs[i] == nil && !sameExport(first.info, c.info) {
+			if errs[i] == nil && !first.info.SameExport(c.info) {
 				errs[i] = fmt.Errorf("connection %d to %s sees a different export (size %d, flags %v, contexts %v, volume ID %q) than the first (size %d, flags %v, contexts %v, volume ID %q)",
 					i+2, uri, c.info.Size, c.info.Flags, c.info.MetaContexts, c.info.ID(),
 					first.info.Size, first.info.Flags, first.info.MetaContexts, first.info.ID())
@@ -81,16 +80,6 @@ func DialPool(ctx context.Context, uri string, n int, opts *Options) (*Pool, err
 	p := &Pool{conns: conns, info: first.info, lim: first.lim}
 	p.pick = func() *Conn { return p.conns[p.next.Add(1)%uint64(len(p.conns))] }
 	return p, nil
-}
-
-// sameExport reports whether two connections see the same export, so that a
-// request may go over either: a BLOCK_STATUS needs the context on both, and
-// a volume made anew between two dials (another ID) is another export.
-func sameExport(a, b ExportInfo) bool {
-	return a.Size == b.Size && a.Flags == b.Flags && a.BlockSizes == b.BlockSizes &&
-		a.StructuredReplies == b.StructuredReplies && a.ID() == b.ID() &&
-		// The server numbers contexts per connection: names tell.
-		slices.EqualFunc(a.MetaContexts, b.MetaContexts, func(x, y nbd.MetaContext) bool { return x.Name == y.Name })
 }
 
 // Connections is how many connections the pool uses: the n asked for, or 1

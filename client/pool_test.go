@@ -106,8 +106,8 @@ func TestSameExport(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := base.clone()
 			tt.change(&b)
-			if got := sameExport(base, b); got != tt.same {
-				t.Errorf("sameExport = %v, want %v", got, tt.same)
+			if got := base.SameExport(b); got != tt.same {
+				t.Errorf("SameExport = %v, want %v", got, tt.same)
 			}
 		})
 	}

@@ -81,7 +81,7 @@ func DialSockets(ctx context.Context, d *net.Dialer, u client.URI, n int) ([]*os
 		a, b := infos[0], infos[i]
 		// The ID too: a volume made anew between two connections would
 		// otherwise get one of them.
-		if a.Size != b.Size || a.Flags != b.Flags || a.BlockSizes != b.BlockSizes || a.ID() != b.ID() {
+		if !a.SameExport(b) {
 			return fail(fmt.Errorf("%s changed between connections: connection 1 saw %d bytes, flags %v, volume id %q; "+
 				"connection %d saw %d bytes, flags %v, volume id %q", u, a.Size, a.Flags, a.ID(), i+1, b.Size, b.Flags, b.ID()))
 		}
