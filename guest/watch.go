@@ -200,7 +200,8 @@ func (w *Watcher) Step(ctx context.Context) {
 			a.UUID = w.detailUUID(ctx, a.Name)
 		}
 		mem := w.memory(a)
-		if inSync := inSyncMembers(a); len(mem.inSync) > 0 && len(inSync) > 0 &&
+		inSync := inSyncMembers(a)
+		if len(mem.inSync) > 0 && len(inSync) > 0 &&
 			!slices.ContainsFunc(inSync, func(d string) bool { return slices.Contains(mem.inSync, d) }) {
 			// None of the legs in sync at the last look is now, and others
 			// are: stopped and assembled again from the other leg between
@@ -211,7 +212,7 @@ func (w *Watcher) Step(ctx context.Context) {
 			delete(w.arrays, a.Name)
 			mem = w.memory(a)
 		}
-		if inSync := inSyncMembers(a); len(inSync) > 0 {
+		if len(inSync) > 0 {
 			// Kept through a look with none (both legs failed), so an
 			// array brought back from the other leg is still told.
 			mem.inSync = inSync

@@ -257,8 +257,8 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 	if err := v.syncAfter(ctx, "recovery of "+name, name); err != nil {
 		return RecoverResult{Export: name}, err
 	}
-	e, ok := v.export(name)
-	if !v.managed[name] || !ok {
+	e, ok := v.export(name) // only a managed one
+	if !ok {
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
 	before := e.Description // as the rescan just listed it, before the open
