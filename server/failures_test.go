@@ -208,47 +208,56 @@ func TestFailureOfAReplacedExport(t *testing.T) {
 	}
 }
 
+// addVolume offers img as export vm1 of volume id in reg, with a backend the
+// test can fail.
+func addVolume(t *testing.T, reg *Registry, img, id string) (*Export, *hookedBackend) {
+	t.Helper()
+	e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Backend.Close() })
+	e.Description = nbd.WithID("volume vm1", id)
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	return e, hb
+}
+
+// restartRegistry removes vm1 from reg and returns a registry as a server
+// restarted with the failure file at path has it.
+func restartRegistry(t *testing.T, reg *Registry, path string) *Registry {
+	t.Helper()
+	if _, _, err := reg.Remove("vm1"); err != nil {
+		t.Fatal(err)
+	}
+	return failureRegistry(t, path)
+}
+
+// volumeImage makes a 1 MiB image for addVolume.
+func volumeImage(t *testing.T) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "vm1.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
 // A volume made anew under a failed one's name shares only the name: the
 // old one's late failure does not fail it, nor does the record after a
 // restart; the same volume added again does fail.
 func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
-	img := filepath.Join(t.TempDir(), "vm1.img")
-	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// add offers img as vm1 of volume id in reg, with a backend the test
-	// can fail.
-	add := func(reg *Registry, id string) (*Export, *hookedBackend) {
-		t.Helper()
-		e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Backend.Close() })
-		e.Description = nbd.WithID("volume vm1", id)
-		hb := &hookedBackend{File: e.Backend.(*backend.File)}
-		e.Backend = hb
-		if err := reg.Add(e); err != nil {
-			t.Fatal(err)
-		}
-		return e, hb
-	}
-	// restart removes vm1 from reg and returns a registry as a restarted
-	// server has it.
-	restart := func(reg *Registry) *Registry {
-		t.Helper()
-		if _, _, err := reg.Remove("vm1"); err != nil {
-			t.Fatal(err)
-		}
-		return failureRegistry(t, path)
-	}
+	img := volumeImage(t)
 	reg := failureRegistry(t, path)
-	_, old := add(reg, "uuid-1")
+	_, old := addVolume(t, reg, img, "uuid-1")
 	if _, _, err := reg.Remove("vm1"); err != nil {
 		t.Fatal(err)
 	}
-	anew, _ := add(reg, "uuid-2")
+	anew, _ := addVolume(t, reg, img, "uuid-2")
 	old.fail(syscall.EIO) // the old volume's drained flush
 	if got := readErrno(anew); got != 0 {
 		t.Errorf("the volume made anew got errno %d from the old one's failure", got)
@@ -262,21 +271,21 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 		id   string
 		want nbd.Errno
 	}{{"uuid-2", 0}, {"uuid-1", nbd.EIO}} {
-		reg = restart(reg)
-		if e, _ := add(reg, tt.id); readErrno(e) != tt.want {
+		reg = restartRegistry(t, reg, path)
+		if e, _ := addVolume(t, reg, img, tt.id); readErrno(e) != tt.want {
 			t.Errorf("after a restart, vm1 with ID %s got errno %d, want %d", tt.id, readErrno(e), tt.want)
 		}
 	}
 
 	// The volume made anew fails too: it has a record of its own, and
 	// stays failed after a restart.
-	reg = restart(reg)
-	_, hb := add(reg, "uuid-2")
+	reg = restartRegistry(t, reg, path)
+	_, hb := addVolume(t, reg, img, "uuid-2")
 	hb.fail(syscall.EIO)
 	if recs := reg.Failures().List(); len(recs) != 2 {
 		t.Errorf("records after the new volume failed: %+v, want both volumes'", recs)
 	}
-	if e, _ := add(restart(reg), "uuid-2"); readErrno(e) != nbd.EIO {
+	if e, _ := addVolume(t, restartRegistry(t, reg, path), img, "uuid-2"); readErrno(e) != nbd.EIO {
 		t.Errorf("after a restart, the new volume that failed got errno %d, want EIO", readErrno(e))
 	}
 }
@@ -285,45 +294,17 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 // its own record, and the new one stays failed after a restart.
 func TestFailureOfTheOldVolumeAfterTheNew(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "failures.json")
+	img := volumeImage(t)
 	reg := failureRegistry(t, path)
-	oldE, img := fileExport(t, "vm1", 1<<20, false)
-	oldE.Description = nbd.WithID("volume vm1", "uuid-1")
-	old := &hookedBackend{File: oldE.Backend.(*backend.File)}
-	oldE.Backend = old
-	if err := reg.Add(oldE); err != nil {
-		t.Fatal(err)
-	}
+	_, old := addVolume(t, reg, img, "uuid-1")
 	if _, _, err := reg.Remove("vm1"); err != nil {
 		t.Fatal(err)
 	}
-	newE, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
-	if err != nil {
-		t.Fatal(err)
-	}
-	newE.Description = nbd.WithID("volume vm1", "uuid-2")
-	hb := &hookedBackend{File: newE.Backend.(*backend.File)}
-	newE.Backend = hb
-	if err := reg.Add(newE); err != nil {
-		t.Fatal(err)
-	}
+	_, hb := addVolume(t, reg, img, "uuid-2")
 	hb.fail(syscall.EIO)
 	old.fail(syscall.EIO)
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
-	hb.File.Close()
-	reg2 := failureRegistry(t, path) // a restart
-	e, err := OpenExport(ExportSpec{Name: "vm1", Path: img})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { e.Backend.Close() })
-	e.Description = nbd.WithID("volume vm1", "uuid-2")
-	if err := reg2.Add(e); err != nil {
-		t.Fatal(err)
-	}
-	if got := readErrno(e); got != nbd.EIO {
-		t.Errorf("after a restart, the new volume that failed first got errno %d, want EIO", got)
+	if e, _ := addVolume(t, restartRegistry(t, reg, path), img, "uuid-2"); readErrno(e) != nbd.EIO {
+		t.Errorf("after a restart, the new volume that failed first got errno %d, want EIO", readErrno(e))
 	}
 }
 
