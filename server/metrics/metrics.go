@@ -155,10 +155,13 @@ func (s *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(failDesc, prometheus.GaugeValue, failed, e.Name)
 	}
-	// A failed volume that went missing must not clear an alert.
+	// A failed volume that went missing must not clear an alert. One
+	// series per name, though several volumes made under it may each
+	// have a record: a repeated one fails the whole scrape.
 	if f := s.exports.Failures(); f != nil {
 		for _, x := range f.List() {
 			if !served[x.Export] {
+				served[x.Export] = true
 				ch <- prometheus.MustNewConstMetric(failDesc, prometheus.GaugeValue, 1, x.Export)
 			}
 		}

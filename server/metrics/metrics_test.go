@@ -25,9 +25,11 @@ func (f fakeBackend) Failed() error { return f.failed }
 
 func TestMetrics(t *testing.T) {
 	reg := server.NewRegistry()
-	// gone's volume is missing, its failure recorded before a restart.
+	// gone's volume is missing, its failure recorded before a restart; so
+	// is that of the volume made before it under the name: one series.
 	path := filepath.Join(t.TempDir(), "failures.json")
-	record := `[{"export":"gone","description":"volume gone","error":"fdatasync: EIO","since":"2026-12-01T00:00:00Z"}]`
+	record := `[{"export":"gone","description":"volume gone (lvnbd-id uuid-1)","error":"fdatasync: EIO","since":"2026-11-01T00:00:00Z"},
+		{"export":"gone","description":"volume gone (lvnbd-id uuid-2)","error":"fdatasync: EIO","since":"2026-12-01T00:00:00Z"}]`
 	if err := os.WriteFile(path, []byte(record), 0o600); err != nil {
 		t.Fatal(err)
 	}
