@@ -92,13 +92,19 @@ func (f *Failures) lookup(export string) (Failure, bool) {
 func (f *Failures) lookupVolume(export, description string) (Failure, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	i := slices.IndexFunc(f.list, func(x Failure) bool {
-		return x.Export == export && sameVolume(x.Description, description)
-	})
+	i := f.indexLocked(export, description)
 	if i < 0 {
 		return Failure{}, false
 	}
 	return f.list[i], true
+}
+
+// indexLocked is the index of the record of export's volume that
+// description names, -1 if there is none.
+func (f *Failures) indexLocked(export, description string) int {
+	return slices.IndexFunc(f.list, func(x Failure) bool {
+		return x.Export == export && sameVolume(x.Description, description)
+	})
 }
 
 // record keeps the first failure of an export's volume, in memory at once
@@ -110,9 +116,7 @@ func (f *Failures) lookupVolume(export, description string) (Failure, bool) {
 // anew under the name keeps its own, whichever of the two fails first.
 func (f *Failures) record(export, description string, err error) {
 	f.mu.Lock()
-	if slices.ContainsFunc(f.list, func(x Failure) bool {
-		return x.Export == export && sameVolume(x.Description, description)
-	}) {
+	if f.indexLocked(export, description) >= 0 {
 		unsaved := f.unsaved != nil
 		f.mu.Unlock()
 		if unsaved {
@@ -214,8 +218,8 @@ type failureKeeper interface {
 	OnFailure(func(error))
 }
 
-// keepFailuresLocked makes e fail if a failure of its name is recorded, and
-// records its failures from now on. Called before e is offered.
+// keepFailuresLocked makes e fail if a failure of its volume is recorded
+// under its name, and records its failures from now on. Called before e is offered.
 func (r *Registry) keepFailuresLocked(e *Export) {
 	b, ok := e.Backend.(failureKeeper)
 	if !ok || r.failures == nil {
