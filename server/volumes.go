@@ -106,17 +106,30 @@ func (v *Volumes) syncAfter(ctx context.Context, change string, names ...string)
 	return errors.Join(errs...)
 }
 
+// ErrListingVolumes is in Sync's error when the volumes could not be listed
+// at all, so that no export was brought in step; without it, the error is
+// only about some exports, and the others are in step.
+var ErrListingVolumes = errors.New("listing volumes")
+
 func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	vols, err := v.drv.List(ctx)
 	if err != nil {
-		return syncResult{list: fmt.Errorf("listing volumes of %s: %w", v.drv, err)}
+		return syncResult{list: fmt.Errorf("%w of %s: %w", ErrListingVolumes, v.drv, err)}
 	}
-	wanted, pending := v.wanted(vols)
+	wanted, pending, unreadable := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
+	for name, err := range unreadable {
+		errs[name] = fmt.Errorf("%w; its export is left as it is", err)
+	}
 	opened := map[string]openedExport{}
 	for name := range v.managed {
 		if _, ok := wanted[name]; ok {
+			continue
+		}
+		if _, ok := unreadable[name]; ok {
+			// The driver knows the volume but not what it is now:
+			// neither cut its clients nor serve anything new.
 			continue
 		}
 		if _, ok := pending[name]; ok {
@@ -187,7 +200,7 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 	var now map[string]wantedExport
 	vols, err := v.drv.List(ctx)
 	if err == nil {
-		now, _ = v.wanted(vols)
+		now, _, _ = v.wanted(vols)
 	}
 	for _, name := range slices.Sorted(maps.Keys(opened)) {
 		o := opened[name]
@@ -218,27 +231,35 @@ type wantedExport struct {
 	readOnly   bool
 }
 
-// wanted gives the exports vols should have, by name, and the volumes that
-// have none because a merge into them is pending.
-func (v *Volumes) wanted(vols []volume.Volume) (map[string]wantedExport, map[string]volume.Volume) {
-	wanted := map[string]wantedExport{}
-	pending := map[string]volume.Volume{}
+// wanted gives the exports vols should have, by name; the volumes that have
+// none because a merge into them is pending; and the volumes and snapshots
+// the driver could not read (volume.Volume.Problem), by export name with the
+// problem as an error, whose exports a sync leaves as they are.
+func (v *Volumes) wanted(vols []volume.Volume) (wanted map[string]wantedExport, pending map[string]volume.Volume, unreadable map[string]error) {
+	wanted, pending, unreadable = map[string]wantedExport{}, map[string]volume.Volume{}, map[string]error{}
 	for _, vol := range vols {
-		if vol.MergePending {
+		switch {
+		case vol.Problem != "":
+			unreadable[vol.Name] = vol.Err()
+		case vol.MergePending:
 			pending[vol.Name] = vol
-		} else {
+		default:
 			// The ID in the description lets a dom0 refuse to
 			// reconnect a leg to a volume made anew under this name.
 			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), vol.ID), false}
 		}
 		for _, s := range vol.Snapshots {
-			if s.Invalid || s.Merging {
-				continue // nothing consistent to read
+			switch {
+			case s.Problem != "":
+				unreadable[s.Ref()] = s.Err()
+			case s.Invalid || s.Merging:
+				// nothing consistent to read
+			default:
+				wanted[s.Ref()] = wantedExport{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
 			}
-			wanted[s.Ref()] = wantedExport{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
 		}
 	}
-	return wanted, pending
+	return wanted, pending, unreadable
 }
 
 // Recover serves a failed export again, as Registry.Recover does. For an
@@ -267,7 +288,7 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		if err != nil {
 			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
 		}
-		wanted, _ := v.wanted(vols)
+		wanted, _, _ := v.wanted(vols)
 		if w, ok := wanted[name]; ok && w.desc == before {
 			return w.desc, nil
 		}

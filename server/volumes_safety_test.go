@@ -674,3 +674,97 @@ func TestChangeIgnoresOtherExportsErrors(t *testing.T) {
 		}
 	})
 }
+
+// TestUnreadableVolumeIsLeftAsItIs: a volume the driver lists with a
+// Problem (here its file was deleted by hand while exported) keeps its
+// export and clients as they are, and so does its snapshot; every other
+// volume is still brought in step, so a volume merged outside lvnbd still
+// has its clients stopped. Before, the listing failed and no rescan changed
+// anything.
+func TestUnreadableVolumeIsLeftAsItIs(t *testing.T) {
+	ctx := context.Background()
+	drv := &mergeLaterDriver{Driver: newFileDriver(t), pending: map[string]string{}}
+	vols, ts, _ := observedVolumes(t, drv)
+	createWithSnapshot(t, vols)
+	for _, name := range []string{"vm2", "merged"} {
+		if _, err := vols.Create(ctx, volume.CreateOptions{Name: name, Size: 4096}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "merged", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	kept := dialRaw(t, ts.addr)
+	kept.open("vm1", false)
+	cut := dialRaw(t, ts.addr)
+	cut.open("merged", false)
+	exported, _ := ts.reg.Lookup("vm1")
+
+	// Behind the server: vm1's and vm1@s's files deleted, vm2 removed,
+	// vm3 created, a merge into "merged" started.
+	for _, path := range []string{drv.Path("vm1"), drv.Path("vm1@s")} {
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := drv.Remove(ctx, "vm2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm3", Size: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	if err := drv.MergeSnapshot(ctx, "merged", "s"); !errors.Is(err, volume.ErrMergePending) {
+		t.Fatal(err)
+	}
+
+	err := vols.Sync(ctx)
+	if !errors.Is(err, volume.ErrUnreadable) || !strings.Contains(err.Error(), "left as it is") || errors.Is(err, ErrListingVolumes) {
+		t.Fatalf("Sync: %v, want vm1 unreadable and its export left as it is, not a failed listing", err)
+	}
+	for _, name := range []string{"vm1", "vm1@s"} {
+		if !strings.Contains(err.Error(), name+" cannot be read") {
+			t.Errorf("Sync: %v, want it to name %s", err, name)
+		}
+	}
+	if e, _ := ts.reg.Lookup("vm1"); e != exported {
+		t.Error("vm1's export was replaced or removed")
+	}
+	if _, ok := ts.reg.Lookup("vm1@s"); !ok {
+		t.Error("vm1@s's export was removed")
+	}
+	expectConnected(t, kept)
+	if _, ok := ts.reg.Lookup("vm2"); ok {
+		t.Error("vm2 still exported after it was removed")
+	}
+	if _, ok := ts.reg.Lookup("vm3"); !ok {
+		t.Error("vm3 not exported after it was created")
+	}
+	cut.expectClosed()
+	if _, err := vols.Recover(ctx, "vm1"); !errors.Is(err, volume.ErrUnreadable) {
+		t.Errorf("Recover of an unreadable volume: %v, want ErrUnreadable", err)
+	}
+	if e, _ := ts.reg.Lookup("vm1"); e != exported {
+		t.Error("vm1's export was replaced or removed by Recover")
+	}
+
+	// A volume that is unreadable from the start is not exported.
+	drv2 := newFileDriver(t)
+	for _, name := range []string{"ok", "gone"} {
+		if _, err := drv2.Create(ctx, volume.CreateOptions{Name: name, Size: 4096}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Remove(drv2.Path("gone")); err != nil {
+		t.Fatal(err)
+	}
+	vols2, ts2, _ := observedVolumes(t, drv2)
+	if err := vols2.Sync(ctx); !errors.Is(err, volume.ErrUnreadable) {
+		t.Errorf("Sync: %v, want gone unreadable", err)
+	}
+	if _, ok := ts2.reg.Lookup("ok"); !ok {
+		t.Error("ok not exported beside an unreadable volume")
+	}
+	if _, ok := ts2.reg.Lookup("gone"); ok {
+		t.Error("gone exported though its file is gone")
+	}
+}

@@ -38,3 +38,7 @@ var ErrMergePending = errors.New("merge pending until the volume is closed")
 // ErrUnsupported is returned for an operation or option the driver does not
 // have, such as a volume URL of an unknown scheme.
 var ErrUnsupported = errors.New("not supported")
+
+// ErrUnreadable is returned for a volume or snapshot the driver lists with a
+// Problem: it knows the name but could not read the rest.
+var ErrUnreadable = errors.New("cannot be read")

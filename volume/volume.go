@@ -9,6 +9,7 @@ package volume
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -37,8 +38,23 @@ type Volume struct {
 	// again). The merge undoes whatever is written to the volume until it
 	// starts, so the server does not export it meanwhile.
 	MergePending bool `json:"merge_pending"`
+	// Problem is set for a volume the driver knows by name but could not
+	// read (its file is gone, an LV's report does not parse): say what, and
+	// trust no other field. A listing goes on past it, so that one bad entry
+	// does not stop a server's rescans for every other volume; the server
+	// leaves the export of such a volume as it is, and Get returns Problem
+	// as an error.
+	Problem string `json:"problem,omitempty"`
 	// Snapshots are the volume's snapshots, oldest first.
 	Snapshots []Snapshot `json:"snapshots"`
+}
+
+// Err is the volume's Problem as an error wrapping ErrUnreadable, or nil.
+func (v Volume) Err() error {
+	if v.Problem == "" {
+		return nil
+	}
+	return fmt.Errorf("volume %s %w: %s", v.Name, ErrUnreadable, v.Problem)
 }
 
 // Snapshot is a read-only, point-in-time copy of a volume, exported as
@@ -71,10 +87,21 @@ type Snapshot struct {
 	// ID tells this snapshot from any other made under its name (see
 	// Volume.ID).
 	ID string `json:"id,omitempty"`
+	// Problem is set for a snapshot the driver could not read, as
+	// Volume.Problem is.
+	Problem string `json:"problem,omitempty"`
 }
 
 // Ref is the snapshot's export name, VOLUME@NAME.
 func (s Snapshot) Ref() string { return SnapshotRef(s.Volume, s.Name) }
+
+// Err is the snapshot's Problem as an error wrapping ErrUnreadable, or nil.
+func (s Snapshot) Err() error {
+	if s.Problem == "" {
+		return nil
+	}
+	return fmt.Errorf("snapshot %s %w: %s", s.Ref(), ErrUnreadable, s.Problem)
+}
 
 // CreateOptions describe a new volume.
 type CreateOptions struct {

@@ -198,6 +198,8 @@ func cowNote(s volume.Snapshot) string {
 
 func snapshotState(s volume.Snapshot) string {
 	switch {
+	case s.Problem != "":
+		return "UNREADABLE: " + s.Problem
 	case s.Invalid:
 		return "INVALID (COW space full)"
 	case s.Merging:

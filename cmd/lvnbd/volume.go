@@ -112,8 +112,11 @@ func newVolumeListCmd(vf *volumeFlags) *cobra.Command {
 		Short: "List volumes",
 		Long: `List the volumes with their size, stripes and snapshots. A volume whose
 snapshot merge waits for it to be closed (LVM) is marked "merge pending": a
-server does not export it until the merge is done. --json prints
-{"volumes": [...]} with sizes in bytes (and "merge_pending"), for scripts.`,
+server does not export it until the merge is done. A volume or snapshot the
+driver knows but cannot read (its file deleted by hand, an LV lvs reports
+oddly) is marked "unreadable", with the reason: a server leaves its export as
+it is (and does not export it if it has none). --json prints {"volumes": [...]}
+with sizes in bytes (and "merge_pending", "problem"), for scripts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			drv, err := vf.open(cmd, false)
@@ -140,11 +143,21 @@ server does not export it until the merge is done. --json prints
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tBYTES\tSTRIPES\tSNAPSHOTS\tPATH")
 			var pending []string
+			var problems []error
 			for _, v := range vols {
 				name := v.Name
-				if v.MergePending {
+				switch {
+				case v.Problem != "":
+					name += " (unreadable)"
+					problems = append(problems, v.Err())
+				case v.MergePending:
 					name += " (merge pending)"
 					pending = append(pending, v.Name)
+				}
+				for _, s := range v.Snapshots {
+					if err := s.Err(); err != nil {
+						problems = append(problems, err)
+					}
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%d\t%s\n", name, volume.FormatSize(v.Size), v.Size, stripesColumn(v), len(v.Snapshots), v.Path)
 			}
@@ -154,6 +167,9 @@ server does not export it until the merge is done. --json prints
 			for _, name := range pending {
 				fmt.Fprintf(out, "volume %s: a snapshot merge into it is pending; lvnbd serve does not export it until the merge is done "+
 					"(close every other user of it, then lvchange --refresh it)\n", name)
+			}
+			for _, err := range problems {
+				fmt.Fprintf(out, "%v; lvnbd serve leaves its export as it is\n", err)
 			}
 			return nil
 		},

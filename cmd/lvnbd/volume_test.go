@@ -99,6 +99,41 @@ func TestVolumeCreateAndList(t *testing.T) {
 	}
 }
 
+// TestVolumeListShowsUnreadable: a volume and a snapshot whose files were
+// deleted by hand are listed, marked, with the reason and what to do; the
+// rest are listed as ever.
+func TestVolumeListShowsUnreadable(t *testing.T) {
+	c := newVolumeCLI(t)
+	c.ok("volume", "create", "gone", "--size", "1M")
+	c.ok("volume", "create", "vm1", "--size", "1M")
+	c.ok("snapshot", "create", "vm1@s1")
+	for _, name := range []string{"gone.img", "vm1@s1.img"} {
+		if err := os.Remove(filepath.Join(c.dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := c.listJSON()
+	if len(got) != 2 || !strings.Contains(got[0].Problem, "file is gone") || got[1].Problem != "" ||
+		len(got[1].Snapshots) != 1 || got[1].Snapshots[0].Problem == "" {
+		t.Errorf("volume list --json = %+v, want gone and vm1@s1 with their problems", got)
+	}
+	table := c.ok("volume", "list")
+	for _, want := range []string{"gone (unreadable)", "volume gone cannot be read: its file is gone", "lvnbd volume remove gone forgets it",
+		"snapshot vm1@s1 cannot be read", "lvnbd snapshot remove vm1@s1 forgets it", "leaves its export as it is"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("volume list does not say %q:\n%s", want, table)
+		}
+	}
+	if snaps := c.ok("snapshot", "list"); !strings.Contains(snaps, "UNREADABLE: its file is gone") {
+		t.Errorf("snapshot list does not mark vm1@s1 unreadable:\n%s", snaps)
+	}
+	c.ok("snapshot", "remove", "vm1@s1")
+	c.ok("volume", "remove", "gone")
+	if got := c.listJSON(); len(got) != 1 || got[0].Name != "vm1" || got[0].Problem != "" {
+		t.Errorf("volume list --json after removing both = %+v, want vm1 alone", got)
+	}
+}
+
 func TestVolumeCreateErrors(t *testing.T) {
 	c := newVolumeCLI(t)
 	c.ok("volume", "create", "vm1", "--size", "1G")

@@ -94,8 +94,13 @@ func Run(ctx context.Context, opts Options) error {
 		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
 			return err
 		}
-		if err := d.vols.Sync(ctx); err != nil {
+		if err := d.vols.Sync(ctx); errors.Is(err, server.ErrListingVolumes) {
 			return err
+		} else if err != nil {
+			// One volume that cannot be read or opened must not keep
+			// the box from serving every other: it is logged, and each
+			// rescan tries it again.
+			d.log.Error("some volumes are not exported", zap.Error(err))
 		}
 		d.log.Info("exporting volumes", zap.String("driver", drv.String()), zap.Int("exports", len(d.reg.List())))
 	}

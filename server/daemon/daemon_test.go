@@ -21,6 +21,9 @@ import (
 	"github.com/lvnbd/lvnbd/config"
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/server"
+	"github.com/lvnbd/lvnbd/volume"
+	"github.com/lvnbd/lvnbd/volume/file"
 )
 
 func sparse(t *testing.T, name string, size int64) string {
@@ -280,4 +283,48 @@ func TestFailedExportAcrossRestartAndRecover(t *testing.T) {
 	waitFor(t, "the recovered export's client to be drained", func() bool {
 		return recovered.ReadAt(ctx, buf, 0) != nil
 	})
+}
+
+// TestStartsBesideAnUnreadableVolume: a volume the driver cannot read (its
+// file deleted by hand) is not exported, and the daemon serves every other;
+// only volumes that cannot be listed at all keep it from starting.
+func TestStartsBesideAnUnreadableVolume(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "volumes")
+	drv, err := file.New(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, name := range []string{"ok", "gone"} {
+		if _, err := drv.Create(ctx, volume.CreateOptions{Name: name, Size: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Remove(drv.Path("gone")); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "nbd.sock")
+	cfg := config.Default()
+	cfg.Server.Listen = []string{"unix://" + sock}
+	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.FailureFile, cfg.Server.Rescan = "", "", "", 0
+	cfg.Server.Volumes = "file://" + data
+	d := startDaemon(t, cfg)
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("ok")); return err == nil })
+	if _, err := client.Info(ctx, uri("gone")); err == nil {
+		t.Error("gone is exported though its file is gone")
+	}
+	if err := d.stop(); err != nil {
+		t.Errorf("Run: %v", err)
+	}
+
+	if err := os.WriteFile(filepath.Join(data, "lvnbd.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d = startDaemon(t, cfg)
+	defer d.cancel()
+	if err := <-d.done; !errors.Is(err, server.ErrListingVolumes) {
+		t.Errorf("Run with volumes that cannot be listed: %v, want ErrListingVolumes", err)
+	}
 }

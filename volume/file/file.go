@@ -116,11 +116,7 @@ func (d *Driver) List(ctx context.Context) ([]volume.Volume, error) {
 	var vols []volume.Volume
 	err := d.read(ctx, func(m *metadata) error {
 		for _, name := range sortedKeys(m.Volumes) {
-			v, err := d.describe(name, m.Volumes[name])
-			if err != nil {
-				return err
-			}
-			vols = append(vols, v)
+			vols = append(vols, d.describe(name, m.Volumes[name]))
 		}
 		return nil
 	})
@@ -138,37 +134,44 @@ func (d *Driver) Get(ctx context.Context, name string) (volume.Volume, error) {
 		if err != nil {
 			return err
 		}
-		v, err = d.describe(name, vm)
-		return err
+		v = d.describe(name, vm)
+		return v.Err()
 	})
 	return v, err
 }
 
-// describe combines a volume's metadata with its file.
-func (d *Driver) describe(name string, vm *volumeMeta) (volume.Volume, error) {
-	st, err := os.Stat(d.path(name))
-	if err != nil {
-		return volume.Volume{}, fmt.Errorf("volume %s: its file is gone (%w); lvnbd volume remove %s forgets it", name, err, name)
-	}
+// describe combines a volume's metadata with its file. A file that cannot
+// be looked at (gone, or unreadable) is the volume's Problem, so that List
+// goes on to the others.
+func (d *Driver) describe(name string, vm *volumeMeta) volume.Volume {
 	v := volume.Volume{
 		Name:       name,
-		Size:       st.Size(),
 		Stripes:    max(vm.Stripes, 1),
 		StripeSize: vm.StripeSize,
 		Path:       d.path(name),
 		ID:         createdID(vm.Created),
 		Snapshots:  []volume.Snapshot{},
 	}
+	if st, err := os.Stat(v.Path); err != nil {
+		v.Problem = fileProblem(err, "volume", name)
+	} else {
+		v.Size = st.Size()
+	}
 	for _, sn := range vm.sortedSnapshots() {
-		s, ok, err := d.describeSnapshot(name, sn.name, sn.meta)
-		if err != nil {
-			return volume.Volume{}, err
-		}
-		if ok {
+		if s, ok := d.describeSnapshot(name, sn.name, sn.meta); ok {
 			v.Snapshots = append(v.Snapshots, s)
 		}
 	}
-	return v, nil
+	return v
+}
+
+// fileProblem says why the file of a volume or snapshot (what) named name
+// cannot be looked at, and what to do.
+func fileProblem(err error, what, name string) string {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Sprintf("its file is gone (%v); lvnbd %s remove %s forgets it", err, what, name)
+	}
+	return fmt.Sprintf("its file cannot be looked at: %v", err)
 }
 
 // createdID is the ID of a volume or snapshot made at t: a file made anew
@@ -211,8 +214,8 @@ func (d *Driver) Create(ctx context.Context, opts volume.CreateOptions) (volume.
 			}
 			return err
 		}
-		v, err = d.describe(opts.Name, vm)
-		return err
+		v = d.describe(opts.Name, vm)
+		return v.Err()
 	})
 	return v, err
 }
@@ -253,8 +256,8 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 				return fmt.Errorf("resizing volume %s: %w", name, err)
 			}
 		}
-		v, err = d.describe(name, vm)
-		return err
+		v = d.describe(name, vm)
+		return v.Err()
 	})
 	return v, err
 }

@@ -733,3 +733,61 @@ func TestMetadataWrittenButNotDurable(t *testing.T) {
 		t.Errorf("Snapshots after the merge: %v, %v; want none", snaps, err)
 	}
 }
+
+// TestFileGoneIsAProblemNotAFailedListing: a volume or snapshot whose file
+// was deleted by hand is listed with its Problem, and the others are listed
+// as ever: a listing that failed for one would stop a server's rescans for
+// every volume. Get names the problem; remove forgets the entry.
+func TestFileGoneIsAProblemNotAFailedListing(t *testing.T) {
+	ctx := context.Background()
+	d := newDriver(t)
+	gone := mustCreate(t, d, "gone", mib)
+	mustCreate(t, d, "vm1", mib)
+	snap, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{gone.Path, snap.Path} {
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vols, err := d.List(ctx)
+	if err != nil {
+		t.Fatalf("List: %v, want the volumes with the problems", err)
+	}
+	if len(vols) != 2 || vols[0].Name != "gone" || vols[1].Name != "vm1" {
+		t.Fatalf("List = %+v, want gone and vm1", vols)
+	}
+	if p := vols[0].Problem; !strings.Contains(p, "file is gone") || !strings.Contains(p, "lvnbd volume remove gone") {
+		t.Errorf("gone's problem %q, want the file gone and how to forget it", p)
+	}
+	if vols[0].ID != gone.ID {
+		t.Errorf("gone's ID %q, want %q as made", vols[0].ID, gone.ID)
+	}
+	if vols[1].Problem != "" || vols[1].Size != mib {
+		t.Errorf("vm1 = %+v, want it whole", vols[1])
+	}
+	if len(vols[1].Snapshots) != 1 || !strings.Contains(vols[1].Snapshots[0].Problem, "lvnbd snapshot remove vm1@s1") {
+		t.Errorf("vm1's snapshots %+v, want s1 with its problem", vols[1].Snapshots)
+	}
+	snaps, err := d.Snapshots(ctx)
+	if err != nil || len(snaps) != 1 || snaps[0].Problem == "" {
+		t.Errorf("Snapshots = %+v, %v, want s1 with its problem", snaps, err)
+	}
+	if _, err := d.Get(ctx, "gone"); !errors.Is(err, volume.ErrUnreadable) || !strings.Contains(err.Error(), "file is gone") {
+		t.Errorf("Get(gone): %v, want ErrUnreadable saying the file is gone", err)
+	}
+	if _, err := d.Resize(ctx, "gone", 2*mib, false); err == nil {
+		t.Error("Resize of a volume whose file is gone succeeded")
+	}
+	if err := d.RemoveSnapshot(ctx, "vm1", "s1"); err != nil {
+		t.Errorf("RemoveSnapshot of a snapshot whose file is gone: %v", err)
+	}
+	if err := d.Remove(ctx, "gone"); err != nil {
+		t.Errorf("Remove of a volume whose file is gone: %v", err)
+	}
+	if vols, err := d.List(ctx); err != nil || len(vols) != 1 || vols[0].Problem != "" || len(vols[0].Snapshots) != 0 {
+		t.Errorf("List after removing both: %+v, %v, want vm1 alone and whole", vols, err)
+	}
+}

@@ -68,11 +68,10 @@ func (d *Driver) Snapshot(ctx context.Context, opts volume.SnapshotOptions) (vol
 			return err
 		}
 		var ok bool
-		s, ok, err = d.describeSnapshot(opts.Volume, opts.Name, sm)
-		if err == nil && !ok {
-			err = fmt.Errorf("snapshot %s: file vanished", ref)
+		if s, ok = d.describeSnapshot(opts.Volume, opts.Name, sm); !ok {
+			return fmt.Errorf("snapshot %s: file vanished", ref)
 		}
-		return err
+		return s.Err()
 	})
 	return s, err
 }
@@ -103,11 +102,7 @@ func (d *Driver) Snapshots(ctx context.Context) ([]volume.Snapshot, error) {
 	err := d.read(ctx, func(m *metadata) error {
 		for _, name := range sortedKeys(m.Volumes) {
 			for _, sn := range m.Volumes[name].sortedSnapshots() {
-				s, ok, err := d.describeSnapshot(name, sn.name, sn.meta)
-				if err != nil {
-					return err
-				}
-				if ok {
+				if s, ok := d.describeSnapshot(name, sn.name, sn.meta); ok {
 					out = append(out, s)
 				}
 			}
@@ -118,26 +113,27 @@ func (d *Driver) Snapshots(ctx context.Context) ([]volume.Snapshot, error) {
 }
 
 // describeSnapshot combines a snapshot's metadata with its file. It reports
-// false for a merge that has renamed the file but not yet been recorded.
-func (d *Driver) describeSnapshot(vol, name string, sm *snapshotMeta) (volume.Snapshot, bool, error) {
-	path := d.snapshotPath(vol, name)
-	st, err := os.Stat(path)
-	if errors.Is(err, fs.ErrNotExist) && sm.Merging {
-		return volume.Snapshot{}, false, nil
-	}
-	if err != nil {
-		return volume.Snapshot{}, false, fmt.Errorf("snapshot %s: its file is gone (%w); lvnbd snapshot remove %s forgets it",
-			volume.SnapshotRef(vol, name), err, volume.SnapshotRef(vol, name))
-	}
-	return volume.Snapshot{
+// false for a merge that has renamed the file but not yet been recorded. A
+// file that cannot be looked at is the snapshot's Problem.
+func (d *Driver) describeSnapshot(vol, name string, sm *snapshotMeta) (volume.Snapshot, bool) {
+	s := volume.Snapshot{
 		Volume:  vol,
 		Name:    name,
-		Size:    st.Size(),
 		Merging: sm.Merging,
 		Created: sm.Created,
-		Path:    path,
+		Path:    d.snapshotPath(vol, name),
 		ID:      createdID(sm.Created),
-	}, true, nil
+	}
+	st, err := os.Stat(s.Path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && sm.Merging:
+		return volume.Snapshot{}, false
+	case err != nil:
+		s.Problem = fileProblem(err, "snapshot", s.Ref())
+	default:
+		s.Size = st.Size()
+	}
+	return s, true
 }
 
 // snapshotMeta returns a snapshot's metadata or ErrNotFound.

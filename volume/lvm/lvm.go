@@ -208,6 +208,7 @@ func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
 		Path:         d.Path(lv.name),
 		ID:           lv.uuid,
 		MergePending: lv.mergeTarget(),
+		Problem:      lv.problem,
 		Snapshots:    []volume.Snapshot{},
 	}
 	if v.Stripes > 1 {
@@ -238,6 +239,7 @@ func (d *Driver) describeSnapshot(lv *logicalVolume) volume.Snapshot {
 		Created: lv.created,
 		Path:    "/dev/" + d.vg + "/" + lv.name,
 		ID:      lv.uuid,
+		Problem: lv.problem,
 	}
 	if s.Thin {
 		s.Size, s.UsagePercent = lv.size, lv.dataPct
@@ -277,7 +279,8 @@ func (d *Driver) Get(ctx context.Context, name string) (volume.Volume, error) {
 	if err != nil {
 		return volume.Volume{}, err
 	}
-	return d.describe(p, lv), nil
+	v := d.describe(p, lv)
+	return v, v.Err()
 }
 
 // Create runs lvcreate, striped over opts.Stripes PVs if more than one.

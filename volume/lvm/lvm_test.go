@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -104,6 +105,68 @@ func TestList(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, vols); diff != "" {
 		t.Errorf("List (-want +got):\n%s", diff)
+	}
+}
+
+// TestListGoesPastAnOddLV: an LV whose report has a field that does not
+// parse is listed with its Problem when it is an lvnbd volume, and does not
+// matter when it is not; every other volume is listed as ever.
+func TestListGoesPastAnOddLV(t *testing.T) {
+	odd := func(t *testing.T, lv, field, value string) call {
+		c := lvsCall(t, "lvs.json")
+		row := `{"lv_name":"` + lv + `", `
+		at := strings.Index(c.Stdout, row)
+		if at < 0 {
+			t.Fatalf("no row of %s in lvs.json", lv)
+		}
+		end := at + strings.Index(c.Stdout[at:], "}")
+		was := regexp.MustCompile(`"` + field + `":"[^"]*"`)
+		c.Stdout = c.Stdout[:at] + was.ReplaceAllString(c.Stdout[at:end], `"`+field+`":"`+value+`"`) + c.Stdout[end:]
+		return c
+	}
+	names := func(vols []volume.Volume) (out []string) {
+		for _, v := range vols {
+			out = append(out, v.Name)
+			for _, s := range v.Snapshots {
+				out = append(out, s.Ref())
+			}
+		}
+		return out
+	}
+	all := []string{"lin", "lin@full", "thin1", "thin1@t1", "vm1", "vm1@s1", "vm1@s2"}
+	ctx := context.Background()
+
+	d := newTestDriver(t, odd(t, "manual", "snap_percent", "lots"))
+	vols, err := d.List(ctx)
+	if err != nil || !slices.Equal(names(vols), all) {
+		t.Errorf("List with an admin's snapshot reported oddly = %v, %v; want %v", names(vols), err, all)
+	}
+
+	d = newTestDriver(t, odd(t, "vm1", "lv_size", "128.00m"), odd(t, "vm1", "lv_size", "128.00m"))
+	vols, err = d.List(ctx)
+	if err != nil || !slices.Equal(names(vols), all) {
+		t.Fatalf("List with vm1 reported oddly = %v, %v; want %v", names(vols), err, all)
+	}
+	for _, v := range vols {
+		if got := v.Problem != ""; got != (v.Name == "vm1") || v.Name == "vm1" && !strings.Contains(v.Problem, `lv_size "128.00m"`) {
+			t.Errorf("volume %s: problem %q", v.Name, v.Problem)
+		}
+	}
+	if _, err := d.Get(ctx, "vm1"); !errors.Is(err, volume.ErrUnreadable) || !strings.Contains(err.Error(), "lv_size") {
+		t.Errorf("Get(vm1): %v, want ErrUnreadable naming lv_size", err)
+	}
+
+	d = newTestDriver(t, odd(t, "vm1+s1", "snap_percent", "lots"))
+	vols, err = d.List(ctx)
+	if err != nil || !slices.Equal(names(vols), all) {
+		t.Fatalf("List with vm1@s1 reported oddly = %v, %v; want %v", names(vols), err, all)
+	}
+	for _, v := range vols {
+		for _, s := range v.Snapshots {
+			if got := s.Problem != ""; got != (s.Ref() == "vm1@s1") {
+				t.Errorf("snapshot %s: problem %q", s.Ref(), s.Problem)
+			}
+		}
 	}
 }
 

@@ -2,6 +2,7 @@ package lvm
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -74,8 +75,9 @@ type logicalVolume struct {
 	dataPct    float64 // thin volumes: how much is mapped
 	pool       string
 	segtype    string
-	stripes    int   // of the first segment
-	stripeSize int64 // of the first segment
+	stripes    int    // of the first segment
+	stripeSize int64  // of the first segment
+	problem    string // a field that did not parse: see volume.Volume.Problem
 }
 
 // volumeType is lv_attr's first character: s snapshot, S merging snapshot,
@@ -170,36 +172,45 @@ func parseLVRow(row lvRow) (*logicalVolume, error) {
 	if len(lv.attr) != 10 {
 		return nil, fmt.Errorf("lv_attr %q: want 10 characters", row.Attr)
 	}
+	if row.Tags != "" {
+		lv.tags = strings.Split(row.Tags, ",")
+	}
+	// What is above tells which LV this is and what kind. A field below
+	// that does not parse is the LV's problem, not the listing's: one
+	// LV's odd field must not fail every listing (of LVs lvnbd does not
+	// even serve, too), which would stop the server's rescans.
+	var problems []error
 	switch row.Merging {
 	case "", "0", "unknown":
 	case "merging", "1":
 		lv.mergingSet = true
 	default:
-		return nil, fmt.Errorf("lv_merging %q: want merging or nothing", row.Merging)
-	}
-	if row.Tags != "" {
-		lv.tags = strings.Split(row.Tags, ",")
+		problems = append(problems, fmt.Errorf("lv_merging %q: want merging or nothing", row.Merging))
 	}
 	var err error
-	if lv.size, err = parseBytes("lv_size", row.Size); err != nil {
-		return nil, err
-	}
-	if lv.originSize, err = parseBytes("origin_size", row.OriginSize); err != nil {
-		return nil, err
-	}
-	if lv.stripeSize, err = parseBytes("stripe_size", row.StripeSize); err != nil {
-		return nil, err
-	}
-	stripes, err := parseBytes("stripes", row.Stripes)
-	if err != nil {
-		return nil, err
+	stripes := int64(1)
+	for _, f := range []struct {
+		name, value string
+		to          *int64
+	}{
+		{"lv_size", row.Size, &lv.size},
+		{"origin_size", row.OriginSize, &lv.originSize},
+		{"stripe_size", row.StripeSize, &lv.stripeSize},
+		{"stripes", row.Stripes, &stripes},
+	} {
+		if *f.to, err = parseBytes(f.name, f.value); err != nil {
+			problems = append(problems, err)
+		}
 	}
 	lv.stripes = int(min(stripes, 1<<16))
 	if lv.snapPct, err = parsePercent("snap_percent", row.SnapPercent); err != nil {
-		return nil, err
+		problems = append(problems, err)
 	}
 	if lv.dataPct, err = parsePercent("data_percent", row.DataPercent); err != nil {
-		return nil, err
+		problems = append(problems, err)
+	}
+	if len(problems) > 0 {
+		lv.problem = "lvs reports it oddly: " + errors.Join(problems...).Error()
 	}
 	if row.Time != "" {
 		// lvm2's default time format under LC_ALL=C. Another

@@ -129,11 +129,7 @@ func TestParseLVsErrors(t *testing.T) {
 		name, in, want string
 	}{
 		{"not JSON", "  Volume group vg0 not found", "parsing lvs report"},
-		{"size with suffix", row("lv_size", "4.00m"), `lv_size "4.00m"`},
-		{"negative size", row("lv_size", "-1"), `lv_size "-1"`},
 		{"short attr", row("lv_attr", "-wi-a"), "lv_attr"},
-		{"bad percent", row("snap_percent", "lots"), "snap_percent"},
-		{"percent over 100", row("data_percent", "101"), "data_percent"},
 		{"no uuid", row("lv_uuid", ""), "lv_uuid"},
 		{"bracket", row("lv_name", "[a"), "brackets"},
 		{"numbers not strings", `{"report":[{"lv":[{"lv_name":"a","lv_size":4194304}]}]}`, "parsing lvs report"},
@@ -146,10 +142,32 @@ func TestParseLVsErrors(t *testing.T) {
 			}
 		})
 	}
+	// A field that does not parse, once the LV is known by name, UUID and
+	// kind, is that LV's problem: the listing goes on.
+	for _, tt := range []struct {
+		name, in, want string
+	}{
+		{"size with suffix", row("lv_size", "4.00m"), `lv_size "4.00m"`},
+		{"negative size", row("lv_size", "-1"), `lv_size "-1"`},
+		{"bad stripes", row("stripes", "two"), `stripes "two"`},
+		{"bad percent", row("snap_percent", "lots"), "snap_percent"},
+		{"percent over 100", row("data_percent", "101"), "data_percent"},
+		{"merging", row("lv_merging", "soon"), "lv_merging"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			lvs, err := parseLVs([]byte(tt.in))
+			if err != nil || len(lvs) != 1 {
+				t.Fatalf("parseLVs(%s) = %v, %v, want the LV with its problem", tt.in, lvs, err)
+			}
+			if p := lvs[0].problem; !strings.Contains(p, tt.want) {
+				t.Errorf("problem %q, want it to name %s", p, tt.want)
+			}
+		})
+	}
 	// A time in another format (report/time_format in lvm.conf) is not
 	// known, and fails nothing: it only orders snapshots.
 	lvs, err := parseLVs([]byte(row("lv_time", "Sun Nov 22 03:40:54 2026")))
-	if err != nil || len(lvs) != 1 || !lvs[0].created.IsZero() {
+	if err != nil || len(lvs) != 1 || !lvs[0].created.IsZero() || lvs[0].problem != "" {
 		t.Errorf("an LV with lv_time in another format: %v, %v; want it, its time unknown", lvs, err)
 	}
 }
