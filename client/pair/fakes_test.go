@@ -38,6 +38,18 @@ type fakeKernel struct {
 	// device and before Connect returns (without k.mu held, so that it may
 	// call linkDead).
 	onConnect map[string]func(index int)
+	// held are devices something (blkback) holds open: as the kernel's
+	// nbd_config_put, a Disconnect leaves their configuration (pid and
+	// backend) until release, the last close.
+	held map[int]bool
+}
+
+// release is the last close of a held device that was disconnected.
+func (k *fakeKernel) release(index int) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	delete(k.held, index)
+	delete(k.devs, index)
 }
 
 func newFakeKernel(t testing.TB, devs ...kernel.Device) *fakeKernel {
@@ -114,7 +126,9 @@ func (k *fakeKernel) Disconnect(_ context.Context, index int) error {
 	if _, ok := k.devs[index]; !ok {
 		return &kernel.OpError{Op: "NBD_CMD_DISCONNECT", Index: index, Err: kernel.ErrNoDevice}
 	}
-	delete(k.devs, index)
+	if !k.held[index] {
+		delete(k.devs, index)
+	}
 	k.calls = append(k.calls, fmt.Sprintf("disconnect nbd%d", index))
 	return nil
 }

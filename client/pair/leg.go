@@ -408,7 +408,15 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 	if err != nil || size == l.size {
 		return err
 	}
-	if err := l.grow(ctx, size); err != nil {
+	// Grown as a reconnect grows, fresh connections first: a new size
+	// freezes the device's queue until the I/O in flight is done, and I/O
+	// waiting for dead connections is done only once they are replaced.
+	// The kernel may not have said yet that they died (a storage box that
+	// restarted just now answered this poll), and with none dead it drops
+	// the sockets. Not counted as a reconnect.
+	l.unseen = true
+	if err := l.reconnect(ctx, now); err != nil {
+		l.unseen = false
 		return err
 	}
 	l.publish(now, StateConnected, nil)
@@ -491,15 +499,40 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.dev, l.size, l.stale, l.unseen, l.failures, l.retryAt = -1, 0, false, false, 0, time.Time{}
-	// Taken down on purpose: the leg may come back up on another volume,
-	// as a new half of the mirror.
+	l.down = true
+	// A device something still holds open (blkback, after a failed xl
+	// block-detach and --force) keeps its configuration, backend and pid
+	// until the last close, and the kernel would take fresh connections
+	// for it: pair up adopts it. Its volume ID is kept until it is gone,
+	// so that it never reconnects to another volume under the guest.
+	held, err := l.s.cfg.Kernel.Status(ctx, kernel.AnyDevice)
+	if err != nil {
+		err = fmt.Errorf("checking that the leg's device is gone, before forgetting its volume ID: %w", err)
+		l.publish(now, StateDown, err)
+		return err
+	}
+	for _, d := range held {
+		if d.Running() && d.Backend == l.backend {
+			err := fmt.Errorf("%w: %s is disconnected, but something (the guest's blkback?) still holds it open, "+
+				"and it could be given connections again: its volume ID is kept, so that it only ever reconnects to "+
+				"the same volume; once nothing holds it, take the leg down again to forget the ID", errStillHeld, d.Path())
+			l.log.Warn("leg down, its device still held open", zap.Error(err))
+			l.publish(now, StateDown, err)
+			return err
+		}
+	}
+	// Taken down on purpose and gone: the leg may come back up on another
+	// volume, as a new half of the mirror.
 	if err := l.s.cfg.IDs.Forget(l.backend); err != nil {
 		l.log.Warn("forgetting the detached device's volume ID", zap.Error(err))
 	}
-	l.down = true
 	l.publish(now, StateDown, nil)
 	return nil
 }
+
+// errStillHeld means a detached device is still configured because
+// something holds it open.
+var errStillHeld = errors.New("device still held open")
 
 // noteError records err without changing the state.
 func (l *leg) noteError(now time.Time, err error) {

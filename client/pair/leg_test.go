@@ -126,7 +126,7 @@ func TestLegStep(t *testing.T) {
 				}), calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
 					device: "/dev/nbd0", size: 64 * mib, reconnects: 1, errHas: "growing /dev/nbd0 after the reconnect: EIO"},
 				// The size poll, 10 s after the reconnect.
-				{at: 11 * time.Second, calls: []string{"reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
+				{at: 11 * time.Second, calls: []string{"reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
 					state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1, errHas: "EIO"},
 			}},
 		{name: "device replaced while dialing a reconnect: not reconfigured, attached again",
@@ -146,10 +146,13 @@ func TestLegStep(t *testing.T) {
 					calls: []string{"reconfigure nbd0 2 sockets"}, wait: 5 * time.Second, state: StateConnected,
 					device: "/dev/nbd0", size: 64 * mib},
 			}},
-		{name: "export grows: the size poll grows the device in place",
+		// Fresh sockets first, so that the resize's queue freeze never
+		// waits for I/O that waits for connections the kernel has not
+		// yet reported dead.
+		{name: "export grows: the size poll grows the device in place, after fresh sockets, not counted as a reconnect",
 			steps: []legStep{attached,
 				{at: 5 * time.Second, before: resize(128 * mib), wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 64 * mib},
-				{at: 10 * time.Second, calls: []string{"reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
+				{at: 10 * time.Second, calls: []string{"reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size 134217728"}, wait: 5 * time.Second,
 					state: StateConnected, device: "/dev/nbd0", size: 128 * mib},
 			}},
 		{name: "export shrinks: the device does not",

@@ -43,6 +43,10 @@ var ErrUnknownPair = errors.New("no such pair")
 // ErrUnknownLeg means a leg name other than a and b.
 var ErrUnknownLeg = errors.New("no such leg")
 
+// ErrLastHalf is returned when one leg would be taken down while the other
+// is not connected.
+var ErrLastHalf = errors.New("the other leg is not connected")
+
 // Kernel is what the supervisor uses of the kernel's nbd driver;
 // *kernel.Conn is the real one.
 type Kernel interface {
@@ -409,10 +413,12 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 // Down takes pair name down, or only its leg leg ("a" or "b"; "" is both):
 // with a Xen domain configured, xl block-detach takes the legs from the
 // domain first; then their devices are detached, their links removed and
-// their volume IDs forgotten, and the legs stay down until Up. If xl fails
-// the devices stay attached, unless force. One leg taken down and up again
-// is how a mirror half whose volume was made anew is taken into use, while
-// the guest runs on the other.
+// their volume IDs forgotten, and the legs stay down until Up. Unless force:
+// one leg is not taken down while the other is not connected (the guest
+// would lose the last half of its mirror), and if xl fails for a leg the
+// devices stay attached and no further leg is taken from the domain. One leg
+// taken down and up again is how a mirror half whose volume was made anew
+// is taken into use, while the guest runs on the other.
 func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
@@ -420,16 +426,32 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 	}
 	p.op.Lock()
 	defer p.op.Unlock()
+	if len(legs) == 1 && !force {
+		if other := p.legs[1-legs[0]].status(); other.State != StateConnected {
+			why := ""
+			if other.LastError != "" {
+				why = " (" + other.LastError + ")"
+			}
+			return p.status(), fmt.Errorf("%w: leg %s is %s%s, so the guest may have no other half of its mirror than leg %s; "+
+				"bring leg %s back first (lvnbd pair up --leg %s %s), or take leg %s down with --force",
+				ErrLastHalf, other.Leg, other.State, why, leg, other.Leg, other.Leg, name, leg)
+		}
+	}
 	var xlErrs []error
 	if p.spec.XenDomain != "" {
 		for _, i := range legs {
+			if p.legs[i].status().State == StateDown {
+				continue // taken from the domain when it went down
+			}
 			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
 				xlErrs = append(xlErrs, err)
+				if !force {
+					// The guest may still use this leg: take no
+					// other from it either.
+					return p.status(), fmt.Errorf("%w\nthe devices stay attached: make the guest let go of %s, or take the pair down with --force",
+						err, p.spec.Vdevs[i])
+				}
 			}
-		}
-		if len(xlErrs) > 0 && !force {
-			return p.status(), fmt.Errorf("%w\nthe devices stay attached: make the guest let go of them, or take the pair down with force",
-				errors.Join(xlErrs...))
 		}
 	}
 	errs := xlErrs

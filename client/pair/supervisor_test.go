@@ -3,14 +3,17 @@ package pair
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
 // start runs s until the test ends, inside a synctest bubble.
@@ -137,7 +140,8 @@ func TestRunGrowsDevices(t *testing.T) {
 		time.Sleep(DefaultPollInterval)
 		synctest.Wait()
 		calls := k.takeCalls()
-		want := []string{"reconfigure nbd0 0 sockets size 201326592", "reconfigure nbd1 0 sockets size 201326592"}
+		want := []string{"reconfigure nbd0 0 sockets size 201326592", "reconfigure nbd0 2 sockets",
+			"reconfigure nbd1 0 sockets size 201326592", "reconfigure nbd1 2 sockets"}
 		if diff := cmp.Diff(want, calls, cmpSorted); diff != "" {
 			t.Errorf("kernel calls (-want +got):\n%s", diff)
 		}
@@ -299,12 +303,13 @@ func TestDownXenFails(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		k := newFakeKernel(t)
 		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		// Only xvdb is asked for: once it fails, xvdc is not taken from
+		// the guest either.
 		r := &fakeRunner{t: t, want: [][]string{
 			{"xl", "block-detach", "guest1", "xvdb"},
-			{"xl", "block-detach", "guest1", "xvdc"},
 		}}
 		xlFailed := errors.New(`running ["xl" "block-detach"]: exit status 1`)
-		r.fail = map[int]error{0: xlFailed, 2: xlFailed}
+		r.fail = map[int]error{0: xlFailed, 1: xlFailed}
 		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
 		start(t, s)
 		k.takeCalls()
@@ -312,14 +317,15 @@ func TestDownXenFails(t *testing.T) {
 
 		// The guest may still use leg a: nothing is detached.
 		_, err := s.Down(ctx, "vm1", "", false)
-		if err == nil || !strings.Contains(err.Error(), "the devices stay attached") {
+		if err == nil || !strings.Contains(err.Error(), "the devices stay attached: make the guest let go of xvdb") {
 			t.Fatalf("down: %v", err)
 		}
+		r.done()
 		if calls := k.takeCalls(); len(calls) != 0 {
 			t.Errorf("kernel calls: %q", calls)
 		}
 		// With force they are, and the xl error is still reported.
-		r.want = append(r.want, r.want[0], r.want[1])
+		r.want = append(r.want, r.want[0], []string{"xl", "block-detach", "guest1", "xvdc"})
 		ps, err := s.Down(ctx, "vm1", "", true)
 		if err == nil || !strings.Contains(err.Error(), "exit status 1") {
 			t.Errorf("forced down: %v", err)
@@ -472,5 +478,117 @@ func TestStartOneLegDown(t *testing.T) {
 		if diff := cmp.Diff([]string{"connect " + backendA + " 2 sockets -> nbd0"}, k.takeCalls()); diff != "" {
 			t.Errorf("kernel calls (-want +got):\n%s", diff)
 		}
+	})
+}
+
+// One leg is not taken down while the other is not connected: the guest
+// would lose the last half of its mirror. --force does it anyway.
+func TestDownRefusesTheLastHalf(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		st.set(uriB, func(e *fakeExport) { e.down = true })
+		r := &fakeRunner{t: t}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		_, err := s.Down(ctx, "vm1", "a", false)
+		if !errors.Is(err, ErrLastHalf) || !strings.Contains(err.Error(), "leg b is failed") ||
+			!strings.Contains(err.Error(), "lvnbd pair up --leg b vm1") {
+			t.Fatalf("down of leg a with leg b failed: %v, want ErrLastHalf saying what to do", err)
+		}
+		r.done() // no xl call
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("kernel calls: %q", calls)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b failed  r0")
+
+		r.want = [][]string{{"xl", "block-detach", "guest1", "xvdb"}}
+		if _, err := s.Down(ctx, "vm1", "a", true); err != nil {
+			t.Fatalf("forced down of leg a: %v", err)
+		}
+		r.done()
+		checkStates(t, s, "vm1.a down  r0", "vm1.b failed  r0")
+	})
+}
+
+// A pair taken down after one of its legs runs xl block-detach only for the
+// other: the leg already down is no longer the domain's.
+func TestDownSkipsXlForALegAlreadyDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t, want: [][]string{{"xl", "block-detach", "guest1", "xvdb"}}}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		ctx := context.Background()
+		if _, err := s.Down(ctx, "vm1", "a", false); err != nil {
+			t.Fatal(err)
+		}
+		r.want = append(r.want, []string{"xl", "block-detach", "guest1", "xvdc"})
+		if _, err := s.Down(ctx, "vm1", "", false); err != nil {
+			t.Fatalf("down of the pair after leg a: %v", err)
+		}
+		r.done()
+		checkStates(t, s, "vm1.a down  r0", "vm1.b down  r0")
+	})
+}
+
+// A leg taken down while something still holds its device open (blkback,
+// after a failed xl block-detach and --force) keeps its volume ID: the
+// kernel keeps such a device configured, pair up adopts it, and it must not
+// then be given a volume made anew. Once let go, down forgets the ID and up
+// attaches the new volume.
+func TestHeldDeviceKeepsItsVolumeID(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		k.held = map[int]bool{0: true}
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
+			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info,
+			IDs: volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.jitter = func() float64 { return 0.5 }
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		ps, err := s.Down(ctx, "vm1", "a", false)
+		if err == nil || !strings.Contains(err.Error(), "still holds it open") || !strings.Contains(err.Error(), "volume ID is kept") {
+			t.Errorf("down of a held leg: %v, want it to say the device is held and its ID kept", err)
+		}
+		if ps.Legs[0].State != StateDown {
+			t.Errorf("leg a after down: %+v, want down", ps.Legs[0])
+		}
+		st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" }) // made anew on box A
+		k.takeCalls()
+		if _, err := s.Up(ctx, "vm1", "a", time.Minute); err != nil {
+			t.Logf("up: %v", err)
+		}
+		synctest.Wait()
+		got := s.Status()[0].Legs[0]
+		if got.State != StateReconnecting || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
+			t.Errorf("leg a adopting its held device: %+v, want the new volume refused", got)
+		}
+		for _, c := range k.takeCalls() {
+			if strings.HasPrefix(c, "reconfigure nbd0") {
+				t.Errorf("the held device was given the new volume: %q", c)
+			}
+		}
+
+		// Let go: down forgets the ID, up attaches the new volume.
+		k.release(0)
+		if _, err := s.Down(ctx, "vm1", "a", false); err != nil {
+			t.Fatalf("down once let go: %v", err)
+		}
+		if _, err := s.Up(ctx, "vm1", "a", time.Minute); err != nil {
+			t.Fatalf("up on the new volume: %v", err)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
 	})
 }

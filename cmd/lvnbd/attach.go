@@ -263,22 +263,29 @@ and their I/O fails.`,
 			if err := k.Disconnect(ctx, d.Index); err != nil {
 				return err
 			}
+			// Without users the kernel tears the device down before
+			// DISCONNECT returns. One still held open keeps its
+			// configuration until the last close and could be given
+			// connections again (lvnbd reconnect, a pair's daemon
+			// adopting it): its volume ID is kept meanwhile, so that
+			// it never reconnects to another volume.
+			after, err := k.Status(ctx, d.Index)
+			if err != nil {
+				return fmt.Errorf("disconnected %s, but checking that it is gone failed (its volume ID is kept): %w", d.Path(), err)
+			}
+			if len(after) == 1 && after[0].Running() && after[0].Backend == d.Backend {
+				held := fmt.Errorf("disconnected %s, but something still holds it open: it goes away at the last close, "+
+					"and its volume ID is kept until then", d.Path())
+				if force {
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %v\n", held)
+					return nil
+				}
+				return held
+			}
 			if d.Backend != "" {
 				if err := host.ids().Forget(d.Backend); err != nil {
 					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: forgetting %s's volume ID: %v\n", d.Path(), err)
 				}
-			}
-			if force {
-				return nil
-			}
-			// Without users the kernel tears the device down before
-			// DISCONNECT returns; check, so a silent opener is reported.
-			after, err := k.Status(ctx, d.Index)
-			if err != nil {
-				return err
-			}
-			if len(after) == 1 && after[0].Running() {
-				return fmt.Errorf("disconnected %s, but something still holds it open: it goes away at the last close", d.Path())
 			}
 			return nil
 		},

@@ -37,6 +37,9 @@ type fakeNBD struct {
 	reconfigured []kernel.Reconfig
 	disconnected []int
 	closed       bool
+	// held devices keep their configuration when disconnected, as the
+	// kernel's do while something holds them open.
+	held map[int]bool
 }
 
 func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
@@ -67,7 +70,9 @@ func (k *fakeNBD) Disconnect(_ context.Context, index int) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.disconnected = append(k.disconnected, index)
-	k.devs = slices.DeleteFunc(k.devs, func(d kernel.Device) bool { return d.Index == index })
+	if !k.held[index] {
+		k.devs = slices.DeleteFunc(k.devs, func(d kernel.Device) bool { return d.Index == index })
+	}
 	return nil
 }
 
@@ -425,6 +430,36 @@ func TestDetach(t *testing.T) {
 			k := &fakeNBD{t: t, devs: devs()}
 			checkDetach(t, k, testHost(k, users), tt.args, tt.wantErr, tt.want)
 		})
+	}
+}
+
+// TestDetachKeepsTheIDOfAHeldDevice: a device still held open after its
+// disconnect stays configured and could be given connections again, so its
+// volume ID is kept; one that went away has its ID forgotten.
+func TestDetachKeepsTheIDOfAHeldDevice(t *testing.T) {
+	const held, gone = "nbd://a:10809/held", "nbd://a:10809/gone"
+	k := &fakeNBD{t: t, held: map[int]bool{0: true}, devs: []kernel.Device{
+		{Index: 0, Connected: true, PID: 1, Backend: held},
+		{Index: 1, Connected: true, PID: 1, Backend: gone},
+	}}
+	host := testHost(k, map[int][]string{0: {"Xen backend vbd-1-51712"}})
+	for _, uri := range []string{held, gone} {
+		if err := host.ids().Set(uri, "uuid-1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, stderr, err := runCmd(t, newDetachCmd(host), "--force", "/dev/nbd0")
+	if err != nil || !strings.Contains(stderr, "still holds it open") || !strings.Contains(stderr, "volume ID is kept") {
+		t.Errorf("detach --force of a held device: %v, stderr %q; want success saying it is held and its ID kept", err, stderr)
+	}
+	if id, _ := host.ids().Get(held); id != "uuid-1" {
+		t.Errorf("the held device's volume ID is %q, want uuid-1 kept", id)
+	}
+	if _, _, err := runCmd(t, newDetachCmd(host), "/dev/nbd1"); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := host.ids().Get(gone); id != "" {
+		t.Errorf("the detached device's volume ID is %q, want it forgotten", id)
 	}
 }
 

@@ -167,10 +167,13 @@ every leg has been attached or found unreachable.`,
 							_ = systemd.Notify("READY=1")
 							continue
 						}
-						down = downPairs(sup.Status(), next)
+						// Stopped first: a pair down or up that
+						// lands meanwhile is then either in the
+						// status read below or refused, never lost.
 						if err := stop(); err != nil {
 							return err
 						}
+						down = downPairs(sup.Status(), next)
 						log.Info("reloading", zap.Strings("down", down))
 						cfg, reloaded = next, true
 					}

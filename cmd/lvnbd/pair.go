@@ -175,8 +175,15 @@ was made anew and the leg refuses it ("the export's volume was made anew"):
   guest:  mdadm --zero-superblock /dev/xvdb; mdadm /dev/md0 --add /dev/xvdb
   guest:  start lvnbd guest watch again
 
-If xl fails the devices stay attached, since the guest may still use them;
---force detaches them anyway (when the domain is gone, say).`,
+One leg is not taken down while the other is not connected: the guest may
+have no other half of its mirror. If xl fails for a leg, the devices stay
+attached and no further leg is taken from the domain, since the guest may
+still use them. --force does both anyway (when the domain is gone, say).
+
+A device something still holds open (blkback, when xl failed and --force was
+given) stays configured until it is let go: its volume ID is then kept, so
+it can only ever reconnect to the same volume. Once nothing holds it, take
+the leg down again to forget the ID.`,
 		Example: `  lvnbd pair down vm1
   lvnbd pair down --leg a vm1
   lvnbd pair down --force vm1`,
@@ -186,7 +193,7 @@ If xl fails the devices stay attached, since the guest may still use them;
 			return printPairResult(cmd.OutOrStdout(), st, err)
 		},
 	}
-	cmd.Flags().BoolVar(&force, "force", false, "detach the devices even if xl block-detach fails")
+	cmd.Flags().BoolVar(&force, "force", false, "detach the devices even if xl block-detach fails, or one leg while the other is not connected")
 	cmd.Flags().StringVar(&leg, "leg", "", "take down only this leg, a or b (default both)")
 	return cmd
 }

@@ -5,8 +5,10 @@
 # more reconnect; leg b is untouched; data written through the device after the reconnect lands
 # on box A's LV, and data written before it is still there. Then box A's volume is made anew
 # under the same name: leg a refuses to reconnect to it, also after a reload of the daemon.
-# Taking leg a alone down and up (pair down/up --leg a) attaches it to the new volume, as a
-# new half of the mirror, while leg b stays attached and connected throughout.
+# While something holds leg a's device open, pair down --leg a keeps its volume ID, and pair up
+# (adopting the still-configured device) still refuses the new volume. Once let go, taking leg
+# a alone down and up (pair down/up --leg a) attaches it to the new volume, as a new half of
+# the mirror, while leg b stays attached and connected throughout.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -75,6 +77,23 @@ wait_secs "(( \$(grep -c supervising client.log) > $supervising ))" 30
 wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* ]]" 60
 assert_eq reconnecting "$(leg a state)" "leg a after a reload"
 [[ -s /run/lvnbd/volume-ids.json ]] || fail "no volume IDs recorded"
+
+# A device something still holds open (blkback, when xl block-detach failed and the pair was
+# taken down with --force) stays configured after its disconnect, until the last close, and
+# could be given connections again. pair down --leg a keeps its volume ID then, so pair up,
+# which adopts that device, still refuses the new volume.
+exec 7<"$dev_a"
+if lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1 2>err; then fail "pair down --leg a of a held device succeeded"; fi
+cat err
+grep -q 'still holds it open' err || fail "pair down --leg a does not say the device is held: $(cat err)"
+assert_eq down "$(leg a state)" "leg a after pair down of its held device"
+[[ -e /sys/block/${dev_a#/dev/}/pid ]] || fail "$dev_a, held open, lost its configuration at the disconnect"
+lvnbd pair up --control "$CLIENT_SOCK" --leg a vm1 || true
+wait_secs "[[ \$(leg a last_error) == *'volume was made anew'* && \$(leg a device) == $dev_a ]]" 60
+lvnbd pair status --control "$CLIENT_SOCK"
+assert_eq reconnecting "$(leg a state)" "leg a adopting its held device"
+exec 7<&-
+wait_secs "[[ ! -e /sys/block/${dev_a#/dev/}/pid ]]" 30
 
 # The new volume is taken into use as a new half: leg a alone goes down and up.
 reconnects_b=$(leg b reconnects)
