@@ -49,6 +49,7 @@ type Export struct {
 	mu      sync.Mutex
 	clients map[uint64]*clientConn
 	retired bool          // removed from the registry: close when unused
+	closing bool          // the backend is being flushed and closed
 	closed  chan struct{} // closed once the backend is closed after retiring
 }
 
@@ -97,33 +98,49 @@ func (e *Export) attach(c *clientConn) bool {
 // and this was its last client.
 func (e *Export) detach(id uint64) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	delete(e.clients, id)
-	e.closeIfUnusedLocked()
-}
-
-func (e *Export) closeIfUnusedLocked() {
-	if e.retired && len(e.clients) == 0 && e.closed != nil {
-		select {
-		case <-e.closed:
-		default:
-			e.Backend.Close()
-			close(e.closed)
-		}
+	last := e.lastUseLocked()
+	e.mu.Unlock()
+	if last {
+		e.closeBackend()
 	}
 }
 
-// retire marks the export removed: its backend is closed once the last
-// client is gone. The returned channel is closed then.
-func (e *Export) retire() <-chan struct{} {
+// lastUseLocked reports whether the export is retired and unused, and its
+// backend not yet being closed: the caller closes it, with closeBackend.
+func (e *Export) lastUseLocked() bool {
+	if !e.retired || len(e.clients) > 0 || e.closing {
+		return false
+	}
+	e.closing = true
+	return true
+}
+
+// closeBackend flushes a retired export's backend and closes it. The flush
+// comes first because the server's shutdown flushes only the exports still
+// open, and a write-back that fails here must be recorded (the backend tells
+// the registry's failure records) rather than lost with the descriptor:
+// clients had writes acknowledged that only the page cache held.
+func (e *Export) closeBackend() {
+	if !e.ReadOnly {
+		_ = e.Backend.Flush() // a failure is recorded by the backend's OnFailure
+	}
+	e.Backend.Close()
+	close(e.closed)
+}
+
+// retire marks the export removed: its backend is flushed and closed once
+// the last client is gone, and the returned channel closed then. With no
+// client left now, last is true and the caller calls closeBackend, outside
+// the registry's lock: a failed flush tells the registry (failCurrent).
+func (e *Export) retire() (closed <-chan struct{}, last bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.retired {
 		e.retired = true
 		e.closed = make(chan struct{})
 	}
-	e.closeIfUnusedLocked()
-	return e.closed
+	return e.closed, e.lastUseLocked()
 }
 
 // Clients lists the connections using the export, oldest first.
@@ -259,29 +276,35 @@ func (r *Registry) Add(e *Export) error {
 }
 
 // Remove stops offering the export called name and returns it. Connections
-// already using it keep it until they end; then its backend is closed, and
-// the returned channel with it.
+// already using it keep it until they end; then its backend is flushed
+// (a failure is recorded) and closed, and the returned channel with it.
 func (r *Registry) Remove(name string) (*Export, <-chan struct{}, error) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	e, ok := r.exports[name]
 	if !ok {
+		r.mu.Unlock()
 		return nil, nil, fmt.Errorf("export %q: %w", name, ErrNoExport)
 	}
 	delete(r.exports, name)
-	return e, r.retireLocked(e), nil
+	closed, last := r.retireLocked(e)
+	r.mu.Unlock()
+	if last {
+		e.closeBackend()
+	}
+	return e, closed, nil
 }
 
 // retireLocked retires e, keeping it among the exports in use until its
-// last client is gone.
-func (r *Registry) retireLocked(e *Export) <-chan struct{} {
-	closed := e.retire()
+// backend is closed. If last, no client is left and the caller must call
+// e.closeBackend once it has let go of r.mu.
+func (r *Registry) retireLocked(e *Export) (closed <-chan struct{}, last bool) {
+	closed, last = e.retire()
 	select {
 	case <-closed:
 	default:
 		r.retired[e] = struct{}{}
 	}
-	return closed
+	return closed, last
 }
 
 // inUse returns every export a client may still be using: those offered,

@@ -378,8 +378,11 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 		Access: *old.currentAccess()}
 	r.exports[name] = e
 	r.keepFailuresLocked(e)
-	r.retireLocked(old)
+	_, last := r.retireLocked(old)
 	r.mu.Unlock()
+	if last {
+		old.closeBackend()
+	}
 	res.Reopened, res.ClientsCut = true, len(old.Clients())
 	old.kickClients()
 	return res, nil

@@ -479,3 +479,60 @@ func TestHungRecordWriteBlocksNoLookup(t *testing.T) {
 	close(release)
 	<-recorded
 }
+
+// flushRecorder is a backend whose flushes fail as a failed write-back does
+// (told to the registry, then kept), recording flushes and the close.
+type flushRecorder struct {
+	*hookedBackend
+	events []string
+}
+
+func (f *flushRecorder) Flush() error {
+	f.events = append(f.events, "flush")
+	f.fail(syscall.EIO)
+	return syscall.EIO
+}
+
+func (f *flushRecorder) Close() error {
+	f.events = append(f.events, "close")
+	return f.hookedBackend.Close()
+}
+
+// A withdrawn export (a reload, a rescan, a recovery) is flushed before its
+// backend is closed, once its last client is gone: the server's shutdown
+// flushes only the exports it still offers, and writes acknowledged to the
+// old export's clients may be only in the page cache. A failed flush is
+// recorded, as any failed write-back.
+func TestRetiredExportIsFlushedBeforeItCloses(t *testing.T) {
+	for _, clients := range []int{0, 1} {
+		t.Run(fmt.Sprintf("%d clients", clients), func(t *testing.T) {
+			reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
+			e, _ := fileExport(t, "vm1", 1<<20, false)
+			fr := &flushRecorder{hookedBackend: &hookedBackend{File: e.Backend.(*backend.File)}}
+			e.Backend = fr
+			if err := reg.Add(e); err != nil {
+				t.Fatal(err)
+			}
+			if clients > 0 && !e.attach(&clientConn{id: 1}) {
+				t.Fatal("attach refused")
+			}
+			_, closed, err := reg.Remove("vm1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if clients > 0 {
+				if len(fr.events) != 0 {
+					t.Fatalf("events with a client still attached: %v", fr.events)
+				}
+				e.detach(1)
+			}
+			<-closed
+			if !slices.Equal(fr.events, []string{"flush", "close"}) {
+				t.Errorf("backend events %v, want a flush, then the close", fr.events)
+			}
+			if _, ok := reg.Failures().lookup("vm1"); !ok {
+				t.Error("the retired export's failed flush was not recorded")
+			}
+		})
+	}
+}
