@@ -41,7 +41,7 @@ type Conn struct {
 	hasMeta bool            // base:allocation was selected
 	metaIDs map[uint32]bool // every selected context
 	drain   time.Duration
-	self    func() *Conn
+	self    func() (*Conn, error)
 
 	sendLock chan struct{} // capacity 1; a mutex that can wait with a context
 	wbuf     []byte        // guarded by sendLock
@@ -92,7 +92,7 @@ func newConn(nc net.Conn, info ExportInfo, server string, opts *Options) *Conn {
 		pending:    map[uint64]*call{},
 		readerDone: make(chan struct{}),
 	}
-	c.self = func() *Conn { return c }
+	c.self = func() (*Conn, error) { return c, nil } // start tells if c is usable
 	if info.StructuredReplies {
 		c.metaID, c.hasMeta = info.metaContextID(nbd.MetaContextBaseAllocation)
 		for _, m := range info.MetaContexts {
@@ -119,36 +119,36 @@ func (c *Conn) Err() error {
 // ReadAt fills p from offset off, splitting it into pipelined requests no
 // larger than the server's maximum payload.
 func (c *Conn) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdRead, off: off, length: int64(len(p)), buf: p}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdRead, off: off, length: int64(len(p)), buf: p}, c.self)
 }
 
 // WriteAt writes p at offset off. flags may hold nbd.CmdFlagFUA.
 func (c *Conn) WriteAt(ctx context.Context, p []byte, off int64, flags nbd.CommandFlags) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdWrite, flags: flags, off: off, length: int64(len(p)), buf: p}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdWrite, flags: flags, off: off, length: int64(len(p)), buf: p}, c.self)
 }
 
 // Flush makes every write the server has acknowledged durable. An export
 // that does not advertise NBD_FLAG_SEND_FLUSH has no volatile cache to flush,
 // so Flush sends nothing there (as Linux's nbd driver does).
 func (c *Conn) Flush(ctx context.Context) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdFlush}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdFlush}, c.self)
 }
 
 // Trim tells the server [off, off+length) is no longer needed. flags may hold
 // nbd.CmdFlagFUA.
 func (c *Conn) Trim(ctx context.Context, off, length int64, flags nbd.CommandFlags) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdTrim, flags: flags, off: off, length: length}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdTrim, flags: flags, off: off, length: length}, c.self)
 }
 
 // WriteZeroes makes [off, off+length) read as zeroes. flags may hold
 // nbd.CmdFlagFUA, nbd.CmdFlagNoHole and nbd.CmdFlagFastZero.
 func (c *Conn) WriteZeroes(ctx context.Context, off, length int64, flags nbd.CommandFlags) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdWriteZeroes, flags: flags, off: off, length: length}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdWriteZeroes, flags: flags, off: off, length: length}, c.self)
 }
 
 // Cache asks the server to prefetch [off, off+length).
 func (c *Conn) Cache(ctx context.Context, off, length int64) error {
-	return run(ctx, c.info, c.lim, op{cmd: nbd.CmdCache, off: off, length: length}, c.self)
+	return run(ctx, c.info, c.lim, c.hasMeta, op{cmd: nbd.CmdCache, off: off, length: length}, c.self)
 }
 
 // BlockStatus returns the base:allocation extents from off onwards, as one
@@ -156,7 +156,7 @@ func (c *Conn) Cache(ctx context.Context, off, length int64) error {
 // from where it stopped) or, in the last extent, more. flags may hold
 // nbd.CmdFlagReqOne. Extent flags are nbd.StateHole and nbd.StateZero.
 func (c *Conn) BlockStatus(ctx context.Context, off, length int64, flags nbd.CommandFlags) ([]nbd.Extent, error) {
-	return blockStatus(ctx, c.info, c.lim, c, off, length, flags)
+	return blockStatus(ctx, c.info, c.lim, c.hasMeta, off, length, flags, c.self)
 }
 
 // Close waits up to the drain timeout for in-flight requests, sends
@@ -205,6 +205,7 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 
 // call is one request awaiting its reply.
 type call struct {
+	conn *Conn
 	req  nbd.RequestHeader
 	dst  []byte // READ destination, len == req.Length
 	done chan struct{}
@@ -212,6 +213,7 @@ type call struct {
 
 	// mu is held by the reader while it writes into dst, and by a caller
 	// abandoning the call, so dst is never written once its owner returned.
+	// The reader holds it for as long as the payload takes to arrive.
 	mu        sync.Mutex
 	abandoned bool
 	// dropped: the reader threw away read data (or left a hole uncleared)
@@ -231,11 +233,52 @@ func (cl *call) finish(err error) {
 	close(cl.done)
 }
 
-// abandon stops the reader writing into dst; it waits for a copy in progress.
-func (cl *call) abandon() {
+// abandon stops the reader writing into dst, because the caller gives up
+// for the reason why. If the reader is copying the payload into dst, abandon
+// waits for the copy to end while ctx lasts: the data may be arriving slowly
+// or have stalled, and a stream cannot be resynchronised mid-payload, so once
+// ctx is done the connection fails, which closes the socket and ends the copy
+// at once. (The reader also holds mu to clear a hole, briefly; a ctx already
+// done costs the connection then too, as telling the two apart would race.)
+// abandon reports whether it failed the connection.
+func (cl *call) abandon(ctx context.Context, why error) (failedConn bool) {
+	if !cl.mu.TryLock() {
+		locked := make(chan struct{})
+		go func() {
+			cl.mu.Lock()
+			close(locked)
+		}()
+		select {
+		case <-locked:
+		case <-ctx.Done():
+			c := cl.conn
+			// Not %w: why is this caller's reason (often its
+			// context's deadline), not that of the others failed
+			// with the connection. In a goroutine: fail waits for
+			// each call's mu, and this one's goes to the locker
+			// above, whose owner is this function.
+			go c.fail(fmt.Errorf("%w: %s to %s was given up while its data was arriving (%v), and the stream cannot be resynchronised mid-payload; dial again to go on",
+				ErrClosed, describe(cl.rangeOf()), c.server, why))
+			failedConn = true
+			<-locked // the closed socket ends the copy
+		}
+	}
+	cl.abandoned = true
+	cl.mu.Unlock()
+	return failedConn
+}
+
+// stopWrites stops the reader writing into dst once the socket is closed;
+// it waits for a copy in progress, which the closed socket ends.
+func (cl *call) stopWrites() {
 	cl.mu.Lock()
 	cl.abandoned = true
 	cl.mu.Unlock()
+}
+
+// describe names a request for an error: "NBD_CMD_READ of 4096 bytes at offset 0".
+func describe(r requestRange) string {
+	return fmt.Sprintf("%v of %d bytes at offset %d", r.cmd, r.length, r.off)
 }
 
 // waitHook, nil outside tests, runs between abandon and wait's last look at
@@ -249,7 +292,10 @@ func (cl *call) wait(ctx context.Context) error {
 		return cl.err
 	case <-ctx.Done():
 	}
-	cl.abandon()
+	if cl.abandon(ctx, ctx.Err()) {
+		// Whatever finished the call, dst holds a part of the reply.
+		return ctx.Err()
+	}
 	if waitHook != nil {
 		waitHook(cl)
 	}
@@ -279,16 +325,11 @@ func (c *Conn) start(ctx context.Context, req nbd.RequestHeader, payload, dst []
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	cl := &call{req: req, dst: dst, done: make(chan struct{})}
+	cl := &call{conn: c, req: req, dst: dst, done: make(chan struct{})}
 	c.mu.Lock()
-	switch {
-	case c.err != nil:
-		err := c.err
+	if err := c.unusableLocked(); err != nil {
 		c.mu.Unlock()
 		return nil, err
-	case c.closing:
-		c.mu.Unlock()
-		return nil, fmt.Errorf("%w: the connection to %s is shutting down", ErrClosed, c.server)
 	}
 	c.next++
 	cl.req.Handle = c.next
@@ -310,6 +351,25 @@ func (c *Conn) start(ctx context.Context, req nbd.RequestHeader, payload, dst []
 		return nil, ctx.Err()
 	}
 	return nil, c.Err()
+}
+
+// usable returns why no request can start on c, or nil if one can.
+func (c *Conn) usable() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.unusableLocked()
+}
+
+// unusableLocked is usable with c.mu held: c failed, or it is closing (by
+// Close, or softly after the server answered ESHUTDOWN).
+func (c *Conn) unusableLocked() error {
+	switch {
+	case c.err != nil:
+		return c.err
+	case c.closing:
+		return fmt.Errorf("%w: the connection to %s is shutting down", ErrClosed, c.server)
+	}
+	return nil
 }
 
 // send writes a request header and its payload as one unit. sent reports
@@ -416,7 +476,7 @@ func (c *Conn) fail(err error) {
 	c.mu.Unlock()
 	c.nc.Close()
 	for _, cl := range calls {
-		cl.abandon() // the socket is closed, so a copy in progress ends now
+		cl.stopWrites() // the socket is closed, so a copy in progress ends now
 		cl.finish(err)
 	}
 }

@@ -20,6 +20,10 @@ const (
 	maxOptionReplies = 1024
 	// maxListEntries bounds the exports NBD_OPT_LIST may return.
 	maxListEntries = 1 << 16
+	// maxListBytes bounds the names and descriptions NBD_OPT_LIST may make
+	// us keep: maxListEntries entries of the largest each could hold
+	// nearly 1 GiB.
+	maxListBytes = 16 << 20
 	// abortReplyWait bounds the wait for the server's ACK to NBD_OPT_ABORT;
 	// the spec lets servers close without one.
 	abortReplyWait = time.Second
@@ -108,6 +112,7 @@ func List(ctx context.Context, uri string) (_ []nbd.ServerEntry, err error) {
 		return nil, err
 	}
 	var out []nbd.ServerEntry
+	kept := 0 // bytes of names and descriptions in out
 	for {
 		t, data, err := n.recv(nbd.OptList)
 		if err != nil {
@@ -123,6 +128,10 @@ func List(ctx context.Context, uri string) (_ []nbd.ServerEntry, err error) {
 				return nil, protocolErrorf("%s: %v", n.server, err)
 			}
 			e.Description = sanitize([]byte(e.Description))
+			if kept += len(e.Name) + len(e.Description); kept > maxListBytes {
+				return nil, protocolErrorf("%s listed more than %d MiB of export names and descriptions (after %d exports); ask it about one export with Info instead",
+					n.server, maxListBytes>>20, len(out))
+			}
 			out = append(out, e)
 		case t == nbd.RepAck:
 			n.abort()

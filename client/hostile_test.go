@@ -1,6 +1,7 @@
 package client
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lvnbd/lvnbd/nbd"
 )
@@ -316,6 +318,22 @@ func TestHostileHandshake(t *testing.T) {
 				}
 				return b
 			}},
+		{name: "export list of over 16 MiB", list: true, is: ErrProtocol, wantMsg: "more than 16 MiB of export names and descriptions",
+			answer: func(opt nbd.Option, _ []byte) []byte {
+				if opt != nbd.OptList {
+					return ack(opt)
+				}
+				// Far fewer entries than maxListEntries, each as large as
+				// an entry may be, and then a proper end.
+				e, _ := nbd.ServerEntry{Name: strings.Repeat("n", nbd.MaxStringLength), Description: strings.Repeat("d", nbd.MaxStringLength)}.AppendBinary(nil)
+				one := optReply(opt, nbd.RepServer, e)
+				n := maxListBytes/(2*nbd.MaxStringLength) + 1
+				b := make([]byte, 0, len(one)*n+nbd.OptionReplyHeaderSize)
+				for range n {
+					b = append(b, one...)
+				}
+				return append(b, ack(opt)...)
+			}},
 		{name: "list entry longer than its reply", list: true, is: ErrProtocol, wantMsg: "server entry",
 			answer: func(opt nbd.Option, _ []byte) []byte {
 				return optReply(opt, nbd.RepServer, binary.BigEndian.AppendUint32(nil, 1000))
@@ -342,6 +360,103 @@ func TestHostileHandshake(t *testing.T) {
 			if !errors.Is(err, tt.is) || !strings.Contains(err.Error(), tt.wantMsg) {
 				t.Fatalf("got %v, want %v containing %q", err, tt.is, tt.wantMsg)
 			}
+		})
+	}
+}
+
+// A server that stalls in the middle of read data must not hold the caller
+// past its context. The reader is copying into the caller's buffer then, so
+// the connection is torn down (nothing can resynchronise the stream), and
+// the buffer is not written once the call returned.
+func TestStalledReadDataEndsWithContext(t *testing.T) {
+	const block = 4096
+	tests := []struct {
+		name string
+		opts *Options
+		// pool reads two pieces over two connections: the first is never
+		// answered, the second stalls, so it is abandoned after the first
+		// one's wait ended.
+		pool bool
+	}{
+		{name: "simple reply", opts: &Options{NoStructuredReplies: true}},
+		{name: "data chunk"},
+		{name: "pool, the other piece stalls", pool: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &fakeServer{blockSizes: &BlockSizes{Minimum: 512, Preferred: block, MaxPayload: block},
+				exports: map[string]*fakeExport{"d": newFakeExport(1<<20, "")}}
+			copy(s.exports["d"].data, pattern(2*block, 1))
+			stallAt := uint64(0)
+			if tt.pool {
+				stallAt = block
+			}
+			s.reply = func(fc *fakeConn, req nbd.RequestHeader, _ []byte) bool {
+				if req.Command != nbd.CmdRead {
+					return false
+				}
+				if req.Offset == stallAt {
+					// The reply's header and 100 bytes of data, then
+					// nothing, on an open socket.
+					head := nbd.SimpleReplySize
+					if fc.structured {
+						head = nbd.StructuredHeaderSize + nbd.OffsetDataPrefixSize
+					}
+					fc.send(fc.answer(req, nil)[:head+100])
+				}
+				return true
+			}
+			opts := &Options{DrainTimeout: time.Millisecond} // pending reads never end
+			if tt.opts != nil {
+				opts.NoStructuredReplies = tt.opts.NoStructuredReplies
+			}
+			var d Device
+			var conns []*Conn
+			n := block
+			if tt.pool {
+				p, err := DialPool(testContext(t), s.start(t, "d"), 2, opts)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { p.Close() })
+				d, conns, n = p, p.conns, 2*block
+			} else {
+				c := dialT(t, s.start(t, "d"), opts)
+				d, conns = c, []*Conn{c}
+			}
+
+			ctx, cancel := context.WithTimeout(testContext(t), 300*time.Millisecond)
+			defer cancel()
+			buf := make([]byte, n)
+			read := make(chan error, 1)
+			go func() { read <- d.ReadAt(ctx, buf, 0) }()
+			// A bound on the failure, not a synchronisation: without the
+			// fix ReadAt returns only when the server hangs up.
+			bound := time.NewTimer(10 * time.Second)
+			defer bound.Stop()
+			select {
+			case err := <-read:
+				if !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("ReadAt: %v, want context.DeadlineExceeded", err)
+				}
+			case <-bound.C:
+				t.Fatal("ReadAt still blocked 10s after its 300ms deadline, on a stalled reply")
+			}
+			returned := bytes.Clone(buf)
+			failed := 0
+			for _, c := range conns {
+				if err := c.Err(); err != nil {
+					if !errors.Is(err, ErrClosed) || !strings.Contains(err.Error(), "given up while its data was arriving") {
+						t.Errorf("connection error %v, want ErrClosed saying why", err)
+					}
+					<-c.Done() // its reader has stopped
+					failed++
+				}
+			}
+			if failed != 1 {
+				t.Errorf("%d connections failed, want the one with the stalled reply", failed)
+			}
+			mustEqual(t, "buffer after ReadAt returned", returned, buf)
 		})
 	}
 }

@@ -120,18 +120,23 @@ func flagName(f nbd.TransmissionFlags) string {
 	return f.String()
 }
 
-// run validates o, splits it into requests, sends them all on the
-// connections pick chooses, and waits for every reply.
-func run(ctx context.Context, info ExportInfo, lim limits, o op, pick func() *Conn) error {
-	first := pick()
-	if err := validate(info, lim, o, first.hasMeta); err != nil {
+// run validates o, splits it into requests, sends each on the connection
+// pick chooses for it, and waits for every reply. hasMeta tells whether
+// base:allocation was negotiated, which every connection pick may choose
+// agrees on.
+func run(ctx context.Context, info ExportInfo, lim limits, hasMeta bool, o op, pick func() (*Conn, error)) error {
+	if err := validate(info, lim, o, hasMeta); err != nil {
 		return err
 	}
 	if o.cmd == nbd.CmdFlush {
 		if info.Flags&nbd.FlagSendFlush == 0 {
 			return nil
 		}
-		cl, err := first.start(ctx, nbd.RequestHeader{Command: nbd.CmdFlush}, nil, nil)
+		c, err := pick()
+		if err != nil {
+			return err
+		}
+		cl, err := c.start(ctx, nbd.RequestHeader{Command: nbd.CmdFlush}, nil, nil)
 		if err != nil {
 			return err
 		}
@@ -142,7 +147,6 @@ func run(ctx context.Context, info ExportInfo, lim limits, o op, pick func() *Co
 		piece = lim.maxIO
 	}
 	var calls []*call
-	c := first
 	for done := uint64(0); done < uint64(o.length); {
 		n := min(uint64(o.length)-done, piece)
 		req := nbd.RequestHeader{Command: o.cmd, Flags: o.flags, Offset: uint64(o.off) + done, Length: uint32(n)}
@@ -153,18 +157,24 @@ func run(ctx context.Context, info ExportInfo, lim limits, o op, pick func() *Co
 		case nbd.CmdRead:
 			dst = o.buf[done : done+n]
 		}
+		// One pick per piece, so that a pool's round robin spreads
+		// one-piece requests evenly.
+		c, err := pick()
+		if err != nil {
+			abandonAll(ctx, calls, err)
+			return err
+		}
 		cl, err := c.start(ctx, req, payload, dst)
 		if err != nil {
-			abandonAll(calls)
+			abandonAll(ctx, calls, err)
 			return err
 		}
 		calls = append(calls, cl)
 		done += n
-		c = pick()
 	}
 	for i, cl := range calls {
 		if err := cl.wait(ctx); err != nil {
-			abandonAll(calls[i+1:])
+			abandonAll(ctx, calls[i+1:], err)
 			return err
 		}
 	}
@@ -172,21 +182,26 @@ func run(ctx context.Context, info ExportInfo, lim limits, o op, pick func() *Co
 }
 
 // abandonAll makes sure no reply writes into the caller's buffer after it
-// has been given back.
-func abandonAll(calls []*call) {
+// has been given back; why is the reason it is given back. A copy in
+// progress is waited for while ctx lasts (see call.abandon).
+func abandonAll(ctx context.Context, calls []*call, why error) {
 	for _, cl := range calls {
-		cl.abandon()
+		cl.abandon(ctx, why)
 	}
 }
 
-// blockStatus sends one NBD_CMD_BLOCK_STATUS on c.
-func blockStatus(ctx context.Context, info ExportInfo, lim limits, c *Conn, off, length int64, flags nbd.CommandFlags) ([]nbd.Extent, error) {
+// blockStatus sends one NBD_CMD_BLOCK_STATUS on the connection pick chooses.
+func blockStatus(ctx context.Context, info ExportInfo, lim limits, hasMeta bool, off, length int64, flags nbd.CommandFlags, pick func() (*Conn, error)) ([]nbd.Extent, error) {
 	o := op{cmd: nbd.CmdBlockStatus, flags: flags, off: off, length: length}
-	if err := validate(info, lim, o, c.hasMeta); err != nil {
+	if err := validate(info, lim, o, hasMeta); err != nil {
 		return nil, err
 	}
 	if length == 0 {
 		return nil, nil
+	}
+	c, err := pick()
+	if err != nil {
+		return nil, err
 	}
 	req := nbd.RequestHeader{Command: nbd.CmdBlockStatus, Flags: flags, Offset: uint64(off),
 		Length: uint32(min(uint64(length), maxEffectLength))}

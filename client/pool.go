@@ -33,11 +33,11 @@ var (
 // must advertise NBD_FLAG_CAN_MULTI_CONN for that to be safe; otherwise the
 // pool holds a single connection.
 type Pool struct {
-	conns []*Conn
-	info  ExportInfo
-	lim   limits
-	next  atomic.Uint64
-	pick  func() *Conn
+	conns   []*Conn
+	info    ExportInfo
+	lim     limits
+	hasMeta bool
+	next    atomic.Uint64
 }
 
 // DialPool opens n connections to the export at uri if the server advertises
@@ -77,9 +77,24 @@ func DialPool(ctx context.Context, uri string, n int, opts *Options) (*Pool, err
 			return nil, err
 		}
 	}
-	p := &Pool{conns: conns, info: first.info, lim: first.lim}
-	p.pick = func() *Conn { return p.conns[p.next.Add(1)%uint64(len(p.conns))] }
-	return p, nil
+	return &Pool{conns: conns, info: first.info, lim: first.lim, hasMeta: first.hasMeta}, nil
+}
+
+// pick chooses the connection for the next request, round robin. It
+// skips connections that failed or are closing (the server may have said
+// ESHUTDOWN on one of them), as no request could start there, and fails
+// only when no connection is left. Nothing is redialled.
+func (p *Pool) pick() (*Conn, error) {
+	n := uint64(len(p.conns))
+	start := p.next.Add(1)
+	var err error
+	for i := range n {
+		c := p.conns[(start+i)%n]
+		if err = c.usable(); err == nil {
+			return c, nil
+		}
+	}
+	return nil, fmt.Errorf("none of the pool's %d connections is usable (dial a new pool); the last: %w", n, err)
 }
 
 // Connections is how many connections the pool uses: the n asked for, or 1
@@ -94,38 +109,38 @@ func (p *Pool) Export() ExportInfo { return p.info.clone() }
 
 // ReadAt fills p from offset off; large reads are split over the connections.
 func (p *Pool) ReadAt(ctx context.Context, b []byte, off int64) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdRead, off: off, length: int64(len(b)), buf: b}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdRead, off: off, length: int64(len(b)), buf: b}, p.pick)
 }
 
 // WriteAt writes b at offset off; large writes are split over the connections.
 func (p *Pool) WriteAt(ctx context.Context, b []byte, off int64, flags nbd.CommandFlags) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdWrite, flags: flags, off: off, length: int64(len(b)), buf: b}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdWrite, flags: flags, off: off, length: int64(len(b)), buf: b}, p.pick)
 }
 
 // Flush makes every write acknowledged on any of the pool's connections
 // durable: with multi-conn one flush covers them all.
 func (p *Pool) Flush(ctx context.Context) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdFlush}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdFlush}, p.pick)
 }
 
 // Trim tells the server [off, off+length) is no longer needed.
 func (p *Pool) Trim(ctx context.Context, off, length int64, flags nbd.CommandFlags) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdTrim, flags: flags, off: off, length: length}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdTrim, flags: flags, off: off, length: length}, p.pick)
 }
 
 // WriteZeroes makes [off, off+length) read as zeroes.
 func (p *Pool) WriteZeroes(ctx context.Context, off, length int64, flags nbd.CommandFlags) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdWriteZeroes, flags: flags, off: off, length: length}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdWriteZeroes, flags: flags, off: off, length: length}, p.pick)
 }
 
 // Cache asks the server to prefetch [off, off+length).
 func (p *Pool) Cache(ctx context.Context, off, length int64) error {
-	return run(ctx, p.info, p.lim, op{cmd: nbd.CmdCache, off: off, length: length}, p.pick)
+	return run(ctx, p.info, p.lim, p.hasMeta, op{cmd: nbd.CmdCache, off: off, length: length}, p.pick)
 }
 
 // BlockStatus returns base:allocation extents from off, as Conn.BlockStatus.
 func (p *Pool) BlockStatus(ctx context.Context, off, length int64, flags nbd.CommandFlags) ([]nbd.Extent, error) {
-	return blockStatus(ctx, p.info, p.lim, p.pick(), off, length, flags)
+	return blockStatus(ctx, p.info, p.lim, p.hasMeta, off, length, flags, p.pick)
 }
 
 // Close closes every connection, each after its in-flight requests.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -91,16 +92,16 @@ func ParseURI(s string) (URI, error) {
 		return bad("export name of %d bytes is over the protocol's %d", len(out.Export), nbd.MaxStringLength)
 	}
 
-	q, err := url.ParseQuery(u.RawQuery)
+	q, err := parseQuery(u.RawQuery)
 	if err != nil {
 		return bad("query: %v", err)
 	}
-	for key, vals := range q {
-		if len(vals) != 1 {
-			return bad("query parameter %q given %d times", key, len(vals))
+	for _, p := range q {
+		if len(p.values) != 1 {
+			return bad("query parameter %q given %d times", p.key, len(p.values))
 		}
-		v := vals[0]
-		switch key {
+		v := p.values[0]
+		switch p.key {
 		case "socket":
 			out.Socket = v
 		case "tls-type":
@@ -113,7 +114,7 @@ func ParseURI(s string) (URI, error) {
 			}
 			out.TLSVerifyPeer = v
 		default:
-			return bad("unknown query parameter %q", key)
+			return bad("unknown query parameter %q", p.key)
 		}
 	}
 
@@ -126,7 +127,7 @@ func ParseURI(s string) (URI, error) {
 		}
 		return out, nil
 	}
-	if _, ok := q["socket"]; ok {
+	if slices.ContainsFunc(q, func(p queryParam) bool { return p.key == "socket" }) {
 		return bad("socket= is only for nbd+unix and nbds+unix")
 	}
 	out.Host = u.Hostname()
@@ -157,6 +158,65 @@ func ParseURI(s string) (URI, error) {
 	return out, nil
 }
 
+// queryParam is one query parameter and every value it was given.
+type queryParam struct {
+	key    string
+	values []string
+}
+
+// parseQuery splits a raw query into its parameters, in the order they first
+// appear. It reads the query as RFC 3986 does, which doc/uri.md defers to
+// (and libnbd and qemu follow), not as an HTML form: a "+" is a plus, not a
+// space, and ";" is an ordinary character, not a separator to refuse. Empty
+// parameters ("a=1&&b=2") are skipped; one without "=" has the value "".
+func parseQuery(raw string) ([]queryParam, error) {
+	var out []queryParam
+	index := map[string]int{} // key → its place in out
+	for part := range strings.SplitSeq(raw, "&") {
+		if part == "" {
+			continue
+		}
+		rawKey, rawValue, _ := strings.Cut(part, "=")
+		key, err := url.PathUnescape(rawKey)
+		if err != nil {
+			return nil, err
+		}
+		value, err := url.PathUnescape(rawValue)
+		if err != nil {
+			return nil, err
+		}
+		i, ok := index[key]
+		if !ok {
+			i = len(out)
+			index[key] = i
+			out = append(out, queryParam{key: key})
+		}
+		out[i].values = append(out[i].values, value)
+	}
+	return out, nil
+}
+
+// escapeQueryValue percent-encodes v for a query value that parseQuery
+// reads back: a space becomes %20 and a "+" stays itself (url.QueryEscape
+// writes them the form way round, "+" and %2B), and "&", "=", "#", "%" and
+// every byte outside RFC 3986's unreserved set are encoded, but for "/", ":"
+// and "@", which may stay literal in a query (RFC 3986 3.4) and keep socket
+// paths readable.
+func escapeQueryValue(v string) string {
+	var b strings.Builder
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			c == '-', c == '.', c == '_', c == '~', c == '/', c == ':', c == '@', c == '+':
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
 // IsTLS reports whether the URI requires TLS (nbds, nbds+unix).
 func (u URI) IsTLS() bool { return u.Scheme == SchemeNBDS || u.Scheme == SchemeNBDSUnix }
 
@@ -183,7 +243,6 @@ func (u URI) Address() string {
 	return net.JoinHostPort(u.Host, strconv.Itoa(u.Port))
 }
 
-// String formats the URI so that ParseURI gives it back.
 // Server names the server u dials, so that two URIs on one server compare
 // equal (a pair's legs must not): for TCP the host, lower-cased and without a
 // trailing dot (an IP address in its canonical form), and the port; for a
@@ -203,6 +262,7 @@ func (u URI) Server() string {
 	return net.JoinHostPort(host, strconv.Itoa(u.Port))
 }
 
+// String formats the URI so that ParseURI gives it back.
 func (u URI) String() string {
 	out := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}
 	if !u.IsUnix() {
@@ -215,9 +275,7 @@ func (u URI) String() string {
 	var q []string
 	add := func(k, v string) {
 		if v != "" || (k == "socket" && u.IsUnix()) {
-			// Slashes may stay literal in a query (RFC 3986 3.4), which keeps
-			// socket paths readable.
-			q = append(q, k+"="+strings.ReplaceAll(url.QueryEscape(v), "%2F", "/"))
+			q = append(q, k+"="+escapeQueryValue(v))
 		}
 	}
 	add("socket", u.Socket)

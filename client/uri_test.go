@@ -31,6 +31,12 @@ var uriTests = []struct {
 	{in: "nbd://h/%E2%82%AC%2F%3F", want: URI{Scheme: "nbd", Host: "h", Port: 10809, Export: "€/?"}},
 	{in: "nbd+unix:///vm1?socket=/run/lvnbd%20x.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/lvnbd x.sock", Export: "vm1"}},
 	{in: "nbd+unix://?socket=/s", want: URI{Scheme: "nbd+unix", Socket: "/s"}},
+	// Queries are RFC 3986's, not HTML forms': "+" is a plus, ";" an
+	// ordinary character, and a space is %20.
+	{in: "nbd+unix:///vm1?socket=/run/a+b.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/a+b.sock", Export: "vm1"}},
+	{in: "nbd+unix:///vm1?socket=/run/a;b.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/a;b.sock", Export: "vm1"}},
+	{in: "nbd+unix:///vm1?socket=/run/a%2Bb%20c%3Bd.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/a+b c;d.sock", Export: "vm1"}},
+	{in: "nbds://h/vm1?tls-hostname=a+b&&tls-type=x%3D1%26", want: URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "vm1", TLSHostname: "a+b", TLSType: "x=1&"}},
 	// TLS forms parse (Dial refuses them).
 	{in: "nbds://alice@storage-a/vm1?tls-type=x509&tls-verify-peer=0",
 		want: URI{Scheme: "nbds", User: "alice", Host: "storage-a", Port: 10809, Export: "vm1", TLSType: "x509", TLSVerifyPeer: "0"}},
@@ -55,6 +61,10 @@ var uriTests = []struct {
 	{in: "nbd://h/x?foo=1", wantErr: "unknown query parameter"},
 	{in: "nbd://h/x?tls-type=a&tls-type=b", wantErr: "given 2 times"},
 	{in: "nbd://h/x?tls-verify-peer=yes", wantErr: "tls-verify-peer"},
+	{in: "nbd://h/x?tls-type=%zz", wantErr: "invalid URL escape"},
+	{in: "nbd://h/x?tls%zz=1", wantErr: "invalid URL escape"},
+	{in: "nbd://h/x?=1", wantErr: "unknown query parameter \"\""},
+	{in: "nbd://h/x?tls-type=a;tls-type=b&tls-type=c", wantErr: "given 2 times"},
 	{in: "nbd://h/x#frag", wantErr: "fragment"},
 	{in: "nbd://u:pw@h/x", wantErr: "password"},
 	{in: "nbd+unix:///x", wantErr: "needs ?socket"},
@@ -93,6 +103,40 @@ func TestParseURI(t *testing.T) {
 	}
 }
 
+// String writes query values so that RFC 3986 readers (libnbd, qemu) see
+// what ParseURI sees: a space as %20, a plus as itself.
+func TestURIString(t *testing.T) {
+	tests := []struct {
+		name string
+		in   URI
+		want string
+	}{
+		{"space, plus and semicolon in a socket path",
+			URI{Scheme: "nbd+unix", Socket: "/run/a b+c;d.sock", Export: "vm1"},
+			"nbd+unix:///vm1?socket=/run/a%20b+c%3Bd.sock"},
+		{"query delimiters in a value",
+			URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "x", TLSType: "a&b=c#d%e"},
+			"nbds://h:10809/x?tls-type=a%26b%3Dc%23d%25e"},
+		{"abstract socket",
+			URI{Scheme: "nbd+unix", Socket: "\x00/abstract"},
+			"nbd+unix:///?socket=%00/abstract"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := tt.in.String(); got != tt.want {
+				t.Errorf("String() = %q, want %q", got, tt.want)
+			}
+			back, err := ParseURI(tt.want)
+			if err != nil {
+				t.Fatalf("ParseURI(%q): %v", tt.want, err)
+			}
+			if diff := cmp.Diff(tt.in, back); diff != "" {
+				t.Errorf("ParseURI(%q) (-want +got):\n%s", tt.want, diff)
+			}
+		})
+	}
+}
+
 func TestURIAddress(t *testing.T) {
 	tests := []struct {
 		in, network, address string
@@ -118,6 +162,16 @@ func TestURIAddress(t *testing.T) {
 func FuzzParseURI(f *testing.F) {
 	for _, tt := range uriTests {
 		f.Add(tt.in)
+	}
+	// Where form decoding and RFC 3986 part: "+", ";" and %20.
+	for _, s := range []string{
+		"nbd+unix:///?socket=+",
+		"nbd+unix:///?socket=%2B+%20",
+		"nbd://h/x?tls-type=;&tls-hostname=a;b",
+		"nbd://h/a+b%20c?tls-type=%20",
+		"nbds+unix:///x?socket=/s;tls-type=x509",
+	} {
+		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		u, err := ParseURI(s)
