@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/lvnbd/lvnbd/config"
 	"github.com/lvnbd/lvnbd/control"
@@ -50,6 +51,9 @@ type Daemon struct {
 	// statics names the --export / [[export]] exports; the registry has
 	// them (lvnbd recover replaces an export there).
 	statics map[string]bool
+	// absent are the exports configured whose file or device could not be
+	// opened: left out, and opened again by each reload.
+	absent map[string]absentExport
 }
 
 // Run serves until ctx is done, then drains and returns; cancellation is a
@@ -61,9 +65,11 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	d := &Daemon{opts: opts, log: opts.Log, cfg: cfg, reg: server.NewRegistry(), statics: map[string]bool{}}
 	defer d.closeStatics()
-	if err := d.setLevel(cfg); err != nil {
+	level, err := parseLevel(cfg)
+	if err != nil {
 		return err
 	}
+	d.setLevel(level)
 	fences, err := server.LoadFences(cfg.Server.FenceFile)
 	if err != nil {
 		return err
@@ -82,7 +88,14 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
-	if err := d.applyExports(cfg); err != nil {
+	// Like a volume that cannot be opened, an export whose file or device
+	// cannot be opened must not keep the box from serving every other; a
+	// mistake in the configuration still does.
+	plan, err := d.planExports(cfg, func(server.ExportSpec) bool { return true })
+	if err != nil {
+		return err
+	}
+	if err := d.applyExports(plan); err != nil {
 		return err
 	}
 	if cfg.Server.Volumes != "" {
@@ -233,16 +246,18 @@ func (d *Daemon) listen(cfg *config.Config) ([]net.Listener, error) {
 	return lns, nil
 }
 
-func (d *Daemon) setLevel(cfg *config.Config) error {
-	if d.opts.Level == nil {
-		return nil
-	}
-	lvl, err := zap.ParseAtomicLevel(cfg.Log.Level)
+func parseLevel(cfg *config.Config) (zapcore.Level, error) {
+	lvl, err := zapcore.ParseLevel(cfg.Log.Level)
 	if err != nil {
-		return fmt.Errorf("log.level %q: %w", cfg.Log.Level, err)
+		return lvl, fmt.Errorf("log.level %q: %w", cfg.Log.Level, err)
 	}
-	d.opts.Level.SetLevel(lvl.Level())
-	return nil
+	return lvl, nil
+}
+
+func (d *Daemon) setLevel(lvl zapcore.Level) {
+	if d.opts.Level != nil {
+		d.opts.Level.SetLevel(lvl)
+	}
 }
 
 func (d *Daemon) rescan(ctx context.Context, interval time.Duration) {
@@ -277,6 +292,8 @@ func (d *Daemon) reloads(ctx context.Context) {
 // reload applies a new configuration: exports added, removed (their
 // clients drained: what they sent is answered) and changed; access rules,
 // TLS certificates and the log level. What needs a restart is logged.
+// Everything is checked and opened before anything changes: a configuration
+// rejected leaves the running one exactly as it was.
 func (d *Daemon) reload() error {
 	cfg, err := d.opts.Load()
 	if err != nil {
@@ -292,7 +309,29 @@ func (d *Daemon) reload() error {
 			return err
 		}
 	}
+	level, err := parseLevel(cfg)
+	if err != nil {
+		return err
+	}
+	// An export left out because it could not be opened, and configured
+	// the same, is not a new mistake: it stays out, and is logged again.
+	plan, err := d.planExports(cfg, func(spec server.ExportSpec) bool {
+		a, ok := d.absent[spec.Name]
+		return ok && a.spec == spec
+	})
+	if err != nil {
+		return err
+	}
+	if err := d.applyExports(plan); err != nil {
+		return err
+	}
+	d.setLevel(level)
+	d.srv.SetTLS(tlsConfig)
+	if d.vols != nil {
+		d.vols.SetAccess(volAccess)
+	}
 	old := d.cfg
+	d.cfg = cfg
 	restart := []struct {
 		what     string
 		old, new any
@@ -312,78 +351,166 @@ func (d *Daemon) reload() error {
 			d.log.Warn("this change takes effect at the next restart", zap.String("setting", r.what))
 		}
 	}
-	if err := d.setLevel(cfg); err != nil {
-		return err
-	}
-	if err := d.applyExports(cfg); err != nil {
-		return err
-	}
-	d.srv.SetTLS(tlsConfig)
-	if d.vols != nil {
-		d.vols.SetAccess(volAccess)
-	}
-	d.cfg = cfg
 	return nil
 }
 
-// applyExports makes the static exports match cfg. Everything is opened
-// before anything changes, so a bad path leaves the old exports as they were.
-func (d *Daemon) applyExports(cfg *config.Config) error {
-	type change struct {
-		e    *server.Export
-		spec server.ExportSpec
+// exportPlan is what a configuration changes in the static exports, worked
+// out, checked and opened before anything is changed.
+type exportPlan struct {
+	keep     map[string]server.Access // unchanged exports, with their access now
+	add      []*server.Export         // opened, with their access; new or replacing one
+	withdraw []string                 // statics no longer configured, or replaced
+	// absent are the exports configured whose file or device could not be
+	// opened, left out (at start-up, or still since then).
+	absent map[string]absentExport
+}
+
+// absentExport is a configured export whose file or device could not be
+// opened, and why.
+type absentExport struct {
+	spec server.ExportSpec
+	err  error
+}
+
+// close closes what the plan opened, when it is not applied.
+func (p *exportPlan) close() {
+	for _, e := range p.add {
+		e.Backend.Close()
 	}
-	var added []change
-	keep := map[string]bool{}
+}
+
+// planExports works out how to make the static exports match cfg: it checks
+// every name and access rule, and opens the new exports' files and devices.
+// It changes nothing, and on error has closed what it opened. An export
+// that cannot be opened is an error unless leaveOut says to leave it out.
+func (d *Daemon) planExports(cfg *config.Config, leaveOut func(server.ExportSpec) bool) (*exportPlan, error) {
+	p := &exportPlan{keep: map[string]server.Access{}, absent: map[string]absentExport{}}
 	var errs []error
+	seen := map[string]bool{}
 	for _, ce := range cfg.Exports {
-		access, err := cfg.ServerAccess(ce.Access)
-		if err != nil {
+		spec := ce.Spec()
+		if err := server.ValidateExportName(spec.Name); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		spec := ce.Spec()
+		if seen[spec.Name] {
+			errs = append(errs, fmt.Errorf("export %q: configured twice: export names must be unique", spec.Name))
+			continue
+		}
+		seen[spec.Name] = true
+		access, err := cfg.ServerAccess(ce.Access)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("export %q: %w", spec.Name, err))
+			continue
+		}
+		if e, ok := d.reg.Lookup(spec.Name); ok && e.Name == spec.Name && !d.statics[spec.Name] {
+			errs = append(errs, fmt.Errorf("export %q: %w: an export made from a volume has that name", spec.Name, server.ErrExportExists))
+			continue
+		}
 		if cur, ok := d.static(spec.Name); ok && sameSpec(cur, spec) {
-			keep[spec.Name] = true
-			cur.SetAccess(access)
+			p.keep[spec.Name] = access
 			continue
 		}
 		e, err := server.OpenExport(spec)
 		if err != nil {
+			if leaveOut(spec) {
+				p.absent[spec.Name] = absentExport{spec, err}
+				continue
+			}
 			errs = append(errs, err)
 			continue
 		}
 		e.Access = access
-		added = append(added, change{e, spec})
+		p.add = append(p.add, e)
 	}
 	if err := errors.Join(errs...); err != nil {
-		for _, a := range added {
-			a.e.Backend.Close()
-		}
-		return err
+		p.close()
+		return nil, err
 	}
 	for name := range d.statics {
-		if keep[name] {
+		if _, ok := p.keep[name]; !ok {
+			p.withdraw = append(p.withdraw, name)
+		}
+	}
+	return p, nil
+}
+
+// applyExports makes the static exports what p says. Exports under new names
+// are added first: a volume export may have taken such a name since the plan
+// was made, and then those added are taken back, nothing else has changed,
+// and the error says why. Past that point it cannot fail, but for one case
+// it logs: an export replaced whose name a volume export took in the
+// instant between the old one's removal and the new one's addition.
+func (d *Daemon) applyExports(p *exportPlan) error {
+	var added, replacing []*server.Export
+	for i, e := range p.add {
+		if d.statics[e.Name] {
+			replacing = append(replacing, e)
 			continue
 		}
-		if e, closed, err := d.reg.Remove(name); err == nil {
-			e.DrainClients()
+		if err := d.reg.Add(e); err != nil {
+			for _, a := range added {
+				if x, _, err := d.reg.Remove(a.Name); err == nil {
+					x.DrainClients() // the backend closes with the last client
+				}
+			}
+			for _, rest := range p.add[i:] {
+				rest.Backend.Close()
+			}
+			for _, r := range replacing {
+				r.Backend.Close()
+			}
+			return err
+		}
+		added = append(added, e)
+	}
+	for _, name := range p.withdraw {
+		if e, _, err := d.reg.Remove(name); err == nil {
+			e.DrainClients() // the backend closes with the last client
 			d.log.Info("export withdrawn; its clients are drained", zap.String("export", name))
-			_ = closed // the backend closes with the last client
 		}
 		delete(d.statics, name)
 	}
-	for _, a := range added {
-		if err := d.reg.Add(a.e); err != nil {
-			a.e.Backend.Close()
-			errs = append(errs, err)
+	for _, e := range replacing {
+		if err := d.reg.Add(e); err != nil {
+			e.Backend.Close()
+			d.log.Error("export not replaced: its old file or device is withdrawn, and a volume export took its name",
+				zap.String("export", e.Name), zap.String("path", e.Description), zap.Error(err))
 			continue
 		}
-		d.statics[a.spec.Name] = true
-		d.log.Info("export", zap.String("name", a.spec.Name), zap.String("path", a.spec.Path),
-			zap.Int64("size", a.e.Backend.Size()), zap.Bool("readonly", a.spec.ReadOnly))
+		added = append(added, e)
 	}
-	return errors.Join(errs...)
+	for _, e := range added {
+		d.statics[e.Name] = true
+		d.log.Info("export", zap.String("name", e.Name), zap.String("path", e.Description),
+			zap.Int64("size", e.Backend.Size()), zap.Bool("readonly", e.ReadOnly))
+	}
+	for name, a := range p.keep {
+		d.setAccess(name, a)
+	}
+	d.absent = p.absent
+	for _, a := range p.absent {
+		d.log.Error("export not served: its file or device cannot be opened; a reload tries again",
+			zap.String("export", a.spec.Name), zap.String("path", a.spec.Path), zap.Error(a.err))
+	}
+	return nil
+}
+
+// setAccess gives the static export called name access a. lvnbd recover may
+// replace the export meanwhile with one that copies the access of the one it
+// replaces (under the registry's lock): setting it again on whatever the
+// registry holds until that stays the same leaves a on the export served,
+// whichever access the recovery copied.
+func (d *Daemon) setAccess(name string, a server.Access) {
+	var last *server.Export
+	for {
+		e, ok := d.reg.Lookup(name)
+		if !ok || e.Name != name || e == last {
+			return
+		}
+		e.SetAccess(a)
+		last = e
+	}
 }
 
 // static returns the static export called name.

@@ -62,15 +62,21 @@ type running struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 	done     chan error
+	level    zap.AtomicLevel
+	logs     *observer.ObservedLogs
 }
 
 // startDaemon runs the daemon on cfg until stop.
 func startDaemon(t *testing.T, cfg *config.Config) *running {
-	r := &running{cfgs: &configs{}, reloads: make(chan struct{}, 1), reloaded: make(chan error, 1), done: make(chan error, 1)}
+	r := &running{cfgs: &configs{}, reloads: make(chan struct{}, 1), reloaded: make(chan error, 1), done: make(chan error, 1),
+		level: zap.NewAtomicLevel()}
 	r.cfgs.set(cfg)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
+	obs, logs := observer.New(zap.DebugLevel)
+	r.logs = logs
+	log := zap.New(zapcore.NewTee(zaptest.NewLogger(t).Core(), obs))
 	go func() {
-		r.done <- Run(r.ctx, Options{Load: r.cfgs.load, Log: zaptest.NewLogger(t), Reload: r.reloads,
+		r.done <- Run(r.ctx, Options{Load: r.cfgs.load, Log: log, Level: &r.level, Reload: r.reloads,
 			Reloaded: func(err error) { r.reloaded <- err }})
 	}()
 	return r
@@ -326,5 +332,159 @@ func TestStartsBesideAnUnreadableVolume(t *testing.T) {
 	defer d.cancel()
 	if err := <-d.done; !errors.Is(err, server.ErrListingVolumes) {
 		t.Errorf("Run with volumes that cannot be listed: %v, want ErrListingVolumes", err)
+	}
+}
+
+// testConfig is a configuration serving exports on the unix socket sock, with
+// nothing else that would reach outside the test.
+func testConfig(sock string, exports ...config.Export) *config.Config {
+	c := config.Default()
+	c.Server.Listen = []string{"unix://" + sock}
+	c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.Rescan = "", "", "", 0
+	c.Exports = exports
+	return c
+}
+
+// TestRejectedReloadChangesNothing: a reload rejected because of one export
+// changes nothing of what runs, not the access rules, exports or log level
+// it would have changed before the problem was found.
+func TestRejectedReloadChangesNothing(t *testing.T) {
+	t.Run("export that cannot be opened", func(t *testing.T) {
+		sock := filepath.Join(t.TempDir(), "nbd.sock")
+		a := config.Export{Name: "a", Path: sparse(t, "a.img", 1<<20)}
+		d := startDaemon(t, testConfig(sock, a))
+		defer d.stop()
+		uri := "nbd+unix:///a?socket=" + sock
+		waitFor(t, "the server", func() bool { _, err := client.Info(d.ctx, uri); return err == nil })
+
+		tlsOnly := a
+		tlsOnly.TLS = "required"
+		z := config.Export{Name: "z", Path: filepath.Join(t.TempDir(), "missing.img")}
+		cfg := testConfig(sock, tlsOnly, z)
+		cfg.Log.Level = "error"
+		if err := d.reload(cfg); err == nil {
+			t.Fatal("a reload with an export whose file is missing was accepted")
+		}
+		if _, err := client.Info(d.ctx, uri); err != nil {
+			t.Errorf("a plain client of a after the rejected reload: %v; want served as before", err)
+		}
+		if got := d.level.Level(); got != zapcore.InfoLevel {
+			t.Errorf("log level after the rejected reload: %v, want info", got)
+		}
+	})
+	t.Run("name of a volume export", func(t *testing.T) {
+		dir := t.TempDir()
+		data := filepath.Join(dir, "volumes")
+		drv, err := file.New(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := drv.Create(context.Background(), volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		sock := filepath.Join(dir, "nbd.sock")
+		golden := config.Export{Name: "golden", Path: sparse(t, "golden.img", 1<<20)}
+		cfg := testConfig(sock, golden)
+		cfg.Server.Volumes = "file://" + data
+		d := startDaemon(t, cfg)
+		defer d.stop()
+		ctx := d.ctx
+		uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+		waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("golden")); return err == nil })
+		conn, err := client.Dial(ctx, uri("golden"), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+
+		moved := golden
+		moved.Path = sparse(t, "golden2.img", 2<<20)
+		clash := config.Export{Name: "vm1", Path: sparse(t, "vm1.img", 1<<20)}
+		next := testConfig(sock, moved, clash)
+		next.Server.Volumes = cfg.Server.Volumes
+		err = d.reload(next)
+		if !errors.Is(err, server.ErrExportExists) {
+			t.Fatalf("a reload with a static export named as a volume: %v, want ErrExportExists", err)
+		}
+		if info, err := client.Info(ctx, uri("golden")); err != nil || info.Size != 1<<20 {
+			t.Errorf("golden after the rejected reload: %+v, %v; want its old file, of 1MiB", info, err)
+		}
+		if err := conn.WriteAt(ctx, []byte("still"), 0, 0); err != nil {
+			t.Errorf("golden's client after the rejected reload: %v; want it kept", err)
+		}
+		if info, err := client.Info(ctx, uri("vm1")); err != nil || info.Description == clash.Path {
+			t.Errorf("vm1 after the rejected reload: %+v, %v; want the volume", info, err)
+		}
+	})
+}
+
+// TestStartsWithoutAnExportThatCannotBeOpened: an export whose file cannot
+// be opened at start-up is logged and left out, the others are served, and
+// a reload that can open it adds it; a mistake in the configuration still
+// keeps the server from starting.
+func TestStartsWithoutAnExportThatCannotBeOpened(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "nbd.sock")
+	a := config.Export{Name: "a", Path: sparse(t, "a.img", 1<<20)}
+	z := config.Export{Name: "z", Path: filepath.Join(dir, "z.img")}
+	d := startDaemon(t, testConfig(sock, a, z))
+	defer d.stop()
+	ctx := d.ctx
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("a")); return err == nil })
+	if _, err := client.Info(ctx, uri("z")); err == nil {
+		t.Error("z is served though its file is missing")
+	}
+	logged := func() int {
+		n := 0
+		for _, e := range d.logs.FilterLevelExact(zapcore.ErrorLevel).All() {
+			if m := e.ContextMap(); m["export"] == "z" && m["path"] == z.Path {
+				n++
+			}
+		}
+		return n
+	}
+	if logged() != 1 {
+		t.Errorf("want one error naming z and its path, got %d", logged())
+	}
+
+	// Still missing, and configured the same: the reload is no new mistake.
+	if err := d.reload(testConfig(sock, a, z)); err != nil {
+		t.Fatalf("a reload with z still missing: %v", err)
+	}
+	if logged() != 2 {
+		t.Errorf("after the reload, want z logged again, got %d errors naming it", logged())
+	}
+	if err := os.WriteFile(z.Path, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reload(testConfig(sock, a, z)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Info(ctx, uri("z")); err != nil {
+		t.Errorf("z after a reload that can open it: %v", err)
+	}
+
+	for _, tc := range []struct {
+		name    string
+		exports []config.Export
+	}{
+		{"duplicate name", []config.Export{a, {Name: "a", Path: filepath.Join(dir, "missing.img")}}},
+		{"invalid name", []config.Export{{Name: "-a", Path: a.Path}}},
+		{"bad access", []config.Export{{Name: "b", Path: a.Path, Access: config.Access{TLS: "sometimes"}}}},
+		{"bad access, missing file", []config.Export{{Name: "b", Path: filepath.Join(dir, "missing.img"), Access: config.Access{Allow: []string{"not an address"}}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, testConfig(filepath.Join(t.TempDir(), "nbd.sock"), tc.exports...))
+			defer d.cancel()
+			select {
+			case err := <-d.done:
+				if err == nil {
+					t.Error("Run returned nil, want the configuration refused")
+				}
+			case <-time.After(20 * time.Second):
+				t.Error("the server started with a mistake in its configuration")
+			}
+		})
 	}
 }
