@@ -22,6 +22,8 @@ type NBD struct {
 	align int
 	fua   bool // the server takes FUA; else durable writes are followed by a flush
 	conns int
+	// overwrites names the export when a forced write run writes over it.
+	overwrites string
 }
 
 // OpenNBD connects to the export at each URI with o.Conns connections in all,
@@ -49,6 +51,12 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 		t.pools = append(t.pools, p)
 		t.conns += p.Connections()
 		info := p.Export()
+		// Every URI, not just the first: one link's server may serve
+		// the volume read-only while another's does not.
+		if o.Write && info.ReadOnly() {
+			t.Close()
+			return nil, fmt.Errorf("%s is a read-only export: a write mode cannot use it; leave it out or run a read mode", uri)
+		}
 		if i == 0 {
 			first = info
 			continue
@@ -77,9 +85,6 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 	size := int64(first.Size)
 	name := strings.Join(uris, " ")
 	switch {
-	case o.Write && first.ReadOnly():
-		t.Close()
-		return nil, fmt.Errorf("%s is a read-only export", name)
 	case o.Write && !o.Force && size > 0:
 		t.Close()
 		return nil, &OverwriteError{Path: name, Kind: "NBD export", Size: size, Range: min(o.Size, size)}
@@ -95,8 +100,14 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 		t.Close()
 		return nil, fmt.Errorf("export %s is empty", name)
 	}
+	if o.Write {
+		t.overwrites = "NBD export " + name
+	}
 	return t, nil
 }
+
+// Overwrites names the export a write run writes over.
+func (t *NBD) Overwrites() string { return t.overwrites }
 
 func (t *NBD) pool() *client.Pool {
 	if len(t.pools) == 1 {

@@ -16,19 +16,29 @@ import (
 // and returns its URI.
 func serveFile(tb testing.TB, path string, size int64) string {
 	tb.Helper()
+	return serveExports(tb, path, size, server.ExportSpec{Name: "bench", Path: path})[0]
+}
+
+// serveExports creates path with size bytes, runs lvnbd's server on
+// loopback with the exports given and returns their URIs.
+func serveExports(tb testing.TB, path string, size int64, specs ...server.ExportSpec) []string {
+	tb.Helper()
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		tb.Fatal(err)
 	}
 	if err := os.Truncate(path, size); err != nil {
 		tb.Fatal(err)
 	}
-	e, err := server.OpenExport(server.ExportSpec{Name: "bench", Path: path})
-	if err != nil {
-		tb.Fatal(err)
-	}
 	reg := server.NewRegistry()
-	if err := reg.Add(e); err != nil {
-		tb.Fatal(err)
+	for _, spec := range specs {
+		e, err := server.OpenExport(spec)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		tb.Cleanup(func() { e.Backend.Close() })
+		if err := reg.Add(e); err != nil {
+			tb.Fatal(err)
+		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -42,9 +52,30 @@ func serveFile(tb testing.TB, path string, size int64) string {
 		if err := <-done; err != nil {
 			tb.Errorf("server: %v", err)
 		}
-		e.Backend.Close()
 	})
-	return "nbd://" + ln.Addr().String() + "/bench"
+	var uris []string
+	for _, spec := range specs {
+		uris = append(uris, "nbd://"+ln.Addr().String()+"/"+spec.Name)
+	}
+	return uris
+}
+
+// A write run over several links refuses up front, naming it, any URI whose
+// server serves the export read-only, not only the first.
+func TestNBDReadOnlyURIRefused(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "export.img")
+	uris := serveExports(t, path, 1<<20,
+		server.ExportSpec{Name: "rw", Path: path}, server.ExportSpec{Name: "ro", Path: path, ReadOnly: true})
+	_, err := Open(context.Background(), uris, OpenOptions{Write: true, Force: true, Conns: 2})
+	if err == nil || !strings.Contains(err.Error(), uris[1]+" is a read-only export") {
+		t.Errorf("write over %v: %v, want a refusal naming %s", uris, err, uris[1])
+	}
+	// Reading over both is fine.
+	r, err := Open(context.Background(), uris, OpenOptions{Conns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
 }
 
 func TestNBDTarget(t *testing.T) {

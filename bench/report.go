@@ -16,12 +16,14 @@ type Report struct {
 	QueueDepth  int    `json:"queue_depth"`
 	Connections int    `json:"connections"`
 	// Size is the region the run used, from offset 0.
-	Size int64  `json:"size"`
-	FUA  bool   `json:"fua"`
+	Size int64 `json:"size"`
+	FUA  bool  `json:"fua"`
+	// Seed is the seed the run used, drawn afresh unless given: a later
+	// read run with Verify checks a write run's data by it.
 	Seed uint64 `json:"seed"`
 
 	// Totals over reads and writes; Seconds includes the closing flush
-	// of a write run.
+	// of a run that wrote, sequential or random.
 	Seconds   float64 `json:"seconds"`
 	Bytes     int64   `json:"bytes"`
 	Ops       int64   `json:"ops"`
@@ -32,8 +34,9 @@ type Report struct {
 	Read  OpReport `json:"read"`
 	Write OpReport `json:"write"`
 
-	// Flushed says the closing flush of a write run completed, in
-	// FlushSeconds.
+	// Flushed says the closing flush of a run that wrote (write,
+	// randwrite, randrw) completed, in FlushSeconds, which Seconds
+	// includes.
 	Flushed      bool    `json:"flushed"`
 	FlushSeconds float64 `json:"flush_seconds"`
 
@@ -177,6 +180,11 @@ func (rep *Report) WriteText(w io.Writer) error {
 				ew.printf(" in %.3f s", v.Seconds)
 			}
 			ew.printf("\n")
+			if rep.Mode == ModeWrite.String() {
+				// A random run wrote only some blocks: a read run
+				// over the region would find the others wrong.
+				ew.printf("         check it again later with --mode read --verify --seed %d --size %d\n", rep.Seed, rep.Size)
+			}
 		default:
 			ew.printf("  verify incomplete: %s checked\n", formatIBytes(v.CheckedBytes))
 		}

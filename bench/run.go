@@ -32,11 +32,20 @@ type Config struct {
 	// FUA makes every write durable before it completes.
 	FUA bool
 	// Verify writes a pattern derived from Seed and each offset and checks
-	// it: write modes re-read what they wrote after the run, read modes
-	// check what an earlier write run with the same seed left.
+	// it: write modes re-read what they wrote after the closing flush,
+	// read modes check what an earlier write run with the same seed left.
+	// Either reads what storage holds: a target read through the page
+	// cache has it dropped first.
 	Verify bool
-	// Seed seeds the pattern and the random offsets.
+	// Seed seeds the pattern and the random offsets. Zero draws a fresh
+	// one for the run (in Report.Seed, for a later read run to check): a
+	// write run that reused an earlier run's pattern would pass its
+	// verify over that run's data even if its own writes were lost.
 	Seed uint64
+	// Notices, if set, receives one line before the first write of a run
+	// that writes over earlier data (as --force allowed), naming it and
+	// the bytes at stake.
+	Notices io.Writer
 	// Progress, if set, receives a live status line every
 	// ProgressInterval (default 1 s), for a terminal.
 	Progress         io.Writer
@@ -56,6 +65,11 @@ func (c *Config) Validate(size int64, align int) error {
 		return fmt.Errorf("queue depth %d: want 1 to 4096", c.QueueDepth)
 	case c.Runtime < 0 || c.IOLimit < 0:
 		return errors.New("runtime and I/O limit must not be negative")
+	case !c.Mode.Random() && c.IOLimit > 0:
+		// It would be ignored: a sequential run covers its region once.
+		return fmt.Errorf("an I/O limit (--io) bounds random modes only; a %v run covers its region once: give the region instead (--size %d)", c.Mode, c.IOLimit)
+	case c.IOLimit > 0 && c.IOLimit < int64(c.BlockSize):
+		return fmt.Errorf("I/O limit %s is less than one %s request, so the run would do nothing: give --io of at least the block size (--bs)", formatIBytes(c.IOLimit), formatIBytes(int64(c.BlockSize)))
 	case c.Mode == ModeRandRW && (c.ReadPercent < 0 || c.ReadPercent > 100):
 		return fmt.Errorf("read percentage %d: want 0 to 100", c.ReadPercent)
 	case c.Mode.Random() && c.Runtime == 0 && c.IOLimit == 0:
@@ -82,10 +96,11 @@ const (
 )
 
 type runner struct {
-	t      Target
-	cfg    Config
-	size   int64
-	blocks int64 // chunks of BlockSize in the region (sequential: the last may be short)
+	t        Target
+	cfg      Config
+	size     int64
+	blocks   int64 // chunks of BlockSize in the region (sequential: the last may be short)
+	bufAlign int   // of buffer addresses
 
 	next   atomic.Int64 // sequential: next chunk
 	issued atomic.Int64 // bytes started, for IOLimit
@@ -124,9 +139,24 @@ type workerStats struct {
 	bytes [2]int64
 }
 
+// ErrInterrupted is returned, with the report of what completed, by a run
+// cancelled (Ctrl-C, SIGTERM) before it finished: scripts read the exit
+// status, and a partial run is not a result.
+var ErrInterrupted = errors.New("run interrupted: the report covers only what completed")
+
+// ErrVerifyIncomplete is returned with ErrInterrupted, or alone, when a run
+// asked to verify did not check all it should have.
+var ErrVerifyIncomplete = errors.New("verify incomplete: not all data was checked")
+
+// cacheDropper is implemented by targets that may be read through the page
+// cache: the verify drops it first, to read what storage holds.
+type cacheDropper interface {
+	DropCache() error
+}
+
 // Run runs the benchmark cfg describes against t and reports on it. The report
 // is returned even when the run fails or ctx is cancelled (Ctrl-C): it then
-// covers what completed, and says so.
+// covers what completed, and says so; the error is then ErrInterrupted.
 func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	align := 1
 	if a, ok := t.(Aligner); ok {
@@ -136,8 +166,16 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	if err := cfg.Validate(size, align); err != nil {
 		return nil, err
 	}
+	if cfg.Seed == 0 {
+		// Small enough to survive a JSON round trip through float64
+		// (jq), so a later read run can reuse it.
+		cfg.Seed = rand.Uint64N(1<<31) + 1
+	}
 	bs := int64(cfg.BlockSize)
-	r := &runner{t: t, cfg: cfg, size: size}
+	r := &runner{t: t, cfg: cfg, size: size, bufAlign: bufferAlign}
+	if a, ok := t.(interface{ MemoryAlignment() int }); ok {
+		r.bufAlign = max(bufferAlign, a.MemoryAlignment())
+	}
 	if cfg.Mode.Random() {
 		r.blocks = size / bs
 	} else {
@@ -147,6 +185,21 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 		r.written = newBitmap(r.blocks)
 	}
 	rep := newReport(t, cfg, size)
+	if d, ok := t.(cacheDropper); ok && cfg.Verify && !cfg.Mode.Writes() {
+		// The cache may hold what the write run being checked left.
+		if err := d.DropCache(); err != nil {
+			return nil, fmt.Errorf("verify: %w", err)
+		}
+	}
+	if o, ok := t.(Overwriter); ok && cfg.Mode.Writes() && cfg.Notices != nil {
+		if what := o.Overwrites(); what != "" {
+			if cfg.Mode.Random() {
+				fmt.Fprintf(cfg.Notices, "overwriting %s: random %s blocks in its first %d bytes (%s)\n", what, formatIBytes(bs), size, formatIBytes(size))
+			} else {
+				fmt.Fprintf(cfg.Notices, "overwriting %s: %d bytes (%s) from offset 0\n", what, size, formatIBytes(size))
+			}
+		}
+	}
 
 	// The clock starts before the runtime timer, so a timed run reports
 	// at least its runtime: the timer fires no sooner than Runtime after
@@ -193,7 +246,17 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 
 	if cfg.Verify && cfg.Mode.Writes() && ctx.Err() == nil && r.err == nil {
 		vs := time.Now()
-		rep.Verify.CheckedBytes = r.verifyWritten(ctx)
+		if d, ok := t.(cacheDropper); ok {
+			// After the flush the cached pages are clean and can go;
+			// reads then come from storage, not from what the run
+			// left in memory.
+			if err := d.DropCache(); err != nil {
+				r.fail(fmt.Errorf("verify: %w", err))
+			}
+		}
+		if r.err == nil {
+			rep.Verify.CheckedBytes = r.verifyWritten(ctx)
+		}
 		rep.Verify.Seconds = time.Since(vs).Seconds()
 	}
 	if cfg.Verify && !cfg.Mode.Writes() {
@@ -209,11 +272,27 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	}
 	rep.Interrupted = ctx.Err() != nil
 	err := r.err
-	if err == nil && r.mismatch != nil {
+	switch {
+	case err != nil:
+	case r.mismatch != nil:
 		err = r.mismatch
+	case rep.Verify != nil && !rep.Verify.OK && !rep.Interrupted:
+		err = ErrVerifyIncomplete
 	}
 	if err != nil {
 		rep.Error = err.Error()
+	}
+	// An interruption is not a failure of the target: the report says
+	// it in Interrupted, not Error. The error still carries it, since
+	// a partial run is no result for a script that reads the exit status.
+	switch {
+	case !rep.Interrupted:
+	case err != nil:
+		err = fmt.Errorf("%w; %w", ErrInterrupted, err)
+	case rep.Verify != nil:
+		err = fmt.Errorf("%w; %w", ErrInterrupted, ErrVerifyIncomplete)
+	default:
+		err = ErrInterrupted
 	}
 	return rep, err
 }
@@ -249,7 +328,7 @@ func (r *runner) nextIO(rng *rand.Rand) (op int, off int64, n int, ok bool) {
 }
 
 func (r *runner) work(ctx context.Context, id int, st *workerStats) {
-	buf := AlignedBuffer(r.cfg.BlockSize)
+	buf := alignedBuffer(r.cfg.BlockSize, r.bufAlign)
 	rng := rand.New(rand.NewPCG(r.cfg.Seed, uint64(id)+1))
 	if r.cfg.Mode.Writes() && !r.cfg.Verify {
 		// Incompressible data, filled once: zeroes would flatter any
@@ -309,7 +388,7 @@ func (r *runner) verifyWritten(ctx context.Context) int64 {
 	var wg sync.WaitGroup
 	for range r.cfg.QueueDepth {
 		wg.Go(func() {
-			buf := AlignedBuffer(r.cfg.BlockSize)
+			buf := alignedBuffer(r.cfg.BlockSize, r.bufAlign)
 			for ctx.Err() == nil {
 				w := nextWord.Add(1) - 1
 				if w >= int64(len(r.written.words)) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -171,14 +172,23 @@ func TestCancelGivesPartialReport(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	rep, err := Run(ctx, f, Config{Mode: ModeRandRW, BlockSize: 4096, QueueDepth: 4, Runtime: time.Minute, ReadPercent: 50})
-	if err != nil {
-		t.Fatalf("a cancelled run is not a failure: %v", err)
+	// Scripts read the exit status: a partial run is not a result.
+	if !errors.Is(err, ErrInterrupted) || errors.Is(err, ErrVerifyIncomplete) {
+		t.Fatalf("a cancelled run: %v, want ErrInterrupted alone", err)
 	}
 	if took := time.Since(start); took > 5*time.Second {
 		t.Errorf("cancellation took %v", took)
 	}
-	if !rep.Interrupted || rep.Ops == 0 || rep.Flushed {
-		t.Errorf("interrupted %v, %d ops, flushed %v; want a partial, unflushed report", rep.Interrupted, rep.Ops, rep.Flushed)
+	if !rep.Interrupted || rep.Ops == 0 || rep.Flushed || rep.Error != "" {
+		t.Errorf("interrupted %v, %d ops, flushed %v, error %q; want a partial, unflushed report of no failure", rep.Interrupted, rep.Ops, rep.Flushed, rep.Error)
+	}
+
+	// A verify cut short says so too.
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	rep, err = Run(cancelled, f, Config{Mode: ModeWrite, BlockSize: 4096, QueueDepth: 4, Verify: true})
+	if !errors.Is(err, ErrInterrupted) || !errors.Is(err, ErrVerifyIncomplete) || rep == nil || rep.Verify.OK {
+		t.Errorf("a cancelled verify run: %v, report %+v; want ErrInterrupted and ErrVerifyIncomplete with a report", err, rep)
 	}
 }
 
@@ -259,6 +269,11 @@ func TestConfigValidate(t *testing.T) {
 		{name: "unaligned direct size", edit: func(c *Config) { c.Mode = ModeRead }, size: 1<<20 + 1, align: 512, wantErr: "size 1048577"},
 		{name: "region under a block", edit: func(*Config) {}, size: 2048, wantErr: "smaller than one"},
 		{name: "bad mix", edit: func(c *Config) { c.Mode, c.ReadPercent = ModeRandRW, 101 }, size: 1 << 20, wantErr: "read percentage"},
+		{name: "I/O limit", edit: func(c *Config) { c.IOLimit = 1 << 20 }, size: 1 << 20},
+		{name: "I/O limit on a sequential run", edit: func(c *Config) { c.Mode, c.IOLimit = ModeRead, 1<<20 }, size: 4 << 20,
+			wantErr: "bounds random modes only; a read run covers its region once: give the region instead (--size 1048576)"},
+		{name: "I/O limit under a block", edit: func(c *Config) { c.IOLimit = 1000 }, size: 1 << 20,
+			wantErr: "I/O limit 1000 B is less than one 4.0 KiB request, so the run would do nothing"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -286,5 +301,47 @@ func TestAlignedBuffer(t *testing.T) {
 		if addr := uintptrOf(b); addr%4096 != 0 {
 			t.Errorf("AlignedBuffer(%d) at %#x, not 4096-aligned", n, addr)
 		}
+		// Where statx asks for more (DIOALIGN's memory alignment).
+		for _, align := range []int{8192, 1 << 16} {
+			b := alignedBuffer(n, align)
+			if len(b) != n || cap(b) != n || uintptrOf(b)%uintptr(align) != 0 {
+				t.Errorf("alignedBuffer(%d, %d): len %d cap %d at %#x", n, align, len(b), cap(b), uintptrOf(b))
+			}
+		}
+	}
+}
+
+// memAligned asks for buffers aligned to more than a page, and records the
+// addresses it gets.
+type memAligned struct {
+	Target
+	align int
+	bad   atomic.Int64
+}
+
+func (m *memAligned) MemoryAlignment() int { return m.align }
+
+func (m *memAligned) check(p []byte) {
+	if uintptrOf(p)%uintptr(m.align) != 0 {
+		m.bad.Add(1)
+	}
+}
+
+func (m *memAligned) ReadAt(ctx context.Context, p []byte, off int64) error {
+	m.check(p)
+	return m.Target.ReadAt(ctx, p, off)
+}
+
+func (m *memAligned) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	m.check(p)
+	return m.Target.WriteAt(ctx, p, off, durable)
+}
+
+func TestRunAlignsBuffersForTarget(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	m := &memAligned{Target: openTestFile(t, path, OpenOptions{Write: true, Size: 1 << 20}), align: 1 << 16}
+	mustRun(t, m, Config{Mode: ModeWrite, BlockSize: 64 << 10, QueueDepth: 4, Verify: true})
+	if n := m.bad.Load(); n != 0 {
+		t.Errorf("%d requests had buffers not aligned to the target's %d bytes", n, m.align)
 	}
 }

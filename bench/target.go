@@ -54,8 +54,20 @@ type OpenOptions struct {
 	// Direct opens files and devices with O_DIRECT, bypassing the page
 	// cache, like dd oflag=direct iflag=direct.
 	Direct bool
-	// Conns is the number of NBD connections, spread over the URIs.
+	// Conns is the number of NBD connections, spread over the URIs; a
+	// file or device takes no more than one.
 	Conns int
+	// Validate, if set, vets the region and the alignment direct I/O
+	// needs once they are known, before a file is created, extended or
+	// opened for writing (Config.Validate): a run its target cannot take
+	// then leaves nothing behind.
+	Validate func(size int64, align int) error
+}
+
+// Overwriter is implemented by targets opened to write over data that was
+// there before, as --force allowed: Overwrites names what, or returns "".
+type Overwriter interface {
+	Overwrites() string
 }
 
 // ErrOverwrite is returned (wrapped in an *OverwriteError) when a write mode
@@ -64,14 +76,21 @@ var ErrOverwrite = errors.New("refusing to overwrite existing data without --for
 
 // OverwriteError says exactly what a refused write run would have destroyed.
 type OverwriteError struct {
-	Path  string // file, device or URI
-	Kind  string // "block device", "file", "NBD export"
-	Size  int64  // its size in bytes
-	Range int64  // the bytes the run would write over, from offset 0
+	Path string // file, device or URI
+	// Resolved is the device node a symlinked device path leads to
+	// (/dev/disk/by-id/… → /dev/sdb), or "".
+	Resolved string
+	Kind     string // "block device", "file", "NBD export"
+	Size     int64  // its size in bytes
+	Range    int64  // the bytes the run would write over, from offset 0
 }
 
 func (e *OverwriteError) Error() string {
-	what := fmt.Sprintf("%s %s (%s, %d bytes)", e.Kind, e.Path, formatIBytes(e.Size), e.Size)
+	dev := ""
+	if e.Resolved != "" && e.Resolved != e.Path {
+		dev = e.Resolved + ", "
+	}
+	what := fmt.Sprintf("%s %s (%s%s, %d bytes)", e.Kind, e.Path, dev, formatIBytes(e.Size), e.Size)
 	if e.Range > 0 && e.Range < e.Size {
 		what += fmt.Sprintf(": its first %s would be overwritten", formatIBytes(e.Range))
 	} else {
@@ -103,6 +122,9 @@ func Open(ctx context.Context, names []string, o OpenOptions) (Target, error) {
 	if !IsNBDURI(names[0]) {
 		if len(names) > 1 {
 			return nil, fmt.Errorf("%d targets given: only NBD URIs of one export may be combined", len(names))
+		}
+		if o.Conns > 1 {
+			return nil, fmt.Errorf("--conns %d: %s is not an NBD export, and a file or block device has no connections to spread requests over; use --qd for more requests in flight", o.Conns, names[0])
 		}
 		f, err := OpenFile(names[0], o)
 		if err != nil {

@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -29,21 +29,31 @@ server alone and the kernel path can be compared.
 
 Sequential modes work like dd iflag=direct / oflag=direct conv=fsync: read or write
 the region (--size, default all of the target) once in --bs requests, QD 1 unless
---qd says otherwise; a write run ends with a flush that counts in the time.
-Random modes keep --qd requests outstanding for --runtime (or until --io bytes),
-spread over --conns connections for NBD targets. Several URIs of one export (one per
-link) may be given: the connections are spread over them (the server must
-advertise CAN_MULTI_CONN, as lvnbd does).
+--qd says otherwise. Random modes keep --qd requests outstanding for --runtime (or
+until --io bytes), spread over --conns connections for NBD targets. Every mode that
+writes (write, randwrite, randrw) ends with a flush, which counts in the time and is
+reported on its own ("flush", flush_seconds in --json). Several URIs of one export
+(one per link) may be given: the connections are spread over them (the server must
+advertise CAN_MULTI_CONN, as lvnbd does, and none may be read-only for a write mode).
 
-Files and devices are opened with O_DIRECT unless --direct=false. Writes never touch
-existing data unless asked: a write mode on a block device, a non-empty file or an
-NBD export needs --force. --verify writes a pattern derived from each offset and the
-seed and reads it back; with a read mode it checks what an earlier
-'--mode write --verify --seed N' run left.
+Files and devices are opened with O_DIRECT unless --direct=false, and read-only
+unless the run may write. Writes never touch existing data unless asked: a write
+mode on a block device, a non-empty file or an NBD export needs --force, and then
+says on stderr what it overwrites. A block device in use (mounted, a member of an md
+array or a device-mapper table, swap) is refused even with --force.
+
+--verify writes a pattern derived from each offset and the seed and, after the
+closing flush, reads back every block written and checks it; with a read mode it
+checks every block read against what an earlier '--mode write --verify --seed N'
+run left (N is in that run's report). Verify reads what storage holds: with
+--direct=false the page cache is dropped first. Without --seed every run draws a
+fresh seed, so no earlier run's data can pass for this one's; a write run given the
+seed of an earlier one over the same region cannot tell its writes from that run's.
 
 Sizes take binary one-letter suffixes like dd and fio (4k, 1M, 4G) or explicit
-units (512KiB, 1GB). A live progress line goes to stderr when it is a terminal;
-Ctrl-C stops the run and still prints a report of what completed.`,
+units (512KiB, 1GB). A live progress line goes to stderr when it is a terminal.
+Ctrl-C stops the run and still prints a report of what completed; the exit status
+is then non-zero, as it is when a run fails or its verify fails or does not finish.`,
 		Example: `  lvnbd bench --mode write --bs 1M --size 4G --force /dev/nbd0
   lvnbd bench --mode randread --bs 4k --qd 32 --conns 4 --runtime 30s nbd://storage-a/vm1
   lvnbd bench --mode randrw --verify --size 1G --runtime 10s --json /srv/test.img
@@ -54,10 +64,7 @@ Ctrl-C stops the run and still prints a report of what completed.`,
 			if err != nil {
 				return err
 			}
-			cfg := bench.Config{Name: args[0], Mode: m, Runtime: runtime, FUA: fua, Verify: verify, ReadPercent: rwmixRead}
-			if len(args) > 1 {
-				cfg.Name = fmt.Sprint(args)
-			}
+			cfg := bench.Config{Name: strings.Join(args, " "), Mode: m, Runtime: runtime, FUA: fua, Verify: verify, ReadPercent: rwmixRead}
 			flags := cmd.Flags()
 			// The defaults follow the mode: dd-like for sequential runs,
 			// fio-like for random ones.
@@ -87,35 +94,43 @@ Ctrl-C stops the run and still prints a report of what completed.`,
 				}
 			}
 			switch {
+			case flags.Changed("seed") && seed == 0:
+				return errors.New("--seed 0: want a positive seed, or leave --seed out for a fresh one")
 			case flags.Changed("seed"):
 				cfg.Seed = seed
 			case verify && !m.Writes():
 				return errors.New("--verify with a read mode checks an earlier write run's data: give its --seed")
-			default:
-				// Small enough to survive a JSON round trip through
-				// float64 (jq), so a later read run can reuse it.
-				cfg.Seed = rand.Uint64N(1<<31) + 1
 			}
+			// Otherwise the seed is 0: Run draws a fresh one, reported.
 			if conns < 1 {
 				return fmt.Errorf("--conns %d: want at least 1", conns)
 			}
 			if err := cfg.Validate(max(region, blockSize), 1); err != nil {
 				return err
 			}
-			out := cmd.OutOrStdout()
-			if stderr := cmd.ErrOrStderr(); bench.IsTerminal(stderr) {
+			out, stderr := cmd.OutOrStdout(), cmd.ErrOrStderr()
+			cfg.Notices = stderr
+			if bench.IsTerminal(stderr) {
 				cfg.Progress = stderr
 			}
 
 			ctx := cmd.Context()
 			t, err := bench.Open(ctx, args, bench.OpenOptions{
 				Write: m.Writes(), Force: force, Size: region, Direct: direct, Conns: conns,
+				Validate: cfg.Validate,
 			})
 			if err != nil {
 				return err
 			}
 			defer t.Close()
 			rep, runErr := bench.Run(ctx, t, cfg)
+			if f, ok := t.(*bench.File); ok && runErr != nil && (rep == nil || rep.Write.Ops == 0) {
+				// Nothing was written to the file this run made: leave
+				// none behind for the next run to need --force over.
+				if err := f.RemoveCreated(); err != nil {
+					fmt.Fprintln(stderr, "lvnbd:", err)
+				}
+			}
 			if rep == nil {
 				return runErr
 			}
@@ -124,6 +139,8 @@ Ctrl-C stops the run and still prints a report of what completed.`,
 			} else {
 				err = rep.WriteText(out)
 			}
+			// After the report, so a script gets both the figures of
+			// what completed and a non-zero exit status.
 			if runErr != nil {
 				return runErr
 			}
@@ -135,15 +152,15 @@ Ctrl-C stops the run and still prints a report of what completed.`,
 	f.StringVar(&bs, "bs", "1M", "request size (default 1M sequential, 4k random)")
 	f.StringVar(&size, "size", "", "region to use from offset 0 (default: the whole target; creates a missing file in write modes)")
 	f.IntVar(&qd, "qd", 1, "requests outstanding at once (default 1 sequential, 32 random)")
-	f.IntVar(&conns, "conns", 1, "NBD connections; the queue depth is spread over them")
+	f.IntVar(&conns, "conns", 1, "NBD connections, spread over the URIs; the queue depth is spread over them (NBD only: files and devices take --qd)")
 	f.DurationVar(&runtime, "runtime", 0, "stop after this long (default: sequential runs cover the region once, random ones run 30s)")
-	f.StringVar(&ioLimit, "io", "", "random modes: stop after this many bytes")
+	f.StringVar(&ioLimit, "io", "", "random modes: stop after this many bytes, at least --bs (sequential modes cover --size once)")
 	f.IntVar(&rwmixRead, "rwmix-read", 50, "randrw: percentage of reads")
 	f.BoolVar(&direct, "direct", true, "files and devices: O_DIRECT, bypassing the page cache")
 	f.BoolVar(&fua, "fua", false, "make every write durable before it completes (FUA, O_DSYNC)")
-	f.BoolVar(&verify, "verify", false, "write a pattern and check it reads back (read modes: check an earlier run's)")
-	f.Uint64Var(&seed, "seed", 0, "seed of the verify pattern and random offsets (default: random, shown in the report)")
-	f.BoolVar(&force, "force", false, "allow write modes to overwrite a block device, a non-empty file or an NBD export")
+	f.BoolVar(&verify, "verify", false, "write a pattern and, after the flush, check every block written as storage holds it (read modes: check an earlier run's, by its --seed)")
+	f.Uint64Var(&seed, "seed", 0, "seed of the verify pattern and random offsets (default: fresh each run, shown in the report)")
+	f.BoolVar(&force, "force", false, "allow write modes to overwrite a block device (not one in use), a non-empty file or an NBD export")
 	f.BoolVar(&jsonOut, "json", false, "print the report as one JSON object")
 	return cmd
 }

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/lvnbd/lvnbd/bench"
 )
 
 // benchJSON is the part of the --json report scripts rely on.
@@ -47,11 +50,16 @@ type benchJSON struct {
 
 func runLvnbd(tb testing.TB, args ...string) (stdout string, err error) {
 	tb.Helper()
+	stdout, _, err = runLvnbdContext(context.Background(), args...)
+	return stdout, err
+}
+
+func runLvnbdContext(ctx context.Context, args ...string) (stdout, stderr string, err error) {
 	var out, errOut bytes.Buffer
 	cmd := newRootCmd(&out, &errOut)
 	cmd.SetArgs(args)
-	err = cmd.ExecuteContext(context.Background())
-	return out.String(), err
+	err = cmd.ExecuteContext(ctx)
+	return out.String(), errOut.String(), err
 }
 
 func benchRun(tb testing.TB, args ...string) benchJSON {
@@ -122,6 +130,10 @@ func TestBenchCommandRefusals(t *testing.T) {
 		{args: []string{"--bs", "4X", full}, wantErr: "--bs"},
 		{args: []string{"--mode", "read", filepath.Join(dir, "missing.img")}, wantErr: "does not exist"},
 		{args: []string{"--mode", "read", full, full}, wantErr: "only NBD URIs"},
+		{args: []string{"--mode", "read", "--io", "1M", full}, wantErr: "bounds random modes only; a read run covers its region once: give the region instead (--size 1048576)"},
+		{args: []string{"--mode", "randread", "--io", "1000", full}, wantErr: "less than one 4.0 KiB request, so the run would do nothing: give --io of at least the block size (--bs)"},
+		{args: []string{"--mode", "read", "--conns", "2", full}, wantErr: "--conns 2: " + full + " is not an NBD export"},
+		{args: []string{"--mode", "write", "--seed", "0", "--force", full}, wantErr: "--seed 0: want a positive seed"},
 		{args: []string{}, wantErr: "requires at least 1 arg"},
 	}
 	for _, tt := range tests {
@@ -156,5 +168,101 @@ func TestBenchSeveralURIsNeedMultiConn(t *testing.T) {
 	root.SetArgs([]string{"bench", "--mode", "read", "--conns", "4", uri})
 	if err := root.ExecuteContext(context.Background()); err != nil {
 		t.Errorf("bench over one URI of it: %v", err)
+	}
+}
+
+// Ctrl-C and SIGTERM cancel the context: the report of what completed is
+// still printed, and the exit status says the run did not finish.
+func TestBenchCommandInterruptedFails(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "full.img")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	out, _, err := runLvnbdContext(ctx, "bench", "--json", "--direct=false", "--mode", "write", "--verify", "--force", path)
+	if !errors.Is(err, bench.ErrInterrupted) || !errors.Is(err, bench.ErrVerifyIncomplete) {
+		t.Errorf("interrupted verify run: %v, want ErrInterrupted and ErrVerifyIncomplete", err)
+	}
+	var rep benchJSON
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("no JSON report after the interruption: %v\n%s", err, out)
+	}
+	if !rep.Interrupted || rep.Verify == nil || rep.Verify.OK {
+		t.Errorf("report: interrupted %v, verify %+v; want interrupted, verify not ok", rep.Interrupted, rep.Verify)
+	}
+}
+
+// A run that fails before writing anything to the file it created removes
+// it, so the next run needs no --force.
+func TestBenchCommandLeavesNoFileOnFailure(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "new.img")
+	// O_DIRECT (the default) needs a size of whole sectors.
+	if _, err := runLvnbd(t, "bench", "--mode", "write", "--size", "1000", path); err == nil {
+		t.Error("a 1000-byte direct write run succeeded")
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused run left %s: %v", path, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, _, err := runLvnbdContext(ctx, "bench", "--direct=false", "--mode", "write", "--size", "1M", path); !errors.Is(err, bench.ErrInterrupted) {
+		t.Errorf("a run interrupted before its first write: %v", err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the run interrupted before writing left %s: %v", path, err)
+	}
+	w := benchRun(t, "--mode", "write", "--size", "1M", path)
+	if w.Write.Bytes != 1<<20 {
+		t.Errorf("the next run wrote %d bytes, want 1 MiB", w.Write.Bytes)
+	}
+}
+
+// A forced run says, before it writes, what it writes over.
+func TestBenchCommandForcedOverwriteSaysSo(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "full.img")
+	if err := os.WriteFile(path, make([]byte, 2<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, stderr, err := runLvnbdContext(context.Background(), "bench", "--direct=false", "--mode", "write", "--size", "1M", "--force", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "overwriting file " + path + ": 1048576 bytes (1.0 MiB) from offset 0\n"; stderr != want {
+		t.Errorf("stderr %q, want %q", stderr, want)
+	}
+}
+
+// Each URI is checked, and the report names them all.
+func TestBenchCommandSeveralURIs(t *testing.T) {
+	rw := nbdkitURI(t, "memory", "size=1M")
+	ro := nbdkitURI(t, "-r", "memory", "size=1M")
+	_, err := runLvnbd(t, "bench", "--mode", "write", "--force", rw, ro)
+	if err == nil || !strings.Contains(err.Error(), ro+" is a read-only export") {
+		t.Errorf("write over a writable and a read-only URI: %v, want a refusal naming %s", err, ro)
+	}
+	r := benchRun(t, "--mode", "read", rw, rw)
+	if want := rw + " " + rw; r.Target != want {
+		t.Errorf("report target %q, want %q", r.Target, want)
+	}
+}
+
+// --help says what the time of a writing run includes and what --verify
+// checks.
+func TestBenchHelpSaysWhatIsTimedAndVerified(t *testing.T) {
+	out, err := runLvnbd(t, "bench", "--help")
+	if err != nil {
+		t.Fatal(err)
+	}
+	help := strings.Join(strings.Fields(out), " ")
+	for _, want := range []string{
+		"Every mode that writes (write, randwrite, randrw) ends with a flush, which counts in the time",
+		"after the closing flush, reads back every block written",
+		"with --direct=false the page cache is dropped first",
+		"the exit status is then non-zero",
+	} {
+		if !strings.Contains(help, want) {
+			t.Errorf("bench --help does not say %q", want)
+		}
 	}
 }
