@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -95,6 +96,15 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 		fmt.Fprintf(errOut, "fence_lvnbd: action %s needs plug=CLIENT (the host's storage address or certificate name)\n", a.Action)
 		return ExitError
 	}
+	if needsPlug {
+		// Before any box: a plug no client can match would "fence" nothing
+		// on each of them and report success. The boxes check what only
+		// they know (a certificate name needs their client CA).
+		if err := server.ValidateFenceClient(a.Plug); err != nil {
+			fmt.Fprintf(errOut, "fence_lvnbd: plug: %v\n", err)
+			return ExitError
+		}
+	}
 	failed := false
 	each := func(f func(Box) error) {
 		for _, b := range boxes {
@@ -121,20 +131,27 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 			return err
 		})
 	case "status":
-		fenced := false
+		// OFF only if every box fences the host: on a box that does not,
+		// it can still write.
+		fencedOn := 0
 		each(func(b Box) error {
 			list, err := b.Fences(ctx)
-			for _, f := range list {
-				fenced = fenced || (f.Client == a.Plug && (f.Export == "" || f.Export == a.Export))
+			if slices.ContainsFunc(list, func(f server.Fence) bool {
+				return server.SameFenceClient(f.Client, a.Plug) && (f.Export == "" || f.Export == a.Export)
+			}) {
+				fencedOn++
 			}
 			return err
 		})
 		if failed {
 			return ExitError
 		}
-		if fenced {
+		if fencedOn == len(boxes) {
 			fmt.Fprintln(out, "Status: OFF")
 			return ExitOff
+		}
+		if fencedOn > 0 {
+			fmt.Fprintf(errOut, "fence_lvnbd: %s is fenced on %d of %d boxes only\n", a.Plug, fencedOn, len(boxes))
 		}
 		fmt.Fprintln(out, "Status: ON")
 		return ExitOK
@@ -178,7 +195,7 @@ func Boxes(a Args) []Box {
 	}
 	var out []Box
 	for _, s := range a.Servers {
-		out = append(out, &sshBox{host: s, control: a.Control})
+		out = append(out, &sshBox{host: s, control: a.Control, r: execRunner{}})
 	}
 	return out
 }
@@ -200,21 +217,50 @@ func (b *localBox) Unfence(ctx context.Context, client, export string) error {
 func (b *localBox) Fences(ctx context.Context) ([]server.Fence, error) { return b.c.Fences(ctx) }
 func (b *localBox) Status(ctx context.Context) (control.Status, error) { return b.c.Status(ctx) }
 
+// runner runs a command and returns its combined output.
+type runner interface {
+	run(ctx context.Context, name string, args ...string) ([]byte, error)
+}
+
+type execRunner struct{}
+
+func (execRunner) run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("running %q: %w\n%s", append([]string{name}, args...), err, out)
+	}
+	return out, nil
+}
+
 // sshBox runs lvnbd on a storage box over ssh, as root, non-interactively:
 // the control socket is local to each box by design.
-type sshBox struct{ host, control string }
+type sshBox struct {
+	host, control string
+	r             runner
+}
 
 func (b *sshBox) Name() string { return b.host }
 
 func (b *sshBox) run(ctx context.Context, args ...string) ([]byte, error) {
-	full := append([]string{"-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "root@" + b.host,
-		"lvnbd"}, args...)
-	full = append(full, "--control", b.control)
-	out, err := exec.CommandContext(ctx, "ssh", full...).CombinedOutput()
-	if err != nil {
-		return out, fmt.Errorf("running %q: %w\n%s", append([]string{"ssh"}, full...), err, out)
+	// ssh hands the remote side one line for its shell, not arguments:
+	// each is quoted, so a plug or path is one word and nothing more.
+	remote := []string{shellQuote("lvnbd")}
+	for _, a := range slices.Concat(args, []string{"--control", b.control}) {
+		remote = append(remote, shellQuote(a))
 	}
-	return out, nil
+	return b.r.run(ctx, "ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "root@"+b.host,
+		strings.Join(remote, " "))
+}
+
+// shellQuote makes s one word for a POSIX shell, quoted only if it needs
+// to be.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@%+=:,./_-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func exportArgs(export string) []string {
@@ -236,7 +282,7 @@ func (b *sshBox) Unfence(ctx context.Context, client, export string) error {
 	if err != nil {
 		return err
 	}
-	if !slices.ContainsFunc(list, func(f server.Fence) bool { return f.Client == client && f.Export == export }) {
+	if !slices.ContainsFunc(list, func(f server.Fence) bool { return server.SameFenceClient(f.Client, client) && f.Export == export }) {
 		return errNotFenced
 	}
 	_, err = b.run(ctx, append([]string{"unfence", client}, exportArgs(export)...)...)

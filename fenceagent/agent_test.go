@@ -1,9 +1,13 @@
 package fenceagent
 
 import (
+	"bytes"
 	"context"
 	"encoding/xml"
 	"errors"
+	"fmt"
+	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 
@@ -139,5 +143,108 @@ func TestRun(t *testing.T) {
 	}
 	if code != ExitOK || xml.Unmarshal([]byte(out), &meta) != nil || meta.Name != "fence_lvnbd" {
 		t.Fatalf("metadata: %d %v", code, meta)
+	}
+}
+
+// A plug that no client can match is refused before any box is asked:
+// each box would otherwise fence nothing and report success.
+func TestRunRefusesAPlugThatMatchesNothing(t *testing.T) {
+	for _, plug := range []string{"10.0.1.300", "fe80::1%", "10.0.0.0/33", "dom0 a"} {
+		t.Run(plug, func(t *testing.T) {
+			a := &fakeBox{name: "a"}
+			var out, errOut strings.Builder
+			if code := Run(context.Background(), Args{Action: "off", Plug: plug}, []Box{a}, &out, &errOut); code != ExitError {
+				t.Errorf("off with plug %q: exit %d, want %d", plug, code, ExitError)
+			}
+			if len(a.calls) != 0 {
+				t.Errorf("boxes were asked: %v", a.calls)
+			}
+		})
+	}
+}
+
+// status is OFF only when every box fences the host: where one does not,
+// the host can still write.
+func TestStatusNeedsEveryBox(t *testing.T) {
+	tests := []struct {
+		name     string
+		a, b     []server.Fence
+		wantCode int
+	}{
+		{"on no box", nil, nil, ExitOK},
+		{"on one box of two", []server.Fence{{Client: "10.0.1.21"}}, nil, ExitOK},
+		{"on both boxes", []server.Fence{{Client: "10.0.1.21"}}, []server.Fence{{Client: "::ffff:10.0.1.21"}}, ExitOff},
+		{"off one export only", []server.Fence{{Client: "10.0.1.21"}}, []server.Fence{{Client: "10.0.1.21", Export: "vm1"}}, ExitOK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			boxes := []Box{&fakeBox{name: "a", fences: tt.a}, &fakeBox{name: "b", fences: tt.b}}
+			var out, errOut strings.Builder
+			if code := Run(context.Background(), Args{Action: "status", Plug: "10.0.1.21"}, boxes, &out, &errOut); code != tt.wantCode {
+				t.Errorf("status: exit %d (%q), want %d", code, out.String(), tt.wantCode)
+			}
+		})
+	}
+}
+
+// sshRecorder records the commands an sshBox runs and answers each with
+// out.
+type sshRecorder struct {
+	calls [][]string
+	out   []byte
+}
+
+func (r *sshRecorder) run(_ context.Context, name string, args ...string) ([]byte, error) {
+	r.calls = append(r.calls, append([]string{name}, args...))
+	return r.out, nil
+}
+
+// remoteArgs is what the box's shell makes of what ssh sends it: ssh joins
+// the words after the destination with spaces into one shell line.
+func remoteArgs(t *testing.T, call []string) []string {
+	t.Helper()
+	i := slices.IndexFunc(call, func(s string) bool { return strings.HasPrefix(s, "root@") })
+	if call[0] != "ssh" || i < 0 {
+		t.Fatalf("not an ssh command to root@: %q", call)
+	}
+	line := strings.Join(call[i+1:], " ")
+	out, err := exec.Command("sh", "-c", "eval \"set -- $1\"; printf '%s\\0' \"$@\"", "sh", line).Output()
+	if err != nil {
+		t.Fatalf("the shell could not parse %q: %v", line, err)
+	}
+	return strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
+}
+
+func TestSSHQuotesEveryArgument(t *testing.T) {
+	ctx := context.Background()
+	plug := `dom0 a'b; $(true) "*`
+	r := &sshRecorder{out: []byte(fmt.Sprintf(`[{"client":%q}]`, plug))}
+	b := &sshBox{host: "store-a", control: "/run/lvnbd/control sock", r: r}
+	if err := b.Fence(ctx, plug, "vm 1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Unfence(ctx, plug, ""); err != nil {
+		t.Fatal(err)
+	}
+	want := [][]string{
+		{"lvnbd", "fence", plug, "--export", "vm 1", "--control", "/run/lvnbd/control sock"},
+		{"lvnbd", "fence", "--list", "--json", "--control", "/run/lvnbd/control sock"},
+		{"lvnbd", "unfence", plug, "--control", "/run/lvnbd/control sock"},
+	}
+	var got [][]string
+	for _, call := range r.calls {
+		got = append(got, remoteArgs(t, call))
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("commands run on the box (-want +got):\n%s", diff)
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	for _, s := range []string{"", "plain", "a b", "it's", `"$x"`, "a\nb", "10.0.1.21", "fe80::1%eth0"} {
+		out, err := exec.Command("sh", "-c", "printf '%s' "+shellQuote(s)).Output()
+		if err != nil || !bytes.Equal(out, []byte(s)) {
+			t.Errorf("shellQuote(%q) = %s: the shell reads %q, %v", s, shellQuote(s), out, err)
+		}
 	}
 }

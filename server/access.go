@@ -2,6 +2,7 @@ package server
 
 import (
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -54,20 +55,44 @@ type Access struct {
 }
 
 // ParseAllow parses addresses and CIDRs such as 192.0.2.7 or 10.0.0.0/24.
+// They are matched as peers' addresses are seen: an IPv4-mapped IPv6 form
+// (::ffff:10.0.1.21, ::ffff:10.0.0.0/104) is its IPv4 address or CIDR, and
+// a zone (fe80::1%eth0) is dropped, since peers' addresses are compared
+// without theirs (see peerOf).
 func ParseAllow(list []string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, s := range list {
-		if p, err := netip.ParsePrefix(s); err == nil {
-			out = append(out, p.Masked())
-			continue
-		}
-		a, err := netip.ParseAddr(s)
+		p, err := parsePrefix(s)
 		if err != nil {
-			return nil, fmt.Errorf("allow %q: not an address or CIDR (e.g. 192.0.2.7, 10.0.0.0/24, fd00::/64)", s)
+			return nil, fmt.Errorf("allow %q: %w", s, err)
 		}
-		out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+		out = append(out, p)
 	}
 	return out, nil
+}
+
+var errNotAnAddress = errors.New("not an address or CIDR (e.g. 192.0.2.7, 10.0.0.0/24, fd00::/64)")
+
+// parsePrefix parses an address or a CIDR into the prefix peers' addresses
+// are matched against.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		a := p.Addr()
+		if a.Is4In6() {
+			// Peers' addresses are unmapped: so must the prefix be.
+			if p.Bits() < 96 {
+				return netip.Prefix{}, errors.New("an IPv4-mapped prefix shorter than /96: write the IPv4 and IPv6 ranges apart")
+			}
+			return netip.PrefixFrom(a.Unmap(), p.Bits()-96).Masked(), nil
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, errNotAnAddress
+	}
+	a = a.Unmap().WithZone("")
+	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // peer is who is on the other end of a connection, as far as access
@@ -78,9 +103,14 @@ type peer struct {
 	names []string // verified client certificate names
 }
 
+// peerOf is who nc's other end is. Its address is unmapped and has no zone:
+// netip.Prefix.Contains is false for any address with a zone, so a
+// link-local client (fe80::5%eth1) would match no allow rule or fence.
+// Rules are written without zones (ParseAllow drops them), so a rule on a
+// link-local address matches it on every interface.
 func peerOf(nc net.Conn) peer {
 	if ap, err := netip.ParseAddrPort(nc.RemoteAddr().String()); err == nil {
-		return peer{addr: ap.Addr().Unmap()}
+		return peer{addr: ap.Addr().Unmap().WithZone("")}
 	}
 	return peer{}
 }

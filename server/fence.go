@@ -2,10 +2,10 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -30,35 +30,71 @@ type Fence struct {
 	Since  time.Time `json:"since"`
 }
 
+// ErrFenceNameNeedsCA is returned for a fence by certificate name on a
+// server that verifies no client certificates: no client could ever be
+// known by that name, and the fence would cut nothing.
+var ErrFenceNameNeedsCA = errors.New("a fence by certificate name needs client certificates verified against tls.ca (--tls-ca); fence the host's addresses instead")
+
+// ErrFenceNotSaved is returned when a fence (or an unfence) is in force but
+// could not be saved: a restart of the server may undo it.
+var ErrFenceNotSaved = errors.New("in force now, but it may not survive a restart of the server")
+
+// ErrFenceNotQuiesced is returned when fenced connections still had writes
+// executing when FenceClient stopped waiting for them: those writes may
+// still reach the storage.
+var ErrFenceNotQuiesced = errors.New("writes in flight did not finish")
+
 // matches reports whether the fence covers peer p using export name.
 func (f Fence) matches(p peer, export string) bool {
 	if f.Export != "" && f.Export != export {
 		return false
 	}
-	if pr, err := parseClient(f.Client); err == nil {
+	if pr, err := parsePrefix(f.Client); err == nil {
 		return p.addr.IsValid() && pr.Contains(p.addr)
 	}
+	// A fence by name covers the clients that show that name in a
+	// verified certificate. Not those that show none: cutting every
+	// plain-text client of a box where TLS is optional would take the
+	// disks of every other host that uses none, on every box the cluster
+	// fences on. A host that can connect without its certificate is
+	// fenced by its addresses too (README, Fencing).
 	return slices.Contains(p.names, f.Client)
 }
 
-func parseClient(s string) (netip.Prefix, error) {
-	pr, err := ParseAllow([]string{s})
-	if err != nil {
-		return netip.Prefix{}, err
-	}
-	return pr[0], nil
+// isName reports whether fence client s is a certificate name rather than
+// an address or a CIDR.
+func isName(s string) bool {
+	_, err := parsePrefix(s)
+	return err != nil
 }
 
 // ValidateFenceClient checks a fence's client: an address, a CIDR, or a
-// certificate name (no spaces or slashes).
+// certificate name. What looks like an address but is not a valid one
+// (10.0.1.300, fe80::1%, 10.0.0.0/33) is refused rather than taken for a
+// name that no certificate has.
 func ValidateFenceClient(s string) error {
-	if _, err := parseClient(s); err == nil {
+	_, err := parsePrefix(s)
+	switch {
+	case err == nil:
 		return nil
-	}
-	if s == "" || len(s) > 255 || strings.ContainsAny(s, " /\t\n") {
+	case s == "" || len(s) > 255 || strings.ContainsAny(s, " \t\n"):
 		return fmt.Errorf("fence client %q: want an address (192.0.2.7), a CIDR (10.0.0.0/24) or a certificate name", s)
+	case strings.ContainsAny(s, ":/%") || strings.Trim(s, "0123456789.") == "":
+		return fmt.Errorf("fence client %q: %w", s, err)
 	}
 	return nil
+}
+
+// SameFenceClient reports whether fence clients a and b are the same: the
+// same name, or the same address or CIDR however written (::ffff:10.0.1.21
+// is 10.0.1.21).
+func SameFenceClient(a, b string) bool {
+	if a == b {
+		return true
+	}
+	pa, errA := parsePrefix(a)
+	pb, errB := parsePrefix(b)
+	return errA == nil && errB == nil && pa == pb
 }
 
 // Fences is the server's fence list, persisted so that a fence survives a
@@ -129,35 +165,42 @@ func (f *Fences) matches(p peer, export string) bool {
 	return slices.ContainsFunc(f.list, func(x Fence) bool { return x.matches(p, export) })
 }
 
-// add records a fence, persisted before it returns.
+// add records a fence and saves the list. The fence is in force even when
+// saving fails. One already there is saved again, so repeating a fence whose
+// saving failed is how to retry it.
 func (f *Fences) add(x Fence) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if slices.ContainsFunc(f.list, func(y Fence) bool { return y.Client == x.Client && y.Export == x.Export }) {
-		return nil
+	next := slices.Clone(f.list)
+	if !slices.ContainsFunc(next, func(y Fence) bool { return SameFenceClient(y.Client, x.Client) && y.Export == x.Export }) {
+		next = append(next, x)
 	}
-	return f.saveLocked(append(slices.Clone(f.list), x))
+	return f.saveLocked(next)
 }
 
-// remove drops a fence; it reports whether there was one.
+// remove drops a fence and saves the list; it reports whether there was
+// one. The fence is lifted even when saving fails.
 func (f *Fences) remove(client, export string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	next := slices.DeleteFunc(slices.Clone(f.list), func(y Fence) bool { return y.Client == client && y.Export == export })
+	next := slices.DeleteFunc(slices.Clone(f.list), func(y Fence) bool { return SameFenceClient(y.Client, client) && y.Export == export })
 	if len(next) == len(f.list) {
 		return false, nil
 	}
 	return true, f.saveLocked(next)
 }
 
-// saveLocked writes the list atomically (temp file, fsync, rename, fsync the
-// directory) and only then adopts it, so a crash leaves the old list or the
-// new one, never half of one.
+// saveLocked adopts list and writes it atomically (temp file, fsync, rename,
+// fsync the directory), so a crash leaves the old list or the new one, never
+// half of one. The list is adopted whatever saving does: a fence that
+// could not be saved must still be enforced, and after
+// atomicfile.ErrNotDurable the file holds the new list already, so keeping
+// the old one in memory would make memory and file disagree.
 func (f *Fences) saveLocked(list []Fence) error {
-	if err := saveJSON(f.path, list); err != nil {
-		return fmt.Errorf("saving fences: %w", err)
-	}
 	f.list = list
+	if err := saveJSON(f.path, list); err != nil {
+		return fmt.Errorf("%w: saving fences: %w", ErrFenceNotSaved, err)
+	}
 	return nil
 }
 
@@ -168,10 +211,26 @@ func (s *Server) fenced(p peer, export string) bool {
 // Fences is the server's fence list.
 func (s *Server) Fences() *Fences { return s.cfg.Fences }
 
-// FenceClient fences a client: the fence is persisted, new connections from
-// it are refused, and its open connections are cut. When FenceClient
-// returns, no write from those connections will reach the storage any more:
-// writes already executing have finished and the rest are refused.
+// verifiesClientCerts reports whether clients can prove a certificate name:
+// TLS is on and client certificates are verified against a CA.
+func (s *Server) verifiesClientCerts() bool {
+	c := s.tlsConfig.Load()
+	return c != nil && c.ClientCAs != nil &&
+		(c.ClientAuth == tls.VerifyClientCertIfGiven || c.ClientAuth == tls.RequireAndVerifyClientCert)
+}
+
+// FenceClient fences a client: the fence is saved, new connections from it
+// are refused, and its open connections are cut. When FenceClient returns
+// without error, no write from those connections will reach the storage
+// any more: writes already executing have finished and the rest are
+// refused.
+//
+// The fence is enforced even when saving it fails: the error then wraps
+// ErrFenceNotSaved. Writes in flight are waited for up to DrainTimeout,
+// whether or not ctx ends meanwhile; those still executing then are
+// reported with ErrFenceNotQuiesced. A fence by certificate name needs a
+// client CA (ErrFenceNameNeedsCA); it covers the clients that show that name
+// (see Fence.matches).
 func (s *Server) FenceClient(ctx context.Context, f Fence) (cut int, err error) {
 	if s.cfg.Fences == nil {
 		return 0, errors.New("this server has no fence list")
@@ -179,12 +238,13 @@ func (s *Server) FenceClient(ctx context.Context, f Fence) (cut int, err error) 
 	if err := ValidateFenceClient(f.Client); err != nil {
 		return 0, err
 	}
+	if isName(f.Client) && !s.verifiesClientCerts() {
+		return 0, fmt.Errorf("fence client %q: %w", f.Client, ErrFenceNameNeedsCA)
+	}
 	if f.Since.IsZero() {
 		f.Since = time.Now().UTC()
 	}
-	if err := s.cfg.Fences.add(f); err != nil {
-		return 0, err
-	}
+	saveErr := s.cfg.Fences.add(f)
 	var victims []*clientConn
 	// Removed exports too: their clients keep them until they hang up.
 	for _, e := range s.cfg.Exports.inUse() {
@@ -199,24 +259,84 @@ func (s *Server) FenceClient(ctx context.Context, f Fence) (cut int, err error) 
 		}
 		e.mu.Unlock()
 	}
-	for _, c := range victims {
-		if err := c.fence(ctx); err != nil {
-			return cut, err
-		}
-		cut++
+	stuck := s.fenceAll(ctx, victims)
+	if saveErr != nil {
+		err = fmt.Errorf("fence of %q: %w", f.Client, saveErr)
 	}
-	s.log.Warn("client fenced", zap.String("client", f.Client), zap.String("export", f.Export), zap.Int("connections_cut", cut))
-	return cut, nil
+	if len(stuck) > 0 {
+		var which []string
+		for _, c := range stuck {
+			which = append(which, fmt.Sprintf("connection %d from %s", c.id, c.peer))
+		}
+		err = errors.Join(err, fmt.Errorf("%w within %s on %s: they may still reach the storage (the connections are cut and refuse every further write)",
+			ErrFenceNotQuiesced, s.cfg.DrainTimeout, strings.Join(which, ", ")))
+	}
+	log := s.log.With(zap.String("client", f.Client), zap.String("export", f.Export), zap.Int("connections_cut", len(victims)))
+	if err != nil {
+		log.Error("client fenced, with problems", zap.Error(err))
+	} else {
+		log.Warn("client fenced")
+	}
+	return len(victims), err
 }
 
-// UnfenceClient lifts a fence; it reports whether there was one.
+// fenceAll fences every victim at once and returns those whose writes in
+// flight had not finished within DrainTimeout. One at a time, a victim
+// whose writes hang would leave the ones after it writing.
+//
+// The fences run on a context that is never cancelled: a connection's
+// fence given up on would keep its write gate once it got it, and every
+// later write of the connection would wait for ever. They end when the
+// writes they wait for do; the wait here is bounded instead.
+func (s *Server) fenceAll(ctx context.Context, victims []*clientConn) (stuck []*clientConn) {
+	done := make(chan *clientConn, len(victims)) // one send per victim: never blocks
+	for _, c := range victims {
+		go func() {
+			// Marks c fenced first thing: no write of it starts after.
+			c.fence(context.WithoutCancel(ctx))
+			done <- c
+		}()
+	}
+	// Closed now, not once its writes are done: a victim whose writes
+	// hang reads no more requests meanwhile.
+	for _, c := range victims {
+		c.kick()
+	}
+	pending := make(map[*clientConn]bool, len(victims))
+	for _, c := range victims {
+		pending[c] = true
+	}
+	timeout := time.NewTimer(s.cfg.DrainTimeout)
+	defer timeout.Stop()
+	for len(pending) > 0 {
+		select {
+		case c := <-done:
+			delete(pending, c)
+		case <-timeout.C:
+			for _, c := range victims {
+				if pending[c] {
+					stuck = append(stuck, c)
+				}
+			}
+			return stuck
+		}
+	}
+	return nil
+}
+
+// UnfenceClient lifts a fence; it reports whether there was one. The fence
+// is lifted even when saving the list fails (ErrFenceNotSaved): it may then
+// come back after a restart.
 func (s *Server) UnfenceClient(client, export string) (bool, error) {
 	if s.cfg.Fences == nil {
 		return false, errors.New("this server has no fence list")
 	}
 	ok, err := s.cfg.Fences.remove(client, export)
-	if ok && err == nil {
-		s.log.Info("client unfenced", zap.String("client", client), zap.String("export", export))
+	if err != nil {
+		err = fmt.Errorf("unfence of %q: %w", client, err)
+	}
+	if ok {
+		s.log.Info("client unfenced", zap.String("client", client), zap.String("export", export), zap.Error(err))
 	}
 	return ok, err
 }

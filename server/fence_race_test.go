@@ -2,11 +2,14 @@ package server
 
 import (
 	"context"
+	"errors"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/lvnbd/lvnbd/nbd"
@@ -16,9 +19,19 @@ import (
 // returns if wrap is not nil.
 func fenceServer(t *testing.T, e *Export, wrap func(net.Listener) net.Listener, obs Observer) *testServer {
 	t.Helper()
-	fences, err := LoadFences("")
-	if err != nil {
-		t.Fatal(err)
+	return fenceServerWith(t, Config{Observer: obs}, e, wrap)
+}
+
+// fenceServerWith is fenceServer with more of the configuration: cfg's
+// Fences, if nil, is an empty list kept in memory.
+func fenceServerWith(t *testing.T, cfg Config, e *Export, wrap func(net.Listener) net.Listener) *testServer {
+	t.Helper()
+	if cfg.Fences == nil {
+		fences, err := LoadFences("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Fences = fences
 	}
 	reg := NewRegistry()
 	if err := reg.Add(e); err != nil {
@@ -34,7 +47,8 @@ func fenceServer(t *testing.T, e *Export, wrap func(net.Listener) net.Listener, 
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ts.cancel = cancel
-	ts.srv = New(&Config{Exports: reg, Fences: fences, Observer: obs, Logger: zaptest.NewLogger(t)})
+	cfg.Exports, cfg.Logger = reg, zaptest.NewLogger(t)
+	ts.srv = New(&cfg)
 	go func() { ts.done <- ts.srv.Serve(ctx, ln) }()
 	t.Cleanup(func() { ts.stop(t) })
 	return ts
@@ -206,5 +220,52 @@ func TestFenceReachesRemovedExports(t *testing.T) {
 	// Once its clients are gone, a removed export is forgotten.
 	if n := len(ts.reg.inUse()); n != 0 {
 		t.Errorf("%d exports in use after the last client left", n)
+	}
+}
+
+// A fence cuts every connection of the client at once, even when writes on
+// some of them do not finish and its caller has given up: one by one, it
+// stopped at the first that did not quiesce and left the others writing.
+func TestFenceCutsEveryVictimWhenOneHangs(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	entered := make(chan int64, 2)
+	release := make(chan struct{})
+	hb := &hookBackend{Backend: disk.Backend, onWrite: func(off int64) error {
+		if off < 2*4096 {
+			entered <- off
+			<-release
+		}
+		return nil
+	}}
+	disk.Backend = hb
+	ts := fenceServerWith(t, Config{DrainTimeout: 100 * time.Millisecond}, disk, nil)
+	releaseWrites := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseWrites) // before the server stops, if the test fails first
+
+	a, b := dialRaw(t, ts.addr), dialRaw(t, ts.addr)
+	a.open("disk", false)
+	b.open("disk", false)
+	a.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 0, Length: 4}, []byte("hang"))
+	b.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 4096, Length: 4}, []byte("hang"))
+	<-entered
+	<-entered
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the caller hung up before the fence was done
+	cut, err := ts.srv.FenceClient(ctx, Fence{Client: "127.0.0.1", Export: "disk"})
+	if cut != 2 || !errors.Is(err, ErrFenceNotQuiesced) {
+		t.Errorf("FenceClient = %d, %v; want both connections cut, and told that their writes did not finish", cut, err)
+	}
+	for i, c := range []*rawClient{a, b} {
+		late, _ := nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 2, Offset: uint64(4096 * (2 + i)), Length: 4}.AppendBinary(nil)
+		c.nc.Write(append(late, "late"...)) // fails if the server closed the connection already
+	}
+	releaseWrites()
+	a.drainUntilClosed()
+	b.drainUntilClosed()
+	writes := writesDone(t, ts, hb)
+	slices.Sort(writes)
+	if diff := cmp.Diff([]string{"write 0", "write 4096"}, writes); diff != "" {
+		t.Errorf("writes that reached the storage (-the two in flight +got):\n%s", diff)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -236,7 +238,8 @@ func TestFencing(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 	for i := range 8 {
-		c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: uint64(10 + i), Offset: 4096 * uint64(i+1), Length: 4}, []byte("late"))
+		late, _ := nbd.RequestHeader{Command: nbd.CmdWrite, Handle: uint64(10 + i), Offset: 4096 * uint64(i+1), Length: 4}.AppendBinary(nil)
+		c.nc.Write(append(late, "late"...)) // fails once the fence has closed the connection
 	}
 	close(release)
 	if err := <-fenced; err != nil {
@@ -290,14 +293,174 @@ func TestFencing(t *testing.T) {
 }
 
 func TestValidateFenceClient(t *testing.T) {
-	for _, s := range []string{"192.0.2.7", "10.0.0.0/24", "fd00::1", "dom0-a"} {
+	for _, s := range []string{"192.0.2.7", "10.0.0.0/24", "fd00::1", "dom0-a",
+		"fe80::1%eth0", "::ffff:10.0.1.21", "::ffff:10.0.0.0/104"} {
 		if err := ValidateFenceClient(s); err != nil {
 			t.Errorf("%q: %v", s, err)
 		}
 	}
-	for _, s := range []string{"", "a b", "x/y", strings.Repeat("a", 300)} {
+	// Not a name either: what looks like an address but is none would be
+	// a fence that matches nothing.
+	for _, s := range []string{"", "a b", "x/y", strings.Repeat("a", 300),
+		"10.0.1.300", "10.0.0.0/33", "fe80::1%", "fe80::zz", "::ffff:0:0/95"} {
 		if err := ValidateFenceClient(s); err == nil {
 			t.Errorf("%q accepted", s)
 		}
+	}
+}
+
+// A fence that cannot be saved is enforced all the same, and says so; an
+// unfence that cannot be saved is too, so that memory and file agree when
+// the file was replaced after all (atomicfile.ErrNotDurable).
+func TestFenceThatCannotBeSavedIsEnforced(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	hb := &hookBackend{Backend: disk.Backend}
+	disk.Backend = hb
+	path := filepath.Join(t.TempDir(), "fences.json")
+	fences, err := LoadFences(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := fenceServerWith(t, Config{Fences: fences}, disk, nil)
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+
+	// A non-empty directory where the file goes: renaming over it fails.
+	if err := os.MkdirAll(filepath.Join(path, "in-the-way"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1", Export: "disk"})
+	if cut != 1 || !errors.Is(err, ErrFenceNotSaved) {
+		t.Fatalf("FenceClient = %d, %v; want the connection cut and ErrFenceNotSaved", cut, err)
+	}
+	if l := fences.List(); len(l) != 1 || l[0].Client != "127.0.0.1" {
+		t.Fatalf("fences in force: %+v", l)
+	}
+	late, _ := nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 0, Length: 4}.AppendBinary(nil)
+	c.nc.Write(append(late, "late"...)) // fails if the server closed the connection already
+	c.drainUntilClosed()
+	n := dialRaw(t, ts.addr)
+	n.greet(nbd.ClientFlagFixedNewstyle)
+	if got, msg := n.goReply("disk"); got != nbd.RepErrPolicy {
+		t.Fatalf("GO after a fence that was not saved: %v %q, want NBD_REP_ERR_POLICY", got, msg)
+	}
+
+	ok, err := ts.srv.UnfenceClient("127.0.0.1", "disk")
+	if !ok || !errors.Is(err, ErrFenceNotSaved) {
+		t.Fatalf("UnfenceClient = %v, %v; want the fence lifted and ErrFenceNotSaved", ok, err)
+	}
+	if l := fences.List(); len(l) != 0 {
+		t.Fatalf("fences in force after unfencing: %+v", l)
+	}
+	u := dialRaw(t, ts.addr)
+	u.open("disk", false)
+	if writes := writesDone(t, ts, hb); len(writes) > 0 {
+		t.Errorf("writes reached the storage: %v", writes)
+	}
+}
+
+// Without a client CA no client has a certificate name: a fence by name
+// would cut nothing, so it is refused.
+func TestFenceByNameNeedsAClientCA(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "hv1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		tls  *tls.Config
+	}{
+		{"no TLS", nil},
+		{"TLS without a client CA", &tls.Config{Certificates: []tls.Certificate{pki.Server}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			disk, _ := fileExport(t, "disk", 1<<20, false)
+			ts := fenceServerWith(t, Config{TLS: tt.tls}, disk, nil)
+			c := dialRaw(t, ts.addr)
+			c.open("disk", false)
+			cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "hv1"})
+			if !errors.Is(err, ErrFenceNameNeedsCA) {
+				t.Fatalf("FenceClient by name = %d, %v; want ErrFenceNameNeedsCA", cut, err)
+			}
+			if l := ts.srv.Fences().List(); len(l) != 0 {
+				t.Errorf("a refused fence was recorded: %+v", l)
+			}
+		})
+	}
+}
+
+// A fence by certificate name covers the clients that show that name, over
+// TLS, and no other: not those with another name, and not those that show
+// none (plain text, TLS without a certificate), whose hosts it may not
+// be: cutting them all would take the disks of every host that uses no
+// certificate. A host that can connect without one is fenced by address.
+func TestFenceByNameCoversTheClientsShowingIt(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := testpki.New(t.TempDir(), "dom0-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverTLS := pki.ServerConfig()
+	serverTLS.ClientCAs.AddCert(other.CA)
+	disk, _ := fileExport(t, "disk", 1<<20, false) // TLS optional
+	ts := fenceServerWith(t, Config{TLS: serverTLS}, disk, nil)
+	dial := func(t *testing.T, cfg *tls.Config) *rawClient {
+		t.Helper()
+		c := dialRaw(t, ts.addr)
+		c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+		if cfg != nil {
+			if err := c.startTLS(cfg); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c
+	}
+	tests := []struct {
+		name   string
+		tls    *tls.Config
+		fenced bool
+	}{
+		{"plain text", nil, false},
+		{"TLS without a certificate", pki.ClientConfig(false), false},
+		{"certificate dom0-a", pki.ClientConfig(true), true},
+		{"certificate dom0-b", &tls.Config{RootCAs: pki.CAPool, ServerName: "localhost",
+			Certificates: []tls.Certificate{other.Client}}, false},
+	}
+	conns := map[string]*rawClient{}
+	for _, tt := range tests {
+		c := dial(t, tt.tls)
+		if got, msg := c.goReply("disk"); got != nbd.RepAck {
+			t.Fatalf("%s: GO before the fence: %v %q", tt.name, got, msg)
+		}
+		conns[tt.name] = c
+	}
+	cut, err := ts.srv.FenceClient(context.Background(), Fence{Client: "dom0-a"})
+	if err != nil || cut != 1 {
+		t.Fatalf("FenceClient(dom0-a) = %d, %v; want dom0-a's one connection cut", cut, err)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := conns[tt.name]
+			c.t = t
+			if tt.fenced {
+				c.expectClosed()
+			} else {
+				c.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 1}, nil)
+				if res := c.simpleReply(0); res.errno != 0 {
+					t.Fatalf("flush: %v", res.errno)
+				}
+			}
+			want := nbd.RepAck
+			if tt.fenced {
+				want = nbd.RepErrPolicy
+			}
+			if got, msg := dial(t, tt.tls).goReply("disk"); got != want {
+				t.Errorf("GO of a new connection: %v %q, want %v", got, msg, want)
+			}
+		})
 	}
 }

@@ -27,6 +27,14 @@ are refused, and when the command returns none of its writes will reach the
 storage any more. Fences are saved and survive a server restart; lift one
 with lvnbd unfence. --list shows the fences.
 
+A certificate name works only on a server that verifies client certificates
+(tls.ca), and covers the clients that show that name. A host that can connect
+without its certificate (where TLS is optional) must be fenced by its
+addresses too.
+
+If the fence cannot be saved, or writes in flight do not finish in time,
+the command fails and says so; the fence is in force all the same.
+
 For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
 		Example: `  lvnbd fence 10.0.0.21
   lvnbd fence 10.0.0.21 --export vm1

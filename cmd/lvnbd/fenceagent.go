@@ -19,8 +19,9 @@ With no flags it reads key=value lines on standard input, as stonithd passes
 them: action=off|on|reboot|status|monitor|list|metadata, plug=CLIENT (the
 host's storage-network address or certificate name), servers=A,B (the storage
 boxes, reached with ssh as root; empty means this box), export=NAME,
-control=PATH. Exit status: 0 success (status: not fenced), 1 error,
-2 status: fenced.
+control=PATH. Exit status: 0 success (status: not fenced on every box),
+1 error (also a plug that can match no client), 2 status: fenced on every
+box. A certificate name as plug needs tls.ca on every box (lvnbd fence).
 
 Install it as fence_lvnbd:  ln -s /usr/bin/lvnbd /usr/sbin/fence_lvnbd
 is not enough (the name selects nothing); use a two-line wrapper script:
