@@ -275,6 +275,14 @@ func (c *conn) fence(ctx context.Context) error {
 	case <-locked:
 		c.fenceGate.Unlock()
 	case <-ctx.Done():
+		// The lock is still taken once those writes end; let it go
+		// then, or every later request of the connection would wait
+		// for it for ever (they are refused, being fenced).
+		go func() {
+			<-locked
+			c.fenceGate.Unlock()
+		}()
+		c.nc.Close()
 		return fmt.Errorf("fencing connection %d: writes in flight did not finish: %w", c.client.id, ctx.Err())
 	}
 	c.nc.Close()

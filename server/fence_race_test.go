@@ -269,3 +269,38 @@ func TestFenceCutsEveryVictimWhenOneHangs(t *testing.T) {
 		t.Errorf("writes that reached the storage (-the two in flight +got):\n%s", diff)
 	}
 }
+
+// A connection's fence given up on (its context ended while a write still
+// ran) still takes the connection's write gate once that write ends: it
+// must let it go then and close the connection, or the connection's later
+// requests wait for the gate for ever and it never ends.
+func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	hb := &hookBackend{Backend: disk.Backend, onWrite: func(int64) error {
+		entered <- struct{}{}
+		<-release
+		return nil
+	}}
+	disk.Backend = hb
+	ts := fenceServer(t, disk, nil, nil)
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 4}, []byte("slow"))
+	<-entered
+	clients := disk.Clients()
+	if len(clients) != 1 {
+		t.Fatalf("%d clients, want 1", len(clients))
+	}
+	disk.mu.Lock()
+	cc := disk.clients[clients[0].ID]
+	disk.mu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := cc.fence(ctx); err == nil {
+		t.Fatal("a fence given up on reported success")
+	}
+	hb.onWrite = nil
+	close(release)
+	c.expectClosed()
+}
