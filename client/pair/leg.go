@@ -474,10 +474,10 @@ func (l *leg) up(_ context.Context, now time.Time) error {
 // detach is the request of Supervisor.Down: detach the device, remove the
 // link and stay down.
 func (l *leg) detach(ctx context.Context, now time.Time) error {
+	// Not cancelled with the request: an interrupted netlink exchange
+	// would leave the supervisor's connection to the kernel unusable.
+	ctx = context.WithoutCancel(ctx)
 	if l.dev >= 0 {
-		// Not cancelled with the request: an interrupted netlink exchange
-		// would leave the supervisor's connection to the kernel unusable.
-		ctx := context.WithoutCancel(ctx)
 		// The device may have been detached by hand since the last health
 		// check and its number given to another export: that one is not
 		// ours to take down.
