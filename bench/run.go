@@ -65,6 +65,9 @@ func (c *Config) Validate(size int64, align int) error {
 		return fmt.Errorf("queue depth %d: want 1 to 4096", c.QueueDepth)
 	case c.Runtime < 0 || c.IOLimit < 0:
 		return errors.New("runtime and I/O limit must not be negative")
+	case c.Verify && !c.Mode.Writes() && c.Seed == 0:
+		// Zero draws a fresh seed, whose pattern nothing wrote.
+		return errors.New("a read run's verify checks the pattern of an earlier write run: give that run's seed (--seed)")
 	case !c.Mode.Random() && c.IOLimit > 0:
 		// It would be ignored: a sequential run covers its region once.
 		return fmt.Errorf("an I/O limit (--io) bounds random modes only; a %v run covers its region once: give the region instead (--size %d)", c.Mode, c.IOLimit)

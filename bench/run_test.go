@@ -274,6 +274,9 @@ func TestConfigValidate(t *testing.T) {
 			wantErr: "bounds random modes only; a read run covers its region once: give the region instead (--size 1048576)"},
 		{name: "I/O limit under a block", edit: func(c *Config) { c.IOLimit = 1000 }, size: 1 << 20,
 			wantErr: "I/O limit 1000 B is less than one 4.0 KiB request, so the run would do nothing"},
+		{name: "read verify without the write run's seed", edit: func(c *Config) { c.Verify = true }, size: 1 << 20,
+			wantErr: "give that run's seed"},
+		{name: "read verify with a seed", edit: func(c *Config) { c.Verify, c.Seed = true, 8 }, size: 1 << 20},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

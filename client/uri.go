@@ -197,24 +197,15 @@ func parseQuery(raw string) ([]queryParam, error) {
 }
 
 // escapeQueryValue percent-encodes v for a query value that parseQuery
-// reads back: a space becomes %20 and a "+" stays itself (url.QueryEscape
-// writes them the form way round, "+" and %2B), and "&", "=", "#", "%" and
-// every byte outside RFC 3986's unreserved set are encoded, but for "/", ":"
-// and "@", which may stay literal in a query (RFC 3986 3.4) and keep socket
-// paths readable.
+// reads back. It writes what earlier versions wrote (url.QueryEscape, with
+// "/" left literal as RFC 3986 3.4 allows, which keeps socket paths
+// readable), because the string is also a device's backend identifier in
+// the kernel, which a daemon restarted on a newer lvnbd must find again; but
+// a space becomes %20, not "+", which parseQuery (and libnbd, and qemu)
+// read as a plus. QueryEscape writes a "+" itself as %2B, so every "+" it
+// writes was a space.
 func escapeQueryValue(v string) string {
-	var b strings.Builder
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
-			c == '-', c == '.', c == '_', c == '~', c == '/', c == ':', c == '@', c == '+':
-			b.WriteByte(c)
-		default:
-			fmt.Fprintf(&b, "%%%02X", c)
-		}
-	}
-	return b.String()
+	return strings.ReplaceAll(strings.ReplaceAll(url.QueryEscape(v), "%2F", "/"), "+", "%20")
 }
 
 // IsTLS reports whether the URI requires TLS (nbds, nbds+unix).

@@ -104,7 +104,10 @@ func TestParseURI(t *testing.T) {
 }
 
 // String writes query values so that RFC 3986 readers (libnbd, qemu) see
-// what ParseURI sees: a space as %20, a plus as itself.
+// what ParseURI sees: a space as %20, a plus as %2B. Otherwise it writes
+// what earlier versions did, since the string is also a kernel device's
+// backend identifier, which a restarted daemon must find again: a colon as
+// %3A, a slash as itself.
 func TestURIString(t *testing.T) {
 	tests := []struct {
 		name string
@@ -113,7 +116,10 @@ func TestURIString(t *testing.T) {
 	}{
 		{"space, plus and semicolon in a socket path",
 			URI{Scheme: "nbd+unix", Socket: "/run/a b+c;d.sock", Export: "vm1"},
-			"nbd+unix:///vm1?socket=/run/a%20b+c%3Bd.sock"},
+			"nbd+unix:///vm1?socket=/run/a%20b%2Bc%3Bd.sock"},
+		{"as earlier versions wrote it: colon and at sign escaped",
+			URI{Scheme: "nbd+unix", Socket: "/run/box-a:1@x.sock", Export: "vm1"},
+			"nbd+unix:///vm1?socket=/run/box-a%3A1%40x.sock"},
 		{"query delimiters in a value",
 			URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "x", TLSType: "a&b=c#d%e"},
 			"nbds://h:10809/x?tls-type=a%26b%3Dc%23d%25e"},

@@ -35,6 +35,24 @@ type Volumes struct {
 	// exported was logged, so a rescan every few seconds does not log it
 	// again.
 	mergeNoted map[string]bool
+	// reserved are the names static exports are configured under (see
+	// SetReserved).
+	reserved map[string]bool
+}
+
+// SetReserved makes names off limits for volume exports: the names static
+// exports are configured under, whether they are open or not (one whose
+// file cannot be opened is left out, and a reload replaces one by removing
+// it, then adding its successor). A volume exported under such a name
+// would be served to the static export's clients, and no volume ID tells
+// them (a static export has none).
+func (v *Volumes) SetReserved(names []string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.reserved = map[string]bool{}
+	for _, n := range names {
+		v.reserved[n] = true
+	}
 }
 
 // NewVolumes exports drv's volumes through reg. Call Sync to load them.
@@ -167,7 +185,7 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 				zap.Int64("old_size", e.Backend.Size()), zap.Int("clients", len(e.Clients())))
 			v.retireLocked(name)
 		}
-		if _, taken := v.reg.Lookup(name); taken {
+		if _, taken := v.reg.Lookup(name); taken || v.reserved[name] {
 			v.log.Warn("volume not exported: an --export has its name", zap.String("export", name))
 			continue
 		}
@@ -462,8 +480,11 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	if err := v.refuseInUse("remove volume", force, name); err != nil {
 		return err
 	}
+	// One the driver cannot read is removed all the same: that is what its
+	// problem says to do (a volume whose file is gone), and the driver
+	// still lists its snapshots.
 	vol, err := v.drv.Get(ctx, name)
-	if err != nil {
+	if err != nil && !errors.Is(err, volume.ErrUnreadable) {
 		return err
 	}
 	if len(vol.Snapshots) > 0 {
@@ -493,14 +514,15 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	return errors.Join(err, v.syncAfter(ctx, "remove volume "+name, name))
 }
 
-// snapshot returns the snapshot vol@snap, or ErrNotFound.
-func (v *Volumes) snapshot(ctx context.Context, vol, snap string) (volume.Snapshot, error) {
+// snapshot returns the snapshot vol@snap, or ErrNotFound. With unreadableOK
+// it is looked for even in a volume the driver cannot read (ErrUnreadable).
+func (v *Volumes) snapshot(ctx context.Context, vol, snap string, unreadableOK bool) (volume.Snapshot, error) {
 	ref := volume.SnapshotRef(vol, snap)
 	if _, _, err := volume.ParseSnapshotRef(ref); err != nil {
 		return volume.Snapshot{}, err
 	}
 	got, err := v.drv.Get(ctx, vol)
-	if err != nil {
+	if err != nil && !(unreadableOK && errors.Is(err, volume.ErrUnreadable)) {
 		return volume.Snapshot{}, err
 	}
 	for _, s := range got.Snapshots {
@@ -541,7 +563,9 @@ func (v *Volumes) RemoveSnapshot(ctx context.Context, vol, snap string, force bo
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	ref := volume.SnapshotRef(vol, snap)
-	if _, err := v.snapshot(ctx, vol, snap); err != nil {
+	// A snapshot of a volume the driver cannot read may be removed, not
+	// merged.
+	if _, err := v.snapshot(ctx, vol, snap, true); err != nil {
 		return err
 	}
 	if err := v.refuseInUse("remove snapshot", force, ref); err != nil {
@@ -563,7 +587,7 @@ func (v *Volumes) MergeSnapshot(ctx context.Context, vol, snap string, force boo
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	ref := volume.SnapshotRef(vol, snap)
-	s, err := v.snapshot(ctx, vol, snap)
+	s, err := v.snapshot(ctx, vol, snap, false)
 	if err != nil {
 		return err
 	}

@@ -746,6 +746,17 @@ func TestUnreadableVolumeIsLeftAsItIs(t *testing.T) {
 	if e, _ := ts.reg.Lookup("vm1"); e != exported {
 		t.Error("vm1's export was replaced or removed by Recover")
 	}
+	// What the problem says to do works through the server: its client
+	// cut (forced), the snapshot removed, then the volume.
+	if err := vols.RemoveSnapshot(ctx, "vm1", "s", true); err != nil {
+		t.Errorf("RemoveSnapshot of an unreadable snapshot: %v", err)
+	}
+	if err := vols.Remove(ctx, "vm1", true); err != nil {
+		t.Errorf("Remove of an unreadable volume: %v", err)
+	}
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 still exported after its removal")
+	}
 
 	// A volume that is unreadable from the start is not exported.
 	drv2 := newFileDriver(t)

@@ -437,25 +437,33 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 				ErrLastHalf, other.Leg, other.State, why, leg, other.Leg, other.Leg, name, leg)
 		}
 	}
-	var xlErrs []error
+	// The legs to detach: those the domain has let go of (all of them,
+	// without one).
+	detach := legs
+	var errs []error
 	if p.spec.XenDomain != "" {
+		detach = nil
 		for _, i := range legs {
 			if p.legs[i].status().State == StateDown {
-				continue // taken from the domain when it went down
+				detach = append(detach, i) // taken from the domain when it went down
+				continue
 			}
 			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
-				xlErrs = append(xlErrs, err)
 				if !force {
 					// The guest may still use this leg: take no
-					// other from it either.
-					return p.status(), fmt.Errorf("%w\nthe devices stay attached: make the guest let go of %s, or take the pair down with --force",
-						err, p.spec.Vdevs[i])
+					// other from it either. Those it let go of are
+					// detached, so that the state says what the
+					// guest has, and a retry asks xl for the rest.
+					errs = append(errs, fmt.Errorf("%w\nleg %s stays attached, and so do the legs after it: make the guest let go of %s, or take the pair down with --force",
+						err, Legs[i], p.spec.Vdevs[i]))
+					break
 				}
+				errs = append(errs, err)
 			}
+			detach = append(detach, i)
 		}
 	}
-	errs := xlErrs
-	for _, i := range legs {
+	for _, i := range detach {
 		l := p.legs[i]
 		if err := l.do(ctx, l.detach); err != nil {
 			errs = append(errs, fmt.Errorf("leg %s: %w", l.name, err))

@@ -317,7 +317,7 @@ func TestDownXenFails(t *testing.T) {
 
 		// The guest may still use leg a: nothing is detached.
 		_, err := s.Down(ctx, "vm1", "", false)
-		if err == nil || !strings.Contains(err.Error(), "the devices stay attached: make the guest let go of xvdb") {
+		if err == nil || !strings.Contains(err.Error(), "leg a stays attached, and so do the legs after it: make the guest let go of xvdb") {
 			t.Fatalf("down: %v", err)
 		}
 		r.done()
@@ -590,5 +590,40 @@ func TestHeldDeviceKeepsItsVolumeID(t *testing.T) {
 			t.Fatalf("up on the new volume: %v", err)
 		}
 		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+	})
+}
+
+// xl lets go of xvdb, then fails on xvdc: leg a, which the guest no longer
+// has, is detached and down; leg b stays attached. A retry asks xl for
+// xvdc only.
+func TestDownAfterXlFailsOnTheSecondLeg(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t, want: [][]string{
+			{"xl", "block-detach", "guest1", "xvdb"},
+			{"xl", "block-detach", "guest1", "xvdc"},
+		}}
+		r.fail = map[int]error{1: errors.New(`running ["xl" "block-detach"]: exit status 1`)}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+		_, err := s.Down(ctx, "vm1", "", false)
+		if err == nil || !strings.Contains(err.Error(), "leg b stays attached") {
+			t.Fatalf("down: %v, want leg b said to stay attached", err)
+		}
+		r.done()
+		if diff := cmp.Diff([]string{"disconnect nbd0"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+		checkStates(t, s, "vm1.a down  r0", "vm1.b connected /dev/nbd1 r0")
+
+		r.want = append(r.want, []string{"xl", "block-detach", "guest1", "xvdc"})
+		if _, err := s.Down(ctx, "vm1", "", false); err != nil {
+			t.Fatalf("retried down: %v", err)
+		}
+		r.done()
+		checkStates(t, s, "vm1.a down  r0", "vm1.b down  r0")
 	})
 }

@@ -107,6 +107,9 @@ func Run(ctx context.Context, opts Options) error {
 		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
 			return err
 		}
+		// Static exports left out (their file cannot be opened) keep
+		// their names from volumes all the same.
+		d.vols.SetReserved(staticNames(cfg))
 		if err := d.vols.Sync(ctx); errors.Is(err, server.ErrListingVolumes) {
 			return err
 		} else if err != nil {
@@ -322,7 +325,20 @@ func (d *Daemon) reload() error {
 	if err != nil {
 		return err
 	}
-	if err := d.applyExports(plan); err != nil {
+	if d.vols != nil {
+		// Both sets while the exports change: a replaced export is
+		// removed before its successor is added.
+		d.vols.SetReserved(append(staticNames(d.cfg), staticNames(cfg)...))
+	}
+	err = d.applyExports(plan)
+	if d.vols != nil {
+		reserved := d.cfg
+		if err == nil {
+			reserved = cfg
+		}
+		d.vols.SetReserved(staticNames(reserved))
+	}
+	if err != nil {
 		return err
 	}
 	d.setLevel(level)
@@ -352,6 +368,15 @@ func (d *Daemon) reload() error {
 		}
 	}
 	return nil
+}
+
+// staticNames are the names of the static exports cfg configures.
+func staticNames(cfg *config.Config) []string {
+	names := make([]string, 0, len(cfg.Exports))
+	for _, ce := range cfg.Exports {
+		names = append(names, ce.Spec().Name)
+	}
+	return names
 }
 
 // exportPlan is what a configuration changes in the static exports, worked

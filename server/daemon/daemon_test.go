@@ -488,3 +488,49 @@ func TestStartsWithoutAnExportThatCannotBeOpened(t *testing.T) {
 		})
 	}
 }
+
+// TestVolumeNeverTakesAStaticExportsName: a static export whose file cannot
+// be opened at start-up is left out, but its name stays its own: a volume of
+// that name would be served to the static export's clients, and no volume
+// ID would tell them. Once the file is there, a reload serves it.
+func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "volumes")
+	drv, err := file.New(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "nbd.sock")
+	static := config.Export{Name: "vm1", Path: filepath.Join(dir, "vm1-device.img")} // missing at start-up
+	other := config.Export{Name: "other", Path: sparse(t, "other.img", 1<<20)}
+	withVolumes := func() *config.Config {
+		c := testConfig(sock, static, other)
+		c.Server.Volumes = "file://" + data
+		return c
+	}
+	d := startDaemon(t, withVolumes())
+	defer func() {
+		if err := d.stop(); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("other")); return err == nil })
+	if info, err := client.Info(ctx, uri("vm1")); err == nil {
+		t.Errorf("vm1 is served as %q while its static export's file is missing, want not served", info.Description)
+	}
+	if err := os.WriteFile(static.Path, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reload(withVolumes()); err != nil {
+		t.Fatalf("reload once the file is there: %v", err)
+	}
+	info, err := client.Info(ctx, uri("vm1"))
+	if err != nil || strings.Contains(info.Description, "volume") {
+		t.Errorf("vm1 after the reload: %q, %v; want the static export", info.Description, err)
+	}
+}
