@@ -131,8 +131,9 @@ func (e *Export) closeBackend() {
 
 // retire marks the export removed: its backend is flushed and closed once
 // the last client is gone, and the returned channel closed then. With no
-// client left now, last is true and the caller calls closeBackend, outside
-// the registry's lock: a failed flush tells the registry (failCurrent).
+// client left now, last is true and the caller has it closed
+// (Registry.closeRetired), outside the registry's lock: a failed flush tells
+// the registry (failCurrent).
 func (e *Export) retire() (closed <-chan struct{}, last bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -253,7 +254,22 @@ type Registry struct {
 	retired map[*Export]struct{}
 	// failures, when set, records failed write-backs across restarts.
 	failures *Failures
+	// closing counts the retired exports whose backends are being flushed
+	// and closed in the background (see closeRetired).
+	closing sync.WaitGroup
 }
+
+// closeRetired flushes and closes a retired export's backend in the
+// background: the caller may hold a lock others need (the volumes' own,
+// during a rescan), and a flush may take long on a slow or failing device.
+// A server's shutdown waits for it (waitClosed), so a failure is recorded
+// before the process exits.
+func (r *Registry) closeRetired(e *Export) {
+	r.closing.Go(e.closeBackend)
+}
+
+// waitClosed waits for the backends closeRetired is closing.
+func (r *Registry) waitClosed() { r.closing.Wait() }
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
@@ -289,14 +305,14 @@ func (r *Registry) Remove(name string) (*Export, <-chan struct{}, error) {
 	closed, last := r.retireLocked(e)
 	r.mu.Unlock()
 	if last {
-		e.closeBackend()
+		r.closeRetired(e)
 	}
 	return e, closed, nil
 }
 
 // retireLocked retires e, keeping it among the exports in use until its
 // backend is closed. If last, no client is left and the caller must call
-// e.closeBackend once it has let go of r.mu.
+// r.closeRetired(e) once it has let go of r.mu.
 func (r *Registry) retireLocked(e *Export) (closed <-chan struct{}, last bool) {
 	closed, last = e.retire()
 	select {

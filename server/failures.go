@@ -381,7 +381,7 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 	_, last := r.retireLocked(old)
 	r.mu.Unlock()
 	if last {
-		old.closeBackend()
+		r.closeRetired(old)
 	}
 	res.Reopened, res.ClientsCut = true, len(old.Clients())
 	old.kickClients()

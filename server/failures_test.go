@@ -536,3 +536,59 @@ func TestRetiredExportIsFlushedBeforeItCloses(t *testing.T) {
 		})
 	}
 }
+
+// blockingFlush is a backend whose Flush waits for release, as one on a
+// slow or failing device does.
+type blockingFlush struct {
+	Backend
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *blockingFlush) Flush() error {
+	close(b.entered)
+	<-b.release
+	return b.Backend.Flush()
+}
+
+// Removing an export with no client left returns without waiting for its
+// closing flush, which may take long (a rescan holds the volumes' lock
+// meanwhile); the registry's waitClosed, which a server's shutdown calls,
+// waits for it.
+func TestRetiredExportFlushesInTheBackground(t *testing.T) {
+	reg := NewRegistry()
+	e, _ := fileExport(t, "vm1", 1<<20, false)
+	bf := &blockingFlush{Backend: e.Backend, entered: make(chan struct{}), release: make(chan struct{})}
+	e.Backend = bf
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	removed := make(chan (<-chan struct{}), 1)
+	go func() {
+		_, closed, err := reg.Remove("vm1")
+		if err != nil {
+			t.Error(err)
+		}
+		removed <- closed
+	}()
+	<-bf.entered
+	var closed <-chan struct{}
+	select {
+	case closed = <-removed:
+	case <-time.After(10 * time.Second):
+		close(bf.release)
+		t.Fatal("Remove waited for the retired export's flush")
+	}
+	select {
+	case <-closed:
+		t.Fatal("the backend was closed before its flush ended")
+	default:
+	}
+	close(bf.release)
+	reg.waitClosed()
+	select {
+	case <-closed:
+	default:
+		t.Error("waitClosed returned before the backend was closed")
+	}
+}

@@ -211,6 +211,9 @@ func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
 		}
 	}
 	s.conns.Wait()
+	// Withdrawn exports flush as they close: their failures are recorded
+	// before the process may exit.
+	s.cfg.Exports.waitClosed()
 	for _, e := range s.cfg.Exports.List() {
 		if e.ReadOnly {
 			continue
