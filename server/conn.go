@@ -252,6 +252,11 @@ type conn struct {
 	// the gate exclusively, so no write starts after fence returns.
 	fenceGate sync.RWMutex
 	fenced    atomic.Bool
+	// quiesced is closed once the writes in flight at the first fence have
+	// ended; fenceOnce starts the one goroutine that waits for them, so a
+	// fence retried while a write hangs adds none.
+	fenceOnce sync.Once
+	quiesced  chan struct{}
 
 	// failureLogged: a request failed because the export's write-back
 	// did, and that was logged at warning level.
@@ -266,22 +271,19 @@ type conn struct {
 // fence stops this connection's writes for good and closes it.
 func (c *conn) fence(ctx context.Context) error {
 	c.fenced.Store(true)
-	locked := make(chan struct{})
-	go func() {
-		c.fenceGate.Lock()
-		close(locked)
-	}()
-	select {
-	case <-locked:
-		c.fenceGate.Unlock()
-	case <-ctx.Done():
-		// The lock is still taken once those writes end; let it go
-		// then, or every later request of the connection would wait
-		// for it for ever (they are refused, being fenced).
+	c.fenceOnce.Do(func() {
+		c.quiesced = make(chan struct{})
 		go func() {
-			<-locked
+			// Taken once the writes in flight end, and let go at
+			// once: a later write sees fenced and is refused.
+			c.fenceGate.Lock()
 			c.fenceGate.Unlock()
+			close(c.quiesced)
 		}()
+	})
+	select {
+	case <-c.quiesced:
+	case <-ctx.Done():
 		c.nc.Close()
 		return fmt.Errorf("fencing connection %d: writes in flight did not finish: %w", c.client.id, ctx.Err())
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -299,6 +300,17 @@ func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
 	cancel()
 	if err := cc.fence(ctx); err == nil {
 		t.Fatal("a fence given up on reported success")
+	}
+	// Retried while the write hangs (as a cluster retries a fence), it
+	// adds no goroutine waiting for the write.
+	before := runtime.NumGoroutine()
+	for range 50 {
+		if err := cc.fence(ctx); err == nil {
+			t.Fatal("a fence given up on reported success")
+		}
+	}
+	if added := runtime.NumGoroutine() - before; added > 10 {
+		t.Errorf("50 retried fences added %d goroutines", added)
 	}
 	hb.onWrite = nil
 	close(release)
