@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io/fs"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // CreateOptions says which mirror Create builds.
@@ -127,6 +129,17 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	} else if mp != "" {
 		return nil, fmt.Errorf("%s: %w: mounted on %s", dev, ErrInUse, mp)
 	}
+	// What the looks above miss (a partition of it mounted or held, swap,
+	// a btrfs, a mount in another namespace, a program's O_EXCL) the
+	// kernel knows: mdadm would fail on it, and --force must not be
+	// offered for data that is in use.
+	if h.exclusive != nil {
+		if err := h.exclusive(dev); errors.Is(err, unix.EBUSY) {
+			return nil, fmt.Errorf("%s: %w: the kernel refuses to open it exclusively (a partition of it mounted or in an md array or device-mapper table, swap, or a program holding it)", dev, ErrInUse)
+		} else if err != nil {
+			return nil, err
+		}
+	}
 	size, err := blockDevSize(h.sys, name)
 	if err != nil {
 		return nil, err
@@ -151,7 +164,11 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	if h.have("blkid") {
 		// blkid knows more formats than detectSignature, by name.
 		typ, err := h.blkid(ctx, dev)
-		if err != nil {
+		if errors.Is(err, errAmbivalentProbe) {
+			// Data all the same (a thick LV with old leftovers),
+			// which --force may overwrite like any other.
+			found = append(found, fmt.Sprintf("%s: several signatures at once (blkid; wipefs -n %s lists them)", dev, dev))
+		} else if err != nil {
 			return nil, err
 		}
 		if typ != "" && !(typ == "linux_raid_member" && mdFound) {
@@ -175,12 +192,22 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	return found, nil
 }
 
-// blkid returns the TYPE (or PTTYPE) blkid finds on dev, "" for none.
+// errAmbivalentProbe is blkid's exit status 8: it found several signatures
+// on the device at once.
+var errAmbivalentProbe = errors.New("several signatures at once (an ambivalent probe)")
+
+// blkid returns the TYPE (or PTTYPE) blkid finds on dev, "" for none;
+// errAmbivalentProbe when it finds several.
 func (h *host) blkid(ctx context.Context, dev string) (string, error) {
 	out, err := h.run.run(ctx, "blkid", "-p", "-o", "export", dev)
 	var ee interface{ ExitCode() int }
-	if errors.As(err, &ee) && ee.ExitCode() == 2 {
-		return "", nil // blkid(8): 2 means nothing was found
+	if errors.As(err, &ee) {
+		switch ee.ExitCode() {
+		case 2:
+			return "", nil // blkid(8): 2 means nothing was found
+		case 8:
+			return "", fmt.Errorf("blkid -p %s: %w", dev, errAmbivalentProbe)
+		}
 	}
 	if err != nil {
 		return "", err

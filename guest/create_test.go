@@ -3,11 +3,13 @@ package guest
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"strings"
 	"testing"
 	"testing/fstest"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -121,6 +123,19 @@ func TestCreateRefusesData(t *testing.T) {
 			t.Errorf("error %v, want the dos partition table named", err)
 		}
 	})
+	t.Run("blkid finds several signatures", func(t *testing.T) {
+		// blkid -p exits 8 for an ambivalent probe: data all the same,
+		// which --force may overwrite, not a failure of blkid's.
+		h, _, r := createHost(t)
+		h.have = func(name string) bool { return name == "blkid" }
+		blkid := func(dev string) []string { return []string{"blkid", "-p", "-o", "export", dev} }
+		r.expect(examineBlank(legA), call{args: blkid(legA), err: cmdError(blkid(legA), 8, "")},
+			examineBlank(legB), call{args: blkid(legB), err: cmdError(blkid(legB), 2, "")})
+		_, err := h.create(context.Background(), CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}})
+		if !errors.Is(err, ErrHasData) || !strings.Contains(err.Error(), "/dev/nbd0: several signatures at once") {
+			t.Errorf("error %v, want ErrHasData naming /dev/nbd0's several signatures", err)
+		}
+	})
 	t.Run("blkid fails", func(t *testing.T) {
 		h, _, r := createHost(t)
 		h.have = func(name string) bool { return name == "blkid" }
@@ -138,6 +153,7 @@ func TestCreateRefusals(t *testing.T) {
 		name  string
 		opts  CreateOptions
 		setup func(fstest.MapFS)
+		busy  bool // the kernel refuses an exclusive open of leg a
 		want  error
 		say   string
 	}{
@@ -159,6 +175,10 @@ func TestCreateRefusals(t *testing.T) {
 		{name: "mounted", opts: CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}}, want: ErrInUse,
 			say:   "mounted on /tmp/vm-work/25-guest-mirror/mnt",
 			setup: func(fsys fstest.MapFS) { blockDev(fsys, "nbd0", 64<<20, "9:126") }},
+		// A mounted partition, swap, another namespace's mount: the
+		// kernel's exclusive open tells.
+		{name: "held where sysfs does not show", opts: CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}}, busy: true,
+			want: ErrInUse, say: "refuses to open it exclusively"},
 		{name: "no size", opts: CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}}, say: "is it attached",
 			setup: func(fsys fstest.MapFS) { blockDev(fsys, "nbd0", 0, "43:0") }},
 	}
@@ -167,6 +187,11 @@ func TestCreateRefusals(t *testing.T) {
 			h, fsys, _ := createHost(t) // the runner expects no command
 			if tt.setup != nil {
 				tt.setup(fsys)
+			}
+			if tt.busy {
+				h.exclusive = func(dev string) error {
+					return &fs.PathError{Op: "open exclusively", Path: dev, Err: unix.EBUSY}
+				}
 			}
 			_, err := h.create(context.Background(), tt.opts)
 			if err == nil {

@@ -30,6 +30,10 @@ type host struct {
 	// zeroEnds reports whether the first and last blankSpan bytes of a
 	// device of size bytes read as zeroes.
 	zeroEnds func(dev string, size uint64) (bool, error)
+	// exclusive opens a device exclusively and closes it again: the
+	// kernel refuses (EBUSY) one that is mounted, swap, or held by md,
+	// device-mapper or a program, or whose partition is. Nil skips it.
+	exclusive func(dev string) error
 	// have reports whether a command is installed.
 	have func(name string) bool
 	// probe says whether a device answers reads.
@@ -46,11 +50,12 @@ func realHost() *host {
 			_, err := os.Lstat(p)
 			return err == nil
 		},
-		readEnds: readDeviceEnds,
-		zeroEnds: deviceEndsZero,
-		have:     haveCommand,
-		probe:    newReadProber(5 * time.Second),
-		clock:    realClock{},
+		readEnds:  readDeviceEnds,
+		zeroEnds:  deviceEndsZero,
+		exclusive: openExclusive,
+		have:      haveCommand,
+		probe:     newReadProber(5 * time.Second),
+		clock:     realClock{},
 	}
 }
 
@@ -304,4 +309,14 @@ func readSysString(sys fs.FS, name string) (string, error) {
 		return "", err
 	}
 	return strings.TrimSpace(string(b)), nil
+}
+
+// openExclusive opens dev read-only with O_EXCL, as mdadm --create opens
+// its legs, and closes it.
+func openExclusive(dev string) error {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open exclusively", Path: dev, Err: err}
+	}
+	return unix.Close(fd)
 }

@@ -15,8 +15,13 @@ type Mdstat struct {
 
 // MdstatArray is one array's paragraph of /proc/mdstat.
 type MdstatArray struct {
-	Name     string // md127
-	Active   bool   // "active"; false for "inactive" (assembled, not started)
+	Name string // md127
+	// State is the word after the colon: "active", "inactive" (assembled,
+	// not started), "broken" (Linux 6.12 on: a RAID1 whose last leg in
+	// sync failed; md/array_state tells the same), or another a later
+	// kernel may add.
+	State    string
+	Active   bool   // running: "active" or "broken"
 	ReadOnly string // "", "read-only" or "auto-read-only"
 	Level    string // raid1; empty for an inactive array
 	Members  []MdstatMember
@@ -112,19 +117,17 @@ func parseMdstatHead(line string) (MdstatArray, error) {
 	if len(f) == 0 {
 		return MdstatArray{}, fmt.Errorf("no state")
 	}
-	switch f[0] {
-	case "active":
-		a.Active = true
-	case "inactive":
-	default:
-		return MdstatArray{}, fmt.Errorf("state %q is neither active nor inactive", f[0])
-	}
+	// A state this parser does not know is kept, not refused: one array
+	// in a new state must not hide every other from lvnbd guest status
+	// and watch. It counts as not running.
+	a.State = f[0]
+	a.Active = a.State == "active" || a.State == "broken"
 	f = f[1:]
 	if len(f) > 0 && (f[0] == "(read-only)" || f[0] == "(auto-read-only)") {
 		a.ReadOnly = strings.Trim(f[0], "()")
 		f = f[1:]
 	}
-	if a.Active && len(f) > 0 && !strings.Contains(f[0], "[") {
+	if a.State != "inactive" && len(f) > 0 && !strings.Contains(f[0], "[") {
 		a.Level = f[0]
 		f = f[1:]
 	}
@@ -309,9 +312,12 @@ func (st Mdstat) Format() []byte {
 
 func (a MdstatArray) format(b *strings.Builder) {
 	fmt.Fprintf(b, "%s : ", a.Name)
-	if a.Active {
+	switch {
+	case a.State != "":
+		b.WriteString(a.State)
+	case a.Active:
 		b.WriteString("active")
-	} else {
+	default:
 		b.WriteString("inactive")
 	}
 	if a.ReadOnly != "" {

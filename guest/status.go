@@ -14,7 +14,7 @@ type ArrayStatus struct {
 	Device        string         `json:"device"`         // /dev/md127
 	UUID          string         `json:"uuid,omitempty"` // mdadm's form
 	Level         string         `json:"level"`
-	Health        string         `json:"health"`      // healthy, degraded, recovering, resyncing, checking, repairing, reshaping, failed, inactive
+	Health        string         `json:"health"`      // healthy, degraded, recovering, resyncing, resync-pending, checking, repairing, reshaping, failed, inactive
 	State         string         `json:"array_state"` // the kernel's array_state
 	RaidDisks     int            `json:"raid_disks"`
 	Degraded      int            `json:"degraded"` // slots without an in-sync leg
@@ -151,6 +151,12 @@ func health(a Array, ma MdstatArray, inSync int) string {
 		return "repairing"
 	case "reshape":
 		return "reshaping"
+	}
+	// No resync runs, yet the legs may differ: md starts none in a
+	// read-auto array until its first write (after an unclean shutdown
+	// mdstat says resync=PENDING), nor while sync_action is frozen.
+	if a.ResyncStart != "" && a.ResyncStart != "none" || ma.Sync != nil && ma.Sync.Pending != "" {
+		return "resync-pending"
 	}
 	return "healthy"
 }

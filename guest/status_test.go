@@ -100,3 +100,34 @@ func TestHealthBroken(t *testing.T) {
 		t.Errorf("health of a clean array = %q, want healthy", got)
 	}
 }
+
+// An array whose legs may differ while no resync runs is not healthy: md
+// starts none in a read-auto array until its first write (after an unclean
+// shutdown mdstat says resync=PENDING), nor while sync_action is frozen;
+// md/resync_start tells, where sync_action says idle or frozen.
+func TestStatusResyncPending(t *testing.T) {
+	for _, tc := range []struct{ name, state, action, start, mdline, extra, want string }{
+		{"read-auto after an unclean shutdown", "read-auto", "idle", "2048", "md126 : active (auto-read-only) raid1 nbd1[1] nbd0[0]",
+			"      \tresync=PENDING\n", "resync-pending"},
+		{"frozen", "clean", "frozen", "2048", "md126 : active raid1 nbd1[1] nbd0[0]", "", "resync-pending"},
+		{"in sync", "clean", "idle", "none", "md126 : active raid1 nbd1[1] nbd0[0]", "", "healthy"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, fsys, _, _, _ := testHost(t)
+			name := sysfsDump(t, fsys, "sysfs-healthy.txt")
+			fsys["sys/block/"+name+"/md/array_state"] = &fstest.MapFile{Data: []byte(tc.state + "\n")}
+			fsys["sys/block/"+name+"/md/sync_action"] = &fstest.MapFile{Data: []byte(tc.action + "\n")}
+			fsys["sys/block/"+name+"/md/resync_start"] = &fstest.MapFile{Data: []byte(tc.start + "\n")}
+			fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] \n" + tc.mdline + "\n" +
+				"      64512 blocks super 1.2 [2/2] [UU]\n" + tc.extra +
+				"      bitmap: 1/1 pages [4KB], 1024KB chunk\n\nunused devices: <none>\n")}
+			got, err := h.status()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got[0].Health != tc.want {
+				t.Errorf("health %q, want %q", got[0].Health, tc.want)
+			}
+		})
+	}
+}

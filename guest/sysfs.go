@@ -92,9 +92,14 @@ type Array struct {
 	// ComponentSize is the bytes of each member used for data.
 	ComponentSize uint64
 	// SyncAction is idle, resync, recover, check, repair, reshape or frozen.
-	SyncAction    string
-	SyncDone      uint64 // sectors done of SyncTotal; both 0 when idle
-	SyncTotal     uint64
+	SyncAction string
+	SyncDone   uint64 // sectors done of SyncTotal; both 0 when idle
+	SyncTotal  uint64
+	// ResyncStart is md/resync_start: "none" when the legs are known to
+	// agree, else the sector a resync must start from (one pending in a
+	// read-auto array after an unclean shutdown, or frozen); empty if
+	// unknown.
+	ResyncStart   string
 	MismatchCount uint64
 	UUID          string // mdadm's form, xxxxxxxx:xxxxxxxx:xxxxxxxx:xxxxxxxx; empty if unknown
 	Bitmap        string // bitmap/metadata: internal, external, clustered; empty without one
@@ -125,17 +130,18 @@ func readArray(sys fs.FS, name string) (Array, error) {
 	}
 	r := sysReader{fs: sys, dir: dir}
 	a := Array{
-		Name:       name,
-		DevNumber:  r.str("../dev"),
-		Level:      r.optStr("level"),
-		Metadata:   r.optStr("metadata_version"),
-		State:      r.str("array_state"),
-		RaidDisks:  int(r.uint("raid_disks")),
-		Degraded:   int(r.optUint("degraded")),
-		Size:       r.uint("../size") * 512,
-		SyncAction: r.optStr("sync_action"),
-		UUID:       normalizeUUID(r.optStr("uuid")),
-		Bitmap:     r.optStr("bitmap/metadata"),
+		Name:        name,
+		DevNumber:   r.str("../dev"),
+		Level:       r.optStr("level"),
+		Metadata:    r.optStr("metadata_version"),
+		State:       r.str("array_state"),
+		RaidDisks:   int(r.uint("raid_disks")),
+		Degraded:    int(r.optUint("degraded")),
+		Size:        r.uint("../size") * 512,
+		SyncAction:  r.optStr("sync_action"),
+		ResyncStart: r.optStr("resync_start"),
+		UUID:        normalizeUUID(r.optStr("uuid")),
+		Bitmap:      r.optStr("bitmap/metadata"),
 	}
 	if cs := r.optStr("component_size"); cs != "" && cs != "none" {
 		n, err := strconv.ParseUint(cs, 10, 64)

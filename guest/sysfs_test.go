@@ -19,16 +19,19 @@ func TestReadArray(t *testing.T) {
 		num := map[string]string{"md126": "9:126", "md127": "9:127"}[name]
 		return Array{Name: name, DevNumber: num, Level: "raid1", Metadata: "1.2", State: "clean", RaidDisks: 2,
 			Degraded: degraded, Size: 63 * mib, ComponentSize: 63 * mib, SyncAction: action, SyncDone: done, SyncTotal: total,
-			Bitmap: "internal", Members: members}
+			ResyncStart: "none", Bitmap: "internal", Members: members}
 	}
+	resync := base("md126", 0, "resync", 0, 129024, leg("nbd0", 0, "in_sync,failfast"), leg("nbd1", 1, "in_sync,failfast"))
+	resync.ResyncStart = "0" // a resync runs from there
 	grown := base("md127", 0, "resync", 129024, 260096, leg("nbd0", 0, "in_sync,failfast"), leg("nbd1", 1, "in_sync,failfast"))
+	grown.ResyncStart = "129024" // the grown part, from the old end
 	grown.Size, grown.ComponentSize = 127*mib, 127*mib
 	grown.Members[0].Size, grown.Members[1].Size = 127*mib, 127*mib
 	tests := []struct {
 		file string
 		want Array
 	}{
-		{"sysfs-resync.txt", base("md126", 0, "resync", 0, 129024, leg("nbd0", 0, "in_sync,failfast"), leg("nbd1", 1, "in_sync,failfast"))},
+		{"sysfs-resync.txt", resync},
 		{"sysfs-healthy.txt", base("md126", 0, "idle", 0, 0, leg("nbd0", 0, "in_sync,failfast"), leg("nbd1", 1, "in_sync,failfast"))},
 		{"sysfs-faulty.txt", base("md127", 1, "idle", 0, 0, leg("nbd0", -1, "faulty,failfast"), leg("nbd1", 1, "in_sync,failfast"))},
 		{"sysfs-removed.txt", base("md127", 1, "idle", 0, 0, leg("nbd1", 1, "in_sync,failfast"))},

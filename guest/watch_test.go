@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -684,4 +685,20 @@ func TestWatchUUIDFromMdadm(t *testing.T) {
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+}
+
+// One broken array (both storage boxes of one volume down; Linux 6.12 on
+// prints "broken" in /proc/mdstat) hides no other mirror from a watcher
+// run without --md.
+func TestWatcherTargetsBesideABrokenArray(t *testing.T) {
+	h, fsys, _, _, _ := testHost(t)
+	fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] \n" +
+		"md127 : broken raid1 nbd1[1](F) nbd0[0]\n      64512 blocks super 1.2 [2/1] [U_]\n\n" +
+		"md126 : active raid1 xvdd[1](F) xvdc[0]\n      64512 blocks super 1.2 [2/1] [U_]\n\n" +
+		"unused devices: <none>\n")}
+	w := newWatcher(h, &WatchConfig{})
+	names, complete := w.targets()
+	if !complete || !slices.Equal(names, []string{"md127", "md126"}) {
+		t.Errorf("targets = %v, complete %v; want md127 and md126", names, complete)
+	}
 }

@@ -176,10 +176,13 @@ func newGuestStatusCmd(deps *guestDeps) *cobra.Command {
 		Use:   "status",
 		Short: "Show the md arrays, their legs and any resync",
 		Long: `Show every md array: its health (healthy, degraded, recovering, resyncing,
-checking, repairing, reshaping, failed or inactive), size, running sync
-action with progress, and each leg with its slot and md state flags
-(in_sync, faulty, spare, failfast, write_error...). --json prints the same
-for scripts: {"arrays": [...]}, sizes in bytes.`,
+resync-pending, checking, repairing, reshaping, failed or inactive), size,
+running sync action with progress, and each leg with its slot and md state flags
+(in_sync, faulty, spare, failfast, write_error...). resync-pending means the
+legs may differ while no resync runs: a read-auto array after an unclean
+shutdown resyncs at its first write (or mdadm --readwrite), a frozen one once
+sync_action is idle again. --json prints the same for scripts:
+{"arrays": [...]}, sizes in bytes.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			arrays, err := deps.status()
