@@ -172,8 +172,12 @@ func (d *remoteDriver) MergeSnapshot(ctx context.Context, vol, snap string) erro
 // OpenDriver returns the driver the volume commands should use: the running
 // server's, through its control socket, when it serves the same volumes
 // (so changes reach its exports at once and snapshots are quiesced), else
-// the driver for volumesURL directly. note receives one line saying which.
+// the driver for volumesURL directly. note receives one line when the
+// volumes are changed directly (nil: none, for listings).
 func OpenDriver(ctx context.Context, controlPath, volumesURL string, force bool, note io.Writer) (volume.Driver, error) {
+	if note == nil {
+		note = io.Discard
+	}
 	local, err := volume.Open(volumesURL)
 	if err != nil {
 		return nil, err
@@ -185,6 +189,10 @@ func OpenDriver(ctx context.Context, controlPath, volumesURL string, force bool,
 	st, err := c.Status(ctx)
 	switch {
 	case errors.Is(err, ErrNoServer):
+		// Said, since a server on another socket would be bypassed:
+		// its clients not checked, its writes not paused.
+		fmt.Fprintf(note, "note: no lvnbd serve answers on %s: changing %s directly (if a server uses another --control, give it)\n",
+			controlPath, local)
 		return local, nil
 	case err != nil:
 		return nil, err

@@ -182,7 +182,22 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 	if failed {
 		return ExitError
 	}
+	// As fence-agents do (Success: Powered OFF): an admin running the
+	// agent by hand sees what was done.
+	switch a.Action {
+	case "off", "reboot":
+		fmt.Fprintf(out, "Success: %s fenced off %s on %d box(es)\n", a.Plug, exportOrAll(a.Export), len(boxes))
+	case "on":
+		fmt.Fprintf(out, "Success: %s unfenced on %s on %d box(es)\n", a.Plug, exportOrAll(a.Export), len(boxes))
+	}
 	return ExitOK
+}
+
+func exportOrAll(export string) string {
+	if export == "" {
+		return "all exports"
+	}
+	return fmt.Sprintf("export %q", export)
 }
 
 var errNotFenced = errors.New("not fenced")

@@ -106,8 +106,8 @@ func TestRun(t *testing.T) {
 	if code, out, _ := run(Args{Action: "status", Plug: "h1"}); code != ExitOK || !strings.Contains(out, "ON") {
 		t.Fatalf("status before fencing: %d %q", code, out)
 	}
-	if code, _, errOut := run(Args{Action: "off", Plug: "h1"}); code != ExitOK {
-		t.Fatalf("off: %d %s", code, errOut)
+	if code, out, errOut := run(Args{Action: "off", Plug: "h1"}); code != ExitOK || !strings.Contains(out, "Success: h1 fenced off all exports on 2 box(es)") {
+		t.Fatalf("off: %d %q %s; want success said", code, out, errOut)
 	}
 	if diff := cmp.Diff([]string{"fence h1 "}, a.calls); diff != "" || len(b.calls) != 1 {
 		t.Fatalf("off did not fence on every box (-want +got):\n%s", diff)

@@ -24,6 +24,9 @@ func ParseExportSpec(s string) (ExportSpec, error) {
 		return ExportSpec{}, err
 	}
 	spec := ExportSpec{Name: name, Path: path}
+	if strings.HasSuffix(path, ":rw") {
+		return ExportSpec{}, fmt.Errorf("export %q: only :ro may follow the path (read-write is the default): give NAME=PATH", s)
+	}
 	if p, found := strings.CutSuffix(path, ":ro"); found {
 		spec.Path, spec.ReadOnly = p, true
 	}

@@ -92,6 +92,8 @@ func TestParseExportSpec(t *testing.T) {
 		{".x=/y", ExportSpec{}, true},
 		{"a b=/y", ExportSpec{}, true},
 		{"x/y=/y", ExportSpec{}, true},
+		{"vm1=/srv/vm1.img:rw", ExportSpec{}, true}, // read-write is the default; :rw would be taken for the path
+		{"d=/dev/disk/by-path/pci-0000:00:1f.2-ata-1", ExportSpec{"d", "/dev/disk/by-path/pci-0000:00:1f.2-ata-1", false}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {

@@ -3,12 +3,15 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/lvnbd/lvnbd/control"
+	"github.com/lvnbd/lvnbd/server"
 )
 
 func newFenceCmd() *cobra.Command {
@@ -54,6 +57,9 @@ For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
 					return err
 				}
 				if asJSON {
+					if fences == nil {
+						fences = []server.Fence{} // [], not null, for scripts
+					}
 					return json.NewEncoder(out).Encode(fences)
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
@@ -72,6 +78,16 @@ For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
 				return err
 			}
 			fmt.Fprintf(out, "fenced %s off %s; %d connection(s) cut\n", args[0], exportOrAll(export), cut)
+			if export != "" {
+				// A mistyped name fences nothing the host uses:
+				// say so, though a fence for an export to come is
+				// kept all the same.
+				if st, err := c.Status(cmd.Context()); err == nil &&
+					!slices.ContainsFunc(st.Exports, func(e server.ExportStatus) bool { return e.Name == export }) {
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: warning: no export %q is served now: the fence applies once one is; "+
+						"check the name (lvnbd status)\n", export)
+				}
+			}
 			return nil
 		},
 	}
@@ -89,10 +105,27 @@ func newUnfenceCmd() *cobra.Command {
 		Short: "Lift a fence set with lvnbd fence",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := control.NewClient(ctlPath).Unfence(cmd.Context(), args[0], export); err != nil {
-				return err
+			c := control.NewClient(ctlPath)
+			err := c.Unfence(cmd.Context(), args[0], export)
+			// What still fences the client, so that "unfenced" is not
+			// taken for "free": a fence of all exports and fences of
+			// single ones are lifted one by one.
+			var left []string
+			if fences, ferr := c.Fences(cmd.Context()); ferr == nil {
+				for _, f := range fences {
+					if server.SameFenceClient(f.Client, args[0]) && f.Export != export {
+						left = append(left, exportOrAll(f.Export))
+					}
+				}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "unfenced %s on %s\n", args[0], exportOrAll(export))
+			still := ""
+			if len(left) > 0 {
+				still = fmt.Sprintf("; still fenced off %s (lvnbd unfence %s [--export NAME], as fenced)", strings.Join(left, ", "), args[0])
+			}
+			if err != nil {
+				return fmt.Errorf("%w%s", err, still)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "unfenced %s on %s%s\n", args[0], exportOrAll(export), still)
 			return nil
 		},
 	}

@@ -81,7 +81,7 @@ snapshot's COW space is: at 100% the snapshot is invalid. --json prints
 {"snapshots": [...]} with sizes in bytes, for scripts.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			drv, err := vf.open(cmd, false)
+			drv, err := vf.openToList(cmd)
 			if err != nil {
 				return err
 			}

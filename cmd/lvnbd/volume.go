@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"os"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -35,6 +37,12 @@ func (f *volumeFlags) register(cmd *cobra.Command) {
 // own. force makes the server disconnect clients instead of refusing.
 func (f *volumeFlags) open(cmd *cobra.Command, force bool) (volume.Driver, error) {
 	return control.OpenDriver(cmd.Context(), f.control, f.url, force, cmd.ErrOrStderr())
+}
+
+// openToList is open for commands that change nothing: they say nothing of
+// where the volumes are read.
+func (f *volumeFlags) openToList(cmd *cobra.Command) (volume.Driver, error) {
+	return control.OpenDriver(cmd.Context(), f.control, f.url, false, nil)
 }
 
 func newVolumeCmd() *cobra.Command {
@@ -119,7 +127,7 @@ it is (and does not export it if it has none). --json prints {"volumes": [...]}
 with sizes in bytes (and "merge_pending", "problem"), for scripts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			drv, err := vf.open(cmd, false)
+			drv, err := vf.openToList(cmd)
 			if err != nil {
 				return err
 			}
@@ -138,6 +146,12 @@ with sizes in bytes (and "merge_pending", "problem"), for scripts.`,
 			}
 			if len(vols) == 0 {
 				fmt.Fprintf(out, "no volumes in %s\n", drv)
+				if d, ok := drv.(interface{ Dir() string }); ok {
+					if _, err := os.Stat(d.Dir()); errors.Is(err, fs.ErrNotExist) {
+						// A mistyped --volumes reads as an empty box.
+						fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s does not exist (yet: the first volume create makes it); check --volumes\n", d.Dir())
+					}
+				}
 				return nil
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)

@@ -371,3 +371,30 @@ func TestVolumeShrinkInUseThroughServer(t *testing.T) {
 		t.Error("the client still works after the forced shrink disconnected it")
 	}
 }
+
+// A change made without a server says so, since a server on another
+// control socket would be bypassed (its clients not checked); a listing
+// says nothing.
+func TestVolumeChangeWithoutAServerSaysSo(t *testing.T) {
+	c := newVolumeCLI(t)
+	run := func(args ...string) string {
+		t.Helper()
+		var stdout, stderr bytes.Buffer
+		root := newRootCmd(&stdout, &stderr)
+		root.SetArgs(append([]string{args[0], "--volumes", "file://" + c.dir, "--control", filepath.Join(c.dir, "none.sock")}, args[1:]...))
+		if err := root.ExecuteContext(context.Background()); err != nil {
+			t.Fatalf("lvnbd %s: %v", strings.Join(args, " "), err)
+		}
+		return stderr.String()
+	}
+	if got := run("volume", "list"); !strings.Contains(got, c.dir+" does not exist") {
+		t.Errorf("volume list of a directory that does not exist said %q on stderr, want that said", got)
+	}
+	if got := run("volume", "create", "vm1", "--size", "1M"); !strings.Contains(got, "no lvnbd serve answers on") ||
+		!strings.Contains(got, "changing file://"+c.dir+" directly") {
+		t.Errorf("volume create without a server said %q, want a note that it changes the volumes directly", got)
+	}
+	if got := run("volume", "list"); got != "" {
+		t.Errorf("volume list said %q on stderr, want nothing", got)
+	}
+}

@@ -277,7 +277,7 @@ func (d *Driver) Remove(ctx context.Context, name string) error {
 			for _, s := range vm.sortedSnapshots() {
 				refs = append(refs, volume.SnapshotRef(name, s.name))
 			}
-			return fmt.Errorf("volume %s %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
+			return fmt.Errorf("%s: %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(refs, ", "))
 		}
 		// Forget the volume first: after a crash, a file nothing lists is
 		// only space to reclaim, but a listed volume without a file breaks

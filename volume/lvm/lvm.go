@@ -410,7 +410,7 @@ func (d *Driver) CheckRemove(ctx context.Context, name string) error {
 		for i, s := range snaps {
 			labels[i] = d.snapshotLabel(s)
 		}
-		return fmt.Errorf("volume %s %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(labels, ", "))
+		return fmt.Errorf("%s: %w (%s): remove or merge them first", name, volume.ErrHasSnapshots, strings.Join(labels, ", "))
 	}
 	return nil
 }
