@@ -106,6 +106,7 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 		}
 	}
 	failed := false
+	lifted := 0 // boxes where "on" lifted a fence
 	each := func(f func(Box) error) {
 		for _, b := range boxes {
 			if err := f(b); err != nil {
@@ -127,6 +128,9 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 			err := b.Unfence(ctx, a.Plug, a.Export)
 			if errors.Is(err, errNotFenced) {
 				return nil
+			}
+			if err == nil {
+				lifted++
 			}
 			return err
 		})
@@ -188,7 +192,8 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 	case "off", "reboot":
 		fmt.Fprintf(out, "Success: %s fenced off %s on %d box(es)\n", a.Plug, exportOrAll(a.Export), len(boxes))
 	case "on":
-		fmt.Fprintf(out, "Success: %s unfenced on %s on %d box(es)\n", a.Plug, exportOrAll(a.Export), len(boxes))
+		fmt.Fprintf(out, "Success: %s unfenced on %s on %d of %d box(es) (not fenced on the others)\n",
+			a.Plug, exportOrAll(a.Export), lifted, len(boxes))
 	}
 	return ExitOK
 }

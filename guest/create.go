@@ -129,6 +129,13 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	} else if mp != "" {
 		return nil, fmt.Errorf("%s: %w: mounted on %s", dev, ErrInUse, mp)
 	}
+	size, err := blockDevSize(h.sys, name)
+	if err != nil {
+		return nil, err
+	}
+	if size == 0 {
+		return nil, fmt.Errorf("%s has no size: is it attached?", dev)
+	}
 	// What the looks above miss (a partition of it mounted or held, swap,
 	// a btrfs, a mount in another namespace, a program's O_EXCL) the
 	// kernel knows: mdadm would fail on it, and --force must not be
@@ -137,15 +144,8 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 		if err := h.exclusive(dev); errors.Is(err, unix.EBUSY) {
 			return nil, fmt.Errorf("%s: %w: the kernel refuses to open it exclusively (a partition of it mounted or in an md array or device-mapper table, swap, or a program holding it)", dev, ErrInUse)
 		} else if err != nil {
-			return nil, err
+			return nil, err // names the device (os.PathError)
 		}
-	}
-	size, err := blockDevSize(h.sys, name)
-	if err != nil {
-		return nil, err
-	}
-	if size == 0 {
-		return nil, fmt.Errorf("%s has no size: is it attached?", dev)
 	}
 	head, tail, err := h.readEnds(dev, size)
 	if err != nil {

@@ -255,25 +255,50 @@ type Registry struct {
 	// failures, when set, records failed write-backs across restarts.
 	failures *Failures
 	// closing counts the retired exports whose backends are being flushed
-	// and closed in the background (see closeRetired).
-	closing sync.WaitGroup
+	// and closed in the background (see closeRetired), and closed is
+	// broadcast when it falls to 0. Not a WaitGroup: a close may start
+	// while WaitClosed waits (a rescan or a control request ending as the
+	// server stops).
+	closingMu sync.Mutex
+	closing   int
+	allClosed *sync.Cond
 }
 
 // closeRetired flushes and closes a retired export's backend in the
 // background: the caller may hold a lock others need (the volumes' own,
 // during a rescan), and a flush may take long on a slow or failing device.
-// A server's shutdown waits for it (waitClosed), so a failure is recorded
+// A server's shutdown waits for it (WaitClosed), so a failure is recorded
 // before the process exits.
 func (r *Registry) closeRetired(e *Export) {
-	r.closing.Go(e.closeBackend)
+	r.closingMu.Lock()
+	r.closing++
+	r.closingMu.Unlock()
+	go func() {
+		e.closeBackend()
+		r.closingMu.Lock()
+		defer r.closingMu.Unlock()
+		if r.closing--; r.closing == 0 {
+			r.allClosed.Broadcast()
+		}
+	}()
 }
 
-// waitClosed waits for the backends closeRetired is closing.
-func (r *Registry) waitClosed() { r.closing.Wait() }
+// WaitClosed waits until no backend of a retired export is being closed:
+// their failures are then recorded. A server's shutdown calls it; so does
+// the daemon once nothing else can retire an export.
+func (r *Registry) WaitClosed() {
+	r.closingMu.Lock()
+	defer r.closingMu.Unlock()
+	for r.closing > 0 {
+		r.allClosed.Wait()
+	}
+}
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{exports: map[string]*Export{}, retired: map[*Export]struct{}{}}
+	r := &Registry{exports: map[string]*Export{}, retired: map[*Export]struct{}{}}
+	r.allClosed = sync.NewCond(&r.closingMu)
+	return r
 }
 
 // Add offers e under e.Name.

@@ -553,7 +553,7 @@ func (b *blockingFlush) Flush() error {
 
 // Removing an export with no client left returns without waiting for its
 // closing flush, which may take long (a rescan holds the volumes' lock
-// meanwhile); the registry's waitClosed, which a server's shutdown calls,
+// meanwhile); the registry's WaitClosed, which a server's shutdown calls,
 // waits for it.
 func TestRetiredExportFlushesInTheBackground(t *testing.T) {
 	reg := NewRegistry()
@@ -585,10 +585,10 @@ func TestRetiredExportFlushesInTheBackground(t *testing.T) {
 	default:
 	}
 	close(bf.release)
-	reg.waitClosed()
+	reg.WaitClosed()
 	select {
 	case <-closed:
 	default:
-		t.Error("waitClosed returned before the backend was closed")
+		t.Error("WaitClosed returned before the backend was closed")
 	}
 }

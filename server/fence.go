@@ -284,44 +284,33 @@ func (s *Server) FenceClient(ctx context.Context, f Fence) (cut int, err error) 
 // flight had not finished within DrainTimeout. One at a time, a victim
 // whose writes hang would leave the ones after it writing.
 //
-// The fences run on a context that is never cancelled: a connection's
-// fence given up on would keep its write gate once it got it, and every
-// later write of the connection would wait for ever. They end when the
-// writes they wait for do; the wait here is bounded instead.
+// The fences run on a context of their own, not the caller's (who may give
+// up early), ending with the wait: a fence retried while a write hangs then
+// leaves no goroutine behind (one per connection waits for its writes,
+// conn.fence).
 func (s *Server) fenceAll(ctx context.Context, victims []*clientConn) (stuck []*clientConn) {
-	done := make(chan *clientConn, len(victims)) // one send per victim: never blocks
-	for _, c := range victims {
-		go func() {
-			// Marks c fenced first thing: no write of it starts after.
-			c.fence(context.WithoutCancel(ctx))
-			done <- c
-		}()
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.DrainTimeout)
+	defer cancel()
+	quiesced := make([]error, len(victims))
+	var wg sync.WaitGroup
+	for i, c := range victims {
+		// Marks c fenced first thing: no write of it starts after. It
+		// returns once its writes in flight have ended, or with an
+		// error when fctx does.
+		wg.Go(func() { quiesced[i] = c.fence(fctx) })
 	}
 	// Closed now, not once its writes are done: a victim whose writes
 	// hang reads no more requests meanwhile.
 	for _, c := range victims {
 		c.kick()
 	}
-	pending := make(map[*clientConn]bool, len(victims))
-	for _, c := range victims {
-		pending[c] = true
-	}
-	timeout := time.NewTimer(s.cfg.DrainTimeout)
-	defer timeout.Stop()
-	for len(pending) > 0 {
-		select {
-		case c := <-done:
-			delete(pending, c)
-		case <-timeout.C:
-			for _, c := range victims {
-				if pending[c] {
-					stuck = append(stuck, c)
-				}
-			}
-			return stuck
+	wg.Wait()
+	for i, c := range victims {
+		if quiesced[i] != nil {
+			stuck = append(stuck, c)
 		}
 	}
-	return nil
+	return stuck
 }
 
 // UnfenceClient lifts a fence; it reports whether there was one. The fence

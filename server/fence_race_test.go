@@ -316,3 +316,36 @@ func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
 	close(release)
 	c.expectClosed()
 }
+
+// A cluster retries a fence whose victim's write hangs: each FenceClient
+// reports the write, and none leaves a goroutine behind waiting for it.
+func TestRetriedFenceLeavesNoGoroutines(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	entered, release := make(chan struct{}, 1), make(chan struct{})
+	hb := &hookBackend{Backend: disk.Backend, onWrite: func(int64) error {
+		entered <- struct{}{}
+		<-release
+		return nil
+	}}
+	disk.Backend = hb
+	ts := fenceServerWith(t, Config{DrainTimeout: 20 * time.Millisecond}, disk, nil)
+	defer close(release)
+	c := dialRaw(t, ts.addr)
+	c.open("disk", false)
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 4}, []byte("hung"))
+	<-entered
+	fence := func() {
+		t.Helper()
+		if _, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1"}); !errors.Is(err, ErrFenceNotQuiesced) {
+			t.Fatalf("FenceClient with a write hung: %v, want ErrFenceNotQuiesced", err)
+		}
+	}
+	fence()
+	before := runtime.NumGoroutine()
+	for range 30 {
+		fence()
+	}
+	if added := runtime.NumGoroutine() - before; added > 10 {
+		t.Errorf("30 retried fences left %d goroutines", added)
+	}
+}

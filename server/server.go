@@ -211,9 +211,6 @@ func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
 		}
 	}
 	s.conns.Wait()
-	// Withdrawn exports flush as they close: their failures are recorded
-	// before the process may exit.
-	s.cfg.Exports.waitClosed()
 	for _, e := range s.cfg.Exports.List() {
 		if e.ReadOnly {
 			continue
@@ -223,6 +220,10 @@ func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
 			first = errors.Join(first, err)
 		}
 	}
+	// Withdrawn exports flush as they close: their failures are recorded
+	// before the process may exit. After the exports served, whose flush
+	// one hung on a dying device must not hold up.
+	s.cfg.Exports.WaitClosed()
 	s.log.Info("server stopped")
 	return first
 }

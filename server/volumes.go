@@ -347,8 +347,8 @@ func (v *Volumes) noteMerges(pending map[string]volume.Volume) {
 	}
 }
 
-// removeLocked stops exporting name; it returns when the backend is closed
-// if there were no clients, else at once.
+// removeLocked stops exporting name and returns at once; the channel is
+// closed once its backend is flushed and closed (after its last client).
 func (v *Volumes) removeLocked(name string) <-chan struct{} {
 	delete(v.managed, name)
 	_, closed, err := v.reg.Remove(name)

@@ -98,15 +98,6 @@ func Run(ctx context.Context, opts Options) error {
 	if err := d.applyExports(plan); err != nil {
 		return err
 	}
-	if len(plan.add) == 0 && len(plan.absent) > 0 && cfg.Server.Volumes == "" {
-		// Left out so that one bad path does not stop the others;
-		// with none to serve at all, running would only hide it.
-		var errs []error
-		for _, a := range plan.absent {
-			errs = append(errs, a.err)
-		}
-		return fmt.Errorf("no export can be served: %w", errors.Join(errs...))
-	}
 	if cfg.Server.Volumes != "" {
 		drv, err := volume.Open(cfg.Server.Volumes)
 		if err != nil {
@@ -196,6 +187,11 @@ func Run(ctx context.Context, opts Options) error {
 		err = <-served
 	}
 	cancel()
+	// A rescan, reload or control request ending now may have withdrawn
+	// an export after the server waited for those closing: their flushes
+	// are recorded before the exit too.
+	background.Wait()
+	d.reg.WaitClosed()
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
 	}

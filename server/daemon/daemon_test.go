@@ -534,16 +534,3 @@ func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
 		t.Errorf("vm1 after the reload: %q, %v; want the static export", info.Description, err)
 	}
 }
-
-// With no export that can be opened and no volumes, the server does not
-// start: running would serve nothing and hide why.
-func TestNothingToServeStopsTheStart(t *testing.T) {
-	dir := t.TempDir()
-	cfg := testConfig(filepath.Join(dir, "nbd.sock"), config.Export{Name: "vm1", Path: filepath.Join(dir, "missing.img")})
-	d := startDaemon(t, cfg)
-	defer d.cancel()
-	if err := <-d.done; err == nil || !strings.Contains(err.Error(), "no export can be served") ||
-		!strings.Contains(err.Error(), "missing.img") {
-		t.Errorf("Run with only an export that cannot be opened: %v, want it to refuse, naming the path", err)
-	}
-}
