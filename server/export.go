@@ -255,7 +255,7 @@ type Registry struct {
 	// failures, when set, records failed write-backs across restarts.
 	failures *Failures
 	// closing counts the retired exports whose backends are being flushed
-	// and closed in the background (see closeRetired), and closed is
+	// and closed in the background (see closeRetired), and allClosed is
 	// broadcast when it falls to 0. Not a WaitGroup: a close may start
 	// while WaitClosed waits (a rescan or a control request ending as the
 	// server stops).
