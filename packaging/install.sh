@@ -87,7 +87,7 @@ put 0644 "$tmp/_lvnbd" "$zshdir/_lvnbd"
 put 0644 "$tmp/lvnbd.fish" "$prefix/share/fish/vendor_completions.d/lvnbd.fish"
 
 # Man pages, compressed as Debian wants them (-n: no name or time stamp).
-"$bin" man "$tmp/man1"
+"$bin" man "$tmp/man1" >/dev/null
 for page in "$tmp"/man1/*.1; do
 	gzip -9n <"$page" >"$page.gz"
 	put 0644 "$page.gz" "$prefix/share/man/man1/$(basename "$page").gz"

@@ -44,7 +44,13 @@ For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
   lvnbd fence --list`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if list {
-				return cobra.NoArgs(cmd, args)
+				if len(args) > 0 {
+					return fmt.Errorf("--list takes no CLIENT (got %q): lvnbd fence --list, or lvnbd fence CLIENT", args[0])
+				}
+				return nil
+			}
+			if asJSON {
+				return fmt.Errorf("--json goes with --list: lvnbd fence --list --json")
 			}
 			return cobra.ExactArgs(1)(cmd, args)
 		},

@@ -75,6 +75,14 @@ func TestFenceCommands(t *testing.T) {
 		}
 		return out.String(), errOut.String()
 	}
+	for _, bad := range [][]string{{"fence", "10.0.1.21", "--json"}, {"fence", "--list", "10.0.1.21"}} {
+		var out, errOut bytes.Buffer
+		root := newRootCmd(&out, &errOut)
+		root.SetArgs(append(bad, "--control", sock))
+		if err := root.ExecuteContext(context.Background()); err == nil || !strings.Contains(err.Error(), "lvnbd fence --list") {
+			t.Errorf("lvnbd %s: %v, want a refusal saying how --list is used", strings.Join(bad, " "), err)
+		}
+	}
 	if out, _ := run("fence", "--list", "--json"); strings.TrimSpace(out) != "[]" {
 		t.Errorf("fence --list --json with no fences printed %q, want []", out)
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/cobra/doc"
@@ -35,6 +36,8 @@ reproducible packages.`,
 			if err := doc.GenManTree(root, header, dir); err != nil {
 				return fmt.Errorf("writing man pages: %w", err)
 			}
+			pages, _ := filepath.Glob(filepath.Join(dir, "lvnbd*.1"))
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote %d man pages to %s\n", len(pages), dir)
 			return nil
 		},
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -56,6 +57,9 @@ func TestManPages(t *testing.T) {
 		if !contains(want, e.Name()) {
 			t.Errorf("unexpected page %s (a hidden or help command?)", e.Name())
 		}
+	}
+	if said := fmt.Sprintf("wrote %d man pages to %s\n", len(want), dir); out.String() != said {
+		t.Errorf("man printed %q, want %q", out.String(), said)
 	}
 
 	serve, err := os.ReadFile(filepath.Join(dir, "lvnbd-serve.1"))
