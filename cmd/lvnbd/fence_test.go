@@ -3,13 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/server"
 )
 
@@ -33,29 +31,8 @@ func startFenceServer(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := server.New(&server.Config{Exports: reg, Fences: fences})
-	sock := filepath.Join(t.TempDir(), "control.sock")
-	cln, err := control.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 2)
-	go func() { done <- control.Serve(ctx, cln, control.Handler(srv, nil, nil)) }()
-	go func() { done <- srv.Serve(ctx, nln) }()
-	t.Cleanup(func() {
-		cancel()
-		for range 2 {
-			if err := <-done; err != nil {
-				t.Error(err)
-			}
-		}
-		e.Backend.Close()
-	})
+	t.Cleanup(func() { e.Backend.Close() }) // after the server has stopped
+	sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg, Fences: fences}), nil)
 	return sock
 }
 

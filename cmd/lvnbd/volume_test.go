@@ -258,15 +258,23 @@ type volumeServer struct {
 
 func startVolumeServer(t *testing.T) *volumeServer {
 	t.Helper()
-	vs := &volumeServer{dir: filepath.Join(t.TempDir(), "volumes"), sock: filepath.Join(t.TempDir(), "control.sock"),
-		reg: server.NewRegistry()}
+	vs := &volumeServer{dir: filepath.Join(t.TempDir(), "volumes"), reg: server.NewRegistry()}
 	drv, err := file.New(vs.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	vols := server.NewVolumes(drv, vs.reg, nil)
-	srv := server.New(&server.Config{Exports: vs.reg})
-	cln, err := control.Listen(vs.sock)
+	vs.sock, vs.nbd = serveWithControl(t, server.New(&server.Config{Exports: vs.reg}), vols)
+	return vs
+}
+
+// serveWithControl runs srv over NBD on loopback and its control socket
+// (with vols, which may be nil) until the test ends, and returns the
+// socket's path and the NBD URI of the server.
+func serveWithControl(t *testing.T, srv *server.Server, vols *server.Volumes) (sock, nbd string) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "control.sock")
+	cln, err := control.Listen(sock)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -274,7 +282,6 @@ func startVolumeServer(t *testing.T) *volumeServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vs.nbd = "nbd://" + nln.Addr().String()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 2)
 	go func() { done <- control.Serve(ctx, cln, control.Handler(srv, vols, nil)) }()
@@ -287,7 +294,7 @@ func startVolumeServer(t *testing.T) *volumeServer {
 			}
 		}
 	})
-	return vs
+	return sock, "nbd://" + nln.Addr().String()
 }
 
 // run runs an lvnbd volume or snapshot command against the server.
