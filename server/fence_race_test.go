@@ -271,24 +271,34 @@ func TestFenceCutsEveryVictimWhenOneHangs(t *testing.T) {
 	}
 }
 
-// A connection's fence given up on (its context ended while a write still
-// ran) still takes the connection's write gate once that write ends: it
-// must let it go then and close the connection, or the connection's later
-// requests wait for the gate for ever and it never ends.
-func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
-	disk, _ := fileExport(t, "disk", 1<<20, false)
-	entered, release := make(chan struct{}, 1), make(chan struct{})
-	hb := &hookBackend{Backend: disk.Backend, onWrite: func(int64) error {
+// hungWrite serves export disk with cfg and has a client connect and send a
+// FUA write that hangs in the backend until release is closed; it returns
+// once the write is under way.
+func hungWrite(t *testing.T, cfg Config) (disk *Export, ts *testServer, c *rawClient, hb *hookBackend, release chan struct{}) {
+	t.Helper()
+	disk, _ = fileExport(t, "disk", 1<<20, false)
+	entered := make(chan struct{}, 1)
+	release = make(chan struct{})
+	hb = &hookBackend{Backend: disk.Backend, onWrite: func(int64) error {
 		entered <- struct{}{}
 		<-release
 		return nil
 	}}
 	disk.Backend = hb
-	ts := fenceServer(t, disk, nil, nil)
-	c := dialRaw(t, ts.addr)
+	ts = fenceServerWith(t, cfg, disk, nil)
+	c = dialRaw(t, ts.addr)
 	c.open("disk", false)
-	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 4}, []byte("slow"))
+	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 4}, []byte("hung"))
 	<-entered
+	return disk, ts, c, hb, release
+}
+
+// A connection's fence given up on (its context ended while a write still
+// ran) still takes the connection's write gate once that write ends: it
+// must let it go then and close the connection, or the connection's later
+// requests wait for the gate for ever and it never ends.
+func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
+	disk, _, c, hb, release := hungWrite(t, Config{})
 	clients := disk.Clients()
 	if len(clients) != 1 {
 		t.Fatalf("%d clients, want 1", len(clients))
@@ -320,20 +330,8 @@ func TestFenceGivenUpLetsTheConnectionEnd(t *testing.T) {
 // A cluster retries a fence whose victim's write hangs: each FenceClient
 // reports the write, and none leaves a goroutine behind waiting for it.
 func TestRetriedFenceLeavesNoGoroutines(t *testing.T) {
-	disk, _ := fileExport(t, "disk", 1<<20, false)
-	entered, release := make(chan struct{}, 1), make(chan struct{})
-	hb := &hookBackend{Backend: disk.Backend, onWrite: func(int64) error {
-		entered <- struct{}{}
-		<-release
-		return nil
-	}}
-	disk.Backend = hb
-	ts := fenceServerWith(t, Config{DrainTimeout: 20 * time.Millisecond}, disk, nil)
+	_, ts, _, _, release := hungWrite(t, Config{DrainTimeout: 20 * time.Millisecond})
 	defer close(release)
-	c := dialRaw(t, ts.addr)
-	c.open("disk", false)
-	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Length: 4}, []byte("hung"))
-	<-entered
 	fence := func() {
 		t.Helper()
 		if _, err := ts.srv.FenceClient(context.Background(), Fence{Client: "127.0.0.1"}); !errors.Is(err, ErrFenceNotQuiesced) {
