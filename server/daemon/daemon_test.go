@@ -291,29 +291,35 @@ func TestFailedExportAcrossRestartAndRecover(t *testing.T) {
 	})
 }
 
-// TestStartsBesideAnUnreadableVolume: a volume the driver cannot read (its
-// file deleted by hand) is not exported, and the daemon serves every other;
-// only volumes that cannot be listed at all keep it from starting.
-func TestStartsBesideAnUnreadableVolume(t *testing.T) {
-	dir := t.TempDir()
+// fileVolumes makes file volumes of 1 MiB, named names, in dir/volumes and
+// returns their driver and directory.
+func fileVolumes(t *testing.T, dir string, names ...string) (*file.Driver, string) {
+	t.Helper()
 	data := filepath.Join(dir, "volumes")
 	drv, err := file.New(data)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	for _, name := range []string{"ok", "gone"} {
-		if _, err := drv.Create(ctx, volume.CreateOptions{Name: name, Size: 1 << 20}); err != nil {
+	for _, name := range names {
+		if _, err := drv.Create(context.Background(), volume.CreateOptions{Name: name, Size: 1 << 20}); err != nil {
 			t.Fatal(err)
 		}
 	}
+	return drv, data
+}
+
+// TestStartsBesideAnUnreadableVolume: a volume the driver cannot read (its
+// file deleted by hand) is not exported, and the daemon serves every other;
+// only volumes that cannot be listed at all keep it from starting.
+func TestStartsBesideAnUnreadableVolume(t *testing.T) {
+	dir := t.TempDir()
+	drv, data := fileVolumes(t, dir, "ok", "gone")
+	ctx := context.Background()
 	if err := os.Remove(drv.Path("gone")); err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "nbd.sock")
-	cfg := config.Default()
-	cfg.Server.Listen = []string{"unix://" + sock}
-	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.FailureFile, cfg.Server.Rescan = "", "", "", 0
+	cfg := testConfig(sock)
 	cfg.Server.Volumes = "file://" + data
 	d := startDaemon(t, cfg)
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
@@ -495,15 +501,8 @@ func TestStartsWithoutAnExportThatCannotBeOpened(t *testing.T) {
 // ID would tell them. Once the file is there, a reload serves it.
 func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
 	dir := t.TempDir()
-	data := filepath.Join(dir, "volumes")
-	drv, err := file.New(data)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, data := fileVolumes(t, dir, "vm1")
 	ctx := context.Background()
-	if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
 	sock := filepath.Join(dir, "nbd.sock")
 	static := config.Export{Name: "vm1", Path: filepath.Join(dir, "vm1-device.img")} // missing at start-up
 	other := config.Export{Name: "other", Path: sparse(t, "other.img", 1<<20)}
