@@ -273,20 +273,13 @@ func (h *handler) unfence(w http.ResponseWriter, r *http.Request) {
 	client, export := r.URL.Query().Get("client"), r.URL.Query().Get("export")
 	ok, err := h.srv.UnfenceClient(client, export)
 	if err == nil && !ok {
-		err = fmt.Errorf("no fence for client %q on %s: %w", client, exportOrAll(export), volume.ErrNotFound)
+		err = fmt.Errorf("no fence for client %q on %s: %w", client, server.FenceScope(export), volume.ErrNotFound)
 	}
 	if err != nil {
 		writeError(w, err)
 		return
 	}
 	writeJSON(w, struct{}{})
-}
-
-func exportOrAll(export string) string {
-	if export == "" {
-		return "all exports"
-	}
-	return fmt.Sprintf("export %q", export)
 }
 
 // Listen opens the control socket at path: its directory is created 0700

@@ -190,19 +190,12 @@ func Run(ctx context.Context, a Args, boxes []Box, out, errOut io.Writer) int {
 	// agent by hand sees what was done.
 	switch a.Action {
 	case "off", "reboot":
-		fmt.Fprintf(out, "Success: %s fenced off %s on %d box(es)\n", a.Plug, exportOrAll(a.Export), len(boxes))
+		fmt.Fprintf(out, "Success: %s fenced off %s on %d box(es)\n", a.Plug, server.FenceScope(a.Export), len(boxes))
 	case "on":
 		fmt.Fprintf(out, "Success: %s unfenced on %s on %d of %d box(es) (not fenced on the others)\n",
-			a.Plug, exportOrAll(a.Export), lifted, len(boxes))
+			a.Plug, server.FenceScope(a.Export), lifted, len(boxes))
 	}
 	return ExitOK
-}
-
-func exportOrAll(export string) string {
-	if export == "" {
-		return "all exports"
-	}
-	return fmt.Sprintf("export %q", export)
 }
 
 var errNotFenced = errors.New("not fenced")

@@ -44,6 +44,15 @@ var ErrFenceNotSaved = errors.New("in force now, but it may not survive a restar
 // still reach the storage.
 var ErrFenceNotQuiesced = errors.New("writes in flight did not finish")
 
+// FenceScope names what a fence of export covers, for messages: "all
+// exports" when export is empty, else export "NAME".
+func FenceScope(export string) string {
+	if export == "" {
+		return "all exports"
+	}
+	return fmt.Sprintf("export %q", export)
+}
+
 // matches reports whether the fence covers peer p using export name.
 func (f Fence) matches(p peer, export string) bool {
 	if f.Export != "" && f.Export != export {

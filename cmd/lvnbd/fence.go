@@ -83,7 +83,7 @@ For Pacemaker, lvnbd fence-agent speaks the fence-agents protocol.`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "fenced %s off %s; %d connection(s) cut\n", args[0], exportOrAll(export), cut)
+			fmt.Fprintf(out, "fenced %s off %s; %d connection(s) cut\n", args[0], server.FenceScope(export), cut)
 			if export != "" {
 				// A mistyped name fences nothing the host uses:
 				// say so, though a fence for an export to come is
@@ -120,7 +120,7 @@ func newUnfenceCmd() *cobra.Command {
 			if fences, ferr := c.Fences(cmd.Context()); ferr == nil {
 				for _, f := range fences {
 					if server.SameFenceClient(f.Client, args[0]) && f.Export != export {
-						left = append(left, exportOrAll(f.Export))
+						left = append(left, server.FenceScope(f.Export))
 					}
 				}
 			}
@@ -131,18 +131,11 @@ func newUnfenceCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%w%s", err, still)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "unfenced %s on %s%s\n", args[0], exportOrAll(export), still)
+			fmt.Fprintf(cmd.OutOrStdout(), "unfenced %s on %s%s\n", args[0], server.FenceScope(export), still)
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&ctlPath, "control", control.DefaultPath, "the server's control socket")
 	cmd.Flags().StringVar(&export, "export", "", "the export the fence was for (as given to lvnbd fence)")
 	return cmd
-}
-
-func exportOrAll(export string) string {
-	if export == "" {
-		return "all exports"
-	}
-	return fmt.Sprintf("export %q", export)
 }
