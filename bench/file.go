@@ -16,9 +16,6 @@ import (
 // device's logical block size, and 4096 covers every device in use.
 const bufferAlign = 4096
 
-// AlignedBuffer returns n bytes starting on a 4096-byte boundary.
-func AlignedBuffer(n int) []byte { return alignedBuffer(n, bufferAlign) }
-
 // alignedBuffer returns n bytes starting on a multiple of align, a power of
 // two. The Go heap does not move objects, so slicing an over-allocation is
 // enough.

@@ -297,12 +297,12 @@ func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
 func TestAlignedBuffer(t *testing.T) {
 	for _, n := range []int{512, 4096, 1 << 20, 4097} {
-		b := AlignedBuffer(n)
+		b := alignedBuffer(n, bufferAlign)
 		if len(b) != n || cap(b) != n {
-			t.Errorf("AlignedBuffer(%d): len %d cap %d", n, len(b), cap(b))
+			t.Errorf("alignedBuffer(%d, bufferAlign): len %d cap %d", n, len(b), cap(b))
 		}
 		if addr := uintptrOf(b); addr%4096 != 0 {
-			t.Errorf("AlignedBuffer(%d) at %#x, not 4096-aligned", n, addr)
+			t.Errorf("alignedBuffer(%d, bufferAlign) at %#x, not 4096-aligned", n, addr)
 		}
 		// Where statx asks for more (DIOALIGN's memory alignment).
 		for _, align := range []int{8192, 1 << 16} {
