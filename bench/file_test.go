@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,69 +13,15 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/looptest"
 )
-
-// requireLoop skips the test without root, the loop driver and the tools
-// named (losetup always), or fails it under LVNBD_REQUIRE_LOOP=1 (make test
-// sets it), as server/backend's loop-device tests do.
-func requireLoop(t *testing.T, tools ...string) {
-	t.Helper()
-	var err error
-	for _, tool := range append([]string{"losetup"}, tools...) {
-		if _, err = exec.LookPath(tool); err != nil {
-			break
-		}
-	}
-	if err == nil && os.Geteuid() != 0 {
-		err = errors.New("not root")
-	}
-	if err == nil {
-		_, err = os.Stat("/dev/loop-control")
-	}
-	if err != nil {
-		msg := fmt.Sprintf("needs root, the loop driver and %v: %v", append([]string{"losetup"}, tools...), err)
-		if os.Getenv("LVNBD_REQUIRE_LOOP") == "1" {
-			t.Fatal(msg + " [LVNBD_REQUIRE_LOOP=1 makes this a failure]")
-		}
-		t.Skip(msg)
-	}
-}
-
-// loopDevice attaches a loop device over a sparse file of size bytes, with
-// the logical sector size given (0: the default, 512), and returns the
-// device and the file.
-func loopDevice(t *testing.T, size int64, sectorSize int) (dev, backing string) {
-	t.Helper()
-	requireLoop(t)
-	backing = filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(backing, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(backing, size); err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"--find", "--show"}
-	if sectorSize > 0 {
-		args = append(args, "--sector-size", fmt.Sprint(sectorSize))
-	}
-	out, err := exec.Command("losetup", append(args, backing)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %v %s: %v: %s", args, backing, err, out)
-	}
-	dev = strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
-		}
-	})
-	return dev, backing
-}
 
 // mountExt4 makes an ext4 file system on dev and mounts it until the test
 // ends; it returns the mount point.
 func mountExt4(t *testing.T, dev string) string {
 	t.Helper()
-	requireLoop(t, "mkfs.ext4")
+	looptest.Require(t, "mkfs.ext4")
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4 %s: %v: %s", dev, err, out)
 	}
@@ -106,7 +51,7 @@ func openRefused(path string, o OpenOptions) error {
 // mounted, or held by md or dm. --force does not change that, and every
 // message names the device a symlink leads to.
 func TestWriteRefusesDeviceInUse(t *testing.T) {
-	dev, backing := loopDevice(t, 4<<20, 0)
+	dev, backing := looptest.Attach(t, 4<<20, 0)
 	link := filepath.Join(t.TempDir(), "by-id-disk")
 	if err := os.Symlink(dev, link); err != nil {
 		t.Fatal(err)
@@ -146,7 +91,7 @@ func TestWriteRefusesDeviceInUse(t *testing.T) {
 	})
 
 	t.Run("mounted", func(t *testing.T) {
-		dev, _ := loopDevice(t, 16<<20, 0)
+		dev, _ := looptest.Attach(t, 16<<20, 0)
 		dir := mountExt4(t, dev)
 		err := openRefused(dev, OpenOptions{Write: true, Force: true})
 		if !errors.Is(err, ErrDeviceBusy) || !strings.Contains(err.Error(), "mounted on "+dir) {
@@ -292,7 +237,7 @@ func TestDioAlign(t *testing.T) {
 // requests: statx says so, and a run of 512-byte ones is refused before the
 // file is made instead of failing with EINVAL mid-run.
 func TestDirectAlignmentFromStatx(t *testing.T) {
-	dev, _ := loopDevice(t, 64<<20, 4096)
+	dev, _ := looptest.Attach(t, 64<<20, 4096)
 	dir := mountExt4(t, dev)
 	path := filepath.Join(dir, "disk.img")
 	cfg := Config{Mode: ModeWrite, BlockSize: 512, QueueDepth: 1, Verify: true}
@@ -472,7 +417,7 @@ func (c *corruptingBacking) Flush(ctx context.Context) error {
 }
 
 func TestVerifyBypassesDeviceCache(t *testing.T) {
-	dev, backing := loopDevice(t, 4<<20, 0)
+	dev, backing := looptest.Attach(t, 4<<20, 0)
 	f, err := OpenFile(dev, OpenOptions{Write: true, Force: true})
 	if err != nil {
 		t.Fatal(err)

@@ -3,15 +3,14 @@ package backend
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/looptest"
 )
 
 func sparseFile(t *testing.T, size int64) (*File, string) {
@@ -200,37 +199,7 @@ func TestNoWait(t *testing.T) {
 // test sets it).
 func loopDevice(t *testing.T, size int64) (*File, string) {
 	t.Helper()
-	_, err := exec.LookPath("losetup")
-	if err == nil && os.Geteuid() != 0 {
-		err = errors.New("not root")
-	}
-	if err == nil {
-		_, err = os.Stat("/dev/loop-control")
-	}
-	if err != nil {
-		msg := fmt.Sprintf("needs root, losetup and the loop driver: %v", err)
-		if os.Getenv("LVNBD_REQUIRE_LOOP") == "1" {
-			t.Fatal(msg + " [LVNBD_REQUIRE_LOOP=1 makes this a failure]")
-		}
-		t.Skip(msg)
-	}
-	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(path, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(path, size); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("losetup", "--find", "--show", path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup --find --show %s: %v: %s", path, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
-		}
-	})
+	dev, path := looptest.Attach(t, size, 0)
 	b, err := Open(dev, false)
 	if err != nil {
 		t.Fatal(err)

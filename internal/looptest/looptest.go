@@ -1,0 +1,71 @@
+// Package looptest gives tests loop devices: real block devices over sparse
+// files, for what a regular file cannot show (BLKGETSIZE64, O_EXCL, sector
+// sizes, mounts). Only tests import it.
+package looptest
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Require skips the test without root, the loop driver and the tools named
+// (losetup always), or fails it under LVNBD_REQUIRE_LOOP=1, which make test
+// sets, so that CI cannot pass by skipping.
+func Require(t testing.TB, tools ...string) {
+	t.Helper()
+	tools = append([]string{"losetup"}, tools...)
+	var err error
+	for _, tool := range tools {
+		if _, err = exec.LookPath(tool); err != nil {
+			break
+		}
+	}
+	if err == nil && os.Geteuid() != 0 {
+		err = errors.New("not root")
+	}
+	if err == nil {
+		_, err = os.Stat("/dev/loop-control")
+	}
+	if err != nil {
+		msg := fmt.Sprintf("needs root, the loop driver and %v: %v", tools, err)
+		if os.Getenv("LVNBD_REQUIRE_LOOP") == "1" {
+			t.Fatal(msg + " [LVNBD_REQUIRE_LOOP=1 makes this a failure]")
+		}
+		t.Skip(msg)
+	}
+}
+
+// Attach attaches a loop device over a sparse file of size bytes, with the
+// logical sector size given (0: the default, 512), until the test ends; it
+// returns the device and the file. It calls Require first.
+func Attach(t testing.TB, size int64, sectorSize int) (dev, backing string) {
+	t.Helper()
+	Require(t)
+	backing = filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(backing, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(backing, size); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--find", "--show"}
+	if sectorSize > 0 {
+		args = append(args, "--sector-size", fmt.Sprint(sectorSize))
+	}
+	out, err := exec.Command("losetup", append(args, backing)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup %v %s: %v: %s", args, backing, err, out)
+	}
+	dev = strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev, backing
+}
