@@ -101,8 +101,11 @@ func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) 
 	if opts.BitmapChunk != 0 {
 		args = append(args, fmt.Sprintf("--bitmap-chunk=%dK", opts.BitmapChunk>>10))
 	}
-	// --failfast flags the devices listed after it.
-	args = append(args, "--failfast", opts.Devices[0], opts.Devices[1])
+	// --failfast flags the devices listed after it. mdadm gets the devices
+	// that were inspected, by their kernel names: a link such as
+	// /dev/disk/by-id/… re-pointed since, or a path starting with "-",
+	// would hand it another device or an option.
+	args = append(args, "--failfast", devPath(names[0]), devPath(names[1]))
 	if _, err := h.run.run(ctx, args...); err != nil {
 		return Created{}, err
 	}
@@ -116,7 +119,11 @@ func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) 
 
 // inspect describes what a device carries, or fails if it is in use or
 // cannot be read.
+//
+// dev is the path the admin gave, which messages name; every look goes to
+// the device by its kernel name, the one mdadm is then given.
 func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) {
+	kdev := devPath(name)
 	if holders := h.holders(name); len(holders) > 0 {
 		return nil, fmt.Errorf("%s: %w by %s", dev, ErrInUse, strings.Join(holders, ", "))
 	}
@@ -141,13 +148,13 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	// kernel knows: mdadm would fail on it, and --force must not be
 	// offered for data that is in use.
 	if h.exclusive != nil {
-		if err := h.exclusive(dev); errors.Is(err, unix.EBUSY) {
+		if err := h.exclusive(kdev); errors.Is(err, unix.EBUSY) {
 			return nil, fmt.Errorf("%s: %w: the kernel refuses to open it exclusively (a partition of it mounted or in an md array or device-mapper table, swap, or a program holding it)", dev, ErrInUse)
 		} else if err != nil {
 			return nil, err // names the device (os.PathError)
 		}
 	}
-	head, tail, err := h.readEnds(dev, size)
+	head, tail, err := h.readEnds(kdev, size)
 	if err != nil {
 		return nil, err
 	}
@@ -155,7 +162,7 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	mdFound := false
 	// mdadm names the array whose superblock it is. It cannot tell an
 	// unreadable device from a blank one, but this one was just read.
-	if out, err := h.run.run(ctx, "mdadm", "--examine", "--export", dev); err == nil {
+	if out, err := h.run.run(ctx, "mdadm", "--examine", "--export", kdev); err == nil {
 		if e, err := ParseExamine(out); err == nil {
 			found = append(found, fmt.Sprintf("%s: md superblock of array %q (UUID %s, %s)", dev, e.Name, e.UUID, e.Level))
 			mdFound = true
@@ -163,7 +170,7 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 	}
 	if h.have("blkid") {
 		// blkid knows more formats than detectSignature, by name.
-		typ, err := h.blkid(ctx, dev)
+		typ, err := h.blkid(ctx, kdev)
 		if errors.Is(err, errAmbivalentProbe) {
 			// Data all the same (a thick LV with old leftovers),
 			// which --force may overwrite like any other.
@@ -181,7 +188,7 @@ func (h *host) inspect(ctx context.Context, dev, name string) ([]string, error) 
 		// No format anyone knows is not no data: raw data, a plain
 		// dm-crypt volume, a damaged header. The watcher's test for a
 		// blank leg decides.
-		blank, err := h.zeroEnds(dev, size)
+		blank, err := h.zeroEnds(kdev, size)
 		if err != nil {
 			return nil, err
 		}

@@ -48,6 +48,25 @@ func TestCreate(t *testing.T) {
 	}
 }
 
+// A leg given by a link is looked at, and handed to mdadm, as the device
+// the link led to when it was resolved: a link re-pointed in between, or a
+// name mdadm would take for an option, cannot put another device in the
+// array than the one inspected.
+func TestCreateGivesMdadmTheInspectedDevices(t *testing.T) {
+	h, fsys, r := createHost(t)
+	symlink(fsys, "/dev/disk/by-id/leg-a", legA)
+	symlink(fsys, "-leg-b", legB)
+	var exclusive []string
+	h.exclusive = func(dev string) error { exclusive = append(exclusive, dev); return nil }
+	r.expect(examineBlank(legA), examineBlank(legB), call{args: createArgs})
+	if _, err := h.create(context.Background(), CreateOptions{Name: "vm1", Devices: [2]string{"/dev/disk/by-id/leg-a", "-leg-b"}}); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{legA, legB}, exclusive); diff != "" {
+		t.Errorf("opened exclusively (-want +got):\n%s", diff)
+	}
+}
+
 func TestCreateBitmapChunk(t *testing.T) {
 	h, _, r := createHost(t)
 	args := append(append([]string{}, createArgs[:8]...), "--bitmap-chunk=1024K")
