@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"path"
@@ -64,6 +65,11 @@ func (h *host) status() ([]ArrayStatus, error) {
 	for _, ma := range st.Arrays {
 		a, err := readArray(h.sys, ma.Name)
 		if err != nil {
+			if _, serr := fs.Stat(h.sys, "sys/block/"+ma.Name+"/md"); errors.Is(serr, fs.ErrNotExist) {
+				// Stopped since /proc/mdstat was read: it is not
+				// here to report, and the other arrays still are.
+				continue
+			}
 			return nil, err
 		}
 		out = append(out, arrayStatus(a, ma, names[a.Name]))

@@ -89,6 +89,23 @@ func TestStatusNoArrays(t *testing.T) {
 	}
 }
 
+// An array stopped between the read of /proc/mdstat and the read of its
+// sysfs is left out; the others are still reported.
+func TestStatusSkipsAnArrayStoppedMeanwhile(t *testing.T) {
+	h, fsys, _, _, _ := testHost(t)
+	sysfsDump(t, fsys, "sysfs-healthy.txt")
+	fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] \n" +
+		"md125 : active raid1 nbd3[1] nbd2[0]\n      64512 blocks super 1.2 [2/2] [UU]\n\n" +
+		string(readTestdata(t, "mdstat-healthy.txt"))[len("Personalities : [raid1] \n"):])}
+	got, err := h.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Device != "/dev/md126" {
+		t.Errorf("got %+v, want md126 alone", got)
+	}
+}
+
 // md calls an array broken when it lost a member it cannot run without: its
 // writes fail, whatever the members in sync say.
 func TestHealthBroken(t *testing.T) {
