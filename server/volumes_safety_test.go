@@ -306,6 +306,35 @@ func TestVolumeWithAnotherIDIsExportedAnew(t *testing.T) {
 	}
 }
 
+// A snapshot merged through the server rolls the volume back: the export
+// that replaces it carries another ID, so that a dom0 leg refuses it
+// instead of handing the guest's mirror old data as current.
+func TestMergedVolumeIsExportedUnderAnotherID(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm1", Name: "s"}); err != nil {
+		t.Fatal(err)
+	}
+	old, _ := ts.reg.Lookup("vm1")
+	id := nbd.DescriptionID(old.Description)
+	if id == "" {
+		t.Fatalf("vm1's description %q carries no ID", old.Description)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	if err := vols.MergeSnapshot(ctx, "vm1", "s", true); err != nil {
+		t.Fatal(err)
+	}
+	c.expectClosed()
+	now, _ := ts.reg.Lookup("vm1")
+	if got := nbd.DescriptionID(now.Description); got != id+"-r1" {
+		t.Errorf("vm1 after the merge carries ID %q, want %q", got, id+"-r1")
+	}
+}
+
 // hiddenSnapshotDriver refuses to remove a volume for a snapshot its Get
 // does not show, as the LVM driver does for one an admin made.
 type hiddenSnapshotDriver struct{ *file.Driver }

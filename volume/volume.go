@@ -29,9 +29,10 @@ type Volume struct {
 	// Path is the file or block device the server opens.
 	Path string `json:"path"`
 	// ID tells this volume from any other made under its name, before or
-	// after (the LV's UUID; for a file, when it was made); empty when the
-	// driver cannot tell. A dom0 refuses to reconnect a leg to an export
-	// whose ID changed: it would hand the guest's mirror other data.
+	// after (the LV's UUID; for a file, when it was made), and from itself
+	// before a snapshot was merged into it (see RolledBackID); empty when
+	// the driver cannot tell. A dom0 refuses to reconnect a leg to an
+	// export whose ID changed: it would hand the guest's mirror other data.
 	ID string `json:"id,omitempty"`
 	// MergePending is set while a snapshot is being merged into the volume
 	// or waits to be (LVM merges once the volume is closed and activated
@@ -47,6 +48,20 @@ type Volume struct {
 	Problem string `json:"problem,omitempty"`
 	// Snapshots are the volume's snapshots, oldest first.
 	Snapshots []Snapshot `json:"snapshots"`
+}
+
+// RolledBackID is the ID of a volume made as base that `lvnbd snapshot
+// merge` has rolled back n times: base itself until the first merge, then
+// base-rN. A merge makes the volume an older copy of itself that a guest's
+// md cannot tell from a current one: re-added from md's bitmap, the blocks
+// written since the snapshot would stay old on that half. With another ID,
+// a dom0 refuses the rolled-back half until it is taken down and up again,
+// which is also when it must be given to the mirror as a new member.
+func RolledBackID(base string, n int) string {
+	if base == "" || n <= 0 {
+		return base
+	}
+	return fmt.Sprintf("%s-r%d", base, n)
 }
 
 // Err is the volume's Problem as an error wrapping ErrUnreadable, or nil.

@@ -174,7 +174,7 @@ func TestLegStep(t *testing.T) {
 					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
 					l.suspect(false)
 				}, wait: time.Second, state: StateReconnecting, device: "/dev/nbd0", size: 64 * mib,
-					errHas: "reconnect /dev/nbd0 of leg a refused: the export's volume was made anew: the volume behind " +
+					errHas: "reconnect /dev/nbd0 of leg a refused: the export's volume was made anew or rolled back: the volume behind " +
 						backendA + " is not the one its device was attached to (volume id uuid-1, now uuid-2)"},
 				{at: 5 * time.Second, before: func(k *fakeKernel, _ *fakeStorage, _ *leg) {
 					k.setDevice(kernel.Device{Index: 0, Connected: true}) // someone detached it

@@ -27,8 +27,9 @@ import (
 const DefaultPath = "/run/lvnbd/volume-ids.json"
 
 // ErrReplaced means an export now serves another volume than the one a
-// device was attached to.
-var ErrReplaced = errors.New("the export's volume was made anew")
+// device was attached to, or the same volume rolled back by a snapshot
+// merge (see volume.RolledBackID).
+var ErrReplaced = errors.New("the export's volume was made anew or rolled back")
 
 // Store is the IDs of one host's devices. Several processes may use one file
 // at once (the pair daemon, lvnbd attach and reconnect): every change locks

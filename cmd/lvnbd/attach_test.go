@@ -663,7 +663,7 @@ func TestReconnectRefusesAVolumeMadeAnew(t *testing.T) {
 		recorded string
 		wantErr  string
 	}{
-		{"uuid-1", "/dev/nbd3 not reconnected: the export's volume was made anew: the volume behind " + uri +
+		{"uuid-1", "/dev/nbd3 not reconnected: the export's volume was made anew or rolled back: the volume behind " + uri +
 			" is not the one its device was attached to (volume id uuid-1, now uuid-2)"},
 		{"uuid-2", ""},
 		{"", ""}, // attached before IDs were recorded: learned now

@@ -165,7 +165,15 @@ func newSnapshotMergeCmd(vf *volumeFlags) *cobra.Command {
 volume must not be in use: refused while clients are connected to the volume
 or the snapshot, unless --force disconnects them. LVM merges a volume that
 something else holds open when it is next activated, and undoes what is
-written to it until then: a server does not export the volume meanwhile.`,
+written to it until then: a server does not export the volume meanwhile.
+
+The merged volume gets another ID (its export's description ends in
+"(lvnbd-id ID-rN)" after the Nth merge). A dom0 leg attached to the volume
+refuses it, as it refuses a volume made anew: a guest's md cannot tell the
+older copy from a current one, and re-added from its bitmap, the blocks
+written since the snapshot would stay old on that half. To give a reverted
+half back to a running mirror, take the leg down and up and add it in full
+(see lvnbd pair down --help).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			drv, err := vf.open(cmd, force)

@@ -449,6 +449,10 @@ func TestMergeSnapshot(t *testing.T) {
 	if got.Size != 8*mib {
 		t.Errorf("merged volume is %d bytes, want the snapshot's %d", got.Size, 8*mib)
 	}
+	// Rolled back, the volume is not what a dom0 last saw under its ID.
+	if want := v.ID + "-r1"; got.ID != want {
+		t.Errorf("merged volume's ID %q, want %q", got.ID, want)
+	}
 	b := readFile(t, got.Path)
 	if string(b[4096:4104]) != "original" || !bytes.Equal(b[6*mib:6*mib+4], make([]byte, 4)) {
 		t.Errorf("merged volume does not hold the snapshot's data: %q %q", b[4096:4104], b[6*mib:6*mib+4])
@@ -466,6 +470,12 @@ func TestMergeSnapshot(t *testing.T) {
 	writeAt(t, got.Path, 0, []byte("writable"))
 	if err := d.MergeSnapshot(ctx, "vm1", "s1"); !errors.Is(err, volume.ErrNotFound) {
 		t.Errorf("second merge: %v, want ErrNotFound", err)
+	}
+	if err := d.MergeSnapshot(ctx, "vm1", "keep"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.Get(ctx, "vm1"); err != nil || got.ID != v.ID+"-r2" {
+		t.Errorf("ID after a second merge: %q, %v; want %q", got.ID, err, v.ID+"-r2")
 	}
 	assertNoTempFiles(t, d)
 }
@@ -533,6 +543,9 @@ func TestMergeAfterCrash(t *testing.T) {
 				}
 				if snaps := m.Volumes["vm1"].Snapshots; len(snaps) != 0 {
 					t.Errorf("lvnbd.json after %s still has snapshots %v", readName, snaps)
+				}
+				if n := m.Volumes["vm1"].Merges; n != 1 {
+					t.Errorf("lvnbd.json after %s counts %d merges, want 1: the volume's ID must change once", readName, n)
 				}
 			})
 		}

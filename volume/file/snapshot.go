@@ -220,7 +220,11 @@ func (d *Driver) finishMerges(m *metadata) error {
 					return fmt.Errorf("merging %s: %w", ref, err)
 				}
 			}
+			// The volume is now older than its ID says: counted in the
+			// commit that forgets the snapshot, so once for each merge,
+			// also one a crash interrupted after the rename.
 			delete(vm.Snapshots, sn.name)
+			vm.Merges++
 			changed = true
 		}
 	}

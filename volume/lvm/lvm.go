@@ -30,6 +30,12 @@ func init() {
 // Tag marks the LVs that are lvnbd volumes and snapshots.
 const Tag = "lvnbd"
 
+// mergesTag, followed by a count, is the tag that counts the snapshots
+// merged into a volume: its ID is the LV's UUID and that count
+// (volume.RolledBackID), since a merge keeps the LV and its UUID (a thin one
+// too) but rolls its data back.
+const mergesTag = "lvnbd-merges-"
+
 // snapSep joins a volume and a snapshot name into the snapshot's LV name.
 const snapSep = "+"
 
@@ -206,7 +212,7 @@ func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
 		Stripes:      max(lv.stripes, 1),
 		Thin:         lv.thin(),
 		Path:         d.Path(lv.name),
-		ID:           lv.uuid,
+		ID:           volume.RolledBackID(lv.uuid, lv.merges),
 		MergePending: lv.mergeTarget(),
 		Problem:      lv.problem,
 		Snapshots:    []volume.Snapshot{},
@@ -551,6 +557,21 @@ func (d *Driver) MergeSnapshot(ctx context.Context, vol, snap string) error {
 		return fmt.Errorf("snapshot %s is invalid (its COW space filled up and it lost data): it cannot be merged, only removed", ref)
 	case lv.merging():
 		return d.mergePending(ref, vol)
+	}
+	origin := p.lv(vol)
+	if origin == nil {
+		return fmt.Errorf("snapshot %s: its volume %w in volume group %s", ref, volume.ErrNotFound, d.vg)
+	}
+	// Counted before the merge starts: a merge that then fails only
+	// changes the ID for nothing (a dom0 refuses the leg until it is taken
+	// down and up), where a merge not counted would hand a guest's mirror
+	// old data under the ID it trusts.
+	args := []string{"lvchange", "--addtag", mergesTag + strconv.Itoa(origin.merges+1)}
+	if origin.merges > 0 {
+		args = append(args, "--deltag", mergesTag+strconv.Itoa(origin.merges))
+	}
+	if _, err := d.run.run(ctx, append(args, d.vg+"/"+vol)...); err != nil {
+		return fmt.Errorf("merging snapshot %s: counting the merge on %s/%s: %w", ref, d.vg, vol, err)
 	}
 	if _, err := d.run.run(ctx, "lvconvert", "--merge", d.vg+"/"+lv.name); err != nil {
 		return fmt.Errorf("merging snapshot %s: %w", ref, err)

@@ -67,6 +67,7 @@ type logicalVolume struct {
 	attr       string // lv_attr, always 10 characters
 	path       string
 	tags       []string
+	merges     int // snapshots merged into it, from its mergesTag
 	created    time.Time
 	origin     string
 	originSize int64
@@ -174,6 +175,13 @@ func parseLVRow(row lvRow) (*logicalVolume, error) {
 	}
 	if row.Tags != "" {
 		lv.tags = strings.Split(row.Tags, ",")
+	}
+	for _, t := range lv.tags {
+		// The highest count, should an interrupted lvchange ever leave
+		// two: a count too high only changes the ID once more.
+		if n, err := strconv.Atoi(strings.TrimPrefix(t, mergesTag)); err == nil && strings.HasPrefix(t, mergesTag) && n > lv.merges {
+			lv.merges = n
+		}
 	}
 	// What is above tells which LV this is and what kind. A field below
 	// that does not parse is the LV's problem, not the listing's: one

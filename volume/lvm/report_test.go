@@ -164,6 +164,21 @@ func TestParseLVsErrors(t *testing.T) {
 			}
 		})
 	}
+	// The merge count is the highest lvnbd-merges-N tag; other tags, and
+	// ones that only look like it, count nothing.
+	for tags, want := range map[string]int{
+		"lvnbd":                                0,
+		"lvnbd,lvnbd-merges-2":                 2,
+		"lvnbd-merges-3,lvnbd,lvnbd-merges-1":  3,
+		"lvnbd,lvnbd-merges-x,lvnbd-merges-":   0,
+		"lvnbd,backup-lvnbd-merges-4":          0,
+		"lvnbd,lvnbd-merges-9,lvnbd-merges-10": 10,
+	} {
+		lvs, err := parseLVs([]byte(row("lv_tags", tags)))
+		if err != nil || len(lvs) != 1 || lvs[0].merges != want {
+			t.Errorf("tags %q: %v, %v; want %d merges", tags, lvs, err, want)
+		}
+	}
 	// A time in another format (report/time_format in lvm.conf) is not
 	// known, and fails nothing: it only orders snapshots.
 	lvs, err := parseLVs([]byte(row("lv_time", "Sun Nov 22 03:40:54 2026")))

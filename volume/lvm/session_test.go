@@ -173,14 +173,24 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	err = d.Remove(ctx, "vm1")
 	expectErr("remove an origin", err, volume.ErrHasSnapshots, "vm1@s1")
 
+	// A merge rolls the volume back under the same LV and UUID, a thin
+	// one too: the ID counts the merges.
+	ids := map[string]string{}
+	for _, name := range []string{"vm1", "thin1"} {
+		v, err := d.Get(ctx, name)
+		if err != nil || v.ID == "" {
+			t.Fatalf("%s before merging: %+v, %v", name, v, err)
+		}
+		ids[name] = v.ID
+	}
 	if err := d.MergeSnapshot(ctx, "vm1", "s1"); err != nil {
 		t.Fatal(err)
 	}
 	if got := env.sum("/dev/vg0/vm1", 4*mib); got != before {
 		t.Errorf("vm1 after merging s1 does not hold the snapshot's data")
 	}
-	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 0 {
-		t.Fatalf("vm1 after merge: %+v, %v", v, err)
+	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r1" {
+		t.Fatalf("vm1 after merge: %+v, %v, want ID %s-r1", v, err, ids["vm1"])
 	}
 
 	// A merge while the volume is open waits for it to close.
@@ -199,8 +209,8 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	expectErr("remove with a pending merge", err, volume.ErrHasSnapshots, "vm1@s2")
 	closeVM1()
 	env.refresh("vg0", "vm1")
-	if v, err := d.Get(ctx, "vm1"); err != nil || v.MergePending || len(v.Snapshots) != 0 {
-		t.Fatalf("vm1 after the pending merge: %+v, %v", v, err)
+	if v, err := d.Get(ctx, "vm1"); err != nil || v.MergePending || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r2" {
+		t.Fatalf("vm1 after the pending merge: %+v, %v, want ID %s-r2 (counted once, not again by the second try)", v, err, ids["vm1"])
 	}
 
 	// A thin merge waits for an open origin too.
@@ -212,8 +222,8 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	}
 	closeThin()
 	env.refresh("vg0", "thin1")
-	if v, err := d.Get(ctx, "thin1"); err != nil || v.MergePending || len(v.Snapshots) != 0 {
-		t.Fatalf("thin1 after the pending merge: %+v, %v", v, err)
+	if v, err := d.Get(ctx, "thin1"); err != nil || v.MergePending || len(v.Snapshots) != 0 || v.ID != ids["thin1"]+"-r1" {
+		t.Fatalf("thin1 after the pending merge: %+v, %v, want ID %s-r1", v, err, ids["thin1"])
 	}
 	if err := d.RemoveSnapshot(ctx, "vm2", "full"); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,7 @@
 # written through /dev/nbdX; it grows (lvnbd volume resize) and the live device follows with
 # reconnect --size; classic and thin snapshots are taken while attached, and each snapshot,
 # attached read-only, shows the data from before later writes; removing a volume in use is
-# refused naming the client.
+# refused naming the client; a merge gives thin1 another ID, which its attached device refuses.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 need_lvnbd
@@ -76,6 +76,18 @@ lvnbd snapshot list --json "${V[@]}" | grep -q '"thin": *true'
 dd if=new of="$tdev" bs=1M count=16 oflag=direct conv=fsync status=none
 tsnap=$(lvnbd attach nbd://127.0.0.1/thin1@t1)
 assert_eq "$(filesha old 16)" "$(devsha "$tsnap" 16)" "thin snapshot holds the data from before"
+
+# A merge rolls thin1 back under the same LV and UUID: its export's ID gets -r1, and the
+# device attached to it refuses to be reconnected to the older data.
+id=$(lvnbd info --json nbd://127.0.0.1/thin1 | grep -o '(lvnbd-id [^)]*)')
+[[ -n $id ]] || fail "thin1's description carries no volume ID"
+lvnbd snapshot merge thin1@t1 --force "${V[@]}"
+wait_for "lvnbd info --json nbd://127.0.0.1/thin1 | grep -qF -- '${id%)}-r1)'" 20
+assert_eq "$(filesha old 16)" "$(devsha /dev/vg0/thin1 16)" "thin1 after the merge holds the snapshot's data"
+if lvnbd reconnect "$tdev" 2>reconnect.err; then
+	fail "reconnected $tdev to thin1 rolled back by a merge"
+fi
+grep -q "made anew or rolled back" reconnect.err || fail "the refusal does not say why: $(cat reconnect.err)"
 
 for d in "$tsnap" "$tdev" "$snap" "$dev"; do lvnbd detach "$d"; done
 lvnbd snapshot remove vm1@before "${V[@]}"
