@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: serve the file driver's volumes (./lvnbd-data) on the default
-# address, with a 1 GiB volume disk0, show what a client sees, benchmark it,
+# address, with a 1 GiB volume disk0, show what a client sees, benchmark the
+# server on a scratch volume (never disk0, whose data survives between runs),
 # then keep serving (on a terminal) or stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,9 +9,16 @@ cd "$(dirname "$0")/.."
 BIN=bin/lvnbd
 DATA=lvnbd-data
 URI=nbd://127.0.0.1:10809/disk0
+# The benchmark writes: it gets a volume of its own, made anew for each run.
+SCRATCH=bench-scratch
+BENCH_URI=nbd://127.0.0.1:10809/$SCRATCH
 CTL=$(mktemp -u /tmp/lvnbd-run.XXXXXX.sock)
 VOLS=(--volumes "file://./$DATA" --control "$CTL")
 "$BIN" volume list "${VOLS[@]}" | grep -q '^disk0 ' || "$BIN" volume create disk0 --size 1G "${VOLS[@]}"
+if "$BIN" volume list "${VOLS[@]}" | grep -q "^$SCRATCH "; then
+	"$BIN" volume remove "$SCRATCH" "${VOLS[@]}"
+fi
+"$BIN" volume create "$SCRATCH" --size 1G "${VOLS[@]}"
 
 # No flags needed: file://./lvnbd-data and 127.0.0.1:10809 are the defaults.
 # A private control socket keeps this demo apart from a system server.
@@ -34,10 +42,11 @@ echo "== what a client sees (nbdinfo $URI)"
 nbdinfo "$URI"
 
 echo
-echo "== benchmark"
-"$BIN" bench "$URI" --mode write --bs 1M --size 512M --force
-"$BIN" bench "$URI" --mode read --bs 1M --size 512M
-"$BIN" bench "$URI" --mode randread --bs 4k --qd 32 --runtime 5s
+echo "== benchmark (on the scratch volume $SCRATCH, not disk0)"
+"$BIN" bench "$BENCH_URI" --mode write --bs 1M --size 512M --force
+"$BIN" bench "$BENCH_URI" --mode read --bs 1M --size 512M
+"$BIN" bench "$BENCH_URI" --mode randread --bs 4k --qd 32 --runtime 5s
+"$BIN" volume remove "$SCRATCH" "${VOLS[@]}"
 
 echo
 echo "Serving $URI (the file driver's volume disk0 in $DATA/; log in $DATA/server.log). Try:"

@@ -173,7 +173,7 @@ export's volume was made anew or rolled back"):
   guest:  mdadm /dev/md0 --fail /dev/xvdb --remove /dev/xvdb
   dom0:   lvnbd pair down --leg a vm1
   dom0:   lvnbd pair up --leg a vm1
-  guest:  mdadm --zero-superblock /dev/xvdb; mdadm /dev/md0 --add /dev/xvdb
+  guest:  mdadm --zero-superblock /dev/xvdb; mdadm /dev/md0 --add --failfast /dev/xvdb
   guest:  start lvnbd guest watch again
 
 One leg is not taken down while the other is not connected: the guest may

@@ -16,7 +16,7 @@ const recoverSteps = `  1. On the guest that mirrors this export (md RAID1), sto
   2. Check the disk and the kernel log on this storage box.
   3. lvnbd recover EXPORT. Its clients are disconnected and reconnect to the
      export opened anew.
-  4. On the guest: mdadm --zero-superblock DEV, then mdadm /dev/mdN --add DEV.
+  4. On the guest: mdadm --zero-superblock DEV, then mdadm /dev/mdN --add --failfast DEV.
      That is a full resync: the data acknowledged before the failure may be
      lost, and a re-add from md's bitmap would not copy it. Then start lvnbd
      guest watch again.`
@@ -66,7 +66,7 @@ The order matters:
 				fmt.Fprintf(out, "export %s is not served now; its failure record is cleared\n", name)
 			}
 			fmt.Fprintf(out, "the failure was: %s\n", res.Failure)
-			fmt.Fprintf(out, "a guest mirroring it must now copy this half in full (mdadm --zero-superblock, then --add), "+
+			fmt.Fprintf(out, "a guest mirroring it must now copy this half in full (mdadm --zero-superblock, then --add --failfast), "+
 				"not re-add it from its bitmap: see lvnbd recover --help\n")
 			return nil
 		},

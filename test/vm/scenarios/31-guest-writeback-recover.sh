@@ -72,8 +72,10 @@ grep -q 'export vm1 recovered' recover.out || fail "lvnbd recover said: $(cat re
 lvnbd reconnect "$LEG_A"
 dd if="$LEG_A" of=/dev/null bs=4k count=1 iflag=direct status=none || fail "leg A does not answer reads after recovery"
 mdadm --zero-superblock "$LEG_A"
-mdadm "$ARRAY" --add "$LEG_A"
+mdadm "$ARRAY" --add --failfast "$LEG_A"
 wait_in_sync 240
+# Added in full, as created: failfast, so that md fails it at once when its box dies again.
+[[ $(legstate "$LEG_A") == in_sync*failfast* ]] || fail "leg A after the full add: $(legstate "$LEG_A")"
 check_mirror 120
 verify_files w1.sums w2.sums
 no_fs_errors
