@@ -149,7 +149,7 @@ func (d *Driver) describe(name string, vm *volumeMeta) volume.Volume {
 		Stripes:    max(vm.Stripes, 1),
 		StripeSize: vm.StripeSize,
 		Path:       d.path(name),
-		ID:         volume.RolledBackID(createdID(vm.Created), vm.Merges),
+		ID:         volume.RolledBackID(createdID(vm.Created), vm.Rollbacks),
 		Snapshots:  []volume.Snapshot{},
 	}
 	if st, err := os.Stat(v.Path); err != nil {

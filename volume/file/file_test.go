@@ -544,8 +544,8 @@ func TestMergeAfterCrash(t *testing.T) {
 				if snaps := m.Volumes["vm1"].Snapshots; len(snaps) != 0 {
 					t.Errorf("lvnbd.json after %s still has snapshots %v", readName, snaps)
 				}
-				if n := m.Volumes["vm1"].Merges; n != 1 {
-					t.Errorf("lvnbd.json after %s counts %d merges, want 1: the volume's ID must change once", readName, n)
+				if n := m.Volumes["vm1"].Rollbacks; n != 1 {
+					t.Errorf("lvnbd.json after %s counts %d rollbacks, want 1: the volume's ID must change once", readName, n)
 				}
 			})
 		}

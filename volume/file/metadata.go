@@ -32,9 +32,9 @@ type metadata struct {
 
 type volumeMeta struct {
 	Created time.Time `json:"created"`
-	// Merges counts the snapshots merged into the volume: each one rolls
-	// it back, and gives it another ID (volume.RolledBackID).
-	Merges int `json:"merges,omitempty"`
+	// Rollbacks counts the times the volume was rolled back, by a snapshot
+	// merged into it: each gives it another ID (volume.RolledBackID).
+	Rollbacks int `json:"rollbacks,omitempty"`
 	// Stripes and StripeSize are as asked for at creation, 0 if linear.
 	Stripes    int                      `json:"stripes,omitempty"`
 	StripeSize int64                    `json:"stripe_size,omitempty"`

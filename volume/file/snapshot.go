@@ -224,7 +224,7 @@ func (d *Driver) finishMerges(m *metadata) error {
 			// commit that forgets the snapshot, so once for each merge,
 			// also one a crash interrupted after the rename.
 			delete(vm.Snapshots, sn.name)
-			vm.Merges++
+			vm.Rollbacks++
 			changed = true
 		}
 	}

@@ -30,11 +30,11 @@ func init() {
 // Tag marks the LVs that are lvnbd volumes and snapshots.
 const Tag = "lvnbd"
 
-// mergesTag, followed by a count, is the tag that counts the snapshots
-// merged into a volume: its ID is the LV's UUID and that count
-// (volume.RolledBackID), since a merge keeps the LV and its UUID (a thin one
-// too) but rolls its data back.
-const mergesTag = "lvnbd-merges-"
+// rollbacksTag, followed by a count, is the tag that counts the times a
+// volume was rolled back (snapshots merged into it): its ID is the LV's UUID
+// and that count (volume.RolledBackID), since a merge keeps the LV and its
+// UUID (a thin one too) but rolls its data back.
+const rollbacksTag = "lvnbd-rollbacks-"
 
 // snapSep joins a volume and a snapshot name into the snapshot's LV name.
 const snapSep = "+"
@@ -212,7 +212,7 @@ func (d *Driver) describe(p *pool, lv *logicalVolume) volume.Volume {
 		Stripes:      max(lv.stripes, 1),
 		Thin:         lv.thin(),
 		Path:         d.Path(lv.name),
-		ID:           volume.RolledBackID(lv.uuid, lv.merges),
+		ID:           volume.RolledBackID(lv.uuid, lv.rollbacks),
 		MergePending: lv.mergeTarget(),
 		Problem:      lv.problem,
 		Snapshots:    []volume.Snapshot{},
@@ -566,9 +566,9 @@ func (d *Driver) MergeSnapshot(ctx context.Context, vol, snap string) error {
 	// changes the ID for nothing (a dom0 refuses the leg until it is taken
 	// down and up), where a merge not counted would hand a guest's mirror
 	// old data under the ID it trusts.
-	args := []string{"lvchange", "--addtag", mergesTag + strconv.Itoa(origin.merges+1)}
-	if origin.merges > 0 {
-		args = append(args, "--deltag", mergesTag+strconv.Itoa(origin.merges))
+	args := []string{"lvchange", "--addtag", rollbacksTag + strconv.Itoa(origin.rollbacks+1)}
+	if origin.rollbacks > 0 {
+		args = append(args, "--deltag", rollbacksTag+strconv.Itoa(origin.rollbacks))
 	}
 	if _, err := d.run.run(ctx, append(args, d.vg+"/"+vol)...); err != nil {
 		return fmt.Errorf("merging snapshot %s: counting the merge on %s/%s: %w", ref, d.vg, vol, err)

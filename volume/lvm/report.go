@@ -67,7 +67,7 @@ type logicalVolume struct {
 	attr       string // lv_attr, always 10 characters
 	path       string
 	tags       []string
-	merges     int // snapshots merged into it, from its mergesTag
+	rollbacks  int // times it was rolled back (snapshots merged into it), from its rollbacksTag
 	created    time.Time
 	origin     string
 	originSize int64
@@ -179,8 +179,8 @@ func parseLVRow(row lvRow) (*logicalVolume, error) {
 	for _, t := range lv.tags {
 		// The highest count, should an interrupted lvchange ever leave
 		// two: a count too high only changes the ID once more.
-		if n, err := strconv.Atoi(strings.TrimPrefix(t, mergesTag)); err == nil && strings.HasPrefix(t, mergesTag) && n > lv.merges {
-			lv.merges = n
+		if n, err := strconv.Atoi(strings.TrimPrefix(t, rollbacksTag)); err == nil && strings.HasPrefix(t, rollbacksTag) && n > lv.rollbacks {
+			lv.rollbacks = n
 		}
 	}
 	// What is above tells which LV this is and what kind. A field below

@@ -164,19 +164,19 @@ func TestParseLVsErrors(t *testing.T) {
 			}
 		})
 	}
-	// The merge count is the highest lvnbd-merges-N tag; other tags, and
+	// The merge count is the highest lvnbd-rollbacks-N tag; other tags, and
 	// ones that only look like it, count nothing.
 	for tags, want := range map[string]int{
-		"lvnbd":                                0,
-		"lvnbd,lvnbd-merges-2":                 2,
-		"lvnbd-merges-3,lvnbd,lvnbd-merges-1":  3,
-		"lvnbd,lvnbd-merges-x,lvnbd-merges-":   0,
-		"lvnbd,backup-lvnbd-merges-4":          0,
-		"lvnbd,lvnbd-merges-9,lvnbd-merges-10": 10,
+		"lvnbd":                   0,
+		"lvnbd,lvnbd-rollbacks-2": 2,
+		"lvnbd-rollbacks-3,lvnbd,lvnbd-rollbacks-1":  3,
+		"lvnbd,lvnbd-rollbacks-x,lvnbd-rollbacks-":   0,
+		"lvnbd,backup-lvnbd-rollbacks-4":             0,
+		"lvnbd,lvnbd-rollbacks-9,lvnbd-rollbacks-10": 10,
 	} {
 		lvs, err := parseLVs([]byte(row("lv_tags", tags)))
-		if err != nil || len(lvs) != 1 || lvs[0].merges != want {
-			t.Errorf("tags %q: %v, %v; want %d merges", tags, lvs, err, want)
+		if err != nil || len(lvs) != 1 || lvs[0].rollbacks != want {
+			t.Errorf("tags %q: %v, %v; want %d rollbacks", tags, lvs, err, want)
 		}
 	}
 	// A time in another format (report/time_format in lvm.conf) is not
