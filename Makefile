@@ -43,9 +43,10 @@ test-unit:
 test-interop: build
 	LVNBD_INTEROP=1 LVNBD_REQUIRE_INTEROP=1 $(GO) test -count=1 -v ./test/interop/ 2>&1 | tee /tmp/lvnbd-interop.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)' ; test $${PIPESTATUS[0]} -eq 0
 
-# The kernel path, on Debian's kernel under qemu (no KVM needed).
+# The kernel path, on Debian's kernel under qemu (no KVM needed); a skipped
+# scenario fails it.
 test-vm: build
-	test/vm/run.sh --lvnbd $(BIN)
+	test/vm/run.sh --lvnbd $(BIN) --no-skip
 
 # Every fuzz target for FUZZTIME each, on top of the seeds `go test` runs.
 fuzz:

@@ -364,14 +364,7 @@ func (c *cacheWatch) ReadAt(ctx context.Context, p []byte, off int64) error {
 // With --direct=false the verify reads what storage holds, not the pages
 // the run just wrote into the cache.
 func TestVerifyBypassesPageCache(t *testing.T) {
-	dir := t.TempDir()
-	var fs unix.Statfs_t
-	if err := unix.Statfs(dir, &fs); err != nil {
-		t.Fatal(err)
-	}
-	if fs.Type == unix.TMPFS_MAGIC {
-		t.Skip("the temp directory is tmpfs, whose storage is the page cache")
-	}
+	dir := pageCachedDir(t)
 	const size = 1 << 20
 	path := filepath.Join(dir, "disk.img")
 	f, err := OpenFile(path, OpenOptions{Write: true, Size: size})
@@ -387,6 +380,23 @@ func TestVerifyBypassesPageCache(t *testing.T) {
 	if w.resident != 0 {
 		t.Errorf("%d of the file's pages were cached when the verify began, want 0", w.resident)
 	}
+}
+
+// pageCachedDir is a directory on a file system whose storage is not the
+// page cache: the temporary directory, or where that is tmpfs or ramfs
+// (Debian 13's /tmp), an ext4 on a loop device.
+func pageCachedDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		t.Fatal(err)
+	}
+	if fs.Type != unix.TMPFS_MAGIC && fs.Type != unix.RAMFS_MAGIC {
+		return dir
+	}
+	t.Logf("%s is in memory; using an ext4 on a loop device", dir)
+	return looptest.Mount(t, 16<<20, "ext4", "-q")
 }
 
 // corruptingBacking changes a byte of a loop device's backing file behind

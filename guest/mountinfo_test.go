@@ -175,7 +175,7 @@ func TestDetectSignatureRealImages(t *testing.T) {
 				t.Fatal(err)
 			}
 			if out, err := exec.Command(lookPathOrName(tool.args[0]), append(tool.args[1:], img)...).CombinedOutput(); err != nil {
-				t.Skipf("%s: %v\n%s", tool.args[0], err, out)
+				t.Fatalf("%s: %v\n%s", tool.args[0], err, out)
 			}
 			head, tail, err := readDeviceEnds(img, 320<<20)
 			if err != nil {

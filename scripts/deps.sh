@@ -14,9 +14,11 @@ set -euo pipefail
 #   packaging tests:           systemd (systemd-analyze, systemd-socket-activate),
 #                              man-db, shellcheck
 #   the systemd test:          mmdebstrap (and the VM suite's qemu, kernel, cpio)
+#   unit tests:                xfsprogs (mkfs.xfs: the guest's signature probe on a real
+#                              image, the file driver's reflink snapshots on a loop-mounted XFS)
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
-	iproute2 util-linux procps gcc make jq systemd man-db shellcheck mmdebstrap)
+	iproute2 util-linux procps gcc make jq systemd man-db shellcheck mmdebstrap xfsprogs)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
 all) ;;

@@ -69,3 +69,30 @@ func Attach(t testing.TB, size int64, sectorSize int) (dev, backing string) {
 	})
 	return dev, backing
 }
+
+// Mount makes a file system of type fstype (mkfs.FSTYPE with the arguments
+// given, then the device) on a loop device of size bytes, mounts it on a new
+// temporary directory and returns that directory; it is unmounted and the
+// device detached when the test ends, whether it passed or not. It calls
+// Require for mkfs.FSTYPE, mount and umount.
+func Mount(t testing.TB, size int64, fstype string, mkfsArgs ...string) (dir string) {
+	t.Helper()
+	mkfs := "mkfs." + fstype
+	Require(t, mkfs, "mount", "umount")
+	dev, _ := Attach(t, size, 0)
+	if out, err := exec.Command(mkfs, append(mkfsArgs, dev)...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %v %s: %v: %s", mkfs, mkfsArgs, dev, err, out)
+	}
+	dir = t.TempDir()
+	if out, err := exec.Command("mount", "-t", fstype, dev, dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount -t %s %s %s: %v: %s", fstype, dev, dir, err, out)
+	}
+	// Registered after Attach's detach and t.TempDir's removal, so it runs
+	// before both.
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}

@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/looptest"
 )
 
 // TestSameFile checks what a server compares to notice that the file behind
@@ -73,27 +75,22 @@ func TestSameFileGone(t *testing.T) {
 }
 
 // TestSameFileDevice compares block devices by device number, as a device
-// node made anew (udev does, for an LV) is the same device.
+// node made anew (udev does, for an LV) is the same device; another loop
+// device, or the file behind this one, is not.
 func TestSameFileDevice(t *testing.T) {
-	const dev0, dev1 = "/dev/loop0", "/dev/loop1"
-	b, err := Open(dev0, true)
-	if err != nil {
-		t.Skipf("needs a block device to open (%v): run as root, as make test does", err)
-	}
-	defer b.Close()
+	b, backing := loopDevice(t, 1<<20)
+	other, _ := looptest.Attach(t, 1<<20, 0)
 	var st unix.Stat_t
-	must(t, unix.Stat(dev0, &st))
+	must(t, unix.Stat(b.path, &st))
 	node := filepath.Join(t.TempDir(), "node")
-	if err := unix.Mknod(node, unix.S_IFBLK|0o600, int(st.Rdev)); err != nil {
-		t.Skipf("cannot make a device node: %v", err)
-	}
-	for path, want := range map[string]bool{dev0: true, node: true, dev1: false} {
+	must(t, unix.Mknod(node, unix.S_IFBLK|0o600, int(st.Rdev)))
+	for path, want := range map[string]bool{b.path: true, node: true, other: false, backing: false} {
 		got, err := b.SameFile(path)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got != want {
-			t.Errorf("SameFile(%s) of %s = %v, want %v", path, dev0, got, want)
+			t.Errorf("SameFile(%s) of %s = %v, want %v", path, b.path, got, want)
 		}
 	}
 }

@@ -5,8 +5,8 @@
 # (linux-image-amd64) under qemu (TCG, no KVM needed) with a small initramfs built here, and
 # runs test/vm/scenarios/NAME.sh inside it. See test/vm/README.md.
 #
-# Usage: test/vm/run.sh [--lvnbd PATH] [--keep] [--verbose] [--capture DIR] [--log FILE]
-#                       [SCENARIO...]
+# Usage: test/vm/run.sh [--lvnbd PATH] [--no-skip] [--keep] [--verbose] [--capture DIR]
+#                       [--log FILE] [SCENARIO...]
 set -euo pipefail
 
 # Kernel modules /init loads, in order, one per entry: "name [param=value...]".
@@ -72,6 +72,7 @@ Boots Debian's kernel under qemu and runs the named scenarios from test/vm/scena
 Options:
   --lvnbd PATH    lvnbd binary to put in the guest as /bin/lvnbd (default: bin/lvnbd in the
                   repository, if it exists)
+  --no-skip       count a skipped scenario as failed (make test-vm: CI cannot pass by skipping)
   --keep          do not power off after the scenarios: leave a shell on the console
                   (interactive; needs a terminal; no overall timeout)
   --verbose       print every scenario's output, not only the failing ones
@@ -83,6 +84,7 @@ EOF
 
 lvnbd="$repo/bin/lvnbd"
 lvnbd_explicit=0
+no_skip=0
 keep=0
 verbose=0
 capture_dir=
@@ -91,6 +93,7 @@ selected=()
 while (($#)); do
 	case "$1" in
 	--lvnbd) lvnbd=${2:?--lvnbd needs a path}; lvnbd_explicit=1; shift 2 ;;
+	--no-skip) no_skip=1; shift ;;
 	--keep) keep=1; shift ;;
 	--verbose) verbose=1; shift ;;
 	--capture) capture_dir=${2:?--capture needs a directory}; shift 2 ;;
@@ -342,7 +345,13 @@ main() {
 	for s in "${selected[@]}"; do
 		case "${result[$s]:-}" in
 		PASS) pass=$((pass + 1)) ;;
-		SKIP) skip=$((skip + 1)) ;;
+		SKIP)
+			skip=$((skip + 1))
+			if ((no_skip)); then
+				fail=$((fail + 1))
+				echo "vm: $s: skipped, which --no-skip makes a failure"
+			fi
+			;;
 		FAIL) fail=$((fail + 1)) ;;
 		*) fail=$((fail + 1)); echo "vm: $s: no result" ;;
 		esac
