@@ -155,7 +155,9 @@ func saveJSON(path string, v any) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	// The directories too: a record in a directory made now, whose own
+	// entry a crash loses, is lost with it.
+	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
 	return atomicfile.Write(path, append(b, '\n'), 0o600)

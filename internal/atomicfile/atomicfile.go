@@ -61,3 +61,28 @@ func SyncDir(dir string) error {
 	}
 	return nil
 }
+
+// MkdirAll makes dir and any missing parents, as os.MkdirAll does, and syncs
+// the parent of each directory it made: a file later written in dir with
+// Write survives a crash only if the directories leading to it do too.
+func MkdirAll(dir string, perm os.FileMode) error {
+	dir = filepath.Clean(dir)
+	if fi, err := os.Stat(dir); err == nil {
+		if !fi.IsDir() {
+			return fmt.Errorf("%s: not a directory", dir)
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	parent := filepath.Dir(dir)
+	if parent != dir {
+		if err := MkdirAll(parent, perm); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, perm); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return SyncDir(parent)
+}

@@ -59,3 +59,26 @@ func TestWriteFailureKeepsTheOld(t *testing.T) {
 		t.Fatalf("directory holds %v, want only adir", entries)
 	}
 }
+
+func TestMkdirAll(t *testing.T) {
+	base := t.TempDir()
+	dir := filepath.Join(base, "a", "b", "c")
+	if err := MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("%s after MkdirAll: %v, %v", dir, fi, err)
+	}
+	if err := MkdirAll(dir, 0o700); err != nil {
+		t.Errorf("MkdirAll of an existing directory: %v", err)
+	}
+	if err := Write(filepath.Join(dir, "f"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := MkdirAll(filepath.Join(dir, "f"), 0o700); err == nil {
+		t.Error("MkdirAll over a file succeeded")
+	}
+	if err := MkdirAll(filepath.Join(dir, "f", "g"), 0o700); err == nil {
+		t.Error("MkdirAll under a file succeeded")
+	}
+}

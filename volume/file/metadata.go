@@ -152,7 +152,9 @@ func (m *metadata) mergeInterrupted() bool {
 // change runs fn on the metadata under an exclusive lock, after finishing
 // any merge a crash interrupted. fn commits what it changes.
 func (d *Driver) change(ctx context.Context, fn func(*metadata) error) error {
-	if err := os.MkdirAll(d.dir, dirMode); err != nil {
+	// Synced, the directory made: lvnbd.json and the volumes in it must
+	// not vanish with its entry in a crash.
+	if err := atomicfile.MkdirAll(d.dir, dirMode); err != nil {
 		return fmt.Errorf("volume directory: %w", err)
 	}
 	unlock, err := d.lock(ctx, unix.LOCK_EX)
