@@ -151,6 +151,13 @@ func (a *Access) check(p peer) (why string, tlsReqd bool) {
 		return fmt.Sprintf("access denied for %s", p), false
 	}
 	if len(a.AllowNames) > 0 && !slices.ContainsFunc(p.names, func(n string) bool { return slices.Contains(a.AllowNames, n) }) {
+		if !p.tls && a.TLS != TLSOff {
+			// Only TLS can bring a certificate: in the spec's terms the
+			// export is TLS-only, and NBD_REP_ERR_TLS_REQD is what tells
+			// a client to start TLS and try again. (With TLS off no
+			// client can ever use it: that stays a refusal.)
+			return "this export requires TLS with a client certificate of an allowed name: connect with nbds://", true
+		}
 		return fmt.Sprintf("access denied for %s: a client certificate with an allowed name is required", p), false
 	}
 	return "", false

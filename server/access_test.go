@@ -101,3 +101,46 @@ func TestFenceMatches(t *testing.T) {
 		}
 	}
 }
+
+// check refuses with tlsReqd (NBD_REP_ERR_TLS_REQD) exactly when starting
+// TLS is what the client lacks: the spec's "TLS-only export".
+func TestAccessCheck(t *testing.T) {
+	plain := tcpPeer("10.0.1.21:4000")
+	withTLS := plain
+	withTLS.tls = true
+	withCert := withTLS
+	withCert.names = []string{"dom0-a"}
+	here := []netip.Prefix{netip.MustParsePrefix("10.0.1.0/24")}
+	elsewhere := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
+	names := []string{"dom0-a"}
+
+	tests := []struct {
+		name        string
+		access      Access
+		peer        peer
+		wantRefused bool
+		wantTLSReqd bool
+	}{
+		{"open", Access{}, plain, false, false},
+		{"TLS required, plain client", Access{TLS: TLSRequired}, plain, true, true},
+		{"TLS off, TLS client", Access{TLS: TLSOff}, withTLS, true, false},
+		{"address not allowed", Access{Allow: elsewhere}, plain, true, false},
+		{"names, TLS optional, plain client", Access{AllowNames: names}, plain, true, true},
+		{"names, TLS required, plain client", Access{TLS: TLSRequired, AllowNames: names}, plain, true, true},
+		{"names, TLS client without certificate", Access{AllowNames: names}, withTLS, true, false},
+		{"names, TLS client with certificate", Access{AllowNames: names}, withCert, false, false},
+		// TLS cannot help: the export is not offered over it.
+		{"names, TLS off, plain client", Access{TLS: TLSOff, AllowNames: names}, plain, true, false},
+		// TLS cannot help: the address is refused whatever the certificate.
+		{"names, address not allowed, plain client", Access{Allow: elsewhere, AllowNames: names}, plain, true, false},
+		{"names, address allowed, plain client", Access{Allow: here, AllowNames: names}, plain, true, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			why, tlsReqd := tt.access.check(tt.peer)
+			if (why != "") != tt.wantRefused || tlsReqd != tt.wantTLSReqd {
+				t.Errorf("check(%v) = %q, %v; want refused %v, TLS required %v", tt.peer, why, tlsReqd, tt.wantRefused, tt.wantTLSReqd)
+			}
+		})
+	}
+}

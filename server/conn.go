@@ -53,14 +53,14 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	var attached *Export
 	var loop atomic.Pointer[conn]
 	var fencedEarly atomic.Bool
-	client := &clientConn{id: id, peer: peer, kick: func() { nc.Close() },
+	client := &clientConn{id: id, peer: peer, kick: func() { cut(nc) },
 		drain: drain,
 		fence: func(ctx context.Context) error {
 			fencedEarly.Store(true) // before looking for the loop: see below
 			if c := loop.Load(); c != nil {
 				return c.fence(ctx)
 			}
-			nc.Close()
+			cut(nc)
 			return nil
 		}}
 	attach := func(sess *session) string {
@@ -100,6 +100,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	handshaken(sess.export)
 	nc.SetDeadline(time.Time{})
 	if ctx.Err() != nil {
+		closeTLS(sess.nc)
 		return // cancelled during the handshake; the deadline may be cleared
 	}
 	if draining.Load() {
@@ -133,8 +134,15 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 	log.Info("client connected", zap.Stringer("flags", sess.flags), zap.Bool("structured", sess.structured))
 	reason := c.serve(ctx)
 	served(sess.export)
-	if draining.Load() && c.sendErr == nil {
+	switch {
+	case c.sendErr != nil:
+		// The connection failed: nothing more can be sent on it.
+	case draining.Load():
 		closeAfterReplies(sess.nc, s.cfg.DrainTimeout)
+	default:
+		// NBD_CMD_DISC, or the client went: the spec wants the TLS
+		// session closed before the TCP connection.
+		closeTLS(sess.nc)
 	}
 	log.Info("client disconnected", zap.String("reason", reason))
 }
@@ -199,6 +207,40 @@ func closeAfterReplies(nc net.Conn, timeout time.Duration) {
 		wait = min(2*wait, 50*time.Millisecond)
 	}
 }
+
+// closeTLS ends nc's TLS session, if it has one, with a close_notify, and
+// closes the connection; other connections are left to their owner's Close.
+// Without the alert a client cannot tell the end of the session from a
+// connection cut by an attacker, and clients (gnutls, Python's ssl) report
+// it as an error. A peer that does not read holds the alert at most
+// closeNotifyTimeout: crypto/tls bounds it only by 5s, which a client left
+// not reading after NBD_CMD_DISC would cost every connection's close.
+func closeTLS(nc net.Conn) {
+	t, ok := nc.(*tls.Conn)
+	if !ok {
+		return
+	}
+	// Closing the socket underneath fails the write that sends the alert.
+	cut := time.AfterFunc(closeNotifyTimeout, func() { t.NetConn().Close() })
+	defer cut.Stop()
+	t.Close()
+}
+
+// cut closes nc's socket at once. A TLS connection's Close sends a
+// close_notify first, which a client that does not read holds for up to
+// crypto/tls's 5 s: a fence or a kick must not wait for the client it cuts.
+func cut(nc net.Conn) {
+	if t, ok := nc.(*tls.Conn); ok {
+		t.NetConn().Close()
+		return
+	}
+	nc.Close()
+}
+
+// closeNotifyTimeout bounds how long closeTLS waits to send the close_notify:
+// the alert is one small record, so a peer that cannot take it this long is
+// gone or not reading. Tests change it.
+var closeNotifyTimeout = time.Second
 
 // lingerLimit bounds how long a drained connection waits for its client to
 // take the last replies: at GbE a full send queue drains in tens of
@@ -284,10 +326,10 @@ func (c *conn) fence(ctx context.Context) error {
 	select {
 	case <-c.quiesced:
 	case <-ctx.Done():
-		c.nc.Close()
+		cut(c.nc)
 		return fmt.Errorf("fencing connection %d: writes in flight did not finish: %w", c.client.id, ctx.Err())
 	}
-	c.nc.Close()
+	cut(c.nc)
 	c.log.Warn("connection fenced")
 	return nil
 }

@@ -9,6 +9,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
+	"strings"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -18,6 +21,13 @@ import (
 // baseAllocationID is the metadata context id of base:allocation, the only
 // context lvnbd serves.
 const baseAllocationID = 1
+
+// maxSkippedOption bounds the data of an option lvnbd reads and throws away
+// to answer it (see skipOversized): a client may send an option lvnbd does
+// not know with more data than any it takes, and must get a reply, but
+// reading gigabytes for one costs more than hanging up on a client that
+// behaves so.
+const maxSkippedOption = 4 << 20
 
 // session is what the handshake agreed on for the transmission phase.
 type session struct {
@@ -59,8 +69,16 @@ const whyRetired = "the export was removed meanwhile"
 
 // negotiate runs the handshake and returns the agreed session.
 func (s *Server) negotiate(ctx context.Context, nc net.Conn, r *bufio.Reader, p peer, log *zap.Logger,
-	attach func(*session) string) (*session, error) {
+	attach func(*session) string) (sess *session, err error) {
 	n := &negotiator{s: s, nc: nc, r: r, log: log, peer: p, attach: attach}
+	defer func() {
+		if err != nil {
+			// The connection ends here: a TLS session ends with its
+			// close_notify, before the caller closes the socket, or the
+			// client cannot tell the end from a cut.
+			closeTLS(n.nc)
+		}
+	}()
 	hello, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
 	if _, err := nc.Write(hello); err != nil {
 		return nil, fmt.Errorf("sending greeting: %w", err)
@@ -95,7 +113,7 @@ func (n *negotiator) option(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	if h.Length > nbd.MaxOptionLength {
-		return nil, fmt.Errorf("%v with %d bytes of data, over the %d-byte limit", h.Option, h.Length, nbd.MaxOptionLength)
+		return nil, n.skipOversized(h)
 	}
 	data := make([]byte, h.Length)
 	if _, err := io.ReadFull(n.r, data); err != nil {
@@ -128,6 +146,48 @@ func (n *negotiator) option(ctx context.Context) (*session, error) {
 	default:
 		return nil, n.replyErr(h.Option, nbd.RepErrUnsup, fmt.Sprintf("%v is not supported", h.Option))
 	}
+}
+
+// handles reports whether lvnbd implements opt: the options option answers
+// other than with NBD_REP_ERR_UNSUP. It must list the cases of option's
+// switch (TestHandledOptions checks).
+func handles(opt nbd.Option) bool {
+	switch opt {
+	case nbd.OptExportName, nbd.OptAbort, nbd.OptList, nbd.OptInfo, nbd.OptGo, nbd.OptStructuredReply,
+		nbd.OptListMetaContext, nbd.OptSetMetaContext, nbd.OptStartTLS:
+		return true
+	}
+	return false
+}
+
+// skipOversized answers an option whose data is longer than any option lvnbd
+// takes (nbd.MaxOptionLength). The spec wants an unknown option answered with
+// NBD_REP_ERR_UNSUP and the next one parsed, so the data is read and thrown
+// away, and a known option gets NBD_REP_ERR_TOO_BIG. Only beyond
+// maxSkippedOption, or when no reply can be sent, is the client hung up on.
+func (n *negotiator) skipOversized(h nbd.OptionHeader) error {
+	switch {
+	case h.Length > maxSkippedOption:
+		return fmt.Errorf("%v with %d bytes of data, over the %d-byte limit", h.Option, h.Length, maxSkippedOption)
+	case !n.fixed:
+		return fmt.Errorf("non-fixed-newstyle client sent %v with %d bytes of data", h.Option, h.Length)
+	case h.Option == nbd.OptExportName:
+		// No error reply exists for it, and no name is this long.
+		return fmt.Errorf("NBD_OPT_EXPORT_NAME with a %d-byte name", h.Length)
+	}
+	if _, err := io.CopyN(io.Discard, n.r, int64(h.Length)); err != nil {
+		return fmt.Errorf("reading %v data: %w", h.Option, err)
+	}
+	switch {
+	case h.Option == nbd.OptAbort:
+		// Its data is ignored however long: the client is leaving.
+		_ = n.reply(h.Option, nbd.RepAck, nil)
+		return errAbort
+	case handles(h.Option):
+		return n.replyErr(h.Option, nbd.RepErrTooBig,
+			fmt.Sprintf("%v with %d bytes of data, over the %d-byte limit", h.Option, h.Length, nbd.MaxOptionLength))
+	}
+	return n.replyErr(h.Option, nbd.RepErrUnsup, fmt.Sprintf("%v is not supported", h.Option))
 }
 
 func (n *negotiator) exportName(name string) (*session, error) {
@@ -222,14 +282,25 @@ func (n *negotiator) startTLS(ctx context.Context, data []byte) error {
 	return nil
 }
 
+// usable returns the exports this client may use, sorted by name. Only
+// these are ever named to it, by NBD_OPT_LIST or in an error message: the
+// spec lets a server hide what a client cannot use, and for lvnbd a name is
+// a VM's volume.
+func (n *negotiator) usable() []*Export {
+	var out []*Export
+	for _, e := range n.s.cfg.Exports.List() {
+		if why, _ := e.currentAccess().check(n.peer); why == "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
 func (n *negotiator) list(data []byte) error {
 	if len(data) != 0 {
 		return n.replyErr(nbd.OptList, nbd.RepErrInvalid, "NBD_OPT_LIST takes no data")
 	}
-	for _, e := range n.s.cfg.Exports.List() {
-		if why, _ := e.currentAccess().check(n.peer); why != "" {
-			continue // the spec lets a server hide what a client cannot use
-		}
+	for _, e := range n.usable() {
 		b, err := nbd.ServerEntry{Name: e.Name, Description: e.Description}.AppendBinary(nil)
 		if err != nil {
 			return err
@@ -246,8 +317,7 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 	}
 	e, ok := n.s.cfg.Exports.Lookup(req.Name)
 	if !ok {
-		return nil, n.replyErr(opt, nbd.RepErrUnknown,
-			fmt.Sprintf("no export %q on this server (exports: %s)", req.Name, n.s.cfg.Exports.names()))
+		return nil, n.replyErr(opt, nbd.RepErrUnknown, unknownExportMessage(req.Name, n.usable()))
 	}
 	if why, tlsReqd := n.access(e); why != "" {
 		t := nbd.RepErrPolicy
@@ -315,7 +385,13 @@ func (n *negotiator) metaContext(opt nbd.Option, data []byte) error {
 		}
 	}
 	if match {
-		b, _ := nbd.MetaContext{ID: baseAllocationID, Name: nbd.MetaContextBaseAllocation}.AppendBinary(nil)
+		id := uint32(baseAllocationID)
+		if opt == nbd.OptListMetaContext {
+			// The spec reserves the id in LIST replies: only SET
+			// gives one the client may use.
+			id = 0
+		}
+		b, _ := nbd.MetaContext{ID: id, Name: nbd.MetaContextBaseAllocation}.AppendBinary(nil)
 		n.queue(opt, nbd.RepMetaContext, b)
 		if opt == nbd.OptSetMetaContext {
 			n.metaAlloc, n.metaExport = true, e.Name
@@ -345,9 +421,59 @@ func (n *negotiator) reply(opt nbd.Option, t nbd.OptionReplyType, data []byte) e
 // the handshake goes on.
 func (n *negotiator) replyErr(opt nbd.Option, t nbd.OptionReplyType, msg string) error {
 	n.log.Debug("option refused", zap.Stringer("option", opt), zap.Stringer("reply", t), zap.String("why", msg))
-	if len(msg) > nbd.MaxStringLength {
-		msg = msg[:nbd.MaxStringLength]
-	}
+	msg = truncateString(msg, nbd.MaxStringLength)
 	n.out = n.out[:0] // drop informational replies queued before the error
 	return n.reply(opt, t, []byte(msg))
+}
+
+// truncateString cuts s to at most limit bytes, at the start of a UTF-8
+// sequence: the spec's strings are UTF-8, and a client may refuse a message
+// ending in half a character.
+func truncateString(s string, limit int) string {
+	if len(s) <= limit {
+		return s
+	}
+	i := limit
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i]
+}
+
+// unknownExportMessage is the NBD_REP_ERR_UNKNOWN message for name: it lists
+// the exports the client may use (usable) to help a user who mistyped, as
+// many as fit in the spec's 4096-byte string, and how many more there are.
+func unknownExportMessage(name string, usable []*Export) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "no export %q on this server", name)
+	if len(usable) == 0 {
+		return b.String()
+	}
+	noList := b.Len()
+	b.WriteString(" (exports: ")
+	for i, e := range usable {
+		q := strconv.Quote(e.Name)
+		if i > 0 {
+			q = ", " + q
+		}
+		// Room for this name and for what ends the message if the next
+		// does not fit: the count of the rest, or the closing bracket.
+		end := ")"
+		if rest := len(usable) - i - 1; rest > 0 {
+			end = fmt.Sprintf(", and %d more)", rest)
+		}
+		if b.Len()+len(q)+len(end) > nbd.MaxStringLength {
+			if i == 0 {
+				// Not even one fits (a very long name asked for):
+				// no list.
+				return b.String()[:noList]
+			}
+			// The previous round kept room for this.
+			fmt.Fprintf(&b, ", and %d more)", len(usable)-i)
+			return b.String()
+		}
+		b.WriteString(q)
+	}
+	b.WriteString(")")
+	return b.String()
 }

@@ -2,9 +2,12 @@ package server
 
 import (
 	"bytes"
+	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -263,5 +266,196 @@ func TestSizeIsReReadAtEachHandshake(t *testing.T) {
 	c.request(nbd.RequestHeader{Command: nbd.CmdWrite, Handle: 1, Offset: 3<<20 - 1, Length: 1}, []byte{7})
 	if res := c.simpleReply(0); res.errno != 0 {
 		t.Fatalf("write into the grown part on the old connection: %v", res.errno)
+	}
+}
+
+// An option with more data than any lvnbd takes is read and answered, and
+// the handshake goes on: NBD_REP_ERR_UNSUP for an option lvnbd does not
+// implement (the spec's baseline: MUST reply, MUST NOT fail to parse the
+// next), NBD_REP_ERR_TOO_BIG for one it does. Only past maxSkippedOption,
+// or where no error reply exists, does it hang up.
+func TestOversizedOptions(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	big := bytes.Repeat([]byte{0x55}, nbd.MaxOptionLength+1024)
+
+	tests := []struct {
+		name string
+		opt  nbd.Option
+		want nbd.OptionReplyType
+	}{
+		{"unknown option", nbd.Option(99), nbd.RepErrUnsup},
+		{"unimplemented option", nbd.OptPeekExport, nbd.RepErrUnsup},
+		{"LIST", nbd.OptList, nbd.RepErrTooBig},
+		{"INFO", nbd.OptInfo, nbd.RepErrTooBig},
+		{"GO", nbd.OptGo, nbd.RepErrTooBig},
+		{"SET_META_CONTEXT", nbd.OptSetMetaContext, nbd.RepErrTooBig},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+			c.sendOption(tt.opt, big)
+			if r := c.optionReplies(tt.opt); r[0].typ != tt.want {
+				t.Fatalf("%v with %d bytes: %v %s, want %v", tt.opt, len(big), r[0].typ, r[0].data, tt.want)
+			}
+			// The next option is parsed: the data was skipped.
+			if typ, msg := c.goReply("disk"); typ != nbd.RepAck {
+				t.Fatalf("GO after the oversized option: %v %s", typ, msg)
+			}
+		})
+	}
+
+	t.Run("ABORT is acknowledged", func(t *testing.T) {
+		c := dialRaw(t, ts.addr)
+		c.greet(nbd.ClientFlagFixedNewstyle)
+		c.sendOption(nbd.OptAbort, big)
+		if r := c.optionReplies(nbd.OptAbort); r[0].typ != nbd.RepAck {
+			t.Fatalf("ABORT: %v", r[0].typ)
+		}
+		c.expectClosed()
+	})
+	for _, tt := range []struct {
+		name   string
+		flags  nbd.ClientFlags
+		opt    nbd.Option
+		length uint32
+	}{
+		{"past the skipping limit", nbd.ClientFlagFixedNewstyle, nbd.Option(99), maxSkippedOption + 1},
+		{"EXPORT_NAME, which has no error reply", nbd.ClientFlagFixedNewstyle, nbd.OptExportName, nbd.MaxOptionLength + 1},
+		{"non-fixed-newstyle client", 0, nbd.Option(99), nbd.MaxOptionLength + 1},
+	} {
+		t.Run(tt.name+" hangs up", func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(tt.flags)
+			b, _ := nbd.OptionHeader{Option: tt.opt, Length: tt.length}.AppendBinary(nil)
+			c.write(b) // and not the data: the server must not wait for it
+			c.expectClosed()
+		})
+	}
+}
+
+// handles says which options option's switch answers other than with
+// NBD_REP_ERR_UNSUP (skipOversized relies on it).
+func TestHandledOptions(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	for opt := nbd.Option(0); opt <= 20; opt++ {
+		if opt == nbd.OptExportName || opt == nbd.OptAbort {
+			if !handles(opt) {
+				t.Errorf("handles(%v) = false", opt)
+			}
+			continue // they end the handshake: the cases below cannot ask
+		}
+		c := dialRaw(t, ts.addr)
+		c.greet(nbd.ClientFlagFixedNewstyle)
+		c.sendOption(opt, nil)
+		r := c.optionReplies(opt)
+		if unsup := r[len(r)-1].typ == nbd.RepErrUnsup; unsup == handles(opt) {
+			t.Errorf("%v: the handshake answers %v, but handles says %v", opt, r[len(r)-1].typ, handles(opt))
+		}
+	}
+}
+
+// The spec reserves the context id in NBD_OPT_LIST_META_CONTEXT replies
+// (SHOULD be zero); NBD_OPT_SET_META_CONTEXT gives the id requests use.
+func TestMetaContextIDs(t *testing.T) {
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, nil, disk)
+	c := dialRaw(t, ts.addr)
+	c.greet(nbd.ClientFlagFixedNewstyle)
+	c.option(nbd.OptStructuredReply, nil)
+	for _, tt := range []struct {
+		opt  nbd.Option
+		want uint32
+	}{
+		{nbd.OptListMetaContext, 0},
+		{nbd.OptSetMetaContext, baseAllocationID},
+	} {
+		r := c.option(tt.opt, nbd.MetaContextRequest{Export: "disk", Queries: []string{nbd.MetaContextBaseAllocation}})
+		var m nbd.MetaContext
+		if r[0].typ != nbd.RepMetaContext || m.UnmarshalBinary(r[0].data) != nil {
+			t.Fatalf("%v: %v %q", tt.opt, r[0].typ, r[0].data)
+		}
+		if m.ID != tt.want || m.Name != nbd.MetaContextBaseAllocation {
+			t.Errorf("%v: context %d %q, want %d %q", tt.opt, m.ID, m.Name, tt.want, nbd.MetaContextBaseAllocation)
+		}
+	}
+}
+
+func exportsNamed(names ...string) []*Export {
+	var out []*Export
+	for _, n := range names {
+		out = append(out, &Export{Name: n})
+	}
+	return out
+}
+
+// The unknown-export message stays within the spec's 4096 bytes, however
+// many exports there are (an LVM host may have thousands), cut between
+// names, and says how many it left out.
+func TestUnknownExportMessage(t *testing.T) {
+	many := make([]string, 1000)
+	for i := range many {
+		many[i] = fmt.Sprintf("vm-%04d-disk", i)
+	}
+	tests := []struct {
+		name      string
+		asked     string
+		usable    []*Export
+		want      string // when set, the whole message
+		wantNames int    // else how many names it lists
+	}{
+		{name: "none usable", asked: "nope", want: `no export "nope" on this server`},
+		{name: "a few", asked: "nope", usable: exportsNamed("a", "b\"c"),
+			want: `no export "nope" on this server (exports: "a", "b\"c")`},
+		// 42 bytes before the list, 14 for the first name, 16 for each
+		// next: 252 names take 4072 bytes and leave room for ", and
+		// 748 more)" (15); a 253rd would not.
+		{name: "too many", asked: "nope", usable: exportsNamed(many...), wantNames: 252},
+		{name: "name asked too long for a list", asked: strings.Repeat("x", 4050), usable: exportsNamed("a", "b"),
+			want: `no export "` + strings.Repeat("x", 4050) + `" on this server`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := unknownExportMessage(tt.asked, tt.usable)
+			if len(got) > nbd.MaxStringLength || !utf8.ValidString(got) {
+				t.Fatalf("message of %d bytes (valid UTF-8: %v), want at most %d", len(got), utf8.ValidString(got), nbd.MaxStringLength)
+			}
+			if tt.want != "" {
+				if got != tt.want {
+					t.Errorf("message:\n got %q\nwant %q", got, tt.want)
+				}
+				return
+			}
+			listed := strings.Count(got, `"vm-`)
+			wantEnd := fmt.Sprintf(`, and %d more)`, len(tt.usable)-listed)
+			if listed != tt.wantNames || !strings.HasSuffix(got, wantEnd) {
+				t.Errorf("message lists %d names and ends %q, want %d and %q", listed, got[len(got)-30:], tt.wantNames, wantEnd)
+			}
+			if len(got)+len(`, "vm-0999-disk"`) <= nbd.MaxStringLength {
+				t.Errorf("message of %d bytes left out a name that fits", len(got))
+			}
+		})
+	}
+}
+
+func TestTruncateString(t *testing.T) {
+	tests := []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"abc", 3, "abc"},
+		{"abcd", 3, "abc"},
+		{"ab€", 3, "ab"}, // € is 3 bytes: not half of it
+		{"ab€", 5, "ab€"},
+		{"€€", 4, "€"},
+		{"€", 2, ""},
+	}
+	for _, tt := range tests {
+		if got := truncateString(tt.in, tt.max); got != tt.want {
+			t.Errorf("truncateString(%q, %d) = %q, want %q", tt.in, tt.max, got, tt.want)
+		}
 	}
 }

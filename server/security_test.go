@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -66,7 +67,13 @@ func TestTLSAndAccessControl(t *testing.T) {
 	elsewhere, _ := fileExport(t, "elsewhere", 1<<20, false)
 	elsewhere.Access = Access{Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}}
 	open, _ := fileExport(t, "open", 1<<20, false)
-	ts := startServer(t, &Config{TLS: pki.ServerConfig()}, plain, secret, named, elsewhere, open)
+	// allow_names with TLS left optional: only TLS can bring the
+	// certificate, so it is TLS-only as the spec means it.
+	namedOptional, _ := fileExport(t, "named-optional", 1<<20, false)
+	namedOptional.Access = Access{AllowNames: []string{"dom0-a"}}
+	namedElsewhere, _ := fileExport(t, "named-elsewhere", 1<<20, false)
+	namedElsewhere.Access = Access{Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}, AllowNames: []string{"dom0-a"}}
+	ts := startServer(t, &Config{TLS: pki.ServerConfig()}, plain, secret, named, elsewhere, open, namedOptional, namedElsewhere)
 
 	tests := []struct {
 		name     string
@@ -82,8 +89,14 @@ func TestTLSAndAccessControl(t *testing.T) {
 		{"TLS client, TLS-only export", true, false, "secret", nbd.RepAck, []string{"open", "secret"}},
 		{"TLS client, plain-only export", true, false, "plain", nbd.RepErrPolicy, nil},
 		{"TLS client without certificate, named export", true, false, "named", nbd.RepErrPolicy, nil},
-		{"TLS client with certificate, named export", true, true, "named", nbd.RepAck, []string{"named", "open", "secret"}},
+		{"TLS client with certificate, named export", true, true, "named", nbd.RepAck,
+			[]string{"named", "named-optional", "open", "secret"}},
 		{"address not allowed", false, false, "elsewhere", nbd.RepErrPolicy, nil},
+		{"plain client, named export with TLS optional", false, false, "named-optional", nbd.RepErrTLSReqd, nil},
+		{"TLS client without certificate, named export with TLS optional", true, false, "named-optional", nbd.RepErrPolicy, nil},
+		{"TLS client with certificate, named export with TLS optional", true, true, "named-optional", nbd.RepAck, nil},
+		// TLS would not let this client in: its address is refused.
+		{"plain client, named export at another address", false, false, "named-elsewhere", nbd.RepErrPolicy, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -140,6 +153,34 @@ func TestTLSAndAccessControl(t *testing.T) {
 			t.Fatalf("meta context after STARTTLS without structured replies: %v", r[0].typ)
 		}
 	})
+	// An unknown name's error names only what LIST shows this client: not
+	// the exports its address, its lack of TLS or of a certificate keeps
+	// it from.
+	for _, tt := range []struct {
+		name      string
+		tls, cert bool
+		want      string
+	}{
+		{"plain client", false, false, `no export "nope" on this server (exports: "open", "plain")`},
+		{"TLS client with certificate", true, true,
+			`no export "nope" on this server (exports: "named", "named-optional", "open", "secret")`},
+	} {
+		t.Run("unknown export, "+tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle)
+			if tt.tls {
+				if err := c.startTLS(pki.ClientConfig(tt.cert)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, opt := range []nbd.Option{nbd.OptInfo, nbd.OptGo} {
+				r := c.option(opt, nbd.InfoRequest{Name: "nope"})
+				if got := r[len(r)-1]; got.typ != nbd.RepErrUnknown || string(got.data) != tt.want {
+					t.Errorf("%v \"nope\": %v %q, want %v %q", opt, got.typ, got.data, nbd.RepErrUnknown, tt.want)
+				}
+			}
+		})
+	}
 	t.Run("EXPORT_NAME of a TLS-only export hangs up", func(t *testing.T) {
 		c := dialRaw(t, ts.addr)
 		c.greet(nbd.ClientFlagFixedNewstyle)
@@ -462,5 +503,182 @@ func TestFenceByNameCoversTheClientsShowingIt(t *testing.T) {
 				t.Errorf("GO of a new connection: %v %q, want %v", got, msg, want)
 			}
 		})
+	}
+}
+
+// recordingConn keeps a copy of every byte read through it.
+type recordingConn struct {
+	net.Conn
+	mu   sync.Mutex
+	read []byte
+}
+
+func (c *recordingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.mu.Lock()
+	c.read = append(c.read, b[:n]...)
+	c.mu.Unlock()
+	return n, err
+}
+
+// startTLSRecording is startTLS, keeping the TLS records the server sends.
+func (c *rawClient) startTLSRecording(cfg *tls.Config) *recordingConn {
+	c.t.Helper()
+	if r := c.option(nbd.OptStartTLS, nil); r[0].typ != nbd.RepAck {
+		c.t.Fatalf("STARTTLS: %v %s", r[0].typ, r[0].data)
+	}
+	rec := &recordingConn{Conn: c.nc}
+	tc := tls.Client(rec, cfg)
+	if err := tc.Handshake(); err != nil {
+		c.t.Fatal(err)
+	}
+	c.nc, c.r = tc, bufio.NewReader(tc)
+	return rec
+}
+
+// lastRecordType is the content type of the last TLS record in stream, or 0
+// if there is none or the stream ends inside one.
+func lastRecordType(stream []byte) byte {
+	var typ byte
+	for len(stream) > 0 {
+		if len(stream) < 5 {
+			return 0
+		}
+		n := 5 + (int(stream[3])<<8 | int(stream[4]))
+		if len(stream) < n {
+			return 0
+		}
+		typ, stream = stream[0], stream[n:]
+	}
+	return typ
+}
+
+// The server ends a TLS session with a close_notify before it closes the
+// connection: at NBD_CMD_DISC, as the spec says it MUST, and when it ends a
+// handshake, as it SHOULD. Without the alert, a client cannot tell the end
+// from a cut connection (gnutls logs "non-properly terminated").
+func TestTLSSessionEndsWithCloseNotify(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	disk, _ := fileExport(t, "disk", 1<<20, false)
+	ts := startServer(t, &Config{TLS: pki.ServerConfig()}, disk)
+	// TLS 1.2, whose record headers show an alert as one: TLS 1.3 labels
+	// every record application data.
+	cfg := pki.ClientConfig(false)
+	cfg.MaxVersion = tls.VersionTLS12
+	const alert = 21 // TLS ContentType alert
+
+	tests := []struct {
+		name string
+		end  func(c *rawClient)
+	}{
+		{"NBD_CMD_DISC", func(c *rawClient) {
+			if typ, msg := c.goReply("disk"); typ != nbd.RepAck {
+				t.Fatalf("GO: %v %s", typ, msg)
+			}
+			c.request(nbd.RequestHeader{Command: nbd.CmdRead, Handle: 1, Length: 512}, nil)
+			if res := c.simpleReply(512); res.errno != 0 {
+				t.Fatalf("read: %v", res.errno)
+			}
+			c.request(nbd.RequestHeader{Command: nbd.CmdDisc, Handle: 2}, nil)
+		}},
+		{"NBD_OPT_ABORT", func(c *rawClient) {
+			if r := c.option(nbd.OptAbort, nil); r[0].typ != nbd.RepAck {
+				t.Fatalf("ABORT: %v", r[0].typ)
+			}
+		}},
+		{"refused NBD_OPT_EXPORT_NAME", func(c *rawClient) {
+			c.sendOption(nbd.OptExportName, []byte("nope"))
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+			rec := c.startTLSRecording(cfg)
+			tt.end(c)
+			c.drainUntilClosed()
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			if got := lastRecordType(rec.read); got != alert {
+				t.Errorf("the server's last TLS record has type %d, want %d (its close_notify)", got, alert)
+			}
+		})
+	}
+}
+
+// A client that does not read holds the server's close_notify, and with it
+// the close of its connection, for no more than closeNotifyTimeout.
+func TestCloseTLSIsBounded(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(d time.Duration) { closeNotifyTimeout = d }(closeNotifyTimeout)
+	closeNotifyTimeout = 100 * time.Millisecond
+
+	// A pipe has no buffer: a write waits for the peer to read.
+	a, b := net.Pipe()
+	defer b.Close()
+	srv := tls.Server(a, pki.ServerConfig())
+	cfg := pki.ClientConfig(false)
+	cfg.MaxVersion = tls.VersionTLS12 // nothing sent after the handshake
+	cli := tls.Client(b, cfg)
+	handshake := make(chan error, 1)
+	go func() { handshake <- cli.Handshake() }()
+	if err := srv.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-handshake; err != nil {
+		t.Fatal(err)
+	}
+
+	// The client reads nothing from here on.
+	start := time.Now()
+	closeTLS(srv)
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("closing a TLS connection whose peer does not read took %v, want about %v", took, closeNotifyTimeout)
+	}
+	if _, err := a.Write([]byte{0}); !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.ErrClosedPipe) {
+		t.Errorf("after closeTLS, a write to the connection returned %v, want it closed", err)
+	}
+}
+
+// A fence or a kick cuts a TLS connection at once: no close_notify, which a
+// client that does not read would hold for crypto/tls's 5 s.
+func TestCutDoesNotWaitForTheClient(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(d time.Duration) { closeNotifyTimeout = d }(closeNotifyTimeout)
+	closeNotifyTimeout = time.Hour // a cut that waited for the alert would show
+
+	a, b := net.Pipe() // no buffer: a write waits for the peer to read
+	defer b.Close()
+	srv := tls.Server(a, pki.ServerConfig())
+	cfg := pki.ClientConfig(false)
+	cfg.MaxVersion = tls.VersionTLS12
+	cli := tls.Client(b, cfg)
+	handshake := make(chan error, 1)
+	go func() { handshake <- cli.Handshake() }()
+	if err := srv.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-handshake; err != nil {
+		t.Fatal(err)
+	}
+
+	cutDone := make(chan struct{})
+	go func() { cut(srv); close(cutDone) }()
+	select {
+	case <-cutDone:
+	case <-time.After(3 * time.Second): // the alert would hold it 5 s
+		t.Fatal("cut waited for a client that does not read")
+	}
+	if _, err := a.Write([]byte{0}); !errors.Is(err, net.ErrClosed) && !errors.Is(err, io.ErrClosedPipe) {
+		t.Errorf("after cut, a write to the connection returned %v, want it closed", err)
 	}
 }
