@@ -41,6 +41,9 @@ type Export struct {
 	Access Access
 	// access, once set by SetAccess, replaces Access.
 	access atomic.Pointer[Access]
+	// recovered is set once lvnbd recover replaced this failed export: a
+	// failure its syncs still meet is not recorded (see keepFailuresLocked).
+	recovered atomic.Bool
 
 	// writeGate lets Quiesce pause writes: every request that modifies
 	// data holds it shared for the duration of its I/O.
@@ -49,6 +52,7 @@ type Export struct {
 	mu      sync.Mutex
 	clients map[uint64]*clientConn
 	retired bool          // removed from the registry: close when unused
+	flushes int           // shutdown flushes under way (flushOpen): no close meanwhile
 	closing bool          // the backend is being flushed and closed
 	closed  chan struct{} // closed once the backend is closed after retiring
 }
@@ -109,7 +113,7 @@ func (e *Export) detach(id uint64) {
 // lastUseLocked reports whether the export is retired and unused, and its
 // backend not yet being closed: the caller closes it, with closeBackend.
 func (e *Export) lastUseLocked() bool {
-	if !e.retired || len(e.clients) > 0 || e.closing {
+	if !e.retired || len(e.clients) > 0 || e.flushes > 0 || e.closing {
 		return false
 	}
 	e.closing = true
@@ -127,6 +131,32 @@ func (e *Export) closeBackend() {
 	}
 	e.Backend.Close()
 	close(e.closed)
+}
+
+// flushOpen flushes the backend of an export the server still serves, or one
+// retired but not yet closing, and holds off its close meanwhile: a retire
+// that lands during the server's shutdown flush must not close the
+// descriptor under it (fdatasync would fail with EBADF, or sync another
+// file that took its number, and a healthy export be recorded as failed). An
+// export already closing is left to closeBackend, which flushes it and which
+// WaitClosed waits for.
+func (e *Export) flushOpen() error {
+	e.mu.Lock()
+	if e.closing {
+		e.mu.Unlock()
+		return nil
+	}
+	e.flushes++
+	e.mu.Unlock()
+	err := e.Backend.Flush()
+	e.mu.Lock()
+	e.flushes--
+	last := e.lastUseLocked()
+	e.mu.Unlock()
+	if last {
+		e.closeBackend()
+	}
+	return err
 }
 
 // retire marks the export removed: its backend is flushed and closed once

@@ -233,6 +233,16 @@ func (r *Registry) keepFailuresLocked(e *Export) {
 	}
 	failures := r.failures
 	b.OnFailure(func(err error) {
+		if e.recovered.Load() {
+			// A sync that was under way on the failed export when lvnbd
+			// recover replaced it: the admin already gave up what it
+			// covered (the half is resynced in full), and the new export's
+			// own descriptor is told of any failure from after its opening.
+			// Recording it would fail the recovered export again.
+			failures.log.Warn("a write-back of the export that lvnbd recover replaced failed late; the recovered export is not affected",
+				zap.String("export", e.Name), zap.Error(err))
+			return
+		}
 		failures.record(e.Name, e.Description, err)
 		r.failCurrent(e, err)
 	})
@@ -367,8 +377,12 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 		b.Close()
 		return res, fmt.Errorf("export %q changed while it was being recovered: look at lvnbd status and try again", name)
 	}
+	// Set before the record is cleared: a late failure of the old export's
+	// syncs recorded in between would fail the new one (keepFailuresLocked).
+	old.recovered.Store(true)
 	if r.failures != nil {
 		if _, err := r.failures.clear(name); err != nil {
+			old.recovered.Store(false) // still the export, and still failed
 			r.mu.Unlock()
 			b.Close()
 			return res, err

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -392,6 +393,15 @@ func TestRecover(t *testing.T) {
 	if _, err := reg.Recover("vm1"); !errors.Is(err, ErrNotFailed) {
 		t.Errorf("a second Recover returned %v, want ErrNotFailed", err)
 	}
+	// A sync that was under way on the failed export and fails only now
+	// neither records the failure again nor fails the recovered export.
+	hb.onFail(fmt.Errorf("fdatasync, late: %w", syscall.EIO))
+	if got := reg.Failures().List(); len(got) != 0 {
+		t.Errorf("records after a late failure of the replaced export: %+v", got)
+	}
+	if got := readErrno(now); got != 0 {
+		t.Errorf("after a late failure of the replaced export, a read of the recovered one got errno %d", got)
+	}
 	// The recovered export records its own failures.
 	reopened.fail(syscall.EIO)
 	if _, ok := reg.Failures().lookup("vm1"); !ok {
@@ -591,5 +601,106 @@ func TestRetiredExportFlushesInTheBackground(t *testing.T) {
 	case <-closed:
 	default:
 		t.Error("WaitClosed returned before the backend was closed")
+	}
+}
+
+// closeAfterFlush is a backend that fails a Flush running when, or arriving
+// after, it was closed: the descriptor would be gone (EBADF), or be another
+// file's.
+type closeAfterFlush struct {
+	*blockingFlush
+	mu       sync.Mutex
+	flushing int
+	blocked  bool // the first Flush, the shutdown's, waited for release
+	closed   bool
+	misuse   []string
+}
+
+func (b *closeAfterFlush) Flush() error {
+	b.mu.Lock()
+	if b.closed {
+		b.misuse = append(b.misuse, "flush after close")
+	}
+	b.flushing++
+	first := !b.blocked
+	b.blocked = true
+	b.mu.Unlock()
+	var err error
+	if first {
+		err = b.blockingFlush.Flush() // the shutdown's: waits for release
+	} else {
+		err = b.blockingFlush.Backend.Flush()
+	}
+	b.mu.Lock()
+	b.flushing--
+	b.mu.Unlock()
+	return err
+}
+
+func (b *closeAfterFlush) Close() error {
+	b.mu.Lock()
+	if b.flushing > 0 {
+		b.misuse = append(b.misuse, "close during a flush")
+	}
+	b.closed = true
+	b.mu.Unlock()
+	return b.blockingFlush.Backend.Close()
+}
+
+// An export retired while the server's shutdown flushes it (a reload or a
+// rescan landing as the server stops) is not closed under that flush: the
+// flush would fail on a closed descriptor, and a healthy export be recorded
+// as failed.
+func TestShutdownFlushHoldsOffARetiredExportsClose(t *testing.T) {
+	e, _ := fileExport(t, "vm1", 1<<20, false)
+	b := &closeAfterFlush{blockingFlush: &blockingFlush{Backend: e.Backend,
+		entered: make(chan struct{}), release: make(chan struct{})}}
+	e.Backend = b
+	ts := startServer(t, nil, e)
+	stopped := make(chan error, 1)
+	go func() { stopped <- ts.stop(t) }()
+	<-b.blockingFlush.entered // the shutdown flush runs
+	_, closed, err := ts.reg.Remove("vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.mu.Lock()
+	closing := e.closing
+	e.mu.Unlock()
+	if closing {
+		t.Error("the retired export began to close while the shutdown flushed it")
+	}
+	close(b.release)
+	if err := <-stopped; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
+	<-closed
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.misuse) > 0 || !b.closed {
+		t.Errorf("backend misused: %v (closed %v)", b.misuse, b.closed)
+	}
+}
+
+// failingFlush is a backend whose flush fails now, and which had not failed
+// before.
+type failingFlush struct{ Backend }
+
+func (failingFlush) Flush() error  { return &backend.WriteBackError{Path: "vm1", Err: syscall.EIO} }
+func (failingFlush) Failed() error { return nil }
+
+// The server's exit tells of a write-back that fails at the shutdown flush,
+// not of one that failed before: that one is recorded and reported already,
+// and would make every stop look like a failure.
+func TestShutdownReportsOnlyNewFailures(t *testing.T) {
+	old, _ := fileExport(t, "old", 1<<20, false)
+	old.Backend.(*backend.File).MarkFailed(syscall.ENOSPC)
+	if err := startServer(t, nil, old).stop(t); err != nil {
+		t.Errorf("Serve with an export that failed before the shutdown: %v, want nil", err)
+	}
+	now, _ := fileExport(t, "now", 1<<20, false)
+	now.Backend = failingFlush{now.Backend}
+	if err := startServer(t, nil, now).stop(t); err == nil {
+		t.Error("Serve whose shutdown flush failed returned nil")
 	}
 }

@@ -215,9 +215,18 @@ func (s *Server) Serve(ctx context.Context, listeners ...net.Listener) error {
 		if e.ReadOnly {
 			continue
 		}
-		if err := e.Backend.Flush(); err != nil {
+		// An export that failed before is already recorded and reported:
+		// it would make every stop look like a failure, and hide the one
+		// a flush meets now.
+		var failedBefore error
+		if f, ok := e.Backend.(failer); ok {
+			failedBefore = f.Failed()
+		}
+		if err := e.flushOpen(); err != nil {
 			s.log.Error("flushing export at shutdown", zap.String("export", e.Name), zap.Error(err))
-			first = errors.Join(first, err)
+			if failedBefore == nil {
+				first = errors.Join(first, err)
+			}
 		}
 	}
 	// Withdrawn exports flush as they close: their failures are recorded

@@ -53,6 +53,17 @@ func Attach(t testing.TB, size int64, sectorSize int) (dev, backing string) {
 	if err := os.Truncate(backing, size); err != nil {
 		t.Fatal(err)
 	}
+	return AttachFile(t, backing, sectorSize), backing
+}
+
+// AttachFile attaches a loop device over the file backing, which the test
+// made (on a file system of its choice: the device's discard and zeroing
+// follow the file's), with the logical sector size given (0: the default,
+// 512), until the test ends, and returns the device. It calls Require
+// first.
+func AttachFile(t testing.TB, backing string, sectorSize int) (dev string) {
+	t.Helper()
+	Require(t)
 	args := []string{"--find", "--show"}
 	if sectorSize > 0 {
 		args = append(args, "--sector-size", fmt.Sprint(sectorSize))
@@ -67,7 +78,7 @@ func Attach(t testing.TB, size int64, sectorSize int) (dev, backing string) {
 			t.Errorf("losetup --detach %s: %v: %s", dev, err, out)
 		}
 	})
-	return dev, backing
+	return dev
 }
 
 // Mount makes a file system of type fstype (mkfs.FSTYPE with the arguments

@@ -7,6 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -41,9 +44,18 @@ type File struct {
 	device    bool
 	readOnly  bool
 	size      atomic.Int64
-	noDSync   atomic.Bool  // the kernel refused RWF_DSYNC: FUA falls back to fdatasync
-	syncs     *syncTracker // every fdatasync and RWF_DSYNC write, and their first failure
+	dsync     bool         // the kernel takes RWF_DSYNC, as asked at Open (see rwfSupported)
+	syncs     *syncTracker // every fdatasync, RWF_DSYNC write and writeBack, and their first failure
 	blockSize int64        // a device's logical block size: fallocate's unit
+
+	// writeDSync writes with RWF_DSYNC. Tests replace it, to fail as a
+	// write does whose sync met an earlier failed write-back.
+	writeDSync func(p []byte, off int64) error
+
+	// zeroOffload: the device zeroes a range without being sent the
+	// zeroes (its write_zeroes_max_bytes was above 0 at Open), and has
+	// not refused to since.
+	zeroOffload atomic.Bool
 
 	// inMemory: the file is on tmpfs or ramfs, whose reads and writes
 	// never wait for a disk (but for swap, which the server cannot tell).
@@ -79,6 +91,7 @@ func Open(path string, readOnly bool) (*File, error) {
 		return nil, fmt.Errorf("stat %s: %w", path, err)
 	}
 	b := &File{f: f, fd: int(f.Fd()), path: path, readOnly: readOnly, syncs: newSyncTracker(path)}
+	b.writeDSync = func(p []byte, off int64) error { return b.pwritev2(p, off, unix.RWF_DSYNC) }
 	switch {
 	case st.Mode().IsRegular():
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
@@ -89,6 +102,15 @@ func Open(path string, readOnly bool) (*File, error) {
 			return nil, fmt.Errorf("BLKSSZGET on %s: %w", path, err)
 		}
 		b.blockSize = int64(bs)
+		var dst unix.Stat_t
+		if err := unix.Fstat(b.fd, &dst); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("fstat %s: %w", path, err)
+		}
+		// Unknown (no sysfs) counts as none: a fast zeroing is then
+		// refused, which the client can always cope with.
+		n, err := writeZeroesMaxBytes("/sys", dst.Rdev)
+		b.zeroOffload.Store(err == nil && n > 0)
 	default:
 		f.Close()
 		return nil, fmt.Errorf("%s is neither a regular file nor a block device (mode %v)", path, st.Mode())
@@ -97,11 +119,56 @@ func Open(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, err
 	}
+	b.dsync = rwfSupported(b.fd, b.Size(), unix.RWF_DSYNC)
 	var fs unix.Statfs_t
 	if !b.device && unix.Fstatfs(b.fd, &fs) == nil {
 		b.inMemory = fs.Type == unix.TMPFS_MAGIC || fs.Type == unix.RAMFS_MAGIC
 	}
 	return b, nil
+}
+
+// rwfSupported reports whether the kernel takes flag (RWF_DSYNC: Linux 4.7
+// and later) in preadv2 and pwritev2, asked with a read of one byte at off,
+// the end of the file or device, where nothing is read. The kernel checks a
+// read's flags as a write's, against one list for every file, before any
+// I/O, and answers EOPNOTSUPP for a flag it does not know (ENOSYS without
+// preadv2). A read never syncs, so unlike a write with RWF_DSYNC it cannot
+// meet a failed write-back and report it instead: a FUA write's failure
+// must never be taken for the kernel's answer, or a write-back failure
+// would be lost (see WriteAt). Any failure counts as no: a FUA write is
+// then a write and an fdatasync, slower but as durable.
+func rwfSupported(fd int, off int64, flag int) bool {
+	var one [1]byte
+	for {
+		_, err := unix.Preadv2(fd, [][]byte{one[:]}, off, flag)
+		if err != unix.EINTR {
+			return err == nil
+		}
+	}
+}
+
+// writeZeroesMaxBytes reads, from sysfs mounted at sys, the largest range
+// the block device rdev zeroes without being sent the zeroes: 0 when it
+// cannot (LVs on SATA disks, where libata turns WRITE SAME off, and thin
+// LVs). A partition has its disk's queue.
+func writeZeroesMaxBytes(sys string, rdev uint64) (int64, error) {
+	dir, err := filepath.EvalSymlinks(filepath.Join(sys, "dev", "block", fmt.Sprintf("%d:%d", unix.Major(rdev), unix.Minor(rdev))))
+	if err != nil {
+		return 0, err
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
+		dir = filepath.Dir(dir)
+	}
+	path := filepath.Join(dir, "queue", "write_zeroes_max_bytes")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return n, nil
 }
 
 // Path is the file or device this backend was opened from.
@@ -300,14 +367,16 @@ func (b *File) WriteAt(p []byte, off int64, fua bool) error {
 	if err := b.syncs.check(); err != nil {
 		return err
 	}
-	if fua && !b.noDSync.Load() {
+	if fua && b.dsync {
 		// The kernel syncs the range before returning, and a failed
-		// write-back of any page of the file fails it: it is a sync.
-		err := b.syncs.run(func() error { return b.pwritev2(p, off, unix.RWF_DSYNC) }, dsyncRefused)
-		if !dsyncRefused(err) {
-			return err
-		}
-		b.noDSync.Store(true)
+		// write-back of any page of the file fails it: it is a sync,
+		// and whatever it fails with is the export's failure. EOPNOTSUPP
+		// too: that the kernel takes the flag was settled at Open, and
+		// a failed write-back carries the device's errno (ext4, xfs and
+		// fuse keep it; BLK_STS_NOTSUPP is EOPNOTSUPP). Writing again
+		// another way would have the next sync succeed, the failure
+		// already reported, and the lost data acknowledged.
+		return b.syncs.run(func() error { return b.writeDSync(p, off) })
 	}
 	if !fua && !b.device {
 		b.writeMu.Lock()
@@ -356,12 +425,6 @@ func (b *File) OnFailure(f func(error)) { b.syncs.setOnFail(f) }
 // failed with err: one that failed before the server restarted.
 func (b *File) MarkFailed(err error) { b.syncs.fail(err) }
 
-// dsyncRefused reports whether a write with RWF_DSYNC failed because the
-// kernel does not take the flag, having written nothing.
-func dsyncRefused(err error) bool {
-	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS)
-}
-
 // Flush makes every write completed so far, through any connection, durable.
 //
 // Once a flush or durable write failed, every later one fails too, and so
@@ -373,7 +436,7 @@ func (b *File) Flush() error {
 			return fmt.Errorf("fdatasync %s: %w", b.path, err)
 		}
 		return nil
-	}, nil)
+	})
 }
 
 // Trim discards a range: a hole in a file, BLKDISCARD on a device. Discard is
@@ -384,6 +447,13 @@ func (b *File) Trim(off, length int64) error {
 	}
 	var err error
 	if b.device {
+		// BLKDISCARD drops the range's cached pages, dirty ones too, and
+		// the device may then fail or refuse the discard: the range may
+		// read as older data. Unlike a zeroing (see zeroDevice), that
+		// is allowed: after a TRIM the client may assume nothing of the
+		// range until it writes it again (NBD spec), so nothing is
+		// written back first, which would write what is being thrown
+		// away. Nothing outside the range is touched.
 		r := [2]uint64{uint64(off), uint64(length)}
 		err = ioctlRange(b.fd, unix.BLKDISCARD, &r)
 	} else {
@@ -398,8 +468,12 @@ func (b *File) Trim(off, length int64) error {
 	return nil
 }
 
+// pageSize is the unit of the page cache.
+var pageSize = int64(os.Getpagesize())
+
 // Zero makes a range read as zeroes. mayTrim allows deallocating it;
-// fast refuses with ErrNotFast instead of falling back to writing zeroes.
+// fast refuses with ErrNotFast instead of falling back to writing zeroes,
+// and leaves the range as it was.
 func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 	if err := b.syncs.check(); err != nil {
 		return err
@@ -408,18 +482,21 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 		return nil // fallocate would answer EINVAL
 	}
 	if !b.device {
-		return b.zero(off, length, mayTrim, fast)
+		return b.zeroFile(off, length, mayTrim, fast)
 	}
 	// A block device takes fallocate and BLKZEROOUT in whole logical
-	// blocks only, and the server advertises a minimum block size of 1:
-	// the ragged ends are written, after the middle, so that a refusal
-	// (ErrNotFast) leaves the range untouched.
-	bs := b.blockSize
-	start, end := (off+bs-1)/bs*bs, (off+length)/bs*bs
+	// blocks only, and the server advertises a minimum block size of 1.
+	// Both drop the range's page cache first and zero the part of a page
+	// in the range in the cache only, which a refusal would leave behind:
+	// so the device is given whole pages. The ragged ends are written,
+	// after the middle, so that a refusal (ErrNotFast) leaves the range
+	// untouched.
+	unit := max(b.blockSize, pageSize) // powers of 2: a multiple of both
+	start, end := (off+unit-1)/unit*unit, (off+length)/unit*unit
 	if start >= end {
-		return b.writeZeroes(off, length) // less than one whole block
+		return b.writeZeroes(off, length) // less than one whole page
 	}
-	if err := b.zero(start, end-start, mayTrim, fast); err != nil {
+	if err := b.zeroDevice(start, end-start, mayTrim, fast); err != nil {
 		return err
 	}
 	if err := b.writeZeroes(off, start-off); err != nil {
@@ -428,14 +505,10 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 	return b.writeZeroes(end, off+length-end)
 }
 
-// zero is Zero of a range a block device takes whole.
-func (b *File) zero(off, length int64, mayTrim, fast bool) error {
-	// On files both modes are metadata operations. On block devices
-	// PUNCH_HOLE is the kernel's zero-out without fallback (fast, but it
-	// may unmap: thin LVs and SSDs give the space back), and ZERO_RANGE
-	// the one that keeps the blocks mapped (NOUNMAP) and writes zeroes
-	// when it must. So with NO_HOLE a device is never punched, and a fast
-	// zeroing cannot be promised.
+// zeroFile is Zero of a regular file. Both fallocate modes are metadata
+// operations there, and a file system refuses a mode it lacks before it
+// changes anything.
+func (b *File) zeroFile(off, length int64, mayTrim, fast bool) error {
 	if mayTrim {
 		err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 		if err == nil {
@@ -444,9 +517,6 @@ func (b *File) zero(off, length int64, mayTrim, fast bool) error {
 		if !notSupported(err) {
 			return fmt.Errorf("punching %s [%d, +%d): %w", b.path, off, length, err)
 		}
-	}
-	if fast && b.device {
-		return ErrNotFast
 	}
 	err := unix.Fallocate(b.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	if err == nil {
@@ -458,13 +528,89 @@ func (b *File) zero(off, length int64, mayTrim, fast bool) error {
 	if fast {
 		return ErrNotFast
 	}
-	if b.device {
-		r := [2]uint64{uint64(off), uint64(length)}
-		if err := ioctlRange(b.fd, unix.BLKZEROOUT, &r); err == nil {
+	return b.writeZeroes(off, length)
+}
+
+// zeroDevice is Zero of whole pages of a block device.
+//
+// Every fallocate and BLKZEROOUT of a device first drops the range's
+// cached pages, dirty ones too, and only then zeroes, which can still fail
+// or be refused (blkdev_fallocate and blk_ioctl_zeroout call
+// truncate_bdev_range first). Dropped unwritten pages would be acknowledged
+// writes lost, so the range is written back before any of them: then a
+// call that fails has dropped only pages the device holds too.
+func (b *File) zeroDevice(off, length int64, mayTrim, fast bool) error {
+	// PUNCH_HOLE is the kernel's zero-out without fallback: fast, but it
+	// may unmap (thin LVs and SSDs give the space back), and only a
+	// device that offloads zeroing takes it. ZERO_RANGE keeps the blocks
+	// mapped (NOUNMAP) and writes zeroes when it must. So with NO_HOLE,
+	// or on a device without the offload, a fast zeroing cannot be
+	// promised, and is refused before the kernel is asked anything.
+	punch := mayTrim && b.zeroOffload.Load()
+	if fast && !punch {
+		return ErrNotFast
+	}
+	if err := b.writeBack(off, length); err != nil {
+		return err
+	}
+	if punch {
+		err := unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+		if err == nil {
 			return nil
 		}
+		if !notSupported(err) {
+			return fmt.Errorf("punching %s [%d, +%d): %w", b.path, off, length, err)
+		}
+		// Some devices (SCSI WRITE SAME) tell that they cannot only
+		// by failing, and some change (a device-mapper table reload).
+		b.zeroOffload.Store(false)
+		if fast {
+			b.dropCache(off, length)
+			return ErrNotFast
+		}
+	}
+	err := unix.Fallocate(b.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err == nil {
+		return nil
+	}
+	if !notSupported(err) {
+		return fmt.Errorf("zeroing %s [%d, +%d): %w", b.path, off, length, err)
+	}
+	r := [2]uint64{uint64(off), uint64(length)}
+	if err := ioctlRange(b.fd, unix.BLKZEROOUT, &r); err == nil {
+		return nil
 	}
 	return b.writeZeroes(off, length)
+}
+
+// writeBack writes a device's dirty cached pages of [off, off+length) and
+// waits for them, without flushing the device's cache: they need to be on
+// the device, not durable. Its wait reports a failed write-back of any page
+// of the device, as fdatasync does, and uses the report up (errseq), so it
+// runs as a sync, and a failure of it is the export's.
+func (b *File) writeBack(off, length int64) error {
+	return b.syncs.run(func() error {
+		err := unix.SyncFileRange(b.fd, off, length,
+			unix.SYNC_FILE_RANGE_WAIT_BEFORE|unix.SYNC_FILE_RANGE_WRITE|unix.SYNC_FILE_RANGE_WAIT_AFTER)
+		if err != nil {
+			return fmt.Errorf("sync_file_range %s [%d, +%d): %w", b.path, off, length, err)
+		}
+		return nil
+	})
+}
+
+// dropCache drops a device's clean cached pages around a range a refused
+// zero-out dropped, so that they are read again from the device. The range
+// is whole pages, but a large folio across one of its ends is not dropped:
+// the kernel zeroes its part in the range, in the cache only. Page-cache
+// folios are at most a PMD (pageSize/8 page table entries of pageSize)
+// and aligned to their size, so the range is widened to that. Dropping
+// clean pages loses nothing; dirty ones are kept, and only started on
+// their way to the device.
+func (b *File) dropCache(off, length int64) {
+	pmd := pageSize * (pageSize / 8)
+	start, end := off/pmd*pmd, (off+length+pmd-1)/pmd*pmd
+	unix.Fadvise(b.fd, start, end-start, unix.FADV_DONTNEED) // advice: nothing to do if refused
 }
 
 func notSupported(err error) bool {

@@ -3,7 +3,9 @@ package backend
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -200,6 +202,34 @@ func TestNoWait(t *testing.T) {
 func loopDevice(t *testing.T, size int64) (*File, string) {
 	t.Helper()
 	dev, path := looptest.Attach(t, size, 0)
+	return openDevice(t, dev), path
+}
+
+// ramfsDevice is loopDevice over a file of zeroes on ramfs, which has no
+// fallocate: the device cannot zero without being sent the zeroes
+// (write_zeroes_max_bytes 0), like an LV on a SATA disk or a thin LV.
+func ramfsDevice(t *testing.T, size int64) (*File, string) {
+	t.Helper()
+	looptest.Require(t, "mount", "umount")
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "ramfs", "ramfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount -t ramfs ramfs %s: %v: %s", dir, err, out)
+	}
+	// Registered after t.TempDir's removal and before the device's
+	// detach, so it runs between them.
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	path := filepath.Join(dir, "disk.img")
+	must(t, os.WriteFile(path, make([]byte, size), 0o600)) // ramfs has no holes
+	return openDevice(t, looptest.AttachFile(t, path, 0)), path
+}
+
+// openDevice opens a loop device of 512-byte blocks until the test ends.
+func openDevice(t *testing.T, dev string) *File {
+	t.Helper()
 	b, err := Open(dev, false)
 	if err != nil {
 		t.Fatal(err)
@@ -208,7 +238,25 @@ func loopDevice(t *testing.T, size int64) (*File, string) {
 	if !b.IsDevice() || b.blockSize != 512 {
 		t.Fatalf("%s: device %v, logical block size %d; want a device of 512-byte blocks", dev, b.IsDevice(), b.blockSize)
 	}
-	return b, path
+	return b
+}
+
+// readAll checks that b reads as want, from the page cache, then, flushed
+// and evicted, from the device: a kernel that changed the cache alone
+// shows in one and not the other.
+func readAll(t *testing.T, b *File, want []byte) {
+	t.Helper()
+	got := make([]byte, len(want))
+	must(t, b.ReadAt(got, 0))
+	if i := firstDiff(got, want); i >= 0 {
+		t.Errorf("from the page cache, byte %d is %#x, want %#x", i, got[i], want[i])
+	}
+	must(t, b.Flush())
+	must(t, unix.Fadvise(b.fd, 0, int64(len(want)), unix.FADV_DONTNEED))
+	must(t, b.ReadAt(got, 0))
+	if i := firstDiff(got, want); i >= 0 {
+		t.Errorf("from the device, byte %d is %#x, want %#x", i, got[i], want[i])
+	}
 }
 
 // allocatedBytes is how much of path's file system space holds data.
@@ -221,51 +269,140 @@ func allocatedBytes(t *testing.T, path string) int64 {
 	return st.Blocks * 512
 }
 
-// WRITE_ZEROES on a block device: any range, aligned or not, reads back as
-// zeroes with the bytes around it untouched; with NO_HOLE (mayTrim false)
-// nothing is deallocated; a zero length does nothing.
+// WRITE_ZEROES on a block device, with a write-zeroes offload or without:
+// any range, aligned or not, reads back as zeroes, in the page cache as on
+// the device, with the bytes around it untouched, acknowledged but
+// unflushed ones included; with NO_HOLE (mayTrim false) nothing is
+// deallocated; a zero length does nothing. FAST_ZERO succeeds where the
+// device offloads zeroing, and is refused elsewhere, with the range
+// untouched (TestRefusedFastZeroLeavesTheRange).
 func TestZeroOnADevice(t *testing.T) {
 	const size = 4 << 20
-	for _, tc := range []struct {
-		name        string
-		off, length int64
-		mayTrim     bool
+	for _, dev := range []struct {
+		name    string
+		open    func(*testing.T, int64) (*File, string)
+		offload bool
 	}{
-		{"inside one block", 1000, 20, false},
-		{"across two blocks", 1000, 100, false},
-		{"ragged both ends", 1000, 300 << 10, false},
-		{"ragged both ends, may trim", 1000, 300 << 10, true},
-		{"aligned, no hole", 64 << 10, 1 << 20, false},
-		{"aligned, may trim", 64 << 10, 1 << 20, true},
-		{"empty", 4096, 0, false},
-		{"to the end", size - 1000, 1000, false},
+		{"offload", loopDevice, true},
+		{"no offload", ramfsDevice, false},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			b, backing := loopDevice(t, size)
-			full := bytes.Repeat([]byte{0xff}, size)
-			if err := b.WriteAt(full, 0, true); err != nil {
-				t.Fatal(err)
+		for _, tc := range []struct {
+			name          string
+			off, length   int64
+			mayTrim, fast bool
+		}{
+			{"inside one block", 1000, 20, false, false},
+			{"across two blocks", 1000, 100, false, false},
+			{"inside one page, fast", 1000, 2000, true, true},
+			{"ragged both ends", 1000, 300 << 10, false, false},
+			{"ragged both ends, may trim", 1000, 300 << 10, true, false},
+			{"ragged both ends, fast", 1000, 300 << 10, true, true},
+			{"aligned, no hole", 64 << 10, 1 << 20, false, false},
+			{"aligned, may trim", 64 << 10, 1 << 20, true, false},
+			{"aligned, fast", 64 << 10, 1 << 20, true, true},
+			{"empty", 4096, 0, false, false},
+			{"to the end", size - 1000, 1000, false, false},
+		} {
+			t.Run(dev.name+"/"+tc.name, func(t *testing.T) {
+				b, backing := dev.open(t, size)
+				if b.zeroOffload.Load() != dev.offload {
+					t.Fatalf("Open found a write-zeroes offload %v, want %v", b.zeroOffload.Load(), dev.offload)
+				}
+				want := bytes.Repeat([]byte{0xff}, size)
+				must(t, b.WriteAt(want, 0, true))
+				// Acknowledged, not flushed, across both ends of the range.
+				dirty := bytes.Repeat([]byte{0xee}, 1200)
+				for _, end := range []int64{tc.off, tc.off + tc.length} {
+					at := min(max(end-600, 0), size-1200)
+					must(t, b.WriteAt(dirty, at, false))
+					copy(want[at:], dirty)
+				}
+				before := allocatedBytes(t, backing)
+				err := b.Zero(tc.off, tc.length, tc.mayTrim, tc.fast)
+				// Less than a page is written, fast or not.
+				if tc.fast && !dev.offload && tc.length >= pageSize {
+					if !errors.Is(err, ErrNotFast) {
+						t.Fatalf("fast Zero(%d, %d) without an offload: %v, want ErrNotFast", tc.off, tc.length, err)
+					}
+				} else if err != nil {
+					t.Fatalf("Zero(%d, %d, mayTrim %v, fast %v): %v", tc.off, tc.length, tc.mayTrim, tc.fast, err)
+				} else {
+					clear(want[tc.off : tc.off+tc.length])
+				}
+				readAll(t, b, want)
+				if after := allocatedBytes(t, backing); !tc.mayTrim && after < before {
+					t.Errorf("with NO_HOLE the device deallocated %d bytes", before-after)
+				}
+			})
+		}
+	}
+}
+
+// A refused FAST_ZERO leaves the range as it was (the spec: the server
+// SHOULD NOT alter the export), in the page cache as on the device, with
+// acknowledged writes not yet flushed, which the kernel drops from the
+// cache before it zeroes. A device without a write-zeroes offload is
+// refused at once; one that claims it and fails (some find out only by
+// trying) after the kernel dropped the range's cache, and not tried again.
+func TestRefusedFastZeroLeavesTheRange(t *testing.T) {
+	const size = 1 << 20
+	for _, claims := range []bool{false, true} {
+		t.Run(fmt.Sprintf("claims offload %v", claims), func(t *testing.T) {
+			b, _ := ramfsDevice(t, size)
+			b.zeroOffload.Store(claims)
+			want := bytes.Repeat([]byte{'A'}, size)
+			must(t, b.WriteAt(want, 0, true)) // on the device and clean in the cache
+			dirty := bytes.Repeat([]byte{'B'}, 64<<10)
+			must(t, b.WriteAt(dirty, 0, false)) // acknowledged, not flushed
+			copy(want, dirty)
+			if err := b.Zero(1000, 200<<10, true, true); !errors.Is(err, ErrNotFast) {
+				t.Fatalf("fast Zero = %v, want ErrNotFast", err)
 			}
-			before := allocatedBytes(t, backing)
-			if err := b.Zero(tc.off, tc.length, tc.mayTrim, false); err != nil {
-				t.Fatalf("Zero(%d, %d, mayTrim %v): %v", tc.off, tc.length, tc.mayTrim, err)
+			if b.zeroOffload.Load() {
+				t.Error("the device refused to zero, and still counts as offloading it")
 			}
-			if err := b.Flush(); err != nil {
-				t.Fatal(err)
-			}
-			got := make([]byte, size)
-			if err := b.ReadAt(got, 0); err != nil {
-				t.Fatal(err)
-			}
-			want := bytes.Clone(full)
-			clear(want[tc.off : tc.off+tc.length])
-			if i := firstDiff(got, want); i >= 0 {
-				t.Fatalf("byte %d is %#x, want %#x", i, got[i], want[i])
-			}
-			if after := allocatedBytes(t, backing); !tc.mayTrim && after < before {
-				t.Errorf("with NO_HOLE the device deallocated %d bytes", before-after)
-			}
+			readAll(t, b, want)
 		})
+	}
+}
+
+// The write-zeroes offload of a device is read from sysfs, a partition's
+// from its disk; unknown is an error.
+func TestWriteZeroesMaxBytes(t *testing.T) {
+	sys := t.TempDir()
+	for path, content := range map[string]string{
+		"devices/pci0/block/sda/queue/write_zeroes_max_bytes":     "0\n",
+		"devices/pci0/block/sda/sda1/partition":                   "1\n",
+		"devices/virtual/block/dm-0/queue/write_zeroes_max_bytes": "4294966784\n",
+		"devices/virtual/block/dm-1/queue/write_zeroes_max_bytes": "many\n",
+	} {
+		must(t, os.MkdirAll(filepath.Join(sys, filepath.Dir(path)), 0o755))
+		must(t, os.WriteFile(filepath.Join(sys, path), []byte(content), 0o644))
+	}
+	must(t, os.MkdirAll(filepath.Join(sys, "dev/block"), 0o755))
+	for link, target := range map[string]string{
+		"8:0":   "../../devices/pci0/block/sda",
+		"8:1":   "../../devices/pci0/block/sda/sda1",
+		"253:0": "../../devices/virtual/block/dm-0",
+		"253:1": "../../devices/virtual/block/dm-1",
+	} {
+		must(t, os.Symlink(target, filepath.Join(sys, "dev/block", link)))
+	}
+	for _, tc := range []struct {
+		major, minor uint32
+		want         int64
+		wantErr      bool
+	}{
+		{8, 0, 0, false},
+		{8, 1, 0, false},
+		{253, 0, 4294966784, false},
+		{253, 1, 0, true},
+		{7, 9, 0, true},
+	} {
+		got, err := writeZeroesMaxBytes(sys, unix.Mkdev(tc.major, tc.minor))
+		if got != tc.want || (err != nil) != tc.wantErr {
+			t.Errorf("%d:%d: %d, %v; want %d, error %v", tc.major, tc.minor, got, err, tc.want, tc.wantErr)
+		}
 	}
 }
 

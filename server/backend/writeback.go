@@ -14,7 +14,7 @@ import (
 // not take this half back before it is resynced in full.
 type WriteBackError struct {
 	Path string
-	Err  error // the first failure: fdatasync's or an RWF_DSYNC write's
+	Err  error // the first failure: fdatasync's, an RWF_DSYNC write's or a writeBack's
 }
 
 func (e *WriteBackError) Error() string {
@@ -27,7 +27,8 @@ func (e *WriteBackError) Error() string {
 func (e *WriteBackError) Unwrap() error { return e.Err }
 
 // syncTracker runs the operations that make an export's data durable
-// (fdatasync, writes with RWF_DSYNC) and keeps the first failure for ever.
+// (fdatasync, writes with RWF_DSYNC), and the others that wait for its
+// write-back (File.writeBack), and keeps the first failure for ever.
 //
 // Linux reports a write-back error to each open file once (errseq_t): the
 // first fdatasync after a page failed to reach the disk fails, the next one
@@ -60,10 +61,11 @@ func newSyncTracker(path string) *syncTracker {
 	return t
 }
 
-// run runs op unless an earlier sync failed. A failure of op for which
-// refused is true is op's own — the kernel refusing RWF_DSYNC, having done
-// nothing — and is returned as it is; any other becomes the export's.
-func (t *syncTracker) run(op func() error, refused func(error) bool) error {
+// run runs op unless an earlier sync failed. Any failure of op becomes the
+// export's, whatever its errno: the kernel reports a failed write-back with
+// the device's, which can be any (EOPNOTSUPP included), so none can be
+// told apart as op's own.
+func (t *syncTracker) run(op func() error) error {
 	t.mu.Lock()
 	if t.err != nil {
 		t.mu.Unlock()
@@ -76,7 +78,7 @@ func (t *syncTracker) run(op func() error, refused func(error) bool) error {
 	t.mu.Unlock()
 
 	err := op()
-	if err != nil && onFail != nil && (refused == nil || !refused(err)) {
+	if err != nil && onFail != nil {
 		// Still running: a later sync that succeeds waits for this ticket,
 		// so none is believed before the failure is recorded.
 		onFail(err)
@@ -86,9 +88,6 @@ func (t *syncTracker) run(op func() error, refused func(error) bool) error {
 	defer t.mu.Unlock()
 	delete(t.running, ticket)
 	t.done.Broadcast()
-	if err != nil && refused != nil && refused(err) {
-		return err
-	}
 	if err != nil && t.err == nil {
 		t.err = err
 		t.failed.Store(true)
