@@ -30,6 +30,9 @@ type Config struct {
 	// a handshake without structured replies. Connect does not close them:
 	// the caller closes them once Connect returns, whatever it returned (the
 	// kernel keeps its own references; see the package documentation).
+	// Connect sets SO_LINGER and TCP_USER_TIMEOUT on the TCP ones, so that
+	// a connection the kernel gave up on cannot deliver an old write late
+	// (prepareSockets).
 	Sockets []*os.File
 	// Size is the device size in bytes, a multiple of BlockSize.
 	Size uint64
@@ -45,13 +48,17 @@ type Config struct {
 	ReadOnly bool
 	// ClientFlags are passed as they are.
 	ClientFlags ClientFlags
-	// Timeout bounds each request, rounded up to whole seconds; a request
-	// that times out is retried on another connection, or fails. 0 leaves the
-	// kernel's default (recent kernels then only log stuck requests).
+	// Timeout bounds each request, rounded up to whole seconds, at most
+	// MaxTimeout; a request that times out is retried on another
+	// connection, or fails. 0 leaves the kernel's default (recent kernels
+	// then only log stuck requests, or retry after 30 s with several
+	// connections; the TCP sockets' TCP_USER_TIMEOUT assumes 30 s, which a
+	// device number configured before with a shorter timeout may still
+	// have: give a timeout).
 	Timeout time.Duration
 	// DeadConnTimeout is how long I/O waits for a RECONFIGURE with fresh
-	// sockets once every connection is dead, rounded up to whole seconds.
-	// 0 makes it fail at once.
+	// sockets once every connection is dead, rounded up to whole seconds,
+	// at most MaxTimeout. 0 makes it fail at once.
 	DeadConnTimeout time.Duration
 	// Backend identifies what the device is attached to (lvnbd uses the
 	// export's URI). The kernel shows it in /sys/block/nbdN/backend and
@@ -79,7 +86,9 @@ type Config struct {
 type Reconfig struct {
 	// Sockets replace dead connections, one each; the kernel closes those
 	// left over when fewer connections are dead. The caller closes them
-	// once Reconfigure returns, as with Config.Sockets.
+	// once Reconfigure returns, as with Config.Sockets. Their
+	// TCP_USER_TIMEOUT follows Timeout, or the device's timeout if 0; a
+	// lower Timeout does not reach the connections the device keeps.
 	Sockets []*os.File
 	// Size is the new device size in bytes, a multiple of the device's
 	// block size (a grown export).
@@ -180,9 +189,21 @@ func ValidBlockSize(bs uint32) error {
 	return nil
 }
 
+// MaxTimeout bounds Config.Timeout and Config.DeadConnTimeout. The kernel
+// keeps the request timeout in jiffies in an unsigned int (tag_set.timeout:
+// seconds × HZ), which wraps after 49 days at HZ=1000, 198 at HZ=250: a
+// longer timeout would silently become a short one.
+const MaxTimeout = 24 * time.Hour
+
 func validTimeouts(timeout, dead time.Duration) error {
 	if timeout < 0 || dead < 0 {
 		return fmt.Errorf("%w: negative timeout", errBadConfig)
+	}
+	if timeout > MaxTimeout {
+		return fmt.Errorf("%w: timeout %v is over %v (the kernel counts it in jiffies in 32 bits)", errBadConfig, timeout, MaxTimeout)
+	}
+	if dead > MaxTimeout {
+		return fmt.Errorf("%w: dead-connection timeout %v is over %v (the kernel counts it in jiffies)", errBadConfig, dead, MaxTimeout)
 	}
 	return nil
 }

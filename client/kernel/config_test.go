@@ -24,6 +24,7 @@ func TestConfigValidate(t *testing.T) {
 		name    string
 		cfg     Config
 		wantErr error // nil for valid; errBadConfig or ErrNoMultiConn
+		errText string
 	}{
 		{name: "valid", cfg: ok(nil)},
 		{name: "block size 0 means 512", cfg: ok(func(c *Config) { c.BlockSize = 0; c.Size = 1536 })},
@@ -43,6 +44,13 @@ func TestConfigValidate(t *testing.T) {
 		{name: "block size over a page", cfg: ok(func(c *Config) { c.BlockSize = uint32(os.Getpagesize()) * 2 }), wantErr: errBadConfig},
 		{name: "negative timeout", cfg: ok(func(c *Config) { c.Timeout = -time.Second }), wantErr: errBadConfig},
 		{name: "negative dead timeout", cfg: ok(func(c *Config) { c.DeadConnTimeout = -1 }), wantErr: errBadConfig},
+		{name: "timeout 24h", cfg: ok(func(c *Config) { c.Timeout = MaxTimeout; c.DeadConnTimeout = MaxTimeout })},
+		// 17179870 s × HZ=250 wraps the kernel's 32 bits to 204 jiffies.
+		{name: "timeout that wraps in jiffies", cfg: ok(func(c *Config) { c.Timeout = 17179870 * time.Second }), wantErr: errBadConfig,
+			errText: "timeout 4772h11m10s is over 24h0m0s (the kernel counts it in jiffies in 32 bits)"},
+		{name: "timeout over 24h", cfg: ok(func(c *Config) { c.Timeout = MaxTimeout + time.Second }), wantErr: errBadConfig},
+		{name: "dead timeout over 24h", cfg: ok(func(c *Config) { c.DeadConnTimeout = MaxTimeout + time.Second }), wantErr: errBadConfig,
+			errText: "dead-connection timeout 24h0m1s is over 24h0m0s"},
 		{name: "index -2", cfg: ok(func(c *Config) { c.Index = -2 }), wantErr: errBadConfig},
 		{name: "index too big", cfg: ok(func(c *Config) { c.Index = 1 << 20 }), wantErr: errBadConfig},
 		{name: "long backend", cfg: ok(func(c *Config) { c.Backend = strings.Repeat("x", MaxBackendLength+1) }), wantErr: errBadConfig},
@@ -60,6 +68,9 @@ func TestConfigValidate(t *testing.T) {
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("Validate() = %v, want %v", err, tt.wantErr)
 			}
+			if !strings.Contains(err.Error(), tt.errText) {
+				t.Errorf("Validate() = %q, want it to say %q", err, tt.errText)
+			}
 		})
 	}
 }
@@ -68,6 +79,8 @@ func TestReconfigValidate(t *testing.T) {
 	for name, r := range map[string]Reconfig{
 		"nil socket":       {Sockets: []*os.File{nil}},
 		"negative timeout": {Timeout: -time.Second},
+		"timeout over 24h": {Timeout: 25 * time.Hour},
+		"dead over 24h":    {DeadConnTimeout: 25 * time.Hour},
 		"huge size":        {Size: 1 << 63},
 		"long backend":     {Backend: strings.Repeat("x", MaxBackendLength+1)},
 	} {

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,6 +22,11 @@ import (
 // maxReplyReads bounds the datagrams read while waiting for the kernel's
 // acknowledgement of one request.
 const maxReplyReads = 64
+
+// replyTimeout bounds the wait for the answer to a request the kernel has
+// taken: it has queued the answer already (see exchange), so this is only a
+// guard.
+const replyTimeout = 10 * time.Second
 
 // aLongTimeAgo is a deadline in the past: setting it interrupts blocked I/O.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -90,17 +97,25 @@ func (c *Conn) Close() error { return c.nl.Close() }
 
 // Connect configures a device with cfg and returns its index N (/dev/nbdN).
 // It fails with ErrBusy if cfg.Index is taken, ErrNoMultiConn for several
-// sockets to an export without multi-conn, and an *OpError wrapping the
-// kernel's errno otherwise.
+// sockets to an export without multi-conn, ErrBackendUnsupported (having
+// disconnected the device again) if the kernel dropped cfg.Backend, and an
+// *OpError wrapping the kernel's errno otherwise. Once the kernel has
+// configured the device, ctx ending no longer makes Connect fail.
 func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 	if err := cfg.Validate(); err != nil {
 		return 0, err
+	}
+	if err := prepareSockets(cfg.Sockets, cfg.Timeout); err != nil {
+		return 0, &OpError{Op: cmdConnect.String(), Index: cfg.Index, Err: err}
 	}
 	fds := socketFDs(cfg.Sockets)
 	attrs, err := connectAttrs(&cfg, fds)
 	if err != nil {
 		return 0, err
 	}
+	// Once the request is sent the kernel has configured the device, even
+	// if ctx ends meanwhile: exchange reads the reply regardless, so that
+	// the device is reported, not left attached unknown to the caller.
 	replies, err := c.execute(ctx, cmdConnect, attrs)
 	// The descriptors must stay open until the kernel has looked them up.
 	runtime.KeepAlive(cfg.Sockets)
@@ -118,17 +133,59 @@ func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 	if index < 0 {
 		return 0, &OpError{Op: cmdConnect.String(), Index: cfg.Index, Err: fmt.Errorf("%w: no reply with the device index", errMalformed)}
 	}
+	if err := c.checkBackend(index, cfg.Backend); err != nil {
+		// lvnbd finds its devices by their backend: one without would
+		// be taken for lost and attached again, and again.
+		return 0, c.undoConnect(ctx, index, err)
+	}
 	if cfg.MaxRequestBytes > 0 {
 		if err := c.sys.limitRequestSize(index, cfg.MaxRequestBytes); err != nil {
 			// A device that could send requests the server refuses is
 			// worse than none.
-			if derr := c.Disconnect(context.WithoutCancel(ctx), index); derr != nil {
-				err = errors.Join(err, derr)
-			}
-			return 0, fmt.Errorf("%s: %w", DevicePath(index), err)
+			return 0, c.undoConnect(ctx, index, fmt.Errorf("%s: %w", DevicePath(index), err))
 		}
 	}
 	return index, nil
+}
+
+// checkBackend checks that the kernel kept the backend identifier device
+// index was connected with: kernels before 5.14 ignore it.
+func (c *Conn) checkBackend(index int, want string) error {
+	if want == "" {
+		return nil
+	}
+	got, err := c.sys.read(index, "backend")
+	if err != nil {
+		return &OpError{Op: cmdConnect.String(), Index: index, Err: fmt.Errorf("reading its backend identifier back: %w", err)}
+	}
+	if got == want {
+		return nil
+	}
+	file := filepath.Join(c.sys.dir(index), "backend")
+	has := fmt.Sprintf("is missing (want %q)", want)
+	if _, err := os.Stat(file); err == nil {
+		has = fmt.Sprintf("holds %q, not %q", got, want)
+	}
+	return &OpError{Op: cmdConnect.String(), Index: index,
+		Err: fmt.Errorf("%w: this is Linux %s, and %s %s", ErrBackendUnsupported, kernelRelease(), file, has)}
+}
+
+// undoConnect disconnects device index, which Connect configured but
+// cannot return because of err, and says so.
+func (c *Conn) undoConnect(ctx context.Context, index int, err error) error {
+	if derr := c.Disconnect(context.WithoutCancel(ctx), index); derr != nil {
+		return errors.Join(err, fmt.Errorf("disconnecting %s again failed, it stays attached: %w", DevicePath(index), derr))
+	}
+	return fmt.Errorf("%w; %s was disconnected again", err, DevicePath(index))
+}
+
+// kernelRelease returns the running kernel's release, as uname -r prints it.
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "(unknown: " + err.Error() + ")"
+	}
+	return unix.ByteSliceToString(u.Release[:])
 }
 
 // Disconnect tells the server goodbye on every connection of device index
@@ -152,8 +209,10 @@ func (c *Conn) Disconnect(ctx context.Context, index int) error {
 // Reconfigure changes a running device: fresh sockets take the place of dead
 // connections (the kernel silently drops those it has no dead slot for), a
 // new size grows it without detaching, timeouts change. It fails with
-// ErrWrongBackend if the device's backend is not r.Backend, and with
-// r.Size, with ErrResizeUnsupported if the kernel ignored the size.
+// ErrWrongBackend if the device's backend is not r.Backend, with
+// ErrDisconnectedHeldOpen for a device disconnected but still held open
+// (the kernel refuses it), and with r.Size, with ErrResizeUnsupported if
+// the kernel ignored the size.
 func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 	if err := r.Validate(); err != nil {
 		return err
@@ -182,6 +241,26 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 		return &OpError{Op: op, Index: index,
 			Err: fmt.Errorf("%w: its backend is %s, not %q (detached, and the number reused?): see lvnbd list", ErrWrongBackend, has, r.Backend)}
 	}
+	if len(r.Sockets) > 0 {
+		// The sockets' TCP_USER_TIMEOUT follows the timeout the device
+		// has once reconfigured.
+		timeout := r.Timeout
+		if timeout == 0 {
+			tcp, err := anyTCP(r.Sockets)
+			if err != nil {
+				return &OpError{Op: op, Index: index, Err: err}
+			}
+			if tcp {
+				if timeout, err = c.sys.requestTimeout(index); err != nil {
+					return &OpError{Op: op, Index: index,
+						Err: fmt.Errorf("cannot tell its request timeout, which the sockets' TCP_USER_TIMEOUT must stay under: %w; give a timeout", err)}
+				}
+			}
+		}
+		if err := prepareSockets(r.Sockets, timeout); err != nil {
+			return &OpError{Op: op, Index: index, Err: err}
+		}
+	}
 	fds := socketFDs(r.Sockets)
 	attrs, err := reconfigureAttrs(index, &r, r.Backend, fds)
 	if err != nil {
@@ -190,7 +269,11 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 	_, err = c.execute(ctx, cmdReconfigure, attrs)
 	runtime.KeepAlive(r.Sockets)
 	if err != nil {
-		return kernelError(cmdReconfigure, index, err)
+		kerr := kernelError(cmdReconfigure, index, err)
+		if errors.Is(err, unix.EINVAL) && c.disconnectedHeldOpen(ctx, index, r.Backend) {
+			return c.heldOpenError(index, kerr)
+		}
+		return kerr
 	}
 	if r.Size > 0 {
 		sectors, err := c.sys.readUint(index, "size")
@@ -203,6 +286,39 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 		}
 	}
 	return nil
+}
+
+// disconnectedHeldOpen tells whether an EINVAL from RECONFIGURE of device
+// index came from its having been disconnected (NBD_CMD_DISCONNECT clears
+// NBD_RT_BOUND) while something still holds it open, so that it keeps its
+// pid and backend in sysfs: a RECONFIGURE with only the index and backend
+// changes nothing on a device that is still bound, and fails the same way
+// on one that is not. Other EINVALs (a size the kernel refuses, say) leave
+// the device bound.
+func (c *Conn) disconnectedHeldOpen(ctx context.Context, index int, backend string) bool {
+	attrs, err := reconfigureAttrs(index, &Reconfig{}, backend, nil)
+	if err != nil {
+		return false
+	}
+	_, err = c.execute(ctx, cmdReconfigure, attrs)
+	return errors.Is(err, unix.EINVAL)
+}
+
+// heldOpenError explains kerr, the kernel's EINVAL for a RECONFIGURE of
+// device index that disconnectedHeldOpen found unbound.
+func (c *Conn) heldOpenError(index int, kerr error) error {
+	inner := kerr
+	var oe *OpError
+	if errors.As(kerr, &oe) {
+		inner = oe.Err
+	}
+	by := "a process or Xen's blkback may hold it"
+	if holders := c.sys.holders(index); len(holders) > 0 {
+		by = strings.Join(holders, ", ") + "; a process or Xen's blkback may hold it too"
+	}
+	return &OpError{Op: cmdReconfigure.String(), Index: index, Err: fmt.Errorf("%w: %w (%s): "+
+		"the kernel gives %s no connections again; it works again once closed and detached, then attached anew",
+		inner, ErrDisconnectedHeldOpen, by, DevicePath(index))}
 }
 
 // Status returns device index, or every nbd device for AnyDevice, sorted by
@@ -253,8 +369,9 @@ func socketFDs(files []*os.File) []uint32 {
 	for i, f := range files {
 		fd := f.Fd()
 		if fd > math.MaxInt32 {
-			// Not a descriptor (a closed file gives ^uintptr(0)); the
-			// kernel will answer EBADF for it.
+			// Not a descriptor (a closed file gives ^uintptr(0), but
+			// prepareSockets refuses those first); the kernel would
+			// answer EBADF for it.
 			fd = math.MaxInt32
 		}
 		fds[i] = uint32(fd)
@@ -277,6 +394,9 @@ func (c *Conn) exchange(ctx context.Context, familyID uint16, cmd uint8, attrs [
 	if c.broken != nil {
 		return nil, fmt.Errorf("netlink connection unusable after an interrupted request: %w", c.broken)
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, err // not sent: nothing to read back
+	}
 	body, err := (&genetlink.Message{
 		Header: genetlink.Header{Command: cmd, Version: familyVersion},
 		Data:   attrs,
@@ -285,19 +405,31 @@ func (c *Conn) exchange(ctx context.Context, familyID uint16, cmd uint8, attrs [
 		return nil, err
 	}
 	stop := watchContext(ctx, c.nl)
-	defer stop()
 	req, err := c.nl.Send(netlink.Message{
 		Header: netlink.Header{Type: netlink.HeaderType(familyID), Flags: netlink.Request | netlink.Acknowledge},
 		Data:   body,
 	})
+	// Generic netlink runs the command inside sendmsg: once Send returns,
+	// the kernel has carried the request out and queued its answer. ctx
+	// no longer interrupts reading it, or a CONNECT cancelled at that
+	// moment would report a failure for a device the kernel configured,
+	// left attached unknown to the caller. The reply deadline only keeps a
+	// kernel that never answers from hanging us.
+	stop()
 	if err != nil {
 		return nil, c.interrupted(ctx, err)
 	}
+	_ = c.nl.SetReadDeadline(time.Now().Add(replyTimeout))
+	defer c.nl.SetReadDeadline(time.Time{})
 	var out []genetlink.Message
 	for range maxReplyReads {
 		msgs, err := c.nl.Receive()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			c.broken = fmt.Errorf("no answer from the kernel within %v", replyTimeout)
+			return nil, c.broken
+		}
 		if err != nil {
-			return nil, c.interrupted(ctx, err)
+			return nil, err
 		}
 		for _, m := range msgs {
 			if m.Header.Sequence != req.Header.Sequence {
@@ -319,8 +451,8 @@ func (c *Conn) exchange(ctx context.Context, familyID uint16, cmd uint8, attrs [
 	return nil, fmt.Errorf("%w: no acknowledgement after %d reads", errMalformed, maxReplyReads)
 }
 
-// interrupted returns err, or ctx's error if ctx caused it; then the socket
-// may still hold the answer, so the Conn is marked broken.
+// interrupted returns the error of a Send: err, or ctx's error if ctx
+// caused it; then the Conn is marked broken, to be safe.
 func (c *Conn) interrupted(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		c.broken = ctx.Err()
@@ -334,14 +466,22 @@ func (c *Conn) interrupted(ctx context.Context, err error) error {
 }
 
 // watchContext makes ctx's deadline and cancellation interrupt I/O on nl, as
-// far as nl supports deadlines. The returned function stops watching.
+// far as nl supports deadlines. The returned function, called once, stops
+// watching and clears the deadline, also if ctx ended meanwhile.
 func watchContext(ctx context.Context, nl *netlink.Conn) func() {
 	if d, ok := ctx.Deadline(); ok {
 		_ = nl.SetDeadline(d)
 	}
-	stop := context.AfterFunc(ctx, func() { _ = nl.SetDeadline(aLongTimeAgo) })
+	interrupted := make(chan struct{})
+	stopAfter := context.AfterFunc(ctx, func() {
+		_ = nl.SetDeadline(aLongTimeAgo)
+		close(interrupted)
+	})
 	return func() {
-		stop()
+		if !stopAfter() {
+			// It has started: clear the deadline only after it set its own.
+			<-interrupted
+		}
 		_ = nl.SetDeadline(time.Time{})
 	}
 }

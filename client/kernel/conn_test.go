@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -104,6 +105,18 @@ func (s fakeSysfs) get(t testing.TB, index int, attr string) string {
 	return strings.TrimSpace(string(b))
 }
 
+// connected writes what nbd_genl_connect leaves in sysfs for device index
+// configured with attrs: its pid, and its backend identifier if attrs has
+// one and the kernel keeps it (Linux 5.14 and later).
+func (s fakeSysfs) connected(t testing.TB, index int, attrs []byte, keepsBackend bool) {
+	t.Helper()
+	files := map[string]string{"pid": "4242", "size": "2048", "ro": "0"}
+	if b, ok := attrsOf(t, attrs)[attrBackendIdentifier]; ok && keepsBackend {
+		files["backend"] = strings.TrimSuffix(string(b), "\x00")
+	}
+	s.set(t, index, files)
+}
+
 func newTestConn(t testing.TB, k *fakeKernel) (*Conn, fakeSysfs) {
 	t.Helper()
 	k.t = t
@@ -191,14 +204,16 @@ func TestConnect(t *testing.T) {
 	socks := testSockets(t, 2)
 	var gotFDs []uint32
 	var gotAttrs map[uint16][]byte
+	var sys fakeSysfs
 	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
 		if cmd != cmdConnect {
 			t.Errorf("command %v, want CONNECT", cmd)
 		}
 		gotFDs, gotAttrs = sockFDs(t, attrs), attrsOf(t, attrs)
+		sys.connected(t, 5, attrs, true)
 		return concat(nla(attrIndex, u32(5))), 0
 	}}
-	c, _ := newTestConn(t, k)
+	c, sys := newTestConn(t, k)
 	index, err := c.Connect(context.Background(), Config{
 		Sockets: socks, Size: 64 << 20, BlockSize: 4096, Index: AnyDevice, Backend: "nbd://127.0.0.1:10809/disk",
 		ServerFlags: nbd.FlagHasFlags | nbd.FlagCanMultiConn, Timeout: 5 * time.Second,
@@ -582,4 +597,264 @@ func TestWatchLoopStopsWithContext(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("watchLoop did not return after cancel")
 	}
+}
+
+// A kernel before 5.14 ignores NBD_ATTR_BACKEND_IDENTIFIER: Connect finds
+// no backend on the device it made, disconnects it again and says why,
+// rather than return a device lvnbd could never find by its backend.
+func TestConnectChecksTheKernelKeptTheBackend(t *testing.T) {
+	const backend = "nbd://storage-a:10809/vm1"
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	release := unix.ByteSliceToString(u.Release[:])
+	tests := []struct {
+		name           string
+		backend        string // Config.Backend
+		keeps          bool   // the kernel keeps the backend
+		other          string // the backend the kernel shows instead, if any
+		disconnectFail bool
+		wantErr        []string
+	}{
+		{name: "kept", backend: backend, keeps: true},
+		{name: "none asked", backend: "", keeps: false},
+		{name: "dropped by an old kernel", backend: backend, keeps: false, wantErr: []string{
+			"NBD_CMD_CONNECT of /dev/nbd7: ", "Linux 5.14 or later", "this is Linux " + release,
+			`block/nbd7/backend is missing (want "` + backend + `")`, "/dev/nbd7 was disconnected again"}},
+		{name: "another", backend: backend, keeps: true, other: "nbd://storage-b:10809/vm9", wantErr: []string{
+			"Linux 5.14 or later", `block/nbd7/backend holds "nbd://storage-b:10809/vm9", not "` + backend + `"`}},
+		{name: "dropped, and the disconnect fails", backend: backend, keeps: false, disconnectFail: true, wantErr: []string{
+			"Linux 5.14 or later", "disconnecting /dev/nbd7 again failed, it stays attached", "NBD_CMD_DISCONNECT of /dev/nbd7"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var sys fakeSysfs
+			var sent []command
+			k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+				sent = append(sent, cmd)
+				switch cmd {
+				case cmdConnect:
+					sys.connected(t, 7, attrs, tt.keeps)
+					if tt.other != "" {
+						sys.set(t, 7, map[string]string{"backend": tt.other})
+					}
+					return concat(nla(attrIndex, u32(7))), 0
+				case cmdDisconnect:
+					if i, err := parseIndex(attrs); err != nil || i != 7 {
+						t.Errorf("DISCONNECT of %d (%v), want 7", i, err)
+					}
+					if tt.disconnectFail {
+						return nil, unix.EIO
+					}
+				}
+				return nil, 0
+			}}
+			c, s := newTestConn(t, k)
+			sys = s
+			index, err := c.Connect(context.Background(), Config{Sockets: testSockets(t, 1), Size: 1 << 20, Index: AnyDevice,
+				Timeout: 30 * time.Second, Backend: tt.backend})
+			if len(tt.wantErr) == 0 {
+				if err != nil || index != 7 {
+					t.Fatalf("Connect = %d, %v; want 7", index, err)
+				}
+				if diff := cmp.Diff([]command{cmdConnect}, sent); diff != "" {
+					t.Errorf("commands (-want +got):\n%s", diff)
+				}
+				return
+			}
+			if !errors.Is(err, ErrBackendUnsupported) {
+				t.Fatalf("Connect = %d, %v; want ErrBackendUnsupported", index, err)
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+
+				}
+			}
+			if diff := cmp.Diff([]command{cmdConnect, cmdDisconnect}, sent); diff != "" {
+				t.Errorf("commands (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+// A device disconnected while something holds it open keeps its pid and
+// backend in sysfs, but the kernel refuses to reconfigure it with EINVAL.
+// Reconfigure says so, and what holds it, instead of a bare "invalid
+// argument"; another EINVAL, on a device still bound, is left as it is.
+func TestReconfigureOfADeviceDisconnectedWhileHeld(t *testing.T) {
+	const backend = "nbd://storage-a:10809/vm1"
+	tests := []struct {
+		name    string
+		bound   bool     // the kernel still has the device bound
+		holders []string // under /sys/block/nbd2 (and its partitions)
+		want    []string // in the error; nil: not ErrDisconnectedHeldOpen
+	}{
+		{name: "held by md", holders: []string{"holders/md127", "nbd2p1/holders/dm-3"}, want: []string{
+			"NBD_CMD_RECONFIGURE of /dev/nbd2: invalid argument: device was disconnected and is still held open " +
+				"(nbd2 held by md127, nbd2p1 held by dm-3; a process or Xen's blkback may hold it too): " +
+				"the kernel gives /dev/nbd2 no connections again; it works again once closed and detached, then attached anew"}},
+		{name: "held by blkback or a process", want: []string{
+			"NBD_CMD_RECONFIGURE of /dev/nbd2: invalid argument: device was disconnected and is still held open " +
+				"(a process or Xen's blkback may hold it): the kernel gives /dev/nbd2 no connections again; " +
+				"it works again once closed and detached, then attached anew"}},
+		{name: "another invalid argument", bound: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var probes int
+			k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+				if cmd != cmdReconfigure {
+					t.Errorf("command %v", cmd)
+				}
+				if got := string(attrsOf(t, attrs)[attrBackendIdentifier]); got != backend+"\x00" {
+					t.Errorf("backend %q", got)
+				}
+				if len(sockFDs(t, attrs)) == 0 {
+					probes++
+					if tt.bound {
+						return nil, 0
+					}
+				}
+				return nil, unix.EINVAL
+			}}
+			c, sys := newTestConn(t, k)
+			sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "2048"})
+			for _, h := range tt.holders {
+				if err := os.MkdirAll(filepath.Join(string(sys), "block", "nbd2", h), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: testSockets(t, 1), Timeout: 30 * time.Second, Backend: backend})
+			if !errors.Is(err, unix.EINVAL) {
+				t.Fatalf("Reconfigure = %v, want EINVAL", err)
+			}
+			if probes != 1 {
+				t.Errorf("%d RECONFIGUREs without sockets, want 1 to tell why the kernel refused", probes)
+			}
+			if tt.want == nil {
+				if errors.Is(err, ErrDisconnectedHeldOpen) || strings.Contains(err.Error(), "held open") {
+					t.Errorf("Reconfigure of a bound device = %q, want the kernel's error alone", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrDisconnectedHeldOpen) {
+				t.Errorf("Reconfigure = %v, want ErrDisconnectedHeldOpen", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+
+				}
+			}
+		})
+	}
+}
+
+// deadlineSocket is a netlink socket to a fake kernel that, unlike
+// nltest's, honours deadlines as a real one does. past is closed when a
+// deadline in the past is set: an interrupted request.
+type deadlineSocket struct {
+	fn       nltest.Func
+	mu       sync.Mutex
+	deadline time.Time
+	msgs     []netlink.Message
+	past     chan struct{}
+	pastOnce sync.Once
+}
+
+func (s *deadlineSocket) expired() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.deadline.IsZero() && !time.Now().Before(s.deadline)
+}
+
+func (s *deadlineSocket) Send(m netlink.Message) error {
+	if s.expired() {
+		return os.ErrDeadlineExceeded
+	}
+	msgs, err := s.fn([]netlink.Message{m})
+	s.msgs = msgs
+	return err
+}
+
+func (s *deadlineSocket) SendMessages(ms []netlink.Message) error {
+	return errors.New("SendMessages not expected")
+}
+
+func (s *deadlineSocket) Receive() ([]netlink.Message, error) {
+	if s.expired() {
+		return nil, os.ErrDeadlineExceeded
+	}
+	msgs := s.msgs
+	s.msgs = nil
+	return msgs, nil
+}
+
+func (s *deadlineSocket) SetDeadline(t time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.deadline = t
+	if !t.IsZero() && t.Before(time.Now()) {
+		s.pastOnce.Do(func() { close(s.past) })
+	}
+	return nil
+}
+
+func (s *deadlineSocket) SetReadDeadline(t time.Time) error  { return s.SetDeadline(t) }
+func (s *deadlineSocket) SetWriteDeadline(t time.Time) error { return s.SetDeadline(t) }
+func (s *deadlineSocket) Close() error                       { return nil }
+
+// Generic netlink carries a command out inside sendmsg. A CONNECT whose
+// context ends just after has configured the device: Connect returns it,
+// rather than an error for a device left attached that nobody knows of.
+func TestConnectCancelledAfterTheKernelConfiguredTheDevice(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sock := &deadlineSocket{past: make(chan struct{})}
+	var sys fakeSysfs
+	k := &fakeKernel{t: t, handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+		if cmd == cmdConnect {
+			sys.connected(t, 4, attrs, true)
+			// Ctrl-C, or the daemon stopping, as the kernel answers.
+			cancel()
+			select {
+			case <-sock.past:
+			case <-time.After(10 * time.Second):
+				t.Error("the cancellation did not interrupt the netlink socket")
+			}
+			return concat(nla(attrIndex, u32(4))), 0
+		}
+		return encodeDeviceListOrFail(t, []deviceStatus{{Index: 4, Connected: true}}), 0
+	}}
+	sock.fn = k.fn
+	sys = fakeSysfs(t.TempDir())
+	c, err := newConn(context.Background(), netlink.NewConn(sock, nltest.PID), string(sys))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	index, err := c.Connect(ctx, Config{Sockets: testSockets(t, 1), Size: 1 << 20, Index: AnyDevice,
+		Timeout: 30 * time.Second, Backend: "nbd://storage-a:10809/vm1"})
+	if err != nil || index != 4 {
+		t.Fatalf("Connect cancelled after the kernel acted = %d, %v; want /dev/nbd4", index, err)
+	}
+	// And the Conn goes on working: the answer was read.
+	if devs, err := c.Status(context.Background(), 4); err != nil || len(devs) != 1 || !devs[0].Running() {
+		t.Errorf("Status after = %v, %v", devs, err)
+	}
+	// A context that ended before the request still stops it.
+	if _, err := c.Status(ctx, 4); !errors.Is(err, context.Canceled) {
+		t.Errorf("Status with a cancelled context = %v, want context.Canceled", err)
+	}
+}
+
+func encodeDeviceListOrFail(t testing.TB, list []deviceStatus) []byte {
+	t.Helper()
+	b, err := encodeDeviceList(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -15,7 +15,14 @@
 // them, or the process would keep every kernel connection's socket alive
 // after a detach (and leak one descriptor per connection). Closing our
 // descriptor does not close the connection: that happens only when the last
-// reference, the kernel's, goes away.
+// reference, the kernel's, goes away. Connect and Reconfigure set
+// SO_LINGER 0 and TCP_USER_TIMEOUT on TCP sockets before handing them over,
+// so that a connection the kernel gave up on cannot deliver an old write
+// after the copy nbd resent on another one.
+//
+// A device disconnected while something holds it open keeps its pid and
+// backend in sysfs until the last close, but the kernel gives it no
+// connections again (Reconfigure fails with ErrDisconnectedHeldOpen).
 //
 // Unlike the old ioctl interface (NBD_DO_IT), a netlink-configured device
 // needs no process to stay alive: it lives until NBD_CMD_DISCONNECT, or until

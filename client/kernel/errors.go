@@ -26,6 +26,16 @@ var (
 	// ErrResizeUnsupported means the kernel ignored a new size given with
 	// RECONFIGURE (older kernels only take a size with CONNECT).
 	ErrResizeUnsupported = errors.New("this kernel cannot resize an nbd device in place")
+	// ErrBackendUnsupported means the kernel ignored the backend identifier
+	// given with CONNECT (NBD_ATTR_BACKEND_IDENTIFIER came with Linux 5.14;
+	// older kernels drop attributes they do not know): lvnbd finds its
+	// devices by it, so Connect disconnects such a device again.
+	ErrBackendUnsupported = errors.New("this kernel ignores the backend identifier (NBD_ATTR_BACKEND_IDENTIFIER): " +
+		"lvnbd needs Linux 5.14 or later for backend identifiers")
+	// ErrDisconnectedHeldOpen means the device was disconnected while
+	// something held it open: the kernel keeps its pid and backend until the
+	// last close but refuses to give it connections again.
+	ErrDisconnectedHeldOpen = errors.New("device was disconnected and is still held open")
 )
 
 // OpError is a failed netlink operation on an nbd device.
@@ -42,7 +52,7 @@ func (e *OpError) Error() string {
 	}
 	s += ": " + e.Err.Error()
 	// The nbd driver explains its EINVALs only in the kernel log.
-	if errors.Is(e.Err, unix.EINVAL) {
+	if errors.Is(e.Err, unix.EINVAL) && !errors.Is(e.Err, ErrDisconnectedHeldOpen) {
 		s += " (the kernel log says why: dmesg | tail)"
 	}
 	return s

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Device is the state of one nbd device.
@@ -18,8 +20,10 @@ type Device struct {
 	// and an open of an unconfigured device makes it true too.
 	Connected bool `json:"connected"`
 	// PID is the process that connected the device, from
-	// /sys/block/nbdN/pid, which exists exactly while the device is
-	// running (connected and not yet torn down); 0 otherwise.
+	// /sys/block/nbdN/pid, which exists from the CONNECT until the device
+	// is torn down; 0 otherwise. A device disconnected while something
+	// holds it open keeps it until the last close, although the kernel
+	// then refuses to give it connections (ErrDisconnectedHeldOpen).
 	PID int `json:"pid,omitempty"`
 	// Backend is the identifier given to Connect (/sys/block/nbdN/backend).
 	Backend string `json:"backend,omitempty"`
@@ -34,8 +38,10 @@ type Device struct {
 // Path is the device node, /dev/nbdN.
 func (d Device) Path() string { return DevicePath(d.Index) }
 
-// Running reports whether the device is configured and serving I/O (or
-// waiting for a reconnect): connected, with a pid file.
+// Running reports whether the device is configured: connected, with a pid
+// file. That is a device serving I/O or waiting for a reconnect, but also
+// one disconnected while still held open, which sysfs cannot tell apart:
+// only Reconfigure finds the latter (ErrDisconnectedHeldOpen).
 func (d Device) Running() bool { return d.Connected && d.PID != 0 }
 
 // DevicePath is the node of device index: /dev/nbdN.
@@ -119,6 +125,39 @@ func (s sysfs) fill(d *Device) error {
 	}
 	d.BlockSize = uint32(min(bs, 1<<31))
 	return nil
+}
+
+// holders lists what holds device index or one of its partitions open in
+// the kernel (md, device-mapper), as "nbdN held by md127". Processes and
+// Xen's blkback do not show up there.
+func (s sysfs) holders(index int) []string {
+	name := "nbd" + strconv.Itoa(index)
+	dirs := []string{s.dir(index)}
+	parts, _ := filepath.Glob(filepath.Join(s.dir(index), name+"p*"))
+	var out []string
+	for _, dir := range append(dirs, parts...) {
+		entries, _ := os.ReadDir(filepath.Join(dir, "holders"))
+		for _, e := range entries {
+			out = append(out, filepath.Base(dir)+" held by "+e.Name())
+		}
+	}
+	return out
+}
+
+// requestTimeout returns the request timeout of device index, from
+// queue/io_timeout (milliseconds; since Linux 5.0).
+func (s sysfs) requestTimeout(index int) (time.Duration, error) {
+	ms, err := s.readUint(index, "queue/io_timeout")
+	if err != nil {
+		return 0, err
+	}
+	if ms == 0 {
+		return 0, fmt.Errorf("%s/queue/io_timeout is missing (Linux 5.0 or later has it)", s.dir(index))
+	}
+	if ms > uint64(math.MaxInt64/time.Millisecond) {
+		return 0, fmt.Errorf("%s/queue/io_timeout: %d ms is out of range", s.dir(index), ms)
+	}
+	return time.Duration(ms) * time.Millisecond, nil
 }
 
 // limitRequestSize lowers queue/max_sectors_kb of device index so no request

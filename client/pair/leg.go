@@ -502,9 +502,10 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	l.down = true
 	// A device something still holds open (blkback, after a failed xl
 	// block-detach and --force) keeps its configuration, backend and pid
-	// until the last close, and the kernel would take fresh connections
-	// for it: pair up adopts it. Its volume ID is kept until it is gone,
-	// so that it never reconnects to another volume under the guest.
+	// until the last close, and pair up adopts it by its backend. Linux
+	// 6.1 and 6.12 refuse it new connections; its volume ID is kept until
+	// it is gone all the same, so that no kernel reconnects it to another
+	// volume under the guest.
 	held, err := l.s.cfg.Kernel.Status(ctx, kernel.AnyDevice)
 	if err != nil {
 		err = fmt.Errorf("checking that the leg's device is gone, before forgetting its volume ID: %w", err)
@@ -514,7 +515,7 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	for _, d := range held {
 		if d.Running() && d.Backend == l.backend {
 			err := fmt.Errorf("%w: %s is disconnected, but something (the guest's blkback?) still holds it open, "+
-				"and it could be given connections again: its volume ID is kept, so that it only ever reconnects to "+
+				"and is found by its backend: its volume ID is kept, so that it only ever reconnects to "+
 				"the same volume; once nothing holds it, take the leg down again to forget the ID", errStillHeld, d.Path())
 			l.log.Warn("leg down, its device still held open", zap.Error(err))
 			l.publish(now, StateDown, err)

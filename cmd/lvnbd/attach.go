@@ -265,10 +265,11 @@ and their I/O fails.`,
 			}
 			// Without users the kernel tears the device down before
 			// DISCONNECT returns. One still held open keeps its
-			// configuration until the last close and could be given
-			// connections again (lvnbd reconnect, a pair's daemon
-			// adopting it): its volume ID is kept meanwhile, so that
-			// it never reconnects to another volume.
+			// configuration until the last close; Linux 6.1 and 6.12
+			// refuse it new connections (kernel.ErrDisconnectedHeldOpen),
+			// but lvnbd reconnect and a pair's daemon would still find it
+			// by its backend: its volume ID is kept meanwhile, so that
+			// no kernel can reconnect it to another volume.
 			after, err := k.Status(ctx, d.Index)
 			if err != nil {
 				return fmt.Errorf("disconnected %s, but checking that it is gone failed (its volume ID is kept): %w", d.Path(), err)

@@ -434,7 +434,7 @@ func TestDetach(t *testing.T) {
 }
 
 // TestDetachKeepsTheIDOfAHeldDevice: a device still held open after its
-// disconnect stays configured and could be given connections again, so its
+// disconnect stays configured and is found by its backend, so its
 // volume ID is kept; one that went away has its ID forgotten.
 func TestDetachKeepsTheIDOfAHeldDevice(t *testing.T) {
 	const held, gone = "nbd://a:10809/held", "nbd://a:10809/gone"

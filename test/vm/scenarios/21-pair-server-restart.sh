@@ -80,7 +80,7 @@ assert_eq reconnecting "$(leg a state)" "leg a after a reload"
 
 # A device something still holds open (blkback, when xl block-detach failed and the pair was
 # taken down with --force) stays configured after its disconnect, until the last close, and
-# could be given connections again. pair down --leg a keeps its volume ID then, so pair up,
+# is found by its backend (the kernel refuses it new connections). pair down --leg a keeps its volume ID then, so pair up,
 # which adopts that device, still refuses the new volume.
 exec 7<"$dev_a"
 if lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1 2>err; then fail "pair down --leg a of a held device succeeded"; fi
