@@ -171,6 +171,13 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 				before := e.Backend.Size()
 				if size, err := e.Backend.Refresh(); err != nil {
 					errs[name] = err
+				} else if size < before {
+					// Shrunk outside lvnbd (lvreduce, truncate): its ID
+					// stays, but what was past the new end is gone. A dom0
+					// leg refuses the smaller export, and then the same
+					// export grown back.
+					v.log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; a dom0 leg on it refuses it from now on, and must be replaced as a new member of its guest's mirror",
+						zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size), zap.Int("clients", len(e.Clients())))
 				} else if size != before {
 					v.log.Info("export resized", zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size))
 				}

@@ -50,13 +50,15 @@ type Volume struct {
 	Snapshots []Snapshot `json:"snapshots"`
 }
 
-// RolledBackID is the ID of a volume made as base that `lvnbd snapshot
-// merge` has rolled back n times: base itself until the first merge, then
-// base-rN. A merge makes the volume an older copy of itself that a guest's
-// md cannot tell from a current one: re-added from md's bitmap, the blocks
-// written since the snapshot would stay old on that half. With another ID,
-// a dom0 refuses the rolled-back half until it is taken down and up again,
-// which is also when it must be given to the mirror as a new member.
+// RolledBackID is the ID of a volume made as base that lvnbd has rolled
+// back n times (`lvnbd snapshot merge`, or a shrink, which loses the tail):
+// base itself until the first, then base-rN. A merge makes the volume an
+// older copy of itself that a guest's md cannot tell from a current one:
+// re-added from md's bitmap, the blocks written since the snapshot would
+// stay old on that half; a shrink grown back has lost what its tail held.
+// With another ID, a dom0 refuses the rolled-back half until it is taken
+// down and up again, which is also when it must be given to the mirror as a
+// new member.
 func RolledBackID(base string, n int) string {
 	if base == "" || n <= 0 {
 		return base

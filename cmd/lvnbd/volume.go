@@ -202,7 +202,11 @@ func newVolumeResizeCmd(vf *volumeFlags) *cobra.Command {
 server exports the new size at once, and attached hosts pick it up. Shrinking
 discards the end of the volume and needs --allow-shrink: shrink the guest's
 filesystem first. A running server refuses to shrink a volume with clients
-connected to its export, unless --force disconnects them.`,
+connected to its export, unless --force disconnects them. A shrink gives the
+volume another ID (its export's description ends in "-rN"), as a snapshot
+merge does: a dom0 leg refuses the volume from then on, even grown back,
+since its tail is lost; that half is replaced as a new member of the guest's
+mirror (see lvnbd pair down --help).`,
 		Example: `  lvnbd volume resize vm1 --size +5G
   lvnbd volume resize vm1 --size 20G
   lvnbd volume resize vm1 --size 10G --allow-shrink`,

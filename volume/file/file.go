@@ -248,6 +248,16 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 		if size < st.Size() && !allowShrink {
 			return &volume.ShrinkError{Volume: name, From: st.Size(), To: size}
 		}
+		if size < st.Size() {
+			// The tail is lost: grown back, the volume would not be what
+			// a dom0 last saw under its ID. Counted, and committed,
+			// before the truncate: a shrink that then fails only changes
+			// the ID for nothing.
+			vm.Rollbacks++
+			if err := d.commit(m); err != nil && !errors.Is(err, atomicfile.ErrNotDurable) {
+				return fmt.Errorf("resizing volume %s: %w", name, err)
+			}
+		}
 		if size != st.Size() {
 			if err := f.Truncate(size); err != nil {
 				return fmt.Errorf("resizing volume %s: %w", name, err)

@@ -248,11 +248,12 @@ func TestResize(t *testing.T) {
 	ctx := context.Background()
 	d := newDriver(t)
 	v := mustCreate(t, d, "vm1", 10*gib)
+	id := v.ID
 	writeAt(t, v.Path, 0, []byte("head"))
 
 	v, err := d.Resize(ctx, "vm1", 20*gib, false)
-	if err != nil || v.Size != 20*gib {
-		t.Fatalf("grow: %+v, %v", v, err)
+	if err != nil || v.Size != 20*gib || v.ID != id {
+		t.Fatalf("grow: %+v, %v (a grow keeps the ID %s)", v, err, id)
 	}
 	if a := allocated(t, v.Path); a > 64<<10 {
 		t.Errorf("growing allocated %d bytes", a)
@@ -273,6 +274,10 @@ func TestResize(t *testing.T) {
 	v, err = d.Resize(ctx, "vm1", 5*gib, true)
 	if err != nil || v.Size != 5*gib {
 		t.Fatalf("shrink: %+v, %v", v, err)
+	}
+	// The tail is lost: grown back, it is not what a dom0 saw under the ID.
+	if v.ID != id+"-r1" {
+		t.Errorf("ID after a shrink %q, want %q", v.ID, id+"-r1")
 	}
 	if got := readAt(t, v.Path, 0, 4); string(got) != "head" {
 		t.Errorf("data lost on resize: %q", got)

@@ -376,6 +376,11 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 	if size < lv.size {
 		args = []string{"lvreduce", "--yes", "-L", bytesArg(size), d.vg + "/" + name}
 		verb = "shrinking"
+		// A shrink loses the tail: grown back, the volume would not be
+		// what a dom0 last saw under its ID.
+		if err := d.countRollback(ctx, lv); err != nil {
+			return volume.Volume{}, fmt.Errorf("shrinking volume %s: %w", name, err)
+		}
 	} else if !lv.thin() && size-lv.size > vg.free {
 		return volume.Volume{}, noSpace(vg, size-lv.size, "to grow "+name+" to "+volume.FormatSize(size))
 	}
@@ -562,16 +567,8 @@ func (d *Driver) MergeSnapshot(ctx context.Context, vol, snap string) error {
 	if origin == nil {
 		return fmt.Errorf("snapshot %s: its volume %w in volume group %s", ref, volume.ErrNotFound, d.vg)
 	}
-	// Counted before the merge starts: a merge that then fails only
-	// changes the ID for nothing (a dom0 refuses the leg until it is taken
-	// down and up), where a merge not counted would hand a guest's mirror
-	// old data under the ID it trusts.
-	args := []string{"lvchange", "--addtag", rollbacksTag + strconv.Itoa(origin.rollbacks+1)}
-	if origin.rollbacks > 0 {
-		args = append(args, "--deltag", rollbacksTag+strconv.Itoa(origin.rollbacks))
-	}
-	if _, err := d.run.run(ctx, append(args, d.vg+"/"+vol)...); err != nil {
-		return fmt.Errorf("merging snapshot %s: counting the merge on %s/%s: %w", ref, d.vg, vol, err)
+	if err := d.countRollback(ctx, origin); err != nil {
+		return fmt.Errorf("merging snapshot %s: %w", ref, err)
 	}
 	if _, err := d.run.run(ctx, "lvconvert", "--merge", d.vg+"/"+lv.name); err != nil {
 		return fmt.Errorf("merging snapshot %s: %w", ref, err)
@@ -592,6 +589,23 @@ func (d *Driver) mergePending(ref, vol string) error {
 	return fmt.Errorf("snapshot %s: %w: LVM merges it when %s/%s is next activated, and undoes whatever is written to %s until then, "+
 		"so lvnbd serve does not export %s until the merge is done; close every other user of %s, then run lvchange --refresh %s/%s",
 		ref, volume.ErrMergePending, d.vg, vol, vol, vol, d.Path(vol), d.vg, vol)
+}
+
+// countRollback counts one more rollback of lv (a snapshot merged into it, a
+// shrink) in its rollbacksTag, which changes its ID (volume.RolledBackID).
+// Counted before the change starts: one that then fails only changes the ID
+// for nothing (a dom0 refuses the leg until it is taken down and up), where
+// one not counted would hand a guest's mirror other data under the ID it
+// trusts.
+func (d *Driver) countRollback(ctx context.Context, lv *logicalVolume) error {
+	args := []string{"lvchange", "--addtag", rollbacksTag + strconv.Itoa(lv.rollbacks+1)}
+	if lv.rollbacks > 0 {
+		args = append(args, "--deltag", rollbacksTag+strconv.Itoa(lv.rollbacks))
+	}
+	if _, err := d.run.run(ctx, append(args, d.vg+"/"+lv.name)...); err != nil {
+		return fmt.Errorf("counting the rollback on %s/%s, which changes its ID: %w", d.vg, lv.name, err)
+	}
+	return nil
 }
 
 // noSpace is ErrNoSpace saying how much there is and how much is needed.

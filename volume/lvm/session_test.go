@@ -101,6 +101,7 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	if diff := cmp.Diff(want, v, ignoreID); diff != "" || v.ID == "" {
 		t.Fatalf("Create vm1 (-want +got), ID %q:\n%s", v.ID, diff)
 	}
+	vm1ID := v.ID // its UUID: every rollback (a shrink, a merge) adds -rN to it
 	_, err = d.Create(ctx, volume.CreateOptions{Name: "vm1", Size: mib})
 	expectErr("Create vm1 again", err, volume.ErrExists, "vm1")
 	_, err = d.Create(ctx, volume.CreateOptions{Name: "big", Size: 10 << 30})
@@ -111,13 +112,13 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 		t.Fatal(err)
 	}
 
-	if v, err = d.Resize(ctx, "vm1", 120*mib, false); err != nil || v.Size != 120*mib || v.Stripes != 2 {
-		t.Fatalf("grow vm1 to 120 MiB: %+v, %v", v, err)
+	if v, err = d.Resize(ctx, "vm1", 120*mib, false); err != nil || v.Size != 120*mib || v.Stripes != 2 || v.ID != vm1ID {
+		t.Fatalf("grow vm1 to 120 MiB: %+v, %v (a grow keeps the ID %s)", v, err, vm1ID)
 	}
 	_, err = d.Resize(ctx, "vm1", 64*mib, false)
 	expectErr("shrink vm1 refused", err, volume.ErrShrink, "shrinking vm1 from 120 MiB to 64 MiB discards the last 56 MiB")
-	if v, err = d.Resize(ctx, "vm1", 64*mib, true); err != nil || v.Size != 64*mib {
-		t.Fatalf("shrink vm1 to 64 MiB: %+v, %v", v, err)
+	if v, err = d.Resize(ctx, "vm1", 64*mib, true); err != nil || v.Size != 64*mib || v.ID != vm1ID+"-r1" {
+		t.Fatalf("shrink vm1 to 64 MiB: %+v, %v, want ID %s-r1 (its tail is lost)", v, err, vm1ID)
 	}
 	if v, err = d.Resize(ctx, "vm2", 30*mib, false); err != nil || v.Size != 32*mib {
 		t.Fatalf("resize vm2 to a size that rounds to its own: %+v, %v", v, err)
@@ -174,14 +175,12 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	expectErr("remove an origin", err, volume.ErrHasSnapshots, "vm1@s1")
 
 	// A merge rolls the volume back under the same LV and UUID, a thin
-	// one too: the ID counts the merges.
-	ids := map[string]string{}
-	for _, name := range []string{"vm1", "thin1"} {
-		v, err := d.Get(ctx, name)
-		if err != nil || v.ID == "" {
-			t.Fatalf("%s before merging: %+v, %v", name, v, err)
-		}
-		ids[name] = v.ID
+	// one too: the ID counts the rollbacks (vm1's shrink was the first).
+	ids := map[string]string{"vm1": vm1ID}
+	if v, err := d.Get(ctx, "thin1"); err != nil || v.ID == "" {
+		t.Fatalf("thin1 before merging: %+v, %v", v, err)
+	} else {
+		ids["thin1"] = v.ID
 	}
 	if err := d.MergeSnapshot(ctx, "vm1", "s1"); err != nil {
 		t.Fatal(err)
@@ -189,8 +188,8 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	if got := env.sum("/dev/vg0/vm1", 4*mib); got != before {
 		t.Errorf("vm1 after merging s1 does not hold the snapshot's data")
 	}
-	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r1" {
-		t.Fatalf("vm1 after merge: %+v, %v, want ID %s-r1", v, err, ids["vm1"])
+	if v, err := d.Get(ctx, "vm1"); err != nil || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r2" {
+		t.Fatalf("vm1 after merge: %+v, %v, want ID %s-r2", v, err, ids["vm1"])
 	}
 
 	// A merge while the volume is open waits for it to close.
@@ -209,8 +208,8 @@ func runSession(t *testing.T, d *Driver, env sessionEnv) {
 	expectErr("remove with a pending merge", err, volume.ErrHasSnapshots, "vm1@s2")
 	closeVM1()
 	env.refresh("vg0", "vm1")
-	if v, err := d.Get(ctx, "vm1"); err != nil || v.MergePending || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r2" {
-		t.Fatalf("vm1 after the pending merge: %+v, %v, want ID %s-r2 (counted once, not again by the second try)", v, err, ids["vm1"])
+	if v, err := d.Get(ctx, "vm1"); err != nil || v.MergePending || len(v.Snapshots) != 0 || v.ID != ids["vm1"]+"-r3" {
+		t.Fatalf("vm1 after the pending merge: %+v, %v, want ID %s-r3 (counted once, not again by the second try)", v, err, ids["vm1"])
 	}
 
 	// A thin merge waits for an open origin too.
