@@ -48,7 +48,8 @@ const (
 // array and does not say it ran without the other leg, and added afresh (a
 // full resync) if it ran alone, if re-adding is refused, or if the device is
 // blank by every test. A device holding anything else is left alone and
-// logged.
+// logged. An array is grown only while md may resize it: read-write, idle,
+// no resync pending; nothing is written through one that is not read-write.
 type Watcher struct {
 	cfg    WatchConfig
 	h      *host
@@ -64,11 +65,16 @@ type arrayMemory struct {
 	// legs are the devices seen as members, so one that md removed (or an
 	// admin did) is still known to belong here.
 	legs map[string]*legMemory
-	// grewAt is the smallest leg's usable size at the last grow attempt,
-	// so a grow md refused is not repeated every interval.
-	grewAt uint64
-	// fsGrewAt is the array's size at the last filesystem grow attempt.
+	// grewAt is the smallest leg's usable size when mdadm last grew the
+	// array, so a grow md took without growing is not repeated every
+	// interval. A grow mdadm refused is not remembered here: growRetry
+	// puts it off, and it is tried again.
+	grewAt    uint64
+	growRetry retry
+	// fsGrewAt is the array's size when its filesystem last grew, or was
+	// found to need or allow no grow; fsRetry puts off a failed one.
 	fsGrewAt uint64
+	fsRetry  retry
 	// notes holds the last message logged per topic: conditions that last
 	// (a leg still dead) are logged when they change, not every interval.
 	notes map[string]string
@@ -88,9 +94,31 @@ func inSyncMembers(a Array) []string {
 }
 
 type legMemory struct {
+	retry
+}
+
+// retry is how many times in a row an action failed, and when it may be
+// tried again.
+type retry struct {
 	failures int
 	retryAt  time.Time
 }
+
+// due reports whether the action may be tried at now.
+func (r *retry) due(now time.Time) bool { return !now.Before(r.retryAt) }
+
+// fail counts a failure at now and puts the next try off by twice interval,
+// doubling with each failure in a row up to maxBackoff; it returns the
+// delay.
+func (r *retry) fail(now time.Time, interval time.Duration) time.Duration {
+	r.failures++
+	delay := min(interval<<min(r.failures, 16), maxBackoff)
+	r.retryAt = now.Add(delay)
+	return delay
+}
+
+// reset forgets the failures once the action succeeded or is not wanted.
+func (r *retry) reset() { *r = retry{} }
 
 // NewWatcher returns a watcher of the arrays cfg names on this machine.
 func NewWatcher(cfg *WatchConfig) *Watcher {
@@ -308,7 +336,7 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 	if a.Degraded == 0 && len(faulty) == 0 {
 		w.noteFor(mem, a.Name, "health", zap.InfoLevel, "all legs in sync")
 		for _, leg := range mem.legs {
-			leg.failures, leg.retryAt = 0, time.Time{}
+			leg.reset()
 		}
 		return
 	}
@@ -349,11 +377,11 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 			leg = &legMemory{}
 			mem.legs[dev] = leg
 		}
-		if now.Before(leg.retryAt) {
+		if !leg.due(now) {
 			continue
 		}
 		if w.readd(ctx, a, mem, dev, slices.Contains(faulty, dev)) {
-			leg.failures, leg.retryAt = 0, time.Time{}
+			leg.reset()
 			return // one leg at a time: md recovers one at a time anyway
 		}
 	}
@@ -595,11 +623,7 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 // backoff logs why a leg could not be brought back and delays the next try,
 // doubling the delay up to maxBackoff.
 func (w *Watcher) backoff(mem *arrayMemory, array, dev, topic, msg string, err error) {
-	leg := mem.legs[dev]
-	leg.failures++
-	delay := w.cfg.Interval << min(leg.failures, 16)
-	delay = min(delay, maxBackoff)
-	leg.retryAt = w.h.clock.Now().Add(delay)
+	delay := mem.legs[dev].fail(w.h.clock.Now(), w.cfg.Interval)
 	fields := []zap.Field{zap.String("device", devPath(dev)), zap.Duration("retry_in", delay)}
 	if err != nil {
 		fields = append(fields, zap.Error(err))
@@ -607,10 +631,13 @@ func (w *Watcher) backoff(mem *arrayMemory, array, dev, topic, msg string, err e
 	w.noteFor(mem, array, topic, zap.WarnLevel, msg, fields...)
 }
 
-// grow grows an array whose legs all grew.
+// grow grows an array whose legs all grew, once md may resize it: an
+// array that is writable, idle and without a pending resync. A grow mdadm
+// refused is tried again after a delay that doubles, as what stopped it (a
+// check started meanwhile, the array turned read-only) may pass.
 func (w *Watcher) grow(ctx context.Context, a Array, mem *arrayMemory) {
-	if a.Degraded != 0 || (a.SyncAction != "idle" && a.SyncAction != "") || len(a.Members) == 0 {
-		return
+	if a.Degraded != 0 || len(a.Members) == 0 {
+		return // heal's business first
 	}
 	if a.Metadata != "1.1" && a.Metadata != "1.2" {
 		// Superblocks at the end of the legs (0.90, 1.0) would need moving.
@@ -630,19 +657,55 @@ func (w *Watcher) grow(ctx context.Context, a Array, mem *arrayMemory) {
 			usable = u
 		}
 	}
-	if usable < a.ComponentSize+growSlack || usable == mem.grewAt {
+	if usable < a.ComponentSize+growSlack {
+		// Nothing to grow, or no longer: grown, by us or by hand.
+		mem.growRetry.reset()
+		mem.notes["grow"] = ""
 		return
 	}
-	mem.grewAt = usable
+	if usable == mem.grewAt {
+		return
+	}
 	md := devPath(a.Name)
+	sizes := []zap.Field{zap.String("from", humanize.IBytes(a.ComponentSize)), zap.String("to", humanize.IBytes(usable))}
+	if why := growWait(a); why != "" {
+		w.noteFor(mem, a.Name, "grow", zap.InfoLevel, "both legs grew, but "+why, sizes...)
+		return
+	}
+	now := w.h.clock.Now()
+	if !mem.growRetry.due(now) {
+		return
+	}
 	cctx, cancel := contextWithTimeout(ctx)
 	defer cancel()
 	if _, err := w.h.run.run(cctx, "mdadm", "--grow", md, "--size=max"); err != nil {
-		w.log.Error("cannot grow the array", zap.String("array", md), zap.Error(err))
+		delay := mem.growRetry.fail(now, w.cfg.Interval)
+		w.noteFor(mem, a.Name, "grow", zap.WarnLevel, "cannot grow the array",
+			append(sizes, zap.Duration("retry_in", delay), zap.Error(err))...)
 		return
 	}
-	w.log.Info("grew the array to use its grown legs", zap.String("array", md),
-		zap.String("from", humanize.IBytes(a.ComponentSize)), zap.String("to", humanize.IBytes(usable)))
+	mem.grewAt = usable
+	mem.growRetry.reset()
+	mem.notes["grow"] = ""
+	w.log.Info("grew the array to use its grown legs", append([]zap.Field{zap.String("array", md)}, sizes...)...)
+}
+
+// growWait says why md must not be asked to grow a now, or "" if it may.
+func growWait(a Array) string {
+	switch {
+	case unchangeable(a.State) != "":
+		// md refuses to resize an array that is not read-write
+		// (update_size: EROFS); read-auto turns read-write on its first
+		// write.
+		return "the array is " + a.State + ": not growing it until it is read-write"
+	case a.SyncAction != "idle" && a.SyncAction != "":
+		return "md's sync_action is " + a.SyncAction + ": not growing the array until it is idle"
+	case a.ResyncStart != "" && a.ResyncStart != "none":
+		// The legs may differ below resync_start; md runs that resync
+		// once the array is written to, or its sync_action thawed.
+		return "a resync is pending (md/resync_start " + a.ResyncStart + "): not growing the array until it ran"
+	}
+	return ""
 }
 
 // growFS grows the filesystem mounted from an array that is larger than it.
@@ -651,8 +714,15 @@ func (w *Watcher) grow(ctx context.Context, a Array, mem *arrayMemory) {
 // (resize2fs on a mounted filesystem), and xfs only grows mounted; resize2fs
 // on an unmounted ext4 insists on a fresh e2fsck -f first, and checking a
 // filesystem the guest may be about to mount is not the watcher's call.
+// Nothing is written through an array that is not read-write. A grow that
+// failed (the filesystem mounted read-only, say) is tried again after a
+// delay that doubles.
 func (w *Watcher) growFS(ctx context.Context, a Array, mem *arrayMemory) {
 	if a.Size == 0 || a.Size == mem.fsGrewAt {
+		return
+	}
+	now := w.h.clock.Now()
+	if !mem.fsRetry.due(now) {
 		return
 	}
 	md := devPath(a.Name)
@@ -670,17 +740,18 @@ func (w *Watcher) growFS(ctx context.Context, a Array, mem *arrayMemory) {
 	switch fstype {
 	case "ext2", "ext3", "ext4":
 		out, err := w.h.run.run(cctx, "dumpe2fs", "-h", md)
-		if err != nil {
-			w.noteFor(mem, a.Name, "fs", zap.WarnLevel, "cannot read the filesystem's size", zap.Error(err))
-			return
+		var sb Ext4Super
+		if err == nil {
+			sb, err = ParseDumpe2fs(out)
 		}
-		sb, err := ParseDumpe2fs(out)
 		if err != nil {
-			w.noteFor(mem, a.Name, "fs", zap.WarnLevel, "cannot read the filesystem's size", zap.Error(err))
+			delay := mem.fsRetry.fail(now, w.cfg.Interval)
+			w.noteFor(mem, a.Name, "fs", zap.WarnLevel, "cannot read the filesystem's size", zap.String("mountpoint", mp),
+				zap.Duration("retry_in", delay), zap.Error(err))
 			return
 		}
 		if sb.Bytes()+growSlack > a.Size {
-			mem.fsGrewAt = a.Size
+			mem.fsFills(a.Size)
 			return
 		}
 		args = []string{"resize2fs", md}
@@ -692,13 +763,27 @@ func (w *Watcher) growFS(ctx context.Context, a Array, mem *arrayMemory) {
 		mem.fsGrewAt = a.Size
 		return
 	}
-	mem.fsGrewAt = a.Size
-	if _, err := w.h.run.run(cctx, args...); err != nil {
-		w.log.Error("cannot grow the filesystem", zap.String("array", md), zap.String("mountpoint", mp), zap.Error(err))
+	if unchangeable(a.State) != "" {
+		w.noteFor(mem, a.Name, "fs", zap.InfoLevel, "the array is "+a.State+": not growing its filesystem until it is read-write",
+			zap.String("mountpoint", mp))
 		return
 	}
+	if _, err := w.h.run.run(cctx, args...); err != nil {
+		delay := mem.fsRetry.fail(now, w.cfg.Interval)
+		w.noteFor(mem, a.Name, "fs", zap.WarnLevel, "cannot grow the filesystem", zap.String("mountpoint", mp),
+			zap.Duration("retry_in", delay), zap.Error(err))
+		return
+	}
+	mem.fsFills(a.Size)
 	w.log.Info("grew the filesystem", zap.String("array", md), zap.String("mountpoint", mp), zap.String("fstype", fstype),
 		zap.String("size", humanize.IBytes(a.Size)))
+}
+
+// fsFills records that the array's filesystem fills it at size.
+func (mem *arrayMemory) fsFills(size uint64) {
+	mem.fsGrewAt = size
+	mem.fsRetry.reset()
+	mem.notes["fs"] = ""
 }
 
 // note logs msg unless it is what was last logged for array and topic.

@@ -55,6 +55,11 @@ func (e *watchEnv) load(capture string) {
 	e.md = sysfsDump(e.t, e.fsys, capture)
 }
 
+// setMD writes one attribute of the array's md directory in sysfs.
+func (e *watchEnv) setMD(attr, value string) {
+	e.fsys["sys/block/"+e.md+"/md/"+attr] = &fstest.MapFile{Data: []byte(value + "\n")}
+}
+
 func (e *watchEnv) step() {
 	e.t.Helper()
 	e.w.Step(context.Background())
@@ -577,15 +582,151 @@ func TestWatchGrows(t *testing.T) {
 		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
 		e.step()
 	})
-	t.Run("refused", func(t *testing.T) {
-		e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
-		blockDev(e.fsys, "nbd0", 128<<20, "43:0")
-		blockDev(e.fsys, "nbd1", 128<<20, "43:32")
-		e.run.expect(call{args: grow.args, err: cmdError(grow.args, 1, "mdadm: Cannot set device size for /dev/md126: No space left on device")})
-		e.step()
-		e.wantLogged("cannot grow the array", 1)
-		e.step()
-	})
+}
+
+// md is not asked to grow an array it would refuse to resize (not
+// read-write) or one whose legs may differ (a resync pending or running):
+// the watcher says once why it waits, and grows the array once that passed.
+func TestWatchGrowWaits(t *testing.T) {
+	grow := call{args: mdadm("--grow", "/dev/md126", "--size=max")}
+	tests := []struct {
+		name string
+		md   map[string]string // attributes of /sys/block/md126/md
+		want string
+	}{
+		{name: "read-auto, resync pending", // assembled after an unclean shutdown, not written yet
+			md:   map[string]string{"array_state": "read-auto", "resync_start": "1024"},
+			want: "both legs grew, but the array is read-auto: not growing it until it is read-write"},
+		{name: "readonly", md: map[string]string{"array_state": "readonly"},
+			want: "both legs grew, but the array is readonly: not growing it until it is read-write"},
+		{name: "resync pending", md: map[string]string{"array_state": "active", "resync_start": "1024"},
+			want: "both legs grew, but a resync is pending (md/resync_start 1024): not growing the array until it ran"},
+		{name: "frozen", md: map[string]string{"sync_action": "frozen", "resync_start": "1024"},
+			want: "both legs grew, but md's sync_action is frozen: not growing the array until it is idle"},
+		{name: "check", md: map[string]string{"sync_action": "check"},
+			want: "both legs grew, but md's sync_action is check: not growing the array until it is idle"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+			blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+			blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+			for attr, v := range tt.md {
+				e.setMD(attr, v)
+			}
+			e.step() // the fake runner fails the test on any command
+			e.step()
+			e.wantLogged(tt.want, 1)
+			e.setMD("array_state", "active")
+			e.setMD("resync_start", "none")
+			e.setMD("sync_action", "idle")
+			e.run.expect(grow)
+			e.step()
+			e.wantLogged("grew the array to use its grown legs", 1)
+		})
+	}
+}
+
+// A grow of the array or of its filesystem that failed is not taken as
+// done: it is tried again after a delay that doubles, and the failure is
+// logged once while it lasts.
+func TestWatchGrowRetries(t *testing.T) {
+	const mountinfo = "29 28 9:127 / /mnt rw,relatime - %s /dev/md/vm1 rw\n"
+	grow := mdadm("--grow", "/dev/md126", "--size=max")
+	dumpe2fs := []string{"dumpe2fs", "-h", "/dev/md127"}
+	resize2fs := []string{"resize2fs", "/dev/md127"}
+	xfsGrowfs := []string{"xfs_growfs", "/mnt"}
+	ext4Size := string(readTestdata(t, "dumpe2fs-h.txt"))
+	tests := []struct {
+		name    string
+		capture string
+		fstype  string // mounted on the array, with --grow-fs; "" for neither
+		fail    []call // one attempt that fails
+		ok      []call // one that succeeds
+		failed  string
+		done    string
+	}{
+		{name: "array", capture: "sysfs-healthy.txt",
+			fail:   []call{{args: grow, err: cmdError(grow, 1, "mdadm: Cannot set device size for /dev/md126: Device or resource busy")}},
+			ok:     []call{{args: grow}},
+			failed: "cannot grow the array", done: "grew the array to use its grown legs"},
+		{name: "ext4", capture: "sysfs-grow.txt", fstype: "ext4",
+			fail: []call{{args: dumpe2fs, stdout: ext4Size},
+				{args: resize2fs, err: cmdError(resize2fs, 1, "resize2fs: Read-only file system While checking for on-line resizing support")}},
+			ok:     []call{{args: dumpe2fs, stdout: ext4Size}, {args: resize2fs}},
+			failed: "cannot grow the filesystem", done: "grew the filesystem"},
+		{name: "ext4 size unreadable", capture: "sysfs-grow.txt", fstype: "ext4",
+			fail:   []call{{args: dumpe2fs, err: cmdError(dumpe2fs, 1, "dumpe2fs: Input/output error while trying to open /dev/md127")}},
+			ok:     []call{{args: dumpe2fs, stdout: ext4Size}, {args: resize2fs}},
+			failed: "cannot read the filesystem's size", done: "grew the filesystem"},
+		{name: "xfs", capture: "sysfs-grow.txt", fstype: "xfs",
+			fail:   []call{{args: xfsGrowfs, err: cmdError(xfsGrowfs, 1, "xfs_growfs: XFS_IOC_FSGROWFSDATA xfsctl failed: Read-only file system")}},
+			ok:     []call{{args: xfsGrowfs}},
+			failed: "cannot grow the filesystem", done: "grew the filesystem"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, tt.capture, WatchConfig{Interval: 2 * time.Second, GrowFS: tt.fstype != ""})
+			if tt.fstype != "" {
+				e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, tt.fstype))}
+			} else {
+				blockDev(e.fsys, "nbd0", 128<<20, "43:0")
+				blockDev(e.fsys, "nbd1", 128<<20, "43:32")
+			}
+			e.run.expect(tt.fail...)
+			e.step()
+			e.wantLogged(tt.failed, 1)
+			e.step() // within the 4 s delay: nothing
+			e.clock.Advance(4 * time.Second)
+			e.run.expect(tt.fail...)
+			e.step()
+			e.clock.Advance(7 * time.Second) // the next delay is 8 s
+			e.step()
+			e.clock.Advance(time.Second)
+			e.run.expect(tt.ok...)
+			e.step()
+			e.wantLogged(tt.failed, 1)
+			e.wantLogged(tt.done, 1)
+			e.clock.Advance(time.Hour)
+			e.step() // done at these sizes
+			if mem := e.w.arrays[e.md]; mem.growRetry != (retry{}) || mem.fsRetry != (retry{}) {
+				t.Errorf("after success: grow %+v, fs %+v", mem.growRetry, mem.fsRetry)
+			}
+		})
+	}
+}
+
+// A filesystem that needs to grow on an array that is not read-write is
+// left alone until the array is: the watcher writes nothing through it.
+func TestWatchGrowFSWaitsForAReadWriteArray(t *testing.T) {
+	const mountinfo = "29 28 9:127 / /mnt ro,relatime - %s /dev/md/vm1 ro\n"
+	dumpe2fs := call{args: []string{"dumpe2fs", "-h", "/dev/md127"}, stdout: string(readTestdata(t, "dumpe2fs-h.txt"))}
+	tests := []struct {
+		fstype string
+		look   []call // what each look runs before the grow
+		grow   call
+	}{
+		{fstype: "ext4", look: []call{dumpe2fs}, grow: call{args: []string{"resize2fs", "/dev/md127"}}},
+		{fstype: "xfs", grow: call{args: []string{"xfs_growfs", "/mnt"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.fstype, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-grow.txt", WatchConfig{GrowFS: true})
+			e.fsys["proc/self/mountinfo"] = &fstest.MapFile{Data: []byte(sprintf(mountinfo, tt.fstype))}
+			e.setMD("array_state", "readonly")
+			e.setMD("sync_action", "idle")
+			for range 2 {
+				e.run.expect(tt.look...)
+				e.step()
+			}
+			e.wantLogged("the array is readonly: not growing its filesystem until it is read-write", 1)
+			e.setMD("array_state", "clean")
+			e.run.expect(tt.look...)
+			e.run.expect(tt.grow)
+			e.step()
+			e.wantLogged("grew the filesystem", 1)
+		})
+	}
 }
 
 // After the array grew (scenario 28's capture, 127 MiB, its ext4 still
