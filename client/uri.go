@@ -253,6 +253,29 @@ func (u URI) Server() string {
 	return net.JoinHostPort(host, strconv.Itoa(u.Port))
 }
 
+// ExportKey names the export a URI reaches, so that two spellings of one
+// export compare equal (see URI.ExportKey). It is comparable, for map keys.
+type ExportKey struct {
+	Network string // "tcp" or "unix"
+	Server  string // as URI.Server
+	Export  string // the export name; "" is the server's default export
+}
+
+// ExportKey is what the checks that no export is used twice compare: the
+// server as Server normalises it (host lower-cased, one trailing dot removed,
+// the port always there, an IP address in its canonical form; a socket's
+// path cleaned) and the export name, decoded. The scheme's TLS, the user and
+// the TLS parameters are left out: they change how the export is reached,
+// not which export it is. A device's backend identifier stays String, byte
+// for byte: the kernel and earlier versions know devices by it.
+func (u URI) ExportKey() ExportKey {
+	return ExportKey{Network: u.Network(), Server: u.Server(), Export: u.Export}
+}
+
+// SameExport reports whether u and v name one export, however spelt (see
+// ExportKey).
+func (u URI) SameExport(v URI) bool { return u.ExportKey() == v.ExportKey() }
+
 // String formats the URI so that ParseURI gives it back.
 func (u URI) String() string {
 	out := url.URL{Scheme: u.Scheme, Path: "/" + u.Export}

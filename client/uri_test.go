@@ -214,3 +214,94 @@ func TestURIServer(t *testing.T) {
 		}
 	}
 }
+
+// ExportKey puts the spellings of one export on one key, so that the checks
+// that no export is used twice see through case, a trailing dot and an
+// implicit port; different exports keep different keys.
+func TestURISameExport(t *testing.T) {
+	tests := []struct {
+		name string
+		a, b string
+		same bool
+	}{
+		{"as written", "nbd://boxa/vm1", "nbd://boxa/vm1", true},
+		{"host in capitals", "nbd://boxa/vm1", "nbd://BOXA/vm1", true},
+		{"trailing dot", "nbd://boxa/vm1", "nbd://boxa./vm1", true},
+		{"capitals and trailing dot", "nbd://storage-a.example/vm1", "nbd://Storage-A.Example./vm1", true},
+		{"default port written out", "nbd://boxa/vm1", "nbd://boxa:10809/vm1", true},
+		{"empty port", "nbd://boxa:/vm1", "nbd://boxa/vm1", true},
+		{"default export, with and without slash", "nbd://boxa", "nbd://boxa/", true},
+		{"export percent-encoded", "nbd://boxa/vm%31", "nbd://boxa/vm1", true},
+		{"IPv6 spelt two ways", "nbd://[2001:db8:0:0::1]/vm1", "nbd://[2001:DB8::1]:10809/vm1", true},
+		{"IPv4-mapped IPv6", "nbd://[::ffff:192.0.2.1]/vm1", "nbd://192.0.2.1/vm1", true},
+		{"TLS and user: the same export", "nbds://alice@boxa/vm1?tls-type=x509", "nbd://boxa/vm1", true},
+		{"socket path cleaned", "nbd+unix:///vm1?socket=/run//lvnbd.sock", "nbd+unix:///vm1?socket=/run/lvnbd.sock", true},
+
+		{"another export", "nbd://boxa/vm1", "nbd://boxa/vm2", false},
+		{"export names differ in case", "nbd://boxa/vm1", "nbd://boxa/VM1", false},
+		{"the default export is not a named one", "nbd://boxa/", "nbd://boxa/vm1", false},
+		{"a leading slash is part of the name", "nbd://boxa//vm1", "nbd://boxa/vm1", false},
+		{"another host", "nbd://boxa/vm1", "nbd://boxb/vm1", false},
+		{"another port", "nbd://boxa/vm1", "nbd://boxa:10810/vm1", false},
+		{"two trailing dots are not one", "nbd://boxa../vm1", "nbd://boxa/vm1", false},
+		{"another socket", "nbd+unix:///vm1?socket=/run/a.sock", "nbd+unix:///vm1?socket=/run/b.sock", false},
+		// Server() writes both as "unix:10809".
+		{"host unix, socket 10809", "nbd://unix/vm1", "nbd+unix:///vm1?socket=10809", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, err := ParseURI(tt.a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := ParseURI(tt.b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := a.SameExport(b); got != tt.same {
+				t.Errorf("%s SameExport %s = %v, want %v (keys %+v, %+v)", tt.a, tt.b, got, tt.same, a.ExportKey(), b.ExportKey())
+			}
+			if got := b.SameExport(a); got != tt.same {
+				t.Errorf("not symmetric: %s SameExport %s = %v", tt.b, tt.a, got)
+			}
+		})
+	}
+}
+
+// FuzzExportKey checks that whatever ParseURI accepts keeps its export key
+// through String, and with its host in capitals and a trailing dot added.
+func FuzzExportKey(f *testing.F) {
+	for _, tt := range uriTests {
+		f.Add(tt.in)
+	}
+	f.Add("nbd://Storage-A.example./vm1")
+	f.Fuzz(func(t *testing.T, s string) {
+		u, err := ParseURI(s)
+		if err != nil {
+			return
+		}
+		again, err := ParseURI(u.String())
+		if err != nil {
+			t.Fatalf("ParseURI(%q) of String(): %v", u.String(), err)
+		}
+		if !u.SameExport(again) {
+			t.Fatalf("%q: key %+v, through String() %+v", s, u.ExportKey(), again.ExportKey())
+		}
+		if u.IsUnix() {
+			return
+		}
+		v := u
+		v.Host = strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' {
+				return r - 'a' + 'A'
+			}
+			return r
+		}, u.Host)
+		if !strings.HasSuffix(v.Host, ".") {
+			v.Host += "."
+		}
+		if !u.SameExport(v) {
+			t.Fatalf("%q: key %+v, with host %q %+v", s, u.ExportKey(), v.Host, v.ExportKey())
+		}
+	})
+}

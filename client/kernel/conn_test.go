@@ -551,7 +551,7 @@ func TestWatchLoop(t *testing.T) {
 		{msgs: []netlink.Message{linkDead(3), other}},
 		{err: &netlink.OpError{Op: "receive", Err: os.NewSyscallError("recvmsg", unix.ENOBUFS)}},
 		{msgs: []netlink.Message{{Header: netlink.Header{Type: testFamilyID}, Data: status}, garbled, linkDead(4)}},
-		{err: errors.New("use of closed file")},
+		{err: errSocketFailed},
 	}
 	receive := func() ([]netlink.Message, error) {
 		if len(steps) == 0 {
@@ -562,9 +562,10 @@ func TestWatchLoop(t *testing.T) {
 		return s.msgs, s.err
 	}
 	out := make(chan int)
+	var failed error
 	go func() {
 		defer close(out)
-		watchLoop(context.Background(), testFamilyID, receive, out)
+		failed = watchLoop(context.Background(), testFamilyID, receive, out)
 	}()
 	var got []int
 	for i := range out {
@@ -575,7 +576,14 @@ func TestWatchLoop(t *testing.T) {
 	if diff := cmp.Diff([]int{3, EventsLost, EventsLost, 4}, got); diff != "" {
 		t.Errorf("events (-want +got):\n%s", diff)
 	}
+	// A socket that fails with ctx still live is said, for a caller that
+	// cannot go on without the notifications (lvnbd list --watch).
+	if !errors.Is(failed, errSocketFailed) {
+		t.Errorf("watchLoop returned %v, want the socket's error %v", failed, errSocketFailed)
+	}
 }
+
+var errSocketFailed = errors.New("use of closed file")
 
 func TestWatchLoopStopsWithContext(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -586,9 +594,10 @@ func TestWatchLoopStopsWithContext(t *testing.T) {
 	}
 	done := make(chan struct{})
 	out := make(chan int)
+	var stopped error
 	go func() {
 		defer close(done)
-		watchLoop(ctx, testFamilyID, receive, out)
+		stopped = watchLoop(ctx, testFamilyID, receive, out)
 	}()
 	<-out
 	cancel() // nobody reads any more: the loop must not block on sending
@@ -596,6 +605,64 @@ func TestWatchLoopStopsWithContext(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("watchLoop did not return after cancel")
+	}
+	if stopped != nil {
+		t.Errorf("watchLoop stopped by ctx returned %v, want nil", stopped)
+	}
+}
+
+// A socket closed because ctx is done fails its receive: that is the end
+// ctx asked for, not a failure.
+func TestWatchLoopClosedByContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	receive := func() ([]netlink.Message, error) {
+		cancel() // as context.AfterFunc closing the socket under receive
+		return nil, errSocketFailed
+	}
+	if err := watchLoop(ctx, testFamilyID, receive, make(chan int)); err != nil {
+		t.Errorf("watchLoop = %v, want nil", err)
+	}
+}
+
+// SubscribeLinkDead's stopped says why the events ended, over a real
+// generic netlink socket (joined to nlctrl's group: no nbd module needed):
+// nil once ctx is done, the socket's error when it fails first.
+func TestSubscribeLinkDeadSaysWhyItStopped(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		failing bool
+	}{{"ctx done", false}, {"socket failed", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var sock *netlink.Conn
+			c := &Conn{
+				family: family{ID: testFamilyID, Groups: map[string]uint32{multicastGroup: unix.GENL_ID_CTRL}},
+				dial: func() (*netlink.Conn, error) {
+					var err error
+					sock, err = netlink.Dial(unix.NETLINK_GENERIC, nil)
+					return sock, err
+				},
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			events, stopped, err := c.SubscribeLinkDead(ctx)
+			if err != nil {
+				t.Skipf("no generic netlink socket here: %v", err)
+			}
+			if tc.failing {
+				sock.Close() // under the watch, ctx still live
+			} else {
+				cancel()
+			}
+			for range events {
+			}
+			err = stopped()
+			switch {
+			case tc.failing && (err == nil || !strings.Contains(err.Error(), "receiving nbd netlink notifications")):
+				t.Errorf("stopped() = %v, want the socket's failure", err)
+			case !tc.failing && err != nil:
+				t.Errorf("stopped() = %v, want nil: ctx ended it", err)
+			}
+		})
 	}
 }
 

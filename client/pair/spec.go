@@ -74,8 +74,14 @@ var uriKeys = [2]string{"a", "b"}
 func ValidateSpecs(specs []Spec) error {
 	var errs []error
 	names := map[string]int{}
-	backends := map[string]string{} // canonical URI -> "pair.leg"
-	vdevs := map[string]string{}    // domain/vdev -> pair
+	// By export, not as written: nbd://BOXA/vm1 and nbd://boxa./vm1 are
+	// one volume, which two guests would write at once.
+	type use struct {
+		where string // "pair.leg"
+		uri   client.URI
+	}
+	exports := map[client.ExportKey]use{}
+	vdevs := map[string]string{} // domain/vdev -> pair
 	for i, s := range specs {
 		bad := func(key, format string, args ...any) {
 			errs = append(errs, &SpecError{Index: i, Pair: s.Name, Key: key, Msg: fmt.Sprintf(format, args...)})
@@ -105,17 +111,21 @@ func ValidateSpecs(specs []Spec) error {
 			}
 			parsed[leg] = &u
 			where := s.Name + "." + key
-			if other, dup := backends[u.String()]; dup {
-				bad(key, "%s is also %s: each leg needs its own export", u, other)
+			if other, dup := exports[u.ExportKey()]; dup {
+				spelt := ""
+				if other.uri.String() != u.String() {
+					spelt = fmt.Sprintf(" (written %s there)", other.uri)
+				}
+				bad(key, "%s is also %s%s: each leg needs its own export", u, other.where, spelt)
 				continue
 			}
-			backends[u.String()] = where
+			exports[u.ExportKey()] = use{where: where, uri: u}
 		}
 		// Two exports on one server are two volumes on one storage box:
 		// the guest's mirror would lose both halves with that box. Names
 		// are compared as written, not resolved: this runs at every
 		// configuration load, which must not wait on DNS.
-		if a, b := parsed[0], parsed[1]; a != nil && b != nil && a.String() != b.String() && a.Server() == b.Server() {
+		if a, b := parsed[0], parsed[1]; a != nil && b != nil && !a.SameExport(*b) && a.Server() == b.Server() {
 			bad("b", "%s is on the same server as a (%s): the mirror would have both halves on one storage box; "+
 				"give b the URI of the volume on the other box", b, a.Address())
 		}

@@ -54,7 +54,25 @@ func TestValidateSpecs(t *testing.T) {
 		// know they share a box, as with two names of one machine.
 		{name: "one host, two ports", specs: with(func(s *Spec) { s.URIs[1] = "nbd://192.0.2.2:10810/vm1" })},
 		{name: "export in two pairs", specs: []Spec{testSpec(), func() Spec { o := other; o.URIs[1] = uriB; return o }()},
-			want: []string{`pair "vm2": b: ` + backendB + " is also vm1.b"}},
+			want: []string{`pair "vm2": b: ` + backendB + " is also vm1.b: each leg needs its own export"}},
+		// One export however spelt: two guests would write one volume.
+		{name: "export in two pairs, host in capitals", specs: twoPairs("nbd://boxa/vm1", "nbd://BOXA/vm1"),
+			want: []string{`pair "vm2": a: nbd://BOXA:10809/vm1 is also vm1.a (written nbd://boxa:10809/vm1 there): each leg needs its own export`}},
+		{name: "export in two pairs, trailing dot", specs: twoPairs("nbd://boxa/vm1", "nbd://boxa./vm1"),
+			want: []string{`pair "vm2": a: nbd://boxa.:10809/vm1 is also vm1.a (written nbd://boxa:10809/vm1 there)`}},
+		{name: "export in two pairs, port written out", specs: twoPairs("nbd://boxa/vm1", "nbd://boxa:10809/vm1"),
+			want: []string{`pair "vm2": a: nbd://boxa:10809/vm1 is also vm1.a: each leg needs its own export`}},
+		{name: "export in two pairs, IPv6 spelt two ways", specs: twoPairs("nbd://[2001:db8::1]/vm1", "nbd://[2001:DB8:0::1]/vm1"),
+			want: []string{`pair "vm2": a: nbd://[2001:DB8:0::1]:10809/vm1 is also vm1.a`}},
+		{name: "export in two pairs, default export", specs: twoPairs("nbd://boxa", "nbd://BOXA/"),
+			want: []string{`pair "vm2": a: nbd://BOXA:10809/ is also vm1.a`}},
+		{name: "export in two pairs, socket path", specs: twoPairs("nbd+unix:///vm1?socket=/run/a.sock", "nbd+unix:///vm1?socket=/run//a.sock"),
+			want: []string{`pair "vm2": a: nbd+unix:///vm1?socket=/run//a.sock is also vm1.a`}},
+		{name: "two exports on one box in two pairs", specs: twoPairs("nbd://boxa/vm1", "nbd://BOXA/vm2")},
+		// Reported once, as one export, not also as two on one server.
+		{name: "both legs one export, spelt two ways", specs: with(func(s *Spec) {
+			s.URIs = [2]string{"nbd://storage-a.example/vm1", "nbd://Storage-A.example./vm1"}
+		}), want: []string{`pair "vm1": b: nbd://Storage-A.example.:10809/vm1 is also vm1.a (written nbd://storage-a.example:10809/vm1 there)`}},
 		{name: "no connections", specs: with(func(s *Spec) { s.Connections = 0 }), want: []string{"connections: 0: want 1 to 64"}},
 		{name: "too many connections", specs: with(func(s *Spec) { s.Connections = 65 }), want: []string{"connections: 65"}},
 		{name: "negative timeouts", specs: with(func(s *Spec) { s.Timeout, s.DeadTimeout = -1, -time.Second }),
@@ -99,6 +117,15 @@ func TestValidateSpecs(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// twoPairs is pairs vm1 and vm2 whose legs a are exports aOfVM1 and
+// aOfVM2, and whose legs b are on boxes of their own.
+func twoPairs(aOfVM1, aOfVM2 string) []Spec {
+	return []Spec{
+		{Name: "vm1", URIs: [2]string{aOfVM1, "nbd://198.51.100.1/vm1"}, Connections: 1, Timeout: 30 * time.Second},
+		{Name: "vm2", URIs: [2]string{aOfVM2, "nbd://203.0.113.1/vm2"}, Connections: 1, Timeout: 30 * time.Second},
 	}
 }
 

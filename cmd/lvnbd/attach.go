@@ -33,6 +33,7 @@ type nbdKernel interface {
 	Reconfigure(ctx context.Context, index int, r kernel.Reconfig) error
 	Status(ctx context.Context, index int) ([]kernel.Device, error)
 	WatchLinkDead(ctx context.Context) (<-chan int, error)
+	SubscribeLinkDead(ctx context.Context) (events <-chan int, stopped func() error, err error)
 	Close() error
 }
 
@@ -158,8 +159,12 @@ be attached only once per host.`,
 				return err
 			}
 			for _, d := range devs {
-				if d.Running() && d.Backend == backend {
-					return fmt.Errorf("%s is already attached as %s (lvnbd detach %s)", backend, d.Path(), d.Path())
+				if d.Running() && sameExport(d.Backend, u) {
+					as := ""
+					if d.Backend != backend {
+						as = " to " + d.Backend
+					}
+					return fmt.Errorf("%s is already attached as %s%s (lvnbd detach %s)", backend, d.Path(), as, d.Path())
 				}
 				if d.Index == index && d.Connected {
 					return fmt.Errorf("%s: %w (attached to %q)", d.Path(), kernel.ErrBusy, d.Backend)
@@ -329,7 +334,8 @@ the export (backend) they are attached to. The kernel does not tell how many
 connections a device has, nor whether they are alive; --watch shows the
 deaths it reports.
 --all also lists free devices. --watch then prints a line each time the kernel
-reports a dead connection, until interrupted.`,
+reports a dead connection, until interrupted; if the kernel's notifications
+fail, it says so and exits non-zero.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -338,11 +344,14 @@ reports a dead connection, until interrupted.`,
 				return err
 			}
 			defer k.Close()
-			var events <-chan int
+			var (
+				events  <-chan int
+				stopped func() error
+			)
 			if watch {
 				// Subscribe first, so nothing between the listing and the
 				// watch is missed.
-				if events, err = k.WatchLinkDead(ctx); err != nil {
+				if events, stopped, err = k.SubscribeLinkDead(ctx); err != nil {
 					return err
 				}
 			}
@@ -371,6 +380,11 @@ reports a dead connection, until interrupted.`,
 				if err := printLinkDead(out, index, asJSON); err != nil {
 					return err
 				}
+			}
+			// Interrupted, or the subscription failed: then deaths would
+			// go unreported, and a script reading the events must know.
+			if err := stopped(); err != nil {
+				return fmt.Errorf("watching for dead connections stopped, later ones would go unreported: %w", err)
 			}
 			return nil
 		},
@@ -430,7 +444,7 @@ func newReconnectCmd(host *hostDeps) *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "reconnect DEVICE [URI]",
-		Short: "Give an attached device fresh connections, or its export's new size",
+		Short: "Give an attached device fresh connections, and its export's new size",
 		Long: `Dial the export again and hand the new connections to the kernel in place of
 dead ones, without detaching: I/O waiting for --dead-timeout resumes, and
 the device works again after it failed. The kernel takes one new connection
@@ -447,13 +461,17 @@ new member. For the same reason an export whose volume was removed and made
 anew under the same name (its volume ID, which lvnbd attach recorded in
 /run/lvnbd/volume-ids.json, changed) is refused.
 
-If the export grew, the device grows with it, once the fresh connections are
-in. With --size, only that is done: the export's size is read again and
-pushed to the device (after lvextend on the server, say). A device never
-shrinks: detach it first.`,
+If the export grew, the device grows with it, after the fresh connections
+and in a request of its own: a new size waits for the device's I/O in flight,
+and I/O stalled on dead connections would hold it up until --dead-timeout
+failed that I/O; from Linux 6.9, every nbd netlink request on the host (a pair
+daemon's reconnects, of any device) waits meanwhile. --size, to push a grown
+export's size (after lvextend on the server, say), does just the same, and
+says so when the size did not change: give it --connections as for any
+reconnect. A device never shrinks: detach it first.`,
 		Example: `  lvnbd reconnect /dev/nbd3
   lvnbd reconnect --connections 4 /dev/nbd3
-  lvnbd reconnect --size /dev/nbd3`,
+  lvnbd reconnect --size --connections 4 /dev/nbd3`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
@@ -485,22 +503,15 @@ shrinks: detach it first.`,
 			if err != nil {
 				return err
 			}
-			var (
-				info  client.ExportInfo
-				socks []*os.File
-			)
-			if sizeOnly {
-				if info, err = client.Info(ctx, u.String()); err != nil {
-					return err
-				}
-			} else {
-				if socks, info, err = dialForKernel(ctx, u, conns); err != nil {
-					return err
-				}
-				defer kernel.CloseSockets(socks)
-				if info.ReadOnly() && !d.ReadOnly {
-					return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
-				}
+			// Fresh sockets also for --size, as the pair daemon's size
+			// poll grows a leg: see below.
+			socks, info, err := dialForKernel(ctx, u, conns)
+			if err != nil {
+				return err
+			}
+			defer kernel.CloseSockets(socks)
+			if info.ReadOnly() && !d.ReadOnly {
+				return fmt.Errorf("%s is writable but %s is now read-only: detach and attach again", d.Path(), u)
 			}
 			key := d.Backend // as attach recorded it
 			if key == "" {
@@ -517,28 +528,27 @@ shrinks: detach it first.`,
 			if err != nil {
 				return err
 			}
-			r := kernel.Reconfig{Timeout: timeout, DeadConnTimeout: deadTimeout, Backend: d.Backend}
-			if sizeOnly {
-				if size != d.Size {
-					r.Size = size
-				}
-			} else {
-				// The sockets go alone, and a new size after them: see
-				// kernel.Reconfig.
-				r.Sockets = socks
-			}
+			// The sockets go alone, and a new size after them: see
+			// kernel.Reconfig. Since Linux 6.9 a new size freezes the
+			// device's queue until its I/O in flight is done, holding the
+			// kernel's generic netlink lock, so every nbd netlink request
+			// on the host (a pair daemon's reconnects) waits meanwhile. I/O
+			// parked on dead connections is done only once they are
+			// replaced, or failed at the dead timeout; with none dead, the
+			// kernel drops the sockets.
+			r := kernel.Reconfig{Sockets: socks, Timeout: timeout, DeadConnTimeout: deadTimeout, Backend: d.Backend}
 			if err := k.Reconfigure(ctx, index, r); err != nil {
 				return err
 			}
-			if !sizeOnly && size != d.Size {
+			if size != d.Size {
 				r = kernel.Reconfig{Size: size, Backend: d.Backend}
 				if err := k.Reconfigure(ctx, index, r); err != nil {
 					return fmt.Errorf("%s has fresh connections, but growing it to %s failed (lvnbd reconnect --size %s retries): %w",
 						d.Path(), humanize.IBytes(size), d.Path(), err)
 				}
-			}
-			if size != d.Size {
 				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s grew from %s to %s\n", d.Path(), humanize.IBytes(d.Size), humanize.IBytes(size))
+			} else if sizeOnly {
+				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s already has the export's size, %s\n", d.Path(), humanize.IBytes(size))
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), d.Path())
 			return nil
@@ -548,7 +558,7 @@ shrinks: detach it first.`,
 	f.IntVar(&conns, "connections", 1, "fresh connections to offer (as many as the device was attached with)")
 	f.DurationVar(&timeout, "timeout", 0, "also change the request timeout (0: leave it as it is)")
 	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it as it is, not \"fail at once\" as with attach)")
-	f.BoolVar(&sizeOnly, "size", false, "only push the export's current size to the device")
+	f.BoolVar(&sizeOnly, "size", false, "push the export's grown size to the device, after fresh connections as any reconnect; say if it did not change")
 	return cmd
 }
 
@@ -574,6 +584,18 @@ func reconnectURI(d kernel.Device, given string) (client.URI, error) {
 			"an md mirror then resyncs the new member", d.Path(), d.Backend, given, d.Path(), given)
 	}
 	return u, nil
+}
+
+// sameExport reports whether backend, a device's backend identifier, names
+// the export u names, however either is spelt (client.URI.SameExport): two
+// devices on one export are two writers the export's users do not know of.
+// A backend that is no URI (another tool's) is compared as written.
+func sameExport(backend string, u client.URI) bool {
+	b, err := client.ParseURI(backend)
+	if err != nil {
+		return backend == u.String()
+	}
+	return b.SameExport(u)
 }
 
 // findDevice resolves a DEVICE|URI argument to a device.

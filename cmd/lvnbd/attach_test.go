@@ -40,6 +40,11 @@ type fakeNBD struct {
 	// held devices keep their configuration when disconnected, as the
 	// kernel's do while something holds them open.
 	held map[int]bool
+	// A subscription to dead-connection notices sends nbd2's and a loss,
+	// then fails with watchErr if set; otherwise it calls eventsRead (if
+	// set) and lasts until its ctx is done.
+	watchErr   error
+	eventsRead func()
 }
 
 func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
@@ -114,8 +119,16 @@ func (k *fakeNBD) Status(_ context.Context, index int) ([]kernel.Device, error) 
 }
 
 func (k *fakeNBD) WatchLinkDead(ctx context.Context) (<-chan int, error) {
+	ch, _, err := k.SubscribeLinkDead(ctx)
+	return ch, err
+}
+
+func (k *fakeNBD) SubscribeLinkDead(ctx context.Context) (<-chan int, func() error, error) {
 	ch := make(chan int)
+	done := make(chan struct{})
+	var failed error
 	go func() {
+		defer close(done)
 		defer close(ch)
 		for _, i := range []int{2, kernel.EventsLost} {
 			select {
@@ -124,8 +137,16 @@ func (k *fakeNBD) WatchLinkDead(ctx context.Context) (<-chan int, error) {
 				return
 			}
 		}
+		if k.watchErr != nil {
+			failed = k.watchErr
+			return
+		}
+		if k.eventsRead != nil {
+			k.eventsRead()
+		}
+		<-ctx.Done()
 	}()
-	return ch, nil
+	return ch, func() error { <-done; return failed }, nil
 }
 
 func (k *fakeNBD) Close() error {
@@ -168,18 +189,27 @@ func testHost(k *fakeNBD, users map[int][]string) *hostDeps {
 }
 
 // runCmd runs cmd with args and returns its stdout and stderr.
-func runCmd(t testing.TB, cmd interface {
+func runCmd(t testing.TB, cmd command, args ...string) (string, string, error) {
+	t.Helper()
+	return runCmdContext(context.Background(), t, cmd, args...)
+}
+
+// command is what runCmd needs of a *cobra.Command.
+type command interface {
 	SetArgs([]string)
 	SetOut(io.Writer)
 	SetErr(io.Writer)
 	ExecuteContext(context.Context) error
-}, args ...string) (string, string, error) {
+}
+
+// runCmdContext is runCmd with ctx, which the command's context ends with.
+func runCmdContext(ctx context.Context, t testing.TB, cmd command, args ...string) (string, string, error) {
 	t.Helper()
 	var out, errOut bytes.Buffer
 	cmd.SetArgs(args)
 	cmd.SetOut(&out)
 	cmd.SetErr(&errOut)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	err := cmd.ExecuteContext(ctx)
 	return out.String(), errOut.String(), err
@@ -355,6 +385,7 @@ func TestAttachErrors(t *testing.T) {
 		return ln.Addr().String()
 	}()
 	attached := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://" + addr + "/disk"}}
+	local := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://localhost:10809/vm1"}}
 	tests := []struct {
 		name      string
 		args      []string
@@ -370,6 +401,15 @@ func TestAttachErrors(t *testing.T) {
 			wantErr: "does not allow several connections"},
 		{name: "already attached", args: []string{"nbd://" + addr + "/disk"}, devs: attached,
 			wantErr: "already attached as /dev/nbd2"},
+		// The same export spelt otherwise: refused before any dialing
+		// (nothing serves vm1 there), not attached a second time.
+		{name: "already attached, host in capitals", args: []string{"nbd://LocalHost/vm1"}, devs: local,
+			wantErr: "nbd://LocalHost:10809/vm1 is already attached as /dev/nbd2 to nbd://localhost:10809/vm1 (lvnbd detach /dev/nbd2)"},
+		{name: "already attached, trailing dot", args: []string{"nbd://localhost./vm1"}, devs: local,
+			wantErr: "nbd://localhost.:10809/vm1 is already attached as /dev/nbd2 to nbd://localhost:10809/vm1"},
+		{name: "already attached, IPv6 spelt otherwise", args: []string{"nbd://[0:0::1]/vm1"},
+			devs:    []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://[::1]:10809/vm1"}},
+			wantErr: "nbd://[0:0::1]:10809/vm1 is already attached as /dev/nbd2 to nbd://[::1]:10809/vm1"},
 		{name: "device busy", args: []string{"--device", "/dev/nbd2", "nbd://" + addr + "/other"}, devs: attached,
 			wantErr: "/dev/nbd2: device is in use"},
 		{name: "bad device", args: []string{"--device", "/dev/sda", "nbd://" + addr + "/disk"}, wantErr: "not an nbd device"},
@@ -395,6 +435,34 @@ func TestAttachErrors(t *testing.T) {
 				t.Error("Connect was called")
 			}
 		})
+	}
+}
+
+// attach's "already attached" check compares exports, not spellings; a
+// backend another tool gave, which is no URI, only as written.
+func TestAttachedBackendIsSameExport(t *testing.T) {
+	tests := []struct {
+		backend, uri string
+		same         bool
+	}{
+		{"nbd://boxa:10809/vm1", "nbd://boxa/vm1", true},
+		{"nbd://boxa:10809/vm1", "nbd://BOXA/vm1", true},
+		{"nbd://boxa:10809/vm1", "nbd://boxa./vm1", true},
+		{"nbd://BoxA.:10809/vm1", "nbd://boxa/vm1", true},
+		{"nbd://boxa:10809/vm1", "nbd://boxa/vm2", false},
+		{"nbd://boxa:10809/vm1", "nbd://boxb/vm1", false},
+		{"nbd://boxa:10809/vm1", "nbd://boxa:10810/vm1", false},
+		{"", "nbd://boxa/vm1", false},
+		{"some-tool:vm1", "nbd://boxa/vm1", false},
+	}
+	for _, tt := range tests {
+		u, err := client.ParseURI(tt.uri)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := sameExport(tt.backend, u); got != tt.same {
+			t.Errorf("sameExport(%q, %s) = %v, want %v", tt.backend, u, got, tt.same)
+		}
 	}
 }
 
@@ -505,8 +573,11 @@ func TestList(t *testing.T) {
 }
 
 func TestListWatch(t *testing.T) {
-	k := &fakeNBD{t: t}
-	out, _, err := runCmd(t, newListCmd(testHost(k, nil)), "--watch")
+	// Until interrupted, which is a normal end.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	k := &fakeNBD{t: t, eventsRead: cancel}
+	out, _, err := runCmdContext(ctx, t, newListCmd(testHost(k, nil)), "--watch")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -514,7 +585,10 @@ func TestListWatch(t *testing.T) {
 	if diff := cmp.Diff(want, out); diff != "" {
 		t.Errorf("list --watch (-want +got):\n%s", diff)
 	}
-	out, _, err = runCmd(t, newListCmd(testHost(k, nil)), "--watch", "--json")
+	ctx, cancel = context.WithCancel(context.Background())
+	defer cancel()
+	k = &fakeNBD{t: t, eventsRead: cancel}
+	out, _, err = runCmdContext(ctx, t, newListCmd(testHost(k, nil)), "--watch", "--json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -522,6 +596,25 @@ func TestListWatch(t *testing.T) {
 	if len(lines) != 3 || lines[0] != "[]" || !strings.Contains(lines[1], `"device":"/dev/nbd2","event":"link-dead"`) ||
 		!strings.Contains(lines[2], `"event":"events-lost"`) {
 		t.Errorf("list --watch --json:\n%s", out)
+	}
+}
+
+// A subscription that fails is said, and list --watch fails: a script
+// reading its events must not take the silence for no deaths.
+func TestListWatchFails(t *testing.T) {
+	for _, args := range [][]string{{"--watch"}, {"--watch", "--json"}} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			failed := errors.New("receiving nbd netlink notifications: recvmsg: bad file descriptor")
+			k := &fakeNBD{t: t, watchErr: failed}
+			out, _, err := runCmd(t, newListCmd(testHost(k, nil)), args...)
+			if !errors.Is(err, failed) || !strings.Contains(err.Error(), "watching for dead connections stopped") {
+				t.Errorf("list %s: %v, want an error saying the watch stopped, wrapping %v", strings.Join(args, " "), err, failed)
+			}
+			// What came before the failure is printed all the same.
+			if !strings.Contains(out, "nbd2") || !strings.Contains(out, "events") {
+				t.Errorf("stdout %q lacks the events before the failure", out)
+			}
+		})
 	}
 }
 
@@ -565,22 +658,38 @@ func TestReconnect(t *testing.T) {
 		t.Errorf("Reconfigure calls (-want +got):\n%s", diff)
 	}
 
-	// --size only: no sockets.
+	// --size too: fresh sockets first, as many as --connections, alone,
+	// then the size. A size alone would freeze the queue (from Linux 6.9,
+	// holding the host's generic netlink lock) until I/O parked on dead
+	// connections failed at the dead timeout.
 	k = newKernel(4 << 20)
-	if _, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3", uri); err != nil {
+	_, errOut, err = runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "--connections", "2", "/dev/nbd3", uri)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if r := k.reconfigured[0]; len(r.Sockets) != 0 || r.Size != 8<<20 {
-		t.Errorf("--size: %d sockets, size %d", len(r.Sockets), r.Size)
+	got = nil
+	for _, r := range k.reconfigured {
+		got = append(got, reconfig{len(r.Sockets), r.Size, r.Timeout, r.DeadConnTimeout, r.Backend})
+	}
+	want = []reconfig{{Sockets: 2, Backend: uri}, {Size: 8 << 20, Backend: uri}}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("--size: Reconfigure calls (-want +got):\n%s", diff)
+	}
+	if !strings.Contains(errOut, "grew from 4.0 MiB to 8.0 MiB") {
+		t.Errorf("--size: stderr %q", errOut)
 	}
 
-	// Same size: nothing to push.
+	// Same size: fresh sockets, no size, and --size says so.
 	k = newKernel(8 << 20)
-	if _, _, err := runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3"); err != nil {
+	_, errOut, err = runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if r := k.reconfigured[0]; r.Size != 0 {
-		t.Errorf("same size: pushed %d", r.Size)
+	if len(k.reconfigured) != 1 || len(k.reconfigured[0].Sockets) != 1 || k.reconfigured[0].Size != 0 {
+		t.Errorf("same size: Reconfigure calls %+v, want one with a socket and no size", k.reconfigured)
+	}
+	if want := "lvnbd: /dev/nbd3 already has the export's size, 8.0 MiB\n"; errOut != want {
+		t.Errorf("same size: stderr %q, want %q", errOut, want)
 	}
 
 	for name, tc := range map[string]struct {
