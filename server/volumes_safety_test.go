@@ -335,6 +335,34 @@ func TestMergedVolumeIsExportedUnderAnotherID(t *testing.T) {
 	}
 }
 
+// A volume shrunk behind the server (truncate, lvreduce) keeps its ID, but
+// its tail is gone: its clients are cut, so that a dom0 leg sees the smaller
+// export at its reconnect and refuses it, instead of carrying on over a grow
+// back under the same ID.
+func TestShrinkBehindTheServerCutsItsClients(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, logs := observedVolumes(t, newFileDriver(t))
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.expectClosed()
+	if e, _ := ts.reg.Lookup("vm1"); e.Backend.Size() != 1<<20 {
+		t.Errorf("vm1 after the shrink is exported with %d bytes, want %d", e.Backend.Size(), 1<<20)
+	}
+	if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("shrank").Len(); n != 1 {
+		t.Errorf("%d warnings that vm1 shrank, want 1: %v", n, logs.All())
+	}
+}
+
 // hiddenSnapshotDriver refuses to remove a volume for a snapshot its Get
 // does not show, as the LVM driver does for one an admin made.
 type hiddenSnapshotDriver struct{ *file.Driver }

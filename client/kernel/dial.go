@@ -17,7 +17,7 @@ import (
 const MaxConnections = 64
 
 // ErrExportShrank means an export is now smaller than the device attached to
-// it. A device cannot shrink in place: it has to be detached first.
+// it: the device's tail is lost on the export, and a device never shrinks.
 var ErrExportShrank = errors.New("the export shrank")
 
 // DialSockets opens n connections to u with d (nil: a default net.Dialer)
@@ -147,8 +147,19 @@ func GrownSize(d Device, exportSize uint64) (uint64, error) {
 	bs := uint64(max(d.BlockSize, DefaultBlockSize))
 	size := exportSize - exportSize%bs
 	if size < d.Size {
-		return 0, fmt.Errorf("%w from %s to %s: %s cannot shrink in place; detach it first",
-			ErrExportShrank, humanize.IBytes(d.Size), humanize.IBytes(exportSize), d.Path())
+		// Not just "detach it first": a device that is half of a mirror (a
+		// pair's leg) has lost its tail, and must be given to the mirror as a
+		// new member whatever size it comes back with.
+		export := d.Backend
+		if export == "" {
+			export = "its export"
+		}
+		return 0, fmt.Errorf("%w from %s to %s (%d to %d bytes) under %s: %s has lost the device's tail, even if "+
+			"it is grown back, and a device never shrinks; if %s is one half of a mirror (a pair's leg), that half "+
+			"must be replaced as a new member, resynced in full; a device used alone takes the smaller size only "+
+			"detached and attached again",
+			ErrExportShrank, humanize.IBytes(d.Size), humanize.IBytes(exportSize), d.Size, exportSize, d.Path(),
+			export, d.Path())
 	}
 	return size, nil
 }

@@ -50,8 +50,14 @@ func TestGrownSize(t *testing.T) {
 		{name: "grown", dev: dev(8<<20, 512), exportSize: 16 << 20, want: 16 << 20},
 		{name: "grown by a partial block", dev: dev(8<<20, 4096), exportSize: 8<<20 + 5000, want: 8<<20 + 4096},
 		{name: "block size unknown means 512", dev: dev(1024, 0), exportSize: 2047, want: 1536},
-		{name: "shrank", dev: dev(16<<20, 512), exportSize: 8 << 20, wantErr: "shrank from 16 MiB to 8.0 MiB: /dev/nbd3 cannot shrink"},
-		{name: "tail under a block", dev: dev(8<<20, 4096), exportSize: 8<<20 - 1, wantErr: "shrank"},
+		// Named with the export, and not "detach it first": a pair's leg
+		// must be replaced.
+		{name: "shrank", dev: Device{Index: 3, Size: 16 << 20, BlockSize: 512, Backend: "nbd://192.0.2.2:10809/vm1"},
+			exportSize: 8 << 20, wantErr: "the export shrank from 16 MiB to 8.0 MiB (16777216 to 8388608 bytes) under /dev/nbd3: " +
+				"nbd://192.0.2.2:10809/vm1 has lost the device's tail, even if it is grown back, and a device never shrinks; " +
+				"if /dev/nbd3 is one half of a mirror (a pair's leg), that half must be replaced as a new member, resynced in full"},
+		{name: "tail under a block", dev: dev(8<<20, 4096), exportSize: 8<<20 - 1,
+			wantErr: "shrank from 8.0 MiB to 8.0 MiB (8388608 to 8388607 bytes) under /dev/nbd3: its export has lost"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

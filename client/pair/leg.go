@@ -52,6 +52,10 @@ type leg struct {
 	healthAt   time.Time
 	reconnects int
 	adopted    bool
+	// lostDevice is the device lost, until another is attached or the leg
+	// is taken down (Size 0: none): its link led the guest to this leg's
+	// data, so the export must not have shrunk under it.
+	lostDevice kernel.Device
 
 	mu        sync.Mutex
 	st        LegStatus
@@ -269,6 +273,11 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	if err := l.checkID(info, "attach", l.s.cfg.IDs.Verify); err != nil {
 		return err
 	}
+	if l.lostDevice.Size != 0 {
+		if _, err := kernel.GrownSize(l.lostDevice, info.Size); errors.Is(err, kernel.ErrExportShrank) {
+			return l.refuseShrunk("attach", l.lostDevice, info, err)
+		}
+	}
 	cfg, err := kernel.ExportConfig(info, 0)
 	if err != nil {
 		return err
@@ -283,6 +292,7 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.useDevice(kernel.Device{Index: index, Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: info.ReadOnly()})
+	l.lostDevice = kernel.Device{}
 	if err := l.s.cfg.IDs.Set(l.backend, info.ID()); err != nil {
 		l.noteError(now, fmt.Errorf("recording the volume ID of %s: %w", kernel.DevicePath(index), err))
 	}
@@ -319,6 +329,9 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 		return fmt.Errorf("%s is writable but the export is now read-only: not reconnecting it", d.Path())
 	}
 	size, err := kernel.GrownSize(d, info.Size)
+	if errors.Is(err, kernel.ErrExportShrank) {
+		return l.refuseShrunk("reconnect "+d.Path(), d, info, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -403,8 +416,13 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 	if err := l.checkID(info, "size poll", l.s.cfg.IDs.Verify); err != nil {
 		return err
 	}
-	d := kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize}
+	d := kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize, Backend: l.backend}
 	size, err := kernel.GrownSize(d, info.Size)
+	if errors.Is(err, kernel.ErrExportShrank) {
+		// Refused from now on; the connections the device has may still
+		// live, and only the server can cut them (a shrink it makes does).
+		return l.refuseShrunk("size poll", d, info, err)
+	}
 	if err != nil || size == l.size {
 		return err
 	}
@@ -424,19 +442,43 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 }
 
 // checkID refuses an export whose volume is not the one the leg's device was
-// attached to, as the host's volume IDs record it: check is the store's
-// Check (which records the ID of a device attached before IDs were) or
-// Verify; what names what was refused.
+// attached to, or that shrank under it, as the host's volume IDs record it:
+// check is the store's Check (which records the ID of a device attached
+// before IDs were) or Verify; what names what was refused.
 func (l *leg) checkID(info client.ExportInfo, what string, check func(backend, id string) error) error {
-	if err := check(l.backend, info.ID()); err != nil {
-		if errors.Is(err, volumeid.ErrReplaced) {
-			return fmt.Errorf("%s of leg %s refused: %w; to use the new volume, remove this leg from the guest's "+
-				"mirror, take it down and up again (lvnbd pair down --leg %s %s, then pair up --leg %s %s) and add it "+
-				"to the mirror as a new member, resynced in full", what, l.name, err, l.name, l.spec.Name, l.name, l.spec.Name)
-		}
-		return fmt.Errorf("%s: %w", what, err)
+	return l.refusal(what, check(l.backend, info.ID()))
+}
+
+// refuseShrunk records in the volume IDs that the leg's export shrank under
+// device d, so that it is refused from then on, even once grown back to d's
+// size under the same ID (its tail is not d's data), and returns that
+// refusal of what; shrank is kernel.GrownSize's error.
+func (l *leg) refuseShrunk(what string, d kernel.Device, info client.ExportInfo, shrank error) error {
+	err := l.s.cfg.IDs.Shrank(l.backend, info.ID(), d.Size, info.Size)
+	if !errors.Is(err, volumeid.ErrReplaced) {
+		return fmt.Errorf("%s: %w; recording that in the volume IDs failed, so it would not be refused once grown back: %w",
+			what, shrank, err)
 	}
-	return nil
+	return l.refusal(what, err)
+}
+
+// refusal is err, from the volume IDs, as a refusal of what, saying how to
+// replace the leg when the export is not the device's data
+// (volumeid.ErrReplaced); nil if err is.
+func (l *leg) refusal(what string, err error) error {
+	var shrank *volumeid.ShrankError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &shrank):
+		return fmt.Errorf("%s of leg %s refused: %w; here: lvnbd pair down --leg %s %s, then lvnbd pair up --leg %s %s",
+			what, l.name, err, l.name, l.spec.Name, l.name, l.spec.Name)
+	case errors.Is(err, volumeid.ErrReplaced):
+		return fmt.Errorf("%s of leg %s refused: %w; to use the new volume, remove this leg from the guest's "+
+			"mirror, take it down and up again (lvnbd pair down --leg %s %s, then pair up --leg %s %s) and add it "+
+			"to the mirror as a new member, resynced in full", what, l.name, err, l.name, l.spec.Name, l.name, l.spec.Name)
+	}
+	return fmt.Errorf("%s: %w", what, err)
 }
 
 // useDevice takes d as the leg's device.
@@ -447,6 +489,9 @@ func (l *leg) useDevice(d kernel.Device) {
 // lost forgets a device that went away; the next step attaches a new one.
 func (l *leg) lost(now time.Time, err error) {
 	l.log.Warn("device lost: attaching again", zap.Error(err))
+	if l.size != 0 {
+		l.lostDevice = kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize, Backend: l.backend}
+	}
 	l.dev, l.size, l.stale, l.unseen = -1, 0, false, false
 	l.publish(now, StateFailed, err)
 }
@@ -499,6 +544,7 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	l.dev, l.size, l.stale, l.unseen, l.failures, l.retryAt = -1, 0, false, false, 0, time.Time{}
+	l.lostDevice = kernel.Device{}
 	l.down = true
 	// A device something still holds open (blkback, after a failed xl
 	// block-detach and --force) keeps its configuration, backend and pid

@@ -53,6 +53,9 @@ func TestLegStep(t *testing.T) {
 	}
 	attached := legStep{calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
 		state: StateConnected, device: "/dev/nbd0", size: 64 * mib}
+	const shrank = "the export's volume was made anew or rolled back: the export " + backendA + " shrank under the device " +
+		"(from 67108864 to 33554432 bytes), its tail is lost, so this half must be replaced as a new member: take the leg " +
+		"down and up and add it in full (see lvnbd pair down --help)"
 	running := func(index int, backend string, size uint64) kernel.Device {
 		return kernel.Device{Index: index, Connected: true, PID: 7, Backend: backend, Size: size, BlockSize: 512}
 	}
@@ -158,7 +161,58 @@ func TestLegStep(t *testing.T) {
 		{name: "export shrinks: the device does not",
 			steps: []legStep{attached,
 				{at: 10 * time.Second, before: resize(32 * mib), wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0",
-					size: 64 * mib, errHas: "size poll: the export shrank from 64 MiB to 32 MiB"},
+					size: 64 * mib, errHas: "size poll of leg a refused: " + shrank},
+			}},
+		// The tail the device had is gone from the export: md must not
+		// take this half back from its bitmap.
+		{name: "export shrunk, then grown back under the same ID: refused",
+			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
+			steps: []legStep{attached,
+				{at: time.Second, before: then(resize(32*mib), dies), wait: time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: "reconnect /dev/nbd0 of leg a refused: " + shrank},
+				{at: 2 * time.Second, before: resize(64 * mib), wait: 2 * time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: shrank + "; here: lvnbd pair down --leg a vm1, then lvnbd pair up --leg a vm1"},
+				// Grown beyond: still not the device's data.
+				{at: 4 * time.Second, before: resize(128 * mib), wait: 2500 * time.Millisecond, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: shrank},
+			}},
+		{name: "shrink seen by the size poll, grown back before the connections die: refused",
+			steps: []legStep{attached,
+				{at: 10 * time.Second, before: resize(32 * mib), wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0",
+					size: 64 * mib, errHas: "size poll of leg a refused: " + shrank},
+				{at: 12 * time.Second, before: then(resize(64*mib), dies), wait: time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: "reconnect /dev/nbd0 of leg a refused: " + shrank},
+			}},
+		{name: "device lost while its export shrank: not attached again, also once grown back",
+			steps: []legStep{attached,
+				{at: 5 * time.Second, before: then(resize(32*mib), func(k *fakeKernel, _ *fakeStorage, _ *leg) {
+					k.setDevice(kernel.Device{Index: 0, Connected: true}) // someone detached it
+				}), wait: 0, state: StateFailed, errHas: "/dev/nbd0 is no longer attached"},
+				{at: 5 * time.Second, wait: time.Second, state: StateFailed, errHas: "attach of leg a refused: " + shrank},
+				{at: 6 * time.Second, before: resize(64 * mib), wait: 2 * time.Second, state: StateFailed, errHas: shrank},
+			}},
+		{name: "down and up after a shrink: attached as a new half",
+			steps: []legStep{attached,
+				{at: time.Second, before: then(resize(32*mib), dies), wait: time.Second, state: StateReconnecting,
+					device: "/dev/nbd0", size: 64 * mib, errHas: shrank},
+				{at: 2 * time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {
+					if err := l.detach(context.Background(), time.Time{}); err != nil {
+						panic(err)
+					}
+				}, calls: []string{"disconnect nbd0"}, wait: idle, state: StateDown, errHas: shrank, noLink: true},
+				{at: time.Minute, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) { l.up(context.Background(), time.Time{}) },
+					calls: []string{"connect " + backendA + " 2 sockets -> nbd0"}, wait: 5 * time.Second,
+					state: StateConnected, device: "/dev/nbd0", size: 32 * mib, errHas: shrank},
+			}},
+		{name: "reconnect to an export grown under its ID grows the device",
+			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
+			steps: []legStep{attached,
+				{at: time.Second, before: then(resize(128*mib), dies),
+					calls: []string{"reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size 134217728"},
+					wait:  5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 128 * mib, reconnects: 1},
+				{at: 15 * time.Second, before: resize(256 * mib),
+					calls: []string{"reconfigure nbd0 2 sockets", "reconfigure nbd0 0 sockets size 268435456"},
+					wait:  5 * time.Second, state: StateConnected, device: "/dev/nbd0", size: 256 * mib, reconnects: 1},
 			}},
 		{name: "export turned read-only: not reconnected",
 			steps: []legStep{attached,
@@ -462,5 +516,43 @@ func TestVolumeIDSurvivesReload(t *testing.T) {
 	}
 	if calls := k.takeCalls(); len(calls) != 0 {
 		t.Errorf("the refused volume reached the kernel: %v", calls)
+	}
+}
+
+// A shrink the size poll saw outlives the supervisor too: after a reload,
+// the new one adopts the device and refuses the export grown back meanwhile.
+func TestShrinkSurvivesReload(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	ids := volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))
+	start := func() *leg {
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
+			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info, IDs: ids}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.pairs[0].legs[0]
+	}
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	l := start()
+	l.step(context.Background(), now)
+	st.set(uriA, func(e *fakeExport) { e.size = 32 * mib })
+	l.step(context.Background(), now.Add(10*time.Second)) // the size poll
+	if got := l.status(); got.State != StateConnected || !strings.Contains(got.LastError, "shrank") {
+		t.Fatalf("first supervisor after the shrink: %+v", got)
+	}
+	st.set(uriA, func(e *fakeExport) { e.size = 64 * mib })
+	k.takeCalls()
+
+	l = start() // the reload
+	l.step(context.Background(), now.Add(11*time.Second))
+	got := l.status()
+	if got.State != StateReconnecting || !got.Adopted || !strings.Contains(got.LastError, "reconnect /dev/nbd0 of leg a refused: "+
+		"the export's volume was made anew or rolled back: the export "+backendA+" shrank under the device (from 67108864 to 33554432 bytes)") {
+		t.Errorf("after the reload: %+v, want the adopted device refused the export grown back", got)
+	}
+	if calls := k.takeCalls(); len(calls) != 0 {
+		t.Errorf("the refused export reached the kernel: %v", calls)
 	}
 }

@@ -8,6 +8,11 @@
 // export's URI). /run lives exactly as long as the kernel's devices: a
 // reboot clears both, while the pair daemon's reloads and restarts, and
 // lvnbd reconnect run by hand, all find what the attach recorded.
+//
+// A record also says when the export shrank under its device (Store.Shrank):
+// the device never shrinks, and the export's tail is lost, so that export is
+// refused from then on like a volume made anew, even once grown back to the
+// device's size under the same ID.
 package volumeid
 
 import (
@@ -16,6 +21,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -27,9 +33,67 @@ import (
 const DefaultPath = "/run/lvnbd/volume-ids.json"
 
 // ErrReplaced means an export now serves another volume than the one a
-// device was attached to, or the same volume rolled back by a snapshot
-// merge (see volume.RolledBackID).
+// device was attached to, the same volume rolled back by a snapshot merge
+// (see volume.RolledBackID), or one that shrank under the device
+// (ShrankError).
 var ErrReplaced = errors.New("the export's volume was made anew or rolled back")
+
+// ShrankError is the refusal of an export that shrank under its device
+// (Store.Shrank): it wraps ErrReplaced.
+type ShrankError struct {
+	Backend string
+	// From is the device's size and To the export's when it shrank, in
+	// bytes; both 0 if the record does not say.
+	From, To uint64
+}
+
+// Error says what the device lost and how to replace it.
+func (e *ShrankError) Error() string {
+	sizes := ""
+	if e.From != 0 {
+		sizes = fmt.Sprintf(" (from %d to %d bytes)", e.From, e.To)
+	}
+	return fmt.Sprintf("%v: the export %s shrank under the device%s, its tail is lost, so this half must be "+
+		"replaced as a new member: take the leg down and up and add it in full (see lvnbd pair down --help)",
+		ErrReplaced, e.Backend, sizes)
+}
+
+// Unwrap returns ErrReplaced: the export is refused as a volume made anew is.
+func (e *ShrankError) Unwrap() error { return ErrReplaced }
+
+// record is what the file holds for a backend: the volume ID, followed, once
+// the export shrank under the device, by a space and shrankFormat. An ID has
+// no spaces (nbd.DescriptionID), so the value stays one string, as in the
+// files of an lvnbd from before the mark, which load as they are. Such an
+// lvnbd reads a marked value whole as the ID, which no export has: it
+// refuses the export as made anew, as the mark asks, and its Forget drops
+// the mark with the ID. Anything after a space is a mark, even one this
+// lvnbd cannot read: a later lvnbd's refuses too.
+type record struct {
+	id       string
+	shrank   bool
+	from, to uint64
+}
+
+const shrankFormat = "(shrank from %d to %d bytes)"
+
+func parseRecord(v string) record {
+	id, mark, shrank := strings.Cut(v, " ")
+	r := record{id: id, shrank: shrank}
+	if shrank {
+		if _, err := fmt.Sscanf(mark, shrankFormat, &r.from, &r.to); err != nil {
+			r.from, r.to = 0, 0
+		}
+	}
+	return r
+}
+
+func (r record) String() string {
+	if !r.shrank {
+		return r.id
+	}
+	return r.id + " " + fmt.Sprintf(shrankFormat, r.from, r.to)
+}
 
 // Store is the IDs of one host's devices. Several processes may use one file
 // at once (the pair daemon, lvnbd attach and reconnect): every change locks
@@ -47,27 +111,56 @@ func Open(path string) *Store { return &Store{path: path, mem: map[string]string
 func (s *Store) Get(backend string) (string, error) {
 	var id string
 	err := s.locked(false, func(ids map[string]string) bool {
-		id = ids[backend]
+		id = parseRecord(ids[backend]).id
 		return false
 	})
 	return id, err
 }
 
-// Set records id for backend; an empty id records nothing.
+// Set records id for backend; an empty id records nothing. A shrink
+// recorded stays until Forget.
 func (s *Store) Set(backend, id string) error {
 	if id == "" {
 		return nil
 	}
 	return s.locked(true, func(ids map[string]string) bool {
-		if ids[backend] == id {
+		r := parseRecord(ids[backend])
+		if r.id == id {
 			return false
 		}
-		ids[backend] = id
+		r.id = id
+		ids[backend] = r.String()
 		return true
 	})
 }
 
-// Forget drops backend's ID: its device was detached.
+// Shrank records that backend's export shrank under its device, from the
+// device's from bytes to the export's to, and returns the *ShrankError that
+// Check and Verify return from then on, until Forget: even grown back, the
+// export has lost what the device held in its tail. id is recorded too if
+// none is; a shrink recorded before is kept. Any other error means nothing
+// was recorded.
+func (s *Store) Shrank(backend, id string, from, to uint64) error {
+	var r record
+	err := s.locked(true, func(ids map[string]string) bool {
+		r = parseRecord(ids[backend])
+		if r.shrank {
+			return false
+		}
+		if r.id == "" {
+			r.id = id
+		}
+		r.shrank, r.from, r.to = true, from, to
+		ids[backend] = r.String()
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return &ShrankError{Backend: backend, From: r.from, To: r.to}
+}
+
+// Forget drops backend's ID, and a shrink recorded: its device was detached.
 func (s *Store) Forget(backend string) error {
 	return s.locked(true, func(ids map[string]string) bool {
 		if _, ok := ids[backend]; !ok {
@@ -79,29 +172,36 @@ func (s *Store) Forget(backend string) error {
 }
 
 // Check returns an ErrReplaced error if id is not the one recorded for
-// backend, and records id if none is: the device was attached before IDs
-// were recorded.
+// backend, or the export shrank under the device (a *ShrankError), and
+// records id if none is: the device was attached before IDs were recorded.
 func (s *Store) Check(backend, id string) error { return s.compare(backend, id, true) }
 
 // Verify is Check without recording anything: for an export about to be
 // attached anew, whose ID is recorded once it is.
 func (s *Store) Verify(backend, id string) error { return s.compare(backend, id, false) }
 
-// compare returns an ErrReplaced error unless id is the one recorded for
-// backend or none is; with learn, it records id if none is, under the same
-// lock as the look.
+// compare returns an ErrReplaced error if the export shrank under the
+// device, or unless id is the one recorded for backend or none is; with
+// learn, it records id if nothing is, under the same lock as the look.
 func (s *Store) compare(backend, id string, learn bool) error {
-	var known string
+	var r record
 	err := s.locked(learn, func(ids map[string]string) bool {
-		known = ids[backend]
-		if known == "" && learn && id != "" {
+		r = parseRecord(ids[backend])
+		if r == (record{}) && learn && id != "" {
 			ids[backend] = id
 			return true
 		}
 		return false
 	})
-	if err != nil || known == "" || id == known {
+	if err != nil {
 		return err
+	}
+	if r.shrank {
+		return &ShrankError{Backend: backend, From: r.from, To: r.to}
+	}
+	known := r.id
+	if known == "" || id == known {
+		return nil
 	}
 	if id == "" {
 		id = "none"

@@ -468,7 +468,11 @@ failed that I/O; from Linux 6.9, every nbd netlink request on the host (a pair
 daemon's reconnects, of any device) waits meanwhile. --size, to push a grown
 export's size (after lvextend on the server, say), does just the same, and
 says so when the size did not change: give it --connections as for any
-reconnect. A device never shrinks: detach it first.`,
+reconnect. A device never shrinks: an export found smaller than its device is
+recorded in /run/lvnbd/volume-ids.json and refused from then on, even grown
+back, since its tail is lost; a pair's leg is then replaced as a new member
+(lvnbd pair down --help), and a device used alone is detached and attached
+again.`,
 		Example: `  lvnbd reconnect /dev/nbd3
   lvnbd reconnect --connections 4 /dev/nbd3
   lvnbd reconnect --size --connections 4 /dev/nbd3`,
@@ -525,6 +529,14 @@ reconnect. A device never shrinks: detach it first.`,
 				return err
 			}
 			size, err := kernel.GrownSize(d, info.Size)
+			if errors.Is(err, kernel.ErrExportShrank) {
+				// Recorded, so that the export grown back is refused
+				// too: its tail is lost.
+				if merr := host.ids().Shrank(key, info.ID(), d.Size, info.Size); !errors.Is(merr, volumeid.ErrReplaced) {
+					return fmt.Errorf("%s not reconnected: %w; recording it in the volume IDs failed, so a grow back would not be refused: %w", d.Path(), err, merr)
+				}
+				return fmt.Errorf("%s not reconnected: %w", d.Path(), err)
+			}
 			if err != nil {
 				return err
 			}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/volumeid"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server"
 )
@@ -713,6 +714,34 @@ func TestReconnect(t *testing.T) {
 				t.Error("Reconfigure was called")
 			}
 		})
+	}
+}
+
+// TestReconnectRecordsAShrink: an export found smaller than its device is
+// recorded, and refused from then on, whatever size it has later: its tail
+// is lost. Another host, with no record, reconnects.
+func TestReconnectRecordsAShrink(t *testing.T) {
+	uri := "nbd://" + serveExport(t, "disk", 8<<20, false) + "/disk"
+	dev := func(size uint64) *fakeNBD {
+		return &fakeNBD{t: t, devs: []kernel.Device{{Index: 3, Connected: true, PID: 1, Backend: uri, Size: size, BlockSize: 4096}}}
+	}
+	host := testHost(dev(16<<20), nil)
+	if _, _, err := runCmd(t, newReconnectCmd(host), "/dev/nbd3"); err == nil || !strings.Contains(err.Error(), "shrank from 16 MiB to 8.0 MiB") {
+		t.Fatalf("reconnect to a shrunk export: %v", err)
+	}
+	// The same host, its device now no larger than the export (as after a
+	// grow back): still refused.
+	k := dev(8 << 20)
+	host.openKernel = func(context.Context) (nbdKernel, error) { return k, nil }
+	_, _, err := runCmd(t, newReconnectCmd(host), "/dev/nbd3")
+	if !errors.Is(err, volumeid.ErrReplaced) || !strings.Contains(err.Error(), "shrank under the device") {
+		t.Errorf("reconnect after the shrink was recorded: %v, want the recorded shrink", err)
+	}
+	if len(k.reconfigured) != 0 {
+		t.Error("Reconfigure was called")
+	}
+	if _, _, err := runCmd(t, newReconnectCmd(testHost(dev(8<<20), nil)), "/dev/nbd3"); err != nil {
+		t.Errorf("reconnect on a host with no record: %v", err)
 	}
 }
 
