@@ -3,7 +3,8 @@
 # Online grow: the volume grows on both storage boxes (lvnbd volume resize +128M); within the
 # daemon's poll interval both kernel devices have the new size, without a detach (same device,
 # same connections, data intact), and lvnbd pair status shows it. The server does not shrink a
-# volume in use, and a device never shrinks.
+# volume in use, and a device never shrinks: shrunk behind the server, the volume is refused by
+# its leg, also once grown back.
 # shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
 . "$(dirname "$0")/20-pair-lib.sh"
 
@@ -42,12 +43,18 @@ assert_eq "$(sha data)" "$(dd if=/dev/lvnbd/vm1/a bs=1M count=8 iflag=direct sta
 # Through the server, a volume in use is not shrunk.
 if box_volume b resize vm1 --size 320M --allow-shrink 2>err; then fail "the server shrank a volume in use"; fi
 grep -q "in use by 2 client" err || fail "shrink of a volume in use: $(cat err)"
-# Shrunk behind the server (lvm itself), the volume does not shrink the device; the status says
-# why.
+# Shrunk behind the server (lvm itself), the volume does not shrink the device: the server cuts
+# its clients, and leg b refuses the smaller export, saying why.
 lvm lvreduce -f -y -L 320M vgb/vm1
-wait_secs "[[ \$(leg b last_error) == *shrank* ]]" 30
+# (The size poll may see the shrink before the server's rescan cuts the connections.)
+wait_secs "[[ \$(leg b last_error) == *shrank* && \$(leg b state) == reconnecting ]]" 30
 assert_eq "$want" "$(blockdev --getsize64 /dev/lvnbd/vm1/b)" "leg b's size after the volume shrank"
-assert_eq connected "$(leg b state)" "leg b after the volume shrank"
+# Grown back under the same ID, it is still refused: its tail is lost, and the half must be
+# replaced as a new member.
+lvm lvextend -y -L "${want}b" vgb/vm1
+wait_secs "[[ \$(leg b last_error) == *'shrank under the device'* ]]" 30
+assert_eq reconnecting "$(leg b state)" "leg b after its volume grew back"
+assert_eq connected "$(leg a state)" "leg a throughout"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1
 stop_client
