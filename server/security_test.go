@@ -609,22 +609,22 @@ func TestTLSSessionEndsWithCloseNotify(t *testing.T) {
 	}
 }
 
-// A client that does not read holds the server's close_notify, and with it
-// the close of its connection, for no more than closeNotifyTimeout.
-func TestCloseTLSIsBounded(t *testing.T) {
+// tlsOverPipe returns the server end of a TLS 1.2 session over a pipe, its
+// handshake done, and the pipe's server side. A pipe has no buffer: a write
+// waits for the peer to read, and the client reads nothing after the
+// handshake (TLS 1.2 sends nothing more), so an alert the server sends
+// waits. The client's end is closed when the test ends.
+func tlsOverPipe(t *testing.T) (*tls.Conn, net.Conn) {
+	t.Helper()
 	pki, err := testpki.New(t.TempDir(), "dom0-a")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func(d time.Duration) { closeNotifyTimeout = d }(closeNotifyTimeout)
-	closeNotifyTimeout = 100 * time.Millisecond
-
-	// A pipe has no buffer: a write waits for the peer to read.
 	a, b := net.Pipe()
-	defer b.Close()
+	t.Cleanup(func() { b.Close() })
 	srv := tls.Server(a, pki.ServerConfig())
 	cfg := pki.ClientConfig(false)
-	cfg.MaxVersion = tls.VersionTLS12 // nothing sent after the handshake
+	cfg.MaxVersion = tls.VersionTLS12
 	cli := tls.Client(b, cfg)
 	handshake := make(chan error, 1)
 	go func() { handshake <- cli.Handshake() }()
@@ -634,6 +634,15 @@ func TestCloseTLSIsBounded(t *testing.T) {
 	if err := <-handshake; err != nil {
 		t.Fatal(err)
 	}
+	return srv, a
+}
+
+// A client that does not read holds the server's close_notify, and with it
+// the close of its connection, for no more than closeNotifyTimeout.
+func TestCloseTLSIsBounded(t *testing.T) {
+	defer func(d time.Duration) { closeNotifyTimeout = d }(closeNotifyTimeout)
+	closeNotifyTimeout = 100 * time.Millisecond
+	srv, a := tlsOverPipe(t)
 
 	// The client reads nothing from here on.
 	start := time.Now()
@@ -649,27 +658,9 @@ func TestCloseTLSIsBounded(t *testing.T) {
 // A fence or a kick cuts a TLS connection at once: no close_notify, which a
 // client that does not read would hold for crypto/tls's 5 s.
 func TestCutDoesNotWaitForTheClient(t *testing.T) {
-	pki, err := testpki.New(t.TempDir(), "dom0-a")
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer func(d time.Duration) { closeNotifyTimeout = d }(closeNotifyTimeout)
 	closeNotifyTimeout = time.Hour // a cut that waited for the alert would show
-
-	a, b := net.Pipe() // no buffer: a write waits for the peer to read
-	defer b.Close()
-	srv := tls.Server(a, pki.ServerConfig())
-	cfg := pki.ClientConfig(false)
-	cfg.MaxVersion = tls.VersionTLS12
-	cli := tls.Client(b, cfg)
-	handshake := make(chan error, 1)
-	go func() { handshake <- cli.Handshake() }()
-	if err := srv.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-handshake; err != nil {
-		t.Fatal(err)
-	}
+	srv, a := tlsOverPipe(t)
 
 	cutDone := make(chan struct{})
 	go func() { cut(srv); close(cutDone) }()

@@ -105,7 +105,7 @@ func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 	if err := cfg.Validate(); err != nil {
 		return 0, err
 	}
-	if err := prepareSockets(cfg.Sockets, cfg.Timeout); err != nil {
+	if err := prepareSockets(cfg.Sockets, func() (time.Duration, error) { return cfg.Timeout, nil }); err != nil {
 		return 0, &OpError{Op: cmdConnect.String(), Index: cfg.Index, Err: err}
 	}
 	fds := socketFDs(cfg.Sockets)
@@ -241,25 +241,20 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 		return &OpError{Op: op, Index: index,
 			Err: fmt.Errorf("%w: its backend is %s, not %q (detached, and the number reused?): see lvnbd list", ErrWrongBackend, has, r.Backend)}
 	}
-	if len(r.Sockets) > 0 {
-		// The sockets' TCP_USER_TIMEOUT follows the timeout the device
-		// has once reconfigured.
-		timeout := r.Timeout
-		if timeout == 0 {
-			tcp, err := anyTCP(r.Sockets)
-			if err != nil {
-				return &OpError{Op: op, Index: index, Err: err}
-			}
-			if tcp {
-				if timeout, err = c.sys.requestTimeout(index); err != nil {
-					return &OpError{Op: op, Index: index,
-						Err: fmt.Errorf("cannot tell its request timeout, which the sockets' TCP_USER_TIMEOUT must stay under: %w; give a timeout", err)}
-				}
-			}
+	// The sockets' TCP_USER_TIMEOUT follows the timeout the device has
+	// once reconfigured.
+	requestTimeout := func() (time.Duration, error) {
+		if r.Timeout != 0 {
+			return r.Timeout, nil
 		}
-		if err := prepareSockets(r.Sockets, timeout); err != nil {
-			return &OpError{Op: op, Index: index, Err: err}
+		timeout, err := c.sys.requestTimeout(index)
+		if err != nil {
+			return 0, fmt.Errorf("cannot tell its request timeout, which the sockets' TCP_USER_TIMEOUT must stay under: %w; give a timeout", err)
 		}
+		return timeout, nil
+	}
+	if err := prepareSockets(r.Sockets, requestTimeout); err != nil {
+		return &OpError{Op: op, Index: index, Err: err}
 	}
 	fds := socketFDs(r.Sockets)
 	attrs, err := reconfigureAttrs(index, &r, r.Backend, fds)

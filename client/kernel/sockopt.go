@@ -75,7 +75,8 @@ func kindOf(f *os.File) (socketKind, error) {
 }
 
 // prepareSockets readies files for the kernel, for a device whose requests
-// time out after requestTimeout (0: kernelDefaultTimeout). On each TCP
+// time out after what requestTimeout returns (0: kernelDefaultTimeout),
+// which is asked only if a file is a TCP socket. On each TCP
 // socket it sets SO_LINGER {on, 0} and TCP_USER_TIMEOUT (userTimeout), so
 // that a connection the kernel has given up on cannot deliver an old
 // request later, over a newer write:
@@ -88,8 +89,8 @@ func kindOf(f *os.File) (socketKind, error) {
 //     device with several stays in the kernel, unreleased, until replaced.
 //
 // Unix sockets need neither: their data is delivered or dropped at once.
-func prepareSockets(files []*os.File, requestTimeout time.Duration) error {
-	ut := userTimeout(requestTimeout)
+func prepareSockets(files []*os.File, requestTimeout func() (time.Duration, error)) error {
+	ut := time.Duration(-1) // not asked yet
 	for i, f := range files {
 		kind, err := kindOf(f)
 		if err != nil {
@@ -97,6 +98,13 @@ func prepareSockets(files []*os.File, requestTimeout time.Duration) error {
 		}
 		if kind != socketTCP {
 			continue
+		}
+		if ut < 0 {
+			timeout, err := requestTimeout()
+			if err != nil {
+				return err
+			}
+			ut = userTimeout(timeout)
 		}
 		fd := int(f.Fd())
 		if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0}); err != nil {
@@ -107,18 +115,4 @@ func prepareSockets(files []*os.File, requestTimeout time.Duration) error {
 		}
 	}
 	return nil
-}
-
-// anyTCP reports whether any of files is a TCP socket, and refuses those
-// the kernel does not take, as prepareSockets does.
-func anyTCP(files []*os.File) (bool, error) {
-	tcp := false
-	for i, f := range files {
-		kind, err := kindOf(f)
-		if err != nil {
-			return false, fmt.Errorf("socket %d: %w", i+1, err)
-		}
-		tcp = tcp || kind == socketTCP
-	}
-	return tcp, nil
 }

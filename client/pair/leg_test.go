@@ -483,10 +483,10 @@ func TestReconnectBackoffGaps(t *testing.T) {
 	}
 }
 
-// The volume ID recorded at attach outlives the supervisor: after a reload
-// or a restart, the new one adopts the device and still refuses the volume
-// made anew meanwhile.
-func TestVolumeIDSurvivesReload(t *testing.T) {
+// reloadableLeg returns a fake kernel and storage (leg a's export with ID
+// uuid-1), and start, which makes a new supervisor on them and one volume-ID
+// file, as a reload or a restart of the daemon does, and returns its leg a.
+func reloadableLeg(t *testing.T) (*fakeKernel, *fakeStorage, func() *leg) {
 	k := newFakeKernel(t)
 	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
 	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
@@ -499,6 +499,14 @@ func TestVolumeIDSurvivesReload(t *testing.T) {
 		}
 		return s.pairs[0].legs[0]
 	}
+	return k, st, start
+}
+
+// The volume ID recorded at attach outlives the supervisor: after a reload
+// or a restart, the new one adopts the device and still refuses the volume
+// made anew meanwhile.
+func TestVolumeIDSurvivesReload(t *testing.T) {
+	k, st, start := reloadableLeg(t)
 	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
 	l := start()
 	l.step(context.Background(), now)
@@ -522,18 +530,7 @@ func TestVolumeIDSurvivesReload(t *testing.T) {
 // A shrink the size poll saw outlives the supervisor too: after a reload,
 // the new one adopts the device and refuses the export grown back meanwhile.
 func TestShrinkSurvivesReload(t *testing.T) {
-	k := newFakeKernel(t)
-	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
-	ids := volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))
-	start := func() *leg {
-		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
-			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info, IDs: ids}, &fakeRunner{t: t})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s.pairs[0].legs[0]
-	}
+	k, st, start := reloadableLeg(t)
 	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
 	l := start()
 	l.step(context.Background(), now)
