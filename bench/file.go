@@ -6,10 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/rwf"
 )
 
 // bufferAlign is the least alignment of every I/O buffer: O_DIRECT needs the
@@ -63,7 +64,7 @@ type File struct {
 	created  bool  // this run made the file
 	existing int64 // bytes of earlier data a forced write run may overwrite
 	ino      unix.Stat_t
-	noDSync  atomic.Bool
+	dsync    bool // the kernel takes RWF_DSYNC here (rwf.Supported, asked at open)
 }
 
 // OpenFile opens path as a target: a block device (size from BLKGETSIZE64)
@@ -166,6 +167,7 @@ func openFile(path string, o OpenOptions, beforeReopen func()) (*File, error) {
 		}
 	}
 	t.size = region
+	t.dsync = rwf.Supported(t.fd, max(size, region), unix.RWF_DSYNC)
 	t.f = os.NewFile(uintptr(t.fd), path)
 	ok = true
 	return t, nil
@@ -214,6 +216,7 @@ func createFile(path string, o OpenOptions) (*File, error) {
 		return nil, fmt.Errorf("sizing %s to %d bytes: %w", path, o.Size, err)
 	}
 	t.size = o.Size
+	t.dsync = rwf.Supported(fd, o.Size, unix.RWF_DSYNC)
 	t.f = os.NewFile(uintptr(fd), path)
 	ok = true
 	return t, nil
@@ -449,25 +452,20 @@ func (t *File) ReadAt(_ context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// WriteAt writes p at offset off; durable writes use RWF_DSYNC, or fdatasync
-// where the kernel lacks it.
+// WriteAt writes p at offset off; durable writes use RWF_DSYNC, or a write
+// and fdatasync where the kernel lacks it. A failed RWF_DSYNC write is the
+// write's failure, never a reason to retry without the flag: its sync may
+// have consumed a failed write-back that the retry's sync would not see
+// (see rwf.Supported).
 func (t *File) WriteAt(_ context.Context, p []byte, off int64, durable bool) error {
-	flags := 0
-	if durable && !t.noDSync.Load() {
-		flags = unix.RWF_DSYNC
-	}
+	dsync := durable && t.dsync
 	for len(p) > 0 {
 		var n int
 		var err error
-		if flags == 0 {
-			n, err = unix.Pwrite(t.fd, p, off)
+		if dsync {
+			n, err = unix.Pwritev2(t.fd, [][]byte{p}, off, unix.RWF_DSYNC)
 		} else {
-			n, err = unix.Pwritev2(t.fd, [][]byte{p}, off, flags)
-			if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
-				t.noDSync.Store(true)
-				flags = 0
-				continue
-			}
+			n, err = unix.Pwrite(t.fd, p, off)
 		}
 		if err == unix.EINTR {
 			continue
@@ -477,7 +475,7 @@ func (t *File) WriteAt(_ context.Context, p []byte, off int64, durable bool) err
 		}
 		p, off = p[n:], off+int64(n)
 	}
-	if durable && flags == 0 {
+	if durable && !dsync {
 		return t.Flush(context.Background())
 	}
 	return nil

@@ -441,3 +441,49 @@ func TestVerifyBypassesDeviceCache(t *testing.T) {
 		t.Errorf("verify after the device's storage changed under its cache: %v, want a mismatch at %d", err, bad)
 	}
 }
+
+// OpenFile asks the kernel about RWF_DSYNC at the end of the file, where a
+// probe read is taken even with O_DIRECT: a probe that failed would turn
+// every durable write into a write and an fdatasync, slower than the
+// device is.
+func TestOpenFileProbesDSync(t *testing.T) {
+	dir := t.TempDir()
+	existing := filepath.Join(dir, "existing.img")
+	if err := os.WriteFile(existing, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		path string
+		o    OpenOptions
+	}{
+		{"created", filepath.Join(dir, "new.img"), OpenOptions{Write: true, Size: 1 << 20}},
+		{"existing", existing, OpenOptions{Write: true, Force: true}},
+		{"existing, grown", existing, OpenOptions{Write: true, Force: true, Size: 2 << 20}},
+		{"existing, read", existing, OpenOptions{}},
+	} {
+		for _, direct := range []bool{false, true} {
+			o := tc.o
+			o.Direct = direct
+			if tc.name == "created" {
+				os.Remove(tc.path)
+			}
+			f, err := OpenFile(tc.path, o)
+			if direct && err != nil && strings.Contains(err.Error(), "does not support direct I/O") {
+				continue // the temp dir's file system (tmpfs before 6.6)
+			}
+			if err != nil {
+				t.Fatalf("%s, direct %v: %v", tc.name, direct, err)
+			}
+			if !f.dsync {
+				t.Errorf("%s, direct %v: no RWF_DSYNC found", tc.name, direct)
+			}
+			if o.Write {
+				if err := f.WriteAt(context.Background(), alignedBuffer(4096, bufferAlign), 0, true); err != nil {
+					t.Errorf("%s, direct %v: durable write: %v", tc.name, direct, err)
+				}
+			}
+			f.Close()
+		}
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/rwf"
 )
 
 // ErrNotFast is returned by Zero when asked to be fast and it cannot zero the
@@ -44,7 +46,7 @@ type File struct {
 	device    bool
 	readOnly  bool
 	size      atomic.Int64
-	dsync     bool         // the kernel takes RWF_DSYNC, as asked at Open (see rwfSupported)
+	dsync     bool         // the kernel takes RWF_DSYNC, as asked at Open (see rwf.Supported)
 	syncs     *syncTracker // every fdatasync, RWF_DSYNC write and writeBack, and their first failure
 	blockSize int64        // a device's logical block size: fallocate's unit
 
@@ -119,32 +121,12 @@ func Open(path string, readOnly bool) (*File, error) {
 		f.Close()
 		return nil, err
 	}
-	b.dsync = rwfSupported(b.fd, b.Size(), unix.RWF_DSYNC)
+	b.dsync = rwf.Supported(b.fd, b.Size(), unix.RWF_DSYNC)
 	var fs unix.Statfs_t
 	if !b.device && unix.Fstatfs(b.fd, &fs) == nil {
 		b.inMemory = fs.Type == unix.TMPFS_MAGIC || fs.Type == unix.RAMFS_MAGIC
 	}
 	return b, nil
-}
-
-// rwfSupported reports whether the kernel takes flag (RWF_DSYNC: Linux 4.7
-// and later) in preadv2 and pwritev2, asked with a read of one byte at off,
-// the end of the file or device, where nothing is read. The kernel checks a
-// read's flags as a write's, against one list for every file, before any
-// I/O, and answers EOPNOTSUPP for a flag it does not know (ENOSYS without
-// preadv2). A read never syncs, so unlike a write with RWF_DSYNC it cannot
-// meet a failed write-back and report it instead: a FUA write's failure
-// must never be taken for the kernel's answer, or a write-back failure
-// would be lost (see WriteAt). Any failure counts as no: a FUA write is
-// then a write and an fdatasync, slower but as durable.
-func rwfSupported(fd int, off int64, flag int) bool {
-	var one [1]byte
-	for {
-		_, err := unix.Preadv2(fd, [][]byte{one[:]}, off, flag)
-		if err != unix.EINTR {
-			return err == nil
-		}
-	}
 }
 
 // writeZeroesMaxBytes reads, from sysfs mounted at sys, the largest range

@@ -9,6 +9,8 @@ import (
 	"testing/synctest"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/rwf"
 )
 
 // failSync makes b's next sync fail as fdatasync does after a page failed to
@@ -124,7 +126,7 @@ func TestDSyncProbe(t *testing.T) {
 			t.Errorf("%s: Open found no RWF_DSYNC", name)
 		}
 		const unknown = 1 << 30
-		if rwfSupported(b.fd, b.Size(), unknown) {
+		if rwf.Supported(b.fd, b.Size(), unknown) {
 			t.Errorf("%s: the kernel took the unknown flag %#x", name, unknown)
 		}
 	}
