@@ -320,11 +320,7 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 		return nil, n.replyErr(opt, nbd.RepErrUnknown, unknownExportMessage(req.Name, n.usable()))
 	}
 	if why, tlsReqd := n.access(e); why != "" {
-		t := nbd.RepErrPolicy
-		if tlsReqd {
-			t = nbd.RepErrTLSReqd
-		}
-		return nil, n.replyErr(opt, t, why)
+		return nil, n.refuse(opt, why, tlsReqd)
 	}
 	sess := n.session(e)
 	infos := []nbd.Info{
@@ -378,6 +374,11 @@ func (n *negotiator) metaContext(opt nbd.Option, data []byte) error {
 	if !ok {
 		return n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("no export %q on this server", req.Export))
 	}
+	// Refused as GO would refuse it: a client that may not use the export
+	// learns nothing about it here either.
+	if why, tlsReqd := n.access(e); why != "" {
+		return n.refuse(opt, why, tlsReqd)
+	}
 	match := opt == nbd.OptListMetaContext && len(req.Queries) == 0
 	for _, q := range req.Queries {
 		if q == nbd.MetaContextBaseAllocation || (opt == nbd.OptListMetaContext && q == "base:") {
@@ -415,6 +416,16 @@ func (n *negotiator) reply(opt nbd.Option, t nbd.OptionReplyType, data []byte) e
 		return fmt.Errorf("sending %v reply: %w", opt, err)
 	}
 	return nil
+}
+
+// refuse answers opt for an export the client may not use (access): TLS_REQD
+// where TLS would let it in, POLICY otherwise.
+func (n *negotiator) refuse(opt nbd.Option, why string, tlsReqd bool) error {
+	t := nbd.RepErrPolicy
+	if tlsReqd {
+		t = nbd.RepErrTLSReqd
+	}
+	return n.replyErr(opt, t, why)
 }
 
 // replyErr answers opt with an error reply carrying a message for the user;

@@ -100,13 +100,39 @@ func TestTLSAndAccessControl(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			c := dialRaw(t, ts.addr)
-			c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
-			if tt.tls {
-				if err := c.startTLS(pki.ClientConfig(tt.cert)); err != nil {
-					t.Fatal(err)
+			dial := func() *rawClient {
+				c := dialRaw(t, ts.addr)
+				c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+				if tt.tls {
+					if err := c.startTLS(pki.ClientConfig(tt.cert)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				return c
+			}
+			// The meta-context options are refused as GO is: they must not
+			// tell a client about an export it may not use. (On a
+			// connection of their own: structured replies would change the
+			// transmission checks below.)
+			m := dial()
+			if r := m.option(nbd.OptStructuredReply, nil); r[0].typ != nbd.RepAck {
+				t.Fatalf("STRUCTURED_REPLY: %v", r[0].typ)
+			}
+			for _, opt := range []nbd.Option{nbd.OptListMetaContext, nbd.OptSetMetaContext} {
+				r := m.option(opt, nbd.MetaContextRequest{Export: tt.export, Queries: []string{nbd.MetaContextBaseAllocation}})
+				want := []nbd.OptionReplyType{tt.want}
+				if tt.want == nbd.RepAck {
+					want = []nbd.OptionReplyType{nbd.RepMetaContext, nbd.RepAck}
+				}
+				var got []nbd.OptionReplyType
+				for _, reply := range r {
+					got = append(got, reply.typ)
+				}
+				if diff := cmp.Diff(want, got); diff != "" {
+					t.Errorf("%v %q (-want +got):\n%s", opt, tt.export, diff)
 				}
 			}
+			c := dial()
 			if tt.wantList != nil {
 				if diff := cmp.Diff(tt.wantList, listNames(c)); diff != "" {
 					t.Errorf("LIST (-want +got):\n%s", diff)
