@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -17,18 +18,7 @@ import (
 // its partitions is mounted, the md and dm devices built on them, swap.
 // With nothing found (another program's O_EXCL), it lists what it may be.
 func deviceUses(rdev uint64, resolved string) string {
-	devs := map[string]string{devNumber(rdev): filepath.Base(resolved)} // "7:0" → "loop0"
-	sys := "/sys/dev/block/" + devNumber(rdev)
-	if entries, err := os.ReadDir(sys); err == nil {
-		for _, e := range entries {
-			if _, err := os.Stat(filepath.Join(sys, e.Name(), "partition")); err != nil {
-				continue
-			}
-			if b, err := os.ReadFile(filepath.Join(sys, e.Name(), "dev")); err == nil {
-				devs[strings.TrimSpace(string(b))] = e.Name()
-			}
-		}
-	}
+	devs := devicesOf(rdev, resolved)
 	uses := mountsOf(devs)
 	for _, num := range slices.Sorted(maps.Keys(devs)) {
 		holders, _ := os.ReadDir("/sys/dev/block/" + num + "/holders")
@@ -88,6 +78,102 @@ func swapsOf(devs map[string]string) []string {
 		}
 		if name, ok := devs[devNumber(st.Rdev)]; ok {
 			uses = append(uses, name+" is swap")
+		}
+	}
+	return uses
+}
+
+// devicesOf returns the device rdev (at resolved) and its partitions, by
+// "major:minor", with their names: "7:0" → "loop0".
+func devicesOf(rdev uint64, resolved string) map[string]string {
+	devs := map[string]string{devNumber(rdev): filepath.Base(resolved)}
+	sys := "/sys/dev/block/" + devNumber(rdev)
+	if entries, err := os.ReadDir(sys); err == nil {
+		for _, e := range entries {
+			if _, err := os.Stat(filepath.Join(sys, e.Name(), "partition")); err != nil {
+				continue
+			}
+			if b, err := os.ReadFile(filepath.Join(sys, e.Name(), "dev")); err == nil {
+				devs[strings.TrimSpace(string(b))] = e.Name()
+			}
+		}
+	}
+	return devs
+}
+
+// sharedUses finds the users of a device that an exclusive open does not
+// see, because they open it without claiming it: programs (lvnbd serve
+// exporting the LV, qemu, another bench), from every process's open
+// descriptors under proc except skip's (this run's own), and Xen's block
+// backend giving it to a guest, from sys. Both are checked as well as /proc
+// and /sys let them be; an unreadable entry is passed over.
+func sharedUses(proc, sys string, devs map[string]string, skip int) []string {
+	uses := openersOf(proc, devs, skip)
+	return append(uses, xenVBDsOf(sys, devs)...)
+}
+
+// openersOf lists the processes under proc, except skip, with one of devs
+// open. Only descriptors whose link names a path under /dev are looked at
+// (with stat, to compare device numbers): a stat of anything else, a file
+// on a dead NFS server, could hang.
+func openersOf(proc string, devs map[string]string, skip int) []string {
+	entries, err := os.ReadDir(proc)
+	if err != nil {
+		return nil
+	}
+	var uses []string
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == skip {
+			continue
+		}
+		fdDir := filepath.Join(proc, e.Name(), "fd")
+		fds, err := os.ReadDir(fdDir)
+		if err != nil {
+			continue // gone, or a kernel thread's
+		}
+		seen := map[string]bool{}
+		for _, fd := range fds {
+			fdPath := filepath.Join(fdDir, fd.Name())
+			target, err := os.Readlink(fdPath)
+			if err != nil || !strings.HasPrefix(target, "/dev/") {
+				continue
+			}
+			var st unix.Stat_t
+			if unix.Stat(fdPath, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+				continue
+			}
+			name, ok := devs[devNumber(st.Rdev)]
+			if !ok || seen[name] {
+				continue
+			}
+			seen[name] = true
+			comm, _ := os.ReadFile(filepath.Join(proc, e.Name(), "comm"))
+			uses = append(uses, fmt.Sprintf("%s is open in %s (pid %d)", name, strings.TrimSpace(string(comm)), pid))
+		}
+	}
+	return uses
+}
+
+// xenVBDsOf lists the Xen virtual block devices whose backend is one of
+// devs: blkback opens a guest's disk without claiming it. Their
+// physical_device is "major:minor" in hexadecimal.
+func xenVBDsOf(sys string, devs map[string]string) []string {
+	vbds, _ := filepath.Glob(filepath.Join(sys, "bus", "xen-backend", "devices", "vbd-*"))
+	var uses []string
+	for _, vbd := range vbds {
+		b, err := os.ReadFile(filepath.Join(vbd, "physical_device"))
+		if err != nil {
+			continue
+		}
+		major, minor, ok := strings.Cut(strings.TrimSpace(string(b)), ":")
+		maj, err1 := strconv.ParseUint(major, 16, 32)
+		min, err2 := strconv.ParseUint(minor, 16, 32)
+		if !ok || err1 != nil || err2 != nil {
+			continue
+		}
+		if name, ok := devs[fmt.Sprintf("%d:%d", maj, min)]; ok {
+			uses = append(uses, fmt.Sprintf("%s is a Xen guest's disk (%s)", name, filepath.Base(vbd)))
 		}
 	}
 	return uses

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -30,9 +31,11 @@ func alignedBuffer(n, align int) []byte {
 }
 
 // ErrDeviceBusy is returned (wrapped in a *DeviceBusyError) when a write mode
-// cannot open its block device exclusively: it is mounted, a member of an md
-// array or a device-mapper table (LVM), swap, or held exclusively by another
-// program. --force does not override it.
+// finds its block device in use: it cannot be opened exclusively (mounted, a
+// member of an md array or a device-mapper table (LVM), swap, or held
+// exclusively by another program), or another program has it open (lvnbd
+// serve exporting it, qemu), or it is a Xen guest's disk. --force does not
+// override it.
 var ErrDeviceBusy = errors.New("block device in use")
 
 // DeviceBusyError names a block device a write run refused because it is in
@@ -344,8 +347,10 @@ func (t *File) reopenForWriting() error {
 }
 
 // checkNotInUse returns a *DeviceBusyError if the device cannot be opened
-// exclusively. The exclusive open is read-only and closed at once: the one
-// that counts is reopenForWriting's.
+// exclusively, or if another program or a Xen guest has it open: lvnbd serve
+// exporting it, qemu, and blkback open a device without claiming it, so an
+// exclusive open alone would not see them. The exclusive open is read-only
+// and closed at once: the one that counts is reopenForWriting's.
 func (t *File) checkNotInUse() error {
 	fd, err := unix.Open(t.path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.EBUSY) {
@@ -355,6 +360,9 @@ func (t *File) checkNotInUse() error {
 		return fmt.Errorf("opening %s exclusively: %w", t.path, err)
 	}
 	unix.Close(fd)
+	if uses := sharedUses("/proc", "/sys", devicesOf(t.ino.Rdev, t.resolved), os.Getpid()); len(uses) > 0 {
+		return &DeviceBusyError{Device: t.name(), Uses: strings.Join(uses, "; "), Err: unix.EBUSY}
+	}
 	return nil
 }
 
