@@ -5,19 +5,17 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync/atomic"
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
 // NBD is an NBD export target: one or more URIs of the same export (one per
-// link), each with a pool of connections; requests go round-robin over the
-// URIs and, within each, over its connections.
+// link), each with a pool of connections. Requests are spread over the URIs
+// by block (link), and within each over its connections.
 type NBD struct {
 	uris  []string
 	pools []*client.Pool
-	next  atomic.Uint64
 	size  int64
 	align int
 	fua   bool // the server takes FUA; else durable writes are followed by a flush
@@ -28,12 +26,27 @@ type NBD struct {
 
 // OpenNBD connects to the export at each URI with o.Conns connections in all,
 // spread evenly over the URIs (at least one each). A server that does not
-// advertise multi-conn gets one connection, and cannot be given several
-// URIs; several must reach the same export (size and volume ID).
+// advertise multi-conn gets one connection (o.Notices is told), and cannot
+// be given several URIs; several must name the same export and reach it
+// (size and volume ID).
 func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 	conns := max(o.Conns, 1)
 	if conns < len(uris) {
 		conns = len(uris)
+	}
+	// Links to one export differ in their address, never in the export's
+	// name: two names are two exports, such as a mirror's two halves on
+	// two storage boxes, which a write run would split its blocks over.
+	var names []string
+	for _, uri := range uris {
+		u, err := client.ParseURI(uri)
+		if err != nil {
+			return nil, err
+		}
+		if len(names) > 0 && u.Export != names[0] {
+			return nil, fmt.Errorf("%s names export %q but %s names %q: several URIs must be links to one export", uri, u.Export, uris[0], names[0])
+		}
+		names = append(names, u.Export)
 	}
 	t := &NBD{uris: uris}
 	opts := &client.Options{NoMetaContext: true}
@@ -50,6 +63,9 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 		}
 		t.pools = append(t.pools, p)
 		t.conns += p.Connections()
+		if p.Connections() < n && o.Notices != nil {
+			fmt.Fprintf(o.Notices, "%s does not advertise CAN_MULTI_CONN: using 1 connection, not %d\n", uri, n)
+		}
 		info := p.Export()
 		// Every URI, not just the first: one link's server may serve
 		// the volume read-only while another's does not.
@@ -109,11 +125,22 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 // Overwrites names the export a write run writes over.
 func (t *NBD) Overwrites() string { return t.overwrites }
 
-func (t *NBD) pool() *client.Pool {
+// pool picks the link for a request of n bytes at off: by block, so that a
+// run's blocks alternate over the links, and a block is read back through
+// the link after the one that wrote it. With one export behind every link
+// that changes nothing; with different ones behind them (the same name and
+// size on two storage boxes that do not report a volume ID, so OpenNBD
+// cannot tell), --verify fails instead of reading each block back from
+// where it went.
+func (t *NBD) pool(off int64, n int, read bool) *client.Pool {
 	if len(t.pools) == 1 {
 		return t.pools[0]
 	}
-	return t.pools[t.next.Add(1)%uint64(len(t.pools))]
+	i := uint64(off / int64(max(n, 1)))
+	if read {
+		i++
+	}
+	return t.pools[i%uint64(len(t.pools))]
 }
 
 // Size is the region of the export in use.
@@ -135,7 +162,7 @@ func (t *NBD) Describe() string {
 
 // ReadAt fills p from offset off.
 func (t *NBD) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return t.pool().ReadAt(ctx, p, off)
+	return t.pool(off, len(p), true).ReadAt(ctx, p, off)
 }
 
 // WriteAt writes p at offset off; durable writes carry FUA, or are followed
@@ -145,7 +172,7 @@ func (t *NBD) WriteAt(ctx context.Context, p []byte, off int64, durable bool) er
 	if durable && t.fua {
 		flags = nbd.CmdFlagFUA
 	}
-	pool := t.pool()
+	pool := t.pool(off, len(p), false)
 	if err := pool.WriteAt(ctx, p, off, flags); err != nil {
 		return err
 	}

@@ -64,8 +64,8 @@ func serveExports(tb testing.TB, path string, size int64, specs ...server.Export
 // server serves the export read-only, not only the first.
 func TestNBDReadOnlyURIRefused(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "export.img")
-	uris := serveExports(t, path, 1<<20,
-		server.ExportSpec{Name: "rw", Path: path}, server.ExportSpec{Name: "ro", Path: path, ReadOnly: true})
+	uris := append(serveExports(t, path, 1<<20, server.ExportSpec{Name: "vm1", Path: path}),
+		serveExports(t, path, 1<<20, server.ExportSpec{Name: "vm1", Path: path, ReadOnly: true})...)
 	_, err := Open(context.Background(), uris, OpenOptions{Write: true, Force: true, Conns: 2})
 	if err == nil || !strings.Contains(err.Error(), uris[1]+" is a read-only export") {
 		t.Errorf("write over %v: %v, want a refusal naming %s", uris, err, uris[1])
@@ -125,5 +125,55 @@ func TestNBDTarget(t *testing.T) {
 
 	if _, err := Open(ctx, []string{uri}, OpenOptions{Size: size + 4096}); err == nil || !strings.Contains(err.Error(), "larger than export") {
 		t.Errorf("--size over the export: %v", err)
+	}
+}
+
+// Several URIs must be links to one export. Two names are two exports, and
+// refused. Two storage boxes serving the same name and size without a
+// volume ID cannot be told apart up front, but a verify then fails: each
+// block is read back through another link than the one that wrote it.
+func TestNBDLinksToOneExport(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	const size = 4 << 20
+
+	one := filepath.Join(dir, "one.img")
+	uris := serveExports(t, one, size, server.ExportSpec{Name: "vm1", Path: one}, server.ExportSpec{Name: "vm2", Path: one})
+	_, err := Open(ctx, uris, OpenOptions{Conns: 2})
+	if err == nil || !strings.Contains(err.Error(), `names export "vm2" but`) {
+		t.Errorf("two export names: %v, want a refusal", err)
+	}
+
+	a, b := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	halves := append(serveExports(t, a, size, server.ExportSpec{Name: "vm1", Path: a}),
+		serveExports(t, b, size, server.ExportSpec{Name: "vm1", Path: b})...)
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"sequential", Config{Mode: ModeWrite, BlockSize: 64 << 10, QueueDepth: 4, Verify: true, Seed: 3}},
+		{"random", Config{Mode: ModeRandWrite, BlockSize: 4096, QueueDepth: 8, IOLimit: 1 << 20, Verify: true, Seed: 3}},
+	} {
+		tg, err := Open(ctx, halves, OpenOptions{Write: true, Force: true, Conns: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = Run(ctx, tg, tc.cfg)
+		tg.Close()
+		var m *MismatchError
+		if !errors.As(err, &m) {
+			t.Errorf("%s write over two different exports: %v, want a verify mismatch", tc.name, err)
+		}
+	}
+
+	// One export over two links verifies.
+	tg, err := Open(ctx, []string{uris[0], uris[0]}, OpenOptions{Write: true, Force: true, Conns: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	rep := mustRun(t, tg, Config{Mode: ModeRandWrite, BlockSize: 4096, QueueDepth: 8, IOLimit: 1 << 20, Verify: true, Seed: 3})
+	if !rep.Verify.OK {
+		t.Errorf("one export over two links: verify %+v", rep.Verify)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 )
 
@@ -57,6 +58,9 @@ type OpenOptions struct {
 	// Conns is the number of NBD connections, spread over the URIs; a
 	// file or device takes no more than one.
 	Conns int
+	// Notices, if set, is told when a target takes less than was asked:
+	// one connection to a server without multi-conn.
+	Notices io.Writer
 	// Validate, if set, vets the region and the alignment direct I/O
 	// needs once they are known, before a file is created, extended or
 	// opened for writing (Config.Validate): a run its target cannot take
