@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/internal/blockuse"
 )
 
 // deviceUses says what holds the block device rdev (at resolved) so that an
@@ -109,7 +111,12 @@ func devicesOf(rdev uint64, resolved string) map[string]string {
 // and /sys let them be; an unreadable entry is passed over.
 func sharedUses(proc, sys string, devs map[string]string, skip int) []string {
 	uses := openersOf(proc, devs, skip)
-	return append(uses, xenVBDsOf(sys, devs)...)
+	guests, err := blockuse.XenBackends(sys, devs)
+	if err != nil {
+		// Unknown is not unused: this check guards a write.
+		guests = []string{fmt.Sprintf("cannot tell whether it is a Xen guest's disk: %v", err)}
+	}
+	return append(uses, guests...)
 }
 
 // openersOf lists the processes under proc, except skip, with one of devs
@@ -150,30 +157,6 @@ func openersOf(proc string, devs map[string]string, skip int) []string {
 			seen[name] = true
 			comm, _ := os.ReadFile(filepath.Join(proc, e.Name(), "comm"))
 			uses = append(uses, fmt.Sprintf("%s is open in %s (pid %d)", name, strings.TrimSpace(string(comm)), pid))
-		}
-	}
-	return uses
-}
-
-// xenVBDsOf lists the Xen virtual block devices whose backend is one of
-// devs: blkback opens a guest's disk without claiming it. Their
-// physical_device is "major:minor" in hexadecimal.
-func xenVBDsOf(sys string, devs map[string]string) []string {
-	vbds, _ := filepath.Glob(filepath.Join(sys, "bus", "xen-backend", "devices", "vbd-*"))
-	var uses []string
-	for _, vbd := range vbds {
-		b, err := os.ReadFile(filepath.Join(vbd, "physical_device"))
-		if err != nil {
-			continue
-		}
-		major, minor, ok := strings.Cut(strings.TrimSpace(string(b)), ":")
-		maj, err1 := strconv.ParseUint(major, 16, 32)
-		min, err2 := strconv.ParseUint(minor, 16, 32)
-		if !ok || err1 != nil || err2 != nil {
-			continue
-		}
-		if name, ok := devs[fmt.Sprintf("%d:%d", maj, min)]; ok {
-			uses = append(uses, fmt.Sprintf("%s is a Xen guest's disk (%s)", name, filepath.Base(vbd)))
 		}
 	}
 	return uses

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"unsafe"
 
-	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/looptest"
@@ -511,41 +510,5 @@ func TestOpenFileProbesDSync(t *testing.T) {
 			}
 			f.Close()
 		}
-	}
-}
-
-// blkback opens a guest's disk without claiming it: a device that is the
-// backend of a Xen vbd, or has a partition that is, is a guest's disk.
-func TestXenVBDsOf(t *testing.T) {
-	sys := t.TempDir()
-	for vbd, physical := range map[string]string{
-		"vbd-1-51712": "fd:3\n",   // dm-3
-		"vbd-2-51712": "103:10\n", // 259:16, a partition (nvme0n1p1)
-		"vbd-3-51712": "8:0\n",    // sda: someone else's
-		"vbd-4-51728": "garbage\n",
-	} {
-		dir := filepath.Join(sys, "bus", "xen-backend", "devices", vbd)
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, "physical_device"), []byte(physical), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	tests := []struct {
-		devs map[string]string
-		want []string
-	}{
-		{map[string]string{"253:3": "dm-3"}, []string{"dm-3 is a Xen guest's disk (vbd-1-51712)"}},
-		{map[string]string{"259:0": "nvme0n1", "259:16": "nvme0n1p1"}, []string{"nvme0n1p1 is a Xen guest's disk (vbd-2-51712)"}},
-		{map[string]string{"7:0": "loop0"}, nil},
-	}
-	for _, tt := range tests {
-		if diff := cmp.Diff(tt.want, xenVBDsOf(sys, tt.devs)); diff != "" {
-			t.Errorf("%v (-want +got):\n%s", tt.devs, diff)
-		}
-	}
-	if got := xenVBDsOf(filepath.Join(sys, "none"), map[string]string{"253:3": "dm-3"}); got != nil {
-		t.Errorf("without Xen: %v", got)
 	}
 }
