@@ -65,7 +65,7 @@ assert_eq "$dev_a" "$(leg a device)" "leg a's device after the restart"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device after the restart"
 assert_eq true "$(leg a adopted)" "leg a adopted"
 assert_eq true "$(leg b adopted)" "leg b adopted"
-assert_eq 0 "$(leg a reconnects)" "reconnects of leg a after adoption"
+assert_eq 0 "$(own_reconnects a)" "reconnects of leg a after adoption"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after the restart"
 for l in a b; do
 	wait_secs "[[ \$(box_tcp $l 01) == 2 ]]" 20

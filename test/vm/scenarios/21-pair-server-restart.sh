@@ -22,7 +22,7 @@ dev_b=$(leg b device)
 
 dd if=/dev/urandom of=before bs=1M count=8 status=none
 dd if=before of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
-reconnects=$(leg a reconnects)
+reconnects=$(own_reconnects a)
 
 # shellcheck disable=SC2154 # set by start_box
 kill -9 "$server_a"
@@ -45,7 +45,7 @@ wait_secs "[[ \$(leg a state) == connected ]]" 90
 lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq "$dev_a" "$(leg a device)" "leg a's device after the reconnect"
 assert_eq "$dev_a" "$(readlink /dev/lvnbd/vm1/a)" "link a after the reconnect"
-assert_eq $((reconnects + 1)) "$(leg a reconnects)" "reconnects of leg a"
+assert_eq $((reconnects + 1)) "$(own_reconnects a)" "reconnects of leg a"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after the reconnect"
 wait_secs "[[ \$(box_tcp a 01) == 2 ]]" 20
@@ -96,7 +96,7 @@ exec 7<&-
 wait_secs "[[ ! -e /sys/block/${dev_a#/dev/}/pid ]]" 30
 
 # The new volume is taken into use as a new half: leg a alone goes down and up.
-reconnects_b=$(leg b reconnects)
+reconnects_b=$(own_reconnects b)
 lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1
 assert_eq down "$(leg a state)" "leg a after pair down --leg a"
 assert_eq connected "$(leg b state)" "leg b after pair down --leg a"
@@ -111,7 +111,7 @@ assert_eq "$(sha new)" "$(dd if=/dev/vga/vm1 bs=1M count=8 iflag=direct status=n
 	"data written through leg a, on box a's new LV"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device after leg a came back"
 assert_eq connected "$(leg b state)" "leg b after leg a came back"
-assert_eq "$reconnects_b" "$(leg b reconnects)" "reconnects of leg b while leg a was replaced"
+assert_eq "$reconnects_b" "$(own_reconnects b)" "reconnects of leg b while leg a was replaced"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after pair up --leg a"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1

@@ -29,7 +29,7 @@ lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq "$dev_a" "$(readlink /dev/lvnbd/vm1/a)" "leg a's device after the grow"
 assert_eq "$dev_b" "$(readlink /dev/lvnbd/vm1/b)" "leg b's device after the grow"
 assert_eq "$pid_a" "$(cat "/sys/block/${dev_a#/dev/}/pid")" "leg a's device was not re-attached"
-assert_eq 0 "$(leg a reconnects)" "reconnects of leg a"
+assert_eq 0 "$(own_reconnects a)" "reconnects of leg a"
 assert_eq 2 "$(nbd_running)" "attached nbd devices"
 grep -q '"msg":"grew"\|grew' client.log || fail "no grow in the daemon's log"
 
