@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 )
@@ -215,6 +217,31 @@ func (e *Export) kickClients() {
 	for _, c := range e.clients {
 		c.kick()
 	}
+}
+
+// refreshSize re-reads the size of the export's file or device, for a
+// rescan or a client's handshake, whichever comes first after a change. A
+// shrink made outside lvnbd (lvreduce, truncate) keeps the volume's ID, but
+// what was past the new end is gone: the export's clients are cut, so that a
+// dom0 leg sees the smaller export at its reconnect and refuses it from then
+// on, also grown back. Kept connected, it would go on over a grow back under
+// the same ID, and md re-add the half from its bitmap. Whoever reads the
+// smaller size first handles it: a handshake that read it and kept quiet
+// would leave the next rescan nothing to see.
+func (e *Export) refreshSize(log *zap.Logger) (int64, error) {
+	before := e.Backend.Size()
+	size, err := e.Backend.Refresh()
+	switch {
+	case err != nil:
+		return 0, err
+	case size < before:
+		log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; disconnecting its clients, and a dom0 leg on it refuses it from now on, to be replaced as a new member of its guest's mirror",
+			zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size), zap.Int("clients", len(e.Clients())))
+		e.kickClients()
+	case size != before:
+		log.Info("export resized", zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size))
+	}
+	return size, nil
 }
 
 // inUseError names the clients of e for an operation that needs it unused.

@@ -227,9 +227,10 @@ func (n *negotiator) session(e *Export) *session {
 
 // currentSize re-reads the export's size, so a file or LV grown outside
 // lvnbd (truncate, lvextend) shows at the next handshake and a client polling
-// NBD_OPT_INFO sees it; on failure the last known size is used.
+// NBD_OPT_INFO sees it, and one shrunk cuts the export's clients (see
+// refreshSize); on failure the last known size is used.
 func (n *negotiator) currentSize(e *Export) int64 {
-	size, err := e.Backend.Refresh()
+	size, err := e.refreshSize(n.log)
 	if err != nil {
 		n.log.Warn("re-reading the export size", zap.String("export", e.Name), zap.Error(err))
 		return e.Backend.Size()

@@ -168,24 +168,8 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 			// An LV made anew may get the old one's device number: its
 			// ID tells.
 			if same && e.Description == w.desc {
-				before := e.Backend.Size()
-				if size, err := e.Backend.Refresh(); err != nil {
+				if _, err := e.refreshSize(v.log); err != nil {
 					errs[name] = err
-				} else if size < before {
-					// Shrunk outside lvnbd (lvreduce, truncate): its ID
-					// stays, but what was past the new end is gone. A dom0
-					// leg refuses the smaller export, and then the same
-					// export grown back.
-					// Its clients are cut: a dom0 leg then sees the smaller
-					// export at its reconnect, and refuses it from then on,
-					// also grown back. Kept connected, it would go on over a
-					// grow back under the same ID, and md re-add the half
-					// from its bitmap.
-					v.log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; disconnecting its clients, and a dom0 leg on it refuses it from now on, to be replaced as a new member of its guest's mirror",
-						zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size), zap.Int("clients", len(e.Clients())))
-					e.kickClients()
-				} else if size != before {
-					v.log.Info("export resized", zap.String("export", name), zap.Int64("from", before), zap.Int64("to", size))
 				}
 				continue
 			}
