@@ -477,11 +477,13 @@ func TestOpenFileProbesDSync(t *testing.T) {
 	if err := os.WriteFile(existing, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	dev, _ := looptest.Attach(t, 4<<20, 0)
 	for _, tc := range []struct {
 		name string
 		path string
 		o    OpenOptions
 	}{
+		{"device", dev, OpenOptions{Write: true, Force: true, Size: 1 << 20}},
 		{"created", filepath.Join(dir, "new.img"), OpenOptions{Write: true, Size: 1 << 20}},
 		{"existing", existing, OpenOptions{Write: true, Force: true}},
 		{"existing, grown", existing, OpenOptions{Write: true, Force: true, Size: 2 << 20}},
