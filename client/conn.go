@@ -51,7 +51,10 @@ type Conn struct {
 	next    uint64
 	err     error         // why the connection is unusable; first one wins
 	closing bool          // no new requests: Close, or the server sent ESHUTDOWN
-	idle    chan struct{} // closed when pending empties while closing
+	idle    chan struct{} // closed when only given-up calls are pending while closing
+	// givenUp counts the pending calls whose callers gave up on them
+	// (their ctx ended): Shutdown does not wait for those.
+	givenUp int
 
 	readerDone   chan struct{}
 	discOnce     sync.Once
@@ -160,7 +163,8 @@ func (c *Conn) BlockStatus(ctx context.Context, off, length int64, flags nbd.Com
 }
 
 // Close waits up to the drain timeout for in-flight requests, sends
-// NBD_CMD_DISC and closes the socket.
+// NBD_CMD_DISC and closes the socket. Requests whose callers gave up (their
+// ctx ended) are not waited for: nobody would read their replies.
 func (c *Conn) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), c.drain)
 	defer cancel()
@@ -170,12 +174,15 @@ func (c *Conn) Close() error {
 // Shutdown refuses new requests, waits for in-flight ones to be answered,
 // then sends NBD_CMD_DISC and closes the socket. If ctx ends first the socket
 // is closed under the remaining requests, which fail with ErrClosed, and
-// ctx's error is returned.
+// ctx's error is returned. Requests whose callers gave up are not waited
+// for; if any is left unanswered the socket is closed without NBD_CMD_DISC,
+// which the spec wants sent only with nothing in flight, and to a server
+// that may have stalled could not be sent anyway.
 func (c *Conn) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
 	c.closing = true
 	var idle chan struct{}
-	if len(c.pending) > 0 {
+	if len(c.pending) > c.givenUp {
 		if c.idle == nil {
 			c.idle = make(chan struct{})
 		}
@@ -191,7 +198,10 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 		}
 	}
 	c.discOnce.Do(func() {
-		if err == nil && c.Err() == nil {
+		c.mu.Lock()
+		quiet := len(c.pending) == 0
+		c.mu.Unlock()
+		if err == nil && quiet && c.Err() == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), discTimeout)
 			b, _ := nbd.RequestHeader{Command: nbd.CmdDisc}.AppendBinary(nil)
 			c.sendRaw(ctx, b)
@@ -216,6 +226,8 @@ type call struct {
 	// The reader holds it for as long as the payload takes to arrive.
 	mu        sync.Mutex
 	abandoned bool
+	// givenUp: the caller returned without the reply; guarded by conn.mu.
+	givenUp bool
 	// dropped: the reader threw away read data (or left a hole uncleared)
 	// because the call was abandoned, so dst is not the reply.
 	dropped bool
@@ -265,6 +277,7 @@ func (cl *call) abandon(ctx context.Context, why error) (failedConn bool) {
 	}
 	cl.abandoned = true
 	cl.mu.Unlock()
+	cl.conn.giveUp(cl)
 	return failedConn
 }
 
@@ -427,9 +440,22 @@ func (c *Conn) forget(cl *call) {
 	c.mu.Unlock()
 }
 
-// signalIdle wakes Shutdown once nothing is pending. c.mu must be held.
+// giveUp records that cl's caller no longer waits for it, so that
+// Shutdown does not either.
+func (c *Conn) giveUp(cl *call) {
+	c.mu.Lock()
+	if c.pending[cl.req.Handle] == cl && !cl.givenUp {
+		cl.givenUp = true
+		c.givenUp++
+		c.signalIdle()
+	}
+	c.mu.Unlock()
+}
+
+// signalIdle wakes Shutdown once nothing is pending that a caller waits
+// for. c.mu must be held.
 func (c *Conn) signalIdle() {
-	if c.idle != nil && len(c.pending) == 0 {
+	if c.idle != nil && len(c.pending) == c.givenUp {
 		close(c.idle)
 		c.idle = nil
 	}
@@ -443,6 +469,9 @@ func (c *Conn) complete(cl *call, err *RequestError) {
 		return // already failed with the connection
 	}
 	delete(c.pending, cl.req.Handle)
+	if cl.givenUp {
+		c.givenUp--
+	}
 	c.signalIdle()
 	c.mu.Unlock()
 	if err == nil {
@@ -471,6 +500,7 @@ func (c *Conn) fail(err error) {
 	err = c.err
 	calls := c.pending
 	c.pending = map[uint64]*call{}
+	c.givenUp = 0
 	c.closing = true
 	c.signalIdle()
 	c.mu.Unlock()

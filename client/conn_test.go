@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -593,5 +594,61 @@ func TestServerShutdownErrnoDisconnects(t *testing.T) {
 	reqs := s.seenRequests()
 	if last := reqs[len(reqs)-1]; last.Command != nbd.CmdDisc {
 		t.Errorf("last request %v, want NBD_CMD_DISC", last.Command)
+	}
+}
+
+// A request whose caller gave up (its ctx ended) holds up Close no longer:
+// nobody reads its reply, and a stalled server would make every interrupted
+// caller wait the whole drain timeout. With it unanswered, the socket is
+// closed without NBD_CMD_DISC, which the spec wants only with nothing in
+// flight. Requests given up one at a time and with a split request
+// (abandonAll) are both covered.
+func TestCloseDoesNotWaitForGivenUpRequests(t *testing.T) {
+	tests := []struct {
+		name string
+		reqs int // the read is split into this many 4 KiB requests
+	}{
+		{name: "one request", reqs: 1},
+		{name: "split request", reqs: 3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &fakeServer{exports: map[string]*fakeExport{"d": newFakeExport(1<<20, "")},
+				blockSizes: &BlockSizes{Minimum: 1, Preferred: 4096, MaxPayload: 4096}}
+			got := make(chan struct{}, tt.reqs)
+			s.reply = func(fc *fakeConn, req nbd.RequestHeader, p []byte) bool {
+				if req.Command != nbd.CmdRead {
+					return false
+				}
+				got <- struct{}{} // and never answer
+				return true
+			}
+			// Without the exemption, Close would give up after this
+			// and return context.DeadlineExceeded.
+			c, err := Dial(testContext(t), s.start(t, "d"), &Options{DrainTimeout: 50 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(testContext(t))
+			read := make(chan error)
+			go func() { read <- c.ReadAt(ctx, make([]byte, tt.reqs*4096), 0) }()
+			for range tt.reqs {
+				<-got // every part is in flight
+			}
+			cancel()
+			if err := <-read; !errors.Is(err, context.Canceled) {
+				t.Fatalf("cancelled ReadAt: %v, want context.Canceled", err)
+			}
+			if err := c.Close(); err != nil {
+				t.Errorf("Close with only given-up requests in flight: %v, want nil at once", err)
+			}
+			s.ln.Close()
+			s.wg.Wait()
+			for _, r := range s.seenRequests() {
+				if r.Command == nbd.CmdDisc {
+					t.Errorf("NBD_CMD_DISC sent with a request unanswered")
+				}
+			}
+		})
 	}
 }
