@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -27,10 +28,17 @@ type Config struct {
 	Runtime time.Duration
 	// IOLimit ends a random run after this many bytes; 0 means no bound.
 	IOLimit int64
-	// ReadPercent is the share of reads in ModeRandRW.
+	// ReadPercent is the share of reads in ModeRandRW; other modes take
+	// none.
 	ReadPercent int
-	// FUA makes every write durable before it completes.
+	// FUA makes every write durable before it completes; only modes that
+	// write take it.
 	FUA bool
+	// Timeout bounds every request, the closing flush and the verify's
+	// reads included: one not done within it ends the run with a
+	// *TimeoutError. An NBD request is given up then; a file or device
+	// request ends the run when the kernel returns it. 0 means no bound.
+	Timeout time.Duration
 	// Verify writes a pattern derived from Seed and each offset and checks
 	// it: write modes re-read what they wrote after the closing flush,
 	// read modes check what an earlier write run with the same seed left.
@@ -52,8 +60,31 @@ type Config struct {
 	ProgressInterval time.Duration
 }
 
-// Validate checks c against a target of the given size and alignment.
+// Validate checks c against a target of the given size and the alignment
+// direct I/O needs (a file or block device opened with O_DIRECT).
 func (c *Config) Validate(size int64, align int) error {
+	return c.validate(size, align, alignDirectIO)
+}
+
+// alignReason says why a target needs requests aligned, for the error that
+// refuses a block size or region that is not.
+type alignReason int
+
+const (
+	alignDirectIO alignReason = iota // O_DIRECT: --direct=false lifts it
+	alignExport                      // an NBD export's minimum block size
+)
+
+// errorf refuses what (given by --flag) of n bytes.
+func (why alignReason) errorf(what, flag string, n int64, align int) error {
+	if why == alignExport {
+		return fmt.Errorf("%s %d is not a multiple of %d, the export's minimum block size: give a --%s that is a multiple of it",
+			what, n, align, flag)
+	}
+	return fmt.Errorf("%s %d is not a multiple of %d, which direct I/O needs (or use --direct=false)", what, n, align)
+}
+
+func (c *Config) validate(size int64, align int, why alignReason) error {
 	switch {
 	case c.Mode < ModeRead || c.Mode > ModeRandRW:
 		return fmt.Errorf("unknown mode %v", c.Mode)
@@ -63,8 +94,13 @@ func (c *Config) Validate(size int64, align int) error {
 		return fmt.Errorf("block size %s: over the 32 MiB NBD request limit", formatIBytes(int64(c.BlockSize)))
 	case c.QueueDepth <= 0 || c.QueueDepth > 4096:
 		return fmt.Errorf("queue depth %d: want 1 to 4096", c.QueueDepth)
-	case c.Runtime < 0 || c.IOLimit < 0:
-		return errors.New("runtime and I/O limit must not be negative")
+	case c.Runtime < 0 || c.IOLimit < 0 || c.Timeout < 0:
+		return errors.New("runtime, I/O limit and timeout must not be negative")
+	case c.FUA && !c.Mode.Writes():
+		// It would be ignored: FUA is a flag of writes.
+		return fmt.Errorf("FUA (--fua) makes writes durable, and a %v run writes nothing: leave it out, or run a mode that writes", c.Mode)
+	case c.Mode != ModeRandRW && c.ReadPercent != 0:
+		return fmt.Errorf("a read percentage (--rwmix-read) sets the mix of randrw only; a %v run would ignore it: leave it out, or run --mode randrw", c.Mode)
 	case c.Verify && !c.Mode.Writes() && c.Seed == 0:
 		// Zero draws a fresh seed, whose pattern nothing wrote.
 		return errors.New("a read run's verify checks the pattern of an earlier write run: give that run's seed (--seed)")
@@ -84,10 +120,10 @@ func (c *Config) Validate(size int64, align int) error {
 	}
 	if align > 1 {
 		if c.BlockSize%align != 0 {
-			return fmt.Errorf("block size %d is not a multiple of %d, which direct I/O needs (or use --direct=false)", c.BlockSize, align)
+			return why.errorf("block size", "bs", int64(c.BlockSize), align)
 		}
 		if !c.Mode.Random() && size%int64(align) != 0 {
-			return fmt.Errorf("size %d is not a multiple of %d, which direct I/O needs (or use --direct=false)", size, align)
+			return why.errorf("size", "size", size, align)
 		}
 	}
 	return nil
@@ -96,6 +132,7 @@ func (c *Config) Validate(size int64, align int) error {
 const (
 	opRead = iota
 	opWrite
+	opFlush // not counted in the figures by op
 )
 
 type runner struct {
@@ -112,6 +149,17 @@ type runner struct {
 	done    [2]atomic.Int64 // bytes completed, by op, for progress
 	ops     [2]atomic.Int64
 	written *bitmap // chunks written, for verify
+
+	// verified and verifyTotal are the verify's bytes checked and to
+	// check, for its progress line.
+	verified    atomic.Int64
+	verifyTotal int64
+
+	// epoch and inflight time requests for the watchdog: inflight[i] is
+	// when worker i's request started, in nanoseconds since epoch plus
+	// one, or 0 while it has none.
+	epoch    time.Time
+	inflight []atomic.Int64
 
 	mu       sync.Mutex
 	err      error
@@ -151,6 +199,25 @@ var ErrInterrupted = errors.New("run interrupted: the report covers only what co
 // asked to verify did not check all it should have.
 var ErrVerifyIncomplete = errors.New("verify incomplete: not all data was checked")
 
+// ErrTimeout is returned (wrapped in a *TimeoutError) by a run one of whose
+// requests was not done within Config.Timeout.
+var ErrTimeout = errors.New("request timed out")
+
+// TimeoutError says which target left which request unanswered, and for how
+// long.
+type TimeoutError struct {
+	Target  string        // Config.Name
+	Request string        // "a read of 4.0 KiB at offset 8192", "the closing flush"
+	Timeout time.Duration // Config.Timeout
+}
+
+func (e *TimeoutError) Error() string {
+	return fmt.Sprintf("no reply from %s within %v to %s: the run was stopped (--timeout)", e.Target, e.Timeout, e.Request)
+}
+
+// Unwrap makes errors.Is(err, ErrTimeout) true.
+func (e *TimeoutError) Unwrap() error { return ErrTimeout }
+
 // cacheDropper is implemented by targets that may be read through the page
 // cache: the verify drops it first, to read what storage holds.
 type cacheDropper interface {
@@ -166,7 +233,11 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 		align = a.Alignment()
 	}
 	size := t.Size()
-	if err := cfg.Validate(size, align); err != nil {
+	why := alignDirectIO
+	if _, ok := t.(*NBD); ok {
+		why = alignExport
+	}
+	if err := cfg.validate(size, align, why); err != nil {
 		return nil, err
 	}
 	if cfg.Seed == 0 {
@@ -175,7 +246,7 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 		cfg.Seed = rand.Uint64N(1<<31) + 1
 	}
 	bs := int64(cfg.BlockSize)
-	r := &runner{t: t, cfg: cfg, size: size, bufAlign: bufferAlign}
+	r := &runner{t: t, cfg: cfg, size: size, bufAlign: bufferAlign, inflight: make([]atomic.Int64, cfg.QueueDepth)}
 	if a, ok := t.(interface{ MemoryAlignment() int }); ok {
 		r.bufAlign = max(bufferAlign, a.MemoryAlignment())
 	}
@@ -204,6 +275,15 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 		}
 	}
 
+	// rctx is cancelled, under ctx, by the watchdog when a request has
+	// taken longer than the timeout: every request then in flight is
+	// given up, and the run ends.
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	r.epoch = time.Now()
+	stopWatchdog := r.startWatchdog(cancel)
+	defer stopWatchdog()
+
 	// The clock starts before the runtime timer, so a timed run reports
 	// at least its runtime: the timer fires no sooner than Runtime after
 	// it is set, and the run ends only after it fires.
@@ -212,23 +292,26 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	if cfg.Runtime > 0 {
 		stopTimer = time.AfterFunc(cfg.Runtime, func() { r.stop.Store(true) }).Stop
 	}
-	stopProgress := r.startProgress()
+	stopProgress := r.startProgress(r.runProgress)
 	stats := make([]*workerStats, cfg.QueueDepth)
 	var wg sync.WaitGroup
 	for i := range stats {
 		stats[i] = &workerStats{}
-		wg.Go(func() { r.work(ctx, i, stats[i]) })
+		wg.Go(func() { r.work(ctx, rctx, i, stats[i]) })
 	}
 	wg.Wait()
 	if stopTimer != nil {
 		stopTimer()
 	}
-	if cfg.Mode.Writes() && ctx.Err() == nil && r.err == nil {
+	if cfg.Mode.Writes() && rctx.Err() == nil && r.err == nil {
 		// dd conv=fsync: the data is not written until it is durable, so
 		// the flush counts in the time.
 		fs := time.Now()
-		if err := t.Flush(ctx); err != nil && ctx.Err() == nil {
-			r.fail(fmt.Errorf("flush: %w", err))
+		if _, err := r.issue(rctx, 0, opFlush, nil, 0, opNames[opFlush]); err != nil && ctx.Err() == nil {
+			if !errors.Is(err, ErrTimeout) {
+				err = fmt.Errorf("flush: %w", err)
+			}
+			r.fail(err)
 		} else if err == nil {
 			rep.FlushSeconds = time.Since(fs).Seconds()
 			rep.Flushed = true
@@ -247,7 +330,7 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 	}
 	rep.fill(elapsed, hist, bytes)
 
-	if cfg.Verify && cfg.Mode.Writes() && ctx.Err() == nil && r.err == nil {
+	if cfg.Verify && cfg.Mode.Writes() && rctx.Err() == nil && r.err == nil {
 		vs := time.Now()
 		if d, ok := t.(cacheDropper); ok {
 			// After the flush the cached pages are clean and can go;
@@ -258,9 +341,17 @@ func Run(ctx context.Context, t Target, cfg Config) (*Report, error) {
 			}
 		}
 		if r.err == nil {
-			rep.Verify.CheckedBytes = r.verifyWritten(ctx)
+			r.verifyTotal = r.verifyBytes()
+			stop := r.startProgress(r.verifyProgress)
+			rep.Verify.CheckedBytes = r.verifyWritten(ctx, rctx)
+			stop()
 		}
 		rep.Verify.Seconds = time.Since(vs).Seconds()
+	}
+	if cause := context.Cause(rctx); r.err == nil && ctx.Err() == nil && errors.Is(cause, ErrTimeout) {
+		// The request that overran reports itself, with what it was;
+		// this is in case it did not.
+		r.fail(cause)
 	}
 	if cfg.Verify && !cfg.Mode.Writes() {
 		rep.Verify.CheckedBytes = rep.Read.Bytes
@@ -330,41 +421,52 @@ func (r *runner) nextIO(rng *rand.Rand) (op int, off int64, n int, ok bool) {
 	return op, off, int(bs), true
 }
 
-func (r *runner) work(ctx context.Context, id int, st *workerStats) {
-	buf := alignedBuffer(r.cfg.BlockSize, r.bufAlign)
+// opNames name the requests in a *TimeoutError.
+var opNames = [...]string{opRead: "read", opWrite: "write", opFlush: "closing flush"}
+
+// work issues requests for worker id until the run is over. Its requests
+// go to rctx, which the watchdog cancels on a timeout; ctx tells an
+// interruption (Ctrl-C), which is no failure of the target.
+func (r *runner) work(ctx, rctx context.Context, id int, st *workerStats) {
 	rng := rand.New(rand.NewPCG(r.cfg.Seed, uint64(id)+1))
-	if r.cfg.Mode.Writes() && !r.cfg.Verify {
-		// Incompressible data, filled once: zeroes would flatter any
-		// layer that compresses or detects zero blocks.
-		for i := 0; i+8 <= len(buf); i += 8 {
-			v := rng.Uint64()
-			for j := range 8 {
-				buf[i+j] = byte(v >> (8 * j))
+	// A buffer for each direction: a read must not land in what the
+	// next write sends.
+	var rbuf, wbuf []byte
+	if r.cfg.Mode.Reads() {
+		rbuf = alignedBuffer(r.cfg.BlockSize, r.bufAlign)
+	}
+	if r.cfg.Mode.Writes() {
+		wbuf = alignedBuffer(r.cfg.BlockSize, r.bufAlign)
+		if !r.cfg.Verify {
+			// Incompressible data, filled once: zeroes would flatter
+			// any layer that compresses or detects zero blocks.
+			for i := 0; i+8 <= len(wbuf); i += 8 {
+				binary.LittleEndian.PutUint64(wbuf[i:], rng.Uint64())
 			}
 		}
 	}
+	var stamps uint64 // blocks stamped so far
 	checkReads := r.cfg.Verify && !r.cfg.Mode.Writes()
-	for !r.stop.Load() && ctx.Err() == nil {
+	for !r.stop.Load() && rctx.Err() == nil {
 		op, off, n, ok := r.nextIO(rng)
 		if !ok {
 			return
 		}
-		p := buf[:n]
-		if op == opWrite && r.cfg.Verify {
-			FillPattern(p, off, r.cfg.Seed)
-		}
-		start := time.Now()
-		var err error
+		p := wbuf
 		if op == opRead {
-			err = r.t.ReadAt(ctx, p, off)
-		} else {
-			err = r.t.WriteAt(ctx, p, off, r.cfg.FUA)
+			p = rbuf
 		}
-		lat := time.Since(start)
-		if err != nil {
-			if ctx.Err() == nil {
-				r.fail(err)
+		p = p[:n]
+		if op == opWrite {
+			if r.cfg.Verify {
+				FillPattern(p, off, r.cfg.Seed)
+			} else {
+				stamps = stamp(p, r.cfg.Seed, id, stamps)
 			}
+		}
+		lat, err := r.issue(rctx, id, op, p, off, opNames[op])
+		if err != nil {
+			r.failRequest(ctx, rctx, err)
 			return
 		}
 		st.hist[op].Record(lat)
@@ -382,17 +484,124 @@ func (r *runner) work(ctx context.Context, id int, st *workerStats) {
 	}
 }
 
+// stamp writes a word into the first eight bytes of every 4 KiB of p that no
+// other block of the run carries, so that a layer that deduplicates finds no
+// two blocks alike; the rest of the buffer stays as it was filled, random.
+// It returns the number of words stamped so far by worker id.
+func stamp(p []byte, seed uint64, id int, stamped uint64) uint64 {
+	for i := 0; i+8 <= len(p); i += 4096 {
+		stamped++
+		// Unique per (worker, count) below 2^40 stamps, and mix64 is a
+		// bijection: unique words that look random.
+		binary.LittleEndian.PutUint64(p[i:], mix64(uint64(id)<<40|stamped)^seed)
+	}
+	return stamped
+}
+
+// mix64 is the SplitMix64 finaliser, a bijection on uint64.
+func mix64(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+// issue sends one request from worker slot and times it. The watchdog
+// watches it while it is in flight; one that took longer than the timeout
+// returns a *TimeoutError naming what (opNames) and where.
+func (r *runner) issue(ctx context.Context, slot, op int, p []byte, off int64, what string) (time.Duration, error) {
+	start := time.Now()
+	r.inflight[slot].Store(int64(start.Sub(r.epoch)) + 1)
+	var err error
+	switch op {
+	case opRead:
+		err = r.t.ReadAt(ctx, p, off)
+	case opWrite:
+		err = r.t.WriteAt(ctx, p, off, r.cfg.FUA)
+	default:
+		err = r.t.Flush(ctx)
+	}
+	lat := time.Since(start)
+	r.inflight[slot].Store(0)
+	if r.cfg.Timeout > 0 && lat > r.cfg.Timeout {
+		req := "the " + what
+		if op != opFlush {
+			req = fmt.Sprintf("a %s of %s at offset %d", what, formatIBytes(int64(len(p))), off)
+		}
+		return lat, &TimeoutError{Target: r.cfg.Name, Request: req, Timeout: r.cfg.Timeout}
+	}
+	return lat, err
+}
+
+// failRequest fails the run with a request's error, unless the run was
+// interrupted (ctx) or the watchdog gave the request up for another one
+// that timed out (rctx), which reports itself.
+func (r *runner) failRequest(ctx, rctx context.Context, err error) {
+	switch {
+	case ctx.Err() != nil:
+	case errors.Is(err, ErrTimeout), rctx.Err() == nil:
+		r.fail(err)
+	}
+}
+
+// startWatchdog cancels the run with a *TimeoutError once a request has been
+// in flight longer than the timeout, until the returned function is called.
+// One goroutine looking every eighth of the timeout costs the requests
+// nothing but two atomic stores, where a context each would cost a timer.
+func (r *runner) startWatchdog(cancel context.CancelCauseFunc) (stop func()) {
+	if r.cfg.Timeout <= 0 {
+		return func() {}
+	}
+	quit := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		tick := time.NewTicker(max(r.cfg.Timeout/8, time.Millisecond))
+		defer tick.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+			}
+			now := int64(time.Since(r.epoch))
+			for i := range r.inflight {
+				if s := r.inflight[i].Load(); s != 0 && now-(s-1) > int64(r.cfg.Timeout) {
+					cancel(&TimeoutError{Target: r.cfg.Name, Request: "a request", Timeout: r.cfg.Timeout})
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(quit); <-finished }
+}
+
+// verifyBytes is how many bytes the verify re-reads: every chunk written,
+// the last one perhaps short.
+func (r *runner) verifyBytes() int64 {
+	var n int64
+	for i := range r.written.words {
+		n += int64(bits.OnesCount64(r.written.words[i].Load()))
+	}
+	n *= int64(r.cfg.BlockSize)
+	if last := r.blocks - 1; r.written.words[last/64].Load()&(1<<(last%64)) != 0 {
+		n -= r.blocks*int64(r.cfg.BlockSize) - r.size
+	}
+	return n
+}
+
 // verifyWritten re-reads every chunk the run wrote, QueueDepth at a time,
 // and checks the pattern. It returns the bytes checked. Workers take the
 // bitmap a word (64 chunks) at a time.
-func (r *runner) verifyWritten(ctx context.Context) int64 {
-	var nextWord, checked atomic.Int64
+func (r *runner) verifyWritten(ctx, rctx context.Context) int64 {
+	var nextWord atomic.Int64
 	bs := int64(r.cfg.BlockSize)
 	var wg sync.WaitGroup
-	for range r.cfg.QueueDepth {
+	for id := range r.cfg.QueueDepth {
 		wg.Go(func() {
 			buf := alignedBuffer(r.cfg.BlockSize, r.bufAlign)
-			for ctx.Err() == nil {
+			for rctx.Err() == nil {
 				w := nextWord.Add(1) - 1
 				if w >= int64(len(r.written.words)) {
 					return
@@ -400,13 +609,14 @@ func (r *runner) verifyWritten(ctx context.Context) int64 {
 				for v := r.written.words[w].Load(); v != 0; v &= v - 1 {
 					off := (w*64 + int64(bits.TrailingZeros64(v))) * bs
 					p := buf[:min(bs, r.size-off)]
-					if err := r.t.ReadAt(ctx, p, off); err != nil {
-						if ctx.Err() == nil {
-							r.fail(fmt.Errorf("verify: %w", err))
+					if _, err := r.issue(rctx, id, opRead, p, off, "verify read"); err != nil {
+						if !errors.Is(err, ErrTimeout) {
+							err = fmt.Errorf("verify: %w", err)
 						}
+						r.failRequest(ctx, rctx, err)
 						return
 					}
-					checked.Add(int64(len(p)))
+					r.verified.Add(int64(len(p)))
 					if err := CheckPattern(p, off, r.cfg.Seed); err != nil {
 						r.recordMismatch(err.(*MismatchError))
 					}
@@ -415,12 +625,51 @@ func (r *runner) verifyWritten(ctx context.Context) int64 {
 		})
 	}
 	wg.Wait()
-	return checked.Load()
+	return r.verified.Load()
 }
 
-// startProgress prints a status line every interval until the returned
-// function is called, which clears it.
-func (r *runner) startProgress() (stop func()) {
+// progress is what one status line shows.
+type progress struct {
+	elapsed time.Duration // since the phase began
+	bytes   int64         // done so far
+	mbps    float64       // over the last interval
+	iops    float64
+}
+
+// runProgress says how far the run is.
+func (r *runner) runProgress() (bytes, ops int64, line func(progress) string) {
+	return r.done[opRead].Load() + r.done[opWrite].Load(), r.ops[opRead].Load() + r.ops[opWrite].Load(), r.runLine
+}
+
+func (r *runner) runLine(p progress) string {
+	line := fmt.Sprintf("%s  %8.1f MB/s  %9.0f IOPS  %s done  %v", r.cfg.Mode, p.mbps, p.iops, formatIBytes(p.bytes), p.elapsed.Round(100*time.Millisecond))
+	if r.cfg.Runtime > 0 {
+		// As given: a rounded 2.5 s would read 2 s or 3 s.
+		line += fmt.Sprintf(" / %v", r.cfg.Runtime)
+	} else if !r.cfg.Mode.Random() {
+		line += fmt.Sprintf("  (%.0f%%)", 100*float64(p.bytes)/float64(r.size))
+	}
+	return line
+}
+
+// verifyProgress says how far the verify is.
+func (r *runner) verifyProgress() (bytes, ops int64, line func(progress) string) {
+	bytes = r.verified.Load()
+	return bytes, bytes / int64(r.cfg.BlockSize), r.verifyLine
+}
+
+func (r *runner) verifyLine(p progress) string {
+	line := fmt.Sprintf("verify  %8.1f MB/s  %9.0f IOPS  %s of %s checked  %v", p.mbps, p.iops,
+		formatIBytes(p.bytes), formatIBytes(r.verifyTotal), p.elapsed.Round(100*time.Millisecond))
+	if r.verifyTotal > 0 {
+		line += fmt.Sprintf("  (%.0f%%)", 100*float64(p.bytes)/float64(r.verifyTotal))
+	}
+	return line
+}
+
+// startProgress prints a status line of what sample says every interval
+// until the returned function is called, which clears it.
+func (r *runner) startProgress(sample func() (bytes, ops int64, line func(progress) string)) (stop func()) {
 	w := r.cfg.Progress
 	if w == nil {
 		return func() {}
@@ -443,18 +692,12 @@ func (r *runner) startProgress() (stop func()) {
 				fmt.Fprint(w, "\r\x1b[K")
 				return
 			case now := <-tick.C:
-				bytes := r.done[opRead].Load() + r.done[opWrite].Load()
-				ops := r.ops[opRead].Load() + r.ops[opWrite].Load()
+				bytes, ops, line := sample()
 				dt := now.Sub(last).Seconds()
-				line := fmt.Sprintf("%s  %8.1f MB/s  %9.0f IOPS  %s done  %.0f s",
-					r.cfg.Mode, float64(bytes-lastBytes)/dt/1e6, float64(ops-lastOps)/dt,
-					formatIBytes(bytes), now.Sub(begin).Seconds())
-				if r.cfg.Runtime > 0 {
-					line += fmt.Sprintf(" / %.0f s", r.cfg.Runtime.Seconds())
-				} else if !r.cfg.Mode.Random() {
-					line += fmt.Sprintf("  (%.0f%%)", 100*float64(bytes)/float64(r.size))
-				}
-				fmt.Fprintf(w, "\r\x1b[K%s", line)
+				fmt.Fprintf(w, "\r\x1b[K%s", line(progress{
+					elapsed: now.Sub(begin), bytes: bytes,
+					mbps: float64(bytes-lastBytes) / dt / 1e6, iops: float64(ops-lastOps) / dt,
+				}))
 				last, lastBytes, lastOps = now, bytes, ops
 			}
 		}

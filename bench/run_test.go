@@ -1,11 +1,13 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -277,6 +279,14 @@ func TestConfigValidate(t *testing.T) {
 		{name: "read verify without the write run's seed", edit: func(c *Config) { c.Verify = true }, size: 1 << 20,
 			wantErr: "give that run's seed"},
 		{name: "read verify with a seed", edit: func(c *Config) { c.Verify, c.Seed = true, 8 }, size: 1 << 20},
+		// Flags a mode would ignore are refused, as --io is above.
+		{name: "FUA on a read run", edit: func(c *Config) { c.FUA = true }, size: 1 << 20,
+			wantErr: "FUA (--fua) makes writes durable, and a randread run writes nothing"},
+		{name: "FUA on a write run", edit: func(c *Config) { c.Mode, c.FUA = ModeRandWrite, true }, size: 1 << 20},
+		{name: "read percentage outside randrw", edit: func(c *Config) { c.Mode, c.ReadPercent = ModeRandWrite, 50 }, size: 1 << 20,
+			wantErr: "a read percentage (--rwmix-read) sets the mix of randrw only; a randwrite run would ignore it"},
+		{name: "read percentage in randrw", edit: func(c *Config) { c.Mode, c.ReadPercent = ModeRandRW, 0 }, size: 1 << 20},
+		{name: "negative timeout", edit: func(c *Config) { c.Timeout = -time.Second }, size: 1 << 20, wantErr: "timeout must not be negative"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -346,5 +356,291 @@ func TestRunAlignsBuffersForTarget(t *testing.T) {
 	mustRun(t, m, Config{Mode: ModeWrite, BlockSize: 64 << 10, QueueDepth: 4, Verify: true})
 	if n := m.bad.Load(); n != 0 {
 		t.Errorf("%d requests had buffers not aligned to the target's %d bytes", n, m.align)
+	}
+}
+
+// memTarget is a target in memory that records what each write sent.
+type memTarget struct {
+	mu     sync.Mutex
+	data   []byte
+	writes [][]byte
+}
+
+func newMemTarget(size int) *memTarget { return &memTarget{data: make([]byte, size)} }
+
+func (m *memTarget) ReadAt(_ context.Context, p []byte, off int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	copy(p, m.data[off:])
+	return nil
+}
+
+func (m *memTarget) WriteAt(_ context.Context, p []byte, off int64, _ bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	copy(m.data[off:], p)
+	m.writes = append(m.writes, bytes.Clone(p))
+	return nil
+}
+
+func (m *memTarget) Flush(context.Context) error { return nil }
+func (m *memTarget) Size() int64                 { return int64(len(m.data)) }
+func (m *memTarget) Close() error                { return nil }
+
+// Writes send incompressible data that differs from block to block, also
+// when reads in randrw fill a buffer of their own with the zeroes of a
+// fresh target: no layer that compresses, detects zeroes or deduplicates
+// may flatter the figures.
+func TestWritesSendDistinctIncompressibleData(t *testing.T) {
+	tests := []struct {
+		name string
+		mode Mode
+		bs   int
+		mix  int
+	}{
+		{name: "randrw", mode: ModeRandRW, bs: 4096, mix: 50},
+		{name: "randrw mostly reads", mode: ModeRandRW, bs: 4096, mix: 90},
+		{name: "randwrite", mode: ModeRandWrite, bs: 4096},
+		{name: "randrw of 64 KiB", mode: ModeRandRW, bs: 64 << 10, mix: 50},
+		{name: "write of 512 bytes", mode: ModeWrite, bs: 512},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newMemTarget(4 << 20)
+			cfg := Config{Mode: tt.mode, BlockSize: tt.bs, QueueDepth: 4, ReadPercent: tt.mix, Seed: 3}
+			if tt.mode.Random() {
+				cfg.IOLimit = 2 << 20
+			}
+			mustRun(t, m, cfg)
+			if len(m.writes) == 0 {
+				t.Fatal("no writes")
+			}
+			zero := make([]byte, 512)
+			seen := map[string]bool{}
+			var zeroes, dups int
+			for _, w := range m.writes {
+				// Every 512-byte sector: none all zero, none like
+				// another where a word varies (each 4 KiB).
+				for i := 0; i < len(w); i += 512 {
+					if bytes.Equal(w[i:i+512], zero) {
+						zeroes++
+					}
+				}
+				for i := 0; i < len(w); i += 4096 {
+					b := string(w[i:min(i+4096, len(w))])
+					if seen[b] {
+						dups++
+					}
+					seen[b] = true
+				}
+			}
+			if zeroes != 0 || dups != 0 {
+				t.Errorf("of %d writes: %d sectors all zero, %d blocks like an earlier one; want none", len(m.writes), zeroes, dups)
+			}
+		})
+	}
+}
+
+// stalling never answers the requests stall picks, until ctx ends.
+type stalling struct {
+	*memTarget
+	stall func(op int) bool
+}
+
+func (s *stalling) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if s.stall(opRead) {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return s.memTarget.ReadAt(ctx, p, off)
+}
+
+func (s *stalling) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	if s.stall(opWrite) {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return s.memTarget.WriteAt(ctx, p, off, durable)
+}
+
+func (s *stalling) Flush(ctx context.Context) error {
+	if s.stall(opFlush) {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return nil
+}
+
+// A target that stops answering ends the run after the timeout, with an
+// error that names it and the request it left unanswered, whatever the
+// phase: the run, the closing flush or the verify.
+func TestTimeoutEndsStalledRun(t *testing.T) {
+	const timeout = 50 * time.Millisecond
+	tests := []struct {
+		name    string
+		cfg     Config
+		stall   func(op int) bool
+		wantReq string
+	}{
+		{name: "random reads with a runtime", cfg: Config{Mode: ModeRandRead, QueueDepth: 4, Runtime: time.Hour},
+			stall: func(op int) bool { return true }, wantReq: "to a read of 4.0 KiB at offset "},
+		{name: "sequential writes", cfg: Config{Mode: ModeWrite, QueueDepth: 1},
+			stall: func(op int) bool { return true }, wantReq: "to a write of 4.0 KiB at offset 0:"},
+		{name: "closing flush", cfg: Config{Mode: ModeWrite, QueueDepth: 2},
+			stall: func(op int) bool { return op == opFlush }, wantReq: "to the closing flush:"},
+		{name: "verify", cfg: Config{Mode: ModeWrite, QueueDepth: 2, Verify: true},
+			stall: func(op int) bool { return op == opRead }, wantReq: "to a verify read of 4.0 KiB at offset "},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.cfg
+			cfg.Name, cfg.BlockSize, cfg.Timeout = "nbd://stalled/vm1", 4096, timeout
+			type result struct {
+				rep *Report
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				rep, err := Run(context.Background(), &stalling{memTarget: newMemTarget(1 << 20), stall: tt.stall}, cfg)
+				done <- result{rep, err}
+			}()
+			var res result
+			select {
+			case res = <-done:
+			case <-time.After(20 * time.Second): // a guard, not synchronisation
+				t.Fatalf("Run still waits on a stalled target 20 s after its %v timeout", timeout)
+			}
+			var te *TimeoutError
+			if !errors.As(res.err, &te) || !errors.Is(res.err, ErrTimeout) || errors.Is(res.err, ErrInterrupted) {
+				t.Fatalf("Run: %v, want a *TimeoutError", res.err)
+			}
+			want := "no reply from nbd://stalled/vm1 within 50ms " + tt.wantReq
+			if !strings.HasPrefix(res.err.Error(), want) {
+				t.Errorf("error %q, want it to begin %q", res.err, want)
+			}
+			if res.rep == nil || res.rep.Error != res.err.Error() || res.rep.Interrupted {
+				t.Errorf("report %+v, want the error in it and not interrupted", res.rep)
+			}
+			if cfg.Verify && (res.rep.Verify == nil || res.rep.Verify.OK) {
+				t.Errorf("verify %+v after a timeout, want not ok", res.rep.Verify)
+			}
+		})
+	}
+}
+
+// directTarget needs requests aligned as O_DIRECT on 4 KiB sectors does.
+type directTarget struct{ *memTarget }
+
+func (directTarget) Alignment() int { return 4096 }
+
+// An NBD export's alignment is its minimum block size, which --direct=false
+// does not lift: the refusal says so, and what to give instead.
+func TestAlignmentErrorNamesItsReason(t *testing.T) {
+	tests := []struct {
+		name    string
+		target  Target
+		cfg     Config
+		wantErr string
+	}{
+		{name: "export, block size", target: &NBD{size: 1 << 20, align: 4096}, cfg: Config{Mode: ModeRead, BlockSize: 512, QueueDepth: 1},
+			wantErr: "block size 512 is not a multiple of 4096, the export's minimum block size: give a --bs that is a multiple of it"},
+		{name: "export, size", target: &NBD{size: 6000, align: 4096}, cfg: Config{Mode: ModeRead, BlockSize: 4096, QueueDepth: 1},
+			wantErr: "size 6000 is not a multiple of 4096, the export's minimum block size: give a --size that is a multiple of it"},
+		{name: "direct I/O", target: directTarget{newMemTarget(1 << 20)}, cfg: Config{Mode: ModeRead, BlockSize: 512, QueueDepth: 1},
+			wantErr: "block size 512 is not a multiple of 4096, which direct I/O needs (or use --direct=false)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Run(context.Background(), tt.target, tt.cfg)
+			if err == nil || err.Error() != tt.wantErr {
+				t.Errorf("Run: %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// The progress line shows the runtime as given, not rounded to seconds.
+func TestProgressLine(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+		p    progress
+		want string // the end of the line
+	}{
+		{name: "runtime under a whole second", cfg: Config{Mode: ModeRandRead, Runtime: 2500 * time.Millisecond},
+			p: progress{elapsed: 1520 * time.Millisecond, bytes: 1 << 20}, want: "1.0 MiB done  1.5s / 2.5s"},
+		{name: "runtime in minutes", cfg: Config{Mode: ModeRandWrite, Runtime: 90 * time.Second},
+			p: progress{elapsed: 61 * time.Second, bytes: 1 << 30}, want: "1.0 GiB done  1m1s / 1m30s"},
+		{name: "sequential run", cfg: Config{Mode: ModeRead},
+			p: progress{elapsed: 2 * time.Second, bytes: 1 << 20}, want: "1.0 MiB done  2s  (25%)"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &runner{cfg: tt.cfg, size: 4 << 20}
+			if got := r.runLine(tt.p); !strings.HasSuffix(got, tt.want) {
+				t.Errorf("progress line %q, want it to end %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// lineWatch is a terminal that tells when a line with a word has been
+// written to it.
+type lineWatch struct {
+	mu   sync.Mutex
+	buf  bytes.Buffer
+	word string
+	seen chan struct{}
+}
+
+func (w *lineWatch) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(p)
+	if w.seen != nil && strings.Contains(w.buf.String(), w.word) {
+		close(w.seen)
+		w.seen = nil
+	}
+	return len(p), nil
+}
+
+func (w *lineWatch) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// readsAfter holds every read until ch is closed (or ctx ends).
+type readsAfter struct {
+	*memTarget
+	ch <-chan struct{}
+}
+
+func (r *readsAfter) ReadAt(ctx context.Context, p []byte, off int64) error {
+	select {
+	case <-r.ch:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return r.memTarget.ReadAt(ctx, p, off)
+}
+
+// The verify has a progress line of its own: a large one would otherwise
+// show nothing for as long as it takes. The verify's reads wait for it.
+func TestVerifyShowsProgress(t *testing.T) {
+	w := &lineWatch{word: "verify ", seen: make(chan struct{})}
+	target := &readsAfter{memTarget: newMemTarget(1 << 20), ch: w.seen}
+	// A guard, not synchronisation: without a verify line the reads
+	// would wait for ever.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := Run(ctx, target, Config{Mode: ModeWrite, BlockSize: 64 << 10, QueueDepth: 2, Verify: true,
+		Progress: w, ProgressInterval: time.Millisecond})
+	if err != nil {
+		t.Fatalf("Run: %v (progress: %q)", err, w.String())
+	}
+	out := w.String()
+	if !strings.Contains(out, "of 1.0 MiB checked") || !strings.HasSuffix(out, "\r\x1b[K") {
+		t.Errorf("progress %q, want a verify line of the 1.0 MiB to check, cleared at the end", out)
 	}
 }

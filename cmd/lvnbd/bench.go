@@ -15,7 +15,7 @@ func newBenchCmd() *cobra.Command {
 	var (
 		mode, bs, size, ioLimit string
 		qd, conns, rwmixRead    int
-		runtime                 time.Duration
+		runtime, timeout        time.Duration
 		direct, fua, verify     bool
 		force, jsonOut          bool
 		seed                    uint64
@@ -33,14 +33,18 @@ the region (--size, default all of the target) once in --bs requests, QD 1 unles
 until --io bytes), spread over --conns connections for NBD targets. Every mode that
 writes (write, randwrite, randrw) ends with a flush, which counts in the time and is
 reported on its own ("flush", flush_seconds in --json). Several URIs of one export
-(one per link) may be given: the connections are spread over them (the server must
-advertise CAN_MULTI_CONN, as lvnbd does, and none may be read-only for a write mode).
+(one per link, the same export name) may be given: requests are spread over them by
+block, and --verify reads each block back through another link than the one that
+wrote it (the server must advertise CAN_MULTI_CONN, as lvnbd does, and none may be
+read-only for a write mode). A server without CAN_MULTI_CONN gets one connection,
+and stderr says so.
 
 Files and devices are opened with O_DIRECT unless --direct=false, and read-only
 unless the run may write. Writes never touch existing data unless asked: a write
 mode on a block device, a non-empty file or an NBD export needs --force, and then
-says on stderr what it overwrites. A block device in use (mounted, a member of an md
-array or a device-mapper table, swap) is refused even with --force.
+says on stderr what it overwrites. A block device in use is refused even with
+--force: mounted, a member of an md array or a device-mapper table, swap, open in
+another program (lvnbd serve exporting it, qemu), or a Xen guest's disk.
 
 --verify writes a pattern derived from each offset and the seed and, after the
 closing flush, reads back every block written and checks it; with a read mode it
@@ -50,10 +54,22 @@ run left (N is in that run's report). Verify reads what storage holds: with
 fresh seed, so no earlier run's data can pass for this one's; a write run given the
 seed of an earlier one over the same region cannot tell its writes from that run's.
 
+--timeout (default 30s, as for 'lvnbd info'; 0: none) bounds every request, the
+closing flush and the verify's reads included: when one is not done within it, the
+run stops and fails with an error naming the target and the request, after the
+report of what completed. An NBD request is given up at once, so a stalled server
+cannot hang the run, --runtime or not; a file or device request ends the run when
+the kernel returns it. Raise it for a closing flush with much cached data to write.
+
+Flags a mode would ignore are refused: --io with sequential modes, --conns with
+files and devices, --fua with read modes, --rwmix-read with modes other than randrw.
+
 Sizes take binary one-letter suffixes like dd and fio (4k, 1M, 4G) or explicit
-units (512KiB, 1GB). A live progress line goes to stderr when it is a terminal.
-Ctrl-C stops the run and still prints a report of what completed; the exit status
-is then non-zero, as it is when a run fails or its verify fails or does not finish.`,
+units (512KiB, 1GB). A live progress line goes to stderr when it is a terminal, for
+the run and then for the verify. Ctrl-C stops the run and still prints a report of
+what completed, without waiting for requests in flight; the exit status is then
+non-zero, as it is when a run fails, times out, or its verify fails or does not
+finish. A second Ctrl-C ends lvnbd at once.`,
 		Example: `  lvnbd bench --mode write --bs 1M --size 4G --force /dev/nbd0
   lvnbd bench --mode randread --bs 4k --qd 32 --conns 4 --runtime 30s nbd://storage-a/vm1
   lvnbd bench --mode randrw --verify --size 1G --runtime 10s --json /srv/test.img
@@ -64,8 +80,16 @@ is then non-zero, as it is when a run fails or its verify fails or does not fini
 			if err != nil {
 				return err
 			}
-			cfg := bench.Config{Name: strings.Join(args, " "), Mode: m, Runtime: runtime, FUA: fua, Verify: verify, ReadPercent: rwmixRead}
+			cfg := bench.Config{Name: strings.Join(args, " "), Mode: m, Runtime: runtime, Timeout: timeout, FUA: fua, Verify: verify}
 			flags := cmd.Flags()
+			switch {
+			case m == bench.ModeRandRW:
+				cfg.ReadPercent = rwmixRead
+			case flags.Changed("rwmix-read"):
+				// Refused, like every flag the mode would ignore
+				// (Config.Validate says so for the others).
+				return fmt.Errorf("--rwmix-read sets the mix of randrw only; a %v run would ignore it: leave it out, or run --mode randrw", m)
+			}
 			// The defaults follow the mode: dd-like for sequential runs,
 			// fio-like for random ones.
 			if !flags.Changed("bs") && m.Random() {
@@ -117,7 +141,7 @@ is then non-zero, as it is when a run fails or its verify fails or does not fini
 			ctx := cmd.Context()
 			t, err := bench.Open(ctx, args, bench.OpenOptions{
 				Write: m.Writes(), Force: force, Size: region, Direct: direct, Conns: conns,
-				Validate: cfg.Validate,
+				Validate: cfg.Validate, Notices: stderr,
 			})
 			if err != nil {
 				return err
@@ -154,10 +178,11 @@ is then non-zero, as it is when a run fails or its verify fails or does not fini
 	f.IntVar(&qd, "qd", 1, "requests outstanding at once (default 1 sequential, 32 random)")
 	f.IntVar(&conns, "conns", 1, "NBD connections, spread over the URIs; the queue depth is spread over them (NBD only: files and devices take --qd)")
 	f.DurationVar(&runtime, "runtime", 0, "stop after this long (default: sequential runs cover the region once, random ones run 30s)")
+	f.DurationVar(&timeout, "timeout", 30*time.Second, "fail the run when a request is not done within this long (0: never)")
 	f.StringVar(&ioLimit, "io", "", "random modes: stop after this many bytes, at least --bs (sequential modes cover --size once)")
 	f.IntVar(&rwmixRead, "rwmix-read", 50, "randrw: percentage of reads")
 	f.BoolVar(&direct, "direct", true, "files and devices: O_DIRECT, bypassing the page cache")
-	f.BoolVar(&fua, "fua", false, "make every write durable before it completes (FUA, O_DSYNC)")
+	f.BoolVar(&fua, "fua", false, "write modes: make every write durable before it completes (FUA, O_DSYNC)")
 	f.BoolVar(&verify, "verify", false, "write a pattern and, after the flush, check every block written as storage holds it (read modes: check an earlier run's, by its --seed)")
 	f.Uint64Var(&seed, "seed", 0, "seed of the verify pattern and random offsets (default: fresh each run, shown in the report)")
 	f.BoolVar(&force, "force", false, "allow write modes to overwrite a block device (not one in use), a non-empty file or an NBD export")

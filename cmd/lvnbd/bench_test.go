@@ -7,9 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lvnbd/lvnbd/bench"
 )
@@ -134,6 +137,11 @@ func TestBenchCommandRefusals(t *testing.T) {
 		{args: []string{"--mode", "randread", "--io", "1000", full}, wantErr: "less than one 4.0 KiB request, so the run would do nothing: give --io of at least the block size (--bs)"},
 		{args: []string{"--mode", "read", "--conns", "2", full}, wantErr: "--conns 2: " + full + " is not an NBD export"},
 		{args: []string{"--mode", "write", "--seed", "0", "--force", full}, wantErr: "--seed 0: want a positive seed"},
+		{args: []string{"--mode", "randread", "--fua", "--io", "1M", full}, wantErr: "FUA (--fua) makes writes durable, and a randread run writes nothing"},
+		{args: []string{"--mode", "read", "--fua", full}, wantErr: "a read run writes nothing"},
+		{args: []string{"--mode", "randwrite", "--rwmix-read", "70", "--io", "1M", "--force", full}, wantErr: "--rwmix-read sets the mix of randrw only; a randwrite run would ignore it"},
+		{args: []string{"--mode", "read", "--rwmix-read", "50", full}, wantErr: "--rwmix-read sets the mix of randrw only"},
+		{args: []string{"--mode", "read", "--timeout", "-1s", full}, wantErr: "timeout must not be negative"},
 		{args: []string{}, wantErr: "requires at least 1 arg"},
 	}
 	for _, tt := range tests {
@@ -163,11 +171,15 @@ func TestBenchSeveralURIsNeedMultiConn(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "does not advertise CAN_MULTI_CONN") {
 		t.Errorf("bench over two URIs of an export without multi-conn: %v", err)
 	}
-	// One URI is fine: one connection.
+	// One URI is fine: one connection, and stderr says so.
+	errOut.Reset()
 	root = newRootCmd(&out, &errOut)
 	root.SetArgs([]string{"bench", "--mode", "read", "--conns", "4", uri})
 	if err := root.ExecuteContext(context.Background()); err != nil {
 		t.Errorf("bench over one URI of it: %v", err)
+	}
+	if want := uri + " does not advertise CAN_MULTI_CONN: using 1 connection, not 4"; !strings.Contains(errOut.String(), want) {
+		t.Errorf("stderr %q does not say %q", errOut.String(), want)
 	}
 }
 
@@ -260,9 +272,106 @@ func TestBenchHelpSaysWhatIsTimedAndVerified(t *testing.T) {
 		"after the closing flush, reads back every block written",
 		"with --direct=false the page cache is dropped first",
 		"the exit status is then non-zero",
+		"--timeout (default 30s, as for 'lvnbd info'; 0: none) bounds every request",
+		"A second Ctrl-C ends lvnbd at once.",
+		"--fua with read modes, --rwmix-read with modes other than randrw",
 	} {
 		if !strings.Contains(help, want) {
 			t.Errorf("bench --help does not say %q", want)
 		}
+	}
+}
+
+// The first Ctrl-C asks for an orderly exit (bench prints the report of
+// what completed); a second one, for when that exit hangs, kills lvnbd at
+// once. It runs in a child process, which the second signal must kill.
+func TestSecondInterruptKills(t *testing.T) {
+	if os.Getenv("LVNBD_TEST_INTERRUPT_CHILD") == "1" {
+		ctx, stop := interruptContext(context.Background())
+		defer stop()
+		syscall.Kill(os.Getpid(), syscall.SIGINT)
+		<-ctx.Done()
+		syscall.Kill(os.Getpid(), syscall.SIGINT)
+		// Not synchronisation: the window in which the signal must
+		// have killed the process.
+		time.Sleep(10 * time.Second)
+		fmt.Println("survived the second SIGINT")
+		os.Exit(3)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSecondInterruptKills$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "LVNBD_TEST_INTERRUPT_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("child: %v, want it killed by SIGINT\n%s", err, out)
+	}
+	if ws, ok := ee.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGINT {
+		t.Errorf("child: %v, want it killed by the second SIGINT\n%s", err, out)
+	}
+}
+
+// An export's minimum block size is no matter of direct I/O: the refusal
+// names it, and --direct=false (which changes nothing for NBD) is not
+// offered.
+func TestBenchCommandExportAlignment(t *testing.T) {
+	uri := nbdkitURI(t, "--filter=blocksize-policy", "memory", "size=1M", "blocksize-minimum=4096")
+	tests := []struct {
+		args    []string
+		wantErr string
+	}{
+		{args: []string{"--bs", "512"}, wantErr: "block size 512 is not a multiple of 4096, the export's minimum block size: give a --bs that is a multiple of it"},
+		{args: []string{"--bs", "512", "--direct=false"}, wantErr: "the export's minimum block size: give a --bs"},
+		{args: []string{"--size", "6000"}, wantErr: "size 6000 is not a multiple of 4096, the export's minimum block size: give a --size that is a multiple of it"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			_, err := runLvnbd(t, append([]string{"bench", "--mode", "read"}, append(tt.args, uri)...)...)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "direct") {
+				t.Errorf("err %v, want one containing %q and no word of direct I/O", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// A server that stops answering cannot hang bench: the run ends after
+// --timeout with an error naming the server and the request, or at once
+// on Ctrl-C, and the connections are closed without waiting out the 30 s
+// drain for requests nobody waits for any more.
+func TestBenchCommandStalledServer(t *testing.T) {
+	uri := nbdkitURI(t, "--filter=delay", "memory", "size=1M", "delay-read=600")
+	tests := []struct {
+		name    string
+		args    []string
+		cancel  time.Duration // Ctrl-C this long into the run; 0: none
+		wantErr error
+		wantMsg string
+	}{
+		{name: "timeout", args: []string{"--timeout", "200ms"}, wantErr: bench.ErrTimeout,
+			wantMsg: "no reply from " + uri + " within 200ms to a read of 4.0 KiB at offset "},
+		{name: "interrupt", args: []string{"--timeout", "0"}, cancel: 300 * time.Millisecond, wantErr: bench.ErrInterrupted},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			if tt.cancel > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tt.cancel)
+				defer cancel()
+			}
+			start := time.Now()
+			out, _, err := runLvnbdContext(ctx, append([]string{"bench", "--mode", "randread", "--qd", "4", "--runtime", "10m"}, append(tt.args, uri)...)...)
+			took := time.Since(start)
+			if !errors.Is(err, tt.wantErr) || !strings.Contains(fmt.Sprint(err), tt.wantMsg) {
+				t.Errorf("err %v, want %v containing %q\n%s", err, tt.wantErr, tt.wantMsg, out)
+			}
+			if !strings.Contains(out, "randread "+uri) {
+				t.Errorf("no report of what completed:\n%s", out)
+			}
+			// Coarse on purpose: what it tells apart is an end soon
+			// after the timeout from one that waits out the drain.
+			if took > 20*time.Second {
+				t.Errorf("bench took %v to end", took)
+			}
+		})
 	}
 }

@@ -15,7 +15,7 @@ import (
 func main() {
 	// SIGINT and SIGTERM cancel the context: every command treats that as
 	// a normal, orderly exit.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := interruptContext(context.Background())
 	defer stop()
 	cmd := newRootCmd(os.Stdout, os.Stderr)
 	if err := cmd.ExecuteContext(ctx); err != nil {
@@ -26,6 +26,30 @@ func main() {
 		fmt.Fprintln(os.Stderr, "lvnbd:", err)
 		os.Exit(1)
 	}
+}
+
+// interruptContext returns a context cancelled by the first SIGINT or
+// SIGTERM. The signals are caught only until then: a second one kills the
+// process at once, for when the orderly exit the first began hangs. stop
+// cancels ctx and releases the signals.
+func interruptContext(parent context.Context) (ctx context.Context, stop func()) {
+	ctx, cancel := context.WithCancel(parent)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		select {
+		case <-sigs:
+			// Before the cancel, so that whoever sees ctx done can
+			// count on the next signal's default action.
+			signal.Stop(sigs)
+			cancel()
+		case <-ctx.Done():
+			signal.Stop(sigs)
+		}
+	}()
+	return ctx, func() { cancel(); <-done }
 }
 
 // exitCode is returned by commands whose exit status carries meaning beyond
