@@ -39,12 +39,14 @@ acknowledged before it, and closes the exports around a merge.`,
 
 func newSnapshotCreateCmd(vf *volumeFlags) *cobra.Command {
 	var size string
+	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "create VOLUME[@NAME]",
 		Short: "Snapshot a volume",
 		Long: `Snapshot VOLUME as VOLUME@NAME; without a name, the UTC time names it
 (VOLUME@20261122T031500Z). --size is the COW space of an LVM snapshot:
-enough for what the volume will change while the snapshot exists.`,
+enough for what the volume will change while the snapshot exists. --json
+prints {"snapshot": {...}} as snapshot list --json shows it, for scripts.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var cow int64
@@ -63,11 +65,17 @@ enough for what the volume will change while the snapshot exists.`,
 			if err != nil {
 				return err
 			}
+			if asJSON {
+				return printVolumeJSON(cmd.OutOrStdout(), struct {
+					Snapshot volume.Snapshot `json:"snapshot"`
+				}{s})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created snapshot %s: %s%s, read-only at %s\n", s.Ref(), volume.FormatSize(s.Size), cowNote(s), s.Path)
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&size, "size", "", "COW space of an LVM snapshot, such as 2G (default a fifth of the volume)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the snapshot as JSON, for scripts")
 	return cmd
 }
 
@@ -131,12 +139,13 @@ snapshot's COW space is: at 100% the snapshot is invalid. --json prints
 }
 
 func newSnapshotRemoveCmd(vf *volumeFlags) *cobra.Command {
-	var force bool
+	var force, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "remove VOLUME@NAME",
 		Short: "Remove a snapshot",
 		Long: `Remove a snapshot; the volume is untouched. Refused while clients read the
-snapshot's export, unless --force disconnects them.`,
+snapshot's export, unless --force disconnects them. --json prints
+{"removed": "VOLUME@NAME"}, for scripts.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			drv, err := vf.open(cmd, force)
@@ -147,16 +156,20 @@ snapshot's export, unless --force disconnects them.`,
 			if err := m.Remove(cmd.Context(), args[0]); err != nil {
 				return err
 			}
+			if asJSON {
+				return printVolumeJSON(cmd.OutOrStdout(), removedResult{Removed: args[0]})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed snapshot %s\n", args[0])
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print what was removed as JSON, for scripts")
 	cmd.Flags().BoolVar(&force, "force", false, "disconnect the clients of the snapshot's export instead of refusing")
 	return cmd
 }
 
 func newSnapshotMergeCmd(vf *volumeFlags) *cobra.Command {
-	var force bool
+	var force, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "merge VOLUME@NAME",
 		Short: "Revert a volume to a snapshot",
@@ -173,7 +186,9 @@ refuses it, as it refuses a volume made anew: a guest's md cannot tell the
 older copy from a current one, and re-added from its bitmap, the blocks
 written since the snapshot would stay old on that half. To give a reverted
 half back to a running mirror, take the leg down and up and add it in full
-(see lvnbd pair down --help).`,
+(see lvnbd pair down --help). --json prints {"merged": "VOLUME@NAME",
+"volume": {...}}, the volume as volume list --json shows it after the merge
+(its new ID, and whether the merge waits), for scripts.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			drv, err := vf.open(cmd, force)
@@ -185,11 +200,26 @@ half back to a running mirror, take the leg down and up and add it in full
 				return err
 			}
 			vol, _, _ := snapshot.ParseRef(args[0], false)
+			if asJSON {
+				v, err := drv.Get(cmd.Context(), vol)
+				if err != nil {
+					// The merge is done: say so, and why the volume is missing.
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: merged, but reading volume %s back failed: %v\n", vol, err)
+					return printVolumeJSON(cmd.OutOrStdout(), struct {
+						Merged string `json:"merged"`
+					}{args[0]})
+				}
+				return printVolumeJSON(cmd.OutOrStdout(), struct {
+					Merged string `json:"merged"`
+					volumeResult
+				}{args[0], volumeResult{Volume: listed(v)}})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "merged snapshot %s into %s, and removed it\n", args[0], vol)
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&force, "force", false, "disconnect the clients of the volume and the snapshot instead of refusing")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the merged volume as JSON, for scripts")
 	return cmd
 }
 

@@ -73,13 +73,16 @@ or bytes.`,
 func newVolumeCreateCmd(vf *volumeFlags) *cobra.Command {
 	var size, stripeSize string
 	var stripes int
+	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "create NAME --size SIZE",
 		Short: "Create a volume",
 		Long: `Create a volume of --size, rounded up to the driver's unit (the LVM extent
 size, per stripe). With --stripes N the LV is striped over N physical volumes,
 --stripe-size at a time (default 64K). Names are letters, digits, dots,
-underscores and dashes, at most 64, not starting with a dot or dash.`,
+underscores and dashes, at most 64, not starting with a dot or dash. --json
+prints {"volume": {...}} as volume list --json shows it (its ID included), for
+scripts.`,
 		Example: `  lvnbd volume create vm1 --size 20G
   lvnbd volume create db1 --size 100G --stripes 4 --stripe-size 256K --volumes lvm://vg0`,
 		Args: cobra.ExactArgs(1),
@@ -102,10 +105,14 @@ underscores and dashes, at most 64, not starting with a dot or dash.`,
 			if err != nil {
 				return err
 			}
+			if asJSON {
+				return printVolumeJSON(cmd.OutOrStdout(), volumeResult{Volume: listed(v)})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s: %s, %s, at %s\n", v.Name, sizeWithBytes(v.Size), layout(v), v.Path)
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the volume as JSON, for scripts")
 	cmd.Flags().StringVar(&size, "size", "", "size, such as 20G or 512MiB (required)")
 	cmd.Flags().IntVar(&stripes, "stripes", 1, "number of physical volumes to stripe over")
 	cmd.Flags().StringVar(&stripeSize, "stripe-size", "", "bytes per stripe, a power of two such as 64K (default 64K when striped)")
@@ -194,7 +201,7 @@ with sizes in bytes (and "merge_pending", "problem"), for scripts.`,
 
 func newVolumeResizeCmd(vf *volumeFlags) *cobra.Command {
 	var size string
-	var allowShrink, force bool
+	var allowShrink, force, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "resize NAME --size [+|-]SIZE",
 		Short: "Grow (or shrink) a volume",
@@ -206,7 +213,9 @@ connected to its export, unless --force disconnects them. A shrink gives the
 volume another ID (its export's description ends in "-rN"), as a snapshot
 merge does: a dom0 leg refuses the volume from then on, even grown back,
 since its tail is lost; that half is replaced as a new member of the guest's
-mirror (see lvnbd pair down --help).`,
+mirror (see lvnbd pair down --help). --json prints {"volume": {...},
+"previous_size": BYTES}, the volume as volume list --json shows it after the
+change, for scripts.`,
 		Example: `  lvnbd volume resize vm1 --size +5G
   lvnbd volume resize vm1 --size 20G
   lvnbd volume resize vm1 --size 10G --allow-shrink`,
@@ -233,6 +242,9 @@ mirror (see lvnbd pair down --help).`,
 				return err
 			}
 			out := cmd.OutOrStdout()
+			if asJSON {
+				return printVolumeJSON(out, volumeResult{Volume: listed(after), PreviousSize: &before.Size})
+			}
 			switch {
 			case after.Size == before.Size:
 				fmt.Fprintf(out, "volume %s is already %s\n", after.Name, sizeWithBytes(after.Size))
@@ -248,18 +260,20 @@ mirror (see lvnbd pair down --help).`,
 	cmd.Flags().StringVar(&size, "size", "", "new size (20G), or a change (+5G, -1G) (required)")
 	cmd.Flags().BoolVar(&allowShrink, "allow-shrink", false, "allow making the volume smaller, discarding its end")
 	cmd.Flags().BoolVar(&force, "force", false, "when shrinking, disconnect the clients of the volume's export instead of refusing")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the volume after the change as JSON, for scripts")
 	cmd.MarkFlagRequired("size")
 	return cmd
 }
 
 func newVolumeRemoveCmd(vf *volumeFlags) *cobra.Command {
-	var force bool
+	var force, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "remove NAME",
 		Short: "Remove a volume and its data",
 		Long: `Remove a volume and everything on it. A volume with snapshots is refused
 (remove or merge them first), and so is one with clients connected to its
-export, unless --force disconnects them.`,
+export, unless --force disconnects them. --json prints {"removed": NAME},
+for scripts.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			drv, err := vf.open(cmd, force)
@@ -269,11 +283,15 @@ export, unless --force disconnects them.`,
 			if err := drv.Remove(cmd.Context(), args[0]); err != nil {
 				return err
 			}
+			if asJSON {
+				return printVolumeJSON(cmd.OutOrStdout(), removedResult{Removed: args[0]})
+			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed volume %s\n", args[0])
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&force, "force", false, "disconnect the clients of the volume's export instead of refusing")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print what was removed as JSON, for scripts")
 	return cmd
 }
 
@@ -302,6 +320,27 @@ func stripesColumn(v volume.Volume) string {
 }
 
 // printVolumeJSON prints v as indented JSON, for the --json flags.
+// volumeResult is what volume create and resize, and snapshot merge, print
+// with --json.
+type volumeResult struct {
+	Volume       volume.Volume `json:"volume"`
+	PreviousSize *int64        `json:"previous_size,omitempty"` // resize
+}
+
+// removedResult is what volume and snapshot remove print with --json.
+type removedResult struct {
+	Removed string `json:"removed"`
+}
+
+// listed is v as volume list --json shows it: an empty list of snapshots,
+// never null.
+func listed(v volume.Volume) volume.Volume {
+	if v.Snapshots == nil {
+		v.Snapshots = []volume.Snapshot{}
+	}
+	return v
+}
+
 func printVolumeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -405,3 +405,53 @@ func TestVolumeChangeWithoutAServerSaysSo(t *testing.T) {
 		t.Errorf("volume list said %q on stderr, want nothing", got)
 	}
 }
+
+// Every command that changes volumes or snapshots prints, with --json, what
+// it made or changed as the list commands show it, and nothing else.
+func TestChangingCommandsPrintJSON(t *testing.T) {
+	c := newVolumeCLI(t)
+	decode := func(out string, v any) {
+		t.Helper()
+		dec := json.NewDecoder(strings.NewReader(out))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(v); err != nil {
+			t.Fatalf("%q: %v", out, err)
+		}
+		if dec.More() {
+			t.Fatalf("%q: more than one JSON value", out)
+		}
+	}
+	var created volumeResult
+	decode(c.ok("volume", "create", "vm1", "--size", "1M", "--json"), &created)
+	if v := created.Volume; v.Name != "vm1" || v.Size != 1<<20 || v.ID == "" || v.Snapshots == nil || created.PreviousSize != nil {
+		t.Errorf("volume create --json: %+v", created)
+	}
+	var resized volumeResult
+	decode(c.ok("volume", "resize", "vm1", "--size", "+1M", "--json"), &resized)
+	if resized.Volume.Size != 2<<20 || resized.PreviousSize == nil || *resized.PreviousSize != 1<<20 || resized.Volume.ID != created.Volume.ID {
+		t.Errorf("volume resize --json: %+v", resized)
+	}
+	var snap struct {
+		Snapshot volume.Snapshot `json:"snapshot"`
+	}
+	decode(c.ok("snapshot", "create", "vm1@s1", "--json"), &snap)
+	if snap.Snapshot.Volume != "vm1" || snap.Snapshot.Name != "s1" || snap.Snapshot.Size != 2<<20 {
+		t.Errorf("snapshot create --json: %+v", snap)
+	}
+	var merged struct {
+		Merged string `json:"merged"`
+		volumeResult
+	}
+	decode(c.ok("snapshot", "merge", "vm1@s1", "--json"), &merged)
+	if merged.Merged != "vm1@s1" || merged.Volume.ID != created.Volume.ID+"-r1" || len(merged.Volume.Snapshots) != 0 {
+		t.Errorf("snapshot merge --json: %+v", merged)
+	}
+	c.ok("snapshot", "create", "vm1@s2")
+	for _, args := range [][]string{{"snapshot", "remove", "vm1@s2"}, {"volume", "remove", "vm1"}} {
+		var removed removedResult
+		decode(c.ok(append(args, "--json")...), &removed)
+		if removed.Removed != args[2] {
+			t.Errorf("%s --json: %+v", strings.Join(args, " "), removed)
+		}
+	}
+}
