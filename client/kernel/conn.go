@@ -38,7 +38,8 @@ type Conn struct {
 	nl     *netlink.Conn
 	family family
 	sys    sysfs
-	broken error // set when a request was interrupted: replies may be pending
+	proc   string // where /proc is, to check a new device's receivers; "" skips that
+	broken error  // set when a request was interrupted: replies may be pending
 	// dial opens another netlink socket (for WatchLinkDead).
 	dial func() (*netlink.Conn, error)
 }
@@ -57,6 +58,7 @@ func Dial(ctx context.Context) (*Conn, error) {
 		return nil, err
 	}
 	c.dial = dial
+	c.proc = "/proc"
 	return c, nil
 }
 
@@ -98,7 +100,9 @@ func (c *Conn) Close() error { return c.nl.Close() }
 // Connect configures a device with cfg and returns its index N (/dev/nbdN).
 // It fails with ErrBusy if cfg.Index is taken, ErrNoMultiConn for several
 // sockets to an export without multi-conn, ErrBackendUnsupported (having
-// disconnected the device again) if the kernel dropped cfg.Backend, and an
+// disconnected the device again) if the kernel dropped cfg.Backend,
+// ErrReceiversStarved (likewise) if the kernel left a connection without a
+// receiver, where attaching again with new sockets works, and an
 // *OpError wrapping the kernel's errno otherwise. Once the kernel has
 // configured the device, ctx ending no longer makes Connect fail.
 func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
@@ -144,6 +148,11 @@ func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 			// worse than none.
 			return 0, c.undoConnect(ctx, index, fmt.Errorf("%s: %w", DevicePath(index), err))
 		}
+	}
+	// Before anyone uses it: a device with a starved connection would
+	// hold that connection's requests for its whole timeout.
+	if err := checkReceivers(ctx, c.proc, index, len(cfg.Sockets), receiverSettle); err != nil {
+		return 0, c.undoConnect(ctx, index, &OpError{Op: cmdConnect.String(), Index: index, Err: err})
 	}
 	return index, nil
 }

@@ -172,42 +172,51 @@ be attached only once per host.`,
 				}
 			}
 
-			socks, info, err := dialForKernel(ctx, u, conns)
-			if err != nil {
-				return err
-			}
-			// The kernel holds its own references once Connect returns.
-			defer kernel.CloseSockets(socks)
-			cfg, err := kernel.ExportConfig(info, bs)
-			if err != nil {
-				return err
-			}
-			if cfg.Size != info.Size {
-				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: the export's last %d bytes are not a whole %d-byte block and stay out of the device\n",
-					info.Size-cfg.Size, cfg.BlockSize)
-			}
-			cfg.Sockets = socks
-			cfg.ReadOnly = readOnly
-			cfg.Timeout = timeout
-			cfg.DeadConnTimeout = deadTimeout
-			cfg.Backend = backend
-			cfg.Index = index
 			// A device attached earlier to this export and detached
 			// by other means than lvnbd detach left its ID: this one
 			// starts afresh.
 			if err := host.ids().Forget(backend); err != nil {
 				return err
 			}
-			index, err = k.Connect(ctx, cfg)
+			connect := func() (int, client.ExportInfo, error) {
+				socks, info, err := dialForKernel(ctx, u, conns)
+				if err != nil {
+					return 0, info, err
+				}
+				// The kernel holds its own references once Connect returns.
+				defer kernel.CloseSockets(socks)
+				cfg, err := kernel.ExportConfig(info, bs)
+				if err != nil {
+					return 0, info, err
+				}
+				if cfg.Size != info.Size {
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: the export's last %d bytes are not a whole %d-byte block and stay out of the device\n",
+						info.Size-cfg.Size, cfg.BlockSize)
+				}
+				cfg.Sockets = socks
+				cfg.ReadOnly = readOnly
+				cfg.Timeout = timeout
+				cfg.DeadConnTimeout = deadTimeout
+				cfg.Backend = backend
+				cfg.Index = index // the device asked for, or any
+				dev, err := k.Connect(ctx, cfg)
+				return dev, info, err
+			}
+			dev, info, err := connect()
+			if errors.Is(err, kernel.ErrReceiversStarved) {
+				// The kernel has started worker threads meanwhile.
+				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %v; attaching again\n", err)
+				dev, info, err = connect()
+			}
 			if err != nil {
 				return err
 			}
 			if err := host.ids().Set(backend, info.ID()); err != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s is attached, but its volume ID was not recorded, so a reconnect "+
-					"cannot check it: %v\n", kernel.DevicePath(index), err)
+					"cannot check it: %v\n", kernel.DevicePath(dev), err)
 			}
-			waitForNode(ctx, kernel.DevicePath(index), host.nodeTimeout)
-			fmt.Fprintln(cmd.OutOrStdout(), kernel.DevicePath(index))
+			waitForNode(ctx, kernel.DevicePath(dev), host.nodeTimeout)
+			fmt.Fprintln(cmd.OutOrStdout(), kernel.DevicePath(dev))
 			return nil
 		},
 	}

@@ -29,11 +29,15 @@ import (
 // fakeNBD stands in for the kernel's nbd driver. Connect checks every socket
 // it is given with a READ, as the kernel would send it.
 type fakeNBD struct {
-	t            testing.TB
-	mu           sync.Mutex
-	devs         []kernel.Device
-	nextIndex    int
-	connectErr   error
+	t          testing.TB
+	mu         sync.Mutex
+	devs       []kernel.Device
+	nextIndex  int
+	connectErr error
+	// starve makes the next Connect configure nothing and fail as the
+	// kernel's does when its nbd workqueue's rescuer starved a connection.
+	starve       bool
+	starved      []kernel.Config
 	connected    []kernel.Config
 	reconfigured []kernel.Reconfig
 	disconnected []int
@@ -56,6 +60,11 @@ func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
 	}
 	if k.connectErr != nil {
 		return 0, k.connectErr
+	}
+	if k.starve {
+		k.starve = false
+		k.starved = append(k.starved, cfg)
+		return 0, &kernel.OpError{Op: "NBD_CMD_CONNECT", Index: k.nextIndex, Err: kernel.ErrReceiversStarved}
 	}
 	for i, f := range cfg.Sockets {
 		checkKernelSocket(k.t, fmt.Sprintf("socket %d", i), f)
@@ -348,6 +357,36 @@ func TestAttach(t *testing.T) {
 	}
 	if !k.closed {
 		t.Error("kernel connection not closed")
+	}
+}
+
+// A device the kernel left with a starved connection (Connect disconnected
+// it again) is attached anew, once, with fresh sockets, and the same device
+// asked for.
+func TestAttachAgainAfterStarvedReceivers(t *testing.T) {
+	addr := serveExport(t, "disk", 64<<20, false)
+	for _, device := range []string{"", "/dev/nbd7"} {
+		k := &fakeNBD{t: t, nextIndex: 5, starve: true}
+		args := []string{"--connections", "2", "nbd://" + addr + "/disk"}
+		want := "/dev/nbd5\n"
+		if device != "" {
+			args = append([]string{"--device", device}, args...)
+			want = device + "\n"
+		}
+		out, errOut, err := runCmd(t, newAttachCmd(testHost(k, nil)), args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out != want || !strings.Contains(errOut, "did not start a receiver for every connection") || !strings.Contains(errOut, "attaching again") {
+			t.Errorf("attach %v: stdout %q, stderr %q", args, out, errOut)
+		}
+		if len(k.starved) != 1 || len(k.connected) != 1 {
+			t.Fatalf("%d starved and %d good connects, want 1 and 1", len(k.starved), len(k.connected))
+		}
+		if k.starved[0].Index != k.connected[0].Index || k.starved[0].Sockets[0] == k.connected[0].Sockets[0] {
+			t.Errorf("the second connect asked for device %d with the first's sockets (%v), want device %d, fresh sockets",
+				k.connected[0].Index, k.starved[0].Sockets[0] == k.connected[0].Sockets[0], k.starved[0].Index)
+		}
 	}
 }
 
