@@ -381,6 +381,11 @@ func (v *Volumes) export(name string) (*Export, bool) {
 func (v *Volumes) Create(ctx context.Context, opts volume.CreateOptions) (volume.Volume, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.reserved[opts.Name] {
+		// It would never be exported, and its name is the static
+		// export's, whose failure record must stay.
+		return volume.Volume{}, fmt.Errorf("cannot create volume %s: an --export (or [[export]]) of this server has that name, so the volume would not be exported; choose another name", opts.Name)
+	}
 	vol, err := v.drv.Create(ctx, opts)
 	if err != nil {
 		return vol, err
@@ -393,9 +398,10 @@ func (v *Volumes) Create(ctx context.Context, opts volume.CreateOptions) (volume
 
 // forgetFailure clears the recorded write-back failure of a volume whose
 // data is gone, logging why; not if an --export has the name, whose record
-// it is.
+// it is: one open, or only configured (its file could not be opened, or a
+// reload is replacing it).
 func (v *Volumes) forgetFailure(name, why string) error {
-	if _, ok := v.reg.Lookup(name); ok && !v.managed[name] {
+	if _, ok := v.reg.Lookup(name); v.reserved[name] || (ok && !v.managed[name]) {
 		return nil
 	}
 	forgot, err := v.reg.ForgetFailure(name)

@@ -858,3 +858,43 @@ func TestUnreadableVolumeIsLeftAsItIs(t *testing.T) {
 		t.Error("gone exported though its file is gone")
 	}
 }
+
+// The failure record of a static --export is its own, also while the export
+// is only configured (its file could not be opened, or a reload is
+// replacing it): a volume of the same name neither clears it, being created
+// (refused: it would not be exported) or removed, and the static export,
+// opened again, is still failed.
+func TestStaticExportKeepsItsRecordWhileAbsent(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	reg := failureRegistry(t, filepath.Join(dir, "failures.json"))
+	img := filepath.Join(dir, "static-vm1.img")
+	reg.Failures().record("vm1", img, syscall.EIO)
+
+	drv := newFileDriver(t)
+	vols := NewVolumes(drv, reg, nil)
+	vols.SetReserved([]string{"vm1"})
+	_, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err == nil || !strings.Contains(err.Error(), "an --export (or [[export]]) of this server has that name") {
+		t.Errorf("create of a static export's name: %v, want a refusal", err)
+	}
+	if _, err := drv.Get(ctx, "vm1"); err == nil {
+		t.Error("the refused create made the volume anyway")
+	}
+	// One made behind the server, then removed through it.
+	if _, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := vols.Remove(ctx, "vm1", false); err != nil {
+		t.Fatal(err)
+	}
+	if got := reg.Failures().List(); len(got) != 1 {
+		t.Fatalf("records after the remove: %v, want the static export's", got)
+	}
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if e := addAgain(t, reg, "vm1", img); readErrno(e) == 0 {
+		t.Error("the static export vm1, failed before, is served as healthy again")
+	}
+}
