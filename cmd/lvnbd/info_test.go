@@ -5,12 +5,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -272,6 +274,20 @@ func TestShowName(t *testing.T) {
 // standard input, which closes when the test ends.
 func nbdkitURI(t *testing.T, args ...string) string {
 	t.Helper()
+	return startNbdkit(t, false, args...)
+}
+
+// nbdkitStalling is nbdkitURI for a server made to stall (the delay filter)
+// that the test hangs up on with requests in flight: nbdkit 1.32 may then
+// abort (an assertion in raw_send_socket, as its delayed reply meets the
+// closed socket), which is nbdkit's end, not the test's.
+func nbdkitStalling(t *testing.T, args ...string) string {
+	t.Helper()
+	return startNbdkit(t, true, args...)
+}
+
+func startNbdkit(t *testing.T, abortOK bool, args ...string) string {
+	t.Helper()
 	path, err := exec.LookPath("nbdkit")
 	if err != nil {
 		if os.Getenv("LVNBD_REQUIRE_INTEROP") == "1" {
@@ -295,7 +311,12 @@ func nbdkitURI(t *testing.T, args ...string) string {
 	}
 	t.Cleanup(func() {
 		stdin.Close()
-		if err := cmd.Wait(); err != nil {
+		err := cmd.Wait()
+		var ee *exec.ExitError
+		if abortOK && errors.As(err, &ee) && ee.ExitCode() == 128+int(syscall.SIGABRT) {
+			return
+		}
+		if err != nil {
 			t.Errorf("nbdkit: %v\n%s", err, stderr.String())
 		}
 	})
