@@ -324,6 +324,18 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 		return nil, n.refuse(opt, why, tlsReqd)
 	}
 	sess := n.session(e)
+	// The client counts as connected (lvnbd status, in-use checks) from
+	// before it hears so, never after; and from before the size it is
+	// told is read, so that a shrink behind the server seen by anyone
+	// after that read cuts it too (refreshSize), and it never enters
+	// with a size the export has lost.
+	if opt == nbd.OptGo {
+		if why := n.attach(sess); why == whyRetired {
+			return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q: %s", e.Name, why))
+		} else if why != "" {
+			return nil, n.replyErr(opt, nbd.RepErrPolicy, why)
+		}
+	}
 	infos := []nbd.Info{
 		{Type: nbd.InfoExport, Size: uint64(n.currentSize(e)), Flags: sess.flags},
 		// Sent even unasked: clients that did not ask ignore it.
@@ -341,15 +353,6 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 			return nil, err
 		}
 		n.queue(opt, nbd.RepInfo, b)
-	}
-	// The client counts as connected (lvnbd status, in-use checks) from
-	// before it hears so, never after.
-	if opt == nbd.OptGo {
-		if why := n.attach(sess); why == whyRetired {
-			return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q: %s", e.Name, why))
-		} else if why != "" {
-			return nil, n.replyErr(opt, nbd.RepErrPolicy, why)
-		}
 	}
 	if err := n.reply(opt, nbd.RepAck, nil); err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -897,4 +898,46 @@ func TestStaticExportKeepsItsRecordWhileAbsent(t *testing.T) {
 	if e := addAgain(t, reg, "vm1", img); readErrno(e) == 0 {
 		t.Error("the static export vm1, failed before, is served as healthy again")
 	}
+}
+
+// pausingBackend pauses one Refresh, once armed, after it stored the size.
+type pausingBackend struct {
+	*backend.File
+	armed          atomic.Bool
+	paused, resume chan struct{}
+}
+
+func (p *pausingBackend) Refresh() (int64, error) {
+	n, err := p.File.Refresh()
+	if p.armed.CompareAndSwap(true, false) {
+		close(p.paused)
+		<-p.resume
+	}
+	return n, err
+}
+
+// NBD_OPT_GO counts the client as the export's before it reads the size it
+// tells it: a shrink behind the server that someone else sees in between
+// (a rescan) cuts this client too. Read first, the client entered with the
+// size the export had lost, and no later look saw a change to cut it for.
+func TestGoCountsTheClientBeforeReadingTheSize(t *testing.T) {
+	e, path := fileExport(t, "vm1", 2<<20, false)
+	pb := &pausingBackend{File: e.Backend.(*backend.File), paused: make(chan struct{}), resume: make(chan struct{})}
+	e.Backend = pb
+	ts := startServer(t, nil, e)
+
+	c := dialRaw(t, ts.addr)
+	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	pb.armed.Store(true)
+	b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
+	c.sendOption(nbd.OptGo, b)
+	<-pb.paused // the handshake has read 2 MiB
+	if err := os.Truncate(path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.refreshSize(zap.NewNop()); err != nil { // the rescan
+		t.Fatal(err)
+	}
+	close(pb.resume)
+	c.expectClosed()
 }
