@@ -187,19 +187,35 @@ func (b *File) Size() int64 { return b.size.Load() }
 // Refresh re-reads the size of the file or device (after an LV or file grew)
 // and returns it.
 func (b *File) Refresh() (int64, error) {
+	// Through the *os.File, not the raw descriptor: a handshake may hold
+	// an export that was withdrawn and closed meanwhile, whose number may
+	// be another file's by now. The *os.File fails cleanly once closed.
+	rc, err := b.f.SyscallConn()
+	if err != nil {
+		return 0, fmt.Errorf("re-reading the size of %s: %w", b.path, err)
+	}
 	var size int64
-	if b.device {
-		var s uint64
-		if err := ioctlPtr(b.fd, unix.BLKGETSIZE64, unsafe.Pointer(&s)); err != nil {
-			return 0, fmt.Errorf("BLKGETSIZE64 on %s: %w", b.path, err)
+	var opErr error
+	err = rc.Control(func(fd uintptr) {
+		if b.device {
+			var s uint64
+			if err := ioctlPtr(int(fd), unix.BLKGETSIZE64, unsafe.Pointer(&s)); err != nil {
+				opErr = fmt.Errorf("BLKGETSIZE64 on %s: %w", b.path, err)
+			}
+			size = int64(s)
+			return
 		}
-		size = int64(s)
-	} else {
 		var st unix.Stat_t
-		if err := unix.Fstat(b.fd, &st); err != nil {
-			return 0, fmt.Errorf("fstat %s: %w", b.path, err)
+		if err := unix.Fstat(int(fd), &st); err != nil {
+			opErr = fmt.Errorf("fstat %s: %w", b.path, err)
 		}
 		size = st.Size
+	})
+	if err != nil {
+		return 0, fmt.Errorf("re-reading the size of %s: %w", b.path, err)
+	}
+	if opErr != nil {
+		return 0, opErr
 	}
 	b.size.Store(size)
 	return size, nil

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -436,4 +437,29 @@ func firstDiff(a, b []byte) int {
 		return min(len(a), len(b))
 	}
 	return -1
+}
+
+// A backend closed while someone still holds it (a handshake on an export
+// withdrawn meanwhile) refuses to re-read its size, instead of reading the
+// size of whatever file got its descriptor number since.
+func TestRefreshAfterClose(t *testing.T) {
+	b, _ := sparseFile(t, 2<<20)
+	fd := b.fd
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	other, err := os.Create(filepath.Join(t.TempDir(), "other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if int(other.Fd()) != fd {
+		t.Logf("the descriptor %d was not reused (got %d); checking the refusal alone", fd, other.Fd())
+	}
+	if n, err := b.Refresh(); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("Refresh after Close: %d, %v; want an error saying it is closed", n, err)
+	}
+	if b.Size() != 2<<20 {
+		t.Errorf("size after a refused Refresh: %d", b.Size())
+	}
 }
