@@ -487,12 +487,19 @@ func (l *leg) useDevice(d kernel.Device) {
 }
 
 // lost forgets a device that went away; the next step attaches a new one.
+// Its link goes too: the device number is free for any export to take, and
+// a guest started from the link (xl create) or an mdadm --incremental would
+// be given another volume's disk.
 func (l *leg) lost(now time.Time, err error) {
 	l.log.Warn("device lost: attaching again", zap.Error(err))
 	if l.size != 0 {
 		l.lostDevice = kernel.Device{Index: l.dev, Size: l.size, BlockSize: l.blockSize, Backend: l.backend}
 	}
 	l.dev, l.size, l.stale, l.unseen = -1, 0, false, false
+	if rerr := removeLink(l.link); rerr != nil {
+		l.log.Warn("removing the link of the lost device", zap.String("link", l.link), zap.Error(rerr))
+		err = errors.Join(err, rerr)
+	}
 	l.publish(now, StateFailed, err)
 }
 

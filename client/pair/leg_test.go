@@ -553,3 +553,38 @@ func TestShrinkSurvivesReload(t *testing.T) {
 		t.Errorf("the refused export reached the kernel: %v", calls)
 	}
 }
+
+// A leg that lost its device takes its link down at once, also while it
+// cannot attach again: the device number is free for any export to take,
+// and the link must never lead a guest to another volume's disk.
+func TestLostDeviceTakesItsLink(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+	l := s.pairs[0].legs[0]
+	ctx := context.Background()
+	t0 := time.Now()
+	l.step(ctx, t0)
+	if got := linkTarget(t, s, "vm1", "a"); got != "/dev/nbd0" {
+		t.Fatalf("link a -> %q, want /dev/nbd0", got)
+	}
+	// Box A is down; nbd0 was detached by hand and its number taken by
+	// another export.
+	st.set(uriA, func(e *fakeExport) { e.down = true })
+	k.setDevice(kernel.Device{Index: 0, Connected: true, PID: 9, Backend: "nbd://elsewhere:10809/vm2", Size: 64 * mib, BlockSize: 512})
+	l.step(ctx, t0.Add(5*time.Second)) // the health check finds it lost
+	l.step(ctx, t0.Add(5*time.Second)) // the attach fails: box A is down
+	if st := l.status(); st.State != StateFailed || st.Device != "" {
+		t.Fatalf("leg a: %s on %q, want failed without a device", st.State, st.Device)
+	}
+	if got := linkTarget(t, s, "vm1", "a"); got != "" {
+		t.Errorf("leg a has no device, but its link leads to %s, now another export's", got)
+	}
+	// Attached again, the link is back.
+	st.set(uriA, func(e *fakeExport) { e.down = false })
+	l.step(ctx, t0.Add(time.Minute))
+	st2 := l.status()
+	if got := linkTarget(t, s, "vm1", "a"); st2.State != StateConnected || got != st2.Device || got == "/dev/nbd0" {
+		t.Errorf("leg a after the attach: %s on %q, its link -> %q", st2.State, st2.Device, got)
+	}
+}
