@@ -178,7 +178,12 @@ volume was made anew or rolled back"):
   guest:  start lvnbd guest watch again
 
 One leg is not taken down while the other is not connected: the guest may
-have no other half of its mirror. If xl fails for a leg, the devices stay
+have no other half of its mirror. Connected is not in sync: this dom0 cannot
+see the guest's md, which may still be resyncing the other half (after it
+came back, or was replaced). Check in the guest first that the array holds
+the other half in sync ('lvnbd guest status': the array healthy, the leg you
+keep in_sync); the fail-and-remove step above is that check, as md does not
+fail the last in-sync member of a RAID1. If xl fails for a leg, the devices stay
 attached and no further leg is taken from the domain, since the guest may
 still use them. --force does both anyway (when the domain is gone, say).
 
