@@ -179,8 +179,9 @@ func (f *Failures) Retry() error {
 }
 
 // clear forgets export's failures (of every volume under the name),
-// persisted before it returns; it reports whether there was one. Until the file is written, lookups still find it.
-func (f *Failures) clear(export string) (bool, error) {
+// persisted before it returns; it returns those it forgot. Until the file
+// is written, lookups still find them.
+func (f *Failures) clear(export string) ([]Failure, error) {
 	f.save.Lock()
 	defer f.save.Unlock()
 	var gone []Failure // every volume's under the name
@@ -192,13 +193,12 @@ func (f *Failures) clear(export string) (bool, error) {
 		}
 		return false
 	})
-	found := len(gone) > 0
 	f.mu.Unlock()
-	if !found {
-		return false, nil
+	if len(gone) == 0 {
+		return nil, nil
 	}
 	if err := writeFailures(f.path, next); err != nil {
-		return true, fmt.Errorf("clearing the failure of %q: %w", export, err)
+		return nil, fmt.Errorf("clearing the failure of %q: %w", export, err)
 	}
 	f.mu.Lock()
 	// Only these records go: one added meanwhile waits on save to be
@@ -208,7 +208,23 @@ func (f *Failures) clear(export string) (bool, error) {
 		f.unsaved = nil
 	}
 	f.mu.Unlock()
-	return true, nil
+	return gone, nil
+}
+
+// restore records again failures clear forgot, for an operation that could
+// not go on after clearing them; persisted (or logged) before it returns.
+func (f *Failures) restore(gone []Failure) {
+	if len(gone) == 0 {
+		return
+	}
+	f.mu.Lock()
+	for _, x := range gone {
+		if f.indexLocked(x.Export, x.Description) < 0 {
+			f.list = append(f.list, x)
+		}
+	}
+	f.mu.Unlock()
+	_ = f.persist() // logged
 }
 
 // failureKeeper is a backend that can be told of its failure from before a
@@ -293,7 +309,8 @@ func (r *Registry) ForgetFailure(export string) (bool, error) {
 	if f == nil {
 		return false, nil
 	}
-	return f.clear(export)
+	gone, err := f.clear(export)
+	return len(gone) > 0, err
 }
 
 // openBackend opens a recovered export's storage; tests replace it.
@@ -368,25 +385,52 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 			return res, fmt.Errorf("recovering export %q: %w", name, err)
 		}
 	}
-	// Checked, cleared and swapped under the lock: nothing can add or
-	// replace the export in between, and the new one must not be marked
-	// failed by the record.
-	r.mu.Lock()
-	if r.exports[name] != old {
-		r.mu.Unlock()
+	changed := fmt.Errorf("export %q changed while it was being recovered: look at lvnbd status and try again", name)
+	r.mu.RLock()
+	current := r.exports[name] == old
+	r.mu.RUnlock()
+	if !current {
 		b.Close()
-		return res, fmt.Errorf("export %q changed while it was being recovered: look at lvnbd status and try again", name)
+		return res, changed
 	}
 	// Set before the record is cleared: a late failure of the old export's
 	// syncs recorded in between would fail the new one (keepFailuresLocked).
 	old.recovered.Store(true)
+	// Cleared before the swap, so the new export is not marked failed by
+	// the record; and without the registry's lock, as the file's write
+	// (fsyncs, on a disk that may be the failing one) must not hold every
+	// handshake's lookup. Until the swap the old export, failed in memory,
+	// is the one looked up.
+	var gone []Failure
 	if r.failures != nil {
-		if _, err := r.failures.clear(name); err != nil {
+		var err error
+		if gone, err = r.failures.clear(name); err != nil {
 			old.recovered.Store(false) // still the export, and still failed
-			r.mu.Unlock()
 			b.Close()
 			return res, err
 		}
+	}
+	r.mu.Lock()
+	if r.exports[name] != old {
+		// Replaced meanwhile (a reload, a rescan): the record goes back,
+		// for whichever export it applies to.
+		r.mu.Unlock()
+		old.recovered.Store(false)
+		if r.failures != nil {
+			r.failures.restore(gone)
+			// The export added meanwhile may have found no record.
+			r.mu.RLock()
+			if cur, ok := r.exports[name]; ok {
+				if kb, ok := cur.Backend.(failureKeeper); ok {
+					if x, ok := r.failures.lookupVolume(cur.Name, cur.Description); ok {
+						kb.MarkFailed(x.err())
+					}
+				}
+			}
+			r.mu.RUnlock()
+		}
+		b.Close()
+		return res, changed
 	}
 	e := &Export{Name: name, Description: desc, ReadOnly: old.ReadOnly, Backend: b,
 		Access: *old.currentAccess()}

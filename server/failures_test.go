@@ -704,3 +704,74 @@ func TestShutdownReportsOnlyNewFailures(t *testing.T) {
 		t.Error("Serve whose shutdown flush failed returned nil")
 	}
 }
+
+// lvnbd recover writes the cleared record without the registry's lock: a
+// write hung on a failing disk stops no other export's handshake. And an
+// export replaced while the record was being cleared (a reload, a rescan)
+// gets the record back, applied to it if it is the same volume.
+func TestRecoverWritesTheRecordUnlocked(t *testing.T) {
+	for _, replaced := range []bool{false, true} {
+		t.Run(fmt.Sprintf("replaced meanwhile %v", replaced), func(t *testing.T) {
+			reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
+			e, img := fileExport(t, "vm1", 1<<20, false)
+			hb := &hookedBackend{File: e.Backend.(*backend.File)}
+			e.Backend = hb
+			if err := reg.Add(e); err != nil {
+				t.Fatal(err)
+			}
+			other, _ := fileExport(t, "vm2", 1<<20, false)
+			if err := reg.Add(other); err != nil {
+				t.Fatal(err)
+			}
+			hb.fail(fmt.Errorf("fdatasync: %w", syscall.EIO))
+
+			entered, release := make(chan struct{}), make(chan struct{})
+			write := writeFailures
+			var once sync.Once
+			writeFailures = func(path string, list []Failure) error {
+				once.Do(func() { close(entered); <-release })
+				return write(path, list)
+			}
+			t.Cleanup(func() { writeFailures = write })
+			recovered := make(chan error, 1)
+			go func() { _, err := reg.Recover("vm1"); recovered <- err }()
+			<-entered
+			looked := make(chan struct{})
+			go func() { reg.Lookup("vm2"); close(looked) }()
+			select {
+			case <-looked:
+			case <-time.After(10 * time.Second): // a deadlock detector, not a speed target
+				t.Fatal("a lookup of another export waited for lvnbd recover's record write")
+			}
+			var again *Export
+			if replaced {
+				_, closed, err := reg.Remove("vm1")
+				if err != nil {
+					t.Fatal(err)
+				}
+				<-closed
+				again = addAgain(t, reg, "vm1", img)
+			}
+			close(release)
+			err := <-recovered
+			if !replaced {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := reg.Failures().List(); len(got) != 0 {
+					t.Errorf("records after the recovery: %v", got)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), "changed while it was being recovered") {
+				t.Errorf("recover of an export replaced meanwhile: %v", err)
+			}
+			if got := reg.Failures().List(); len(got) != 1 {
+				t.Errorf("records after the refused recovery: %v, want the failure back", got)
+			}
+			if readErrno(again) == 0 {
+				t.Error("the export that replaced the failed one during the recovery is served as healthy")
+			}
+		})
+	}
+}
