@@ -111,9 +111,16 @@ func SameFenceClient(a, b string) bool {
 // box rebooted.
 type Fences struct {
 	path string
+	// save serialises changes and their writes to the file; mu guards
+	// list, which every handshake reads (matches) and must not wait for
+	// a write (fsyncs, on a disk that may be slow or failing).
+	save sync.Mutex
 	mu   sync.Mutex
 	list []Fence
 }
+
+// saveFences writes a fence list to path; tests replace it.
+var saveFences = saveJSON
 
 // LoadFences reads the fence list at path; a missing file is an empty list.
 // An empty path keeps the list in memory only.
@@ -180,22 +187,27 @@ func (f *Fences) matches(p peer, export string) bool {
 // saving fails. One already there is saved again, so repeating a fence whose
 // saving failed is how to retry it.
 func (f *Fences) add(x Fence) error {
+	f.save.Lock()
+	defer f.save.Unlock()
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	next := slices.Clone(f.list)
 	if !slices.ContainsFunc(next, func(y Fence) bool { return SameFenceClient(y.Client, x.Client) && y.Export == x.Export }) {
 		next = append(next, x)
 	}
+	f.mu.Unlock()
 	return f.saveLocked(next)
 }
 
 // remove drops a fence and saves the list; it reports whether there was
 // one. The fence is lifted even when saving fails.
 func (f *Fences) remove(client, export string) (bool, error) {
+	f.save.Lock()
+	defer f.save.Unlock()
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	next := slices.DeleteFunc(slices.Clone(f.list), func(y Fence) bool { return SameFenceClient(y.Client, client) && y.Export == export })
-	if len(next) == len(f.list) {
+	same := len(next) == len(f.list)
+	f.mu.Unlock()
+	if same {
 		return false, nil
 	}
 	return true, f.saveLocked(next)
@@ -203,13 +215,16 @@ func (f *Fences) remove(client, export string) (bool, error) {
 
 // saveLocked adopts list and writes it atomically (temp file, fsync, rename,
 // fsync the directory), so a crash leaves the old list or the new one, never
-// half of one. The list is adopted whatever saving does: a fence that
-// could not be saved must still be enforced, and after
-// atomicfile.ErrNotDurable the file holds the new list already, so keeping
-// the old one in memory would make memory and file disagree.
+// half of one; f.save must be held. The list is adopted first, whatever
+// saving does: a fence must be enforced at once, also when it could not be
+// saved, and after atomicfile.ErrNotDurable the file holds the new list
+// already, so keeping the old one in memory would make memory and file
+// disagree.
 func (f *Fences) saveLocked(list []Fence) error {
+	f.mu.Lock()
 	f.list = list
-	if err := saveJSON(f.path, list); err != nil {
+	f.mu.Unlock()
+	if err := saveFences(f.path, list); err != nil {
 		return fmt.Errorf("%w: saving fences: %w", ErrFenceNotSaved, err)
 	}
 	return nil

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
@@ -374,5 +376,44 @@ func TestRetriedFenceLeavesNoGoroutines(t *testing.T) {
 	}
 	if added := runtime.NumGoroutine() - before; added > 10 {
 		t.Errorf("30 retried fences left %d goroutines", added)
+	}
+}
+
+// A fence whose save hangs (a slow or failing disk under /var/lib) is in
+// force at once, and stops no handshake: they read the list without
+// waiting for the write.
+func TestHungFenceSaveBlocksNoHandshake(t *testing.T) {
+	f, err := LoadFences(filepath.Join(t.TempDir(), "fences.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	save := saveFences
+	saveFences = func(path string, v any) error {
+		close(entered)
+		<-release
+		return save(path, v)
+	}
+	t.Cleanup(func() { saveFences = save })
+	added := make(chan error, 1)
+	go func() { added <- f.add(Fence{Client: "192.0.2.7", Export: "vm1"}) }()
+	<-entered
+	p := peer{addr: netip.MustParseAddr("192.0.2.7")}
+	matched := make(chan bool, 1)
+	go func() { matched <- f.matches(p, "vm1") }()
+	select {
+	case ok := <-matched:
+		if !ok {
+			t.Error("the fence being saved is not in force")
+		}
+	case <-time.After(10 * time.Second): // a deadlock detector, not a speed target
+		t.Fatal("a handshake's fence check waited for the fence file's write")
+	}
+	close(release)
+	if err := <-added; err != nil {
+		t.Fatal(err)
+	}
+	if got, err := LoadFences(f.path); err != nil || len(got.List()) != 1 {
+		t.Errorf("fence file after the save: %v, %v", got.List(), err)
 	}
 }
