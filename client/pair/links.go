@@ -42,3 +42,14 @@ func removeLink(path string) error {
 	_ = os.Remove(filepath.Dir(path))
 	return nil
 }
+
+// RemovePairLinks removes the links of both legs of pair under dir, for a
+// pair no longer configured: its devices stay attached, and lvnbd detach
+// refuses a device a pair's link points at.
+func RemovePairLinks(dir, pair string) error {
+	var errs []error
+	for _, leg := range []string{"a", "b"} {
+		errs = append(errs, removeLink(LinkPath(dir, pair, leg)))
+	}
+	return errors.Join(errs...)
+}

@@ -66,7 +66,8 @@ keep them attached until SIGINT or SIGTERM:
 Stopping leaves every device attached: the guests keep their disks, and the
 next start adopts them. 'lvnbd pair down' detaches a pair. SIGHUP reloads
 client.toml: new pairs are attached, pairs taken down stay down, devices of
-pairs removed from the file stay attached (detach them with lvnbd detach).
+pairs removed from the file stay attached, without their links (detach them
+with lvnbd detach).
 
 'lvnbd pair status', 'up' and 'down' reach the daemon on --control, a
 root-only Unix socket. Under systemd (Type=notify) it reports READY=1 once
@@ -174,6 +175,16 @@ every leg has been attached or found unreachable.`,
 							return err
 						}
 						down = downPairs(sup.Status(), next)
+						for _, name := range removedPairs(sup.Status(), next) {
+							// Its devices stay attached, for the admin
+							// to detach (lvnbd detach refuses a device a
+							// pair's link leads to).
+							if err := pair.RemovePairLinks(linkDir, name); err != nil {
+								log.Warn("removing the links of a pair no longer configured", zap.String("pair", name), zap.Error(err))
+							} else {
+								log.Info("pair no longer configured: its links removed, its devices left attached (lvnbd detach them)", zap.String("pair", name))
+							}
+						}
 						log.Info("reloading", zap.Strings("down", down))
 						cfg, reloaded = next, true
 					}
@@ -238,6 +249,17 @@ func downPairs(now []pair.PairStatus, next *config.ClientConfig) []string {
 			if l.State == pair.StateDown {
 				out = append(out, p.Name+"/"+l.Leg)
 			}
+		}
+	}
+	return out
+}
+
+// removedPairs are the pairs of now that next no longer configures.
+func removedPairs(now []pair.PairStatus, next *config.ClientConfig) []string {
+	var out []string
+	for _, p := range now {
+		if !slices.ContainsFunc(next.Pairs, func(q config.Pair) bool { return q.Name == p.Name }) {
+			out = append(out, p.Name)
 		}
 	}
 	return out

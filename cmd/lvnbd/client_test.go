@@ -133,6 +133,25 @@ func TestClientDaemon(t *testing.T) {
 		t.Errorf("status after a failed reload: %v\n%s", err, out)
 	}
 
+	// A pair removed from the file keeps its devices, but not its links:
+	// lvnbd detach would refuse a device a pair's link leads to.
+	vm2a, _ := os.Readlink(filepath.Join(links, "vm2", "a"))
+	if vm2a == "" {
+		t.Fatal("vm2 has no link a")
+	}
+	writeFile(t, conf, pairTOML("vm1", uriA, uriB))
+	syscall.Kill(os.Getpid(), syscall.SIGHUP)
+	expectNotify(t, notify, "RELOADING=1")
+	expectNotify(t, notify, "READY=1")
+	for _, leg := range []string{"a", "b"} {
+		if target, err := os.Readlink(filepath.Join(links, "vm2", leg)); err == nil {
+			t.Errorf("vm2, removed from the file, keeps its link %s -> %s", leg, target)
+		}
+	}
+	if devs, err := k.Status(ctx, kernel.AnyDevice); err != nil || !slices.ContainsFunc(devs, func(d kernel.Device) bool { return d.Path() == vm2a && d.Running() }) {
+		t.Errorf("vm2's device %s after its pair was removed: %v %v, want it still attached", vm2a, devs, err)
+	}
+
 	// Stopping detaches nothing more than pair down did.
 	cancel()
 	if err := <-done; err != nil {
