@@ -168,9 +168,7 @@ func TestFailureKeptWhenTheFileCannotBeWritten(t *testing.T) {
 		t.Fatal("the failure was dropped because its file could not be written")
 	}
 	// Removed and added again (a volume rescan), it is still failed.
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
+	removeAndWait(t, reg, "vm1")
 	e2 := addAgain(t, reg, "vm1", img)
 	if got := readErrno(e2); got != nbd.EIO {
 		t.Errorf("the export added again got errno %d, want EIO", got)
@@ -200,9 +198,7 @@ func TestFailureOfAReplacedExport(t *testing.T) {
 	if err := reg.Add(e); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
+	removeAndWait(t, reg, "vm1")
 	e2 := addAgain(t, reg, "vm1", img)
 	hb.fail(syscall.EIO) // the old one's drained flush
 	if got := readErrno(e2); got != nbd.EIO {
@@ -232,10 +228,20 @@ func addVolume(t *testing.T, reg *Registry, img, id string) (*Export, *hookedBac
 // restarted with the failure file at path has it.
 func restartRegistry(t *testing.T, reg *Registry, path string) *Registry {
 	t.Helper()
-	if _, _, err := reg.Remove("vm1"); err != nil {
+	removeAndWait(t, reg, "vm1")
+	return failureRegistry(t, path)
+}
+
+// removeAndWait removes export name from reg and waits until it is flushed
+// and closed, as a stop does: a flush after the test's end would write to
+// its files while they are removed.
+func removeAndWait(t *testing.T, reg *Registry, name string) {
+	t.Helper()
+	_, closed, err := reg.Remove(name)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return failureRegistry(t, path)
+	<-closed
 }
 
 // volumeImage makes a 1 MiB image for addVolume.
@@ -256,9 +262,7 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 	img := volumeImage(t)
 	reg := failureRegistry(t, path)
 	_, old := addVolume(t, reg, img, "uuid-1")
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
+	removeAndWait(t, reg, "vm1")
 	anew, _ := addVolume(t, reg, img, "uuid-2")
 	old.fail(syscall.EIO) // the old volume's drained flush
 	if got := readErrno(anew); got != 0 {
@@ -299,9 +303,7 @@ func TestFailureOfTheOldVolumeAfterTheNew(t *testing.T) {
 	img := volumeImage(t)
 	reg := failureRegistry(t, path)
 	_, old := addVolume(t, reg, img, "uuid-1")
-	if _, _, err := reg.Remove("vm1"); err != nil {
-		t.Fatal(err)
-	}
+	removeAndWait(t, reg, "vm1")
 	_, hb := addVolume(t, reg, img, "uuid-2")
 	hb.fail(syscall.EIO)
 	old.fail(syscall.EIO)
