@@ -200,10 +200,11 @@ func (n *negotiator) exportName(name string) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
 	sess := n.session(e)
+	size := n.currentSize(e) // before attach: see infoGo
 	if why := n.attach(sess); why != "" {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME %q: %s", name, why)
 	}
-	b, _ := nbd.ExportNameReply{Size: uint64(n.currentSize(e)), Flags: sess.flags}.AppendBinary(nil)
+	b, _ := nbd.ExportNameReply{Size: uint64(sizeSince(e, size)), Flags: sess.flags}.AppendBinary(nil)
 	if !n.noZeroes {
 		b = append(b, make([]byte, nbd.ExportNameZeroPadding)...)
 	}
@@ -223,6 +224,15 @@ func (n *negotiator) session(e *Export) *session {
 		r:          n.r,
 		peer:       n.peer,
 	}
+}
+
+// sizeSince is the size to tell a client just counted on e, whose size was
+// read before as read: smaller if someone else saw e shrink in between.
+// That one cut the clients counted then, not this one; told the smaller
+// size, it cannot go on over the lost tail. A shrink seen after the count
+// cuts it (refreshSize).
+func sizeSince(e *Export, read int64) int64 {
+	return min(read, e.Backend.Size())
 }
 
 // currentSize re-reads the export's size, so a file or LV grown outside
@@ -324,20 +334,22 @@ func (n *negotiator) infoGo(opt nbd.Option, data []byte) (*session, error) {
 		return nil, n.refuse(opt, why, tlsReqd)
 	}
 	sess := n.session(e)
+	// Read before the client is counted: a shrink this read is the first
+	// to see cuts the export's clients, not this one, which is told the
+	// smaller size and can refuse it.
+	size := n.currentSize(e)
 	// The client counts as connected (lvnbd status, in-use checks) from
-	// before it hears so, never after; and from before the size it is
-	// told is read, so that a shrink behind the server seen by anyone
-	// after that read cuts it too (refreshSize), and it never enters
-	// with a size the export has lost.
+	// before it hears so, never after.
 	if opt == nbd.OptGo {
 		if why := n.attach(sess); why == whyRetired {
 			return nil, n.replyErr(opt, nbd.RepErrUnknown, fmt.Sprintf("export %q: %s", e.Name, why))
 		} else if why != "" {
 			return nil, n.replyErr(opt, nbd.RepErrPolicy, why)
 		}
+		size = sizeSince(e, size)
 	}
 	infos := []nbd.Info{
-		{Type: nbd.InfoExport, Size: uint64(n.currentSize(e)), Flags: sess.flags},
+		{Type: nbd.InfoExport, Size: uint64(size), Flags: sess.flags},
 		// Sent even unasked: clients that did not ask ignore it.
 		{Type: nbd.InfoBlockSize, MinBlockSize: minBlockSize, PrefBlockSize: prefBlockSize, MaxPayloadSize: maxPayload},
 	}

@@ -916,28 +916,72 @@ func (p *pausingBackend) Refresh() (int64, error) {
 	return n, err
 }
 
-// NBD_OPT_GO counts the client as the export's before it reads the size it
-// tells it: a shrink behind the server that someone else sees in between
-// (a rescan) cuts this client too. Read first, the client entered with the
-// size the export had lost, and no later look saw a change to cut it for.
-func TestGoCountsTheClientBeforeReadingTheSize(t *testing.T) {
-	e, path := fileExport(t, "vm1", 2<<20, false)
-	pb := &pausingBackend{File: e.Backend.(*backend.File), paused: make(chan struct{}), resume: make(chan struct{})}
-	e.Backend = pb
-	ts := startServer(t, nil, e)
+// A shrink behind the server that someone else (a rescan) sees between a
+// handshake's read of the size and its counting the client cuts the clients
+// counted then, not this one: it must then be told the smaller size, never
+// enter with the size the export lost. And the handshake that sees a shrink
+// first cuts the other clients, not itself: told the smaller size, a dom0
+// leg refuses it with the reason.
+func TestHandshakeTellsTheSizeAfterAShrink(t *testing.T) {
+	for _, opt := range []nbd.Option{nbd.OptGo, nbd.OptExportName} {
+		t.Run(opt.String(), func(t *testing.T) {
+			e, path := fileExport(t, "vm1", 2<<20, false)
+			pb := &pausingBackend{File: e.Backend.(*backend.File), paused: make(chan struct{}), resume: make(chan struct{})}
+			e.Backend = pb
+			ts := startServer(t, nil, e)
+			a := dialRaw(t, ts.addr)
+			a.open("vm1", false)
 
-	c := dialRaw(t, ts.addr)
-	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
-	pb.armed.Store(true)
-	b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
-	c.sendOption(nbd.OptGo, b)
-	<-pb.paused // the handshake has read 2 MiB
-	if err := os.Truncate(path, 1<<20); err != nil {
-		t.Fatal(err)
+			c := dialRaw(t, ts.addr)
+			c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+			pb.armed.Store(true)
+			if opt == nbd.OptGo {
+				b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
+				c.sendOption(opt, b)
+			} else {
+				c.sendOption(opt, []byte("vm1"))
+			}
+			<-pb.paused // the handshake has read 2 MiB
+			if err := os.Truncate(path, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.refreshSize(zap.NewNop()); err != nil { // the rescan
+				t.Fatal(err)
+			}
+			a.expectClosed()
+			close(pb.resume)
+			var size uint64
+			if opt == nbd.OptGo {
+				for _, r := range c.optionReplies(opt) {
+					var info nbd.Info
+					if r.typ.IsError() {
+						t.Fatalf("GO: %v %s", r.typ, r.data)
+					}
+					if r.typ == nbd.RepInfo && info.UnmarshalBinary(r.data) == nil && info.Type == nbd.InfoExport {
+						size = info.Size
+					}
+				}
+			} else {
+				var rep nbd.ExportNameReply
+				if err := rep.UnmarshalBinary(c.read(nbd.ExportNameReplySize)); err != nil {
+					t.Fatal(err)
+				}
+				size = rep.Size
+			}
+			if size != 1<<20 {
+				t.Errorf("%v during the shrink told the client %d bytes, want %d", opt, size, 1<<20)
+			}
+
+			// The next shrink is seen first by a handshake: it cuts c, and
+			// tells the new client the smaller size.
+			if err := os.Truncate(path, 512<<10); err != nil {
+				t.Fatal(err)
+			}
+			d := dialRaw(t, ts.addr)
+			if info := d.open("vm1", false); info.Size != 512<<10 {
+				t.Errorf("the handshake that saw the shrink told %d bytes, want %d", info.Size, 512<<10)
+			}
+			c.expectClosed()
+		})
 	}
-	if _, err := e.refreshSize(zap.NewNop()); err != nil { // the rescan
-		t.Fatal(err)
-	}
-	close(pb.resume)
-	c.expectClosed()
 }
