@@ -54,6 +54,7 @@ type Export struct {
 	mu      sync.Mutex
 	clients map[uint64]*clientConn
 	retired bool          // removed from the registry: close when unused
+	heldOff bool          // new clients refused: about to be retired (holdOff)
 	flushes int           // shutdown flushes under way (flushOpen): no close meanwhile
 	closing bool          // the backend is being flushed and closed
 	closed  chan struct{} // closed once the backend is closed after retiring
@@ -89,7 +90,7 @@ var ErrInUse = errors.New("export in use")
 func (e *Export) attach(c *clientConn) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.retired {
+	if e.retired || e.heldOff {
 		return false
 	}
 	if e.clients == nil {
@@ -242,6 +243,34 @@ func (e *Export) refreshSize(log *zap.Logger) (int64, error) {
 		log.Info("export resized", zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size))
 	}
 	return size, nil
+}
+
+// holdOff refuses new clients from now on, as after a retire, unless e has
+// clients: then it returns the ErrInUse error naming them, for what. An
+// operation that needs the export unused checks that and shuts the door in
+// one step, so a client cannot come in between to be cut without --force.
+// The caller retires e next, or lets new clients in again with letIn.
+func (e *Export) holdOff(what string) error {
+	for {
+		e.mu.Lock()
+		if len(e.clients) == 0 {
+			e.heldOff = true
+			e.mu.Unlock()
+			return nil
+		}
+		e.mu.Unlock()
+		if err := e.inUseError(what); err != nil {
+			return err
+		}
+		// The clients left meanwhile: look again.
+	}
+}
+
+// letIn undoes holdOff.
+func (e *Export) letIn() {
+	e.mu.Lock()
+	e.heldOff = false
+	e.mu.Unlock()
 }
 
 // inUseError names the clients of e for an operation that needs it unused.

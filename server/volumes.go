@@ -429,7 +429,7 @@ func (v *Volumes) Resize(ctx context.Context, name string, size int64, allowShri
 		}
 		return vol, v.syncAfter(ctx, what, name)
 	}
-	if err := v.refuseInUse("shrink volume", force, name); err != nil {
+	if err := v.holdOffUnused("shrink volume", force, name); err != nil {
 		return volume.Volume{}, err
 	}
 	if err := v.closeExport(ctx, name); err != nil {
@@ -452,6 +452,30 @@ func (v *Volumes) refuseInUse(what string, force bool, names ...string) error {
 				return err
 			}
 		}
+	}
+	return nil
+}
+
+// holdOffUnused is refuseInUse that also refuses new clients of the exports
+// when none has any (Export.holdOff), so that none comes in before
+// closeExport retires them, to be cut although force was not given.
+func (v *Volumes) holdOffUnused(what string, force bool, names ...string) error {
+	if force {
+		return nil
+	}
+	var held []*Export
+	for _, name := range names {
+		e, ok := v.export(name)
+		if !ok {
+			continue
+		}
+		if err := e.holdOff(what); err != nil {
+			for _, h := range held {
+				h.letIn()
+			}
+			return err
+		}
+		held = append(held, e)
 	}
 	return nil
 }
@@ -504,7 +528,7 @@ func (v *Volumes) Remove(ctx context.Context, name string, force bool) error {
 	}
 	// Again, with nothing in between this time: a client may have come
 	// while the driver was asked.
-	if err := v.refuseInUse("remove volume", force, name); err != nil {
+	if err := v.holdOffUnused("remove volume", force, name); err != nil {
 		return err
 	}
 	if err := v.closeExport(ctx, name); err != nil {
@@ -571,7 +595,7 @@ func (v *Volumes) RemoveSnapshot(ctx context.Context, vol, snap string, force bo
 	if _, err := v.snapshot(ctx, vol, snap, true); err != nil {
 		return err
 	}
-	if err := v.refuseInUse("remove snapshot", force, ref); err != nil {
+	if err := v.holdOffUnused("remove snapshot", force, ref); err != nil {
 		return err
 	}
 	if err := v.closeExport(ctx, ref); err != nil {
@@ -597,11 +621,18 @@ func (v *Volumes) MergeSnapshot(ctx context.Context, vol, snap string, force boo
 	if s.Invalid {
 		return fmt.Errorf("snapshot %s is invalid (its COW space filled up and it lost data): it cannot be merged, only removed", ref)
 	}
-	if err := v.refuseInUse("merge snapshot "+ref+" into", force, vol, ref); err != nil {
+	if err := v.holdOffUnused("merge snapshot "+ref+" into", force, vol, ref); err != nil {
 		return err
 	}
-	for _, name := range []string{vol, ref} {
+	names := []string{vol, ref}
+	for i, name := range names {
 		if err := v.closeExport(ctx, name); err != nil {
+			// The ones not retired are served again.
+			for _, rest := range names[i+1:] {
+				if e, ok := v.export(rest); ok {
+					e.letIn()
+				}
+			}
 			return err
 		}
 	}

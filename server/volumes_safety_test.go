@@ -985,3 +985,42 @@ func TestHandshakeTellsTheSizeAfterAShrink(t *testing.T) {
 		})
 	}
 }
+
+// An operation that needs an export unused checks for clients and shuts
+// the door in one step (holdOff): a client coming after the check is
+// refused as by a removed export, not let in to be cut without --force. An
+// export in use is refused, naming its clients, and a door shut in vain
+// (another export of the operation is in use) opens again.
+func TestHoldOffRefusesNewClients(t *testing.T) {
+	a, _ := fileExport(t, "a", 1<<20, false)
+	b, _ := fileExport(t, "b", 1<<20, false)
+	x, _ := fileExport(t, "x", 1<<20, false)
+	ts := startServer(t, nil, a, b, x)
+	user := dialRaw(t, ts.addr)
+	user.open("b", false)
+
+	vols := NewVolumes(newFileDriver(t), ts.reg, nil)
+	vols.managed = map[string]bool{"a": true, "b": true, "x": true}
+	if err := vols.holdOffUnused("merge", false, "a", "b"); !errors.Is(err, ErrInUse) {
+		t.Fatalf("hold off with b in use: %v, want ErrInUse", err)
+	}
+	c := dialRaw(t, ts.addr)
+	if info := c.open("a", false); info.Size != 1<<20 {
+		t.Errorf("a after a hold-off refused for b: size %d", info.Size)
+	}
+	if err := vols.holdOffUnused("shrink volume", false, "a"); !errors.Is(err, ErrInUse) {
+		t.Fatalf("hold off of a with a client: %v, want ErrInUse", err)
+	}
+
+	if err := vols.holdOffUnused("shrink volume", false, "x"); err != nil {
+		t.Fatal(err)
+	}
+	d := dialRaw(t, ts.addr)
+	d.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	r := d.option(nbd.OptGo, nbd.InfoRequest{Name: "x"})
+	if last := r[len(r)-1]; last.typ != nbd.RepErrUnknown || !strings.Contains(string(last.data), whyRetired) {
+		t.Errorf("GO while x is held off: %v %q, want NBD_REP_ERR_UNKNOWN, %q", last.typ, last.data, whyRetired)
+	}
+	x.letIn()
+	dialRaw(t, ts.addr).open("x", false)
+}
