@@ -62,6 +62,20 @@ func addAgain(t *testing.T, reg *Registry, name, img string) *Export {
 	return e
 }
 
+// addHooked adds to reg a 1 MiB file export vm1 whose failures the test
+// triggers (hookedBackend.fail); it returns the export, its backend and its
+// file.
+func addHooked(t *testing.T, reg *Registry) (*Export, *hookedBackend, string) {
+	t.Helper()
+	e, img := fileExport(t, "vm1", 1<<20, false)
+	hb := &hookedBackend{File: e.Backend.(*backend.File)}
+	e.Backend = hb
+	if err := reg.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	return e, hb, img
+}
+
 // readErrno reports the errno a read of e gets.
 func readErrno(e *Export) nbd.Errno {
 	err := e.Backend.ReadAt(make([]byte, 512), 0)
@@ -87,13 +101,8 @@ func TestFailureSurvivesRestart(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "state", "failures.json")
-			e, img := fileExport(t, "vm1", 1<<20, false)
-			hb := &hookedBackend{File: e.Backend.(*backend.File)}
-			e.Backend = hb
 			reg := failureRegistry(t, path)
-			if err := reg.Add(e); err != nil {
-				t.Fatal(err)
-			}
+			e, hb, img := addHooked(t, reg)
 			if got := readErrno(e); got != 0 {
 				t.Fatalf("a read before any failure got errno %d", got)
 			}
@@ -157,12 +166,7 @@ func TestFailureKeptWhenTheFileCannotBeWritten(t *testing.T) {
 	if err := os.WriteFile(state, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e, img := fileExport(t, "vm1", 1<<20, false)
-	hb := &hookedBackend{File: e.Backend.(*backend.File)}
-	e.Backend = hb
-	if err := reg.Add(e); err != nil {
-		t.Fatal(err)
-	}
+	_, hb, img := addHooked(t, reg)
 	hb.fail(syscall.EIO)
 	if _, ok := reg.Failures().lookup("vm1"); !ok {
 		t.Fatal("the failure was dropped because its file could not be written")
@@ -192,12 +196,7 @@ func TestFailureKeptWhenTheFileCannotBeWritten(t *testing.T) {
 // old one's write-back failed fails too: the record names it.
 func TestFailureOfAReplacedExport(t *testing.T) {
 	reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
-	e, img := fileExport(t, "vm1", 1<<20, false)
-	hb := &hookedBackend{File: e.Backend.(*backend.File)}
-	e.Backend = hb
-	if err := reg.Add(e); err != nil {
-		t.Fatal(err)
-	}
+	_, hb, img := addHooked(t, reg)
 	removeAndWait(t, reg, "vm1")
 	e2 := addAgain(t, reg, "vm1", img)
 	hb.fail(syscall.EIO) // the old one's drained flush
@@ -715,12 +714,7 @@ func TestRecoverWritesTheRecordUnlocked(t *testing.T) {
 	for _, replaced := range []bool{false, true} {
 		t.Run(fmt.Sprintf("replaced meanwhile %v", replaced), func(t *testing.T) {
 			reg := failureRegistry(t, filepath.Join(t.TempDir(), "failures.json"))
-			e, img := fileExport(t, "vm1", 1<<20, false)
-			hb := &hookedBackend{File: e.Backend.(*backend.File)}
-			e.Backend = hb
-			if err := reg.Add(e); err != nil {
-				t.Fatal(err)
-			}
+			_, hb, img := addHooked(t, reg)
 			other, _ := fileExport(t, "vm2", 1<<20, false)
 			if err := reg.Add(other); err != nil {
 				t.Fatal(err)
