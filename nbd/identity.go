@@ -54,3 +54,41 @@ func DescriptionID(desc string) string {
 	}
 	return ""
 }
+
+// An lvnbd server whose storage box crashed while it served (see
+// server/boxcrash) ends each volume's ID with "--c" and the box's epoch:
+// 8 hex digits drawn at the first start after the crash. The volume is the
+// same, its data may not be (the writes acknowledged but not flushed before
+// the crash are lost), so a dom0 takes it for another volume, while the
+// server's own records of the volume (a failed write-back) still apply.
+// No base ID has "--": an LVM UUID's groups and RolledBackID's "-rN" are
+// joined by single dashes, a file volume's ID is hex.
+const epochMark, epochLen = "--c", 8
+
+// WithEpoch returns the ID id carries once its box crashed and drew epoch:
+// id itself while epoch is "" (no crash yet), or when id is "" (a volume
+// with no ID), or when the result would not be an ID (longer than 64).
+func WithEpoch(id, epoch string) string {
+	if id == "" || epoch == "" {
+		return id
+	}
+	if e := id + epochMark + epoch; validID(e) {
+		return e
+	}
+	return id
+}
+
+// SplitEpoch returns the volume's own ID and the box's epoch of an ID made
+// by WithEpoch; an ID without one is its own base, and epoch is "".
+func SplitEpoch(id string) (base, epoch string) {
+	i := strings.LastIndex(id, epochMark)
+	if i <= 0 || len(id)-i-len(epochMark) != epochLen {
+		return id, ""
+	}
+	for _, r := range id[i+len(epochMark):] {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return id, ""
+		}
+	}
+	return id[:i], id[i+len(epochMark):]
+}

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"encoding/hex"
 	"strings"
 	"testing"
 )
@@ -55,6 +56,68 @@ func FuzzDescriptionID(f *testing.F) {
 			}
 		} else if WithID(desc, id) != desc {
 			t.Fatalf("WithID(%q, %q) changed the description", desc, id)
+		}
+	})
+}
+
+func TestEpoch(t *testing.T) {
+	uuid := "N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC"
+	for _, tc := range []struct{ id, epoch, want string }{
+		{uuid, "", uuid},
+		{uuid, "3fa2b1c9", uuid + "--c3fa2b1c9"},
+		{uuid + "-r2", "3fa2b1c9", uuid + "-r2--c3fa2b1c9"},
+		{"18ea3f92c137d200", "00000000", "18ea3f92c137d200--c00000000"},
+		{"", "3fa2b1c9", ""},                                           // no ID: nothing to tell apart
+		{strings.Repeat("a", 54), "3fa2b1c9", strings.Repeat("a", 54)}, // would be 65
+		{strings.Repeat("a", 53), "3fa2b1c9", strings.Repeat("a", 53) + "--c3fa2b1c9"},
+	} {
+		got := WithEpoch(tc.id, tc.epoch)
+		if got != tc.want {
+			t.Errorf("WithEpoch(%q, %q) = %q, want %q", tc.id, tc.epoch, got, tc.want)
+		}
+		if !validID(got) && got != "" {
+			t.Errorf("WithEpoch(%q, %q) = %q, not an ID", tc.id, tc.epoch, got)
+		}
+	}
+	for _, tc := range []struct{ id, base, epoch string }{
+		{uuid, uuid, ""},
+		{uuid + "--c3fa2b1c9", uuid, "3fa2b1c9"},
+		{uuid + "-r1--c3fa2b1c9", uuid + "-r1", "3fa2b1c9"},
+		{"--c3fa2b1c9", "--c3fa2b1c9", ""},                      // nothing before the mark
+		{uuid + "--c3fa2b1c", uuid + "--c3fa2b1c", ""},          // 7 digits
+		{uuid + "--c3fa2b1c90", uuid + "--c3fa2b1c90", ""},      // 9 digits
+		{uuid + "--c3FA2B1C9", uuid + "--c3FA2B1C9", ""},        // not lower case
+		{uuid + "--c3fa2b1cg", uuid + "--c3fa2b1cg", ""},        // not hex
+		{"a--c00000000--c11111111", "a--c00000000", "11111111"}, // the last mark
+		{"", "", ""},
+	} {
+		base, epoch := SplitEpoch(tc.id)
+		if base != tc.base || epoch != tc.epoch {
+			t.Errorf("SplitEpoch(%q) = %q, %q, want %q, %q", tc.id, base, epoch, tc.base, tc.epoch)
+		}
+	}
+}
+
+// SplitEpoch undoes WithEpoch, and never makes an ID longer or invents an
+// epoch an ID does not end with.
+func FuzzSplitEpoch(f *testing.F) {
+	f.Add("N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC", "3fa2b1c9")
+	f.Add("18ea3f92c137d200--c00000000", "")
+	f.Add("", "0")
+	f.Fuzz(func(t *testing.T, id, epoch string) {
+		base, e := SplitEpoch(id)
+		if e == "" && base != id || e != "" && base+epochMark+e != id {
+			t.Fatalf("SplitEpoch(%q) = %q, %q: not a split of the ID", id, base, e)
+		}
+		if !validID(id) || strings.Contains(id, "--") || len(epoch) != epochLen {
+			return
+		}
+		if _, err := hex.DecodeString(epoch); err != nil || strings.ToLower(epoch) != epoch {
+			return
+		}
+		with := WithEpoch(id, epoch)
+		if b, e := SplitEpoch(with); with != id && (b != id || e != epoch) {
+			t.Fatalf("SplitEpoch(WithEpoch(%q, %q)) = %q, %q", id, epoch, b, e)
 		}
 	})
 }

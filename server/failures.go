@@ -281,9 +281,13 @@ func (r *Registry) failCurrent(failed *Export, err error) {
 
 // sameVolume reports whether two export descriptions may be of the same
 // volume: their volume IDs (nbd.DescriptionID) are equal, or one has none
-// (an --export of a file or device), when only the name tells.
+// (an --export of a file or device), when only the name tells. The box's
+// epoch is left out (nbd.SplitEpoch): a crash of the box does not undo a
+// failed write-back, while a volume made anew or rolled back has another
+// ID of its own.
 func sameVolume(a, b string) bool {
-	ia, ib := nbd.DescriptionID(a), nbd.DescriptionID(b)
+	ia, _ := nbd.SplitEpoch(nbd.DescriptionID(a))
+	ib, _ := nbd.SplitEpoch(nbd.DescriptionID(b))
 	return ia == "" || ib == "" || ia == ib
 }
 

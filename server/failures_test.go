@@ -295,6 +295,31 @@ func TestFailureOfAnotherVolumeOfTheName(t *testing.T) {
 	}
 }
 
+// A crash of the box gives the volume's ID the box's epoch
+// (nbd.WithEpoch), and the volume's failure record still holds: the crash
+// did not bring back what its write-back lost. Either way round, and over
+// two crashes.
+func TestFailureOutlivesABoxCrash(t *testing.T) {
+	for _, tc := range []struct{ failedAs, restartedAs string }{
+		{"uuid-1", "uuid-1--c00112233"},
+		{"uuid-1--c00112233", "uuid-1--c44556677"},
+		{"uuid-1--c00112233", "uuid-1"},
+	} {
+		t.Run(tc.failedAs+" to "+tc.restartedAs, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "failures.json")
+			img := volumeImage(t)
+			reg := failureRegistry(t, path)
+			_, hb := addVolume(t, reg, img, tc.failedAs)
+			hb.fail(syscall.EIO)
+			reg = restartRegistry(t, reg, path)
+			e, _ := addVolume(t, reg, img, tc.restartedAs)
+			if got := readErrno(e); got != nbd.EIO {
+				t.Errorf("after the crash, vm1 with ID %s got errno %d, want EIO", tc.restartedAs, got)
+			}
+		})
+	}
+}
+
 // The new volume fails first, then the old one's last flush: each keeps
 // its own record, and the new one stays failed after a restart.
 func TestFailureOfTheOldVolumeAfterTheNew(t *testing.T) {

@@ -25,6 +25,12 @@ type Volumes struct {
 	// Access applies to every export made from a volume or snapshot. Set
 	// it before the first Sync.
 	Access Access
+	// Epoch is the storage box's, drawn at the first start after each
+	// crash of the box (server/boxcrash), "" before the first: every
+	// volume's ID carries it (nbd.WithEpoch), so that dom0s refuse the
+	// halves that may have lost acknowledged writes. Snapshots keep their
+	// IDs: no mirror takes them back. Set it before the first Sync.
+	Epoch string
 
 	drv     volume.Driver
 	reg     *Registry
@@ -261,7 +267,8 @@ func (v *Volumes) wanted(vols []volume.Volume) (wanted map[string]wantedExport, 
 		default:
 			// The ID in the description lets a dom0 refuse to
 			// reconnect a leg to a volume made anew under this name.
-			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), vol.ID), false}
+			id := nbd.WithEpoch(vol.ID, v.Epoch)
+			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), id), false}
 		}
 		for _, s := range vol.Snapshots {
 			switch {

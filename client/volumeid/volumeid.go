@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/nbd"
 )
 
 // DefaultPath is where the IDs are kept.
@@ -34,8 +35,8 @@ const DefaultPath = "/run/lvnbd/volume-ids.json"
 
 // ErrReplaced means an export now serves another volume than the one a
 // device was attached to, the same volume rolled back by a snapshot merge
-// (see volume.RolledBackID), or one that shrank under the device
-// (ShrankError).
+// (see volume.RolledBackID), one that shrank under the device
+// (ShrankError), or one whose storage box went down since (nbd.WithEpoch).
 var ErrReplaced = errors.New("the export's volume was made anew or rolled back")
 
 // ShrankError is the refusal of an export that shrank under its device
@@ -206,8 +207,22 @@ func (s *Store) compare(backend, id string, learn bool) error {
 	if id == "" {
 		id = "none"
 	}
+	if crashedSince(known, id) {
+		return fmt.Errorf("%w: the storage box serving %s went down (power loss, panic or reset) since its device "+
+			"was attached (volume id %s, now %s): the writes it had acknowledged but not flushed are lost on this "+
+			"half, so it must be replaced as a new member: take the leg down and up and add it in full "+
+			"(see lvnbd pair down --help)", ErrReplaced, backend, known, id)
+	}
 	return fmt.Errorf("%w: the volume behind %s is not the one its device was attached to (volume id %s, now %s), "+
 		"and its data is not the device's", ErrReplaced, backend, known, id)
+}
+
+// crashedSince reports whether now is the volume of known, served by a box
+// that went down since (another epoch: nbd.WithEpoch).
+func crashedSince(known, now string) bool {
+	kb, ke := nbd.SplitEpoch(known)
+	nb, ne := nbd.SplitEpoch(now)
+	return kb == nb && ke != ne
 }
 
 // locked runs f on the IDs with the file locked (exclusively if write),

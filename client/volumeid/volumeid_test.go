@@ -3,6 +3,7 @@ package volumeid
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -42,6 +43,37 @@ func TestCheck(t *testing.T) {
 				t.Errorf("after Forget, a new ID was refused: %v", err)
 			}
 		})
+	}
+}
+
+// A volume whose box went down since its device was attached carries the
+// box's new epoch: refused, saying so; another volume is refused as made
+// anew, whatever its epoch.
+func TestCheckAfterABoxCrash(t *testing.T) {
+	uuid := "N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC"
+	for _, tc := range []struct {
+		attached, now  string
+		refused, crash bool
+	}{
+		{uuid, uuid, false, false},
+		{uuid + "--c00112233", uuid + "--c00112233", false, false},
+		{uuid, uuid + "--c00112233", true, true},
+		{uuid + "--c00112233", uuid + "--c44556677", true, true},
+		{uuid + "--c00112233", uuid, true, true}, // the box's crash file was removed
+		{uuid, uuid + "-r1--c00112233", true, false},
+		{uuid, "other--c00112233", true, false},
+	} {
+		s := Open("")
+		if err := s.Check(backend, tc.attached); err != nil {
+			t.Fatal(err)
+		}
+		err := s.Check(backend, tc.now)
+		if refused := errors.Is(err, ErrReplaced); refused != tc.refused {
+			t.Errorf("attached as %s, now %s: %v, want refused %v", tc.attached, tc.now, err, tc.refused)
+		}
+		if crash := strings.Contains(fmt.Sprint(err), "went down"); crash != tc.crash {
+			t.Errorf("attached as %s, now %s: %v; want it to say the box went down: %v", tc.attached, tc.now, err, tc.crash)
+		}
 	}
 }
 

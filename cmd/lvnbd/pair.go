@@ -167,8 +167,9 @@ down, across reloads too, until lvnbd pair up or a restart of lvnbd client.
 With --leg, only that leg: the guest keeps running on the other. This is how
 one half of a mirror is replaced, for example when its storage box's volume
 was made anew, rolled back by a snapshot merge or a shrink, or shrank under its
-device (even if grown back since), and the leg refuses it ("the export's
-volume was made anew or rolled back"):
+device (even if grown back since), or the box went down under its server (power
+loss, panic, reset), and the leg refuses it ("the export's volume was made anew
+or rolled back", followed by what happened):
 
   guest:  stop lvnbd guest watch (it would add the half back from md's bitmap)
   guest:  mdadm /dev/md0 --fail /dev/xvdb --remove /dev/xvdb

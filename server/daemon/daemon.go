@@ -21,6 +21,7 @@ import (
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/internal/systemd"
 	"github.com/lvnbd/lvnbd/server"
+	"github.com/lvnbd/lvnbd/server/boxcrash"
 	"github.com/lvnbd/lvnbd/server/metrics"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -84,6 +85,18 @@ func Run(ctx context.Context, opts Options) error {
 			zap.String("export", f.Export), zap.String("description", f.Description), zap.String("error", f.Error),
 			zap.Time("since", f.Since), zap.String("recorded_in", cfg.Server.FailureFile))
 	}
+	// Before any export is served: a crash from now on is noticed.
+	crashes, err := boxcrash.Start(cfg.Server.CrashFile)
+	if err != nil {
+		return err
+	}
+	if c := crashes.Crashed(); c != nil {
+		d.log.Error("this box went down while lvnbd served (power loss, panic or reset): the writes acknowledged "+
+			"but not flushed before are lost, so every volume is exported under a new ID, and dom0s refuse "+
+			"these halves until each is taken down and up (lvnbd pair down --leg, pair up --leg) and added "+
+			"to its guest's mirror in full",
+			zap.String("epoch", c.Epoch), zap.String("boot_id", c.BootID), zap.String("recorded_in", cfg.Server.CrashFile))
+	}
 	tlsConfig, err := cfg.TLSConfig()
 	if err != nil {
 		return err
@@ -104,6 +117,7 @@ func Run(ctx context.Context, opts Options) error {
 			return err
 		}
 		d.vols = server.NewVolumes(drv, d.reg, d.log)
+		d.vols.Epoch = crashes.Epoch()
 		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
 			return err
 		}
@@ -200,7 +214,9 @@ func Run(ctx context.Context, opts Options) error {
 	if err := failures.Retry(); err != nil {
 		return fmt.Errorf("%w: the failed exports would be served again after a restart", err)
 	}
-	return nil
+	// Every export was flushed and closed (or its failure recorded): a
+	// crash of the box from now on loses nothing this server acknowledged.
+	return crashes.Stop()
 }
 
 // failureRetry is how often a failure record that could not be written is
@@ -362,6 +378,7 @@ func (d *Daemon) reload() error {
 		{"server.control", old.Server.Control, cfg.Server.Control},
 		{"server.fence_file", old.Server.FenceFile, cfg.Server.FenceFile},
 		{"server.failure_file", old.Server.FailureFile, cfg.Server.FailureFile},
+		{"server.crash_file", old.Server.CrashFile, cfg.Server.CrashFile},
 		{"server.rescan", old.Server.Rescan, cfg.Server.Rescan},
 		{"log.format", old.Log.Format, cfg.Log.Format},
 		{"limits and timeouts", old.ServerConfig(), cfg.ServerConfig()},

@@ -1,6 +1,6 @@
 #!/bin/bash
 # timeout: 10
-# Helpers for the pair scenarios (20-24), which source this file; run on its own it only skips.
+# Helpers for the pair scenarios (20-24, 30, 32), which source this file; run on its own it only skips.
 #
 # Two storage boxes, each an lvnbd serve in its own network namespace joined to the guest's root
 # namespace (the "dom0") by a veth pair, exporting the volumes of a VG on two brd ramdisks:
@@ -66,7 +66,8 @@ box_tcp() {
 start_box() {
 	local box=$1
 	nsenter --net="/run/netns/box$box" lvnbd serve --volumes "lvm://vg$box" --listen "tcp://$(box_ip "$box"):10809" \
-		--control "/run/lvnbd/$box.sock" --fence-file= --failure-file "$PWD/failures-$box.json" --rescan 1s \
+		--control "/run/lvnbd/$box.sock" --fence-file= --failure-file "$PWD/failures-$box.json" \
+		--crash-file "$PWD/crash-$box.json" --rescan 1s \
 		2>>"server-$box.log" &
 	printf -v "server_$box" %s $!
 	wait_secs "[[ \$(box_tcp $box 0A) == 1 ]]" 30

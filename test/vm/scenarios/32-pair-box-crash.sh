@@ -1,0 +1,67 @@
+#!/bin/bash
+# timeout: 600
+# Storage box A goes down under its server (power loss, panic, reset): the writes it had
+# acknowledged but not flushed are lost, so when its server starts again it exports vm1 under a
+# new ID (the box's new epoch), and leg a refuses to reconnect, saying the box went down, while
+# leg b stays connected. A clean restart of the server keeps that ID, and the refusal. Taking
+# leg a alone down and up attaches it as a new half. A server killed while its box stays up
+# (scenario 21) changes no ID.
+#
+# The VM cannot reboot under a running scenario, so the crash is the server's SIGKILL followed
+# by what the next boot would find: its record in the crash file, under another boot ID.
+# shellcheck source-path=SCRIPTDIR source=20-pair-lib.sh
+. "$(dirname "$0")/20-pair-lib.sh"
+
+# description URI: the export's description, as lvnbd info --json gives it.
+description() { lvnbd info --json "$1" | sed -n 's/^ *"description": "\(.*\)",\{0,1\}$/\1/p' | head -n1; }
+
+setup_boxes
+box_volume a create vm1 --size 64M
+box_volume b create vm1 --size 64M
+write_config
+start_client
+dev_a=$(leg a device)
+dev_b=$(leg b device)
+desc_before=$(description nbd://192.0.2.2/vm1)
+[[ $desc_before == *'(lvnbd-id '*')' && $desc_before != *'--c'* ]] || fail "vm1 on box a before the crash: $desc_before"
+
+# shellcheck disable=SC2154 # set by start_box
+kill -9 "$server_a"
+wait "$server_a" || true
+grep -q "\"boot_id\": \"$(cat /proc/sys/kernel/random/boot_id)\"" crash-a.json ||
+	fail "box a's crash file does not record its server running: $(cat crash-a.json)"
+sed -i 's/"boot_id": "[^"]*"/"boot_id": "00000000-0000-4000-8000-000000000000"/' crash-a.json
+epoch=$(tr -d - </proc/sys/kernel/random/boot_id | cut -c1-8)
+start_box a
+grep -q 'this box went down while lvnbd served' server-a.log || fail "box a's server did not log the crash"
+desc_after=$(description nbd://192.0.2.2/vm1)
+assert_eq "${desc_before%)}--c$epoch)" "$desc_after" "vm1's description on box a after the crash"
+wait_secs "[[ \$(leg a last_error) == *'went down'* ]]" 90
+lvnbd pair status --control "$CLIENT_SOCK"
+assert_eq reconnecting "$(leg a state)" "leg a after box a's crash"
+assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device, without connections"
+assert_eq connected "$(leg b state)" "leg b after box a's crash"
+assert_eq "$dev_b" "$(leg b device)" "leg b's device"
+
+# A clean restart keeps the epoch: still refused.
+kill "$server_a"
+wait "$server_a" || fail "box a's server did not stop cleanly: $(tail -20 server-a.log)"
+grep -q '"running"' crash-a.json && fail "a clean stop left box a's server recorded as running: $(cat crash-a.json)"
+start_box a
+assert_eq "$desc_after" "$(description nbd://192.0.2.2/vm1)" "vm1's description on box a after a clean restart"
+errors_at=$(leg a last_error_at)
+wait_secs "[[ \$(leg a last_error_at) != '$errors_at' && \$(leg a last_error) == *'went down'* ]]" 90
+assert_eq reconnecting "$(leg a state)" "leg a after box a's clean restart"
+
+# Replaced as a new half: leg a alone goes down and up.
+lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1
+lvnbd pair up --control "$CLIENT_SOCK" --leg a vm1
+assert_eq connected "$(leg a state)" "leg a after pair up --leg a"
+dd if=/dev/urandom of=new bs=1M count=4 status=none
+dd if=new of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
+assert_eq "$(sha new)" "$(dd if=/dev/vga/vm1 bs=1M count=4 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
+	"data written through leg a, on box a's LV"
+assert_eq connected "$(leg b state)" "leg b after leg a came back"
+
+lvnbd pair down --control "$CLIENT_SOCK" vm1
+stop_client
