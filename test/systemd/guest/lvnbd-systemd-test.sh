@@ -131,6 +131,12 @@ pid=$(prop lvnbd-server.service MainPID)
 rootopts=$(awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")
 [[ $rootopts == ro,* ]] || fail "/ is mounted \"$rootopts\" for the server, not read-only: no sandbox"
 ok "started (Type=notify: READY=1 reached systemd), MainPID $pid, / read-only for it"
+# The sandbox lets it record that it runs, which is how its next start notices a crash of the box.
+grep -q "\"pid\": $pid," /var/lib/lvnbd/crash.json ||
+	fail "/var/lib/lvnbd/crash.json does not record the server running: $(cat /var/lib/lvnbd/crash.json 2>&1)"
+grep -q "\"boot_id\": \"$(cat /proc/sys/kernel/random/boot_id)\"" /var/lib/lvnbd/crash.json ||
+	fail "/var/lib/lvnbd/crash.json does not record this boot: $(cat /var/lib/lvnbd/crash.json)"
+ok "/var/lib/lvnbd/crash.json records the server running in this boot"
 
 # start returned at READY=1, so the listeners are open now: no retry.
 must lvnbd status
@@ -176,7 +182,10 @@ journal_wait "$mark" 'server stopped' || fail "the server did not log that it st
 if journal_since "$mark" | grep -E 'Failed with result|Main process exited|Killing|timed out'; then
 	fail "the stop was not clean"
 fi
-ok "stopped cleanly: inactive, exit status 0 after SIGTERM, drained"
+if grep -q '"running"' /var/lib/lvnbd/crash.json; then
+	fail "the clean stop left the server recorded as running: $(cat /var/lib/lvnbd/crash.json)"
+fi
+ok "stopped cleanly: inactive, exit status 0 after SIGTERM, drained, taken out of crash.json"
 
 step "socket activation: systemctl start lvnbd-server.socket"
 must systemctl start lvnbd-server.socket
