@@ -67,7 +67,10 @@ const epochMark, epochLen = "--c", 8
 
 // WithEpoch returns the ID id carries once its box crashed and drew epoch:
 // id itself while epoch is "" (no crash yet), or when id is "" (a volume
-// with no ID), or when the result would not be an ID (longer than 64).
+// with no ID). Where the result would not be an ID (longer than 64; no
+// driver's ID is that long), it is "": an export without an ID, which a
+// dom0 refuses as it refuses a volume made anew, where id itself would be
+// taken back as if the box had not crashed.
 func WithEpoch(id, epoch string) string {
 	if id == "" || epoch == "" {
 		return id
@@ -75,7 +78,7 @@ func WithEpoch(id, epoch string) string {
 	if e := id + epochMark + epoch; validID(e) {
 		return e
 	}
-	return id
+	return ""
 }
 
 // SplitEpoch returns the volume's own ID and the box's epoch of an ID made

@@ -189,6 +189,31 @@ type Driver interface {
 	MergeSnapshot(ctx context.Context, volume, snapshot string) error
 }
 
+// EpochKeeper is a Driver that keeps the storage box's crash epoch with its
+// volumes (LVM: a tag on the volume group; files: in lvnbd.json), so that
+// the epoch in their IDs stays with their data: a crash file lost, moved or
+// turned off must not give volumes back the IDs they had before a crash
+// (see server/boxcrash).
+type EpochKeeper interface {
+	// Epoch returns the epoch kept, "" if none is.
+	Epoch(ctx context.Context) (string, error)
+	// SetEpoch keeps epoch in place of any other, durably.
+	SetEpoch(ctx context.Context, epoch string) error
+}
+
+// ValidEpoch reports whether e is an epoch: 8 lower-case hex digits.
+func ValidEpoch(e string) bool {
+	if len(e) != 8 {
+		return false
+	}
+	for _, r := range e {
+		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 // RemoveChecker is a Driver that can tell, changing nothing, why Remove
 // would refuse a volume when Get does not show it (LVM: a snapshot an admin
 // made, which Get leaves out). The server asks before it disconnects a

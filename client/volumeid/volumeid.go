@@ -208,10 +208,9 @@ func (s *Store) compare(backend, id string, learn bool) error {
 		id = "none"
 	}
 	if crashedSince(known, id) {
-		return fmt.Errorf("%w: the storage box serving %s went down (power loss, panic or reset) since its device "+
-			"was attached (volume id %s, now %s): the writes it had acknowledged but not flushed are lost on this "+
-			"half, so it must be replaced as a new member: take the leg down and up and add it in full "+
-			"(see lvnbd pair down --help)", ErrReplaced, backend, known, id)
+		return fmt.Errorf("%w: the storage box serving %s went down under its server (power loss, panic or "+
+			"reset) since the device was attached (volume id %s, now %s): the writes it had acknowledged but "+
+			"not flushed are lost on this half", ErrReplaced, backend, known, id)
 	}
 	return fmt.Errorf("%w: the volume behind %s is not the one its device was attached to (volume id %s, now %s), "+
 		"and its data is not the device's", ErrReplaced, backend, known, id)

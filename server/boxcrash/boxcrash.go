@@ -24,6 +24,7 @@
 package boxcrash
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -32,6 +33,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -39,6 +41,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/volume"
 )
 
 // bootIDPath is where the kernel says which boot this is: a random UUID
@@ -63,17 +66,26 @@ type Crash struct {
 	Epoch string `json:"epoch"`
 	// BootID is the boot that went down; Noticed when a server started
 	// after it.
-	BootID  string    `json:"boot_id"`
+	BootID  string    `json:"boot_id,omitempty"`
 	Noticed time.Time `json:"noticed"`
+	// Reason is why an epoch was drawn without a crash (Tracker.Renew).
+	Reason string `json:"reason,omitempty"`
 }
 
 // Run is one lvnbd serve that runs, or ran until a crash.
 type Run struct {
 	// ID tells this run from any other, also of the same process.
-	ID      string    `json:"id"`
-	PID     int       `json:"pid"`
-	BootID  string    `json:"boot_id"`
-	Started time.Time `json:"started"`
+	ID  string `json:"id"`
+	PID int    `json:"pid"`
+	// PIDStart is when the process started, in clock ticks after boot
+	// (/proc/PID/stat): with PID, it tells the server from a later
+	// process given its pid. 0 if unknown.
+	PIDStart uint64 `json:"pid_start,omitempty"`
+	// PIDNamespace is the pid namespace PID is in (/proc/self/ns/pid):
+	// a server in another cannot be looked up, and is taken to run.
+	PIDNamespace string    `json:"pid_namespace,omitempty"`
+	BootID       string    `json:"boot_id"`
+	Started      time.Time `json:"started"`
 }
 
 // maxCrashes bounds the crashes the file keeps: the latest tell enough.
@@ -83,9 +95,10 @@ const maxCrashes = 16
 type Tracker struct {
 	path    string
 	run     Run
-	epoch   string
 	crashed *Crash
 	mu      sync.Mutex
+	epoch   string
+	known   []string // every epoch the file records
 	stopped bool
 }
 
@@ -106,67 +119,177 @@ func Start(path string) (*Tracker, error) {
 	if _, err := rand.Read(id); err != nil {
 		return nil, fmt.Errorf("crash file: %w", err)
 	}
-	t.run = Run{ID: hex.EncodeToString(id), PID: os.Getpid(), BootID: boot, Started: time.Now().UTC()}
+	self := os.Getpid()
+	t.run = Run{ID: hex.EncodeToString(id), PID: self, PIDStart: pidStart(self), PIDNamespace: pidNamespace(),
+		BootID: boot, Started: time.Now().UTC()}
 	err = update(path, func(s *State) error {
 		var gone []Run
 		s.Running, gone = split(s.Running, boot)
 		if len(gone) > 0 {
 			c := Crash{Epoch: epochOf(boot), BootID: gone[0].BootID, Noticed: t.run.Started}
 			s.Epoch = c.Epoch
-			s.Crashes = append(s.Crashes, c)
-			if n := len(s.Crashes); n > maxCrashes {
-				s.Crashes = slices.Clone(s.Crashes[n-maxCrashes:])
-			}
+			s.Crashes = appendCrash(s.Crashes, c)
 			t.crashed = &c
 		}
 		s.Running = append(s.Running, t.run)
 		t.epoch = s.Epoch
+		t.known = knownEpochs(s)
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("crash file %s: %w: without it a crash of this box would go unnoticed and "+
-			"the dom0s would take its volumes back as they are; fix it, or set crash_file empty (--crash-file=) "+
-			"to serve without noticing crashes", path, err)
+		return nil, fmt.Errorf("crash file %s: %w; lvnbd serve does not start without it, as a crash of this "+
+			"box would go unnoticed and the dom0s would take its volumes back as they are", path, err)
 	}
 	return t, nil
 }
 
 // split keeps the runs of servers still running in this boot, and returns
 // apart those of earlier boots, which the box went down under. A run of
-// this boot whose process is gone died without a crash of the box, and is
-// dropped: the page cache outlived it.
+// this boot whose process is gone died without a crash of the box, and the
+// page cache outlived it: it is dropped once what it wrote is written back
+// (sync(2)), as no later stop of another server would write back its
+// exports: from then on, a crash loses none of its writes.
 func split(runs []Run, boot string) (running, gone []Run) {
+	synced := false
 	for _, r := range runs {
 		switch {
 		case r.BootID != boot:
 			gone = append(gone, r)
-		case alive(r.PID):
+		case alive(r):
 			running = append(running, r)
+		case !synced:
+			unix.Sync()
+			synced = true
 		}
 	}
 	return running, gone
 }
 
-// alive reports whether a process pid exists. A pid reused by another
-// process keeps a dead server's run: at worst a later crash is counted
-// once more, which only asks for a resync that was not needed.
-func alive(pid int) bool {
-	if pid <= 0 {
+// alive reports whether r's process may still run: a process has its pid
+// and start time, or r is of another pid namespace, where its pid cannot
+// be looked up. A run taken for alive wrongly stays in the file, and makes
+// the next boot count a crash: only a resync that was not needed.
+func alive(r Run) bool {
+	if r.PID <= 0 {
 		return false
 	}
-	err := unix.Kill(pid, 0)
-	return err == nil || errors.Is(err, unix.EPERM)
+	if ns := pidNamespace(); r.PIDNamespace != "" && ns != "" && r.PIDNamespace != ns {
+		return true
+	}
+	err := unix.Kill(r.PID, 0)
+	if err != nil && !errors.Is(err, unix.EPERM) {
+		return false
+	}
+	start := pidStart(r.PID)
+	return r.PIDStart == 0 || start == 0 || start == r.PIDStart
+}
+
+// procRoot is where /proc is; tests replace it.
+var procRoot = "/proc"
+
+// pidStart returns when process pid started, in clock ticks after boot
+// (field 22 of /proc/PID/stat), 0 if it cannot tell.
+func pidStart(pid int) uint64 {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0
+	}
+	// The command name, field 2, is in parentheses and may hold anything:
+	// the fields are counted after its closing one.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	const startField = 22 - 3 // fields 3 onwards
+	if len(fields) <= startField {
+		return 0
+	}
+	n, err := strconv.ParseUint(fields[startField], 10, 64)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// pidNamespace names the pid namespace of this process, "" if it cannot
+// tell.
+func pidNamespace() string {
+	ns, err := os.Readlink(filepath.Join(procRoot, "self", "ns", "pid"))
+	if err != nil {
+		return ""
+	}
+	return ns
 }
 
 // epochOf makes an epoch of a boot ID: its first 8 hex digits, as random
 // as the boot ID is, so that no two crashes draw the same one, even after
 // the file was removed.
 func epochOf(boot string) string {
-	return strings.ReplaceAll(boot, "-", "")[:8]
+	return strings.ReplaceAll(boot, "-", "")[:epochLen]
+}
+
+// knownEpochs are the epochs s records.
+func knownEpochs(s *State) []string {
+	var known []string
+	if s.Epoch != "" {
+		known = append(known, s.Epoch)
+	}
+	for _, c := range s.Crashes {
+		known = append(known, c.Epoch)
+	}
+	return known
 }
 
 // Epoch is the box's epoch: "" until its first crash under a server.
-func (t *Tracker) Epoch() string { return t.epoch }
+func (t *Tracker) Epoch() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.epoch
+}
+
+// Known reports whether the file records epoch as the box's, or as one
+// drawn before: the volumes kept it from then.
+func (t *Tracker) Known(epoch string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return epoch != "" && slices.Contains(t.known, epoch)
+}
+
+// Renew draws a new epoch at random, not from a crash, and records it with
+// why: for volumes whose epoch the file does not know, where neither can
+// tell which is newer. An empty path records nothing.
+func (t *Tracker) Renew(why string) (string, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	b := make([]byte, epochLen/2)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("drawing an epoch: %w", err)
+	}
+	c := Crash{Epoch: hex.EncodeToString(b), Noticed: time.Now().UTC(), Reason: why}
+	if t.path != "" {
+		err := update(t.path, func(s *State) error {
+			s.Epoch = c.Epoch
+			s.Crashes = appendCrash(s.Crashes, c)
+			t.known = knownEpochs(s)
+			return nil
+		})
+		if err != nil {
+			return "", fmt.Errorf("crash file %s: recording a new epoch: %w", t.path, err)
+		}
+	}
+	t.epoch = c.Epoch
+	return c.Epoch, nil
+}
+
+// appendCrash appends c to crashes, keeping the latest maxCrashes.
+func appendCrash(crashes []Crash, c Crash) []Crash {
+	crashes = append(crashes, c)
+	if n := len(crashes); n > maxCrashes {
+		crashes = slices.Clone(crashes[n-maxCrashes:])
+	}
+	return crashes
+}
 
 // Crashed returns the crash this start noticed, nil if none.
 func (t *Tracker) Crashed() *Crash { return t.crashed }
@@ -182,6 +305,11 @@ func (t *Tracker) Stop() error {
 	}
 	err := update(t.path, func(s *State) error {
 		s.Running = slices.DeleteFunc(s.Running, func(r Run) bool { return r.ID == t.run.ID })
+		// Servers of this boot that died are dropped as at a start;
+		// those of another boot (none, unless the file was copied) are
+		// a crash still to be noticed.
+		running, gone := split(s.Running, t.run.BootID)
+		s.Running = append(running, gone...)
 		return nil
 	})
 	if err != nil {
@@ -213,6 +341,11 @@ func Parse(b []byte, s *State) error {
 	if s.Epoch != "" && !validEpoch(s.Epoch) {
 		return fmt.Errorf("corrupt: epoch %q is not 8 hex digits", s.Epoch)
 	}
+	for _, c := range s.Crashes {
+		if !validEpoch(c.Epoch) {
+			return fmt.Errorf("corrupt: a crash's epoch %q is not 8 hex digits", c.Epoch)
+		}
+	}
 	for _, r := range s.Running {
 		if r.ID == "" || r.BootID == "" {
 			return fmt.Errorf("corrupt: a running server without an ID or boot ID")
@@ -221,13 +354,10 @@ func Parse(b []byte, s *State) error {
 	return nil
 }
 
-func validEpoch(e string) bool {
-	if len(e) != 8 {
-		return false
-	}
-	_, err := hex.DecodeString(e)
-	return err == nil && strings.ToLower(e) == e
-}
+// epochLen is the length of an epoch: 8 hex digits.
+const epochLen = 8
+
+func validEpoch(e string) bool { return volume.ValidEpoch(e) }
 
 // update changes the file under its lock: reads it, lets f change it, and
 // replaces it durably.
@@ -251,8 +381,9 @@ func update(path string, f func(*State) error) error {
 	}
 	s, err := Load(path)
 	if err != nil {
-		return fmt.Errorf("%w: remove it only once this box's volumes were all replaced in their "+
-			"mirrors, or the box is known not to have crashed since", err)
+		return fmt.Errorf("%w: it tells whether the box went down under a running server; remove it only if "+
+			"it did not (every server stopped cleanly before the box last shut down), or else replace every "+
+			"half this box serves in full", err)
 	}
 	if err := f(&s); err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -110,30 +111,106 @@ func TestServerDiedBoxStayedUp(t *testing.T) {
 	}
 }
 
-// Servers sharing the file keep each other's records: one stopping cleanly
-// does not hide a crash under the other.
+// Servers sharing the file keep each other's records: neither one
+// starting nor one stopping cleanly hides a crash under the other.
 func TestSharedFile(t *testing.T) {
+	for _, stops := range []string{"first", "second"} {
+		t.Run("the "+stops+" stops", func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "crash.json")
+			boot(t, boot1)
+			a := start(t, path)
+			b := start(t, path)
+			stopping := map[string]*Tracker{"first": a, "second": b}[stops]
+			for range 2 { // twice: no harm
+				if err := stopping.Stop(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			boot(t, boot2)
+			c := start(t, path)
+			if cr := c.Crashed(); cr == nil || cr.BootID != boot1 {
+				t.Fatalf("a server ran when the box went down: Crashed() = %+v, want boot %s", cr, boot1)
+			}
+			// A second server started in the same boot keeps the epoch drawn.
+			d := start(t, path)
+			if d.Epoch() != c.Epoch() || d.Crashed() != nil {
+				t.Fatalf("second start after the crash: epoch %q (first %q), crashed %v", d.Epoch(), c.Epoch(), d.Crashed())
+			}
+		})
+	}
+}
+
+// A record of this boot is dropped only when its process is gone: not for
+// a process of another pid namespace, which cannot be looked up; and a pid
+// that another process took since (another start time) is gone.
+func TestWhoRuns(t *testing.T) {
+	boot(t, boot1)
+	self := os.Getpid()
+	for _, tc := range []struct {
+		name string
+		run  Run
+		kept bool
+	}{
+		{"this process", Run{PID: self, PIDStart: pidStart(self), PIDNamespace: pidNamespace()}, true},
+		{"start time unknown", Run{PID: self}, true},
+		{"pid taken by another process", Run{PID: self, PIDStart: pidStart(self) + 1, PIDNamespace: pidNamespace()}, false},
+		{"dead", Run{PID: deadPID(t), PIDNamespace: pidNamespace()}, false},
+		{"another pid namespace", Run{PID: deadPID(t), PIDNamespace: "pid:[1]"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "crash.json")
+			tc.run.ID, tc.run.BootID = "other", boot1
+			writeState(t, path, State{Running: []Run{tc.run}})
+			tr := start(t, path)
+			s, err := Load(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			kept := slices.ContainsFunc(s.Running, func(r Run) bool { return r.ID == "other" })
+			if kept != tc.kept {
+				t.Errorf("after a start, the record is kept: %v, want %v", kept, tc.kept)
+			}
+			if err := tr.Stop(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	if pidStart(self) == 0 || pidNamespace() == "" {
+		t.Errorf("this process's start time (%d) or pid namespace (%q) cannot be read", pidStart(self), pidNamespace())
+	}
+}
+
+// Renew draws an epoch the file records, and Known tells the epochs the
+// file recorded from others.
+func TestRenewAndKnown(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "crash.json")
 	boot(t, boot1)
-	a := start(t, path)
-	b := start(t, path)
-	if err := a.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.Stop(); err != nil { // twice: no harm
-		t.Fatal(err)
-	}
+	start(t, path)
 	boot(t, boot2)
-	c := start(t, path)
-	if cr := c.Crashed(); cr == nil || cr.BootID != boot1 {
-		t.Fatalf("b ran when the box went down: Crashed() = %+v, want boot %s", cr, boot1)
+	tr := start(t, path) // a crash: epoch 9e8d7c6b
+	e, err := tr.Renew("a test")
+	if err != nil {
+		t.Fatal(err)
 	}
-	// A second server started in the same boot keeps the epoch drawn.
-	d := start(t, path)
-	if d.Epoch() != c.Epoch() || d.Crashed() != nil {
-		t.Fatalf("second start after the crash: epoch %q (first %q), crashed %v", d.Epoch(), c.Epoch(), d.Crashed())
+	if !validEpoch(e) || e == "9e8d7c6b" || tr.Epoch() != e {
+		t.Fatalf("Renew = %q, Epoch %q; want a new valid epoch", e, tr.Epoch())
 	}
-	_ = b
+	for _, tc := range []struct {
+		epoch string
+		known bool
+	}{{e, true}, {"9e8d7c6b", true}, {"00000000", false}, {"", false}} {
+		if got := tr.Known(tc.epoch); got != tc.known {
+			t.Errorf("Known(%q) = %v, want %v", tc.epoch, got, tc.known)
+		}
+	}
+	again := start(t, path)
+	if again.Epoch() != e || !again.Known("9e8d7c6b") {
+		t.Errorf("a start after Renew: epoch %q, want %q, and the crash's epoch known", again.Epoch(), e)
+	}
+	s, err := Load(path)
+	if err != nil || len(s.Crashes) != 2 || s.Crashes[1].Reason != "a test" {
+		t.Errorf("file after Renew: %+v, %v; want the crash and the renewal", s, err)
+	}
 }
 
 // Another crash draws another epoch, and the file keeps the latest crashes.
@@ -184,7 +261,7 @@ func TestStartErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Start(tc.path)
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), tc.path) ||
-				!strings.Contains(err.Error(), "--crash-file=") {
+				!strings.Contains(err.Error(), "does not start without it") {
 				t.Fatalf("Start(%s) = %v; want an error naming the file, %q and the way out", tc.path, err, tc.want)
 			}
 		})

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"go.uber.org/zap/zaptest"
+
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/boxcrash"
@@ -40,7 +42,7 @@ func TestBoxCrashGivesVolumesANewID(t *testing.T) {
 
 	sock := filepath.Join(dir, "nbd.sock")
 	uri := "nbd+unix:///vm1?socket=" + sock
-	serve := func() (string, *running) {
+	serveWith := func(crashFile string) (string, *running) {
 		t.Helper()
 		cfg := testConfig(sock)
 		cfg.Server.Volumes, cfg.Server.CrashFile = "file://"+data, crashFile
@@ -53,6 +55,7 @@ func TestBoxCrashGivesVolumesANewID(t *testing.T) {
 		})
 		return id, d
 	}
+	serve := func() (string, *running) { return serveWith(crashFile) }
 
 	id, d := serve()
 	if want := vol.ID + "--c" + epoch; id != want {
@@ -63,6 +66,14 @@ func TestBoxCrashGivesVolumesANewID(t *testing.T) {
 	}
 	if n := d.logs.FilterMessageSnippet("this box went down").Len(); n != 1 {
 		t.Errorf("the crash was logged %d times, want once", n)
+	}
+	// While it serves, the server is recorded as running: a crash now
+	// would be noticed.
+	if s, err := boxcrash.Load(crashFile); err != nil || len(s.Running) != 1 || s.Running[0].PID != os.Getpid() {
+		t.Errorf("crash file while serving: %+v, %v; want this server running", s, err)
+	}
+	if kept, err := drv.Epoch(context.Background()); err != nil || kept != epoch {
+		t.Errorf("the volumes keep epoch %q (%v), want %q", kept, err, epoch)
 	}
 	if err := d.stop(); err != nil {
 		t.Fatalf("Run: %v", err)
@@ -81,6 +92,126 @@ func TestBoxCrashGivesVolumesANewID(t *testing.T) {
 	}
 	if err := d.stop(); err != nil {
 		t.Fatalf("Run: %v", err)
+	}
+
+	// The crash file removed, or turned off: the volumes keep the epoch,
+	// and their IDs stay.
+	if err := os.Remove(crashFile); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{crashFile, ""} {
+		again, d := serveWith(path)
+		if again != id {
+			t.Errorf("with crash file %q lost or off, vm1's ID is %q, want %q as before", path, again, id)
+		}
+		if err := d.stop(); err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	}
+}
+
+// A start that fails before serving takes its record out of the crash
+// file: it acknowledged nothing, and the next boot must not count a crash.
+func TestFailedStartLeavesNoRecord(t *testing.T) {
+	dir := t.TempDir()
+	crashFile := filepath.Join(dir, "crash.json")
+	cfg := testConfig(filepath.Join(dir, "nbd.sock"))
+	cfg.Server.CrashFile = crashFile
+	cfg.Server.Listen = []string{"unix://" + filepath.Join(dir, "missing", "nbd.sock")} // cannot listen
+	if err := startDaemon(t, cfg).stop(); err == nil {
+		t.Fatal("Run with a listen address in a missing directory succeeded")
+	}
+	s, err := boxcrash.Load(crashFile)
+	if err != nil || len(s.Running) != 0 {
+		t.Fatalf("crash file after a failed start: %+v, %v; want no server running", s, err)
+	}
+}
+
+// volumeEpoch: the epoch the volumes are served under, in every case of
+// what the crash file and the volumes keep.
+func TestVolumeEpoch(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		// file and kept are the crash file's epoch ("" none, "crash" one
+		// drawn by a crash) and the volumes'.
+		file, kept string
+		// want is the epoch served: "file", "kept", "" or "new".
+		want string
+	}{
+		{"neither", "", "", ""},
+		{"the file's, not kept yet", "crash", "", "file"},
+		{"both agree", "crash", "crash", "file"},
+		{"file lost", "", "0a0b0c0d", "kept"},
+		{"an older crash's kept", "crash+", "crash", "file"},
+		{"kept unknown to the file", "crash", "0a0b0c0d", "new"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			drv, _ := fileVolumes(t, dir, "vm1")
+			crashFile := filepath.Join(dir, "crash.json")
+			var crashEpoch, olderEpoch string
+			if strings.HasPrefix(tc.file, "crash") {
+				// A run of another boot: the start draws an epoch.
+				writeCrashFile(t, crashFile, `{"running":[{"id":"a1","pid":1,"boot_id":"00000000-0000-4000-8000-000000000000","started":"2026-12-01T00:00:00Z"}]}`)
+				if tc.file == "crash+" {
+					olderEpoch = "0f0f0f0f"
+					writeCrashFile(t, crashFile, `{"epoch":"0f0f0f0f","crashes":[{"epoch":"0f0f0f0f","noticed":"2026-11-01T00:00:00Z"}],`+
+						`"running":[{"id":"a1","pid":1,"boot_id":"00000000-0000-4000-8000-000000000000","started":"2026-12-01T00:00:00Z"}]}`)
+				}
+			}
+			crashes, err := boxcrash.Start(crashFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer crashes.Stop()
+			crashEpoch = crashes.Epoch()
+			kept := tc.kept
+			switch kept {
+			case "crash":
+				kept = crashEpoch
+				if olderEpoch != "" {
+					kept = olderEpoch
+				}
+			}
+			if kept != "" {
+				if err := drv.SetEpoch(ctx, kept); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, err := volumeEpoch(ctx, crashes, drv, zaptest.NewLogger(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch tc.want {
+			case "file":
+				if got != crashEpoch || got == "" {
+					t.Errorf("epoch %q, want the crash file's %q", got, crashEpoch)
+				}
+			case "kept":
+				if got != kept {
+					t.Errorf("epoch %q, want the volumes' %q", got, kept)
+				}
+			case "":
+				if got != "" {
+					t.Errorf("epoch %q, want none", got)
+				}
+			case "new":
+				if got == crashEpoch || got == kept || len(got) != 8 || crashes.Epoch() != got {
+					t.Errorf("epoch %q (crash file now %q), want a new one, not %q or %q", got, crashes.Epoch(), crashEpoch, kept)
+				}
+			}
+			if now, err := drv.Epoch(ctx); err != nil || now != got {
+				t.Errorf("the volumes keep %q (%v) after, want %q", now, err, got)
+			}
+		})
+	}
+}
+
+func writeCrashFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -90,6 +90,18 @@ func Run(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
+	// Until the server serves, no client can have had a write
+	// acknowledged: a start that fails takes its record out, or the next
+	// boot would count it as a crash.
+	serving := false
+	defer func() {
+		if !serving {
+			if err := crashes.Stop(); err != nil {
+				d.log.Warn("this server did not serve, but stays recorded as running: the next boot counts a crash",
+					zap.Error(err))
+			}
+		}
+	}()
 	if c := crashes.Crashed(); c != nil {
 		d.log.Error("this box went down while lvnbd served (power loss, panic or reset): the writes acknowledged "+
 			"but not flushed before are lost, so every volume is exported under a new ID, and dom0s refuse "+
@@ -117,7 +129,9 @@ func Run(ctx context.Context, opts Options) error {
 			return err
 		}
 		d.vols = server.NewVolumes(drv, d.reg, d.log)
-		d.vols.Epoch = crashes.Epoch()
+		if d.vols.Epoch, err = volumeEpoch(ctx, crashes, drv, d.log); err != nil {
+			return err
+		}
 		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
 			return err
 		}
@@ -192,6 +206,7 @@ func Run(ctx context.Context, opts Options) error {
 	run(func() { every(ctx, failureRetry, func() { _ = failures.Retry() }) }) // logged by the attempt
 
 	served := make(chan error, 1)
+	serving = true
 	go func() { served <- d.srv.Serve(ctx, lns...) }()
 	notify("READY=1", d.log)
 	select {

@@ -374,3 +374,30 @@ func sortedKeys[V any](m map[string]V) []string {
 	slices.Sort(keys)
 	return keys
 }
+
+// Epoch returns the crash epoch kept in lvnbd.json (volume.EpochKeeper).
+func (d *Driver) Epoch(ctx context.Context) (string, error) {
+	var e string
+	err := d.read(ctx, func(m *metadata) error {
+		if m.Epoch != "" && !volume.ValidEpoch(m.Epoch) {
+			return fmt.Errorf("%s: epoch %q is not 8 lower-case hex digits", filepath.Join(d.dir, metadataName), m.Epoch)
+		}
+		e = m.Epoch
+		return nil
+	})
+	return e, err
+}
+
+// SetEpoch keeps epoch in lvnbd.json, durably (volume.EpochKeeper).
+func (d *Driver) SetEpoch(ctx context.Context, epoch string) error {
+	if !volume.ValidEpoch(epoch) {
+		return fmt.Errorf("epoch %q is not 8 lower-case hex digits", epoch)
+	}
+	return d.change(ctx, func(m *metadata) error {
+		if m.Epoch == epoch {
+			return nil
+		}
+		m.Epoch = epoch
+		return d.commit(m)
+	})
+}

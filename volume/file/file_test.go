@@ -809,3 +809,34 @@ func TestFileGoneIsAProblemNotAFailedListing(t *testing.T) {
 		t.Errorf("List after removing both: %+v, %v, want vm1 alone and whole", vols, err)
 	}
 }
+
+// The crash epoch is kept in lvnbd.json, beside the volumes, and read by a
+// driver opened anew; a directory not made yet keeps none.
+func TestEpoch(t *testing.T) {
+	ctx := context.Background()
+	d := newDriver(t)
+	if e, err := d.Epoch(ctx); e != "" || err != nil {
+		t.Fatalf("Epoch of a new directory = %q, %v; want none", e, err)
+	}
+	if _, err := d.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range []string{"3fa2b1c9", "00112233", "00112233"} {
+		if err := d.SetEpoch(ctx, e); err != nil {
+			t.Fatalf("SetEpoch(%s): %v", e, err)
+		}
+		again, err := New(d.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := again.Epoch(ctx); got != e || err != nil {
+			t.Fatalf("after SetEpoch(%s), Epoch = %q, %v", e, got, err)
+		}
+	}
+	if _, err := d.Get(ctx, "vm1"); err != nil {
+		t.Errorf("vm1 after the epoch was kept: %v", err)
+	}
+	if err := d.SetEpoch(ctx, "XYZ"); err == nil {
+		t.Error("SetEpoch took an epoch that is not one")
+	}
+}

@@ -28,6 +28,9 @@ const (
 type metadata struct {
 	Version int                    `json:"version"`
 	Volumes map[string]*volumeMeta `json:"volumes"`
+	// Epoch is the storage box's crash epoch (volume.EpochKeeper), kept
+	// here so that it stays with the volumes' data.
+	Epoch string `json:"epoch,omitempty"`
 }
 
 type volumeMeta struct {

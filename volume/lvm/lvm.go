@@ -616,3 +616,33 @@ func noSpace(vg *volumeGroup, need int64, what string) error {
 
 // bytesArg is a size argument in bytes, which lvm2 takes with a b suffix.
 func bytesArg(n int64) string { return strconv.FormatInt(n, 10) + "b" }
+
+// Epoch returns the crash epoch the VG keeps in its tags
+// (volume.EpochKeeper).
+func (d *Driver) Epoch(ctx context.Context) (string, error) {
+	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
+	if err != nil {
+		return "", fmt.Errorf("reading the tags of volume group %s: %w", d.vg, err)
+	}
+	return parseVGEpoch(out, d.vg)
+}
+
+// SetEpoch tags the VG with epoch in place of the epoch it kept, in one
+// metadata update (volume.EpochKeeper).
+func (d *Driver) SetEpoch(ctx context.Context, epoch string) error {
+	if !volume.ValidEpoch(epoch) {
+		return fmt.Errorf("epoch %q is not 8 lower-case hex digits", epoch)
+	}
+	old, err := d.Epoch(ctx)
+	if err != nil || old == epoch {
+		return err
+	}
+	args := []string{"vgchange", "--addtag", epochTagPrefix + epoch}
+	if old != "" {
+		args = append(args, "--deltag", epochTagPrefix+old)
+	}
+	if _, err := d.run.run(ctx, append(args, d.vg)...); err != nil {
+		return fmt.Errorf("keeping the crash epoch %s on volume group %s: %w", epoch, d.vg, err)
+	}
+	return nil
+}

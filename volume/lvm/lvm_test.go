@@ -374,3 +374,45 @@ func TestNotVolumes(t *testing.T) {
 		})
 	}
 }
+
+// The crash epoch is a tag on the VG: read, set, and replaced in one
+// vgchange; setting the epoch kept already changes nothing.
+func TestEpoch(t *testing.T) {
+	ctx := context.Background()
+	tags := func(file string) call {
+		return call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, file)}
+	}
+	d := newTestDriver(t,
+		tags("vgs-tags-none.json"),
+		tags("vgs-tags-none.json"),
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-3fa2b1c9", "vg0"}},
+		tags("vgs-tags.json"),
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-44556677", "--deltag", "lvnbd-epoch-00112233", "vg0"}},
+		tags("vgs-tags.json"),
+		tags("vgs-tags-two.json"),
+		tags("vgs-tags.json"),
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-aaaaaaaa", "--deltag", "lvnbd-epoch-00112233", "vg0"},
+			Err: "running vgchange: exit status 5"},
+	)
+	if e, err := d.Epoch(ctx); e != "" || err != nil {
+		t.Errorf("Epoch of an untagged VG = %q, %v; want none", e, err)
+	}
+	if err := d.SetEpoch(ctx, "3fa2b1c9"); err != nil {
+		t.Errorf("SetEpoch on an untagged VG: %v", err)
+	}
+	if err := d.SetEpoch(ctx, "44556677"); err != nil {
+		t.Errorf("SetEpoch replacing 00112233: %v", err)
+	}
+	if err := d.SetEpoch(ctx, "00112233"); err != nil {
+		t.Errorf("SetEpoch of the epoch kept: %v", err)
+	}
+	if err := d.SetEpoch(ctx, "44556677"); err == nil || !strings.Contains(err.Error(), "vgchange --deltag") {
+		t.Errorf("SetEpoch with two epoch tags: %v, want the tags named and the fix", err)
+	}
+	if err := d.SetEpoch(ctx, "aaaaaaaa"); err == nil || !strings.Contains(err.Error(), "keeping the crash epoch aaaaaaaa on volume group vg0") {
+		t.Errorf("SetEpoch whose vgchange failed: %v", err)
+	}
+	if err := d.SetEpoch(ctx, "nothex!!"); err == nil {
+		t.Error("SetEpoch took an epoch that is not one")
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/lvnbd/lvnbd/volume"
 )
 
 // The lvs and vgs fields lvnbd reads. Sizes come as strings of bytes
@@ -304,4 +306,53 @@ func parseVG(b []byte, name string) (*volumeGroup, error) {
 		}
 	}
 	return nil, fmt.Errorf("parsing vgs report: no volume group %s in it", name)
+}
+
+// epochTagPrefix, followed by the epoch, is the tag on the VG that keeps
+// the storage box's crash epoch (volume.EpochKeeper).
+const epochTagPrefix = "lvnbd-epoch-"
+
+// vgTagsArgs lists the tags of vg.
+func vgTagsArgs(vg string) []string {
+	return []string{"vgs", "--reportformat", "json", "-o", "vg_name,vg_tags", vg}
+}
+
+// parseVGEpoch parses `vgs --reportformat json -o vg_name,vg_tags` for the
+// epoch VG name keeps in its tags: "" if none, an error if the report has
+// no such VG, or its epoch tags are not one valid epoch.
+func parseVGEpoch(b []byte, name string) (string, error) {
+	var rep struct {
+		Report []struct {
+			VG []struct {
+				Name string `json:"vg_name"`
+				Tags string `json:"vg_tags"`
+			} `json:"vg"`
+		} `json:"report"`
+	}
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return "", fmt.Errorf("parsing vgs report: %w", err)
+	}
+	for _, r := range rep.Report {
+		for _, row := range r.VG {
+			if row.Name != name {
+				continue
+			}
+			var epochs []string
+			for _, t := range strings.Split(row.Tags, ",") {
+				if e, ok := strings.CutPrefix(t, epochTagPrefix); ok {
+					epochs = append(epochs, e)
+				}
+			}
+			switch {
+			case len(epochs) == 0:
+				return "", nil
+			case len(epochs) > 1 || !volume.ValidEpoch(epochs[0]):
+				return "", fmt.Errorf("volume group %s has the tags %s%s, where lvnbd keeps one crash epoch of "+
+					"8 lower-case hex digits: keep the one lvnbd serve last logged (vgchange --deltag)",
+					name, epochTagPrefix, strings.Join(epochs, ", "+epochTagPrefix))
+			}
+			return epochs[0], nil
+		}
+	}
+	return "", fmt.Errorf("parsing vgs report: no volume group %s in it", name)
 }

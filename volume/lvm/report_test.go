@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/lvnbd/lvnbd/volume"
 )
 
 // lvSummary is what the driver reads from one LV.
@@ -212,6 +214,55 @@ func TestParseVG(t *testing.T) {
 	if _, err := parseVG([]byte(`{"report":[{"vg":[{"vg_name":"vg0","vg_extent_size":"0"}]}]}`), "vg0"); err == nil {
 		t.Error("parseVG accepted an extent size of 0")
 	}
+}
+
+func TestParseVGEpoch(t *testing.T) {
+	for _, tc := range []struct {
+		name, report, vg, want, err string
+	}{
+		{name: "none", report: testdata(t, "vgs-tags-none.json"), vg: "vg0"},
+		{name: "beside another tag", report: testdata(t, "vgs-tags.json"), vg: "vg0", want: "00112233"},
+		{name: "two epochs", report: testdata(t, "vgs-tags-two.json"), vg: "vg0", err: "00112233, lvnbd-epoch-44556677"},
+		{name: "another VG", report: testdata(t, "vgs-tags.json"), vg: "vg1", err: "no volume group vg1"},
+		{name: "not an epoch", report: `{"report":[{"vg":[{"vg_name":"vg0","vg_tags":"lvnbd-epoch-XYZ"}]}]}`, vg: "vg0",
+			err: "8 lower-case hex digits"},
+		{name: "not json", report: `{`, vg: "vg0", err: "parsing vgs report"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseVGEpoch([]byte(tc.report), tc.vg)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("parseVGEpoch = %q, %v; want an error with %q", got, err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("parseVGEpoch = %q, %v; want %q", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// Whatever vgs prints, parseVGEpoch returns a valid epoch, none, or an
+// error.
+func FuzzParseVGEpoch(f *testing.F) {
+	files, err := filepath.Glob("testdata/vgs-tags*.json")
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, file := range files {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		e, err := parseVGEpoch(b, "vg0")
+		if err == nil && e != "" && !volume.ValidEpoch(e) {
+			t.Fatalf("parseVGEpoch returned %q, not an epoch", e)
+		}
+	})
 }
 
 func FuzzParseLVs(f *testing.F) {

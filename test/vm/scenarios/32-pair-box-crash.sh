@@ -2,10 +2,10 @@
 # timeout: 600
 # Storage box A goes down under its server (power loss, panic, reset): the writes it had
 # acknowledged but not flushed are lost, so when its server starts again it exports vm1 under a
-# new ID (the box's new epoch), and leg a refuses to reconnect, saying the box went down, while
-# leg b stays connected. A clean restart of the server keeps that ID, and the refusal. Taking
-# leg a alone down and up attaches it as a new half. A server killed while its box stays up
-# (scenario 21) changes no ID.
+# new ID (the box's new epoch, which box A's VG keeps as a tag), and leg a refuses to reconnect,
+# saying the box went down, while leg b stays connected. A clean restart of the server keeps
+# that ID, and the refusal, also with the crash file removed. Taking leg a alone down and up
+# attaches it as a new half. A server killed while its box stays up (scenario 21) changes no ID.
 #
 # The VM cannot reboot under a running scenario, so the crash is the server's SIGKILL followed
 # by what the next boot would find: its record in the crash file, under another boot ID.
@@ -36,6 +36,8 @@ start_box a
 grep -q 'this box went down while lvnbd served' server-a.log || fail "box a's server did not log the crash"
 desc_after=$(description nbd://192.0.2.2/vm1)
 assert_eq "${desc_before%)}--c$epoch)" "$desc_after" "vm1's description on box a after the crash"
+[[ $(vgs --noheadings -o vg_tags vga) == *"lvnbd-epoch-$epoch"* ]] || fail "vga does not keep the epoch: $(vgs -o vg_tags vga)"
+[[ $(vgs --noheadings -o vg_tags vgb) != *lvnbd-epoch* ]] || fail "vgb, whose box did not crash, has an epoch"
 wait_secs "[[ \$(leg a last_error) == *'went down'* ]]" 90
 lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq reconnecting "$(leg a state)" "leg a after box a's crash"
@@ -43,10 +45,11 @@ assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device, without connection
 assert_eq connected "$(leg b state)" "leg b after box a's crash"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device"
 
-# A clean restart keeps the epoch: still refused.
+# A clean restart keeps the epoch, also with the crash file gone (the VG keeps it): still refused.
 kill "$server_a"
 wait "$server_a" || fail "box a's server did not stop cleanly: $(tail -20 server-a.log)"
 grep -q '"running"' crash-a.json && fail "a clean stop left box a's server recorded as running: $(cat crash-a.json)"
+rm crash-a.json
 start_box a
 assert_eq "$desc_after" "$(description nbd://192.0.2.2/vm1)" "vm1's description on box a after a clean restart"
 errors_at=$(leg a last_error_at)

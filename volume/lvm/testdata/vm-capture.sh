@@ -5,10 +5,19 @@
 F=lv_name,lv_uuid,lv_size,lv_attr,lv_path,lv_tags,lv_time,origin,origin_size,lv_merging,snap_percent,data_percent,pool_lv,segtype,stripes,stripe_size
 lvsj() { lvs -a --reportformat json --units b --nosuffix -o "$F" vg0; }
 vgsj() { vgs --reportformat json --units b --nosuffix -o vg_name,vg_size,vg_free,vg_extent_size,pv_count vg0; }
+vgtagsj() { vgs --reportformat json -o vg_name,vg_tags vg0; }
 
 pvcreate -y /dev/ram0 /dev/ram1 /dev/ram2
 vgcreate vg0 /dev/ram0 /dev/ram1 /dev/ram2
 capture lvs-empty.json lvsj
+capture vgs-tags-none.json vgtagsj
+# The crash epoch as the driver keeps it: set, then replaced in one vgchange, beside another tag.
+vgchange --addtag lvnbd-epoch-3fa2b1c9 --addtag backup vg0
+vgchange --addtag lvnbd-epoch-00112233 --deltag lvnbd-epoch-3fa2b1c9 vg0
+capture vgs-tags.json vgtagsj
+vgchange --addtag lvnbd-epoch-44556677 vg0
+capture vgs-tags-two.json vgtagsj
+vgchange --deltag lvnbd-epoch-44556677 --deltag lvnbd-epoch-00112233 --deltag backup vg0
 # A striped LV of two segments, an untagged LV between them, a linear LV.
 lvcreate --yes -n vm1 -L 64m -i 2 -I 64k --addtag lvnbd vg0
 lvcreate --yes -n root -L 8m vg0
