@@ -20,7 +20,10 @@ const DefaultPath = "/run/lvnbd/control.sock"
 type Status struct {
 	// Driver is the volume driver's URL, empty when the server exports no
 	// volumes (only --export files and devices).
-	Driver  string                `json:"driver"`
+	Driver string `json:"driver"`
+	// Epoch is the crash epoch every volume's ID ends with, once the box
+	// went down under a running server (server/boxcrash); empty before.
+	Epoch   string                `json:"epoch,omitempty"`
 	Exports []server.ExportStatus `json:"exports"`
 	// Failures are the recorded write-back failures, also of exports not
 	// served now (a volume missing since); lvnbd recover clears them.

@@ -99,7 +99,7 @@ func (h *handler) status(w http.ResponseWriter, r *http.Request) {
 		st.Failures = f.List()
 	}
 	if h.vols != nil {
-		st.Driver = h.vols.Driver().String()
+		st.Driver, st.Epoch = h.vols.Driver().String(), h.vols.Epoch
 	}
 	writeJSON(w, st)
 }

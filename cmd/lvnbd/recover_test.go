@@ -15,6 +15,7 @@ import (
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/server/backend"
+	"github.com/lvnbd/lvnbd/volume/file"
 )
 
 // TestRecoverThroughServer: lvnbd status shows failed exports, also those
@@ -127,5 +128,33 @@ func TestRecoverThroughServer(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); strings.TrimSpace(string(b)) != "[]" {
 		t.Errorf("failure file left with %s", b)
+	}
+}
+
+// lvnbd status shows the crash epoch the volumes are served under, once
+// the box went down under a server, and nothing of it before.
+func TestStatusShowsTheCrashEpoch(t *testing.T) {
+	for _, epoch := range []string{"", "3fa2b1c9"} {
+		drv, err := file.New(filepath.Join(t.TempDir(), "volumes"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		reg := server.NewRegistry()
+		vols := server.NewVolumes(drv, reg, nil)
+		vols.Epoch = epoch
+		sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg}), vols)
+		text, err := runVolumeCommand(t, "status", "--control", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		asJSON, err := runVolumeCommand(t, "status", "--json", "--control", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		shown := strings.Contains(text, "crash epoch 3fa2b1c9") && strings.Contains(asJSON, `"epoch": "3fa2b1c9"`)
+		hidden := !strings.Contains(text, "crash epoch") && !strings.Contains(asJSON, `"epoch"`)
+		if epoch != "" && !shown || epoch == "" && !hidden {
+			t.Errorf("with epoch %q, lvnbd status says:\n%s\nand --json:\n%s", epoch, text, asJSON)
+		}
 	}
 }

@@ -24,8 +24,10 @@ func newStatusCmd() *cobra.Command {
 byte counts per connection. An export whose storage failed to write back data
 shows as FAILED, with why: every request to it fails, also after a restart,
 until lvnbd recover (see its --help for what to do first). Failures recorded
-for exports not served now are listed too. It asks the server through its
-control socket (root only).`,
+for exports not served now are listed too. Once the box went down under a
+running server, the volumes' crash epoch is shown ("epoch" in --json): every
+volume's ID ends with it (see lvnbd serve --help). It asks the server through
+its control socket (root only).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := control.NewClient(ctlPath).Status(cmd.Context())
@@ -38,7 +40,11 @@ control socket (root only).`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(st)
 			}
-			if st.Driver != "" {
+			switch {
+			case st.Driver != "" && st.Epoch != "":
+				fmt.Fprintf(out, "volumes: %s, crash epoch %s: this box went down under a running server, so the "+
+					"volumes' IDs end in --c%s, and dom0s refuse the halves they attached before\n\n", st.Driver, st.Epoch, st.Epoch)
+			case st.Driver != "":
 				fmt.Fprintf(out, "volumes: %s\n\n", st.Driver)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)

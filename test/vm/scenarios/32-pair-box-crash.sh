@@ -38,6 +38,7 @@ desc_after=$(description nbd://192.0.2.2/vm1)
 assert_eq "${desc_before%)}--c$epoch)" "$desc_after" "vm1's description on box a after the crash"
 [[ $(vgs --noheadings -o vg_tags vga) == *"lvnbd-epoch-$epoch"* ]] || fail "vga does not keep the epoch: $(vgs -o vg_tags vga)"
 [[ $(vgs --noheadings -o vg_tags vgb) != *lvnbd-epoch* ]] || fail "vgb, whose box did not crash, has an epoch"
+[[ $(lvnbd status --control /run/lvnbd/a.sock) == *"crash epoch $epoch"* ]] || fail "lvnbd status on box a does not show the epoch"
 wait_secs "[[ \$(leg a last_error) == *'went down'* ]]" 90
 lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq reconnecting "$(leg a state)" "leg a after box a's crash"
