@@ -32,10 +32,6 @@ const DefaultFenceFile = "/var/lib/lvnbd/fences.json"
 // so that they stay failed across restarts.
 const DefaultFailureFile = "/var/lib/lvnbd/failures.json"
 
-// DefaultCrashFile is where lvnbd serve records that it runs, to notice at
-// its next start that the box went down under it (server/boxcrash).
-const DefaultCrashFile = "/var/lib/lvnbd/crash.json"
-
 // DefaultRescan is how often the server re-reads its volumes.
 const DefaultRescan = 10 * time.Second
 
@@ -83,10 +79,6 @@ type Server struct {
 	// FailureFile is where failed write-backs are recorded; empty keeps
 	// them in memory only, and a restart serves such an export again.
 	FailureFile string
-	// CrashFile is where the server records that it runs, so that its
-	// next start notices a crash of the box and gives every volume's ID
-	// the box's new epoch; empty notices nothing.
-	CrashFile string
 }
 
 // Log is the [log] table.
@@ -147,7 +139,6 @@ func Default() *Config {
 			MaxInflightBytes:        server.DefaultMaxInFlightBytes,
 			FenceFile:               DefaultFenceFile,
 			FailureFile:             DefaultFailureFile,
-			CrashFile:               DefaultCrashFile,
 		},
 		Log: Log{Level: "info", Format: "console"},
 		// optional is what --tls defaults to: with no certificate it
@@ -213,7 +204,6 @@ var tableSettings = []struct {
 		{"max_inflight_bytes", "max-inflight-bytes", func(c *Config) any { return (*size)(&c.Server.MaxInflightBytes) }},
 		{"fence_file", "fence-file", func(c *Config) any { return &c.Server.FenceFile }},
 		{"failure_file", "failure-file", func(c *Config) any { return &c.Server.FailureFile }},
-		{"crash_file", "crash-file", func(c *Config) any { return &c.Server.CrashFile }},
 	}},
 	{"log", []setting{
 		{"level", "log-level", func(c *Config) any { return &c.Log.Level }},

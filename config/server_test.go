@@ -33,13 +33,12 @@ max_inflight_requests = 32
 max_inflight_bytes = "64MiB"
 fence_file = ""
 failure_file = "/srv/lvnbd/failures.json"
-crash_file = "/srv/lvnbd/crash.json"
 `, func(c *Config) {
 		c.Server = Server{
 			Listen:  []string{"tcp://0.0.0.0:10809", "unix:///run/lvnbd/nbd.sock", "tcp://[::]:10810"},
 			Volumes: "lvm://vg0", Rescan: 0, HandshakeTimeout: 10 * time.Second, DrainTimeout: 150 * time.Second,
 			MaxConnections: 10, MaxConnectionsPerClient: 2, MaxInflightRequests: 32, MaxInflightBytes: 64 << 20,
-			FailureFile: "/srv/lvnbd/failures.json", CrashFile: "/srv/lvnbd/crash.json",
+			FailureFile: "/srv/lvnbd/failures.json",
 		}
 	}},
 	{"size as bytes", "[server]\nmax_inflight_bytes = 67108864\n", func(c *Config) { c.Server.MaxInflightBytes = 64 << 20 }},
@@ -218,7 +217,6 @@ func TestDefaults(t *testing.T) {
 		{"max_inflight_bytes", c.Server.MaxInflightBytes, int64(server.DefaultMaxInFlightBytes)},
 		{"fence_file", c.Server.FenceFile, "/var/lib/lvnbd/fences.json"},
 		{"failure_file", c.Server.FailureFile, "/var/lib/lvnbd/failures.json"},
-		{"crash_file", c.Server.CrashFile, "/var/lib/lvnbd/crash.json"},
 		{"log", c.Log, Log{Level: "info", Format: "console"}},
 		{"tls.default", c.TLS.Default, "optional"},
 		{"metrics", c.Metrics.Listen, ""},

@@ -31,7 +31,6 @@ type (
 		MaxInflightBytes        string   `toml:"max_inflight_bytes"`
 		FenceFile               string   `toml:"fence_file"`
 		FailureFile             string   `toml:"failure_file"`
-		CrashFile               string   `toml:"crash_file"`
 	}
 	logTable struct {
 		Level  string `toml:"level"`
@@ -80,7 +79,6 @@ func (c *Config) WriteTOML(w io.Writer) error {
 			MaxInflightBytes:        formatSize(s.MaxInflightBytes),
 			FenceFile:               s.FenceFile,
 			FailureFile:             s.FailureFile,
-			CrashFile:               s.CrashFile,
 		},
 		Log:           logTable(c.Log),
 		TLS:           tlsTable(c.TLS),

@@ -189,16 +189,51 @@ type Driver interface {
 	MergeSnapshot(ctx context.Context, volume, snapshot string) error
 }
 
-// EpochKeeper is a Driver that keeps the storage box's crash epoch with its
-// volumes (LVM: a tag on the volume group; files: in lvnbd.json), so that
-// the epoch in their IDs stays with their data: a crash file lost, moved or
-// turned off must not give volumes back the IDs they had before a crash
-// (see server/boxcrash).
-type EpochKeeper interface {
-	// Epoch returns the epoch kept, "" if none is.
-	Epoch(ctx context.Context) (string, error)
-	// SetEpoch keeps epoch in place of any other, durably.
-	SetEpoch(ctx context.Context, epoch string) error
+// RunKeeper is a Driver that records, with its volumes, which servers
+// serve them and the storage box's crash epoch (server/boxcrash): a server
+// that ran when the box went down (power loss, panic, reset) lost the writes
+// it had acknowledged but not flushed, and its volumes must then change ID.
+// Kept with the volumes (LVM: tags on the volume group; files: lvnbd.json),
+// the record goes wherever they go, and no file elsewhere can be lost,
+// restored or shared in its place.
+type RunKeeper interface {
+	// UpdateRuns reads the record, lets f change it, and stores it in one
+	// durable change if f reports a change.
+	UpdateRuns(ctx context.Context, f func(*RunState) (changed bool, err error)) error
+}
+
+// RunState is what RunKeeper records.
+type RunState struct {
+	// Epoch is drawn at the first start after each crash of the box
+	// under a server, "" before the first: every volume's ID ends with it.
+	Epoch string `json:"epoch,omitempty"`
+	// Runs are the servers that serve the volumes, or served them and did
+	// not stop cleanly.
+	Runs []Run `json:"runs,omitempty"`
+}
+
+// Run is one lvnbd serve process.
+type Run struct {
+	// Boot is the kernel's boot ID it ran in, as 32 lower-case hex digits.
+	Boot string `json:"boot"`
+	PID  int    `json:"pid"`
+	// PIDStart is when the process started, in clock ticks after boot
+	// (/proc/PID/stat): with PID, it tells the server from a later process
+	// given its pid; 0 if unknown.
+	PIDStart uint64 `json:"pid_start,omitempty"`
+}
+
+// Valid reports whether r can be recorded.
+func (r Run) Valid() bool {
+	if len(r.Boot) != 32 || r.PID <= 0 {
+		return false
+	}
+	for _, c := range r.Boot {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // ValidEpoch reports whether e is an epoch: 8 lower-case hex digits.

@@ -49,11 +49,12 @@ The control socket (--control, root only) is how lvnbd volume, lvnbd snapshot,
 lvnbd status and lvnbd fence reach the running server.
 
 A crash of this box under a running server (power loss, panic, reset) loses
-the writes acknowledged since the last flush. The server records that it runs
-in --crash-file; the next start after such a crash logs it and exports every
-volume under a new ID, which dom0s refuse until each half is added to its
-guest's mirror in full. A server killed while the box stays up changes
-nothing.
+the writes acknowledged since the last flush. The server records with its
+volumes that it serves them (tags lvnbd-run-* and lvnbd-epoch-* on the volume
+group; lvnbd.json of file volumes); the next start after such a crash logs it
+and exports every volume under a new ID, which dom0s refuse until each half is
+added to its guest's mirror in full. A server killed while the box stays up
+changes nothing.
 
 TLS: with --tls-cert and --tls-key clients may start TLS (nbds:// URIs);
 --tls required makes every export TLS-only; with --tls-ca client certificates
@@ -124,7 +125,6 @@ addresses or CIDRs, --allow-name to client certificate names.`,
 	f.String("max-inflight-bytes", "128MiB", "payload bytes held per connection (at least 32MiB)")
 	f.String("fence-file", def.Server.FenceFile, "where fences are kept across restarts (empty: in memory only)")
 	f.String("failure-file", def.Server.FailureFile, "where exports whose write-back failed are recorded, to stay failed across restarts (empty: in memory only)")
-	f.String("crash-file", def.Server.CrashFile, "where the server records that it runs, so that its next start notices a crash of this box and gives every volume a new ID (empty: crashes go unnoticed)")
 	f.String("tls-cert", "", "TLS certificate (PEM) for nbds:// clients")
 	f.String("tls-key", "", "TLS private key (PEM)")
 	f.String("tls-ca", "", "CA (PEM) to verify client certificates against")

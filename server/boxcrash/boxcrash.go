@@ -1,5 +1,5 @@
 // Package boxcrash notices that a storage box went down (power loss, panic,
-// reset) while lvnbd serve ran on it, so that the volumes it served stop
+// reset) while lvnbd serve served its volumes, so that the volumes stop
 // passing for what they were.
 //
 // The server acknowledges writes once they are in the page cache (a FLUSH or
@@ -10,24 +10,28 @@
 // seconds after a write completes, not after it is flushed. The mirror's
 // halves would differ without anyone knowing.
 //
-// So each lvnbd serve records in a file (under /var/lib) that it runs, with
-// the kernel's boot ID, and takes that record out again when it stops
-// cleanly, after its final flushes. A record left from an earlier boot means
-// the box went down under a running server: the next start draws a new
-// epoch, which the server adds to every volume's ID (nbd.WithEpoch). Dom0s
-// then refuse those halves as they refuse a volume made anew, and they must
-// be added to their mirrors in full.
+// So a server records with its volumes (volume.RunKeeper: tags on the LVM
+// volume group, lvnbd.json of file volumes) that it serves them, with the
+// kernel's boot ID, before it serves any (Begin), and takes the record out
+// when it stops cleanly, after its final flushes (End). A record of an
+// earlier boot means the box went down under a server: the next start draws
+// a new epoch, which the server adds to every volume's ID (nbd.WithEpoch),
+// in the same change that drops those records. Dom0s then refuse those
+// halves as they refuse a volume made anew, and they must be added to their
+// mirrors in full. Kept with the volumes, the record goes wherever they go:
+// no file elsewhere can be lost, restored or shared in its place.
 //
-// A server that died while the box stayed up loses nothing (the page cache
-// outlives it) and changes nothing here. Several servers may share the file:
-// each has its own record, and the file is locked while it changes.
+// A server that died while the box stayed up lost nothing (the page cache
+// outlives it): its record stays until a later server of the same volumes
+// stops cleanly and has made every volume durable, or until the next boot,
+// which then counts a crash, as it cannot tell.
 package boxcrash
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -35,146 +39,127 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
-// bootIDPath is where the kernel says which boot this is: a random UUID
-// drawn at every boot. Tests replace it.
-var bootIDPath = "/proc/sys/kernel/random/boot_id"
+// procRoot is where /proc is; tests replace it.
+var procRoot = "/proc"
 
-// State is what the file holds.
-type State struct {
-	// Epoch is drawn at the first start after each crash (see Crash) and
-	// kept until the next: "" until the box's first crash under a server.
-	Epoch string `json:"epoch,omitempty"`
-	// Crashes are the crashes noticed, oldest first; at most maxCrashes.
-	Crashes []Crash `json:"crashes,omitempty"`
-	// Running are the servers that started in some boot and have not
-	// stopped cleanly.
-	Running []Run `json:"running,omitempty"`
-}
-
-// Crash is one crash noticed.
-type Crash struct {
-	// Epoch is the epoch the crash drew.
-	Epoch string `json:"epoch"`
-	// BootID is the boot that went down; Noticed when a server started
-	// after it.
-	BootID  string    `json:"boot_id,omitempty"`
-	Noticed time.Time `json:"noticed"`
-	// Reason is why an epoch was drawn without a crash (Tracker.Renew).
-	Reason string `json:"reason,omitempty"`
-}
-
-// Run is one lvnbd serve that runs, or ran until a crash.
-type Run struct {
-	// ID tells this run from any other, also of the same process.
-	ID  string `json:"id"`
-	PID int    `json:"pid"`
-	// PIDStart is when the process started, in clock ticks after boot
-	// (/proc/PID/stat): with PID, it tells the server from a later
-	// process given its pid. 0 if unknown.
-	PIDStart uint64 `json:"pid_start,omitempty"`
-	// PIDNamespace is the pid namespace PID is in (/proc/self/ns/pid):
-	// a server in another cannot be looked up, and is taken to run.
-	PIDNamespace string    `json:"pid_namespace,omitempty"`
-	BootID       string    `json:"boot_id"`
-	Started      time.Time `json:"started"`
-}
-
-// maxCrashes bounds the crashes the file keeps: the latest tell enough.
-const maxCrashes = 16
-
-// Tracker is one server's record in the file, from Start to Stop.
-type Tracker struct {
-	path    string
-	run     Run
-	crashed *Crash
-	mu      sync.Mutex
-	epoch   string
-	known   []string // every epoch the file records
-	stopped bool
-}
-
-// Start records in the file at path that this server runs, and draws a new
-// epoch if a server ran there when the box last went down. It fails if that
-// cannot be made durable: a crash would then go unnoticed. An empty path
-// tracks nothing, and the epoch is "".
-func Start(path string) (*Tracker, error) {
-	t := &Tracker{path: path}
-	if path == "" {
-		return t, nil
-	}
-	boot, err := bootID()
+// Self returns this process as a run: the boot it runs in, its pid and
+// start time. One server runs per process.
+func Self() (volume.Run, error) {
+	b, err := os.ReadFile(filepath.Join(procRoot, "sys/kernel/random/boot_id"))
 	if err != nil {
-		return nil, err
+		return volume.Run{}, fmt.Errorf("reading the boot ID: %w", err)
 	}
-	id := make([]byte, 8)
-	if _, err := rand.Read(id); err != nil {
-		return nil, fmt.Errorf("crash file: %w", err)
+	pid := os.Getpid()
+	r := volume.Run{Boot: strings.ReplaceAll(strings.TrimSpace(string(b)), "-", ""), PID: pid, PIDStart: pidStart(pid)}
+	if !r.Valid() {
+		return volume.Run{}, fmt.Errorf("boot ID %q is not a UUID", strings.TrimSpace(string(b)))
 	}
-	self := os.Getpid()
-	t.run = Run{ID: hex.EncodeToString(id), PID: self, PIDStart: pidStart(self), PIDNamespace: pidNamespace(),
-		BootID: boot, Started: time.Now().UTC()}
-	err = update(path, func(s *State) error {
-		var gone []Run
-		s.Running, gone = split(s.Running, boot)
-		if len(gone) > 0 {
-			c := Crash{Epoch: epochOf(boot), BootID: gone[0].BootID, Noticed: t.run.Started}
-			s.Epoch = c.Epoch
-			s.Crashes = appendCrash(s.Crashes, c)
-			t.crashed = &c
+	return r, nil
+}
+
+// Begun is what Begin found.
+type Begun struct {
+	// Epoch is the one the volumes' IDs end with: "" until the box's
+	// first crash under a server.
+	Epoch string
+	// Crashed are the runs of earlier boots found: the box went down
+	// under them, and Epoch was drawn anew. None if it did not.
+	Crashed []volume.Run
+}
+
+// Begin records self with the volumes k keeps, and draws a new epoch if a
+// server served them when the box last went down, in one durable change:
+// call it before any volume is served. It fails if that cannot be recorded:
+// a crash would then go unnoticed.
+func Begin(ctx context.Context, k volume.RunKeeper, self volume.Run) (Begun, error) {
+	var b Begun
+	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		b = Begun{}
+		var runs []volume.Run
+		for _, r := range s.Runs {
+			if r.Boot != self.Boot {
+				b.Crashed = append(b.Crashed, r)
+			} else if r != self {
+				runs = append(runs, r)
+			}
 		}
-		s.Running = append(s.Running, t.run)
-		t.epoch = s.Epoch
-		t.known = knownEpochs(s)
-		return nil
+		if len(b.Crashed) > 0 {
+			e, err := drawEpoch()
+			if err != nil {
+				return false, err
+			}
+			s.Epoch = e
+		}
+		s.Runs = append(runs, self)
+		b.Epoch = s.Epoch
+		return true, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("crash file %s: %w; lvnbd serve does not start without it, as a crash of this "+
-			"box would go unnoticed and the dom0s would take its volumes back as they are", path, err)
+		return Begun{}, fmt.Errorf("recording that this server serves the volumes, so that a crash of the box "+
+			"under it is noticed: %w", err)
 	}
-	return t, nil
+	return b, nil
 }
 
-// split keeps the runs of servers still running in this boot, and returns
-// apart those of earlier boots, which the box went down under. A run of
-// this boot whose process is gone died without a crash of the box, and the
-// page cache outlived it: it is dropped once what it wrote is written back
-// (sync(2)), as no later stop of another server would write back its
-// exports: from then on, a crash loses none of its writes.
-func split(runs []Run, boot string) (running, gone []Run) {
-	synced := false
-	for _, r := range runs {
-		switch {
-		case r.BootID != boot:
-			gone = append(gone, r)
-		case alive(r):
-			running = append(running, r)
-		case !synced:
-			unix.Sync()
-			synced = true
+// End takes self's record out: call it once every export was flushed and
+// closed, or when nothing was served. The records of this boot's servers
+// that died go too, once flush has made every volume durable (it writes
+// back and flushes what they left); if flush fails they stay, and the next
+// boot counts a crash.
+func End(ctx context.Context, k volume.RunKeeper, self volume.Run, flush func(context.Context) error) error {
+	var dead []volume.Run
+	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		for _, r := range s.Runs {
+			if r != self && r.Boot == self.Boot && !alive(r) {
+				dead = append(dead, r)
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		return fmt.Errorf("taking this server's record out: %w", err)
+	}
+	var flushErr error
+	if len(dead) > 0 {
+		if flushErr = flush(ctx); flushErr != nil {
+			dead = nil
+			flushErr = fmt.Errorf("making every volume durable before taking out the records of servers "+
+				"that died: %w; they stay, and the next boot counts a crash", flushErr)
 		}
 	}
-	return running, gone
+	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		n := len(s.Runs)
+		s.Runs = slices.DeleteFunc(s.Runs, func(r volume.Run) bool { return r == self || slices.Contains(dead, r) })
+		return len(s.Runs) != n, nil
+	})
+	if err != nil {
+		return errors.Join(fmt.Errorf("taking this server's record out (the next boot counts a crash): %w", err), flushErr)
+	}
+	return flushErr
 }
 
-// alive reports whether r's process may still run: a process has its pid
-// and start time, or r is of another pid namespace, where its pid cannot
-// be looked up. A run taken for alive wrongly stays in the file, and makes
-// the next boot count a crash: only a resync that was not needed.
-func alive(r Run) bool {
+// drawEpoch draws an epoch at random: 8 hex digits.
+func drawEpoch() (string, error) {
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("drawing an epoch: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}
+
+// alive reports whether r's process may still run: a process has its pid,
+// and its start time where both are known. A server of another pid
+// namespace on the same volumes would be taken for dead, and its record
+// dropped after the flush: run the servers of a box in one.
+func alive(r volume.Run) bool {
 	if r.PID <= 0 {
 		return false
-	}
-	if ns := pidNamespace(); r.PIDNamespace != "" && ns != "" && r.PIDNamespace != ns {
-		return true
 	}
 	err := unix.Kill(r.PID, 0)
 	if err != nil && !errors.Is(err, unix.EPERM) {
@@ -183,9 +168,6 @@ func alive(r Run) bool {
 	start := pidStart(r.PID)
 	return r.PIDStart == 0 || start == 0 || start == r.PIDStart
 }
-
-// procRoot is where /proc is; tests replace it.
-var procRoot = "/proc"
 
 // pidStart returns when process pid started, in clock ticks after boot
 // (field 22 of /proc/PID/stat), 0 if it cannot tell.
@@ -210,200 +192,4 @@ func pidStart(pid int) uint64 {
 		return 0
 	}
 	return n
-}
-
-// pidNamespace names the pid namespace of this process, "" if it cannot
-// tell.
-func pidNamespace() string {
-	ns, err := os.Readlink(filepath.Join(procRoot, "self", "ns", "pid"))
-	if err != nil {
-		return ""
-	}
-	return ns
-}
-
-// epochOf makes an epoch of a boot ID: its first 8 hex digits, as random
-// as the boot ID is, so that no two crashes draw the same one, even after
-// the file was removed.
-func epochOf(boot string) string {
-	return strings.ReplaceAll(boot, "-", "")[:epochLen]
-}
-
-// knownEpochs are the epochs s records.
-func knownEpochs(s *State) []string {
-	var known []string
-	if s.Epoch != "" {
-		known = append(known, s.Epoch)
-	}
-	for _, c := range s.Crashes {
-		known = append(known, c.Epoch)
-	}
-	return known
-}
-
-// Epoch is the box's epoch: "" until its first crash under a server.
-func (t *Tracker) Epoch() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.epoch
-}
-
-// Known reports whether the file records epoch as the box's, or as one
-// drawn before: the volumes kept it from then.
-func (t *Tracker) Known(epoch string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return epoch != "" && slices.Contains(t.known, epoch)
-}
-
-// Renew draws a new epoch at random, not from a crash, and records it with
-// why: for volumes whose epoch the file does not know, where neither can
-// tell which is newer. An empty path records nothing.
-func (t *Tracker) Renew(why string) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	b := make([]byte, epochLen/2)
-	if _, err := rand.Read(b); err != nil {
-		return "", fmt.Errorf("drawing an epoch: %w", err)
-	}
-	c := Crash{Epoch: hex.EncodeToString(b), Noticed: time.Now().UTC(), Reason: why}
-	if t.path != "" {
-		err := update(t.path, func(s *State) error {
-			s.Epoch = c.Epoch
-			s.Crashes = appendCrash(s.Crashes, c)
-			t.known = knownEpochs(s)
-			return nil
-		})
-		if err != nil {
-			return "", fmt.Errorf("crash file %s: recording a new epoch: %w", t.path, err)
-		}
-	}
-	t.epoch = c.Epoch
-	return c.Epoch, nil
-}
-
-// appendCrash appends c to crashes, keeping the latest maxCrashes.
-func appendCrash(crashes []Crash, c Crash) []Crash {
-	crashes = append(crashes, c)
-	if n := len(crashes); n > maxCrashes {
-		crashes = slices.Clone(crashes[n-maxCrashes:])
-	}
-	return crashes
-}
-
-// Crashed returns the crash this start noticed, nil if none.
-func (t *Tracker) Crashed() *Crash { return t.crashed }
-
-// Stop takes this server's record out of the file: call it once every
-// export was flushed and closed. Until then, or if this fails, a crash of
-// the box is noticed at the next start.
-func (t *Tracker) Stop() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.path == "" || t.stopped {
-		return nil
-	}
-	err := update(t.path, func(s *State) error {
-		s.Running = slices.DeleteFunc(s.Running, func(r Run) bool { return r.ID == t.run.ID })
-		// Servers of this boot that died are dropped as at a start;
-		// those of another boot (none, unless the file was copied) are
-		// a crash still to be noticed.
-		running, gone := split(s.Running, t.run.BootID)
-		s.Running = append(running, gone...)
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("crash file %s: recording a clean stop: %w", t.path, err)
-	}
-	t.stopped = true
-	return nil
-}
-
-// Load reads the state at path, for a look: a missing file is an empty one.
-func Load(path string) (State, error) {
-	var s State
-	b, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return s, nil
-	}
-	if err != nil {
-		return s, err
-	}
-	return s, Parse(b, &s)
-}
-
-// Parse decodes a crash file, refusing what this lvnbd did not write: a
-// damaged file must stop the server rather than hide a crash.
-func Parse(b []byte, s *State) error {
-	if err := json.Unmarshal(b, s); err != nil {
-		return fmt.Errorf("corrupt (%w)", err)
-	}
-	if s.Epoch != "" && !validEpoch(s.Epoch) {
-		return fmt.Errorf("corrupt: epoch %q is not 8 hex digits", s.Epoch)
-	}
-	for _, c := range s.Crashes {
-		if !validEpoch(c.Epoch) {
-			return fmt.Errorf("corrupt: a crash's epoch %q is not 8 hex digits", c.Epoch)
-		}
-	}
-	for _, r := range s.Running {
-		if r.ID == "" || r.BootID == "" {
-			return fmt.Errorf("corrupt: a running server without an ID or boot ID")
-		}
-	}
-	return nil
-}
-
-// epochLen is the length of an epoch: 8 hex digits.
-const epochLen = 8
-
-func validEpoch(e string) bool { return volume.ValidEpoch(e) }
-
-// update changes the file under its lock: reads it, lets f change it, and
-// replaces it durably.
-func update(path string, f func(*State) error) error {
-	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
-	for {
-		err = unix.Flock(int(lock.Fd()), unix.LOCK_EX)
-		if err != unix.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("locking %s: %w", lock.Name(), err)
-	}
-	s, err := Load(path)
-	if err != nil {
-		return fmt.Errorf("%w: it tells whether the box went down under a running server; remove it only if "+
-			"it did not (every server stopped cleanly before the box last shut down), or else replace every "+
-			"half this box serves in full", err)
-	}
-	if err := f(&s); err != nil {
-		return err
-	}
-	b, err := json.MarshalIndent(s, "", "  ")
-	if err != nil {
-		return err
-	}
-	return atomicfile.Write(path, append(b, '\n'), 0o600)
-}
-
-// bootID reads the kernel's boot ID.
-func bootID() (string, error) {
-	b, err := os.ReadFile(bootIDPath)
-	if err != nil {
-		return "", fmt.Errorf("reading the boot ID: %w", err)
-	}
-	id := strings.TrimSpace(string(b))
-	if len(strings.ReplaceAll(id, "-", "")) < 8 || !validEpoch(epochOf(id)) {
-		return "", fmt.Errorf("boot ID %q in %s is not a UUID", id, bootIDPath)
-	}
-	return id, nil
 }

@@ -21,7 +21,6 @@ import (
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/internal/systemd"
 	"github.com/lvnbd/lvnbd/server"
-	"github.com/lvnbd/lvnbd/server/boxcrash"
 	"github.com/lvnbd/lvnbd/server/metrics"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -55,6 +54,10 @@ type Daemon struct {
 	// absent are the exports configured whose file or device could not be
 	// opened: left out, and opened again by each reload.
 	absent map[string]absentExport
+	// run is this server as recorded with its volumes (see beginRun),
+	// runs their driver; nil when it records nothing.
+	run  *volume.Run
+	runs volume.RunKeeper
 }
 
 // Run serves until ctx is done, then drains and returns; cancellation is a
@@ -85,30 +88,15 @@ func Run(ctx context.Context, opts Options) error {
 			zap.String("export", f.Export), zap.String("description", f.Description), zap.String("error", f.Error),
 			zap.Time("since", f.Since), zap.String("recorded_in", cfg.Server.FailureFile))
 	}
-	// Before any export is served: a crash from now on is noticed.
-	crashes, err := boxcrash.Start(cfg.Server.CrashFile)
-	if err != nil {
-		return err
-	}
 	// Until the server serves, no client can have had a write
-	// acknowledged: a start that fails takes its record out, or the next
-	// boot would count it as a crash.
+	// acknowledged: a start that fails takes its record with the volumes
+	// out (see beginRun), or the next boot would count a crash.
 	serving := false
 	defer func() {
 		if !serving {
-			if err := crashes.Stop(); err != nil {
-				d.log.Warn("this server did not serve, but stays recorded as running: the next boot counts a crash",
-					zap.Error(err))
-			}
+			d.endRun(ctx)
 		}
 	}()
-	if c := crashes.Crashed(); c != nil {
-		d.log.Error("this box went down while lvnbd served (power loss, panic or reset): the writes acknowledged "+
-			"but not flushed before are lost, so every volume is exported under a new ID, and dom0s refuse "+
-			"these halves until each is taken down and up (lvnbd pair down --leg, pair up --leg) and added "+
-			"to its guest's mirror in full",
-			zap.String("epoch", c.Epoch), zap.String("boot_id", c.BootID), zap.String("recorded_in", cfg.Server.CrashFile))
-	}
 	tlsConfig, err := cfg.TLSConfig()
 	if err != nil {
 		return err
@@ -129,7 +117,7 @@ func Run(ctx context.Context, opts Options) error {
 			return err
 		}
 		d.vols = server.NewVolumes(drv, d.reg, d.log)
-		if d.vols.Epoch, err = volumeEpoch(ctx, crashes, drv, d.log); err != nil {
+		if err := d.beginRun(ctx, drv); err != nil {
 			return err
 		}
 		if d.vols.Access, err = cfg.ServerAccess(cfg.VolumeExports); err != nil {
@@ -231,7 +219,10 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	// Every export was flushed and closed (or its failure recorded): a
 	// crash of the box from now on loses nothing this server acknowledged.
-	return crashes.Stop()
+	if err := d.endRun(ctx); err != nil {
+		return fmt.Errorf("%w: the next boot counts a crash of this box, and every volume changes ID", err)
+	}
+	return nil
 }
 
 // failureRetry is how often a failure record that could not be written is
@@ -393,7 +384,6 @@ func (d *Daemon) reload() error {
 		{"server.control", old.Server.Control, cfg.Server.Control},
 		{"server.fence_file", old.Server.FenceFile, cfg.Server.FenceFile},
 		{"server.failure_file", old.Server.FailureFile, cfg.Server.FailureFile},
-		{"server.crash_file", old.Server.CrashFile, cfg.Server.CrashFile},
 		{"server.rescan", old.Server.Rescan, cfg.Server.Rescan},
 		{"log.format", old.Log.Format, cfg.Log.Format},
 		{"limits and timeouts", old.ServerConfig(), cfg.ServerConfig()},

@@ -113,7 +113,7 @@ func TestReload(t *testing.T) {
 		c := config.Default()
 		c.Server.Listen = []string{"unix://" + sock}
 		c.Server.Control = ""
-		c.Server.FenceFile, c.Server.FailureFile, c.Server.CrashFile = "", "", ""
+		c.Server.FenceFile, c.Server.FailureFile = "", ""
 		c.Server.Rescan = 0
 		c.Exports = exports
 		return c
@@ -182,7 +182,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	sock := filepath.Join(dir, "nbd.sock")
 	cfg := config.Default()
 	cfg.Server.Listen = []string{"unix://" + sock}
-	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.FailureFile, cfg.Server.CrashFile, cfg.Server.Rescan = "", "", "", "", 0
+	cfg.Server.Control, cfg.Server.FenceFile, cfg.Server.FailureFile, cfg.Server.Rescan = "", "", "", 0
 	cfg.Exports = []config.Export{{Name: "m", Path: sparse(t, "m.img", 1<<20)}}
 	cfg.Metrics.Listen = "127.0.0.1:0"
 	cfgs := &configs{}
@@ -242,7 +242,7 @@ func TestFailedExportAcrossRestartAndRecover(t *testing.T) {
 	base := func(exports ...config.Export) *config.Config {
 		c := config.Default()
 		c.Server.Listen = []string{"unix://" + sock}
-		c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.CrashFile, c.Server.Rescan = ctl, "", failures, "", 0
+		c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.Rescan = ctl, "", failures, 0
 		c.Exports = exports
 		return c
 	}
@@ -346,7 +346,7 @@ func TestStartsBesideAnUnreadableVolume(t *testing.T) {
 func testConfig(sock string, exports ...config.Export) *config.Config {
 	c := config.Default()
 	c.Server.Listen = []string{"unix://" + sock}
-	c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.CrashFile, c.Server.Rescan = "", "", "", "", 0
+	c.Server.Control, c.Server.FenceFile, c.Server.FailureFile, c.Server.Rescan = "", "", "", 0
 	c.Exports = exports
 	return c
 }

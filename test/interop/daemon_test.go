@@ -19,7 +19,7 @@ func TestSocketActivation(t *testing.T) {
 	port := freePort(t)
 	log := &syncBuffer{}
 	cmd := exec.Command("systemd-socket-activate", "-l", fmt.Sprintf("127.0.0.1:%d", port),
-		lvnbdBin, "serve", "--control=", "--fence-file=", "--failure-file=", "--crash-file=", "--export", "sa="+img)
+		lvnbdBin, "serve", "--control=", "--fence-file=", "--failure-file=", "--export", "sa="+img)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -184,7 +184,7 @@ func launch(t testing.TB, o serverOpts, port int, socket string) (*server, error
 	t.Helper()
 	// No control socket and no fence file: the defaults are machine-wide
 	// paths, which would tie every test server to the host and each other.
-	args := []string{"serve", "--control=", "--fence-file=", "--failure-file=", "--crash-file="}
+	args := []string{"serve", "--control=", "--fence-file=", "--failure-file="}
 	if port != 0 {
 		args = append(args, "--listen", fmt.Sprintf("tcp://127.0.0.1:%d", port))
 	}

@@ -375,29 +375,16 @@ func sortedKeys[V any](m map[string]V) []string {
 	return keys
 }
 
-// Epoch returns the crash epoch kept in lvnbd.json (volume.EpochKeeper).
-func (d *Driver) Epoch(ctx context.Context) (string, error) {
-	var e string
-	err := d.read(ctx, func(m *metadata) error {
-		if m.Epoch != "" && !volume.ValidEpoch(m.Epoch) {
-			return fmt.Errorf("%s: epoch %q is not 8 lower-case hex digits", filepath.Join(d.dir, metadataName), m.Epoch)
-		}
-		e = m.Epoch
-		return nil
-	})
-	return e, err
-}
-
-// SetEpoch keeps epoch in lvnbd.json, durably (volume.EpochKeeper).
-func (d *Driver) SetEpoch(ctx context.Context, epoch string) error {
-	if !volume.ValidEpoch(epoch) {
-		return fmt.Errorf("epoch %q is not 8 lower-case hex digits", epoch)
-	}
+// UpdateRuns changes the servers and crash epoch recorded in lvnbd.json, in
+// one commit under the directory's lock (volume.RunKeeper).
+func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool, error)) error {
 	return d.change(ctx, func(m *metadata) error {
-		if m.Epoch == epoch {
-			return nil
+		st := volume.RunState{Epoch: m.Epoch, Runs: slices.Clone(m.Runs)}
+		changed, err := f(&st)
+		if err != nil || !changed {
+			return err
 		}
-		m.Epoch = epoch
+		m.Epoch, m.Runs = st.Epoch, st.Runs
 		return d.commit(m)
 	})
 }

@@ -810,33 +810,49 @@ func TestFileGoneIsAProblemNotAFailedListing(t *testing.T) {
 	}
 }
 
-// The crash epoch is kept in lvnbd.json, beside the volumes, and read by a
-// driver opened anew; a directory not made yet keeps none.
-func TestEpoch(t *testing.T) {
+// The servers and the crash epoch are kept in lvnbd.json, beside the
+// volumes, read by a driver opened anew; an update that changes nothing
+// writes nothing, and one that fails changes nothing.
+func TestUpdateRuns(t *testing.T) {
 	ctx := context.Background()
 	d := newDriver(t)
-	if e, err := d.Epoch(ctx); e != "" || err != nil {
-		t.Fatalf("Epoch of a new directory = %q, %v; want none", e, err)
-	}
 	if _, err := d.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range []string{"3fa2b1c9", "00112233", "00112233"} {
-		if err := d.SetEpoch(ctx, e); err != nil {
-			t.Fatalf("SetEpoch(%s): %v", e, err)
+	run := volume.Run{Boot: strings.Repeat("ab", 16), PID: 42, PIDStart: 7}
+	want := volume.RunState{Epoch: "3fa2b1c9", Runs: []volume.Run{run}}
+	if err := d.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		if s.Epoch != "" || len(s.Runs) != 0 {
+			t.Errorf("a new directory's runs: %+v, want none", s)
 		}
-		again, err := New(d.dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got, err := again.Epoch(ctx); got != e || err != nil {
-			t.Fatalf("after SetEpoch(%s), Epoch = %q, %v", e, got, err)
-		}
+		*s = want
+		return true, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	meta := filepath.Join(d.dir, metadataName)
+	before, _ := os.ReadFile(meta)
+	again, err := New(d.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []func(*volume.RunState) (bool, error){
+		func(s *volume.RunState) (bool, error) { s.Epoch = "00000000"; return false, nil },
+		func(s *volume.RunState) (bool, error) { s.Epoch = "00000000"; return true, errors.New("no") },
+	} {
+		_ = again.UpdateRuns(ctx, f)
+	}
+	var got volume.RunState
+	if err := again.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) { got = *s; return false, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("runs read back (-want +got):\n%s", diff)
+	}
+	if after, _ := os.ReadFile(meta); string(after) != string(before) {
+		t.Errorf("an update that changed nothing, or failed, rewrote lvnbd.json")
 	}
 	if _, err := d.Get(ctx, "vm1"); err != nil {
-		t.Errorf("vm1 after the epoch was kept: %v", err)
-	}
-	if err := d.SetEpoch(ctx, "XYZ"); err == nil {
-		t.Error("SetEpoch took an epoch that is not one")
+		t.Errorf("vm1 after the runs were kept: %v", err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/volume"
 )
 
 const (
@@ -28,9 +29,10 @@ const (
 type metadata struct {
 	Version int                    `json:"version"`
 	Volumes map[string]*volumeMeta `json:"volumes"`
-	// Epoch is the storage box's crash epoch (volume.EpochKeeper), kept
-	// here so that it stays with the volumes' data.
-	Epoch string `json:"epoch,omitempty"`
+	// Epoch and Runs are the volume.RunState: the servers that serve the
+	// volumes, and the box's crash epoch.
+	Epoch string       `json:"epoch,omitempty"`
+	Runs  []volume.Run `json:"runs,omitempty"`
 }
 
 type volumeMeta struct {

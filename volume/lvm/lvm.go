@@ -617,32 +617,46 @@ func noSpace(vg *volumeGroup, need int64, what string) error {
 // bytesArg is a size argument in bytes, which lvm2 takes with a b suffix.
 func bytesArg(n int64) string { return strconv.FormatInt(n, 10) + "b" }
 
-// Epoch returns the crash epoch the VG keeps in its tags
-// (volume.EpochKeeper).
-func (d *Driver) Epoch(ctx context.Context) (string, error) {
+// UpdateRuns changes the servers and crash epoch recorded in the VG's tags,
+// in one vgchange: one metadata commit (volume.RunKeeper).
+func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool, error)) error {
 	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
 	if err != nil {
-		return "", fmt.Errorf("reading the tags of volume group %s: %w", d.vg, err)
+		return fmt.Errorf("reading the tags of volume group %s: %w", d.vg, err)
 	}
-	return parseVGEpoch(out, d.vg)
-}
-
-// SetEpoch tags the VG with epoch in place of the epoch it kept, in one
-// metadata update (volume.EpochKeeper).
-func (d *Driver) SetEpoch(ctx context.Context, epoch string) error {
-	if !volume.ValidEpoch(epoch) {
-		return fmt.Errorf("epoch %q is not 8 lower-case hex digits", epoch)
-	}
-	old, err := d.Epoch(ctx)
-	if err != nil || old == epoch {
+	st, old, err := parseVGRuns(out, d.vg)
+	if err != nil {
 		return err
 	}
-	args := []string{"vgchange", "--addtag", epochTagPrefix + epoch}
-	if old != "" {
-		args = append(args, "--deltag", epochTagPrefix+old)
+	changed, err := f(&st)
+	if err != nil || !changed {
+		return err
+	}
+	for _, r := range st.Runs {
+		if !r.Valid() {
+			return fmt.Errorf("recording run %+v on volume group %s: not a run", r, d.vg)
+		}
+	}
+	if st.Epoch != "" && !volume.ValidEpoch(st.Epoch) {
+		return fmt.Errorf("recording epoch %q on volume group %s: not 8 lower-case hex digits", st.Epoch, d.vg)
+	}
+	now := runTags(st)
+	args := []string{"vgchange"}
+	for _, t := range now {
+		if !slices.Contains(old, t) {
+			args = append(args, "--addtag", t)
+		}
+	}
+	for _, t := range old {
+		if !slices.Contains(now, t) {
+			args = append(args, "--deltag", t)
+		}
+	}
+	if len(args) == 1 {
+		return nil
 	}
 	if _, err := d.run.run(ctx, append(args, d.vg)...); err != nil {
-		return fmt.Errorf("keeping the crash epoch %s on volume group %s: %w", epoch, d.vg, err)
+		return fmt.Errorf("recording the servers and crash epoch on volume group %s: %w", d.vg, err)
 	}
 	return nil
 }

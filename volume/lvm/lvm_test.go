@@ -375,44 +375,58 @@ func TestNotVolumes(t *testing.T) {
 	}
 }
 
-// The crash epoch is a tag on the VG: read, set, and replaced in one
-// vgchange; setting the epoch kept already changes nothing.
-func TestEpoch(t *testing.T) {
+// The servers and crash epoch are tags on the VG: read, and changed in one
+// vgchange that adds and removes tags; a change to nothing runs none; what
+// cannot be recorded is refused before any vgchange.
+func TestUpdateRuns(t *testing.T) {
 	ctx := context.Background()
 	tags := func(file string) call {
 		return call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, file)}
 	}
+	run1 := volume.Run{Boot: "0123456789abcdef0123456789abcdef", PID: 4242, PIDStart: 12345}
+	run3 := volume.Run{Boot: "00000000000000000000000000000003", PID: 3, PIDStart: 3}
 	d := newTestDriver(t,
 		tags("vgs-tags-none.json"),
-		tags("vgs-tags-none.json"),
-		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-3fa2b1c9", "vg0"}},
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-run-00000000000000000000000000000003-3-3", "vg0"}},
 		tags("vgs-tags.json"),
-		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-44556677", "--deltag", "lvnbd-epoch-00112233", "vg0"}},
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-44556677", "--addtag",
+			"lvnbd-run-00000000000000000000000000000003-3-3", "--deltag", "lvnbd-epoch-00112233", "--deltag",
+			"lvnbd-run-fedcba9876543210fedcba9876543210-77-999", "vg0"}},
 		tags("vgs-tags.json"),
-		tags("vgs-tags-two.json"),
-		tags("vgs-tags.json"),
-		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-aaaaaaaa", "--deltag", "lvnbd-epoch-00112233", "vg0"},
+		tags("vgs-tags-odd.json"),
+		call{Args: []string{"vgchange", "--deltag", "lvnbd-epoch-00112233", "--deltag", "lvnbd-epoch-44556677",
+			"--deltag", "lvnbd-run-fedcba9876543210fedcba9876543210-77-999", "--deltag", "lvnbd-run-garbage", "vg0"},
 			Err: "running vgchange: exit status 5"},
+		tags("vgs-tags.json"),
 	)
-	if e, err := d.Epoch(ctx); e != "" || err != nil {
-		t.Errorf("Epoch of an untagged VG = %q, %v; want none", e, err)
+	update := func(f func(*volume.RunState) (bool, error)) error { return d.UpdateRuns(ctx, f) }
+	if err := update(func(s *volume.RunState) (bool, error) {
+		s.Runs = append(s.Runs, run3)
+		return true, nil
+	}); err != nil {
+		t.Errorf("adding a run to an untagged VG: %v", err)
 	}
-	if err := d.SetEpoch(ctx, "3fa2b1c9"); err != nil {
-		t.Errorf("SetEpoch on an untagged VG: %v", err)
+	if err := update(func(s *volume.RunState) (bool, error) {
+		s.Epoch = "44556677"
+		s.Runs = []volume.Run{run1, run3}
+		return true, nil
+	}); err != nil {
+		t.Errorf("a new epoch, a run added and one removed: %v", err)
 	}
-	if err := d.SetEpoch(ctx, "44556677"); err != nil {
-		t.Errorf("SetEpoch replacing 00112233: %v", err)
+	if err := update(func(s *volume.RunState) (bool, error) { return true, nil }); err != nil {
+		t.Errorf("a change to nothing: %v", err)
 	}
-	if err := d.SetEpoch(ctx, "00112233"); err != nil {
-		t.Errorf("SetEpoch of the epoch kept: %v", err)
+	err := update(func(s *volume.RunState) (bool, error) {
+		s.Epoch, s.Runs = "", []volume.Run{run1}
+		return true, nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "recording the servers and crash epoch on volume group vg0") {
+		t.Errorf("an update whose vgchange failed: %v", err)
 	}
-	if err := d.SetEpoch(ctx, "44556677"); err == nil || !strings.Contains(err.Error(), "vgchange --deltag") {
-		t.Errorf("SetEpoch with two epoch tags: %v, want the tags named and the fix", err)
-	}
-	if err := d.SetEpoch(ctx, "aaaaaaaa"); err == nil || !strings.Contains(err.Error(), "keeping the crash epoch aaaaaaaa on volume group vg0") {
-		t.Errorf("SetEpoch whose vgchange failed: %v", err)
-	}
-	if err := d.SetEpoch(ctx, "nothex!!"); err == nil {
-		t.Error("SetEpoch took an epoch that is not one")
+	if err := update(func(s *volume.RunState) (bool, error) {
+		s.Runs = append(s.Runs, volume.Run{Boot: "not hex", PID: 1})
+		return true, nil
+	}); err == nil {
+		t.Error("UpdateRuns recorded a run that is not one")
 	}
 }

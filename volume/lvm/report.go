@@ -308,19 +308,24 @@ func parseVG(b []byte, name string) (*volumeGroup, error) {
 	return nil, fmt.Errorf("parsing vgs report: no volume group %s in it", name)
 }
 
-// epochTagPrefix, followed by the epoch, is the tag on the VG that keeps
-// the storage box's crash epoch (volume.EpochKeeper).
-const epochTagPrefix = "lvnbd-epoch-"
+// The tags on the VG that record its volume.RunState: epochTagPrefix and
+// the epoch; runTagPrefix and a run as BOOT-PID-PIDSTART.
+const (
+	epochTagPrefix = "lvnbd-epoch-"
+	runTagPrefix   = "lvnbd-run-"
+)
 
 // vgTagsArgs lists the tags of vg.
 func vgTagsArgs(vg string) []string {
 	return []string{"vgs", "--reportformat", "json", "-o", "vg_name,vg_tags", vg}
 }
 
-// parseVGEpoch parses `vgs --reportformat json -o vg_name,vg_tags` for the
-// epoch VG name keeps in its tags: "" if none, an error if the report has
-// no such VG, or its epoch tags are not one valid epoch.
-func parseVGEpoch(b []byte, name string) (string, error) {
+// parseVGRuns parses `vgs --reportformat json -o vg_name,vg_tags` for the
+// run state VG name records, and returns it with the tags it was read from.
+// What does not read as lvnbd wrote it errs on the safe side, and does not
+// stop a server: a run tag that does not parse is a run of an unknown boot
+// (a crash, so a new epoch), and so are epoch tags that are not one epoch.
+func parseVGRuns(b []byte, name string) (st volume.RunState, tags []string, err error) {
 	var rep struct {
 		Report []struct {
 			VG []struct {
@@ -330,7 +335,7 @@ func parseVGEpoch(b []byte, name string) (string, error) {
 		} `json:"report"`
 	}
 	if err := json.Unmarshal(b, &rep); err != nil {
-		return "", fmt.Errorf("parsing vgs report: %w", err)
+		return st, nil, fmt.Errorf("parsing vgs report: %w", err)
 	}
 	for _, r := range rep.Report {
 		for _, row := range r.VG {
@@ -341,18 +346,47 @@ func parseVGEpoch(b []byte, name string) (string, error) {
 			for _, t := range strings.Split(row.Tags, ",") {
 				if e, ok := strings.CutPrefix(t, epochTagPrefix); ok {
 					epochs = append(epochs, e)
+					tags = append(tags, t)
+				} else if rest, ok := strings.CutPrefix(t, runTagPrefix); ok {
+					st.Runs = append(st.Runs, parseRunTag(rest))
+					tags = append(tags, t)
 				}
 			}
 			switch {
-			case len(epochs) == 0:
-				return "", nil
-			case len(epochs) > 1 || !volume.ValidEpoch(epochs[0]):
-				return "", fmt.Errorf("volume group %s has the tags %s%s, where lvnbd keeps one crash epoch of "+
-					"8 lower-case hex digits: keep the one lvnbd serve last logged (vgchange --deltag)",
-					name, epochTagPrefix, strings.Join(epochs, ", "+epochTagPrefix))
+			case len(epochs) == 1 && volume.ValidEpoch(epochs[0]):
+				st.Epoch = epochs[0]
+			case len(epochs) > 0:
+				st.Runs = append(st.Runs, volume.Run{}) // of an unknown boot
 			}
-			return epochs[0], nil
+			return st, tags, nil
 		}
 	}
-	return "", fmt.Errorf("parsing vgs report: no volume group %s in it", name)
+	return st, nil, fmt.Errorf("parsing vgs report: no volume group %s in it", name)
+}
+
+// parseRunTag parses BOOT-PID-PIDSTART; a zero Run if it does not parse.
+func parseRunTag(s string) volume.Run {
+	f := strings.Split(s, "-")
+	if len(f) != 3 {
+		return volume.Run{}
+	}
+	pid, err1 := strconv.Atoi(f[1])
+	start, err2 := strconv.ParseUint(f[2], 10, 64)
+	r := volume.Run{Boot: f[0], PID: pid, PIDStart: start}
+	if err1 != nil || err2 != nil || !r.Valid() {
+		return volume.Run{}
+	}
+	return r
+}
+
+// runTags are the tags that record st.
+func runTags(st volume.RunState) []string {
+	var tags []string
+	if st.Epoch != "" {
+		tags = append(tags, epochTagPrefix+st.Epoch)
+	}
+	for _, r := range st.Runs {
+		tags = append(tags, fmt.Sprintf("%s%s-%d-%d", runTagPrefix, r.Boot, r.PID, r.PIDStart))
+	}
+	return tags
 }

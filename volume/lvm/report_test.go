@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -216,36 +217,50 @@ func TestParseVG(t *testing.T) {
 	}
 }
 
-func TestParseVGEpoch(t *testing.T) {
+func TestParseVGRuns(t *testing.T) {
+	run1 := volume.Run{Boot: "0123456789abcdef0123456789abcdef", PID: 4242, PIDStart: 12345}
+	run2 := volume.Run{Boot: "fedcba9876543210fedcba9876543210", PID: 77, PIDStart: 999}
 	for _, tc := range []struct {
-		name, report, vg, want, err string
+		name, report, vg string
+		want             volume.RunState
+		tags             int
+		err              string
 	}{
 		{name: "none", report: testdata(t, "vgs-tags-none.json"), vg: "vg0"},
-		{name: "beside another tag", report: testdata(t, "vgs-tags.json"), vg: "vg0", want: "00112233"},
-		{name: "two epochs", report: testdata(t, "vgs-tags-two.json"), vg: "vg0", err: "00112233, lvnbd-epoch-44556677"},
+		{name: "epoch and runs beside another tag", report: testdata(t, "vgs-tags.json"), vg: "vg0",
+			want: volume.RunState{Epoch: "00112233", Runs: []volume.Run{run1, run2}}, tags: 3},
+		// Two epochs, and a run tag that does not parse: runs of an
+		// unknown boot, which a server takes for a crash.
+		{name: "odd", report: testdata(t, "vgs-tags-odd.json"), vg: "vg0",
+			want: volume.RunState{Runs: []volume.Run{run1, run2, {}, {}}}, tags: 5},
 		{name: "another VG", report: testdata(t, "vgs-tags.json"), vg: "vg1", err: "no volume group vg1"},
-		{name: "not an epoch", report: `{"report":[{"vg":[{"vg_name":"vg0","vg_tags":"lvnbd-epoch-XYZ"}]}]}`, vg: "vg0",
-			err: "8 lower-case hex digits"},
 		{name: "not json", report: `{`, vg: "vg0", err: "parsing vgs report"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := parseVGEpoch([]byte(tc.report), tc.vg)
+			got, tags, err := parseVGRuns([]byte(tc.report), tc.vg)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
-					t.Fatalf("parseVGEpoch = %q, %v; want an error with %q", got, err, tc.err)
+					t.Fatalf("parseVGRuns = %+v, %v; want an error with %q", got, err, tc.err)
 				}
 				return
 			}
-			if err != nil || got != tc.want {
-				t.Fatalf("parseVGEpoch = %q, %v; want %q", got, err, tc.want)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.want, got, cmpopts.EquateEmpty()); diff != "" {
+				t.Errorf("parseVGRuns (-want +got):\n%s", diff)
+			}
+			if len(tags) != tc.tags {
+				t.Errorf("parseVGRuns read %d lvnbd tags (%q), want %d", len(tags), tags, tc.tags)
 			}
 		})
 	}
 }
 
-// Whatever vgs prints, parseVGEpoch returns a valid epoch, none, or an
-// error.
-func FuzzParseVGEpoch(f *testing.F) {
+// Whatever vgs prints, parseVGRuns returns a valid epoch or none, and runs
+// that are valid or zero (of an unknown boot); and what it reads, runTags
+// writes back as it was.
+func FuzzParseVGRuns(f *testing.F) {
 	files, err := filepath.Glob("testdata/vgs-tags*.json")
 	if err != nil {
 		f.Fatal(err)
@@ -258,9 +273,17 @@ func FuzzParseVGEpoch(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		e, err := parseVGEpoch(b, "vg0")
-		if err == nil && e != "" && !volume.ValidEpoch(e) {
-			t.Fatalf("parseVGEpoch returned %q, not an epoch", e)
+		st, _, err := parseVGRuns(b, "vg0")
+		if err != nil {
+			return
+		}
+		if st.Epoch != "" && !volume.ValidEpoch(st.Epoch) {
+			t.Fatalf("epoch %q, not an epoch", st.Epoch)
+		}
+		for _, r := range st.Runs {
+			if r != (volume.Run{}) && !r.Valid() {
+				t.Fatalf("run %+v, neither valid nor zero", r)
+			}
 		}
 	})
 }

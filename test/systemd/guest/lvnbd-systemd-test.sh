@@ -131,12 +131,12 @@ pid=$(prop lvnbd-server.service MainPID)
 rootopts=$(awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")
 [[ $rootopts == ro,* ]] || fail "/ is mounted \"$rootopts\" for the server, not read-only: no sandbox"
 ok "started (Type=notify: READY=1 reached systemd), MainPID $pid, / read-only for it"
-# The sandbox lets it record that it runs, which is how its next start notices a crash of the box.
-grep -q "\"pid\": $pid," /var/lib/lvnbd/crash.json ||
-	fail "/var/lib/lvnbd/crash.json does not record the server running: $(cat /var/lib/lvnbd/crash.json 2>&1)"
-grep -q "\"boot_id\": \"$(cat /proc/sys/kernel/random/boot_id)\"" /var/lib/lvnbd/crash.json ||
-	fail "/var/lib/lvnbd/crash.json does not record this boot: $(cat /var/lib/lvnbd/crash.json)"
-ok "/var/lib/lvnbd/crash.json records the server running in this boot"
+# The sandbox lets it record with its volumes that it serves them, which is how its next start
+# notices a crash of the box.
+boot=$(tr -d - </proc/sys/kernel/random/boot_id)
+tr -d ' \n' <"$volumes/lvnbd.json" | grep -q "\"boot\":\"$boot\",\"pid\":$pid," ||
+	fail "$volumes/lvnbd.json does not record the server in this boot: $(cat "$volumes/lvnbd.json" 2>&1)"
+ok "$volumes/lvnbd.json records the server serving in this boot"
 
 # start returned at READY=1, so the listeners are open now: no retry.
 must lvnbd status
@@ -182,10 +182,10 @@ journal_wait "$mark" 'server stopped' || fail "the server did not log that it st
 if journal_since "$mark" | grep -E 'Failed with result|Main process exited|Killing|timed out'; then
 	fail "the stop was not clean"
 fi
-if grep -q '"running"' /var/lib/lvnbd/crash.json; then
-	fail "the clean stop left the server recorded as running: $(cat /var/lib/lvnbd/crash.json)"
+if grep -q '"runs"' "$volumes/lvnbd.json"; then
+	fail "the clean stop left the server recorded: $(cat "$volumes/lvnbd.json")"
 fi
-ok "stopped cleanly: inactive, exit status 0 after SIGTERM, drained, taken out of crash.json"
+ok "stopped cleanly: inactive, exit status 0 after SIGTERM, drained, its record taken out of lvnbd.json"
 
 step "socket activation: systemctl start lvnbd-server.socket"
 must systemctl start lvnbd-server.socket

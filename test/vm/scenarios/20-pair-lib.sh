@@ -66,8 +66,7 @@ box_tcp() {
 start_box() {
 	local box=$1
 	nsenter --net="/run/netns/box$box" lvnbd serve --volumes "lvm://vg$box" --listen "tcp://$(box_ip "$box"):10809" \
-		--control "/run/lvnbd/$box.sock" --fence-file= --failure-file "$PWD/failures-$box.json" \
-		--crash-file "$PWD/crash-$box.json" --rescan 1s \
+		--control "/run/lvnbd/$box.sock" --fence-file= --failure-file "$PWD/failures-$box.json" --rescan 1s \
 		2>>"server-$box.log" &
 	printf -v "server_$box" %s $!
 	wait_secs "[[ \$(box_tcp $box 0A) == 1 ]]" 30

@@ -11,13 +11,17 @@ pvcreate -y /dev/ram0 /dev/ram1 /dev/ram2
 vgcreate vg0 /dev/ram0 /dev/ram1 /dev/ram2
 capture lvs-empty.json lvsj
 capture vgs-tags-none.json vgtagsj
-# The crash epoch as the driver keeps it: set, then replaced in one vgchange, beside another tag.
-vgchange --addtag lvnbd-epoch-3fa2b1c9 --addtag backup vg0
-vgchange --addtag lvnbd-epoch-00112233 --deltag lvnbd-epoch-3fa2b1c9 vg0
+# The servers and crash epoch as the driver records them (one vgchange adds and removes), beside
+# another tag; then what lvnbd never writes: two epochs and a run tag that does not parse.
+vgchange --addtag lvnbd-epoch-3fa2b1c9 --addtag backup --addtag lvnbd-run-0123456789abcdef0123456789abcdef-4242-12345 vg0
+vgchange --addtag lvnbd-epoch-00112233 --deltag lvnbd-epoch-3fa2b1c9 \
+	--addtag lvnbd-run-fedcba9876543210fedcba9876543210-77-999 vg0
 capture vgs-tags.json vgtagsj
-vgchange --addtag lvnbd-epoch-44556677 vg0
-capture vgs-tags-two.json vgtagsj
-vgchange --deltag lvnbd-epoch-44556677 --deltag lvnbd-epoch-00112233 --deltag backup vg0
+vgchange --addtag lvnbd-epoch-44556677 --addtag lvnbd-run-garbage vg0
+capture vgs-tags-odd.json vgtagsj
+vgchange --deltag lvnbd-epoch-44556677 --deltag lvnbd-epoch-00112233 --deltag lvnbd-run-garbage --deltag backup \
+	--deltag lvnbd-run-0123456789abcdef0123456789abcdef-4242-12345 \
+	--deltag lvnbd-run-fedcba9876543210fedcba9876543210-77-999 vg0
 # A striped LV of two segments, an untagged LV between them, a linear LV.
 lvcreate --yes -n vm1 -L 64m -i 2 -I 64k --addtag lvnbd vg0
 lvcreate --yes -n root -L 8m vg0
