@@ -200,6 +200,10 @@ type RunKeeper interface {
 	// UpdateRuns reads the record, lets f change it, and stores it in one
 	// durable change if f reports a change.
 	UpdateRuns(ctx context.Context, f func(*RunState) (changed bool, err error)) error
+	// SyncAll makes everything written to the volumes durable: written
+	// back from the page cache and flushed from the disks' caches, also
+	// what a server that died left.
+	SyncAll(ctx context.Context) error
 }
 
 // RunState is what RunKeeper records.

@@ -23,8 +23,8 @@
 //
 // A server that died while the box stayed up lost nothing (the page cache
 // outlives it): its record stays until a later server of the same volumes
-// stops cleanly and has made every volume durable, or until the next boot,
-// which then counts a crash, as it cannot tell.
+// starts or stops and has made everything written to them durable, or
+// until the next boot, which then counts a crash, as it cannot tell.
 package boxcrash
 
 import (
@@ -71,21 +71,33 @@ type Begun struct {
 	// Crashed are the runs of earlier boots found: the box went down
 	// under them, and Epoch was drawn anew. None if it did not.
 	Crashed []volume.Run
+	// SyncErr is why the records of this boot's servers that died stay
+	// (see End): the next boot counts a crash. Nil if none did, or they
+	// were taken out.
+	SyncErr error
 }
 
 // Begin records self with the volumes k keeps, and draws a new epoch if a
 // server served them when the box last went down, in one durable change:
 // call it before any volume is served. It fails if that cannot be recorded:
-// a crash would then go unnoticed.
+// a crash would then go unnoticed. The records of this boot's servers that
+// died go, as at End, so that a server restarted again and again does not
+// pile them up.
 func Begin(ctx context.Context, k volume.RunKeeper, self volume.Run) (Begun, error) {
+	dead, syncErr, err := settleDead(ctx, k, self)
+	if err != nil {
+		return Begun{}, fmt.Errorf("recording that this server serves the volumes, so that a crash of the box "+
+			"under it is noticed: %w", err)
+	}
 	var b Begun
-	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
-		b = Begun{}
+	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		b = Begun{SyncErr: syncErr}
 		var runs []volume.Run
 		for _, r := range s.Runs {
-			if r.Boot != self.Boot {
+			switch {
+			case r.Boot != self.Boot:
 				b.Crashed = append(b.Crashed, r)
-			} else if r != self {
+			case r != self && !slices.Contains(dead, r):
 				runs = append(runs, r)
 			}
 		}
@@ -109,29 +121,13 @@ func Begin(ctx context.Context, k volume.RunKeeper, self volume.Run) (Begun, err
 
 // End takes self's record out: call it once every export was flushed and
 // closed, or when nothing was served. The records of this boot's servers
-// that died go too, once flush has made every volume durable (it writes
-// back and flushes what they left); if flush fails they stay, and the next
-// boot counts a crash.
-func End(ctx context.Context, k volume.RunKeeper, self volume.Run, flush func(context.Context) error) error {
-	var dead []volume.Run
-	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
-		for _, r := range s.Runs {
-			if r != self && r.Boot == self.Boot && !alive(r) {
-				dead = append(dead, r)
-			}
-		}
-		return false, nil
-	})
+// that died go too, once everything written to the volumes was made durable
+// (k.SyncAll); if that fails they stay, the next boot counts a crash, and
+// End returns why.
+func End(ctx context.Context, k volume.RunKeeper, self volume.Run) error {
+	dead, syncErr, err := settleDead(ctx, k, self)
 	if err != nil {
 		return fmt.Errorf("taking this server's record out: %w", err)
-	}
-	var flushErr error
-	if len(dead) > 0 {
-		if flushErr = flush(ctx); flushErr != nil {
-			dead = nil
-			flushErr = fmt.Errorf("making every volume durable before taking out the records of servers "+
-				"that died: %w; they stay, and the next boot counts a crash", flushErr)
-		}
 	}
 	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
 		n := len(s.Runs)
@@ -139,9 +135,32 @@ func End(ctx context.Context, k volume.RunKeeper, self volume.Run, flush func(co
 		return len(s.Runs) != n, nil
 	})
 	if err != nil {
-		return errors.Join(fmt.Errorf("taking this server's record out (the next boot counts a crash): %w", err), flushErr)
+		return errors.Join(fmt.Errorf("taking this server's record out (the next boot counts a crash): %w", err), syncErr)
 	}
-	return flushErr
+	return syncErr
+}
+
+// settleDead returns the runs of self's boot whose process is gone, once
+// everything written to the volumes is durable: what they acknowledged
+// cannot be lost any more, and their records may go. If that fails, it
+// returns none, and why in syncErr.
+func settleDead(ctx context.Context, k volume.RunKeeper, self volume.Run) (dead []volume.Run, syncErr, err error) {
+	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		for _, r := range s.Runs {
+			if r != self && r.Boot == self.Boot && !alive(r) {
+				dead = append(dead, r)
+			}
+		}
+		return false, nil
+	})
+	if err != nil || len(dead) == 0 {
+		return nil, nil, err
+	}
+	if err := k.SyncAll(ctx); err != nil {
+		return nil, fmt.Errorf("making the volumes durable before taking out the records of %d servers that "+
+			"died: %w; they stay, and the next boot counts a crash", len(dead), err), nil
+	}
+	return dead, nil, nil
 }
 
 // drawEpoch draws an epoch at random: 8 hex digits.

@@ -16,11 +16,19 @@ import (
 	"github.com/lvnbd/lvnbd/volume"
 )
 
-// keeper is an in-memory volume.RunKeeper counting its durable changes.
+// keeper is an in-memory volume.RunKeeper counting its durable changes and
+// syncs.
 type keeper struct {
 	st      volume.RunState
 	changes int
 	fail    error
+	syncs   int
+	syncErr error
+}
+
+func (k *keeper) SyncAll(context.Context) error {
+	k.syncs++
+	return k.syncErr
 }
 
 func (k *keeper) UpdateRuns(_ context.Context, f func(*volume.RunState) (bool, error)) error {
@@ -61,8 +69,6 @@ func self(t *testing.T) volume.Run {
 	return r
 }
 
-func noFlush(context.Context) error { return errors.New("flush not expected") }
-
 func TestSelf(t *testing.T) {
 	r := self(t)
 	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
@@ -98,7 +104,7 @@ func TestBeginEnd(t *testing.T) {
 	if diff := cmp.Diff([]volume.Run{me}, k.st.Runs); diff != "" {
 		t.Fatalf("runs while serving (-want +got):\n%s", diff)
 	}
-	if err := End(ctx, k, me, noFlush); err != nil {
+	if err := End(ctx, k, me); err != nil {
 		t.Fatal(err)
 	}
 	if len(k.st.Runs) != 0 {
@@ -118,7 +124,7 @@ func TestBeginEnd(t *testing.T) {
 			k.st, k.changes-changes)
 	}
 	epoch := b.Epoch
-	if err := End(ctx, k, me, noFlush); err != nil {
+	if err := End(ctx, k, me); err != nil {
 		t.Fatal(err)
 	}
 	// Clean restarts keep the epoch.
@@ -140,51 +146,60 @@ func TestBeginEnd(t *testing.T) {
 }
 
 // Other servers' records: of this boot and running, they stay; of this
-// boot and dead, they go at a clean stop once every volume is durable, and
-// stay if that fails; a pid another process took since is dead.
+// boot and dead, they go at a start or a clean stop once everything is
+// durable, and stay if that fails; a pid another process took since is
+// dead. Without dead servers, nothing is synced.
 func TestOthersRecords(t *testing.T) {
 	ctx := context.Background()
 	me := self(t)
 	live := volume.Run{Boot: me.Boot, PID: os.Getppid(), PIDStart: pidStart(os.Getppid())}
 	dead := volume.Run{Boot: me.Boot, PID: deadPID(t), PIDStart: 1}
 	reused := volume.Run{Boot: me.Boot, PID: os.Getppid(), PIDStart: pidStart(os.Getppid()) + 1}
+	syncErr := errors.New("fsync /dev/sdb: input/output error")
 	for _, tc := range []struct {
-		name     string
-		flushErr error
-		want     []volume.Run
-		flushed  bool
-		err      string
+		name    string
+		at      string // "begin" or "end": where the dead ones are found
+		syncErr error
+		want    []volume.Run // after End
 	}{
-		{"flushed", nil, []volume.Run{live}, true, ""},
-		{"flush fails", errors.New("fsync /dev/vg0/vm1: input/output error"), []volume.Run{live, dead, reused}, true,
-			"the next boot counts a crash"},
+		{"dropped at a start", "begin", nil, []volume.Run{live}},
+		{"dropped at a stop", "end", nil, []volume.Run{live}},
+		{"sync fails at a start", "begin", syncErr, []volume.Run{live, dead, reused}},
+		{"sync fails at a stop", "end", syncErr, []volume.Run{live, dead, reused}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := &keeper{st: volume.RunState{Runs: []volume.Run{live, dead, reused}}}
+			k := &keeper{st: volume.RunState{Runs: []volume.Run{live}}, syncErr: tc.syncErr}
+			if tc.at == "begin" {
+				k.st.Runs = append(k.st.Runs, dead, reused)
+			}
 			b, err := Begin(ctx, k, me)
-			if err != nil || b.Crashed != nil {
+			if err != nil || b.Crashed != nil || b.Epoch != "" {
 				t.Fatalf("Begin beside servers of this boot = %+v, %v; want no crash", b, err)
 			}
-			flushed := false
-			err = End(ctx, k, me, func(context.Context) error { flushed = true; return tc.flushErr })
-			if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
-				t.Fatalf("End = %v, want error %q", err, tc.err)
+			if (tc.at == "begin" && tc.syncErr != nil) != (b.SyncErr != nil) {
+				t.Errorf("Begin's SyncErr = %v", b.SyncErr)
 			}
-			if flushed != tc.flushed {
-				t.Errorf("flushed: %v, want %v", flushed, tc.flushed)
+			if tc.at == "end" {
+				k.st.Runs = append(k.st.Runs, dead, reused)
+			}
+			err = End(ctx, k, me)
+			if (tc.syncErr != nil) != (err != nil) || err != nil && !strings.Contains(err.Error(), "the next boot counts a crash") {
+				t.Fatalf("End = %v, want the sync's error: %v", err, tc.syncErr)
 			}
 			if diff := cmp.Diff(tc.want, k.st.Runs, cmpopts.EquateEmpty()); diff != "" {
 				t.Errorf("runs after End (-want +got):\n%s", diff)
 			}
+			if k.syncs == 0 {
+				t.Error("dead servers' records were handled without a sync")
+			}
 		})
 	}
-	// Without dead servers, nothing is flushed.
 	k := &keeper{st: volume.RunState{Runs: []volume.Run{live}}}
 	if _, err := Begin(ctx, k, me); err != nil {
 		t.Fatal(err)
 	}
-	if err := End(ctx, k, me, noFlush); err != nil {
-		t.Errorf("End with only live servers beside: %v", err)
+	if err := End(ctx, k, me); err != nil || k.syncs != 0 {
+		t.Errorf("End with only live servers beside: %v after %d syncs; want none", err, k.syncs)
 	}
 }
 

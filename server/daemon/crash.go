@@ -2,13 +2,10 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/server/boxcrash"
@@ -28,13 +25,23 @@ func (d *Daemon) beginRun(ctx context.Context, drv volume.Driver) error {
 	if err != nil {
 		return err
 	}
+	// Set first: a Begin that fails (or is cut short by a stop) may have
+	// recorded the run all the same, and the failed start's endRun takes
+	// it out. A stop does not cut the change short itself.
+	d.run, d.runs = &self, keeper
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
 	begun, err := boxcrash.Begin(ctx, keeper, self)
 	if err != nil {
 		// Reading the record is reading the volumes: as good as volumes
 		// that cannot be listed, and nothing is served.
 		return fmt.Errorf("%w of %s: %w", server.ErrListingVolumes, drv, err)
 	}
-	d.run, d.runs, d.vols.Epoch = &self, keeper, begun.Epoch
+	d.vols.Epoch = begun.Epoch
+	if begun.SyncErr != nil {
+		d.log.Error("the records of servers that died stay with the volumes", zap.String("volumes", drv.String()),
+			zap.Error(begun.SyncErr))
+	}
 	if len(begun.Crashed) > 0 {
 		boots := make([]string, len(begun.Crashed))
 		for i, r := range begun.Crashed {
@@ -49,9 +56,9 @@ func (d *Daemon) beginRun(ctx context.Context, drv volume.Driver) error {
 	return nil
 }
 
-// endRunTimeout bounds taking the record out at a stop, whose context is
-// done by then.
-const endRunTimeout = 2 * time.Minute
+// recordTimeout bounds a change of the record with the volumes, made
+// whether or not the server is being stopped meanwhile.
+const recordTimeout = 2 * time.Minute
 
 // endRun takes this server's record out of its volumes' (boxcrash.End),
 // once every export was flushed and closed, or nothing was served; it logs
@@ -60,43 +67,13 @@ func (d *Daemon) endRun(ctx context.Context) error {
 	if d.run == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), endRunTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
 	defer cancel()
 	drv := d.vols.Driver()
-	err := boxcrash.End(ctx, d.runs, *d.run, func(ctx context.Context) error { return syncVolumes(ctx, drv) })
-	if err != nil {
+	if err := boxcrash.End(ctx, d.runs, *d.run); err != nil {
 		d.log.Error("taking this server's record out of its volumes", zap.String("volumes", drv.String()), zap.Error(err))
 		return err
 	}
 	d.run = nil
 	return nil
-}
-
-// syncVolumes makes every volume of drv durable: what a server that died
-// wrote to one is written back and flushed to the disk (fsync of a block
-// device flushes its cache too). A volume that cannot be opened (an
-// inactive LV) has nothing in the page cache.
-func syncVolumes(ctx context.Context, drv volume.Driver) error {
-	vols, err := drv.List(ctx)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, v := range vols {
-		if v.Problem != "" {
-			continue
-		}
-		f, err := os.OpenFile(v.Path, os.O_RDONLY|unix.O_CLOEXEC, 0)
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENXIO) {
-			continue
-		}
-		if err == nil {
-			err = f.Sync()
-			f.Close()
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("volume %s: %w", v.Name, err))
-		}
-	}
-	return errors.Join(errs...)
 }

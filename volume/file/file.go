@@ -388,3 +388,11 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 		return d.commit(m)
 	})
 }
+
+// SyncAll makes everything written to the volumes durable (volume.RunKeeper):
+// sync(2) writes back every file and waits, and has each file system commit
+// and flush its disk's cache.
+func (d *Driver) SyncAll(context.Context) error {
+	unix.Sync()
+	return nil
+}

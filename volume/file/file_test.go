@@ -855,4 +855,26 @@ func TestUpdateRuns(t *testing.T) {
 	if _, err := d.Get(ctx, "vm1"); err != nil {
 		t.Errorf("vm1 after the runs were kept: %v", err)
 	}
+	// Every other change of lvnbd.json keeps them.
+	if _, err := d.Create(ctx, volume.CreateOptions{Name: "vm2", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Snapshot(ctx, volume.SnapshotOptions{Volume: "vm2", Name: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.RemoveSnapshot(ctx, "vm2", "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Remove(ctx, "vm2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := again.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) { got = *s; return false, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("runs after volumes and snapshots changed (-want +got):\n%s", diff)
+	}
+	if err := d.SyncAll(ctx); err != nil {
+		t.Errorf("SyncAll: %v", err)
+	}
 }

@@ -16,9 +16,12 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -624,7 +627,7 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 	if err != nil {
 		return fmt.Errorf("reading the tags of volume group %s: %w", d.vg, err)
 	}
-	st, old, err := parseVGRuns(out, d.vg)
+	st, old, pvs, err := parseVGRuns(out, d.vg)
 	if err != nil {
 		return err
 	}
@@ -658,5 +661,47 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 	if _, err := d.run.run(ctx, append(args, d.vg)...); err != nil {
 		return fmt.Errorf("recording the servers and crash epoch on volume group %s: %w", d.vg, err)
 	}
+	// lvm2 writes metadata with O_DIRECT and flushes no disk cache: until
+	// the disks flush theirs, a power loss could take the record with it.
+	if err := flushDevices(pvs); err != nil {
+		return fmt.Errorf("recording the servers and crash epoch on volume group %s: %w", d.vg, err)
+	}
 	return nil
+}
+
+// SyncAll makes everything written to the volumes durable: the page cache
+// written back (sync(2) waits for it), then every PV's disk cache flushed
+// (volume.RunKeeper).
+func (d *Driver) SyncAll(ctx context.Context) error {
+	unix.Sync()
+	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
+	if err != nil {
+		return fmt.Errorf("listing the PVs of volume group %s: %w", d.vg, err)
+	}
+	_, _, pvs, err := parseVGRuns(out, d.vg)
+	if err != nil {
+		return err
+	}
+	return flushDevices(pvs)
+}
+
+// flushDevices flushes the write caches of the block devices at paths
+// (fsync of a block device issues a cache flush); "[unknown]", a missing
+// PV, has none to flush.
+var flushDevices = func(paths []string) error {
+	var errs []error
+	for _, p := range paths {
+		if !strings.HasPrefix(p, "/") {
+			continue
+		}
+		f, err := os.OpenFile(p, os.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err == nil {
+			err = f.Sync()
+			f.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("flushing PV %s: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
 }

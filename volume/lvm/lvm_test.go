@@ -375,11 +375,24 @@ func TestNotVolumes(t *testing.T) {
 	}
 }
 
+// stubFlush replaces flushDevices for the test: it records the devices
+// flushed, and fails with err.
+func stubFlush(t *testing.T, err error) *[][]string {
+	t.Helper()
+	var flushed [][]string
+	old := flushDevices
+	flushDevices = func(paths []string) error { flushed = append(flushed, paths); return err }
+	t.Cleanup(func() { flushDevices = old })
+	return &flushed
+}
+
 // The servers and crash epoch are tags on the VG: read, and changed in one
-// vgchange that adds and removes tags; a change to nothing runs none; what
-// cannot be recorded is refused before any vgchange.
+// vgchange that adds and removes tags, after which every PV's cache is
+// flushed; a change to nothing runs none; what cannot be recorded is
+// refused before any vgchange.
 func TestUpdateRuns(t *testing.T) {
 	ctx := context.Background()
+	flushed := stubFlush(t, nil)
 	tags := func(file string) call {
 		return call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, file)}
 	}
@@ -428,5 +441,30 @@ func TestUpdateRuns(t *testing.T) {
 		return true, nil
 	}); err == nil {
 		t.Error("UpdateRuns recorded a run that is not one")
+	}
+	pvs := []string{"/dev/ram0", "/dev/ram1", "/dev/ram2"}
+	if diff := cmp.Diff([][]string{pvs, pvs}, *flushed); diff != "" {
+		t.Errorf("PVs flushed after the two vgchanges that succeeded (-want +got):\n%s", diff)
+	}
+}
+
+// A record whose PVs cannot be flushed may not survive a power loss: the
+// update fails. SyncAll writes back and flushes every PV.
+func TestUpdateRunsFlush(t *testing.T) {
+	ctx := context.Background()
+	tags := call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, "vgs-tags-none.json")}
+	d := newTestDriver(t, tags,
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-run-00000000000000000000000000000003-3-3", "vg0"}},
+		tags)
+	flushed := stubFlush(t, errors.New("flushing PV /dev/ram1: input/output error"))
+	err := d.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		s.Runs = []volume.Run{{Boot: "00000000000000000000000000000003", PID: 3, PIDStart: 3}}
+		return true, nil
+	})
+	if err == nil || !strings.Contains(err.Error(), "/dev/ram1") {
+		t.Errorf("UpdateRuns whose flush failed: %v", err)
+	}
+	if err := d.SyncAll(ctx); err == nil || len(*flushed) != 2 {
+		t.Errorf("SyncAll: %v, after %d flushes; want the flush's error, 2 flushes", err, len(*flushed))
 	}
 }

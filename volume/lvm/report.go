@@ -315,33 +315,43 @@ const (
 	runTagPrefix   = "lvnbd-run-"
 )
 
-// vgTagsArgs lists the tags of vg.
+// vgTagsArgs lists the tags and the PVs of vg: one row per PV.
 func vgTagsArgs(vg string) []string {
-	return []string{"vgs", "--reportformat", "json", "-o", "vg_name,vg_tags", vg}
+	return []string{"vgs", "--reportformat", "json", "-o", "vg_name,vg_tags,pv_name", vg}
 }
 
-// parseVGRuns parses `vgs --reportformat json -o vg_name,vg_tags` for the
-// run state VG name records, and returns it with the tags it was read from.
+// parseVGRuns parses `vgs --reportformat json -o vg_name,vg_tags,pv_name`
+// for the run state VG name records, and returns it with the tags it was
+// read from and the VG's PVs (a missing one is "[unknown]").
 // What does not read as lvnbd wrote it errs on the safe side, and does not
 // stop a server: a run tag that does not parse is a run of an unknown boot
 // (a crash, so a new epoch), and so are epoch tags that are not one epoch.
-func parseVGRuns(b []byte, name string) (st volume.RunState, tags []string, err error) {
+func parseVGRuns(b []byte, name string) (st volume.RunState, tags, pvs []string, err error) {
 	var rep struct {
 		Report []struct {
 			VG []struct {
 				Name string `json:"vg_name"`
 				Tags string `json:"vg_tags"`
+				PV   string `json:"pv_name"`
 			} `json:"vg"`
 		} `json:"report"`
 	}
 	if err := json.Unmarshal(b, &rep); err != nil {
-		return st, nil, fmt.Errorf("parsing vgs report: %w", err)
+		return st, nil, nil, fmt.Errorf("parsing vgs report: %w", err)
 	}
+	found := false
 	for _, r := range rep.Report {
 		for _, row := range r.VG {
 			if row.Name != name {
 				continue
 			}
+			if row.PV != "" {
+				pvs = append(pvs, row.PV)
+			}
+			if found {
+				continue // the VG's tags again, on its next PV's row
+			}
+			found = true
 			var epochs []string
 			for _, t := range strings.Split(row.Tags, ",") {
 				if e, ok := strings.CutPrefix(t, epochTagPrefix); ok {
@@ -358,10 +368,12 @@ func parseVGRuns(b []byte, name string) (st volume.RunState, tags []string, err 
 			case len(epochs) > 0:
 				st.Runs = append(st.Runs, volume.Run{}) // of an unknown boot
 			}
-			return st, tags, nil
 		}
 	}
-	return st, nil, fmt.Errorf("parsing vgs report: no volume group %s in it", name)
+	if !found {
+		return st, nil, nil, fmt.Errorf("parsing vgs report: no volume group %s in it", name)
+	}
+	return st, tags, pvs, nil
 }
 
 // parseRunTag parses BOOT-PID-PIDSTART; a zero Run if it does not parse.

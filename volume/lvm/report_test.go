@@ -3,6 +3,7 @@ package lvm
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -237,7 +238,7 @@ func TestParseVGRuns(t *testing.T) {
 		{name: "not json", report: `{`, vg: "vg0", err: "parsing vgs report"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, tags, err := parseVGRuns([]byte(tc.report), tc.vg)
+			got, tags, pvs, err := parseVGRuns([]byte(tc.report), tc.vg)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("parseVGRuns = %+v, %v; want an error with %q", got, err, tc.err)
@@ -252,6 +253,9 @@ func TestParseVGRuns(t *testing.T) {
 			}
 			if len(tags) != tc.tags {
 				t.Errorf("parseVGRuns read %d lvnbd tags (%q), want %d", len(tags), tags, tc.tags)
+			}
+			if want := []string{"/dev/ram0", "/dev/ram1", "/dev/ram2"}; !slices.Equal(pvs, want) {
+				t.Errorf("parseVGRuns read PVs %q, want %q", pvs, want)
 			}
 		})
 	}
@@ -273,7 +277,7 @@ func FuzzParseVGRuns(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		st, _, err := parseVGRuns(b, "vg0")
+		st, _, _, err := parseVGRuns(b, "vg0")
 		if err != nil {
 			return
 		}

@@ -5,7 +5,7 @@
 F=lv_name,lv_uuid,lv_size,lv_attr,lv_path,lv_tags,lv_time,origin,origin_size,lv_merging,snap_percent,data_percent,pool_lv,segtype,stripes,stripe_size
 lvsj() { lvs -a --reportformat json --units b --nosuffix -o "$F" vg0; }
 vgsj() { vgs --reportformat json --units b --nosuffix -o vg_name,vg_size,vg_free,vg_extent_size,pv_count vg0; }
-vgtagsj() { vgs --reportformat json -o vg_name,vg_tags vg0; }
+vgtagsj() { vgs --reportformat json -o vg_name,vg_tags,pv_name vg0; }
 
 pvcreate -y /dev/ram0 /dev/ram1 /dev/ram2
 vgcreate vg0 /dev/ram0 /dev/ram1 /dev/ram2
