@@ -94,7 +94,7 @@ func Run(ctx context.Context, opts Options) error {
 	serving := false
 	defer func() {
 		if !serving {
-			d.endRun(ctx)
+			_ = d.endRun(ctx) // logged
 		}
 	}()
 	tlsConfig, err := cfg.TLSConfig()
