@@ -75,7 +75,7 @@ Options:
   --no-skip       count a skipped scenario as failed (make test-vm: CI cannot pass by skipping)
   --keep          do not power off after the scenarios: leave a shell on the console
                   (interactive; needs a terminal; no overall timeout)
-  --verbose       print every scenario's output, not only the failing ones
+  --verbose       print every scenario's output once it ends, not only the failing ones
   --capture DIR   save the blocks that scenarios print with lib.sh's capture helper to DIR/NAME
   --log FILE      console log file (default: test/vm/.cache/console.log)
   -h, --help      this text
