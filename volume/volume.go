@@ -228,25 +228,18 @@ type Run struct {
 }
 
 // Valid reports whether r can be recorded.
-func (r Run) Valid() bool {
-	if len(r.Boot) != 32 || r.PID <= 0 {
-		return false
-	}
-	for _, c := range r.Boot {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
-			return false
-		}
-	}
-	return true
-}
+func (r Run) Valid() bool { return r.PID > 0 && lowerHex(r.Boot, 32) }
 
 // ValidEpoch reports whether e is an epoch: 8 lower-case hex digits.
-func ValidEpoch(e string) bool {
-	if len(e) != 8 {
+func ValidEpoch(e string) bool { return lowerHex(e, 8) }
+
+// lowerHex reports whether s is n lower-case hex digits.
+func lowerHex(s string, n int) bool {
+	if len(s) != n {
 		return false
 	}
-	for _, r := range e {
-		if !(r >= '0' && r <= '9' || r >= 'a' && r <= 'f') {
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
 			return false
 		}
 	}

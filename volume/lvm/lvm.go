@@ -623,11 +623,7 @@ func bytesArg(n int64) string { return strconv.FormatInt(n, 10) + "b" }
 // UpdateRuns changes the servers and crash epoch recorded in the VG's tags,
 // in one vgchange: one metadata commit (volume.RunKeeper).
 func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool, error)) error {
-	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
-	if err != nil {
-		return fmt.Errorf("reading the tags of volume group %s: %w", d.vg, err)
-	}
-	st, old, pvs, err := parseVGRuns(out, d.vg)
+	st, old, pvs, err := d.runRecord(ctx)
 	if err != nil {
 		return err
 	}
@@ -674,15 +670,21 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 // (volume.RunKeeper).
 func (d *Driver) SyncAll(ctx context.Context) error {
 	unix.Sync()
-	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
-	if err != nil {
-		return fmt.Errorf("listing the PVs of volume group %s: %w", d.vg, err)
-	}
-	_, _, pvs, err := parseVGRuns(out, d.vg)
+	_, _, pvs, err := d.runRecord(ctx)
 	if err != nil {
 		return err
 	}
 	return flushDevices(pvs)
+}
+
+// runRecord reads the VG's run state, the tags it was read from and the
+// VG's PVs (parseVGRuns).
+func (d *Driver) runRecord(ctx context.Context) (st volume.RunState, tags, pvs []string, err error) {
+	out, err := d.run.run(ctx, vgTagsArgs(d.vg)...)
+	if err != nil {
+		return st, nil, nil, fmt.Errorf("reading the tags and PVs of volume group %s: %w", d.vg, err)
+	}
+	return parseVGRuns(out, d.vg)
 }
 
 // flushDevices flushes the write caches of the block devices at paths

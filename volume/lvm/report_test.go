@@ -261,11 +261,9 @@ func TestParseVGRuns(t *testing.T) {
 	}
 }
 
-// Whatever vgs prints, parseVGRuns returns a valid epoch or none, and runs
-// that are valid or zero (of an unknown boot); and what it reads, runTags
-// writes back as it was.
-func FuzzParseVGRuns(f *testing.F) {
-	files, err := filepath.Glob("testdata/vgs-tags*.json")
+// addSeedFiles seeds f with the files pattern matches: real lvm2 output.
+func addSeedFiles(f *testing.F, pattern string) {
+	files, err := filepath.Glob(pattern)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -276,6 +274,12 @@ func FuzzParseVGRuns(f *testing.F) {
 		}
 		f.Add(b)
 	}
+}
+
+// Whatever vgs prints, parseVGRuns returns a valid epoch or none, and runs
+// that are valid or zero (of an unknown boot).
+func FuzzParseVGRuns(f *testing.F) {
+	addSeedFiles(f, "testdata/vgs-tags*.json")
 	f.Fuzz(func(t *testing.T, b []byte) {
 		st, _, _, err := parseVGRuns(b, "vg0")
 		if err != nil {
@@ -293,17 +297,7 @@ func FuzzParseVGRuns(f *testing.F) {
 }
 
 func FuzzParseLVs(f *testing.F) {
-	files, err := filepath.Glob("testdata/lvs*.json")
-	if err != nil {
-		f.Fatal(err)
-	}
-	for _, file := range files {
-		b, err := os.ReadFile(file)
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(b)
-	}
+	addSeedFiles(f, "testdata/lvs*.json")
 	f.Add([]byte(`{"report":[{"lv":[{"lv_name":"[x]","lv_uuid":"u","lv_attr":"Sri-I-s---","snap_percent":"100.00"}]}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		lvs, err := parseLVs(b)
