@@ -503,15 +503,10 @@ func TestHungRecordWriteBlocksNoLookup(t *testing.T) {
 	recorded := make(chan struct{})
 	go func() { f.record("vm1", "volume vm1", syscall.EIO); close(recorded) }()
 	<-entered
-	looked := make(chan bool)
-	go func() { _, ok := f.lookup("vm1"); looked <- ok }()
-	select {
-	case ok := <-looked:
-		if !ok {
-			t.Error("the record being written is not found")
-		}
-	case <-time.After(10 * time.Second): // a deadlock detector, not a speed target
-		t.Fatal("a lookup waited for the record's write")
+	var found bool
+	returnsWithoutWaiting(t, "a lookup waited for the record's write", func() { _, found = f.lookup("vm1") })
+	if !found {
+		t.Error("the record being written is not found")
 	}
 	close(release)
 	<-recorded
@@ -757,13 +752,8 @@ func TestRecoverWritesTheRecordUnlocked(t *testing.T) {
 			recovered := make(chan error, 1)
 			go func() { _, err := reg.Recover("vm1"); recovered <- err }()
 			<-entered
-			looked := make(chan struct{})
-			go func() { reg.Lookup("vm2"); close(looked) }()
-			select {
-			case <-looked:
-			case <-time.After(10 * time.Second): // a deadlock detector, not a speed target
-				t.Fatal("a lookup of another export waited for lvnbd recover's record write")
-			}
+			returnsWithoutWaiting(t, "a lookup of another export waited for lvnbd recover's record write",
+				func() { reg.Lookup("vm2") })
 			var again *Export
 			if replaced {
 				_, closed, err := reg.Remove("vm1")

@@ -378,3 +378,17 @@ func (h *hookBackend) Flush() error {
 }
 
 var _ Backend = (*backend.File)(nil)
+
+// returnsWithoutWaiting runs f, which must not wait for anything held up
+// elsewhere in the test, and fails the test with why if it does not return
+// within a deadlock detector's limit (not a speed target).
+func returnsWithoutWaiting(t testing.TB, why string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { f(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal(why)
+	}
+}
