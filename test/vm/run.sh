@@ -337,6 +337,7 @@ main() {
 	[[ -n $capture_dir ]] && extract_captures "$capture_dir"
 
 	local pass=0 fail=0 skip=0 seen line name
+	local failed=()
 	declare -A result=()
 	while IFS= read -r line; do
 		read -r _ verdict name _ <<<"$line"
@@ -349,11 +350,12 @@ main() {
 			skip=$((skip + 1))
 			if ((no_skip)); then
 				fail=$((fail + 1))
+				failed+=("$s")
 				echo "vm: $s: skipped, which --no-skip makes a failure"
 			fi
 			;;
-		FAIL) fail=$((fail + 1)) ;;
-		*) fail=$((fail + 1)); echo "vm: $s: no result" ;;
+		FAIL) fail=$((fail + 1)); failed+=("$s") ;;
+		*) fail=$((fail + 1)); failed+=("$s"); echo "vm: $s: no result" ;;
 		esac
 	done
 	seen=$(tr -d '\r' <"$log" | grep -ac '^VM-DONE' || true)
@@ -363,9 +365,32 @@ main() {
 		echo "vm: the guest never reported VM-DONE (panic, hang or timeout); console tail:"
 		tail -n 40 "$log" | tr -d '\r' | sed 's/^/  | /'
 	fi
+	# CI shows only the end of what a run printed: repeat the end of each failed scenario's output
+	# (the guest printed all of it further up), and name the failures on the last line.
+	for s in "${failed[@]}"; do
+		echo "vm: last lines of $s's output (all of it is further up):"
+		failure_tail "$s" | sed 's/^/  | /'
+	done
 	((skip)) && echo "VM: $skip skipped"
-	echo "VM: $pass passed, $fail failed"
+	if ((fail)); then
+		echo "VM: $pass passed, $fail failed: ${failed[*]}"
+	else
+		echo "VM: $pass passed, $fail failed"
+	fi
 	((seen > 0 && fail == 0 && pass + skip > 0))
+}
+
+# failure_tail NAME prints the failed check and the last lines of NAME's output, as the guest
+# printed it between its "--- output of NAME ---" and "--- kernel log during NAME ---" markers
+# (a scenario's exit trap may print server logs after the check that failed).
+failure_tail() {
+	local out
+	out=$(tr -d '\r' <"$log" |
+		awk -v start="--- output of $1 ---" -v end="--- kernel log during $1 ---" \
+			'$0 == start { on = 1; next } $0 == end { on = 0 } on')
+	grep -a -m1 '^FAIL: ' <<<"$out" || true
+	echo "..."
+	tail -n 15 <<<"$out"
 }
 
 main
