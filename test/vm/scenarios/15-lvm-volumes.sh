@@ -21,7 +21,7 @@ vgcreate -q vg0 /dev/ram0 /dev/ram1
 lvnbd serve --volumes lvm://vg0 --listen tcp://127.0.0.1:10809 --control "$CTL" --fence-file= \
 	--rescan 1s 2>server.log &
 server=$!
-wait_for "[[ -S $CTL ]]" 20
+wait_started "$server" server.log "[[ -S $CTL ]]" 90
 
 # A striped volume, exported as soon as it exists.
 lvnbd volume create vm1 --size 128M --stripes 2 "${V[@]}"
@@ -49,7 +49,7 @@ lvnbd snapshot create vm1@before --size 64M "${V[@]}"
 dd if=/dev/urandom of=new bs=1M count=32 status=none
 dd if=new of="$dev" bs=1M oflag=direct conv=fsync status=none
 snap=$(lvnbd attach nbd://127.0.0.1/vm1@before)
-assert_eq 1 "$(cat /sys/block/${snap#/dev/}/ro)" "snapshot attached read-only"
+assert_eq 1 "$(cat "/sys/block/${snap#/dev/}/ro")" "snapshot attached read-only"
 assert_eq "$old" "$(devsha "$snap" 32)" "classic snapshot holds the data from before"
 assert_eq "$(sha new)" "$(devsha "$dev" 32)" "the volume holds the new data"
 if dd if=/dev/zero of="$snap" bs=4k count=1 oflag=direct status=none 2>/dev/null; then

@@ -59,7 +59,14 @@ box_tcp() {
 	ip netns exec "box$1" awk -v st="$2" 'substr($2, length($2) - 4) == ":2A39" && $4 == st' /proc/net/tcp | wc -l
 }
 
-# start_box BOX: run BOX's server (again); sets server_BOX to its pid. nsenter enters only the
+# box_control BOX: whether BOX's control socket listens (a killed server leaves its file behind).
+box_control() {
+	# shellcheck disable=SC2016 # awk's fields; 00010000: __SO_ACCEPTCON, a listening socket
+	[[ $(ip netns exec "box$1" awk -v p="/run/lvnbd/$1.sock" '$4 == "00010000" && $8 == p' /proc/net/unix) ]]
+}
+
+# start_box BOX: run BOX's server (again) and wait until it serves and its control socket
+# listens (box_volume goes through it); sets server_BOX to its pid. nsenter enters only the
 # network namespace: ip netns exec would also give the server a copy of the mount table, in which
 # a filesystem mounted before (the guest's, scenario 30) stays mounted, and its md array busy,
 # after the scenario unmounts it.
@@ -69,7 +76,7 @@ start_box() {
 		--control "/run/lvnbd/$box.sock" --fence-file= --failure-file "$PWD/failures-$box.json" --rescan 1s \
 		2>>"server-$box.log" &
 	printf -v "server_$box" %s $!
-	wait_secs "[[ \$(box_tcp $box 0A) == 1 ]]" 30
+	wait_started $! "server-$box.log" "[[ \$(box_tcp $box 0A) == 1 ]] && box_control $box" 90
 }
 
 # setup_box BOX RAM1 RAM2 DOM0_IP: namespace, link, VG and server of BOX.

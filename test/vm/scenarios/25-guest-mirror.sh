@@ -36,7 +36,7 @@ serve_box() {
 	lvnbd serve --volumes "lvm://vg$box" --listen "tcp://127.0.0.1:$port" --control "$ctl" \
 		--fence-file= --failure-file "$PWD/failures-$box.json" --rescan 0 >>"server-$box.log" 2>&1 &
 	printf -v "srv_$box" %s "$!"
-	wait_for "[[ -S $ctl && \$(tcp_listeners $port) == 1 ]]" 30
+	wait_started $! "server-$box.log" "[[ -S $ctl && \$(tcp_listeners $port) == 1 ]]" 90
 }
 
 # tcp_listeners PORT: how many TCP sockets listen on local port PORT.

@@ -22,7 +22,8 @@ wait "$srv_a" || true
 wait_for "[[ \$(legstate $LEG_A) == *faulty* ]]" 60
 took=$((SECONDS - killed))
 echo "leg A failed ${took}s after the kill"
-[[ $took -le 30 ]] || fail "md took ${took}s to fail the dead leg (request timeout 10 s + dead-connection timeout 5 s)"
+# Bounded by the timeouts, not by a hang; the margin is for a loaded host under emulation.
+[[ $took -le 45 ]] || fail "md took ${took}s to fail the dead leg (request timeout 10 s + dead-connection timeout 5 s)"
 [[ $(legstate "$LEG_B") == in_sync* ]] || fail "leg B is not in sync: $(legstate "$LEG_B")"
 [[ $(written w1) -lt 60 ]] || fail "the writer finished before the leg failed: the failover was not mid-write"
 

@@ -44,6 +44,14 @@ wait_for() {
 	fail "timed out after ${limit}s waiting for: $cond"
 }
 
+# wait_started PID LOG COND SECS: wait_for COND, but fail at once, with the end of LOG, if the
+# process PID (a server starting) exits first: a start that failed is not a slow one.
+wait_started() {
+	local pid=$1 log=$2
+	wait_for "$3 || ! kill -0 $pid" "$4"
+	kill -0 "$pid" 2>/dev/null || fail "process $pid exited while starting; the end of $log: $(tail -n 20 "$log")"
+}
+
 # sha FILE: the SHA-256 of FILE (or a block device), hex only.
 sha() {
 	local sum
