@@ -262,7 +262,18 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		l.publish(now, StateReconnecting, nil)
 		return l.reconnect(ctx, now)
 	}
+	err = l.connect(ctx, now)
+	if errors.Is(err, kernel.ErrReceiversStarved) {
+		// The kernel has started worker threads meanwhile: a second attach, at once, gets
+		// its receivers. Not a failure worth a backoff, nor one `pair up` should report.
+		l.log.Info("attaching again", zap.Error(err))
+		err = l.connect(ctx, now)
+	}
+	return err
+}
 
+// connect dials the leg's export and attaches a new device to it.
+func (l *leg) connect(ctx context.Context, now time.Time) error {
 	socks, info, err := l.dial(ctx)
 	if err != nil {
 		return err

@@ -291,6 +291,11 @@ func TestLegStep(t *testing.T) {
 				{at: time.Second, calls: attached.calls, wait: 5 * time.Second, state: StateConnected, device: "/dev/nbd0",
 					size: 64 * mib, errHas: "in use"},
 			}},
+		{name: "the kernel starves a receiver: attached again at once, no failure shown",
+			setup: func(k *fakeKernel, _ *fakeStorage) {
+				k.connectErr = &kernel.OpError{Op: "connect", Index: 0, Err: kernel.ErrReceiversStarved}
+			},
+			steps: []legStep{attached}},
 		{name: "down and up",
 			steps: []legStep{attached,
 				{at: time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {
