@@ -86,8 +86,8 @@ assert_eq 0 "$(nbd_running)" "attached nbd devices a while after pair down"
 
 # pair up attaches them again.
 lvnbd pair up --control "$CLIENT_SOCK" vm1
-assert_eq connected "$(leg a state)" "leg a after pair up"
-assert_eq connected "$(leg b state)" "leg b after pair up"
+assert_connected a "leg a after pair up"
+assert_connected b "leg b after pair up"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after pair up"
 assert_eq "$(sha data-b)" "$(dd if=/dev/lvnbd/vm1/b bs=1M skip=8 count=16 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
 	"data through leg b after pair up"

@@ -150,6 +150,17 @@ kernel_retries() {
 	dmesg | grep -c "${1#/dev/}: Connection timed out, retrying" || true
 }
 
+# assert_connected LEG MSG: LEG is connected; or it is reconnecting after the kernel gave up on
+# one of its connections by itself (kernel_retries, as own_reconnects allows for), and is
+# connected again within 60 s.
+assert_connected() {
+	local st
+	st=$(leg "$1" state)
+	[[ $st == connected ]] && return 0
+	(($(kernel_retries "$(leg "$1" device)") > 0)) || fail "$2: want 'connected', got '$st'"
+	wait_secs "[[ \$(leg $1 state) == connected ]]" 60
+}
+
 # own_reconnects LEG: the reconnects of leg LEG less those that followed the kernel giving up on a
 # connection by itself (kernel_retries), waiting up to 10 s for the daemon to catch up. Linux's
 # nbd can leave a connection of a fresh device without a receiver (README, "A kernel issue"): its

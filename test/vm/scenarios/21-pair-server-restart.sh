@@ -31,7 +31,7 @@ wait_secs "[[ \$(leg a state) == reconnecting ]]" 30
 lvnbd pair status --control "$CLIENT_SOCK"
 [[ -n $(leg a last_error) ]] || fail "no last error for leg a while its server is dead"
 [[ -n $(leg a last_error_at) ]] || fail "no time for leg a's last error"
-assert_eq connected "$(leg b state)" "leg b while box a is down"
+assert_connected b "leg b while box a is down"
 assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device while reconnecting"
 [[ -e /sys/block/${dev_a#/dev/}/pid ]] || fail "$dev_a was detached"
 # Still down a while later: the daemon keeps trying (with backoff), without new devices.
@@ -97,20 +97,22 @@ wait_secs "[[ ! -e /sys/block/${dev_a#/dev/}/pid ]]" 30
 
 # The new volume is taken into use as a new half: leg a alone goes down and up.
 reconnects_b=$(own_reconnects b)
+# It refuses while the other leg is not connected.
+assert_connected b "leg b before pair down --leg a"
 lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1
 assert_eq down "$(leg a state)" "leg a after pair down --leg a"
-assert_eq connected "$(leg b state)" "leg b after pair down --leg a"
+assert_connected b "leg b after pair down --leg a"
 [[ ! -e /dev/lvnbd/vm1/a ]] || fail "link a left after pair down --leg a"
 assert_eq "$dev_b" "$(readlink /dev/lvnbd/vm1/b)" "link b after pair down --leg a"
 assert_eq 1 "$(nbd_running)" "attached nbd devices with leg a down"
 lvnbd pair up --control "$CLIENT_SOCK" --leg a vm1
-assert_eq connected "$(leg a state)" "leg a after pair up --leg a"
+assert_connected a "leg a after pair up --leg a"
 dd if=/dev/urandom of=new bs=1M count=8 status=none
 dd if=new of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
 assert_eq "$(sha new)" "$(dd if=/dev/vga/vm1 bs=1M count=8 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
 	"data written through leg a, on box a's new LV"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device after leg a came back"
-assert_eq connected "$(leg b state)" "leg b after leg a came back"
+assert_connected b "leg b after leg a came back"
 assert_eq "$reconnects_b" "$(own_reconnects b)" "reconnects of leg b while leg a was replaced"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after pair up --leg a"
 

@@ -23,7 +23,7 @@ start=$SECONDS
 wait_secs "[[ \$(leg a state) == reconnecting ]]" 90
 echo "leg a found dead after $((SECONDS - start))s"
 lvnbd pair status --control "$CLIENT_SOCK"
-assert_eq connected "$(leg b state)" "leg b while link a is down"
+assert_connected b "leg b while link a is down"
 dd if=/dev/lvnbd/vm1/b of=/dev/null bs=1M count=4 iflag=direct status=none
 
 # With every connection dead, I/O fails once the dead timeout (10 s) is over, not never.

@@ -46,7 +46,7 @@ if lvnbd pair down --control "$CLIENT_SOCK" vm1 2>err; then fail "pair down succ
 cat err
 grep -q "the domain does not exist" err || fail "pair down does not show xl's error: $(cat err)"
 assert_eq 2 "$(nbd_running)" "attached nbd devices after a failed pair down"
-assert_eq connected "$(leg a state)" "leg a after a failed pair down"
+assert_connected a "leg a after a failed pair down"
 # Once xl fails for xvdb, xvdc is not taken from the guest either.
 printf '%s\n' 'block-detach|guest1|xvdb' >want
 diff -u want xl.log || fail "xl calls of the failed pair down"

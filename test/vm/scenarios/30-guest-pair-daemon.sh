@@ -105,7 +105,7 @@ lose_leg_a() {
 	sync
 	assert_eq 1 "$(mdattr degraded)" "degraded slots with box A away"
 	wait_secs "[[ \$(leg a state) == reconnecting ]]" 60
-	assert_eq connected "$(leg b state)" "leg b with box A away"
+	assert_connected b "leg b with box A away"
 	wait_for "[[ \$(grep -c 'does not answer reads' watch.log) -ge $round ]]" 60
 	[[ $(legstate "$LEG_A") == *faulty* ]] || fail "leg a is no longer faulty with box A away: $(legstate "$LEG_A")"
 }

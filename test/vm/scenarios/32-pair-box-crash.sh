@@ -50,7 +50,7 @@ wait_secs "[[ \$(leg a last_error) == *'went down'* ]]" 90
 lvnbd pair status --control "$CLIENT_SOCK"
 assert_eq reconnecting "$(leg a state)" "leg a after box a's crash"
 assert_eq "$dev_a" "$(leg a device)" "leg a keeps its device, without connections"
-assert_eq connected "$(leg b state)" "leg b after box a's crash"
+assert_connected b "leg b after box a's crash"
 assert_eq "$dev_b" "$(leg b device)" "leg b's device"
 
 # A clean stop takes the server's record out; a clean restart keeps the epoch: still refused.
@@ -64,14 +64,16 @@ wait_secs "[[ \$(leg a last_error_at) != '$errors_at' && \$(leg a last_error) ==
 assert_eq reconnecting "$(leg a state)" "leg a after box a's clean restart"
 
 # Replaced as a new half: leg a alone goes down and up.
+# It refuses while the other leg is not connected.
+assert_connected b "leg b before pair down --leg a"
 lvnbd pair down --control "$CLIENT_SOCK" --leg a vm1
 lvnbd pair up --control "$CLIENT_SOCK" --leg a vm1
-assert_eq connected "$(leg a state)" "leg a after pair up --leg a"
+assert_connected a "leg a after pair up --leg a"
 dd if=/dev/urandom of=new bs=1M count=4 status=none
 dd if=new of=/dev/lvnbd/vm1/a bs=1M oflag=direct conv=fsync status=none
 assert_eq "$(sha new)" "$(dd if=/dev/vga/vm1 bs=1M count=4 iflag=direct status=none | sha256sum | cut -d' ' -f1)" \
 	"data written through leg a, on box a's LV"
-assert_eq connected "$(leg b state)" "leg b after leg a came back"
+assert_connected b "leg b after leg a came back"
 
 lvnbd pair down --control "$CLIENT_SOCK" vm1
 stop_client
