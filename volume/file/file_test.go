@@ -877,12 +877,4 @@ func TestUpdateRuns(t *testing.T) {
 	if err := d.SyncAll(ctx); err != nil {
 		t.Errorf("SyncAll: %v", err)
 	}
-	// A directory not made yet holds nothing to sync.
-	none, err := New(filepath.Join(t.TempDir(), "none"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := none.SyncAll(ctx); err != nil {
-		t.Errorf("SyncAll before the directory exists: %v", err)
-	}
 }

@@ -665,31 +665,22 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 	return nil
 }
 
-// SyncAll makes everything written to the volumes durable
-// (volume.RunKeeper): each active LV of the VG written back and flushed
-// (fsync of a block device writes its page cache back, and device-mapper
-// passes the flush to the disks below), then every PV flushed, which also
-// covers a VG with none active. Only the VG's own devices: sync(2) would
-// wait for every dirty page on the box, an unrelated copy's too, and a
-// server's start with it.
+// SyncAll makes everything written to the volumes durable: the page cache
+// written back (sync(2) waits for it), then every PV's disk cache flushed
+// (volume.RunKeeper).
+//
+// Not an fsync of each LV, though that would wait for the VG's devices
+// only: an fsync reports a write-back error of a dead server's data once,
+// and marks it seen, so the next server, opening the LV afterwards, would
+// serve it as healthy. sync(2) leaves the error for that server's first
+// flush, which fails the export (scenario 16-writeback-error).
 func (d *Driver) SyncAll(ctx context.Context) error {
-	p, err := d.lvs(ctx)
-	if err != nil {
-		return err
-	}
+	unix.Sync()
 	_, _, pvs, err := d.runRecord(ctx)
 	if err != nil {
 		return err
 	}
-	var paths []string
-	for _, lv := range p.lvs {
-		// Hidden and pool LVs have no path; an inactive LV has no cache,
-		// and an invalid snapshot fails every request.
-		if lv.path != "" && lv.state() == 'a' {
-			paths = append(paths, lv.path)
-		}
-	}
-	return flushDevices(append(paths, pvs...))
+	return flushDevices(pvs)
 }
 
 // runRecord reads the VG's run state, the tags it was read from and the
@@ -702,9 +693,9 @@ func (d *Driver) runRecord(ctx context.Context) (st volume.RunState, tags, pvs [
 	return parseVGRuns(out, d.vg)
 }
 
-// flushDevices writes back and flushes the block devices at paths (fsync
-// of a block device writes its page cache back and issues a cache flush);
-// "[unknown]", a missing PV, has none to flush.
+// flushDevices flushes the write caches of the block devices at paths
+// (fsync of a block device issues a cache flush); "[unknown]", a missing
+// PV, has none to flush.
 var flushDevices = func(paths []string) error {
 	var errs []error
 	for _, p := range paths {
@@ -717,7 +708,7 @@ var flushDevices = func(paths []string) error {
 			f.Close()
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("flushing %s: %w", p, err))
+			errs = append(errs, fmt.Errorf("flushing PV %s: %w", p, err))
 		}
 	}
 	return errors.Join(errs...)
