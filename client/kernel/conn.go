@@ -179,11 +179,17 @@ func (c *Conn) checkBackend(index int, want string) error {
 		Err: fmt.Errorf("%w: this is Linux %s, and %s %s", ErrBackendUnsupported, kernelRelease(), file, has)}
 }
 
+// ErrStillAttached is joined to a Connect error when the device Connect
+// configured, and then had to disconnect again, could not be disconnected:
+// it stays attached, with its backend. Attaching again at once would give
+// the backend a second device.
+var ErrStillAttached = errors.New("it stays attached")
+
 // undoConnect disconnects device index, which Connect configured but
 // cannot return because of err, and says so.
 func (c *Conn) undoConnect(ctx context.Context, index int, err error) error {
 	if derr := c.Disconnect(context.WithoutCancel(ctx), index); derr != nil {
-		return errors.Join(err, fmt.Errorf("disconnecting %s again failed, it stays attached: %w", DevicePath(index), derr))
+		return errors.Join(err, fmt.Errorf("disconnecting %s again failed, %w: %w", DevicePath(index), ErrStillAttached, derr))
 	}
 	return fmt.Errorf("%w; %s was disconnected again", err, DevicePath(index))
 }

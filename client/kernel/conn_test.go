@@ -739,6 +739,9 @@ func TestConnectChecksTheKernelKeptTheBackend(t *testing.T) {
 
 				}
 			}
+			if errors.Is(err, ErrStillAttached) != tt.disconnectFail {
+				t.Errorf("errors.Is(%v, ErrStillAttached) = %t", err, !tt.disconnectFail)
+			}
 			if diff := cmp.Diff([]command{cmdConnect, cmdDisconnect}, sent); diff != "" {
 				t.Errorf("commands (-want +got):\n%s", diff)
 			}

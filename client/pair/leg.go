@@ -263,9 +263,10 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return l.reconnect(ctx, now)
 	}
 	err = l.connect(ctx, now)
-	if errors.Is(err, kernel.ErrReceiversStarved) {
+	if errors.Is(err, kernel.ErrReceiversStarved) && !errors.Is(err, kernel.ErrStillAttached) {
 		// The kernel has started worker threads meanwhile: a second attach, at once, gets
 		// its receivers. Not a failure worth a backoff, nor one `pair up` should report.
+		// (A device that could not be disconnected again is adopted by the next attempt.)
 		l.log.Info("attaching again", zap.Error(err))
 		err = l.connect(ctx, now)
 	}

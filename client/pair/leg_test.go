@@ -3,6 +3,7 @@ package pair
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -296,6 +297,12 @@ func TestLegStep(t *testing.T) {
 				k.connectErr = &kernel.OpError{Op: "connect", Index: 0, Err: kernel.ErrReceiversStarved}
 			},
 			steps: []legStep{attached}},
+		{name: "the kernel starves a receiver, and the device stays attached: no second device, a failure",
+			setup: func(k *fakeKernel, _ *fakeStorage) {
+				k.connectErr = errors.Join(&kernel.OpError{Op: "connect", Index: 0, Err: kernel.ErrReceiversStarved},
+					fmt.Errorf("disconnecting /dev/nbd0 again failed, %w", kernel.ErrStillAttached))
+			},
+			steps: []legStep{{wait: time.Second, state: StateFailed, errHas: "stays attached", noLink: true}}},
 		{name: "down and up",
 			steps: []legStep{attached,
 				{at: time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {

@@ -203,8 +203,9 @@ be attached only once per host.`,
 				return dev, info, err
 			}
 			dev, info, err := connect()
-			if errors.Is(err, kernel.ErrReceiversStarved) {
-				// The kernel has started worker threads meanwhile.
+			if errors.Is(err, kernel.ErrReceiversStarved) && !errors.Is(err, kernel.ErrStillAttached) {
+				// The kernel has started worker threads meanwhile. (Not if the device could
+				// not be disconnected again: a second device of the same backend would not do.)
 				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %v; attaching again\n", err)
 				dev, info, err = connect()
 			}
