@@ -371,6 +371,8 @@ main() {
 		echo "vm: last lines of $s's output (all of it is further up):"
 		failure_tail "$s" | sed 's/^/  | /'
 	done
+	# What a reset could not undo explains a failure of the scenario after it.
+	tr -d '\r' <"$log" | grep -a '^VM-WARN' || true
 	((skip)) && echo "VM: $skip skipped"
 	if ((fail)); then
 		echo "VM: $pass passed, $fail failed: ${failed[*]}"
@@ -380,14 +382,19 @@ main() {
 	((seen > 0 && fail == 0 && pass + skip > 0))
 }
 
-# failure_tail NAME prints the failed check and the last lines of NAME's output, as the guest
-# printed it between its "--- output of NAME ---" and "--- kernel log during NAME ---" markers
-# (a scenario's exit trap may print server logs after the check that failed).
+# failure_tail NAME prints NAME's result line (with "timed out after" if it did), its failed
+# check and its last lines of output: what the guest printed between "--- output of NAME ---"
+# and "--- kernel log during NAME ---" after the failure, or with --verbose between
+# "vm: running NAME" and "vm: NAME took". A scenario's exit trap may print server logs after
+# the check that failed, hence the FAIL: line on its own.
 failure_tail() {
 	local out
-	out=$(tr -d '\r' <"$log" |
-		awk -v start="--- output of $1 ---" -v end="--- kernel log during $1 ---" \
-			'$0 == start { on = 1; next } $0 == end { on = 0 } on')
+	tr -d '\r' <"$log" | grep -a -A1 "^VM-RESULT: FAIL $1 " | grep -a "^VM-RESULT\|^timed out after" || true
+	out=$(tr -d '\r' <"$log" | awk -v name="$1" '
+		$0 == "--- output of " name " ---" || index($0, "vm: running " name " (") == 1 { on = 1; n = 0; next }
+		$0 == "--- kernel log during " name " ---" || $0 ~ "^vm: " name " took " { on = 0 }
+		on { line[n++] = $0 }
+		END { for (i = 0; i < n; i++) print line[i] }')
 	grep -a -m1 '^FAIL: ' <<<"$out" || true
 	echo "..."
 	tail -n 15 <<<"$out"
