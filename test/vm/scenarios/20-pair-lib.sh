@@ -36,8 +36,8 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# wait_secs COND SECS: like wait_for, but SECS is wall-clock time: under emulation COND itself
-# can take a good part of a second, which wait_for's count of 0.1 s polls does not include.
+# wait_secs COND SECS: wait_for with 0.2 s between polls: these conditions (lvnbd pair status)
+# cost a good part of a second each under emulation, and polling them harder only loads the VM.
 wait_secs() {
 	local cond=$1 end=$((SECONDS + $2))
 	{ set +x; } 2>/dev/null
