@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/internal/flock"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -177,29 +178,7 @@ func (d *Driver) change(ctx context.Context, fn func(*metadata) error) error {
 	return fn(m)
 }
 
-// lock takes a flock on the directory's lock file, waiting for other
-// processes (or goroutines: each call opens the file anew) until ctx is done.
+// lock takes a flock on the directory's lock file (flock.Lock).
 func (d *Driver) lock(ctx context.Context, how int) (unlock func(), err error) {
-	path := filepath.Join(d.dir, lockName)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("locking %s: %w", d.dir, err)
-	}
-	const poll = 20 * time.Millisecond
-	for {
-		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("locking %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("waiting for another lvnbd to finish with %s: %w", d.dir, ctx.Err())
-		case <-time.After(poll):
-		}
-	}
+	return flock.Lock(ctx, filepath.Join(d.dir, lockName), how)
 }
