@@ -17,12 +17,14 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/flock"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
@@ -49,7 +51,14 @@ const maxDMName = 127
 type Driver struct {
 	vg  string
 	run runner
+	// lockDir holds the lock file that makes UpdateRuns of the servers of
+	// this host take turns (lockDirDefault; the systemd unit lets the
+	// server write there).
+	lockDir string
 }
+
+// lockDirDefault is where UpdateRuns's lock files live.
+const lockDirDefault = "/run/lvnbd"
 
 var _ volume.Driver = (*Driver)(nil)
 
@@ -59,7 +68,7 @@ func New(vg string) (*Driver, error) {
 	if err := validateVGName(vg); err != nil {
 		return nil, err
 	}
-	return &Driver{vg: vg, run: execRunner{}}, nil
+	return &Driver{vg: vg, run: execRunner{}, lockDir: lockDirDefault}, nil
 }
 
 // openURL accepts lvm://VG.
@@ -621,8 +630,21 @@ func noSpace(vg *volumeGroup, need int64, what string) error {
 func bytesArg(n int64) string { return strconv.FormatInt(n, 10) + "b" }
 
 // UpdateRuns changes the servers and crash epoch recorded in the VG's tags,
-// in one vgchange: one metadata commit (volume.RunKeeper).
+// in one vgchange: one metadata commit (volume.RunKeeper). The tags are
+// read by one command and changed by another, so UpdateRuns holds a lock
+// across both: two servers of the VG starting together after a crash would
+// otherwise each draw an epoch, and two epochs read as yet another crash.
+// (Servers of other hosts or mount namespaces do not see the lock: one VG
+// is served by one box.)
 func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool, error)) error {
+	if err := os.MkdirAll(d.lockDir, 0o755); err != nil {
+		return fmt.Errorf("recording the servers on volume group %s: %w", d.vg, err)
+	}
+	unlock, err := flock.Lock(ctx, filepath.Join(d.lockDir, "lvm-"+d.vg+".runs.lock"), unix.LOCK_EX)
+	if err != nil {
+		return fmt.Errorf("recording the servers on volume group %s: %w", d.vg, err)
+	}
+	defer unlock()
 	st, old, pvs, err := d.runRecord(ctx)
 	if err != nil {
 		return err

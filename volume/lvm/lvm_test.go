@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -12,14 +13,16 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/flock"
 	"github.com/lvnbd/lvnbd/volume"
 )
 
 const mib = int64(1) << 20
 
 func newTestDriver(t *testing.T, calls ...call) *Driver {
-	return &Driver{vg: "vg0", run: newFakeRunner(t, calls...)}
+	return &Driver{vg: "vg0", run: newFakeRunner(t, calls...), lockDir: t.TempDir()}
 }
 
 func TestOpenURL(t *testing.T) {
@@ -445,6 +448,40 @@ func TestUpdateRuns(t *testing.T) {
 	pvs := []string{"/dev/ram0", "/dev/ram1", "/dev/ram2"}
 	if diff := cmp.Diff([][]string{pvs, pvs}, *flushed); diff != "" {
 		t.Errorf("PVs flushed after the two vgchanges that succeeded (-want +got):\n%s", diff)
+	}
+}
+
+// UpdateRuns waits for another's turn (another server of the VG on this
+// host) before it reads the tags, gives up when its context ends, and holds
+// its turn until the tags are changed.
+func TestUpdateRunsTakesTurns(t *testing.T) {
+	d := newTestDriver(t) // no lvm command may run while the lock is held
+	unlock, err := flock.Lock(context.Background(), filepath.Join(d.lockDir, "lvm-vg0.runs.lock"), unix.LOCK_EX)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err = d.UpdateRuns(ctx, func(*volume.RunState) (bool, error) { return true, nil })
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "volume group vg0") {
+		t.Errorf("UpdateRuns while another holds the lock: %v, want DeadlineExceeded naming vg0", err)
+	}
+	unlock()
+	dir := d.lockDir
+	d = newTestDriver(t, call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, "vgs-tags-none.json")})
+	d.lockDir = dir
+	// Held from the read until after the change.
+	var during error
+	if err := d.UpdateRuns(context.Background(), func(*volume.RunState) (bool, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		_, during = flock.Lock(ctx, filepath.Join(dir, "lvm-vg0.runs.lock"), unix.LOCK_EX)
+		return false, nil
+	}); err != nil {
+		t.Errorf("UpdateRuns once released: %v", err)
+	}
+	if !errors.Is(during, context.DeadlineExceeded) {
+		t.Errorf("locking while UpdateRuns runs: %v, want DeadlineExceeded", during)
 	}
 }
 
