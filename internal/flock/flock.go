@@ -24,7 +24,7 @@ const poll = 20 * time.Millisecond
 func Lock(ctx context.Context, path string, how int) (unlock func(), err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("locking %s: %w", path, err)
+		return nil, err // names the path
 	}
 	for {
 		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
@@ -38,7 +38,7 @@ func Lock(ctx context.Context, path string, how int) (unlock func(), err error) 
 		select {
 		case <-ctx.Done():
 			f.Close()
-			return nil, fmt.Errorf("waiting for another lvnbd to release %s: %w", path, ctx.Err())
+			return nil, fmt.Errorf("another lvnbd process holds %s (lslocks shows which): %w", path, ctx.Err())
 		case <-time.After(poll):
 		}
 	}

@@ -52,12 +52,12 @@ type Driver struct {
 	vg  string
 	run runner
 	// lockDir holds the lock file that makes UpdateRuns of the servers of
-	// this host take turns (lockDirDefault; the systemd unit lets the
-	// server write there).
+	// this host take turns; "" is lockDirDefault.
 	lockDir string
 }
 
-// lockDirDefault is where UpdateRuns's lock files live.
+// lockDirDefault is where UpdateRuns's lock files live: the systemd unit
+// lets the server write there.
 const lockDirDefault = "/run/lvnbd"
 
 var _ volume.Driver = (*Driver)(nil)
@@ -68,7 +68,7 @@ func New(vg string) (*Driver, error) {
 	if err := validateVGName(vg); err != nil {
 		return nil, err
 	}
-	return &Driver{vg: vg, run: execRunner{}, lockDir: lockDirDefault}, nil
+	return &Driver{vg: vg, run: execRunner{}}, nil
 }
 
 // openURL accepts lvm://VG.
@@ -634,15 +634,12 @@ func bytesArg(n int64) string { return strconv.FormatInt(n, 10) + "b" }
 // read by one command and changed by another, so UpdateRuns holds a lock
 // across both: two servers of the VG starting together after a crash would
 // otherwise each draw an epoch, and two epochs read as yet another crash.
-// (Servers of other hosts or mount namespaces do not see the lock: one VG
-// is served by one box.)
+// (Servers of other hosts do not see the lock: one VG is served by one
+// box.)
 func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool, error)) error {
-	if err := os.MkdirAll(d.lockDir, 0o755); err != nil {
-		return fmt.Errorf("recording the servers on volume group %s: %w", d.vg, err)
-	}
-	unlock, err := flock.Lock(ctx, filepath.Join(d.lockDir, "lvm-"+d.vg+".runs.lock"), unix.LOCK_EX)
+	unlock, err := d.lockRuns(ctx)
 	if err != nil {
-		return fmt.Errorf("recording the servers on volume group %s: %w", d.vg, err)
+		return err
 	}
 	defer unlock()
 	st, old, pvs, err := d.runRecord(ctx)
@@ -685,6 +682,22 @@ func (d *Driver) UpdateRuns(ctx context.Context, f func(*volume.RunState) (bool,
 		return fmt.Errorf("recording the servers and crash epoch on volume group %s: %w", d.vg, err)
 	}
 	return nil
+}
+
+// lockRuns takes this host's turn at the VG's run record (UpdateRuns).
+func (d *Driver) lockRuns(ctx context.Context) (unlock func(), err error) {
+	dir := d.lockDir
+	if dir == "" {
+		dir = lockDirDefault
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("taking turns at the servers' record on volume group %s: %w", d.vg, err)
+	}
+	unlock, err = flock.Lock(ctx, filepath.Join(dir, "lvm-"+d.vg+".runs.lock"), unix.LOCK_EX)
+	if err != nil {
+		return nil, fmt.Errorf("taking turns at the servers' record on volume group %s: %w", d.vg, err)
+	}
+	return unlock, nil
 }
 
 // SyncAll makes everything written to the volumes durable: the page cache

@@ -468,20 +468,38 @@ func TestUpdateRunsTakesTurns(t *testing.T) {
 	}
 	unlock()
 	dir := d.lockDir
-	d = newTestDriver(t, call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, "vgs-tags-none.json")})
+	// Held from the read until the change is durable: tried while f runs,
+	// and while the PVs are flushed after the vgchange.
+	d = newTestDriver(t, call{Args: vgTagsArgs("vg0"), Stdout: testdata(t, "vgs-tags-none.json")},
+		call{Args: []string{"vgchange", "--addtag", "lvnbd-epoch-00000001", "vg0"}})
 	d.lockDir = dir
-	// Held from the read until after the change.
-	var during error
-	if err := d.UpdateRuns(context.Background(), func(*volume.RunState) (bool, error) {
+	var tried []error
+	try := func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		defer cancel()
-		_, during = flock.Lock(ctx, filepath.Join(dir, "lvm-vg0.runs.lock"), unix.LOCK_EX)
-		return false, nil
+		unlock, err := flock.Lock(ctx, filepath.Join(dir, "lvm-vg0.runs.lock"), unix.LOCK_EX)
+		if err == nil {
+			unlock()
+		}
+		tried = append(tried, err)
+	}
+	old := flushDevices
+	flushDevices = func([]string) error { try(); return nil }
+	t.Cleanup(func() { flushDevices = old })
+	if err := d.UpdateRuns(context.Background(), func(s *volume.RunState) (bool, error) {
+		try()
+		s.Epoch = "00000001"
+		return true, nil
 	}); err != nil {
 		t.Errorf("UpdateRuns once released: %v", err)
 	}
-	if !errors.Is(during, context.DeadlineExceeded) {
-		t.Errorf("locking while UpdateRuns runs: %v, want DeadlineExceeded", during)
+	if len(tried) != 2 {
+		t.Fatalf("lock tried %d times, want 2 (in f, at the flush)", len(tried))
+	}
+	for i, err := range tried {
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("locking while UpdateRuns runs (%d): %v, want DeadlineExceeded", i, err)
+		}
 	}
 }
 

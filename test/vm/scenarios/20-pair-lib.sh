@@ -170,8 +170,10 @@ assert_connected() {
 			fail "$2: want 'connected', got '$st'"
 		fi
 		echo "leg $1 is $st after the kernel gave up on a connection of $dev at ${at}s; waiting" >&2
-		until [[ $(leg "$1" state) == connected ]]; do
-			((SECONDS < end)) || fail "$2: not connected again within 60 s of the kernel giving up on a connection of $dev"
+		while :; do
+			st=$(leg "$1" state) || true
+			[[ $st == connected ]] && break
+			((SECONDS < end)) || fail "$2: not connected again within 60 s (still '$st')"
 			sleep 0.2
 		done
 	fi
