@@ -36,12 +36,15 @@ type fakeNBD struct {
 	connectErr error
 	// starve makes the next Connect configure nothing and fail as the
 	// kernel's does when its nbd workqueue's rescuer starved a connection.
-	starve       bool
-	starved      []kernel.Config
-	connected    []kernel.Config
-	reconfigured []kernel.Reconfig
-	disconnected []int
-	closed       bool
+	starve bool
+	// stillAttached makes that failure say the starved device could not be
+	// disconnected again.
+	stillAttached bool
+	starved       []kernel.Config
+	connected     []kernel.Config
+	reconfigured  []kernel.Reconfig
+	disconnected  []int
+	closed        bool
 	// held devices keep their configuration when disconnected, as the
 	// kernel's do while something holds them open.
 	held map[int]bool
@@ -64,7 +67,11 @@ func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
 	if k.starve {
 		k.starve = false
 		k.starved = append(k.starved, cfg)
-		return 0, &kernel.OpError{Op: "NBD_CMD_CONNECT", Index: k.nextIndex, Err: kernel.ErrReceiversStarved}
+		err := error(&kernel.OpError{Op: "NBD_CMD_CONNECT", Index: k.nextIndex, Err: kernel.ErrReceiversStarved})
+		if k.stillAttached {
+			err = errors.Join(err, fmt.Errorf("disconnecting it again failed, %w", kernel.ErrStillAttached))
+		}
+		return 0, err
 	}
 	for i, f := range cfg.Sockets {
 		checkKernelSocket(k.t, fmt.Sprintf("socket %d", i), f)
@@ -387,6 +394,20 @@ func TestAttachAgainAfterStarvedReceivers(t *testing.T) {
 			t.Errorf("the second connect asked for device %d with the first's sockets (%v), want device %d, fresh sockets",
 				k.connected[0].Index, k.starved[0].Sockets[0] == k.connected[0].Sockets[0], k.starved[0].Index)
 		}
+	}
+}
+
+// Not again if the starved device could not be disconnected: that would
+// give the export a second device.
+func TestNoAttachAgainWhileTheStarvedDeviceStays(t *testing.T) {
+	addr := serveExport(t, "disk", 64<<20, false)
+	k := &fakeNBD{t: t, nextIndex: 5, starve: true, stillAttached: true}
+	_, errOut, err := runCmd(t, newAttachCmd(testHost(k, nil)), "--connections", "2", "nbd://"+addr+"/disk")
+	if err == nil || !strings.Contains(err.Error(), "stays attached") || strings.Contains(errOut, "attaching again") {
+		t.Errorf("attach: %v, stderr %q; want the error, no second attach", err, errOut)
+	}
+	if len(k.starved) != 1 || len(k.connected) != 0 {
+		t.Errorf("%d starved and %d good connects, want 1 and 0", len(k.starved), len(k.connected))
 	}
 }
 
