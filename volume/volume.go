@@ -198,7 +198,9 @@ type Driver interface {
 // restored or shared in its place.
 type RunKeeper interface {
 	// UpdateRuns reads the record, lets f change it, and stores it in one
-	// durable change if f reports a change.
+	// durable change if f reports a change. No other UpdateRuns of these
+	// volumes on this host runs meanwhile; f may call SyncAll, not
+	// UpdateRuns.
 	UpdateRuns(ctx context.Context, f func(*RunState) (changed bool, err error)) error
 	// SyncAll makes everything written to the volumes durable: written
 	// back from the page cache and flushed from the disks' caches, also

@@ -84,13 +84,9 @@ type Begun struct {
 // died go, as at End, so that a server restarted again and again does not
 // pile them up.
 func Begin(ctx context.Context, k volume.RunKeeper, self volume.Run) (Begun, error) {
-	dead, syncErr, err := settleDead(ctx, k, self)
-	if err != nil {
-		return Begun{}, fmt.Errorf("recording that this server serves the volumes, so that a crash of the box "+
-			"under it is noticed: %w", err)
-	}
 	var b Begun
-	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		dead, syncErr := settleDead(ctx, k, s, self)
 		b = Begun{SyncErr: syncErr}
 		var runs []volume.Run
 		for _, r := range s.Runs {
@@ -125,11 +121,10 @@ func Begin(ctx context.Context, k volume.RunKeeper, self volume.Run) (Begun, err
 // (k.SyncAll); if that fails they stay, the next boot counts a crash, and
 // End returns why.
 func End(ctx context.Context, k volume.RunKeeper, self volume.Run) error {
-	dead, syncErr, err := settleDead(ctx, k, self)
-	if err != nil {
-		return fmt.Errorf("taking this server's record out: %w", err)
-	}
-	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+	var syncErr error
+	err := k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
+		var dead []volume.Run
+		dead, syncErr = settleDead(ctx, k, s, self)
 		n := len(s.Runs)
 		s.Runs = slices.DeleteFunc(s.Runs, func(r volume.Run) bool { return r == self || slices.Contains(dead, r) })
 		return len(s.Runs) != n, nil
@@ -140,27 +135,25 @@ func End(ctx context.Context, k volume.RunKeeper, self volume.Run) error {
 	return syncErr
 }
 
-// settleDead returns the runs of self's boot whose process is gone, once
-// everything written to the volumes is durable: what they acknowledged
-// cannot be lost any more, and their records may go. If that fails, it
-// returns none, and why in syncErr.
-func settleDead(ctx context.Context, k volume.RunKeeper, self volume.Run) (dead []volume.Run, syncErr, err error) {
-	err = k.UpdateRuns(ctx, func(s *volume.RunState) (bool, error) {
-		for _, r := range s.Runs {
-			if r != self && r.Boot == self.Boot && !alive(r) {
-				dead = append(dead, r)
-			}
+// settleDead returns the runs in s of self's boot whose process is gone,
+// once everything written to the volumes is durable (k.SyncAll): what they
+// acknowledged cannot be lost any more, and their records may go. If that
+// fails, it returns none, and why. It runs inside the change that drops
+// them (k.UpdateRuns), so the record is read once.
+func settleDead(ctx context.Context, k volume.RunKeeper, s *volume.RunState, self volume.Run) (dead []volume.Run, syncErr error) {
+	for _, r := range s.Runs {
+		if r != self && r.Boot == self.Boot && !alive(r) {
+			dead = append(dead, r)
 		}
-		return false, nil
-	})
-	if err != nil || len(dead) == 0 {
-		return nil, nil, err
+	}
+	if len(dead) == 0 {
+		return nil, nil
 	}
 	if err := k.SyncAll(ctx); err != nil {
 		return nil, fmt.Errorf("making the volumes durable before taking out the records of %d servers that "+
-			"died: %w; they stay, and the next boot counts a crash", len(dead), err), nil
+			"died: %w; they stay, and the next boot counts a crash", len(dead), err)
 	}
-	return dead, nil, nil
+	return dead, nil
 }
 
 // drawEpoch draws an epoch at random: 8 hex digits.
