@@ -1,7 +1,7 @@
 // Package systemd speaks the two small systemd protocols a daemon needs:
-// sd_notify (READY=1, RELOADING=1, STOPPING=1 to $NOTIFY_SOCKET) and socket
-// activation (listeners passed as descriptors 3 and up with LISTEN_FDS).
-// Both are a few lines over a Unix socket, so no library is pulled in for
+// sd_notify (READY=1, RELOADING=1, STOPPING=1, EXTEND_TIMEOUT_USEC to
+// $NOTIFY_SOCKET) and socket activation (listeners passed as descriptors 3
+// and up with LISTEN_FDS). Both are a few lines over a Unix socket, so no library is pulled in for
 // them.
 package systemd
 

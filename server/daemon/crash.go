@@ -29,7 +29,7 @@ func (d *Daemon) beginRun(ctx context.Context, drv volume.Driver) error {
 	// recorded the run all the same, and the failed start's endRun takes
 	// it out. A stop does not cut the change short itself.
 	d.run, d.runs = &self, keeper
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	ctx, cancel := d.recordContext(ctx)
 	defer cancel()
 	begun, err := boxcrash.Begin(ctx, keeper, self)
 	if err != nil {
@@ -60,6 +60,23 @@ func (d *Daemon) beginRun(ctx context.Context, drv volume.Driver) error {
 // whether or not the server is being stopped meanwhile.
 const recordTimeout = 2 * time.Minute
 
+// recordContext bounds a change of the record by recordTimeout, and asks
+// systemd for that long and a little more beyond the unit's start or stop
+// timeout (EXTEND_TIMEOUT_USEC; TimeoutStartSec and TimeoutStopSec are 90 s).
+// The change runs lvm commands and, after a server died, a sync of the whole
+// box, which may take longer on a busy box: killed in the middle of a stop,
+// the server would leave its record, and the next boot would count a crash
+// and change every volume's ID; killed in a start, it could not say why.
+// Given the time, it either finishes or logs why not.
+func (d *Daemon) recordContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	notify(fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (recordTimeout+recordSlack).Microseconds()), d.log)
+	return context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+}
+
+// recordSlack is the time asked of systemd beyond recordTimeout, for the
+// server to log why the change failed and exit.
+const recordSlack = 15 * time.Second
+
 // endRun takes this server's record out of its volumes' (boxcrash.End),
 // once every export was flushed and closed, or nothing was served; it logs
 // and returns what fails.
@@ -67,7 +84,7 @@ func (d *Daemon) endRun(ctx context.Context) error {
 	if d.run == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	ctx, cancel := d.recordContext(ctx)
 	defer cancel()
 	drv := d.vols.Driver()
 	if err := boxcrash.End(ctx, d.runs, *d.run); err != nil {

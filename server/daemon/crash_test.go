@@ -2,13 +2,18 @@ package daemon
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/config"
+	"github.com/lvnbd/lvnbd/internal/systemd"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/boxcrash"
 	"github.com/lvnbd/lvnbd/volume"
@@ -128,5 +133,80 @@ func TestFailedStartLeavesNoRecord(t *testing.T) {
 	}
 	if st := runsOf(t, drv); len(st.Runs) != 0 {
 		t.Fatalf("runs after a failed start: %+v; want none", st.Runs)
+	}
+}
+
+// Changing the record with the volumes asks systemd for time beyond the
+// unit's start and stop timeouts, since it may wait for lvm and a sync of
+// the box: before READY=1 at a start, and at a stop after the drain.
+// Exports of files named in the configuration keep no record, and ask for
+// nothing.
+func TestRecordChangesAskSystemdForTime(t *testing.T) {
+	extend := fmt.Sprintf("EXTEND_TIMEOUT_USEC=%d", (recordTimeout + recordSlack).Microseconds())
+	for _, tc := range []struct {
+		name            string
+		volumes         bool
+		atStart, atStop []string
+	}{
+		{"volumes", true, []string{extend, "READY=1"}, []string{extend}},
+		{"static exports", false, []string{"READY=1"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "notify")
+			conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			// A bound for a test that fails, not a wait: a server that
+			// works sends READY=1 at once.
+			if err := conn.SetReadDeadline(time.Now().Add(time.Minute)); err != nil {
+				t.Fatal(err)
+			}
+			t.Setenv("NOTIFY_SOCKET", path)
+			// read returns the states sent until last, last included.
+			read := func(last string) []string {
+				t.Helper()
+				var got []string
+				buf := make([]byte, 256)
+				for {
+					n, err := conn.Read(buf)
+					if err != nil {
+						t.Fatalf("after %q: %v", got, err)
+					}
+					got = append(got, string(buf[:n]))
+					if string(buf[:n]) == last {
+						return got
+					}
+				}
+			}
+
+			sock := filepath.Join(dir, "nbd.sock")
+			var cfg *config.Config
+			if tc.volumes {
+				_, data := fileVolumes(t, dir, "vm1")
+				cfg = testConfig(sock)
+				cfg.Server.Volumes = "file://" + data
+			} else {
+				cfg = testConfig(sock, config.Export{Name: "disk", Path: sparse(t, "disk.img", 1<<20)})
+			}
+			d := startDaemon(t, cfg)
+			if got := read("READY=1"); !slices.Equal(got, tc.atStart) {
+				t.Errorf("at the start, told systemd %q, want %q", got, tc.atStart)
+			}
+			if err := d.stop(); err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			// Datagrams queue in the order sent: this one comes after
+			// everything the stopped server sent.
+			if err := systemd.Notify("END"); err != nil {
+				t.Fatal(err)
+			}
+			got := slices.DeleteFunc(read("END"), func(s string) bool { return s == "STOPPING=1" || s == "END" })
+			if !slices.Equal(got, tc.atStop) {
+				t.Errorf("at the stop, told systemd %q (STOPPING=1 left out), want %q", got, tc.atStop)
+			}
+		})
 	}
 }
