@@ -131,7 +131,10 @@ server does not export it until the merge is done. A volume or snapshot the
 driver knows but cannot read (its file deleted by hand, an LV lvs reports
 oddly) is marked "unreadable", with the reason: a server leaves its export as
 it is (and does not export it if it has none). --json prints {"volumes": [...]}
-with sizes in bytes (and "merge_pending", "problem"), for scripts.`,
+with sizes in bytes (and "merge_pending", "problem"), for scripts. "id" is the
+volume's own ID: once the box went down under a running server, its exports'
+IDs (what lvnbd info and a dom0 see) add the box's crash epoch, "--cEPOCH",
+which lvnbd status shows.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			drv, err := vf.openToList(cmd)
