@@ -262,8 +262,15 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 			if err := f.Truncate(size); err != nil {
 				return fmt.Errorf("resizing volume %s: %w", name, err)
 			}
-			if err := f.Sync(); err != nil {
-				return fmt.Errorf("resizing volume %s: %w", name, err)
+			// syncfs, not fsync: an fsync of a fresh descriptor reports
+			// a write-back error of a dead server's data once, and marks
+			// it seen, so the next server's first flush would succeed
+			// and serve the lost writes as healthy. syncfs writes the
+			// file back and reports the file system's errors, leaving
+			// the file's to the server (see SyncAll).
+			if err := unix.Syncfs(int(f.Fd())); err != nil {
+				return fmt.Errorf("resizing volume %s: making the new size durable (syncfs %s): %w; check the disk and "+
+					"the kernel log", name, d.dir, err)
 			}
 		}
 		v = d.describe(name, vm)
