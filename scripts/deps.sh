@@ -15,7 +15,8 @@ set -euo pipefail
 #                              man-db, shellcheck
 #   the systemd test:          mmdebstrap (and the VM suite's qemu, kernel, cpio)
 #   unit tests:                xfsprogs (mkfs.xfs: the guest's signature probe on a real
-#                              image, the file driver's reflink snapshots on a loop-mounted XFS)
+#                              image, the file driver's reflink snapshots on a loop-mounted XFS),
+#                              e2fsprogs (mkfs.ext4: the file driver over a failing disk)
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	qemu-system-x86 linux-image-amd64 busybox-static lvm2 mdadm e2fsprogs cpio kmod
 	iproute2 util-linux procps gcc make jq systemd man-db shellcheck mmdebstrap xfsprogs)
