@@ -196,21 +196,7 @@ func (b *File) Refresh() (int64, error) {
 	}
 	var size int64
 	var opErr error
-	err = rc.Control(func(fd uintptr) {
-		if b.device {
-			var s uint64
-			if err := ioctlPtr(int(fd), unix.BLKGETSIZE64, unsafe.Pointer(&s)); err != nil {
-				opErr = fmt.Errorf("BLKGETSIZE64 on %s: %w", b.path, err)
-			}
-			size = int64(s)
-			return
-		}
-		var st unix.Stat_t
-		if err := unix.Fstat(int(fd), &st); err != nil {
-			opErr = fmt.Errorf("fstat %s: %w", b.path, err)
-		}
-		size = st.Size
-	})
+	err = rc.Control(func(fd uintptr) { size, opErr = b.sizeOf(int(fd)) })
 	if err != nil {
 		return 0, fmt.Errorf("re-reading the size of %s: %w", b.path, err)
 	}
@@ -219,6 +205,40 @@ func (b *File) Refresh() (int64, error) {
 	}
 	b.size.Store(size)
 	return size, nil
+}
+
+// sizeOf reads the size of the file or device open as fd, now.
+func (b *File) sizeOf(fd int) (int64, error) {
+	if b.device {
+		var s uint64
+		if err := ioctlPtr(fd, unix.BLKGETSIZE64, unsafe.Pointer(&s)); err != nil {
+			return 0, fmt.Errorf("BLKGETSIZE64 on %s: %w", b.path, err)
+		}
+		return int64(s), nil
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, fmt.Errorf("fstat %s: %w", b.path, err)
+	}
+	return st.Size, nil
+}
+
+// checkEnd fails a request on [off, off+length) with ENOSPC, as the NBD
+// spec asks of a request past the end, if the file or device now ends
+// before off+length: it shrank behind the server, whose size (Size) is
+// that of the last Refresh until a rescan or handshake sees it. Where the
+// kernel itself does not tell, the request would be acknowledged for
+// blocks that do not exist: a zeroing with FALLOC_FL_KEEP_SIZE stops at a
+// device's end, or past a file's, and succeeds.
+func (b *File) checkEnd(op string, off, length int64) error {
+	size, err := b.sizeOf(b.fd)
+	if err != nil {
+		return err
+	}
+	if off+length > size {
+		return fmt.Errorf("%s %s [%d, +%d): it ends at %d now, shrunk behind the server: %w", op, b.path, off, length, size, unix.ENOSPC)
+	}
+	return nil
 }
 
 // ReadAt fills p from offset off.
@@ -374,6 +394,15 @@ func (b *File) WriteAt(p []byte, off int64, fua bool) error {
 		// fuse keep it; BLK_STS_NOTSUPP is EOPNOTSUPP). Writing again
 		// another way would have the next sync succeed, the failure
 		// already reported, and the lost data acknowledged.
+		//
+		// A device's end is checked first: a write past it fails
+		// with ENOSPC before anything is synced, which is not a
+		// failed write-back of the export.
+		if b.device {
+			if err := b.checkEnd("writing", off, int64(len(p))); err != nil {
+				return err
+			}
+		}
 		return b.syncs.run(func() error { return b.writeDSync(p, off) })
 	}
 	if !fua && !b.device {
@@ -403,6 +432,10 @@ func (b *File) pwritev2(p []byte, off int64, flags int) error {
 		}
 		if err != nil {
 			return fmt.Errorf("pwrite %s at %d: %w", b.path, off, err)
+		}
+		if n == 0 {
+			// Not seen from Linux; written again, it would loop.
+			return fmt.Errorf("pwrite %s at %d: wrote nothing: %w", b.path, off, unix.EIO)
 		}
 		p, off = p[n:], off+int64(n)
 	}
@@ -479,6 +512,14 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 	if length == 0 {
 		return nil // fallocate would answer EINVAL
 	}
+	if err := b.zero(off, length, mayTrim, fast); err != nil {
+		return err
+	}
+	// After, not before: a shrink meanwhile is caught too.
+	return b.checkEnd("zeroing", off, length)
+}
+
+func (b *File) zero(off, length int64, mayTrim, fast bool) error {
 	if !b.device {
 		return b.zeroFile(off, length, mayTrim, fast)
 	}
@@ -655,11 +696,24 @@ func (b *File) Extents(off, length int64, max int) ([]Extent, error) {
 	if b.device {
 		return []Extent{{Length: length}}, nil
 	}
+	// SEEK_DATA's ENXIO says no data after off, and also that off is
+	// past the end of the file: the file's end now is needed to tell.
+	size, err := b.sizeOf(b.fd)
+	if err != nil {
+		return nil, err
+	}
 	var out []Extent
 	for off < end && len(out) < max {
+		if off >= size {
+			// Past the end of a file that shrank behind the server:
+			// data, not a hole that reads as zeroes, or a backup that
+			// skips zeroes would store them where reads fail.
+			out = append(out, Extent{Length: end - off})
+			break
+		}
 		data, err := unix.Seek(b.fd, off, unix.SEEK_DATA)
 		if errors.Is(err, unix.ENXIO) {
-			data = end // no data after off
+			data = min(end, size) // no data after off
 		} else if err != nil {
 			return nil, fmt.Errorf("SEEK_DATA in %s at %d: %w", b.path, off, err)
 		}
