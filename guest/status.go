@@ -15,7 +15,7 @@ type ArrayStatus struct {
 	Device        string         `json:"device"`         // /dev/md127
 	UUID          string         `json:"uuid,omitempty"` // mdadm's form
 	Level         string         `json:"level"`
-	Health        string         `json:"health"`      // healthy, degraded, recovering, resyncing, resync-pending, checking, repairing, reshaping, failed, inactive
+	Health        string         `json:"health"`      // healthy, degraded, recovering, resyncing, resync-pending, checking, repairing, reshaping, failed, inactive; unknown with Problem
 	State         string         `json:"array_state"` // the kernel's array_state
 	RaidDisks     int            `json:"raid_disks"`
 	Degraded      int            `json:"degraded"` // slots without an in-sync leg
@@ -25,6 +25,10 @@ type ArrayStatus struct {
 	MismatchCount uint64         `json:"mismatch_count"`
 	Sync          *SyncStatus    `json:"sync,omitempty"`
 	Members       []MemberStatus `json:"members"`
+	// Problem says why the array's state could not be read (sysfs this
+	// version does not parse, such as a reshaping RAID5's raid_disks
+	// "4 (3)"); the other arrays are still reported.
+	Problem string `json:"problem,omitempty"`
 }
 
 // SyncStatus is a running resync, recovery, check, repair or reshape.
@@ -70,7 +74,9 @@ func (h *host) status() ([]ArrayStatus, error) {
 				// here to report, and the other arrays still are.
 				continue
 			}
-			return nil, err
+			out = append(out, ArrayStatus{Name: ma.Name, Path: devPath(ma.Name), Device: devPath(ma.Name), Level: ma.Level,
+				Health: "unknown", Members: []MemberStatus{}, Problem: err.Error()})
+			continue
 		}
 		out = append(out, arrayStatus(a, ma, names[a.Name]))
 	}

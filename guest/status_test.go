@@ -106,6 +106,31 @@ func TestStatusSkipsAnArrayStoppedMeanwhile(t *testing.T) {
 	}
 }
 
+// An array whose sysfs cannot be read (here a reshaping RAID5's raid_disks)
+// is reported as unknown, with why; the others as usual.
+func TestStatusReportsAnArrayItCannotRead(t *testing.T) {
+	h, fsys, _, _, _ := testHost(t)
+	sysfsDump(t, fsys, "sysfs-healthy.txt")
+	fsys["sys/block/md125/md/level"] = &fstest.MapFile{Data: []byte("raid5\n")}
+	fsys["sys/block/md125/md/raid_disks"] = &fstest.MapFile{Data: []byte("4 (3)\n")}
+	fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] [raid5]\n" +
+		"md125 : active raid5 sdd[3] sdc[2] sdb[1] sda[0]\n      64512 blocks super 1.2 level 5, 512k chunk [4/4] [UUUU]\n\n" +
+		string(readTestdata(t, "mdstat-healthy.txt"))[len("Personalities : [raid1] \n"):])}
+	got, err := h.status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Device != "/dev/md125" || got[1].Device != "/dev/md126" {
+		t.Fatalf("got %+v, want md125 and md126", got)
+	}
+	if got[0].Health != "unknown" || got[0].Problem == "" || got[0].Level != "raid5" {
+		t.Errorf("md125: %+v, want health unknown, level raid5 and the problem", got[0])
+	}
+	if got[1].Health != "healthy" {
+		t.Errorf("md126: health %q, want healthy", got[1].Health)
+	}
+}
+
 // md calls an array broken when it lost a member it cannot run without: its
 // writes fail, whatever the members in sync say.
 func TestHealthBroken(t *testing.T) {

@@ -178,7 +178,9 @@ func newGuestStatusCmd(deps *guestDeps) *cobra.Command {
 		Long: `Show every md array: its health (healthy, degraded, recovering, resyncing,
 resync-pending, checking, repairing, reshaping, failed or inactive), size,
 running sync action with progress, and each leg with its slot and md state flags
-(in_sync, faulty, spare, failfast, write_error...). resync-pending means the
+(in_sync, faulty, spare, failfast, write_error...); an array whose state this
+version cannot read is shown as unknown, with why ("problem" in --json), and
+the others as usual. resync-pending means the
 legs may differ while no resync runs: a read-auto array after an unclean
 shutdown resyncs at its first write (or mdadm --readwrite), a frozen one once
 sync_action is idle again. --json prints the same for scripts:
@@ -227,6 +229,9 @@ func printGuestStatus(w io.Writer, arrays []guest.ArrayStatus) {
 		fmt.Fprintln(tw, "ARRAY\tDEVICE\tSIZE\tHEALTH\tSYNC")
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Path, a.Device, humanize.IBytes(a.Size), a.Health, sync)
 		tw.Flush()
+		if a.Problem != "" {
+			fmt.Fprintf(w, "  cannot read its state: %s\n", a.Problem)
+		}
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		for _, m := range a.Members {
 			slot := "-"

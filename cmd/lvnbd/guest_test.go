@@ -121,6 +121,20 @@ func TestGuestStatus(t *testing.T) {
 		t.Errorf("table (-want +got):\n%s", diff)
 	}
 
+	// An array whose state cannot be read is shown with why.
+	deps.status = func() ([]guest.ArrayStatus, error) {
+		return append([]guest.ArrayStatus{{Name: "md125", Path: "/dev/md125", Device: "/dev/md125", Level: "raid5",
+			Health: "unknown", Members: []guest.MemberStatus{}, Problem: "raid_disks: \"4 (3)\""}}, sampleArrays...), nil
+	}
+	stdout, _, err = runGuest(t, deps, "status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stdout, "/dev/md125  /dev/md125  0 B   unknown  -\n  cannot read its state: raid_disks: \"4 (3)\"\n") {
+		t.Errorf("an unreadable array:\n%s", stdout)
+	}
+	deps.status = func() ([]guest.ArrayStatus, error) { return sampleArrays, nil }
+
 	stdout, _, err = runGuest(t, deps, "status", "--json")
 	if err != nil {
 		t.Fatal(err)
