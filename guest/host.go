@@ -61,6 +61,25 @@ func realHost() *host {
 
 // kernelName resolves a device path to its name under /sys/class/block:
 // /dev/md/md0 -> md127, /dev/nbd0 -> nbd0.
+// diskseq reads the disk sequence number of the kernel block device named
+// dev (Linux 5.15 on): a new number for each disk the kernel makes, also
+// under a name another disk had, kept while the disk lives. A partition
+// has its disk's. "" if it cannot be read.
+func (h *host) diskseq(dev string) string {
+	b, err := fs.ReadFile(h.sys, "sys/class/block/"+dev+"/diskseq")
+	if err != nil {
+		parents, _ := fs.Glob(h.sys, "sys/block/*/"+dev+"/partition")
+		if len(parents) != 1 {
+			return ""
+		}
+		disk := strings.Split(parents[0], "/")[2]
+		if b, err = fs.ReadFile(h.sys, "sys/block/"+disk+"/diskseq"); err != nil {
+			return ""
+		}
+	}
+	return strings.TrimSpace(string(b))
+}
+
 func (h *host) kernelName(dev string) (string, error) {
 	p, err := h.resolve(dev)
 	if err != nil {

@@ -46,10 +46,11 @@ const (
 // while another leg in sync answers reads and the array is neither broken
 // nor read-only; a leg is re-added only if its md superblock names the same
 // array and does not say it ran without the other leg, and added afresh (a
-// full resync) if it ran alone, if re-adding is refused, or if the device is
-// blank by every test. A device holding anything else is left alone and
-// logged. An array is grown only while md may resize it: read-write, idle,
-// no resync pending; nothing is written through one that is not read-write.
+// full resync) if its disk was attached anew, if re-adding is refused, or
+// if the device is blank by every test. A leg that ran alone, and a device
+// holding anything else, are left alone and logged. An array is grown only
+// while md may resize it: read-write, idle, no resync pending; nothing is
+// written through one that is not read-write.
 type Watcher struct {
 	cfg    WatchConfig
 	h      *host
@@ -95,6 +96,10 @@ func inSyncMembers(a Array) []string {
 
 type legMemory struct {
 	retry
+	// diskseq is the device's disk sequence number at the last look that
+	// found it a member of the array (Linux 5.15 on; "" before): a disk
+	// detached and attached again under the same name has another.
+	diskseq string
 }
 
 // retry is how many times in a row an action failed, and when it may be
@@ -248,9 +253,14 @@ func (w *Watcher) Step(ctx context.Context) {
 		w.noteFor(mem, name, "array", zap.InfoLevel, "watching", zap.String("uuid", a.UUID),
 			zap.Int("raid_disks", a.RaidDisks), zap.Strings("members", memberNames(a)))
 		for _, m := range a.Members {
-			if _, ok := mem.legs[m.Device]; !ok {
-				mem.legs[m.Device] = &legMemory{}
+			leg := mem.legs[m.Device]
+			if leg == nil {
+				leg = &legMemory{}
+				mem.legs[m.Device] = leg
 			}
+			// md holds the disk of every member it lists, failed ones
+			// too: no other disk can take its name meanwhile.
+			leg.diskseq = w.h.diskseq(m.Device)
 		}
 		w.heal(ctx, a, mem)
 		w.grow(ctx, a, mem)
@@ -408,13 +418,21 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 	cctx, cancel := contextWithTimeout(ctx)
 	defer cancel()
 	blank, fullResync := false, ""
-	out, err := w.h.run.run(cctx, "mdadm", "--examine", "--export", path)
-	if err != nil {
+	out, examineErr := w.h.run.run(cctx, "mdadm", "--examine", "--export", path)
+	if examineErr != nil {
 		// No md superblock on a device that answered reads just now:
 		// blank, or something else entirely.
 		found, err := w.contents(cctx, path, dev)
 		if err != nil {
 			w.backoff(mem, a.Name, dev, topic, "cannot tell whether the leg is blank: not adding it", err)
+			return false
+		}
+		if strings.HasPrefix(found, "a md superblock") {
+			// One mdadm cannot read: damaged (a bad checksum), or
+			// mdadm itself failed. Whose it is cannot be told.
+			w.backoff(mem, a.Name, dev, topic, "mdadm cannot read the leg's "+strings.TrimPrefix(found, "a ")+
+				": not adding it; see mdadm --examine "+path+", and if it is meant to be this leg, zero it (blkdiscard -z "+
+				path+", or at least its first and last MiB) and the watcher adds it", examineErr)
 			return false
 		}
 		if found != "" {
@@ -434,7 +452,26 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 			w.backoff(mem, a.Name, dev, topic, fmt.Sprintf("the leg belongs to another array (%q, UUID %s): not adding it", e.Name, e.UUID), nil)
 			return false
 		}
-		fullResync = w.wroteApart(cctx, path)
+		var alone bool
+		fullResync, alone = w.wroteApart(cctx, path)
+		if alone {
+			// md does not write the superblock of a leg it failed, so a
+			// leg that failed and came back still names the other leg
+			// active. One that names it missing was the array's only
+			// leg for a while: this array was assembled again from the
+			// other leg since (the returning one may then hold the newest
+			// writes), or the leg ran in another guest. Either way a
+			// resync from this array would overwrite writes found
+			// nowhere else, and only the admin can tell which to keep.
+			w.backoff(mem, a.Name, dev, topic, fmt.Sprintf("%s, Events %d", fullResync, e.Events)+": it may hold writes this array "+
+				"lacks, the newest ones even, which a resync from the array would overwrite: not adding it. Compare "+
+				"mdadm --examine of both legs (README, \"When both storage boxes crashed\"); to give up the leg's "+
+				"writes: mdadm --zero-superblock "+path+", then mdadm "+md+" --add --failfast "+path, nil)
+			return false
+		}
+		if fullResync == "" {
+			fullResync = w.attachedAnew(dev, mem.legs[dev])
+		}
 	}
 	if isMember {
 		// md keeps a failed member until it is removed; --re-add wants it
@@ -467,7 +504,7 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		w.log.Warn("re-add refused; adding the leg as a new member: a full resync follows", zap.String("array", md),
 			zap.String("device", path), zap.Error(err))
 	}
-	_, err = w.h.run.run(cctx, add...)
+	_, err := w.h.run.run(cctx, add...)
 	if err != nil && !blank && stderrLine(err, refusedAsSpare(path)) {
 		// This mdadm will not turn a device that claims to be an active
 		// member into a spare. It is this array's stale copy (its UUID
@@ -505,27 +542,51 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 // re-added, or "" if it may be. The running array's bitmap records what
 // the array wrote while the leg was away, not what was written to the leg
 // if it ran without the other leg (assembled alone before this boot, or
-// elsewhere): --re-add would then resync too little, silently. Anything
-// unclear answers "resync it all": slower, never wrong.
-func (w *Watcher) wroteApart(ctx context.Context, path string) string {
+// elsewhere): --re-add would then resync too little, silently. alone says
+// the leg did (SuperView.RanAlone), and must not be resynced over either.
+// Anything else unclear answers "resync it all": slower, never wrong.
+func (w *Watcher) wroteApart(ctx context.Context, path string) (why string, alone bool) {
 	out, err := w.h.run.run(ctx, "mdadm", "--examine", path)
 	if err != nil {
-		return "cannot read the leg's own view of the array (" + err.Error() + ")"
+		return "cannot read the leg's own view of the array (" + err.Error() + ")", false
 	}
 	v, err := ParseSuperView(out)
 	switch {
 	case err != nil:
-		return "cannot read the leg's own view of the array (" + err.Error() + ")"
+		return "cannot read the leg's own view of the array (" + err.Error() + ")", false
 	case strings.Contains(v.ArrayState, "?"):
-		return "the leg's superblock is inconsistent (Array State " + v.ArrayState + ")"
+		return "the leg's superblock is inconsistent (Array State " + v.ArrayState + ")", false
 	case v.Role < 0:
-		return "the leg's superblock says it is no active member"
+		return "the leg's superblock says it is no active member", false
 	case v.Role >= len(v.ArrayState):
-		return fmt.Sprintf("the leg's superblock names slot %d, which its Array State %s does not have", v.Role, v.ArrayState)
+		return fmt.Sprintf("the leg's superblock names slot %d, which its Array State %s does not have", v.Role, v.ArrayState), false
 	case v.RanAlone():
-		return "the leg's superblock says it ran without the other leg (Array State " + v.ArrayState + ")"
+		return "the leg's superblock says it ran without the other leg (Array State " + v.ArrayState + ")", true
 	}
-	return ""
+	return "", false
+}
+
+// attachedAnew says why a returning leg's device is not the disk md had,
+// or "" if it is, or cannot be told (a kernel before 5.15, or a leg never
+// seen as a member). A disk the dom0 detached and attached again (lvnbd
+// pair down and up --leg: a half made anew, or a storage box's half after
+// it went down) has a new disk sequence number. Its superblock still names
+// this array, but it may be another copy of the volume, without writes md
+// believes it holds: md's bitmap does not cover it, only a full resync
+// does. A disk whose connections only died and came back keeps its number.
+func (w *Watcher) attachedAnew(dev string, leg *legMemory) string {
+	if leg == nil || leg.diskseq == "" {
+		return ""
+	}
+	switch now := w.h.diskseq(dev); now {
+	case leg.diskseq:
+		return ""
+	case "":
+		return "cannot read the leg's disk sequence number (it was " + leg.diskseq + "): it may be another disk"
+	default:
+		return "the leg's disk was attached anew (disk sequence number " + now + ", was " + leg.diskseq +
+			"): it may be another copy of the volume, which md's bitmap does not cover"
+	}
 }
 
 // contents names what a device without an md superblock holds, or "" if
@@ -625,10 +686,12 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 func (w *Watcher) backoff(mem *arrayMemory, array, dev, topic, msg string, err error) {
 	delay := mem.legs[dev].fail(w.h.clock.Now(), w.cfg.Interval)
 	fields := []zap.Field{zap.String("device", devPath(dev)), zap.Duration("retry_in", delay)}
+	key := msg
 	if err != nil {
 		fields = append(fields, zap.Error(err))
+		key += ": " + err.Error() // a new reason is logged too
 	}
-	w.noteFor(mem, array, topic, zap.WarnLevel, msg, fields...)
+	w.noteKeyed(mem, array, topic, key, zap.WarnLevel, msg, fields...)
 }
 
 // grow grows an array whose legs all grew, once md may resize it: an
@@ -797,10 +860,15 @@ func (w *Watcher) note(array, topic string, lvl zapcore.Level, msg string, field
 }
 
 func (w *Watcher) noteFor(mem *arrayMemory, array, topic string, lvl zapcore.Level, msg string, fields ...zap.Field) {
-	if mem.notes[topic] == msg {
+	w.noteKeyed(mem, array, topic, msg, lvl, msg, fields...)
+}
+
+// noteKeyed is noteFor with key, not msg, telling whether the topic changed.
+func (w *Watcher) noteKeyed(mem *arrayMemory, array, topic, key string, lvl zapcore.Level, msg string, fields ...zap.Field) {
+	if mem.notes[topic] == key {
 		return
 	}
-	mem.notes[topic] = msg
+	mem.notes[topic] = key
 	if array != "" {
 		fields = append([]zap.Field{zap.String("array", devPath(array))}, fields...)
 	}

@@ -373,8 +373,6 @@ func TestWatchFullyResyncsALegThatRanApart(t *testing.T) {
 		view call
 		why  string
 	}{
-		{name: "ran alone", view: call{args: examine, stdout: string(readTestdata(t, "examine-alone.txt"))},
-			why: "the leg's superblock says it ran without the other leg (Array State .A)"},
 		{name: "spare", view: call{args: examine, stdout: strings.Replace(string(readTestdata(t, "examine-stale.txt")),
 			"Active device 0", "spare", 1)},
 			why: "the leg's superblock says it is no active member"},
@@ -408,6 +406,85 @@ func TestWatchFullyResyncsALegThatRanApart(t *testing.T) {
 	})
 }
 
+// A returning leg whose superblock says it ran without the other leg was
+// the array's only leg for a while: this array was assembled again from
+// the other leg since, or the leg ran elsewhere. It may hold the newest
+// writes, and is neither re-added nor resynced over: the admin chooses.
+func TestWatchLeavesALegThatRanAloneAlone(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.run.expect(staleLeg(t), call{args: mdadm("--examine", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-alone.txt"))})
+	e.step()
+	e.wantLogged("the leg's superblock says it ran without the other leg (Array State .A), Events 30: it may hold "+
+		"writes this array lacks, the newest ones even, which a resync from the array would overwrite: not adding it. "+
+		"Compare mdadm --examine of both legs (README, \"When both storage boxes crashed\"); to give up the leg's "+
+		"writes: mdadm --zero-superblock /dev/nbd0, then mdadm /dev/md127 --add --failfast /dev/nbd0", 1)
+	// Backed off, then asked again: still nothing but the examines.
+	e.clock.Advance(maxBackoff)
+	e.run.expect(staleLeg(t), call{args: mdadm("--examine", "/dev/nbd0"), stdout: string(readTestdata(t, "examine-alone.txt"))})
+	e.step()
+}
+
+// A leg md failed, then removed, comes back on a disk attached anew (the
+// dom0 took the leg down and up, after its volume was made anew or its
+// storage box went down): its superblock still names the array, its disk
+// sequence number is another. It may be another copy of the volume,
+// without writes md's bitmap counts as done: a full resync, not a re-add.
+// The same disk, its connections back, is re-added.
+func TestWatchFullyResyncsALegAttachedAnew(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		diskseq string // nbd0's when it returns; "-" none
+		readd   bool
+		why     string
+	}{
+		{"same disk", "7", true, ""},
+		{"attached anew", "42", false, "the leg's disk was attached anew (disk sequence number 42, was 7): " +
+			"it may be another copy of the volume, which md's bitmap does not cover"},
+		{"number unreadable", "-", false, "cannot read the leg's disk sequence number (it was 7): it may be another disk"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			seq := func(v string) {
+				if v == "-" {
+					delete(e.fsys, "sys/class/block/nbd0/diskseq")
+					return
+				}
+				e.fsys["sys/class/block/nbd0/diskseq"] = &fstest.MapFile{Data: []byte(v + "\n")}
+			}
+			seq("7")
+			e.probe.set("/dev/nbd0", probeUnreadable)
+			e.step() // failed, still listed: disk 7
+			e.load("sysfs-removed.txt")
+			e.step() // removed
+			seq(tc.diskseq)
+			e.probe.set("/dev/nbd0", probeReadable)
+			if tc.readd {
+				e.run.expect(staleLeg(t), staleView(t), call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+				e.step()
+				e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+				return
+			}
+			e.run.expect(staleLeg(t), staleView(t), call{args: mdadm("--manage", "/dev/md127", "--add-spare", "--failfast", "/dev/nbd0")})
+			e.step()
+			e.wantLogged(tc.why+": adding it as a spare, not re-adding it: a full resync follows", 1)
+			e.wantLogged("added the leg: full resync started", 1)
+		})
+	}
+}
+
+// A partition's disk sequence number is its disk's.
+func TestDiskseqOfAPartition(t *testing.T) {
+	h, fsys, _, _, _ := testHost(t)
+	fsys["sys/block/xvdb/diskseq"] = &fstest.MapFile{Data: []byte("12\n")}
+	fsys["sys/block/xvdb/xvdb1/partition"] = &fstest.MapFile{Data: []byte("1\n")}
+	fsys["sys/class/block/xvdb/diskseq"] = &fstest.MapFile{Data: []byte("12\n")}
+	for dev, want := range map[string]string{"xvdb": "12", "xvdb1": "12", "xvdc": ""} {
+		if got := h.diskseq(dev); got != want {
+			t.Errorf("diskseq(%s) = %q, want %q", dev, got, want)
+		}
+	}
+}
+
 // notBlank is what the watcher logs when it refuses a device in a leg's
 // place that holds something.
 func notBlank(found string) string {
@@ -430,6 +507,11 @@ func TestWatchAddsOnlyBlankDevices(t *testing.T) {
 		tail[len(tail)-1] = 1
 		return make([]byte, headSize), tail, nil
 	}
+	damagedMD := func(string, uint64) ([]byte, []byte, error) {
+		head := make([]byte, headSize)
+		copy(head[4096:], []byte{0xfc, 0x4e, 0x2b, 0xa9}) // md's magic where 1.2 keeps it, little-endian
+		return head, make([]byte, tailSize), nil
+	}
 	tests := []struct {
 		name     string
 		readEnds func(string, uint64) ([]byte, []byte, error)
@@ -437,6 +519,10 @@ func TestWatchAddsOnlyBlankDevices(t *testing.T) {
 		want     string
 		added    bool
 	}{
+		{name: "md superblock mdadm cannot read", readEnds: damagedMD,
+			want: "mdadm cannot read the leg's md superblock 1.2: not adding it; see mdadm --examine /dev/nbd0, " +
+				"and if it is meant to be this leg, zero it (blkdiscard -z /dev/nbd0, or at least its first and last MiB) " +
+				"and the watcher adds it"},
 		{name: "f2fs, no blkid", readEnds: f2fs, want: notBlank("data in its first or last MiB (no signature we know)")},
 		{name: "f2fs, blkid", readEnds: f2fs, blkid: &call{args: blkid, stdout: "DEVNAME=/dev/nbd0\nTYPE=f2fs\n"},
 			want: notBlank("a f2fs signature (blkid)")},
@@ -486,9 +572,16 @@ func TestWatchBacksOff(t *testing.T) {
 	e.clock.Advance(4 * time.Second)
 	e.run.expect(staleLeg(t), staleView(t), call{args: remove, err: busy})
 	e.step()
+	// The same reason again: logged once.
+	e.wantLogged("cannot remove the failed leg", 1)
 	e.clock.Advance(7 * time.Second) // the next delay is 8 s
 	e.step()
 	e.clock.Advance(time.Second)
+	// Another reason is logged.
+	e.run.expect(staleLeg(t), staleView(t), call{args: remove, err: cmdError(remove, 1, "mdadm: cannot find /dev/nbd0")})
+	e.step()
+	e.wantLogged("cannot remove the failed leg", 2)
+	e.clock.Advance(16 * time.Second)
 	e.run.expect(staleLeg(t), staleView(t), call{args: remove},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()

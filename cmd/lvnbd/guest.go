@@ -131,8 +131,12 @@ watcher waits instead of touching the only copy left); an array that is
 broken, readonly or read-auto is left alone. A faulty leg is removed, then
 re-added with 'mdadm --re-add', so md resyncs only the chunks its
 write-intent bitmap marked. If md refuses the re-add (the bitmap cannot cover
-the gap), or the leg's own superblock says it ran without the other leg, the
-leg is added as a new member and fully resynced, which the log says. A device
+the gap), or the leg's disk is not the one md had (another disk sequence
+number, Linux 5.15 on: the dom0 detached and attached it again), the leg is
+added as a new member and fully resynced, which the log says. A leg whose own
+superblock says it ran without the other leg is left alone: it may hold the
+newest writes, and the log says how to compare and choose. Stop the watcher
+before replacing a half (lvnbd pair down --help). A device
 without an md superblock is added (fully resynced) only if it is blank: no
 signature lvnbd or blkid knows, and its first and last MiB all zeroes. A leg
 whose superblock belongs to another array, or that holds anything else, is

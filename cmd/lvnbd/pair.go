@@ -171,7 +171,9 @@ device (even if grown back since), or the box went down under its server (power
 loss, panic, reset), and the leg refuses it ("the export's volume was made anew
 or rolled back", followed by what happened):
 
-  guest:  stop lvnbd guest watch (it would add the half back from md's bitmap)
+  guest:  stop lvnbd guest watch (before Linux 5.15, or where the guest's
+          disk outlives the detach, it would add the half back from md's
+          bitmap; lvnbd guest watch --help)
   guest:  mdadm /dev/md0 --fail /dev/xvdb --remove /dev/xvdb
   dom0:   lvnbd pair down --leg a vm1
   dom0:   lvnbd pair up --leg a vm1
