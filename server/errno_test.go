@@ -1,11 +1,13 @@
 package server
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"strings"
 	"syscall"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
@@ -72,5 +74,23 @@ func TestFailedExportAnswersEIO(t *testing.T) {
 	}
 	if st := ts.reg.Status(); len(st) != 1 || !strings.Contains(st[0].Failed, cause) {
 		t.Errorf("status %+v, want the export failed with %q", st, cause)
+	}
+}
+
+// A structured error's message is cut to the spec's 4096 bytes at the start
+// of a UTF-8 sequence, not in the middle of a character.
+func TestErrorReplyMessageStaysUTF8(t *testing.T) {
+	c := &conn{sess: &session{structured: true}}
+	var r reply
+	msg := strings.Repeat("é", nbd.MaxStringLength) // 2 bytes each, after one of 1: 4096 falls inside one
+	c.errorReply(&r, nbd.RequestHeader{Handle: 7}, nbd.EIO, "x"+msg)
+	b := bytes.Join(r.parts, nil)
+	var chunk nbd.ErrorChunk
+	if err := chunk.UnmarshalBinary(nbd.ReplyError, b[nbd.StructuredHeaderSize:]); err != nil {
+		t.Fatal(err)
+	}
+	if len(chunk.Message) > nbd.MaxStringLength || !utf8.ValidString(chunk.Message) {
+		t.Errorf("message of %d bytes, valid UTF-8 %v; want at most %d, valid", len(chunk.Message),
+			utf8.ValidString(chunk.Message), nbd.MaxStringLength)
 	}
 }

@@ -436,9 +436,7 @@ func (c *conn) errorReply(r *reply, req nbd.RequestHeader, errno nbd.Errno, msg 
 		r.add(b)
 		return
 	}
-	if len(msg) > nbd.MaxStringLength {
-		msg = msg[:nbd.MaxStringLength]
-	}
+	msg = truncateString(msg, nbd.MaxStringLength)
 	chunk := nbd.ErrorChunk{Errno: errno, Message: msg}
 	payload, _ := chunk.AppendBinary(nil)
 	b, _ := nbd.StructuredReplyHeader{Flags: nbd.ReplyFlagDone, Type: chunk.Type(), Handle: req.Handle,
