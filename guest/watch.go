@@ -345,7 +345,14 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 	}
 	if a.Degraded == 0 && len(faulty) == 0 {
 		w.noteFor(mem, a.Name, "health", zap.InfoLevel, "all legs in sync")
-		for _, leg := range mem.legs {
+		for dev, leg := range mem.legs {
+			if !slices.ContainsFunc(a.Members, func(m Member) bool { return m.Device == dev }) {
+				// Whole without it: replaced (mdadm --replace, or a
+				// new leg added in its place). A disk that takes its
+				// name later is no leg of this array.
+				delete(mem.legs, dev)
+				continue
+			}
 			leg.reset()
 		}
 		return

@@ -151,6 +151,23 @@ func TestWatchReaddsRemovedLeg(t *testing.T) {
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
 }
 
+// A leg the array became whole without (replaced by another disk) is
+// forgotten: a disk that takes its name later is not pulled into the array
+// the next time it degrades.
+func TestWatchForgetsALegTheArrayIsWholeWithout(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-healthy.txt", WatchConfig{})
+	e.step() // knows nbd0 and nbd1
+	mem := e.w.arrays[e.md]
+	mem.legs["nbd5"] = &legMemory{} // a leg it had before it was whole
+	e.step()
+	if _, ok := mem.legs["nbd5"]; ok {
+		t.Errorf("a leg the whole array no longer lists is still remembered")
+	}
+	if len(mem.legs) != 2 || mem.legs["nbd0"] == nil || mem.legs["nbd1"] == nil {
+		t.Errorf("legs remembered: %v, want nbd0 and nbd1", mem.legs)
+	}
+}
+
 // An array stopped and assembled again starts from nothing, as after a
 // reboot: perhaps an admin assembled it from the stale leg, and the leg it
 // lacks now holds the newer data. It is not added back.
