@@ -1,9 +1,9 @@
 #!/bin/bash
 # timeout: 180
-# Real LVM report output for volume/lvm's parser tests. Builds every kind of LV the driver meets
-# (linear, striped, multi-segment, classic snapshot in use and invalidated, thin pool, thin
-# volume and thin snapshot) and prints the reports with capture; run.sh --capture DIR saves
-# them (test/vm/captured/ holds a copy). Also checks that LVM reports them as expected.
+# LVM reports every kind of LV the driver meets as it expects (linear, striped, multi-segment,
+# classic snapshot in use and invalidated, thin pool, thin volume and thin snapshot), and prints
+# the reports with capture (run.sh --capture DIR saves them). The parser tests' own data comes
+# from volume/lvm/testdata/vm-capture.sh, with the driver's exact command lines.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
