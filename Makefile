@@ -11,7 +11,7 @@ PREFIX ?= /usr
 DESTDIR ?=
 DEBDIR ?= dist
 
-.PHONY: all build deps deps-run run test test-unit test-race test-interop test-vm test-packaging test-systemd fuzz bench vet clean install deb
+.PHONY: all build deps deps-run deps-bench run test test-unit test-race test-interop test-vm test-packaging test-systemd fuzz bench vet clean install deb
 
 all: build
 
@@ -20,6 +20,9 @@ deps:
 
 deps-run:
 	scripts/deps.sh run
+
+deps-bench:
+	scripts/deps.sh bench
 
 # A static binary (CGO off) runs in the VM's initramfs and on any storage box.
 build:
@@ -74,7 +77,7 @@ test-systemd:
 	test/systemd/run.sh
 
 # A benchmark, not a test: it reports and never fails on a number.
-bench: deps build
+bench: deps-bench build
 	scripts/bench.sh
 
 test: deps vet build test-unit fuzz test-interop test-packaging test-systemd test-vm

@@ -71,7 +71,7 @@ missing=()
 for t in nbdkit qemu-nbd nbd-server nbdcopy nbdinfo fio jq ip tc ss timeout ${pin_server[0]:+taskset}; do
 	command -v "$t" >/dev/null || missing+=("$t")
 done
-((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (scripts/deps.sh all installs them; jq: apt-get install jq)"
+((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (scripts/deps.sh bench installs them)"
 [ -d /dev/shm ] || die "no /dev/shm tmpfs"
 
 # --- clean-up, even on failure or Ctrl-C --------------------------------------

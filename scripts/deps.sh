@@ -22,8 +22,10 @@ packages=(nbdkit qemu-utils nbd-server libnbd-bin fio
 	iproute2 util-linux procps gcc make jq systemd man-db shellcheck mmdebstrap xfsprogs)
 case "${1:-all}" in
 run) packages=(libnbd-bin) ;; # make run needs only a client to show the export
+# make bench: the peers and clients it measures, and what shapes and reads the links
+bench) packages=(nbdkit qemu-utils nbd-server libnbd-bin fio jq iproute2 procps util-linux) ;;
 all) ;;
-*) echo "usage: $0 [run|all]" >&2; exit 2 ;;
+*) echo "usage: $0 [run|bench|all]" >&2; exit 2 ;;
 esac
 
 missing=()
