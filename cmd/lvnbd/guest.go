@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -175,7 +176,7 @@ is the admin's call.`,
 }
 
 func newGuestStatusCmd(deps *guestDeps) *cobra.Command {
-	var asJSON bool
+	var asJSON, check bool
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Show the md arrays, their legs and any resync",
@@ -188,7 +189,9 @@ the others as usual. resync-pending means the
 legs may differ while no resync runs: a read-auto array after an unclean
 shutdown resyncs at its first write (or mdadm --readwrite), a frozen one once
 sync_action is idle again. --json prints the same for scripts:
-{"arrays": [...]}, sizes in bytes.`,
+{"arrays": [...]}, sizes in bytes. With --check the exit status says whether
+all is well, for monitoring: 0 when every array is healthy, 1 when one is not
+(or there is none), after the same output.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			arrays, err := deps.status()
@@ -201,15 +204,22 @@ sync_action is idle again. --json prints the same for scripts:
 				}
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
-				return enc.Encode(struct {
+				if err := enc.Encode(struct {
 					Arrays []guest.ArrayStatus `json:"arrays"`
-				}{arrays})
+				}{arrays}); err != nil {
+					return err
+				}
+			} else {
+				printGuestStatus(cmd.OutOrStdout(), arrays)
 			}
-			printGuestStatus(cmd.OutOrStdout(), arrays)
+			if check && (len(arrays) == 0 || slices.ContainsFunc(arrays, func(a guest.ArrayStatus) bool { return a.Health != "healthy" })) {
+				return exitCode(1) // the output says which
+			}
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	cmd.Flags().BoolVar(&check, "check", false, "exit with status 1 unless every array is healthy (for monitoring)")
 	return cmd
 }
 

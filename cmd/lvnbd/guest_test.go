@@ -186,3 +186,42 @@ func TestGuestWatch(t *testing.T) {
 		}
 	}
 }
+
+// guest status --check: exit status 1 unless every array is healthy, after
+// the same output; without it, 0 whatever the arrays' health.
+func TestGuestStatusCheck(t *testing.T) {
+	healthy := guest.ArrayStatus{Name: "data", Path: "/dev/md/data", Device: "/dev/md127", Level: "raid1",
+		Health: "healthy", Members: []guest.MemberStatus{}}
+	degraded := healthy
+	degraded.Name, degraded.Path, degraded.Device, degraded.Health = "logs", "/dev/md/logs", "/dev/md126", "degraded"
+	for _, tc := range []struct {
+		name   string
+		arrays []guest.ArrayStatus
+		want   int // exit status with --check
+	}{
+		{"all healthy", []guest.ArrayStatus{healthy}, 0},
+		{"one degraded", []guest.ArrayStatus{healthy, degraded}, 1},
+		{"no arrays", nil, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			deps := noGuest(t)
+			deps.status = func() ([]guest.ArrayStatus, error) { return tc.arrays, nil }
+			for _, args := range [][]string{{"status", "--check"}, {"status", "--check", "--json"}} {
+				stdout, _, err := runGuest(t, deps, args...)
+				var code exitCode
+				if errors.As(err, &code) {
+					err = nil
+				}
+				if err != nil || int(code) != tc.want {
+					t.Errorf("%v: exit %d, %v; want exit %d", args, code, err, tc.want)
+				}
+				if stdout == "" {
+					t.Errorf("%v: no output", args)
+				}
+			}
+			if _, _, err := runGuest(t, deps, "status"); err != nil {
+				t.Errorf("without --check: %v", err)
+			}
+		})
+	}
+}
