@@ -256,6 +256,15 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 		return &OpError{Op: op, Index: index,
 			Err: fmt.Errorf("%w: its backend is %s, not %q (detached, and the number reused?): see lvnbd list", ErrWrongBackend, has, r.Backend)}
 	}
+	// The kernel takes any size. A caller's size read before another
+	// process grew the device (the pair daemon's size poll beside lvnbd
+	// reconnect --size, during two grows in a row) would shrink it under
+	// the guest; only the moment between this read and the kernel's
+	// change is left open.
+	if r.Size > 0 && r.Size < d.Size {
+		return &OpError{Op: op, Index: index, Err: fmt.Errorf("%w from %d to %d bytes (grown meanwhile by another "+
+			"lvnbd?): nothing changed; see lvnbd list", ErrWouldShrink, d.Size, r.Size)}
+	}
 	// The sockets' TCP_USER_TIMEOUT follows the timeout the device has
 	// once reconfigured.
 	requestTimeout := func() (time.Duration, error) {

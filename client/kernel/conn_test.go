@@ -461,6 +461,30 @@ func TestReconfigure(t *testing.T) {
 	}
 }
 
+// A RECONFIGURE never shrinks a device: a size read before someone else
+// grew it is refused, and nothing reaches the kernel. The same size is a
+// resize that changes nothing.
+func TestReconfigureNeverShrinks(t *testing.T) {
+	sent := 0
+	k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
+		sent++
+		return nil, 0
+	}}
+	c, sys := newTestConn(t, k)
+	const backend = "nbd://h:10809/e"
+	sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "4096", "ro": "0"}) // 2 MiB
+	err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 1 << 20, Backend: backend})
+	if !errors.Is(err, ErrWouldShrink) || !strings.Contains(err.Error(), "from 2097152 to 1048576 bytes") {
+		t.Errorf("Reconfigure to 1 MiB of a 2 MiB device: %v, want ErrWouldShrink naming both sizes", err)
+	}
+	if sent != 0 {
+		t.Errorf("%d commands sent to the kernel", sent)
+	}
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 2 << 20, Backend: backend}); err != nil || sent != 1 {
+		t.Errorf("Reconfigure to its own size: %v, %d commands; want success, 1", err, sent)
+	}
+}
+
 // TestReconfigureChecksBackend checks that a device is reconfigured only if
 // it is still attached to the export asked for: the kernel itself does not
 // check a device that has no backend identifier.

@@ -36,6 +36,11 @@ var (
 	// something held it open: the kernel keeps its pid and backend until the
 	// last close but refuses to give it connections again.
 	ErrDisconnectedHeldOpen = errors.New("device was disconnected and is still held open")
+	// ErrWouldShrink means a RECONFIGURE asked for a size below the
+	// device's: the kernel would take it, and cut off what the guest
+	// may already use. lvnbd grows devices only; a size read before a
+	// grow by someone else meanwhile is stale.
+	ErrWouldShrink = errors.New("the new size would shrink the device")
 )
 
 // OpError is a failed netlink operation on an nbd device.
