@@ -103,10 +103,17 @@ type Store struct {
 	path string
 	mu   sync.Mutex
 	mem  map[string]string // when path is empty
+	// unsaved holds the IDs a Set could not write to the file: this
+	// process still checks them, and writes them there at its next
+	// change, so that a reconnect after the file works again does not
+	// take whatever volume it finds for the device's.
+	unsaved map[string]string
 }
 
 // Open returns the store at path; an empty path keeps the IDs in memory.
-func Open(path string) *Store { return &Store{path: path, mem: map[string]string{}} }
+func Open(path string) *Store {
+	return &Store{path: path, mem: map[string]string{}, unsaved: map[string]string{}}
+}
 
 // Get returns the ID recorded for backend, "" if none is.
 func (s *Store) Get(backend string) (string, error) {
@@ -120,11 +127,15 @@ func (s *Store) Get(backend string) (string, error) {
 
 // Set records id for backend; an empty id records nothing. A shrink
 // recorded stays until Forget.
+//
+// If the file cannot be written, this Store still checks id (Check and
+// Verify compare with it, Get returns it) and writes it at its next
+// change; another process does not see it.
 func (s *Store) Set(backend, id string) error {
 	if id == "" {
 		return nil
 	}
-	return s.locked(true, func(ids map[string]string) bool {
+	err := s.locked(true, func(ids map[string]string) bool {
 		r := parseRecord(ids[backend])
 		if r.id == id {
 			return false
@@ -133,6 +144,14 @@ func (s *Store) Set(backend, id string) error {
 		ids[backend] = r.String()
 		return true
 	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.unsaved[backend] = id
+		return err
+	}
+	delete(s.unsaved, backend)
+	return nil
 }
 
 // Shrank records that backend's export shrank under its device, from the
@@ -164,6 +183,7 @@ func (s *Store) Shrank(backend, id string, from, to uint64) error {
 // Forget drops backend's ID, and a shrink recorded: its device was detached.
 func (s *Store) Forget(backend string) error {
 	return s.locked(true, func(ids map[string]string) bool {
+		delete(s.unsaved, backend)
 		if _, ok := ids[backend]; !ok {
 			return false
 		}
@@ -233,6 +253,18 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 		f(s.mem)
 		return nil
 	}
+	// f sees the IDs a Set could not save where the file has none, and
+	// a change saves them.
+	g := f
+	f = func(ids map[string]string) bool {
+		added := false
+		for b, id := range s.unsaved {
+			if _, ok := ids[b]; !ok {
+				ids[b], added = id, true
+			}
+		}
+		return g(ids) || (added && write)
+	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o700); err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
 	}
@@ -276,5 +308,6 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 	if err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
 	}
+	clear(s.unsaved) // saved now, or the file's own record won
 	return nil
 }

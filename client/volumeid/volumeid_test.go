@@ -46,6 +46,42 @@ func TestCheck(t *testing.T) {
 	}
 }
 
+// An ID a Set could not write is still checked by the Store that tried, and
+// written at its next change once the file can be: a reconnect then does
+// not take whatever volume it finds for the device's.
+func TestUnsavedIDIsStillChecked(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "run")
+	path := filepath.Join(dir, "lvnbd", "ids.json")
+	// A file where the store's directory should be: nothing can be
+	// written (root ignores permissions, not this).
+	if err := os.WriteFile(dir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := Open(path)
+	if err := s.Set(backend, "u1"); err == nil {
+		t.Fatal("Set succeeded with no directory to write in")
+	}
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if id, err := s.Get(backend); err != nil || id != "u1" {
+		t.Errorf("Get: %q, %v; want the unsaved u1", id, err)
+	}
+	if err := s.Check(backend, "u2"); !errors.Is(err, ErrReplaced) {
+		t.Errorf("Check of another volume after the Set failed: %v, want ErrReplaced", err)
+	}
+	// The Check wrote it: another process sees it.
+	if id, err := Open(path).Get(backend); err != nil || id != "u1" {
+		t.Errorf("another store's Get: %q, %v; want u1, saved by the Check", id, err)
+	}
+	if err := s.Forget(backend); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Check(backend, "u2"); err != nil {
+		t.Errorf("after Forget: %v", err)
+	}
+}
+
 // A volume whose box went down since its device was attached carries the
 // box's new epoch: refused, saying so; another volume is refused as made
 // anew, whatever its epoch.

@@ -213,8 +213,17 @@ be attached only once per host.`,
 				return err
 			}
 			if err := host.ids().Set(backend, info.ID()); err != nil {
-				fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s is attached, but its volume ID was not recorded, so a reconnect "+
-					"cannot check it: %v\n", kernel.DevicePath(dev), err)
+				// A later lvnbd reconnect, another process, checks the
+				// volume against the record: without one it would take
+				// whatever volume it finds for the device's. Nothing
+				// uses the device yet.
+				path := kernel.DevicePath(dev)
+				if derr := k.Disconnect(ctx, dev); derr != nil {
+					return fmt.Errorf("%s is attached, but its volume ID was not recorded (%w), so a reconnect "+
+						"cannot check it, and detaching it failed: %v; lvnbd detach %s", path, err, derr, path)
+				}
+				return fmt.Errorf("%s detached again: its volume ID was not recorded (%w), and a reconnect checks "+
+					"the volume against it; make %s writable (is /run full?) and attach again", path, err, volumeid.DefaultPath)
 			}
 			waitForNode(ctx, kernel.DevicePath(dev), host.nodeTimeout)
 			fmt.Fprintln(cmd.OutOrStdout(), kernel.DevicePath(dev))

@@ -53,6 +53,8 @@ type fakeNBD struct {
 	// set) and lasts until its ctx is done.
 	watchErr   error
 	eventsRead func()
+	// afterConnect, if set, runs after each Connect that succeeds.
+	afterConnect func()
 }
 
 func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
@@ -85,6 +87,9 @@ func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
 	}
 	k.devs = append(k.devs, kernel.Device{Index: index, Connected: true, PID: 1, Backend: cfg.Backend,
 		Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: cfg.ReadOnly})
+	if k.afterConnect != nil {
+		k.afterConnect()
+	}
 	return index, nil
 }
 
@@ -364,6 +369,36 @@ func TestAttach(t *testing.T) {
 	}
 	if !k.closed {
 		t.Error("kernel connection not closed")
+	}
+}
+
+// An attach whose volume ID cannot be recorded is undone: a later lvnbd
+// reconnect, another process, would find no record and take whatever
+// volume it met for the device's.
+func TestAttachUndoneWhenTheIDIsNotRecorded(t *testing.T) {
+	uri := "nbd://" + serveExportAs(t, "vm1", 8<<20, false, nbd.WithID("volume vm1 on lvm://vg0", "uuid-1")) + "/vm1"
+	dir := filepath.Join(t.TempDir(), "run")
+	// Once the device is attached, a file where the record's directory
+	// was: nothing can be recorded (root ignores permissions, not this).
+	k := &fakeNBD{t: t, nextIndex: 4, afterConnect: func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Error(err)
+		}
+		if err := os.WriteFile(dir, nil, 0o600); err != nil {
+			t.Error(err)
+		}
+	}}
+	host := testHost(k, nil)
+	host.volumeIDs = volumeid.Open(filepath.Join(dir, "lvnbd", "volume-ids.json"))
+	out, _, err := runCmd(t, newAttachCmd(host), uri)
+	if err == nil || !strings.Contains(err.Error(), "/dev/nbd4 detached again: its volume ID was not recorded") {
+		t.Errorf("attach: %v, want it undone, saying why", err)
+	}
+	if strings.HasPrefix(out, "/dev/") {
+		t.Errorf("stdout %q: no device to use", out)
+	}
+	if len(k.connected) != 1 || !slices.Equal(k.disconnected, []int{4}) {
+		t.Errorf("connected %d, disconnected %v; want one connect undone", len(k.connected), k.disconnected)
 	}
 }
 
