@@ -350,9 +350,11 @@ func (s *Supervisor) lookup(name string) (*pairState, error) {
 
 // Up brings pair name up, or only its leg leg ("a" or "b"; "" is both):
 // legs that were down are attached, legs waiting to retry are retried now.
-// It waits up to wait for each leg to have a device (or to fail once), then,
-// with a Xen domain configured, gives each leg that has one to the domain
-// with xl block-attach. Legs without a device are reported in the error.
+// It waits up to wait for each leg to be connected (or to fail once), then,
+// with a Xen domain configured, gives each leg that has a device to the
+// domain with xl block-attach. Legs without a device, and legs whose device
+// is not connected (its export refused, or unreachable), are reported in
+// the error.
 func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
@@ -367,12 +369,15 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 			return p.status(), err
 		}
 	}
+	// A leg is up once connected. One that failed since (no device), or
+	// whose device could not be given connections since (its export
+	// refused: made anew, or its storage box went down; or unreachable),
+	// is not, and is reported.
 	settled := func() bool {
 		for _, i := range legs {
-			l := p.legs[i]
-			st := l.status()
-			failedSince := st.State == StateFailed && !st.LastErrorAt.Before(start)
-			if st.Device == "" && !failedSince {
+			st := p.legs[i].status()
+			erredSince := !st.LastErrorAt.Before(start)
+			if st.State != StateConnected && !(erredSince && (st.State == StateFailed || st.Device != "")) {
 				return false
 			}
 		}
@@ -400,6 +405,15 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 			}
 			errs = append(errs, fmt.Errorf("leg %s (%s) has no device: %s", st.Leg, st.URI, why))
 			continue
+		}
+		if st.State != StateConnected {
+			// Given to the domain all the same, as its device is the
+			// guest's half: its I/O fails until it is connected.
+			why := "still " + string(st.State) + " after " + wait.String()
+			if !st.LastErrorAt.Before(start) {
+				why = st.LastError
+			}
+			errs = append(errs, fmt.Errorf("leg %s (%s) is %s on %s: %s", st.Leg, st.URI, st.State, st.Device, why))
 		}
 		if disks != nil {
 			if _, err := s.runner.run(ctx, "xl", "block-attach", p.spec.XenDomain, disks[i]); err != nil {

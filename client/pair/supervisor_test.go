@@ -567,8 +567,11 @@ func TestHeldDeviceKeepsItsVolumeID(t *testing.T) {
 		}
 		st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" }) // made anew on box A
 		k.takeCalls()
-		if _, err := s.Up(ctx, "vm1", "a", time.Minute); err != nil {
-			t.Logf("up: %v", err)
+		// Up says the leg is not up, and why.
+		_, err = s.Up(ctx, "vm1", "a", time.Minute)
+		if err == nil || !strings.Contains(err.Error(), "leg a ("+backendA+") is reconnecting on /dev/nbd0: ") ||
+			!strings.Contains(err.Error(), "volume id uuid-1, now uuid-2") {
+			t.Errorf("up of a leg whose held device refuses the new volume: %v, want that refusal", err)
 		}
 		synctest.Wait()
 		got := s.Status()[0].Legs[0]

@@ -130,14 +130,15 @@ func newPairUpCmd(ctlPath *string) *cobra.Command {
 		Use:   "up NAME",
 		Short: "Attach a pair (or one leg) taken down, and give it to its Xen domain",
 		Long: `Bring a pair up: legs taken down are attached again, legs waiting to retry
-are retried at once. Waits up to --wait for each leg to have a device (or
+are retried at once. Waits up to --wait for each leg to be connected (or
 to fail once). With xen_domain set in client.toml, each leg that has a
 device is then given to the domain:
 
   xl block-attach DOMAIN 'format=raw, vdev=VDEV, access=rw, target=/dev/lvnbd/PAIR/LEG'
 
-With --leg, only that leg. Fails, naming them, if a leg has no device; the
-daemon keeps trying.`,
+With --leg, only that leg. Fails, naming them and why, if a leg has no
+device or its device is not connected (its export refused, as after a
+storage box went down, or unreachable); the daemon keeps trying.`,
 		Example: `  lvnbd pair up vm1
   lvnbd pair up --leg a vm1`,
 		Args: cobra.ExactArgs(1),
