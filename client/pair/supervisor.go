@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -100,6 +101,11 @@ type Config struct {
 	// reloads and restarts (volumeid.DefaultPath); nil keeps them in this
 	// supervisor's memory only.
 	IDs *volumeid.Store
+	// Users says what uses nbd device index besides the leg's own link:
+	// mounts, md or device-mapper holders, a Xen block backend serving it
+	// to a guest. Down refuses to detach a device in use without force;
+	// nil checks nothing.
+	Users func(index int) ([]string, error)
 }
 
 // Supervisor attaches both legs of every pair as kernel block devices and
@@ -475,6 +481,33 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 				errs = append(errs, err)
 			}
 			detach = append(detach, i)
+		}
+	}
+	if !force && s.cfg.Users != nil && p.spec.XenDomain == "" {
+		// A device something still uses (a domain whose configuration
+		// file names it, as xen_domain is not set; a mount on the dom0)
+		// would fail all its I/O once detached: the guest would lose
+		// that half, or both at once. lvnbd detach refuses too. (With
+		// xen_domain, xl block-detach above is the guard.)
+		var inUse []error
+		for _, i := range detach {
+			st := p.legs[i].status()
+			var index int
+			if _, err := fmt.Sscanf(st.Device, "/dev/nbd%d", &index); err != nil {
+				continue // no device to detach
+			}
+			users, err := s.cfg.Users(index)
+			switch {
+			case err != nil:
+				inUse = append(inUse, fmt.Errorf("leg %s: cannot tell whether %s is in use: %w; --force detaches it anyway",
+					st.Leg, st.Device, err))
+			case len(users) > 0:
+				inUse = append(inUse, fmt.Errorf("leg %s: %s is in use (%s): take it from its users first (xl "+
+					"block-detach DOMAIN VDEV for a guest), or --force", st.Leg, st.Device, strings.Join(users, ", ")))
+			}
+		}
+		if len(inUse) > 0 {
+			return p.status(), errors.Join(append(errs, inUse...)...)
 		}
 	}
 	for _, i := range detach {

@@ -399,6 +399,43 @@ func TestReadyAndStartDown(t *testing.T) {
 	})
 }
 
+// Without xen_domain, down does not detach a device something uses (a
+// domain whose configuration file names it, a mount, md): its I/O would
+// fail, and with both legs the guest would lose both halves at once. It
+// says who uses it; --force detaches anyway. A device nothing uses is
+// detached. With xen_domain, xl block-detach is the check (TestUpDownXen).
+func TestDownRefusesADeviceInUse(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		users := map[int][]string{0: {"nbd0 used by Xen domain 5 as 51728"}}
+		s.cfg.Users = func(index int) ([]string, error) { return users[index], nil }
+		start(t, s)
+		k.takeCalls()
+		ctx := context.Background()
+
+		_, err := s.Down(ctx, "vm1", "", false)
+		if err == nil || !strings.Contains(err.Error(), "leg a: /dev/nbd0 is in use (nbd0 used by Xen domain 5 as 51728)") {
+			t.Errorf("down of a pair whose leg a is in use: %v, want it refused naming the user", err)
+		}
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("kernel calls: %q, want none", calls)
+		}
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+
+		if _, err := s.Down(ctx, "vm1", "b", false); err != nil {
+			t.Errorf("down of leg b, unused: %v", err)
+		}
+		if _, err := s.Down(ctx, "vm1", "a", true); err != nil {
+			t.Errorf("down --force of leg a: %v", err)
+		}
+		if diff := cmp.Diff([]string{"disconnect nbd1", "disconnect nbd0"}, k.takeCalls()); diff != "" {
+			t.Errorf("kernel calls (-want +got):\n%s", diff)
+		}
+	})
+}
+
 // One leg taken down and up again leaves the other alone: the guest keeps
 // running on it while its other half is replaced.
 func TestDownUpOneLeg(t *testing.T) {
@@ -567,7 +604,9 @@ func TestHeldDeviceKeepsItsVolumeID(t *testing.T) {
 		}
 		st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" }) // made anew on box A
 		k.takeCalls()
-		// Up says the leg is not up, and why.
+		// Up says the leg is not up, and why: its own attempt's error,
+		// not the down's (a second earlier on the bubble's clock).
+		time.Sleep(time.Second)
 		_, err = s.Up(ctx, "vm1", "a", time.Minute)
 		if err == nil || !strings.Contains(err.Error(), "leg a ("+backendA+") is reconnecting on /dev/nbd0: ") ||
 			!strings.Contains(err.Error(), "volume id uuid-1, now uuid-2") {

@@ -189,7 +189,10 @@ the other half in sync ('lvnbd guest status': the array healthy, the leg you
 keep in_sync); the fail-and-remove step above is that check, as md does not
 fail the last in-sync member of a RAID1. If xl fails for a leg, the devices stay
 attached and no further leg is taken from the domain, since the guest may
-still use them. --force does both anyway (when the domain is gone, say).
+still use them. Without xen_domain, a device something uses (a domain whose
+configuration file names it, a mount, md or device-mapper on the dom0) is not
+detached either: the error names the users. --force does all of these anyway
+(when the domain is gone, say).
 
 A device something still holds open (blkback, when xl failed and --force was
 given) stays configured until it is let go: its volume ID is then kept, so
