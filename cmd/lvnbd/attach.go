@@ -747,8 +747,9 @@ func deviceUsers(sysRoot, mountinfo, linkDir string, index int) ([]string, error
 }
 
 // pairLegs names the pair legs whose stable link, linkDir/PAIR/LEG as lvnbd
-// client keeps it, points at nbd device index; none for an empty linkDir. A guest may use the device
-// through the link, and the daemon would attach the leg again anyway.
+// client keeps it, points at nbd device index; none for an empty linkDir. A
+// guest may use the device through the link, and the daemon would attach the
+// leg again anyway.
 func pairLegs(linkDir string, index int) ([]string, error) {
 	if linkDir == "" {
 		return nil, nil // not asked

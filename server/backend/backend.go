@@ -519,6 +519,7 @@ func (b *File) Zero(off, length int64, mayTrim, fast bool) error {
 	return b.checkEnd("zeroing", off, length)
 }
 
+// zero is Zero of a range of non-zero length, without the check of the end.
 func (b *File) zero(off, length int64, mayTrim, fast bool) error {
 	if !b.device {
 		return b.zeroFile(off, length, mayTrim, fast)
