@@ -250,6 +250,21 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 		return err
 	}
 	for _, d := range devs {
+		if !d.Running() || d.Backend == l.backend {
+			continue
+		}
+		// The same export under another spelling (the host's case, its
+		// port given or not, a trailing dot): a second device on it would
+		// be a second writer the guest does not know of, and the first,
+		// perhaps the guest's half, would be reconnected by nobody. The
+		// kernel compares backends as written, so it is not adopted.
+		if u, err := client.ParseURI(d.Backend); err == nil && u.SameExport(l.uri) {
+			return fmt.Errorf("%s is attached to this leg's export as %q, spelled otherwise than %q: write "+
+				"the leg's URI as that device's backend in the configuration, or detach the device first "+
+				"(lvnbd detach %s), so that no export has two devices", d.Path(), d.Backend, l.backend, d.Path())
+		}
+	}
+	for _, d := range devs {
 		if !d.Running() || d.Backend != l.backend {
 			continue
 		}

@@ -436,6 +436,30 @@ func TestDownRefusesADeviceInUse(t *testing.T) {
 	})
 }
 
+// A device attached to the leg's export under another spelling of its URI
+// (here without the port) is neither adopted (the kernel compares backends
+// as written) nor joined by a second device on the same export: the leg
+// fails, saying so, and nothing is attached for it.
+func TestLegRefusesASecondDeviceOnItsExport(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		other := "nbd://192.0.2.2/vm1" // backendA without the default port
+		k := newFakeKernel(t, kernel.Device{Index: 5, Connected: true, PID: 42, Backend: other, Size: 64 * mib, BlockSize: 512})
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		got := s.Status()[0].Legs[0]
+		if got.State != StateFailed || got.Device != "" ||
+			!strings.Contains(got.LastError, "/dev/nbd5 is attached to this leg's export as \""+other+"\"") {
+			t.Errorf("leg a: %+v, want failed, saying /dev/nbd5 is on its export", got)
+		}
+		for _, c := range k.takeCalls() {
+			if strings.HasPrefix(c, "connect "+backendA) || strings.Contains(c, "nbd5") {
+				t.Errorf("kernel call %q: want none for leg a", c)
+			}
+		}
+	})
+}
+
 // One leg taken down and up again leaves the other alone: the guest keeps
 // running on it while its other half is replaced.
 func TestDownUpOneLeg(t *testing.T) {
