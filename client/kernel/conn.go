@@ -315,12 +315,31 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 // on one that is not. Other EINVALs (a size the kernel refuses, say) leave
 // the device bound.
 func (c *Conn) disconnectedHeldOpen(ctx context.Context, index int, backend string) bool {
+	bound, err := c.Bound(ctx, index, backend)
+	return err == nil && !bound
+}
+
+// Bound reports whether device index, running with backend as sysfs shows
+// it, can still be given connections: false once it was disconnected while
+// something holds it open (NBD_CMD_DISCONNECT by another process, with
+// blkback or a mount holding it). The kernel then keeps its pid and
+// backend, sends no dead-link notice and fails all its I/O. It asks with a
+// RECONFIGURE that changes nothing, which the kernel refuses (EINVAL, and a
+// "not configured" line in its log) only for such a device.
+func (c *Conn) Bound(ctx context.Context, index int, backend string) (bool, error) {
 	attrs, err := reconfigureAttrs(index, &Reconfig{}, backend, nil)
 	if err != nil {
-		return false
+		return false, err
 	}
 	_, err = c.execute(ctx, cmdReconfigure, attrs)
-	return errors.Is(err, unix.EINVAL)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.EINVAL):
+		return false, nil
+	default:
+		return false, kernelError(cmdReconfigure, index, err)
+	}
 }
 
 // heldOpenError explains kerr, the kernel's EINVAL for a RECONFIGURE of

@@ -777,6 +777,35 @@ func TestConnectChecksTheKernelKeptTheBackend(t *testing.T) {
 // backend in sysfs, but the kernel refuses to reconfigure it with EINVAL.
 // Reconfigure says so, and what holds it, instead of a bare "invalid
 // argument"; another EINVAL, on a device still bound, is left as it is.
+// Bound asks with a RECONFIGURE of only the index and backend: the kernel
+// takes it from a bound device, refuses it (EINVAL) from one disconnected
+// while held open; any other refusal is an error.
+func TestBound(t *testing.T) {
+	const backend = "nbd://storage-a:10809/vm1"
+	for _, tc := range []struct {
+		errno unix.Errno
+		bound bool
+		err   bool
+	}{
+		{0, true, false},
+		{unix.EINVAL, false, false},
+		{unix.EPERM, false, true},
+	} {
+		k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+			got := attrsOf(t, attrs)
+			if cmd != cmdReconfigure || string(got[attrBackendIdentifier]) != backend+"\x00" || len(got) != 2 {
+				t.Errorf("%v with attributes %v: want a RECONFIGURE of the index and backend only", cmd, got)
+			}
+			return nil, tc.errno
+		}}
+		c, _ := newTestConn(t, k)
+		bound, err := c.Bound(context.Background(), 2, backend)
+		if bound != tc.bound || (err != nil) != tc.err {
+			t.Errorf("kernel answering %v: Bound = %v, %v; want %v, error %v", tc.errno, bound, err, tc.bound, tc.err)
+		}
+	}
+}
+
 func TestReconfigureOfADeviceDisconnectedWhileHeld(t *testing.T) {
 	const backend = "nbd://storage-a:10809/vm1"
 	tests := []struct {

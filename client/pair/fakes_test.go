@@ -42,6 +42,30 @@ type fakeKernel struct {
 	// nbd_config_put, a Disconnect leaves their configuration (pid and
 	// backend) until release, the last close.
 	held map[int]bool
+	// unbound are devices another process disconnected while something
+	// held them open (disconnectUnder): as the kernel's, they keep pid
+	// and backend, Bound says false, and a RECONFIGURE with sockets fails.
+	unbound map[int]bool
+}
+
+// disconnectUnder disconnects device index as another process would while
+// something holds it open.
+func (k *fakeKernel) disconnectUnder(index int) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.unbound == nil {
+		k.unbound = map[int]bool{}
+	}
+	k.unbound[index] = true
+}
+
+func (k *fakeKernel) Bound(_ context.Context, index int, backend string) (bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if d, ok := k.devs[index]; !ok || d.Backend != backend {
+		return false, &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index, Err: kernel.ErrWrongBackend}
+	}
+	return !k.unbound[index], nil
 }
 
 // release is the last close of a held device that was disconnected.
@@ -49,6 +73,7 @@ func (k *fakeKernel) release(index int) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	delete(k.held, index)
+	delete(k.unbound, index)
 	delete(k.devs, index)
 }
 
@@ -143,6 +168,9 @@ func (k *fakeKernel) Reconfigure(_ context.Context, index int, r kernel.Reconfig
 	d, ok := k.devs[index]
 	if !ok || !d.Running() {
 		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index, Err: kernel.ErrNotConnected}
+	}
+	if k.unbound[index] && len(r.Sockets) > 0 {
+		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index, Err: kernel.ErrDisconnectedHeldOpen}
 	}
 	// As kernel.Conn does: the kernel itself checks only a device that has
 	// a backend.

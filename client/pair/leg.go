@@ -210,6 +210,15 @@ func (l *leg) step(ctx context.Context, now time.Time) time.Duration {
 		if err := l.checkHealth(ctx); errors.Is(err, errDeviceLost) {
 			l.lost(now, err)
 			return 0
+		} else if errors.Is(err, errUnbound) {
+			// Not connected, whatever sysfs says: the guest may have
+			// no other half (pair down --leg of the other leg checks
+			// this state). Reconnecting says why it cannot be, and
+			// goes on trying, as for a held device at adoption.
+			l.log.Warn("leg's device disconnected under its holder", zap.Error(err))
+			l.stale = true
+			l.publish(now, StateReconnecting, err)
+			return 0
 		} else if err != nil && ctx.Err() == nil {
 			l.noteError(now, fmt.Errorf("health check: %w", err))
 		} else {
@@ -421,15 +430,35 @@ func (l *leg) current(ctx context.Context) (kernel.Device, error) {
 }
 
 // checkHealth checks that the device is still attached to the leg's export,
-// learns its size (someone may have grown it) and restores the link.
+// learns its size (someone may have grown it) and restores the link. A
+// device another process disconnected while something holds it open (the
+// guest's blkback) still shows its pid and backend, and the kernel sends no
+// dead-link notice for it, yet fails all its I/O: errUnbound.
 func (l *leg) checkHealth(ctx context.Context) error {
 	d, err := l.current(ctx)
 	if err != nil {
 		return err
 	}
 	l.useDevice(d)
-	return l.setLink(time.Time{})
+	if err := l.setLink(time.Time{}); err != nil {
+		return err
+	}
+	if l.stale {
+		return nil // being given connections anyway
+	}
+	bound, err := l.s.cfg.Kernel.Bound(ctx, l.dev, l.backend)
+	if err != nil {
+		return err
+	}
+	if !bound {
+		return fmt.Errorf("%w: %s was disconnected, by another process (lvnbd detach --force, nbd-client -d?), while "+
+			"something holds it open: it fails all its I/O", errUnbound, kernel.DevicePath(l.dev))
+	}
+	return nil
 }
+
+// errUnbound means the leg's device was disconnected while held open.
+var errUnbound = errors.New("the device is no longer connected")
 
 // pollSize grows the device if the export grew.
 func (l *leg) pollSize(ctx context.Context, now time.Time) error {

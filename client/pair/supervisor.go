@@ -56,6 +56,9 @@ type Kernel interface {
 	Reconfigure(ctx context.Context, index int, r kernel.Reconfig) error
 	Status(ctx context.Context, index int) ([]kernel.Device, error)
 	WatchLinkDead(ctx context.Context) (<-chan int, error)
+	// Bound reports whether a running device can still be given
+	// connections (kernel.Conn.Bound).
+	Bound(ctx context.Context, index int, backend string) (bool, error)
 }
 
 // DialFunc opens n connections to an export, each past a handshake without

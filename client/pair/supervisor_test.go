@@ -460,6 +460,32 @@ func TestLegRefusesASecondDeviceOnItsExport(t *testing.T) {
 	})
 }
 
+// A leg's device disconnected by another process while something holds it
+// open keeps its pid and backend, and the kernel sends no dead-link notice,
+// yet it fails all its I/O. The health check finds it: the leg is no longer
+// connected, says why, and the other leg is not taken down without --force.
+func TestHealthCheckFindsADeviceDisconnectedUnderItsHolder(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+
+		k.disconnectUnder(0)
+		time.Sleep(s.cfg.HealthInterval)
+		synctest.Wait()
+		got := s.Status()[0].Legs[0]
+		// The health check's error, or the reconnect's that follows it.
+		if got.State != StateReconnecting || !strings.Contains(got.LastError, "disconnected") {
+			t.Errorf("leg a after its device was disconnected under its holder: %+v, want reconnecting, saying so", got)
+		}
+		if _, err := s.Down(context.Background(), "vm1", "b", false); !errors.Is(err, ErrLastHalf) {
+			t.Errorf("down of leg b: %v, want ErrLastHalf", err)
+		}
+	})
+}
+
 // One leg taken down and up again leaves the other alone: the guest keeps
 // running on it while its other half is replaced.
 func TestDownUpOneLeg(t *testing.T) {

@@ -35,6 +35,7 @@ type nbdKernel interface {
 	Status(ctx context.Context, index int) ([]kernel.Device, error)
 	WatchLinkDead(ctx context.Context) (<-chan int, error)
 	SubscribeLinkDead(ctx context.Context) (events <-chan int, stopped func() error, err error)
+	Bound(ctx context.Context, index int, backend string) (bool, error)
 	Close() error
 }
 

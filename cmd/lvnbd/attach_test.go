@@ -93,6 +93,18 @@ func (k *fakeNBD) Connect(_ context.Context, cfg kernel.Config) (int, error) {
 	return index, nil
 }
 
+// Bound: every running device is, here.
+func (k *fakeNBD) Bound(_ context.Context, index int, backend string) (bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, d := range k.devs {
+		if d.Index == index && d.Running() && d.Backend == backend {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 func (k *fakeNBD) Disconnect(_ context.Context, index int) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
