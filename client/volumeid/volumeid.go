@@ -16,6 +16,7 @@
 package volumeid
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/internal/flock"
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
@@ -253,39 +255,19 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 		f(s.mem)
 		return nil
 	}
-	// f sees the IDs a Set could not save where the file has none, and
-	// a change saves them.
-	g := f
-	f = func(ids map[string]string) bool {
-		added := false
-		for b, id := range s.unsaved {
-			if _, ok := ids[b]; !ok {
-				ids[b], added = id, true
-			}
-		}
-		return g(ids) || (added && write)
-	}
 	if err := os.MkdirAll(filepath.Dir(s.path), 0o700); err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
 	}
-	lock, err := os.OpenFile(s.path+".lock", os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return fmt.Errorf("volume IDs: %w", err)
-	}
-	defer lock.Close()
 	how := unix.LOCK_SH
 	if write {
 		how = unix.LOCK_EX
 	}
-	for {
-		err = unix.Flock(int(lock.Fd()), how)
-		if err != unix.EINTR {
-			break
-		}
-	}
+	// No deadline: the other holders are lvnbd commands that finish.
+	unlock, err := flock.Lock(context.Background(), s.path+".lock", how)
 	if err != nil {
-		return fmt.Errorf("volume IDs: locking %s: %w", lock.Name(), err)
+		return fmt.Errorf("volume IDs: %w", err)
 	}
+	defer unlock()
 	ids := map[string]string{}
 	b, err := os.ReadFile(s.path)
 	switch {
@@ -298,7 +280,15 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 				"not checked at their next reconnect", s.path, err)
 		}
 	}
-	if !f(ids) || !write {
+	// f sees the IDs a Set could not save where the file has none, and
+	// a change saves them.
+	unsaved := false
+	for b, id := range s.unsaved {
+		if _, ok := ids[b]; !ok {
+			ids[b], unsaved = id, true
+		}
+	}
+	if changed := f(ids); !write || !changed && !unsaved {
 		return nil
 	}
 	b, err = json.MarshalIndent(ids, "", "  ")
