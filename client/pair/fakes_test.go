@@ -400,6 +400,17 @@ func testSpec() Spec {
 
 // newTestSupervisor returns a supervisor of specs on fakes, with links
 // under a temporary directory and no jitter (backoffs are exact).
+// startPair starts a supervisor of pair vm1 (testSpec) on a fresh fake
+// kernel, with both exports up at 64 MiB.
+func startPair(t *testing.T) (*fakeKernel, *fakeStorage, *Supervisor) {
+	t.Helper()
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+	start(t, s)
+	return k, st, s
+}
+
 func newTestSupervisor(t testing.TB, specs []Spec, k *fakeKernel, st *fakeStorage, r runner) *Supervisor {
 	t.Helper()
 	if r == nil {

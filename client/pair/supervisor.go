@@ -495,8 +495,8 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 		var inUse []error
 		for _, i := range detach {
 			st := p.legs[i].status()
-			var index int
-			if _, err := fmt.Sscanf(st.Device, "/dev/nbd%d", &index); err != nil {
+			index, err := kernel.ParseDevice(st.Device)
+			if err != nil {
 				continue // no device to detach
 			}
 			users, err := s.cfg.Users(index)

@@ -57,10 +57,7 @@ func checkStates(t *testing.T, s *Supervisor, want ...string) {
 
 func TestRunReconnectsDeadLeg(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
-		start(t, s)
+		k, st, s := startPair(t)
 		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
 		if a, b := linkTarget(t, s, "vm1", "a"), linkTarget(t, s, "vm1", "b"); a != "/dev/nbd0" || b != "/dev/nbd1" {
 			t.Errorf("links to %q and %q", a, b)
@@ -130,10 +127,7 @@ func TestRunDeathWhileAttaching(t *testing.T) {
 
 func TestRunGrowsDevices(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
-		start(t, s)
+		k, st, s := startPair(t)
 		k.takeCalls()
 		st.set(uriA, func(e *fakeExport) { e.size = 192 * mib })
 		st.set(uriB, func(e *fakeExport) { e.size = 192 * mib })
@@ -199,10 +193,7 @@ func TestRunAdoptsOnRestart(t *testing.T) {
 
 func TestRunEventsLostAndResubscribe(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
-		start(t, s)
+		k, st, s := startPair(t)
 		k.takeCalls()
 
 		k.linkDead(kernel.EventsLost)
@@ -466,10 +457,7 @@ func TestLegRefusesASecondDeviceOnItsExport(t *testing.T) {
 // connected, says why, and the other leg is not taken down without --force.
 func TestHealthCheckFindsADeviceDisconnectedUnderItsHolder(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
-		start(t, s)
+		k, _, s := startPair(t)
 		checkStates(t, s, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
 
 		k.disconnectUnder(0)
