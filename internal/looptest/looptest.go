@@ -88,9 +88,24 @@ func AttachFile(t testing.TB, backing string, sectorSize int) (dev string) {
 // Require for mkfs.FSTYPE, mount and umount.
 func Mount(t testing.TB, size int64, fstype string, mkfsArgs ...string) (dir string) {
 	t.Helper()
-	mkfs := "mkfs." + fstype
-	Require(t, mkfs, "mount", "umount")
+	Require(t, "mkfs."+fstype, "mount", "umount")
 	dev, _ := Attach(t, size, 0)
+	return mountDevice(t, dev, fstype, mkfsArgs)
+}
+
+// MountFile is Mount on a loop device over the file backing, which the test
+// made on a file system of its choice (one that runs out of room, say).
+func MountFile(t testing.TB, backing, fstype string, mkfsArgs ...string) (dir string) {
+	t.Helper()
+	Require(t, "mkfs."+fstype, "mount", "umount")
+	return mountDevice(t, AttachFile(t, backing, 0), fstype, mkfsArgs)
+}
+
+// mountDevice makes the file system on dev, mounts it on a new temporary
+// directory, and unmounts it when the test ends.
+func mountDevice(t testing.TB, dev, fstype string, mkfsArgs []string) (dir string) {
+	t.Helper()
+	mkfs := "mkfs." + fstype
 	if out, err := exec.Command(mkfs, append(mkfsArgs, dev)...).CombinedOutput(); err != nil {
 		t.Fatalf("%s %v %s: %v: %s", mkfs, mkfsArgs, dev, err, out)
 	}
@@ -98,8 +113,8 @@ func Mount(t testing.TB, size int64, fstype string, mkfsArgs ...string) (dir str
 	if out, err := exec.Command("mount", "-t", fstype, dev, dir).CombinedOutput(); err != nil {
 		t.Fatalf("mount -t %s %s %s: %v: %s", fstype, dev, dir, err, out)
 	}
-	// Registered after Attach's detach and t.TempDir's removal, so it runs
-	// before both.
+	// Registered after the device's detach and t.TempDir's removal, so it
+	// runs before both.
 	t.Cleanup(func() {
 		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
 			t.Errorf("umount %s: %v: %s", dir, err, out)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -40,20 +39,7 @@ func failingWriteBack(t *testing.T) (dir string, shrink func()) {
 	if err := os.Truncate(backing, 48<<20); err != nil {
 		t.Fatal(err)
 	}
-	dev := looptest.AttachFile(t, backing, 0)
-	mkfs := []string{"-q", "-O", "^has_journal", "-E", "lazy_itable_init=0,nodiscard", dev}
-	if out, err := exec.Command("mkfs.ext4", mkfs...).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4 %v: %v: %s", mkfs, err, out)
-	}
-	dir = t.TempDir()
-	if err := unix.Mount(dev, dir, "ext4", 0, ""); err != nil {
-		t.Fatalf("mounting %s on %s: %v", dev, dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmounting %s: %v", dir, err)
-		}
-	})
+	dir = looptest.MountFile(t, backing, "ext4", "-q", "-O", "^has_journal", "-E", "lazy_itable_init=0,nodiscard")
 	shrink = func() {
 		t.Helper()
 		unix.Sync()
