@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"strings"
 	"testing"
 	"testing/fstest"
 
@@ -89,14 +90,25 @@ func TestStatusNoArrays(t *testing.T) {
 	}
 }
 
+// mdstatBeforeHealthy is /proc/mdstat as captured with the healthy array
+// (mdstat-healthy.txt), with personalities and another array's stanza
+// before it.
+func mdstatBeforeHealthy(t *testing.T, personalities, stanza string) *fstest.MapFile {
+	t.Helper()
+	healthy, ok := strings.CutPrefix(string(readTestdata(t, "mdstat-healthy.txt")), "Personalities : [raid1] \n")
+	if !ok {
+		t.Fatal("mdstat-healthy.txt does not start with its personalities line")
+	}
+	return &fstest.MapFile{Data: []byte("Personalities : " + personalities + "\n" + stanza + "\n" + healthy)}
+}
+
 // An array stopped between the read of /proc/mdstat and the read of its
 // sysfs is left out; the others are still reported.
 func TestStatusSkipsAnArrayStoppedMeanwhile(t *testing.T) {
 	h, fsys, _, _, _ := testHost(t)
 	sysfsDump(t, fsys, "sysfs-healthy.txt")
-	fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] \n" +
-		"md125 : active raid1 nbd3[1] nbd2[0]\n      64512 blocks super 1.2 [2/2] [UU]\n\n" +
-		string(readTestdata(t, "mdstat-healthy.txt"))[len("Personalities : [raid1] \n"):])}
+	fsys["proc/mdstat"] = mdstatBeforeHealthy(t, "[raid1] ",
+		"md125 : active raid1 nbd3[1] nbd2[0]\n      64512 blocks super 1.2 [2/2] [UU]\n")
 	got, err := h.status()
 	if err != nil {
 		t.Fatal(err)
@@ -113,9 +125,8 @@ func TestStatusReportsAnArrayItCannotRead(t *testing.T) {
 	sysfsDump(t, fsys, "sysfs-healthy.txt")
 	fsys["sys/block/md125/md/level"] = &fstest.MapFile{Data: []byte("raid5\n")}
 	fsys["sys/block/md125/md/raid_disks"] = &fstest.MapFile{Data: []byte("4 (3)\n")}
-	fsys["proc/mdstat"] = &fstest.MapFile{Data: []byte("Personalities : [raid1] [raid5]\n" +
-		"md125 : active raid5 sdd[3] sdc[2] sdb[1] sda[0]\n      64512 blocks super 1.2 level 5, 512k chunk [4/4] [UUUU]\n\n" +
-		string(readTestdata(t, "mdstat-healthy.txt"))[len("Personalities : [raid1] \n"):])}
+	fsys["proc/mdstat"] = mdstatBeforeHealthy(t, "[raid1] [raid5]",
+		"md125 : active raid5 sdd[3] sdc[2] sdb[1] sda[0]\n      64512 blocks super 1.2 level 5, 512k chunk [4/4] [UUUU]\n")
 	got, err := h.status()
 	if err != nil {
 		t.Fatal(err)
