@@ -11,6 +11,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -114,6 +115,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn, p peer) {
 		slots: semaphore.NewWeighted(int64(s.cfg.MaxInFlight)),
 		bytes: semaphore.NewWeighted(s.cfg.MaxInFlightBytes),
 		jobs:  make(chan job, s.cfg.MaxInFlight), // never blocks: one per slot
+		sock:  socketOf(nc), decided: make(chan struct{}),
 	}
 	if s.cfg.Observer != nil {
 		c.observe = s.cfg.Observer.ForExport(sess.export.Name)
@@ -300,6 +302,18 @@ type conn struct {
 	fenceOnce sync.Once
 	quiesced  chan struct{}
 
+	// sock is the socket, asked whether the client hung up; wakeReader,
+	// decided, discSeen and drained settle what the writes read before a
+	// hang-up do (see hangup.go). drained is the reader's own.
+	sock       syscall.RawConn
+	wakeReader context.CancelFunc
+	decideOnce sync.Once
+	decided    chan struct{} // closed once discSeen is set
+	discSeen   bool
+	drained    bool
+	// dropLogged: a write dropped for a hang-up was logged at warning level.
+	dropLogged atomic.Bool
+
 	// failureLogged: a request failed because the export's write-back
 	// did, and that was logged at warning level.
 	failureLogged atomic.Bool
@@ -359,7 +373,7 @@ func (c *conn) serve(ctx context.Context) string {
 		}()
 	}
 
-	reason := c.readLoop(ctx)
+	reason := c.readLoop(ctx, c.readerWakeContext(ctx))
 
 	// Drain: every request already read gets its reply, unless the client
 	// is gone or the drain outlasts its bound.
@@ -383,7 +397,11 @@ func (c *conn) serve(ctx context.Context) string {
 	return reason
 }
 
-func (c *conn) readLoop(ctx context.Context) string {
+// readLoop reads requests until the stream ends. It waits for room (slots,
+// bytes) under wake as well as ctx: a worker cancels wake when it needs the
+// stream read to its end (see drainAfterHangup).
+func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
+	defer func() { c.decide(reason == discReason) }()
 	var hb [nbd.RequestHeaderSize]byte
 	// held are replies to requests answered here (see tryInline), sent
 	// together before the reader can block: on the socket when the
@@ -420,7 +438,7 @@ func (c *conn) readLoop(ctx context.Context) string {
 			return "malformed request: " + err.Error()
 		}
 		if req.Command == nbd.CmdDisc {
-			return "client sent NBD_CMD_DISC"
+			return discReason
 		}
 		var cost int64
 		switch req.Command {
@@ -442,15 +460,15 @@ func (c *conn) readLoop(ctx context.Context) string {
 		// are sent first: they hold slots too.
 		if !c.slots.TryAcquire(1) {
 			flush()
-			if err := c.slots.Acquire(ctx, 1); err != nil {
-				return "server shutting down"
+			if ended := c.await(ctx, wake, c.slots, 1, req); ended != "" {
+				return ended
 			}
 		}
 		if !c.bytes.TryAcquire(cost) {
 			flush()
-			if err := c.bytes.Acquire(ctx, cost); err != nil {
+			if ended := c.await(ctx, wake, c.bytes, cost, req); ended != "" {
 				c.slots.Release(1)
-				return "server shutting down"
+				return ended
 			}
 		}
 		var payload []byte
@@ -481,12 +499,37 @@ func (c *conn) readLoop(ctx context.Context) string {
 	}
 }
 
+// discReason is why a connection ends at NBD_CMD_DISC.
+const discReason = "client sent NBD_CMD_DISC"
+
+// await acquires n of sem for req, whose header is read. If a worker wakes it
+// first, the stream is read to its end (drainAfterHangup) and the wait goes on
+// under ctx alone, unless the connection is over; then why is returned.
+func (c *conn) await(ctx, wake context.Context, sem *semaphore.Weighted, n int64, req nbd.RequestHeader) (ended string) {
+	for {
+		w := wake
+		if c.drained {
+			w = ctx
+		}
+		err := sem.Acquire(w, n)
+		switch {
+		case err == nil:
+			return ""
+		case ctx.Err() != nil:
+			return "server shutting down"
+		}
+		if ended := c.drainAfterHangup(req); ended != "" {
+			return ended
+		}
+	}
+}
+
 // readWritePayload reads a write's payload into a buffer or, where splicing
 // works and the server splices writes (Config.SpliceWrites), into a pipe (see
 // splice.go).
 func (c *conn) readWritePayload(req nbd.RequestHeader) ([]byte, *splicePipe, error) {
 	n := int(req.Length)
-	if c.splice != nil && c.s.cfg.SpliceWrites && n >= spliceMin && req.Flags&nbd.CmdFlagFUA == 0 {
+	if c.splice != nil && c.s.cfg.SpliceWrites && !c.drained && n >= spliceMin && req.Flags&nbd.CmdFlagFUA == 0 {
 		if p := c.splice.get(n); p != nil {
 			moved, err := c.splice.receive(c.r, p, n)
 			if err == nil {

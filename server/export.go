@@ -50,6 +50,8 @@ type Export struct {
 	// writeGate lets Quiesce pause writes: every request that modifies
 	// data holds it shared for the duration of its I/O.
 	writeGate sync.RWMutex
+	// writes orders overlapping writes (see rangeLock).
+	writes rangeLock
 
 	mu      sync.Mutex
 	clients map[uint64]*clientConn

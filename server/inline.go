@@ -81,7 +81,8 @@ func (c *conn) tryInline(req nbd.RequestHeader, payload []byte, cost int64) *rep
 }
 
 // tryWrite writes payload at off unless that would wait, under the same gates
-// as modify: never after a fence, never during a quiesce.
+// as modify: never after a fence, never during a quiesce, never over a write
+// in flight, never for a client that hung up (see lockForWrite).
 func (c *conn) tryWrite(payload []byte, off int64) bool {
 	if !c.fenceGate.TryRLock() {
 		return false
@@ -95,5 +96,13 @@ func (c *conn) tryWrite(payload []byte, off int64) bool {
 		return false
 	}
 	defer e.writeGate.RUnlock()
+	s, ok := e.writes.tryLock(off, off+int64(len(payload)))
+	if !ok {
+		return false
+	}
+	defer e.writes.unlock(s)
+	if c.writeVerdict() != doWrite {
+		return false // a worker drops it, or waits to know
+	}
 	return c.nowait.WriteAtNoWait(payload, off) == nil
 }

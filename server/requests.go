@@ -137,6 +137,19 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 			}
 		}
 	}
+	if errors.Is(err, errAbandoned) {
+		// Nobody waits for this reply: the client may have sent the
+		// write again elsewhere, and it must not land late (hangup.go).
+		if !c.dropLogged.Swap(true) {
+			c.log.Warn("client hung up without NBD_CMD_DISC; dropping the writes it had sent and not seen done",
+				zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset), zap.Uint32("length", req.Length))
+		} else {
+			c.log.Debug("write dropped", zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset), zap.Uint32("length", req.Length))
+		}
+		c.s.abandonedWrites.Add(1)
+		r.done()
+		return nil, nbd.ESHUTDOWN
+	}
 	if err != nil {
 		errno = errnoOf(err)
 		var re *requestError
@@ -168,15 +181,11 @@ func (c *conn) modify(req nbd.RequestHeader, payload []byte, pipe *splicePipe) e
 	off, length := int64(req.Offset), int64(req.Length)
 	fua := req.Flags&nbd.CmdFlagFUA != 0
 	if req.Command == nbd.CmdWrite || req.Command == nbd.CmdTrim || req.Command == nbd.CmdWriteZeroes {
-		c.fenceGate.RLock()
-		defer c.fenceGate.RUnlock()
-		if c.fenced.Load() {
-			return refuse(nbd.EPERM, "client is fenced")
+		unlock, err := c.lockForWrite(off, length)
+		if err != nil {
+			return err
 		}
-		// Held for the I/O only: a quiesce (a snapshot) waits for it and
-		// holds back the next.
-		e.writeGate.RLock()
-		defer e.writeGate.RUnlock()
+		defer unlock()
 	}
 	var err error
 	switch req.Command {

@@ -120,8 +120,9 @@ type Server struct {
 	tlsConfig atomic.Pointer[tls.Config] // Config.TLS, replaceable by SetTLS
 
 	// How often each splice path, and the reader's own answers, were
-	// taken (tests look).
-	splicedReads, splicedWrites, pipeFallbacks, inlined atomic.Int64
+	// taken, and how many writes were dropped after their client hung up
+	// (tests look).
+	splicedReads, splicedWrites, pipeFallbacks, inlined, abandonedWrites atomic.Int64
 }
 
 // SetTLS replaces the TLS configuration (new certificates, say) for the
