@@ -311,6 +311,9 @@ type conn struct {
 	decided    chan struct{} // closed once discSeen is set
 	discSeen   bool
 	drained    bool
+	// inlineWrites are the writes the reader has taken to do itself (see
+	// takeInlineWrite); the reader's own.
+	inlineWrites []inlineWrite
 	// dropLogged: a write dropped for a hang-up was logged at warning level.
 	dropLogged atomic.Bool
 
@@ -408,6 +411,7 @@ func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
 	// requests read so far are done, or on a full connection.
 	var held []*reply
 	flush := func() {
+		held = c.doInlineWrites(held)
 		if len(held) > 0 {
 			c.send(held...)
 			clear(held)
@@ -416,7 +420,7 @@ func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
 	}
 	defer flush()
 	for {
-		if c.r.buffered() < nbd.RequestHeaderSize || len(held) >= maxHeld {
+		if c.r.buffered() < nbd.RequestHeaderSize || len(held)+len(c.inlineWrites) >= maxHeld {
 			flush()
 		}
 		if err := c.r.readHeader(hb[:]); err != nil {
@@ -490,8 +494,10 @@ func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
 		} else {
 			c.r.noPayload()
 		}
-		if r := c.tryInline(req, payload, cost); r != nil {
-			held = append(held, r)
+		if r, taken := c.tryInline(req, payload, cost); taken {
+			if r != nil {
+				held = append(held, r)
+			}
 			continue
 		}
 		c.work.Add(1)

@@ -109,7 +109,7 @@ func (c *conn) peerHungUp() bool {
 		return false // not a socket (tests' pipes): nothing to ask
 	}
 	hung := false
-	c.sock.Control(func(fd uintptr) {
+	err := c.sock.Control(func(fd uintptr) {
 		fds := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
 		for {
 			n, err := unix.Poll(fds[:], 0)
@@ -122,7 +122,9 @@ func (c *conn) peerHungUp() bool {
 			return
 		}
 	})
-	return hung
+	// A socket the server closed (a kick, a failed send, the end of a
+	// drain) takes no reply either: its client resends elsewhere too.
+	return hung || err != nil
 }
 
 // lockForWrite takes what a write, TRIM or WRITE_ZEROES holds for its I/O:

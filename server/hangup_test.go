@@ -45,6 +45,12 @@ func (s seenRequests) Request(cmd nbd.Command, n int, _ time.Duration, errno nbd
 	s <- seenRequest{cmd, n, errno}
 }
 
+// hookNoWait lets the reader do small writes itself, past the hooks.
+type hookNoWait struct {
+	*hookBackend
+	noWaiter
+}
+
 // acceptedListener passes on the server's side of every connection.
 type acceptedListener struct {
 	net.Listener
@@ -59,10 +65,16 @@ func (l *acceptedListener) Accept() (net.Conn, error) {
 	return nc, err
 }
 
-// newHangupRig serves one export; the first write at each of stallAt waits in
-// the backend until the test releases it.
-func newHangupRig(t *testing.T, stallAt ...int64) *hangupRig {
-	disk, _ := fileExport(t, "disk", 1<<20, false)
+// newHangupRig serves one export; the first write at each of stallAt that
+// reaches a worker waits in the backend until the test releases it. With
+// inline, the export is on tmpfs and the reader does small writes itself.
+func newHangupRig(t *testing.T, inline bool, stallAt ...int64) *hangupRig {
+	dir := t.TempDir()
+	if inline {
+		dir = memoryDir(t)
+	}
+	disk, _ := fileExportIn(t, dir, "disk", 1<<20, false)
+	nw := disk.Backend.(noWaiter)
 	rig := &hangupRig{t: t, disk: disk, accepted: make(chan net.Conn, 8), seen: make(chan seenRequest, 64),
 		stalled: make(chan int64, len(stallAt)), release: map[int64]chan struct{}{}}
 	for _, off := range stallAt {
@@ -82,7 +94,10 @@ func newHangupRig(t *testing.T, stallAt ...int64) *hangupRig {
 		return nil
 	}}
 	disk.Backend = rig.hb
-	cfg := Config{Workers: 1, MaxInFlight: 2, NoSplice: true, NoInline: true, Observer: seenRequests(rig.seen)}
+	if inline {
+		disk.Backend = hookNoWait{rig.hb, nw}
+	}
+	cfg := Config{Workers: 1, MaxInFlight: 2, NoSplice: true, NoInline: !inline, Observer: seenRequests(rig.seen)}
 	rig.ts = fenceServerWith(t, cfg, disk, func(ln net.Listener) net.Listener {
 		return &acceptedListener{Listener: ln, conns: rig.accepted}
 	})
@@ -212,7 +227,7 @@ func fill(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
 // waits for the slots both hold, so it has not reached the hang-up either.
 func TestWriteOfAClientThatHungUpIsNotDoneLate(t *testing.T) {
 	const stallOff, x, other = 0, 64 << 10, 128 << 10
-	rig := newHangupRig(t, stallOff)
+	rig := newHangupRig(t, false, stallOff)
 	c1, s1 := rig.dial()
 	write(c1, 1, stallOff, fill('0', 4096))
 	rig.waitStalled(stallOff)
@@ -238,12 +253,45 @@ func TestWriteOfAClientThatHungUpIsNotDoneLate(t *testing.T) {
 	}
 }
 
+// The same on the reader's own path: the write waited in the socket while the
+// reader waited for a slot, and is read, small and to tmpfs, after the
+// hang-up.
+func TestSmallWriteOfAClientThatHungUpIsNotDoneLate(t *testing.T) {
+	const stallOff, x, other = 0, 64 << 10, 128 << 10
+	rig := newHangupRig(t, true, stallOff)
+	c1, s1 := rig.dial()
+	c1.request(nbd.RequestHeader{Command: nbd.CmdWrite, Flags: nbd.CmdFlagFUA, Handle: 1, Offset: stallOff, Length: 4096}, fill('0', 4096))
+	rig.waitStalled(stallOff) // a durable write goes to the worker
+	c1.request(nbd.RequestHeader{Command: nbd.CmdFlush, Handle: 2}, nil)
+	write(c1, 3, x, fill('A', 8192)) // W1: no slot left for it
+	write(c1, 4, other, fill('c', 4096))
+	// Only the client's sending side: its socket takes the replies, so
+	// the server does not learn of the hang-up from a reset to one.
+	shutdown(t, c1.nc, unix.SHUT_WR)
+	waitHungUp(t, s1)
+
+	c2, _ := rig.dial()
+	writeAndWait(c2, 5, x, fill('A', 8192))
+	writeAndWait(c2, 6, x, fill('B', 8192))
+	rig.forgetSeen()
+	close(rig.release[stallOff])
+	if s := rig.waitSeen(8192); s.errno != nbd.ESHUTDOWN {
+		t.Errorf("the first copy of W1 was answered with %v, want dropped (ESHUTDOWN)", s.errno)
+	}
+	if got := readBack(c2, x, 8192); !bytes.Equal(got, fill('B', 8192)) {
+		t.Fatalf("the blocks hold %q..., want the newer write's B: the old copy landed over it", got[:8])
+	}
+	if rig.ts.srv.inlined.Load() == 0 {
+		t.Error("the reader did no write itself: the test no longer tests its path")
+	}
+}
+
 // A write that started before its client hung up holds its blocks: the copy
 // resent on another connection waits for it, and the newer write comes after
 // both.
 func TestResentWriteWaitsForTheFirstCopy(t *testing.T) {
 	const x = 64 << 10
-	rig := newHangupRig(t, x)
+	rig := newHangupRig(t, false, x)
 	held := make(chan struct{}, 4)
 	rig.disk.writes.waitHook = func() { held <- struct{}{} }
 	c1, s1 := rig.dial()
@@ -278,7 +326,7 @@ func TestResentWriteWaitsForTheFirstCopy(t *testing.T) {
 // request before DISC done, so a hang-up after DISC drops nothing.
 func TestWritesBeforeDiscAreDoneAfterAHangUp(t *testing.T) {
 	const stallOff, x, other = 0, 64 << 10, 128 << 10
-	rig := newHangupRig(t, stallOff)
+	rig := newHangupRig(t, false, stallOff)
 	c1, s1 := rig.dial()
 	write(c1, 1, stallOff, fill('0', 4096))
 	rig.waitStalled(stallOff)

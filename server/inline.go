@@ -31,78 +31,124 @@ type noWaiter interface {
 }
 
 // tryInline answers req on the reader if it is a small read or non-durable
-// write that needs no waiting, and returns its reply, not yet sent, or nil if
-// a worker must do it (it then owns payload as before). A request that would
-// be refused, or fails, goes to a worker too, which answers it as usual.
-func (c *conn) tryInline(req nbd.RequestHeader, payload []byte, cost int64) *reply {
+// write that needs no waiting. A read's reply is returned, not yet sent; a
+// write is taken (taken true, no reply yet) to be done with the others the
+// reader takes before it could block (doInlineWrites). Otherwise taken is
+// false and a worker must do it (it then owns payload as before). A request
+// that would be refused, or fails, goes to a worker too, which answers it as
+// usual.
+func (c *conn) tryInline(req nbd.RequestHeader, payload []byte, cost int64) (_ *reply, taken bool) {
 	if c.nowait == nil || req.Length == 0 || req.Length >= spliceMin || c.gone.Load() {
-		return nil
+		return nil, false
 	}
 	if req.Command != nbd.CmdRead && (req.Command != nbd.CmdWrite || req.Flags&nbd.CmdFlagFUA != 0) {
-		return nil
+		return nil, false
 	}
 	if c.sess.check(req) != nil {
-		return nil
+		return nil, false
+	}
+	if req.Command == nbd.CmdWrite {
+		return nil, c.takeInlineWrite(req, payload, cost)
 	}
 	start := time.Now()
 	off := int64(req.Offset)
+	data := getBuf(int(req.Length))
+	if c.nowait.ReadAtNoWait(data, off) != nil {
+		putBuf(data)
+		return nil, false
+	}
+	c.client.read.Add(int64(req.Length))
+	// Too short to search for zeroes (holeReadMin): one data chunk.
 	r := &reply{}
-	switch req.Command {
-	case nbd.CmdRead:
-		data := getBuf(int(req.Length))
-		if c.nowait.ReadAtNoWait(data, off) != nil {
-			putBuf(data)
-			return nil
-		}
-		c.client.read.Add(int64(req.Length))
-		// Too short to search for zeroes (holeReadMin): one data chunk.
-		c.dataHeader(r, req)
-		r.add(data)
-		r.done = func() {
-			putBuf(data)
-			c.release(cost)
-		}
-	case nbd.CmdWrite:
-		if !c.tryWrite(payload, off) {
-			return nil
-		}
-		c.client.written.Add(int64(req.Length))
-		c.okReply(r, req)
-		r.done = func() {
-			putBuf(payload)
-			c.release(cost)
-		}
+	c.dataHeader(r, req)
+	r.add(data)
+	r.done = func() {
+		putBuf(data)
+		c.release(cost)
 	}
 	c.s.inlined.Add(1)
 	if c.observe != nil {
 		c.observe.Request(req.Command, int(req.Length), time.Since(start), 0)
 	}
-	return r
+	return r, true
 }
 
-// tryWrite writes payload at off unless that would wait, under the same gates
-// as modify: never after a fence, never during a quiesce, never over a write
-// in flight, never for a client that hung up (see lockForWrite).
-func (c *conn) tryWrite(payload []byte, off int64) bool {
+// inlineWrite is a small write the reader has taken, holding its range.
+type inlineWrite struct {
+	req     nbd.RequestHeader
+	payload []byte
+	cost    int64
+	span    span
+	taken   time.Time
+}
+
+// takeInlineWrite takes a write for the reader to do, under the same gates as
+// modify: never after a fence, never during a quiesce, never over a write in
+// flight. Each write holds its gates and its range until doInlineWrites: the
+// reader calls it before anything that could block, so a fence, a quiesce or
+// an overlapping write waits at most for the requests already in the reader's
+// buffer. (Only TryRLock, which never waits, takes a gate the reader may hold
+// already.)
+func (c *conn) takeInlineWrite(req nbd.RequestHeader, payload []byte, cost int64) bool {
+	e := c.sess.export
 	if !c.fenceGate.TryRLock() {
 		return false
 	}
-	defer c.fenceGate.RUnlock()
 	if c.fenced.Load() {
+		c.fenceGate.RUnlock()
 		return false // a worker refuses it
 	}
-	e := c.sess.export
 	if !e.writeGate.TryRLock() {
+		c.fenceGate.RUnlock()
 		return false
 	}
-	defer e.writeGate.RUnlock()
-	s, ok := e.writes.tryLock(off, off+int64(len(payload)))
+	off := int64(req.Offset)
+	s, ok := e.writes.tryLock(off, off+int64(req.Length))
 	if !ok {
+		e.writeGate.RUnlock()
+		c.fenceGate.RUnlock()
 		return false
 	}
-	defer e.writes.unlock(s)
-	if c.writeVerdict() != doWrite {
-		return false // a worker drops it, or waits to know
+	c.inlineWrites = append(c.inlineWrites, inlineWrite{req, payload, cost, s, time.Now()})
+	return true
+}
+
+// doInlineWrites does the writes the reader has taken, appending their replies
+// to held. One look at the connection serves them all (see lockForWrite): each
+// has held its range since before it. A write that would wait, or that the
+// client may have given up on, goes to a worker.
+func (c *conn) doInlineWrites(held []*reply) []*reply {
+	if len(c.inlineWrites) == 0 {
+		return held
 	}
-	return c.nowait.WriteAtNoWait(payload, off) == nil
+	e := c.sess.export
+	v := c.writeVerdict()
+	for i := range c.inlineWrites {
+		w := &c.inlineWrites[i]
+		done := v == doWrite && c.nowait.WriteAtNoWait(w.payload, int64(w.req.Offset)) == nil
+		e.writes.unlock(w.span)
+		e.writeGate.RUnlock()
+		c.fenceGate.RUnlock()
+		if !done {
+			c.work.Add(1)
+			c.jobs <- job{w.req, w.payload, nil, w.cost, w.taken}
+			continue
+		}
+		c.client.written.Add(int64(w.req.Length))
+		r := &reply{}
+		c.okReply(r, w.req)
+		payload, cost := w.payload, w.cost
+		r.done = func() {
+			putBuf(payload)
+			c.release(cost)
+		}
+		held = append(held, r)
+		c.s.inlined.Add(1)
+		if c.observe != nil {
+			c.observe.Request(nbd.CmdWrite, int(w.req.Length), time.Since(w.taken), 0)
+		}
+	}
+	clear(c.inlineWrites)
+	c.inlineWrites = c.inlineWrites[:0]
+	return held
 }

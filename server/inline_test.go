@@ -243,7 +243,7 @@ func TestInlineWritesLeaveGatedWritesToWorkers(t *testing.T) {
 				nowait: disk.Backend.(noWaiter), slots: semaphore.NewWeighted(1), bytes: semaphore.NewWeighted(1 << 20)}
 			release := tc.hold(c)
 			defer release()
-			if r := c.tryInline(req, bytes.Repeat([]byte{7}, 4096), 4096); r != nil {
+			if _, taken := c.tryInline(req, bytes.Repeat([]byte{7}, 4096), 4096); taken {
 				t.Fatal("the reader answered the write itself")
 			}
 			got, err := os.ReadFile(path)
