@@ -108,6 +108,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 	if c.gone.Load() {
 		// Nobody will read the reply; an unacknowledged write may be
 		// dropped as if the connection had died a moment earlier.
+		c.dropped(req)
 		r.done()
 		return nil, nbd.ESHUTDOWN
 	}
@@ -140,13 +141,7 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 	if errors.Is(err, errAbandoned) {
 		// Nobody waits for this reply: the client may have sent the
 		// write again elsewhere, and it must not land late (hangup.go).
-		if !c.dropLogged.Swap(true) {
-			c.log.Warn("client hung up without NBD_CMD_DISC; dropping the writes it had sent and not seen done",
-				zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset), zap.Uint32("length", req.Length))
-		} else {
-			c.log.Debug("write dropped", zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset), zap.Uint32("length", req.Length))
-		}
-		c.s.abandonedWrites.Add(1)
+		c.dropped(req)
 		r.done()
 		return nil, nbd.ESHUTDOWN
 	}
@@ -171,6 +166,22 @@ func (c *conn) do(req nbd.RequestHeader, payload []byte, pipe *splicePipe, cost 
 		c.okReply(r, req)
 	}
 	return r, errno
+}
+
+// dropped logs a write, TRIM or WRITE_ZEROES left undone because its client
+// hung up (once per connection at warning level: a timed-out kernel client
+// leaves up to a queue's worth), and counts it.
+func (c *conn) dropped(req nbd.RequestHeader) {
+	if req.Command != nbd.CmdWrite && req.Command != nbd.CmdTrim && req.Command != nbd.CmdWriteZeroes {
+		return
+	}
+	c.s.abandonedWrites.Add(1)
+	fields := []zap.Field{zap.Stringer("cmd", req.Command), zap.Uint64("offset", req.Offset), zap.Uint32("length", req.Length)}
+	if !c.dropLogged.Swap(true) {
+		c.log.Warn("client hung up without NBD_CMD_DISC; dropping the writes it had sent and not seen done", fields...)
+		return
+	}
+	c.log.Debug("write dropped", fields...)
 }
 
 // modify performs the commands whose reply carries no data. A write's
