@@ -29,8 +29,8 @@ import (
 // looks at its own connection just before its I/O: if the client has hung up
 // (its FIN or reset is in), the write is done only if the client sent
 // NBD_CMD_DISC first, which asks for every request before it to be done (a
-// client such as libnbd may send DISC, shut its side down, and wait for the
-// replies). Otherwise it is dropped without a reply, as if the connection had
+// client may send DISC behind writes in flight, shut its side down, and wait
+// for their replies). Otherwise it is dropped without a reply, as if the connection had
 // died a moment sooner. A write that started before the FIN came holds its
 // range, and the resent copy waits for it.
 //
