@@ -377,6 +377,7 @@ func (c *conn) serve(ctx context.Context) string {
 	}
 
 	reason := c.readLoop(ctx, c.readerWakeContext(ctx))
+	c.wakeReader() // lets go of the context
 
 	// Drain: every request already read gets its reply, unless the client
 	// is gone or the drain outlasts its bound.
@@ -404,7 +405,6 @@ func (c *conn) serve(ctx context.Context) string {
 // bytes) under wake as well as ctx: a worker cancels wake when it needs the
 // stream read to its end (see drainAfterHangup).
 func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
-	defer func() { c.decide(reason == discReason) }()
 	var hb [nbd.RequestHeaderSize]byte
 	// held are replies to requests answered here (see tryInline), sent
 	// together before the reader can block: on the socket when the
@@ -419,6 +419,9 @@ func (c *conn) readLoop(ctx, wake context.Context) (reason string) {
 		}
 	}
 	defer flush()
+	// Before the last flush: its small writes then know how the stream
+	// ended, and need not wait for it on workers.
+	defer func() { c.decide(reason == discReason) }()
 	for {
 		if c.r.buffered() < nbd.RequestHeaderSize || len(held)+len(c.inlineWrites) >= maxHeld {
 			flush()

@@ -40,9 +40,18 @@ import (
 // is left (bounded by the socket's receive queue: nothing comes after a FIN)
 // into memory, decides, and goes on from memory (drainAfterHangup).
 //
-// Left open: a FIN that is lost or delayed on the network until after the
-// resent write and the newer one have both completed, while the first copy
-// had not yet started.
+// Left open:
+//   - a FIN that is lost or delayed on the network until after the resent
+//     write and the newer one have both completed, while the first copy had
+//     not yet started;
+//   - the range lock is the Export's: a static export replaced by a reload
+//     while an old connection still holds a stalled write serves the resent
+//     copy on the new Export without waiting for it (the hang-up look still
+//     drops the old copy if it has not started);
+//   - a client that sends NBD_CMD_DISC and hangs up after the server stopped
+//     reading (a drain, or its shutdown) has the writes read but not yet done
+//     dropped: the reader never reads that DISC. The client sees them fail
+//     (no reply); nothing it was told is done is lost.
 
 // errAbandoned is a write dropped because its client hung up without
 // NBD_CMD_DISC.
@@ -127,33 +136,36 @@ func (c *conn) peerHungUp() bool {
 	return hung || err != nil
 }
 
-// lockForWrite takes what a write, TRIM or WRITE_ZEROES holds for its I/O:
-// the fence gate (no write after a fence), the export's write gate (none
-// during a quiesce) and its range. It returns errAbandoned for a write to
-// drop, and waits, holding nothing, while that is being decided.
+// lockForWrite takes what a write, TRIM or WRITE_ZEROES holds for its I/O: its
+// range, then the fence gate (no write after a fence) and the export's write
+// gate (none during a quiesce). The range comes first, so a write waiting for
+// another's blocks holds no gate: a fence or a quiesce waits only for writes
+// doing I/O. It returns errAbandoned for a write to drop, and waits, holding
+// nothing, while that is being decided.
 func (c *conn) lockForWrite(off, length int64) (unlock func(), err error) {
 	e := c.sess.export
 	for {
+		s := e.writes.lock(off, off+length)
 		c.fenceGate.RLock()
 		if c.fenced.Load() {
 			c.fenceGate.RUnlock()
+			e.writes.unlock(s)
 			return nil, refuse(nbd.EPERM, "client is fenced")
 		}
 		// Held for the I/O only: a quiesce (a snapshot) waits for it
 		// and holds back the next.
 		e.writeGate.RLock()
-		s := e.writes.lock(off, off+length)
 		v := c.writeVerdict()
 		if v == doWrite {
 			return func() {
-				e.writes.unlock(s)
 				e.writeGate.RUnlock()
 				c.fenceGate.RUnlock()
+				e.writes.unlock(s)
 			}, nil
 		}
-		e.writes.unlock(s)
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
+		e.writes.unlock(s)
 		if v == dropWrite {
 			return nil, errAbandoned
 		}

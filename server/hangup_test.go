@@ -1,8 +1,11 @@
 package server
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"net"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -478,4 +481,41 @@ func FuzzEndsWithDisc(f *testing.F) {
 			t.Fatalf("endsWithDisc = %v, reading request by request says %v", got, want)
 		}
 	})
+}
+
+// A write waiting for blocks another connection's write holds has not started
+// its I/O: a fence of its connection does not wait for that other write, and
+// the write is not done after the fence.
+func TestFenceDoesNotWaitForAnotherConnectionsWrite(t *testing.T) {
+	const x = 64 << 10
+	rig := newHangupRig(t, false, x)
+	held := make(chan struct{}, 4)
+	rig.disk.writes.waitHook = func() { held <- struct{}{} }
+	c1, _ := rig.dial()
+	write(c1, 1, x, fill('A', 8192))
+	rig.waitStalled(x)
+
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	nc, err := d.Dial("tcp", rig.ts.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	c2 := &rawClient{t: t, nc: nc, r: bufio.NewReader(nc)}
+	c2.open("disk", false)
+	<-rig.accepted
+	write(c2, 2, x, fill('B', 8192))
+	<-held // waiting for the stalled write's range
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if cut, err := rig.ts.srv.FenceClient(ctx, Fence{Client: "127.0.0.2", Export: "disk"}); err != nil || cut != 1 {
+		t.Fatalf("FenceClient = %d, %v; want the waiting write's connection cut at once", cut, err)
+	}
+	close(rig.release[x])
+	c1.simpleReply(0)
+	if writes := writesDone(t, rig.ts, rig.hb); !slices.Equal(writes, []string{"write 65536"}) {
+		t.Errorf("backend writes %v: want the stalled write once, and never the fenced one", writes)
+	}
 }
