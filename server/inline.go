@@ -114,12 +114,14 @@ func (c *conn) takeInlineWrite(req nbd.RequestHeader, payload []byte, cost int64
 }
 
 // doInlineWrites does the writes the reader has taken, appending their replies
-// to held. Until then a read of the same blocks, or a FLUSH on a worker, may
-// go first, and a write handed to a worker here may land after a later one
-// over the same blocks: the protocol lets a server reorder requests in flight,
-// and a FLUSH covers the writes answered before it was sent. One look at the connection serves them all (see lockForWrite): each
-// has held its range since before it. A write that would wait, or that the
-// client may have given up on, goes to a worker.
+// to held. One look at the connection serves them all (see lockForWrite):
+// each has held its range since before it. A write that would wait, or that
+// the client may have given up on, goes to a worker.
+//
+// Until then a read of the same blocks, or a FLUSH on a worker, may go first,
+// and a write handed to a worker here may land after a later one over the same
+// blocks: the protocol lets a server reorder requests in flight, and a FLUSH
+// covers the writes answered before it was sent.
 func (c *conn) doInlineWrites(held []*reply) []*reply {
 	if len(c.inlineWrites) == 0 {
 		return held
