@@ -50,8 +50,8 @@ type Export struct {
 	// writeGate lets Quiesce pause writes: every request that modifies
 	// data holds it shared for the duration of its I/O.
 	writeGate sync.RWMutex
-	// writes orders overlapping writes (see rangeLock).
-	writes rangeLock
+	// writes orders overlapping writes (see rangeLock and ranges).
+	writes atomic.Pointer[rangeLock]
 
 	mu      sync.Mutex
 	clients map[uint64]*clientConn
@@ -60,6 +60,16 @@ type Export struct {
 	flushes int           // shutdown flushes under way (flushOpen): no close meanwhile
 	closing bool          // the backend is being flushed and closed
 	closed  chan struct{} // closed once the backend is closed after retiring
+}
+
+// ranges is the export's range lock (see rangeLock): its own or, for an
+// export that replaced one whose clients still write, that one's.
+func (e *Export) ranges() *rangeLock {
+	if l := e.writes.Load(); l != nil {
+		return l
+	}
+	e.writes.CompareAndSwap(nil, new(rangeLock))
+	return e.writes.Load()
 }
 
 // clientConn is what an export knows of a connection using it.
@@ -400,8 +410,27 @@ func (r *Registry) Add(e *Export) error {
 		return fmt.Errorf("export %q: %w", e.Name, ErrExportExists)
 	}
 	r.keepFailuresLocked(e)
+	r.shareRangesLocked(e)
 	r.exports[e.Name] = e
 	return nil
+}
+
+// shareRangesLocked gives e the range lock of an export it replaces under the
+// same name whose clients are still there (a static export a reload changed,
+// say): a copy of a write resent on e must wait for the first copy still under
+// way on the old one (see hangup.go).
+func (r *Registry) shareRangesLocked(e *Export) {
+	for x := range r.retired {
+		if x.Name != e.Name {
+			continue
+		}
+		select {
+		case <-x.closed: // no client left
+		default:
+			e.writes.Store(x.ranges())
+			return
+		}
+	}
 }
 
 // Remove stops offering the export called name and returns it. Connections

@@ -438,6 +438,9 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 	}
 	e := &Export{Name: name, Description: desc, ReadOnly: old.ReadOnly, Backend: b,
 		Access: *old.currentAccess()}
+	// The old clients are cut, but a write of theirs may still be under
+	// way: a copy resent on e waits for it (see hangup.go).
+	e.writes.Store(old.ranges())
 	r.exports[name] = e
 	r.keepFailuresLocked(e)
 	_, last := r.retireLocked(old)

@@ -396,6 +396,9 @@ func TestRecover(t *testing.T) {
 		t.Fatal("the registry does not offer a new vm1")
 	}
 	t.Cleanup(func() { now.Backend.Close() })
+	if now.ranges() != e.ranges() {
+		t.Error("the recovered export does not share the old one's range lock: a write of a cut client may land after its resent copy")
+	}
 	if got := readErrno(now); got != 0 {
 		t.Errorf("a read of the recovered export got errno %d", got)
 	}

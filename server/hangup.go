@@ -44,10 +44,6 @@ import (
 //   - a FIN that is lost or delayed on the network until after the resent
 //     write and the newer one have both completed, while the first copy had
 //     not yet started;
-//   - the range lock is the Export's: a static export replaced by a reload
-//     while an old connection still holds a stalled write serves the resent
-//     copy on the new Export without waiting for it (the hang-up look still
-//     drops the old copy if it has not started);
 //   - a client that sends NBD_CMD_DISC and hangs up after the server stopped
 //     reading (a drain, or its shutdown) has the writes read but not yet done
 //     dropped: the reader never reads that DISC. The client sees them fail
@@ -144,12 +140,13 @@ func (c *conn) peerHungUp() bool {
 // nothing, while that is being decided.
 func (c *conn) lockForWrite(off, length int64) (unlock func(), err error) {
 	e := c.sess.export
+	ranges := e.ranges()
 	for {
-		s := e.writes.lock(off, off+length)
+		s := ranges.lock(off, off+length)
 		c.fenceGate.RLock()
 		if c.fenced.Load() {
 			c.fenceGate.RUnlock()
-			e.writes.unlock(s)
+			ranges.unlock(s)
 			return nil, refuse(nbd.EPERM, "client is fenced")
 		}
 		// Held for the I/O only: a quiesce (a snapshot) waits for it
@@ -160,12 +157,12 @@ func (c *conn) lockForWrite(off, length int64) (unlock func(), err error) {
 			return func() {
 				e.writeGate.RUnlock()
 				c.fenceGate.RUnlock()
-				e.writes.unlock(s)
+				ranges.unlock(s)
 			}, nil
 		}
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
-		e.writes.unlock(s)
+		ranges.unlock(s)
 		if v == dropWrite {
 			return nil, errAbandoned
 		}

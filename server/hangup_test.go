@@ -296,7 +296,7 @@ func TestResentWriteWaitsForTheFirstCopy(t *testing.T) {
 	const x = 64 << 10
 	rig := newHangupRig(t, false, x)
 	held := make(chan struct{}, 4)
-	rig.disk.writes.waitHook = func() { held <- struct{}{} }
+	rig.disk.ranges().waitHook = func() { held <- struct{}{} }
 	c1, s1 := rig.dial()
 	write(c1, 1, x, fill('A', 12288)) // W1, in the backend
 	rig.waitStalled(x)
@@ -490,7 +490,7 @@ func TestFenceDoesNotWaitForAnotherConnectionsWrite(t *testing.T) {
 	const x = 64 << 10
 	rig := newHangupRig(t, false, x)
 	held := make(chan struct{}, 4)
-	rig.disk.writes.waitHook = func() { held <- struct{}{} }
+	rig.disk.ranges().waitHook = func() { held <- struct{}{} }
 	c1, _ := rig.dial()
 	write(c1, 1, x, fill('A', 8192))
 	rig.waitStalled(x)
@@ -517,5 +517,53 @@ func TestFenceDoesNotWaitForAnotherConnectionsWrite(t *testing.T) {
 	c1.simpleReply(0)
 	if writes := writesDone(t, rig.ts, rig.hb); !slices.Equal(writes, []string{"write 65536"}) {
 		t.Errorf("backend writes %v: want the stalled write once, and never the fenced one", writes)
+	}
+}
+
+// An export that replaces one under the same name whose clients are still
+// there (a static export a reload changed, an export lvnbd recover reopened)
+// shares its range lock: a copy resent on the new export waits for the first
+// copy still under way on the old one. Once the old one has no client, the
+// new export has a lock of its own.
+func TestReplacedExportSharesItsRangeLock(t *testing.T) {
+	r := NewRegistry()
+	old, _ := fileExport(t, "disk", 1<<20, false)
+	if err := r.Add(old); err != nil {
+		t.Fatal(err)
+	}
+	if !old.attach(&clientConn{id: 1, kick: func() {}, drain: func() {}}) {
+		t.Fatal("attach refused")
+	}
+	if _, _, err := r.Remove("disk"); err != nil {
+		t.Fatal(err)
+	}
+	replacing, _ := fileExport(t, "disk", 1<<20, false)
+	if err := r.Add(replacing); err != nil {
+		t.Fatal(err)
+	}
+	if replacing.ranges() != old.ranges() {
+		t.Error("the export replacing one still in use has a range lock of its own")
+	}
+	other, _ := fileExport(t, "other", 1<<20, false)
+	if err := r.Add(other); err != nil {
+		t.Fatal(err)
+	}
+	if other.ranges() == old.ranges() {
+		t.Error("an export under another name shares the range lock")
+	}
+
+	old.detach(1) // the last client: the old export closes
+	if _, _, err := r.Remove("disk"); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitClosed() // both closed in the background
+	<-old.closed
+	<-replacing.closed
+	third, _ := fileExport(t, "disk", 1<<20, false)
+	if err := r.Add(third); err != nil {
+		t.Fatal(err)
+	}
+	if third.ranges() == old.ranges() {
+		t.Error("an export replacing one without clients took its range lock")
 	}
 }

@@ -103,7 +103,7 @@ func (c *conn) takeInlineWrite(req nbd.RequestHeader, payload []byte, cost int64
 		return false
 	}
 	off := int64(req.Offset)
-	s, ok := e.writes.tryLock(off, off+int64(req.Length))
+	s, ok := e.ranges().tryLock(off, off+int64(req.Length))
 	if !ok {
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
@@ -131,7 +131,7 @@ func (c *conn) doInlineWrites(held []*reply) []*reply {
 	for i := range c.inlineWrites {
 		w := &c.inlineWrites[i]
 		done := v == doWrite && c.nowait.WriteAtNoWait(w.payload, int64(w.req.Offset)) == nil
-		e.writes.unlock(w.span)
+		e.ranges().unlock(w.span)
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
 		if !done {
