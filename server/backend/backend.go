@@ -463,12 +463,25 @@ func (b *File) MarkFailed(err error) { b.syncs.fail(err) }
 // syncTracker).
 func (b *File) Flush() error {
 	return b.syncs.run(func() error {
-		if err := unix.Fdatasync(b.fd); err != nil {
-			return fmt.Errorf("fdatasync %s: %w", b.path, err)
+		for {
+			err := fdatasync(b.fd)
+			if err == unix.EINTR {
+				// Interrupted before it reported: not a failed
+				// write-back, which would fail the export for good.
+				// Local file systems restart it themselves; a network
+				// one may return it (os.File.Sync retries too).
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("fdatasync %s: %w", b.path, err)
+			}
+			return nil
 		}
-		return nil
 	})
 }
+
+// fdatasync is unix.Fdatasync; tests interrupt it.
+var fdatasync = unix.Fdatasync
 
 // Trim discards a range: a hole in a file, BLKDISCARD on a device. Discard is
 // advisory, so a backend that cannot discard reports success.

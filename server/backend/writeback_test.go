@@ -220,3 +220,28 @@ func TestMarkFailed(t *testing.T) {
 		t.Error("Failed() is nil after MarkFailed")
 	}
 }
+
+// An fdatasync interrupted by a signal (a network file system may return
+// EINTR) is tried again: it is not a failed write-back, which would fail the
+// export until lvnbd recover.
+func TestFlushRetriesAnInterruptedSync(t *testing.T) {
+	b, _ := sparseFile(t, 1<<20)
+	calls := 0
+	orig := fdatasync
+	fdatasync = func(fd int) error {
+		if calls++; calls == 1 {
+			return unix.EINTR
+		}
+		return orig(fd)
+	}
+	t.Cleanup(func() { fdatasync = orig })
+	if err := b.Flush(); err != nil {
+		t.Fatalf("Flush after an interrupted fdatasync: %v", err)
+	}
+	if calls != 2 {
+		t.Errorf("fdatasync called %d times, want the interrupted call and one more", calls)
+	}
+	if err := b.Failed(); err != nil {
+		t.Errorf("the export failed after an interrupted fdatasync: %v", err)
+	}
+}
