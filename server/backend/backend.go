@@ -497,8 +497,16 @@ func (b *File) Trim(off, length int64) error {
 		// is allowed: after a TRIM the client may assume nothing of the
 		// range until it writes it again (NBD spec), so nothing is
 		// written back first, which would write what is being thrown
-		// away. Nothing outside the range is touched.
-		r := [2]uint64{uint64(off), uint64(length)}
+		// away. Nothing outside the range is touched: BLKDISCARD
+		// refuses a range not on the device's logical blocks, so its
+		// ragged ends are left as they are, as the spec allows (the
+		// start rounded up, the end down).
+		start := (off + b.blockSize - 1) / b.blockSize * b.blockSize
+		end := (off + length) / b.blockSize * b.blockSize
+		if start >= end {
+			return nil
+		}
+		r := [2]uint64{uint64(start), uint64(end - start)}
 		err = ioctlRange(b.fd, unix.BLKDISCARD, &r)
 	} else {
 		err = unix.Fallocate(b.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)

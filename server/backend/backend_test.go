@@ -463,3 +463,33 @@ func TestRefreshAfterClose(t *testing.T) {
 		t.Errorf("size after a refused Refresh: %d", b.Size())
 	}
 }
+
+// A TRIM of a device off its logical blocks discards the whole blocks inside
+// the range and leaves its ragged ends: BLKDISCARD refuses the range as given,
+// and the spec lets a server round the start up and the end down.
+func TestTrimOfADeviceRoundsToItsBlocks(t *testing.T) {
+	dev, _ := looptest.Attach(t, 1<<20, 4096)
+	b, err := Open(dev, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if b.blockSize != 4096 {
+		t.Fatalf("%s: logical block size %d, want 4096", dev, b.blockSize)
+	}
+	data := bytes.Repeat([]byte{0x5a}, 1<<20)
+	must(t, b.WriteAt(data, 0, true))
+	must(t, b.Trim(4096+512, 3*4096)) // [4608, 16896): whole blocks [8192, 16384)
+	want := bytes.Clone(data)
+	clear(want[8192:16384])
+	got := make([]byte, 1<<20)
+	must(t, b.ReadAt(got, 0))
+	if !bytes.Equal(got, want) {
+		first := 0
+		for first < len(got) && got[first] == want[first] {
+			first++
+		}
+		t.Fatalf("after the trim, byte %d reads %#x, want %#x (the aligned middle discarded, the ends kept)", first, got[first], want[first])
+	}
+	must(t, b.Trim(4096+512, 1024)) // no whole block: nothing to do
+}
