@@ -265,6 +265,15 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 		return &OpError{Op: op, Index: index, Err: fmt.Errorf("%w from %d to %d bytes (grown meanwhile by another "+
 			"lvnbd?): nothing changed; see lvnbd list", ErrWouldShrink, d.Size, r.Size)}
 	}
+	if r.Timeout != 0 {
+		// Unknown (no io_timeout, Linux before 5.0) is let through: the
+		// sockets below get the new timeout, and the kernel the same.
+		if cur, err := c.sys.requestTimeout(index); err == nil && r.Timeout < cur {
+			return &OpError{Op: op, Index: index, Err: fmt.Errorf("%w: from %s to %s (its connections abort "+
+				"unacknowledged data only after %s): nothing changed; detach and attach it to lower the timeout "+
+				"(a pair's leg: lvnbd pair down --leg, then up)", ErrTimeoutLowered, cur, r.Timeout, userTimeout(cur))}
+		}
+	}
 	// The sockets' TCP_USER_TIMEOUT follows the timeout the device has
 	// once reconfigured.
 	requestTimeout := func() (time.Duration, error) {

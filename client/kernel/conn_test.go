@@ -981,3 +981,34 @@ func encodeDeviceListOrFail(t testing.TB, list []deviceStatus) []byte {
 	}
 	return b
 }
+
+// A lower request timeout would not reach the connections the device keeps
+// (their TCP_USER_TIMEOUT stays at three quarters of the old one): it is
+// refused before the kernel is asked, naming both and the way out. The same
+// or a higher one, or a device whose timeout cannot be read, goes through.
+func TestReconfigureRefusesALowerTimeout(t *testing.T) {
+	sent := 0
+	k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
+		sent++
+		return nil, 0
+	}}
+	c, sys := newTestConn(t, k)
+	const backend = "nbd://h:10809/e"
+	sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "4096", "ro": "0", "queue/io_timeout": "30000"})
+	err := c.Reconfigure(context.Background(), 2, Reconfig{Timeout: 10 * time.Second, Backend: backend})
+	if !errors.Is(err, ErrTimeoutLowered) || !strings.Contains(err.Error(), "from 30s to 10s") || !strings.Contains(err.Error(), "pair down --leg") {
+		t.Errorf("Reconfigure to 10s of a device with 30s: %v, want ErrTimeoutLowered naming both and the way out", err)
+	}
+	if sent != 0 {
+		t.Errorf("%d commands sent to the kernel", sent)
+	}
+	for _, timeout := range []time.Duration{30 * time.Second, time.Minute, 0} {
+		if err := c.Reconfigure(context.Background(), 2, Reconfig{Timeout: timeout, Backend: backend}); err != nil {
+			t.Errorf("Reconfigure to %v: %v", timeout, err)
+		}
+	}
+	sys.set(t, 3, map[string]string{"pid": "77", "backend": backend, "size": "4096", "ro": "0"})
+	if err := c.Reconfigure(context.Background(), 3, Reconfig{Timeout: 10 * time.Second, Backend: backend}); err != nil {
+		t.Errorf("Reconfigure of a device without io_timeout: %v", err)
+	}
+}

@@ -41,6 +41,12 @@ var (
 	// may already use. lvnbd grows devices only; a size read before a
 	// grow by someone else meanwhile is stale.
 	ErrWouldShrink = errors.New("the new size would shrink the device")
+	// ErrTimeoutLowered is a Reconfigure with a request timeout below the
+	// device's: it would not reach the connections the device keeps, whose
+	// TCP_USER_TIMEOUT stays at three quarters of the old one, so a write
+	// the kernel resends after the new timeout could still be delivered on
+	// the old connection afterwards, over a newer write.
+	ErrTimeoutLowered = errors.New("a lower request timeout does not reach the device's connections")
 )
 
 // OpError is a failed netlink operation on an nbd device.

@@ -194,7 +194,7 @@ func TestReconfigurePreparesSockets(t *testing.T) {
 		want      sockOpts
 		wantErr   string
 	}{
-		{name: "new timeout", timeout: 4 * time.Second, ioTimeout: "30000", want: handedOverTCP(3000)},
+		{name: "new timeout", timeout: 40 * time.Second, ioTimeout: "30000", want: handedOverTCP(30000)},
 		{name: "the device's timeout", ioTimeout: "10000", want: handedOverTCP(7500)},
 		{name: "the device's timeout unknown", wantErr: "cannot tell its request timeout"},
 		{name: "Unix, the device's timeout unknown", unix: true, want: untouchedUnix},

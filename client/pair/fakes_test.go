@@ -46,6 +46,10 @@ type fakeKernel struct {
 	// held them open (disconnectUnder): as the kernel's, they keep pid
 	// and backend, Bound says false, and a RECONFIGURE with sockets fails.
 	unbound map[int]bool
+	// timeouts are the devices' request timeouts; a reconfigure to a
+	// lower one is refused, as kernel.Conn does, and counted in lowered.
+	timeouts map[int]time.Duration
+	lowered  int
 }
 
 // disconnectUnder disconnects device index as another process would while
@@ -78,7 +82,7 @@ func (k *fakeKernel) release(index int) {
 }
 
 func newFakeKernel(t testing.TB, devs ...kernel.Device) *fakeKernel {
-	k := &fakeKernel{t: t, devs: map[int]kernel.Device{}}
+	k := &fakeKernel{t: t, devs: map[int]kernel.Device{}, timeouts: map[int]time.Duration{}}
 	for _, d := range devs {
 		k.devs[d.Index] = d
 	}
@@ -120,6 +124,7 @@ func (k *fakeKernel) connect(cfg kernel.Config) (int, error) {
 		return 0, err
 	}
 	index := k.free(cfg.Backend)
+	k.timeouts[index] = cfg.Timeout
 	k.devs[index] = kernel.Device{Index: index, Connected: true, PID: 42, Backend: cfg.Backend,
 		Size: cfg.Size, BlockSize: cfg.BlockSize, ReadOnly: cfg.ReadOnly}
 	k.calls = append(k.calls, fmt.Sprintf("connect %s %d sockets -> nbd%d", cfg.Backend, len(cfg.Sockets), index))
@@ -177,6 +182,13 @@ func (k *fakeKernel) Reconfigure(_ context.Context, index int, r kernel.Reconfig
 	if r.Backend != d.Backend {
 		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index,
 			Err: fmt.Errorf("%w: its backend is %q, not %q", kernel.ErrWrongBackend, d.Backend, r.Backend)}
+	}
+	if r.Timeout != 0 && r.Timeout < k.timeouts[index] {
+		k.lowered++
+		return &kernel.OpError{Op: "NBD_CMD_RECONFIGURE", Index: index, Err: kernel.ErrTimeoutLowered}
+	}
+	if r.Timeout != 0 {
+		k.timeouts[index] = r.Timeout
 	}
 	if err := k.reconfigureErr; err != nil {
 		k.reconfigureErr = nil

@@ -52,6 +52,9 @@ type leg struct {
 	healthAt   time.Time
 	reconnects int
 	adopted    bool
+	// timeoutKept: a reconnect kept the device's higher timeout (see
+	// reconnect), and said so.
+	timeoutKept bool
 	// lostDevice is the device lost, until another is attached or the leg
 	// is taken down (Size 0: none): its link led the guest to this leg's
 	// data, so the export must not have shrunk under it.
@@ -375,7 +378,21 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 	// with none dead, this changes nothing. A grown size goes after the
 	// sockets, on its own: see kernel.Reconfig.
 	r := kernel.Reconfig{Sockets: socks, Timeout: l.spec.Timeout, DeadConnTimeout: l.spec.DeadTimeout, Backend: l.backend}
-	if err := l.s.cfg.Kernel.Reconfigure(ctx, l.dev, r); err != nil {
+	err = l.s.cfg.Kernel.Reconfigure(ctx, l.dev, r)
+	if errors.Is(err, kernel.ErrTimeoutLowered) {
+		// A timeout lowered in the configuration of a device attached
+		// with a higher one: its connections keep the higher one's
+		// TCP_USER_TIMEOUT, so the device keeps its timeout too, until
+		// the leg is attached anew.
+		if !l.timeoutKept {
+			l.log.Warn("the leg's timeout is lower than its device's: kept as it is until the leg is attached anew (lvnbd pair down --leg, then up)",
+				zap.Duration("timeout", l.spec.Timeout), zap.Error(err))
+			l.timeoutKept = true
+		}
+		r.Timeout = 0
+		err = l.s.cfg.Kernel.Reconfigure(ctx, l.dev, r)
+	}
+	if err != nil {
 		if errors.Is(err, kernel.ErrWrongBackend) {
 			// Detached and its number reused while we dialed.
 			return fmt.Errorf("%w: %w", errDeviceLost, err)

@@ -191,6 +191,39 @@ func TestRunAdoptsOnRestart(t *testing.T) {
 	})
 }
 
+// A timeout lowered in the configuration does not reach a device attached
+// with a higher one (its connections keep the higher one's TCP_USER_TIMEOUT):
+// the adopting daemon reconnects it keeping its timeout, and says so.
+func TestAdoptionKeepsAHigherTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		stop := start(t, s)
+		stop()
+		k.takeCalls()
+
+		lower := testSpec()
+		lower.Timeout = testSpec().Timeout / 2
+		s2, err := newSupervisor(&Config{Pairs: []Spec{lower}, Kernel: k, LinkDir: s.cfg.LinkDir,
+			Dial: st.dial, Info: st.info}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start(t, s2)
+		want := []string{"reconfigure nbd0 2 sockets", "reconfigure nbd1 2 sockets"}
+		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
+			t.Errorf("adoption with a lower timeout (-want +got):\n%s", diff)
+		}
+		checkStates(t, s2, "vm1.a connected /dev/nbd0 r0", "vm1.b connected /dev/nbd1 r0")
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		if k.lowered != 2 || k.timeouts[0] != testSpec().Timeout || k.timeouts[1] != testSpec().Timeout {
+			t.Errorf("%d refused lowerings, timeouts %v; want 2, both devices keeping %v", k.lowered, k.timeouts, testSpec().Timeout)
+		}
+	})
+}
+
 func TestRunEventsLostAndResubscribe(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		k, st, s := startPair(t)

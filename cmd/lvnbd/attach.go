@@ -589,7 +589,7 @@ again.`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&conns, "connections", 1, "fresh connections to offer (as many as the device was attached with)")
-	f.DurationVar(&timeout, "timeout", 0, "also change the request timeout (0: leave it as it is)")
+	f.DurationVar(&timeout, "timeout", 0, "also raise the request timeout (0: leave it as it is; a lower one is refused: the device's connections would keep the old one's TCP_USER_TIMEOUT, so detach and attach to lower it)")
 	f.DurationVar(&deadTimeout, "dead-timeout", 0, "also change the dead-connection timeout (0: leave it as it is, not \"fail at once\" as with attach)")
 	f.BoolVar(&sizeOnly, "size", false, "push the export's grown size to the device, after fresh connections as any reconnect; say if it did not change")
 	return cmd
