@@ -659,6 +659,12 @@ func unchangeable(state string) string {
 		// md starts no recovery on a read-only array; read-auto turns
 		// read-write on its first write.
 		return "read-only, so md would not recover it"
+	case "clear", "inactive":
+		return "not running (being assembled, or stopped)"
+	case "suspended":
+		// mdadm suspends an array for a reshape or a bitmap change; its
+		// I/O waits, and so would a probe or a --re-add.
+		return "suspended by mdadm"
 	}
 	return ""
 }
