@@ -358,7 +358,11 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 		return
 	}
 	if why := unchangeable(a.State); why != "" {
-		w.noteFor(mem, a.Name, "health", zap.ErrorLevel, "the array is "+a.State+": "+why+"; not touching it",
+		level := zap.ErrorLevel
+		if a.State == "clear" || a.State == "inactive" {
+			level = zap.InfoLevel // not running: nothing is at risk
+		}
+		w.noteFor(mem, a.Name, "health", level, "the array is "+a.State+": "+why+"; not touching it",
 			zap.Int("degraded", a.Degraded), zap.Strings("faulty", faulty))
 		return
 	}
@@ -660,11 +664,8 @@ func unchangeable(state string) string {
 		// read-write on its first write.
 		return "read-only, so md would not recover it"
 	case "clear", "inactive":
+		// Also for a moment while an array starts.
 		return "not running (being assembled, or stopped)"
-	case "suspended":
-		// mdadm suspends an array for a reshape or a bitmap change; its
-		// I/O waits, and so would a probe or a --re-add.
-		return "suspended by mdadm"
 	}
 	return ""
 }

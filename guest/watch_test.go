@@ -310,8 +310,8 @@ func TestWatchWaitsForAReadableSource(t *testing.T) {
 const noSource = "no in-sync leg answers reads (both storage boxes down?): nothing to resync from; " +
 	"waiting for one before touching the returning leg"
 
-// An array md calls broken, a read-only one, one not running or one suspended
-// is not touched.
+// An array md calls broken, a read-only one or one not running is not
+// touched.
 func TestWatchLeavesUnchangeableArraysAlone(t *testing.T) {
 	tests := []struct{ state, why string }{
 		{"broken", "md lost a member it cannot run without"},
@@ -319,7 +319,6 @@ func TestWatchLeavesUnchangeableArraysAlone(t *testing.T) {
 		{"read-auto", "read-only, so md would not recover it"},
 		{"inactive", "not running (being assembled, or stopped)"},
 		{"clear", "not running (being assembled, or stopped)"},
-		{"suspended", "suspended by mdadm"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.state, func(t *testing.T) {

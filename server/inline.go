@@ -73,11 +73,13 @@ func (c *conn) tryInline(req nbd.RequestHeader, payload []byte, cost int64) (_ *
 	return r, true
 }
 
-// inlineWrite is a small write the reader has taken, holding its range.
+// inlineWrite is a small write the reader has taken, holding its range of
+// ranges.
 type inlineWrite struct {
 	req     nbd.RequestHeader
 	payload []byte
 	cost    int64
+	ranges  *rangeLock
 	span    span
 	taken   time.Time
 }
@@ -103,13 +105,14 @@ func (c *conn) takeInlineWrite(req nbd.RequestHeader, payload []byte, cost int64
 		return false
 	}
 	off := int64(req.Offset)
-	s, ok := e.ranges().tryLock(off, off+int64(req.Length))
+	ranges := e.ranges()
+	s, ok := ranges.tryLock(off, off+int64(req.Length))
 	if !ok {
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
 		return false
 	}
-	c.inlineWrites = append(c.inlineWrites, inlineWrite{req, payload, cost, s, time.Now()})
+	c.inlineWrites = append(c.inlineWrites, inlineWrite{req, payload, cost, ranges, s, time.Now()})
 	return true
 }
 
@@ -131,7 +134,7 @@ func (c *conn) doInlineWrites(held []*reply) []*reply {
 	for i := range c.inlineWrites {
 		w := &c.inlineWrites[i]
 		done := v == doWrite && c.nowait.WriteAtNoWait(w.payload, int64(w.req.Offset)) == nil
-		e.ranges().unlock(w.span)
+		w.ranges.unlock(w.span)
 		e.writeGate.RUnlock()
 		c.fenceGate.RUnlock()
 		if !done {

@@ -268,10 +268,14 @@ func (c *Conn) Reconfigure(ctx context.Context, index int, r Reconfig) error {
 	if r.Timeout != 0 {
 		// Unknown (no io_timeout, Linux before 5.0) is let through: the
 		// sockets below get the new timeout, and the kernel the same.
-		if cur, err := c.sys.requestTimeout(index); err == nil && r.Timeout < cur {
+		// The kernel takes whole seconds, rounded up here (seconds):
+		// compared as it would set it, the timeout a device was
+		// attached with is never lower than its own.
+		asSet := time.Duration(seconds(r.Timeout)) * time.Second
+		if cur, err := c.sys.requestTimeout(index); err == nil && asSet < cur {
 			return &OpError{Op: op, Index: index, Err: fmt.Errorf("%w: from %s to %s (its connections abort "+
 				"unacknowledged data only after %s): nothing changed; detach and attach it to lower the timeout "+
-				"(a pair's leg: lvnbd pair down --leg, then up)", ErrTimeoutLowered, cur, r.Timeout, userTimeout(cur))}
+				"(a pair's leg: lvnbd pair down --leg, then up)", ErrTimeoutLowered, cur, asSet, userTimeout(cur))}
 		}
 	}
 	// The sockets' TCP_USER_TIMEOUT follows the timeout the device has

@@ -1002,7 +1002,8 @@ func TestReconfigureRefusesALowerTimeout(t *testing.T) {
 	if sent != 0 {
 		t.Errorf("%d commands sent to the kernel", sent)
 	}
-	for _, timeout := range []time.Duration{30 * time.Second, time.Minute, 0} {
+	// 29.5 s is set as 30 s, as the device has (attached with 29.5 s).
+	for _, timeout := range []time.Duration{30 * time.Second, 29500 * time.Millisecond, time.Minute, 0} {
 		if err := c.Reconfigure(context.Background(), 2, Reconfig{Timeout: timeout, Backend: backend}); err != nil {
 			t.Errorf("Reconfigure to %v: %v", timeout, err)
 		}

@@ -463,22 +463,43 @@ func (b *File) MarkFailed(err error) { b.syncs.fail(err) }
 // syncTracker).
 func (b *File) Flush() error {
 	return b.syncs.run(func() error {
-		for {
+		interrupted := false
+		for tries := 1; ; tries++ {
 			err := fdatasync(b.fd)
-			if err == unix.EINTR {
-				// Interrupted before it reported: not a failed
-				// write-back, which would fail the export for good.
-				// Local file systems restart it themselves; a network
-				// one may return it (os.File.Sync retries too).
+			if err == unix.EINTR && tries < maxSyncTries {
+				// A network file system may return it (local ones
+				// restart the call themselves). Failing the export
+				// for it would keep it failed until lvnbd recover.
+				interrupted = true
 				continue
 			}
 			if err != nil {
 				return fmt.Errorf("fdatasync %s: %w", b.path, err)
 			}
-			return nil
+			break
 		}
+		if interrupted {
+			// An interrupted fdatasync may have taken the file's
+			// write-back error with it: file_write_and_wait_range
+			// reports the interruption and drops the error it
+			// consumed. The file system keeps its own record, which
+			// fdatasync does not consume: syncfs reports it (Linux
+			// 5.8 on), another file's error too, which fails the
+			// export in the safe direction.
+			if err := syncfs(b.fd); err != nil {
+				return fmt.Errorf("syncfs %s after an interrupted fdatasync: %w", b.path, err)
+			}
+		}
+		return nil
 	})
 }
+
+// maxSyncTries bounds the fdatasync calls of one flush that a signal
+// interrupts: a file system that keeps returning EINTR fails the flush.
+const maxSyncTries = 3
+
+// syncfs is unix.Syncfs; tests replace it.
+var syncfs = unix.Syncfs
 
 // fdatasync is unix.Fdatasync; tests interrupt it.
 var fdatasync = unix.Fdatasync

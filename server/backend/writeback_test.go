@@ -222,26 +222,50 @@ func TestMarkFailed(t *testing.T) {
 }
 
 // An fdatasync interrupted by a signal (a network file system may return
-// EINTR) is tried again: it is not a failed write-back, which would fail the
-// export until lvnbd recover.
+// EINTR) is tried again, not taken for a failed write-back, which would fail
+// the export until lvnbd recover. The interrupted call may have consumed the
+// file's write-back error, so the file system's record (syncfs) decides: an
+// error there fails the flush and the export. A file system that keeps
+// returning EINTR fails the flush.
 func TestFlushRetriesAnInterruptedSync(t *testing.T) {
-	b, _ := sparseFile(t, 1<<20)
-	calls := 0
-	orig := fdatasync
-	fdatasync = func(fd int) error {
-		if calls++; calls == 1 {
-			return unix.EINTR
-		}
-		return orig(fd)
-	}
-	t.Cleanup(func() { fdatasync = orig })
-	if err := b.Flush(); err != nil {
-		t.Fatalf("Flush after an interrupted fdatasync: %v", err)
-	}
-	if calls != 2 {
-		t.Errorf("fdatasync called %d times, want the interrupted call and one more", calls)
-	}
-	if err := b.Failed(); err != nil {
-		t.Errorf("the export failed after an interrupted fdatasync: %v", err)
+	origSync, origSyncfs := fdatasync, syncfs
+	t.Cleanup(func() { fdatasync, syncfs = origSync, origSyncfs })
+	for _, tc := range []struct {
+		name        string
+		interrupts  int   // fdatasync calls that return EINTR first
+		syncfsErr   error // what syncfs returns
+		wantSyncs   int
+		wantSyncfs  int
+		wantFailure bool
+	}{
+		{"none", 0, nil, 1, 0, false},
+		{"once", 1, nil, 2, 1, false},
+		{"once, and the file system kept an error", 1, unix.EIO, 2, 1, true},
+		{"every time", 100, nil, maxSyncTries, 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b, _ := sparseFile(t, 1<<20)
+			syncs, syncfses := 0, 0
+			fdatasync = func(fd int) error {
+				if syncs++; syncs <= tc.interrupts {
+					return unix.EINTR
+				}
+				return origSync(fd)
+			}
+			syncfs = func(fd int) error {
+				syncfses++
+				return tc.syncfsErr
+			}
+			err := b.Flush()
+			if (err != nil) != tc.wantFailure {
+				t.Errorf("Flush = %v, want failure %v", err, tc.wantFailure)
+			}
+			if syncs != tc.wantSyncs || syncfses != tc.wantSyncfs {
+				t.Errorf("%d fdatasync and %d syncfs calls, want %d and %d", syncs, syncfses, tc.wantSyncs, tc.wantSyncfs)
+			}
+			if failed := b.Failed() != nil; failed != tc.wantFailure {
+				t.Errorf("export failed: %v, want %v", b.Failed(), tc.wantFailure)
+			}
+		})
 	}
 }
