@@ -44,6 +44,11 @@ var ErrUnknownPair = errors.New("no such pair")
 // ErrUnknownLeg means a leg name other than a and b.
 var ErrUnknownLeg = errors.New("no such leg")
 
+// ErrStopped is a wait cut short because the supervisor stopped: the daemon
+// is stopping, or reloading its configuration (a new supervisor adopts the
+// legs, and this one's status goes stale).
+var ErrStopped = errors.New("the pair daemon stopped or reloaded its configuration meanwhile")
+
 // ErrLastHalf is returned when one leg would be taken down while the other
 // is not connected.
 var ErrLastHalf = errors.New("the other leg is not connected")
@@ -126,6 +131,9 @@ type Supervisor struct {
 	mu      sync.Mutex
 	byIndex map[int]*leg  // device index -> the leg that has it
 	changed chan struct{} // closed and replaced whenever a leg's status changes
+	// stopped is closed when Run returns: nothing changes any more.
+	stopped  chan struct{}
+	stopOnce sync.Once
 }
 
 // pairState is one pair under supervision.
@@ -190,6 +198,7 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 		jitter:  rand.Float64,
 		byIndex: map[int]*leg{},
 		changed: make(chan struct{}),
+		stopped: make(chan struct{}),
 	}
 	for _, spec := range c.Pairs {
 		p := &pairState{spec: spec}
@@ -211,6 +220,7 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 // done. It leaves the devices attached when it returns: the guests keep
 // their disks, and the next Run adopts them.
 func (s *Supervisor) Run(ctx context.Context) error {
+	defer s.stopOnce.Do(func() { close(s.stopped) })
 	// Subscribe before attaching, so no death goes unseen.
 	events, err := s.cfg.Kernel.WatchLinkDead(ctx)
 	if err != nil {
@@ -398,6 +408,11 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 	if ctx.Err() != nil {
 		return p.status(), ctx.Err()
 	}
+	if errors.Is(err, ErrStopped) {
+		// Acting on this supervisor's status (xl block-attach) would
+		// act on what the next one may have changed.
+		return p.status(), fmt.Errorf("waiting for pair %s to come up: %w: run lvnbd pair up again", name, err)
+	}
 	var errs []error
 	var disks []string
 	if p.spec.XenDomain != "" {
@@ -536,7 +551,8 @@ func (s *Supervisor) changedLeg(l *leg, oldIndex, newIndex int) {
 	s.changed = make(chan struct{})
 }
 
-// waitFor waits until cond is true, checking after every status change.
+// waitFor waits until cond is true, checking after every status change;
+// ErrStopped once Run has returned.
 func (s *Supervisor) waitFor(ctx context.Context, cond func() bool) error {
 	for {
 		s.mu.Lock()
@@ -549,6 +565,8 @@ func (s *Supervisor) waitFor(ctx context.Context, cond func() bool) error {
 		case <-changed:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-s.stopped:
+			return ErrStopped
 		}
 	}
 }

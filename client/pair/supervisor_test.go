@@ -740,3 +740,34 @@ func TestDownAfterXlFailsOnTheSecondLeg(t *testing.T) {
 		checkStates(t, s, "vm1.a down  r0", "vm1.b down  r0")
 	})
 }
+
+// A wait on a supervisor that stops (the daemon reloading its configuration
+// or stopping) ends with ErrStopped rather than waiting for changes nobody
+// makes any more: pair up then fails, saying to run it again, instead of
+// acting on stale status once its --wait ran out.
+func TestWaitEndsWhenTheSupervisorStops(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		stop := start(t, s)
+		got := make(chan error, 1)
+		go func() { got <- s.waitFor(context.Background(), func() bool { return false }) }()
+		synctest.Wait()
+		select {
+		case err := <-got:
+			t.Fatalf("waitFor returned %v with the supervisor running", err)
+		default:
+		}
+		stop()
+		synctest.Wait()
+		select {
+		case err := <-got:
+			if !errors.Is(err, ErrStopped) {
+				t.Errorf("waitFor after the stop: %v, want ErrStopped", err)
+			}
+		default:
+			t.Fatal("waitFor still waits after the supervisor stopped")
+		}
+	})
+}
