@@ -241,6 +241,31 @@ func (l *leg) step(ctx context.Context, now time.Time) time.Duration {
 	return next.Sub(now)
 }
 
+// liveFirst orders the devices attached to the leg's export (more than one)
+// for adoption: those still bound to their connections first. Two can be
+// there: one an earlier attempt could not detach, or one disconnected under
+// its holder (pair down --force with a domain still holding it). Adopting
+// a dead one would point the leg's link, and the guest, at it and leave the
+// live one reconnected by nobody. The others are logged.
+func (l *leg) liveFirst(ctx context.Context, devs []kernel.Device) []kernel.Device {
+	var live, dead []kernel.Device
+	for _, d := range devs {
+		if bound, err := l.s.cfg.Kernel.Bound(ctx, d.Index, l.backend); err == nil && !bound {
+			dead = append(dead, d)
+		} else {
+			live = append(live, d)
+		}
+	}
+	ordered := append(live, dead...)
+	var others []string
+	for _, d := range ordered[1:] {
+		others = append(others, d.Path())
+	}
+	l.log.Warn("more than one device is attached to the leg's export: adopting one still bound to its connections; detach the others once nothing holds them (lvnbd detach)",
+		zap.String("adopting", ordered[0].Path()), zap.Strings("others", others), zap.Int("unbound", len(dead)))
+	return ordered
+}
+
 // maxBackoff is the longest wait between attempts. While the device is
 // there, I/O waits for it for the dead-connection timeout and then fails
 // (and md drops the leg): at most a quarter of that between redials, so a
@@ -276,10 +301,16 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 				"(lvnbd detach %s), so that no export has two devices", d.Path(), d.Backend, l.backend, d.Path())
 		}
 	}
+	var mine []kernel.Device
 	for _, d := range devs {
-		if !d.Running() || d.Backend != l.backend {
-			continue
+		if d.Running() && d.Backend == l.backend {
+			mine = append(mine, d)
 		}
+	}
+	if len(mine) > 1 {
+		mine = l.liveFirst(ctx, mine)
+	}
+	for _, d := range mine {
 		l.useDevice(d)
 		l.adopted = true
 		l.log.Info("adopted", zap.String("device", d.Path()), zap.Uint64("size", d.Size))

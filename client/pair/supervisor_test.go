@@ -771,3 +771,23 @@ func TestWaitEndsWhenTheSupervisorStops(t *testing.T) {
 		}
 	})
 }
+
+// Of two devices attached to a leg's export, the daemon adopts the one still
+// bound to its connections, not the lower number: one disconnected under its
+// holder would take the guest's link and leave the live one unreconnected.
+func TestAdoptionPrefersABoundDevice(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		dev := func(index int) kernel.Device {
+			return kernel.Device{Index: index, Connected: true, PID: 42, Backend: backendA, Size: 64 * mib, BlockSize: 512}
+		}
+		k := newFakeKernel(t, dev(0), dev(1))
+		k.unbound = map[int]bool{0: true}
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		s := newTestSupervisor(t, []Spec{testSpec()}, k, st, nil)
+		start(t, s)
+		checkStates(t, s, "vm1.a connected /dev/nbd1 r0", "vm1.b connected /dev/nbd2 r0")
+		if got := linkTarget(t, s, "vm1", "a"); got != "/dev/nbd1" {
+			t.Errorf("leg a's link points at %q, want /dev/nbd1", got)
+		}
+	})
+}
