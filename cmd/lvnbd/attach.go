@@ -50,6 +50,9 @@ type hostDeps struct {
 	// volumeIDs records the volume each device was attached to
 	// (volumeid.DefaultPath); nil keeps them in memory, for tests.
 	volumeIDs *volumeid.Store
+	// pairs asks a running lvnbd client daemon for its pairs; nil, or an
+	// error (no daemon), is none.
+	pairs func(ctx context.Context) ([]pair.PairStatus, error)
 }
 
 // ids returns the host's volume ID store.
@@ -74,7 +77,32 @@ func realHost() *hostDeps {
 		},
 		nodeTimeout: 2 * time.Second,
 		volumeIDs:   volumeid.Open(volumeid.DefaultPath),
+		pairs: func(ctx context.Context) ([]pair.PairStatus, error) {
+			return pair.NewClient(pair.DefaultSocket).Status(ctx)
+		},
 	}
+}
+
+// pairLegOf returns the pair and leg of the running lvnbd client daemon
+// whose export u is; empty strings if none is.
+func (h *hostDeps) pairLegOf(ctx context.Context, u client.URI) (name, leg string) {
+	if h.pairs == nil {
+		return "", ""
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	pairs, err := h.pairs(ctx)
+	if err != nil {
+		return "", "" // no daemon (or none answering): no leg to protect
+	}
+	for _, p := range pairs {
+		for _, l := range p.Legs {
+			if sameExport(l.URI, u) {
+				return p.Name, l.Leg
+			}
+		}
+	}
+	return "", ""
 }
 
 // Defaults of the attach flags.
@@ -173,6 +201,14 @@ be attached only once per host.`,
 				}
 			}
 
+			// A pair's leg keeps the ID of its volume while its device
+			// is lost, so that it refuses a volume made anew; a
+			// device attached here would start afresh, and the
+			// daemon adopt it.
+			if name, leg := host.pairLegOf(ctx, u); name != "" {
+				return fmt.Errorf("%s is leg %s of pair %s (lvnbd client): lvnbd pair up --leg %s %s attaches it, "+
+					"checking its volume", backend, leg, name, leg, name)
+			}
 			// A device attached earlier to this export and detached
 			// by other means than lvnbd detach left its ID: this one
 			// starts afresh.

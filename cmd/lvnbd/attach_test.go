@@ -21,6 +21,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/pair"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server"
@@ -499,6 +500,7 @@ func TestAttachErrors(t *testing.T) {
 		args      []string
 		devs      []kernel.Device
 		kernelErr error // from openKernel
+		pairs     func(context.Context) ([]pair.PairStatus, error)
 		wantErr   string
 	}{
 		{name: "no nbd module", args: []string{"nbd://" + addr + "/disk"}, kernelErr: kernel.ErrModuleNotLoaded,
@@ -527,11 +529,23 @@ func TestAttachErrors(t *testing.T) {
 		{name: "zero connections", args: []string{"--connections", "0", "nbd://" + addr + "/disk"}, wantErr: "--connections 0"},
 		{name: "bad URI", args: []string{"http://x/y"}, wantErr: "invalid NBD URI"},
 		{name: "TLS", args: []string{"nbds://" + addr + "/disk"}, wantErr: "TLS"},
+		// A pair leg's export: its device is the daemon's to attach, which
+		// checks the volume against the ID the leg keeps.
+		{name: "a pair's leg", args: []string{"nbd://LocalHost/vm1"}, pairs: legsOf("nbd://localhost:10809/vm1"),
+			wantErr: "nbd://LocalHost:10809/vm1 is leg b of pair vm1 (lvnbd client): lvnbd pair up --leg b vm1 attaches it"},
+		// Without a daemon, or for another export, the attach goes on (to
+		// the dial, which fails here).
+		{name: "no pair daemon", args: []string{"nbd://" + addr + "/nope"},
+			pairs:   func(context.Context) ([]pair.PairStatus, error) { return nil, errors.New("no socket") },
+			wantErr: `export "nope" not found`},
+		{name: "another export than the legs'", args: []string{"nbd://" + addr + "/nope"}, pairs: legsOf("nbd://localhost:10809/vm1"),
+			wantErr: `export "nope" not found`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			k := &fakeNBD{t: t, devs: tt.devs}
 			host := testHost(k, nil)
+			host.pairs = tt.pairs
 			if tt.kernelErr != nil {
 				host.openKernel = func(context.Context) (nbdKernel, error) { return nil, tt.kernelErr }
 			}
@@ -543,6 +557,13 @@ func TestAttachErrors(t *testing.T) {
 				t.Error("Connect was called")
 			}
 		})
+	}
+}
+
+// legsOf is a pair daemon's answer: pair vm1, whose leg b is uri.
+func legsOf(uri string) func(context.Context) ([]pair.PairStatus, error) {
+	return func(context.Context) ([]pair.PairStatus, error) {
+		return []pair.PairStatus{{Name: "vm1", Legs: []pair.LegStatus{{Leg: "a", URI: "nbd://boxa:10809/vm1"}, {Leg: "b", URI: uri}}}}, nil
 	}
 }
 
