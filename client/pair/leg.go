@@ -124,7 +124,9 @@ func (l *leg) do(ctx context.Context, fn func(ctx context.Context, now time.Time
 	select {
 	case l.reqs <- req:
 	case <-l.stopped:
-		return errors.New("the supervisor has stopped")
+		return ErrStopped
+	case <-l.s.stopped: // also when Run ended before the leg ran
+		return ErrStopped
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -310,7 +312,8 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	if len(mine) > 1 {
 		mine = l.liveFirst(ctx, mine)
 	}
-	for _, d := range mine {
+	if len(mine) > 0 {
+		d := mine[0]
 		l.useDevice(d)
 		l.adopted = true
 		l.log.Info("adopted", zap.String("device", d.Path()), zap.Uint64("size", d.Size))

@@ -134,6 +134,11 @@ type Supervisor struct {
 	// stopped is closed when Run returns: nothing changes any more.
 	stopped  chan struct{}
 	stopOnce sync.Once
+	// ops is held shared by each Up and Down for its whole run, and
+	// exclusively by Close, which sets closing: an operation is either
+	// done before the supervisor stops, or refused.
+	ops     sync.RWMutex
+	closing bool
 }
 
 // pairState is one pair under supervision.
@@ -375,6 +380,10 @@ func (s *Supervisor) lookup(name string) (*pairState, error) {
 // is not connected (its export refused, or unreachable), are reported in
 // the error.
 func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
+	if err := s.beginOp(); err != nil {
+		return PairStatus{}, err
+	}
+	defer s.ops.RUnlock()
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
@@ -458,6 +467,10 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 // taken down and up again is how a mirror half whose volume was made anew
 // is taken into use, while the guest runs on the other.
 func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
+	if err := s.beginOp(); err != nil {
+		return PairStatus{}, err
+	}
+	defer s.ops.RUnlock()
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
@@ -535,6 +548,27 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 		}
 	}
 	return p.status(), errors.Join(errs...)
+}
+
+// beginOp starts an Up or Down (the caller lets go of s.ops shared when it
+// ends), or returns ErrStopped once Close has been called.
+func (s *Supervisor) beginOp() error {
+	s.ops.RLock()
+	if s.closing {
+		s.ops.RUnlock()
+		return ErrStopped
+	}
+	return nil
+}
+
+// Close waits for the Up and Down under way to end, and refuses those that
+// come after: call it before stopping Run for a reload, so that a pair down
+// (an xl block-detach, then the detach) is not cut between its steps, and
+// its result is in the status the next supervisor starts from.
+func (s *Supervisor) Close() {
+	s.ops.Lock()
+	s.closing = true
+	s.ops.Unlock()
 }
 
 // changedLeg records a leg's device index and wakes waitFor.

@@ -791,3 +791,29 @@ func TestAdoptionPrefersABoundDevice(t *testing.T) {
 		}
 	})
 }
+
+// Close lets a pair up or down under way end and refuses those after it:
+// a reload's stop does not cut a pair down between its xl block-detach and
+// its detach, and one that comes during the reload is refused, not lost.
+func TestCloseRefusesLaterOperations(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &fakeRunner{t: t}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		s.Close()
+		ctx := context.Background()
+		if _, err := s.Down(ctx, "vm1", "", false); !errors.Is(err, ErrStopped) {
+			t.Errorf("Down after Close: %v, want ErrStopped", err)
+		}
+		if _, err := s.Up(ctx, "vm1", "", time.Minute); !errors.Is(err, ErrStopped) {
+			t.Errorf("Up after Close: %v, want ErrStopped", err)
+		}
+		r.done() // no xl command was run
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("kernel calls after Close: %q", calls)
+		}
+	})
+}

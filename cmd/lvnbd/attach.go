@@ -84,16 +84,21 @@ func realHost() *hostDeps {
 }
 
 // pairLegOf returns the pair and leg of the running lvnbd client daemon
-// whose export u is; empty strings if none is.
-func (h *hostDeps) pairLegOf(ctx context.Context, u client.URI) (name, leg string) {
+// whose export u is; empty strings if none is. A daemon that does not answer
+// (starting, reloading, hung) is warned of on warn: its legs cannot be told.
+func (h *hostDeps) pairLegOf(ctx context.Context, u client.URI, warn io.Writer) (name, leg string) {
 	if h.pairs == nil {
 		return "", ""
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	pairs, err := h.pairs(ctx)
+	if errors.Is(err, pair.ErrNoDaemon) {
+		return "", "" // no pairs to protect
+	}
 	if err != nil {
-		return "", "" // no daemon (or none answering): no leg to protect
+		fmt.Fprintf(warn, "lvnbd: cannot tell whether %s is a pair's leg (%v): if it is, detach it and use lvnbd pair up --leg\n", u, err)
+		return "", ""
 	}
 	for _, p := range pairs {
 		for _, l := range p.Legs {
@@ -205,7 +210,7 @@ be attached only once per host.`,
 			// is lost, so that it refuses a volume made anew; a
 			// device attached here would start afresh, and the
 			// daemon adopt it.
-			if name, leg := host.pairLegOf(ctx, u); name != "" {
+			if name, leg := host.pairLegOf(ctx, u, cmd.ErrOrStderr()); name != "" {
 				return fmt.Errorf("%s is leg %s of pair %s (lvnbd client): lvnbd pair up --leg %s %s attaches it, "+
 					"checking its volume", backend, leg, name, leg, name)
 			}
@@ -346,6 +351,20 @@ and their I/O fails.`,
 				return held
 			}
 			if d.Backend != "" {
+				// The record is the export's: another device still
+				// on it (a pair's leg, with this one a leftover)
+				// keeps it, or its next reconnect would take any
+				// volume for its own.
+				all, err := k.Status(ctx, kernel.AnyDevice)
+				if err != nil {
+					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: %s's volume ID is kept: looking for other devices on its export failed: %v\n", d.Path(), err)
+					return nil
+				}
+				for _, o := range all {
+					if o.Index != d.Index && o.Running() && o.Backend == d.Backend {
+						return nil
+					}
+				}
 				if err := host.ids().Forget(d.Backend); err != nil {
 					fmt.Fprintf(cmd.ErrOrStderr(), "lvnbd: forgetting %s's volume ID: %v\n", d.Path(), err)
 				}

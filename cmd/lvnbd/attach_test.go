@@ -496,12 +496,13 @@ func TestAttachErrors(t *testing.T) {
 	attached := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://" + addr + "/disk"}}
 	local := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://localhost:10809/vm1"}}
 	tests := []struct {
-		name      string
-		args      []string
-		devs      []kernel.Device
-		kernelErr error // from openKernel
-		pairs     func(context.Context) ([]pair.PairStatus, error)
-		wantErr   string
+		name       string
+		args       []string
+		devs       []kernel.Device
+		kernelErr  error // from openKernel
+		pairs      func(context.Context) ([]pair.PairStatus, error)
+		wantErr    string
+		wantStderr string
 	}{
 		{name: "no nbd module", args: []string{"nbd://" + addr + "/disk"}, kernelErr: kernel.ErrModuleNotLoaded,
 			wantErr: "the nbd kernel module is not loaded: modprobe nbd"},
@@ -536,8 +537,11 @@ func TestAttachErrors(t *testing.T) {
 		// Without a daemon, or for another export, the attach goes on (to
 		// the dial, which fails here).
 		{name: "no pair daemon", args: []string{"nbd://" + addr + "/nope"},
-			pairs:   func(context.Context) ([]pair.PairStatus, error) { return nil, errors.New("no socket") },
+			pairs:   func(context.Context) ([]pair.PairStatus, error) { return nil, pair.ErrNoDaemon },
 			wantErr: `export "nope" not found`},
+		{name: "a pair daemon that does not answer", args: []string{"nbd://" + addr + "/nope"},
+			pairs:   func(context.Context) ([]pair.PairStatus, error) { return nil, context.DeadlineExceeded },
+			wantErr: `export "nope" not found`, wantStderr: "cannot tell whether nbd://" + addr + "/nope is a pair's leg"},
 		{name: "another export than the legs'", args: []string{"nbd://" + addr + "/nope"}, pairs: legsOf("nbd://localhost:10809/vm1"),
 			wantErr: `export "nope" not found`},
 	}
@@ -549,9 +553,12 @@ func TestAttachErrors(t *testing.T) {
 			if tt.kernelErr != nil {
 				host.openKernel = func(context.Context) (nbdKernel, error) { return nil, tt.kernelErr }
 			}
-			_, _, err := runCmd(t, newAttachCmd(host), tt.args...)
+			_, stderr, err := runCmd(t, newAttachCmd(host), tt.args...)
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
+			}
+			if !strings.Contains(stderr, tt.wantStderr) {
+				t.Errorf("stderr %q, want it to contain %q", stderr, tt.wantStderr)
 			}
 			if len(k.connected) != 0 {
 				t.Error("Connect was called")
@@ -657,6 +664,33 @@ func TestDetachKeepsTheIDOfAHeldDevice(t *testing.T) {
 	}
 	if id, _ := host.ids().Get(gone); id != "" {
 		t.Errorf("the detached device's volume ID is %q, want it forgotten", id)
+	}
+}
+
+// Of two devices on one export (a pair's leg and a leftover the daemon left
+// alone), detaching one keeps the export's volume ID for the other, whose
+// next reconnect checks the volume against it; detaching the last forgets it.
+func TestDetachKeepsTheIDAnotherDeviceUses(t *testing.T) {
+	const uri = "nbd://a:10809/vm1"
+	k := &fakeNBD{t: t, devs: []kernel.Device{
+		{Index: 0, Connected: true, PID: 1, Backend: uri},
+		{Index: 1, Connected: true, PID: 1, Backend: uri},
+	}}
+	host := testHost(k, nil)
+	if err := host.ids().Set(uri, "uuid-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := runCmd(t, newDetachCmd(host), "/dev/nbd0"); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := host.ids().Get(uri); id != "uuid-1" {
+		t.Errorf("the volume ID is %q after detaching one of two devices on the export, want uuid-1 kept", id)
+	}
+	if _, _, err := runCmd(t, newDetachCmd(host), "/dev/nbd1"); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := host.ids().Get(uri); id != "" {
+		t.Errorf("the volume ID is %q after detaching the last device, want it forgotten", id)
 	}
 }
 

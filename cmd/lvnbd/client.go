@@ -101,6 +101,9 @@ every leg has been attached or found unreachable.`,
 				http.Error(w, `{"error":"lvnbd client is starting"}`, http.StatusServiceUnavailable)
 			}))
 			current.Store(&unavailable)
+			reloading := http.Handler(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+				http.Error(w, `{"error":"lvnbd client is reloading its configuration: try again"}`, http.StatusServiceUnavailable)
+			}))
 			apiDone := make(chan error, 1)
 			apiCtx, stopAPI := context.WithCancel(context.WithoutCancel(ctx))
 			go func() {
@@ -174,6 +177,7 @@ every leg has been attached or found unreachable.`,
 						// Stopped first: a pair down or up that
 						// lands meanwhile is then either in the
 						// status read below or refused, never lost.
+						current.Store(&reloading)
 						if err := stop(); err != nil {
 							return err
 						}
@@ -233,6 +237,7 @@ func startSupervisor(ctx context.Context, host *hostDeps, cfg *pair.Config) (_ *
 		done <- err
 	}()
 	stop = func() error {
+		sup.Close() // lets a pair up or down under way end first
 		cancel()
 		err := <-done
 		return errors.Join(err, k.Close())
