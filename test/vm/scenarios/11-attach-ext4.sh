@@ -9,8 +9,6 @@ need_lvnbd
 PORT=10809
 URI=nbd://127.0.0.1:$PORT/fs
 
-tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
-
 truncate -s 96M fs.img
 lvnbd serve --listen "tcp://127.0.0.1:$PORT" --export "fs=$PWD/fs.img" 2>server.log &
 server=$!

@@ -10,7 +10,6 @@ need_lvnbd
 PORT=10809
 URI=nbd://127.0.0.1:$PORT/disk
 
-tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
 # allocated FILE: bytes of FILE backed by storage.
 allocated() { echo $(($(stat -c %b "$1") * 512)); }
 

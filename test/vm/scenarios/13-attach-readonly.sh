@@ -9,8 +9,6 @@ need_lvnbd
 
 PORT=10809
 
-tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
-
 dd if=/dev/urandom of=golden.img bs=1M count=8 status=none
 want=$(sha golden.img)
 truncate -s 8M rw.img

@@ -16,7 +16,6 @@ PORT=10809
 URI=nbd://127.0.0.1:$PORT/disk
 SECTORS=$((64 << 11)) # 64 MiB
 
-tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
 # table TARGET: swap the device's table without writing back its dirty pages first (no lockfs,
 # no flush), as a disk failing under them would.
 table() {

@@ -13,8 +13,6 @@ need_lvnbd
 PORT=10809
 URI=nbd://127.0.0.1:$PORT/disk
 
-tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
-
 truncate -s 64M disk.img
 lvnbd serve --listen "tcp://127.0.0.1:$PORT" --export "disk=$PWD/disk.img" 2>server.log &
 server=$!

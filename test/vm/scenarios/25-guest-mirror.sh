@@ -36,11 +36,8 @@ serve_box() {
 	lvnbd serve --volumes "lvm://vg$box" --listen "tcp://127.0.0.1:$port" --control "$ctl" \
 		--fence-file= --failure-file "$PWD/failures-$box.json" --rescan 0 >>"server-$box.log" 2>&1 &
 	printf -v "srv_$box" %s "$!"
-	wait_started $! "server-$box.log" "[[ -S $ctl && \$(tcp_listeners $port) == 1 ]]" 90
+	wait_started $! "server-$box.log" "[[ -S $ctl && \$(tcp_sockets $port 0A) == 1 ]]" 90
 }
-
-# tcp_listeners PORT: how many TCP sockets listen on local port PORT.
-tcp_listeners() { awk -v p="$(printf ':%04X' "$1")" 'substr($2, length($2) - 4) == p && $4 == "0A"' /proc/net/tcp | wc -l; }
 
 # box a|b ARGS...: lvnbd ARGS... against storage box A's or B's volumes (volume, snapshot).
 box() {

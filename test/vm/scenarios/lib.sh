@@ -52,6 +52,10 @@ wait_started() {
 	kill -0 "$pid" 2>/dev/null || fail "process $pid exited while starting; the end of $log: $(tail -n 20 "$log")"
 }
 
+# tcp_sockets PORT STATE: how many IPv4 TCP sockets on local port PORT are in STATE, as
+# /proc/net/tcp gives it in hex (0A listening, 01 established).
+tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
+
 # sha FILE: the SHA-256 of FILE (or a block device), hex only.
 sha() {
 	local sum
