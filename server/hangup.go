@@ -95,6 +95,12 @@ func socketOf(nc net.Conn) syscall.RawConn {
 	if t, ok := nc.(*tls.Conn); ok {
 		nc = t.NetConn()
 	}
+	return rawConn(nc)
+}
+
+// rawConn is nc's socket for system calls (*net.TCPConn, *net.UnixConn);
+// nil for a connection without one, such as a *tls.Conn or a test's pipe.
+func rawConn(nc net.Conn) syscall.RawConn {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
 		return nil

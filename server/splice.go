@@ -123,12 +123,8 @@ func newSplicer(nc net.Conn, b Backend) *splicer {
 	if _, ok := b.(fileSplicer); !ok {
 		return nil
 	}
-	sc, ok := nc.(syscall.Conn) // *net.TCPConn, *net.UnixConn; not *tls.Conn
-	if !ok {
-		return nil
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
+	raw := rawConn(nc) // not a *tls.Conn's: its data is encrypted in userspace
+	if raw == nil {
 		return nil
 	}
 	return &splicer{raw: raw}
