@@ -176,6 +176,27 @@ func (rig *hangupRig) waitSeen(n int) seenRequest {
 	}
 }
 
+// resendAfterHangUp does what a kernel client does once it has hung up on a
+// connection with W1 (8 KiB of A at x) still unanswered: on a second
+// connection it writes W1 again, then the guest's next write, B, over the same
+// blocks. It then lets the write stalled at stallOff go, and checks that the
+// first connection's copy of W1 is dropped (ESHUTDOWN) and B stays.
+func (rig *hangupRig) resendAfterHangUp(stallOff, x int64) {
+	t := rig.t
+	t.Helper()
+	c2, _ := rig.dial()
+	writeAndWait(c2, 5, uint64(x), fill('A', 8192)) // W1 resent
+	writeAndWait(c2, 6, uint64(x), fill('B', 8192)) // the guest's next write
+	rig.forgetSeen()
+	close(rig.release[stallOff])
+	if s := rig.waitSeen(8192); s.errno != nbd.ESHUTDOWN {
+		t.Errorf("the first copy of W1 was answered with %v, want dropped (ESHUTDOWN)", s.errno)
+	}
+	if got := readBack(c2, uint64(x), 8192); !bytes.Equal(got, fill('B', 8192)) {
+		t.Fatalf("the blocks hold %q..., want the newer write's B: the old copy landed over it", got[:8])
+	}
+}
+
 // forgetSeen forgets the requests answered so far.
 func (rig *hangupRig) forgetSeen() {
 	for {
@@ -240,17 +261,7 @@ func TestWriteOfAClientThatHungUpIsNotDoneLate(t *testing.T) {
 	shutdown(t, c1.nc, unix.SHUT_RDWR)
 	waitHungUp(t, s1)
 
-	c2, _ := rig.dial()
-	writeAndWait(c2, 5, x, fill('A', 8192)) // W1 resent
-	writeAndWait(c2, 6, x, fill('B', 8192)) // the guest's next write
-	rig.forgetSeen()
-	close(rig.release[stallOff])
-	if s := rig.waitSeen(8192); s.errno != nbd.ESHUTDOWN {
-		t.Errorf("the first copy of W1 was answered with %v, want dropped (ESHUTDOWN)", s.errno)
-	}
-	if got := readBack(c2, x, 8192); !bytes.Equal(got, fill('B', 8192)) {
-		t.Fatalf("the blocks hold %q..., want the newer write's B: the old copy landed over it", got[:8])
-	}
+	rig.resendAfterHangUp(stallOff, x)
 	if n := rig.ts.srv.abandonedWrites.Load(); n < 1 {
 		t.Errorf("abandonedWrites = %d, want at least W1", n)
 	}
@@ -273,17 +284,7 @@ func TestSmallWriteOfAClientThatHungUpIsNotDoneLate(t *testing.T) {
 	shutdown(t, c1.nc, unix.SHUT_WR)
 	waitHungUp(t, s1)
 
-	c2, _ := rig.dial()
-	writeAndWait(c2, 5, x, fill('A', 8192))
-	writeAndWait(c2, 6, x, fill('B', 8192))
-	rig.forgetSeen()
-	close(rig.release[stallOff])
-	if s := rig.waitSeen(8192); s.errno != nbd.ESHUTDOWN {
-		t.Errorf("the first copy of W1 was answered with %v, want dropped (ESHUTDOWN)", s.errno)
-	}
-	if got := readBack(c2, x, 8192); !bytes.Equal(got, fill('B', 8192)) {
-		t.Fatalf("the blocks hold %q..., want the newer write's B: the old copy landed over it", got[:8])
-	}
+	rig.resendAfterHangUp(stallOff, x)
 	if rig.ts.srv.inlined.Load() == 0 {
 		t.Error("the reader did no write itself: the test no longer tests its path")
 	}

@@ -117,6 +117,18 @@ func (s fakeSysfs) connected(t testing.TB, index int, attrs []byte, keepsBackend
 	s.set(t, index, files)
 }
 
+// countingConn is newTestConn on a kernel that accepts every command and
+// counts them in *sent.
+func countingConn(t testing.TB) (_ *Conn, _ fakeSysfs, sent *int) {
+	t.Helper()
+	sent = new(int)
+	c, sys := newTestConn(t, &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
+		*sent++
+		return nil, 0
+	}})
+	return c, sys, sent
+}
+
 func newTestConn(t testing.TB, k *fakeKernel) (*Conn, fakeSysfs) {
 	t.Helper()
 	k.t = t
@@ -465,23 +477,18 @@ func TestReconfigure(t *testing.T) {
 // grew it is refused, and nothing reaches the kernel. The same size is a
 // resize that changes nothing.
 func TestReconfigureNeverShrinks(t *testing.T) {
-	sent := 0
-	k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
-		sent++
-		return nil, 0
-	}}
-	c, sys := newTestConn(t, k)
+	c, sys, sent := countingConn(t)
 	const backend = "nbd://h:10809/e"
 	sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "4096", "ro": "0"}) // 2 MiB
 	err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 1 << 20, Backend: backend})
 	if !errors.Is(err, ErrWouldShrink) || !strings.Contains(err.Error(), "from 2097152 to 1048576 bytes") {
 		t.Errorf("Reconfigure to 1 MiB of a 2 MiB device: %v, want ErrWouldShrink naming both sizes", err)
 	}
-	if sent != 0 {
-		t.Errorf("%d commands sent to the kernel", sent)
+	if *sent != 0 {
+		t.Errorf("%d commands sent to the kernel", *sent)
 	}
-	if err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 2 << 20, Backend: backend}); err != nil || sent != 1 {
-		t.Errorf("Reconfigure to its own size: %v, %d commands; want success, 1", err, sent)
+	if err := c.Reconfigure(context.Background(), 2, Reconfig{Size: 2 << 20, Backend: backend}); err != nil || *sent != 1 {
+		t.Errorf("Reconfigure to its own size: %v, %d commands; want success, 1", err, *sent)
 	}
 }
 
@@ -507,12 +514,7 @@ func TestReconfigureChecksBackend(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sent := 0
-			k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
-				sent++
-				return nil, 0
-			}}
-			c, sys := newTestConn(t, k)
+			c, sys, sent := countingConn(t)
 			attrs := map[string]string{"pid": "77", "size": "2048", "ro": "0"}
 			if tt.has != "" {
 				attrs["backend"] = tt.has
@@ -520,8 +522,8 @@ func TestReconfigureChecksBackend(t *testing.T) {
 			sys.set(t, 2, attrs)
 			err := c.Reconfigure(context.Background(), 2, Reconfig{Sockets: testSockets(t, 1), Backend: tt.asked})
 			if len(tt.wantErr) == 0 {
-				if err != nil || sent != 1 {
-					t.Fatalf("Reconfigure: %v, %d commands sent; want success, 1", err, sent)
+				if err != nil || *sent != 1 {
+					t.Fatalf("Reconfigure: %v, %d commands sent; want success, 1", err, *sent)
 				}
 				return
 			}
@@ -533,8 +535,8 @@ func TestReconfigureChecksBackend(t *testing.T) {
 					t.Errorf("error %q lacks %q", err, s)
 				}
 			}
-			if sent != 0 {
-				t.Errorf("%d commands sent to the kernel", sent)
+			if *sent != 0 {
+				t.Errorf("%d commands sent to the kernel", *sent)
 			}
 		})
 	}
@@ -987,20 +989,15 @@ func encodeDeviceListOrFail(t testing.TB, list []deviceStatus) []byte {
 // refused before the kernel is asked, naming both and the way out. The same
 // or a higher one, or a device whose timeout cannot be read, goes through.
 func TestReconfigureRefusesALowerTimeout(t *testing.T) {
-	sent := 0
-	k := &fakeKernel{handle: func(command, []byte) ([]byte, unix.Errno) {
-		sent++
-		return nil, 0
-	}}
-	c, sys := newTestConn(t, k)
+	c, sys, sent := countingConn(t)
 	const backend = "nbd://h:10809/e"
 	sys.set(t, 2, map[string]string{"pid": "77", "backend": backend, "size": "4096", "ro": "0", "queue/io_timeout": "30000"})
 	err := c.Reconfigure(context.Background(), 2, Reconfig{Timeout: 10 * time.Second, Backend: backend})
 	if !errors.Is(err, ErrTimeoutLowered) || !strings.Contains(err.Error(), "from 30s to 10s") || !strings.Contains(err.Error(), "pair down --leg") {
 		t.Errorf("Reconfigure to 10s of a device with 30s: %v, want ErrTimeoutLowered naming both and the way out", err)
 	}
-	if sent != 0 {
-		t.Errorf("%d commands sent to the kernel", sent)
+	if *sent != 0 {
+		t.Errorf("%d commands sent to the kernel", *sent)
 	}
 	// 29.5 s is set as 30 s, as the device has (attached with 29.5 s).
 	for _, timeout := range []time.Duration{30 * time.Second, 29500 * time.Millisecond, time.Minute, 0} {

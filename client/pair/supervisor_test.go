@@ -172,11 +172,7 @@ func TestRunAdoptsOnRestart(t *testing.T) {
 			t.Errorf("first run (-want +got):\n%s", diff)
 		}
 
-		s2, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, LinkDir: s.cfg.LinkDir,
-			Dial: st.dial, Info: st.info}, &fakeRunner{t: t})
-		if err != nil {
-			t.Fatal(err)
-		}
+		s2 := successor(t, s, []Spec{testSpec()}, k, st)
 		start(t, s2)
 		want = []string{"reconfigure nbd0 2 sockets", "reconfigure nbd1 2 sockets"}
 		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
@@ -205,11 +201,7 @@ func TestAdoptionKeepsAHigherTimeout(t *testing.T) {
 
 		lower := testSpec()
 		lower.Timeout = testSpec().Timeout / 2
-		s2, err := newSupervisor(&Config{Pairs: []Spec{lower}, Kernel: k, LinkDir: s.cfg.LinkDir,
-			Dial: st.dial, Info: st.info}, &fakeRunner{t: t})
-		if err != nil {
-			t.Fatal(err)
-		}
+		s2 := successor(t, s, []Spec{lower}, k, st)
 		start(t, s2)
 		want := []string{"reconfigure nbd0 2 sockets", "reconfigure nbd1 2 sockets"}
 		if diff := cmp.Diff(want, k.takeCalls(), cmpSorted); diff != "" {
@@ -222,6 +214,18 @@ func TestAdoptionKeepsAHigherTimeout(t *testing.T) {
 			t.Errorf("%d refused lowerings, timeouts %v; want 2, both devices keeping %v", k.lowered, k.timeouts, testSpec().Timeout)
 		}
 	})
+}
+
+// successor is the supervisor a restart of s's daemon makes, with specs, on
+// the same kernel, storage and links.
+func successor(t *testing.T, s *Supervisor, specs []Spec, k *fakeKernel, st *fakeStorage) *Supervisor {
+	t.Helper()
+	s2, err := newSupervisor(&Config{Pairs: specs, Kernel: k, LinkDir: s.cfg.LinkDir,
+		Dial: st.dial, Info: st.info}, &fakeRunner{t: t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s2
 }
 
 func TestRunEventsLostAndResubscribe(t *testing.T) {
