@@ -7,7 +7,9 @@
 #            and shell completions, so it must run on this machine)
 #
 # Installs the binary, the fence_lvnbd wrapper for Pacemaker, the systemd
-# units (to /lib/systemd/system, or $UNITDIR), /etc/default/lvnbd and the
+# units (to /lib/systemd/system, or $UNITDIR), the udev rule that keeps the
+# host's blkid, mdadm and LVM off the devices lvnbd attaches (to
+# /lib/udev/rules.d, or $UDEVRULESDIR), /etc/default/lvnbd and the
 # example configurations /etc/lvnbd/server.toml and client.toml, the bash,
 # zsh and fish completions, the man pages and the README. Files in /etc that
 # already exist are kept: the package manager, or the administrator, merges
@@ -22,6 +24,8 @@ destdir=${1%/}
 prefix=${2%/}
 bin=$3
 unitdir=${UNITDIR:-/lib/systemd/system}
+# udev reads no rules under /usr/local: the rule goes where the units go.
+udevrulesdir=${UDEVRULESDIR:-/lib/udev/rules.d}
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(dirname "$here")
 
@@ -67,6 +71,10 @@ for unit in lvnbd-server.service lvnbd-server.socket lvnbd-client.service; do
 	sed "s|/usr/bin/lvnbd|$prefix/bin/lvnbd|g" "$top/systemd/$unit" >"$tmp/$unit"
 	put 0644 "$tmp/$unit" "$unitdir/$unit"
 done
+
+# udev: a dom0 must not assemble or activate the guests' md halves and LVM
+# (packaging/udev/59-lvnbd.rules says why).
+put 0644 "$here/udev/59-lvnbd.rules" "$udevrulesdir/59-lvnbd.rules"
 
 # Configuration.
 conffile "$here/default/lvnbd" /etc/default/lvnbd

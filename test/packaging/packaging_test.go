@@ -269,6 +269,7 @@ var wantFiles = func() []string {
 		"lib/systemd/system/lvnbd-client.service",
 		"lib/systemd/system/lvnbd-server.service",
 		"lib/systemd/system/lvnbd-server.socket",
+		"lib/udev/rules.d/59-lvnbd.rules",
 		"usr/bin/lvnbd",
 		"usr/sbin/fence_lvnbd",
 		"usr/share/bash-completion/completions/lvnbd",

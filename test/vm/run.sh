@@ -43,12 +43,13 @@ BINARIES=(
 	mke2fs e2fsck resize2fs dumpe2fs tune2fs
 	blkdiscard blockdev losetup wipefs
 	ip tc
+	udevadm # also systemd-udevd, under that name: only 18-attach-udev starts it
 )
 
 # Debian packages the suite needs on the host.
 PACKAGES=(
 	qemu-system-x86 linux-image-amd64 busybox-static kmod cpio gzip xz-utils
-	lvm2 dmsetup mdadm e2fsprogs util-linux iproute2
+	lvm2 dmsetup mdadm e2fsprogs util-linux iproute2 udev
 )
 
 # How the initramfs archive is compressed. The kernel unpacks an uncompressed archive directly;
@@ -222,7 +223,13 @@ build_initramfs() {
 	stage_modules "$kver"
 	stage_file /etc/mke2fs.conf
 	cp "$here/guest/lvm.conf" "$root/etc/lvm/lvm.conf"
-	# No udev and no config scanning: mdadm only assembles what a scenario asks for.
+	# A Debian dom0's udev rules (systemd-udevd's, mdadm's, LVM's) and the one lvnbd ships, for
+	# the scenario that runs udevd; no other starts it.
+	mkdir -p "$root/usr/lib/udev/rules.d" "$root/usr/lib/systemd"
+	cp /usr/lib/udev/rules.d/*.rules "$repo"/packaging/udev/*.rules "$root/usr/lib/udev/rules.d/"
+	ln -s /usr/bin/udevadm "$root/usr/lib/systemd/systemd-udevd"
+	# No udev (outside 18-attach-udev) and no config scanning: mdadm only assembles what a
+	# scenario asks for.
 	printf 'DEVICE partitions\nAUTO -all\nHOMEHOST <none>\n' >"$root/etc/mdadm/mdadm.conf"
 	ln -s /proc/self/mounts "$root/etc/mtab"
 	printf 'root:x:0:0:root:/root:/bin/bash\n' >"$root/etc/passwd"
@@ -248,7 +255,7 @@ inputs_hash() {
 	local kver=$1
 	{
 		echo "$kver"
-		sha256sum "$here/run.sh" "$here"/guest/* "$here"/scenarios/*.sh
+		sha256sum "$here/run.sh" "$here"/guest/* "$here"/scenarios/*.sh "$repo"/packaging/udev/*.rules
 		if [[ -f $lvnbd ]]; then sha256sum "$lvnbd"; else echo "no lvnbd"; fi
 		dpkg-query -W "${PACKAGES[@]}" 2>/dev/null || true
 	} | sha256sum | cut -c1-16
