@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
@@ -336,6 +338,12 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 
 // connect dials the leg's export and attaches a new device to it.
 func (l *leg) connect(ctx context.Context, now time.Time) error {
+	// A refusal from before a restart of the dom0, whose volume IDs are
+	// gone with its devices: nothing here can tell the export's volume is
+	// the device's that was refused, so it is not.
+	if err := l.refusedBefore(); err != nil {
+		return err
+	}
 	socks, info, err := l.dial(ctx)
 	if err != nil {
 		return err
@@ -571,9 +579,13 @@ func (l *leg) refuseShrunk(what string, d kernel.Device, info client.ExportInfo,
 
 // refusal is err, from the volume IDs, as a refusal of what, saying how to
 // replace the leg when the export is not the device's data
-// (volumeid.ErrReplaced); nil if err is.
+// (volumeid.ErrReplaced); nil if err is. Such a refusal is recorded in the
+// refusals, which outlive the dom0's restarts.
 func (l *leg) refusal(what string, err error) error {
 	var shrank *volumeid.ShrankError
+	if errors.Is(err, volumeid.ErrReplaced) {
+		l.remember(err)
+	}
 	switch {
 	case err == nil:
 		return nil
@@ -586,6 +598,42 @@ func (l *leg) refusal(what string, err error) error {
 			"to the mirror as a new member, resynced in full", what, l.name, err, l.name, l.spec.Name, l.name, l.spec.Name)
 	}
 	return fmt.Errorf("%s: %w", what, err)
+}
+
+// remember records the refusal err in the host's refusals, so that the leg
+// stays refused after a restart of the dom0 forgot its volume IDs, until it
+// is taken down.
+func (l *leg) remember(err error) {
+	r := refusals.Refusal{Pair: l.spec.Name, Leg: l.name, Reason: err.Error(), Since: time.Now().UTC()}
+	if err := l.s.cfg.Refusals.Add(l.backend, r); err != nil {
+		l.log.Warn("recording the refusal: it will not outlive a restart of the dom0", zap.Error(err))
+	}
+}
+
+// refusedBefore returns, as a refusal of an attach, a refusal recorded for
+// the leg's export before the dom0 restarted and forgot the volume IDs, if
+// any; or the error that the refusals could not be read, since the leg must
+// not attach what may have been refused. While the export's volume ID is
+// recorded, the ID check after the dial refuses the same export, and says
+// best why.
+func (l *leg) refusedBefore() error {
+	if known, err := l.s.cfg.IDs.Known(l.backend); err == nil && known {
+		return nil
+	}
+	r, ok, err := l.s.cfg.Refusals.Get(l.backend)
+	switch {
+	case err != nil:
+		return fmt.Errorf("attach of leg %s: %w", l.name, err)
+	case !ok:
+		return nil
+	}
+	where := ""
+	if p := l.s.cfg.Refusals.Path(); p != "" {
+		where = " (" + p + ")"
+	}
+	reason := strings.TrimPrefix(r.Reason, volumeid.ErrReplaced.Error()+": ")
+	return l.refusal("attach", fmt.Errorf("%w: refused on %s, and still, after a restart, until the leg is taken "+
+		"down%s: %s", volumeid.ErrReplaced, r.Since.Format(time.RFC3339), where, reason))
 }
 
 // useDevice takes d as the leg's device.
@@ -686,6 +734,13 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	// volume, as a new half of the mirror.
 	if err := l.s.cfg.IDs.Forget(l.backend); err != nil {
 		l.log.Warn("forgetting the detached device's volume ID", zap.Error(err))
+	}
+	// Its refusal too; if that fails, the leg is refused at pair up:
+	// better said now.
+	if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
+		err = fmt.Errorf("the leg is down, but forgetting its refusal failed, so pair up would refuse it again: %w", err)
+		l.publish(now, StateDown, err)
+		return err
 	}
 	l.publish(now, StateDown, nil)
 	return nil

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
@@ -563,6 +564,65 @@ func TestShrinkSurvivesReload(t *testing.T) {
 	}
 	if calls := k.takeCalls(); len(calls) != 0 {
 		t.Errorf("the refused export reached the kernel: %v", calls)
+	}
+}
+
+// A leg refused as not its device's volume stays refused after the dom0
+// restarted: the device and the volume IDs in /run are gone with the reboot,
+// and only the refusals in /var/lib say that the export was refused. Taken
+// down and up, the leg attaches the export as a new half.
+func TestRefusalOutlivesARestartOfTheDom0(t *testing.T) {
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	refused := refusals.Open(filepath.Join(t.TempDir(), "refused-legs.json"))
+	boot := func() (*fakeKernel, *leg) {
+		k := newFakeKernel(t)
+		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
+			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info,
+			IDs: volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json")), Refusals: refused}, &fakeRunner{t: t})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k, s.pairs[0].legs[0]
+	}
+	ctx := context.Background()
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+
+	_, l := boot()
+	l.step(ctx, now)
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" }) // rolled back, say
+	l.suspect(false)
+	l.takeSuspicion(now.Add(time.Second))
+	l.step(ctx, now.Add(time.Second))
+	if got := l.status(); got.State != StateReconnecting || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
+		t.Fatalf("before the restart: %+v, want the export refused", got)
+	}
+
+	k, l := boot() // the restart
+	dials := st.dials
+	l.step(ctx, now.Add(time.Hour))
+	got := l.status()
+	if got.State != StateFailed || !strings.Contains(got.LastError, "attach of leg a refused: the export's volume was made "+
+		"anew or rolled back: refused on ") || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
+		t.Errorf("after the restart: %+v, want the leg still refused, saying why", got)
+	}
+	if calls := k.takeCalls(); len(calls) != 0 || st.dials != dials {
+		t.Errorf("after the restart the refused export was dialed (%d times) or reached the kernel: %v", st.dials-dials, calls)
+	}
+
+	if err := l.detach(ctx, now.Add(2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := refused.Get(backendA); ok || err != nil {
+		t.Errorf("the refusal outlived pair down --leg: %v %v", ok, err)
+	}
+	l.up(ctx, now.Add(2*time.Hour))
+	l.step(ctx, now.Add(2*time.Hour))
+	if got := l.status(); got.State != StateConnected {
+		t.Errorf("after pair down and up: %+v, want the export attached as a new half", got)
+	}
+	if calls := k.takeCalls(); len(calls) != 1 || !strings.HasPrefix(calls[0], "connect "+backendA) {
+		t.Errorf("after pair down and up: kernel calls %v", calls)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
@@ -109,6 +110,11 @@ type Config struct {
 	// reloads and restarts (volumeid.DefaultPath); nil keeps them in this
 	// supervisor's memory only.
 	IDs *volumeid.Store
+	// Refusals records the legs refused as not their device's volume
+	// (volumeid.ErrReplaced), across restarts of the dom0, until they are
+	// taken down (refusals.DefaultPath); nil keeps them in this
+	// supervisor's memory only.
+	Refusals *refusals.Store
 	// Users says what uses nbd device index besides the leg's own link:
 	// mounts, md or device-mapper holders, a Xen block backend serving it
 	// to a guest. Down refuses to detach a device in use without force;
@@ -195,6 +201,9 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 	}
 	if c.IDs == nil {
 		c.IDs = volumeid.Open("")
+	}
+	if c.Refusals == nil {
+		c.Refusals = refusals.Open("")
 	}
 	s := &Supervisor{
 		cfg:     c,

@@ -21,6 +21,7 @@ import (
 	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/client/kernel"
 	"github.com/lvnbd/lvnbd/client/pair"
+	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 	"github.com/lvnbd/lvnbd/guest"
 	"github.com/lvnbd/lvnbd/internal/blockuse"
@@ -50,6 +51,10 @@ type hostDeps struct {
 	// volumeIDs records the volume each device was attached to
 	// (volumeid.DefaultPath); nil keeps them in memory, for tests.
 	volumeIDs *volumeid.Store
+	// refusals records the pair legs refused as not their device's volume,
+	// across restarts of the dom0 (refusals.DefaultPath); nil keeps them in
+	// the daemon's memory, for tests.
+	refusals *refusals.Store
 	// pairs asks a running lvnbd client daemon for its pairs; nil, or an
 	// error (no daemon), is none.
 	pairs func(ctx context.Context) ([]pair.PairStatus, error)
@@ -77,6 +82,7 @@ func realHost() *hostDeps {
 		},
 		nodeTimeout: 2 * time.Second,
 		volumeIDs:   volumeid.Open(volumeid.DefaultPath),
+		refusals:    refusals.Open(refusals.DefaultPath),
 		pairs: func(ctx context.Context) ([]pair.PairStatus, error) {
 			return pair.NewClient(pair.DefaultSocket).Status(ctx)
 		},

@@ -4,8 +4,9 @@
 # acknowledged but not flushed are lost, so when its server starts again it exports vm1 under a
 # new ID (a new epoch, which box A's VG keeps as a tag), and leg a refuses to reconnect, saying
 # the box went down, while leg b stays connected. A clean restart of the server keeps that ID,
-# and the refusal. Taking leg a alone down and up attaches it as a new half. A server killed
-# while its box stays up (scenario 21) changes no ID.
+# and the refusal, and so does a restart of the dom0 (its devices and volume IDs gone; the
+# refusal kept in /var/lib/lvnbd). Taking leg a alone down and up attaches it as a new half. A
+# server killed while its box stays up (scenario 21) changes no ID.
 #
 # The VM cannot reboot under a running scenario, so the crash is the server's SIGKILL followed
 # by what the next boot would find: its record on the VG (a tag lvnbd-run-BOOT-PID-START) under
@@ -62,6 +63,24 @@ assert_eq "$desc_after" "$(description nbd://192.0.2.2/vm1)" "vm1's description 
 errors_at=$(leg a last_error_at)
 wait_secs "[[ \$(leg a last_error_at) != '$errors_at' && \$(leg a last_error) == *'went down'* ]]" 90
 assert_eq reconnecting "$(leg a state)" "leg a after box a's clean restart"
+
+# The dom0 restarts before leg a is replaced: its nbd devices and /run go, and only
+# /var/lib/lvnbd/refused-legs.json still says leg a was refused. The daemon attaches leg b anew
+# and refuses leg a without attaching it.
+stop_client
+lvnbd detach --force "$dev_a"
+lvnbd detach --force "$dev_b"
+rm -f /run/lvnbd/volume-ids.json
+grep -q '"nbd://192.0.2.2:10809/vm1"' /var/lib/lvnbd/refused-legs.json || fail "no refusal of leg a kept: $(cat /var/lib/lvnbd/refused-legs.json)"
+lvnbd client --config client.toml --control "$CLIENT_SOCK" --poll-interval 2s --health-interval 1s \
+	--log-level debug 2>>client.log &
+client=$!
+wait_secs "[[ \$(leg a last_error) == *'refused on '* && \$(leg b state) == connected ]]" 60
+assert_eq failed "$(leg a state)" "leg a after the dom0's restart"
+lvnbd pair status --json --control "$CLIENT_SOCK" vm1 | grep -q 'refused on [^"]*went down' ||
+	fail "leg a's refusal after the dom0's restart does not say its box went down"
+assert_eq "" "$(leg a device)" "leg a's device after the dom0's restart"
+assert_eq 1 "$(nbd_running)" "nbd devices attached after the dom0's restart (leg b's only)"
 
 # Replaced as a new half: leg a alone goes down and up.
 # It refuses while the other leg is not connected.
