@@ -23,6 +23,7 @@ import (
 	"github.com/lvnbd/lvnbd/client/pair"
 	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
+	"github.com/lvnbd/lvnbd/config"
 	"github.com/lvnbd/lvnbd/guest"
 	"github.com/lvnbd/lvnbd/internal/blockuse"
 )
@@ -58,6 +59,9 @@ type hostDeps struct {
 	// pairs asks a running lvnbd client daemon for its pairs; nil, or an
 	// error (no daemon), is none.
 	pairs func(ctx context.Context) ([]pair.PairStatus, error)
+	// clientConfig is the pair daemon's configuration file, whose legs
+	// lvnbd attach refuses also while no daemon runs; "" checks none.
+	clientConfig string
 }
 
 // ids returns the host's volume ID store.
@@ -86,7 +90,33 @@ func realHost() *hostDeps {
 		pairs: func(ctx context.Context) ([]pair.PairStatus, error) {
 			return pair.NewClient(pair.DefaultSocket).Status(ctx)
 		},
+		clientConfig: config.DefaultClientPath,
 	}
+}
+
+// configuredLegOf returns the pair and leg of the pair daemon's
+// configuration file whose export u is; empty strings if none is, or if
+// there is no such file. One that cannot be read is warned of on warn.
+func (h *hostDeps) configuredLegOf(u client.URI, warn io.Writer) (name, leg string) {
+	if h.clientConfig == "" {
+		return "", ""
+	}
+	if _, err := os.Stat(h.clientConfig); errors.Is(err, os.ErrNotExist) {
+		return "", ""
+	}
+	cfg, err := config.LoadClient(h.clientConfig)
+	if err != nil {
+		fmt.Fprintf(warn, "lvnbd: cannot tell whether %s is a pair's leg (%v): if it is, use lvnbd pair up --leg\n", u, err)
+		return "", ""
+	}
+	for _, p := range cfg.Pairs {
+		for i, uri := range []string{p.A, p.B} {
+			if sameExport(uri, u) {
+				return p.Name, pair.Legs[i]
+			}
+		}
+	}
+	return "", ""
 }
 
 // pairLegOf returns the pair and leg of the running lvnbd client daemon
@@ -149,7 +179,9 @@ and then fails with EIO instead of hanging.
 
 The URI is the device's backend identifier: 'lvnbd list' shows it and
 'lvnbd detach URI' and 'lvnbd reconnect' find the device by it. An export can
-be attached only once per host.`,
+be attached only once per host, and a leg of a pair (of the running lvnbd
+client, or of /etc/lvnbd/client.toml) is attached by lvnbd client, which
+checks its volume: use 'lvnbd pair up --leg'.`,
 		Example: `  lvnbd attach nbd://storage-a/vm1
   lvnbd attach --connections 4 --timeout 10s --dead-timeout 2m nbd://10.0.0.1:10809/vm1
   lvnbd attach --device /dev/nbd3 --read-only nbd+unix:///golden?socket=/run/lvnbd.sock`,
@@ -219,6 +251,14 @@ be attached only once per host.`,
 			if name, leg := host.pairLegOf(ctx, u, cmd.ErrOrStderr()); name != "" {
 				return fmt.Errorf("%s is leg %s of pair %s (lvnbd client): lvnbd pair up --leg %s %s attaches it, "+
 					"checking its volume", backend, leg, name, leg, name)
+			}
+			// Also while the daemon is stopped: it would adopt the
+			// device at its start, without the check, and take it
+			// for the leg's even after a refusal the leg kept.
+			if name, leg := host.configuredLegOf(u, cmd.ErrOrStderr()); name != "" {
+				return fmt.Errorf("%s is leg %s of pair %s in %s: lvnbd client attaches it, checking its volume "+
+					"(systemctl start lvnbd-client, or lvnbd pair up --leg %s %s once it runs); to attach it by hand, "+
+					"take the pair out of %s first", backend, leg, name, host.clientConfig, leg, name, host.clientConfig)
 			}
 			// A device attached earlier to this export and detached
 			// by other means than lvnbd detach left its ID: this one

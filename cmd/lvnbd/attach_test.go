@@ -501,6 +501,7 @@ func TestAttachErrors(t *testing.T) {
 		devs       []kernel.Device
 		kernelErr  error // from openKernel
 		pairs      func(context.Context) ([]pair.PairStatus, error)
+		clientTOML string // the pair daemon's configuration file, if any
 		wantErr    string
 		wantStderr string
 	}{
@@ -544,12 +545,33 @@ func TestAttachErrors(t *testing.T) {
 			wantErr: `export "nope" not found`, wantStderr: "cannot tell whether nbd://" + addr + "/nope is a pair's leg"},
 		{name: "another export than the legs'", args: []string{"nbd://" + addr + "/nope"}, pairs: legsOf("nbd://localhost:10809/vm1"),
 			wantErr: `export "nope" not found`},
+		// A leg of client.toml, also while no daemon runs: at its start it
+		// would adopt the device without the check.
+		{name: "a leg of client.toml, no daemon", args: []string{"nbd://LocalHost/vm1"},
+			pairs:      func(context.Context) ([]pair.PairStatus, error) { return nil, pair.ErrNoDaemon },
+			clientTOML: "[[pair]]\nname = \"vm1\"\na = \"nbd://localhost/vm1\"\nb = \"nbd://boxb/vm1\"\n",
+			wantErr: "nbd://LocalHost:10809/vm1 is leg a of pair vm1 in CONFIG: lvnbd client attaches it, checking its volume " +
+				"(systemctl start lvnbd-client, or lvnbd pair up --leg a vm1 once it runs); to attach it by hand, take the " +
+				"pair out of CONFIG first"},
+		{name: "another export than client.toml's legs", args: []string{"nbd://" + addr + "/nope"},
+			clientTOML: "[[pair]]\nname = \"vm1\"\na = \"nbd://localhost/vm1\"\nb = \"nbd://boxb/vm1\"\n",
+			wantErr:    `export "nope" not found`},
+		{name: "a client.toml that does not parse", args: []string{"nbd://" + addr + "/nope"},
+			clientTOML: "[[pair]]\nname = 1\n",
+			wantErr:    `export "nope" not found`, wantStderr: "cannot tell whether nbd://" + addr + "/nope is a pair's leg"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			k := &fakeNBD{t: t, devs: tt.devs}
 			host := testHost(k, nil)
 			host.pairs = tt.pairs
+			if tt.clientTOML != "" {
+				host.clientConfig = filepath.Join(t.TempDir(), "client.toml")
+				if err := os.WriteFile(host.clientConfig, []byte(tt.clientTOML), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				tt.wantErr = strings.ReplaceAll(tt.wantErr, "CONFIG", host.clientConfig)
+			}
 			if tt.kernelErr != nil {
 				host.openKernel = func(context.Context) (nbdKernel, error) { return nil, tt.kernelErr }
 			}
