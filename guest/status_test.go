@@ -184,3 +184,16 @@ func TestStatusResyncPending(t *testing.T) {
 		})
 	}
 }
+
+// A leg md lists as faulty only for bad blocks it has not recorded yet is in
+// sync: the array is degraded by its failed leg, not failed.
+func TestStatusOfALegWithPendingBadBlocks(t *testing.T) {
+	a := Array{Name: "md127", Level: "raid1", State: "active", RaidDisks: 2, Degraded: 1, SyncAction: "idle",
+		Members: []Member{
+			{Device: "nbd0", Slot: -1, State: DevState{"faulty", "failfast"}},
+			{Device: "nbd1", Slot: 1, State: DevState{"faulty", "in_sync", "blocked", "failfast"}},
+		}}
+	if got := arrayStatus(a, MdstatArray{Active: true}, "").Health; got != "degraded" {
+		t.Errorf("health %q, want degraded", got)
+	}
+}

@@ -116,8 +116,19 @@ type Member struct {
 	Errors uint64 // read errors corrected or not
 }
 
-// InSync reports whether the member holds a current copy of its slot.
-func (m Member) InSync() bool { return m.State.Has(StateInSync) && !m.State.Has(StateFaulty) }
+// InSync reports whether the member holds a current copy of its slot. md
+// clears in_sync when it fails a member, so in_sync with faulty is no failed
+// member: md's state file says faulty also for a member with bad blocks it
+// has not yet recorded in the superblock (unacknowledged_bad_blocks), which
+// it still reads and writes.
+func (m Member) InSync() bool { return m.State.Has(StateInSync) }
+
+// Failed reports whether md failed the member: faulty without in_sync.
+func (m Member) Failed() bool { return m.State.Has(StateFaulty) && !m.State.Has(StateInSync) }
+
+// badBlocksPending reports whether md lists the member as faulty only for
+// bad blocks it has not yet recorded (see InSync).
+func (m Member) badBlocksPending() bool { return m.State.Has(StateFaulty) && m.State.Has(StateInSync) }
 
 // readArray reads /sys/block/NAME/md from sys, a file system rooted at /.
 func readArray(sys fs.FS, name string) (Array, error) {

@@ -337,10 +337,20 @@ func (w *Watcher) heal(ctx context.Context, a Array, mem *arrayMemory) {
 	var faulty []string
 	inSync := 0
 	for _, m := range a.Members {
-		if m.State.Has(StateFaulty) {
+		switch {
+		case m.Failed():
 			faulty = append(faulty, m.Device)
-		} else if m.InSync() {
+		case m.InSync():
 			inSync++
+			if !m.badBlocksPending() {
+				delete(mem.notes, "bad blocks "+m.Device)
+			} else {
+				// Not failed: md records them in the superblock
+				// at its next update, and keeps the leg.
+				w.noteFor(mem, a.Name, "bad blocks "+m.Device, zap.WarnLevel, "a leg in sync has bad blocks md "+
+					"has not recorded yet (md/dev-"+m.Device+"/unacknowledged_bad_blocks); it keeps using the leg",
+					zap.String("device", devPath(m.Device)))
+			}
 		}
 	}
 	if a.Degraded == 0 && len(faulty) == 0 {

@@ -138,6 +138,24 @@ func TestWatchReaddsFaultyLeg(t *testing.T) {
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
 }
 
+// md's state file says faulty also for a leg in sync with bad blocks it has
+// not recorded yet: that leg is no failed one, and is the source the failed
+// leg is re-added from.
+func TestWatchTakesALegWithPendingBadBlocksForInSync(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.setMD("dev-nbd1/state", "faulty,in_sync,blocked,failfast")
+	e.run.expect(staleLeg(t), staleView(t),
+		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
+	e.step()
+	e.wantLogged("a leg in sync has bad blocks md has not recorded yet (md/dev-nbd1/unacknowledged_bad_blocks); it keeps using the leg", 1)
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+	e.wantLogged("no leg in sync: nothing to resync from; not touching it", 0)
+	if got := e.probe.probed; !slices.Contains(got, "/dev/nbd1") {
+		t.Errorf("probed %v: the source was not checked", got)
+	}
+}
+
 // md no longer lists leg A (removed while away): the watcher remembers it.
 func TestWatchReaddsRemovedLeg(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
