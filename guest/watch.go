@@ -494,6 +494,12 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 			fullResync = w.attachedAnew(dev, mem.legs[dev])
 		}
 	}
+	// The superblock reads took seconds: the source leg must still answer
+	// before md starts a recovery from it, which would otherwise leave
+	// the returning leg half rewritten, no longer the clean older copy.
+	if !w.stillSafe(mem, a, dev, topic, "not changing the array's members") {
+		return false
+	}
 	if isMember {
 		// md keeps a failed member until it is removed; --re-add wants it
 		// out first.
@@ -532,16 +538,7 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		// said so); its superblock can go only while another leg still
 		// holds the data: the commands above took time, and the other box
 		// may have died meanwhile.
-		cur, rerr := readArray(w.h.sys, a.Name)
-		switch {
-		case rerr != nil:
-			w.backoff(mem, a.Name, dev, topic, "cannot read the array again: not clearing the stale leg's md superblock", rerr)
-			return false
-		case unchangeable(cur.State) != "":
-			w.backoff(mem, a.Name, dev, topic, "the array is "+cur.State+": not clearing the stale leg's md superblock", nil)
-			return false
-		case !w.sourceAnswers(mem, cur):
-			w.backoff(mem, a.Name, dev, topic, "no in-sync leg answers reads: not clearing the stale leg's md superblock", nil)
+		if !w.stillSafe(mem, a, dev, topic, "not clearing the stale leg's md superblock") {
 			return false
 		}
 		w.log.Warn("add refused; clearing the stale leg's md superblock and adding it again", zap.String("array", md),
@@ -703,6 +700,25 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 		"no in-sync leg answers reads (both storage boxes down?): nothing to resync from; "+
 			"waiting for one before touching the returning leg", zap.Strings("in_sync", tried))
 	return false
+}
+
+// stillSafe reads array a again and reports whether its members may still
+// be changed for leg dev: the array is not one to leave alone, and an
+// in-sync leg answers reads. Otherwise it backs off, saying what, on topic.
+func (w *Watcher) stillSafe(mem *arrayMemory, a Array, dev, topic, what string) bool {
+	cur, err := readArray(w.h.sys, a.Name)
+	switch {
+	case err != nil:
+		w.backoff(mem, a.Name, dev, topic, "cannot read the array again: "+what, err)
+		return false
+	case unchangeable(cur.State) != "":
+		w.backoff(mem, a.Name, dev, topic, "the array is "+cur.State+": "+what, nil)
+		return false
+	case !w.sourceAnswers(mem, cur):
+		w.backoff(mem, a.Name, dev, topic, "no in-sync leg answers reads: "+what, nil)
+		return false
+	}
+	return true
 }
 
 // backoff logs why a leg could not be brought back and delays the next try,

@@ -156,6 +156,20 @@ func TestWatchTakesALegWithPendingBadBlocksForInSync(t *testing.T) {
 	}
 }
 
+// The source leg dies while the returning leg's superblock is read (seconds,
+// over the network): nothing is removed or re-added, since md would start a
+// recovery from a leg that fails its reads and leave the returning one half
+// rewritten.
+func TestWatchChecksTheSourceAgainBeforeChangingMembers(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	view := staleView(t)
+	view.then = func() { e.probe.set("/dev/nbd1", probeUnreadable) }
+	e.run.expect(staleLeg(t), view)
+	e.step()
+	e.wantLogged("no in-sync leg answers reads: not changing the array's members", 1)
+	e.wantLogged("removed the failed leg", 0)
+}
+
 // md no longer lists leg A (removed while away): the watcher remembers it.
 func TestWatchReaddsRemovedLeg(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
