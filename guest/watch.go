@@ -515,9 +515,6 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		w.log.Warn("the leg is blank; adding it as a new member: a full resync follows", zap.String("array", md),
 			zap.String("device", path))
 	case fullResync != "":
-		// --add tries --re-add first (Manage.c, Manage_add: attempt_re_add
-		// unless the disposition is 'S'), which would trust the bitmap;
-		// --add-spare (mdadm 3.3 on) does not.
 		w.log.Warn(fullResync+": adding it as a spare, not re-adding it: a full resync follows", zap.String("array", md),
 			zap.String("device", path))
 		add[3] = "--add-spare"
@@ -528,25 +525,18 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 			mem.notes[topic] = ""
 			return true
 		}
-		w.log.Warn("re-add refused; adding the leg as a new member: a full resync follows", zap.String("array", md),
+		w.log.Warn("re-add refused; adding the leg as a spare: a full resync follows", zap.String("array", md),
 			zap.String("device", path), zap.Error(err))
+		add[3] = "--add-spare"
 	}
+	// A leg with this array's superblock goes in with --add-spare: --add
+	// tries a re-add first (Manage.c, Manage_add: attempt_re_add unless the
+	// disposition is 'S'), which would trust the bitmap, or, after a
+	// refused one, might succeed after all and make "a full resync
+	// follows" untrue. --add-spare (mdadm 3.3 on) takes the device as a
+	// spare whatever its superblock says, so the watcher never has to
+	// clear one (mdadm 3.1.5 to 3.2.3 refused that with --add).
 	_, err := w.h.run.run(cctx, add...)
-	if err != nil && !blank && stderrLine(err, refusedAsSpare(path)) {
-		// This mdadm will not turn a device that claims to be an active
-		// member into a spare. It is this array's stale copy (its UUID
-		// said so); its superblock can go only while another leg still
-		// holds the data: the commands above took time, and the other box
-		// may have died meanwhile.
-		if !w.stillSafe(mem, a, dev, topic, "not clearing the stale leg's md superblock") {
-			return false
-		}
-		w.log.Warn("add refused; clearing the stale leg's md superblock and adding it again", zap.String("array", md),
-			zap.String("device", path), zap.Error(err))
-		if _, err = w.h.run.run(cctx, "mdadm", "--zero-superblock", path); err == nil {
-			_, err = w.h.run.run(cctx, add...)
-		}
-	}
 	if err != nil {
 		w.backoff(mem, a.Name, dev, topic, "cannot add the leg", err)
 		return false
@@ -647,17 +637,6 @@ func (w *Watcher) contents(ctx context.Context, path, dev string) (string, error
 		return "data in its first or last MiB (no signature we know)", nil
 	}
 	return "", nil
-}
-
-// refusedAsSpare is the line mdadm 3.1.5 to 3.2.3 print when they refuse
-// to --add a device whose superblock says it is an active member of the
-// array (Manage.c, Manage_subdevs; mdadm-3.2.3:Manage.c line 862:
-// fprintf(stderr, Name ": not performing --add as that would convert %s in
-// to a spare.\n", dv->devname)). mdadm 3.2.4 dropped the refusal (commit
-// 0a999759, "Relax restrictions on when --add is permitted") and adds such
-// a device as a spare itself. path is the device as given to mdadm.
-func refusedAsSpare(path string) string {
-	return "mdadm: not performing --add as that would convert " + path + " in to a spare."
 }
 
 // unchangeable says why the watcher must not change the members of an

@@ -280,7 +280,7 @@ func TestWatchDoesNotGuessLegs(t *testing.T) {
 
 func TestWatchReaddRefused(t *testing.T) {
 	readd := mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")
-	add := mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")
+	add := mdadm("--manage", "/dev/md127", "--add-spare", "--failfast", "/dev/nbd0")
 	t.Run("add", func(t *testing.T) {
 		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
 		e.probe.set("/dev/nbd0", probeUnreadable)
@@ -291,19 +291,7 @@ func TestWatchReaddRefused(t *testing.T) {
 			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
 			call{args: add})
 		e.step()
-		e.wantLogged("re-add refused; adding the leg as a new member: a full resync follows", 1)
-		e.wantLogged("added the leg: full resync started", 1)
-	})
-	t.Run("zero superblock", func(t *testing.T) {
-		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
-		e.run.expect(staleLeg(t), staleView(t),
-			call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
-			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
-			call{args: add, err: cmdError(add, 1, "mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.")},
-			call{args: mdadm("--zero-superblock", "/dev/nbd0")},
-			call{args: add})
-		e.step()
-		e.wantLogged("add refused; clearing the stale leg's md superblock and adding it again", 1)
+		e.wantLogged("re-add refused; adding the leg as a spare: a full resync follows", 1)
 		e.wantLogged("added the leg: full resync started", 1)
 	})
 }
@@ -365,52 +353,29 @@ func TestWatchLeavesUnchangeableArraysAlone(t *testing.T) {
 	}
 }
 
-// The stale leg's superblock is cleared only when mdadm refused --add for
-// that reason (mdadm 3.1.5 to 3.2.3), and only while another leg still
-// holds the data.
-func TestWatchZeroesOnlyARefusedStaleLeg(t *testing.T) {
+// The watcher never clears a leg's superblock: when mdadm refuses to take
+// the stale leg as a spare, for whatever reason (old mdadm's refusal to turn
+// an active member into a spare included), it backs off and says why.
+func TestWatchNeverZeroesALeg(t *testing.T) {
 	readd := mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")
-	add := mdadm("--manage", "/dev/md127", "--add", "--failfast", "/dev/nbd0")
-	const spare = "mdadm: /dev/nbd0 reports being an active member for /dev/md127, but a --re-add fails.\n" +
-		"mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.\n" +
-		"mdadm: To make this a spare, use \"mdadm --zero-superblock /dev/nbd0\" first."
-	tests := []struct {
-		name   string
-		stderr string
-		// meanwhile changes the fakes while mdadm --add runs.
-		meanwhile func(e *watchEnv)
-		want      string
-	}{
-		{name: "too small", stderr: "mdadm: /dev/nbd0 not large enough to join array", want: "cannot add the leg"},
-		{name: "array failed", // mdadm 4.2's refusal: zeroing would destroy the last copy
-			stderr: "mdadm: /dev/md127 has failed so using --add cannot work and might destroy\n" +
-				"mdadm: data on /dev/nbd0.  You should stop the array and re-assemble it.",
-			want: "cannot add the leg"},
-		{name: "another device refused as spare", stderr: strings.ReplaceAll(spare, "/dev/nbd0", "/dev/nbd01"),
-			want: "cannot add the leg"},
-		{name: "source died meanwhile", stderr: spare,
-			meanwhile: func(e *watchEnv) { e.probe.set("/dev/nbd1", probeUnreadable) },
-			want:      "no in-sync leg answers reads: not clearing the stale leg's md superblock"},
-		{name: "array broken meanwhile", stderr: spare,
-			meanwhile: func(e *watchEnv) {
-				e.fsys["sys/block/md127/md/array_state"] = &fstest.MapFile{Data: []byte("broken\n")}
-			},
-			want: "the array is broken: not clearing the stale leg's md superblock"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
+	add := mdadm("--manage", "/dev/md127", "--add-spare", "--failfast", "/dev/nbd0")
+	for name, stderr := range map[string]string{
+		"too small": "mdadm: /dev/nbd0 not large enough to join array",
+		"array failed": "mdadm: /dev/md127 has failed so using --add cannot work and might destroy\n" +
+			"mdadm: data on /dev/nbd0.  You should stop the array and re-assemble it.",
+		"refused as spare": "mdadm: /dev/nbd0 reports being an active member for /dev/md127, but a --re-add fails.\n" +
+			"mdadm: not performing --add as that would convert /dev/nbd0 in to a spare.\n" +
+			"mdadm: To make this a spare, use \"mdadm --zero-superblock /dev/nbd0\" first.",
+		"mdadm older than 3.3": "mdadm: unrecognized option '--add-spare'",
+	} {
+		t.Run(name, func(t *testing.T) {
 			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
-			refused := call{args: add, err: cmdError(add, 1, tt.stderr)}
-			if tt.meanwhile != nil {
-				refused.then = func() { tt.meanwhile(e) }
-			}
 			e.run.expect(staleLeg(t), staleView(t),
 				call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 				call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible")},
-				refused) // and no --zero-superblock: the fake fails the test on it
+				call{args: add, err: cmdError(add, 1, stderr)}) // and no --zero-superblock: the fake fails the test on it
 			e.step()
-			e.wantLogged(tt.want, 1)
-			e.wantLogged("add refused; clearing the stale leg's md superblock and adding it again", 0)
+			e.wantLogged("cannot add the leg", 1)
 		})
 	}
 }
