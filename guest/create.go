@@ -85,6 +85,16 @@ func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) 
 		return Created{}, fmt.Errorf("%s and %s are the same device %s: a mirror needs one leg from each storage box",
 			opts.Devices[0], opts.Devices[1], names[0])
 	}
+	// md would use the smaller leg's size and leave the rest of the other
+	// unused: the two volumes are meant to be one size on both boxes, and
+	// grown together (README, "Online resize").
+	sa, errA := blockDevSize(h.sys, names[0])
+	sb, errB := blockDevSize(h.sys, names[1])
+	if errA == nil && errB == nil && sa != 0 && sb != 0 && sa != sb {
+		return Created{}, fmt.Errorf("%s is %d bytes and %s %d: the legs of a mirror must be the same size; make the "+
+			"smaller volume as large as the other on its storage box (lvnbd volume resize), which its dom0 passes on "+
+			"to the guest", opts.Devices[0], sa, opts.Devices[1], sb)
+	}
 	var found []string
 	for i, dev := range opts.Devices {
 		f, err := h.inspect(ctx, dev, names[i])

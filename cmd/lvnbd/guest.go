@@ -71,7 +71,9 @@ chunks written meanwhile (--bitmap-chunk of them at a time; mdadm's default
 is 64M). Failfast legs are failed as soon as an I/O on them fails, instead of
 being retried while the guest waits.
 
-A leg that is mounted or held by an array is refused. So is one that carries
+Legs of different sizes are refused: make the smaller volume as large as
+the other on its storage box. A leg that is mounted or held by an array is
+refused. So is one that carries
 an md superblock, a filesystem or a partition table, or none of them but
 data in its first or last MiB (raw data, plain dm-crypt, or old data a new
 thick LV kept from its disk), naming what it found; --force destroys it. With --filesystem the new array gets an ext4 or xfs
@@ -134,7 +136,7 @@ re-added with 'mdadm --re-add', so md resyncs only the chunks its
 write-intent bitmap marked. If md refuses the re-add (the bitmap cannot cover
 the gap), or the leg's disk is not the one md had (another disk sequence
 number, Linux 5.15 on: the dom0 detached and attached it again), the leg is
-added as a new member and fully resynced, which the log says. A leg whose own
+added as a spare (mdadm 3.3 or later) and fully resynced, which the log says. A leg whose own
 superblock says it ran without the other leg is left alone: it may hold the
 newest writes, and the log says how to compare and choose. Stop the watcher
 before replacing a half (lvnbd pair down --help). A device
