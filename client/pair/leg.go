@@ -359,6 +359,7 @@ func (l *leg) connect(ctx context.Context, now time.Time) error {
 			return l.refuseShrunk("attach", l.lostDevice, info, err)
 		}
 	}
+	l.accepted()
 	cfg, err := kernel.ExportConfig(info, 0)
 	if err != nil {
 		return err
@@ -416,6 +417,7 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return err
 	}
+	l.accepted()
 	// The kernel takes one socket per dead connection and drops the rest:
 	// with none dead, this changes nothing. A grown size goes after the
 	// sockets, on its own: see kernel.Reconfig.
@@ -607,6 +609,17 @@ func (l *leg) remember(err error) {
 	r := refusals.Refusal{Pair: l.spec.Name, Leg: l.name, Reason: err.Error(), Since: time.Now().UTC()}
 	if err := l.s.cfg.Refusals.Add(l.backend, r); err != nil {
 		l.log.Warn("recording the refusal: it will not outlive a restart of the dom0", zap.Error(err))
+	}
+}
+
+// accepted forgets a refusal recorded for the leg's export once the volume
+// IDs accept it again: the refusal was of a volume the IDs knew, and the
+// export serves that volume again (a server that answered without IDs for a
+// while). Kept, it would refuse the device's own volume after a restart of
+// the dom0.
+func (l *leg) accepted() {
+	if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
+		l.log.Warn("forgetting a refusal of the export, which serves the device's volume again", zap.Error(err))
 	}
 }
 

@@ -626,6 +626,46 @@ func TestRefusalOutlivesARestartOfTheDom0(t *testing.T) {
 	}
 }
 
+// A refusal the volume IDs lift again (a server that answered without IDs
+// for a while, then with the device's again) is forgotten: kept, it would
+// refuse the device's own volume after a restart of the dom0.
+func TestARefusalTheIDsLiftIsForgotten(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	refused := refusals.Open("")
+	s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
+		LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info, Refusals: refused}, &fakeRunner{t: t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := s.pairs[0].legs[0]
+	ctx := context.Background()
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	l.step(ctx, now)
+	reconnect := func(at time.Duration) LegStatus {
+		l.suspect(false)
+		l.takeSuspicion(now.Add(at))
+		l.step(ctx, now.Add(at))
+		return l.status()
+	}
+
+	st.set(uriA, func(e *fakeExport) { e.id = "" })
+	if got := reconnect(time.Second); !strings.Contains(got.LastError, "volume id uuid-1, now none") {
+		t.Fatalf("the export without an ID: %+v, want it refused", got)
+	}
+	if _, ok, _ := refused.Get(backendA); !ok {
+		t.Fatal("the refusal was not recorded")
+	}
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	if got := reconnect(time.Minute); got.State != StateConnected {
+		t.Fatalf("the export with the device's ID again: %+v, want it reconnected", got)
+	}
+	if _, ok, _ := refused.Get(backendA); ok {
+		t.Error("the refusal the IDs lifted is still recorded")
+	}
+}
+
 // A leg that lost its device takes its link down at once, also while it
 // cannot attach again: the device number is free for any export to take,
 // and the link must never lead a guest to another volume's disk.
