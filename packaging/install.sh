@@ -24,7 +24,7 @@ destdir=${1%/}
 prefix=${2%/}
 bin=$3
 unitdir=${UNITDIR:-/lib/systemd/system}
-# udev reads no rules under /usr/local: the rule goes where the units go.
+# Where the units go, whatever the prefix: a package and make install agree.
 udevrulesdir=${UDEVRULESDIR:-/lib/udev/rules.d}
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(dirname "$here")

@@ -113,6 +113,17 @@ func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 		return 0, &OpError{Op: cmdConnect.String(), Index: cfg.Index, Err: err}
 	}
 	fds := socketFDs(cfg.Sockets)
+	// With a backend, the device starts empty and gets its size in a
+	// RECONFIGURE once the backend is in sysfs. nbd_genl_connect tells
+	// udev the device is up (a change event) before it writes the backend:
+	// udev's rules would find a full-size device with no backend, and
+	// probe it (blkid, then mdadm --incremental on a guest's md half;
+	// packaging/udev/59-lvnbd.rules matches the backend). A size set by
+	// RECONFIGURE is announced with the backend in place.
+	size := cfg.Size
+	if cfg.Backend != "" {
+		cfg.Size = 0
+	}
 	attrs, err := connectAttrs(&cfg, fds)
 	if err != nil {
 		return 0, err
@@ -141,6 +152,12 @@ func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 		// lvnbd finds its devices by their backend: one without would
 		// be taken for lost and attached again, and again.
 		return 0, c.undoConnect(ctx, index, err)
+	}
+	if cfg.Size != size {
+		r := Reconfig{Size: size, Backend: cfg.Backend}
+		if err := c.Reconfigure(context.WithoutCancel(ctx), index, r); err != nil {
+			return 0, c.undoConnect(ctx, index, fmt.Errorf("giving %s its size, after its backend: %w", DevicePath(index), err))
+		}
 	}
 	if cfg.MaxRequestBytes > 0 {
 		if err := c.sys.limitRequestSize(index, cfg.MaxRequestBytes); err != nil {

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -106,15 +107,29 @@ func (s fakeSysfs) get(t testing.TB, index int, attr string) string {
 }
 
 // connected writes what nbd_genl_connect leaves in sysfs for device index
-// configured with attrs: its pid, and its backend identifier if attrs has
-// one and the kernel keeps it (Linux 5.14 and later).
+// configured with attrs: its pid, its size in sectors, and its backend
+// identifier if attrs has one and the kernel keeps it (Linux 5.14 and
+// later).
 func (s fakeSysfs) connected(t testing.TB, index int, attrs []byte, keepsBackend bool) {
 	t.Helper()
+	a := attrsOf(t, attrs)
 	files := map[string]string{"pid": "4242", "size": "2048", "ro": "0"}
-	if b, ok := attrsOf(t, attrs)[attrBackendIdentifier]; ok && keepsBackend {
+	if b, ok := a[attrSizeBytes]; ok {
+		files["size"] = strconv.FormatUint(binary.NativeEndian.Uint64(b)/512, 10)
+	}
+	if b, ok := a[attrBackendIdentifier]; ok && keepsBackend {
 		files["backend"] = strings.TrimSuffix(string(b), "\x00")
 	}
 	s.set(t, index, files)
+}
+
+// resized writes the size a RECONFIGURE with attrs gives its device, if
+// it gives one.
+func (s fakeSysfs) resized(t testing.TB, index int, attrs []byte) {
+	t.Helper()
+	if b, ok := attrsOf(t, attrs)[attrSizeBytes]; ok {
+		s.set(t, index, map[string]string{"size": strconv.FormatUint(binary.NativeEndian.Uint64(b)/512, 10)})
+	}
 }
 
 // countingConn is newTestConn on a kernel that accepts every command and
@@ -215,15 +230,21 @@ func TestDialWithoutModule(t *testing.T) {
 func TestConnect(t *testing.T) {
 	socks := testSockets(t, 2)
 	var gotFDs []uint32
-	var gotAttrs map[uint16][]byte
+	var gotAttrs, gotSize map[uint16][]byte
 	var sys fakeSysfs
 	k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
-		if cmd != cmdConnect {
-			t.Errorf("command %v, want CONNECT", cmd)
+		switch cmd {
+		case cmdConnect:
+			gotFDs, gotAttrs = sockFDs(t, attrs), attrsOf(t, attrs)
+			sys.connected(t, 5, attrs, true)
+			return concat(nla(attrIndex, u32(5))), 0
+		case cmdReconfigure:
+			gotSize = attrsOf(t, attrs)
+			sys.resized(t, 5, attrs)
+			return nil, 0
 		}
-		gotFDs, gotAttrs = sockFDs(t, attrs), attrsOf(t, attrs)
-		sys.connected(t, 5, attrs, true)
-		return concat(nla(attrIndex, u32(5))), 0
+		t.Errorf("command %v, want CONNECT, then RECONFIGURE", cmd)
+		return nil, unix.EINVAL
 	}}
 	c, sys := newTestConn(t, k)
 	index, err := c.Connect(context.Background(), Config{
@@ -245,6 +266,24 @@ func TestConnect(t *testing.T) {
 	}
 	if got := string(gotAttrs[attrBackendIdentifier]); got != "nbd://127.0.0.1:10809/disk\x00" {
 		t.Errorf("backend %q", got)
+	}
+	// The device starts empty: udev hears of it before the kernel writes
+	// its backend, and must not probe a full-size device then. The size
+	// follows, with the backend in place.
+	if got := binary.NativeEndian.Uint64(gotAttrs[attrSizeBytes]); got != 0 {
+		t.Errorf("CONNECT with size %d, want 0", got)
+	}
+	if got := binary.NativeEndian.Uint64(gotSize[attrSizeBytes]); got != 64<<20 {
+		t.Errorf("RECONFIGURE with size %d, want %d", got, 64<<20)
+	}
+	if got := string(gotSize[attrBackendIdentifier]); got != "nbd://127.0.0.1:10809/disk\x00" {
+		t.Errorf("RECONFIGURE with backend %q", got)
+	}
+	if _, ok := gotSize[attrSockets]; ok {
+		t.Error("RECONFIGURE with sockets")
+	}
+	if got := sys.get(t, 5, "size"); got != strconv.Itoa(64<<20/512) {
+		t.Errorf("size in sectors %s after Connect", got)
 	}
 	// The family lookup and the CONNECT both ask for an acknowledgement,
 	// with the family's version.
@@ -733,6 +772,8 @@ func TestConnectChecksTheKernelKeptTheBackend(t *testing.T) {
 						sys.set(t, 7, map[string]string{"backend": tt.other})
 					}
 					return concat(nla(attrIndex, u32(7))), 0
+				case cmdReconfigure:
+					sys.resized(t, 7, attrs)
 				case cmdDisconnect:
 					if i, err := parseIndex(attrs); err != nil || i != 7 {
 						t.Errorf("DISCONNECT of %d (%v), want 7", i, err)
@@ -751,7 +792,11 @@ func TestConnectChecksTheKernelKeptTheBackend(t *testing.T) {
 				if err != nil || index != 7 {
 					t.Fatalf("Connect = %d, %v; want 7", index, err)
 				}
-				if diff := cmp.Diff([]command{cmdConnect}, sent); diff != "" {
+				want := []command{cmdConnect, cmdReconfigure} // the size, after the backend
+				if tt.backend == "" {
+					want = want[:1]
+				}
+				if diff := cmp.Diff(want, sent); diff != "" {
 					t.Errorf("commands (-want +got):\n%s", diff)
 				}
 				return
@@ -950,6 +995,10 @@ func TestConnectCancelledAfterTheKernelConfiguredTheDevice(t *testing.T) {
 				t.Error("the cancellation did not interrupt the netlink socket")
 			}
 			return concat(nla(attrIndex, u32(4))), 0
+		}
+		if cmd == cmdReconfigure { // the size, which Connect gives however ctx ended
+			sys.resized(t, 4, attrs)
+			return nil, 0
 		}
 		return encodeDeviceListOrFail(t, []deviceStatus{{Index: 4, Connected: true}}), 0
 	}}
