@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"strings"
 
+	"github.com/dustin/go-humanize"
 	"golang.org/x/sys/unix"
 )
 
@@ -91,9 +92,9 @@ func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) 
 	sa, errA := blockDevSize(h.sys, names[0])
 	sb, errB := blockDevSize(h.sys, names[1])
 	if errA == nil && errB == nil && sa != 0 && sb != 0 && sa != sb {
-		return Created{}, fmt.Errorf("%s is %d bytes and %s %d: the legs of a mirror must be the same size; make the "+
-			"smaller volume as large as the other on its storage box (lvnbd volume resize), which its dom0 passes on "+
-			"to the guest", opts.Devices[0], sa, opts.Devices[1], sb)
+		return Created{}, fmt.Errorf("%s is %s (%d bytes) and %s %s (%d bytes): the legs of a mirror must be the same "+
+			"size; make the smaller volume as large as the other on its storage box (lvnbd volume resize), which its "+
+			"dom0 passes on to the guest", opts.Devices[0], humanize.IBytes(sa), sa, opts.Devices[1], humanize.IBytes(sb), sb)
 	}
 	var found []string
 	for i, dev := range opts.Devices {

@@ -201,7 +201,7 @@ func TestCreateRefusals(t *testing.T) {
 		{name: "no size", opts: CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}}, say: "is it attached",
 			setup: func(fsys fstest.MapFS) { blockDev(fsys, "nbd0", 0, "43:0") }},
 		{name: "sizes differ", opts: CreateOptions{Name: "vm1", Devices: [2]string{legA, legB}},
-			say:   "/dev/nbd0 is 67108864 bytes and /dev/nbd1 100663296: the legs of a mirror must be the same size",
+			say:   "/dev/nbd0 is 64 MiB (67108864 bytes) and /dev/nbd1 96 MiB (100663296 bytes): the legs of a mirror must be the same size",
 			setup: func(fsys fstest.MapFS) { blockDev(fsys, "nbd1", 96<<20, "43:32") }},
 	}
 	for _, tt := range tests {

@@ -123,12 +123,18 @@ type Member struct {
 // it still reads and writes.
 func (m Member) InSync() bool { return m.State.Has(StateInSync) }
 
-// Failed reports whether md failed the member: faulty without in_sync.
-func (m Member) Failed() bool { return m.State.Has(StateFaulty) && !m.State.Has(StateInSync) }
+// Failed reports whether md failed the member: faulty without in_sync or
+// spare (md lists a failed member as neither).
+func (m Member) Failed() bool {
+	return m.State.Has(StateFaulty) && !m.State.Has(StateInSync) && !m.State.Has(StateSpare)
+}
 
 // badBlocksPending reports whether md lists the member as faulty only for
-// bad blocks it has not yet recorded (see InSync).
-func (m Member) badBlocksPending() bool { return m.State.Has(StateFaulty) && m.State.Has(StateInSync) }
+// bad blocks it has not yet recorded (see InSync): faulty with in_sync, or
+// with spare (a spare, or a recovery under way, with such bad blocks).
+func (m Member) badBlocksPending() bool {
+	return m.State.Has(StateFaulty) && (m.State.Has(StateInSync) || m.State.Has(StateSpare))
+}
 
 // readArray reads /sys/block/NAME/md from sys, a file system rooted at /.
 func readArray(sys fs.FS, name string) (Array, error) {

@@ -528,6 +528,11 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		w.log.Warn("re-add refused; adding the leg as a spare: a full resync follows", zap.String("array", md),
 			zap.String("device", path), zap.Error(err))
 		add[3] = "--add-spare"
+		// The refused re-add read the members' superblocks, over the
+		// network: the source must still answer.
+		if !w.stillSafe(mem, a, dev, topic, "not adding the leg") {
+			return false
+		}
 	}
 	// A leg with this array's superblock goes in with --add-spare: --add
 	// tries a re-add first (Manage.c, Manage_add: attempt_re_add unless the

@@ -294,6 +294,25 @@ func TestWatchReaddRefused(t *testing.T) {
 		e.wantLogged("re-add refused; adding the leg as a spare: a full resync follows", 1)
 		e.wantLogged("added the leg: full resync started", 1)
 	})
+	// The refused re-add took seconds: the source is asked again.
+	t.Run("source died meanwhile", func(t *testing.T) {
+		e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+		e.run.expect(staleLeg(t), staleView(t),
+			call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+			call{args: readd, err: cmdError(readd, 1, "mdadm: --re-add for /dev/nbd0 to /dev/md127 is not possible"),
+				then: func() { e.probe.set("/dev/nbd1", probeUnreadable) }}) // and no --add-spare
+		e.step()
+		e.wantLogged("no in-sync leg answers reads: not adding the leg", 1)
+	})
+}
+
+// md lists a spare (or a leg being recovered) with bad blocks it has not
+// recorded yet as faulty,spare: no failed leg to remove.
+func TestWatchLeavesASpareWithPendingBadBlocks(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	e.setMD("dev-nbd0/state", "faulty,blocked,spare,failfast")
+	e.step() // the fake runner fails the test on any command
+	e.wantLogged("removed the failed leg", 0)
 }
 
 // md never fails the last leg of a RAID1: with both storage boxes dead, leg

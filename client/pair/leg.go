@@ -316,6 +316,9 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 	}
 	if len(mine) > 0 {
 		d := mine[0]
+		if why := l.adoptable(d); why != "" {
+			return errors.New(why)
+		}
 		l.useDevice(d)
 		l.adopted = true
 		l.log.Info("adopted", zap.String("device", d.Path()), zap.Uint64("size", d.Size))
@@ -338,12 +341,6 @@ func (l *leg) attach(ctx context.Context, now time.Time) error {
 
 // connect dials the leg's export and attaches a new device to it.
 func (l *leg) connect(ctx context.Context, now time.Time) error {
-	// A refusal from before a restart of the dom0, whose volume IDs are
-	// gone with its devices: nothing here can tell the export's volume is
-	// the device's that was refused, so it is not.
-	if err := l.refusedBefore(); err != nil {
-		return err
-	}
 	socks, info, err := l.dial(ctx)
 	if err != nil {
 		return err
@@ -359,7 +356,11 @@ func (l *leg) connect(ctx context.Context, now time.Time) error {
 			return l.refuseShrunk("attach", l.lostDevice, info, err)
 		}
 	}
-	l.accepted()
+	// A refusal from before a restart of the dom0, whose volume IDs are
+	// gone with its devices.
+	if err := l.checkRefusal("attach", info); err != nil {
+		return err
+	}
 	cfg, err := kernel.ExportConfig(info, 0)
 	if err != nil {
 		return err
@@ -417,7 +418,9 @@ func (l *leg) reconnect(ctx context.Context, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	l.accepted()
+	if err := l.checkRefusal("reconnect "+d.Path(), info); err != nil {
+		return err
+	}
 	// The kernel takes one socket per dead connection and drops the rest:
 	// with none dead, this changes nothing. A grown size goes after the
 	// sockets, on its own: see kernel.Reconfig.
@@ -540,7 +543,10 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 		// live, and only the server can cut them (a shrink it makes does).
 		return l.refuseShrunk("size poll", d, info, err)
 	}
-	if err != nil || size == l.size {
+	if err != nil {
+		return err
+	}
+	if err := l.checkRefusal("size poll", info); err != nil || size == l.size {
 		return err
 	}
 	// Grown as a reconnect grows, fresh connections first: a new size
@@ -563,7 +569,8 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 // check is the store's Check (which records the ID of a device attached
 // before IDs were) or Verify; what names what was refused.
 func (l *leg) checkID(info client.ExportInfo, what string, check func(backend, id string) error) error {
-	return l.refusal(what, check(l.backend, info.ID()))
+	known, _ := l.s.cfg.IDs.Get(l.backend) // the device's volume, before Check records one
+	return l.refusal(what, check(l.backend, info.ID()), known)
 }
 
 // refuseShrunk records in the volume IDs that the leg's export shrank under
@@ -576,17 +583,24 @@ func (l *leg) refuseShrunk(what string, d kernel.Device, info client.ExportInfo,
 		return fmt.Errorf("%s: %w; recording that in the volume IDs failed, so it would not be refused once grown back: %w",
 			what, shrank, err)
 	}
-	return l.refusal(what, err)
+	return l.refusal(what, err, "") // no volume lifts it: the tail is lost
 }
 
 // refusal is err, from the volume IDs, as a refusal of what, saying how to
 // replace the leg when the export is not the device's data
 // (volumeid.ErrReplaced); nil if err is. Such a refusal is recorded in the
-// refusals, which outlive the dom0's restarts.
-func (l *leg) refusal(what string, err error) error {
+// refusals, which outlive the dom0's restarts: accepts is the volume ID
+// the leg's device was attached to, the only one that lifts it ("" for
+// none).
+func (l *leg) refusal(what string, err error, accepts string) error {
 	var shrank *volumeid.ShrankError
+	if errors.As(err, &shrank) {
+		accepts = "" // no volume lifts it: the tail is lost
+	}
 	if errors.Is(err, volumeid.ErrReplaced) {
-		l.remember(err)
+		if rerr := l.remember(err, accepts); rerr != nil {
+			err = fmt.Errorf("%w (and %w)", err, rerr)
+		}
 	}
 	switch {
 	case err == nil:
@@ -604,40 +618,38 @@ func (l *leg) refusal(what string, err error) error {
 
 // remember records the refusal err in the host's refusals, so that the leg
 // stays refused after a restart of the dom0 forgot its volume IDs, until it
-// is taken down.
-func (l *leg) remember(err error) {
-	r := refusals.Refusal{Pair: l.spec.Name, Leg: l.name, Reason: err.Error(), Since: time.Now().UTC()}
+// is taken down or its export serves the volume accepts again. An error
+// says the refusal was not recorded.
+func (l *leg) remember(err error, accepts string) error {
+	r := refusals.Refusal{Pair: l.spec.Name, Leg: l.name, Reason: err.Error(), Since: time.Now().UTC(), Accepts: accepts}
 	if err := l.s.cfg.Refusals.Add(l.backend, r); err != nil {
 		l.log.Warn("recording the refusal: it will not outlive a restart of the dom0", zap.Error(err))
+		return fmt.Errorf("recording the refusal failed, so it will not outlive a restart of the dom0: %w", err)
 	}
+	return nil
 }
 
-// accepted forgets a refusal recorded for the leg's export once the volume
-// IDs accept it again: the refusal was of a volume the IDs knew, and the
-// export serves that volume again (a server that answered without IDs for a
-// while). Kept, it would refuse the device's own volume after a restart of
-// the dom0.
-func (l *leg) accepted() {
-	if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
-		l.log.Warn("forgetting a refusal of the export, which serves the device's volume again", zap.Error(err))
-	}
-}
-
-// refusedBefore returns, as a refusal of an attach, a refusal recorded for
-// the leg's export before the dom0 restarted and forgot the volume IDs, if
-// any; or the error that the refusals could not be read, since the leg must
-// not attach what may have been refused. While the export's volume ID is
-// recorded, the ID check after the dial refuses the same export, and says
-// best why.
-func (l *leg) refusedBefore() error {
-	if known, err := l.s.cfg.IDs.Known(l.backend); err == nil && known {
-		return nil
-	}
+// checkRefusal refuses, as a refusal of what, an export the leg refused
+// before, as the refusals record it, unless info says it serves the volume
+// the leg's device was attached to again (a server that answered without
+// IDs for a while): that lifts the refusal. Checked after the volume IDs,
+// which say best why while they know the device's volume; this covers a
+// restart of the dom0, after which they know nothing, and a device
+// attached by hand since, whose volume they took from it. The refusals
+// unreadable, the leg is refused too: it must not take what may have been.
+func (l *leg) checkRefusal(what string, info client.ExportInfo) error {
 	r, ok, err := l.s.cfg.Refusals.Get(l.backend)
 	switch {
 	case err != nil:
-		return fmt.Errorf("attach of leg %s: %w", l.name, err)
+		return fmt.Errorf("%s of leg %s: %w", what, l.name, err)
 	case !ok:
+		return nil
+	case r.Accepts != "" && info.ID() == r.Accepts:
+		if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
+			return fmt.Errorf("%s of leg %s: the export serves the device's volume again, but forgetting its "+
+				"refusal failed: %w", what, l.name, err)
+		}
+		l.log.Info("the export serves the device's volume again: its refusal is lifted", zap.String("volume_id", r.Accepts))
 		return nil
 	}
 	where := ""
@@ -645,8 +657,30 @@ func (l *leg) refusedBefore() error {
 		where = " (" + p + ")"
 	}
 	reason := strings.TrimPrefix(r.Reason, volumeid.ErrReplaced.Error()+": ")
-	return l.refusal("attach", fmt.Errorf("%w: refused on %s, and still, after a restart, until the leg is taken "+
-		"down%s: %s", volumeid.ErrReplaced, r.Since.Format(time.RFC3339), where, reason))
+	return l.refusal(what, fmt.Errorf("%w: refused on %s, and still, after a restart, until the leg is taken "+
+		"down%s: %s", volumeid.ErrReplaced, r.Since.Format(time.RFC3339), where, reason), r.Accepts)
+}
+
+// adoptable says why device d, attached to the leg's export, must not be
+// adopted, or "" if it may: a refusal is recorded for the export, and d was
+// not attached to the volume that lifts it (a device attached by hand after
+// a restart of the dom0). Its link would lead the guest to it.
+func (l *leg) adoptable(d kernel.Device) string {
+	r, ok, err := l.s.cfg.Refusals.Get(l.backend)
+	switch {
+	case err != nil:
+		return err.Error()
+	case !ok || r.Accepts == "":
+		// A shrink: no volume lifts it, and the reconnect refuses it.
+		return ""
+	}
+	if id, err := l.s.cfg.IDs.Get(l.backend); err == nil && id == r.Accepts {
+		return "" // the leg's own device, from before the refusal
+	}
+	return fmt.Sprintf("%s is attached to the leg's export, which was refused on %s (%s), and not to the volume "+
+		"the leg's device had: detach it (lvnbd detach %s), then lvnbd pair down --leg %s %s and pair up --leg %s %s "+
+		"to add the export as a new member", d.Path(), r.Since.Format(time.RFC3339), r.Reason, d.Path(), l.name,
+		l.spec.Name, l.name, l.spec.Name)
 }
 
 // useDevice takes d as the leg's device.
@@ -693,7 +727,7 @@ func (l *leg) up(_ context.Context, now time.Time) error {
 
 // detach is the request of Supervisor.Down: detach the device, remove the
 // link and stay down.
-func (l *leg) detach(ctx context.Context, now time.Time) error {
+func (l *leg) detach(ctx context.Context, now time.Time, forgetRefusal bool) error {
 	// Not cancelled with the request: an interrupted netlink exchange
 	// would leave the supervisor's connection to the kernel unusable.
 	ctx = context.WithoutCancel(ctx)
@@ -748,9 +782,13 @@ func (l *leg) detach(ctx context.Context, now time.Time) error {
 	if err := l.s.cfg.IDs.Forget(l.backend); err != nil {
 		l.log.Warn("forgetting the detached device's volume ID", zap.Error(err))
 	}
-	// Its refusal too; if that fails, the leg is refused at pair up:
-	// better said now.
-	if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
+	// Its refusal too, when it is being replaced; if that fails, the leg
+	// is refused at pair up: better said now.
+	if !forgetRefusal {
+		if _, refused, _ := l.s.cfg.Refusals.Get(l.backend); refused {
+			l.log.Warn("leg down, still refused: take it down alone (lvnbd pair down --leg) to replace it as a new member")
+		}
+	} else if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
 		err = fmt.Errorf("the leg is down, but forgetting its refusal failed, so pair up would refuse it again: %w", err)
 		l.publish(now, StateDown, err)
 		return err

@@ -198,7 +198,7 @@ func TestLegStep(t *testing.T) {
 				{at: time.Second, before: then(resize(32*mib), dies), wait: time.Second, state: StateReconnecting,
 					device: "/dev/nbd0", size: 64 * mib, errHas: shrank},
 				{at: 2 * time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {
-					if err := l.detach(context.Background(), time.Time{}); err != nil {
+					if err := l.detach(context.Background(), time.Time{}, true); err != nil {
 						panic(err)
 					}
 				}, calls: []string{"disconnect nbd0"}, wait: idle, state: StateDown, errHas: shrank, noLink: true},
@@ -307,7 +307,7 @@ func TestLegStep(t *testing.T) {
 		{name: "down and up",
 			steps: []legStep{attached,
 				{at: time.Second, before: func(_ *fakeKernel, _ *fakeStorage, l *leg) {
-					if err := l.detach(context.Background(), time.Time{}); err != nil {
+					if err := l.detach(context.Background(), time.Time{}, true); err != nil {
 						panic(err)
 					}
 				}, calls: []string{"disconnect nbd0"}, wait: idle, state: StateDown, noLink: true},
@@ -321,7 +321,7 @@ func TestLegStep(t *testing.T) {
 			setup: func(_ *fakeKernel, st *fakeStorage) { st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" }) },
 			steps: []legStep{attached,
 				{at: time.Second, before: func(_ *fakeKernel, st *fakeStorage, l *leg) {
-					if err := l.detach(context.Background(), time.Time{}); err != nil {
+					if err := l.detach(context.Background(), time.Time{}, true); err != nil {
 						panic(err)
 					}
 					st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" })
@@ -334,7 +334,7 @@ func TestLegStep(t *testing.T) {
 			steps: []legStep{attached,
 				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
 					k.setDevice(running(0, "nbd://other:10809/x", mib))
-					if err := l.detach(context.Background(), time.Time{}); err != nil {
+					if err := l.detach(context.Background(), time.Time{}, true); err != nil {
 						panic(err)
 					}
 				}, wait: idle, state: StateDown, noLink: true},
@@ -343,7 +343,7 @@ func TestLegStep(t *testing.T) {
 			steps: []legStep{attached,
 				{at: time.Second, before: func(k *fakeKernel, _ *fakeStorage, l *leg) {
 					k.setDevice(running(0, "", mib))
-					if err := l.detach(context.Background(), time.Time{}); err != nil {
+					if err := l.detach(context.Background(), time.Time{}, true); err != nil {
 						panic(err)
 					}
 				}, wait: idle, state: StateDown, noLink: true},
@@ -567,58 +567,86 @@ func TestShrinkSurvivesReload(t *testing.T) {
 	}
 }
 
+// refusalEnv is a leg whose export is uriA (volume uuid-1 at first), with
+// refusals kept in a file; boot starts a supervisor afresh, as a restart of
+// the dom0 does (no devices, no volume IDs), or over kernel k.
+type refusalEnv struct {
+	t       *testing.T
+	st      *fakeStorage
+	refused *refusals.Store
+	ctx     context.Context
+	now     time.Time
+}
+
+func newRefusalEnv(t *testing.T) *refusalEnv {
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
+	return &refusalEnv{t: t, st: st, refused: refusals.Open(filepath.Join(t.TempDir(), "refused-legs.json")),
+		ctx: context.Background(), now: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)}
+}
+
+func (e *refusalEnv) boot(k *fakeKernel, ids *volumeid.Store) *leg {
+	if ids == nil {
+		ids = volumeid.Open(filepath.Join(e.t.TempDir(), "volume-ids.json"))
+	}
+	s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(e.t),
+		LinkDir: filepath.Join(e.t.TempDir(), "lvnbd"), Dial: e.st.dial, Info: e.st.info, IDs: ids, Refusals: e.refused},
+		&fakeRunner{t: e.t})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return s.pairs[0].legs[0]
+}
+
+// step runs leg l at d after the start, after a death of its connections
+// if dies.
+func (e *refusalEnv) step(l *leg, d time.Duration, dies bool) LegStatus {
+	if dies {
+		l.suspect(false)
+		l.takeSuspicion(e.now.Add(d))
+	}
+	l.step(e.ctx, e.now.Add(d))
+	return l.status()
+}
+
+// refuse attaches leg a, then has its export serve uuid-2 (rolled back,
+// say) and its connections die: the reconnect refuses it.
+func (e *refusalEnv) refuse() *leg {
+	l := e.boot(newFakeKernel(e.t), nil)
+	e.step(l, 0, false)
+	e.st.set(uriA, func(x *fakeExport) { x.id = "uuid-2" })
+	if got := e.step(l, time.Second, true); got.State != StateReconnecting || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
+		e.t.Fatalf("before the restart: %+v, want the export refused", got)
+	}
+	return l
+}
+
 // A leg refused as not its device's volume stays refused after the dom0
 // restarted: the device and the volume IDs in /run are gone with the reboot,
 // and only the refusals in /var/lib say that the export was refused. Taken
-// down and up, the leg attaches the export as a new half.
+// down alone and up, the leg attaches the export as a new half.
 func TestRefusalOutlivesARestartOfTheDom0(t *testing.T) {
-	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
-	refused := refusals.Open(filepath.Join(t.TempDir(), "refused-legs.json"))
-	boot := func() (*fakeKernel, *leg) {
-		k := newFakeKernel(t)
-		s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
-			LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info,
-			IDs: volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json")), Refusals: refused}, &fakeRunner{t: t})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k, s.pairs[0].legs[0]
-	}
-	ctx := context.Background()
-	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-
-	_, l := boot()
-	l.step(ctx, now)
-	st.set(uriA, func(e *fakeExport) { e.id = "uuid-2" }) // rolled back, say
-	l.suspect(false)
-	l.takeSuspicion(now.Add(time.Second))
-	l.step(ctx, now.Add(time.Second))
-	if got := l.status(); got.State != StateReconnecting || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
-		t.Fatalf("before the restart: %+v, want the export refused", got)
-	}
-
-	k, l := boot() // the restart
-	dials := st.dials
-	l.step(ctx, now.Add(time.Hour))
-	got := l.status()
+	e := newRefusalEnv(t)
+	e.refuse()
+	k := newFakeKernel(t)
+	l := e.boot(k, nil) // the restart
+	got := e.step(l, time.Hour, false)
 	if got.State != StateFailed || !strings.Contains(got.LastError, "attach of leg a refused: the export's volume was made "+
 		"anew or rolled back: refused on ") || !strings.Contains(got.LastError, "volume id uuid-1, now uuid-2") {
 		t.Errorf("after the restart: %+v, want the leg still refused, saying why", got)
 	}
-	if calls := k.takeCalls(); len(calls) != 0 || st.dials != dials {
-		t.Errorf("after the restart the refused export was dialed (%d times) or reached the kernel: %v", st.dials-dials, calls)
+	if calls := k.takeCalls(); len(calls) != 0 {
+		t.Errorf("after the restart the refused export reached the kernel: %v", calls)
 	}
 
-	if err := l.detach(ctx, now.Add(2*time.Hour)); err != nil {
+	if err := l.detach(e.ctx, e.now.Add(2*time.Hour), true); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, err := refused.Get(backendA); ok || err != nil {
+	if _, ok, err := e.refused.Get(backendA); ok || err != nil {
 		t.Errorf("the refusal outlived pair down --leg: %v %v", ok, err)
 	}
-	l.up(ctx, now.Add(2*time.Hour))
-	l.step(ctx, now.Add(2*time.Hour))
-	if got := l.status(); got.State != StateConnected {
+	l.up(e.ctx, e.now.Add(2*time.Hour))
+	if got := e.step(l, 2*time.Hour, false); got.State != StateConnected {
 		t.Errorf("after pair down and up: %+v, want the export attached as a new half", got)
 	}
 	if calls := k.takeCalls(); len(calls) != 1 || !strings.HasPrefix(calls[0], "connect "+backendA) {
@@ -626,43 +654,77 @@ func TestRefusalOutlivesARestartOfTheDom0(t *testing.T) {
 	}
 }
 
-// A refusal the volume IDs lift again (a server that answered without IDs
-// for a while, then with the device's again) is forgotten: kept, it would
-// refuse the device's own volume after a restart of the dom0.
-func TestARefusalTheIDsLiftIsForgotten(t *testing.T) {
-	k := newFakeKernel(t)
-	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
-	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
-	refused := refusals.Open("")
-	s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(t),
-		LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info, Refusals: refused}, &fakeRunner{t: t})
-	if err != nil {
+// Taken down with the whole pair (a domain shut down), the leg keeps its
+// refusal: the half must not come back with the pair unnoticed.
+func TestWholePairDownKeepsTheRefusal(t *testing.T) {
+	e := newRefusalEnv(t)
+	l := e.refuse()
+	if err := l.detach(e.ctx, e.now.Add(time.Minute), false); err != nil {
 		t.Fatal(err)
 	}
-	l := s.pairs[0].legs[0]
-	ctx := context.Background()
-	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	l.step(ctx, now)
-	reconnect := func(at time.Duration) LegStatus {
-		l.suspect(false)
-		l.takeSuspicion(now.Add(at))
-		l.step(ctx, now.Add(at))
-		return l.status()
+	if _, ok, _ := e.refused.Get(backendA); !ok {
+		t.Fatal("the whole pair's down forgot the refusal")
 	}
+	l.up(e.ctx, e.now.Add(2*time.Minute))
+	if got := e.step(l, 2*time.Minute, false); got.State != StateFailed || !strings.Contains(got.LastError, "refused on ") {
+		t.Errorf("after pair down and up: %+v, want the leg still refused", got)
+	}
+}
 
-	st.set(uriA, func(e *fakeExport) { e.id = "" })
-	if got := reconnect(time.Second); !strings.Contains(got.LastError, "volume id uuid-1, now none") {
-		t.Fatalf("the export without an ID: %+v, want it refused", got)
+// After a restart of the dom0, a device attached to the refused export by
+// hand (its volume ID recorded by lvnbd attach) is not adopted, and does
+// not lift the refusal: only the device's own volume does.
+func TestAdoptionOfAHandAttachedDeviceKeepsTheRefusal(t *testing.T) {
+	e := newRefusalEnv(t)
+	e.refuse()
+	ids := volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))
+	if err := ids.Set(backendA, "uuid-2"); err != nil { // what lvnbd attach records
+		t.Fatal(err)
 	}
-	if _, ok, _ := refused.Get(backendA); !ok {
-		t.Fatal("the refusal was not recorded")
+	k := newFakeKernel(t, kernel.Device{Index: 5, Connected: true, PID: 7, Backend: backendA, Size: 64 * mib, BlockSize: 512})
+	l := e.boot(k, ids)
+	got := e.step(l, time.Hour, false)
+	if got.State == StateConnected || got.Adopted || !strings.Contains(got.LastError, "/dev/nbd5 is attached to the leg's export, which was refused on") {
+		t.Errorf("after the restart: %+v, want the hand-attached device left alone", got)
 	}
-	st.set(uriA, func(e *fakeExport) { e.id = "uuid-1" })
-	if got := reconnect(time.Minute); got.State != StateConnected {
-		t.Fatalf("the export with the device's ID again: %+v, want it reconnected", got)
+	if _, ok, _ := e.refused.Get(backendA); !ok {
+		t.Error("the refusal was forgotten")
 	}
-	if _, ok, _ := refused.Get(backendA); ok {
-		t.Error("the refusal the IDs lifted is still recorded")
+	if calls := k.takeCalls(); len(calls) != 0 {
+		t.Errorf("kernel calls %v", calls)
+	}
+}
+
+// A refusal the export lifts again (a server that answered without IDs
+// for a while, then with the device's again) is forgotten, whether the
+// reconnect or the size poll saw it: kept, it would refuse the device's own
+// volume after a restart of the dom0.
+func TestARefusalTheExportLiftsIsForgotten(t *testing.T) {
+	for _, poll := range []bool{false, true} {
+		t.Run(map[bool]string{false: "reconnect", true: "size poll"}[poll], func(t *testing.T) {
+			e := newRefusalEnv(t)
+			l := e.boot(newFakeKernel(t), nil)
+			e.step(l, 0, false)
+			e.st.set(uriA, func(x *fakeExport) { x.id = "" })
+			if got := e.step(l, 10*time.Second, !poll); !strings.Contains(got.LastError, "volume id uuid-1, now none") {
+				t.Fatalf("the export without an ID: %+v, want it refused", got)
+			}
+			if _, ok, _ := e.refused.Get(backendA); !ok {
+				t.Fatal("the refusal was not recorded")
+			}
+			e.st.set(uriA, func(x *fakeExport) { x.id = "uuid-1" })
+			if got := e.step(l, 20*time.Second, !poll); got.State != StateConnected {
+				t.Fatalf("the export with the device's ID again: %+v, want it connected", got)
+			}
+			if _, ok, _ := e.refused.Get(backendA); ok {
+				t.Error("the refusal the export lifted is still recorded")
+			}
+			// And after a restart, the export serving the device's volume
+			// attaches.
+			if got := e.step(e.boot(newFakeKernel(t), nil), time.Hour, false); got.State != StateConnected {
+				t.Errorf("after a restart: %+v", got)
+			}
+		})
 	}
 }
 
@@ -698,5 +760,39 @@ func TestLostDeviceTakesItsLink(t *testing.T) {
 	st2 := l.status()
 	if got := linkTarget(t, s, "vm1", "a"); st2.State != StateConnected || got != st2.Device || got == "/dev/nbd0" {
 		t.Errorf("leg a after the attach: %s on %q, its link -> %q", st2.State, st2.Device, got)
+	}
+}
+
+// A shrink is lifted by no volume: the tail is lost whatever the export
+// serves. Recorded from the mark an older lvnbd left in the volume IDs, it
+// still refuses, after a restart of the dom0, a device attached by hand to
+// the export grown back under the same ID.
+func TestAShrinkIsLiftedByNoVolume(t *testing.T) {
+	e := newRefusalEnv(t)
+	ids := volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json"))
+	if err := ids.Shrank(backendA, "uuid-1", 64*mib, 32*mib); err == nil {
+		t.Fatal("Shrank recorded no refusal")
+	}
+	own := kernel.Device{Index: 5, Connected: true, PID: 7, Backend: backendA, Size: 64 * mib, BlockSize: 512}
+	if got := e.step(e.boot(newFakeKernel(t, own), ids), 0, false); got.State == StateConnected || !strings.Contains(got.LastError, "shrank") {
+		t.Fatalf("the leg's own device, its export grown back: %+v, want it refused", got)
+	}
+	r, ok, _ := e.refused.Get(backendA)
+	if !ok || r.Accepts != "" {
+		t.Fatalf("refusal %+v (%v), want one no volume lifts", r, ok)
+	}
+
+	ids = volumeid.Open(filepath.Join(t.TempDir(), "volume-ids.json")) // the restart
+	if err := ids.Set(backendA, "uuid-1"); err != nil {                // lvnbd attach by hand
+		t.Fatal(err)
+	}
+	byHand := own
+	byHand.Index = 7
+	got := e.step(e.boot(newFakeKernel(t, byHand), ids), time.Hour, false)
+	if got.State == StateConnected || !strings.Contains(got.LastError, "refused on ") {
+		t.Errorf("after the restart, a device attached by hand: %+v, want it refused", got)
+	}
+	if _, ok, _ := e.refused.Get(backendA); !ok {
+		t.Error("the refusal of the shrink was lifted")
 	}
 }

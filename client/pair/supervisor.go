@@ -469,7 +469,8 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 // Down takes pair name down, or only its leg leg ("a" or "b"; "" is both):
 // with a Xen domain configured, xl block-detach takes the legs from the
 // domain first; then their devices are detached, their links removed and
-// their volume IDs forgotten, and the legs stay down until Up. Unless force:
+// their volume IDs forgotten (and, for one leg named, its refusal: see
+// refusals), and the legs stay down until Up. Unless force:
 // one leg is not taken down while the other is not connected (the guest
 // would lose the last half of its mirror), and if xl fails for a leg the
 // devices stay attached and no further leg is taken from the domain. One leg
@@ -550,9 +551,14 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 			return p.status(), errors.Join(append(errs, inUse...)...)
 		}
 	}
+	// Taken down alone, a leg is being replaced: its refusal goes with
+	// its volume ID. With the whole pair (a domain shut down, say) it
+	// stays: a half refused as another volume must not come back with the
+	// pair unnoticed.
+	forgetRefusal := leg != ""
 	for _, i := range detach {
 		l := p.legs[i]
-		if err := l.do(ctx, l.detach); err != nil {
+		if err := l.do(ctx, func(ctx context.Context, now time.Time) error { return l.detach(ctx, now, forgetRefusal) }); err != nil {
 			errs = append(errs, fmt.Errorf("leg %s: %w", l.name, err))
 		}
 	}

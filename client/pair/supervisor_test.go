@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/lvnbd/lvnbd/client/kernel"
+	"github.com/lvnbd/lvnbd/client/refusals"
 	"github.com/lvnbd/lvnbd/client/volumeid"
 )
 
@@ -818,6 +819,38 @@ func TestCloseRefusesLaterOperations(t *testing.T) {
 		r.done() // no xl command was run
 		if calls := k.takeCalls(); len(calls) != 0 {
 			t.Errorf("kernel calls after Close: %q", calls)
+		}
+	})
+}
+
+// Down of the whole pair keeps the legs' refusals (a domain shut down and
+// started again must not take a refused half back); Down of one leg, its
+// replacement, forgets that leg's.
+func TestDownForgetsARefusalOnlyForOneLeg(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		_, _, s := startPair(t)
+		ctx := context.Background()
+		for _, b := range []string{backendA, backendB} {
+			if err := s.cfg.Refusals.Add(b, refusals.Refusal{Reason: "made anew"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := s.Down(ctx, "vm1", "", true); err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range []string{backendA, backendB} {
+			if _, ok, _ := s.cfg.Refusals.Get(b); !ok {
+				t.Errorf("the whole pair's down forgot %s's refusal", b)
+			}
+		}
+		if _, err := s.Down(ctx, "vm1", "a", true); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok, _ := s.cfg.Refusals.Get(backendA); ok {
+			t.Error("pair down --leg a kept leg a's refusal")
+		}
+		if _, ok, _ := s.cfg.Refusals.Get(backendB); !ok {
+			t.Error("pair down --leg a forgot leg b's refusal")
 		}
 	})
 }

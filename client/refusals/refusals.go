@@ -1,7 +1,8 @@
 // Package refusals remembers, across restarts of the dom0, the pair legs
 // whose exports were refused as not their device's volume (made anew,
 // rolled back, shrunk, or served by a storage box that went down), until
-// the leg is taken down on purpose (lvnbd pair down --leg).
+// the leg is taken down on purpose (lvnbd pair down), or its export serves
+// the device's volume again.
 //
 // The volume IDs that make those refusals (package volumeid) live in /run,
 // as long as the devices they describe. After a reboot of the dom0 there is
@@ -15,6 +16,7 @@
 package refusals
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,7 +25,11 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/lvnbd/lvnbd/client"
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
+	"github.com/lvnbd/lvnbd/internal/flock"
 )
 
 // DefaultPath is where the refusals are kept.
@@ -35,11 +41,16 @@ type Refusal struct {
 	Leg    string    `json:"leg"`
 	Reason string    `json:"reason"`
 	Since  time.Time `json:"since"`
+	// Accepts is the volume ID the leg's device was attached to: the
+	// export serving it again lifts the refusal. Empty if nothing does
+	// (the export shrank under the device: its tail is lost).
+	Accepts string `json:"accepts,omitempty"`
 }
 
 // Store is the refusals of one host, keyed by the leg's backend (its
-// export's canonical URI). Only the pair daemon uses it, one per host (its
-// control socket sees to that), so a mutex is enough.
+// export's canonical URI; another spelling of the same export finds the
+// entry too). The pair daemons of the host share the file: every change
+// locks it.
 type Store struct {
 	path string
 	mu   sync.Mutex
@@ -55,22 +66,25 @@ func Open(path string) *Store {
 // Path is the file the refusals are kept in, "" for memory.
 func (s *Store) Path() string { return s.path }
 
-// Get returns the refusal recorded for backend, if any.
+// Get returns the refusal recorded for backend's export, if any.
 func (s *Store) Get(backend string) (Refusal, bool, error) {
 	var r Refusal
 	var ok bool
-	err := s.update(func(m map[string]Refusal) bool {
-		r, ok = m[backend]
+	err := s.update(false, func(m map[string]Refusal) bool {
+		for _, k := range keysOf(m, backend) {
+			r, ok = m[k], true
+			break
+		}
 		return false
 	})
 	return r, ok, err
 }
 
-// Add records r for backend unless a refusal is recorded already: the
-// first one says best what happened.
+// Add records r for backend unless a refusal of its export is recorded
+// already: the first one says best what happened.
 func (s *Store) Add(backend string, r Refusal) error {
-	return s.update(func(m map[string]Refusal) bool {
-		if _, ok := m[backend]; ok {
+	return s.update(true, func(m map[string]Refusal) bool {
+		if len(keysOf(m, backend)) > 0 {
 			return false
 		}
 		m[backend] = r
@@ -78,25 +92,71 @@ func (s *Store) Add(backend string, r Refusal) error {
 	})
 }
 
-// Forget drops backend's refusal: its leg was taken down on purpose.
+// Forget drops the refusals of backend's export: its leg was taken down on
+// purpose, or the export serves the device's volume again.
 func (s *Store) Forget(backend string) error {
-	return s.update(func(m map[string]Refusal) bool {
-		if _, ok := m[backend]; !ok {
-			return false
+	return s.update(true, func(m map[string]Refusal) bool {
+		keys := keysOf(m, backend)
+		for _, k := range keys {
+			delete(m, k)
 		}
-		delete(m, backend)
-		return true
+		return len(keys) > 0
 	})
 }
 
-// update runs f on the refusals and saves them if f reports a change.
-func (s *Store) update(f func(map[string]Refusal) bool) error {
+// keysOf returns the keys of m that name backend's export: backend itself
+// first, then other spellings of it (the host's case, a trailing dot, the
+// default port given or not).
+func keysOf(m map[string]Refusal, backend string) []string {
+	var keys []string
+	if _, ok := m[backend]; ok {
+		keys = append(keys, backend)
+	}
+	u, err := client.ParseURI(backend)
+	if err != nil {
+		return keys
+	}
+	for k := range m {
+		if k == backend {
+			continue
+		}
+		if v, err := client.ParseURI(k); err == nil && v.SameExport(u) {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
+// update runs f on the refusals with the file locked (exclusively if
+// write), and saves them if f reports a change.
+func (s *Store) update(write bool, f func(map[string]Refusal) bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.path == "" {
 		f(s.mem)
 		return nil
 	}
+	if !write {
+		// Nothing refused yet (most hosts, always): no directory or lock
+		// to make, which a read-only /var would refuse.
+		if _, err := os.Stat(s.path); errors.Is(err, os.ErrNotExist) {
+			f(map[string]Refusal{})
+			return nil
+		}
+	}
+	if err := atomicfile.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
+		return fmt.Errorf("refused legs: %w", err)
+	}
+	how := unix.LOCK_SH
+	if write {
+		how = unix.LOCK_EX
+	}
+	// No deadline: the other holders are lvnbd daemons that finish.
+	unlock, err := flock.Lock(context.Background(), s.path+".lock", how)
+	if err != nil {
+		return fmt.Errorf("refused legs: %w", err)
+	}
+	defer unlock()
 	m := map[string]Refusal{}
 	b, err := os.ReadFile(s.path)
 	switch {
@@ -109,11 +169,8 @@ func (s *Store) update(f func(map[string]Refusal) bool) error {
 				"were refused as not their devices' volumes and must be replaced as new members", s.path, err)
 		}
 	}
-	if !f(m) {
+	if !f(m) || !write {
 		return nil
-	}
-	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
-		return fmt.Errorf("refused legs: %w", err)
 	}
 	b, err = json.MarshalIndent(m, "", "  ")
 	if err == nil {

@@ -1,9 +1,12 @@
 package refusals
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -52,5 +55,65 @@ func TestCorruptFile(t *testing.T) {
 	_, _, err := Open(path).Get("nbd://a/vm1")
 	if err == nil || !strings.Contains(err.Error(), path+" is corrupt") {
 		t.Errorf("Get of a corrupt file: %v", err)
+	}
+}
+
+// Another spelling of the same export finds, and forgets, its refusal: the
+// leg's URI written otherwise in client.toml must not bypass it.
+func TestSameExportOtherwiseSpelled(t *testing.T) {
+	s := Open(filepath.Join(t.TempDir(), "refused-legs.json"))
+	if err := s.Add("nbd://box-a:10809/vm1", Refusal{Pair: "vm1", Leg: "a", Reason: "made anew"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, other := range []string{"nbd://BOX-A/vm1", "nbd://box-a./vm1"} {
+		if _, ok, err := s.Get(other); !ok || err != nil {
+			t.Errorf("Get(%s): %v %v, want the refusal of nbd://box-a:10809/vm1", other, ok, err)
+		}
+	}
+	if _, ok, _ := s.Get("nbd://box-a/vm2"); ok {
+		t.Error("another export found the refusal")
+	}
+	if err := s.Forget("nbd://BOX-A./vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := s.Get("nbd://box-a:10809/vm1"); ok {
+		t.Error("Forget under another spelling left the refusal")
+	}
+}
+
+// Two daemons (two stores on one file) adding at once lose nothing.
+func TestSharedFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "refused-legs.json")
+	a, b := Open(path), Open(path)
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s := a
+			if i%2 == 1 {
+				s = b
+			}
+			if err := s.Add(fmt.Sprintf("nbd://box/vm%d", i), Refusal{Reason: "made anew"}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range 20 {
+		if _, ok, err := Open(path).Get(fmt.Sprintf("nbd://box/vm%d", i)); !ok || err != nil {
+			t.Errorf("vm%d's refusal lost: %v", i, err)
+		}
+	}
+}
+
+// A host where nothing was refused reads without making the directory.
+func TestGetMakesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "lvnbd")
+	if _, ok, err := Open(filepath.Join(dir, "refused-legs.json")).Get("nbd://box/vm1"); ok || err != nil {
+		t.Fatalf("Get: %v %v", ok, err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Get made %s: %v", dir, err)
 	}
 }

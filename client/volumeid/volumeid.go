@@ -127,18 +127,6 @@ func (s *Store) Get(backend string) (string, error) {
 	return id, err
 }
 
-// Known reports whether anything is recorded for backend: an ID, or a
-// shrink. Nothing is after a reboot, or before an export with an ID was
-// attached.
-func (s *Store) Known(backend string) (bool, error) {
-	var known bool
-	err := s.locked(false, func(ids map[string]string) bool {
-		_, known = ids[backend]
-		return false
-	})
-	return known, err
-}
-
 // Set records id for backend; an empty id records nothing. A shrink
 // recorded stays until Forget.
 //

@@ -133,6 +133,12 @@ every leg has been attached or found unreachable.`,
 				defer stopMetrics()
 			}
 
+			if udevRuleMissing("") {
+				log.Warn("udev runs without lvnbd's rule: it may assemble the guests' md mirrors from the legs "+
+					"in this dom0, hold the devices, and let its LVM write to the guests' volumes; install "+
+					udevRule+" (the lvnbd package and packaging/install.sh do) in /etc/udev/rules.d",
+					zap.Strings("looked in", udevRuleDirs))
+			}
 			var down []string
 			for {
 				sup, failed, stop, err := startSupervisor(ctx, host, &pair.Config{Pairs: pairSpecs(cfg), Logger: log,
@@ -149,12 +155,6 @@ every leg has been attached or found unreachable.`,
 				running.Store(sup)
 				log.Info("supervising", zap.Int("pairs", len(cfg.Pairs)), zap.String("config", configPath),
 					zap.String("control", ctlPath))
-				if udevRuleMissing("") {
-					log.Warn("udev runs without lvnbd's rule: it may assemble the guests' md mirrors from the legs "+
-						"in this dom0, hold the devices, and let its LVM write to the guests' volumes; install "+
-						udevRule+" (the lvnbd package and packaging/install.sh do) in /etc/udev/rules.d",
-						zap.Strings("looked in", udevRuleDirs))
-				}
 				go func() {
 					if sup.Ready(ctx) == nil {
 						if err := systemd.Notify("READY=1"); err != nil {

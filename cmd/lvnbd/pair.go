@@ -164,6 +164,9 @@ func newPairDownCmd(ctlPath *string) *cobra.Command {
 (xl block-detach DOMAIN VDEV); then both devices are detached, their links
 removed and the volume IDs they were attached to forgotten. The pair stays
 down, across reloads too, until lvnbd pair up or a restart of lvnbd client.
+A leg refused as another volume (below) stays refused when the whole pair is
+taken down and up, also across restarts of the dom0
+(/var/lib/lvnbd/refused-legs.json): only --leg takes it back.
 
 With --leg, only that leg: the guest keeps running on the other. This is how
 one half of a mirror is replaced, for example when its storage box's volume
