@@ -102,8 +102,10 @@ func (c *Conn) Close() error { return c.nl.Close() }
 // sockets to an export without multi-conn, ErrBackendUnsupported (having
 // disconnected the device again) if the kernel dropped cfg.Backend,
 // ErrReceiversStarved (likewise) if the kernel left a connection without a
-// receiver, where attaching again with new sockets works, and an
-// *OpError wrapping the kernel's errno otherwise. Once the kernel has
+// receiver, where attaching again with new sockets works, Reconfigure's
+// errors (likewise: ErrResizeUnsupported, or the kernel's errno) if the
+// size, given after the backend, was not taken, and an *OpError wrapping
+// the kernel's errno otherwise. Once the kernel has
 // configured the device, ctx ending no longer makes Connect fail.
 func (c *Conn) Connect(ctx context.Context, cfg Config) (int, error) {
 	if err := cfg.Validate(); err != nil {

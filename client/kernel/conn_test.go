@@ -1059,3 +1059,48 @@ func TestReconfigureRefusesALowerTimeout(t *testing.T) {
 		t.Errorf("Reconfigure of a device without io_timeout: %v", err)
 	}
 }
+
+// The size, given after the backend, not taken (refused, or ignored by the
+// kernel): the empty device is disconnected again, and Connect says why.
+func TestConnectUndoesADeviceThatGotNoSize(t *testing.T) {
+	for name, tt := range map[string]struct {
+		errno unix.Errno
+		want  []string
+	}{
+		"refused": {errno: unix.EIO, want: []string{"giving /dev/nbd7 its size, after its backend: NBD_CMD_RECONFIGURE of /dev/nbd7",
+			"/dev/nbd7 was disconnected again"}},
+		"ignored": {want: []string{"giving /dev/nbd7 its size, after its backend", "asked for 1048576 bytes, the device has 0",
+			"/dev/nbd7 was disconnected again"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var sys fakeSysfs
+			var sent []command
+			k := &fakeKernel{handle: func(cmd command, attrs []byte) ([]byte, unix.Errno) {
+				sent = append(sent, cmd)
+				switch cmd {
+				case cmdConnect:
+					sys.connected(t, 7, attrs, true)
+					return concat(nla(attrIndex, u32(7))), 0
+				case cmdReconfigure:
+					return nil, tt.errno // and the size stays 0
+				}
+				return nil, 0
+			}}
+			c, s := newTestConn(t, k)
+			sys = s
+			_, err := c.Connect(context.Background(), Config{Sockets: testSockets(t, 1), Size: 1 << 20, Index: AnyDevice,
+				Timeout: 30 * time.Second, Backend: "nbd://storage-a:10809/vm1"})
+			if err == nil {
+				t.Fatal("Connect succeeded")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+			if diff := cmp.Diff([]command{cmdConnect, cmdReconfigure, cmdDisconnect}, sent); diff != "" {
+				t.Errorf("commands (-want +got):\n%s", diff)
+			}
+		})
+	}
+}

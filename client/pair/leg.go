@@ -61,6 +61,9 @@ type leg struct {
 	// is taken down (Size 0: none): its link led the guest to this leg's
 	// data, so the export must not have shrunk under it.
 	lostDevice kernel.Device
+	// notAdopted is a device on the leg's export that adoptable refused
+	// (-1: none), which pair down --leg must not take for the leg's own.
+	notAdopted int
 
 	mu        sync.Mutex
 	st        LegStatus
@@ -76,16 +79,17 @@ type legRequest struct {
 
 func newLeg(s *Supervisor, p *pairState, i int, u client.URI) *leg {
 	l := &leg{
-		s:       s,
-		spec:    &p.spec,
-		name:    Legs[i],
-		uri:     u,
-		backend: u.String(),
-		link:    LinkPath(s.cfg.LinkDir, p.spec.Name, Legs[i]),
-		kick:    make(chan struct{}, 1),
-		reqs:    make(chan legRequest),
-		stopped: make(chan struct{}),
-		dev:     -1,
+		s:          s,
+		spec:       &p.spec,
+		name:       Legs[i],
+		uri:        u,
+		backend:    u.String(),
+		link:       LinkPath(s.cfg.LinkDir, p.spec.Name, Legs[i]),
+		kick:       make(chan struct{}, 1),
+		reqs:       make(chan legRequest),
+		stopped:    make(chan struct{}),
+		dev:        -1,
+		notAdopted: -1,
 	}
 	l.log = s.log.With(zap.String("pair", p.spec.Name), zap.String("leg", l.name), zap.String("uri", l.backend))
 	l.st = LegStatus{Leg: l.name, URI: l.backend, Link: l.link, State: StateAttaching, Since: time.Now(),
@@ -641,13 +645,22 @@ func (l *leg) checkRefusal(what string, info client.ExportInfo) error {
 	r, ok, err := l.s.cfg.Refusals.Get(l.backend)
 	switch {
 	case err != nil:
+		// A leg whose device's volume the IDs know, and which the
+		// export serves (the ID check passed), goes on: an unreadable
+		// file must not keep every healthy leg of the host from its
+		// connections.
+		if known, _ := l.s.cfg.IDs.Get(l.backend); known != "" && known == info.ID() {
+			l.log.Warn("cannot read the refusals; the export serves the device's volume, going on", zap.Error(err))
+			return nil
+		}
 		return fmt.Errorf("%s of leg %s: %w", what, l.name, err)
 	case !ok:
 		return nil
 	case r.Accepts != "" && info.ID() == r.Accepts:
 		if err := l.s.cfg.Refusals.Forget(l.backend); err != nil {
-			return fmt.Errorf("%s of leg %s: the export serves the device's volume again, but forgetting its "+
-				"refusal failed: %w", what, l.name, err)
+			// Lifted again at the next check: not worth a refusal.
+			l.log.Warn("the export serves the device's volume again, but forgetting its refusal failed", zap.Error(err))
+			return nil
 		}
 		l.log.Info("the export serves the device's volume again: its refusal is lifted", zap.String("volume_id", r.Accepts))
 		return nil
@@ -657,30 +670,46 @@ func (l *leg) checkRefusal(what string, info client.ExportInfo) error {
 		where = " (" + p + ")"
 	}
 	reason := strings.TrimPrefix(r.Reason, volumeid.ErrReplaced.Error()+": ")
-	return l.refusal(what, fmt.Errorf("%w: refused on %s, and still, after a restart, until the leg is taken "+
-		"down%s: %s", volumeid.ErrReplaced, r.Since.Format(time.RFC3339), where, reason), r.Accepts)
+	return l.refusal(what, fmt.Errorf("%w: refused on %s, and still until the leg alone is taken down (lvnbd "+
+		"pair down --leg), also across restarts%s: %s", volumeid.ErrReplaced, r.Since.Format(time.RFC3339), where, reason),
+		r.Accepts)
 }
 
 // adoptable says why device d, attached to the leg's export, must not be
-// adopted, or "" if it may: a refusal is recorded for the export, and d was
-// not attached to the volume that lifts it (a device attached by hand after
-// a restart of the dom0). Its link would lead the guest to it.
+// adopted, or "" if it may: a refusal is recorded for the export, and d
+// cannot be told to be the leg's own device from before it (a device
+// attached by hand after a restart of the dom0, whose volume ID that attach
+// recorded). Adopted, its link would lead the guest to it, while its own
+// connections still serve the refused export.
 func (l *leg) adoptable(d kernel.Device) string {
 	r, ok, err := l.s.cfg.Refusals.Get(l.backend)
+	id, idErr := l.s.cfg.IDs.Get(l.backend)
 	switch {
+	case err != nil && idErr == nil && id != "":
+		return "" // the reconnect's ID check decides; the refusals unreadable
 	case err != nil:
-		return err.Error()
-	case !ok || r.Accepts == "":
-		// A shrink: no volume lifts it, and the reconnect refuses it.
+		return fmt.Sprintf("%s is attached to the leg's export, and the refusals cannot be read to tell whether "+
+			"it may be adopted: %v", d.Path(), err)
+	case !ok:
 		return ""
-	}
-	if id, err := l.s.cfg.IDs.Get(l.backend); err == nil && id == r.Accepts {
+	case r.Accepts == "":
+		// A shrink, which no volume lifts: only the leg's own device
+		// carries its mark in the IDs, and its reconnect refuses it.
+		var shrank *volumeid.ShrankError
+		if errors.As(l.s.cfg.IDs.Verify(l.backend, ""), &shrank) {
+			return ""
+		}
+	case idErr == nil && id == r.Accepts:
 		return "" // the leg's own device, from before the refusal
 	}
-	return fmt.Sprintf("%s is attached to the leg's export, which was refused on %s (%s), and not to the volume "+
-		"the leg's device had: detach it (lvnbd detach %s), then lvnbd pair down --leg %s %s and pair up --leg %s %s "+
-		"to add the export as a new member", d.Path(), r.Since.Format(time.RFC3339), r.Reason, d.Path(), l.name,
-		l.spec.Name, l.name, l.spec.Name)
+	how := "is not attached to the volume the leg's device had"
+	if id == "" {
+		how = "cannot be told to be the leg's device (no volume ID is recorded for it)"
+	}
+	l.notAdopted = d.Index
+	return fmt.Sprintf("%s is attached to the leg's export, which was refused on %s (%s), and %s: detach it "+
+		"(lvnbd detach %s), then lvnbd pair down --leg %s %s and pair up --leg %s %s to add the export as a new "+
+		"member", d.Path(), r.Since.Format(time.RFC3339), r.Reason, how, d.Path(), l.name, l.spec.Name, l.name, l.spec.Name)
 }
 
 // useDevice takes d as the leg's device.
@@ -768,6 +797,12 @@ func (l *leg) detach(ctx context.Context, now time.Time, forgetRefusal bool) err
 		return err
 	}
 	for _, d := range held {
+		if d.Running() && d.Backend == l.backend && d.Index == l.notAdopted {
+			err := fmt.Errorf("%s, attached to the refused export by other means than this leg, was not adopted: "+
+				"detach it first (lvnbd detach %s), then take the leg down again", d.Path(), d.Path())
+			l.publish(now, StateDown, err)
+			return err
+		}
 		if d.Running() && d.Backend == l.backend {
 			err := fmt.Errorf("%w: %s is disconnected, but something (the guest's blkback?) still holds it open, "+
 				"and is found by its backend: its volume ID is kept, so that it only ever reconnects to "+

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -693,6 +694,12 @@ func TestAdoptionOfAHandAttachedDeviceKeepsTheRefusal(t *testing.T) {
 	if calls := k.takeCalls(); len(calls) != 0 {
 		t.Errorf("kernel calls %v", calls)
 	}
+	// pair down --leg says what that device is, not that the leg's own
+	// is held open.
+	if err := l.detach(e.ctx, e.now.Add(2*time.Hour), true); err == nil ||
+		!strings.Contains(err.Error(), "/dev/nbd5, attached to the refused export by other means than this leg, was not adopted") {
+		t.Errorf("pair down --leg: %v", err)
+	}
 }
 
 // A refusal the export lifts again (a server that answered without IDs
@@ -789,10 +796,49 @@ func TestAShrinkIsLiftedByNoVolume(t *testing.T) {
 	byHand := own
 	byHand.Index = 7
 	got := e.step(e.boot(newFakeKernel(t, byHand), ids), time.Hour, false)
-	if got.State == StateConnected || !strings.Contains(got.LastError, "refused on ") {
-		t.Errorf("after the restart, a device attached by hand: %+v, want it refused", got)
+	if got.State == StateConnected || got.Adopted || !strings.Contains(got.LastError, "/dev/nbd7 is attached to the leg's export, which was refused on") {
+		t.Errorf("after the restart, a device attached by hand: %+v, want it not adopted", got)
 	}
 	if _, ok, _ := e.refused.Get(backendA); !ok {
 		t.Error("the refusal of the shrink was lifted")
+	}
+}
+
+// A shrink that follows a refusal the device's volume would lift (one
+// answer without an ID) is never lifted: after a restart of the dom0 the
+// export grown back under the device's ID is still refused.
+func TestAShrinkAfterALiftableRefusalIsNeverLifted(t *testing.T) {
+	e := newRefusalEnv(t)
+	l := e.boot(newFakeKernel(t), nil)
+	e.step(l, 0, false)
+	e.st.set(uriA, func(x *fakeExport) { x.id = "" })
+	e.step(l, 10*time.Second, false) // a size poll: refused, liftable by uuid-1
+	e.st.set(uriA, func(x *fakeExport) { x.id, x.size = "uuid-1", 32*mib })
+	if got := e.step(l, 20*time.Second, false); !strings.Contains(got.LastError, "shrank") {
+		t.Fatalf("the shrink: %+v", got)
+	}
+	e.st.set(uriA, func(x *fakeExport) { x.size = 64 * mib })
+	if got := e.step(e.boot(newFakeKernel(t), nil), time.Hour, false); got.State == StateConnected {
+		t.Errorf("after a restart, the export grown back: %+v, want it refused", got)
+	}
+}
+
+// Refusals that cannot be read keep no healthy leg from its connections:
+// a leg whose device's volume the IDs know, served by the export, goes on.
+func TestUnreadableRefusalsKeepLiveLegs(t *testing.T) {
+	e := newRefusalEnv(t)
+	l := e.boot(newFakeKernel(t), nil)
+	e.step(l, 0, false)
+	if err := os.WriteFile(e.refused.Path(), []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.step(l, time.Second, true); got.State != StateConnected {
+		t.Errorf("a reconnect with the refusals unreadable: %+v, want the leg connected", got)
+	}
+	// With nothing known, the leg does not attach what may have been
+	// refused.
+	if got := e.step(e.boot(newFakeKernel(t), nil), time.Hour, false); got.State == StateConnected ||
+		!strings.Contains(got.LastError, "is corrupt") {
+		t.Errorf("after a restart: %+v, want the leg refused, naming the file", got)
 	}
 }

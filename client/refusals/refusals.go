@@ -1,8 +1,8 @@
 // Package refusals remembers, across restarts of the dom0, the pair legs
 // whose exports were refused as not their device's volume (made anew,
 // rolled back, shrunk, or served by a storage box that went down), until
-// the leg is taken down on purpose (lvnbd pair down), or its export serves
-// the device's volume again.
+// the leg alone is taken down on purpose (lvnbd pair down --leg), or its
+// export serves the device's volume again.
 //
 // The volume IDs that make those refusals (package volumeid) live in /run,
 // as long as the devices they describe. After a reboot of the dom0 there is
@@ -80,15 +80,28 @@ func (s *Store) Get(backend string) (Refusal, bool, error) {
 	return r, ok, err
 }
 
-// Add records r for backend unless a refusal of its export is recorded
-// already: the first one says best what happened.
+// Add records r for backend. A refusal of its export recorded already is
+// kept, as the first says best what happened, except that it accepts no
+// volume any more once r accepts another (a shrink accepts none): a
+// refusal lifted by the device's volume coming back must not lift a later
+// shrink of it.
 func (s *Store) Add(backend string, r Refusal) error {
 	return s.update(true, func(m map[string]Refusal) bool {
-		if len(keysOf(m, backend)) > 0 {
-			return false
+		keys := keysOf(m, backend)
+		if len(keys) == 0 {
+			m[backend] = r
+			return true
 		}
-		m[backend] = r
-		return true
+		changed := false
+		for _, k := range keys {
+			if old := m[k]; old.Accepts != "" && old.Accepts != r.Accepts {
+				old.Accepts = ""
+				old.Reason += "; then: " + r.Reason
+				m[k] = old
+				changed = true
+			}
+		}
+		return changed
 	})
 }
 
@@ -153,10 +166,16 @@ func (s *Store) update(write bool, f func(map[string]Refusal) bool) error {
 	}
 	// No deadline: the other holders are lvnbd daemons that finish.
 	unlock, err := flock.Lock(context.Background(), s.path+".lock", how)
-	if err != nil {
+	switch {
+	case err != nil && !write && (errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES)):
+		// The lock file cannot be opened for writing (/var remounted
+		// read-only after an error): nobody can change the file then,
+		// so it is read without the lock.
+	case err != nil:
 		return fmt.Errorf("refused legs: %w", err)
+	default:
+		defer unlock()
 	}
-	defer unlock()
 	m := map[string]Refusal{}
 	b, err := os.ReadFile(s.path)
 	switch {

@@ -117,3 +117,29 @@ func TestGetMakesNothing(t *testing.T) {
 		t.Errorf("Get made %s: %v", dir, err)
 	}
 }
+
+// A refusal the device's volume would lift accepts none once a later one
+// accepts another, or none (a shrink): the shrink must never be lifted.
+func TestAddSealsALiftableRefusal(t *testing.T) {
+	s := Open("")
+	if err := s.Add("nbd://box/vm1", Refusal{Reason: "no ID", Accepts: "uuid-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Add("nbd://box/vm1", Refusal{Reason: "shrank"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Add("nbd://box/vm1", Refusal{Reason: "another volume", Accepts: "uuid-1"}); err != nil {
+		t.Fatal(err)
+	}
+	r, _, _ := s.Get("nbd://box/vm1")
+	if r.Accepts != "" || r.Reason != "no ID; then: shrank" {
+		t.Errorf("refusal %+v, want one that accepts nothing and says both reasons", r)
+	}
+	// The same volume again changes nothing.
+	s2 := Open("")
+	s2.Add("nbd://box/vm1", Refusal{Reason: "no ID", Accepts: "uuid-1"})
+	s2.Add("nbd://box/vm1", Refusal{Reason: "no ID again", Accepts: "uuid-1"})
+	if r, _, _ := s2.Get("nbd://box/vm1"); r.Accepts != "uuid-1" || r.Reason != "no ID" {
+		t.Errorf("refusal %+v, want the first, still accepting uuid-1", r)
+	}
+}
