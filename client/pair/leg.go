@@ -57,6 +57,9 @@ type leg struct {
 	// timeoutKept: a reconnect kept the device's higher timeout (see
 	// reconnect), and said so.
 	timeoutKept bool
+	// heldBy is what the last health check found holding the device on
+	// the dom0 (Config.Holders), as it was said.
+	heldBy string
 	// lostDevice is the device lost, until another is attached or the leg
 	// is taken down (Size 0: none): its link led the guest to this leg's
 	// data, so the export must not have shrunk under it.
@@ -522,8 +525,36 @@ func (l *leg) checkHealth(ctx context.Context) error {
 		return fmt.Errorf("%w: %s was disconnected, by another process (lvnbd detach --force, nbd-client -d?), while "+
 			"something holds it open: it fails all its I/O", errUnbound, kernel.DevicePath(l.dev))
 	}
-	return nil
+	return l.checkHolders()
 }
+
+// checkHolders says, once each time it changes, that the dom0 holds the
+// leg's device with an md array or a device-mapper volume of its own: the
+// guest's mirror assembled on the dom0, or its LVM activated, which may
+// write under the running guest. Nothing here undoes it: the admin must.
+func (l *leg) checkHolders() error {
+	if l.s.cfg.Holders == nil {
+		return nil
+	}
+	holders, err := l.s.cfg.Holders(l.dev)
+	if err != nil {
+		return fmt.Errorf("listing what holds %s: %w", kernel.DevicePath(l.dev), err)
+	}
+	was := l.heldBy
+	l.heldBy = strings.Join(holders, ", ")
+	if len(holders) == 0 || l.heldBy == was {
+		return nil
+	}
+	err = fmt.Errorf("%w: %s is held on this dom0 by %s: the guest's md array assembled here, or its LVM "+
+		"activated, can write under the running guest; stop it now (mdadm --stop /dev/MD, or dmsetup remove / "+
+		"vgchange -an), and install lvnbd's udev rule 59-lvnbd.rules, which keeps udev off the legs",
+		errHeldOnDom0, kernel.DevicePath(l.dev), l.heldBy)
+	l.log.Error("leg's device held on the dom0", zap.Error(err))
+	return err
+}
+
+// errHeldOnDom0 means the dom0 stacks its own device on a leg's device.
+var errHeldOnDom0 = errors.New("the leg's device is held on the dom0")
 
 // errUnbound means the leg's device was disconnected while held open.
 var errUnbound = errors.New("the device is no longer connected")

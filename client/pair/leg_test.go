@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/lvnbd/lvnbd/client/kernel"
 	"github.com/lvnbd/lvnbd/client/refusals"
@@ -840,5 +842,49 @@ func TestUnreadableRefusalsKeepLiveLegs(t *testing.T) {
 	if got := e.step(e.boot(newFakeKernel(t), nil), time.Hour, false); got.State == StateConnected ||
 		!strings.Contains(got.LastError, "is corrupt") {
 		t.Errorf("after a restart: %+v, want the leg refused, naming the file", got)
+	}
+}
+
+// The dom0 holding a leg's device (the guest's mirror assembled here by a
+// udev without lvnbd's rule) is said once, as an error and in the leg's
+// status, and said again only if what holds it changes.
+func TestLegHeldOnTheDom0IsSaid(t *testing.T) {
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	var held []string
+	core, logs := observer.New(zap.ErrorLevel)
+	s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zap.New(core),
+		LinkDir: filepath.Join(t.TempDir(), "lvnbd"), Dial: st.dial, Info: st.info,
+		Holders: func(index int) ([]string, error) {
+			if index != 0 {
+				t.Errorf("holders of nbd%d, want nbd0", index)
+			}
+			return held, nil
+		}}, &fakeRunner{t: t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := s.pairs[0].legs[0]
+	ctx, now := context.Background(), time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	l.step(ctx, now)
+	l.step(ctx, now.Add(10*time.Second)) // a health check: nothing holds it
+	if got := l.status(); got.LastError != "" {
+		t.Fatalf("unheld: %+v", got)
+	}
+	held = []string{"nbd0 held by md127"}
+	for i := range 3 {
+		l.step(ctx, now.Add(time.Duration(20+10*i)*time.Second))
+	}
+	if got := l.status(); got.State != StateConnected || !strings.Contains(got.LastError,
+		"/dev/nbd0 is held on this dom0 by nbd0 held by md127: the guest's md array assembled here") {
+		t.Errorf("held: %+v", got)
+	}
+	if n := logs.FilterMessage("leg's device held on the dom0").Len(); n != 1 {
+		t.Errorf("said %d times, want once", n)
+	}
+	held = []string{"nbd0 held by md127", "nbd0 held by dm-3"}
+	l.step(ctx, now.Add(time.Minute))
+	if n := logs.FilterMessage("leg's device held on the dom0").Len(); n != 2 {
+		t.Errorf("said %d times after a change, want twice", n)
 	}
 }

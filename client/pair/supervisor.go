@@ -115,6 +115,12 @@ type Config struct {
 	// taken down (refusals.DefaultPath); nil keeps them in this
 	// supervisor's memory only.
 	Refusals *refusals.Store
+	// Holders lists the dom0's stacked devices (md, device-mapper) on nbd
+	// device index or its partitions; nil checks nothing. A leg's device
+	// is the guest's, through Xen's blkback: any holder on the dom0 is an
+	// array or volume group of the guest's assembled here (udev without
+	// lvnbd's rule, an admin's scan), which may write under the guest.
+	Holders func(index int) ([]string, error)
 	// Users says what uses nbd device index besides the leg's own link:
 	// mounts, md or device-mapper holders, a Xen block backend serving it
 	// to a guest. Down refuses to detach a device in use without force;

@@ -59,6 +59,9 @@ type hostDeps struct {
 	// pairs asks a running lvnbd client daemon for its pairs; nil, or an
 	// error (no daemon), is none.
 	pairs func(ctx context.Context) ([]pair.PairStatus, error)
+	// holders lists the dom0's md and device-mapper devices on nbd device
+	// index (deviceHolders); nil checks nothing, for tests.
+	holders func(index int) ([]string, error)
 	// clientConfig is the pair daemon's configuration file, whose legs
 	// lvnbd attach refuses also while no daemon runs; "" checks none.
 	clientConfig string
@@ -91,6 +94,10 @@ func realHost() *hostDeps {
 			return pair.NewClient(pair.DefaultSocket).Status(ctx)
 		},
 		clientConfig: config.DefaultClientPath,
+		holders: func(index int) ([]string, error) {
+			holders, _, err := deviceHolders("/sys", index)
+			return holders, err
+		},
 	}
 }
 
@@ -117,6 +124,33 @@ func (h *hostDeps) configuredLegOf(u client.URI, warn io.Writer) (name, leg stri
 		}
 	}
 	return "", ""
+}
+
+// deviceHolders lists the stacked devices (md, device-mapper) on nbd
+// device index and its partitions under sysRoot (/sys), as "nbd0 held by
+// md127", and returns the device numbers of the disk and its partitions
+// ("43:0" -> nbd0).
+func deviceHolders(sysRoot string, index int) (holders []string, devnums map[string]string, _ error) {
+	disk := filepath.Join(sysRoot, "block", "nbd"+strconv.Itoa(index))
+	parts, err := filepath.Glob(filepath.Join(disk, "nbd"+strconv.Itoa(index)+"p*"))
+	if err != nil {
+		return nil, nil, err
+	}
+	devnums = map[string]string{}
+	for _, dir := range append([]string{disk}, parts...) {
+		name := filepath.Base(dir)
+		if b, err := os.ReadFile(filepath.Join(dir, "dev")); err == nil {
+			devnums[strings.TrimSpace(string(b))] = name
+		}
+		hs, err := os.ReadDir(filepath.Join(dir, "holders"))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, nil, err
+		}
+		for _, h := range hs {
+			holders = append(holders, fmt.Sprintf("%s held by %s", name, h.Name()))
+		}
+	}
+	return holders, devnums, nil
 }
 
 // pairLegOf returns the pair and leg of the running lvnbd client daemon
@@ -799,27 +833,9 @@ func waitForNode(ctx context.Context, path string, limit time.Duration) {
 // whose stable link under linkDir points at it, and Xen block backends
 // serving it to a guest.
 func deviceUsers(sysRoot, mountinfo, linkDir string, index int) ([]string, error) {
-	disk := filepath.Join(sysRoot, "block", "nbd"+strconv.Itoa(index))
-	dirs := []string{disk}
-	parts, err := filepath.Glob(filepath.Join(disk, "nbd"+strconv.Itoa(index)+"p*"))
+	users, devnums, err := deviceHolders(sysRoot, index)
 	if err != nil {
 		return nil, err
-	}
-	dirs = append(dirs, parts...)
-	var users []string
-	devnums := map[string]string{} // "43:0" -> nbd0
-	for _, dir := range dirs {
-		name := filepath.Base(dir)
-		if b, err := os.ReadFile(filepath.Join(dir, "dev")); err == nil {
-			devnums[strings.TrimSpace(string(b))] = name
-		}
-		holders, err := os.ReadDir(filepath.Join(dir, "holders"))
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
-		}
-		for _, h := range holders {
-			users = append(users, fmt.Sprintf("%s held by %s", name, h.Name()))
-		}
 	}
 	// A mountinfo that cannot be read or parsed is an error, not "unused":
 	// this check guards a detach.

@@ -143,7 +143,7 @@ every leg has been attached or found unreachable.`,
 			for {
 				sup, failed, stop, err := startSupervisor(ctx, host, &pair.Config{Pairs: pairSpecs(cfg), Logger: log,
 					LinkDir: linkDir, PollInterval: pollInterval, HealthInterval: healthInterval, Down: down,
-					IDs: host.ids(), Refusals: host.refusals, Users: func(index int) ([]string, error) {
+					IDs: host.ids(), Refusals: host.refusals, Holders: host.holders, Users: func(index int) ([]string, error) {
 						// The leg's own link is no user: "" leaves the pairs' links out.
 						return host.users(index, "")
 					}})
