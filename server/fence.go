@@ -3,10 +3,8 @@ package server
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -138,17 +136,7 @@ func loadJSON(path string, v any) error {
 	if path == "" {
 		return nil
 	}
-	b, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal(b, v); err != nil {
-		return fmt.Errorf("corrupt: %w", err)
-	}
-	return nil
+	return atomicfile.ReadJSON(path, v)
 }
 
 // saveJSON writes v to path atomically (temp file, fsync, rename, fsync the
@@ -158,16 +146,12 @@ func saveJSON(path string, v any) error {
 	if path == "" {
 		return nil
 	}
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
 	// The directories too: a record in a directory made now, whose own
 	// entry a crash loses, is lost with it.
 	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return atomicfile.Write(path, append(b, '\n'), 0o600)
+	return atomicfile.WriteJSON(path, v)
 }
 
 // List returns the fences.

@@ -17,7 +17,6 @@ package refusals
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -177,25 +176,16 @@ func (s *Store) update(write bool, f func(map[string]Refusal) bool) error {
 		defer unlock()
 	}
 	m := map[string]Refusal{}
-	b, err := os.ReadFile(s.path)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-	case err != nil:
+	if err := atomicfile.ReadJSON(s.path, &m); errors.Is(err, atomicfile.ErrCorrupt) {
+		return fmt.Errorf("refused legs: %s is %w: fix or remove it, knowing that the legs it names "+
+			"were refused as not their devices' volumes and must be replaced as new members", s.path, err)
+	} else if err != nil {
 		return fmt.Errorf("refused legs: %w", err)
-	default:
-		if err := json.Unmarshal(b, &m); err != nil {
-			return fmt.Errorf("refused legs: %s is corrupt (%w): fix or remove it, knowing that the legs it names "+
-				"were refused as not their devices' volumes and must be replaced as new members", s.path, err)
-		}
 	}
 	if !f(m) || !write {
 		return nil
 	}
-	b, err = json.MarshalIndent(m, "", "  ")
-	if err == nil {
-		err = atomicfile.Write(s.path, append(b, '\n'), 0o600)
-	}
-	if err != nil {
+	if err := atomicfile.WriteJSON(s.path, m); err != nil {
 		return fmt.Errorf("refused legs: %w", err)
 	}
 	return nil

@@ -17,7 +17,6 @@ package volumeid
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -269,16 +268,11 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 	}
 	defer unlock()
 	ids := map[string]string{}
-	b, err := os.ReadFile(s.path)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-	case err != nil:
+	if err := atomicfile.ReadJSON(s.path, &ids); errors.Is(err, atomicfile.ErrCorrupt) {
+		return fmt.Errorf("volume IDs: %s is %w: remove it; devices attached until now are then "+
+			"not checked at their next reconnect", s.path, err)
+	} else if err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
-	default:
-		if err := json.Unmarshal(b, &ids); err != nil {
-			return fmt.Errorf("volume IDs: %s is corrupt (%w): remove it; devices attached until now are then "+
-				"not checked at their next reconnect", s.path, err)
-		}
 	}
 	// f sees the IDs a Set could not save where the file has none, and
 	// a change saves them.
@@ -291,11 +285,7 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 	if changed := f(ids); !write || !changed && !unsaved {
 		return nil
 	}
-	b, err = json.MarshalIndent(ids, "", "  ")
-	if err == nil {
-		err = atomicfile.Write(s.path, append(b, '\n'), 0o600)
-	}
-	if err != nil {
+	if err := atomicfile.WriteJSON(s.path, ids); err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
 	}
 	clear(s.unsaved) // saved now, or the file's own record won
