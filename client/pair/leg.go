@@ -604,8 +604,14 @@ func (l *leg) pollSize(ctx context.Context, now time.Time) error {
 // check is the store's Check (which records the ID of a device attached
 // before IDs were) or Verify; what names what was refused.
 func (l *leg) checkID(info client.ExportInfo, what string, check func(backend, id string) error) error {
-	known, _ := l.s.cfg.IDs.Get(l.backend) // the device's volume, before Check records one
-	return l.refusal(what, check(l.backend, info.ID()), known)
+	err := check(l.backend, info.ID())
+	if err == nil {
+		return nil
+	}
+	// Refused, so an ID was recorded (Check records one only where none
+	// is): the device's volume, which lifts the refusal.
+	known, _ := l.s.cfg.IDs.Get(l.backend)
+	return l.refusal(what, err, known)
 }
 
 // refuseShrunk records in the volume IDs that the leg's export shrank under

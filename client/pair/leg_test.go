@@ -579,6 +579,7 @@ type refusalEnv struct {
 	refused *refusals.Store
 	ctx     context.Context
 	now     time.Time
+	poll    time.Duration // the size poll's interval; 0 for the default
 }
 
 func newRefusalEnv(t *testing.T) *refusalEnv {
@@ -593,7 +594,8 @@ func (e *refusalEnv) boot(k *fakeKernel, ids *volumeid.Store) *leg {
 		ids = volumeid.Open(filepath.Join(e.t.TempDir(), "volume-ids.json"))
 	}
 	s, err := newSupervisor(&Config{Pairs: []Spec{testSpec()}, Kernel: k, Logger: zaptest.NewLogger(e.t),
-		LinkDir: filepath.Join(e.t.TempDir(), "lvnbd"), Dial: e.st.dial, Info: e.st.info, IDs: ids, Refusals: e.refused},
+		LinkDir: filepath.Join(e.t.TempDir(), "lvnbd"), Dial: e.st.dial, Info: e.st.info, IDs: ids, Refusals: e.refused,
+		PollInterval: e.poll},
 		&fakeRunner{t: e.t})
 	if err != nil {
 		e.t.Fatal(err)
@@ -712,6 +714,9 @@ func TestARefusalTheExportLiftsIsForgotten(t *testing.T) {
 	for _, poll := range []bool{false, true} {
 		t.Run(map[bool]string{false: "reconnect", true: "size poll"}[poll], func(t *testing.T) {
 			e := newRefusalEnv(t)
+			if !poll {
+				e.poll = time.Hour // the reconnect alone sees the export
+			}
 			l := e.boot(newFakeKernel(t), nil)
 			e.step(l, 0, false)
 			e.st.set(uriA, func(x *fakeExport) { x.id = "" })
