@@ -108,10 +108,10 @@ func (h *hostDeps) configuredLegOf(u client.URI, warn io.Writer) (name, leg stri
 	if h.clientConfig == "" {
 		return "", ""
 	}
-	if _, err := os.Stat(h.clientConfig); errors.Is(err, os.ErrNotExist) {
+	cfg, err := config.LoadClient(h.clientConfig)
+	if errors.Is(err, os.ErrNotExist) {
 		return "", ""
 	}
-	cfg, err := config.LoadClient(h.clientConfig)
 	if err != nil {
 		fmt.Fprintf(warn, "lvnbd: cannot tell whether %s is a pair's leg (%v): if it is, use lvnbd pair up --leg\n", u, err)
 		return "", ""

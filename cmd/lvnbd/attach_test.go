@@ -1235,3 +1235,16 @@ func checkDetach(t *testing.T, k *fakeNBD, host *hostDeps, args []string, wantEr
 		t.Errorf("disconnected (-want +got):\n%s", diff)
 	}
 }
+
+// No client.toml (a host without pairs): no leg, and nothing said.
+func TestConfiguredLegOfWithoutAFile(t *testing.T) {
+	u, err := client.ParseURI("nbd://localhost/vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var warn strings.Builder
+	h := &hostDeps{clientConfig: filepath.Join(t.TempDir(), "client.toml")}
+	if name, leg := h.configuredLegOf(u, &warn); name != "" || leg != "" || warn.Len() != 0 {
+		t.Errorf("configuredLegOf = %q %q, warned %q", name, leg, warn.String())
+	}
+}
