@@ -248,6 +248,18 @@ func lowerHex(s string, n int) bool {
 	return true
 }
 
+// RollbackCounter is a Driver that counts a rollback made behind its back:
+// a volume shrunk outside lvnbd (lvreduce, truncate) has lost its tail, and
+// grown back it would pass for what a dom0 last saw under its ID. The server
+// counts one when it sees an export shrink, which changes the volume's ID
+// (RolledBackID), so that every dom0 refuses the half, also grown back.
+type RollbackCounter interface {
+	// CountRollback counts one rollback of volume name if its ID is still
+	// id. A volume whose ID changed meanwhile (counted already, by a
+	// shrink through lvnbd, or made anew) is left as it is.
+	CountRollback(ctx context.Context, name, id string) error
+}
+
 // RemoveChecker is a Driver that can tell, changing nothing, why Remove
 // would refuse a volume when Get does not show it (LVM: a snapshot an admin
 // made, which Get leaves out). The server asks before it disconnects a

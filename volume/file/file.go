@@ -279,6 +279,28 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 	return v, err
 }
 
+// CountRollback counts a rollback of a volume whose file was truncated
+// behind lvnbd's back (volume.RollbackCounter), if its ID is still id.
+func (d *Driver) CountRollback(ctx context.Context, name, id string) error {
+	if err := volume.ValidateName(name); err != nil {
+		return err
+	}
+	return d.change(ctx, func(m *metadata) error {
+		vm, err := d.volumeMeta(m, name)
+		if err != nil {
+			return err
+		}
+		if volume.RolledBackID(createdID(vm.Created), vm.Rollbacks) != id {
+			return nil
+		}
+		vm.Rollbacks++
+		if err := d.commit(m); err != nil && !errors.Is(err, atomicfile.ErrNotDurable) {
+			return fmt.Errorf("counting the rollback of volume %s, which changes its ID: %w", name, err)
+		}
+		return nil
+	})
+}
+
 // Remove deletes a volume that has no snapshots.
 func (d *Driver) Remove(ctx context.Context, name string) error {
 	if err := volume.ValidateName(name); err != nil {

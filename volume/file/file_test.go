@@ -291,6 +291,31 @@ func TestResize(t *testing.T) {
 	}
 }
 
+// The server counts a shrink made behind lvnbd's back (a truncate) once it
+// sees it, only while the volume still has the ID it served.
+func TestCountRollback(t *testing.T) {
+	ctx := context.Background()
+	d := newDriver(t)
+	v := mustCreate(t, d, "vm1", gib)
+	id := v.ID
+	if err := d.CountRollback(ctx, "vm1", id); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := d.Get(ctx, "vm1"); v.ID != id+"-r1" {
+		t.Fatalf("ID after a counted rollback %q, want %q", v.ID, id+"-r1")
+	}
+	// Counted already: the server asks again with the ID it served.
+	if err := d.CountRollback(ctx, "vm1", id); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := d.Get(ctx, "vm1"); v.ID != id+"-r1" {
+		t.Errorf("ID after a second count for the same ID %q, want %q", v.ID, id+"-r1")
+	}
+	if err := d.CountRollback(ctx, "nope", id); !errors.Is(err, volume.ErrNotFound) {
+		t.Errorf("count for a missing volume: %v", err)
+	}
+}
+
 func TestRemove(t *testing.T) {
 	ctx := context.Background()
 	d := newDriver(t)

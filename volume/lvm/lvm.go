@@ -620,6 +620,26 @@ func (d *Driver) countRollback(ctx context.Context, lv *logicalVolume) error {
 	return nil
 }
 
+// CountRollback counts a rollback of a volume shrunk behind lvnbd's back
+// (volume.RollbackCounter), if its ID is still id.
+func (d *Driver) CountRollback(ctx context.Context, name, id string) error {
+	if err := volume.ValidateName(name); err != nil {
+		return err
+	}
+	p, err := d.lvs(ctx)
+	if err != nil {
+		return err
+	}
+	lv, err := p.volume(name)
+	if err != nil {
+		return err
+	}
+	if volume.RolledBackID(lv.uuid, lv.rollbacks) != id {
+		return nil
+	}
+	return d.countRollback(ctx, lv)
+}
+
 // noSpace is ErrNoSpace saying how much there is and how much is needed.
 func noSpace(vg *volumeGroup, need int64, what string) error {
 	return fmt.Errorf("%w: %s has %s free, %s needed %s", volume.ErrNoSpace, vg.name,

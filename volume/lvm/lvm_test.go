@@ -278,6 +278,26 @@ func TestResizeOriginRefused(t *testing.T) {
 	}
 }
 
+// The server counts a shrink made behind lvnbd's back (lvreduce) once it
+// sees it, only while the volume still has the ID it served.
+func TestCountRollback(t *testing.T) {
+	id := "hq8gg9-9iyh-kGL4-ARhw-cQ0h-Msl8-EfZ81I"
+	d := newTestDriver(t, lvsCall(t, "lvs-volumes.json"),
+		call{Args: []string{"lvchange", "--addtag", "lvnbd-rollbacks-1", "vg0/vm1"}})
+	if err := d.CountRollback(context.Background(), "vm1", id); err != nil {
+		t.Fatal(err)
+	}
+	// Another ID (counted already, or made anew): no lvchange.
+	d = newTestDriver(t, lvsCall(t, "lvs-volumes.json"))
+	if err := d.CountRollback(context.Background(), "vm1", id+"-r1"); err != nil {
+		t.Fatal(err)
+	}
+	d = newTestDriver(t, lvsCall(t, "lvs-volumes.json"))
+	if err := d.CountRollback(context.Background(), "nope", id); !errors.Is(err, volume.ErrNotFound) {
+		t.Errorf("count for a missing volume: %v", err)
+	}
+}
+
 func TestRemoveCountsSnapshotsNotLvnbds(t *testing.T) {
 	d := newTestDriver(t, lvsCall(t, "lvs.json"))
 	err := d.Remove(context.Background(), "lin")
