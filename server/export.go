@@ -60,6 +60,17 @@ type Export struct {
 	flushes int           // shutdown flushes under way (flushOpen): no close meanwhile
 	closing bool          // the backend is being flushed and closed
 	closed  chan struct{} // closed once the backend is closed after retiring
+	// shrinkSeen: a shrink behind lvnbd was seen (see shrank).
+	shrinkSeen bool
+
+	// onShrink, set for a volume's export before it is offered, has the
+	// shrink of its volume behind the server counted as a rollback
+	// (Volumes.countShrink); it runs once, after the first shrink seen.
+	onShrink func(*Export)
+	// watchFrom is the kernel's uevent number before e was opened, and
+	// watchedSize the size WatchDevices last saw (see Volumes.watch).
+	watchFrom   uint64
+	watchedSize atomic.Int64
 }
 
 // ranges is the export's range lock (see rangeLock): its own or, for an
@@ -233,14 +244,14 @@ func (e *Export) kickClients() {
 }
 
 // refreshSize re-reads the size of the export's file or device, for a
-// rescan or a client's handshake, whichever comes first after a change. A
-// shrink made outside lvnbd (lvreduce, truncate) keeps the volume's ID, but
-// what was past the new end is gone: the export's clients are cut, so that a
-// dom0 leg sees the smaller export at its reconnect and refuses it from then
-// on, also grown back. Kept connected, it would go on over a grow back under
-// the same ID, and md re-add the half from its bitmap. Whoever reads the
-// smaller size first handles it: a handshake that read it and kept quiet
-// would leave the next rescan nothing to see.
+// rescan, a client's handshake or the kernel's word that the device changed
+// (WatchDevices), whichever comes first after a change. A shrink made
+// outside lvnbd (lvreduce, truncate) loses what was past the new end: the
+// export's clients are cut, and a volume's export has the shrink counted,
+// which changes the volume's ID (see shrank). Kept connected under the same
+// ID, a dom0 leg would go on over a grow back, and md re-add the half from
+// its bitmap. Whoever reads the smaller size first handles it: a handshake
+// that read it and kept quiet would leave the next rescan nothing to see.
 func (e *Export) refreshSize(log *zap.Logger) (int64, error) {
 	before := e.Backend.Size()
 	size, err := e.Backend.Refresh()
@@ -248,13 +259,48 @@ func (e *Export) refreshSize(log *zap.Logger) (int64, error) {
 	case err != nil:
 		return 0, err
 	case size < before:
-		log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; disconnecting its clients, and a dom0 leg on it refuses it from now on, to be replaced as a new member of its guest's mirror",
-			zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size), zap.Int("clients", len(e.Clients())))
-		e.kickClients()
+		e.shrank(log, before, size, "")
 	case size != before:
 		log.Info("export resized", zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size))
 	}
 	return size, nil
+}
+
+// shrank handles a shrink of e's file or device behind lvnbd (lvreduce,
+// truncate) from before to size bytes, seen by whoever looked first: what
+// was past the new end is lost. Its clients are cut. A volume's export also
+// refuses new clients, and has the shrink counted as a rollback of the
+// volume (onShrink), which changes the volume's ID: a dom0 leg refuses that
+// even when the volume is grown back before the leg reconnects or polls the
+// size, which the smaller size alone would not tell it. how says how the
+// shrink was seen, when not by a smaller size.
+func (e *Export) shrank(log *zap.Logger, before, size int64, how string) {
+	e.mu.Lock()
+	hook := e.onShrink
+	if e.shrinkSeen {
+		hook = nil
+	}
+	if e.onShrink != nil {
+		e.shrinkSeen = true
+		e.heldOff = true
+	}
+	clients := len(e.clients)
+	for _, c := range e.clients {
+		c.kick()
+	}
+	e.mu.Unlock()
+	fields := []zap.Field{zap.String("export", e.Name), zap.Int64("from", before), zap.Int64("to", size), zap.Int("clients", clients)}
+	if how != "" {
+		fields = append(fields, zap.String("seen", how))
+	}
+	if e.onShrink != nil {
+		log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; disconnecting its clients and counting a rollback of the volume, which changes its ID: a dom0 leg on it refuses it from now on, also grown back, to be replaced as a new member of its guest's mirror", fields...)
+	} else {
+		log.Warn("export shrank under its clients, outside lvnbd: what was past the new end is lost; disconnecting its clients, and a dom0 leg on it refuses it from now on, to be replaced as a new member of its guest's mirror", fields...)
+	}
+	if hook != nil {
+		hook(e)
+	}
 }
 
 // holdOff refuses new clients from now on, as after a retire, unless e has

@@ -437,7 +437,7 @@ func (r *Registry) recover(name string, describe func() (string, error)) (Recove
 		return res, changed
 	}
 	e := &Export{Name: name, Description: desc, ReadOnly: old.ReadOnly, Backend: b,
-		Access: *old.currentAccess()}
+		Access: *old.currentAccess(), onShrink: old.onShrink}
 	// The old clients are cut, but a write of theirs may still be under
 	// way: a copy resent on e waits for it (see hangup.go).
 	e.writes.Store(old.ranges())

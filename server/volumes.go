@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/lvnbd/lvnbd/internal/uevent"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 	"github.com/lvnbd/lvnbd/volume"
@@ -44,6 +46,15 @@ type Volumes struct {
 	// reserved are the names static exports are configured under (see
 	// SetReserved).
 	reserved map[string]bool
+	// uncounted holds, by name, the volumes seen to shrink behind the
+	// server whose rollback is not counted yet, with the ID they had: not
+	// exported again under that ID (see countShrink).
+	uncounted map[string]string
+	// shrinks are the countShrink calls under way.
+	shrinks sync.WaitGroup
+	// devs leads WatchDevices from a device number to its export; read
+	// without mu, which a sync holds for seconds.
+	devs sync.Map
 }
 
 // SetReserved makes names off limits for volume exports: the names static
@@ -66,7 +77,8 @@ func NewVolumes(drv volume.Driver, reg *Registry, log *zap.Logger) *Volumes {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}, mergeNoted: map[string]bool{}}
+	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}, mergeNoted: map[string]bool{},
+		uncounted: map[string]string{}}
 }
 
 // SetAccess changes who may use the exports made from volumes, those that
@@ -136,6 +148,7 @@ func (v *Volumes) syncAfter(ctx context.Context, change string, names ...string)
 var ErrListingVolumes = errors.New("listing volumes")
 
 func (v *Volumes) syncLocked(ctx context.Context) syncResult {
+	failed := v.countShrinks(ctx)
 	vols, err := v.drv.List(ctx)
 	if err != nil {
 		return syncResult{list: fmt.Errorf("%w of %s: %w", ErrListingVolumes, v.drv, err)}
@@ -143,6 +156,15 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	wanted, pending, unreadable := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
+	for name, id := range v.uncounted {
+		if w, ok := wanted[name]; !ok || w.volumeID != id {
+			delete(v.uncounted, name) // made anew or removed meanwhile
+			continue
+		}
+		delete(wanted, name)
+		errs[name] = fmt.Errorf("not exporting %s: it shrank behind the server, and counting that as a rollback, "+
+			"which changes its ID so that no dom0 takes it back as it was, failed (tried again at every rescan): %w", name, failed[name])
+	}
 	for name, err := range unreadable {
 		errs[name] = fmt.Errorf("%w; its export is left as it is", err)
 	}
@@ -192,21 +214,77 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 			v.log.Warn("volume not exported: an --export has its name", zap.String("export", name))
 			continue
 		}
+		// Device events sent before the open are not about what it
+		// opened (WatchDevices).
+		seq, _ := uevent.LastSeq()
 		b, err := backend.Open(w.path, w.readOnly)
 		if err != nil {
 			errs[name] = fmt.Errorf("exporting %s: %w", name, err)
 			continue
 		}
-		opened[name] = openedExport{w, b}
+		opened[name] = openedExport{w, b, seq}
 	}
 	v.addOpened(ctx, opened, errs)
 	return syncResult{exports: errs}
+}
+
+// Wait waits for the counts of shrinks seen (countShrink) under way, which
+// record a rollback a server stopping must not leave out.
+func (v *Volumes) Wait() { v.shrinks.Wait() }
+
+// countShrink has the shrink of e's volume behind the server counted as a
+// rollback, which changes the volume's ID (e.shrank): it retires e, whose
+// clients e.shrank cut and whose new ones it refuses, and syncs, which
+// counts the rollback and exports the volume under its new ID. Until the
+// count succeeds (countShrinks retries it at every sync), the volume is not
+// exported: under its old ID, a dom0 leg would take it back also once grown
+// back, its tail lost. It runs on its own goroutine: a handshake or a sync
+// sees the shrink.
+func (v *Volumes) countShrink(e *Export, id string) {
+	defer v.shrinks.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if cur, ok := v.export(e.Name); !ok || cur != e {
+		return // replaced or removed by a sync meanwhile: a volume changed
+	}
+	v.uncounted[e.Name] = id
+	v.retireLocked(e.Name)
+	if err := v.syncAfter(ctx, "shrink of "+e.Name+" behind the server", e.Name); err != nil {
+		v.log.Error("export not served again after its volume shrank behind the server", zap.String("export", e.Name), zap.Error(err))
+	}
+}
+
+// countShrinks counts the rollbacks of the volumes that shrank behind the
+// server (v.uncounted), before a sync lists the volumes, and returns the
+// errors of the counts that failed: those volumes stay in v.uncounted, and
+// the sync does not export them.
+func (v *Volumes) countShrinks(ctx context.Context) map[string]error {
+	failed := map[string]error{}
+	counter, _ := v.drv.(volume.RollbackCounter)
+	for _, name := range slices.Sorted(maps.Keys(v.uncounted)) {
+		id := v.uncounted[name]
+		err := counter.CountRollback(ctx, name, id)
+		switch {
+		case errors.Is(err, volume.ErrNotFound):
+			delete(v.uncounted, name)
+		case err != nil:
+			failed[name] = err
+		default:
+			delete(v.uncounted, name)
+			v.log.Warn("volume that shrank behind the server now has another ID: dom0 legs on it refuse it, to be replaced as new members of their guests' mirrors",
+				zap.String("volume", name), zap.String("old_id", id))
+		}
+	}
+	return failed
 }
 
 // openedExport is a volume's export opened by a sync, not yet offered.
 type openedExport struct {
 	want    wantedExport
 	backend Backend
+	seq     uint64 // the kernel's last uevent before the open
 }
 
 // addOpened offers the exports a sync opened, once the volumes are listed
@@ -235,12 +313,21 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 			errs[name] = fmt.Errorf("exporting %s: its volume changed while it was being opened (made anew, removed or merged): the next rescan exports what is there then", name)
 			continue
 		}
-		if err := v.reg.Add(&Export{Name: name, Description: o.want.desc, ReadOnly: o.want.readOnly, Backend: o.backend, Access: v.Access}); err != nil {
+		e := &Export{Name: name, Description: o.want.desc, ReadOnly: o.want.readOnly, Backend: o.backend, Access: v.Access}
+		if _, ok := v.drv.(volume.RollbackCounter); ok && o.want.volumeID != "" {
+			id := o.want.volumeID
+			e.onShrink = func(e *Export) {
+				v.shrinks.Add(1)
+				go v.countShrink(e, id)
+			}
+		}
+		if err := v.reg.Add(e); err != nil {
 			o.backend.Close()
 			errs[name] = err
 			continue
 		}
 		v.managed[name] = true
+		v.watch(e, o.seq)
 		v.log.Info("export added", zap.String("export", name), zap.String("path", o.want.path),
 			zap.Int64("size", o.backend.Size()), zap.Bool("readonly", o.want.readOnly))
 	}
@@ -250,6 +337,7 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 type wantedExport struct {
 	path, desc string
 	readOnly   bool
+	volumeID   string // a volume's ID (without the epoch); "" for a snapshot
 }
 
 // wanted gives the exports vols should have, by name; the volumes that have
@@ -268,7 +356,7 @@ func (v *Volumes) wanted(vols []volume.Volume) (wanted map[string]wantedExport, 
 			// The ID in the description lets a dom0 refuse to
 			// reconnect a leg to a volume made anew under this name.
 			id := nbd.WithEpoch(vol.ID, v.Epoch)
-			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), id), false}
+			wanted[vol.Name] = wantedExport{vol.Path, nbd.WithID("volume "+vol.Name+" on "+v.drv.String(), id), false, vol.ID}
 		}
 		for _, s := range vol.Snapshots {
 			switch {
@@ -277,7 +365,7 @@ func (v *Volumes) wanted(vols []volume.Volume) (wanted map[string]wantedExport, 
 			case s.Invalid || s.Merging:
 				// nothing consistent to read
 			default:
-				wanted[s.Ref()] = wantedExport{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true}
+				wanted[s.Ref()] = wantedExport{s.Path, nbd.WithID("snapshot "+s.Ref()+" on "+v.drv.String(), s.ID), true, ""}
 			}
 		}
 	}
@@ -305,6 +393,14 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
 	before := e.Description // as the rescan just listed it, before the open
+	seq, _ := uevent.LastSeq()
+	defer func() {
+		// The export opened anew is the one to watch.
+		if now, ok := v.export(name); ok && now != e {
+			v.unwatch(e)
+			v.watch(now, seq)
+		}
+	}()
 	return v.reg.recover(name, func() (string, error) {
 		vols, err := v.drv.List(ctx)
 		if err != nil {
@@ -354,6 +450,9 @@ func (v *Volumes) noteMerges(pending map[string]volume.Volume) {
 // removeLocked stops exporting name and returns at once; the channel is
 // closed once its backend is flushed and closed (after its last client).
 func (v *Volumes) removeLocked(name string) <-chan struct{} {
+	if e, ok := v.export(name); ok {
+		v.unwatch(e)
+	}
 	delete(v.managed, name)
 	_, closed, err := v.reg.Remove(name)
 	if err != nil {

@@ -336,12 +336,12 @@ func TestMergedVolumeIsExportedUnderAnotherID(t *testing.T) {
 	}
 }
 
-// A volume shrunk behind the server (truncate, lvreduce) keeps its ID, but
-// its tail is gone: its clients are cut, so that a dom0 leg sees the smaller
-// export at its reconnect and refuses it, instead of carrying on over a grow
-// back under the same ID. Whoever sees the smaller size first cuts them: a
-// rescan, or a handshake (a dom0's size poll) that re-read the size before
-// the rescan, which then has no change left to see.
+// A volume shrunk behind the server (truncate, lvreduce) has lost its tail:
+// its clients are cut, and the shrink is counted as a rollback, which gives
+// the volume another ID, so that a dom0 leg refuses it also if it is grown
+// back before the leg reconnects. Whoever sees the smaller size first
+// handles it: a rescan, or a handshake (a dom0's size poll) that re-read the
+// size before the rescan, which then has no change left to see.
 func TestShrinkBehindTheServerCutsItsClients(t *testing.T) {
 	for _, handshakeFirst := range []bool{false, true} {
 		t.Run(fmt.Sprintf("handshake first %v", handshakeFirst), func(t *testing.T) {
@@ -370,8 +370,16 @@ func TestShrinkBehindTheServerCutsItsClients(t *testing.T) {
 				t.Fatal(err)
 			}
 			c.expectClosed()
-			if e, _ := ts.reg.Lookup("vm1"); e.Backend.Size() != 1<<20 {
+			vols.shrinks.Wait()
+			e, ok := ts.reg.Lookup("vm1")
+			if !ok {
+				t.Fatal("vm1 not exported after the shrink was counted")
+			}
+			if e.Backend.Size() != 1<<20 {
 				t.Errorf("vm1 after the shrink is exported with %d bytes, want %d", e.Backend.Size(), 1<<20)
+			}
+			if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
+				t.Errorf("vm1 after the shrink carries ID %q, want %q", got, want)
 			}
 			// The handshake warns in the server's log; the rescan after it
 			// has nothing left to say.
@@ -379,10 +387,139 @@ func TestShrinkBehindTheServerCutsItsClients(t *testing.T) {
 			if handshakeFirst {
 				want = 0
 			}
-			if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("shrank").Len(); n != want {
+			if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("export shrank").Len(); n != want {
 				t.Errorf("%d warnings from the rescan that vm1 shrank, want %d: %v", n, want, logs.All())
 			}
 		})
+	}
+}
+
+// A volume shrunk and grown back behind the server before any client
+// reconnects keeps its size, but not its tail: the client the shrink cut
+// must find another ID when it comes back, and none may come in before the
+// count, under the old one.
+func TestShrinkGrownBackBeforeTheReconnectChangesTheID(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	e, _ := ts.reg.Lookup("vm1")
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	vols.mu.Lock()                                         // holds the count back until the check below
+	if _, err := e.refreshSize(zap.NewNop()); err != nil { // a rescan, or the device watch
+		t.Fatal(err)
+	}
+	c.expectClosed()
+	if err := os.Truncate(v.Path, 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	// Before the count: refused, not told the old ID.
+	early := dialRaw(t, ts.addr)
+	early.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
+	early.sendOption(nbd.OptGo, b)
+	for _, r := range early.optionReplies(nbd.OptGo) {
+		if r.typ == nbd.RepAck {
+			t.Fatal("a client entered the shrunk export before the shrink was counted")
+		}
+	}
+	vols.mu.Unlock()
+	vols.shrinks.Wait()
+	back := dialRaw(t, ts.addr)
+	info := back.open("vm1", false)
+	if info.Size != 2<<20 {
+		t.Errorf("size after the grow back %d, want %d", info.Size, 2<<20)
+	}
+	now, _ := ts.reg.Lookup("vm1")
+	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
+		t.Errorf("vm1 after a shrink and grow back carries ID %q, want %q", got, want)
+	}
+}
+
+// A shrink seen on an export that a sync has replaced meanwhile (its volume
+// made anew, say) is not the new export's: its count neither cuts the new
+// one's clients nor changes the new volume's ID.
+func TestCountShrinkLeavesAReplacedExport(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+	vols.shrinks.Add(1)
+	vols.countShrink(&Export{Name: "vm1"}, v.ID) // the one replaced
+	expectConnected(t, c)
+	e, _ := ts.reg.Lookup("vm1")
+	if got := nbd.DescriptionID(e.Description); got != v.ID {
+		t.Errorf("vm1 carries ID %q, want %q", got, v.ID)
+	}
+}
+
+// failingCounter is a file driver whose rollback counts fail while fail is
+// set.
+type failingCounter struct {
+	*file.Driver
+	fail atomic.Bool
+}
+
+func (d *failingCounter) CountRollback(ctx context.Context, name, id string) error {
+	if d.fail.Load() {
+		return errors.New("lvchange: Volume group vg0 is locked")
+	}
+	return d.Driver.CountRollback(ctx, name, id)
+}
+
+// Until a shrink behind the server is counted, the volume is not exported:
+// under the old ID a dom0 leg would take it back. Each sync tries again.
+func TestShrinkNotCountedIsNotExported(t *testing.T) {
+	ctx := context.Background()
+	drv := &failingCounter{Driver: newFileDriver(t)}
+	vols, ts, _ := observedVolumes(t, drv)
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vols.Create(ctx, volume.CreateOptions{Name: "vm2", Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	drv.fail.Store(true)
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	err = vols.Sync(ctx) // sees the shrink
+	vols.shrinks.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = vols.Sync(ctx)
+	if err == nil || !strings.Contains(err.Error(), "not exporting vm1: it shrank behind the server") ||
+		!strings.Contains(err.Error(), "Volume group vg0 is locked") {
+		t.Errorf("sync while the count fails: %v", err)
+	}
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 exported before its shrink was counted")
+	}
+	if _, ok := ts.reg.Lookup("vm2"); !ok {
+		t.Error("vm2 not exported while vm1's count fails")
+	}
+	drv.fail.Store(false)
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e, ok := ts.reg.Lookup("vm1")
+	if !ok {
+		t.Fatal("vm1 not exported once its shrink was counted")
+	}
+	if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
+		t.Errorf("vm1 carries ID %q, want %q", got, want)
 	}
 }
 

@@ -44,6 +44,7 @@ type File struct {
 	fd        int
 	path      string
 	device    bool
+	rdev      uint64 // a device's number
 	readOnly  bool
 	size      atomic.Int64
 	dsync     bool         // the kernel takes RWF_DSYNC, as asked at Open (see rwf.Supported)
@@ -111,6 +112,7 @@ func Open(path string, readOnly bool) (*File, error) {
 		}
 		// Unknown (no sysfs) counts as none: a fast zeroing is then
 		// refused, which the client can always cope with.
+		b.rdev = dst.Rdev
 		n, err := writeZeroesMaxBytes("/sys", dst.Rdev)
 		b.zeroOffload.Store(err == nil && n > 0)
 	default:
@@ -158,6 +160,10 @@ func (b *File) Path() string { return b.path }
 
 // IsDevice reports whether the backend is a block device.
 func (b *File) IsDevice() bool { return b.device }
+
+// Dev is the device number of a block device, as in its uevents; false for
+// a file.
+func (b *File) Dev() (uint64, bool) { return b.rdev, b.device }
 
 // SameFile reports whether path still names the file or device this backend
 // has open: the same inode of the same filesystem for a file, the same

@@ -20,6 +20,7 @@ import (
 	"github.com/lvnbd/lvnbd/config"
 	"github.com/lvnbd/lvnbd/control"
 	"github.com/lvnbd/lvnbd/internal/systemd"
+	"github.com/lvnbd/lvnbd/internal/uevent"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/server/metrics"
 	"github.com/lvnbd/lvnbd/volume"
@@ -111,6 +112,7 @@ func Run(ctx context.Context, opts Options) error {
 	if err := d.applyExports(plan); err != nil {
 		return err
 	}
+	var devEvents *uevent.Listener
 	if cfg.Server.Volumes != "" {
 		drv, err := volume.Open(cfg.Server.Volumes)
 		if err != nil {
@@ -126,6 +128,14 @@ func Run(ctx context.Context, opts Options) error {
 		// Static exports left out (their file cannot be opened) keep
 		// their names from volumes all the same.
 		d.vols.SetReserved(staticNames(cfg))
+		// Opened before the first sync: no change of a device it
+		// exports goes unseen after (WatchDevices).
+		if l, err := uevent.Listen(); err != nil {
+			d.log.Warn("not watching the volumes' devices: a volume shrunk and grown back behind the server between two rescans would go unseen", zap.Error(err))
+		} else {
+			devEvents = l
+			defer l.Close()
+		}
 		if err := d.vols.Sync(ctx); errors.Is(err, server.ErrListingVolumes) {
 			return err
 		} else if err != nil {
@@ -189,6 +199,9 @@ func Run(ctx context.Context, opts Options) error {
 	if d.vols != nil && cfg.Server.Rescan > 0 {
 		run(func() { d.rescan(ctx, cfg.Server.Rescan) })
 	}
+	if devEvents != nil {
+		run(func() { d.watchDevices(ctx, devEvents) })
+	}
 	run(func() { d.reloads(ctx) })
 	// Failures.record retries too, with every new failure.
 	run(func() { every(ctx, failureRetry, func() { _ = failures.Retry() }) }) // logged by the attempt
@@ -208,6 +221,9 @@ func Run(ctx context.Context, opts Options) error {
 	// an export after the server waited for those closing: their flushes
 	// are recorded before the exit too.
 	background.Wait()
+	if d.vols != nil {
+		d.vols.Wait() // rollbacks being counted
+	}
 	d.reg.WaitClosed()
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
@@ -296,6 +312,16 @@ func (d *Daemon) rescan(ctx context.Context, interval time.Duration) {
 			d.log.Warn("re-reading volumes", zap.Error(err))
 		}
 	})
+}
+
+// watchDevices runs the volumes' device watch (Volumes.WatchDevices) until
+// ctx is done.
+func (d *Daemon) watchDevices(ctx context.Context, l *uevent.Listener) {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	if err := d.vols.WatchDevices(l); err != nil && ctx.Err() == nil {
+		d.log.Error("the volumes' device watch stopped: a volume shrunk and grown back behind the server between two rescans would go unseen", zap.Error(err))
+	}
 }
 
 func (d *Daemon) reloads(ctx context.Context) {
