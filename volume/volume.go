@@ -10,6 +10,8 @@ package volume
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -64,6 +66,20 @@ func RolledBackID(base string, n int) string {
 		return base
 	}
 	return fmt.Sprintf("%s-r%d", base, n)
+}
+
+// SplitRollbacks undoes RolledBackID: the ID as made, and how many
+// rollbacks it counts (0 for an ID without the -rN of one).
+func SplitRollbacks(id string) (base string, n int) {
+	i := strings.LastIndex(id, "-r")
+	if i <= 0 {
+		return id, 0
+	}
+	n, err := strconv.Atoi(id[i+2:])
+	if err != nil || n <= 0 || strconv.Itoa(n) != id[i+2:] {
+		return id, 0
+	}
+	return id[:i], n
 }
 
 // Err is the volume's Problem as an error wrapping ErrUnreadable, or nil.

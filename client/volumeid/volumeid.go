@@ -29,6 +29,7 @@ import (
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/internal/flock"
 	"github.com/lvnbd/lvnbd/nbd"
+	"github.com/lvnbd/lvnbd/volume"
 )
 
 // DefaultPath is where the IDs are kept.
@@ -233,8 +234,23 @@ func (s *Store) compare(backend, id string, learn bool) error {
 			"reset) since the device was attached (volume id %s, now %s): the writes it had acknowledged but "+
 			"not flushed are lost on this half", ErrReplaced, backend, known, id)
 	}
+	if rolledBackSince(known, id) {
+		return fmt.Errorf("%w: the volume behind %s was rolled back since the device was attached (a snapshot "+
+			"merged into it, or it shrank, even if grown back since: its tail is lost; volume id %s, now %s), "+
+			"and its data is not the device's", ErrReplaced, backend, known, id)
+	}
 	return fmt.Errorf("%w: the volume behind %s is not the one its device was attached to (volume id %s, now %s), "+
 		"and its data is not the device's", ErrReplaced, backend, known, id)
+}
+
+// rolledBackSince reports whether now is the volume of known, rolled back
+// since (more rollbacks counted: volume.RolledBackID), on the same epoch.
+func rolledBackSince(known, now string) bool {
+	kb, ke := nbd.SplitEpoch(known)
+	nb, ne := nbd.SplitEpoch(now)
+	kbase, kn := volume.SplitRollbacks(kb)
+	nbase, nn := volume.SplitRollbacks(nb)
+	return ke == ne && kbase == nbase && nn > kn
 }
 
 // crashedSince reports whether now is the volume of known, served by a box

@@ -113,6 +113,35 @@ func TestCheckAfterABoxCrash(t *testing.T) {
 	}
 }
 
+// A volume rolled back since its device was attached (a merge, a shrink)
+// is refused saying so; another volume or a box crash is not told as one.
+func TestCheckAfterARollback(t *testing.T) {
+	uuid := "N2rCXI-bdIi-0s83-f1kJ-NiKY-r36V-EsR2zC"
+	for _, tc := range []struct {
+		attached, now string
+		rolled        bool
+	}{
+		{uuid, uuid + "-r1", true},
+		{uuid + "-r1", uuid + "-r3", true},
+		{uuid + "-r1--c00112233", uuid + "-r2--c00112233", true},
+		{uuid + "-r2", uuid + "-r1", false}, // fewer: not this volume's history
+		{uuid, "other-r1", false},
+		{uuid + "--c00112233", uuid + "-r1--c44556677", false}, // and a crash: told as another volume
+	} {
+		s := Open("")
+		if err := s.Check(backend, tc.attached); err != nil {
+			t.Fatal(err)
+		}
+		err := s.Check(backend, tc.now)
+		if !errors.Is(err, ErrReplaced) {
+			t.Fatalf("attached as %s, now %s: %v, want refused", tc.attached, tc.now, err)
+		}
+		if rolled := strings.Contains(err.Error(), "rolled back since the device was attached"); rolled != tc.rolled {
+			t.Errorf("attached as %s, now %s: %v; want it to say rolled back: %v", tc.attached, tc.now, err, tc.rolled)
+		}
+	}
+}
+
 // Another process (a new Store on the same file: the daemon after a reload
 // or a restart, lvnbd reconnect) finds what one recorded.
 func TestSharedFile(t *testing.T) {
