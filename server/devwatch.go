@@ -3,8 +3,13 @@ package server
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"math"
+	"slices"
+	"strconv"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/uevent"
 )
@@ -30,14 +35,16 @@ func (v *Volumes) WatchDevices(events DeviceEvents) error {
 		ev, err := events.Next()
 		switch {
 		case errors.Is(err, uevent.ErrLost):
+			// The events queued before the overflow still come, and
+			// are judged against the sizes seen before it: not stored
+			// here.
 			v.log.Warn("kernel device events were lost (a burst overflowed the socket's buffer): re-reading every export's size; a volume shrunk and grown back behind the server in that moment goes unseen")
-			v.devs.Range(func(_, x any) bool {
-				e := x.(*Export)
-				if size, err := e.refreshSize(v.log); err == nil {
-					e.watchedSize.Store(size)
-				}
-				return true
-			})
+			v.watchMu.Lock()
+			watched := slices.Collect(maps.Values(v.devs))
+			v.watchMu.Unlock()
+			for _, e := range watched {
+				_, _ = e.refreshSize(v.log) // a shrink it sees, it handles
+			}
 			continue
 		case err != nil:
 			return fmt.Errorf("watching devices: %w", err)
@@ -55,11 +62,17 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 	if !ok {
 		return
 	}
-	x, ok := v.devs.Load(dev)
+	resized := ev.Vars["RESIZE"] == "1"
+	v.watchMu.Lock()
+	e, ok := v.devs[dev]
+	if !ok && resized {
+		// Perhaps an export being opened: watch looks.
+		v.unwatchedResize[dev] = ev.Seq
+	}
+	v.watchMu.Unlock()
 	if !ok {
 		return
 	}
-	e := x.(*Export)
 	if ev.Seq != 0 && ev.Seq <= e.watchFrom {
 		return // sent before the export's size was first read
 	}
@@ -76,32 +89,66 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 		return
 	}
 	e.watchedSize.Store(size)
-	if ev.Vars["RESIZE"] == "1" && size == seen {
+	// A resize during the open may be in the size it read, or not.
+	if resized && size == seen && ev.Seq > e.watchAmbiguous {
 		e.shrank(v.log, size, size, "the kernel resized the device, and it had its old size again when the server looked: it may have shrunk and grown back")
 	}
 }
 
-// watch has WatchDevices look after e, opened after the kernel's uevent
-// number seq: e's device number leads to it.
-func (v *Volumes) watch(e *Export, seq uint64) {
-	d, ok := e.Backend.(interface{ Dev() (uint64, bool) })
+// openSeqs are the kernel's last uevent numbers before and after an open
+// of an export's device.
+type openSeqs struct{ before, after uint64 }
+
+// openWithSeqs runs open between two reads of the kernel's last uevent
+// number. Unknown, every event is taken as after the open, and none is
+// judged by size alone (see deviceChanged).
+func openWithSeqs[T any](open func() (T, error)) (T, openSeqs, error) {
+	before, err1 := uevent.LastSeq()
+	x, err := open()
+	after, err2 := uevent.LastSeq()
+	if err1 != nil || err2 != nil {
+		return x, openSeqs{0, math.MaxUint64}, err
+	}
+	return x, openSeqs{before, after}, err
+}
+
+// watch has WatchDevices look after e, whose device was opened as seqs
+// say: e's device number leads to it. A resize the watch saw of that
+// device before this, but after the open began, is judged now.
+func (v *Volumes) watch(e *Export, seqs openSeqs) {
+	dev, ok := v.deviceOf(e)
 	if !ok {
 		return
 	}
-	dev, ok := d.Dev()
-	if !ok {
-		return
-	}
-	e.watchFrom = seq
+	v.watchMu.Lock()
+	e.watchFrom, e.watchAmbiguous = seqs.before, seqs.after
 	e.watchedSize.Store(e.Backend.Size())
-	v.devs.Store(dev, e)
+	v.devs[dev] = e
+	late, resized := v.unwatchedResize[dev]
+	delete(v.unwatchedResize, dev)
+	v.watchMu.Unlock()
+	if resized && late > seqs.before {
+		v.deviceChanged(uevent.Event{Action: "change", Subsystem: "block", Seq: late, Vars: map[string]string{
+			"MAJOR": strconv.FormatUint(uint64(unix.Major(dev)), 10), "MINOR": strconv.FormatUint(uint64(unix.Minor(dev)), 10),
+			"RESIZE": "1"}})
+	}
 }
 
 // unwatch undoes watch.
 func (v *Volumes) unwatch(e *Export) {
-	if d, ok := e.Backend.(interface{ Dev() (uint64, bool) }); ok {
-		if dev, ok := d.Dev(); ok {
-			v.devs.CompareAndDelete(dev, e)
+	if dev, ok := v.deviceOf(e); ok {
+		v.watchMu.Lock()
+		if v.devs[dev] == e {
+			delete(v.devs, dev)
 		}
+		v.watchMu.Unlock()
 	}
+}
+
+// devOf is the device number of e's block device.
+func devOf(e *Export) (uint64, bool) {
+	if d, ok := e.Backend.(interface{ Dev() (uint64, bool) }); ok {
+		return d.Dev()
+	}
+	return 0, false
 }

@@ -4,13 +4,21 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
+	"strings"
 	"testing"
+	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 
+	"github.com/lvnbd/lvnbd/internal/looptest"
 	"github.com/lvnbd/lvnbd/internal/uevent"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/volume"
+	"github.com/lvnbd/lvnbd/volume/file"
 )
 
 // fakeEvents hands out events, then errStop.
@@ -56,45 +64,54 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 	lost := uevent.Event{}
 	tests := []struct {
 		name   string
-		sizes  []int64 // the volume's file is truncated to each, in turn
+		sizes  []int64        // the volume's file is truncated to each, in turn
+		early  []uevent.Event // seen before the export is watched
 		events []uevent.Event
 		lost   int // index of the event that is ErrLost instead; -1 none
 		rolled bool
-		cut    bool // the client is cut
 	}{
-		{"shrunk and grown back before the server looked", []int64{mib, 2 * mib},
-			[]uevent.Event{change(dev, 11, true), change(dev, 12, true)}, -1, true, true},
-		{"shrunk, seen", []int64{mib}, []uevent.Event{change(dev, 11, true)}, -1, true, true},
-		{"grown", []int64{3 * mib}, []uevent.Event{change(dev, 11, true)}, -1, false, false},
-		{"grown and shrunk back before the server looked (it cannot tell)", []int64{3 * mib, 2 * mib},
-			[]uevent.Event{change(dev, 11, true), change(dev, 12, true)}, -1, true, true},
-		{"reloaded, not resized (pvmove)", nil, []uevent.Event{change(dev, 11, false)}, -1, false, false},
-		{"resized before the export was opened", nil, []uevent.Event{change(dev, 10, true)}, -1, false, false},
-		{"another device", []int64{mib, 2 * mib}, []uevent.Event{change(unix.Mkdev(253, 4), 11, true)}, -1, false, false},
-		{"events lost", []int64{mib}, []uevent.Event{lost}, 0, true, true},
+		{"shrunk and grown back before the server looked", []int64{mib, 2 * mib}, nil,
+			[]uevent.Event{change(dev, 21, true), change(dev, 22, true)}, -1, true},
+		{"shrunk, seen", []int64{mib}, nil, []uevent.Event{change(dev, 21, true)}, -1, true},
+		{"grown", []int64{3 * mib}, nil, []uevent.Event{change(dev, 21, true)}, -1, false},
+		{"grown and shrunk back before the server looked (it cannot tell)", []int64{3 * mib, 2 * mib}, nil,
+			[]uevent.Event{change(dev, 21, true), change(dev, 22, true)}, -1, true},
+		{"reloaded, not resized (pvmove)", nil, nil, []uevent.Event{change(dev, 21, false)}, -1, false},
+		{"resized before the export was opened", nil, nil, []uevent.Event{change(dev, 10, true)}, -1, false},
+		{"resized while it was opened", nil, nil, []uevent.Event{change(dev, 15, true)}, -1, false},
+		{"shrunk and grown back between the open and the watch", []int64{mib, 2 * mib},
+			[]uevent.Event{change(dev, 21, true)}, nil, -1, true},
+		{"another device", []int64{mib, 2 * mib}, nil, []uevent.Event{change(unix.Mkdev(253, 4), 21, true)}, -1, false},
+		{"events lost", []int64{mib}, nil, []uevent.Event{lost}, 0, true},
+		{"events lost, then the grow queued before", []int64{3 * mib}, nil,
+			[]uevent.Event{lost, change(dev, 21, true)}, 0, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
 			vols, ts, _ := observedVolumes(t, newFileDriver(t))
+			vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
 			v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 * mib})
 			if err != nil {
 				t.Fatal(err)
 			}
 			c := dialRaw(t, ts.addr)
 			c.open("vm1", false)
-			// As Volumes.watch does for an LV's device, opened after
-			// the kernel's event 10.
 			e, _ := ts.reg.Lookup("vm1")
-			e.watchFrom = 10
-			e.watchedSize.Store(e.Backend.Size())
-			vols.devs.Store(dev, e)
-
 			for _, size := range tt.sizes {
 				if err := os.Truncate(v.Path, size); err != nil {
 					t.Fatal(err)
 				}
 			}
+			// Opened between the kernel's events 10 and 20, watched
+			// after the early ones.
+			vols.mu.Lock()
+			vols.unwatch(e)
+			for _, ev := range tt.early {
+				vols.deviceChanged(ev)
+			}
+			vols.watch(e, openSeqs{10, 20})
+			vols.mu.Unlock()
 			events := &fakeEvents{events: tt.events, errs: make([]error, len(tt.events))}
 			if tt.lost >= 0 {
 				events.errs[tt.lost] = uevent.ErrLost
@@ -103,7 +120,7 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 				t.Fatalf("WatchDevices: %v, want the events' error", err)
 			}
 			vols.shrinks.Wait()
-			if tt.cut {
+			if tt.rolled {
 				c.expectClosed()
 			} else {
 				expectConnected(t, c)
@@ -119,6 +136,125 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 			if got := nbd.DescriptionID(now.Description); got != want {
 				t.Errorf("vm1 carries ID %q, want %q", got, want)
 			}
+			// The export it replaced is no longer watched.
+			vols.watchMu.Lock()
+			watched := vols.devs[dev]
+			vols.watchMu.Unlock()
+			if tt.rolled && watched == e {
+				t.Error("the export replaced under another ID is still watched")
+			}
 		})
 	}
+}
+
+// loopDriver serves its volumes from loop devices over their files, as the
+// LVM driver serves them from device-mapper devices.
+type loopDriver struct {
+	*file.Driver
+	loops map[string]string // volume name → its loop device
+}
+
+func (d loopDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	vols, err := d.Driver.List(ctx)
+	for i := range vols {
+		if dev, ok := d.loops[vols[i].Name]; ok {
+			vols[i].Path = dev
+		}
+	}
+	return vols, err
+}
+
+// End to end with the kernel's own events: a loop device under a volume is
+// shrunk and grown back (its file truncated, then losetup -c, which sends
+// RESIZE=1 as dm's reload does), with no rescan: the watch, started as the
+// server starts it, cuts the client and the volume comes back under another
+// ID. The server's ordinary path gives the watch the device (Volumes.watch
+// from a sync's open) and takes it back from the export replaced.
+func TestDeviceWatchOnALoopDevice(t *testing.T) {
+	looptest.Require(t)
+	ctx := context.Background()
+	fd := newFileDriver(t)
+	v, err := fd.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop := looptest.AttachFile(t, v.Path, 0)
+	l, err := uevent.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, nil)
+	counted := make(chan struct{}, 1)
+	vols := NewVolumes(loopDriver{fd, map[string]string{"vm1": loop}}, ts.reg, zap.New(zaptest.NewLogger(t).Core(),
+		zap.Hooks(func(e zapcore.Entry) error {
+			if strings.Contains(e.Message, "now has another ID") {
+				select {
+				case counted <- struct{}{}:
+				default:
+				}
+			}
+			return nil
+		})))
+	if err := vols.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	watching := make(chan error, 1)
+	go func() { watching <- vols.WatchDevices(l) }()
+	t.Cleanup(func() {
+		l.Close()
+		<-watching
+		vols.Stop()
+	})
+	old, _ := ts.reg.Lookup("vm1")
+	c := dialRaw(t, ts.addr)
+	c.open("vm1", false)
+
+	for _, size := range []int64{1 << 20, 2 << 20} {
+		if err := os.Truncate(v.Path, size); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("losetup", "--set-capacity", loop).CombinedOutput(); err != nil {
+			t.Fatalf("losetup --set-capacity %s: %v: %s", loop, err, out)
+		}
+	}
+	c.expectClosed()
+	select {
+	case <-counted:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no rollback counted within 30 s of the shrink and grow back")
+	}
+	vols.shrinks.Wait() // exported again
+	now, ok := ts.reg.Lookup("vm1")
+	if !ok || now == old {
+		t.Fatal("vm1 not exported again")
+	}
+	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
+		t.Errorf("vm1 carries ID %q, want %q", got, want)
+	}
+	if now.Backend.Size() != 2<<20 {
+		t.Errorf("vm1 exported with %d bytes, want %d", now.Backend.Size(), 2<<20)
+	}
+	vols.watchMu.Lock()
+	if len(vols.devs) != 1 || vols.devs[mustDev(t, loop)] != now {
+		t.Errorf("watched devices %v, want only %s's new export", vols.devs, loop)
+	}
+	vols.watchMu.Unlock()
+	// A volume removed is no longer watched.
+	if err := vols.Remove(ctx, "vm1", true); err != nil {
+		t.Fatal(err)
+	}
+	vols.watchMu.Lock()
+	defer vols.watchMu.Unlock()
+	if len(vols.devs) != 0 {
+		t.Errorf("watched devices after the removal: %v", vols.devs)
+	}
+}
+
+func mustDev(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Rdev
 }

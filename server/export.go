@@ -67,10 +67,11 @@ type Export struct {
 	// shrink of its volume behind the server counted as a rollback
 	// (Volumes.countShrink); it runs once, after the first shrink seen.
 	onShrink func(*Export)
-	// watchFrom is the kernel's uevent number before e was opened, and
-	// watchedSize the size WatchDevices last saw (see Volumes.watch).
-	watchFrom   uint64
-	watchedSize atomic.Int64
+	// watchFrom and watchAmbiguous are the kernel's uevent numbers before
+	// and after e was opened, and watchedSize the size WatchDevices last
+	// saw (see Volumes.watch).
+	watchFrom, watchAmbiguous uint64
+	watchedSize               atomic.Int64
 }
 
 // ranges is the export's range lock (see rangeLock): its own or, for an
@@ -327,7 +328,9 @@ func (e *Export) holdOff(what string) error {
 // letIn undoes holdOff.
 func (e *Export) letIn() {
 	e.mu.Lock()
-	e.heldOff = false
+	// A shrink seen keeps it shut: it waits to be replaced under another
+	// ID (see shrank).
+	e.heldOff = e.shrinkSeen && e.onShrink != nil
 	e.mu.Unlock()
 }
 

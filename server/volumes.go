@@ -12,7 +12,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/lvnbd/lvnbd/internal/uevent"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 	"github.com/lvnbd/lvnbd/volume"
@@ -48,13 +47,20 @@ type Volumes struct {
 	reserved map[string]bool
 	// uncounted holds, by name, the volumes seen to shrink behind the
 	// server whose rollback is not counted yet, with the ID they had: not
-	// exported again under that ID (see countShrink).
-	uncounted map[string]string
+	// exported again under that ID (see countShrink). Kept in shrinkFile
+	// too, so that a restart does not export them under it either.
+	uncounted  map[string]string
+	shrinkFile string
+	stopping   bool // see Stop
 	// shrinks are the countShrink calls under way.
 	shrinks sync.WaitGroup
-	// devs leads WatchDevices from a device number to its export; read
-	// without mu, which a sync holds for seconds.
-	devs sync.Map
+	// devs leads WatchDevices from a device number to its export, and
+	// unwatchedResize to the last resize it saw of a device none had;
+	// under watchMu, not mu, which a sync holds for seconds.
+	watchMu         sync.Mutex
+	devs            map[uint64]*Export
+	unwatchedResize map[uint64]uint64
+	deviceOf        func(*Export) (uint64, bool) // devOf; tests give files one
 }
 
 // SetReserved makes names off limits for volume exports: the names static
@@ -78,7 +84,8 @@ func NewVolumes(drv volume.Driver, reg *Registry, log *zap.Logger) *Volumes {
 		log = zap.NewNop()
 	}
 	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}, mergeNoted: map[string]bool{},
-		uncounted: map[string]string{}}
+		uncounted: map[string]string{}, devs: map[uint64]*Export{}, unwatchedResize: map[uint64]uint64{},
+		deviceOf: devOf}
 }
 
 // SetAccess changes who may use the exports made from volumes, those that
@@ -156,15 +163,7 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	wanted, pending, unreadable := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
-	for name, id := range v.uncounted {
-		if w, ok := wanted[name]; !ok || w.volumeID != id {
-			delete(v.uncounted, name) // made anew or removed meanwhile
-			continue
-		}
-		delete(wanted, name)
-		errs[name] = fmt.Errorf("not exporting %s: it shrank behind the server, and counting that as a rollback, "+
-			"which changes its ID so that no dom0 takes it back as it was, failed (tried again at every rescan): %w", name, failed[name])
-	}
+	v.keepUncounted(vols, wanted, failed, errs)
 	for name, err := range unreadable {
 		errs[name] = fmt.Errorf("%w; its export is left as it is", err)
 	}
@@ -216,21 +215,50 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 		}
 		// Device events sent before the open are not about what it
 		// opened (WatchDevices).
-		seq, _ := uevent.LastSeq()
-		b, err := backend.Open(w.path, w.readOnly)
+		b, seqs, err := openWithSeqs(func() (*backend.File, error) { return backend.Open(w.path, w.readOnly) })
 		if err != nil {
 			errs[name] = fmt.Errorf("exporting %s: %w", name, err)
 			continue
 		}
-		opened[name] = openedExport{w, b, seq}
+		opened[name] = openedExport{w, b, seqs}
 	}
 	v.addOpened(ctx, opened, errs)
 	return syncResult{exports: errs}
 }
 
-// Wait waits for the counts of shrinks seen (countShrink) under way, which
-// record a rollback a server stopping must not leave out.
-func (v *Volumes) Wait() { v.shrinks.Wait() }
+// Stop waits for the counts of shrinks seen (countShrink) under way, which
+// record a rollback a server stopping must not leave out; from now on they
+// count without exporting anything.
+func (v *Volumes) Stop() {
+	v.mu.Lock()
+	v.stopping = true
+	v.mu.Unlock()
+	v.shrinks.Wait()
+}
+
+// KeepShrinks keeps the shrinks seen whose rollback is not counted yet in
+// the file at path (none: ""), and loads the ones a server before this one
+// left there. Call it before the first Sync.
+func (v *Volumes) KeepShrinks(path string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	left := map[string]string{}
+	if err := loadJSON(path, &left); err != nil {
+		return fmt.Errorf("shrink file %s: %w: it lists volumes that shrank behind the server, whose rollback "+
+			"(a new ID) is not counted yet; fix it, or remove it once each volume's dom0 legs were taken down", path, err)
+	}
+	maps.Copy(v.uncounted, left)
+	v.shrinkFile = path
+	return nil
+}
+
+// saveShrinksLocked writes v.uncounted to the shrink file.
+func (v *Volumes) saveShrinksLocked() {
+	if err := saveJSON(v.shrinkFile, v.uncounted); err != nil {
+		v.log.Error("recording the volumes that shrank behind the server and wait for their rollback count: a restart "+
+			"before the count would export them under their old IDs", zap.String("file", v.shrinkFile), zap.Error(err))
+	}
+}
 
 // countShrink has the shrink of e's volume behind the server counted as a
 // rollback, which changes the volume's ID (e.shrank): it retires e, whose
@@ -246,11 +274,20 @@ func (v *Volumes) countShrink(e *Export, id string) {
 	defer cancel()
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if cur, ok := v.export(e.Name); !ok || cur != e {
-		return // replaced or removed by a sync meanwhile: a volume changed
-	}
+	// Whatever export serves the volume now (a recovery may have opened
+	// it anew), if it still has the ID: the count only counts then.
 	v.uncounted[e.Name] = id
-	v.retireLocked(e.Name)
+	v.saveShrinksLocked()
+	if cur, ok := v.export(e.Name); ok && cur.Description == e.Description {
+		v.retireLocked(e.Name)
+	}
+	if v.stopping {
+		// Counted, not served again: the server is stopping.
+		if err := v.countShrinks(ctx)[e.Name]; err != nil {
+			v.log.Error("counting the rollback of a volume that shrank behind the server", zap.String("volume", e.Name), zap.Error(err))
+		}
+		return
+	}
 	if err := v.syncAfter(ctx, "shrink of "+e.Name+" behind the server", e.Name); err != nil {
 		v.log.Error("export not served again after its volume shrank behind the server", zap.String("export", e.Name), zap.Error(err))
 	}
@@ -262,10 +299,13 @@ func (v *Volumes) countShrink(e *Export, id string) {
 // the sync does not export them.
 func (v *Volumes) countShrinks(ctx context.Context) map[string]error {
 	failed := map[string]error{}
+	if len(v.uncounted) == 0 {
+		return failed
+	}
 	counter, _ := v.drv.(volume.RollbackCounter)
 	for _, name := range slices.Sorted(maps.Keys(v.uncounted)) {
 		id := v.uncounted[name]
-		err := counter.CountRollback(ctx, name, id)
+		counted, err := counter.CountRollback(ctx, name, id)
 		switch {
 		case errors.Is(err, volume.ErrNotFound):
 			delete(v.uncounted, name)
@@ -273,18 +313,54 @@ func (v *Volumes) countShrinks(ctx context.Context) map[string]error {
 			failed[name] = err
 		default:
 			delete(v.uncounted, name)
-			v.log.Warn("volume that shrank behind the server now has another ID: dom0 legs on it refuse it, to be replaced as new members of their guests' mirrors",
-				zap.String("volume", name), zap.String("old_id", id))
+			if counted {
+				v.log.Warn("volume that shrank behind the server now has another ID: dom0 legs on it refuse it, to be replaced as new members of their guests' mirrors",
+					zap.String("volume", name), zap.String("old_id", id))
+			}
 		}
 	}
+	v.saveShrinksLocked()
 	return failed
+}
+
+// keepUncounted leaves out of wanted the volumes whose shrink is not
+// counted yet (failed: why), with an error in errs; and forgets those
+// removed or made anew meanwhile. A volume the driver cannot read now, or
+// whose merge is pending, stays listed.
+func (v *Volumes) keepUncounted(vols []volume.Volume, wanted map[string]wantedExport, failed, errs map[string]error) {
+	if len(v.uncounted) == 0 {
+		return
+	}
+	ids := map[string]string{}
+	for _, vol := range vols {
+		if vol.Problem == "" {
+			ids[vol.Name] = vol.ID
+		} else {
+			ids[vol.Name] = "?" // keep the entry
+		}
+	}
+	changed := false
+	for name, id := range v.uncounted {
+		now, ok := ids[name]
+		if !ok || now != id && now != "?" {
+			delete(v.uncounted, name)
+			changed = true
+			continue
+		}
+		delete(wanted, name)
+		errs[name] = fmt.Errorf("not exporting %s: it shrank behind the server, and counting that as a rollback, "+
+			"which changes its ID so that no dom0 takes it back as it was, failed (tried again at every rescan): %w", name, failed[name])
+	}
+	if changed {
+		v.saveShrinksLocked()
+	}
 }
 
 // openedExport is a volume's export opened by a sync, not yet offered.
 type openedExport struct {
 	want    wantedExport
 	backend Backend
-	seq     uint64 // the kernel's last uevent before the open
+	seqs    openSeqs
 }
 
 // addOpened offers the exports a sync opened, once the volumes are listed
@@ -327,7 +403,7 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 			continue
 		}
 		v.managed[name] = true
-		v.watch(e, o.seq)
+		v.watch(e, o.seqs)
 		v.log.Info("export added", zap.String("export", name), zap.String("path", o.want.path),
 			zap.Int64("size", o.backend.Size()), zap.Bool("readonly", o.want.readOnly))
 	}
@@ -393,25 +469,25 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
 	before := e.Description // as the rescan just listed it, before the open
-	seq, _ := uevent.LastSeq()
-	defer func() {
-		// The export opened anew is the one to watch.
-		if now, ok := v.export(name); ok && now != e {
-			v.unwatch(e)
-			v.watch(now, seq)
-		}
-	}()
-	return v.reg.recover(name, func() (string, error) {
-		vols, err := v.drv.List(ctx)
-		if err != nil {
-			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
-		}
-		wanted, _, _ := v.wanted(vols)
-		if w, ok := wanted[name]; ok && w.desc == before {
-			return w.desc, nil
-		}
-		return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed or merged): nothing was reopened; run lvnbd recover again", name)
+	res, seqs, err := openWithSeqs(func() (RecoverResult, error) {
+		return v.reg.recover(name, func() (string, error) {
+			vols, err := v.drv.List(ctx)
+			if err != nil {
+				return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
+			}
+			wanted, _, _ := v.wanted(vols)
+			if w, ok := wanted[name]; ok && w.desc == before {
+				return w.desc, nil
+			}
+			return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed or merged): nothing was reopened; run lvnbd recover again", name)
+		})
 	})
+	// The export opened anew is the one to watch.
+	if now, ok := v.export(name); ok && now != e {
+		v.unwatch(e)
+		v.watch(now, seqs)
+	}
+	return res, err
 }
 
 // sameFile reports whether b still has open what path names; a backend that

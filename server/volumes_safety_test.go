@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/server/backend"
 	"github.com/lvnbd/lvnbd/volume"
@@ -442,37 +443,194 @@ func TestShrinkGrownBackBeforeTheReconnectChangesTheID(t *testing.T) {
 	}
 }
 
-// A shrink seen on an export that a sync has replaced meanwhile (its volume
-// made anew, say) is not the new export's: its count neither cuts the new
-// one's clients nor changes the new volume's ID.
-func TestCountShrinkLeavesAReplacedExport(t *testing.T) {
+// A shrink seen on an export replaced meanwhile counts for the volume it
+// served, not for its name: a volume made anew under the name keeps its
+// clients and its ID, and the same volume opened anew (lvnbd recover) is
+// cut and counted all the same, its clients cut even while the count
+// fails.
+func TestCountShrinkFollowsTheVolume(t *testing.T) {
+	for _, madeAnew := range []bool{true, false} {
+		t.Run(fmt.Sprintf("made anew %v", madeAnew), func(t *testing.T) {
+			ctx := context.Background()
+			drv := &failingCounter{Driver: newFileDriver(t)}
+			vols, ts, _ := observedVolumes(t, drv)
+			v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen, _ := ts.reg.Lookup("vm1") // the export the shrink was seen on
+			if madeAnew {
+				if err := vols.Remove(ctx, "vm1", true); err != nil {
+					t.Fatal(err)
+				}
+				if v, err = vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20}); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				// Opened anew under the same description, as a recovery does.
+				vols.mu.Lock()
+				vols.retireLocked("vm1")
+				vols.mu.Unlock()
+				if err := vols.Sync(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := dialRaw(t, ts.addr)
+			c.open("vm1", false)
+			drv.fail.Store(true)
+			vols.shrinks.Add(1)
+			vols.countShrink(seen, nbd.DescriptionID(seen.Description))
+			if madeAnew {
+				expectConnected(t, c)
+				if e, _ := ts.reg.Lookup("vm1"); nbd.DescriptionID(e.Description) != v.ID {
+					t.Errorf("vm1 made anew carries ID %q, want %q", nbd.DescriptionID(e.Description), v.ID)
+				}
+				return
+			}
+			c.expectClosed()
+			if _, ok := ts.reg.Lookup("vm1"); ok {
+				t.Fatal("vm1 exported while its shrink is not counted")
+			}
+			drv.fail.Store(false)
+			if err := vols.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			e, ok := ts.reg.Lookup("vm1")
+			if !ok {
+				t.Fatal("vm1 not exported once counted")
+			}
+			if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
+				t.Errorf("vm1 carries ID %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// A shrink seen keeps the export shut until it is replaced under another
+// ID: an operation that shut it and then gives up (a merge refused for the
+// snapshot's clients) does not let a client in under the old ID.
+func TestLetInKeepsAShrunkExportShut(t *testing.T) {
 	ctx := context.Background()
 	vols, ts, _ := observedVolumes(t, newFileDriver(t))
-	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := dialRaw(t, ts.addr)
-	c.open("vm1", false)
-	vols.shrinks.Add(1)
-	vols.countShrink(&Export{Name: "vm1"}, v.ID) // the one replaced
-	expectConnected(t, c)
 	e, _ := ts.reg.Lookup("vm1")
-	if got := nbd.DescriptionID(e.Description); got != v.ID {
-		t.Errorf("vm1 carries ID %q, want %q", got, v.ID)
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	vols.mu.Lock() // holds the count back
+	defer vols.mu.Unlock()
+	if _, err := e.refreshSize(zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	e.letIn()
+	c := dialRaw(t, ts.addr)
+	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
+	b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
+	c.sendOption(nbd.OptGo, b)
+	for _, r := range c.optionReplies(nbd.OptGo) {
+		if r.typ == nbd.RepAck {
+			t.Fatal("a client entered the shrunk export before the shrink was counted")
+		}
+	}
+}
+
+// A shrink whose count failed is kept in the shrink file: a server started
+// after it still does not export the volume under its old ID, and counts it.
+func TestUncountedShrinkOutlivesARestart(t *testing.T) {
+	ctx := context.Background()
+	drv := &failingCounter{Driver: newFileDriver(t)}
+	file := filepath.Join(t.TempDir(), "state", "shrinks.json")
+	vols, _, _ := observedVolumes(t, drv)
+	if err := vols.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	drv.fail.Store(true)
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	vols.Sync(ctx) // sees the shrink
+	vols.shrinks.Wait()
+	if err := os.Truncate(v.Path, 2<<20); err != nil { // grown back
+		t.Fatal(err)
+	}
+
+	// The next server, its count failing too.
+	vols2, ts2, _ := observedVolumes(t, drv)
+	if err := vols2.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	if err := vols2.Sync(ctx); err == nil || !strings.Contains(err.Error(), "not exporting vm1: it shrank behind the server") {
+		t.Errorf("first sync of the next server: %v", err)
+	}
+	if _, ok := ts2.reg.Lookup("vm1"); ok {
+		t.Fatal("the next server exported vm1 before its shrink was counted")
+	}
+	drv.fail.Store(false)
+	if err := vols2.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e, ok := ts2.reg.Lookup("vm1")
+	if !ok {
+		t.Fatal("vm1 not exported once counted")
+	}
+	if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
+		t.Errorf("vm1 carries ID %q, want %q", got, want)
+	}
+	// Recorded before the count starts: a server killed during the count
+	// leaves it in the file.
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	drv.counting = make(chan chan struct{})
+	go vols2.Sync(ctx) // sees the shrink
+	release := <-drv.counting
+	var listed map[string]string
+	if err := atomicfile.ReadJSON(file, &listed); err != nil || listed["vm1"] != v.ID+"-r1" {
+		t.Errorf("shrink file during the count: %v, %v; want vm1 with ID %s", listed, err, v.ID+"-r1")
+	}
+	close(release)
+	vols2.shrinks.Wait()
+	drv.counting = nil
+	// Counted: the file lists nothing more.
+	vols3, _, _ := observedVolumes(t, drv)
+	if err := vols3.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	if len(vols3.uncounted) != 0 {
+		t.Errorf("the shrink file still lists %v after the count", vols3.uncounted)
+	}
+	// One that does not parse stops the start, saying what it is.
+	if err := os.WriteFile(file, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := vols3.KeepShrinks(file); err == nil || !strings.Contains(err.Error(), "shrank behind the server") {
+		t.Errorf("KeepShrinks of a corrupt file: %v", err)
 	}
 }
 
 // failingCounter is a file driver whose rollback counts fail while fail is
-// set.
+// set; with counting set, a count first waits on it.
 type failingCounter struct {
 	*file.Driver
-	fail atomic.Bool
+	fail     atomic.Bool
+	counting chan chan struct{}
 }
 
-func (d *failingCounter) CountRollback(ctx context.Context, name, id string) error {
+func (d *failingCounter) CountRollback(ctx context.Context, name, id string) (bool, error) {
+	if d.counting != nil {
+		release := make(chan struct{})
+		d.counting <- release
+		<-release
+	}
 	if d.fail.Load() {
-		return errors.New("lvchange: Volume group vg0 is locked")
+		return false, errors.New("lvchange: Volume group vg0 is locked")
 	}
 	return d.Driver.CountRollback(ctx, name, id)
 }

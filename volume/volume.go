@@ -271,9 +271,10 @@ func lowerHex(s string, n int) bool {
 // (RolledBackID), so that every dom0 refuses the half, also grown back.
 type RollbackCounter interface {
 	// CountRollback counts one rollback of volume name if its ID is still
-	// id. A volume whose ID changed meanwhile (counted already, by a
-	// shrink through lvnbd, or made anew) is left as it is.
-	CountRollback(ctx context.Context, name, id string) error
+	// id, and says whether it did. A volume whose ID changed meanwhile
+	// (counted already, by a shrink through lvnbd, or made anew) is left as
+	// it is.
+	CountRollback(ctx context.Context, name, id string) (counted bool, err error)
 }
 
 // RemoveChecker is a Driver that can tell, changing nothing, why Remove

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"reflect"
 	"sync"
 	"time"
@@ -128,6 +129,13 @@ func Run(ctx context.Context, opts Options) error {
 		// Static exports left out (their file cannot be opened) keep
 		// their names from volumes all the same.
 		d.vols.SetReserved(staticNames(cfg))
+		// Beside the failure file: the server's own records of its
+		// exports (none without one).
+		if f := cfg.Server.FailureFile; f != "" {
+			if err := d.vols.KeepShrinks(filepath.Join(filepath.Dir(f), "shrinks.json")); err != nil {
+				return err
+			}
+		}
 		// Opened before the first sync: no change of a device it
 		// exports goes unseen after (WatchDevices).
 		if l, err := uevent.Listen(); err != nil {
@@ -222,7 +230,7 @@ func Run(ctx context.Context, opts Options) error {
 	// are recorded before the exit too.
 	background.Wait()
 	if d.vols != nil {
-		d.vols.Wait() // rollbacks being counted
+		d.vols.Stop() // rollbacks being counted
 	}
 	d.reg.WaitClosed()
 	if err != nil {

@@ -281,11 +281,11 @@ func (d *Driver) Resize(ctx context.Context, name string, size int64, allowShrin
 
 // CountRollback counts a rollback of a volume whose file was truncated
 // behind lvnbd's back (volume.RollbackCounter), if its ID is still id.
-func (d *Driver) CountRollback(ctx context.Context, name, id string) error {
+func (d *Driver) CountRollback(ctx context.Context, name, id string) (counted bool, err error) {
 	if err := volume.ValidateName(name); err != nil {
-		return err
+		return false, err
 	}
-	return d.change(ctx, func(m *metadata) error {
+	err = d.change(ctx, func(m *metadata) error {
 		vm, err := d.volumeMeta(m, name)
 		if err != nil {
 			return err
@@ -293,12 +293,14 @@ func (d *Driver) CountRollback(ctx context.Context, name, id string) error {
 		if volume.RolledBackID(createdID(vm.Created), vm.Rollbacks) != id {
 			return nil
 		}
+		counted = true
 		vm.Rollbacks++
 		if err := d.commit(m); err != nil && !errors.Is(err, atomicfile.ErrNotDurable) {
 			return fmt.Errorf("counting the rollback of volume %s, which changes its ID: %w", name, err)
 		}
 		return nil
 	})
+	return counted, err
 }
 
 // Remove deletes a volume that has no snapshots.

@@ -298,20 +298,20 @@ func TestCountRollback(t *testing.T) {
 	d := newDriver(t)
 	v := mustCreate(t, d, "vm1", gib)
 	id := v.ID
-	if err := d.CountRollback(ctx, "vm1", id); err != nil {
-		t.Fatal(err)
+	if counted, err := d.CountRollback(ctx, "vm1", id); err != nil || !counted {
+		t.Fatalf("CountRollback = %v, %v; want counted", counted, err)
 	}
 	if v, _ := d.Get(ctx, "vm1"); v.ID != id+"-r1" {
 		t.Fatalf("ID after a counted rollback %q, want %q", v.ID, id+"-r1")
 	}
 	// Counted already: the server asks again with the ID it served.
-	if err := d.CountRollback(ctx, "vm1", id); err != nil {
-		t.Fatal(err)
+	if counted, err := d.CountRollback(ctx, "vm1", id); err != nil || counted {
+		t.Fatalf("CountRollback for the old ID = %v, %v; want not counted", counted, err)
 	}
 	if v, _ := d.Get(ctx, "vm1"); v.ID != id+"-r1" {
 		t.Errorf("ID after a second count for the same ID %q, want %q", v.ID, id+"-r1")
 	}
-	if err := d.CountRollback(ctx, "nope", id); !errors.Is(err, volume.ErrNotFound) {
+	if _, err := d.CountRollback(ctx, "nope", id); !errors.Is(err, volume.ErrNotFound) {
 		t.Errorf("count for a missing volume: %v", err)
 	}
 }

@@ -622,22 +622,22 @@ func (d *Driver) countRollback(ctx context.Context, lv *logicalVolume) error {
 
 // CountRollback counts a rollback of a volume shrunk behind lvnbd's back
 // (volume.RollbackCounter), if its ID is still id.
-func (d *Driver) CountRollback(ctx context.Context, name, id string) error {
+func (d *Driver) CountRollback(ctx context.Context, name, id string) (bool, error) {
 	if err := volume.ValidateName(name); err != nil {
-		return err
+		return false, err
 	}
 	p, err := d.lvs(ctx)
 	if err != nil {
-		return err
+		return false, err
 	}
 	lv, err := p.volume(name)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if volume.RolledBackID(lv.uuid, lv.rollbacks) != id {
-		return nil
+		return false, nil
 	}
-	return d.countRollback(ctx, lv)
+	return true, d.countRollback(ctx, lv)
 }
 
 // noSpace is ErrNoSpace saying how much there is and how much is needed.

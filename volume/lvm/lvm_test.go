@@ -284,16 +284,16 @@ func TestCountRollback(t *testing.T) {
 	id := "hq8gg9-9iyh-kGL4-ARhw-cQ0h-Msl8-EfZ81I"
 	d := newTestDriver(t, lvsCall(t, "lvs-volumes.json"),
 		call{Args: []string{"lvchange", "--addtag", "lvnbd-rollbacks-1", "vg0/vm1"}})
-	if err := d.CountRollback(context.Background(), "vm1", id); err != nil {
-		t.Fatal(err)
+	if counted, err := d.CountRollback(context.Background(), "vm1", id); err != nil || !counted {
+		t.Fatalf("CountRollback = %v, %v; want counted", counted, err)
 	}
 	// Another ID (counted already, or made anew): no lvchange.
 	d = newTestDriver(t, lvsCall(t, "lvs-volumes.json"))
-	if err := d.CountRollback(context.Background(), "vm1", id+"-r1"); err != nil {
-		t.Fatal(err)
+	if counted, err := d.CountRollback(context.Background(), "vm1", id+"-r1"); err != nil || counted {
+		t.Fatalf("CountRollback for another ID = %v, %v; want not counted", counted, err)
 	}
 	d = newTestDriver(t, lvsCall(t, "lvs-volumes.json"))
-	if err := d.CountRollback(context.Background(), "nope", id); !errors.Is(err, volume.ErrNotFound) {
+	if _, err := d.CountRollback(context.Background(), "nope", id); !errors.Is(err, volume.ErrNotFound) {
 		t.Errorf("count for a missing volume: %v", err)
 	}
 }
