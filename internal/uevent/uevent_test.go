@@ -2,6 +2,7 @@ package uevent
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -97,7 +98,12 @@ func TestListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile("/sys/devices/virtual/net/lo/uevent", []byte("change"), 0); err != nil {
-		t.Fatalf("asking the kernel for a uevent (the test needs root and a writable /sys): %v", err)
+		// As looptest.Require: make test, as root, sets it.
+		msg := fmt.Sprintf("asking the kernel for a uevent needs root and a writable /sys: %v", err)
+		if os.Getenv("LVNBD_REQUIRE_LOOP") == "1" {
+			t.Fatal(msg + " [LVNBD_REQUIRE_LOOP=1 makes this a failure]")
+		}
+		t.Skip(msg)
 	}
 	l.SetDeadline(time.Now().Add(30 * time.Second))
 	for {
