@@ -302,9 +302,15 @@ func (v *Volumes) countShrinks(ctx context.Context) map[string]error {
 	if len(v.uncounted) == 0 {
 		return failed
 	}
-	counter, _ := v.drv.(volume.RollbackCounter)
+	counter, ok := v.drv.(volume.RollbackCounter)
 	for _, name := range slices.Sorted(maps.Keys(v.uncounted)) {
 		id := v.uncounted[name]
+		if !ok {
+			// Listed by a server on another driver: never served here
+			// under that ID.
+			failed[name] = fmt.Errorf("the volume driver %s counts no rollbacks", v.drv)
+			continue
+		}
 		counted, err := counter.CountRollback(ctx, name, id)
 		switch {
 		case errors.Is(err, volume.ErrNotFound):
