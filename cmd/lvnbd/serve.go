@@ -56,6 +56,12 @@ and exports every volume under a new ID, which dom0s refuse until each half is
 added to its guest's mirror in full. A server killed while the box stays up
 changes nothing.
 
+A volume shrunk behind the server (lvreduce, truncate) has lost its tail: the
+server cuts its clients and counts a rollback, so it is exported again under
+another ID, which dom0s refuse also once it is grown back. Besides --rescan
+and each handshake, the kernel's device events tell the server at once of
+every resize of an LV it exports.
+
 TLS: with --tls-cert and --tls-key clients may start TLS (nbds:// URIs);
 --tls required makes every export TLS-only; with --tls-ca client certificates
 are verified against that CA. --allow limits every export to client
