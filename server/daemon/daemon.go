@@ -141,6 +141,7 @@ func Run(ctx context.Context, opts Options) error {
 		if l, err := uevent.Listen(); err != nil {
 			d.log.Warn("not watching the volumes' devices: a volume shrunk and grown back behind the server between two rescans would go unseen", zap.Error(err))
 		} else {
+			d.log.Info("watching the volumes' devices: the kernel tells of every resize (kernel uevents)")
 			devEvents = l
 			defer l.Close()
 		}

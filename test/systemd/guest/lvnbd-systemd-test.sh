@@ -123,6 +123,7 @@ must lvnbd serve --config "$config" --check-config
 ok "server.toml: the packaged example, [server] switched on"
 
 step "systemctl start lvnbd-server"
+mark=$(journal_mark)
 must systemctl start lvnbd-server.service
 expect lvnbd-server.service ActiveState=active SubState=running
 pid=$(prop lvnbd-server.service MainPID)
@@ -131,6 +132,11 @@ pid=$(prop lvnbd-server.service MainPID)
 rootopts=$(awk '$5 == "/" { print $6 }' "/proc/$pid/mountinfo")
 [[ $rootopts == ro,* ]] || fail "/ is mounted \"$rootopts\" for the server, not read-only: no sandbox"
 ok "started (Type=notify: READY=1 reached systemd), MainPID $pid, / read-only for it"
+# The sandbox lets it read the kernel's device events (a netlink socket), by which it sees a
+# volume resized behind it at once.
+journal_wait "$mark" "watching the volumes' devices: the kernel tells" ||
+	fail "the server does not watch the volumes' devices: $(journal_since "$mark" | grep -i 'devices' | tail -n 3)"
+ok "the server reads the kernel's device events"
 # The sandbox lets it record with its volumes that it serves them, which is how its next start
 # notices a crash of the box.
 boot=$(tr -d - </proc/sys/kernel/random/boot_id)
