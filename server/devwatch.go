@@ -120,6 +120,10 @@ func (v *Volumes) watch(e *Export, seqs openSeqs) {
 	if !ok {
 		return
 	}
+	if seqs.after == math.MaxUint64 {
+		v.log.Warn("cannot read the kernel's uevent number (/sys/kernel/uevent_seqnum): the device watch of this export "+
+			"does not take a resize back to the size it last saw for a shrink grown back", zap.String("export", e.Name))
+	}
 	v.watchMu.Lock()
 	e.watchFrom, e.watchAmbiguous = seqs.before, seqs.after
 	e.watchedSize.Store(e.Backend.Size())

@@ -166,8 +166,8 @@ func (d loopDriver) List(ctx context.Context) ([]volume.Volume, error) {
 
 // End to end with the kernel's own events: a loop device under a volume is
 // shrunk and grown back (its file truncated, then losetup -c, which sends
-// RESIZE=1 as dm's reload does), with no rescan: the watch, started as the
-// server starts it, cuts the client and the volume comes back under another
+// RESIZE=1 as dm's reload does), with no rescan, before the watch reads the
+// events: the watch cuts the client and the volume comes back under another
 // ID. The server's ordinary path gives the watch the device (Volumes.watch
 // from a sync's open) and takes it back from the export replaced.
 func TestDeviceWatchOnALoopDevice(t *testing.T) {
@@ -198,13 +198,6 @@ func TestDeviceWatchOnALoopDevice(t *testing.T) {
 	if err := vols.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	watching := make(chan error, 1)
-	go func() { watching <- vols.WatchDevices(l) }()
-	t.Cleanup(func() {
-		l.Close()
-		<-watching
-		vols.Stop()
-	})
 	old, _ := ts.reg.Lookup("vm1")
 	c := dialRaw(t, ts.addr)
 	c.open("vm1", false)
@@ -217,6 +210,15 @@ func TestDeviceWatchOnALoopDevice(t *testing.T) {
 			t.Fatalf("losetup --set-capacity %s: %v: %s", loop, err, out)
 		}
 	}
+	// Both resizes are over before the watch reads their events, which
+	// wait in the socket: the size is the old one again.
+	watching := make(chan error, 1)
+	go func() { watching <- vols.WatchDevices(l) }()
+	t.Cleanup(func() {
+		l.Close()
+		<-watching
+		vols.Stop()
+	})
 	c.expectClosed()
 	select {
 	case <-counted:

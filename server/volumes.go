@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"time"
 
 	"go.uber.org/zap"
 
@@ -45,13 +44,9 @@ type Volumes struct {
 	// reserved are the names static exports are configured under (see
 	// SetReserved).
 	reserved map[string]bool
-	// uncounted holds, by name, the volumes seen to shrink behind the
-	// server whose rollback is not counted yet, with the ID they had: not
-	// exported again under that ID (see countShrink). Kept in shrinkFile
-	// too, so that a restart does not export them under it either.
-	uncounted  map[string]string
-	shrinkFile string
-	stopping   bool // see Stop
+	// pending are the shrinks seen whose rollback is not counted yet.
+	pending  pendingShrinks
+	stopping bool // see Stop
 	// shrinks are the countShrink calls under way.
 	shrinks sync.WaitGroup
 	// devs leads WatchDevices from a device number to its export, and
@@ -84,7 +79,7 @@ func NewVolumes(drv volume.Driver, reg *Registry, log *zap.Logger) *Volumes {
 		log = zap.NewNop()
 	}
 	return &Volumes{drv: drv, reg: reg, log: log, managed: map[string]bool{}, mergeNoted: map[string]bool{},
-		uncounted: map[string]string{}, devs: map[uint64]*Export{}, unwatchedResize: map[uint64]uint64{},
+		pending: pendingShrinks{ids: map[string]string{}, log: log}, devs: map[uint64]*Export{}, unwatchedResize: map[uint64]uint64{},
 		deviceOf: devOf}
 }
 
@@ -155,15 +150,21 @@ func (v *Volumes) syncAfter(ctx context.Context, change string, names ...string)
 var ErrListingVolumes = errors.New("listing volumes")
 
 func (v *Volumes) syncLocked(ctx context.Context) syncResult {
-	failed := v.countShrinks(ctx)
 	vols, err := v.drv.List(ctx)
 	if err != nil {
 		return syncResult{list: fmt.Errorf("%w of %s: %w", ErrListingVolumes, v.drv, err)}
 	}
+	// Before anything is opened: a volume counted now has another ID.
+	failed, counted := v.countShrinks(ctx, vols)
+	if counted {
+		if vols, err = v.drv.List(ctx); err != nil {
+			return syncResult{list: fmt.Errorf("%w of %s: %w", ErrListingVolumes, v.drv, err)}
+		}
+	}
 	wanted, pending, unreadable := v.wanted(vols)
 	v.noteMerges(pending)
 	errs := map[string]error{}
-	v.keepUncounted(vols, wanted, failed, errs)
+	v.keepUncounted(wanted, failed, errs)
 	for name, err := range unreadable {
 		errs[name] = fmt.Errorf("%w; its export is left as it is", err)
 	}
@@ -226,142 +227,6 @@ func (v *Volumes) syncLocked(ctx context.Context) syncResult {
 	return syncResult{exports: errs}
 }
 
-// Stop waits for the counts of shrinks seen (countShrink) under way, which
-// record a rollback a server stopping must not leave out; from now on they
-// count without exporting anything.
-func (v *Volumes) Stop() {
-	v.mu.Lock()
-	v.stopping = true
-	v.mu.Unlock()
-	v.shrinks.Wait()
-}
-
-// KeepShrinks keeps the shrinks seen whose rollback is not counted yet in
-// the file at path (none: ""), and loads the ones a server before this one
-// left there. Call it before the first Sync.
-func (v *Volumes) KeepShrinks(path string) error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	left := map[string]string{}
-	if err := loadJSON(path, &left); err != nil {
-		return fmt.Errorf("shrink file %s: %w: it lists volumes that shrank behind the server, whose rollback "+
-			"(a new ID) is not counted yet; fix it, or remove it once each volume's dom0 legs were taken down", path, err)
-	}
-	maps.Copy(v.uncounted, left)
-	v.shrinkFile = path
-	return nil
-}
-
-// saveShrinksLocked writes v.uncounted to the shrink file.
-func (v *Volumes) saveShrinksLocked() {
-	if err := saveJSON(v.shrinkFile, v.uncounted); err != nil {
-		v.log.Error("recording the volumes that shrank behind the server and wait for their rollback count: a restart "+
-			"before the count would export them under their old IDs", zap.String("file", v.shrinkFile), zap.Error(err))
-	}
-}
-
-// countShrink has the shrink of e's volume behind the server counted as a
-// rollback, which changes the volume's ID (e.shrank): it retires e, whose
-// clients e.shrank cut and whose new ones it refuses, and syncs, which
-// counts the rollback and exports the volume under its new ID. Until the
-// count succeeds (countShrinks retries it at every sync), the volume is not
-// exported: under its old ID, a dom0 leg would take it back also once grown
-// back, its tail lost. It runs on its own goroutine: a handshake or a sync
-// sees the shrink.
-func (v *Volumes) countShrink(e *Export, id string) {
-	defer v.shrinks.Done()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	// Whatever export serves the volume now (a recovery may have opened
-	// it anew), if it still has the ID: the count only counts then.
-	v.uncounted[e.Name] = id
-	v.saveShrinksLocked()
-	if cur, ok := v.export(e.Name); ok && cur.Description == e.Description {
-		v.retireLocked(e.Name)
-	}
-	if v.stopping {
-		// Counted, not served again: the server is stopping.
-		if err := v.countShrinks(ctx)[e.Name]; err != nil {
-			v.log.Error("counting the rollback of a volume that shrank behind the server", zap.String("volume", e.Name), zap.Error(err))
-		}
-		return
-	}
-	if err := v.syncAfter(ctx, "shrink of "+e.Name+" behind the server", e.Name); err != nil {
-		v.log.Error("export not served again after its volume shrank behind the server", zap.String("export", e.Name), zap.Error(err))
-	}
-}
-
-// countShrinks counts the rollbacks of the volumes that shrank behind the
-// server (v.uncounted), before a sync lists the volumes, and returns the
-// errors of the counts that failed: those volumes stay in v.uncounted, and
-// the sync does not export them.
-func (v *Volumes) countShrinks(ctx context.Context) map[string]error {
-	failed := map[string]error{}
-	if len(v.uncounted) == 0 {
-		return failed
-	}
-	counter, ok := v.drv.(volume.RollbackCounter)
-	for _, name := range slices.Sorted(maps.Keys(v.uncounted)) {
-		id := v.uncounted[name]
-		if !ok {
-			// Listed by a server on another driver: never served here
-			// under that ID.
-			failed[name] = fmt.Errorf("the volume driver %s counts no rollbacks", v.drv)
-			continue
-		}
-		counted, err := counter.CountRollback(ctx, name, id)
-		switch {
-		case errors.Is(err, volume.ErrNotFound):
-			delete(v.uncounted, name)
-		case err != nil:
-			failed[name] = err
-		default:
-			delete(v.uncounted, name)
-			if counted {
-				v.log.Warn("volume that shrank behind the server now has another ID: dom0 legs on it refuse it, to be replaced as new members of their guests' mirrors",
-					zap.String("volume", name), zap.String("old_id", id))
-			}
-		}
-	}
-	v.saveShrinksLocked()
-	return failed
-}
-
-// keepUncounted leaves out of wanted the volumes whose shrink is not
-// counted yet (failed: why), with an error in errs; and forgets those
-// removed or made anew meanwhile. A volume the driver cannot read now, or
-// whose merge is pending, stays listed.
-func (v *Volumes) keepUncounted(vols []volume.Volume, wanted map[string]wantedExport, failed, errs map[string]error) {
-	if len(v.uncounted) == 0 {
-		return
-	}
-	ids := map[string]string{}
-	for _, vol := range vols {
-		if vol.Problem == "" {
-			ids[vol.Name] = vol.ID
-		} else {
-			ids[vol.Name] = "?" // keep the entry
-		}
-	}
-	changed := false
-	for name, id := range v.uncounted {
-		now, ok := ids[name]
-		if !ok || now != id && now != "?" {
-			delete(v.uncounted, name)
-			changed = true
-			continue
-		}
-		delete(wanted, name)
-		errs[name] = fmt.Errorf("not exporting %s: it shrank behind the server, and counting that as a rollback, "+
-			"which changes its ID so that no dom0 takes it back as it was, failed (tried again at every rescan): %w", name, failed[name])
-	}
-	if changed {
-		v.saveShrinksLocked()
-	}
-}
-
 // openedExport is a volume's export opened by a sync, not yet offered.
 type openedExport struct {
 	want    wantedExport
@@ -397,11 +262,7 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 		}
 		e := &Export{Name: name, Description: o.want.desc, ReadOnly: o.want.readOnly, Backend: o.backend, Access: v.Access}
 		if _, ok := v.drv.(volume.RollbackCounter); ok && o.want.volumeID != "" {
-			id := o.want.volumeID
-			e.onShrink = func(e *Export) {
-				v.shrinks.Add(1)
-				go v.countShrink(e, id)
-			}
+			e.onShrink = v.shrinkHook(o.want.volumeID)
 		}
 		if err := v.reg.Add(e); err != nil {
 			o.backend.Close()

@@ -478,12 +478,16 @@ func TestCountShrinkFollowsTheVolume(t *testing.T) {
 			c := dialRaw(t, ts.addr)
 			c.open("vm1", false)
 			drv.fail.Store(true)
-			vols.shrinks.Add(1)
-			vols.countShrink(seen, nbd.DescriptionID(seen.Description))
+			vols.shrinkHook(nbd.DescriptionID(seen.Description))(seen)
+			vols.shrinks.Wait()
 			if madeAnew {
 				expectConnected(t, c)
 				if e, _ := ts.reg.Lookup("vm1"); nbd.DescriptionID(e.Description) != v.ID {
 					t.Errorf("vm1 made anew carries ID %q, want %q", nbd.DescriptionID(e.Description), v.ID)
+				}
+				// Nothing has the old ID: forgotten.
+				if left := vols.pending.list(); len(left) != 0 {
+					t.Errorf("shrinks still noted: %v", left)
 				}
 				return
 			}
@@ -506,6 +510,56 @@ func TestCountShrinkFollowsTheVolume(t *testing.T) {
 	}
 }
 
+// A shrink is noted the moment it is seen, not once its count gets the
+// lock a sync or a recovery may hold for long: the shrink file lists it (a
+// server killed meanwhile leaves it there), and a sync that runs first (a
+// recovery's, which opens the export anew) counts it before it exports
+// anything, never serving the volume, grown back, under its old ID.
+func TestShrinkIsNotedBeforeItsCountGetsTheLock(t *testing.T) {
+	ctx := context.Background()
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	file := filepath.Join(t.TempDir(), "shrinks.json")
+	if err := vols.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := ts.reg.Lookup("vm1")
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	vols.mu.Lock() // a recovery, say, holds it
+	if _, err := e.refreshSize(zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	var listed map[string]string
+	if err := atomicfile.ReadJSON(file, &listed); err != nil || listed["vm1"] != v.ID {
+		t.Errorf("shrink file while the count waits: %v, %v; want vm1 with ID %s", listed, err, v.ID)
+	}
+	if err := os.Truncate(v.Path, 2<<20); err != nil { // grown back
+		t.Fatal(err)
+	}
+	// The recovery's sync reopens the export: under the new ID only.
+	vols.retireLocked("vm1")
+	if r := vols.syncLocked(ctx); r.all() != nil {
+		t.Fatal(r.all())
+	}
+	now, ok := ts.reg.Lookup("vm1")
+	vols.mu.Unlock()
+	vols.shrinks.Wait()
+	if !ok {
+		t.Fatal("vm1 not exported by the sync")
+	}
+	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
+		t.Errorf("vm1 reopened while its count waited carries ID %q, want %q", got, want)
+	}
+	if e, _ := ts.reg.Lookup("vm1"); nbd.DescriptionID(e.Description) != v.ID+"-r1" {
+		t.Errorf("vm1 after the count carries ID %q, want %q", nbd.DescriptionID(e.Description), v.ID+"-r1")
+	}
+}
+
 // A shrink seen keeps the export shut until it is replaced under another
 // ID: an operation that shut it and then gives up (a merge refused for the
 // snapshot's clients) does not let a client in under the old ID.
@@ -521,7 +575,6 @@ func TestLetInKeepsAShrunkExportShut(t *testing.T) {
 		t.Fatal(err)
 	}
 	vols.mu.Lock() // holds the count back
-	defer vols.mu.Unlock()
 	if _, err := e.refreshSize(zap.NewNop()); err != nil {
 		t.Fatal(err)
 	}
@@ -530,7 +583,10 @@ func TestLetInKeepsAShrunkExportShut(t *testing.T) {
 	c.greet(nbd.ClientFlagFixedNewstyle | nbd.ClientFlagNoZeroes)
 	b, _ := nbd.InfoRequest{Name: "vm1"}.AppendBinary(nil)
 	c.sendOption(nbd.OptGo, b)
-	for _, r := range c.optionReplies(nbd.OptGo) {
+	replies := c.optionReplies(nbd.OptGo)
+	vols.mu.Unlock()
+	vols.shrinks.Wait()
+	for _, r := range replies {
 		if r.typ == nbd.RepAck {
 			t.Fatal("a client entered the shrunk export before the shrink was counted")
 		}
@@ -603,8 +659,8 @@ func TestUncountedShrinkOutlivesARestart(t *testing.T) {
 	if err := vols3.KeepShrinks(file); err != nil {
 		t.Fatal(err)
 	}
-	if len(vols3.uncounted) != 0 {
-		t.Errorf("the shrink file still lists %v after the count", vols3.uncounted)
+	if left := vols3.pending.list(); len(left) != 0 {
+		t.Errorf("the shrink file still lists %v after the count", left)
 	}
 	// One that does not parse stops the start, saying what it is.
 	if err := os.WriteFile(file, []byte("{"), 0o600); err != nil {

@@ -236,7 +236,7 @@ func (s *Store) compare(backend, id string, learn bool) error {
 	}
 	if rolledBackSince(known, id) {
 		return fmt.Errorf("%w: the volume behind %s was rolled back since the device was attached (a snapshot "+
-			"merged into it, or it shrank, even if grown back since: its tail is lost; volume id %s, now %s), "+
+			"merged into it, or it shrank and lost its tail, even if grown back since; volume id %s, now %s), "+
 			"and its data is not the device's", ErrReplaced, backend, known, id)
 	}
 	return fmt.Errorf("%w: the volume behind %s is not the one its device was attached to (volume id %s, now %s), "+

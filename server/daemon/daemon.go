@@ -12,6 +12,7 @@ import (
 	"net"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"time"
 
@@ -132,7 +133,7 @@ func Run(ctx context.Context, opts Options) error {
 		// Beside the failure file: the server's own records of its
 		// exports (none without one).
 		if f := cfg.Server.FailureFile; f != "" {
-			if err := d.vols.KeepShrinks(filepath.Join(filepath.Dir(f), "shrinks.json")); err != nil {
+			if err := d.vols.KeepShrinks(shrinkFile(f)); err != nil {
 				return err
 			}
 		}
@@ -321,6 +322,18 @@ func (d *Daemon) rescan(ctx context.Context, interval time.Duration) {
 			d.log.Warn("re-reading volumes", zap.Error(err))
 		}
 	})
+}
+
+// shrinkFile is where a server whose failure file is failures keeps the
+// shrinks seen whose rollback is not counted yet: shrinks.json beside
+// failures.json, NAME-shrinks.json beside NAME.json, so that two servers
+// with their own failure files in one directory keep their own.
+func shrinkFile(failures string) string {
+	dir, base := filepath.Split(failures)
+	if base == "failures.json" {
+		return filepath.Join(dir, "shrinks.json")
+	}
+	return filepath.Join(dir, strings.TrimSuffix(base, filepath.Ext(base))+"-shrinks.json")
 }
 
 // watchDevices runs the volumes' device watch (Volumes.WatchDevices) until

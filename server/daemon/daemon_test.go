@@ -533,3 +533,18 @@ func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
 		t.Errorf("vm1 after the reload: %q, %v; want the static export", info.Description, err)
 	}
 }
+
+// Two servers with their own failure files in one directory keep their own
+// shrink files.
+func TestShrinkFile(t *testing.T) {
+	for _, tc := range []struct{ failures, want string }{
+		{"/var/lib/lvnbd/failures.json", "/var/lib/lvnbd/shrinks.json"},
+		{"/var/lib/lvnbd/vg1-failures.json", "/var/lib/lvnbd/vg1-failures-shrinks.json"},
+		{"/srv/state/vg2", "/srv/state/vg2-shrinks.json"},
+		{"failures.json", "shrinks.json"},
+	} {
+		if got := shrinkFile(tc.failures); got != tc.want {
+			t.Errorf("shrinkFile(%q) = %q, want %q", tc.failures, got, tc.want)
+		}
+	}
+}

@@ -637,7 +637,10 @@ func (d *Driver) CountRollback(ctx context.Context, name, id string) (bool, erro
 	if volume.RolledBackID(lv.uuid, lv.rollbacks) != id {
 		return false, nil
 	}
-	return true, d.countRollback(ctx, lv)
+	if err := d.countRollback(ctx, lv); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // noSpace is ErrNoSpace saying how much there is and how much is needed.
