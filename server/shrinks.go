@@ -50,6 +50,18 @@ func (p *pendingShrinks) add(name, id string) {
 	p.saveLocked()
 }
 
+// has reports whether a shrink of the volume with ID id is noted.
+func (p *pendingShrinks) has(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, x := range p.ids {
+		if x == id {
+			return true
+		}
+	}
+	return false
+}
+
 // list returns the shrinks noted.
 func (p *pendingShrinks) list() map[string]string {
 	p.mu.Lock()

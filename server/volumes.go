@@ -259,6 +259,10 @@ func (v *Volumes) addOpened(ctx context.Context, opened map[string]openedExport,
 			o.backend.Close()
 			errs[name] = fmt.Errorf("exporting %s: its volume changed while it was being opened (made anew, removed or merged): the next rescan exports what is there then", name)
 			continue
+		case o.want.volumeID != "" && v.pending.has(o.want.volumeID):
+			o.backend.Close()
+			errs[name] = fmt.Errorf("exporting %s: it shrank behind the server while it was being opened: the next sync counts that, and exports it under another ID", name)
+			continue
 		}
 		e := &Export{Name: name, Description: o.want.desc, ReadOnly: o.want.readOnly, Backend: o.backend, Access: v.Access}
 		if _, ok := v.drv.(volume.RollbackCounter); ok && o.want.volumeID != "" {
@@ -343,10 +347,10 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 				return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
 			}
 			wanted, _, _ := v.wanted(vols)
-			if w, ok := wanted[name]; ok && w.desc == before {
+			if w, ok := wanted[name]; ok && w.desc == before && !v.pending.has(w.volumeID) {
 				return w.desc, nil
 			}
-			return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed or merged): nothing was reopened; run lvnbd recover again", name)
+			return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed, merged or shrunk): nothing was reopened; run lvnbd recover again", name)
 		})
 	})
 	// The export opened anew is the one to watch.

@@ -560,6 +560,41 @@ func TestShrinkIsNotedBeforeItsCountGetsTheLock(t *testing.T) {
 	}
 }
 
+// listHookDriver runs hook inside its List calls, the nth onwards.
+type listHookDriver struct {
+	*file.Driver
+	calls, from int
+	hook        func()
+}
+
+func (d *listHookDriver) List(ctx context.Context) ([]volume.Volume, error) {
+	d.calls++
+	if d.hook != nil && d.calls >= d.from {
+		d.hook()
+	}
+	return d.Driver.List(ctx)
+}
+
+// A shrink noted while a sync opens the volume (between its listing and
+// the export's offer) keeps the export from being offered under the old ID.
+func TestShrinkNotedDuringAnOpenIsNotOffered(t *testing.T) {
+	ctx := context.Background()
+	drv := &listHookDriver{Driver: newFileDriver(t)}
+	vols, ts, _ := observedVolumes(t, drv)
+	v, err := drv.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	drv.from, drv.hook = drv.calls+2, func() { vols.pending.add("vm1", v.ID) } // addOpened's listing
+	err = vols.Sync(ctx)
+	if err == nil || !strings.Contains(err.Error(), "shrank behind the server while it was being opened") {
+		t.Errorf("sync: %v", err)
+	}
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 offered under its old ID with a shrink noted")
+	}
+}
+
 // A shrink seen keeps the export shut until it is replaced under another
 // ID: an operation that shut it and then gives up (a merge refused for the
 // snapshot's clients) does not let a client in under the old ID.
