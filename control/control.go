@@ -28,6 +28,9 @@ type Status struct {
 	// Failures are the recorded write-back failures, also of exports not
 	// served now (a volume missing since); lvnbd recover clears them.
 	Failures []server.Failure `json:"failures,omitempty"`
+	// Shrinks are the volumes seen to shrink behind the server whose
+	// rollback (a new ID) is not counted yet: not exported meanwhile.
+	Shrinks []server.PendingShrink `json:"shrinks_pending,omitempty"`
 }
 
 // errorBody is the JSON body of every failed request.

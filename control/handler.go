@@ -100,6 +100,7 @@ func (h *handler) status(w http.ResponseWriter, r *http.Request) {
 	}
 	if h.vols != nil {
 		st.Driver, st.Epoch = h.vols.Driver().String(), h.vols.Epoch
+		st.Shrinks = h.vols.PendingShrinks()
 	}
 	writeJSON(w, st)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -84,6 +85,24 @@ func (p *pendingShrinks) saveLocked() {
 		p.log.Error("recording the volumes that shrank behind the server and wait for their rollback count: a restart "+
 			"before the count would export them under their old IDs", zap.String("file", p.path), zap.Error(err))
 	}
+}
+
+// PendingShrink is a volume seen to shrink behind the server whose
+// rollback is not counted yet: it is not exported under ID.
+type PendingShrink struct {
+	Volume string `json:"volume"`
+	ID     string `json:"id"`
+}
+
+// PendingShrinks lists the shrinks seen whose rollback is not counted yet,
+// by volume name.
+func (v *Volumes) PendingShrinks() []PendingShrink {
+	var out []PendingShrink
+	for name, id := range v.pending.list() {
+		out = append(out, PendingShrink{name, id})
+	}
+	slices.SortFunc(out, func(a, b PendingShrink) int { return strings.Compare(a.Volume, b.Volume) })
+	return out
 }
 
 // KeepShrinks keeps the shrinks seen whose rollback is not counted yet in

@@ -131,6 +131,38 @@ func TestRecoverThroughServer(t *testing.T) {
 	}
 }
 
+// lvnbd status lists a volume whose shrink behind the server is not counted
+// yet, and so not exported.
+func TestStatusShowsAShrinkWaitingForItsCount(t *testing.T) {
+	drv, err := file.New(filepath.Join(t.TempDir(), "volumes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shrinks := filepath.Join(t.TempDir(), "shrinks.json")
+	if err := os.WriteFile(shrinks, []byte(`{"vm1": "18eeea2fb604df13"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	reg := server.NewRegistry()
+	vols := server.NewVolumes(drv, reg, nil)
+	if err := vols.KeepShrinks(shrinks); err != nil {
+		t.Fatal(err)
+	}
+	sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg}), vols)
+	text, err := runVolumeCommand(t, "status", "--control", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	asJSON, err := runVolumeCommand(t, "status", "--json", "--control", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(text, "vm1 (not served now): shrank behind the server") ||
+		!strings.Contains(text, "changes its ID from 18eeea2fb604df13") ||
+		!strings.Contains(asJSON, `"shrinks_pending"`) || !strings.Contains(asJSON, `"volume": "vm1"`) {
+		t.Errorf("lvnbd status says:\n%s\nand --json:\n%s", text, asJSON)
+	}
+}
+
 // lvnbd status shows the crash epoch the volumes are served under, once
 // the box went down under a server, and nothing of it before.
 func TestStatusShowsTheCrashEpoch(t *testing.T) {

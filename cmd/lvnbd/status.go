@@ -26,8 +26,11 @@ shows as FAILED, with why: every request to it fails, also after a restart,
 until lvnbd recover (see its --help for what to do first). Failures recorded
 for exports not served now are listed too. Once the box went down under a
 running server, the volumes' crash epoch is shown ("epoch" in --json): every
-volume's ID ends with it (see lvnbd serve --help). It asks the server through
-its control socket (root only).`,
+volume's ID ends with it (see lvnbd serve --help). A volume that shrank behind
+the server (lvreduce) is not exported until the server has counted that as a
+rollback, which gives it another ID: one still waiting is listed
+("shrinks_pending" in --json), and the server's log says why. It asks the
+server through its control socket (root only).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := control.NewClient(ctlPath).Status(cmd.Context())
@@ -72,6 +75,10 @@ its control socket (root only).`,
 					fmt.Fprintf(out, "  %s (not served now): FAILED since %s: %s; lvnbd recover clears this record\n",
 						f.Export, f.Since.Format(time.RFC3339), f.Error)
 				}
+			}
+			for _, p := range st.Shrinks {
+				fmt.Fprintf(out, "  %s (not served now): shrank behind the server; not exported until its rollback is "+
+					"counted, which changes its ID from %s (see the server's log for why it is not yet)\n", p.Volume, p.ID)
 			}
 			for _, e := range st.Exports {
 				for _, c := range e.Clients {
