@@ -16,7 +16,6 @@ import (
 
 	"github.com/lvnbd/lvnbd/internal/looptest"
 	"github.com/lvnbd/lvnbd/internal/uevent"
-	"github.com/lvnbd/lvnbd/nbd"
 	"github.com/lvnbd/lvnbd/volume"
 	"github.com/lvnbd/lvnbd/volume/file"
 )
@@ -125,17 +124,11 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 			} else {
 				expectConnected(t, c)
 			}
-			now, ok := ts.reg.Lookup("vm1")
-			if !ok {
-				t.Fatal("vm1 not exported")
-			}
 			want := v.ID
 			if tt.rolled {
 				want += "-r1"
 			}
-			if got := nbd.DescriptionID(now.Description); got != want {
-				t.Errorf("vm1 carries ID %q, want %q", got, want)
-			}
+			expectExportID(t, ts.reg, "vm1", want)
 			// The export it replaced is no longer watched.
 			vols.watchMu.Lock()
 			watched := vols.devs[dev]
@@ -230,9 +223,7 @@ func TestDeviceWatchOnALoopDevice(t *testing.T) {
 	if !ok || now == old {
 		t.Fatal("vm1 not exported again")
 	}
-	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
-		t.Errorf("vm1 carries ID %q, want %q", got, want)
-	}
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 	if now.Backend.Size() != 2<<20 {
 		t.Errorf("vm1 exported with %d bytes, want %d", now.Backend.Size(), 2<<20)
 	}

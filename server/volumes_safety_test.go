@@ -53,6 +53,20 @@ func newFileDriver(t *testing.T) *file.Driver {
 	return drv
 }
 
+// expectExportID fails the test unless reg serves name under volume ID want,
+// and returns that export.
+func expectExportID(t *testing.T, reg *Registry, name, want string) *Export {
+	t.Helper()
+	e, ok := reg.Lookup(name)
+	if !ok {
+		t.Fatalf("%s not exported", name)
+	}
+	if got := nbd.DescriptionID(e.Description); got != want {
+		t.Errorf("%s carries ID %q, want %q", name, got, want)
+	}
+	return e
+}
+
 // expectConnected fails unless c's connection still answers a request.
 func expectConnected(t *testing.T, c *rawClient) {
 	t.Helper()
@@ -372,15 +386,9 @@ func TestShrinkBehindTheServerCutsItsClients(t *testing.T) {
 			}
 			c.expectClosed()
 			vols.shrinks.Wait()
-			e, ok := ts.reg.Lookup("vm1")
-			if !ok {
-				t.Fatal("vm1 not exported after the shrink was counted")
-			}
+			e := expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 			if e.Backend.Size() != 1<<20 {
 				t.Errorf("vm1 after the shrink is exported with %d bytes, want %d", e.Backend.Size(), 1<<20)
-			}
-			if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
-				t.Errorf("vm1 after the shrink carries ID %q, want %q", got, want)
 			}
 			// The handshake warns in the server's log; the rescan after it
 			// has nothing left to say.
@@ -437,10 +445,7 @@ func TestShrinkGrownBackBeforeTheReconnectChangesTheID(t *testing.T) {
 	if info.Size != 2<<20 {
 		t.Errorf("size after the grow back %d, want %d", info.Size, 2<<20)
 	}
-	now, _ := ts.reg.Lookup("vm1")
-	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
-		t.Errorf("vm1 after a shrink and grow back carries ID %q, want %q", got, want)
-	}
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 }
 
 // A shrink seen on an export replaced meanwhile counts for the volume it
@@ -482,9 +487,7 @@ func TestCountShrinkFollowsTheVolume(t *testing.T) {
 			vols.shrinks.Wait()
 			if madeAnew {
 				expectConnected(t, c)
-				if e, _ := ts.reg.Lookup("vm1"); nbd.DescriptionID(e.Description) != v.ID {
-					t.Errorf("vm1 made anew carries ID %q, want %q", nbd.DescriptionID(e.Description), v.ID)
-				}
+				expectExportID(t, ts.reg, "vm1", v.ID)
 				// Nothing has the old ID: forgotten.
 				if left := vols.pending.list(); len(left) != 0 {
 					t.Errorf("shrinks still noted: %v", left)
@@ -499,13 +502,7 @@ func TestCountShrinkFollowsTheVolume(t *testing.T) {
 			if err := vols.Sync(ctx); err != nil {
 				t.Fatal(err)
 			}
-			e, ok := ts.reg.Lookup("vm1")
-			if !ok {
-				t.Fatal("vm1 not exported once counted")
-			}
-			if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
-				t.Errorf("vm1 carries ID %q, want %q", got, want)
-			}
+			expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 		})
 	}
 }
@@ -555,9 +552,7 @@ func TestShrinkIsNotedBeforeItsCountGetsTheLock(t *testing.T) {
 	if got, want := nbd.DescriptionID(now.Description), v.ID+"-r1"; got != want {
 		t.Errorf("vm1 reopened while its count waited carries ID %q, want %q", got, want)
 	}
-	if e, _ := ts.reg.Lookup("vm1"); nbd.DescriptionID(e.Description) != v.ID+"-r1" {
-		t.Errorf("vm1 after the count carries ID %q, want %q", nbd.DescriptionID(e.Description), v.ID+"-r1")
-	}
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1") // and after the count
 }
 
 // listHookDriver runs hook inside its List calls, the nth onwards.
@@ -667,13 +662,7 @@ func TestUncountedShrinkOutlivesARestart(t *testing.T) {
 	if err := vols2.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e, ok := ts2.reg.Lookup("vm1")
-	if !ok {
-		t.Fatal("vm1 not exported once counted")
-	}
-	if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
-		t.Errorf("vm1 carries ID %q, want %q", got, want)
-	}
+	expectExportID(t, ts2.reg, "vm1", v.ID+"-r1")
 	// Recorded before the count starts: a server killed during the count
 	// leaves it in the file.
 	if err := os.Truncate(v.Path, 1<<20); err != nil {
@@ -763,13 +752,7 @@ func TestShrinkNotCountedIsNotExported(t *testing.T) {
 	if err := vols.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e, ok := ts.reg.Lookup("vm1")
-	if !ok {
-		t.Fatal("vm1 not exported once its shrink was counted")
-	}
-	if got, want := nbd.DescriptionID(e.Description), v.ID+"-r1"; got != want {
-		t.Errorf("vm1 carries ID %q, want %q", got, want)
-	}
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 }
 
 // hiddenSnapshotDriver refuses to remove a volume for a snapshot its Get
