@@ -131,31 +131,39 @@ func TestRecoverThroughServer(t *testing.T) {
 	}
 }
 
-// lvnbd status lists a volume whose shrink behind the server is not counted
-// yet, and so not exported.
-func TestStatusShowsAShrinkWaitingForItsCount(t *testing.T) {
+// statusOf is what lvnbd status says, as text and as --json, of a server
+// on file volumes set up by setup.
+func statusOf(t *testing.T, setup func(*server.Volumes)) (text, asJSON string) {
+	t.Helper()
 	drv, err := file.New(filepath.Join(t.TempDir(), "volumes"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	reg := server.NewRegistry()
+	vols := server.NewVolumes(drv, reg, nil)
+	setup(vols)
+	sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg}), vols)
+	if text, err = runVolumeCommand(t, "status", "--control", sock); err != nil {
+		t.Fatal(err)
+	}
+	if asJSON, err = runVolumeCommand(t, "status", "--json", "--control", sock); err != nil {
+		t.Fatal(err)
+	}
+	return text, asJSON
+}
+
+// lvnbd status lists a volume whose shrink behind the server is not counted
+// yet, and so not exported.
+func TestStatusShowsAShrinkWaitingForItsCount(t *testing.T) {
 	shrinks := filepath.Join(t.TempDir(), "shrinks.json")
 	if err := os.WriteFile(shrinks, []byte(`{"vm1": "18eeea2fb604df13"}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	reg := server.NewRegistry()
-	vols := server.NewVolumes(drv, reg, nil)
-	if err := vols.KeepShrinks(shrinks); err != nil {
-		t.Fatal(err)
-	}
-	sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg}), vols)
-	text, err := runVolumeCommand(t, "status", "--control", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	asJSON, err := runVolumeCommand(t, "status", "--json", "--control", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
+	text, asJSON := statusOf(t, func(vols *server.Volumes) {
+		if err := vols.KeepShrinks(shrinks); err != nil {
+			t.Fatal(err)
+		}
+	})
 	if !strings.Contains(text, "vm1 (not served now): shrank behind the server") ||
 		!strings.Contains(text, "changes its ID from 18eeea2fb604df13") ||
 		!strings.Contains(asJSON, `"shrinks_pending"`) || !strings.Contains(asJSON, `"volume": "vm1"`) {
@@ -167,22 +175,7 @@ func TestStatusShowsAShrinkWaitingForItsCount(t *testing.T) {
 // the box went down under a server, and nothing of it before.
 func TestStatusShowsTheCrashEpoch(t *testing.T) {
 	for _, epoch := range []string{"", "3fa2b1c9"} {
-		drv, err := file.New(filepath.Join(t.TempDir(), "volumes"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		reg := server.NewRegistry()
-		vols := server.NewVolumes(drv, reg, nil)
-		vols.Epoch = epoch
-		sock, _ := serveWithControl(t, server.New(&server.Config{Exports: reg}), vols)
-		text, err := runVolumeCommand(t, "status", "--control", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
-		asJSON, err := runVolumeCommand(t, "status", "--json", "--control", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
+		text, asJSON := statusOf(t, func(vols *server.Volumes) { vols.Epoch = epoch })
 		shown := strings.Contains(text, "crash epoch 3fa2b1c9") && strings.Contains(asJSON, `"epoch": "3fa2b1c9"`)
 		hidden := !strings.Contains(text, "crash epoch") && !strings.Contains(asJSON, `"epoch"`)
 		if epoch != "" && !shown || epoch == "" && !hidden {
