@@ -16,12 +16,7 @@ size_of() { blockdev --getsize64 "$1"; }
 devsha() { dd if="$1" bs=1M count="$2" iflag=direct status=none | sha256sum | cut -d' ' -f1; }
 filesha() { dd if="$1" bs=1M count="$2" status=none | sha256sum | cut -d' ' -f1; }
 
-pvcreate -q /dev/ram0 /dev/ram1
-vgcreate -q vg0 /dev/ram0 /dev/ram1
-lvnbd serve --volumes lvm://vg0 --listen tcp://127.0.0.1:10809 --control "$CTL" --fence-file= \
-	--rescan 1s 2>server.log &
-server=$!
-wait_started "$server" server.log "[[ -S $CTL ]]" 90
+serve_vg0 1s
 
 # A striped volume, exported as soon as it exists.
 lvnbd volume create vm1 --size 128M --stripes 2 "${V[@]}"

@@ -14,12 +14,7 @@ V=(--volumes lvm://vg0 --control "$CTL")
 desc() { lvnbd info --json nbd://127.0.0.1/vm1 | grep -o '"description": *"[^"]*"'; }
 size() { lvnbd info --json nbd://127.0.0.1/vm1 | grep -o '"size": *[0-9]*' | grep -o '[0-9]*$'; }
 
-pvcreate -q /dev/ram0 /dev/ram1
-vgcreate -q vg0 /dev/ram0 /dev/ram1
-lvnbd serve --volumes lvm://vg0 --listen tcp://127.0.0.1:10809 --control "$CTL" --fence-file= \
-	--rescan 1h 2>server.log &
-server=$!
-wait_started "$server" server.log "[[ -S $CTL ]]" 90
+serve_vg0 1h
 lvnbd volume create vm1 --size 64M --stripes 2 "${V[@]}"
 dev=$(lvnbd attach nbd://127.0.0.1/vm1)
 id=$(desc)

@@ -52,6 +52,18 @@ wait_started() {
 	kill -0 "$pid" 2>/dev/null || fail "process $pid exited while starting; the end of $log: $(tail -n 20 "$log")"
 }
 
+# serve_vg0 RESCAN: volume group vg0 on /dev/ram0 and /dev/ram1, and lvnbd serve exporting its
+# volumes on 127.0.0.1:10809, with its control socket at $CTL and a rescan every RESCAN, logging to
+# server.log; $server is its pid.
+serve_vg0() {
+	pvcreate -q /dev/ram0 /dev/ram1
+	vgcreate -q vg0 /dev/ram0 /dev/ram1
+	lvnbd serve --volumes lvm://vg0 --listen tcp://127.0.0.1:10809 --control "$CTL" --fence-file= \
+		--rescan "$1" 2>server.log &
+	server=$!
+	wait_started "$server" server.log "[[ -S $CTL ]]" 90
+}
+
 # tcp_sockets PORT STATE: how many IPv4 TCP sockets on local port PORT are in STATE, as
 # /proc/net/tcp gives it in hex (0A listening, 01 established).
 tcp_sockets() { awk -v p="$(printf ':%04X' "$1")" -v st="$2" 'substr($2, length($2) - 4) == p && $4 == st' /proc/net/tcp | wc -l; }
