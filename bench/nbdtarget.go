@@ -49,7 +49,7 @@ func OpenNBD(ctx context.Context, uris []string, o OpenOptions) (*NBD, error) {
 		names = append(names, u.Export)
 	}
 	t := &NBD{uris: uris}
-	opts := &client.Options{NoMetaContext: true}
+	opts := &client.Options{NoMetaContext: true, TLS: o.TLS}
 	var first client.ExportInfo
 	for i, uri := range uris {
 		n := conns / len(uris)

@@ -7,6 +7,7 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -61,6 +62,9 @@ type OpenOptions struct {
 	// Notices, if set, is told when a target takes less than was asked:
 	// one connection to a server without multi-conn.
 	Notices io.Writer
+	// TLS is for nbds:// URIs (client.Options.TLS); nil for the system's
+	// roots or the URIs' tls-certificates.
+	TLS *tls.Config
 	// Validate, if set, vets the region and the alignment direct I/O
 	// needs once they are known, before a file is created, extended or
 	// opened for writing (Config.Validate): a run its target cannot take

@@ -62,18 +62,19 @@ type Conn struct {
 }
 
 // Dial connects to the export at uri, negotiates, and returns a connection
-// ready for requests. nbds:// URIs fail with ErrTLSNotSupported.
+// ready for requests. nbds:// and nbds+unix:// URIs start TLS first (see
+// Options.TLS) and fail if the server will not.
 func Dial(ctx context.Context, uri string, opts *Options) (*Conn, error) {
-	u, nc, err := dialURI(ctx, uri)
+	u, nc, tlsConfig, err := dialURI(ctx, uri, opts)
 	if err != nil {
 		return nil, err
 	}
-	info, err := negotiate(ctx, nc, u.Export, opts, u.Address())
+	conn, info, err := negotiate(ctx, nc, u.Export, opts, u.Address(), tlsConfig)
 	if err != nil {
 		nc.Close()
 		return nil, err
 	}
-	return newConn(nc, info, u.Address(), opts), nil
+	return newConn(conn, info, u.Address(), opts), nil
 }
 
 // NewConn starts the transmission phase on nc, which Negotiate left at its

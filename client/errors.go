@@ -12,9 +12,15 @@ import (
 
 // Sentinel errors; the errors this package returns wrap them.
 var (
-	// ErrTLSNotSupported is returned by Dial, List and Info for nbds:// and
-	// nbds+unix:// URIs, and when a server insists on TLS.
-	ErrTLSNotSupported = errors.New("TLS is not supported yet")
+	// ErrTLSNotSupported is returned for TLS lvnbd cannot speak: an
+	// nbds:// URI for the kernel, a tls-type other than x509.
+	ErrTLSNotSupported = errors.New("TLS is not supported here")
+	// ErrTLSRequired means the server serves the export only over TLS
+	// (NBD_REP_ERR_TLS_REQD): an nbds:// URI reaches it.
+	ErrTLSRequired = errors.New("the server requires TLS")
+	// ErrTLSRefused means the server would not start TLS for an nbds://
+	// URI (it has none configured, or no NBD_OPT_STARTTLS at all).
+	ErrTLSRefused = errors.New("the server does not offer TLS")
 	// ErrProtocol means the server broke the NBD protocol; the connection
 	// is closed and every request pending on it fails with this error.
 	ErrProtocol = errors.New("NBD protocol violation by the server")
@@ -60,16 +66,18 @@ type OptionError struct {
 
 func (e *OptionError) Error() string {
 	var s string
-	switch e.Reply {
-	case nbd.RepErrUnknown:
+	switch {
+	case e.Option == nbd.OptStartTLS:
+		s = fmt.Sprintf("%s refused to start TLS (%v answered with %v)", e.Server, e.Option, e.Reply)
+	case e.Reply == nbd.RepErrUnknown:
 		s = fmt.Sprintf("export %q not found on %s", e.Export, e.Server)
-	case nbd.RepErrTLSReqd:
-		s = fmt.Sprintf("%s requires TLS for export %q, and %v", e.Server, e.Export, ErrTLSNotSupported)
-	case nbd.RepErrUnsup:
+	case e.Reply == nbd.RepErrTLSReqd:
+		s = fmt.Sprintf("%s requires TLS for export %q: use an nbds:// URI", e.Server, e.Export)
+	case e.Reply == nbd.RepErrUnsup:
 		s = fmt.Sprintf("%s does not support %v", e.Server, e.Option)
-	case nbd.RepErrPolicy:
+	case e.Reply == nbd.RepErrPolicy:
 		s = fmt.Sprintf("%s refused %v for export %q by policy", e.Server, e.Option, e.Export)
-	case nbd.RepErrShutdown:
+	case e.Reply == nbd.RepErrShutdown:
 		s = fmt.Sprintf("%s is shutting down", e.Server)
 	default:
 		s = fmt.Sprintf("%s answered %v for export %q with %v", e.Server, e.Option, e.Export, e.Reply)
@@ -80,13 +88,16 @@ func (e *OptionError) Error() string {
 	return s
 }
 
-// Unwrap lets errors.Is see ErrExportNotFound and ErrTLSNotSupported.
+// Unwrap lets errors.Is see ErrExportNotFound, ErrTLSRequired and
+// ErrTLSRefused.
 func (e *OptionError) Unwrap() error {
-	switch e.Reply {
-	case nbd.RepErrUnknown:
+	switch {
+	case e.Option == nbd.OptStartTLS:
+		return ErrTLSRefused
+	case e.Reply == nbd.RepErrUnknown:
 		return ErrExportNotFound
-	case nbd.RepErrTLSReqd:
-		return ErrTLSNotSupported
+	case e.Reply == nbd.RepErrTLSReqd:
+		return ErrTLSRequired
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -38,22 +39,33 @@ var aLongTimeAgo = time.Unix(1, 0)
 // past the handshake has been read from it, so it can be handed to the
 // kernel (with opts.NoStructuredReplies) or to NewConn. The caller keeps
 // ownership of nc either way; on an option error Negotiate has already sent
-// NBD_OPT_ABORT.
+// NBD_OPT_ABORT. Negotiate speaks plain text (opts.TLS is not used): the
+// kernel cannot take over a TLS session.
 func Negotiate(ctx context.Context, nc net.Conn, export string, opts *Options) (ExportInfo, error) {
-	return negotiate(ctx, nc, export, opts, peerName(nc))
+	_, info, err := negotiate(ctx, nc, export, opts, peerName(nc), nil)
+	return info, err
 }
 
-func negotiate(ctx context.Context, nc net.Conn, export string, opts *Options, server string) (info ExportInfo, err error) {
+// negotiate runs the handshake on nc, first starting TLS with tlsConfig
+// unless it is nil, and returns the connection to go on with: nc, or the TLS
+// session over it.
+func negotiate(ctx context.Context, nc net.Conn, export string, opts *Options, server string, tlsConfig *tls.Config) (_ net.Conn, info ExportInfo, err error) {
 	if opts == nil {
 		opts = &Options{}
 	}
 	if len(export) > nbd.MaxStringLength {
-		return ExportInfo{}, fmt.Errorf("export name of %d bytes is over the protocol's %d", len(export), nbd.MaxStringLength)
+		return nil, ExportInfo{}, fmt.Errorf("export name of %d bytes is over the protocol's %d", len(export), nbd.MaxStringLength)
 	}
 	done := watchContext(ctx, nc, server)
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: server, export: export}
+	n := &negotiator{nc: nc, server: server, export: export, tls: tlsConfig}
+	info, err = n.negotiate(opts)
+	info.TLS = tlsConfig != nil
+	return n.nc, info, err
+}
+
+func (n *negotiator) negotiate(opts *Options) (info ExportInfo, err error) {
 	if err := n.hello(); err != nil {
 		return ExportInfo{}, err
 	}
@@ -91,9 +103,9 @@ func negotiate(ctx context.Context, nc net.Conn, export string, opts *Options, s
 }
 
 // List returns the exports the server at uri offers (NBD_OPT_LIST). The
-// export part of uri is ignored.
-func List(ctx context.Context, uri string) (_ []nbd.ServerEntry, err error) {
-	u, nc, err := dialURI(ctx, uri)
+// export part of uri is ignored. opts may be nil; only its TLS is used.
+func List(ctx context.Context, uri string, opts *Options) (_ []nbd.ServerEntry, err error) {
+	u, nc, tlsConfig, err := dialURI(ctx, uri, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -101,7 +113,7 @@ func List(ctx context.Context, uri string) (_ []nbd.ServerEntry, err error) {
 	done := watchContext(ctx, nc, u.Address())
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: u.Address()}
+	n := &negotiator{nc: nc, server: u.Address(), tls: tlsConfig}
 	if err := n.hello(); err != nil {
 		return nil, err
 	}
@@ -147,9 +159,10 @@ func List(ctx context.Context, uri string) (_ []nbd.ServerEntry, err error) {
 // Info asks the server at uri about the export named in uri without entering
 // transmission (NBD_OPT_INFO), and lists the metadata contexts it offers
 // (NBD_OPT_LIST_META_CONTEXT). Servers without NBD_OPT_INFO are asked with
-// NBD_OPT_EXPORT_NAME and then disconnected.
-func Info(ctx context.Context, uri string) (_ ExportInfo, err error) {
-	u, nc, err := dialURI(ctx, uri)
+// NBD_OPT_EXPORT_NAME and then disconnected. opts may be nil; only its TLS
+// is used.
+func Info(ctx context.Context, uri string, opts *Options) (_ ExportInfo, err error) {
+	u, nc, tlsConfig, err := dialURI(ctx, uri, opts)
 	if err != nil {
 		return ExportInfo{}, err
 	}
@@ -157,7 +170,13 @@ func Info(ctx context.Context, uri string) (_ ExportInfo, err error) {
 	done := watchContext(ctx, nc, u.Address())
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: u.Address(), export: u.Export}
+	n := &negotiator{nc: nc, server: u.Address(), export: u.Export, tls: tlsConfig}
+	info, err := n.info()
+	info.TLS = tlsConfig != nil
+	return info, err
+}
+
+func (n *negotiator) info() (ExportInfo, error) {
 	if err := n.hello(); err != nil {
 		return ExportInfo{}, err
 	}
@@ -198,24 +217,26 @@ func Info(ctx context.Context, uri string) (_ ExportInfo, err error) {
 	return info, nil
 }
 
-// dialURI parses uri and connects to it.
-func dialURI(ctx context.Context, uri string) (URI, net.Conn, error) {
+// dialURI parses uri and connects to it. The TLS configuration it returns
+// is nil for a plain-text URI.
+func dialURI(ctx context.Context, uri string, opts *Options) (URI, net.Conn, *tls.Config, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
-		return URI{}, nil, err
+		return URI{}, nil, nil, err
 	}
-	if u.IsTLS() {
-		return URI{}, nil, fmt.Errorf("%s: %w (use nbd:// or nbd+unix://)", uri, ErrTLSNotSupported)
+	tlsConfig, err := tlsConfigFor(u, opts)
+	if err != nil {
+		return URI{}, nil, nil, err
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, u.Network(), u.Address())
 	if err != nil {
 		if ctx.Err() != nil {
-			return URI{}, nil, fmt.Errorf("connecting to %s: %w", u.Address(), ctx.Err())
+			return URI{}, nil, nil, fmt.Errorf("connecting to %s: %w", u.Address(), ctx.Err())
 		}
-		return URI{}, nil, &DialError{Addr: u.Address(), Err: err}
+		return URI{}, nil, nil, &DialError{Addr: u.Address(), Err: err}
 	}
-	return u, nc, nil
+	return u, nc, tlsConfig, nil
 }
 
 // watchContext makes ctx's deadline and cancellation interrupt I/O on nc. The
@@ -268,14 +289,16 @@ func peerName(nc net.Conn) string {
 // negotiator speaks the client side of the option haggling. It reads the
 // socket unbuffered so nothing past the handshake is consumed.
 type negotiator struct {
-	nc       net.Conn
+	nc       net.Conn // the socket, or the TLS session over it once started
 	server   string
 	export   string
+	tls      *tls.Config // start TLS after the greeting; nil: plain text
 	fixed    bool
 	noZeroes bool
 }
 
-// hello reads the server's greeting and answers with the client flags.
+// hello reads the server's greeting, answers with the client flags, and
+// starts TLS if the URI asks for it.
 func (n *negotiator) hello() error {
 	var b [nbd.ServerHelloSize]byte
 	if _, err := io.ReadFull(n.nc, b[:]); err != nil {
@@ -297,6 +320,9 @@ func (n *negotiator) hello() error {
 	// The codec has no type for the 4-byte client flags.
 	if _, err := n.nc.Write(binary.BigEndian.AppendUint32(nil, uint32(flags))); err != nil {
 		return fmt.Errorf("sending client flags to %s: %w", n.server, err)
+	}
+	if n.tls != nil {
+		return n.startTLS()
 	}
 	return nil
 }

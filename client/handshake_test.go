@@ -201,8 +201,8 @@ func TestDialErrors(t *testing.T) {
 	}{
 		{"refused", "nbd://" + refused + "/x", syscall.ECONNREFUSED, "cannot connect to " + refused + ": connection refused"},
 		{"no socket", "nbd+unix:///x?socket=" + t.TempDir() + "/none", syscall.ENOENT, "cannot connect to "},
-		{"tls", "nbds://" + refused + "/x", ErrTLSNotSupported, "TLS is not supported yet"},
-		{"tls unix", "nbds+unix:///x?socket=/s", ErrTLSNotSupported, "TLS is not supported yet"},
+		{"tls refused", "nbds://" + refused + "/x", syscall.ECONNREFUSED, "cannot connect to " + refused + ": connection refused"},
+		{"tls-type psk", "nbds://" + refused + "/x?tls-type=psk", ErrTLSNotSupported, "X.509 TLS only"},
 		{"bad uri", "nbd:/x", ErrBadURI, "invalid NBD URI"},
 	}
 	for _, tt := range tests {
@@ -211,10 +211,10 @@ func TestDialErrors(t *testing.T) {
 			if !errors.Is(err, tt.is) || !strings.Contains(err.Error(), tt.wantMsg) {
 				t.Fatalf("Dial(%s): %v, want %v containing %q", tt.uri, err, tt.is, tt.wantMsg)
 			}
-			if _, err := List(testContext(t), tt.uri); !errors.Is(err, tt.is) {
+			if _, err := List(testContext(t), tt.uri, nil); !errors.Is(err, tt.is) {
 				t.Errorf("List(%s): %v, want %v", tt.uri, err, tt.is)
 			}
-			if _, err := Info(testContext(t), tt.uri); !errors.Is(err, tt.is) {
+			if _, err := Info(testContext(t), tt.uri, nil); !errors.Is(err, tt.is) {
 				t.Errorf("Info(%s): %v, want %v", tt.uri, err, tt.is)
 			}
 		})
@@ -227,7 +227,7 @@ func TestListAndInfo(t *testing.T) {
 	}}
 	uri := s.start(t, "a")
 	ctx := testContext(t)
-	list, err := List(ctx, uri)
+	list, err := List(ctx, uri, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +235,7 @@ func TestListAndInfo(t *testing.T) {
 	if diff := cmp.Diff(wantList, list); diff != "" {
 		t.Errorf("List (-want +got):\n%s", diff)
 	}
-	info, err := Info(ctx, uri)
+	info, err := Info(ctx, uri, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,12 +246,12 @@ func TestListAndInfo(t *testing.T) {
 		t.Errorf("Info (-want +got):\n%s", diff)
 	}
 
-	if _, err := Info(ctx, strings.TrimSuffix(uri, "a")+"zz"); !errors.Is(err, ErrExportNotFound) {
+	if _, err := Info(ctx, strings.TrimSuffix(uri, "a")+"zz", nil); !errors.Is(err, ErrExportNotFound) {
 		t.Errorf("Info of a missing export: %v, want ErrExportNotFound", err)
 	}
 
 	old := &fakeServer{noGo: true, exports: map[string]*fakeExport{"a": newFakeExport(8192, "")}}
-	info, err = Info(ctx, old.start(t, "a"))
+	info, err = Info(ctx, old.start(t, "a"), nil)
 	if err != nil {
 		t.Fatalf("Info on a server without NBD_OPT_INFO: %v", err)
 	}

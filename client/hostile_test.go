@@ -301,7 +301,7 @@ func TestHostileHandshake(t *testing.T) {
 				}
 				return b
 			}},
-		{name: "TLS required", is: ErrTLSNotSupported, wantMsg: "requires TLS",
+		{name: "TLS required", is: ErrTLSRequired, wantMsg: "requires TLS",
 			answer: func(opt nbd.Option, _ []byte) []byte {
 				if opt == nbd.OptAbort {
 					return ack(opt)
@@ -349,7 +349,7 @@ func TestHostileHandshake(t *testing.T) {
 			}
 			var err error
 			if tt.list {
-				_, err = List(testContext(t), uri)
+				_, err = List(testContext(t), uri, nil)
 			} else {
 				var c *Conn
 				c, err = Dial(testContext(t), uri, nil)

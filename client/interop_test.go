@@ -11,11 +11,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/lvnbd/lvnbd/internal/testpki"
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
@@ -100,7 +102,7 @@ func (p *serverProc) waitReady(t *testing.T, uri string) {
 	defer retry.Stop()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, err := List(ctx, uri)
+		_, err := List(ctx, uri, nil)
 		cancel()
 		if err == nil {
 			return
@@ -347,7 +349,7 @@ func TestInteropNbdkit(t *testing.T) {
 			p := startServer(t, nbdkit, append(args, "memory", strconv.Itoa(interopSize))...)
 			p.waitReady(t, uri)
 
-			info, err := Info(testContext(t), uri)
+			info, err := Info(testContext(t), uri, nil)
 			if err != nil {
 				t.Fatalf("Info: %v", err)
 			}
@@ -455,11 +457,11 @@ func TestInteropQemuNBD(t *testing.T) {
 			p := startServer(t, qemuNBD, append(args, file)...)
 			p.waitReady(t, uri)
 
-			list, err := List(testContext(t), uri)
+			list, err := List(testContext(t), uri, nil)
 			if err != nil || len(list) != 1 || list[0].Name != "disk" {
 				t.Fatalf("List: %v, %v; want the one export \"disk\"", list, err)
 			}
-			info, err := Info(testContext(t), uri)
+			info, err := Info(testContext(t), uri, nil)
 			if err != nil || info.Size != interopSize || !hasContext(info, nbd.MetaContextBaseAllocation) {
 				t.Fatalf("Info: %+v, %v", info, err)
 			}
@@ -511,7 +513,7 @@ func TestInteropNbdServer(t *testing.T) {
 	p := startServer(t, nbdServer, "-C", conf, "-d")
 	uri := fmt.Sprintf("nbd://127.0.0.1:%d/disk", port)
 	p.waitReady(t, uri)
-	list, err := List(testContext(t), uri)
+	list, err := List(testContext(t), uri, nil)
 	if err != nil || len(list) != 1 || list[0].Name != "disk" {
 		t.Fatalf("List: %v, %v; want the one export \"disk\"", list, err)
 	}
@@ -520,4 +522,69 @@ func TestInteropNbdServer(t *testing.T) {
 		t.Log("nbd-server negotiated structured replies")
 	}
 	exercise(t, c)
+}
+
+// TestInteropTLS: nbds:// against the TLS of servers nobody here wrote, both
+// on GnuTLS and both asking for a client certificate: nbdkit (a pool of
+// connections) and qemu-nbd. The certificates are in GnuTLS's directory
+// layout, which the URI's tls-certificates names, as it would for nbdinfo.
+func TestInteropTLS(t *testing.T) {
+	pki, err := testpki.New(shortDir(t), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caOnly := writeCADir(t, pki)
+	tests := []struct {
+		name     string
+		binary   string
+		pkg      string
+		args     func(port int, file string) []string
+		export   string
+		poolSize int // connections a pool gets: nbdkit allows several, qemu-nbd one
+	}{
+		{"nbdkit", "nbdkit", "nbdkit", func(port int, _ string) []string {
+			return []string{"-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", strconv.Itoa(port),
+				"--tls=require", "--tls-certificates=" + pki.Dir, "--tls-verify-peer", "memory", strconv.Itoa(interopSize)}
+		}, "", 4},
+		{"qemu-nbd", "qemu-nbd", "qemu-utils", func(port int, file string) []string {
+			return []string{"-f", "raw", "-t", "-x", "disk", "-b", "127.0.0.1", "-p", strconv.Itoa(port),
+				"--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=on,dir=" + pki.Dir, "--tls-creds", "tls0", file}
+		}, "disk", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := needBinary(t, tt.binary, tt.pkg)
+			port := freePort(t)
+			p := startServer(t, path, tt.args(port, sparseFile(t, interopSize))...)
+			base := fmt.Sprintf("nbds://127.0.0.1:%d/%s", port, tt.export)
+			uri := base + "?tls-certificates=" + pki.Dir
+			p.waitReady(t, uri)
+
+			info, err := Info(testContext(t), uri, nil)
+			if err != nil || !info.TLS || info.Size != interopSize {
+				t.Fatalf("Info over TLS: %+v, %v", info, err)
+			}
+			pool, err := DialPool(testContext(t), uri, 4, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pool.Close()
+			if pool.Connections() != tt.poolSize || !pool.Export().TLS {
+				t.Fatalf("pool over TLS: %d connections, TLS %v; want %d over TLS", pool.Connections(), pool.Export().TLS, tt.poolSize)
+			}
+			exercise(t, pool)
+			pool.Close()
+
+			// Refused without a client certificate, and in plain text.
+			if _, err := Dial(testContext(t), base+"?tls-certificates="+caOnly, nil); err == nil {
+				t.Error("a client without a certificate got in")
+			}
+			plain := strings.Replace(base, "nbds://", "nbd://", 1)
+			if _, err := Dial(testContext(t), plain, nil); err == nil {
+				t.Error("a plain-text client got in")
+			} else {
+				t.Logf("plain text: %v", err)
+			}
+		})
+	}
 }

@@ -1,6 +1,7 @@
 package client
 
 import (
+	"crypto/tls"
 	"slices"
 	"time"
 
@@ -19,6 +20,13 @@ type Options struct {
 	// DrainTimeout bounds how long Close waits for in-flight requests before
 	// closing the socket under them. Default DefaultDrainTimeout.
 	DrainTimeout time.Duration
+	// TLS is for nbds:// and nbds+unix:// URIs: the roots to verify the
+	// server against and the client certificate, if any (LoadTLSConfig).
+	// nil: the system's roots and no client certificate, or the URI's
+	// tls-certificates directory; giving both is an error, and so is TLS
+	// for a plain-text URI. The URI's tls-hostname (else its host) is the
+	// name the server's certificate must carry.
+	TLS *tls.Config
 }
 
 // DefaultDrainTimeout is how long Close waits for in-flight requests.
@@ -56,6 +64,8 @@ type ExportInfo struct {
 	BlockSizesAdvertised bool
 	// StructuredReplies reports whether NBD_OPT_STRUCTURED_REPLY was agreed.
 	StructuredReplies bool
+	// TLS reports whether the connection is encrypted (nbds://).
+	TLS bool
 	// MetaContexts are the contexts selected for transmission (Dial,
 	// Negotiate), or those the export offers (Info).
 	MetaContexts []nbd.MetaContext

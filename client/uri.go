@@ -32,11 +32,18 @@ type URI struct {
 	Socket string // Unix socket path; a leading NUL names an abstract socket
 	Export string // the export name: the decoded path without its leading "/"
 
-	// TLS parameters (tls-type, tls-hostname, tls-verify-peer), kept so a URI
-	// survives a round trip; lvnbd does not speak TLS yet.
+	// TLS parameters of doc/uri.md, for nbds:// and nbds+unix://: tls-type
+	// ("" or "x509": lvnbd speaks no other), tls-hostname (the name the
+	// server's certificate must carry; default the URI's host) and
+	// tls-verify-peer ("0" skips verifying the server).
 	TLSType       string
 	TLSHostname   string
 	TLSVerifyPeer string
+	// TLSCertificates is libnbd's tls-certificates parameter: a directory
+	// in GnuTLS's layout (ca-cert.pem; client-cert.pem and client-key.pem
+	// for a client certificate), so a URI written for nbdinfo or qemu
+	// works here too.
+	TLSCertificates string
 }
 
 // ErrBadURI is wrapped by every error ParseURI returns.
@@ -113,6 +120,8 @@ func ParseURI(s string) (URI, error) {
 				return bad("tls-verify-peer must be 0 or 1")
 			}
 			out.TLSVerifyPeer = v
+		case "tls-certificates":
+			out.TLSCertificates = v
 		default:
 			return bad("unknown query parameter %q", p.key)
 		}
@@ -296,6 +305,7 @@ func (u URI) String() string {
 	add("tls-type", u.TLSType)
 	add("tls-hostname", u.TLSHostname)
 	add("tls-verify-peer", u.TLSVerifyPeer)
+	add("tls-certificates", u.TLSCertificates)
 	out.RawQuery = strings.Join(q, "&")
 	return out.String()
 }

@@ -37,11 +37,13 @@ var uriTests = []struct {
 	{in: "nbd+unix:///vm1?socket=/run/a;b.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/a;b.sock", Export: "vm1"}},
 	{in: "nbd+unix:///vm1?socket=/run/a%2Bb%20c%3Bd.sock", want: URI{Scheme: "nbd+unix", Socket: "/run/a+b c;d.sock", Export: "vm1"}},
 	{in: "nbds://h/vm1?tls-hostname=a+b&&tls-type=x%3D1%26", want: URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "vm1", TLSHostname: "a+b", TLSType: "x=1&"}},
-	// TLS forms parse (Dial refuses them).
+	// TLS forms; libnbd's tls-certificates too, so nbdinfo's URIs work.
 	{in: "nbds://alice@storage-a/vm1?tls-type=x509&tls-verify-peer=0",
 		want: URI{Scheme: "nbds", User: "alice", Host: "storage-a", Port: 10809, Export: "vm1", TLSType: "x509", TLSVerifyPeer: "0"}},
 	{in: "nbds+unix:///vm1?socket=/s&tls-hostname=a.example",
 		want: URI{Scheme: "nbds+unix", Socket: "/s", Export: "vm1", TLSHostname: "a.example"}},
+	{in: "nbds://storage-a/vm1?tls-certificates=/etc/lvnbd/pki",
+		want: URI{Scheme: "nbds", Host: "storage-a", Port: 10809, Export: "vm1", TLSCertificates: "/etc/lvnbd/pki"}},
 	// Errors.
 	{in: "", wantErr: "no scheme"},
 	{in: "storage-a/vm1", wantErr: "no scheme"},
@@ -123,6 +125,9 @@ func TestURIString(t *testing.T) {
 		{"query delimiters in a value",
 			URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "x", TLSType: "a&b=c#d%e"},
 			"nbds://h:10809/x?tls-type=a%26b%3Dc%23d%25e"},
+		{"every TLS parameter, in a fixed order",
+			URI{Scheme: "nbds", Host: "h", Port: 10809, Export: "x", TLSCertificates: "/etc/pki dir", TLSVerifyPeer: "1", TLSHostname: "s.example", TLSType: "x509"},
+			"nbds://h:10809/x?tls-type=x509&tls-hostname=s.example&tls-verify-peer=1&tls-certificates=/etc/pki%20dir"},
 		{"abstract socket",
 			URI{Scheme: "nbd+unix", Socket: "\x00/abstract"},
 			"nbd+unix:///?socket=%00/abstract"},

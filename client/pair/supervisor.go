@@ -203,7 +203,7 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 		}
 	}
 	if c.Info == nil {
-		c.Info = client.Info
+		c.Info = func(ctx context.Context, uri string) (client.ExportInfo, error) { return client.Info(ctx, uri, nil) }
 	}
 	if c.IDs == nil {
 		c.IDs = volumeid.Open("")

@@ -76,7 +76,7 @@ func TestBoxCrashGivesVolumesANewID(t *testing.T) {
 		d := startDaemon(t, cfg)
 		var id string
 		waitFor(t, "the server", func() bool {
-			info, err := client.Info(d.ctx, uri)
+			info, err := client.Info(d.ctx, uri, nil)
 			id = info.ID()
 			return err == nil
 		})

@@ -125,7 +125,7 @@ func TestReload(t *testing.T) {
 	ctx := d.ctx
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
 	available := func(name string) bool {
-		_, err := client.Info(ctx, uri(name))
+		_, err := client.Info(ctx, uri(name), nil)
 		return err == nil
 	}
 	waitFor(t, "the server", func() bool { return available("a") })
@@ -165,7 +165,7 @@ func TestReload(t *testing.T) {
 	if err := d.reload(base(a, c2)); err != nil {
 		t.Fatal(err)
 	}
-	if info, err := client.Info(ctx, uri("c")); err != nil || info.Size != 3<<20 {
+	if info, err := client.Info(ctx, uri("c"), nil); err != nil || info.Size != 3<<20 {
 		t.Fatalf("c after replacing its file: %+v %v", info, err)
 	}
 	if err := conn.WriteAt(ctx, []byte("still"), 8192, 0); err != nil {
@@ -201,7 +201,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		return url != ""
 	})
 	uri := "nbd+unix:///m?socket=" + sock
-	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri); return err == nil })
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri, nil); return err == nil })
 	conn, err := client.Dial(ctx, uri, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -254,7 +254,7 @@ func TestFailedExportAcrossRestartAndRecover(t *testing.T) {
 	}()
 	ctx := d.ctx
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
-	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("b")); return err == nil })
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("b"), nil); return err == nil })
 	dial := func() *client.Conn {
 		t.Helper()
 		conn, err := client.Dial(ctx, uri("a"), nil)
@@ -323,8 +323,8 @@ func TestStartsBesideAnUnreadableVolume(t *testing.T) {
 	cfg.Server.Volumes = "file://" + data
 	d := startDaemon(t, cfg)
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
-	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("ok")); return err == nil })
-	if _, err := client.Info(ctx, uri("gone")); err == nil {
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("ok"), nil); return err == nil })
+	if _, err := client.Info(ctx, uri("gone"), nil); err == nil {
 		t.Error("gone is exported though its file is gone")
 	}
 	if err := d.stop(); err != nil {
@@ -361,7 +361,7 @@ func TestRejectedReloadChangesNothing(t *testing.T) {
 		d := startDaemon(t, testConfig(sock, a))
 		defer d.stop()
 		uri := "nbd+unix:///a?socket=" + sock
-		waitFor(t, "the server", func() bool { _, err := client.Info(d.ctx, uri); return err == nil })
+		waitFor(t, "the server", func() bool { _, err := client.Info(d.ctx, uri, nil); return err == nil })
 
 		tlsOnly := a
 		tlsOnly.TLS = "required"
@@ -371,7 +371,7 @@ func TestRejectedReloadChangesNothing(t *testing.T) {
 		if err := d.reload(cfg); err == nil {
 			t.Fatal("a reload with an export whose file is missing was accepted")
 		}
-		if _, err := client.Info(d.ctx, uri); err != nil {
+		if _, err := client.Info(d.ctx, uri, nil); err != nil {
 			t.Errorf("a plain client of a after the rejected reload: %v; want served as before", err)
 		}
 		if got := d.level.Level(); got != zapcore.InfoLevel {
@@ -396,7 +396,7 @@ func TestRejectedReloadChangesNothing(t *testing.T) {
 		defer d.stop()
 		ctx := d.ctx
 		uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
-		waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("golden")); return err == nil })
+		waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("golden"), nil); return err == nil })
 		conn, err := client.Dial(ctx, uri("golden"), nil)
 		if err != nil {
 			t.Fatal(err)
@@ -412,13 +412,13 @@ func TestRejectedReloadChangesNothing(t *testing.T) {
 		if !errors.Is(err, server.ErrExportExists) {
 			t.Fatalf("a reload with a static export named as a volume: %v, want ErrExportExists", err)
 		}
-		if info, err := client.Info(ctx, uri("golden")); err != nil || info.Size != 1<<20 {
+		if info, err := client.Info(ctx, uri("golden"), nil); err != nil || info.Size != 1<<20 {
 			t.Errorf("golden after the rejected reload: %+v, %v; want its old file, of 1MiB", info, err)
 		}
 		if err := conn.WriteAt(ctx, []byte("still"), 0, 0); err != nil {
 			t.Errorf("golden's client after the rejected reload: %v; want it kept", err)
 		}
-		if info, err := client.Info(ctx, uri("vm1")); err != nil || info.Description == clash.Path {
+		if info, err := client.Info(ctx, uri("vm1"), nil); err != nil || info.Description == clash.Path {
 			t.Errorf("vm1 after the rejected reload: %+v, %v; want the volume", info, err)
 		}
 	})
@@ -437,8 +437,8 @@ func TestStartsWithoutAnExportThatCannotBeOpened(t *testing.T) {
 	defer d.stop()
 	ctx := d.ctx
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
-	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("a")); return err == nil })
-	if _, err := client.Info(ctx, uri("z")); err == nil {
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("a"), nil); return err == nil })
+	if _, err := client.Info(ctx, uri("z"), nil); err == nil {
 		t.Error("z is served though its file is missing")
 	}
 	logged := func() int {
@@ -467,7 +467,7 @@ func TestStartsWithoutAnExportThatCannotBeOpened(t *testing.T) {
 	if err := d.reload(testConfig(sock, a, z)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := client.Info(ctx, uri("z")); err != nil {
+	if _, err := client.Info(ctx, uri("z"), nil); err != nil {
 		t.Errorf("z after a reload that can open it: %v", err)
 	}
 
@@ -518,8 +518,8 @@ func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
 		}
 	}()
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
-	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("other")); return err == nil })
-	if info, err := client.Info(ctx, uri("vm1")); err == nil {
+	waitFor(t, "the server", func() bool { _, err := client.Info(ctx, uri("other"), nil); return err == nil })
+	if info, err := client.Info(ctx, uri("vm1"), nil); err == nil {
 		t.Errorf("vm1 is served as %q while its static export's file is missing, want not served", info.Description)
 	}
 	if err := os.WriteFile(static.Path, make([]byte, 1<<20), 0o644); err != nil {
@@ -528,7 +528,7 @@ func TestVolumeNeverTakesAStaticExportsName(t *testing.T) {
 	if err := d.reload(withVolumes()); err != nil {
 		t.Fatalf("reload once the file is there: %v", err)
 	}
-	info, err := client.Info(ctx, uri("vm1"))
+	info, err := client.Info(ctx, uri("vm1"), nil)
 	if err != nil || strings.Contains(info.Description, "volume") {
 		t.Errorf("vm1 after the reload: %q, %v; want the static export", info.Description, err)
 	}
