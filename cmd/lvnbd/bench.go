@@ -19,6 +19,7 @@ func newBenchCmd() *cobra.Command {
 		direct, fua, verify     bool
 		force, jsonOut          bool
 		seed                    uint64
+		tlsFiles                clientTLS
 	)
 	cmd := &cobra.Command{
 		Use:   "bench TARGET [URI...]",
@@ -69,11 +70,14 @@ units (512KiB, 1GB). A live progress line goes to stderr when it is a terminal, 
 the run and then for the verify. Ctrl-C stops the run and still prints a report of
 what completed, without waiting for requests in flight; the exit status is then
 non-zero, as it is when a run fails, times out, or its verify fails or does not
-finish. A second Ctrl-C ends lvnbd at once.`,
+finish. A second Ctrl-C ends lvnbd at once.
+
+` + clientTLSHelp,
 		Example: `  lvnbd bench --mode write --bs 1M --size 4G --force /dev/nbd0
   lvnbd bench --mode randread --bs 4k --qd 32 --conns 4 --runtime 30s nbd://storage-a/vm1
   lvnbd bench --mode randrw --verify --size 1G --runtime 10s --json /srv/test.img
-  lvnbd bench --mode read --conns 4 nbd://10.1.0.1/vm1 nbd://10.2.0.1/vm1`,
+  lvnbd bench --mode read --conns 4 nbd://10.1.0.1/vm1 nbd://10.2.0.1/vm1
+  lvnbd bench --mode read --size 1G --tls-ca /etc/lvnbd/ca.crt nbds://storage-a/vm1`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, err := bench.ParseMode(mode)
@@ -138,13 +142,24 @@ finish. A second Ctrl-C ends lvnbd at once.`,
 				cfg.Progress = stderr
 			}
 
-			ctx := cmd.Context()
-			t, err := bench.Open(ctx, args, bench.OpenOptions{
-				Write: m.Writes(), Force: force, Size: region, Direct: direct, Conns: conns,
-				Validate: cfg.Validate, Notices: stderr,
-			})
+			if tlsFiles.given() && !bench.IsNBDURI(args[0]) {
+				return fmt.Errorf("--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and %s is not an NBD URI", args[0])
+			}
+			opts, err := tlsFiles.options()
 			if err != nil {
 				return err
+			}
+			o := bench.OpenOptions{
+				Write: m.Writes(), Force: force, Size: region, Direct: direct, Conns: conns,
+				Validate: cfg.Validate, Notices: stderr,
+			}
+			if opts != nil {
+				o.TLS = opts.TLS
+			}
+			ctx := cmd.Context()
+			t, err := bench.Open(ctx, args, o)
+			if err != nil {
+				return dialHint(err)
 			}
 			defer t.Close()
 			rep, runErr := bench.Run(ctx, t, cfg)
@@ -187,5 +202,6 @@ finish. A second Ctrl-C ends lvnbd at once.`,
 	f.Uint64Var(&seed, "seed", 0, "seed of the verify pattern and random offsets (default: fresh each run, shown in the report)")
 	f.BoolVar(&force, "force", false, "allow write modes to overwrite a block device (not one in use), a non-empty file or an NBD export")
 	f.BoolVar(&jsonOut, "json", false, "print the report as one JSON object")
+	tlsFiles.addFlags(f)
 	return cmd
 }

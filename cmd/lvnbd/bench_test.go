@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/lvnbd/lvnbd/bench"
+	"github.com/lvnbd/lvnbd/internal/testpki"
+	"github.com/lvnbd/lvnbd/server"
 )
 
 // benchJSON is the part of the --json report scripts rely on.
@@ -143,6 +145,7 @@ func TestBenchCommandRefusals(t *testing.T) {
 		{args: []string{"--mode", "read", "--rwmix-read", "50", full}, wantErr: "--rwmix-read sets the mix of randrw only"},
 		{args: []string{"--mode", "read", "--timeout", "-1s", full}, wantErr: "timeout must not be negative"},
 		{args: []string{}, wantErr: "requires at least 1 arg"},
+		{args: []string{"--mode", "read", "--tls-ca", full, full}, wantErr: "--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and " + full + " is not an NBD URI"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -377,5 +380,31 @@ func TestBenchCommandStalledServer(t *testing.T) {
 				t.Errorf("bench took %v to end", took)
 			}
 		})
+	}
+}
+
+// TestBenchCommandOverTLS: a verified write and read over nbds://, on two
+// connections, with the certificates named by flags and by the URI.
+func TestBenchCommandOverTLS(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, _ := infoTestServerWith(t, pki.ServerConfig(), server.Access{TLS: server.TLSRequired, AllowNames: []string{"dom0-a"}})
+	uri := strings.Replace(base, "nbd://", "nbds://", 1) + "/vm1"
+	file := func(name string) string { return filepath.Join(pki.Dir, name) }
+
+	w := benchRun(t, "--mode", "write", "--force", "--size", "1M", "--bs", "64k", "--qd", "4", "--conns", "2", "--verify",
+		"--tls-ca", file("ca-cert.pem"), "--tls-cert", file("client-cert.pem"), "--tls-key", file("client-key.pem"), uri)
+	if w.Write.Bytes != 1<<20 || w.Verify == nil || !w.Verify.OK {
+		t.Fatalf("write over TLS: %+v, verify %+v", w, w.Verify)
+	}
+	r := benchRun(t, "--mode", "read", "--size", "1M", "--verify", "--seed", fmt.Sprint(w.Seed), uri+"?tls-certificates="+pki.Dir)
+	if r.Read.Bytes != 1<<20 || r.Verify == nil || !r.Verify.OK {
+		t.Fatalf("read over TLS: %+v, verify %+v", r, r.Verify)
+	}
+	_, err = runLvnbd(t, "bench", "--mode", "read", "--size", "1M", uri)
+	if err == nil || !strings.Contains(err.Error(), "give the CA that signed the server's certificate") {
+		t.Fatalf("bench without the CA: %v, want the hint to give it", err)
 	}
 }

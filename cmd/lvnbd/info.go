@@ -8,7 +8,6 @@ import (
 	"io"
 	"strconv"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 	"unicode"
@@ -28,6 +27,7 @@ func newInfoCmd() *cobra.Command {
 	var (
 		list, allocMap, asJSON bool
 		timeout                time.Duration
+		tlsFiles               clientTLS
 	)
 	cmd := &cobra.Command{
 		Use:   "info URI",
@@ -42,14 +42,23 @@ multiple of the server's minimum block size leaves a tail no request may ask
 about: the map ends before it and says how long it is. --json prints one JSON
 object (an array with --list) with stable snake_case keys.
 
-URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.`,
+URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH, or their
+TLS forms.
+
+` + clientTLSHelp,
 		Example: `  lvnbd info nbd://storage-a/vm1
   lvnbd info --list nbd://storage-a
-  lvnbd info --map --json nbd+unix:///vm1?socket=/run/lvnbd.sock`,
+  lvnbd info --map --json nbd+unix:///vm1?socket=/run/lvnbd.sock
+  lvnbd info --tls-ca /etc/lvnbd/ca.crt nbds://storage-a/vm1
+  lvnbd info 'nbds://storage-a/vm1?tls-certificates=/etc/lvnbd/pki'`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if list && allocMap {
 				return errors.New("--list and --map cannot be combined")
+			}
+			opts, err := tlsFiles.options()
+			if err != nil {
+				return err
 			}
 			ctx := cmd.Context()
 			if timeout > 0 {
@@ -58,16 +67,15 @@ URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.`,
 				defer cancel()
 			}
 			w := cmd.OutOrStdout()
-			var err error
 			switch {
 			case list:
-				err = infoList(ctx, w, args[0], asJSON)
+				err = infoList(ctx, w, args[0], opts, asJSON)
 			case allocMap:
-				err = infoMap(ctx, w, args[0], asJSON)
+				err = infoMap(ctx, w, args[0], opts, asJSON)
 			default:
-				err = infoExport(ctx, w, args[0], asJSON)
+				err = infoExport(ctx, w, args[0], opts, asJSON)
 			}
-			return connectHint(err)
+			return dialHint(err)
 		},
 	}
 	f := cmd.Flags()
@@ -75,16 +83,8 @@ URI is nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.`,
 	f.BoolVar(&allocMap, "map", false, "print the allocation map of the export")
 	f.BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	f.DurationVar(&timeout, "timeout", 30*time.Second, "give up after this long (0: never)")
+	tlsFiles.addFlags(f)
 	return cmd
-}
-
-// connectHint adds the likely cause to a refused connection.
-func connectHint(err error) error {
-	var de *client.DialError
-	if errors.As(err, &de) && (errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)) {
-		return fmt.Errorf("%w — is lvnbd serve running?", err)
-	}
-	return err
 }
 
 // exportJSON is the --json form of an export's information.
@@ -100,6 +100,7 @@ type exportJSON struct {
 	BlockSize            blockSizeJSON `json:"block_size"`
 	MetaContexts         []string      `json:"meta_contexts"`
 	StructuredReplies    bool          `json:"structured_replies"`
+	TLS                  bool          `json:"tls"`
 }
 
 type blockSizeJSON struct {
@@ -109,8 +110,8 @@ type blockSizeJSON struct {
 	Advertised     bool   `json:"advertised"`
 }
 
-func infoExport(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
-	info, err := client.Info(ctx, uri)
+func infoExport(ctx context.Context, w io.Writer, uri string, opts *client.Options, asJSON bool) error {
+	info, err := client.Info(ctx, uri, opts)
 	if err != nil {
 		return err
 	}
@@ -129,6 +130,7 @@ func infoExport(ctx context.Context, w io.Writer, uri string, asJSON bool) error
 			MaximumPayload: info.BlockSizes.MaxPayload, Advertised: info.BlockSizesAdvertised},
 		MetaContexts:      []string{},
 		StructuredReplies: info.StructuredReplies,
+		TLS:               info.TLS,
 	}
 	for _, m := range info.MetaContexts {
 		j.MetaContexts = append(j.MetaContexts, m.Name)
@@ -151,6 +153,7 @@ func infoExport(ctx context.Context, w io.Writer, uri string, asJSON bool) error
 	fmt.Fprintf(tw, "block sizes:\t%s\n", bs)
 	fmt.Fprintf(tw, "meta contexts:\t%s\n", orNone(strings.Join(j.MetaContexts, " ")))
 	fmt.Fprintf(tw, "structured replies:\t%s\n", yesNo(j.StructuredReplies))
+	fmt.Fprintf(tw, "tls:\t%s\n", yesNo(j.TLS))
 	return tw.Flush()
 }
 
@@ -167,8 +170,8 @@ type listEntryJSON struct {
 	Description string `json:"description"`
 }
 
-func infoList(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
-	entries, err := client.List(ctx, uri)
+func infoList(ctx context.Context, w io.Writer, uri string, opts *client.Options, asJSON bool) error {
+	entries, err := client.List(ctx, uri, opts)
 	if err != nil {
 		return err
 	}
@@ -208,8 +211,8 @@ type extentJSON struct {
 	Description string `json:"description"`
 }
 
-func infoMap(ctx context.Context, w io.Writer, uri string, asJSON bool) error {
-	c, err := client.Dial(ctx, uri, nil)
+func infoMap(ctx context.Context, w io.Writer, uri string, opts *client.Options, asJSON bool) error {
+	c, err := client.Dial(ctx, uri, opts)
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lvnbd/lvnbd/internal/testpki"
 	"github.com/lvnbd/lvnbd/server"
 )
 
@@ -27,6 +29,12 @@ const infoTestSize = 8 << 20
 // vm1, a sparse file with 64 KiB of data at 1 MiB, and golden, read-only. It
 // returns the base URI (nbd://127.0.0.1:PORT) and vm1's backing path.
 func infoTestServer(t *testing.T) (string, string) {
+	t.Helper()
+	return infoTestServerWith(t, nil, server.Access{})
+}
+
+// infoTestServerWith is infoTestServer with TLS and both exports' access.
+func infoTestServerWith(t *testing.T, tlsConfig *tls.Config, access server.Access) (string, string) {
 	t.Helper()
 	dir := t.TempDir()
 	vm1 := filepath.Join(dir, "vm1.img")
@@ -55,6 +63,7 @@ func infoTestServer(t *testing.T) (string, string) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { e.Backend.Close() })
+		e.Access = access
 		if err := reg.Add(e); err != nil {
 			t.Fatal(err)
 		}
@@ -65,7 +74,7 @@ func infoTestServer(t *testing.T) (string, string) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	srv := server.New(&server.Config{Exports: reg})
+	srv := server.New(&server.Config{Exports: reg, TLS: tlsConfig})
 	go func() { served <- srv.Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()
@@ -104,6 +113,7 @@ read-only:           no
 block sizes:         minimum 1, preferred 4096, maximum payload 33554432 (32 MiB)
 meta contexts:       base:allocation
 structured replies:  yes
+tls:                 no
 `, host, vm1)
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("lvnbd info (-want +got):\n%s", diff)
@@ -132,6 +142,7 @@ func TestInfoJSON(t *testing.T) {
 		"block_size":             map[string]any{"minimum": float64(1), "preferred": float64(4096), "maximum_payload": float64(32 << 20), "advertised": true},
 		"meta_contexts":          []any{"base:allocation"},
 		"structured_replies":     true,
+		"tls":                    false,
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("lvnbd info --json (-want +got):\n%s", diff)
@@ -228,7 +239,12 @@ func TestInfoErrors(t *testing.T) {
 			`export "nope" not found on ` + host + `: no export "nope" on this server…`},
 		{"unknown export map", []string{"info", "--map", base + "/nope"},
 			`export "nope" not found on ` + host + `: no export "nope" on this server…`},
-		{"tls", []string{"info", "nbds://" + host + "/vm1"}, "nbds://" + host + "/vm1: TLS is not supported yet (use nbd:// or nbd+unix://)"},
+		{"tls from a server without", []string{"info", "nbds://" + host + "/vm1?tls-verify-peer=0"},
+			host + " refused to start TLS (NBD_OPT_STARTTLS answered with NBD_REP_ERR_POLICY): TLS is not configured on this server"},
+		{"tls flags for plain text", []string{"info", "--tls-ca", "/etc/ssl/certs/ca-certificates.crt", base + "/vm1"},
+			base + "/vm1 is a plain-text URI, yet TLS settings were given: write nbds:// (or nbds+unix://) for TLS"},
+		{"tls certificate without key", []string{"info", "--tls-cert", "/nonexistent/c.pem", "nbds://" + host + "/vm1"},
+			"--tls-ca/--tls-cert/--tls-key: TLS client certificate /nonexistent/c.pem has no key file: give both"},
 		{"bad uri", []string{"info", "storage-a/vm1"}, `invalid NBD URI "storage-a/vm1": no scheme…`},
 		{"list and map", []string{"info", "--list", "--map", base}, "--list and --map cannot be combined"},
 	}
@@ -353,5 +369,85 @@ func TestInfoMapUnalignedTail(t *testing.T) {
 	wantMap := []extentJSON{{Offset: 0, Length: 4608, Flags: 3, Description: "hole,zero"}}
 	if diff := cmp.Diff(wantMap, m.Map); diff != "" || m.Size != 5000 || m.Unmapped != 392 {
 		t.Errorf("lvnbd info --map --json: size %d, unmapped %d, map (-want +got):\n%s", m.Size, m.Unmapped, diff)
+	}
+}
+
+// TestInfoOverTLS: info, --list and --map over nbds://, the certificates
+// named by flags or by the URI, and the hints a failed TLS handshake gets.
+func TestInfoOverTLS(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, _ := infoTestServerWith(t, pki.ServerConfig(), server.Access{TLS: server.TLSRequired, AllowNames: []string{"dom0-a"}})
+	host := strings.TrimPrefix(base, "nbd://")
+	// A server that wants a client certificate in the TLS handshake itself,
+	// as nbdkit --tls-verify-peer and qemu-nbd do.
+	strict := pki.ServerConfig()
+	strict.ClientAuth = tls.RequireAndVerifyClientCert
+	strictBase, _ := infoTestServerWith(t, strict, server.Access{TLS: server.TLSRequired})
+	strictHost := strings.TrimPrefix(strictBase, "nbd://")
+
+	file := func(name string) string { return filepath.Join(pki.Dir, name) }
+	flags := []string{"--tls-ca", file("ca-cert.pem"), "--tls-cert", file("client-cert.pem"), "--tls-key", file("client-key.pem")}
+	uri := "nbds://" + host + "/vm1"
+
+	t.Run("flags", func(t *testing.T) {
+		out, err := runInfoCmd(t, append([]string{"info", uri}, flags...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, "size:                8388608") || !strings.Contains(out, "tls:                 yes") {
+			t.Errorf("lvnbd info over TLS:\n%s", out)
+		}
+	})
+	t.Run("the URI's tls-certificates, --json", func(t *testing.T) {
+		out, err := runInfoCmd(t, "info", "--json", uri+"?tls-certificates="+pki.Dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			URI string `json:"uri"`
+			TLS bool   `json:"tls"`
+		}
+		if err := json.Unmarshal([]byte(out), &got); err != nil || !got.TLS || got.URI != uri+"?tls-certificates="+pki.Dir {
+			t.Errorf("lvnbd info --json over TLS: %+v, %v\n%s", got, err, out)
+		}
+	})
+	t.Run("list", func(t *testing.T) {
+		out, err := runInfoCmd(t, append([]string{"info", "--list", "nbds://" + host}, flags...)...)
+		if err != nil || !strings.Contains(out, "vm1") || !strings.Contains(out, "golden") {
+			t.Errorf("lvnbd info --list over TLS: %v\n%s", err, out)
+		}
+	})
+	t.Run("map", func(t *testing.T) {
+		out, err := runInfoCmd(t, append([]string{"info", "--map", uri}, flags...)...)
+		if err != nil || !strings.Contains(out, "data") {
+			t.Errorf("lvnbd info --map over TLS: %v\n%s", err, out)
+		}
+	})
+
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no CA", []string{"info", uri},
+			"give the CA that signed the server's certificate: --tls-ca FILE, or tls-certificates=DIR in the URI"},
+		{"a name not in the certificate", []string{"info", "nbds://" + host + "/vm1?tls-hostname=storage-b", "--tls-ca", file("ca-cert.pem")},
+			"the URI's host is not a name in the server's certificate: add tls-hostname=NAME with one that is"},
+		{"no client certificate for a server that wants one in the handshake", []string{"info", "nbds://" + strictHost + "/vm1", "--tls-ca", file("ca-cert.pem")},
+			"the server wants a client certificate: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI"},
+		{"no client certificate for an export that names its clients", []string{"info", uri, "--tls-ca", file("ca-cert.pem")},
+			"a client certificate with an allowed name is required"},
+		{"plain text", []string{"info", base + "/vm1"}, `requires TLS for export "vm1": use an nbds:// URI`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := runInfoCmd(t, tt.args...)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %v, want it to say %q", err, tt.want)
+			}
+		})
 	}
 }

@@ -1,0 +1,70 @@
+package main
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/pflag"
+
+	"github.com/lvnbd/lvnbd/client"
+)
+
+// clientTLS is the TLS of the commands that speak NBD themselves (info,
+// bench) to nbds:// URIs: the files named by --tls-ca, --tls-cert and
+// --tls-key. The URI's tls-certificates=DIR (libnbd's layout) is the other
+// way to name them.
+type clientTLS struct{ ca, cert, key string }
+
+func (c *clientTLS) addFlags(f *pflag.FlagSet) {
+	f.StringVar(&c.ca, "tls-ca", "", "nbds:// URIs: the CA (PEM) that signed the server's certificate (default: the system's roots)")
+	f.StringVar(&c.cert, "tls-cert", "", "nbds:// URIs: a client certificate (PEM), for servers that ask for one")
+	f.StringVar(&c.key, "tls-key", "", "nbds:// URIs: the client certificate's private key (PEM)")
+}
+
+// given reports whether any of the flags was.
+func (c *clientTLS) given() bool { return c.ca != "" || c.cert != "" || c.key != "" }
+
+// options returns the client options the flags make: nil without any.
+func (c *clientTLS) options() (*client.Options, error) {
+	if !c.given() {
+		return nil, nil
+	}
+	cfg, err := client.LoadTLSConfig(c.ca, c.cert, c.key)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-ca/--tls-cert/--tls-key: %w", err)
+	}
+	return &client.Options{TLS: cfg}, nil
+}
+
+// clientTLSHelp is what info's and bench's --help say about nbds:// URIs.
+const clientTLSHelp = `nbds://HOST[:PORT]/EXPORT (and nbds+unix://) starts TLS before anything else
+and never falls back to plain text. The server's certificate is checked
+against --tls-ca (default: the system's roots) for the URI's host, or for its
+tls-hostname=NAME; --tls-cert and --tls-key give a client certificate for
+servers that ask for one. The URI's tls-certificates=DIR names all three at
+once, in the layout nbdinfo and qemu read (DIR/ca-cert.pem, and
+DIR/client-cert.pem with DIR/client-key.pem); tls-verify-peer=0 skips the
+check of the server's certificate.`
+
+// dialHint adds the likely cause and its fix to a failed connection.
+func dialHint(err error) error {
+	var (
+		de        *client.DialError
+		authority x509.UnknownAuthorityError
+		hostname  x509.HostnameError
+	)
+	switch {
+	case errors.As(err, &de) && (errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)):
+		return fmt.Errorf("%w — is lvnbd serve running?", err)
+	case errors.As(err, &authority):
+		return fmt.Errorf("%w — give the CA that signed the server's certificate: --tls-ca FILE, or tls-certificates=DIR in the URI", err)
+	case errors.As(err, &hostname):
+		return fmt.Errorf("%w — the URI's host is not a name in the server's certificate: add tls-hostname=NAME with one that is", err)
+	case err != nil && strings.Contains(err.Error(), "tls: certificate required"):
+		return fmt.Errorf("%w — the server wants a client certificate: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI", err)
+	}
+	return err
+}
