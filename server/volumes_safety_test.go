@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/internal/atomicfile"
 	"github.com/lvnbd/lvnbd/nbd"
@@ -555,6 +556,49 @@ func TestShrinkIsNotedBeforeItsCountGetsTheLock(t *testing.T) {
 	expectExportID(t, ts.reg, "vm1", v.ID+"-r1") // and after the count
 }
 
+// A shrink whose count gets the lock after Stop is counted, so the volume's
+// ID changes as the shrink demands, and nothing is exported again: the
+// server is stopping. Stop returns once that count is done.
+func TestStopCountsAShrinkWithoutExportingIt(t *testing.T) {
+	ctx := context.Background()
+	drv := newFileDriver(t)
+	vols, ts, _ := observedVolumes(t, drv)
+	file := filepath.Join(t.TempDir(), "shrinks.json")
+	if err := vols.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := ts.reg.Lookup("vm1")
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	vols.mu.Lock() // the count waits for it
+	if _, err := e.refreshSize(zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	vols.stopping = true // what Stop does first, before the count gets the lock
+	vols.mu.Unlock()
+	vols.Stop()
+
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 exported again by a count after Stop")
+	}
+	list, err := drv.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].ID != v.ID+"-r1" {
+		t.Errorf("volumes once Stop returned: %+v; want vm1 with ID %s-r1 (the shrink counted)", list, v.ID)
+	}
+	var pending map[string]string
+	if err := atomicfile.ReadJSON(file, &pending); err != nil || len(pending) != 0 {
+		t.Errorf("shrink file once Stop returned: %v, %v; want it empty", pending, err)
+	}
+}
+
 // listHookDriver runs hook inside its List calls, the nth onwards.
 type listHookDriver struct {
 	*file.Driver
@@ -894,6 +938,66 @@ func TestRecoverTellsTheVolumesID(t *testing.T) {
 	}
 	if got := failures.List(); len(got) != 0 {
 		t.Errorf("records after recovering all three: %+v", got)
+	}
+}
+
+// TestRecoverWatchesTheExportItOpened: the device watch follows a recovered
+// volume to the export opened anew (its resizes are judged against that
+// export's size), and a recovery during which a shrink of the volume is
+// noted reopens nothing, as a sync would not.
+func TestRecoverWatchesTheExportItOpened(t *testing.T) {
+	ctx := context.Background()
+	dev := unix.Mkdev(253, 3)
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
+	failures, err := LoadFailures(filepath.Join(t.TempDir(), "failures.json"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.reg.KeepFailures(failures)
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eio := fmt.Errorf("fdatasync: %w", syscall.EIO)
+	fail := func() *Export {
+		t.Helper()
+		e, _ := ts.reg.Lookup("vm1")
+		failures.record("vm1", e.Description, eio)
+		e.Backend.(*backend.File).MarkFailed(eio)
+		return e
+	}
+	watched := func() *Export {
+		vols.watchMu.Lock()
+		defer vols.watchMu.Unlock()
+		return vols.devs[dev]
+	}
+
+	failed := fail()
+	if res, err := vols.Recover(ctx, "vm1"); err != nil || !res.Reopened {
+		t.Fatalf("Recover = %+v, %v; want vm1 reopened", res, err)
+	}
+	now := expectExportID(t, ts.reg, "vm1", v.ID)
+	if now == failed {
+		t.Fatal("the recovery reopened nothing")
+	}
+	if w := watched(); w != now {
+		t.Errorf("the device watch leads to %p, want the export opened anew (%p), not the failed one (%p)", w, now, failed)
+	}
+
+	// A shrink noted while the recovery opens the volume.
+	failed = fail()
+	open := openBackend
+	defer func() { openBackend = open }()
+	openBackend = func(path string, readOnly bool) (Backend, error) {
+		vols.pending.add("vm1", v.ID)
+		return open(path, readOnly)
+	}
+	if _, err := vols.Recover(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "changed while it was being recovered") {
+		t.Errorf("Recover with a shrink noted during the open: %v, want it refused", err)
+	}
+	if e, _ := ts.reg.Lookup("vm1"); e != failed {
+		t.Error("vm1 reopened under its old ID with a shrink noted")
 	}
 }
 
