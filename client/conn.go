@@ -3,6 +3,7 @@ package client
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -19,7 +20,8 @@ const (
 	// straight into the caller's buffer.
 	readBufferSize = 64 << 10
 	// smallPayload: write payloads up to this are copied behind the header
-	// into one write; larger ones go out with writev, uncopied.
+	// into one write; larger ones go out with writev, uncopied (over TLS,
+	// the header and the payload as records of their own).
 	smallPayload = 64 << 10
 	// maxErrorChunk bounds the payload of an error chunk: a 4096-byte
 	// message plus the fields of any error type we may not know.
@@ -32,7 +34,8 @@ const (
 // called from many goroutines at once: requests are pipelined, written one at
 // a time, and a single reader goroutine hands each reply to its request.
 type Conn struct {
-	nc      net.Conn
+	nc      net.Conn // the socket, or the TLS session over it
+	raw     net.Conn // the socket: closing it ends the connection at once
 	r       *bufio.Reader
 	info    ExportInfo
 	server  string
@@ -74,18 +77,19 @@ func Dial(ctx context.Context, uri string, opts *Options) (*Conn, error) {
 		nc.Close()
 		return nil, err
 	}
-	return newConn(conn, info, u.Address(), opts), nil
+	return newConn(conn, nc, info, u.Address(), opts), nil
 }
 
 // NewConn starts the transmission phase on nc, which Negotiate left at its
 // start with info. The Conn owns nc from now on.
 func NewConn(nc net.Conn, info ExportInfo, opts *Options) *Conn {
-	return newConn(nc, info, peerName(nc), opts)
+	return newConn(nc, nc, info, peerName(nc), opts)
 }
 
-func newConn(nc net.Conn, info ExportInfo, server string, opts *Options) *Conn {
+func newConn(nc, raw net.Conn, info ExportInfo, server string, opts *Options) *Conn {
 	c := &Conn{
 		nc:         nc,
+		raw:        raw,
 		r:          bufio.NewReaderSize(nc, readBufferSize),
 		info:       info,
 		server:     server,
@@ -205,7 +209,9 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 		if err == nil && quiet && c.Err() == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), discTimeout)
 			b, _ := nbd.RequestHeader{Command: nbd.CmdDisc}.AppendBinary(nil)
-			c.sendRaw(ctx, b)
+			if c.sendRaw(ctx, b) == nil {
+				c.endTLS(ctx)
+			}
 			cancel()
 		}
 		c.fail(ErrClosed)
@@ -427,8 +433,21 @@ func (c *Conn) send(ctx context.Context, hdr, payload []byte) (sent bool, err er
 }
 
 // sendRaw writes b with no reply expected (NBD_CMD_DISC).
-func (c *Conn) sendRaw(ctx context.Context, b []byte) {
-	c.send(ctx, b, nil)
+func (c *Conn) sendRaw(ctx context.Context, b []byte) error {
+	_, err := c.send(ctx, b, nil)
+	return err
+}
+
+// endTLS sends TLS's close_notify after NBD_CMD_DISC, as the spec wants;
+// nothing without TLS. ctx bounds it (crypto/tls bounds it to 5 s too).
+func (c *Conn) endTLS(ctx context.Context) {
+	tc, ok := c.nc.(*tls.Conn)
+	if !ok {
+		return
+	}
+	stop := context.AfterFunc(ctx, func() { c.raw.SetWriteDeadline(aLongTimeAgo) })
+	defer stop()
+	tc.CloseWrite()
 }
 
 // forget drops a registered call that was never sent.
@@ -505,7 +524,9 @@ func (c *Conn) fail(err error) {
 	c.closing = true
 	c.signalIdle()
 	c.mu.Unlock()
-	c.nc.Close()
+	// The socket, not a TLS session over it, whose Close would first try
+	// to send close_notify to a server that may have stalled.
+	c.raw.Close()
 	for _, cl := range calls {
 		cl.stopWrites() // the socket is closed, so a copy in progress ends now
 		cl.finish(err)

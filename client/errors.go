@@ -21,6 +21,11 @@ var (
 	// ErrTLSRefused means the server would not start TLS for an nbds://
 	// URI (it has none configured, or no NBD_OPT_STARTTLS at all).
 	ErrTLSRefused = errors.New("the server does not offer TLS")
+	// ErrTLSNoClientCertificate is wrapped, beside the error itself, when a
+	// server hangs up right after TLS started and the client gave no
+	// certificate: GnuTLS servers (nbdkit --tls-verify-peer, qemu-nbd)
+	// refuse a client without one so, with no word of why.
+	ErrTLSNoClientCertificate = errors.New("the server hung up as soon as TLS started, and no client certificate was given: it may want one")
 	// ErrProtocol means the server broke the NBD protocol; the connection
 	// is closed and every request pending on it fails with this error.
 	ErrProtocol = errors.New("NBD protocol violation by the server")
@@ -67,10 +72,12 @@ type OptionError struct {
 func (e *OptionError) Error() string {
 	var s string
 	switch {
-	case e.Option == nbd.OptStartTLS:
+	case e.Option == nbd.OptStartTLS && e.Reply != nbd.RepErrShutdown:
 		s = fmt.Sprintf("%s refused to start TLS (%v answered with %v)", e.Server, e.Option, e.Reply)
 	case e.Reply == nbd.RepErrUnknown:
 		s = fmt.Sprintf("export %q not found on %s", e.Export, e.Server)
+	case e.Reply == nbd.RepErrTLSReqd && e.Export == "" && e.Option == nbd.OptList:
+		s = fmt.Sprintf("%s lists its exports only over TLS: use an nbds:// URI", e.Server)
 	case e.Reply == nbd.RepErrTLSReqd:
 		s = fmt.Sprintf("%s requires TLS for export %q: use an nbds:// URI", e.Server, e.Export)
 	case e.Reply == nbd.RepErrUnsup:
@@ -92,7 +99,7 @@ func (e *OptionError) Error() string {
 // ErrTLSRefused.
 func (e *OptionError) Unwrap() error {
 	switch {
-	case e.Option == nbd.OptStartTLS:
+	case e.Option == nbd.OptStartTLS && e.Reply != nbd.RepErrShutdown:
 		return ErrTLSRefused
 	case e.Reply == nbd.RepErrUnknown:
 		return ErrExportNotFound

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/lvnbd/lvnbd/nbd"
@@ -42,6 +43,9 @@ var aLongTimeAgo = time.Unix(1, 0)
 // NBD_OPT_ABORT. Negotiate speaks plain text (opts.TLS is not used): the
 // kernel cannot take over a TLS session.
 func Negotiate(ctx context.Context, nc net.Conn, export string, opts *Options) (ExportInfo, error) {
+	if opts != nil && opts.TLS != nil {
+		return ExportInfo{}, fmt.Errorf("negotiating export %q: %w (Negotiate speaks plain text only; Dial an nbds:// URI for TLS)", export, ErrTLSNotSupported)
+	}
 	_, info, err := negotiate(ctx, nc, export, opts, peerName(nc), nil)
 	return info, err
 }
@@ -59,7 +63,7 @@ func negotiate(ctx context.Context, nc net.Conn, export string, opts *Options, s
 	done := watchContext(ctx, nc, server)
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: server, export: export, tls: tlsConfig}
+	n := &negotiator{ctx: ctx, nc: nc, server: server, export: export, tls: tlsConfig}
 	info, err = n.negotiate(opts)
 	info.TLS = tlsConfig != nil
 	return n.nc, info, err
@@ -113,7 +117,7 @@ func List(ctx context.Context, uri string, opts *Options) (_ []nbd.ServerEntry, 
 	done := watchContext(ctx, nc, u.Address())
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: u.Address(), tls: tlsConfig}
+	n := &negotiator{ctx: ctx, nc: nc, server: u.Address(), tls: tlsConfig}
 	if err := n.hello(); err != nil {
 		return nil, err
 	}
@@ -170,7 +174,7 @@ func Info(ctx context.Context, uri string, opts *Options) (_ ExportInfo, err err
 	done := watchContext(ctx, nc, u.Address())
 	defer func() { err = done(err) }()
 
-	n := &negotiator{nc: nc, server: u.Address(), export: u.Export, tls: tlsConfig}
+	n := &negotiator{ctx: ctx, nc: nc, server: u.Address(), export: u.Export, tls: tlsConfig}
 	info, err := n.info()
 	info.TLS = tlsConfig != nil
 	return info, err
@@ -289,12 +293,16 @@ func peerName(nc net.Conn) string {
 // negotiator speaks the client side of the option haggling. It reads the
 // socket unbuffered so nothing past the handshake is consumed.
 type negotiator struct {
-	nc       net.Conn // the socket, or the TLS session over it once started
+	ctx      context.Context // the handshake's: an abort after it ended waits for nothing
+	nc       net.Conn        // the socket, or the TLS session over it once started
 	server   string
 	export   string
 	tls      *tls.Config // start TLS after the greeting; nil: plain text
 	fixed    bool
 	noZeroes bool
+	// answered is set by the first reply read over TLS: until then, a
+	// server that hangs up may be refusing the client's certificate.
+	tlsStarted, answered bool
 }
 
 // hello reads the server's greeting, answers with the client flags, and
@@ -330,7 +338,7 @@ func (n *negotiator) hello() error {
 func (n *negotiator) send(opt nbd.Option, data []byte) error {
 	b, _ := nbd.OptionHeader{Option: opt, Length: uint32(len(data))}.AppendBinary(make([]byte, 0, nbd.OptionHeaderSize+len(data)))
 	if _, err := n.nc.Write(append(b, data...)); err != nil {
-		return fmt.Errorf("sending %v to %s: %w", opt, n.server, err)
+		return n.noCertificateHint(fmt.Errorf("sending %v to %s: %w", opt, n.server, err), false)
 	}
 	return nil
 }
@@ -356,14 +364,29 @@ func (n *negotiator) recv(opt nbd.Option) (nbd.OptionReplyType, []byte, error) {
 	if _, err := io.ReadFull(n.nc, data); err != nil {
 		return 0, nil, n.readError(fmt.Sprintf("reply to %v", opt), err)
 	}
+	n.answered = n.tlsStarted
 	return h.Type, data, nil
 }
 
 func (n *negotiator) readError(what string, err error) error {
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return fmt.Errorf("reading %s from %s: %w: the server closed the connection", what, n.server, ErrClosed)
+	hungUp := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+	if hungUp {
+		err = fmt.Errorf("reading %s from %s: %w: the server closed the connection", what, n.server, ErrClosed)
+	} else {
+		err = fmt.Errorf("reading %s from %s: %w", what, n.server, err)
 	}
-	return fmt.Errorf("reading %s from %s: %w", what, n.server, err)
+	return n.noCertificateHint(err, hungUp)
+}
+
+// noCertificateHint adds ErrTLSNoClientCertificate to err if the server
+// hung up (hungUp, or a reset seen on a read or a write) as soon as TLS
+// started, and the client gave no certificate.
+func (n *negotiator) noCertificateHint(err error, hungUp bool) error {
+	if n.tlsStarted && !n.answered && len(n.tls.Certificates) == 0 && n.tls.GetClientCertificate == nil &&
+		(hungUp || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+		return fmt.Errorf("%w (%w)", err, ErrTLSNoClientCertificate)
+	}
+	return err
 }
 
 func (n *negotiator) optionError(opt nbd.Option, t nbd.OptionReplyType, data []byte) error {
@@ -507,13 +530,28 @@ func (n *negotiator) exportName() (ExportInfo, error) {
 }
 
 // abort ends the handshake softly (NBD_OPT_ABORT), waiting briefly for the
-// server's acknowledgement so it need not write to a closed socket.
+// server's acknowledgement so it need not write to a closed socket, and
+// then ends TLS, as the spec wants. Once the handshake's context has ended
+// there is nothing to wait for: the caller gave up.
 func (n *negotiator) abort() {
-	if !n.fixed || n.send(nbd.OptAbort, nil) != nil {
+	if !n.fixed || n.ctx.Err() != nil || n.send(nbd.OptAbort, nil) != nil {
 		return
 	}
-	n.nc.SetReadDeadline(time.Now().Add(abortReplyWait))
+	wait := time.Now().Add(abortReplyWait)
+	if d, ok := n.ctx.Deadline(); ok && d.Before(wait) {
+		wait = d
+	}
+	n.nc.SetReadDeadline(wait)
 	n.recv(nbd.OptAbort)
+	n.endTLS()
+}
+
+// endTLS sends TLS's close_notify, if TLS was started, once nothing more
+// will be sent. crypto/tls bounds the write.
+func (n *negotiator) endTLS() {
+	if tc, ok := n.nc.(*tls.Conn); ok {
+		tc.CloseWrite()
+	}
 }
 
 // abortWith aborts after an option error and returns err.
@@ -529,7 +567,9 @@ func (n *negotiator) abortWith(err error) error {
 // export (NBD_CMD_DISC).
 func (n *negotiator) disconnect() {
 	b, _ := nbd.RequestHeader{Command: nbd.CmdDisc}.AppendBinary(nil)
-	n.nc.Write(b)
+	if _, err := n.nc.Write(b); err == nil {
+		n.endTLS()
+	}
 }
 
 // validate checks the constraints the spec puts on NBD_INFO_BLOCK_SIZE,

@@ -24,8 +24,10 @@ type Options struct {
 	// server against and the client certificate, if any (LoadTLSConfig).
 	// nil: the system's roots and no client certificate, or the URI's
 	// tls-certificates directory; giving both is an error, and so is TLS
-	// for a plain-text URI. The URI's tls-hostname (else its host) is the
-	// name the server's certificate must carry.
+	// for a plain-text URI. Its ServerName and InsecureSkipVerify are
+	// replaced by the URI's: its tls-hostname (else its host) is the name
+	// the server's certificate must carry, and only its tls-verify-peer=0
+	// skips that check.
 	TLS *tls.Config
 }
 

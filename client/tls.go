@@ -1,8 +1,10 @@
 package client
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -22,6 +24,7 @@ import (
 // and qemu read, and in which lvnbd's tests write their certificates.
 const (
 	tlsDirCA         = "ca-cert.pem"
+	tlsDirCRL        = "ca-crl.pem" // optional: certificates the CA revoked
 	tlsDirClientCert = "client-cert.pem"
 	tlsDirClientKey  = "client-key.pem"
 )
@@ -84,7 +87,60 @@ func loadTLSDir(dir string) (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
 	}
+	// GnuTLS's clients (qemu) refuse a server certificate the directory's
+	// CRL revokes: so must a URI that works for them.
+	crl := filepath.Join(dir, tlsDirCRL)
+	switch pem, err := os.ReadFile(crl); {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
+	default:
+		if cfg.VerifyConnection, err = refuseRevoked(crl, pem); err != nil {
+			return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
+		}
+	}
 	return cfg, nil
+}
+
+// refuseRevoked returns a check that refuses a server whose verified
+// certificate chain holds one that the CRL at path (PEM data), signed by
+// that certificate's issuer, revokes.
+func refuseRevoked(path string, data []byte) (func(tls.ConnectionState) error, error) {
+	var lists []*x509.RevocationList
+	for {
+		var block *pem.Block
+		if block, data = pem.Decode(data); block == nil {
+			break
+		}
+		if block.Type != "X509 CRL" {
+			continue
+		}
+		crl, err := x509.ParseRevocationList(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("reading the CRL %s: %w", path, err)
+		}
+		lists = append(lists, crl)
+	}
+	if len(lists) == 0 {
+		return nil, fmt.Errorf("the CRL %s holds no PEM \"X509 CRL\"", path)
+	}
+	return func(cs tls.ConnectionState) error {
+		for _, chain := range cs.VerifiedChains {
+			for i, cert := range chain {
+				for _, crl := range lists {
+					if !bytes.Equal(cert.RawIssuer, crl.RawIssuer) || i+1 >= len(chain) || crl.CheckSignatureFrom(chain[i+1]) != nil {
+						continue // not its issuer's list, or not signed by it
+					}
+					for _, r := range crl.RevokedCertificateEntries {
+						if r.SerialNumber.Cmp(cert.SerialNumber) == 0 {
+							return fmt.Errorf("the server's certificate %q (serial %s) is revoked by the CRL %s", cert.Subject, cert.SerialNumber, path)
+						}
+					}
+				}
+			}
+		}
+		return nil
+	}, nil
 }
 
 // tlsConfigFor returns the TLS configuration for dialing u, or nil for a
@@ -95,8 +151,23 @@ func loadTLSDir(dir string) (*tls.Config, error) {
 func tlsConfigFor(u URI, opts *Options) (*tls.Config, error) {
 	given := opts != nil && opts.TLS != nil
 	if !u.IsTLS() {
-		if given {
-			return nil, fmt.Errorf("%s is a plain-text URI, yet TLS settings were given: write nbds:// (or nbds+unix://) for TLS", u)
+		param := ""
+		switch {
+		case u.TLSCertificates != "":
+			param = "tls-certificates"
+		case u.TLSHostname != "":
+			param = "tls-hostname"
+		case u.TLSVerifyPeer != "":
+			param = "tls-verify-peer"
+		case u.TLSType != "":
+			param = "tls-type"
+		}
+		if given || param != "" {
+			what := "TLS settings were given"
+			if param != "" {
+				what = "it has " + param
+			}
+			return nil, fmt.Errorf("%s is a plain-text URI, yet %s: write nbds:// (or nbds+unix://) for TLS", u, what)
 		}
 		return nil, nil
 	}
@@ -119,17 +190,17 @@ func tlsConfigFor(u URI, opts *Options) (*tls.Config, error) {
 	default:
 		cfg = &tls.Config{MinVersion: tls.VersionTLS12} // the system's roots
 	}
-	switch {
-	case u.TLSHostname != "":
-		cfg.ServerName = u.TLSHostname
-	case cfg.ServerName == "":
+	// What the server's certificate is checked for comes from the URI
+	// alone: a configuration shared by the URIs of several servers must not
+	// take one server's certificate for another's.
+	cfg.ServerName = u.TLSHostname
+	if cfg.ServerName == "" {
 		cfg.ServerName, _, _ = strings.Cut(u.Host, "%") // an IPv6 zone is no part of a certificate
 	}
-	if u.TLSVerifyPeer == "0" {
-		// The user asked for it (doc/uri.md): encryption without knowing
-		// who is at the other end.
-		cfg.InsecureSkipVerify = true
-	} else if cfg.ServerName == "" {
+	// Skipped only when the URI asks for it (doc/uri.md): encryption
+	// without knowing who is at the other end.
+	cfg.InsecureSkipVerify = u.TLSVerifyPeer == "0"
+	if !cfg.InsecureSkipVerify && cfg.ServerName == "" {
 		return nil, fmt.Errorf("%s: a Unix socket has no host name to check the server's certificate against: add tls-hostname=NAME (a name in its certificate) or tls-verify-peer=0", u)
 	}
 	return cfg, nil
@@ -154,12 +225,14 @@ func (n *negotiator) startTLS() error {
 		return n.abortWith(n.optionError(nbd.OptStartTLS, t, data))
 	case t != nbd.RepAck:
 		return protocolErrorf("%s answered NBD_OPT_STARTTLS with %v", n.server, t)
+	case len(data) != 0:
+		return protocolErrorf("%s acknowledged NBD_OPT_STARTTLS with %d bytes of data, where the spec has none", n.server, len(data))
 	}
 	tc := tls.Client(n.nc, n.tls)
 	// The deadline watchContext set on the socket bounds this too.
 	if err := tc.Handshake(); err != nil {
 		return fmt.Errorf("TLS handshake with %s: %w", n.server, err)
 	}
-	n.nc = tc
+	n.nc, n.tlsStarted = tc, true
 	return nil
 }

@@ -7,11 +7,13 @@ import (
 	"crypto/x509"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,10 +24,11 @@ import (
 	"github.com/lvnbd/lvnbd/server"
 )
 
-// lvnbdServer runs lvnbd's own server in this process, on a loopback port
-// and on a Unix socket, with file exports of 1 MiB whose access each test
-// sets; it returns the TCP address and the socket's path.
-func lvnbdServer(t *testing.T, tlsConfig *tls.Config, access map[string]server.Access) (addr, sock string) {
+// lvnbdServer runs lvnbd's own server in this process, on a port of host
+// (a loopback address) and on a Unix socket, with file exports of 1 MiB
+// whose access each test sets; it returns the TCP address and the socket's
+// path.
+func lvnbdServer(t *testing.T, host string, tlsConfig *tls.Config, access map[string]server.Access) (addr, sock string) {
 	t.Helper()
 	reg := server.NewRegistry()
 	dir := t.TempDir()
@@ -49,7 +52,7 @@ func lvnbdServer(t *testing.T, tlsConfig *tls.Config, access map[string]server.A
 	}
 	srv := server.New(&server.Config{Exports: reg, Logger: zaptest.NewLogger(t), TLS: tlsConfig})
 	ctx, cancel := context.WithCancel(context.Background())
-	tcp, err := net.Listen("tcp", "127.0.0.1:0")
+	tcp, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +98,7 @@ func TestTLSWithLvnbd(t *testing.T) {
 		t.Fatal(err)
 	}
 	caOnly := writeCADir(t, pki)
-	addr, sock := lvnbdServer(t, pki.ServerConfig(), map[string]server.Access{
+	addr, sock := lvnbdServer(t, "127.0.0.1", pki.ServerConfig(), map[string]server.Access{
 		"secret": {TLS: server.TLSRequired},
 		"named":  {TLS: server.TLSRequired, AllowNames: []string{"dom0-a"}},
 	})
@@ -120,6 +123,7 @@ func TestTLSWithLvnbd(t *testing.T) {
 		{"the name checked is tls-hostname's", tcp("named", "?tls-hostname=localhost&tls-certificates="+pki.Dir), nil},
 		{"tls-verify-peer=0 trusts an unknown CA", tcp("named", "?tls-verify-peer=0"), &Options{TLS: &tls.Config{Certificates: []tls.Certificate{pki.Client}}}},
 		{"Unix socket with tls-hostname", "nbds+unix:///named?socket=" + sock + "&tls-hostname=localhost&tls-certificates=" + pki.Dir, nil},
+		{"Unix socket, the server not checked", "nbds+unix:///named?socket=" + sock + "&tls-verify-peer=0", &Options{TLS: &tls.Config{Certificates: []tls.Certificate{pki.Client}}}},
 	}
 	for _, tt := range works {
 		t.Run(tt.name, func(t *testing.T) {
@@ -170,6 +174,7 @@ func TestTLSWithLvnbd(t *testing.T) {
 		{"certificates in the URI and in the options", tcp("secret", "?tls-certificates="+pki.Dir), &Options{TLS: withCert}, nil, nil, "give one or the other"},
 		{"TLS options for a plain-text URI", "nbd://" + addr + "/secret", &Options{TLS: withCert}, nil, nil, "write nbds://"},
 		{"a tls-certificates directory that is not there", tcp("secret", "?tls-certificates=/nonexistent"), nil, os.ErrNotExist, nil, "must hold ca-cert.pem"},
+		{"TLS parameters in a plain-text URI", "nbd://" + addr + "/secret?tls-certificates=" + pki.Dir, nil, nil, nil, "plain-text URI, yet it has tls-certificates"},
 	}
 	for _, tt := range fails {
 		t.Run(tt.name, func(t *testing.T) {
@@ -215,14 +220,14 @@ func exercise1MiB(t *testing.T, d Device) {
 }
 
 func TestTLSRefusedByAServerWithout(t *testing.T) {
-	addr, _ := lvnbdServer(t, nil, map[string]server.Access{"vm1": {}})
+	addr, _ := lvnbdServer(t, "127.0.0.1", nil, map[string]server.Access{"vm1": {}})
 	uri := "nbds://" + addr + "/vm1?tls-verify-peer=0"
 	_, err := Dial(testContext(t), uri, nil)
 	if !errors.Is(err, ErrTLSRefused) || !strings.Contains(err.Error(), "refused to start TLS") ||
 		!strings.Contains(err.Error(), "TLS is not configured on this server") {
 		t.Fatalf("Dial(%s): %v, want ErrTLSRefused with the server's reason", uri, err)
 	}
-	// And never falls back to plain text: the server saw no other option.
+	// List too (TestTLSHostileServers checks that nothing else is sent).
 	if _, err := List(testContext(t), uri, nil); !errors.Is(err, ErrTLSRefused) {
 		t.Fatalf("List(%s): %v, want ErrTLSRefused", uri, err)
 	}
@@ -290,6 +295,23 @@ func TestTLSHostileServers(t *testing.T) {
 			seen <- opt
 			nc.Write(reply(nbd.OptGo, nbd.RepAck))
 		}, ErrProtocol, "sent a reply to NBD_OPT_GO"},
+		{"acks STARTTLS with data", func(nc net.Conn, seen chan<- nbd.Option) {
+			if !greet(nc, nbd.FlagFixedNewstyle) {
+				return
+			}
+			opt, _ := readOption(nc)
+			seen <- opt
+			r, _ := nbd.OptionReplyHeader{Option: opt, Type: nbd.RepAck, Length: 4}.AppendBinary(nil)
+			nc.Write(append(r, "junk"...))
+		}, ErrProtocol, "4 bytes of data"},
+		{"shutting down", func(nc net.Conn, seen chan<- nbd.Option) {
+			if !greet(nc, nbd.FlagFixedNewstyle) {
+				return
+			}
+			opt, _ := readOption(nc)
+			seen <- opt
+			nc.Write(reply(opt, nbd.RepErrShutdown))
+		}, nil, "is shutting down"},
 		{"old newstyle: no options at all", func(nc net.Conn, seen chan<- nbd.Option) {
 			if greet(nc, 0) {
 				if opt, ok := readOption(nc); ok {
@@ -324,6 +346,9 @@ func TestTLSHostileServers(t *testing.T) {
 			_, err := Dial(ctx, uri, nil)
 			if err == nil || (tt.is != nil && !errors.Is(err, tt.is)) || !strings.Contains(err.Error(), tt.wantMsg) {
 				t.Fatalf("Dial: %v, want %v saying %q", err, tt.is, tt.wantMsg)
+			}
+			if tt.is == nil && errors.Is(err, ErrTLSRefused) {
+				t.Errorf("Dial: %v is ErrTLSRefused", err)
 			}
 			close(seen)
 			for opt := range seen {
@@ -416,5 +441,253 @@ func TestStartTLSComesRightAfterTheClientFlags(t *testing.T) {
 	var h nbd.OptionHeader
 	if err := h.UnmarshalBinary(b[4:]); err != nil || h.Option != nbd.OptStartTLS || h.Length != 0 {
 		t.Errorf("first option %+v (%v), want NBD_OPT_STARTTLS with no data", h, err)
+	}
+}
+
+// TestTLSChecksWhatTheURINames: the server's certificate is checked for the
+// URI's host, and only the URI's tls-verify-peer=0 skips the check: a
+// configuration given in Options cannot name another host or skip it.
+func TestTLSChecksWhatTheURINames(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 127.0.0.2 is loopback too, and not in the certificate (127.0.0.1,
+	// ::1 and localhost are).
+	addr, _ := lvnbdServer(t, "127.0.0.2", pki.ServerConfig(), map[string]server.Access{"vm1": {TLS: server.TLSRequired}})
+	uri := "nbds://" + addr + "/vm1"
+	tests := []struct {
+		name string
+		uri  string
+		opts *Options
+		as   any
+	}{
+		{"the URI's host is not in the certificate", uri + "?tls-certificates=" + pki.Dir, nil, &x509.HostnameError{}},
+		{"a ServerName in Options is not what is checked", uri, &Options{TLS: &tls.Config{RootCAs: pki.CAPool, ServerName: "localhost"}}, &x509.HostnameError{}},
+		{"InsecureSkipVerify in Options does not skip the check", uri + "?tls-hostname=localhost", &Options{TLS: &tls.Config{RootCAs: other.CAPool, InsecureSkipVerify: true}}, &x509.UnknownAuthorityError{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Dial(testContext(t), tt.uri, tt.opts)
+			if !errors.As(err, tt.as) {
+				t.Fatalf("Dial: %v, want %T", err, tt.as)
+			}
+		})
+	}
+	// The same configuration, for a name the certificate has.
+	c := dialT(t, uri+"?tls-hostname=localhost", &Options{TLS: &tls.Config{RootCAs: pki.CAPool, ServerName: "storage-b"}})
+	exercise1MiB(t, c)
+}
+
+// TestTLSRevokedServerCertificate: a tls-certificates directory's CRL
+// (ca-crl.pem, as qemu reads it) is honoured.
+func TestTLSRevokedServerCertificate(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := lvnbdServer(t, "127.0.0.1", pki.ServerConfig(), map[string]server.Access{"vm1": {TLS: server.TLSRequired}})
+	uri := "nbds://" + addr + "/vm1?tls-certificates=" + pki.Dir
+
+	if err := pki.WriteCRL(pki.Client.Leaf); err != nil { // another certificate revoked
+		t.Fatal(err)
+	}
+	exercise1MiB(t, dialT(t, uri, nil))
+
+	if err := pki.WriteCRL(pki.Client.Leaf, pki.Server.Leaf); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Dial(testContext(t), uri, nil)
+	if err == nil || !strings.Contains(err.Error(), "is revoked by the CRL "+filepath.Join(pki.Dir, "ca-crl.pem")) {
+		t.Fatalf("Dial with the server's certificate revoked: %v", err)
+	}
+
+	if err := os.WriteFile(filepath.Join(pki.Dir, "ca-crl.pem"), []byte("not a CRL\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Dial(testContext(t), uri, nil); err == nil || !strings.Contains(err.Error(), `holds no PEM "X509 CRL"`) {
+		t.Fatalf("Dial with a CRL file that holds none: %v", err)
+	}
+}
+
+// eofConn records whether a read of the connection met its end.
+type eofConn struct {
+	net.Conn
+	eof atomic.Bool
+}
+
+func (c *eofConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err == io.EOF {
+		c.eof.Store(true)
+	}
+	return n, err
+}
+
+// tlsFake is a server that starts TLS when asked, for checks of what the
+// client sends over it: answer gets each option after STARTTLS and returns
+// whether the handshake goes on; after gets the session and its socket.
+func tlsFake(t *testing.T, cfg *tls.Config, answer func(tc *tls.Conn, opt nbd.Option, data []byte) bool, after func(tc *tls.Conn, raw *eofConn)) string {
+	t.Helper()
+	uri := serveRaw(t, func(nc net.Conn) {
+		nc.SetDeadline(time.Now().Add(10 * time.Second))
+		b, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle | nbd.FlagNoZeroes}.AppendBinary(nil)
+		nc.Write(b)
+		var rw io.ReadWriter = nc
+		var tc *tls.Conn
+		var raw *eofConn
+		if _, err := io.ReadFull(rw, make([]byte, 4)); err != nil {
+			return
+		}
+		for {
+			var hb [nbd.OptionHeaderSize]byte
+			if _, err := io.ReadFull(rw, hb[:]); err != nil {
+				return
+			}
+			var h nbd.OptionHeader
+			if h.UnmarshalBinary(hb[:]) != nil {
+				return
+			}
+			data := make([]byte, h.Length)
+			if _, err := io.ReadFull(rw, data); err != nil {
+				return
+			}
+			if h.Option == nbd.OptStartTLS && tc == nil {
+				r, _ := nbd.OptionReplyHeader{Option: h.Option, Type: nbd.RepAck}.AppendBinary(nil)
+				nc.Write(r)
+				raw = &eofConn{Conn: nc}
+				tc = tls.Server(raw, cfg)
+				if tc.Handshake() != nil {
+					return
+				}
+				rw = tc
+				continue
+			}
+			if tc == nil || !answer(tc, h.Option, data) {
+				break
+			}
+		}
+		if tc != nil {
+			after(tc, raw)
+		}
+	})
+	return strings.Replace(uri, "nbd://", "nbds://", 1) + "?tls-hostname=localhost"
+}
+
+// TestTLSEndsWithCloseNotify: the spec wants TLS shut down (close_notify)
+// after NBD_OPT_ABORT and after NBD_CMD_DISC, not just the socket closed.
+func TestTLSEndsWithCloseNotify(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reply := func(tc *tls.Conn, opt nbd.Option, typ nbd.OptionReplyType, data []byte) {
+		b, _ := nbd.OptionReplyHeader{Option: opt, Type: typ, Length: uint32(len(data))}.AppendBinary(nil)
+		tc.Write(append(b, data...))
+	}
+	ended := make(chan error, 1)
+	// After the handshake the next read ends with io.EOF either way
+	// (crypto/tls takes a socket closed between records for the end), but
+	// after a close_notify it does not read the socket again, so the
+	// socket's own end is never met.
+	afterAbort := func(tc *tls.Conn, raw *eofConn) {
+		if _, err := tc.Read(make([]byte, 1)); err != io.EOF {
+			ended <- fmt.Errorf("read after the end: %v, want io.EOF", err)
+			return
+		}
+		if raw.eof.Load() {
+			ended <- errors.New("the socket was closed with no close_notify")
+			return
+		}
+		ended <- nil
+	}
+	afterGo := func(tc *tls.Conn, raw *eofConn) {
+		hdr := make([]byte, nbd.RequestHeaderSize)
+		if _, err := io.ReadFull(tc, hdr); err != nil {
+			ended <- fmt.Errorf("reading NBD_CMD_DISC: %w", err)
+			return
+		}
+		var r nbd.RequestHeader
+		if err := r.UnmarshalBinary(hdr); err != nil || r.Command != nbd.CmdDisc {
+			ended <- fmt.Errorf("request %+v (%v), want NBD_CMD_DISC", r, err)
+			return
+		}
+		afterAbort(tc, raw)
+	}
+	answer := func(tc *tls.Conn, opt nbd.Option, _ []byte) bool {
+		switch opt {
+		case nbd.OptList:
+			reply(tc, opt, nbd.RepAck, nil)
+		case nbd.OptAbort:
+			reply(tc, opt, nbd.RepAck, nil)
+			return false
+		case nbd.OptGo:
+			info, _ := nbd.Info{Type: nbd.InfoExport, Size: 1 << 20, Flags: nbd.FlagHasFlags}.AppendBinary(nil)
+			reply(tc, opt, nbd.RepInfo, info)
+			reply(tc, opt, nbd.RepAck, nil)
+			return false
+		default:
+			reply(tc, opt, nbd.RepErrUnsup, nil)
+		}
+		return true
+	}
+	opts := &Options{TLS: &tls.Config{RootCAs: pki.CAPool}}
+
+	t.Run("after NBD_OPT_ABORT", func(t *testing.T) {
+		uri := tlsFake(t, pki.ServerConfig(), answer, afterAbort)
+		if _, err := List(testContext(t), uri, opts); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-ended; err != nil {
+			t.Errorf("after NBD_OPT_ABORT: %v", err)
+		}
+	})
+	t.Run("after NBD_CMD_DISC", func(t *testing.T) {
+		uri := tlsFake(t, pki.ServerConfig(), answer, afterGo)
+		c, err := Dial(testContext(t), uri, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-ended; err != nil {
+			t.Errorf("after NBD_CMD_DISC: %v", err)
+		}
+	})
+}
+
+// A TLS handshake that stalls ends when the caller cancels, without a
+// deadline.
+func TestTLSHandshakeCancelled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	uri := serveRaw(t, func(nc net.Conn) {
+		b, _ := nbd.ServerHello{Flags: nbd.FlagFixedNewstyle}.AppendBinary(nil)
+		nc.Write(b)
+		io.ReadFull(nc, make([]byte, 4+nbd.OptionHeaderSize))
+		r, _ := nbd.OptionReplyHeader{Option: nbd.OptStartTLS, Type: nbd.RepAck}.AppendBinary(nil)
+		nc.Write(r)
+		io.ReadFull(nc, make([]byte, 5)) // the ClientHello's record header: the client is in the handshake
+		cancel()
+		io.Copy(io.Discard, nc)
+	})
+	_, err := Dial(ctx, strings.Replace(uri, "nbd://", "nbds://", 1)+"?tls-verify-peer=0", nil)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Dial: %v, want context.Canceled", err)
+	}
+}
+
+func TestNegotiateRefusesTLS(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	_, err := Negotiate(testContext(t), a, "vm1", &Options{TLS: &tls.Config{}})
+	if !errors.Is(err, ErrTLSNotSupported) {
+		t.Fatalf("Negotiate with TLS: %v, want ErrTLSNotSupported", err)
 	}
 }

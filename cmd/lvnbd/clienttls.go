@@ -27,10 +27,23 @@ func (c *clientTLS) addFlags(f *pflag.FlagSet) {
 // given reports whether any of the flags was.
 func (c *clientTLS) given() bool { return c.ca != "" || c.cert != "" || c.key != "" }
 
-// options returns the client options the flags make: nil without any.
-func (c *clientTLS) options() (*client.Options, error) {
+// options returns the client options the flags make for uris: nil
+// without any. The flags are for nbds:// URIs that do not name their
+// certificates themselves.
+func (c *clientTLS) options(uris ...string) (*client.Options, error) {
 	if !c.given() {
 		return nil, nil
+	}
+	for _, uri := range uris {
+		u, err := client.ParseURI(uri)
+		switch {
+		case err != nil:
+			return nil, err
+		case !u.IsTLS():
+			return nil, fmt.Errorf("--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and %s is plain text: write nbds:// for TLS, or leave them out", uri)
+		case u.TLSCertificates != "":
+			return nil, fmt.Errorf("%s names its certificates (tls-certificates=%s): give them either so or with --tls-ca, --tls-cert and --tls-key, not both", uri, u.TLSCertificates)
+		}
 	}
 	cfg, err := client.LoadTLSConfig(c.ca, c.cert, c.key)
 	if err != nil {
@@ -62,9 +75,12 @@ func dialHint(err error) error {
 	case errors.As(err, &authority):
 		return fmt.Errorf("%w — give the CA that signed the server's certificate: --tls-ca FILE, or tls-certificates=DIR in the URI", err)
 	case errors.As(err, &hostname):
-		return fmt.Errorf("%w — the URI's host is not a name in the server's certificate: add tls-hostname=NAME with one that is", err)
-	case err != nil && strings.Contains(err.Error(), "tls: certificate required"):
-		return fmt.Errorf("%w — the server wants a client certificate: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI", err)
+		return fmt.Errorf("%w — the server's certificate does not name %s: connect by a name it has, or give one with tls-hostname=NAME in the URI", err, hostname.Host)
+	case errors.Is(err, client.ErrTLSNoClientCertificate) ||
+		err != nil && (strings.Contains(err.Error(), "tls: certificate required") || strings.Contains(err.Error(), "tls: bad certificate")):
+		return fmt.Errorf("%w — the server wants a client certificate it trusts: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI", err)
+	case errors.Is(err, client.ErrTLSRefused):
+		return fmt.Errorf("%w — it has no TLS to offer: use nbd:// if plain text will do, or give the server a certificate (lvnbd serve --tls-cert, --tls-key)", err)
 	}
 	return err
 }

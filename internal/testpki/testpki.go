@@ -27,6 +27,7 @@ type PKI struct {
 	Server     tls.Certificate
 	Client     tls.Certificate
 	ClientName string
+	caKey      *ecdsa.PrivateKey
 }
 
 // New makes a CA, a server certificate for 127.0.0.1, ::1 and localhost,
@@ -51,7 +52,7 @@ func New(dir, clientName string) (*PKI, error) {
 		return nil, err
 	}
 	ca, _ := x509.ParseCertificate(caDER)
-	p := &PKI{Dir: dir, CA: ca, CAPool: x509.NewCertPool(), ClientName: clientName}
+	p := &PKI{Dir: dir, CA: ca, CAPool: x509.NewCertPool(), ClientName: clientName, caKey: caKey}
 	p.CAPool.AddCert(ca)
 	if err := writePEM(filepath.Join(dir, "ca-cert.pem"), "CERTIFICATE", caDER); err != nil {
 		return nil, err
@@ -115,6 +116,23 @@ func (p *PKI) ClientConfig(withCert bool) *tls.Config {
 		c.Certificates = []tls.Certificate{p.Client}
 	}
 	return c
+}
+
+// WriteCRL writes ca-crl.pem to Dir: the CA's list of revoked
+// certificates, as GnuTLS's clients read it.
+func (p *PKI) WriteCRL(revoked ...*x509.Certificate) error {
+	var entries []x509.RevocationListEntry
+	for _, c := range revoked {
+		entries = append(entries, x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: time.Now().Add(-time.Minute)})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number: big.NewInt(1), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: time.Now().Add(24 * time.Hour),
+		RevokedCertificateEntries: entries,
+	}, p.CA, p.caKey)
+	if err != nil {
+		return err
+	}
+	return writePEM(filepath.Join(p.Dir, "ca-crl.pem"), "X509 CRL", der)
 }
 
 func pemBytes(typ string, der []byte) []byte {
