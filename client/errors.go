@@ -22,10 +22,11 @@ var (
 	// URI (it has none configured, or no NBD_OPT_STARTTLS at all).
 	ErrTLSRefused = errors.New("the server does not offer TLS")
 	// ErrTLSNoClientCertificate is wrapped, beside the error itself, when a
-	// server hangs up right after TLS started and the client gave no
-	// certificate: GnuTLS servers (nbdkit --tls-verify-peer, qemu-nbd)
-	// refuse a client without one so, with no word of why.
-	ErrTLSNoClientCertificate = errors.New("the server hung up as soon as TLS started, and no client certificate was given: it may want one")
+	// server ends the connection right after TLS started and the client
+	// gave no certificate: GnuTLS servers (nbdkit --tls-verify-peer,
+	// qemu-nbd) refuse a client without one so, with no word of why, and
+	// TLS 1.3 servers with an alert only then.
+	ErrTLSNoClientCertificate = errors.New("the server ended the connection as soon as TLS started, and no client certificate was given: it may want one")
 	// ErrProtocol means the server broke the NBD protocol; the connection
 	// is closed and every request pending on it fails with this error.
 	ErrProtocol = errors.New("NBD protocol violation by the server")

@@ -379,11 +379,14 @@ func (n *negotiator) readError(what string, err error) error {
 }
 
 // noCertificateHint adds ErrTLSNoClientCertificate to err if the server
-// hung up (hungUp, or a reset seen on a read or a write) as soon as TLS
-// started, and the client gave no certificate.
+// ended the connection as soon as TLS started (hungUp, a reset seen on a
+// read or a write, or a TLS alert: TLS 1.3 tells a client it lacks a
+// certificate only then), and the client gave no certificate.
 func (n *negotiator) noCertificateHint(err error, hungUp bool) error {
+	var op *net.OpError
+	alert := errors.As(err, &op) && op.Op == "remote error" // crypto/tls's mark of a peer's alert
 	if n.tlsStarted && !n.answered && len(n.tls.Certificates) == 0 && n.tls.GetClientCertificate == nil &&
-		(hungUp || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
+		(hungUp || alert || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)) {
 		return fmt.Errorf("%w (%w)", err, ErrTLSNoClientCertificate)
 	}
 	return err

@@ -111,6 +111,11 @@ func TestTLSWithLvnbd(t *testing.T) {
 		t.Fatal(err)
 	}
 	tcp := func(export, query string) string { return "nbds://" + addr + "/" + export + query }
+	// A server that wants a client certificate in the TLS handshake itself:
+	// TLS 1.3 tells a client without one only after the handshake.
+	strictConfig := pki.ServerConfig()
+	strictConfig.ClientAuth = tls.RequireAndVerifyClientCert
+	strict, _ := lvnbdServer(t, "127.0.0.1", strictConfig, map[string]server.Access{"secret": {TLS: server.TLSRequired}})
 
 	works := []struct {
 		name string
@@ -169,6 +174,8 @@ func TestTLSWithLvnbd(t *testing.T) {
 		{"another CA", tcp("secret", ""), &Options{TLS: withOtherCA}, nil, &x509.UnknownAuthorityError{}, "certificate signed by unknown authority"},
 		{"a name the certificate lacks", tcp("secret", "?tls-hostname=storage-b&tls-certificates="+caOnly), nil, nil, &x509.HostnameError{}, "storage-b"},
 		{"no client certificate for a named export", tcp("named", "?tls-certificates="+caOnly), nil, nil, new(*OptionError), "by policy"},
+		{"no client certificate for a server that wants one in the TLS handshake", "nbds://" + strict + "/secret?tls-certificates=" + caOnly, nil,
+			ErrTLSNoClientCertificate, nil, "certificate required"},
 		{"Unix socket without tls-hostname", "nbds+unix:///named?socket=" + sock + "&tls-certificates=" + pki.Dir, nil, nil, nil, "add tls-hostname=NAME"},
 		{"tls-type=psk", tcp("secret", "?tls-type=psk"), nil, ErrTLSNotSupported, nil, "X.509 TLS only"},
 		{"certificates in the URI and in the options", tcp("secret", "?tls-certificates="+pki.Dir), &Options{TLS: withCert}, nil, nil, "give one or the other"},

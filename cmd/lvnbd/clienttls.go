@@ -4,7 +4,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"strings"
 	"syscall"
 
 	"github.com/spf13/pflag"
@@ -76,9 +75,8 @@ func dialHint(err error) error {
 		return fmt.Errorf("%w — give the CA that signed the server's certificate: --tls-ca FILE, or tls-certificates=DIR in the URI", err)
 	case errors.As(err, &hostname):
 		return fmt.Errorf("%w — the server's certificate does not name %s: connect by a name it has, or give one with tls-hostname=NAME in the URI", err, hostname.Host)
-	case errors.Is(err, client.ErrTLSNoClientCertificate) ||
-		err != nil && (strings.Contains(err.Error(), "tls: certificate required") || strings.Contains(err.Error(), "tls: bad certificate")):
-		return fmt.Errorf("%w — the server wants a client certificate it trusts: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI", err)
+	case errors.Is(err, client.ErrTLSNoClientCertificate):
+		return fmt.Errorf("%w — give one: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI", err)
 	case errors.Is(err, client.ErrTLSRefused):
 		return fmt.Errorf("%w — it has no TLS to offer: use nbd:// if plain text will do, or give the server a certificate (lvnbd serve --tls-cert, --tls-key)", err)
 	}

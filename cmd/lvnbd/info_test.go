@@ -442,7 +442,7 @@ func TestInfoOverTLS(t *testing.T) {
 		{"a name not in the certificate", []string{"info", "nbds://" + host + "/vm1?tls-hostname=storage-b", "--tls-ca", file("ca-cert.pem")},
 			"the server's certificate does not name storage-b: connect by a name it has, or give one with tls-hostname=NAME in the URI"},
 		{"no client certificate for a server that wants one in the handshake", []string{"info", "nbds://" + strictHost + "/vm1", "--tls-ca", file("ca-cert.pem")},
-			"the server wants a client certificate it trusts: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI"},
+			"no client certificate was given: it may want one) — give one: --tls-cert FILE --tls-key FILE, or tls-certificates=DIR in the URI"},
 		{"no client certificate for an export that names its clients", []string{"info", uri, "--tls-ca", file("ca-cert.pem")},
 			"a client certificate with an allowed name is required"},
 		{"plain text", []string{"info", base + "/vm1"}, `requires TLS for export "vm1": use an nbds:// URI`},
