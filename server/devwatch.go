@@ -85,6 +85,15 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 	seen := e.watchedSize.Load()
 	size, err := e.refreshSize(v.log) // a shrink it is the first to see, it handles
 	if err != nil {
+		// An export being replaced (a recovery closed it before the
+		// export opened anew is watched) cannot judge the resize: the
+		// next export of the device does, once watched, as for a device
+		// none had.
+		if resized {
+			v.watchMu.Lock()
+			v.unwatchedResize[dev] = ev.Seq
+			v.watchMu.Unlock()
+		}
 		v.log.Warn("re-reading the size of an export whose device changed", zap.String("export", e.Name), zap.Error(err))
 		return
 	}
@@ -95,6 +104,9 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 	}
 }
 
+// lastSeq is uevent.LastSeq; tests number events their own way.
+var lastSeq = uevent.LastSeq
+
 // openSeqs are the kernel's last uevent numbers before and after an open
 // of an export's device.
 type openSeqs struct{ before, after uint64 }
@@ -103,9 +115,9 @@ type openSeqs struct{ before, after uint64 }
 // number. Unknown, every event is taken as after the open, and none is
 // judged by size alone (see deviceChanged).
 func openWithSeqs[T any](open func() (T, error)) (T, openSeqs, error) {
-	before, err1 := uevent.LastSeq()
+	before, err1 := lastSeq()
 	x, err := open()
-	after, err2 := uevent.LastSeq()
+	after, err2 := lastSeq()
 	if err1 != nil || err2 != nil {
 		return x, openSeqs{0, math.MaxUint64}, err
 	}

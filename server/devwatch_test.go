@@ -140,6 +140,51 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 	}
 }
 
+// refreshFails is a backend whose size cannot be read again: one closed
+// under the export being replaced.
+type refreshFails struct{ Backend }
+
+func (refreshFails) Refresh() (int64, error) { return 0, os.ErrClosed }
+
+// A resize the watch sees on an export that cannot read its size (being
+// replaced: a recovery closed it before the export opened anew is watched)
+// is judged by the next export of the device, once watched: here a shrink
+// grown back, which changes the volume's ID.
+func TestDeviceWatchHandsOnAResizeItCouldNotJudge(t *testing.T) {
+	const mib = 1 << 20
+	ctx := context.Background()
+	dev := unix.Mkdev(253, 3)
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 * mib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := ts.reg.Lookup("vm1")
+	vols.mu.Lock()
+	vols.unwatch(e)
+	vols.watch(e, openSeqs{10, 20})
+	vols.mu.Unlock()
+	for _, size := range []int64{mib, 2 * mib} {
+		if err := os.Truncate(v.Path, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	backend := e.Backend
+	e.Backend = refreshFails{backend}
+	vols.deviceChanged(change(dev, 21, true))
+	e.Backend = backend
+	expectExportID(t, ts.reg, "vm1", v.ID) // nothing judged yet
+
+	// The export that replaces it (here the same one, now readable).
+	vols.mu.Lock()
+	vols.unwatch(e)
+	vols.watch(e, openSeqs{10, 20})
+	vols.mu.Unlock()
+	vols.shrinks.Wait()
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
+}
+
 // loopDriver serves its volumes from loop devices over their files, as the
 // LVM driver serves them from device-mapper devices.
 type loopDriver struct {

@@ -340,18 +340,23 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
 	before := e.Description // as the rescan just listed it, before the open
-	res, seqs, err := openWithSeqs(func() (RecoverResult, error) {
-		return v.reg.recover(name, func() (string, error) {
-			vols, err := v.drv.List(ctx)
-			if err != nil {
-				return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
-			}
-			wanted, _, _ := v.wanted(vols)
-			if w, ok := wanted[name]; ok && w.desc == before && !v.pending.has(w.volumeID) {
-				return w.desc, nil
-			}
-			return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed, merged or shrunk): nothing was reopened; run lvnbd recover again", name)
-		})
+	// The uevent numbers around the open alone, as a sync's: a resize
+	// during the listing that follows is judged by size like any other.
+	var seqs openSeqs
+	open := func(path string, readOnly bool) (b Backend, err error) {
+		b, seqs, err = openWithSeqs(func() (Backend, error) { return openBackend(path, readOnly) })
+		return b, err
+	}
+	res, err := v.reg.recover(name, open, func() (string, error) {
+		vols, err := v.drv.List(ctx)
+		if err != nil {
+			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
+		}
+		wanted, _, _ := v.wanted(vols)
+		if w, ok := wanted[name]; ok && w.desc == before && !v.pending.has(w.volumeID) {
+			return w.desc, nil
+		}
+		return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed, merged or shrunk): nothing was reopened; run lvnbd recover again", name)
 	})
 	// The export opened anew is the one to watch.
 	if now, ok := v.export(name); ok && now != e {

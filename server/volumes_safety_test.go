@@ -948,7 +948,8 @@ func TestRecoverTellsTheVolumesID(t *testing.T) {
 func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 	ctx := context.Background()
 	dev := unix.Mkdev(253, 3)
-	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	drv := &listHookDriver{Driver: newFileDriver(t)}
+	vols, ts, _ := observedVolumes(t, drv)
 	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
 	failures, err := LoadFailures(filepath.Join(t.TempDir(), "failures.json"), nil)
 	if err != nil {
@@ -983,6 +984,23 @@ func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 	}
 	if w := watched(); w != now {
 		t.Errorf("the device watch leads to %p, want the export opened anew (%p), not the failed one (%p)", w, now, failed)
+	}
+
+	// The uevent numbers are read around the open alone, so a resize
+	// during the listing that follows is judged by size: each listing
+	// sends an event (the rescan's 1, the check after the open 4), and the
+	// open reads 2 before and 3 after.
+	seq := uint64(0)
+	defer func(f func() (uint64, error)) { lastSeq = f }(lastSeq)
+	lastSeq = func() (uint64, error) { seq++; return seq, nil }
+	drv.hook = func() { seq++ }
+	failed = fail()
+	if res, err := vols.Recover(ctx, "vm1"); err != nil || !res.Reopened {
+		t.Fatalf("Recover = %+v, %v; want vm1 reopened", res, err)
+	}
+	drv.hook = nil
+	if w := watched(); w == failed || w.watchFrom != 2 || w.watchAmbiguous != 3 {
+		t.Errorf("the export opened anew is watched from uevent %d, ambiguous up to %d; want 2 and 3 (the open's, not the listing's after it)", w.watchFrom, w.watchAmbiguous)
 	}
 
 	// A shrink noted while the recovery opens the volume.
