@@ -19,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -77,6 +78,16 @@ func (s *Store) Get(backend string) (Refusal, bool, error) {
 		return false
 	})
 	return r, ok, err
+}
+
+// All returns every refusal recorded, by the backend it was recorded for.
+func (s *Store) All() (map[string]Refusal, error) {
+	var all map[string]Refusal
+	err := s.update(false, func(m map[string]Refusal) bool {
+		all = maps.Clone(m)
+		return false
+	})
+	return all, err
 }
 
 // Add records r for backend. A refusal of its export recorded already is

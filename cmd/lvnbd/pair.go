@@ -25,14 +25,15 @@ func newPairCmd() *cobra.Command {
 on this dom0 as two kernel devices that the guest mirrors with md RAID1.
 'lvnbd client' keeps the pairs of client.toml attached; these commands ask it
 (over --control) what the legs are doing, or take a pair down and up again.
-'lvnbd pair xen-config' only reads client.toml.`,
+'lvnbd pair xen-config' only reads client.toml; 'lvnbd pair refusals' lists
+the legs refused as another volume.`,
 		Example: `  lvnbd pair status
   lvnbd pair down vm1
   lvnbd pair up vm1
   lvnbd pair xen-config vm1`,
 	}
 	cmd.PersistentFlags().StringVar(&ctlPath, "control", pair.DefaultSocket, "the control socket of lvnbd client")
-	cmd.AddCommand(newPairStatusCmd(&ctlPath), newPairUpCmd(&ctlPath), newPairDownCmd(&ctlPath), newPairXenConfigCmd())
+	cmd.AddCommand(newPairStatusCmd(&ctlPath), newPairUpCmd(&ctlPath), newPairDownCmd(&ctlPath), newPairXenConfigCmd(), newPairRefusalsCmd(nil, &ctlPath))
 	return cmd
 }
 
