@@ -271,6 +271,12 @@ checks its volume: use 'lvnbd pair up --leg'.`,
 					if d.Backend != backend {
 						as = " to " + d.Backend
 					}
+					if d.Size == 0 {
+						// Connected with no size, which attach gives it
+						// next: an attach that did not finish.
+						return fmt.Errorf("%s is already attached as %s%s, with no size yet (an attach that did not finish): "+
+							"lvnbd reconnect --size %s gives it the export's, or lvnbd detach %s", backend, d.Path(), as, d.Path(), d.Path())
+					}
 					return fmt.Errorf("%s is already attached as %s%s (lvnbd detach %s)", backend, d.Path(), as, d.Path())
 				}
 				if d.Index == index && d.Connected {

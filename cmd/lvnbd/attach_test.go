@@ -493,8 +493,8 @@ func TestAttachErrors(t *testing.T) {
 		defer ln.Close()
 		return ln.Addr().String()
 	}()
-	attached := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://" + addr + "/disk"}}
-	local := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://localhost:10809/vm1"}}
+	attached := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://" + addr + "/disk", Size: 1 << 20}}
+	local := []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://localhost:10809/vm1", Size: 1 << 20}}
 	tests := []struct {
 		name       string
 		args       []string
@@ -513,6 +513,10 @@ func TestAttachErrors(t *testing.T) {
 			wantErr: "does not allow several connections"},
 		{name: "already attached", args: []string{"nbd://" + addr + "/disk"}, devs: attached,
 			wantErr: "already attached as /dev/nbd2"},
+		{name: "already attached, with no size yet", args: []string{"nbd://localhost/vm1"},
+			devs: []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://localhost:10809/vm1"}},
+			wantErr: "nbd://localhost:10809/vm1 is already attached as /dev/nbd2, with no size yet (an attach that did not finish): " +
+				"lvnbd reconnect --size /dev/nbd2 gives it the export's, or lvnbd detach /dev/nbd2"},
 		// The same export spelt otherwise: refused before any dialing
 		// (nothing serves vm1 there), not attached a second time.
 		{name: "already attached, host in capitals", args: []string{"nbd://LocalHost/vm1"}, devs: local,
@@ -520,8 +524,8 @@ func TestAttachErrors(t *testing.T) {
 		{name: "already attached, trailing dot", args: []string{"nbd://localhost./vm1"}, devs: local,
 			wantErr: "nbd://localhost.:10809/vm1 is already attached as /dev/nbd2 to nbd://localhost:10809/vm1"},
 		{name: "already attached, IPv6 spelt otherwise", args: []string{"nbd://[0:0::1]/vm1"},
-			devs:    []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://[::1]:10809/vm1"}},
-			wantErr: "nbd://[0:0::1]:10809/vm1 is already attached as /dev/nbd2 to nbd://[::1]:10809/vm1"},
+			devs:    []kernel.Device{{Index: 2, Connected: true, PID: 1, Backend: "nbd://[::1]:10809/vm1", Size: 1 << 20}},
+			wantErr: "nbd://[0:0::1]:10809/vm1 is already attached as /dev/nbd2 to nbd://[::1]:10809/vm1 (lvnbd detach /dev/nbd2)"},
 		{name: "device busy", args: []string{"--device", "/dev/nbd2", "nbd://" + addr + "/other"}, devs: attached,
 			wantErr: "/dev/nbd2: device is in use"},
 		{name: "bad device", args: []string{"--device", "/dev/sda", "nbd://" + addr + "/disk"}, wantErr: "not an nbd device"},
@@ -862,6 +866,13 @@ func TestReconnect(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "grew from 4.0 MiB to 8.0 MiB") {
 		t.Errorf("--size: stderr %q", errOut)
+	}
+
+	// An attach that did not finish left the device with no size: --size
+	// gives it the export's, as attach's refusal of the export says.
+	k = newKernel(0)
+	if _, errOut, err = runCmd(t, newReconnectCmd(testHost(k, nil)), "--size", "/dev/nbd3"); err != nil || !strings.Contains(errOut, "grew from 0 B to 8.0 MiB") {
+		t.Errorf("--size of a device with no size: %v, stderr %q", err, errOut)
 	}
 
 	// Same size: fresh sockets, no size, and --size says so.
