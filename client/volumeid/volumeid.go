@@ -263,11 +263,6 @@ func crashedSince(known, now string) bool {
 
 // locked runs f on the IDs with the file locked (exclusively if write),
 // and saves them if f reports a change.
-//
-// On a file system remounted read-only (the dom0's /var after an error) no
-// lock can be taken, and none is needed: nobody can change the file. It is
-// read without one, so a check that changes nothing (a leg's reconnect to
-// the volume recorded) still works; a change fails, as it cannot be saved.
 func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -275,28 +270,19 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 		f(s.mem)
 		return nil
 	}
-	readOnly := false
-	if err := os.MkdirAll(filepath.Dir(s.path), 0o700); errors.Is(err, unix.EROFS) {
-		readOnly = true
-	} else if err != nil {
+	if err := os.MkdirAll(filepath.Dir(s.path), 0o700); err != nil {
 		return fmt.Errorf("volume IDs: %w", err)
 	}
 	how := unix.LOCK_SH
 	if write {
 		how = unix.LOCK_EX
 	}
-	if !readOnly {
-		// No deadline: the other holders are lvnbd commands that finish.
-		unlock, err := flock.Lock(context.Background(), s.path+".lock", how)
-		switch {
-		case errors.Is(err, unix.EROFS):
-			readOnly = true
-		case err != nil:
-			return fmt.Errorf("volume IDs: %w", err)
-		default:
-			defer unlock()
-		}
+	// No deadline: the other holders are lvnbd commands that finish.
+	unlock, err := flock.Lock(context.Background(), s.path+".lock", how)
+	if err != nil {
+		return fmt.Errorf("volume IDs: %w", err)
 	}
+	defer unlock()
 	ids := map[string]string{}
 	if err := atomicfile.ReadJSON(s.path, &ids); errors.Is(err, atomicfile.ErrCorrupt) {
 		return fmt.Errorf("volume IDs: %s is %w: remove it; devices attached until now are then "+
@@ -312,12 +298,8 @@ func (s *Store) locked(write bool, f func(ids map[string]string) bool) error {
 			ids[b], unsaved = id, true
 		}
 	}
-	changed := f(ids)
-	if !write || !changed && (!unsaved || readOnly) {
+	if changed := f(ids); !write || !changed && !unsaved {
 		return nil
-	}
-	if readOnly {
-		return fmt.Errorf("volume IDs: %s cannot be changed: %w (its file system is read-only)", s.path, unix.EROFS)
 	}
 	if err := atomicfile.WriteJSON(s.path, ids); err != nil {
 		return fmt.Errorf("volume IDs: %w", err)

@@ -10,9 +10,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-	"golang.org/x/sys/unix"
 
-	"github.com/lvnbd/lvnbd/internal/looptest"
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
@@ -314,53 +312,4 @@ func FuzzParseRecord(f *testing.F) {
 			t.Errorf("%q: shrank %v", v, r.shrank)
 		}
 	})
-}
-
-// TestReadOnlyFileSystem: with the store's file system remounted read-only
-// (the dom0's /var after an error), a check that changes nothing still
-// works, so a leg reconnects to the volume recorded; one that would record
-// something, or a refusal of another volume, does not pass for success.
-func TestReadOnlyFileSystem(t *testing.T) {
-	looptest.Require(t) // root, to mount
-	dir := t.TempDir()
-	path := filepath.Join(dir, "lvnbd", "ids.json")
-	if err := Open(path).Set(backend, "u1"); err != nil {
-		t.Fatal(err)
-	}
-	// The lock file gone too, as on a /var whose /run was never written.
-	if err := os.Remove(path + ".lock"); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
-		t.Fatal(err)
-	}
-
-	s := Open(path)
-	if err := s.Check(backend, "u1"); err != nil {
-		t.Errorf("Check of the volume recorded: %v, want it to pass", err)
-	}
-	if id, err := s.Get(backend); err != nil || id != "u1" {
-		t.Errorf("Get: %q, %v; want u1", id, err)
-	}
-	if err := s.Check(backend, "u2"); !errors.Is(err, ErrReplaced) {
-		t.Errorf("Check of another volume: %v, want ErrReplaced", err)
-	}
-	if err := s.Check("nbd://192.0.2.3:10809/vm2", "u3"); !errors.Is(err, unix.EROFS) {
-		t.Errorf("Check that would record a first ID: %v, want EROFS", err)
-	}
-	// A Set that cannot be saved is still checked (TestUnsavedIDIsStillChecked),
-	// and does not make every later check try to save it.
-	if err := s.Set("nbd://192.0.2.4:10809/vm4", "u4"); err == nil {
-		t.Error("Set succeeded on a read-only file system")
-	}
-	if err := s.Check("nbd://192.0.2.4:10809/vm4", "u4"); err != nil {
-		t.Errorf("Check of the unsaved ID: %v", err)
-	}
-	if err := s.Check(backend, "u1"); err != nil {
-		t.Errorf("Check of the volume recorded, with an ID unsaved: %v", err)
-	}
 }
