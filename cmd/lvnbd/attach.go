@@ -105,25 +105,34 @@ func realHost() *hostDeps {
 // configuration file whose export u is; empty strings if none is, or if
 // there is no such file. One that cannot be read is warned of on warn.
 func (h *hostDeps) configuredLegOf(u client.URI, warn io.Writer) (name, leg string) {
+	name, leg, err := h.configuredLeg(u)
+	if err != nil {
+		fmt.Fprintf(warn, "lvnbd: %v: if it is, use lvnbd pair up --leg\n", err)
+	}
+	return name, leg
+}
+
+// configuredLeg is configuredLegOf, with an error for a file that cannot
+// be read.
+func (h *hostDeps) configuredLeg(u client.URI) (name, leg string, _ error) {
 	if h.clientConfig == "" {
-		return "", ""
+		return "", "", nil
 	}
 	cfg, err := config.LoadClient(h.clientConfig)
 	if errors.Is(err, os.ErrNotExist) {
-		return "", ""
+		return "", "", nil
 	}
 	if err != nil {
-		fmt.Fprintf(warn, "lvnbd: cannot tell whether %s is a pair's leg (%v): if it is, use lvnbd pair up --leg\n", u, err)
-		return "", ""
+		return "", "", fmt.Errorf("cannot tell whether %s is a pair's leg (%w)", u, err)
 	}
 	for _, p := range cfg.Pairs {
 		for i, uri := range []string{p.A, p.B} {
 			if sameExport(uri, u) {
-				return p.Name, pair.Legs[i]
+				return p.Name, pair.Legs[i], nil
 			}
 		}
 	}
-	return "", ""
+	return "", "", nil
 }
 
 // deviceHolders lists the stacked devices (md, device-mapper) on nbd
@@ -157,27 +166,35 @@ func deviceHolders(sysRoot string, index int) (holders []string, devnums map[str
 // whose export u is; empty strings if none is. A daemon that does not answer
 // (starting, reloading, hung) is warned of on warn: its legs cannot be told.
 func (h *hostDeps) pairLegOf(ctx context.Context, u client.URI, warn io.Writer) (name, leg string) {
+	name, leg, err := h.pairLeg(ctx, u)
+	if err != nil {
+		fmt.Fprintf(warn, "lvnbd: %v: if it is, detach it and use lvnbd pair up --leg\n", err)
+	}
+	return name, leg
+}
+
+// pairLeg is pairLegOf, with an error for a daemon that does not answer.
+func (h *hostDeps) pairLeg(ctx context.Context, u client.URI) (name, leg string, _ error) {
 	if h.pairs == nil {
-		return "", ""
+		return "", "", nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	pairs, err := h.pairs(ctx)
 	if errors.Is(err, pair.ErrNoDaemon) {
-		return "", "" // no pairs to protect
+		return "", "", nil // no pairs to protect
 	}
 	if err != nil {
-		fmt.Fprintf(warn, "lvnbd: cannot tell whether %s is a pair's leg (%v): if it is, detach it and use lvnbd pair up --leg\n", u, err)
-		return "", ""
+		return "", "", fmt.Errorf("cannot tell whether %s is a pair's leg (%w)", u, err)
 	}
 	for _, p := range pairs {
 		for _, l := range p.Legs {
 			if sameExport(l.URI, u) {
-				return p.Name, l.Leg
+				return p.Name, l.Leg, nil
 			}
 		}
 	}
-	return "", ""
+	return "", "", nil
 }
 
 // Defaults of the attach flags.

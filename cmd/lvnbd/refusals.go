@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -34,9 +35,10 @@ of the dom0; lvnbd pair down --leg forgets a leg's refusal when it is
 replaced.
 
 --forget URI forgets the refusal of an export that is no longer a leg of any
-pair (a pair removed for good), so that a new pair or lvnbd attach may use
-the export. An export still a leg of a pair in client.toml, or of the
-running daemon, is refused: replace that leg as lvnbd pair down --help says.
+pair (a pair removed for good), so that a new pair may use the export. An
+export still a leg of a pair in client.toml, or of the running daemon, is
+refused: replace that leg as lvnbd pair down --help says. So is any export
+while client.toml cannot be read or the running daemon does not answer.
 Another spelling of the export (the host's case, the default port) finds
 the same record.`,
 		Example: `  lvnbd pair refusals
@@ -53,6 +55,9 @@ the same record.`,
 				store = refusals.Open("")
 			}
 			if forget != "" {
+				if asJSON {
+					return errors.New("--json is for the list; --forget prints one line")
+				}
 				return forgetRefusal(cmd, host, store, forget)
 			}
 			all, err := store.All()
@@ -128,11 +133,20 @@ func forgetRefusal(cmd *cobra.Command, host *hostDeps, store *refusals.Store, ur
 	if !ok {
 		return fmt.Errorf("no refusal is recorded for %s (lvnbd pair refusals lists them)", uri)
 	}
-	if name, leg := host.pairLegOf(cmd.Context(), u, cmd.ErrOrStderr()); name != "" {
+	// A leg's refusal forgotten would let it take back the volume it
+	// refused: when that cannot be ruled out, nothing is forgotten.
+	name, leg, err := host.pairLeg(cmd.Context(), u)
+	if err != nil {
+		return fmt.Errorf("%w: not forgetting its refusal (is lvnbd client starting or reloading? try again)", err)
+	}
+	if name != "" {
 		return fmt.Errorf("%s is leg %s of pair %s (lvnbd client): its refusal goes when the leg is replaced "+
 			"(lvnbd pair down --leg %s %s, then as lvnbd pair down --help says)", uri, leg, name, leg, name)
 	}
-	if name, leg := host.configuredLegOf(u, cmd.ErrOrStderr()); name != "" {
+	if name, leg, err = host.configuredLeg(u); err != nil {
+		return fmt.Errorf("%w: not forgetting its refusal; fix %s first", err, host.clientConfig)
+	}
+	if name != "" {
 		return fmt.Errorf("%s is leg %s of pair %s in %s: its refusal goes when the leg is replaced "+
 			"(lvnbd pair down --leg %s %s once lvnbd client runs); take the pair out of %s first if it is gone for good",
 			uri, leg, name, host.clientConfig, leg, name, host.clientConfig)

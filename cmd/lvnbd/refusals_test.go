@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/lvnbd/lvnbd/client/pair"
 	"github.com/lvnbd/lvnbd/client/refusals"
 )
 
@@ -82,6 +84,29 @@ func TestPairRefusals(t *testing.T) {
 			t.Errorf("--forget %s: %v, want %q", tt.uri, err, tt.want)
 		}
 	}
+	// Nothing is forgotten while a pair's legs cannot be told.
+	hung := *host
+	hung.pairs = func(context.Context) ([]pair.PairStatus, error) { return nil, context.DeadlineExceeded }
+	if _, _, err := runCmd(t, newPairRefusalsCmd(&hung, nil), "--forget", "nbd://boxa/vm9"); err == nil ||
+		!strings.Contains(err.Error(), "cannot tell whether nbd://boxa:10809/vm9 is a pair's leg (context deadline exceeded): not forgetting its refusal") {
+		t.Errorf("--forget with the daemon not answering: %v", err)
+	}
+	broken := *host
+	broken.clientConfig = filepath.Join(dir, "broken.toml")
+	if err := os.WriteFile(broken.clientConfig, []byte("[[pair]]\nname = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := runCmd(t, newPairRefusalsCmd(&broken, nil), "--forget", "nbd://boxa/vm9"); err == nil ||
+		!strings.Contains(err.Error(), "not forgetting its refusal; fix "+broken.clientConfig+" first") {
+		t.Errorf("--forget with client.toml unreadable: %v", err)
+	}
+	if _, err := run("--forget", "nbd://boxa/vm9", "--json"); err == nil {
+		t.Error("--forget with --json: no error")
+	}
+	if all, _ := store.All(); len(all) != 4 {
+		t.Fatalf("refusals after refused --forgets: %v", all)
+	}
+
 	// vm9 was removed for good: forgotten, however its export is spelt.
 	out, err = run("--forget", "nbd://BoxA.:10809/vm9")
 	if err != nil || !strings.Contains(out, "forgot the refusal of nbd://BoxA.:10809/vm9 (leg a of pair vm9, since 2026-12-07T05:37:58Z)") {
