@@ -85,14 +85,18 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 	seen := e.watchedSize.Load()
 	size, err := e.refreshSize(v.log) // a shrink it is the first to see, it handles
 	if err != nil {
-		// An export being replaced (a recovery closed it before the
-		// export opened anew is watched) cannot judge the resize: the
-		// next export of the device does, once watched, as for a device
-		// none had.
-		if resized {
-			v.watchMu.Lock()
+		// An export being replaced (a recovery closed it) cannot judge
+		// the resize: the export that replaces it does, now if it is
+		// watched already, else once it is, as for a device none had.
+		v.watchMu.Lock()
+		next := v.devs[dev]
+		if next == e && resized {
 			v.unwatchedResize[dev] = ev.Seq
-			v.watchMu.Unlock()
+		}
+		v.watchMu.Unlock()
+		if next != nil && next != e {
+			v.deviceChanged(ev)
+			return
 		}
 		v.log.Warn("re-reading the size of an export whose device changed", zap.String("export", e.Name), zap.Error(err))
 		return
@@ -104,9 +108,6 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 	}
 }
 
-// lastSeq is uevent.LastSeq; tests number events their own way.
-var lastSeq = uevent.LastSeq
-
 // openSeqs are the kernel's last uevent numbers before and after an open
 // of an export's device.
 type openSeqs struct{ before, after uint64 }
@@ -115,9 +116,9 @@ type openSeqs struct{ before, after uint64 }
 // number. Unknown, every event is taken as after the open, and none is
 // judged by size alone (see deviceChanged).
 func openWithSeqs[T any](open func() (T, error)) (T, openSeqs, error) {
-	before, err1 := lastSeq()
+	before, err1 := uevent.LastSeq()
 	x, err := open()
-	after, err2 := lastSeq()
+	after, err2 := uevent.LastSeq()
 	if err1 != nil || err2 != nil {
 		return x, openSeqs{0, math.MaxUint64}, err
 	}
@@ -136,14 +137,38 @@ func (v *Volumes) watch(e *Export, seqs openSeqs) {
 		v.log.Warn("cannot read the kernel's uevent number (/sys/kernel/uevent_seqnum): the device watch of this export "+
 			"does not take a resize back to the size it last saw for a shrink grown back", zap.String("export", e.Name))
 	}
+	v.register(dev, e, seqs.before, seqs.after, e.Backend.Size())
+}
+
+// rewatch moves the watch of old's device to now, which replaces old as an
+// export of the same volume (a recovery): from where old's watch was, so a
+// resize old's watch has not judged, or could not, is judged by now's.
+func (v *Volumes) rewatch(old, now *Export) {
+	dev, ok := v.deviceOf(now)
+	if !ok {
+		return
+	}
 	v.watchMu.Lock()
-	e.watchFrom, e.watchAmbiguous = seqs.before, seqs.after
-	e.watchedSize.Store(e.Backend.Size())
+	from, ambiguous, size := old.watchFrom, old.watchAmbiguous, old.watchedSize.Load()
+	if v.devs[dev] == old {
+		delete(v.devs, dev)
+	}
+	v.watchMu.Unlock()
+	v.register(dev, now, from, ambiguous, size)
+}
+
+// register has the watch lead dev to e, which judges the resizes sent after
+// event from (those up to ambiguous not by size alone) against size, and a
+// resize seen of dev since it was last watched.
+func (v *Volumes) register(dev uint64, e *Export, from, ambiguous uint64, size int64) {
+	v.watchMu.Lock()
+	e.watchFrom, e.watchAmbiguous = from, ambiguous
+	e.watchedSize.Store(size)
 	v.devs[dev] = e
 	late, resized := v.unwatchedResize[dev]
 	delete(v.unwatchedResize, dev)
 	v.watchMu.Unlock()
-	if resized && late > seqs.before {
+	if resized && late > from {
 		v.deviceChanged(uevent.Event{Action: "change", Subsystem: "block", Seq: late, Vars: map[string]string{
 			"MAJOR": strconv.FormatUint(uint64(unix.Major(dev)), 10), "MINOR": strconv.FormatUint(uint64(unix.Minor(dev)), 10),
 			"RESIZE": "1"}})

@@ -185,6 +185,50 @@ func TestDeviceWatchHandsOnAResizeItCouldNotJudge(t *testing.T) {
 	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 }
 
+// refreshHook is a backend that runs hook when its size is read again.
+type refreshHook struct {
+	Backend
+	hook func() (int64, error)
+}
+
+func (r refreshHook) Refresh() (int64, error) { return r.hook() }
+
+// A resize that reached an export which, while it read the size, was
+// replaced in the watch (a recovery) goes to the export that replaced it.
+func TestDeviceWatchFollowsAnExportReplacedMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	dev := unix.Mkdev(253, 3)
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
+	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, _ := ts.reg.Lookup("vm1")
+	vols.mu.Lock()
+	vols.unwatch(old)
+	vols.watch(old, openSeqs{10, 20})
+	vols.mu.Unlock()
+	b, err := openBackend(v.Path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	asked := 0
+	replacement := &Export{Name: "vm1", Description: old.Description, Backend: refreshHook{b, func() (int64, error) {
+		asked++
+		return b.Refresh()
+	}}}
+	old.Backend = refreshHook{old.Backend, func() (int64, error) {
+		vols.rewatch(old, replacement) // the recovery, meanwhile
+		return 0, os.ErrClosed
+	}}
+	vols.deviceChanged(change(dev, 21, true))
+	if asked != 1 {
+		t.Errorf("the export that replaced the one the event reached read its size %d times, want once", asked)
+	}
+}
+
 // loopDriver serves its volumes from loop devices over their files, as the
 // LVM driver serves them from device-mapper devices.
 type loopDriver struct {

@@ -343,14 +343,13 @@ type RecoverResult struct {
 // made from a volume is recovered through Volumes.Recover, which reads it
 // from the volume.
 func (r *Registry) Recover(name string) (RecoverResult, error) {
-	return r.recover(name, openBackend, nil)
+	return r.recover(name, nil)
 }
 
-// recover is Recover, opening the storage anew with open (openBackend).
-// When describe is not nil, it gives the reopened export's description,
-// and is called after the storage is opened anew: what it tells is then
-// never older than what was opened.
-func (r *Registry) recover(name string, open func(path string, readOnly bool) (Backend, error), describe func() (string, error)) (RecoverResult, error) {
+// recover is Recover. When describe is not nil, it gives the reopened
+// export's description, and is called after the storage is opened anew:
+// what it tells is then never older than what was opened.
+func (r *Registry) recover(name string, describe func() (string, error)) (RecoverResult, error) {
 	res := RecoverResult{Export: name}
 	r.mu.RLock()
 	old, exported := r.exports[name]
@@ -379,7 +378,7 @@ func (r *Registry) recover(name string, open func(path string, readOnly bool) (B
 	if !ok {
 		return res, fmt.Errorf("export %q cannot be opened anew (its backend has no path)", name)
 	}
-	b, err := open(p.Path(), old.ReadOnly)
+	b, err := openBackend(p.Path(), old.ReadOnly)
 	if err != nil {
 		return res, fmt.Errorf("recovering export %q: %w", name, err)
 	}

@@ -340,14 +340,7 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		return v.reg.Recover(name) // its volume is gone: clears the record
 	}
 	before := e.Description // as the rescan just listed it, before the open
-	// The uevent numbers around the open alone, as a sync's: a resize
-	// during the listing that follows is judged by size like any other.
-	var seqs openSeqs
-	open := func(path string, readOnly bool) (b Backend, err error) {
-		b, seqs, err = openWithSeqs(func() (Backend, error) { return openBackend(path, readOnly) })
-		return b, err
-	}
-	res, err := v.reg.recover(name, open, func() (string, error) {
+	res, err := v.reg.recover(name, func() (string, error) {
 		vols, err := v.drv.List(ctx)
 		if err != nil {
 			return "", fmt.Errorf("listing volumes of %s: %w", v.drv, err)
@@ -358,10 +351,12 @@ func (v *Volumes) Recover(ctx context.Context, name string) (RecoverResult, erro
 		}
 		return "", fmt.Errorf("the volume of %s changed while it was being recovered (made anew, removed, merged or shrunk): nothing was reopened; run lvnbd recover again", name)
 	})
-	// The export opened anew is the one to watch.
-	if now, ok := v.export(name); ok && now != e {
-		v.unwatch(e)
-		v.watch(now, seqs)
+	// The export opened anew is the one to watch, from where the failed
+	// one's watch was: describe found the same volume, so every resize the
+	// watch has not judged yet, also one the failed export could not, is
+	// judged against what it saw last.
+	if now, ok := v.export(name); ok && now != e && err == nil && res.Reopened {
+		v.rewatch(e, now)
 	}
 	return res, err
 }

@@ -599,6 +599,33 @@ func TestStopCountsAShrinkWithoutExportingIt(t *testing.T) {
 	}
 }
 
+// A shrink seen once Stop returned (the server's connections still drain)
+// is counted, and nothing is exported again.
+func TestShrinkAfterStopIsCountedNotExported(t *testing.T) {
+	ctx := context.Background()
+	drv := newFileDriver(t)
+	vols, ts, _ := observedVolumes(t, drv)
+	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := ts.reg.Lookup("vm1")
+	vols.Stop()
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.refreshSize(zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	vols.shrinks.Wait()
+	if _, ok := ts.reg.Lookup("vm1"); ok {
+		t.Error("vm1 exported again by a count after Stop")
+	}
+	if list, err := drv.List(ctx); err != nil || len(list) != 1 || list[0].ID != v.ID+"-r1" {
+		t.Errorf("volumes: %+v, %v; want vm1 with ID %s-r1 (the shrink counted)", list, err, v.ID)
+	}
+}
+
 // listHookDriver runs hook inside its List calls, the nth onwards.
 type listHookDriver struct {
 	*file.Driver
@@ -948,8 +975,7 @@ func TestRecoverTellsTheVolumesID(t *testing.T) {
 func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 	ctx := context.Background()
 	dev := unix.Mkdev(253, 3)
-	drv := &listHookDriver{Driver: newFileDriver(t)}
-	vols, ts, _ := observedVolumes(t, drv)
+	vols, ts, _ := observedVolumes(t, newFileDriver(t))
 	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
 	failures, err := LoadFailures(filepath.Join(t.TempDir(), "failures.json"), nil)
 	if err != nil {
@@ -986,27 +1012,9 @@ func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 		t.Errorf("the device watch leads to %p, want the export opened anew (%p), not the failed one (%p)", w, now, failed)
 	}
 
-	// The uevent numbers are read around the open alone, so a resize
-	// during the listing that follows is judged by size: each listing
-	// sends an event (the rescan's 1, the check after the open 4), and the
-	// open reads 2 before and 3 after.
-	seq := uint64(0)
-	defer func(f func() (uint64, error)) { lastSeq = f }(lastSeq)
-	lastSeq = func() (uint64, error) { seq++; return seq, nil }
-	drv.hook = func() { seq++ }
-	failed = fail()
-	if res, err := vols.Recover(ctx, "vm1"); err != nil || !res.Reopened {
-		t.Fatalf("Recover = %+v, %v; want vm1 reopened", res, err)
-	}
-	drv.hook = nil
-	if w := watched(); w == failed || w.watchFrom != 2 || w.watchAmbiguous != 3 {
-		t.Errorf("the export opened anew is watched from uevent %d, ambiguous up to %d; want 2 and 3 (the open's, not the listing's after it)", w.watchFrom, w.watchAmbiguous)
-	}
-
 	// A shrink noted while the recovery opens the volume.
 	failed = fail()
 	open := openBackend
-	defer func() { openBackend = open }()
 	openBackend = func(path string, readOnly bool) (Backend, error) {
 		vols.pending.add("vm1", v.ID)
 		return open(path, readOnly)
@@ -1014,9 +1022,37 @@ func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 	if _, err := vols.Recover(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "changed while it was being recovered") {
 		t.Errorf("Recover with a shrink noted during the open: %v, want it refused", err)
 	}
+	openBackend = open
 	if e, _ := ts.reg.Lookup("vm1"); e != failed {
 		t.Error("vm1 reopened under its old ID with a shrink noted")
 	}
+	if w := watched(); w != failed {
+		t.Error("a refused recovery moved the device watch")
+	}
+	vols.pending.forget("vm1", v.ID)
+
+	// A shrink grown back that the failed export could not judge (its
+	// backend closed when the watch read the event): the export opened
+	// anew judges it, from where the failed one's watch was (event 10),
+	// not from its own open, after the event.
+	vols.mu.Lock()
+	vols.unwatch(failed)
+	vols.watch(failed, openSeqs{10, 20})
+	vols.mu.Unlock()
+	for _, size := range []int64{512 << 10, 1 << 20} {
+		if err := os.Truncate(v.Path, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := failed.Backend
+	failed.Backend = refreshFails{b}
+	vols.deviceChanged(change(dev, 21, true))
+	failed.Backend = b
+	if res, err := vols.Recover(ctx, "vm1"); err != nil || !res.Reopened {
+		t.Fatalf("Recover = %+v, %v; want vm1 reopened", res, err)
+	}
+	vols.shrinks.Wait()
+	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
 }
 
 // TestInterruptedMergeFinishedBeforeExport: lvnbd crashed in a merge after
