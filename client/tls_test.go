@@ -270,6 +270,18 @@ func TestTLSHostileServers(t *testing.T) {
 		b, _ := nbd.OptionReplyHeader{Option: opt, Type: t}.AppendBinary(nil)
 		return b
 	}
+	// asked greets as a fixed-newstyle server and reads the client's first
+	// option, which it reports; false if the client went away.
+	asked := func(nc net.Conn, seen chan<- nbd.Option) (nbd.Option, bool) {
+		if !greet(nc, nbd.FlagFixedNewstyle) {
+			return 0, false
+		}
+		opt, ok := readOption(nc)
+		if ok {
+			seen <- opt
+		}
+		return opt, ok
+	}
 	tests := []struct {
 		name    string
 		handler func(nc net.Conn, seen chan<- nbd.Option)
@@ -277,46 +289,39 @@ func TestTLSHostileServers(t *testing.T) {
 		wantMsg string
 	}{
 		{"acks STARTTLS, then stalls", func(nc net.Conn, seen chan<- nbd.Option) {
-			if !greet(nc, nbd.FlagFixedNewstyle) {
+			opt, ok := asked(nc, seen)
+			if !ok {
 				return
 			}
-			opt, _ := readOption(nc)
-			seen <- opt
 			nc.Write(reply(opt, nbd.RepAck))
 			io.Copy(io.Discard, nc) // the TLS ClientHello, never answered
 		}, context.DeadlineExceeded, "handshake with"},
 		{"acks STARTTLS, then speaks plain text", func(nc net.Conn, seen chan<- nbd.Option) {
-			if !greet(nc, nbd.FlagFixedNewstyle) {
+			opt, ok := asked(nc, seen)
+			if !ok {
 				return
 			}
-			opt, _ := readOption(nc)
-			seen <- opt
 			nc.Write(reply(opt, nbd.RepAck))
 			nc.Write(bytes.Repeat([]byte("not TLS "), 64))
 		}, nil, "TLS handshake with"},
 		{"answers another option", func(nc net.Conn, seen chan<- nbd.Option) {
-			if !greet(nc, nbd.FlagFixedNewstyle) {
-				return
+			if _, ok := asked(nc, seen); ok {
+				nc.Write(reply(nbd.OptGo, nbd.RepAck))
 			}
-			opt, _ := readOption(nc)
-			seen <- opt
-			nc.Write(reply(nbd.OptGo, nbd.RepAck))
 		}, ErrProtocol, "sent a reply to NBD_OPT_GO"},
 		{"acks STARTTLS with data", func(nc net.Conn, seen chan<- nbd.Option) {
-			if !greet(nc, nbd.FlagFixedNewstyle) {
+			opt, ok := asked(nc, seen)
+			if !ok {
 				return
 			}
-			opt, _ := readOption(nc)
-			seen <- opt
 			r, _ := nbd.OptionReplyHeader{Option: opt, Type: nbd.RepAck, Length: 4}.AppendBinary(nil)
 			nc.Write(append(r, "junk"...))
 		}, ErrProtocol, "4 bytes of data"},
 		{"shutting down", func(nc net.Conn, seen chan<- nbd.Option) {
-			if !greet(nc, nbd.FlagFixedNewstyle) {
+			opt, ok := asked(nc, seen)
+			if !ok {
 				return
 			}
-			opt, _ := readOption(nc)
-			seen <- opt
 			nc.Write(reply(opt, nbd.RepErrShutdown))
 		}, nil, "is shutting down"},
 		{"old newstyle: no options at all", func(nc net.Conn, seen chan<- nbd.Option) {

@@ -140,6 +140,26 @@ func TestDeviceWatchSeesAShrinkGrownBack(t *testing.T) {
 	}
 }
 
+// watchedVolume makes a volume vm1 of size bytes, exported (e) on a device
+// dev of its own (as an LV is), whose watch judges the events after 10, and
+// those after 20 by size too.
+func watchedVolume(t *testing.T, size int64) (vols *Volumes, ts *testServer, v volume.Volume, e *Export, dev uint64) {
+	t.Helper()
+	dev = unix.Mkdev(253, 3)
+	vols, ts, _ = observedVolumes(t, newFileDriver(t))
+	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true }
+	v, err := vols.Create(context.Background(), volume.CreateOptions{Name: "vm1", Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ = ts.reg.Lookup("vm1")
+	vols.mu.Lock()
+	vols.unwatch(e)
+	vols.watch(e, openSeqs{10, 20})
+	vols.mu.Unlock()
+	return vols, ts, v, e, dev
+}
+
 // refreshFails is a backend whose size cannot be read again: one closed
 // under the export being replaced.
 type refreshFails struct{ Backend }
@@ -152,19 +172,7 @@ func (refreshFails) Refresh() (int64, error) { return 0, os.ErrClosed }
 // grown back, which changes the volume's ID.
 func TestDeviceWatchHandsOnAResizeItCouldNotJudge(t *testing.T) {
 	const mib = 1 << 20
-	ctx := context.Background()
-	dev := unix.Mkdev(253, 3)
-	vols, ts, _ := observedVolumes(t, newFileDriver(t))
-	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
-	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 * mib})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, _ := ts.reg.Lookup("vm1")
-	vols.mu.Lock()
-	vols.unwatch(e)
-	vols.watch(e, openSeqs{10, 20})
-	vols.mu.Unlock()
+	vols, ts, v, e, dev := watchedVolume(t, 2*mib)
 	for _, size := range []int64{mib, 2 * mib} {
 		if err := os.Truncate(v.Path, size); err != nil {
 			t.Fatal(err)
@@ -196,19 +204,7 @@ func (r refreshHook) Refresh() (int64, error) { return r.hook() }
 // A resize that reached an export which, while it read the size, was
 // replaced in the watch (a recovery) goes to the export that replaced it.
 func TestDeviceWatchFollowsAnExportReplacedMeanwhile(t *testing.T) {
-	ctx := context.Background()
-	dev := unix.Mkdev(253, 3)
-	vols, ts, _ := observedVolumes(t, newFileDriver(t))
-	vols.deviceOf = func(*Export) (uint64, bool) { return dev, true } // an LV's
-	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	old, _ := ts.reg.Lookup("vm1")
-	vols.mu.Lock()
-	vols.unwatch(old)
-	vols.watch(old, openSeqs{10, 20})
-	vols.mu.Unlock()
+	vols, _, v, old, dev := watchedVolume(t, 1<<20)
 	b, err := openBackend(v.Path, false)
 	if err != nil {
 		t.Fatal(err)

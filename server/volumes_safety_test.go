@@ -516,18 +516,7 @@ func TestCountShrinkFollowsTheVolume(t *testing.T) {
 func TestShrinkIsNotedBeforeItsCountGetsTheLock(t *testing.T) {
 	ctx := context.Background()
 	vols, ts, _ := observedVolumes(t, newFileDriver(t))
-	file := filepath.Join(t.TempDir(), "shrinks.json")
-	if err := vols.KeepShrinks(file); err != nil {
-		t.Fatal(err)
-	}
-	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, _ := ts.reg.Lookup("vm1")
-	if err := os.Truncate(v.Path, 1<<20); err != nil {
-		t.Fatal(err)
-	}
+	v, e, file := shrunkBehind(t, vols, ts)
 	vols.mu.Lock() // a recovery, say, holds it
 	if _, err := e.refreshSize(zap.NewNop()); err != nil {
 		t.Fatal(err)
@@ -563,18 +552,7 @@ func TestStopCountsAShrinkWithoutExportingIt(t *testing.T) {
 	ctx := context.Background()
 	drv := newFileDriver(t)
 	vols, ts, _ := observedVolumes(t, drv)
-	file := filepath.Join(t.TempDir(), "shrinks.json")
-	if err := vols.KeepShrinks(file); err != nil {
-		t.Fatal(err)
-	}
-	v, err := vols.Create(ctx, volume.CreateOptions{Name: "vm1", Size: 2 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, _ := ts.reg.Lookup("vm1")
-	if err := os.Truncate(v.Path, 1<<20); err != nil {
-		t.Fatal(err)
-	}
+	v, e, file := shrunkBehind(t, vols, ts)
 	vols.mu.Lock() // the count waits for it
 	if _, err := e.refreshSize(zap.NewNop()); err != nil {
 		t.Fatal(err)
@@ -597,6 +575,26 @@ func TestStopCountsAShrinkWithoutExportingIt(t *testing.T) {
 	if err := atomicfile.ReadJSON(file, &pending); err != nil || len(pending) != 0 {
 		t.Errorf("shrink file once Stop returned: %v, %v; want it empty", pending, err)
 	}
+}
+
+// shrunkBehind makes vols' volume vm1 of 2 MiB, exported (e), with the
+// shrinks seen kept in file, and shrinks it to 1 MiB behind the server,
+// which has not looked yet.
+func shrunkBehind(t *testing.T, vols *Volumes, ts *testServer) (v volume.Volume, e *Export, file string) {
+	t.Helper()
+	file = filepath.Join(t.TempDir(), "shrinks.json")
+	if err := vols.KeepShrinks(file); err != nil {
+		t.Fatal(err)
+	}
+	v, err := vols.Create(context.Background(), volume.CreateOptions{Name: "vm1", Size: 2 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ = ts.reg.Lookup("vm1")
+	if err := os.Truncate(v.Path, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	return v, e, file
 }
 
 // A shrink seen once Stop returned (the server's connections still drain)
