@@ -18,9 +18,9 @@ import (
 type clientTLS struct{ ca, cert, key string }
 
 func (c *clientTLS) addFlags(f *pflag.FlagSet) {
-	f.StringVar(&c.ca, "tls-ca", "", "nbds:// URIs: the CA (PEM) that signed the server's certificate (default: the system's roots)")
-	f.StringVar(&c.cert, "tls-cert", "", "nbds:// URIs: a client certificate (PEM), for servers that ask for one")
-	f.StringVar(&c.key, "tls-key", "", "nbds:// URIs: the client certificate's private key (PEM)")
+	f.StringVar(&c.ca, "tls-ca", "", "nbds:// URIs: the CA (PEM `FILE`) that signed the server's certificate (default: the system's roots)")
+	f.StringVar(&c.cert, "tls-cert", "", "nbds:// URIs: a client certificate (PEM `FILE`), for servers that ask for one")
+	f.StringVar(&c.key, "tls-key", "", "nbds:// URIs: the client certificate's private key (PEM `FILE`)")
 }
 
 // given reports whether any of the flags was.
@@ -58,8 +58,8 @@ against --tls-ca (default: the system's roots) for the URI's host, or for its
 tls-hostname=NAME; --tls-cert and --tls-key give a client certificate for
 servers that ask for one. The URI's tls-certificates=DIR names all three at
 once, in the layout nbdinfo and qemu read (DIR/ca-cert.pem, and
-DIR/client-cert.pem with DIR/client-key.pem); tls-verify-peer=0 skips the
-check of the server's certificate.`
+DIR/client-cert.pem with DIR/client-key.pem; a DIR/ca-crl.pem revokes server
+certificates); tls-verify-peer=0 skips the check of the server's certificate.`
 
 // dialHint adds the likely cause and its fix to a failed connection.
 func dialHint(err error) error {
