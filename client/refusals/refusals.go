@@ -127,6 +127,30 @@ func (s *Store) Forget(backend string) error {
 	})
 }
 
+// ForgetOnly drops the refusal of backend's export if it is still r, as it
+// was when the caller looked, and reports whether it did: a refusal
+// recorded since (the export a leg again, and refused) is kept.
+func (s *Store) ForgetOnly(backend string, r Refusal) (bool, error) {
+	forgot := false
+	err := s.update(true, func(m map[string]Refusal) bool {
+		keys := keysOf(m, backend)
+		if len(keys) == 0 || !m[keys[0]].same(r) {
+			return false
+		}
+		for _, k := range keys {
+			delete(m, k)
+		}
+		forgot = true
+		return true
+	})
+	return forgot, err
+}
+
+// same reports whether r and o are one record.
+func (r Refusal) same(o Refusal) bool {
+	return r.Pair == o.Pair && r.Leg == o.Leg && r.Reason == o.Reason && r.Accepts == o.Accepts && r.Since.Equal(o.Since)
+}
+
 // keysOf returns the keys of m that name backend's export: backend itself
 // first, then other spellings of it (the host's case, a trailing dot, the
 // default port given or not).

@@ -143,3 +143,34 @@ func TestAddSealsALiftableRefusal(t *testing.T) {
 		t.Errorf("refusal %+v, want the first, still accepting uuid-1", r)
 	}
 }
+
+// ForgetOnly forgets what the caller saw, not a refusal recorded since.
+func TestForgetOnly(t *testing.T) {
+	s := Open(filepath.Join(t.TempDir(), "refused-legs.json"))
+	if err := s.Add("nbd://box:10809/vm1", Refusal{Pair: "vm1", Leg: "a", Reason: "no ID", Accepts: "uuid-1", Since: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	seen, _, err := s.Get("nbd://box/vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Add("nbd://box:10809/vm1", Refusal{Reason: "shrank"}); err != nil { // sealed meanwhile
+		t.Fatal(err)
+	}
+	if forgot, err := s.ForgetOnly("nbd://box/vm1", seen); err != nil || forgot {
+		t.Fatalf("ForgetOnly of a refusal changed since: %v, %v; want it kept", forgot, err)
+	}
+	now, ok, err := s.Get("nbd://box/vm1")
+	if err != nil || !ok {
+		t.Fatalf("after a ForgetOnly that kept it: %v, %v", ok, err)
+	}
+	if forgot, err := s.ForgetOnly("nbd://BOX/vm1", now); err != nil || !forgot {
+		t.Fatalf("ForgetOnly of the refusal as it is: %v, %v; want it forgotten", forgot, err)
+	}
+	if _, ok, _ := s.Get("nbd://box/vm1"); ok {
+		t.Error("still recorded after ForgetOnly")
+	}
+	if forgot, err := s.ForgetOnly("nbd://box/vm1", now); err != nil || forgot {
+		t.Errorf("ForgetOnly of nothing: %v, %v", forgot, err)
+	}
+}

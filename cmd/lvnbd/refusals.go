@@ -151,8 +151,13 @@ func forgetRefusal(cmd *cobra.Command, host *hostDeps, store *refusals.Store, ur
 			"(lvnbd pair down --leg %s %s once lvnbd client runs); take the pair out of %s first if it is gone for good",
 			uri, leg, name, host.clientConfig, leg, name, host.clientConfig)
 	}
-	if err := store.Forget(u.String()); err != nil {
+	// Only what was checked: one recorded meanwhile is of a leg again.
+	forgot, err := store.ForgetOnly(u.String(), r)
+	if err != nil {
 		return err
+	}
+	if !forgot {
+		return fmt.Errorf("the refusal of %s changed while it was being forgotten: nothing was forgotten; look again (lvnbd pair refusals)", uri)
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "forgot the refusal of %s (leg %s of pair %s, since %s)\n",
 		uri, r.Leg, showName(r.Pair), r.Since.UTC().Format(time.RFC3339))
