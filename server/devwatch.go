@@ -90,7 +90,7 @@ func (v *Volumes) deviceChanged(ev uevent.Event) {
 		// watched already, else once it is, as for a device none had.
 		v.watchMu.Lock()
 		next := v.devs[dev]
-		if next == e && resized {
+		if (next == e || next == nil) && resized {
 			v.unwatchedResize[dev] = ev.Seq
 		}
 		v.watchMu.Unlock()

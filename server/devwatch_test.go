@@ -160,37 +160,40 @@ func watchedVolume(t *testing.T, size int64) (vols *Volumes, ts *testServer, v v
 	return vols, ts, v, e, dev
 }
 
-// refreshFails is a backend whose size cannot be read again: one closed
-// under the export being replaced.
-type refreshFails struct{ Backend }
-
-func (refreshFails) Refresh() (int64, error) { return 0, os.ErrClosed }
-
 // A resize the watch sees on an export that cannot read its size (being
 // replaced: a recovery closed it before the export opened anew is watched)
 // is judged by the next export of the device, once watched: here a shrink
 // grown back, which changes the volume's ID.
 func TestDeviceWatchHandsOnAResizeItCouldNotJudge(t *testing.T) {
 	const mib = 1 << 20
-	vols, ts, v, e, dev := watchedVolume(t, 2*mib)
-	for _, size := range []int64{mib, 2 * mib} {
-		if err := os.Truncate(v.Path, size); err != nil {
-			t.Fatal(err)
-		}
-	}
-	backend := e.Backend
-	e.Backend = refreshFails{backend}
-	vols.deviceChanged(change(dev, 21, true))
-	e.Backend = backend
-	expectExportID(t, ts.reg, "vm1", v.ID) // nothing judged yet
+	for _, unwatched := range []bool{false, true} {
+		t.Run(map[bool]string{false: "still watched", true: "unwatched meanwhile"}[unwatched], func(t *testing.T) {
+			vols, ts, v, e, dev := watchedVolume(t, 2*mib)
+			for _, size := range []int64{mib, 2 * mib} {
+				if err := os.Truncate(v.Path, size); err != nil {
+					t.Fatal(err)
+				}
+			}
+			backend := e.Backend
+			e.Backend = refreshHook{backend, func() (int64, error) {
+				if unwatched {
+					vols.unwatch(e) // retired while it read the size
+				}
+				return 0, os.ErrClosed
+			}}
+			vols.deviceChanged(change(dev, 21, true))
+			e.Backend = backend
+			expectExportID(t, ts.reg, "vm1", v.ID) // nothing judged yet
 
-	// The export that replaces it (here the same one, now readable).
-	vols.mu.Lock()
-	vols.unwatch(e)
-	vols.watch(e, openSeqs{10, 20})
-	vols.mu.Unlock()
-	vols.shrinks.Wait()
-	expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
+			// The export that replaces it (here the same one, now readable).
+			vols.mu.Lock()
+			vols.unwatch(e)
+			vols.watch(e, openSeqs{10, 20})
+			vols.mu.Unlock()
+			vols.shrinks.Wait()
+			expectExportID(t, ts.reg, "vm1", v.ID+"-r1")
+		})
+	}
 }
 
 // refreshHook is a backend that runs hook when its size is read again.

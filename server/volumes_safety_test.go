@@ -1043,7 +1043,7 @@ func TestRecoverWatchesTheExportItOpened(t *testing.T) {
 		}
 	}
 	b := failed.Backend
-	failed.Backend = refreshFails{b}
+	failed.Backend = refreshHook{b, func() (int64, error) { return 0, os.ErrClosed }}
 	vols.deviceChanged(change(dev, 21, true))
 	failed.Backend = b
 	if res, err := vols.Recover(ctx, "vm1"); err != nil || !res.Reopened {
