@@ -23,6 +23,10 @@ type call struct {
 	// then, if set, changes the fakes once the command ran: the world
 	// moving while the watcher works.
 	then func()
+	// started, if set, is closed when the command starts, and the command
+	// then waits for release, if set: a command stuck on a dead device.
+	started chan<- struct{}
+	release <-chan struct{}
 }
 
 // fakeRunner answers an exact sequence of commands and fails the test on
@@ -60,16 +64,24 @@ func (f *fakeRunner) done() {
 func (f *fakeRunner) run(_ context.Context, args ...string) ([]byte, error) {
 	f.t.Helper()
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	if f.n >= len(f.calls) {
+		f.mu.Unlock()
 		f.t.Errorf("unexpected command %q", args)
 		return nil, errors.New("unexpected command")
 	}
 	c := f.calls[f.n]
 	f.n++
+	n := f.n
+	f.mu.Unlock()
 	if diff := cmp.Diff(c.args, args); diff != "" {
-		f.t.Errorf("command %d (-want +got):\n%s", f.n, diff)
+		f.t.Errorf("command %d (-want +got):\n%s", n, diff)
 		return nil, errors.New("unexpected command")
+	}
+	if c.started != nil {
+		close(c.started)
+	}
+	if c.release != nil {
+		<-c.release
 	}
 	if c.then != nil {
 		c.then()

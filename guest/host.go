@@ -39,6 +39,9 @@ type host struct {
 	// probe says whether a device answers reads.
 	probe prober
 	clock clock
+	// lookWait starts the wait of a watcher's look for its work on one
+	// array (see lookWait); nil waits for the work to end.
+	lookWait func() <-chan time.Time
 }
 
 func realHost() *host {
@@ -56,6 +59,7 @@ func realHost() *host {
 		have:      haveCommand,
 		probe:     newReadProber(5 * time.Second),
 		clock:     realClock{},
+		lookWait:  func() <-chan time.Time { return time.After(lookWait) },
 	}
 }
 

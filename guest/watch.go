@@ -7,6 +7,8 @@ import (
 	"io/fs"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -52,12 +54,76 @@ const (
 // while md may resize it: read-write, idle, no resync pending; nothing is
 // written through one that is not read-write.
 type Watcher struct {
-	cfg    WatchConfig
-	h      *host
-	log    *zap.Logger
+	cfg WatchConfig
+	h   *host
+	log *zap.Logger
+	// mu guards the arrays map, not the memories in it: an array's memory
+	// belongs to the look at that array (see Step).
+	mu     sync.Mutex
 	arrays map[string]*arrayMemory // by kernel name
+	// busy are the arrays whose look went on past lookWait (a command
+	// stuck on a leg that died under it), by kernel name; only Step
+	// touches it.
+	busy map[string]*arrayLook
 	// probePending: a probe of the last look left its answer pending.
-	probePending bool
+	probePending atomic.Bool
+}
+
+// lookWait is how long a look waits for its work on one array before it
+// goes on to the next array. mdadm --examine of a leg that dies right after
+// its probe, or a read of its ends, waits in the kernel for as long as the
+// dom0 keeps the dead disk's requests (its dead timeout, for ever with
+// reconnects), and no signal interrupts it: one such leg must not leave
+// every other array unwatched meanwhile. A look at a healthy array takes
+// milliseconds; a slow one takes a few probe waits (5 s each).
+const lookWait = 30 * time.Second
+
+// arrayLook is the work of one look at one array, run on its own goroutine.
+type arrayLook struct {
+	done  chan struct{}
+	start time.Time
+	mu    sync.Mutex
+	doing string // the command or read under way, for the log
+}
+
+func (l *arrayLook) setDoing(what string) {
+	l.mu.Lock()
+	l.doing = what
+	l.mu.Unlock()
+}
+
+func (l *arrayLook) current() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.doing
+}
+
+// finished reports whether the look's work ended.
+func (l *arrayLook) finished() bool {
+	select {
+	case <-l.done:
+		return true
+	default:
+		return false
+	}
+}
+
+type lookKey struct{}
+
+// doing records on ctx's look what it does now, which the log names if the
+// look takes long.
+func doing(ctx context.Context, what string) {
+	if l, ok := ctx.Value(lookKey{}).(*arrayLook); ok {
+		l.setDoing(what)
+	}
+}
+
+// lookRunner records each command on the look that runs it.
+type lookRunner struct{ runner }
+
+func (r lookRunner) run(ctx context.Context, args ...string) ([]byte, error) {
+	doing(ctx, strings.Join(args, " "))
+	return r.runner.run(ctx, args...)
 }
 
 // arrayMemory is what the watcher remembers of an array between looks.
@@ -131,7 +197,10 @@ func NewWatcher(cfg *WatchConfig) *Watcher {
 }
 
 func newWatcher(h *host, cfg *WatchConfig) *Watcher {
-	w := &Watcher{h: h, arrays: make(map[string]*arrayMemory)}
+	if _, ok := h.run.(lookRunner); !ok {
+		h.run = lookRunner{h.run}
+	}
+	w := &Watcher{h: h, arrays: make(map[string]*arrayMemory), busy: make(map[string]*arrayLook)}
 	if cfg != nil {
 		w.cfg = *cfg
 	}
@@ -161,7 +230,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		// waits for to know the watcher has seen a change.
 		w.log.Debug("looked at the arrays")
 		next := w.cfg.Interval
-		if w.probePending {
+		if w.probePending.Load() {
 			// Collect the slow read's answer while it is fresh.
 			next = w.soonLook()
 		}
@@ -177,7 +246,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 func (w *Watcher) probe(dev string) probeResult {
 	r := w.h.probe.probe(dev)
 	if r == probePending {
-		w.probePending = true
+		w.probePending.Store(true)
 	}
 	return r
 }
@@ -193,80 +262,150 @@ func (w *Watcher) soonLook() time.Duration {
 }
 
 // Step looks at every watched array once and acts on what it finds.
+//
+// Each array's look runs on its own goroutine, and Step waits up to
+// lookWait for it: arrays are looked at one after another, as before, and
+// one whose look is stuck (see lookWait) is left to finish on its own while
+// Step goes on to the next. Until it finishes that array is not looked at
+// again; its memory is its look's alone meanwhile.
 func (w *Watcher) Step(ctx context.Context) {
-	w.probePending = false
+	w.probePending.Store(false)
+	w.collectBusy()
 	names, complete := w.targets()
 	if complete {
-		// An array gone from the kernel (stopped) is forgotten: once
-		// assembled again, perhaps from the other leg by an admin, it
-		// starts from nothing, as after a reboot, and a leg it does not
-		// have is not added back on the strength of the old memory.
-		// (Memories without legs only keep notes, of arrays not found.)
-		// md's own entry must be gone too: a /dev/md/NAME link that udev
-		// is rebuilding is no stopped array.
-		for name, mem := range w.arrays {
-			if len(mem.legs) == 0 || slices.Contains(names, name) {
-				continue
-			}
-			if _, err := fs.Stat(w.h.sys, "sys/block/"+name+"/md/array_state"); err == nil {
-				continue
-			}
-			delete(w.arrays, name)
-			w.log.Info("array gone: forgetting its legs", zap.String("array", devPath(name)))
-		}
+		w.forgetStopped(names)
 	}
 	for _, name := range names {
 		if ctx.Err() != nil {
 			return
 		}
-		a, err := readArray(w.h.sys, name)
-		if err != nil {
-			w.note(name, "array", zap.WarnLevel, "cannot read the array", zap.Error(err))
+		if l := w.busy[name]; l != nil {
+			w.log.Debug("the array's last look is still at work: not looking at it again yet",
+				zap.String("array", devPath(name)), zap.String("doing", l.current()),
+				zap.Duration("for", w.h.clock.Now().Sub(l.start)))
 			continue
 		}
-		if a.Level != "raid1" {
-			w.note(name, "array", zap.WarnLevel, "not a RAID1 array: not watching it", zap.String("level", a.Level))
-			continue
+		l := &arrayLook{done: make(chan struct{}), start: w.h.clock.Now()}
+		lctx := context.WithValue(ctx, lookKey{}, l)
+		go func() {
+			defer close(l.done)
+			w.lookAt(lctx, name)
+		}()
+		var timeout <-chan time.Time
+		if w.h.lookWait != nil {
+			timeout = w.h.lookWait()
 		}
-		if a.UUID == "" {
-			// Kernels before md/uuid in sysfs: ask mdadm.
-			a.UUID = w.detailUUID(ctx, a.Name)
-		}
-		mem := w.memory(a)
-		inSync := inSyncMembers(a)
-		if len(mem.inSync) > 0 && len(inSync) > 0 &&
-			!slices.ContainsFunc(inSync, func(d string) bool { return slices.Contains(mem.inSync, d) }) {
-			// None of the legs in sync at the last look is now, and others
-			// are: stopped and assembled again from the other leg between
-			// two looks. Its legs are not the ones known.
-			w.log.Warn("the array's legs in sync are all others than at the last look: assembled again from "+
-				"another leg? Forgetting its legs; add the one it lacks by hand once you know which holds the newest data",
-				zap.String("array", devPath(name)), zap.Strings("were", mem.inSync), zap.Strings("now", inSync))
-			delete(w.arrays, a.Name)
-			mem = w.memory(a)
-		}
-		if len(inSync) > 0 {
-			// Kept through a look with none (both legs failed), so an
-			// array brought back from the other leg is still told.
-			mem.inSync = inSync
-		}
-		w.noteFor(mem, name, "array", zap.InfoLevel, "watching", zap.String("uuid", a.UUID),
-			zap.Int("raid_disks", a.RaidDisks), zap.Strings("members", memberNames(a)))
-		for _, m := range a.Members {
-			leg := mem.legs[m.Device]
-			if leg == nil {
-				leg = &legMemory{}
-				mem.legs[m.Device] = leg
+		select {
+		case <-l.done:
+		case <-ctx.Done():
+			// Stopping: the look's commands have ctx too, and what is
+			// stuck in the kernel ends with the process.
+			w.busy[name] = l
+			return
+		case <-timeout:
+			if l.finished() {
+				break
 			}
-			// md holds the disk of every member it lists, failed ones
-			// too: no other disk can take its name meanwhile.
-			leg.diskseq = w.h.diskseq(m.Device)
+			w.busy[name] = l
+			w.log.Warn("the array's look is taking long: looking at the other arrays meanwhile (a command or read "+
+				"stuck on a leg that died under it waits as long as the dom0 keeps the dead disk's requests)",
+				zap.String("array", devPath(name)), zap.String("doing", l.current()),
+				zap.Duration("for", w.h.clock.Now().Sub(l.start)))
 		}
-		w.heal(ctx, a, mem)
-		w.grow(ctx, a, mem)
-		if w.cfg.GrowFS {
-			w.growFS(ctx, a, mem)
+	}
+}
+
+// collectBusy takes back the arrays whose long look has finished.
+func (w *Watcher) collectBusy() {
+	for name, l := range w.busy {
+		if !l.finished() {
+			continue
 		}
+		delete(w.busy, name)
+		w.log.Info("the array's long look finished", zap.String("array", devPath(name)),
+			zap.Duration("took", w.h.clock.Now().Sub(l.start)))
+	}
+}
+
+// forgetStopped forgets the arrays gone from the kernel, given the complete
+// list of names there.
+//
+// An array gone from the kernel (stopped) is forgotten: once assembled
+// again, perhaps from the other leg by an admin, it starts from nothing, as
+// after a reboot, and a leg it does not have is not added back on the
+// strength of the old memory. (Memories without legs only keep notes, of
+// arrays not found.) md's own entry must be gone too: a /dev/md/NAME link
+// that udev is rebuilding is no stopped array. That holds for an array
+// whose look is still at work too: the look keeps what it holds, and the
+// next look, once that one ended, starts from nothing.
+func (w *Watcher) forgetStopped(names []string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for name, mem := range w.arrays {
+		if slices.Contains(names, name) {
+			continue
+		}
+		// A busy look's memory is its own to read: gone is gone.
+		if w.busy[name] == nil && len(mem.legs) == 0 {
+			continue
+		}
+		if _, err := fs.Stat(w.h.sys, "sys/block/"+name+"/md/array_state"); err == nil {
+			continue
+		}
+		delete(w.arrays, name)
+		w.log.Info("array gone: forgetting its legs", zap.String("array", devPath(name)))
+	}
+}
+
+// lookAt looks at one array and acts on what it finds.
+func (w *Watcher) lookAt(ctx context.Context, name string) {
+	a, err := readArray(w.h.sys, name)
+	if err != nil {
+		w.note(name, "array", zap.WarnLevel, "cannot read the array", zap.Error(err))
+		return
+	}
+	if a.Level != "raid1" {
+		w.note(name, "array", zap.WarnLevel, "not a RAID1 array: not watching it", zap.String("level", a.Level))
+		return
+	}
+	if a.UUID == "" {
+		// Kernels before md/uuid in sysfs: ask mdadm.
+		a.UUID = w.detailUUID(ctx, a.Name)
+	}
+	mem := w.memory(a)
+	inSync := inSyncMembers(a)
+	if len(mem.inSync) > 0 && len(inSync) > 0 &&
+		!slices.ContainsFunc(inSync, func(d string) bool { return slices.Contains(mem.inSync, d) }) {
+		// None of the legs in sync at the last look is now, and others
+		// are: stopped and assembled again from the other leg between
+		// two looks. Its legs are not the ones known.
+		w.log.Warn("the array's legs in sync are all others than at the last look: assembled again from "+
+			"another leg? Forgetting its legs; add the one it lacks by hand once you know which holds the newest data",
+			zap.String("array", devPath(name)), zap.Strings("were", mem.inSync), zap.Strings("now", inSync))
+		w.forget(a.Name)
+		mem = w.memory(a)
+	}
+	if len(inSync) > 0 {
+		// Kept through a look with none (both legs failed), so an
+		// array brought back from the other leg is still told.
+		mem.inSync = inSync
+	}
+	w.noteFor(mem, name, "array", zap.InfoLevel, "watching", zap.String("uuid", a.UUID),
+		zap.Int("raid_disks", a.RaidDisks), zap.Strings("members", memberNames(a)))
+	for _, m := range a.Members {
+		leg := mem.legs[m.Device]
+		if leg == nil {
+			leg = &legMemory{}
+			mem.legs[m.Device] = leg
+		}
+		// md holds the disk of every member it lists, failed ones
+		// too: no other disk can take its name meanwhile.
+		leg.diskseq = w.h.diskseq(m.Device)
+	}
+	w.heal(ctx, a, mem)
+	w.grow(ctx, a, mem)
+	if w.cfg.GrowFS {
+		w.growFS(ctx, a, mem)
 	}
 }
 
@@ -307,7 +446,16 @@ func (w *Watcher) targets() (names []string, complete bool) {
 	return names, complete
 }
 
+// forget drops what the watcher remembers of the array named name.
+func (w *Watcher) forget(name string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.arrays, name)
+}
+
 func (w *Watcher) memory(a Array) *arrayMemory {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	mem := w.arrays[a.Name]
 	if mem == nil || mem.uuid != a.UUID {
 		// A different array under a reused name starts from nothing.
@@ -615,6 +763,7 @@ func (w *Watcher) contents(ctx context.Context, path, dev string) (string, error
 	if size == 0 {
 		return "", errors.New("the device has no size")
 	}
+	doing(ctx, "reading the first and last bytes of "+path)
 	head, tail, err := w.h.readEnds(path, size)
 	if err != nil {
 		return "", err
@@ -634,6 +783,7 @@ func (w *Watcher) contents(ctx context.Context, path, dev string) (string, error
 			return "a " + typ + " signature (blkid)", nil
 		}
 	}
+	doing(ctx, "reading the first and last MiB of "+path)
 	zero, err := w.h.zeroEnds(path, size)
 	if err != nil {
 		return "", err
@@ -687,13 +837,25 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 }
 
 // stillSafe reads array a again and reports whether its members may still
-// be changed for leg dev: the array is not one to leave alone, and an
-// in-sync leg answers reads. Otherwise it backs off, saying what, on topic.
+// be changed for leg dev: it is still the array a was (its UUID), dev is
+// still no working member of it, the array is not one to leave alone, and
+// an in-sync leg answers reads. Otherwise it backs off, saying what, on
+// topic. The reads before it may have taken minutes (a leg that died under
+// mdadm --examine and came back): what a was then is no longer evidence.
 func (w *Watcher) stillSafe(mem *arrayMemory, a Array, dev, topic, what string) bool {
 	cur, err := readArray(w.h.sys, a.Name)
 	switch {
 	case err != nil:
 		w.backoff(mem, a.Name, dev, topic, "cannot read the array again: "+what, err)
+		return false
+	case cur.UUID != "" && a.UUID != "" && cur.UUID != a.UUID:
+		// Stopped, and another array assembled under the name: the leg's
+		// superblock was checked against the one before.
+		w.backoff(mem, a.Name, dev, topic, "the array was stopped and another assembled under its name meanwhile "+
+			"(UUID "+cur.UUID+", was "+a.UUID+"): "+what, nil)
+		return false
+	case slices.ContainsFunc(cur.Members, func(m Member) bool { return m.Device == dev && !m.Failed() }):
+		w.backoff(mem, a.Name, dev, topic, "the leg is a working member of the array again (added meanwhile, by hand?): "+what, nil)
 		return false
 	case unchangeable(cur.State) != "":
 		w.backoff(mem, a.Name, dev, topic, "the array is "+cur.State+": "+what, nil)
@@ -875,11 +1037,13 @@ func (mem *arrayMemory) fsFills(size uint64) {
 
 // note logs msg unless it is what was last logged for array and topic.
 func (w *Watcher) note(array, topic string, lvl zapcore.Level, msg string, fields ...zap.Field) {
+	w.mu.Lock()
 	mem := w.arrays[array]
 	if mem == nil {
 		mem = &arrayMemory{legs: make(map[string]*legMemory), notes: make(map[string]string)}
 		w.arrays[array] = mem
 	}
+	w.mu.Unlock()
 	w.noteFor(mem, array, topic, lvl, msg, fields...)
 }
 

@@ -3,6 +3,7 @@ package guest
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -168,6 +169,35 @@ func TestWatchChecksTheSourceAgainBeforeChangingMembers(t *testing.T) {
 	e.step()
 	e.wantLogged("no in-sync leg answers reads: not changing the array's members", 1)
 	e.wantLogged("removed the failed leg", 0)
+}
+
+// The array changes while the returning leg's superblock is read (which
+// can take minutes when the leg dies under mdadm --examine and comes back):
+// the leg was checked against what the array was, so its members are left
+// as they are.
+func TestWatchChecksTheArrayAgainBeforeChangingMembers(t *testing.T) {
+	tests := []struct {
+		name, attr, value, want string
+	}{
+		{"another array under the name", "uuid", "68d1dea1-1ba1-ea1b-bda5-d2a8ece3d6b6",
+			"the array was stopped and another assembled under its name meanwhile (UUID 68d1dea1:1ba1ea1b:bda5d2a8:ece3d6b6, " +
+				"was e4264e04:4d189632:3ebccc7b:b2168f02): not changing the array's members"},
+		{"the leg added back by hand", "dev-nbd0/state", "in_sync,failfast",
+			"the leg is a working member of the array again (added meanwhile, by hand?): not changing the array's members"},
+		{"the leg recovering", "dev-nbd0/state", "spare,failfast",
+			"the leg is a working member of the array again (added meanwhile, by hand?): not changing the array's members"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+			view := staleView(t)
+			view.then = func() { e.setMD(tt.attr, tt.value) }
+			e.run.expect(staleLeg(t), view)
+			e.step()
+			e.wantLogged(tt.want, 1)
+			e.wantLogged("removed the failed leg", 0)
+		})
+	}
 }
 
 // md no longer lists leg A (removed while away): the watcher remembers it.
@@ -971,4 +1001,120 @@ func TestWatcherTargetsBesideABrokenArray(t *testing.T) {
 	if !complete || !slices.Equal(names, []string{"md127", "md126"}) {
 		t.Errorf("targets = %v, complete %v; want md127 and md126", names, complete)
 	}
+}
+
+// copyArray adds a second array, name (mdN), made from the one loaded
+// (md127) under another UUID, its legs renamed as legs says, each a 64 MiB
+// device that answers reads.
+func (e *watchEnv) copyArray(name string, legs map[string]string) {
+	e.t.Helper()
+	prefix := "sys/block/" + e.md + "/"
+	for k, f := range maps.Clone(e.fsys) {
+		rest, ok := strings.CutPrefix(k, prefix)
+		if !ok {
+			continue
+		}
+		for from, to := range legs {
+			rest = strings.Replace(rest, "md/dev-"+from+"/", "md/dev-"+to+"/", 1)
+		}
+		e.fsys["sys/block/"+name+"/"+rest] = &fstest.MapFile{Data: slices.Clone(f.Data)}
+	}
+	minor := strings.TrimPrefix(name, "md")
+	e.fsys["sys/block/"+name+"/dev"] = &fstest.MapFile{Data: []byte("9:" + minor + "\n")}
+	e.fsys["sys/block/"+name+"/md/uuid"] = &fstest.MapFile{Data: []byte("e4264e04-4d18-9632-3ebc-cc7bb2168" + minor + "\n")}
+	e.fsys["sys/class/block/"+name+"/dev"] = e.fsys["sys/block/"+name+"/dev"]
+	e.fsys["sys/class/block/"+name+"/size"] = e.fsys["sys/class/block/"+e.md+"/size"]
+	for i, to := range slices.Sorted(maps.Values(legs)) {
+		blockDev(e.fsys, to, 64<<20, sprintf("43:%d", 64+32*i))
+		e.probe.set("/dev/"+to, probeReadable)
+	}
+}
+
+// One array's look stuck on a leg that died right after its probe (mdadm
+// --examine of it waits in the kernel) holds up neither the other arrays
+// nor the next look: the watcher heals the other array meanwhile, leaves
+// the stuck one alone until its look ends, and then looks at it again.
+func TestWatchLooksAtOtherArraysWhileOneIsStuck(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Arrays: []string{"/dev/md127", "/dev/md126"}})
+	e.copyArray("md126", map[string]string{"nbd0": "nbd2", "nbd1": "nbd3"})
+	setMD := func(array, attr, value string) func() {
+		return func() { e.fsys["sys/block/"+array+"/md/"+attr] = &fstest.MapFile{Data: []byte(value + "\n")} }
+	}
+	healed := func(array, leg string) func() {
+		return func() {
+			setMD(array, "dev-"+leg+"/state", "in_sync,failfast")()
+			setMD(array, "degraded", "0")()
+		}
+	}
+
+	// md127's look is the first to start a wait; it is let go once its
+	// examine is stuck. Later waits last until the look ends.
+	stuck, release := make(chan struct{}), make(chan struct{})
+	moveOn := make(chan time.Time, 1)
+	waits := 0
+	e.w.h.lookWait = func() <-chan time.Time {
+		waits++
+		if waits == 1 {
+			return moveOn
+		}
+		return nil
+	}
+	go func() {
+		<-stuck
+		moveOn <- time.Time{}
+	}()
+	examine := staleLeg(t)
+	examine.started, examine.release = stuck, release
+	e.run.expect(examine, examineBlank("/dev/nbd2"),
+		call{args: mdadm("--manage", "/dev/md126", "--remove", "/dev/nbd2")},
+		call{args: mdadm("--manage", "/dev/md126", "--add", "--failfast", "/dev/nbd2"), then: healed("md126", "nbd2")})
+	e.step()
+	const slow = "the array's look is taking long: looking at the other arrays meanwhile (a command or read " +
+		"stuck on a leg that died under it waits as long as the dom0 keeps the dead disk's requests)"
+	e.wantLogged(slow, 1)
+	if got := e.logs.FilterMessage(slow).All(); len(got) == 1 {
+		if f := got[0].ContextMap(); f["array"] != "/dev/md127" || f["doing"] != "mdadm --examine --export /dev/nbd0" {
+			t.Errorf("logged %v, want md127 stuck in mdadm --examine --export /dev/nbd0", f)
+		}
+	}
+	e.wantLogged("added the leg: full resync started", 1)
+
+	// Still stuck: md127 is left alone, md126 looked at (whole now).
+	e.step()
+	e.wantLogged("the array's last look is still at work: not looking at it again yet", 1)
+	e.wantLogged("all legs in sync", 1)
+
+	// The examine answers: the stuck look carries on where it was.
+	e.run.expect(staleView(t),
+		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
+		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0"), then: healed("md127", "nbd0")})
+	close(release)
+	<-e.w.busy["md127"].done
+	e.step()
+	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
+	e.wantLogged("the array's long look finished", 1)
+	e.wantLogged("all legs in sync", 2) // md127 looked at again
+	if len(e.w.busy) != 0 {
+		t.Errorf("arrays still busy: %v", e.w.busy)
+	}
+}
+
+// Stopping the watcher does not wait for a look stuck on a dying leg.
+func TestWatchRunStopsDuringAStuckLook(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	stuck, release := make(chan struct{}), make(chan struct{})
+	examine := otherArraysLeg(t)
+	examine.started, examine.release = stuck, release
+	e.run.expect(examine)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.w.Run(ctx) }()
+	<-stuck
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run returned %v on cancel", err)
+	}
+	close(release)
+	<-e.w.busy["md127"].done // the look ends once the examine does
+	e.wantLogged(`the leg belongs to another array ("vm1", UUID a1eb0886:605cc9af:beadbfc9:43ae6784): not adding it`, 1)
 }
