@@ -62,6 +62,9 @@ func (h *host) create(ctx context.Context, opts CreateOptions) (Created, error) 
 	if c := opts.BitmapChunk; c != 0 && (c < 4<<10 || c&(c-1) != 0) {
 		return Created{}, fmt.Errorf("bitmap chunk %d: want a power of two of at least 4 KiB", c)
 	}
+	if _, err := h.checkMdadm(ctx); err != nil {
+		return Created{}, err
+	}
 	path := "/dev/md/" + opts.Name
 	if h.exists(path) {
 		// mdadm leaves the link behind when it stops an array without udev;

@@ -249,9 +249,10 @@ func testHost(t testing.TB) (*host, fstest.MapFS, *fakeRunner, *fakeProber, *fak
 		readEnds: func(dev string, size uint64) ([]byte, []byte, error) {
 			return make([]byte, min(size, headSize)), make([]byte, min(size, tailSize)), nil
 		},
-		have:  func(string) bool { return false },
-		probe: p,
-		clock: c,
+		have:         func(string) bool { return false },
+		probe:        p,
+		clock:        c,
+		mdadmVersion: func(context.Context) ([]byte, error) { return []byte("mdadm - v4.2 - 2021-12-30\n"), nil },
 	}
 	// The ends are zero when what readEnds returns is: a test that puts
 	// data there need not say it twice.

@@ -39,6 +39,8 @@ type host struct {
 	// probe says whether a device answers reads.
 	probe prober
 	clock clock
+	// mdadmVersion returns what mdadm --version prints.
+	mdadmVersion func(ctx context.Context) ([]byte, error)
 	// lookWait starts the wait of a watcher's look for its work on one
 	// array (see lookWait); nil waits for the work to end.
 	lookWait func() <-chan time.Time
@@ -53,13 +55,14 @@ func realHost() *host {
 			_, err := os.Lstat(p)
 			return err == nil
 		},
-		readEnds:  readDeviceEnds,
-		zeroEnds:  deviceEndsZero,
-		exclusive: openExclusive,
-		have:      haveCommand,
-		probe:     newReadProber(5 * time.Second),
-		clock:     realClock{},
-		lookWait:  func() <-chan time.Time { return time.After(lookWait) },
+		readEnds:     readDeviceEnds,
+		zeroEnds:     deviceEndsZero,
+		exclusive:    openExclusive,
+		have:         haveCommand,
+		probe:        newReadProber(5 * time.Second),
+		clock:        realClock{},
+		lookWait:     func() <-chan time.Time { return time.After(lookWait) },
+		mdadmVersion: mdadmVersionOutput,
 	}
 }
 

@@ -220,8 +220,16 @@ func newWatcher(h *host, cfg *WatchConfig) *Watcher {
 }
 
 // Run looks at the arrays every interval until ctx is done, and returns
-// nil then.
+// nil then. It returns an error at once if mdadm is missing or too old to
+// bring a leg back (see minMdadm).
 func (w *Watcher) Run(ctx context.Context) error {
+	warning, err := w.h.checkMdadm(ctx)
+	if err != nil {
+		return err
+	}
+	if warning != "" {
+		w.log.Warn(warning)
+	}
 	w.log.Info("watching md arrays", zap.Strings("arrays", w.cfg.Arrays), zap.Duration("interval", w.cfg.Interval),
 		zap.Bool("grow_fs", w.cfg.GrowFS))
 	for {

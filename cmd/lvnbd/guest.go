@@ -77,7 +77,7 @@ refused. So is one that carries
 an md superblock, a filesystem or a partition table, or none of them but
 data in its first or last MiB (raw data, plain dm-crypt, or old data a new
 thick LV kept from its disk), naming what it found; --force destroys it. With --filesystem the new array gets an ext4 or xfs
-filesystem. Prints /dev/md/NAME.
+filesystem. Prints /dev/md/NAME. Needs mdadm 4.0 or later (--failfast).
 
 For the guest to assemble the array at boot, add it to /etc/mdadm/mdadm.conf
 (mdadm --detail --brief /dev/md/NAME) and rebuild the initramfs.`,
@@ -136,7 +136,7 @@ re-added with 'mdadm --re-add', so md resyncs only the chunks its
 write-intent bitmap marked. If md refuses the re-add (the bitmap cannot cover
 the gap), or the leg's disk is not the one md had (another disk sequence
 number, Linux 5.15 on: the dom0 detached and attached it again), the leg is
-added as a spare (mdadm 3.3 or later) and fully resynced, which the log says. A leg whose own
+added as a spare and fully resynced, which the log says. A leg whose own
 superblock says it ran without the other leg is left alone: it may hold the
 newest writes, and the log says how to compare and choose. Stop the watcher
 before replacing a half (lvnbd pair down --help). A device
@@ -151,7 +151,10 @@ then the dom0 pushed the new size), the array is grown with 'mdadm --grow
 --size=max'. With --grow-fs, a mounted ext2/3/4 filesystem on it is then
 grown online with resize2fs, and a mounted xfs with xfs_growfs. Unmounted
 filesystems are left alone: resize2fs wants a fresh 'e2fsck -f' first, which
-is the admin's call.`,
+is the admin's call.
+
+The watcher needs mdadm 4.0 or later in the guest (--failfast), and refuses
+to start with an older one.`,
 		Example: `  lvnbd guest watch
   lvnbd guest watch --md /dev/md/data --grow-fs --interval 5s`,
 		Args: cobra.NoArgs,
