@@ -73,12 +73,12 @@ func (f *fakeRunner) run(_ context.Context, args ...string) ([]byte, error) {
 	f.n++
 	n := f.n
 	f.mu.Unlock()
+	if c.started != nil {
+		close(c.started) // also for a wrong command: the test goes on, and fails
+	}
 	if diff := cmp.Diff(c.args, args); diff != "" {
 		f.t.Errorf("command %d (-want +got):\n%s", n, diff)
 		return nil, errors.New("unexpected command")
-	}
-	if c.started != nil {
-		close(c.started)
 	}
 	if c.release != nil {
 		<-c.release
@@ -270,3 +270,16 @@ func symlink(fsys fstest.MapFS, path, target string) {
 }
 
 func sprintf(format string, args ...any) string { return fmt.Sprintf(format, args...) }
+
+// receive waits for ch, and fails the test after a minute: a change that
+// would block the watcher for ever fails the test instead of hanging it.
+func receive[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(time.Minute):
+		t.Fatalf("no %s after a minute", what)
+		panic("unreachable")
+	}
+}

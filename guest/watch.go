@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -82,8 +83,11 @@ const lookWait = 30 * time.Second
 type arrayLook struct {
 	done  chan struct{}
 	start time.Time
-	mu    sync.Mutex
-	doing string // the command or read under way, for the log
+	// warnedAt is when Step last said at warning level that the look is
+	// at work still; only Step touches it.
+	warnedAt time.Time
+	mu       sync.Mutex
+	doing    string // the command or read under way, for the log
 }
 
 func (l *arrayLook) setDoing(what string) {
@@ -238,7 +242,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 		// waits for to know the watcher has seen a change.
 		w.log.Debug("looked at the arrays")
 		next := w.cfg.Interval
-		if w.probePending.Load() {
+		// Taken and cleared here, not at the start of a look: a look
+		// still at work from before may leave a probe pending any time.
+		if w.probePending.Swap(false) {
 			// Collect the slow read's answer while it is fresh.
 			next = w.soonLook()
 		}
@@ -277,7 +283,6 @@ func (w *Watcher) soonLook() time.Duration {
 // Step goes on to the next. Until it finishes that array is not looked at
 // again; its memory is its look's alone meanwhile.
 func (w *Watcher) Step(ctx context.Context) {
-	w.probePending.Store(false)
 	w.collectBusy()
 	names, complete := w.targets()
 	if complete {
@@ -288,9 +293,15 @@ func (w *Watcher) Step(ctx context.Context) {
 			return
 		}
 		if l := w.busy[name]; l != nil {
-			w.log.Debug("the array's last look is still at work: not looking at it again yet",
+			// Said again every maxBackoff at warning level: nothing
+			// else is done for the array meanwhile.
+			lvl, now := zap.DebugLevel, w.h.clock.Now()
+			if now.Sub(l.warnedAt) >= maxBackoff {
+				lvl, l.warnedAt = zap.WarnLevel, now
+			}
+			w.log.Log(lvl, "the array's last look is still at work: not looking at it again yet",
 				zap.String("array", devPath(name)), zap.String("doing", l.current()),
-				zap.Duration("for", w.h.clock.Now().Sub(l.start)))
+				zap.Duration("for", now.Sub(l.start)))
 			continue
 		}
 		l := &arrayLook{done: make(chan struct{}), start: w.h.clock.Now()}
@@ -306,8 +317,10 @@ func (w *Watcher) Step(ctx context.Context) {
 		select {
 		case <-l.done:
 		case <-ctx.Done():
-			// Stopping: the look's commands have ctx too, and what is
-			// stuck in the kernel ends with the process.
+			// Stopping: the look's commands have ctx too (one that
+			// has not started does not start), and stillSafe lets no
+			// member change through. A command or read stuck in the
+			// kernel stays there until the device answers or fails.
 			w.busy[name] = l
 			return
 		case <-timeout:
@@ -315,6 +328,7 @@ func (w *Watcher) Step(ctx context.Context) {
 				break
 			}
 			w.busy[name] = l
+			l.warnedAt = w.h.clock.Now()
 			w.log.Warn("the array's look is taking long: looking at the other arrays meanwhile (a command or read "+
 				"stuck on a leg that died under it waits as long as the dom0 keeps the dead disk's requests)",
 				zap.String("array", devPath(name)), zap.String("doing", l.current()),
@@ -653,7 +667,11 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 	// The superblock reads took seconds: the source leg must still answer
 	// before md starts a recovery from it, which would otherwise leave
 	// the returning leg half rewritten, no longer the clean older copy.
-	if !w.stillSafe(mem, a, dev, topic, "not changing the array's members") {
+	listed := unlisted
+	if isMember {
+		listed = listedFailed
+	}
+	if !w.stillSafe(ctx, mem, a, dev, listed, topic, "not changing the array's members") {
 		return false
 	}
 	if isMember {
@@ -686,7 +704,7 @@ func (w *Watcher) readd(ctx context.Context, a Array, mem *arrayMemory, dev stri
 		add[3] = "--add-spare"
 		// The refused re-add read the members' superblocks, over the
 		// network: the source must still answer.
-		if !w.stillSafe(mem, a, dev, topic, "not adding the leg") {
+		if !w.stillSafe(ctx, mem, a, dev, eitherWay, topic, "not adding the leg") {
 			return false
 		}
 	}
@@ -845,25 +863,60 @@ func (w *Watcher) sourceAnswers(mem *arrayMemory, a Array) bool {
 }
 
 // stillSafe reads array a again and reports whether its members may still
-// be changed for leg dev: it is still the array a was (its UUID), dev is
-// still no working member of it, the array is not one to leave alone, and
-// an in-sync leg answers reads. Otherwise it backs off, saying what, on
-// topic. The reads before it may have taken minutes (a leg that died under
-// mdadm --examine and came back): what a was then is no longer evidence.
-func (w *Watcher) stillSafe(mem *arrayMemory, a Array, dev, topic, what string) bool {
+// be changed for leg dev. The reads before it may have taken minutes (a leg
+// that died under mdadm --examine and came back): what a was then is no
+// longer evidence. So it must still be the array a was (the watcher has not
+// forgotten it as stopped; its UUID), degraded, with one of the legs in
+// sync then in sync still, and dev where it was (listed); the array must be one md recovers, and an in-sync leg must
+// answer reads. Otherwise it backs off, saying what, on topic. It also says
+// no once ctx is done: a watcher being stopped changes nothing more.
+func (w *Watcher) stillSafe(ctx context.Context, mem *arrayMemory, a Array, dev string, listed legListing, topic, what string) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	w.mu.Lock()
+	forgotten := w.arrays[a.Name] != mem
+	w.mu.Unlock()
+	if forgotten {
+		w.backoff(mem, a.Name, dev, topic, "the array was stopped meanwhile: "+what, nil)
+		return false
+	}
 	cur, err := readArray(w.h.sys, a.Name)
-	switch {
-	case err != nil:
+	if err != nil {
 		w.backoff(mem, a.Name, dev, topic, "cannot read the array again: "+what, err)
 		return false
-	case cur.UUID != "" && a.UUID != "" && cur.UUID != a.UUID:
-		// Stopped, and another array assembled under the name: the leg's
-		// superblock was checked against the one before.
-		w.backoff(mem, a.Name, dev, topic, "the array was stopped and another assembled under its name meanwhile "+
-			"(UUID "+cur.UUID+", was "+a.UUID+"): "+what, nil)
-		return false
-	case slices.ContainsFunc(cur.Members, func(m Member) bool { return m.Device == dev && !m.Failed() }):
+	}
+	if a.UUID != "" {
+		uuid := cur.UUID
+		if uuid == "" {
+			uuid = w.detailUUID(ctx, a.Name) // no md/uuid in sysfs
+		}
+		if uuid != a.UUID {
+			// Stopped, and another array assembled under the name: the
+			// leg's superblock was checked against the one before.
+			w.backoff(mem, a.Name, dev, topic, "the array was stopped and another assembled under its name meanwhile "+
+				"(UUID "+cmp.Or(uuid, "unknown")+", was "+a.UUID+"): "+what, nil)
+			return false
+		}
+	}
+	var member *Member
+	for i, m := range cur.Members {
+		if m.Device == dev {
+			member = &cur.Members[i]
+		}
+	}
+	switch {
+	case member != nil && !member.Failed():
 		w.backoff(mem, a.Name, dev, topic, "the leg is a working member of the array again (added meanwhile, by hand?): "+what, nil)
+		return false
+	case listed != eitherWay && (member != nil) != (listed == listedFailed):
+		w.backoff(mem, a.Name, dev, topic, "the leg was added to or removed from the array meanwhile: "+what, nil)
+		return false
+	case cur.Degraded == 0:
+		w.backoff(mem, a.Name, dev, topic, "the array is whole again (a leg was added meanwhile): "+what, nil)
+		return false
+	case !slices.ContainsFunc(inSyncMembers(cur), func(d string) bool { return slices.Contains(inSyncMembers(a), d) }):
+		w.backoff(mem, a.Name, dev, topic, "the array's legs in sync are others than when the leg was looked at: "+what, nil)
 		return false
 	case unchangeable(cur.State) != "":
 		w.backoff(mem, a.Name, dev, topic, "the array is "+cur.State+": "+what, nil)
@@ -874,6 +927,15 @@ func (w *Watcher) stillSafe(mem *arrayMemory, a Array, dev, topic, what string) 
 	}
 	return true
 }
+
+// legListing is where stillSafe expects a returning leg in its array.
+type legListing int
+
+const (
+	unlisted     legListing = iota // md does not list it
+	listedFailed                   // md lists it as failed
+	eitherWay                      // the watcher removed it itself just now
+)
 
 // backoff logs why a leg could not be brought back and delays the next try,
 // doubling the delay up to maxBackoff.

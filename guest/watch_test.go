@@ -176,28 +176,81 @@ func TestWatchChecksTheSourceAgainBeforeChangingMembers(t *testing.T) {
 // the leg was checked against what the array was, so its members are left
 // as they are.
 func TestWatchChecksTheArrayAgainBeforeChangingMembers(t *testing.T) {
+	const not = ": not changing the array's members"
+	// renameLeg moves leg from's md entry to leg to's, or deletes it.
+	renameLeg := func(e *watchEnv, from, to string) {
+		for k, f := range maps.Clone(e.fsys) {
+			if rest, ok := strings.CutPrefix(k, "sys/block/md127/md/dev-"+from+"/"); ok {
+				delete(e.fsys, k)
+				if to != "" {
+					e.fsys["sys/block/md127/md/dev-"+to+"/"+rest] = f
+				}
+			}
+		}
+	}
 	tests := []struct {
-		name, attr, value, want string
+		name   string
+		change func(e *watchEnv)
+		noUUID bool // no md/uuid: mdadm --detail names the array
+		want   string
 	}{
-		{"another array under the name", "uuid", "68d1dea1-1ba1-ea1b-bda5-d2a8ece3d6b6",
-			"the array was stopped and another assembled under its name meanwhile (UUID 68d1dea1:1ba1ea1b:bda5d2a8:ece3d6b6, " +
-				"was e4264e04:4d189632:3ebccc7b:b2168f02): not changing the array's members"},
-		{"the leg added back by hand", "dev-nbd0/state", "in_sync,failfast",
-			"the leg is a working member of the array again (added meanwhile, by hand?): not changing the array's members"},
-		{"the leg recovering", "dev-nbd0/state", "spare,failfast",
-			"the leg is a working member of the array again (added meanwhile, by hand?): not changing the array's members"},
+		{name: "another array under the name", change: func(e *watchEnv) { e.setMD("uuid", "68d1dea1-1ba1-ea1b-bda5-d2a8ece3d6b6") },
+			want: "the array was stopped and another assembled under its name meanwhile (UUID 68d1dea1:1ba1ea1b:bda5d2a8:ece3d6b6, " +
+				"was e4264e04:4d189632:3ebccc7b:b2168f02)" + not},
+		{name: "another array under the name, no md/uuid", noUUID: true,
+			want: "the array was stopped and another assembled under its name meanwhile (UUID 68d1dea1:1ba1ea1b:bda5d2a8:ece3d6b6, " +
+				"was e4264e04:4d189632:3ebccc7b:b2168f02)" + not},
+		{name: "forgotten as stopped", change: func(e *watchEnv) { e.w.forget("md127") },
+			want: "the array was stopped meanwhile" + not},
+		{name: "the leg added back by hand", change: func(e *watchEnv) { e.setMD("dev-nbd0/state", "in_sync,failfast") },
+			want: "the leg is a working member of the array again (added meanwhile, by hand?)" + not},
+		{name: "the leg recovering", change: func(e *watchEnv) { e.setMD("dev-nbd0/state", "spare,failfast") },
+			want: "the leg is a working member of the array again (added meanwhile, by hand?)" + not},
+		{name: "the leg removed by hand", change: func(e *watchEnv) { renameLeg(e, "nbd0", "") },
+			want: "the leg was added to or removed from the array meanwhile" + not},
+		{name: "whole again", change: func(e *watchEnv) { e.setMD("degraded", "0") },
+			want: "the array is whole again (a leg was added meanwhile)" + not},
+		{name: "in sync from another leg", change: func(e *watchEnv) { renameLeg(e, "nbd1", "nbd5") },
+			want: "the array's legs in sync are others than when the leg was looked at" + not},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
-			view := staleView(t)
-			view.then = func() { e.setMD(tt.attr, tt.value) }
-			e.run.expect(staleLeg(t), view)
+			if tt.noUUID {
+				delete(e.fsys, "sys/block/md127/md/uuid")
+				detail := call{args: mdadm("--detail", "--export", "/dev/md127"), stdout: string(readTestdata(t, "detail-export-faulty.txt"))}
+				other := detail
+				other.stdout = strings.Replace(detail.stdout, "MD_UUID=e4264e04:4d189632:3ebccc7b:b2168f02",
+					"MD_UUID=68d1dea1:1ba1ea1b:bda5d2a8:ece3d6b6", 1)
+				if other.stdout == detail.stdout {
+					t.Fatal("the capture names no MD_UUID to change")
+				}
+				e.run.expect(detail, staleLeg(t), staleView(t), other)
+			} else {
+				view := staleView(t)
+				view.then = func() { tt.change(e) }
+				e.run.expect(staleLeg(t), view)
+			}
 			e.step()
 			e.wantLogged(tt.want, 1)
 			e.wantLogged("removed the failed leg", 0)
 		})
 	}
+}
+
+// A watcher stopped while a look reads the returning leg changes no member
+// after that read.
+func TestWatchStoppedMidLookChangesNoMember(t *testing.T) {
+	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{})
+	ctx, cancel := context.WithCancel(context.Background())
+	view := staleView(t)
+	view.then = cancel
+	e.run.expect(staleLeg(t), view)
+	e.w.Step(ctx)
+	if l := e.w.busy["md127"]; l != nil {
+		receive(t, l.done, "end of the look") // Step returned on the cancel: the look ends on its own
+	}
+	e.wantLogged("removed the failed leg", 0)
 }
 
 // md no longer lists leg A (removed while away): the watcher remembers it.
@@ -981,6 +1034,7 @@ func TestWatchUUIDFromMdadm(t *testing.T) {
 	delete(e.fsys, "sys/block/md127/md/uuid")
 	detail := call{args: mdadm("--detail", "--export", "/dev/md127"), stdout: string(readTestdata(t, "detail-export-faulty.txt"))}
 	e.run.expect(detail, staleLeg(t), staleView(t),
+		detail, // asked again before the members change: still this array?
 		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0")})
 	e.step()
@@ -1080,16 +1134,29 @@ func TestWatchLooksAtOtherArraysWhileOneIsStuck(t *testing.T) {
 	e.wantLogged("added the leg: full resync started", 1)
 
 	// Still stuck: md127 is left alone, md126 looked at (whole now).
+	const still = "the array's last look is still at work: not looking at it again yet"
 	e.step()
-	e.wantLogged("the array's last look is still at work: not looking at it again yet", 1)
+	e.wantLogged(still, 1)
 	e.wantLogged("all legs in sync", 1)
+	// Said at warning level again after maxBackoff, in between at debug.
+	e.clock.Advance(maxBackoff - time.Second)
+	e.step()
+	e.clock.Advance(time.Second)
+	e.step()
+	var levels []string
+	for _, l := range e.logs.FilterMessage(still).All() {
+		levels = append(levels, l.Level.String())
+	}
+	if want := []string{"debug", "debug", "warn"}; !slices.Equal(levels, want) {
+		t.Errorf("%q logged at %v, want %v", still, levels, want)
+	}
 
 	// The examine answers: the stuck look carries on where it was.
 	e.run.expect(staleView(t),
 		call{args: mdadm("--manage", "/dev/md127", "--remove", "/dev/nbd0")},
 		call{args: mdadm("--manage", "/dev/md127", "--re-add", "--failfast", "/dev/nbd0"), then: healed("md127", "nbd0")})
 	close(release)
-	<-e.w.busy["md127"].done
+	receive(t, e.w.busy["md127"].done, "end of the stuck look")
 	e.step()
 	e.wantLogged("re-added the leg: md resyncs the chunks its bitmap marked", 1)
 	e.wantLogged("the array's long look finished", 1)
@@ -1109,12 +1176,12 @@ func TestWatchRunStopsDuringAStuckLook(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.w.Run(ctx) }()
-	<-stuck
+	receive(t, stuck, "stuck examine")
 	cancel()
-	if err := <-done; err != nil {
+	if err := receive(t, done, "return from Run"); err != nil {
 		t.Errorf("Run returned %v on cancel", err)
 	}
 	close(release)
-	<-e.w.busy["md127"].done // the look ends once the examine does
+	receive(t, e.w.busy["md127"].done, "end of the stuck look") // once the examine ends
 	e.wantLogged(`the leg belongs to another array ("vm1", UUID a1eb0886:605cc9af:beadbfc9:43ae6784): not adding it`, 1)
 }
