@@ -1,10 +1,8 @@
 package client
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -12,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/lvnbd/lvnbd/internal/tlscrl"
 	"github.com/lvnbd/lvnbd/nbd"
 )
 
@@ -95,52 +94,11 @@ func loadTLSDir(dir string) (*tls.Config, error) {
 	case err != nil:
 		return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
 	default:
-		if cfg.VerifyConnection, err = refuseRevoked(crl, pem); err != nil {
+		if cfg.VerifyConnection, err = tlscrl.Parse(crl, pem, "server"); err != nil {
 			return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
 		}
 	}
 	return cfg, nil
-}
-
-// refuseRevoked returns a check that refuses a server whose verified
-// certificate chain holds one that the CRL at path (PEM data), signed by
-// that certificate's issuer, revokes.
-func refuseRevoked(path string, data []byte) (func(tls.ConnectionState) error, error) {
-	var lists []*x509.RevocationList
-	for {
-		var block *pem.Block
-		if block, data = pem.Decode(data); block == nil {
-			break
-		}
-		if block.Type != "X509 CRL" {
-			continue
-		}
-		crl, err := x509.ParseRevocationList(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("reading the CRL %s: %w", path, err)
-		}
-		lists = append(lists, crl)
-	}
-	if len(lists) == 0 {
-		return nil, fmt.Errorf("the CRL %s holds no PEM \"X509 CRL\"", path)
-	}
-	return func(cs tls.ConnectionState) error {
-		for _, chain := range cs.VerifiedChains {
-			for i, cert := range chain {
-				for _, crl := range lists {
-					if !bytes.Equal(cert.RawIssuer, crl.RawIssuer) || i+1 >= len(chain) || crl.CheckSignatureFrom(chain[i+1]) != nil {
-						continue // not its issuer's list, or not signed by it
-					}
-					for _, r := range crl.RevokedCertificateEntries {
-						if r.SerialNumber.Cmp(cert.SerialNumber) == 0 {
-							return fmt.Errorf("the server's certificate %q (serial %s) is revoked by the CRL %s", cert.Subject, cert.SerialNumber, path)
-						}
-					}
-				}
-			}
-		}
-		return nil
-	}, nil
 }
 
 // tlsConfigFor returns the TLS configuration for dialing u, or nil for a

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/lvnbd/lvnbd/control"
+	"github.com/lvnbd/lvnbd/internal/tlscrl"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -93,6 +94,9 @@ type TLS struct {
 	// CA, when set, is the PEM file client certificates are verified
 	// against; it is what makes AllowNames trustworthy.
 	CA string
+	// CRL, when set, is a PEM file of certificate revocation lists: a
+	// client certificate one of them revokes is refused. Needs CA.
+	CRL string
 	// Default is the TLS mode of exports that do not set their own: off,
 	// optional or required.
 	Default string
@@ -213,6 +217,7 @@ var tableSettings = []struct {
 		{"cert", "tls-cert", func(c *Config) any { return &c.TLS.Cert }},
 		{"key", "tls-key", func(c *Config) any { return &c.TLS.Key }},
 		{"ca", "tls-ca", func(c *Config) any { return &c.TLS.CA }},
+		{"crl", "tls-crl", func(c *Config) any { return &c.TLS.CRL }},
 		{"default", "tls", func(c *Config) any { return &c.TLS.Default }},
 	}},
 	{"metrics", []setting{
@@ -383,6 +388,13 @@ func (c *Config) TLSConfig() (*tls.Config, error) {
 			return nil, fmt.Errorf("tls.ca %s: no PEM certificates in it", c.TLS.CA)
 		}
 		cfg.ClientAuth = tls.VerifyClientCertIfGiven
+	}
+	if c.TLS.CRL != "" {
+		// Checked after the chain is verified; a client without a
+		// certificate has none to revoke.
+		if cfg.VerifyConnection, err = tlscrl.Load(c.TLS.CRL, "client"); err != nil {
+			return nil, fmt.Errorf("tls.crl: %w", err)
+		}
 	}
 	return cfg, nil
 }

@@ -2,11 +2,17 @@ package config
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lvnbd/lvnbd/control"
+	"github.com/lvnbd/lvnbd/internal/testpki"
+	"github.com/lvnbd/lvnbd/internal/tlscrl"
 	"github.com/lvnbd/lvnbd/server"
 	"github.com/lvnbd/lvnbd/volume"
 )
@@ -50,13 +56,14 @@ failure_file = "/srv/lvnbd/failures.json"
 cert = "/etc/lvnbd/server.crt"
 key = "/etc/lvnbd/server.key"
 ca = "/etc/lvnbd/ca.crt"
+crl = "/etc/lvnbd/ca-crl.pem"
 default = "required"
 [volume_exports]
 tls = "optional"
 allow = ["10.0.0.0/24"]
 allow_names = ["dom0-a", "dom0-b"]
 `, func(c *Config) {
-		c.TLS = TLS{Cert: "/etc/lvnbd/server.crt", Key: "/etc/lvnbd/server.key", CA: "/etc/lvnbd/ca.crt", Default: "required"}
+		c.TLS = TLS{Cert: "/etc/lvnbd/server.crt", Key: "/etc/lvnbd/server.key", CA: "/etc/lvnbd/ca.crt", CRL: "/etc/lvnbd/ca-crl.pem", Default: "required"}
 		c.VolumeExports = Access{TLS: "optional", Allow: []string{"10.0.0.0/24"}, AllowNames: []string{"dom0-a", "dom0-b"}}
 	}},
 	{"exports", `
@@ -153,6 +160,7 @@ var invalidServer = []struct {
 	{"cert without key", "[tls]\ncert = \"/a.crt\"\n", "tls.key", "private key", 0},
 	{"key without cert", "[tls]\nkey = \"/a.key\"\n", "tls.cert", "certificate", 0},
 	{"ca without cert", "[tls]\nca = \"/ca.crt\"\n", "tls.ca", "set tls.cert and tls.key", 2},
+	{"crl without ca", "[tls]\ncert = \"/a.crt\"\nkey = \"/a.key\"\ncrl = \"/ca-crl.pem\"\n", "tls.crl", "set tls.ca", 4},
 	{"required without cert", "[tls]\ndefault = \"required\"\n", "tls.default", "needs a server certificate", 2},
 	{"export required without cert", "[[export]]\nname = \"a\"\npath = \"/x\"\ntls = \"required\"\n", "export[0].tls", "needs a server certificate", 4},
 	{"volume exports required without cert", "[volume_exports]\ntls = \"required\"\n", "volume_exports.tls", "needs a server certificate", 2},
@@ -371,5 +379,36 @@ allow = ["192.0.2.7", "10.0.0.1/24"]
 	sc := c.ServerConfig()
 	if sc.MaxInFlight != 8 || sc.MaxInFlightBytes != 64<<20 || sc.MaxConnections != server.DefaultMaxConnections || sc.HandshakeTimeout != server.DefaultHandshakeTimeout {
 		t.Errorf("ServerConfig = %+v", sc)
+	}
+}
+
+// tls.crl refuses the client certificates it revokes; a CRL that cannot be
+// read fails the configuration (at start and at reload), naming the key.
+func TestTLSConfigCRL(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pki.WriteCRL(pki.Client.Leaf); err != nil {
+		t.Fatal(err)
+	}
+	c := Default()
+	c.TLS = TLS{Cert: filepath.Join(pki.Dir, "server-cert.pem"), Key: filepath.Join(pki.Dir, "server-key.pem"),
+		CA: filepath.Join(pki.Dir, "ca-cert.pem"), CRL: filepath.Join(pki.Dir, "ca-crl.pem"), Default: "optional"}
+	cfg, err := c.TLSConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoked := tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{pki.Client.Leaf, pki.CA}}}
+	var re *tlscrl.RevokedError
+	if cfg.VerifyConnection == nil || !errors.As(cfg.VerifyConnection(revoked), &re) {
+		t.Fatal("the revoked client certificate is let through")
+	}
+	if err := cfg.VerifyConnection(tls.ConnectionState{}); err != nil {
+		t.Errorf("a client without a certificate: %v", err)
+	}
+	c.TLS.CRL = filepath.Join(pki.Dir, "nosuch.pem")
+	if _, err := c.TLSConfig(); err == nil || !strings.HasPrefix(err.Error(), "tls.crl: ") {
+		t.Errorf("a missing CRL: %v, want an error naming tls.crl", err)
 	}
 }

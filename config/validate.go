@@ -120,6 +120,9 @@ func (c *Config) validateTLS(p *problems) {
 	case t.Key != "" && t.Cert == "":
 		p.add("tls.cert", "missing: tls.key is set, so give the certificate that goes with it")
 	}
+	if t.CRL != "" && t.CA == "" {
+		p.add("tls.crl", "a CRL revokes client certificates, which are verified only against tls.ca: set tls.ca to the CA that signed them")
+	}
 	if t.Cert != "" {
 		return
 	}

@@ -40,6 +40,7 @@ type (
 		Cert    string `toml:"cert"`
 		Key     string `toml:"key"`
 		CA      string `toml:"ca"`
+		CRL     string `toml:"crl"`
 		Default string `toml:"default"`
 	}
 	metricsTable struct {

@@ -143,7 +143,7 @@ finish. A second Ctrl-C ends lvnbd at once.
 			}
 
 			if tlsFiles.given() && !bench.IsNBDURI(args[0]) {
-				return fmt.Errorf("--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and %s is not an NBD URI", args[0])
+				return fmt.Errorf("--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and %s is not an NBD URI", args[0])
 			}
 			opts, err := tlsFiles.options(args...)
 			if err != nil {

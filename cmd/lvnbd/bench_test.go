@@ -145,7 +145,7 @@ func TestBenchCommandRefusals(t *testing.T) {
 		{args: []string{"--mode", "read", "--rwmix-read", "50", full}, wantErr: "--rwmix-read sets the mix of randrw only"},
 		{args: []string{"--mode", "read", "--timeout", "-1s", full}, wantErr: "timeout must not be negative"},
 		{args: []string{}, wantErr: "requires at least 1 arg"},
-		{args: []string{"--mode", "read", "--tls-ca", full, full}, wantErr: "--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and " + full + " is not an NBD URI"},
+		{args: []string{"--mode", "read", "--tls-ca", full, full}, wantErr: "--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and " + full + " is not an NBD URI"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {

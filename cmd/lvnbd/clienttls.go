@@ -9,22 +9,24 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/lvnbd/lvnbd/client"
+	"github.com/lvnbd/lvnbd/internal/tlscrl"
 )
 
 // clientTLS is the TLS of the commands that speak NBD themselves (info,
-// bench) to nbds:// URIs: the files named by --tls-ca, --tls-cert and
-// --tls-key. The URI's tls-certificates=DIR (libnbd's layout) is the other
-// way to name them.
-type clientTLS struct{ ca, cert, key string }
+// bench) to nbds:// URIs: the files named by --tls-ca, --tls-cert,
+// --tls-key and --tls-crl. The URI's tls-certificates=DIR (libnbd's layout)
+// is the other way to name them.
+type clientTLS struct{ ca, cert, key, crl string }
 
 func (c *clientTLS) addFlags(f *pflag.FlagSet) {
 	f.StringVar(&c.ca, "tls-ca", "", "nbds:// URIs: the CA (PEM `FILE`) that signed the server's certificate (default: the system's roots)")
 	f.StringVar(&c.cert, "tls-cert", "", "nbds:// URIs: a client certificate (PEM `FILE`), for servers that ask for one")
 	f.StringVar(&c.key, "tls-key", "", "nbds:// URIs: the client certificate's private key (PEM `FILE`)")
+	f.StringVar(&c.crl, "tls-crl", "", "nbds:// URIs: a CRL (PEM `FILE`) of server certificates to refuse")
 }
 
 // given reports whether any of the flags was.
-func (c *clientTLS) given() bool { return c.ca != "" || c.cert != "" || c.key != "" }
+func (c *clientTLS) given() bool { return c.ca != "" || c.cert != "" || c.key != "" || c.crl != "" }
 
 // options returns the client options the flags make for uris: nil
 // without any. The flags are for nbds:// URIs that do not name their
@@ -39,14 +41,19 @@ func (c *clientTLS) options(uris ...string) (*client.Options, error) {
 		case err != nil:
 			return nil, err
 		case !u.IsTLS():
-			return nil, fmt.Errorf("--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and %s is plain text: write nbds:// for TLS, or leave them out", uri)
+			return nil, fmt.Errorf("--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and %s is plain text: write nbds:// for TLS, or leave them out", uri)
 		case u.TLSCertificates != "":
-			return nil, fmt.Errorf("%s names its certificates (tls-certificates=%s): give them either so or with --tls-ca, --tls-cert and --tls-key, not both", uri, u.TLSCertificates)
+			return nil, fmt.Errorf("%s names its certificates (tls-certificates=%s): give them either so or with --tls-ca, --tls-cert, --tls-key and --tls-crl, not both", uri, u.TLSCertificates)
 		}
 	}
 	cfg, err := client.LoadTLSConfig(c.ca, c.cert, c.key)
 	if err != nil {
 		return nil, fmt.Errorf("--tls-ca/--tls-cert/--tls-key: %w", err)
+	}
+	if c.crl != "" {
+		if cfg.VerifyConnection, err = tlscrl.Load(c.crl, "server"); err != nil {
+			return nil, fmt.Errorf("--tls-crl: %w", err)
+		}
 	}
 	return &client.Options{TLS: cfg}, nil
 }
@@ -56,10 +63,11 @@ const clientTLSHelp = `nbds://HOST[:PORT]/EXPORT (and nbds+unix://) starts TLS b
 and never falls back to plain text. The server's certificate is checked
 against --tls-ca (default: the system's roots) for the URI's host, or for its
 tls-hostname=NAME; --tls-cert and --tls-key give a client certificate for
-servers that ask for one. The URI's tls-certificates=DIR names all three at
-once, in the layout nbdinfo and qemu read (DIR/ca-cert.pem, and
-DIR/client-cert.pem with DIR/client-key.pem; a DIR/ca-crl.pem revokes server
-certificates); tls-verify-peer=0 skips the check of the server's certificate.`
+servers that ask for one, and --tls-crl a CRL whose server certificates are
+refused. The URI's tls-certificates=DIR names them all at once, in the layout
+nbdinfo and qemu read (DIR/ca-cert.pem, DIR/client-cert.pem with
+DIR/client-key.pem, and DIR/ca-crl.pem); tls-verify-peer=0 skips the check
+of the server's certificate.`
 
 // dialHint adds the likely cause and its fix to a failed connection.
 func dialHint(err error) error {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/lvnbd/lvnbd/internal/testpki"
+	"github.com/lvnbd/lvnbd/internal/tlscrl"
 	"github.com/lvnbd/lvnbd/server"
 )
 
@@ -243,13 +245,15 @@ func TestInfoErrors(t *testing.T) {
 			host + " refused to start TLS (NBD_OPT_STARTTLS answered with NBD_REP_ERR_POLICY): TLS is not configured on this server" +
 				" — it has no TLS to offer: use nbd:// if plain text will do, or give the server a certificate (lvnbd serve --tls-cert, --tls-key)"},
 		{"tls flags for plain text", []string{"info", "--tls-ca", "/etc/ssl/certs/ca-certificates.crt", base + "/vm1"},
-			"--tls-ca, --tls-cert and --tls-key are for nbds:// URIs, and " + base + "/vm1 is plain text: write nbds:// for TLS, or leave them out"},
+			"--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and " + base + "/vm1 is plain text: write nbds:// for TLS, or leave them out"},
 		{"tls parameter in a plain-text URI", []string{"info", base + "/vm1?tls-hostname=storage-a"},
 			base + "/vm1?tls-hostname=storage-a is a plain-text URI, yet it has tls-hostname: write nbds:// (or nbds+unix://) for TLS"},
 		{"tls certificates named twice", []string{"info", "--tls-ca", "/etc/ssl/certs/ca-certificates.crt", "nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki"},
-			"nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki names its certificates (tls-certificates=/etc/lvnbd/pki): give them either so or with --tls-ca, --tls-cert and --tls-key, not both"},
+			"nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki names its certificates (tls-certificates=/etc/lvnbd/pki): give them either so or with --tls-ca, --tls-cert, --tls-key and --tls-crl, not both"},
 		{"tls certificate without key", []string{"info", "--tls-cert", "/nonexistent/c.pem", "nbds://" + host + "/vm1"},
 			"--tls-ca/--tls-cert/--tls-key: TLS client certificate /nonexistent/c.pem has no key file: give both"},
+		{"tls crl missing", []string{"info", "--tls-crl", "/nonexistent/crl.pem", "nbds://" + host + "/vm1"},
+			"--tls-crl: reading the CRL: open /nonexistent/crl.pem: no such file or directory"},
 		{"bad uri", []string{"info", "storage-a/vm1"}, `invalid NBD URI "storage-a/vm1": no scheme…`},
 		{"list and map", []string{"info", "--list", "--map", base}, "--list and --map cannot be combined"},
 	}
@@ -429,6 +433,32 @@ func TestInfoOverTLS(t *testing.T) {
 		out, err := runInfoCmd(t, append([]string{"info", "--map", uri}, flags...)...)
 		if err != nil || !strings.Contains(out, "data") {
 			t.Errorf("lvnbd info --map over TLS: %v\n%s", err, out)
+		}
+	})
+	// --tls-crl: a CRL that revokes another certificate lets the server
+	// in, one that revokes its certificate does not.
+	crl := func(revoked *x509.Certificate) string {
+		t.Helper()
+		if err := pki.WriteCRL(revoked); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "crl.pem")
+		if err := os.Rename(file("ca-crl.pem"), path); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	t.Run("a CRL revoking another certificate", func(t *testing.T) {
+		if _, err := runInfoCmd(t, append([]string{"info", uri, "--tls-crl", crl(pki.Client.Leaf)}, flags...)...); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("a CRL revoking the server's certificate", func(t *testing.T) {
+		revoked := crl(pki.Server.Leaf)
+		_, err := runInfoCmd(t, append([]string{"info", uri, "--tls-crl", revoked}, flags...)...)
+		var re *tlscrl.RevokedError
+		if !errors.As(err, &re) || re.Whose != "server" || re.CRL != revoked {
+			t.Fatalf("lvnbd info with the server's certificate revoked: %v", err)
 		}
 	})
 

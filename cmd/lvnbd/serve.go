@@ -64,8 +64,9 @@ every resize of an LV it exports.
 
 TLS: with --tls-cert and --tls-key clients may start TLS (nbds:// URIs);
 --tls required makes every export TLS-only; with --tls-ca client certificates
-are verified against that CA. --allow limits every export to client
-addresses or CIDRs, --allow-name to client certificate names.`,
+are verified against that CA, and --tls-crl refuses those its CRL revokes.
+--allow limits every export to client addresses or CIDRs, --allow-name to
+client certificate names.`,
 		Example: `  lvnbd serve
   lvnbd serve --volumes lvm://vg0 --listen tcp://10.0.0.1:10809
   lvnbd serve --config /etc/lvnbd/server.toml
@@ -134,6 +135,7 @@ addresses or CIDRs, --allow-name to client certificate names.`,
 	f.String("tls-cert", "", "TLS certificate (PEM) for nbds:// clients")
 	f.String("tls-key", "", "TLS private key (PEM)")
 	f.String("tls-ca", "", "CA (PEM) to verify client certificates against")
+	f.String("tls-crl", "", "CRL (PEM) of client certificates to refuse, from the --tls-ca CA (read again on reload)")
 	f.String("tls", def.TLS.Default, "TLS for the exports: off, optional or required")
 	f.StringArray("allow", nil, "client address or CIDR allowed to use the exports (repeatable; default everyone)")
 	f.StringArray("allow-name", nil, "client certificate name (CN or DNS SAN) allowed to use the exports (repeatable; needs --tls-ca)")

@@ -63,6 +63,34 @@ func TestTLS(t *testing.T) {
 			t.Fatalf("a plain-text client got into a TLS-only export:\n%s", out)
 		}
 	})
+	t.Run("a revoked client certificate is refused", func(t *testing.T) {
+		// The server's CRL, kept apart from the client's directory,
+		// where GnuTLS would read it as the list for the server's
+		// certificate.
+		if err := pki.WriteCRL(pki.Client.Leaf); err != nil {
+			t.Fatal(err)
+		}
+		crl := filepath.Join(t.TempDir(), "revoked.pem")
+		if err := os.Rename(filepath.Join(pki.Dir, "ca-crl.pem"), crl); err != nil {
+			t.Fatal(err)
+		}
+		revoking := startServer(t, serverOpts{
+			exports: []string{"secure=" + img},
+			args: []string{"--tls", "required",
+				"--tls-cert", filepath.Join(pkiDir, "server-cert.pem"), "--tls-key", filepath.Join(pkiDir, "server-key.pem"),
+				"--tls-ca", filepath.Join(pkiDir, "ca-cert.pem"), "--tls-crl", crl},
+		})
+		uri := strings.Replace(revoking.uri("secure"), "nbd://", "nbds://", 1) + "?tls-certificates=" + pkiDir
+		out, err := run(t, "nbdinfo", uri)
+		if err == nil {
+			t.Fatalf("a client with a revoked certificate got in:\n%s", out)
+		}
+		if !revoking.waitLog(`the client's certificate \"CN=dom0-a\" (serial 3) is revoked by the CRL `+crl, 10*time.Second) {
+			t.Errorf("no log line names the revoked certificate; output: %s", out)
+		}
+		// The server without the CRL still lets the same client in.
+		mustRun(t, "nbdinfo", tlsURI(pkiDir))
+	})
 	t.Run("qemu writes and reads over TLS", func(t *testing.T) {
 		obj := "tls-creds-x509,id=tls0,endpoint=client,dir=" + pkiDir
 		opts := "driver=nbd,host=127.0.0.1,port=" + itoa(s.port) + ",export=secure,tls-creds=tls0"
