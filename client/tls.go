@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/lvnbd/lvnbd/internal/tlscrl"
 	"github.com/lvnbd/lvnbd/nbd"
@@ -94,11 +95,25 @@ func loadTLSDir(dir string) (*tls.Config, error) {
 	case err != nil:
 		return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
 	default:
-		if cfg.VerifyConnection, err = tlscrl.Parse(crl, pem, "server"); err != nil {
+		// Its warnings (a stale list, an intermediate's) have no log
+		// here; lvnbd info and bench name the file with --tls-crl.
+		list, err := tlscrl.Parse(crl, pem, "server", tlsDirCAs(ca), time.Now())
+		if err != nil {
 			return nil, fmt.Errorf("tls-certificates=%s: %w", dir, err)
 		}
+		cfg.VerifyConnection = list.Check
 	}
 	return cfg, nil
+}
+
+// tlsDirCAs are the certificates of a directory's CA file, which its CRL
+// is checked against (none if it cannot be read: LoadTLSConfig read it).
+func tlsDirCAs(path string) []*x509.Certificate {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	return tlscrl.CertificatesIn(data)
 }
 
 // tlsConfigFor returns the TLS configuration for dialing u, or nil for a

@@ -14,6 +14,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/lvnbd/lvnbd/control"
@@ -366,35 +367,62 @@ func (c *Config) ServerConfig() server.Config {
 	}
 }
 
-// TLSConfig loads the certificate, key and CA of the [tls] table; it is nil
-// when no certificate is configured. Client certificates are verified when
-// given, and required by the exports' access rules, not by the handshake.
-func (c *Config) TLSConfig() (*tls.Config, error) {
+// TLSConfig loads the certificate, key, CA and CRL of the [tls] table; it
+// is nil when no certificate is configured. Client certificates are
+// verified when given, and required by the exports' access rules, not by
+// the handshake. The warnings are for the log: what the CRL cannot do.
+func (c *Config) TLSConfig() (_ *tls.Config, warnings []string, _ error) {
 	if c.TLS.Cert == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
 	pair, err := tls.LoadX509KeyPair(c.TLS.Cert, c.TLS.Key)
 	if err != nil {
-		return nil, fmt.Errorf("tls.cert, tls.key: loading the certificate: %w", err)
+		return nil, nil, fmt.Errorf("tls.cert, tls.key: loading the certificate: %w", err)
 	}
 	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
+	var cas []*x509.Certificate
 	if c.TLS.CA != "" {
 		pem, err := os.ReadFile(c.TLS.CA)
 		if err != nil {
-			return nil, fmt.Errorf("tls.ca: %w", err)
+			return nil, nil, fmt.Errorf("tls.ca: %w", err)
 		}
 		cfg.ClientCAs = x509.NewCertPool()
 		if !cfg.ClientCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("tls.ca %s: no PEM certificates in it", c.TLS.CA)
+			return nil, nil, fmt.Errorf("tls.ca %s: no PEM certificates in it", c.TLS.CA)
 		}
 		cfg.ClientAuth = tls.VerifyClientCertIfGiven
+		cas = tlscrl.CertificatesIn(pem)
 	}
 	if c.TLS.CRL != "" {
 		// Checked after the chain is verified; a client without a
 		// certificate has none to revoke.
-		if cfg.VerifyConnection, err = tlscrl.Load(c.TLS.CRL, "client"); err != nil {
-			return nil, fmt.Errorf("tls.crl: %w", err)
+		crl, err := tlscrl.Load(c.TLS.CRL, "client", cas)
+		if err != nil {
+			return nil, nil, fmt.Errorf("tls.crl: %w", err)
+		}
+		cfg.VerifyConnection = crl.Check
+		warnings = append(crl.Warnings, c.exportsWithoutNames()...)
+	}
+	return cfg, warnings, nil
+}
+
+// exportsWithoutNames warns of the exports a revoked client still reaches:
+// without allow_names an export takes a client without a certificate, so a
+// CRL keeps a host only out of exports that name their clients.
+func (c *Config) exportsWithoutNames() []string {
+	var open []string
+	if c.Server.Volumes != "" && len(c.VolumeExports.AllowNames) == 0 {
+		open = append(open, "the volume exports")
+	}
+	for _, e := range c.Exports {
+		if len(e.AllowNames) == 0 {
+			open = append(open, fmt.Sprintf("%q", e.Name))
 		}
 	}
-	return cfg, nil
+	if len(open) == 0 {
+		return nil
+	}
+	return []string{fmt.Sprintf("tls.crl: %s have no allow_names, so they take clients without a certificate: "+
+		"a host whose certificate is revoked still reaches them without it (or in plain text where TLS is not "+
+		"required); give them allow_names to keep revoked hosts out", strings.Join(open, ", "))}
 }

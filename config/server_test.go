@@ -393,11 +393,16 @@ func TestTLSConfigCRL(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := Default()
+	c.Server.Volumes = ""
+	c.Exports = []Export{{Name: "vm1", Path: "/dev/vg0/vm1", Access: Access{AllowNames: []string{"dom0-a"}}}}
 	c.TLS = TLS{Cert: filepath.Join(pki.Dir, "server-cert.pem"), Key: filepath.Join(pki.Dir, "server-key.pem"),
 		CA: filepath.Join(pki.Dir, "ca-cert.pem"), CRL: filepath.Join(pki.Dir, "ca-crl.pem"), Default: "optional"}
-	cfg, err := c.TLSConfig()
+	cfg, warnings, err := c.TLSConfig()
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(warnings) != 0 {
+		t.Errorf("warnings %q for a current CRL and exports that name their clients", warnings)
 	}
 	revoked := tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{pki.Client.Leaf, pki.CA}}}
 	var re *tlscrl.RevokedError
@@ -407,8 +412,20 @@ func TestTLSConfigCRL(t *testing.T) {
 	if err := cfg.VerifyConnection(tls.ConnectionState{}); err != nil {
 		t.Errorf("a client without a certificate: %v", err)
 	}
+
+	// Exports that take clients without a certificate are warned of: a
+	// revoked host still reaches them.
+	c.Server.Volumes = "lvm://vg0"
+	c.Exports = append(c.Exports, Export{Name: "golden", Path: "/srv/golden.img"})
+	if _, warnings, err = c.TLSConfig(); err != nil {
+		t.Fatal(err)
+	}
+	if len(warnings) != 1 || !strings.HasPrefix(warnings[0], `tls.crl: the volume exports, "golden" have no allow_names`) {
+		t.Errorf("warnings %q, want one naming the volume exports and golden", warnings)
+	}
+
 	c.TLS.CRL = filepath.Join(pki.Dir, "nosuch.pem")
-	if _, err := c.TLSConfig(); err == nil || !strings.HasPrefix(err.Error(), "tls.crl: ") {
+	if _, _, err := c.TLSConfig(); err == nil || !strings.HasPrefix(err.Error(), "tls.crl: ") {
 		t.Errorf("a missing CRL: %v, want an error naming tls.crl", err)
 	}
 }

@@ -145,7 +145,7 @@ finish. A second Ctrl-C ends lvnbd at once.
 			if tlsFiles.given() && !bench.IsNBDURI(args[0]) {
 				return fmt.Errorf("--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and %s is not an NBD URI", args[0])
 			}
-			opts, err := tlsFiles.options(args...)
+			opts, err := tlsFiles.options(stderr, args...)
 			if err != nil {
 				return err
 			}

@@ -4,6 +4,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"syscall"
 
 	"github.com/spf13/pflag"
@@ -30,8 +32,8 @@ func (c *clientTLS) given() bool { return c.ca != "" || c.cert != "" || c.key !=
 
 // options returns the client options the flags make for uris: nil
 // without any. The flags are for nbds:// URIs that do not name their
-// certificates themselves.
-func (c *clientTLS) options(uris ...string) (*client.Options, error) {
+// certificates themselves. What the CRL cannot do is warned of on warn.
+func (c *clientTLS) options(warn io.Writer, uris ...string) (*client.Options, error) {
 	if !c.given() {
 		return nil, nil
 	}
@@ -42,6 +44,12 @@ func (c *clientTLS) options(uris ...string) (*client.Options, error) {
 			return nil, err
 		case !u.IsTLS():
 			return nil, fmt.Errorf("--tls-ca, --tls-cert, --tls-key and --tls-crl are for nbds:// URIs, and %s is plain text: write nbds:// for TLS, or leave them out", uri)
+		case u.TLSCertificates != "" && c.crl != "":
+			return nil, fmt.Errorf("%s names its certificates (tls-certificates=%s): put the CRL there as %s/ca-crl.pem "+
+				"instead of --tls-crl", uri, u.TLSCertificates, u.TLSCertificates)
+		case u.TLSVerifyPeer == "0" && c.crl != "":
+			return nil, fmt.Errorf("%s does not verify the server's certificate (tls-verify-peer=0), so --tls-crl could "+
+				"refuse nothing: leave one of them out", uri)
 		case u.TLSCertificates != "":
 			return nil, fmt.Errorf("%s names its certificates (tls-certificates=%s): give them either so or with --tls-ca, --tls-cert, --tls-key and --tls-crl, not both", uri, u.TLSCertificates)
 		}
@@ -51,9 +59,22 @@ func (c *clientTLS) options(uris ...string) (*client.Options, error) {
 		return nil, fmt.Errorf("--tls-ca/--tls-cert/--tls-key: %w", err)
 	}
 	if c.crl != "" {
-		if cfg.VerifyConnection, err = tlscrl.Load(c.crl, "server"); err != nil {
+		var cas []*x509.Certificate
+		if c.ca != "" {
+			data, err := os.ReadFile(c.ca)
+			if err != nil {
+				return nil, fmt.Errorf("--tls-ca: %w", err)
+			}
+			cas = tlscrl.CertificatesIn(data)
+		}
+		crl, err := tlscrl.Load(c.crl, "server", cas)
+		if err != nil {
 			return nil, fmt.Errorf("--tls-crl: %w", err)
 		}
+		for _, w := range crl.Warnings {
+			fmt.Fprintf(warn, "lvnbd: warning: %s\n", w)
+		}
+		cfg.VerifyConnection = crl.Check
 	}
 	return &client.Options{TLS: cfg}, nil
 }

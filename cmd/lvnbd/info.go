@@ -56,7 +56,7 @@ TLS forms.
 			if list && allocMap {
 				return errors.New("--list and --map cannot be combined")
 			}
-			opts, err := tlsFiles.options(args[0])
+			opts, err := tlsFiles.options(cmd.ErrOrStderr(), args[0])
 			if err != nil {
 				return err
 			}

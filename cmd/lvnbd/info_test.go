@@ -252,6 +252,10 @@ func TestInfoErrors(t *testing.T) {
 			"nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki names its certificates (tls-certificates=/etc/lvnbd/pki): give them either so or with --tls-ca, --tls-cert, --tls-key and --tls-crl, not both"},
 		{"tls certificate without key", []string{"info", "--tls-cert", "/nonexistent/c.pem", "nbds://" + host + "/vm1"},
 			"--tls-ca/--tls-cert/--tls-key: TLS client certificate /nonexistent/c.pem has no key file: give both"},
+		{"tls crl with the URI's certificates", []string{"info", "--tls-crl", "/etc/lvnbd/crl.pem", "nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki"},
+			"nbds://" + host + "/vm1?tls-certificates=/etc/lvnbd/pki names its certificates (tls-certificates=/etc/lvnbd/pki): put the CRL there as /etc/lvnbd/pki/ca-crl.pem instead of --tls-crl"},
+		{"tls crl without verification", []string{"info", "--tls-crl", "/etc/lvnbd/crl.pem", "nbds://" + host + "/vm1?tls-verify-peer=0"},
+			"nbds://" + host + "/vm1?tls-verify-peer=0 does not verify the server's certificate (tls-verify-peer=0), so --tls-crl could refuse nothing: leave one of them out"},
 		{"tls crl missing", []string{"info", "--tls-crl", "/nonexistent/crl.pem", "nbds://" + host + "/vm1"},
 			"--tls-crl: reading the CRL: open /nonexistent/crl.pem: no such file or directory"},
 		{"bad uri", []string{"info", "storage-a/vm1"}, `invalid NBD URI "storage-a/vm1": no scheme…`},
@@ -484,5 +488,31 @@ func TestInfoOverTLS(t *testing.T) {
 				t.Fatalf("error %v, want it to say %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// --tls-crl warns of what its CRL cannot do: a stale list still counts,
+// but lacks what was revoked since.
+func TestClientTLSWarnsOfAStaleCRL(t *testing.T) {
+	pki, err := testpki.New(t.TempDir(), "dom0-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := pki.SignCRL(&x509.RevocationList{ThisUpdate: time.Now().Add(-48 * time.Hour), NextUpdate: time.Now().Add(-24 * time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	crl := filepath.Join(t.TempDir(), "crl.pem")
+	if err := os.WriteFile(crl, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var warn bytes.Buffer
+	c := clientTLS{ca: filepath.Join(pki.Dir, "ca-cert.pem"), crl: crl}
+	opts, err := c.options(&warn, "nbds://127.0.0.1/vm1")
+	if err != nil || opts == nil || opts.TLS.VerifyConnection == nil {
+		t.Fatalf("options: %+v, %v; want a TLS configuration that checks the CRL", opts, err)
+	}
+	if want := "lvnbd: warning: the CRL " + crl + ` of "CN=lvnbd test CA" was due to be replaced on `; !strings.HasPrefix(warn.String(), want) {
+		t.Errorf("warned %q, want %q…", warn.String(), want)
 	}
 }

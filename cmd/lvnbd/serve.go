@@ -135,7 +135,7 @@ client certificate names.`,
 	f.String("tls-cert", "", "TLS certificate (PEM) for nbds:// clients")
 	f.String("tls-key", "", "TLS private key (PEM)")
 	f.String("tls-ca", "", "CA (PEM) to verify client certificates against")
-	f.String("tls-crl", "", "CRL (PEM) of client certificates to refuse, from the --tls-ca CA (read again on reload)")
+	f.String("tls-crl", "", "CRL (PEM) of client certificates to refuse, for exports with --allow-name (read again on reload)")
 	f.String("tls", def.TLS.Default, "TLS for the exports: off, optional or required")
 	f.StringArray("allow", nil, "client address or CIDR allowed to use the exports (repeatable; default everyone)")
 	f.StringArray("allow-name", nil, "client certificate name (CN or DNS SAN) allowed to use the exports (repeatable; needs --tls-ca)")

@@ -125,14 +125,27 @@ func (p *PKI) WriteCRL(revoked ...*x509.Certificate) error {
 	for _, c := range revoked {
 		entries = append(entries, x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: time.Now().Add(-time.Minute)})
 	}
-	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
-		Number: big.NewInt(1), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: time.Now().Add(24 * time.Hour),
+	b, err := p.SignCRL(&x509.RevocationList{
+		ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: time.Now().Add(24 * time.Hour),
 		RevokedCertificateEntries: entries,
-	}, p.CA, p.caKey)
+	})
 	if err != nil {
 		return err
 	}
-	return writePEM(filepath.Join(p.Dir, "ca-crl.pem"), "X509 CRL", der)
+	return os.WriteFile(filepath.Join(p.Dir, "ca-crl.pem"), b, 0o600)
+}
+
+// SignCRL makes the CA's CRL from tmpl (its Number defaults to 1) and
+// returns it as PEM.
+func (p *PKI) SignCRL(tmpl *x509.RevocationList) ([]byte, error) {
+	if tmpl.Number == nil {
+		tmpl.Number = big.NewInt(1)
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, p.CA, p.caKey)
+	if err != nil {
+		return nil, err
+	}
+	return pemBytes("X509 CRL", der), nil
 }
 
 func pemBytes(typ string, der []byte) []byte {

@@ -100,9 +100,12 @@ func Run(ctx context.Context, opts Options) error {
 			_ = d.endRun(ctx) // logged
 		}
 	}()
-	tlsConfig, err := cfg.TLSConfig()
+	tlsConfig, tlsWarnings, err := cfg.TLSConfig()
 	if err != nil {
 		return err
+	}
+	for _, w := range tlsWarnings {
+		d.log.Warn(w)
 	}
 	// Like a volume that cannot be opened, an export whose file or device
 	// cannot be opened must not keep the box from serving every other; a
@@ -377,7 +380,7 @@ func (d *Daemon) reload() error {
 	if err != nil {
 		return err
 	}
-	tlsConfig, err := cfg.TLSConfig()
+	tlsConfig, tlsWarnings, err := cfg.TLSConfig()
 	if err != nil {
 		return err
 	}
@@ -418,6 +421,9 @@ func (d *Daemon) reload() error {
 	}
 	d.setLevel(level)
 	d.srv.SetTLS(tlsConfig)
+	for _, w := range tlsWarnings {
+		d.log.Warn(w)
+	}
 	if d.vols != nil {
 		d.vols.SetAccess(volAccess)
 	}
