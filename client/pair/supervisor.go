@@ -146,12 +146,28 @@ type Supervisor struct {
 	// stopped is closed when Run returns: nothing changes any more.
 	stopped  chan struct{}
 	stopOnce sync.Once
-	// ops is held shared by each Up and Down for its whole run, and
-	// exclusively by Close, which sets closing: an operation is either
-	// done before the supervisor stops, or refused.
-	ops     sync.RWMutex
-	closing bool
+	// ops counts the Up and Down under way, each with its context's cancel
+	// in opCancels; closing (under mu) refuses new ones at once. Close
+	// waits for those under way, up to closeGrace, then cancels them: an
+	// operation is done or cut before the supervisor stops, or refused.
+	ops       sync.WaitGroup
+	opCancels map[*context.CancelCauseFunc]struct{}
+	closing   bool
+	// closeGrace and xlTimeout are CloseGrace and XLTimeout; tests
+	// shorten them.
+	closeGrace, xlTimeout time.Duration
 }
+
+// CloseGrace is how long Close lets an Up or Down under way go on before it
+// cancels it: an xl block-detach that is nearly done finishes, and one
+// hung (a domain or backend stuck on a dead leg) does not hold up a reload
+// or a stop for ever.
+const CloseGrace = 30 * time.Second
+
+// XLTimeout bounds one xl block-attach or block-detach. libxl gives up on
+// a backend after 10 s and on hotplug scripts after 40 s; one that takes
+// longer is stuck, and would hold the pair, and a reload, meanwhile.
+const XLTimeout = 2 * time.Minute
 
 // pairState is one pair under supervision.
 type pairState struct {
@@ -219,6 +235,10 @@ func newSupervisor(cfg *Config, r runner) (*Supervisor, error) {
 		byIndex: map[int]*leg{},
 		changed: make(chan struct{}),
 		stopped: make(chan struct{}),
+
+		opCancels:  map[*context.CancelCauseFunc]struct{}{},
+		closeGrace: CloseGrace,
+		xlTimeout:  XLTimeout,
 	}
 	for _, spec := range c.Pairs {
 		p := &pairState{spec: spec}
@@ -395,10 +415,11 @@ func (s *Supervisor) lookup(name string) (*pairState, error) {
 // is not connected (its export refused, or unreachable), are reported in
 // the error.
 func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duration) (PairStatus, error) {
-	if err := s.beginOp(); err != nil {
+	ctx, end, err := s.beginOp(ctx)
+	if err != nil {
 		return PairStatus{}, err
 	}
-	defer s.ops.RUnlock()
+	defer end()
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
@@ -430,7 +451,7 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 	err = s.waitFor(wctx, settled)
 	cancel()
 	if ctx.Err() != nil {
-		return p.status(), ctx.Err()
+		return p.status(), context.Cause(ctx)
 	}
 	if errors.Is(err, ErrStopped) {
 		// Acting on this supervisor's status (xl block-attach) would
@@ -464,7 +485,7 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 			errs = append(errs, fmt.Errorf("leg %s (%s) is %s on %s: %s", st.Leg, st.URI, st.State, st.Device, why))
 		}
 		if disks != nil {
-			if _, err := s.runner.run(ctx, "xl", "block-attach", p.spec.XenDomain, disks[i]); err != nil {
+			if err := s.xl(ctx, "block-attach", p.spec.XenDomain, disks[i]); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -483,10 +504,11 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 // taken down and up again is how a mirror half whose volume was made anew
 // is taken into use, while the guest runs on the other.
 func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (PairStatus, error) {
-	if err := s.beginOp(); err != nil {
+	ctx, end, err := s.beginOp(ctx)
+	if err != nil {
 		return PairStatus{}, err
 	}
-	defer s.ops.RUnlock()
+	defer end()
 	p, legs, err := s.lookupLegs(name, leg)
 	if err != nil {
 		return PairStatus{}, err
@@ -515,7 +537,7 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 				detach = append(detach, i) // taken from the domain when it went down
 				continue
 			}
-			if _, err := s.runner.run(ctx, "xl", "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
+			if err := s.xl(ctx, "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
 				if !force {
 					// The guest may still use this leg: take no
 					// other from it either. Those it let go of are
@@ -571,25 +593,71 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 	return p.status(), errors.Join(errs...)
 }
 
-// beginOp starts an Up or Down (the caller lets go of s.ops shared when it
-// ends), or returns ErrStopped once Close has been called.
-func (s *Supervisor) beginOp() error {
-	s.ops.RLock()
+// beginOp starts an Up or Down: it returns the context to run it with,
+// which Close cancels (with ErrStopped) if the operation outlasts its
+// grace, and end, to call when it ends. Once Close has been called it
+// returns ErrStopped at once.
+func (s *Supervisor) beginOp(ctx context.Context) (_ context.Context, end func(), _ error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closing {
-		s.ops.RUnlock()
-		return ErrStopped
+		return nil, nil, ErrStopped
 	}
-	return nil
+	ctx, cancel := context.WithCancelCause(ctx)
+	s.opCancels[&cancel] = struct{}{}
+	s.ops.Add(1)
+	return ctx, func() {
+		s.mu.Lock()
+		delete(s.opCancels, &cancel)
+		s.mu.Unlock()
+		cancel(nil)
+		s.ops.Done()
+	}, nil
 }
 
-// Close waits for the Up and Down under way to end, and refuses those that
-// come after: call it before stopping Run for a reload, so that a pair down
-// (an xl block-detach, then the detach) is not cut between its steps, and
-// its result is in the status the next supervisor starts from.
+// Close refuses the Up and Down that come after it, and waits for those
+// under way to end: call it before stopping Run for a reload, so that a
+// pair down (an xl block-detach, then the detach) is not cut between its
+// steps, and its result is in the status the next supervisor starts from.
+// One still going after closeGrace (an xl hung, or an up waiting long for
+// its legs) is cancelled: its xl is killed, and it returns ErrStopped.
+// The detach itself is never cut (see leg.down).
 func (s *Supervisor) Close() {
-	s.ops.Lock()
+	s.mu.Lock()
 	s.closing = true
-	s.ops.Unlock()
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		s.ops.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(s.closeGrace)
+	defer t.Stop()
+	select {
+	case <-done:
+		return
+	case <-t.C:
+	}
+	s.mu.Lock()
+	n := len(s.opCancels)
+	for cancel := range s.opCancels {
+		(*cancel)(fmt.Errorf("%w: the pair daemon is stopping or reloading, and the operation took longer than %s", ErrStopped, s.closeGrace))
+	}
+	s.mu.Unlock()
+	s.log.Warn("cancelled pair operations still under way", zap.Int("operations", n), zap.Duration("after", s.closeGrace))
+	<-done
+}
+
+// xl runs xl ARGS for an Up or Down, bounded by xlTimeout.
+func (s *Supervisor) xl(ctx context.Context, args ...string) error {
+	ctx, cancel := context.WithTimeoutCause(ctx, s.xlTimeout,
+		fmt.Errorf("xl %s did not finish within %s (the domain or its block backend stuck?)", args[0], s.xlTimeout))
+	defer cancel()
+	_, err := s.runner.run(ctx, append([]string{"xl"}, args...)...)
+	if err != nil && context.Cause(ctx) != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
+	}
+	return err
 }
 
 // changedLeg records a leg's device index and wakes waitFor.

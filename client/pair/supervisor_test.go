@@ -3,7 +3,9 @@ package pair
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -851,6 +853,89 @@ func TestDownForgetsARefusalOnlyForOneLeg(t *testing.T) {
 		}
 		if _, ok, _ := s.cfg.Refusals.Get(backendB); !ok {
 			t.Error("pair down --leg a forgot leg b's refusal")
+		}
+	})
+}
+
+// hungRunner is an xl that never finishes: it reports each start on
+// started and returns only when its context ends, as a killed process.
+type hungRunner struct {
+	started chan []string
+}
+
+func (r *hungRunner) run(ctx context.Context, args ...string) ([]byte, error) {
+	r.started <- args
+	<-ctx.Done()
+	return nil, fmt.Errorf("running %q: signal: killed", args)
+}
+
+// An xl block-detach that hangs (the domain or its backend stuck on a dead
+// leg) is killed after XLTimeout, and the leg stays attached.
+func TestHungXLIsCut(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &hungRunner{started: make(chan []string, 1)}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		begin := time.Now()
+		ps, err := s.Down(context.Background(), "vm1", "a", false)
+		if took := time.Since(begin); took != XLTimeout {
+			t.Errorf("Down took %s, want XLTimeout (%s)", took, XLTimeout)
+		}
+		if err == nil || !strings.Contains(err.Error(), "xl block-detach did not finish within 2m0s") {
+			t.Errorf("Down with xl hung: %v", err)
+		}
+		if got := <-r.started; !slices.Equal(got, []string{"xl", "block-detach", "guest1", "xvdb"}) {
+			t.Errorf("ran %q", got)
+		}
+		if ps.Legs[0].State != StateConnected {
+			t.Errorf("leg a %s after xl failed, want it still connected", ps.Legs[0].State)
+		}
+		if calls := k.takeCalls(); len(calls) != 0 {
+			t.Errorf("kernel calls: %q, want none (the leg stays attached)", calls)
+		}
+	})
+}
+
+// Close refuses new operations at once, lets one under way go on for
+// CloseGrace, then cancels it: a hung xl holds up neither a reload nor a
+// stop for longer.
+func TestCloseCutsAnOperationThatHangs(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		k := newFakeKernel(t)
+		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+		r := &hungRunner{started: make(chan []string, 1)}
+		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+		start(t, s)
+		k.takeCalls()
+		downErr := make(chan error, 1)
+		go func() {
+			_, err := s.Down(context.Background(), "vm1", "a", false)
+			downErr <- err
+		}()
+		<-r.started
+		closed := make(chan time.Duration, 1)
+		begin := time.Now()
+		go func() {
+			s.Close()
+			closed <- time.Since(begin)
+		}()
+		synctest.Wait() // Close waits for the Down
+		if _, err := s.Up(context.Background(), "vm1", "", time.Minute); !errors.Is(err, ErrStopped) {
+			t.Errorf("Up while Close waits: %v, want ErrStopped at once", err)
+		}
+		if took := <-closed; took != CloseGrace {
+			t.Errorf("Close took %s, want CloseGrace (%s)", took, CloseGrace)
+		}
+		select {
+		case err := <-downErr:
+			if !errors.Is(err, ErrStopped) {
+				t.Errorf("the hung Down: %v, want ErrStopped", err)
+			}
+		default:
+			t.Error("Close returned before the Down it cancelled")
 		}
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"time"
 )
 
 // runner runs a system command (xl) and returns its combined output.
@@ -19,6 +20,9 @@ type execRunner struct{}
 func (execRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
+	// Killed when ctx ends; a hotplug script it started may keep the
+	// output pipe open, which must not hold the wait for ever.
+	cmd.WaitDelay = 10 * time.Second
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("running %q: %w\n%s", args, err, out)
