@@ -11,11 +11,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sys/unix"
 )
 
@@ -34,7 +34,12 @@ var aLongTimeAgo = time.Unix(1, 0)
 // Conn talks to the nbd driver. Its methods may be called from several
 // goroutines; requests are made one at a time.
 type Conn struct {
-	mu     sync.Mutex
+	// turn lets one request at a time use nl. A request can take long
+	// inside the kernel (a DISCONNECT of a device whose connection is
+	// stuck sending waits up to its timeout, and generic netlink runs it
+	// inside sendmsg, which nothing interrupts): the others wait their
+	// turn only as long as their contexts let them.
+	turn   *semaphore.Weighted
 	nl     *netlink.Conn
 	family family
 	sys    sysfs
@@ -64,7 +69,7 @@ func Dial(ctx context.Context) (*Conn, error) {
 
 // newConn resolves the nbd family over nl; sysRoot is where sysfs is.
 func newConn(ctx context.Context, nl *netlink.Conn, sysRoot string) (*Conn, error) {
-	c := &Conn{nl: nl, sys: sysfs{root: sysRoot}}
+	c := &Conn{turn: semaphore.NewWeighted(1), nl: nl, sys: sysfs{root: sysRoot}}
 	// Best effort: the kernel's reasons for refusing a message's attributes.
 	_ = nl.SetOption(netlink.ExtendedAcknowledge, true)
 	ae := netlink.NewAttributeEncoder()
@@ -459,8 +464,10 @@ func (c *Conn) execute(ctx context.Context, cmd command, attrs []byte) ([]genetl
 // at the first datagram, leaving the acknowledgement that follows a reply in
 // the socket for the next request to trip over.
 func (c *Conn) exchange(ctx context.Context, familyID uint16, cmd uint8, attrs []byte) ([]genetlink.Message, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	if err := c.turn.Acquire(ctx, 1); err != nil {
+		return nil, err // not sent: nothing to read back
+	}
+	defer c.turn.Release(1)
 	if c.broken != nil {
 		return nil, fmt.Errorf("netlink connection unusable after an interrupted request: %w", c.broken)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
 	"github.com/mdlayher/netlink/nltest"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sys/unix"
 
 	"github.com/lvnbd/lvnbd/nbd"
@@ -700,6 +701,7 @@ func TestSubscribeLinkDeadSaysWhyItStopped(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var sock *netlink.Conn
 			c := &Conn{
+				turn:   semaphore.NewWeighted(1),
 				family: family{ID: testFamilyID, Groups: map[string]uint32{multicastGroup: unix.GENL_ID_CTRL}},
 				dial: func() (*netlink.Conn, error) {
 					var err error
@@ -1102,5 +1104,37 @@ func TestConnectUndoesADeviceThatGotNoSize(t *testing.T) {
 				t.Errorf("commands (-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// A request the kernel takes long over (a DISCONNECT of a device stuck
+// sending) holds up the others only as long as their contexts let them,
+// and leaves the connection usable: nothing was sent for them.
+func TestRequestsWaitTheirTurnOnlyAsLongAsTheirContext(t *testing.T) {
+	inKernel, release := make(chan struct{}), make(chan struct{})
+	c, _ := newTestConn(t, &fakeKernel{handle: func(cmd command, _ []byte) ([]byte, unix.Errno) {
+		if cmd == cmdDisconnect {
+			close(inKernel)
+			<-release
+		}
+		return nil, 0
+	}})
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.execute(context.Background(), cmdDisconnect, nil)
+		done <- err
+	}()
+	<-inKernel
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := c.execute(ctx, cmdStatus, nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("a request while another is in the kernel, its context cancelled: %v, want context.Canceled", err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("the disconnect: %v", err)
+	}
+	if _, err := c.execute(context.Background(), cmdStatus, nil); err != nil {
+		t.Errorf("a request after the wait was given up: %v; want the connection still usable", err)
 	}
 }
