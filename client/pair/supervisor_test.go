@@ -263,6 +263,19 @@ func TestRunEventsLostAndResubscribe(t *testing.T) {
 	})
 }
 
+// startXen starts a supervisor of xenSpec's pair, both legs 64 MiB and
+// connected, its xl run by r, and returns it with its kernel, the calls
+// of the start taken.
+func startXen(t *testing.T, r runner) (*Supervisor, *fakeKernel) {
+	t.Helper()
+	k := newFakeKernel(t)
+	st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
+	s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
+	start(t, s)
+	k.takeCalls()
+	return s, k
+}
+
 func xenSpec() Spec {
 	s := testSpec()
 	s.XenDomain = "guest1"
@@ -804,12 +817,8 @@ func TestAdoptionPrefersABoundDevice(t *testing.T) {
 // its detach, and one that comes during the reload is refused, not lost.
 func TestCloseRefusesLaterOperations(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
 		r := &fakeRunner{t: t}
-		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
-		start(t, s)
-		k.takeCalls()
+		s, k := startXen(t, r)
 		s.Close()
 		ctx := context.Background()
 		if _, err := s.Down(ctx, "vm1", "", false); !errors.Is(err, ErrStopped) {
@@ -873,12 +882,8 @@ func (r *hungRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 // leg) is killed after XLTimeout, and the leg stays attached.
 func TestHungXLIsCut(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
 		r := &hungRunner{started: make(chan []string, 1)}
-		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
-		start(t, s)
-		k.takeCalls()
+		s, k := startXen(t, r)
 		begin := time.Now()
 		ps, err := s.Down(context.Background(), "vm1", "a", false)
 		if took := time.Since(begin); took != XLTimeout {
@@ -904,12 +909,8 @@ func TestHungXLIsCut(t *testing.T) {
 // stop for longer.
 func TestCloseCutsAnOperationThatHangs(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		k := newFakeKernel(t)
-		st := newFakeStorage(t, map[string]uint64{uriA: 64 * mib, uriB: 64 * mib})
 		r := &hungRunner{started: make(chan []string, 1)}
-		s := newTestSupervisor(t, []Spec{xenSpec()}, k, st, r)
-		start(t, s)
-		k.takeCalls()
+		s, _ := startXen(t, r)
 		downErr := make(chan error, 1)
 		go func() {
 			_, err := s.Down(context.Background(), "vm1", "a", false)
