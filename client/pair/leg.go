@@ -129,6 +129,10 @@ func (l *leg) run(ctx context.Context) {
 
 // do runs fn in the leg's goroutine, between steps.
 func (l *leg) do(ctx context.Context, fn func(ctx context.Context, now time.Time) error) error {
+	if ctx.Err() != nil {
+		// Not left to select's choice between the request and the end.
+		return context.Cause(ctx)
+	}
 	req := legRequest{fn: fn, ctx: ctx, done: make(chan error, 1)}
 	select {
 	case l.reqs <- req:
@@ -137,7 +141,7 @@ func (l *leg) do(ctx context.Context, fn func(ctx context.Context, now time.Time
 	case <-l.s.stopped: // also when Run ended before the leg ran
 		return ErrStopped
 	case <-ctx.Done():
-		return ctx.Err()
+		return context.Cause(ctx)
 	}
 	return <-req.done
 }

@@ -426,6 +426,9 @@ func (s *Supervisor) Up(ctx context.Context, name, leg string, wait time.Duratio
 	}
 	p.op.Lock()
 	defer p.op.Unlock()
+	if ctx.Err() != nil {
+		return p.status(), context.Cause(ctx) // cut by Close while waiting its turn
+	}
 	start := time.Now()
 	for _, i := range legs {
 		l := p.legs[i]
@@ -515,6 +518,9 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 	}
 	p.op.Lock()
 	defer p.op.Unlock()
+	if ctx.Err() != nil {
+		return p.status(), context.Cause(ctx) // cut by Close while waiting its turn
+	}
 	if len(legs) == 1 && !force {
 		if other := p.legs[1-legs[0]].status(); other.State != StateConnected {
 			why := ""
@@ -537,7 +543,19 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 				detach = append(detach, i) // taken from the domain when it went down
 				continue
 			}
+			if ctx.Err() != nil {
+				// Cut (Close, or the caller gone): no leg more is
+				// taken from the domain, not even with --force.
+				errs = append(errs, fmt.Errorf("%w: leg %s and the legs after it stay attached", context.Cause(ctx), Legs[i]))
+				break
+			}
 			if err := s.xl(ctx, "block-detach", p.spec.XenDomain, p.spec.Vdevs[i]); err != nil {
+				if ctx.Err() != nil {
+					// Killed by the cut: whether the domain let go of
+					// the leg is unknown, --force or not.
+					errs = append(errs, fmt.Errorf("%w\nleg %s stays attached, and so do the legs after it", err, Legs[i]))
+					break
+				}
 				if !force {
 					// The guest may still use this leg: take no
 					// other from it either. Those it let go of are
@@ -584,9 +602,13 @@ func (s *Supervisor) Down(ctx context.Context, name, leg string, force bool) (Pa
 	// stays: a half refused as another volume must not come back with the
 	// pair unnoticed.
 	forgetRefusal := leg != ""
+	// The legs to detach were let go of by the domain (or forced, before
+	// any cut): detached even if the operation is cut now, so that the
+	// state says what the guest has.
+	dctx := context.WithoutCancel(ctx)
 	for _, i := range detach {
 		l := p.legs[i]
-		if err := l.do(ctx, func(ctx context.Context, now time.Time) error { return l.detach(ctx, now, forgetRefusal) }); err != nil {
+		if err := l.do(dctx, func(ctx context.Context, now time.Time) error { return l.detach(ctx, now, forgetRefusal) }); err != nil {
 			errs = append(errs, fmt.Errorf("leg %s: %w", l.name, err))
 		}
 	}
@@ -601,7 +623,7 @@ func (s *Supervisor) beginOp(ctx context.Context) (_ context.Context, end func()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing {
-		return nil, nil, ErrStopped
+		return nil, nil, fmt.Errorf("%w: run the command again once it has", ErrStopped)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	s.opCancels[&cancel] = struct{}{}
@@ -641,10 +663,12 @@ func (s *Supervisor) Close() {
 	s.mu.Lock()
 	n := len(s.opCancels)
 	for cancel := range s.opCancels {
-		(*cancel)(fmt.Errorf("%w: the pair daemon is stopping or reloading, and the operation took longer than %s", ErrStopped, s.closeGrace))
+		(*cancel)(fmt.Errorf("%w (the operation was cut after %s)", ErrStopped, s.closeGrace))
 	}
 	s.mu.Unlock()
-	s.log.Warn("cancelled pair operations still under way", zap.Int("operations", n), zap.Duration("after", s.closeGrace))
+	if n > 0 {
+		s.log.Warn("cancelled pair operations still under way", zap.Int("operations", n), zap.Duration("after", s.closeGrace))
+	}
 	<-done
 }
 

@@ -866,14 +866,20 @@ func TestDownForgetsARefusalOnlyForOneLeg(t *testing.T) {
 	})
 }
 
-// hungRunner is an xl that never finishes: it reports each start on
-// started and returns only when its context ends, as a killed process.
+// hungRunner is an xl that never finishes after its first pass calls: it
+// reports each start on started and returns only when its context ends,
+// as a killed process.
 type hungRunner struct {
 	started chan []string
+	pass    int
+	n       int
 }
 
 func (r *hungRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 	r.started <- args
+	if r.n++; r.n <= r.pass {
+		return nil, nil
+	}
 	<-ctx.Done()
 	return nil, fmt.Errorf("running %q: signal: killed", args)
 }
@@ -930,13 +936,45 @@ func TestCloseCutsAnOperationThatHangs(t *testing.T) {
 		if took := <-closed; took != CloseGrace {
 			t.Errorf("Close took %s, want CloseGrace (%s)", took, CloseGrace)
 		}
-		select {
-		case err := <-downErr:
-			if !errors.Is(err, ErrStopped) {
-				t.Errorf("the hung Down: %v, want ErrStopped", err)
-			}
-		default:
-			t.Error("Close returned before the Down it cancelled")
+		if err := <-downErr; !errors.Is(err, ErrStopped) {
+			t.Errorf("the hung Down: %v, want ErrStopped", err)
 		}
 	})
+}
+
+// A forced Down cut by Close takes from the domain, and detaches, only the
+// legs whose xl block-detach finished: the leg whose xl was killed, and
+// those after it, stay attached and in the guest's hands.
+func TestCloseCutsAForcedDownBetweenLegs(t *testing.T) {
+	for _, pass := range []int{0, 1} {
+		t.Run(fmt.Sprintf("%d xl finished", pass), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				r := &hungRunner{started: make(chan []string, 2), pass: pass}
+				s, k := startXen(t, r)
+				downErr := make(chan error, 1)
+				go func() {
+					_, err := s.Down(context.Background(), "vm1", "", true)
+					downErr <- err
+				}()
+				for range pass + 1 {
+					<-r.started
+				}
+				s.Close()
+				if err := <-downErr; !errors.Is(err, ErrStopped) {
+					t.Errorf("the cut Down: %v, want ErrStopped", err)
+				}
+				var want []string
+				if pass == 1 {
+					want = []string{"disconnect nbd0"} // leg a, let go of by the domain
+				}
+				if diff := cmp.Diff(want, k.takeCalls()); diff != "" {
+					t.Errorf("kernel calls (-want +got):\n%s", diff)
+				}
+				st := s.Status()[0]
+				if got := st.Legs[1].State; got != StateConnected {
+					t.Errorf("leg b %s after the cut, want it still connected", got)
+				}
+			})
+		})
+	}
 }

@@ -2,6 +2,7 @@ package pair
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +14,10 @@ type runner interface {
 	run(ctx context.Context, args ...string) ([]byte, error)
 }
 
+// xlWaitDelay is how long a command's output is waited for once it exited
+// or was killed; tests shorten it.
+var xlWaitDelay = 10 * time.Second
+
 // execRunner runs commands for real, in the C locale so their messages do
 // not depend on the host's language.
 type execRunner struct{}
@@ -22,8 +27,13 @@ func (execRunner) run(ctx context.Context, args ...string) ([]byte, error) {
 	cmd.Env = append(os.Environ(), "LC_ALL=C")
 	// Killed when ctx ends; a hotplug script it started may keep the
 	// output pipe open, which must not hold the wait for ever.
-	cmd.WaitDelay = 10 * time.Second
+	cmd.WaitDelay = xlWaitDelay
 	out, err := cmd.CombinedOutput()
+	if errors.Is(err, exec.ErrWaitDelay) && cmd.ProcessState != nil && cmd.ProcessState.Success() {
+		// xl itself succeeded; a hotplug child it left kept the pipe
+		// open. Its output so far is all there is to report.
+		err = nil
+	}
 	if err != nil {
 		return out, fmt.Errorf("running %q: %w\n%s", args, err, out)
 	}

@@ -232,7 +232,10 @@ func startSupervisor(ctx context.Context, host *hostDeps, cfg *pair.Config) (_ *
 		k.Close()
 		return nil, nil, nil, err
 	}
-	sctx, cancel := context.WithCancel(ctx)
+	// Run ends when stop cancels it, after Close, not with ctx: on SIGTERM
+	// a pair up or down under way gets its grace with the legs still
+	// served.
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan error, 1)
 	exited := make(chan error, 1)
 	go func() {
