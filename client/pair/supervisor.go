@@ -642,8 +642,9 @@ func (s *Supervisor) beginOp(ctx context.Context) (_ context.Context, end func()
 // pair down (an xl block-detach, then the detach) is not cut between its
 // steps, and its result is in the status the next supervisor starts from.
 // One still going after closeGrace (an xl hung, or an up waiting long for
-// its legs) is cancelled: its xl is killed, and it returns ErrStopped.
-// The detach itself is never cut (see leg.down).
+// its legs) is cancelled: its xl is killed, and it returns ErrStopped. A
+// Down's detach of the legs the domain let go of is never cut (see Down
+// and leg.detach).
 func (s *Supervisor) Close() {
 	s.mu.Lock()
 	s.closing = true
