@@ -57,8 +57,11 @@ func (e *watchEnv) load(capture string) {
 }
 
 // setMD writes one attribute of the array's md directory in sysfs.
-func (e *watchEnv) setMD(attr, value string) {
-	e.fsys["sys/block/"+e.md+"/md/"+attr] = &fstest.MapFile{Data: []byte(value + "\n")}
+func (e *watchEnv) setMD(attr, value string) { e.setMDOf(e.md, attr, value) }
+
+// setMDOf writes one attribute of array's md directory in sysfs.
+func (e *watchEnv) setMDOf(array, attr, value string) {
+	e.fsys["sys/block/"+array+"/md/"+attr] = &fstest.MapFile{Data: []byte(value + "\n")}
 }
 
 func (e *watchEnv) step() {
@@ -1075,7 +1078,7 @@ func (e *watchEnv) copyArray(name string, legs map[string]string) {
 	}
 	minor := strings.TrimPrefix(name, "md")
 	e.fsys["sys/block/"+name+"/dev"] = &fstest.MapFile{Data: []byte("9:" + minor + "\n")}
-	e.fsys["sys/block/"+name+"/md/uuid"] = &fstest.MapFile{Data: []byte("e4264e04-4d18-9632-3ebc-cc7bb2168" + minor + "\n")}
+	e.setMDOf(name, "uuid", "e4264e04-4d18-9632-3ebc-cc7bb2168"+minor)
 	e.fsys["sys/class/block/"+name+"/dev"] = e.fsys["sys/block/"+name+"/dev"]
 	e.fsys["sys/class/block/"+name+"/size"] = e.fsys["sys/class/block/"+e.md+"/size"]
 	for i, to := range slices.Sorted(maps.Values(legs)) {
@@ -1091,13 +1094,10 @@ func (e *watchEnv) copyArray(name string, legs map[string]string) {
 func TestWatchLooksAtOtherArraysWhileOneIsStuck(t *testing.T) {
 	e := newWatchEnv(t, "sysfs-faulty.txt", WatchConfig{Arrays: []string{"/dev/md127", "/dev/md126"}})
 	e.copyArray("md126", map[string]string{"nbd0": "nbd2", "nbd1": "nbd3"})
-	setMD := func(array, attr, value string) func() {
-		return func() { e.fsys["sys/block/"+array+"/md/"+attr] = &fstest.MapFile{Data: []byte(value + "\n")} }
-	}
 	healed := func(array, leg string) func() {
 		return func() {
-			setMD(array, "dev-"+leg+"/state", "in_sync,failfast")()
-			setMD(array, "degraded", "0")()
+			e.setMDOf(array, "dev-"+leg+"/state", "in_sync,failfast")
+			e.setMDOf(array, "degraded", "0")
 		}
 	}
 
